@@ -1,0 +1,78 @@
+"""vzkit: build and run lightweight virtual machines from Python.
+
+One API over two backends: Apple's Virtualization framework (``vz``, macOS) and QEMU
+(``qemu``, Linux and macOS). This package's top level is the platform-independent core: specs,
+configs, disks, the snapshot catalogue, states and errors. Importing it starts no process and
+imports no platform bindings; backends are loaded by name when a VM needs one.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ._config import MIN_MEMORY_MB, ConsoleMode, LinuxVMConfig
+from ._disk import DiskFormat, create_disk_image, detect_disk_format
+from ._display import (
+    DisplayConfig,
+    DisplayList,
+    default_display_config,
+    default_linux_display_config,
+    parse_display_spec,
+)
+from ._network import NetworkConfig, NetworkMode, parse_network_mode
+from ._snapshot import SnapshotManager, SnapshotMeta
+from ._state import Arch, VMState, host_arch
+from ._volume import VolumeMount, assign_volume_tags, parse_volume_spec
+from .errors import (
+    BackendUnavailableError,
+    ConfigError,
+    GuestError,
+    SnapshotError,
+    SpecError,
+    StateError,
+    UnsupportedError,
+    VMError,
+    VMTimeoutError,
+    VzkitError,
+)
+
+__version__ = "0.1.0.dev0"
+
+# Sorted (ruff RUF022); tests/unit/test_public_api.py pins the list.
+__all__ = [
+    "MIN_MEMORY_MB",
+    "Arch",
+    "BackendUnavailableError",
+    "ConfigError",
+    "ConsoleMode",
+    "DiskFormat",
+    "DisplayConfig",
+    "DisplayList",
+    "GuestError",
+    "LinuxVMConfig",
+    "NetworkConfig",
+    "NetworkMode",
+    "SnapshotError",
+    "SnapshotManager",
+    "SnapshotMeta",
+    "SpecError",
+    "StateError",
+    "UnsupportedError",
+    "VMError",
+    "VMState",
+    "VMTimeoutError",
+    "VolumeMount",
+    "VzkitError",
+    "__version__",
+    "assign_volume_tags",
+    "create_disk_image",
+    "default_display_config",
+    "default_linux_display_config",
+    "detect_disk_format",
+    "host_arch",
+    "parse_display_spec",
+    "parse_network_mode",
+    "parse_volume_spec",
+]
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

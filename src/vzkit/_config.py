@@ -1,0 +1,307 @@
+"""``LinuxVMConfig``: pure, frozen data describing a Linux VM, with TOML/JSON round-trips.
+
+Nothing here knows a backend. Backends lower a config to their own terms (a QEMU argv, a
+``VZVirtualMachineConfiguration``) and may reject what they cannot do with
+:class:`~vzkit.errors.UnsupportedError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from ._display import DisplayConfig, parse_display_spec
+from ._network import NetworkConfig, NetworkMode
+from ._state import Arch, host_arch
+from ._volume import VolumeMount, assign_volume_tags
+from .errors import ConfigError, SpecError
+
+__all__ = [
+    "MAX_CPUS",
+    "MIN_MEMORY_MB",
+    "ConsoleMode",
+    "LinuxVMConfig",
+]
+
+#: Below this a Linux guest cannot boot; backends may demand more.
+MIN_MEMORY_MB = 64
+MAX_CPUS = 255
+_MIB_PER_GB = 1024
+
+
+class ConsoleMode(enum.StrEnum):
+    """Where the guest's serial console goes."""
+
+    LOG = "log"  # appended to a file (``console_log_path``, default ``<state_dir>/console.log``)
+    STDIO = "stdio"  # this process's stdin/stdout (interactive)
+    PTY = "pty"  # a pseudo-terminal (path reported by the backend), also logged
+    NONE = "none"  # no serial console
+
+
+_PATH_FIELDS = (
+    "disk_path",
+    "iso_path",
+    "kernel_path",
+    "initrd_path",
+    "state_dir",
+    "console_log_path",
+)
+# Inputs that must exist when named: the VM reads them at start.
+_INPUT_FILES = ("disk_path", "iso_path", "kernel_path", "initrd_path")
+
+
+def _as_path(name: str, value: object) -> Path | None:
+    if value is None:
+        return None
+    if isinstance(value, str | os.PathLike):
+        text = os.fspath(value)
+        if isinstance(text, bytes) or not text:
+            raise ConfigError(f"{name} must be a non-empty path, got {value!r}")
+        if "\x00" in text:
+            raise ConfigError(f"{name} contains a NUL byte: {text!r}")
+        return Path(text).expanduser().absolute()
+    raise ConfigError(f"{name} must be a path, got {type(value).__name__} {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LinuxVMConfig:
+    """Everything needed to boot a Linux guest.
+
+    Boot mode: name ``kernel_path`` (optionally ``initrd_path`` and ``cmdline``) for direct
+    kernel boot; leave it empty for EFI boot from ``disk_path``/``iso_path``. Paths may be given
+    as ``str``; relative paths are resolved against the current directory at construction.
+    Files the VM reads (kernel, initrd, disk, ISO) must exist.
+    """
+
+    cpus: int = 2
+    memory_gb: float = 1.0
+    arch: Arch = field(default_factory=host_arch)
+
+    disk_path: Path | None = None
+    iso_path: Path | None = None
+
+    kernel_path: Path | None = None
+    initrd_path: Path | None = None
+    cmdline: str = ""
+
+    state_dir: Path | None = None  # efi.nvram, machine id, sockets, console log; None: temporary
+
+    nested_virtualization: bool = True  # enabled where the host and backend support it
+    volumes: tuple[VolumeMount, ...] = ()
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    headless: bool = True
+    displays: tuple[DisplayConfig, ...] = ()
+
+    vsock: bool = True
+    vsock_cid: int = 3
+    balloon: bool = True
+    entropy: bool = True
+    console: ConsoleMode = ConsoleMode.LOG
+    console_log_path: Path | None = None
+
+    accelerator: str = ""  # "" picks the best that works; e.g. "tcg", "kvm", "hvf"
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        if not isinstance(self.cpus, int) or isinstance(self.cpus, bool):
+            raise ConfigError(f"cpus must be an integer, got {self.cpus!r}")
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise ConfigError(f"cpus must be between 1 and {MAX_CPUS}, got {self.cpus}")
+        if not isinstance(self.memory_gb, int | float) or isinstance(self.memory_gb, bool):
+            raise ConfigError(f"memory_gb must be a number, got {self.memory_gb!r}")
+        memory_gb = float(self.memory_gb)
+        if not math.isfinite(memory_gb) or memory_gb * _MIB_PER_GB < MIN_MEMORY_MB:
+            raise ConfigError(
+                f"memory_gb={self.memory_gb!r} is below the minimum of {MIN_MEMORY_MB} MiB "
+                f"({MIN_MEMORY_MB / _MIB_PER_GB:g} GB)"
+            )
+        put("memory_gb", memory_gb)
+        try:
+            put("arch", Arch.parse(str(self.arch)))
+            put("console", ConsoleMode(self.console))
+        except (SpecError, ValueError) as err:
+            raise ConfigError(str(err)) from err
+
+        for name in _PATH_FIELDS:
+            put(name, _as_path(name, getattr(self, name)))
+        for name in _INPUT_FILES:
+            path: Path | None = getattr(self, name)
+            if path is not None and not path.is_file():
+                what = "does not exist" if not path.exists() else "is not a regular file"
+                raise ConfigError(f"{name}: {str(path)!r} {what}")
+        if self.kernel_path is None:
+            if self.initrd_path is not None:
+                raise ConfigError(
+                    "initrd_path is set but kernel_path is not (direct boot needs both)"
+                )
+            if self.cmdline:
+                raise ConfigError(
+                    "cmdline is set but kernel_path is not (EFI boot takes no cmdline)"
+                )
+        if "\x00" in self.cmdline:
+            raise ConfigError("cmdline contains a NUL byte")
+
+        if not isinstance(self.network, NetworkConfig):
+            raise ConfigError(f"network must be a NetworkConfig, got {self.network!r}")
+        for name in ("volumes", "displays"):
+            put(name, tuple(getattr(self, name)))
+        for vol in self.volumes:
+            if not isinstance(vol, VolumeMount):
+                raise ConfigError(f"volumes must hold VolumeMount objects, got {vol!r}")
+            if not vol.host_path.is_absolute():
+                put("volumes", tuple(_absolute_volume(v) for v in self.volumes))
+                break
+        assign_volume_tags(self.volumes)  # raises ConfigError on duplicate explicit tags
+        for disp in self.displays:
+            if not isinstance(disp, DisplayConfig):
+                raise ConfigError(f"displays must hold DisplayConfig objects, got {disp!r}")
+        for name in ("nested_virtualization", "headless", "vsock", "balloon", "entropy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
+        if not isinstance(self.vsock_cid, int) or not 3 <= self.vsock_cid < 0xFFFFFFFF:
+            raise ConfigError(
+                f"vsock_cid must be an integer from 3 to 4294967294, got {self.vsock_cid!r}"
+            )
+        if not isinstance(self.accelerator, str):
+            raise ConfigError(f"accelerator must be a string, got {self.accelerator!r}")
+
+    # -- derived ------------------------------------------------------------------------
+
+    @property
+    def memory_mb(self) -> int:
+        """Memory in MiB, rounded down to a whole MiB."""
+        return int(self.memory_gb * _MIB_PER_GB)
+
+    @property
+    def direct_boot(self) -> bool:
+        return self.kernel_path is not None
+
+    def tagged_volumes(self) -> tuple[VolumeMount, ...]:
+        """The volumes with unique tags filled in (see :func:`assign_volume_tags`)."""
+        return assign_volume_tags(self.volumes)
+
+    def replace(self, **changes: Any) -> LinuxVMConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        return dataclasses.replace(self, **changes)
+
+    # -- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str/int/float/bool/list/dict); ``None`` fields are left out."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, enum.Enum):
+                value = value.value
+            elif f.name == "network":
+                value = {"mode": value.mode.value, "interface": value.interface}
+            elif f.name == "volumes":
+                value = [
+                    {"host_path": str(v.host_path), "tag": v.tag, "read_only": v.read_only}
+                    for v in value
+                ]
+            elif f.name == "displays":
+                value = [str(d) for d in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LinuxVMConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are a :class:`ConfigError`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a VM config must be a table/object, got {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = dict(data)
+        try:
+            if "network" in kwargs:
+                net = kwargs["network"]
+                if not isinstance(net, Mapping) or set(net) - {"mode", "interface"}:
+                    raise ConfigError(f"network must be a table with mode/interface, got {net!r}")
+                kwargs["network"] = NetworkConfig(
+                    NetworkMode(net.get("mode", "nat")), net.get("interface", "")
+                )
+            if "volumes" in kwargs:
+                vols = []
+                for v in kwargs["volumes"]:
+                    if not isinstance(v, Mapping) or set(v) - {"host_path", "tag", "read_only"}:
+                        raise ConfigError(f"each volume needs host_path[, tag, read_only]: {v!r}")
+                    vols.append(
+                        VolumeMount(v["host_path"], v.get("tag", ""), v.get("read_only", False))
+                    )
+                kwargs["volumes"] = tuple(vols)
+            if "displays" in kwargs:
+                kwargs["displays"] = tuple(parse_display_spec(s) for s in kwargs["displays"])
+        except (SpecError, ValueError, KeyError, TypeError) as err:
+            if isinstance(err, ConfigError):
+                raise
+            raise ConfigError(f"invalid VM config: {err}") from err
+        try:
+            return cls(**kwargs)
+        except TypeError as err:
+            raise ConfigError(f"invalid VM config: {err}") from err
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> LinuxVMConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"invalid JSON VM config: {err}") from err
+        return cls.from_dict(data)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> LinuxVMConfig:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"invalid TOML VM config: {err}") from err
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config as TOML (``.toml``) or JSON (anything else), atomically."""
+        target = Path(path)
+        text = self.to_toml() if target.suffix == ".toml" else self.to_json()
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> LinuxVMConfig:
+        """Read a config written by :meth:`save` (TOML for ``.toml``, else JSON)."""
+        source = Path(path)
+        try:
+            text = source.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read VM config {str(source)!r}: {err.strerror}") from err
+        return cls.from_toml(text) if source.suffix == ".toml" else cls.from_json(text)
+
+
+def _absolute_volume(vol: VolumeMount) -> VolumeMount:
+    return dataclasses.replace(vol, host_path=vol.host_path.expanduser().absolute())

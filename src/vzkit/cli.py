@@ -1,0 +1,241 @@
+"""The ``vzkit`` command line: parse, build a config, call the library, render.
+
+Library errors become exit codes here and only here.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from . import __version__
+from ._config import ConsoleMode, LinuxVMConfig
+from ._disk import DiskFormat, create_disk_image
+from ._display import DisplayList
+from ._network import parse_network_mode
+from ._snapshot import SnapshotManager, format_rfc3339
+from ._state import Arch
+from ._volume import parse_volume_spec
+from .errors import ConfigError, SpecError, VzkitError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Exit codes at the edge: usage-like errors share click's 2, everything else is 1.
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _handle_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (SpecError, ConfigError) as err:
+            click.echo(f"vzkit: error: {err}", err=True)
+            sys.exit(EXIT_USAGE)
+        except VzkitError as err:
+            click.echo(f"vzkit: error: {err}", err=True)
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _spec_callback(
+    parse: Callable[[str], Any],
+) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            if isinstance(value, tuple):
+                return tuple(parse(v) for v in value)
+            return parse(value)
+        except SpecError as err:
+            raise click.BadParameter(str(err), ctx=ctx, param=param) from err
+
+    return callback
+
+
+def vm_options(func: F) -> F:
+    """The options that describe a Linux VM, shared by ``config`` and (later) ``run``."""
+    options = [
+        click.option("--cpus", type=click.IntRange(min=0), help="Virtual CPUs (default 2)."),
+        click.option(
+            "--memory", "memory_gb", type=float, help="Memory in GB, e.g. 0.5 (default 1)."
+        ),
+        click.option(
+            "--arch", type=click.Choice([a.value for a in Arch]), help="Guest architecture."
+        ),
+        click.option(
+            "--kernel",
+            "kernel_path",
+            type=click.Path(path_type=Path),
+            help="Kernel for direct boot.",
+        ),
+        click.option(
+            "--initrd", "initrd_path", type=click.Path(path_type=Path), help="Initial ramdisk."
+        ),
+        click.option("--cmdline", help="Kernel command line."),
+        click.option(
+            "--disk", "disk_path", type=click.Path(path_type=Path), help="Main disk image."
+        ),
+        click.option(
+            "--iso", "iso_path", type=click.Path(path_type=Path), help="ISO attached read-only."
+        ),
+        click.option(
+            "--state-dir", type=click.Path(path_type=Path), help="Per-VM state directory."
+        ),
+        click.option(
+            "--volume",
+            "-v",
+            "volumes",
+            multiple=True,
+            metavar="PATH[:TAG][:ro|rw]",
+            callback=_spec_callback(parse_volume_spec),
+            help="Share a host directory (repeatable).",
+        ),
+        click.option(
+            "--network",
+            metavar="MODE",
+            callback=_spec_callback(parse_network_mode),
+            help="nat (default), none, vmnet, host-only or bridged:IFACE.",
+        ),
+        click.option(
+            "--display",
+            "displays",
+            multiple=True,
+            metavar="SPEC",
+            callback=DisplayList.click_callback,
+            help="WxH[@PPI] or 4k/1080p/720p/retina (repeatable); implies --graphics.",
+        ),
+        click.option(
+            "--graphics/--headless", default=None, help="Attach a display (default headless)."
+        ),
+        click.option(
+            "--console",
+            type=click.Choice([c.value for c in ConsoleMode]),
+            help="Serial console target.",
+        ),
+        click.option(
+            "--accel",
+            "accelerator",
+            metavar="NAME",
+            help="Accelerator: kvm, hvf, tcg (default: best that works).",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="Start from a TOML/JSON config file; options override it.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_config(config_file: Path | None, graphics: bool | None, **opts: Any) -> LinuxVMConfig:
+    """Merge a config file (if any) with the options that were given."""
+    base = LinuxVMConfig.load(config_file) if config_file is not None else None
+    changes = {k: v for k, v in opts.items() if v is not None and v != ()}
+    if graphics is not None:
+        changes["headless"] = not graphics
+    elif changes.get("displays"):
+        changes["headless"] = False
+    if base is None:
+        return LinuxVMConfig(**changes)
+    return base.replace(**changes)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="vzkit")
+def main() -> None:
+    """vzkit: build and run lightweight virtual machines.
+
+    Backends: Apple's Virtualization framework (macOS) and QEMU (Linux, macOS).
+    """
+
+
+@main.command("config")
+@vm_options
+@click.option(
+    "--format", "fmt", type=click.Choice(["toml", "json"]), default="toml", show_default=True
+)
+@click.option(
+    "--save", "save_to", type=click.Path(path_type=Path, dir_okay=False), help="Also write it here."
+)
+@_handle_errors
+def config_cmd(fmt: str, save_to: Path | None, **opts: Any) -> None:
+    """Validate VM options and print the resulting configuration."""
+    cfg = build_config(**opts)
+    click.echo(cfg.to_toml() if fmt == "toml" else cfg.to_json(), nl=False)
+    if save_to is not None:
+        cfg.save(save_to)
+
+
+@main.group()
+def disk() -> None:
+    """Disk images."""
+
+
+@disk.command("create")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("size_gb", type=int)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([f.value for f in DiskFormat]),
+    default="raw",
+    show_default=True,
+)
+@_handle_errors
+def disk_create(path: Path, size_gb: int, fmt: str) -> None:
+    """Create a sparse disk image of SIZE_GB GiB (an existing file is left untouched)."""
+    existed = path.exists()
+    created = create_disk_image(path, size_gb, format=fmt)
+    click.echo(f"{'kept existing' if existed else 'created'} {created}")
+
+
+@main.group()
+def snapshot() -> None:
+    """VM state snapshots."""
+
+
+@snapshot.command("list")
+@click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_handle_errors
+def snapshot_list(vm_dir: Path, as_json: bool) -> None:
+    """List the snapshots of VM_DIR, newest first."""
+    metas = SnapshotManager(vm_dir).list()
+    if as_json:
+        click.echo(json.dumps([m.to_json_dict() for m in metas], indent=2))
+        return
+    if not metas:
+        click.echo("no snapshots")
+        return
+    click.echo(f"{'NAME':<24} {'CREATED':<28} {'SIZE':>12}  STATE")
+    for m in metas:
+        click.echo(f"{m.name:<24} {format_rfc3339(m.created):<28} {m.size:>12}  {m.vm_state}")
+
+
+@snapshot.command("rm")
+@click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("names", nargs=-1, required=True)
+@_handle_errors
+def snapshot_rm(vm_dir: Path, names: tuple[str, ...]) -> None:
+    """Delete snapshots of VM_DIR by name."""
+    manager = SnapshotManager(vm_dir)
+    for name in names:
+        manager.delete(name)
+        click.echo(f"deleted {name}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,82 @@
+"""The one exception hierarchy of vzkit.
+
+Every error vzkit raises on purpose derives from :class:`VzkitError`::
+
+    VzkitError
+    ├── SpecError (also ValueError)       a display/volume/network spec string is malformed
+    ├── ConfigError (also ValueError)     a VM configuration is invalid or inconsistent
+    ├── StateError                        an operation is not allowed in the VM's current state
+    ├── UnsupportedError                  a backend cannot do what was asked (.backend, .feature)
+    ├── BackendUnavailableError           a backend cannot run here (missing QEMU, no PyObjC, ...)
+    ├── SnapshotError                     saving, restoring or cataloguing a snapshot failed
+    ├── GuestError                        the guest (image, agent, command) failed
+    └── VMError                           the VMM failed at run time (crashed, QMP error, timeout)
+        └── VMTimeoutError (also TimeoutError)
+
+Foreign errors (QMP errors, ``NSError``, ``OSError`` from the VMM) are translated once at
+the boundary with ``raise ... from err`` so the original stays reachable as ``__cause__``.
+``KeyboardInterrupt`` and ``asyncio.CancelledError`` are never wrapped.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BackendUnavailableError",
+    "ConfigError",
+    "GuestError",
+    "SnapshotError",
+    "SpecError",
+    "StateError",
+    "UnsupportedError",
+    "VMError",
+    "VMTimeoutError",
+    "VzkitError",
+]
+
+
+class VzkitError(Exception):
+    """Root of every error vzkit raises on purpose."""
+
+
+class SpecError(VzkitError, ValueError):
+    """A command-line style spec (display, volume, network) could not be parsed."""
+
+
+class ConfigError(VzkitError, ValueError):
+    """A VM configuration is invalid: bad values, missing files, conflicting options."""
+
+
+class StateError(VzkitError):
+    """The VM is not in a state that allows the requested operation."""
+
+
+class UnsupportedError(VzkitError):
+    """The selected backend does not support a feature.
+
+    ``backend`` and ``feature`` name what was asked of whom, so callers can branch on them.
+    """
+
+    def __init__(self, message: str, *, backend: str = "", feature: str = "") -> None:
+        super().__init__(message)
+        self.backend = backend
+        self.feature = feature
+
+
+class BackendUnavailableError(VzkitError):
+    """A backend cannot run on this machine (e.g. QEMU missing, PyObjC absent)."""
+
+
+class SnapshotError(VzkitError):
+    """A snapshot could not be saved, restored, listed or deleted."""
+
+
+class GuestError(VzkitError):
+    """The guest image, the guest agent or a command in the guest failed."""
+
+
+class VMError(VzkitError):
+    """The virtual machine monitor failed at run time."""
+
+
+class VMTimeoutError(VMError, TimeoutError):
+    """A blocking VM operation did not finish within its ``timeout``."""
