@@ -22,7 +22,9 @@ from ._display import (
 from ._network import NetworkConfig, NetworkMode, parse_network_mode
 from ._snapshot import SnapshotManager, SnapshotMeta
 from ._state import Arch, VMState, host_arch
+from ._vm import Balloon, VirtualMachine
 from ._volume import VolumeMount, assign_volume_tags, parse_volume_spec
+from .backends import BalloonInfo
 from .errors import (
     BackendUnavailableError,
     ConfigError,
@@ -43,6 +45,8 @@ __all__ = [
     "MIN_MEMORY_MB",
     "Arch",
     "BackendUnavailableError",
+    "Balloon",
+    "BalloonInfo",
     "ConfigError",
     "ConsoleMode",
     "DiskFormat",
@@ -61,6 +65,7 @@ __all__ = [
     "VMError",
     "VMState",
     "VMTimeoutError",
+    "VirtualMachine",
     "VolumeMount",
     "VzkitError",
     "__version__",

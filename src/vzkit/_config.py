@@ -122,7 +122,9 @@ class LinuxVMConfig:
         if not isinstance(self.memory_gb, int | float) or isinstance(self.memory_gb, bool):
             raise ConfigError(f"memory_gb must be a number, got {self.memory_gb!r}")
         memory_gb = float(self.memory_gb)
-        if not math.isfinite(memory_gb) or memory_gb * _MIB_PER_GB < MIN_MEMORY_MB:
+        if not math.isfinite(memory_gb):
+            raise ConfigError(f"memory_gb must be a finite number, got {self.memory_gb!r}")
+        if memory_gb * _MIB_PER_GB < MIN_MEMORY_MB:
             raise ConfigError(
                 f"memory_gb={self.memory_gb!r} is below the minimum of {MIN_MEMORY_MB} MiB "
                 f"({MIN_MEMORY_MB / _MIB_PER_GB:g} GB)"
@@ -134,6 +136,8 @@ class LinuxVMConfig:
         except (SpecError, ValueError) as err:
             raise ConfigError(str(err)) from err
 
+        if not isinstance(self.cmdline, str):
+            raise ConfigError(f"cmdline must be a string, got {self.cmdline!r}")
         for name in _PATH_FIELDS:
             put(name, _as_path(name, getattr(self, name)))
         for name in _INPUT_FILES:
@@ -156,7 +160,13 @@ class LinuxVMConfig:
         if not isinstance(self.network, NetworkConfig):
             raise ConfigError(f"network must be a NetworkConfig, got {self.network!r}")
         for name in ("volumes", "displays"):
-            put(name, tuple(getattr(self, name)))
+            value = getattr(self, name)
+            if isinstance(value, str | bytes | Mapping):
+                raise ConfigError(f"{name} must be a sequence, got {value!r}")
+            try:
+                put(name, tuple(value))
+            except TypeError:
+                raise ConfigError(f"{name} must be a sequence, got {value!r}") from None
         for vol in self.volumes:
             if not isinstance(vol, VolumeMount):
                 raise ConfigError(f"volumes must hold VolumeMount objects, got {vol!r}")
@@ -194,6 +204,9 @@ class LinuxVMConfig:
 
     def replace(self, **changes: Any) -> LinuxVMConfig:
         """A copy with ``changes`` applied (and validated)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
         return dataclasses.replace(self, **changes)
 
     # -- serialisation -------------------------------------------------------------------

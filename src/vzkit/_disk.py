@@ -40,6 +40,8 @@ def create_disk_image(
         ) from None
     target = Path(path).expanduser().absolute()
     if target.exists():
+        if target.is_dir():
+            raise ConfigError(f"cannot create disk image: {str(target)!r} is a directory")
         return target
     if not target.parent.is_dir():
         raise ConfigError(

@@ -23,7 +23,10 @@ DEFAULT_PPI = 144
 MIN_WIDTH, MAX_WIDTH = 640, 7680
 MIN_HEIGHT, MAX_HEIGHT = 480, 4320
 
-_SPEC_RE = re.compile(r"(\d+)x(\d+)(?:@(\d+))?")
+# ASCII digits only: ``\d`` would also accept other scripts' digits (e.g. Arabic-Indic).
+_SPEC_RE = re.compile(r"([0-9]+)x([0-9]+)(?:@([0-9]+))?")
+# More digits than this is out of any range (and keeps int() clear of its 4300-digit limit).
+_MAX_DIGITS = 9
 
 
 @dataclass(frozen=True, slots=True, kw_only=False)
@@ -102,6 +105,10 @@ def parse_display_spec(spec: str) -> DisplayConfig:
     match = _SPEC_RE.fullmatch(text)
     if match is None:
         raise SpecError(f"invalid display spec {spec!r}; expected {_FORMS}")
+    for name, digits in (("width", match[1]), ("height", match[2]), ("PPI", match[3])):
+        if digits is not None and len(digits.lstrip("0")) > _MAX_DIGITS:
+            shown = digits if len(digits) <= 12 else digits[:12] + "..."
+            raise SpecError(f"display {spec[:40]!r}: {name} {shown} is out of range")
     width, height = int(match[1]), int(match[2])
     ppi = int(match[3]) if match[3] is not None else DEFAULT_PPI
     _check_bounds(width, height, ppi, spec)

@@ -127,6 +127,8 @@ class SnapshotManager:
         for entry in entries:
             if entry.suffix != STATE_SUFFIX or entry.name.startswith("."):
                 continue
+            if not entry.is_file():
+                continue  # a stray directory is not a state file
             meta = self._load(entry.name[: -len(STATE_SUFFIX)], entry)
             if meta is not None:
                 metas.append(meta)

@@ -1,0 +1,79 @@
+"""The one background event loop that runs every VM's asynchronous core.
+
+Backends are written once, as asyncio code (QMP is asyncio, process watching is asyncio).
+The sync facade submits coroutines here and blocks on the result; the asyncio facade awaits
+the same coroutines from its own loop through :func:`wrap`. The loop thread is a daemon that
+lives as long as the process, so child processes that tie their lifetime to the thread that
+spawned them (``PR_SET_PDEATHSIG``) die with this process, not earlier.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+__all__ = ["get_loop", "run_sync", "wrap"]
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+_thread: threading.Thread | None = None
+
+
+def get_loop() -> asyncio.AbstractEventLoop:
+    """The shared loop, started on first use."""
+    global _loop, _thread
+    with _lock:
+        if _loop is None or _thread is None or not _thread.is_alive():
+            loop = asyncio.new_event_loop()
+            ready = threading.Event()
+
+            def run() -> None:
+                asyncio.set_event_loop(loop)
+                loop.call_soon(ready.set)
+                loop.run_forever()
+
+            thread = threading.Thread(target=run, name="vzkit-loop", daemon=True)
+            thread.start()
+            ready.wait()
+            _loop, _thread = loop, thread
+        return _loop
+
+
+def in_loop_thread() -> bool:
+    return _thread is not None and threading.current_thread() is _thread
+
+
+def run_sync(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on the shared loop and block until it finishes.
+
+    ``KeyboardInterrupt`` while waiting cancels the coroutine (so its cleanup runs) and then
+    propagates.
+    """
+    if in_loop_thread():
+        coro.close()
+        raise RuntimeError("vzkit's sync API cannot be called from its own event loop thread")
+    future = asyncio.run_coroutine_threadsafe(coro, get_loop())
+    try:
+        return future.result()
+    except KeyboardInterrupt:
+        future.cancel()
+        try:
+            future.result(timeout=30)
+        except (concurrent.futures.CancelledError, Exception):
+            pass
+        raise
+
+
+async def wrap(coro: Coroutine[Any, Any, T]) -> T:
+    """Await ``coro`` (running on the shared loop) from any other event loop."""
+    future = asyncio.run_coroutine_threadsafe(coro, get_loop())
+    try:
+        return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise

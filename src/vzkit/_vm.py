@@ -1,0 +1,144 @@
+"""``vzkit.VirtualMachine``: the blocking facade (scripts want ``vm.start(timeout=60)``)."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from types import TracebackType
+
+from ._config import LinuxVMConfig
+from ._loop import run_sync
+from ._state import VMState
+from ._vmcore import VMCore
+from .backends import Backend, BalloonInfo
+
+__all__ = ["Balloon", "VirtualMachine"]
+
+
+class Balloon:
+    """``vm.balloon``: the memory balloon of a running VM."""
+
+    def __init__(self, core: VMCore) -> None:
+        self._core = core
+
+    def set_target_gb(self, gb: float) -> None:
+        """Ask the guest to shrink (or regrow) to ``gb`` GB, rounded down to a whole MiB."""
+        run_sync(self._core.set_balloon_target_gb(gb))
+
+    def info(self) -> BalloonInfo:
+        return run_sync(self._core.balloon_info())
+
+
+class VirtualMachine:
+    """A virtual machine built from a :class:`~vzkit.LinuxVMConfig`.
+
+    ``backend="auto"`` picks ``vz`` on macOS when it is usable, else ``qemu``. Use it as a
+    context manager, or call :meth:`close`, which always releases every process, socket and
+    temporary file, whatever state the VM is in.
+    """
+
+    def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
+        self._core = VMCore(config, backend)
+        self.balloon = Balloon(self._core)
+
+    def __repr__(self) -> str:
+        return f"<VirtualMachine {self.backend} {self.state.value} pid={self.pid}>"
+
+    @property
+    def config(self) -> LinuxVMConfig:
+        return self._core.config
+
+    @property
+    def backend(self) -> str:
+        return self._core.backend.name
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self, timeout: float | None = None) -> None:
+        """Start the VM and return once it runs. On failure or timeout nothing is left behind."""
+        run_sync(self._core.start(timeout))
+
+    def pause(self, timeout: float | None = None) -> None:
+        run_sync(self._core.pause(timeout))
+
+    def resume(self, timeout: float | None = None) -> None:
+        run_sync(self._core.resume(timeout))
+
+    def request_stop(self) -> None:
+        """Ask the guest to power off (ACPI power button); returns without waiting."""
+        run_sync(self._core.request_stop())
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the VM: ask the guest, wait up to half of ``timeout``, then force it off."""
+        run_sync(self._core.stop(timeout))
+
+    def wait(self, timeout: float | None = None) -> VMState:
+        """Wait until the VM has stopped (or failed) and return the final state."""
+        return run_sync(self._core.wait(timeout))
+
+    def close(self) -> None:
+        """Force the VM off if it runs and release everything. Idempotent."""
+        run_sync(self._core.close())
+
+    def __enter__(self) -> VirtualMachine:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None and not core.closed and core.machine.pid is not None:
+            warnings.warn(
+                f"unclosed VirtualMachine {self!r}; call close() or use 'with'",
+                ResourceWarning,
+                stacklevel=2,
+            )
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def state(self) -> VMState:
+        return self._core.state
+
+    @property
+    def can_start(self) -> bool:
+        return self._core.can("start")
+
+    @property
+    def can_pause(self) -> bool:
+        return self._core.can("pause")
+
+    @property
+    def can_resume(self) -> bool:
+        return self._core.can("resume")
+
+    @property
+    def can_stop(self) -> bool:
+        return self._core.can("stop")
+
+    @property
+    def can_request_stop(self) -> bool:
+        return self._core.can("request_stop")
+
+    @property
+    def pid(self) -> int | None:
+        """The VMM's process id while it runs (``None`` for in-process backends)."""
+        return self._core.machine.pid
+
+    @property
+    def console_log_path(self) -> Path | None:
+        return self._core.console_log_path
+
+    @property
+    def console_pty(self) -> str | None:
+        return self._core.machine.console_pty
+
+    @property
+    def state_dir(self) -> Path:
+        return self._core.machine.state_dir

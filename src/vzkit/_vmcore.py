@@ -1,0 +1,166 @@
+"""The lifecycle core shared by ``vzkit.VirtualMachine`` and ``vzkit.aio.VirtualMachine``.
+
+It guards each operation by state (``StateError`` with a sentence), applies timeouts, and runs
+the stop ladder; the backend's :class:`~vzkit.backends.Machine` does the actual work. All
+coroutines here run on vzkit's shared loop (:mod:`vzkit._loop`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Awaitable
+from pathlib import Path
+from typing import TypeVar
+
+from ._config import LinuxVMConfig
+from ._state import VMState
+from .backends import Backend, BalloonInfo, Feature, Machine, choose_backend
+from .errors import ConfigError, StateError, UnsupportedError, VMTimeoutError, VzkitError
+
+__all__ = ["VMCore"]
+
+log = logging.getLogger("vzkit.vm")
+T = TypeVar("T")
+
+_CAN = {
+    "start": frozenset({VMState.STOPPED, VMState.ERROR}),
+    "pause": frozenset({VMState.RUNNING}),
+    "resume": frozenset({VMState.PAUSED}),
+    "stop": frozenset({VMState.RUNNING, VMState.PAUSED, VMState.STARTING, VMState.STOPPING}),
+    "request_stop": frozenset({VMState.RUNNING}),
+}
+_REFUSAL = {
+    "start": "VM is already {state}",
+    "pause": "cannot pause a VM that is {state}",
+    "resume": "cannot resume a VM that is {state} (only a paused VM resumes)",
+    "stop": "cannot stop a VM that is {state}",
+    "request_stop": "cannot ask a VM that is {state} to stop (it must be running)",
+}
+#: Part of ``stop(timeout=)`` given to the guest before the VM is forced off.
+GRACEFUL_SHARE = 0.5
+
+
+async def _within(timeout: float | None, what: str, aw: Awaitable[T]) -> T:
+    if timeout is None:
+        return await aw
+    if timeout < 0 or math.isnan(timeout):
+        raise ValueError(f"timeout must be >= 0, got {timeout}")
+    try:
+        async with asyncio.timeout(timeout):
+            return await aw
+    except TimeoutError:
+        raise VMTimeoutError(f"{what} did not finish within {timeout:g} s") from None
+
+
+class VMCore:
+    """State guards, timeouts and the stop ladder over one backend machine."""
+
+    def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
+        if not isinstance(config, LinuxVMConfig):
+            raise TypeError(f"config must be a LinuxVMConfig, got {type(config).__name__}")
+        self.config = config
+        self.backend = choose_backend(backend) if isinstance(backend, str) else backend
+        self.machine: Machine = self.backend.create_machine(config, self._on_state)
+        self.closed = False
+
+    def _on_state(self, old: VMState, new: VMState) -> None:
+        log.info("VM %s: %s -> %s", self.backend.name, old.value, new.value)
+
+    # -- predicates ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> VMState:
+        return self.machine.state
+
+    def can(self, op: str) -> bool:
+        return not self.closed and self.machine.state in _CAN[op]
+
+    def _require(self, op: str) -> None:
+        if self.closed:
+            raise StateError(f"cannot {op.replace('_', ' ')}: the VM has been closed")
+        if self.machine.state not in _CAN[op]:
+            raise StateError(_REFUSAL[op].format(state=self.machine.state.value))
+
+    def _feature(self, feature: Feature) -> None:
+        if feature not in self.backend.features:
+            raise UnsupportedError(
+                f"the {self.backend.name} backend does not support {feature.value}",
+                backend=self.backend.name,
+                feature=feature.value,
+            )
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self, timeout: float | None) -> None:
+        self._require("start")
+        await _within(timeout, "start", self.machine.start())
+
+    async def pause(self, timeout: float | None) -> None:
+        self._require("pause")
+        await _within(timeout, "pause", self.machine.pause())
+
+    async def resume(self, timeout: float | None) -> None:
+        self._require("resume")
+        await _within(timeout, "resume", self.machine.resume())
+
+    async def request_stop(self) -> None:
+        self._require("request_stop")
+        await self.machine.request_stop()
+
+    async def stop(self, timeout: float | None) -> None:
+        """Ask the guest, wait up to half the timeout, then force the VM off."""
+        if self.machine.state in (VMState.STOPPED, VMState.ERROR):
+            return
+        self._require("stop")
+        budget = 30.0 if timeout is None else timeout
+        if self.machine.state is VMState.RUNNING:
+            try:
+                await self.machine.request_stop()
+                await asyncio.wait_for(self.machine.wait_stopped(), budget * GRACEFUL_SHARE)
+                return
+            except TimeoutError:
+                log.info(
+                    "guest did not power off within %.1f s; forcing the VM off",
+                    budget * GRACEFUL_SHARE,
+                )
+            except VzkitError as err:
+                log.info("could not ask the guest to power off (%s); forcing the VM off", err)
+        await _within(max(budget * (1 - GRACEFUL_SHARE), 5.0), "stop", self.machine.force_stop())
+
+    async def wait(self, timeout: float | None) -> VMState:
+        return await _within(timeout, "wait", self.machine.wait_stopped())
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        await self.machine.close()
+
+    # -- balloon ---------------------------------------------------------------------------
+
+    async def set_balloon_target_gb(self, gb: float) -> None:
+        self._feature(Feature.BALLOON)
+        if self.machine.state not in (VMState.RUNNING, VMState.PAUSED):
+            raise StateError(f"the balloon needs a running VM (it is {self.machine.state.value})")
+        target_mb = int(gb * 1024)  # rounded down to a 1 MiB boundary, as the seed does
+        info = await self.machine.balloon_info()
+        if not info.has_balloon:
+            raise UnsupportedError(
+                "this VM has no memory balloon", backend=self.backend.name, feature="balloon"
+            )
+        if not info.minimum_allowed_mb <= target_mb <= self.config.memory_mb:
+            raise ConfigError(
+                f"balloon target {gb:g} GB is outside {info.minimum_allowed_mb} MiB.."
+                f"{self.config.memory_mb} MiB"
+            )
+        await self.machine.set_balloon_target(target_mb)
+
+    async def balloon_info(self) -> BalloonInfo:
+        self._feature(Feature.BALLOON)
+        return await self.machine.balloon_info()
+
+    @property
+    def console_log_path(self) -> Path | None:
+        return self.machine.console_log_path

@@ -1,0 +1,113 @@
+"""The asyncio twin of :class:`vzkit.VirtualMachine`: the same names, awaitable.
+
+Both facades drive one core (:class:`vzkit._vmcore.VMCore`) on vzkit's shared loop, so a VM
+behaves the same whichever surface controls it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import TracebackType
+
+from ._config import LinuxVMConfig
+from ._loop import wrap
+from ._state import VMState
+from ._vmcore import VMCore
+from .backends import Backend, BalloonInfo
+
+__all__ = ["Balloon", "VirtualMachine"]
+
+
+class Balloon:
+    def __init__(self, core: VMCore) -> None:
+        self._core = core
+
+    async def set_target_gb(self, gb: float) -> None:
+        await wrap(self._core.set_balloon_target_gb(gb))
+
+    async def info(self) -> BalloonInfo:
+        return await wrap(self._core.balloon_info())
+
+
+class VirtualMachine:
+    """``async with vzkit.aio.VirtualMachine(cfg) as vm: await vm.start()``."""
+
+    def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
+        self._core = VMCore(config, backend)
+        self.balloon = Balloon(self._core)
+
+    @property
+    def config(self) -> LinuxVMConfig:
+        return self._core.config
+
+    @property
+    def backend(self) -> str:
+        return self._core.backend.name
+
+    async def start(self, timeout: float | None = None) -> None:
+        await wrap(self._core.start(timeout))
+
+    async def pause(self, timeout: float | None = None) -> None:
+        await wrap(self._core.pause(timeout))
+
+    async def resume(self, timeout: float | None = None) -> None:
+        await wrap(self._core.resume(timeout))
+
+    async def request_stop(self) -> None:
+        await wrap(self._core.request_stop())
+
+    async def stop(self, timeout: float | None = None) -> None:
+        await wrap(self._core.stop(timeout))
+
+    async def wait(self, timeout: float | None = None) -> VMState:
+        return await wrap(self._core.wait(timeout))
+
+    async def close(self) -> None:
+        await wrap(self._core.close())
+
+    async def __aenter__(self) -> VirtualMachine:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    @property
+    def state(self) -> VMState:
+        return self._core.state
+
+    @property
+    def can_start(self) -> bool:
+        return self._core.can("start")
+
+    @property
+    def can_pause(self) -> bool:
+        return self._core.can("pause")
+
+    @property
+    def can_resume(self) -> bool:
+        return self._core.can("resume")
+
+    @property
+    def can_stop(self) -> bool:
+        return self._core.can("stop")
+
+    @property
+    def can_request_stop(self) -> bool:
+        return self._core.can("request_stop")
+
+    @property
+    def pid(self) -> int | None:
+        return self._core.machine.pid
+
+    @property
+    def console_log_path(self) -> Path | None:
+        return self._core.console_log_path
+
+    @property
+    def console_pty(self) -> str | None:
+        return self._core.machine.console_pty

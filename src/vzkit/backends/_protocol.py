@@ -1,0 +1,111 @@
+"""The contract between the ``VirtualMachine`` facade and a backend.
+
+A backend module (``vzkit.backends.<name>``) exposes ``BACKEND``, an object satisfying
+:class:`Backend`. It turns a :class:`~vzkit.LinuxVMConfig` into a :class:`Machine`: one VM
+instance with an asynchronous lifecycle that runs on vzkit's shared event loop. The facade
+adds the state guards, timeouts and the stop ladder on top, the same for every backend
+(like lima's driver interface lets vz and qemu share one lifecycle).
+
+Each backend declares what it supports as data (:attr:`Backend.features`); asking a machine
+for something it lacks raises :class:`~vzkit.errors.UnsupportedError`, never a silent no-op.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+from .._state import VMState
+
+if TYPE_CHECKING:
+    from .._config import LinuxVMConfig
+
+__all__ = ["Backend", "BalloonInfo", "Feature", "Machine", "StateListener"]
+
+
+class Feature(enum.StrEnum):
+    """Capabilities a backend may offer."""
+
+    LIFECYCLE = "lifecycle"
+    BALLOON = "balloon"
+    VSOCK = "vsock"
+    SHARES = "shares"
+    SNAPSHOTS = "snapshots"
+    GRAPHICS = "graphics"
+
+
+@dataclass(frozen=True, slots=True)
+class BalloonInfo:
+    """Memory balloon status (the seed's ``BalloonInfo``).
+
+    ``target_gb`` is the memory the guest is asked to keep, ``actual_gb`` what it has now
+    (``None`` where the backend cannot tell), ``minimum_allowed_mb`` the smallest target allowed.
+    """
+
+    has_balloon: bool
+    target_gb: float
+    minimum_allowed_mb: int
+    actual_gb: float | None = None
+
+
+StateListener = Callable[[VMState, VMState], None]
+
+
+class Machine(Protocol):
+    """One VM instance of a backend. Every coroutine runs on vzkit's shared loop."""
+
+    @property
+    def state(self) -> VMState: ...
+
+    @property
+    def pid(self) -> int | None:
+        """The VMM process, where there is one."""
+
+    @property
+    def console_log_path(self) -> Path | None: ...
+
+    @property
+    def console_pty(self) -> str | None:
+        """The console's pseudo-terminal, when the console mode is ``pty``."""
+
+    @property
+    def state_dir(self) -> Path: ...
+
+    async def start(self) -> None:
+        """STOPPED/ERROR → RUNNING. Cleans up everything it made if it fails or is cancelled."""
+
+    async def pause(self) -> None: ...
+
+    async def resume(self) -> None: ...
+
+    async def request_stop(self) -> None:
+        """Ask the guest to power off (ACPI power button or equivalent); returns at once."""
+
+    async def force_stop(self) -> None:
+        """Stop the VM now, without the guest's cooperation. Ends in STOPPED."""
+
+    async def wait_stopped(self) -> VMState:
+        """Wait until the VM is STOPPED or ERROR and return which."""
+
+    async def set_balloon_target(self, target_mb: int) -> None: ...
+
+    async def balloon_info(self) -> BalloonInfo: ...
+
+    async def close(self) -> None:
+        """Release every process, socket and temporary file. Idempotent."""
+
+
+class Backend(Protocol):
+    """What a backend module exports as ``BACKEND``."""
+
+    name: str
+    features: frozenset[Feature]
+
+    def check_available(self) -> None:
+        """Raise :class:`~vzkit.errors.BackendUnavailableError` if it cannot run here."""
+
+    def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> Machine:
+        """A stopped machine for ``config``; nothing is started, no process spawned."""

@@ -1,0 +1,25 @@
+"""The QEMU backend: KVM/HVF/TCG, controlled over QMP (Linux, and macOS without entitlements)."""
+
+from __future__ import annotations
+
+from ..._config import LinuxVMConfig
+from ..._state import host_arch
+from .._protocol import Feature, StateListener
+from ._discover import find_qemu
+from ._machine import QemuMachine
+
+__all__ = ["BACKEND", "QemuBackend", "QemuMachine"]
+
+
+class QemuBackend:
+    name = "qemu"
+    features = frozenset({Feature.LIFECYCLE, Feature.BALLOON})
+
+    def check_available(self) -> None:
+        find_qemu(host_arch())
+
+    def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> QemuMachine:
+        return QemuMachine(config, on_state)
+
+
+BACKEND = QemuBackend()

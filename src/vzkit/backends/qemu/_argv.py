@@ -1,0 +1,206 @@
+"""Lowering a ``LinuxVMConfig`` to a QEMU command line: one small function per device.
+
+:func:`build_argv` only concatenates the pieces. Every option value that may hold a path or
+user text goes through :func:`esc` (QEMU's option syntax doubles commas), and nothing here
+touches the file system or spawns a process, so the argv is a pure function of the
+:class:`Plan` and can be pinned by unit tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..._config import ConsoleMode, LinuxVMConfig
+from ..._disk import DiskFormat
+from ..._display import default_linux_display_config
+from ..._network import NetworkMode
+from ..._state import Arch
+from ...errors import UnsupportedError
+
+__all__ = ["Plan", "build_argv", "default_cmdline", "esc"]
+
+
+def esc(value: str | Path) -> str:
+    """Escape an option value for QEMU's ``key=value,...`` syntax (commas are doubled)."""
+    text = str(value)
+    if "\x00" in text:
+        raise ValueError("QEMU option values cannot contain NUL")
+    return text.replace(",", ",,")
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything the lowering needs beyond the config, decided by the machine at start."""
+
+    config: LinuxVMConfig
+    binary: Path
+    accel: str
+    qmp_fd: int
+    console_log: Path | None = None
+    disk_format: DiskFormat = DiskFormat.RAW
+    firmware_code: Path | None = None
+    nvram: Path | None = None
+    mac_address: str = ""
+    vnc_socket: Path | None = None
+
+    @property
+    def arch(self) -> Arch:
+        return self.config.arch
+
+
+def default_cmdline(arch: Arch) -> str:
+    """The console the kernel should use when the config names no cmdline."""
+    return "console=ttyS0" if arch is Arch.X86_64 else "console=ttyAMA0"
+
+
+def machine_args(plan: Plan) -> list[str]:
+    cfg = plan.config
+    if plan.arch is Arch.X86_64:
+        machine = f"q35,accel={plan.accel}"
+        cpu = "host" if plan.accel in ("kvm", "hvf") else "max"
+    else:
+        machine = f"virt,accel={plan.accel},gic-version=max"
+        cpu = "host" if plan.accel in ("kvm", "hvf") else "max"
+    return [
+        "-machine", machine,
+        "-cpu", cpu,
+        "-smp", str(cfg.cpus),
+        "-m", f"{cfg.memory_mb}M",
+    ]  # fmt: skip
+
+
+def base_args(plan: Plan) -> list[str]:
+    """No defaults, no user config, no reboots (a guest reboot stops the VM, as on VZ)."""
+    return [
+        "-nodefaults", "-no-user-config", "-no-reboot",
+        "-S",  # start paused: QMP is attached before the guest runs
+        "-chardev", f"socket,id=qmp0,fd={plan.qmp_fd}",
+        "-mon", "chardev=qmp0,mode=control",
+    ]  # fmt: skip
+
+
+def boot_args(plan: Plan) -> list[str]:
+    cfg = plan.config
+    if cfg.kernel_path is not None:
+        args = ["-kernel", str(cfg.kernel_path)]
+        if cfg.initrd_path is not None:
+            args += ["-initrd", str(cfg.initrd_path)]
+        args += ["-append", cfg.cmdline or default_cmdline(plan.arch)]
+        return args
+    if plan.firmware_code is None or plan.nvram is None:
+        raise ValueError("EFI boot needs firmware code and a variable store in the plan")
+    return [
+        "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={esc(plan.firmware_code)}",
+        "-drive", f"if=pflash,format=raw,unit=1,file={esc(plan.nvram)}",
+    ]  # fmt: skip
+
+
+def disk_args(plan: Plan) -> list[str]:
+    path = plan.config.disk_path
+    if path is None:
+        return []
+    return [
+        "-blockdev",
+        f"driver={plan.disk_format.value},node-name=disk0,cache.direct=off,"
+        f"file.driver=file,file.filename={esc(path)}",
+        "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev",
+    ]  # fmt: skip
+
+
+def iso_args(plan: Plan) -> list[str]:
+    path = plan.config.iso_path
+    if path is None:
+        return []
+    return [
+        "-blockdev",
+        f"driver=raw,node-name=iso0,read-only=on,file.driver=file,file.filename={esc(path)}",
+        "-device", "virtio-blk-pci,drive=iso0,id=iso0-dev",
+    ]  # fmt: skip
+
+
+def network_args(plan: Plan) -> list[str]:
+    net = plan.config.network
+    if net.mode is NetworkMode.NONE:
+        return []
+    if net.mode is not NetworkMode.NAT:
+        raise UnsupportedError(
+            f"network mode {net.mode.value!r} is not available on the qemu backend yet; "
+            "use 'nat' or 'none'",
+            backend="qemu",
+            feature=f"network:{net.mode.value}",
+        )
+    device = "virtio-net-pci,netdev=net0,id=net0-dev"
+    if plan.mac_address:
+        device += f",mac={plan.mac_address}"
+    return ["-netdev", "user,id=net0", "-device", device]
+
+
+def rng_args(plan: Plan) -> list[str]:
+    if not plan.config.entropy:
+        return []
+    return [
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng0,id=rng0-dev",
+    ]  # fmt: skip
+
+
+def balloon_args(plan: Plan) -> list[str]:
+    if not plan.config.balloon:
+        return []
+    return ["-device", "virtio-balloon-pci,id=balloon0"]
+
+
+def console_args(plan: Plan) -> list[str]:
+    mode = plan.config.console
+    if mode is ConsoleMode.NONE:
+        return []
+    if mode is ConsoleMode.STDIO:
+        chardev = "stdio,id=con0,signal=off"
+    elif mode is ConsoleMode.PTY:
+        chardev = "pty,id=con0"
+        if plan.console_log is not None:
+            chardev += f",logfile={esc(plan.console_log)},logappend=on"
+    else:
+        if plan.console_log is None:
+            raise ValueError("console mode 'log' needs a log path in the plan")
+        chardev = f"file,id=con0,path={esc(plan.console_log)},append=on"
+    return ["-chardev", chardev, "-serial", "chardev:con0"]
+
+
+def display_args(plan: Plan) -> list[str]:
+    cfg = plan.config
+    if cfg.headless:
+        return ["-display", "none"]
+    displays = cfg.displays or (default_linux_display_config(),)
+    first = displays[0]
+    args = [
+        "-device",
+        f"virtio-gpu-pci,id=gpu0,max_outputs={len(displays)},xres={first.width},yres={first.height}",
+        "-display", "none",
+    ]  # fmt: skip
+    if plan.vnc_socket is not None:
+        args += ["-vnc", f"unix:{esc(plan.vnc_socket)}"]
+    return args
+
+
+_PIECES = (
+    base_args,
+    machine_args,
+    boot_args,
+    disk_args,
+    iso_args,
+    network_args,
+    rng_args,
+    balloon_args,
+    console_args,
+    display_args,
+)
+
+
+def build_argv(plan: Plan) -> list[str]:
+    """The full QEMU command line for ``plan``."""
+    argv = [str(plan.binary)]
+    for piece in _PIECES:
+        argv += piece(plan)
+    return argv

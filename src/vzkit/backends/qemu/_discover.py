@@ -1,0 +1,207 @@
+"""Finding QEMU: the system binary for a guest arch, its accelerators, and EFI firmware.
+
+What is learned by running QEMU (its accelerator list, whether KVM really boots a guest) is
+cached per binary in memory, and KVM probe results on disk under the user cache dir, keyed by
+the binary, its mtime and the host kernel, so each fact costs one probe per machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..._state import Arch, host_arch
+from ...errors import BackendUnavailableError, ConfigError
+
+__all__ = [
+    "Firmware",
+    "accelerators",
+    "find_firmware",
+    "find_qemu",
+    "select_accelerator",
+    "user_cache_dir",
+]
+
+log = logging.getLogger(__name__)
+
+_INSTALL_HINT = {
+    Arch.X86_64: "Debian/Ubuntu: apt-get install qemu-system-x86; macOS: brew install qemu",
+    Arch.AARCH64: "Debian/Ubuntu: apt-get install qemu-system-arm; macOS: brew install qemu",
+}
+ENV_BINARY = "VZKIT_QEMU_{arch}"  # e.g. VZKIT_QEMU_X86_64=/opt/qemu/bin/qemu-system-x86_64
+ENV_ACCEL = "VZKIT_QEMU_ACCEL"
+
+
+def user_cache_dir() -> Path:
+    """``$VZKIT_CACHE_DIR``, else the platform's user cache dir + ``/vzkit``."""
+    env = os.environ.get("VZKIT_CACHE_DIR")
+    if env:
+        return Path(env)
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "vzkit"
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "vzkit"
+
+
+def find_qemu(arch: Arch) -> Path:
+    """The ``qemu-system-<arch>`` binary (``$VZKIT_QEMU_<ARCH>`` overrides the PATH search)."""
+    override = os.environ.get(ENV_BINARY.format(arch=arch.value.upper()))
+    if override:
+        path = Path(override)
+        if not (path.is_file() and os.access(path, os.X_OK)):
+            raise BackendUnavailableError(
+                f"{ENV_BINARY.format(arch=arch.value.upper())}={override!r} is not an executable"
+            )
+        return path
+    found = shutil.which(f"qemu-system-{arch.value}")
+    if found is None:
+        raise BackendUnavailableError(
+            f"qemu-system-{arch.value} was not found on PATH; install QEMU ({_INSTALL_HINT[arch]})"
+        )
+    return Path(found)
+
+
+@functools.cache
+def accelerators(binary: Path) -> frozenset[str]:
+    """The accelerators this QEMU binary was built with (``-accel help``)."""
+    try:
+        proc = subprocess.run(
+            [str(binary), "-accel", "help"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise BackendUnavailableError(f"cannot run {binary}: {err}") from err
+    names = {line.strip() for line in proc.stdout.splitlines()[1:] if line.strip()}
+    return frozenset(names)
+
+
+def _kvm_usable() -> bool:
+    return os.path.exists("/dev/kvm") and os.access("/dev/kvm", os.R_OK | os.W_OK)
+
+
+def _probe_cache_key(binary: Path) -> str:
+    st = binary.stat()
+    return f"{binary}|{st.st_mtime_ns}|{platform.release()}"
+
+
+def _probe_cache_file() -> Path:
+    return user_cache_dir() / "kvm-probe.json"
+
+
+def cached_kvm_probe(binary: Path) -> bool | None:
+    """A recorded KVM probe result for this binary and host kernel, if any."""
+    try:
+        data = json.loads(_probe_cache_file().read_text())
+    except (OSError, ValueError):
+        return None
+    value = data.get(_probe_cache_key(binary)) if isinstance(data, dict) else None
+    return value if isinstance(value, bool) else None
+
+
+def record_kvm_probe(binary: Path, works: bool) -> None:
+    path = _probe_cache_file()
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict):
+            data = {}
+    except (OSError, ValueError):
+        data = {}
+    data[_probe_cache_key(binary)] = works
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only cache only costs a probe next time
+        log.debug("cannot record KVM probe result in %s: %s", path, err)
+
+
+def select_accelerator(binary: Path, guest: Arch, requested: str = "") -> str:
+    """Pick the accelerator: an explicit request (config, then ``$VZKIT_QEMU_ACCEL``), else
+    ``hvf`` on macOS, ``kvm`` where a probe boot proved it works, else ``tcg``.
+
+    KVM is never trusted because ``/dev/kvm`` exists: a host can offer the node and still hang
+    guests. Until a probe boot (see :mod:`._probe`) has recorded a verdict, ``tcg`` is used.
+    """
+    available = accelerators(binary)
+    choice = requested or os.environ.get(ENV_ACCEL, "")
+    if choice:
+        if choice not in available:
+            raise ConfigError(
+                f"accelerator {choice!r} is not offered by {binary.name} "
+                f"(it has: {', '.join(sorted(available)) or 'none'})"
+            )
+        return choice
+    native = guest is host_arch()
+    if native and sys.platform == "darwin" and "hvf" in available:
+        return "hvf"
+    if native and sys.platform.startswith("linux") and "kvm" in available and _kvm_usable():
+        verdict = cached_kvm_probe(binary)
+        if verdict:
+            return "kvm"
+        if verdict is None:
+            log.info("KVM not yet probed on this host; using TCG (run `vzkit doctor` to probe)")
+    return "tcg"
+
+
+@dataclass(frozen=True, slots=True)
+class Firmware:
+    """UEFI firmware: read-only code and a template for the per-VM variable store."""
+
+    code: Path
+    vars_template: Path
+
+
+_FIRMWARE_CANDIDATES = {
+    Arch.X86_64: [
+        ("/usr/share/OVMF/OVMF_CODE_4M.fd", "/usr/share/OVMF/OVMF_VARS_4M.fd"),
+        ("/usr/share/OVMF/OVMF_CODE.fd", "/usr/share/OVMF/OVMF_VARS.fd"),
+        ("/usr/share/edk2/ovmf/OVMF_CODE.fd", "/usr/share/edk2/ovmf/OVMF_VARS.fd"),
+        (
+            "/opt/homebrew/share/qemu/edk2-x86_64-code.fd",
+            "/opt/homebrew/share/qemu/edk2-i386-vars.fd",
+        ),
+        ("/usr/local/share/qemu/edk2-x86_64-code.fd", "/usr/local/share/qemu/edk2-i386-vars.fd"),
+    ],
+    Arch.AARCH64: [
+        ("/usr/share/AAVMF/AAVMF_CODE.fd", "/usr/share/AAVMF/AAVMF_VARS.fd"),
+        (
+            "/usr/share/edk2/aarch64/QEMU_EFI-pflash.raw",
+            "/usr/share/edk2/aarch64/vars-template-pflash.raw",
+        ),
+        (
+            "/opt/homebrew/share/qemu/edk2-aarch64-code.fd",
+            "/opt/homebrew/share/qemu/edk2-arm-vars.fd",
+        ),
+        ("/usr/local/share/qemu/edk2-aarch64-code.fd", "/usr/local/share/qemu/edk2-arm-vars.fd"),
+    ],
+}
+_FIRMWARE_HINT = {
+    Arch.X86_64: "Debian/Ubuntu: apt-get install ovmf",
+    Arch.AARCH64: "Debian/Ubuntu: apt-get install qemu-efi-aarch64",
+}
+
+
+def find_firmware(arch: Arch) -> Firmware:
+    """UEFI firmware for EFI boot (``$VZKIT_EFI_CODE``/``$VZKIT_EFI_VARS`` override)."""
+    code, template = os.environ.get("VZKIT_EFI_CODE"), os.environ.get("VZKIT_EFI_VARS")
+    pairs = [(code, template)] if code and template else _FIRMWARE_CANDIDATES[arch]
+    for code_path, vars_path in pairs:
+        if os.path.isfile(code_path) and os.path.isfile(vars_path):
+            return Firmware(Path(code_path), Path(vars_path))
+    raise BackendUnavailableError(
+        f"no UEFI firmware for {arch.value} guests was found (EFI boot needs it; "
+        f"{_FIRMWARE_HINT[arch]}), or boot a kernel directly with kernel_path"
+    )

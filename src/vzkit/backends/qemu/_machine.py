@@ -1,0 +1,389 @@
+"""One QEMU process per running VM, controlled over QMP.
+
+QMP runs over a socketpair created here and handed to QEMU as an inherited fd, so there is no
+socket path to collide, to exceed ``sun_path`` (108 bytes on Linux, 104 on macOS) or to clean
+up. QEMU starts paused (``-S``); the VM runs once QMP is attached. Run-state events and the
+process's exit drive the state machine:
+
+    STOPPED/ERROR --start--> STARTING --cont--> RUNNING <--stop/cont--> PAUSED
+    any running state --guest power-off, quit--> STOPPED;  --VMM dies otherwise--> ERROR
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from ..._config import ConsoleMode, LinuxVMConfig
+from ..._disk import DiskFormat, detect_disk_format
+from ..._process import OwnedProcess, spawn
+from ..._state import VMState
+from ...errors import ConfigError, UnsupportedError, VMError
+from .._protocol import BalloonInfo, StateListener
+from . import _argv, _discover
+
+__all__ = ["QemuMachine"]
+
+log = logging.getLogger(__name__)
+
+MIN_BALLOON_MB = 64
+_QUIT_GRACE_S = 2.0
+_STDERR_TAIL = 2000
+
+
+def _mac_address(state_dir: Path | None) -> str:
+    """A random locally administered unicast MAC, kept in ``state_dir`` so it stays stable."""
+    path = state_dir / "mac-address" if state_dir is not None else None
+    if path is not None:
+        with contextlib.suppress(OSError):
+            text = path.read_text().strip()
+            if len(text) == 17:
+                return text
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    mac = ":".join(f"{b:02x}" for b in octets)
+    if path is not None:
+        with contextlib.suppress(OSError):
+            path.write_text(mac + "\n")
+    return mac
+
+
+class QemuMachine:
+    """A :class:`~vzkit.backends.Machine` backed by a QEMU process."""
+
+    def __init__(self, config: LinuxVMConfig, on_state: StateListener) -> None:
+        self.config = config
+        self._on_state = on_state
+        self._state = VMState.STOPPED
+        self._proc: OwnedProcess | None = None
+        self._qmp: QMPClient | None = None
+        self._qmp_sock: socket.socket | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._stopped: asyncio.Event | None = None
+        self._own_state_dir = config.state_dir is None
+        self._state_dir: Path | None = config.state_dir
+        self._expect_exit = False
+        self._guest_shutdown = False
+        self._console_pty: str | None = None
+        self._balloon_target_mb = config.memory_mb
+        self.argv: list[str] = []
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> VMState:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        proc = self._proc
+        return proc.pid if proc is not None and proc.running else None
+
+    @property
+    def state_dir(self) -> Path:
+        if self._state_dir is None:
+            self._state_dir = Path(tempfile.mkdtemp(prefix="vzkit-"))
+        return self._state_dir
+
+    @property
+    def console_log_path(self) -> Path | None:
+        if self.config.console in (ConsoleMode.NONE, ConsoleMode.STDIO):
+            return None
+        return self.config.console_log_path or self.state_dir / "console.log"
+
+    @property
+    def console_pty(self) -> str | None:
+        return self._console_pty
+
+    @property
+    def stderr_path(self) -> Path:
+        return self.state_dir / "qemu.log"
+
+    def _set_state(self, new: VMState) -> None:
+        old = self._state
+        if old is new:
+            return
+        self._state = new
+        try:
+            self._on_state(old, new)
+        except Exception:  # a listener's bug must not break the VM's bookkeeping
+            log.exception("state listener failed on %s -> %s", old, new)
+
+    # -- start -----------------------------------------------------------------------------
+
+    def _check_inputs(self) -> None:
+        """Files can vanish between config construction and start: check again, by name."""
+        cfg = self.config
+        for name in ("kernel_path", "initrd_path", "disk_path", "iso_path"):
+            path: Path | None = getattr(cfg, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{name}: {str(path)!r} does not exist")
+
+    async def _plan(self, qmp_fd: int) -> _argv.Plan:
+        cfg = self.config
+        binary = _discover.find_qemu(cfg.arch)
+        accel = await asyncio.to_thread(
+            _discover.select_accelerator, binary, cfg.arch, cfg.accelerator
+        )
+        state_dir = self.state_dir
+        firmware_code = nvram = None
+        if cfg.kernel_path is None:
+            firmware = _discover.find_firmware(cfg.arch)
+            firmware_code = firmware.code
+            nvram = state_dir / "efi.nvram"
+            if not nvram.exists():
+                shutil.copyfile(firmware.vars_template, nvram)
+        disk_format = (
+            detect_disk_format(cfg.disk_path) if cfg.disk_path is not None else DiskFormat.RAW
+        )
+        if not cfg.headless:
+            raise UnsupportedError(
+                "graphics on the qemu backend are not available yet; set headless=True",
+                backend="qemu",
+                feature="graphics",
+            )
+        return _argv.Plan(
+            config=cfg,
+            binary=binary,
+            accel=accel,
+            qmp_fd=qmp_fd,
+            console_log=self.console_log_path,
+            disk_format=disk_format,
+            firmware_code=firmware_code,
+            nvram=nvram,
+            mac_address=_mac_address(None if self._own_state_dir else state_dir),
+        )
+
+    async def start(self) -> None:
+        if self._state not in (VMState.STOPPED, VMState.ERROR):
+            raise VMError(f"cannot start a VM that is {self._state.value}")
+        self._check_inputs()
+        self._set_state(VMState.STARTING)
+        self._stopped = asyncio.Event()
+        self._expect_exit = False
+        self._guest_shutdown = False
+        try:
+            await self._launch()
+        except BaseException:
+            await self._teardown()
+            self._set_state(VMState.STOPPED)
+            raise
+        self._set_state(VMState.RUNNING)
+
+    async def _launch(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._qmp_sock = ours
+        try:
+            plan = await self._plan(theirs.fileno())
+            self.argv = _argv.build_argv(plan)
+            log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
+            interactive = self.config.console is ConsoleMode.STDIO
+            with open(self.stderr_path, "ab") as stderr:
+                self._proc = await spawn(
+                    self.argv,
+                    name=f"qemu-system-{self.config.arch.value}",
+                    pass_fds=(theirs.fileno(),),
+                    stdin=None if interactive else asyncio.subprocess.DEVNULL,
+                    stdout=None if interactive else asyncio.subprocess.DEVNULL,
+                    stderr=stderr,
+                    new_session=not interactive,
+                )
+        finally:
+            theirs.close()
+        self._tasks.append(asyncio.ensure_future(self._watch_exit(self._proc)))
+        qmp = QMPClient(f"vzkit-{self._proc.pid}")
+        self._qmp = qmp
+        connect = asyncio.ensure_future(qmp.connect(ours))
+        exited = asyncio.ensure_future(self._proc.wait())
+        try:
+            done, _ = await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            exited.cancel()
+        if connect not in done:
+            connect.cancel()
+            await asyncio.gather(connect, return_exceptions=True)
+            raise VMError(f"QEMU exited during start-up: {self._stderr_tail()}")
+        connect.result()
+        self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
+        if self.config.console is ConsoleMode.PTY:
+            self._console_pty = await self._find_pty()
+        await self._execute("cont")
+
+    async def _find_pty(self) -> str | None:
+        chardevs: list[dict[str, Any]] = await self._execute("query-chardev")
+        for chardev in chardevs:
+            if chardev.get("label") == "con0":
+                filename = str(chardev.get("filename", ""))
+                return filename.removeprefix("pty:") or None
+        return None
+
+    # -- monitoring ------------------------------------------------------------------------
+
+    async def _watch_events(self, qmp: QMPClient) -> None:
+        with contextlib.suppress(asyncio.CancelledError, QMPError):
+            async for event in qmp.events:
+                name = event.get("event")
+                data = event.get("data")
+                data = data if isinstance(data, dict) else {}
+                log.debug("QMP event %s %s", name, data)
+                if name == "STOP" and self._state in (VMState.RUNNING, VMState.PAUSING):
+                    self._set_state(VMState.PAUSED)
+                elif name == "RESUME" and self._state in (VMState.PAUSED, VMState.RESUMING):
+                    self._set_state(VMState.RUNNING)
+                elif name == "SHUTDOWN":
+                    self._guest_shutdown = bool(data.get("guest"))
+                    if self._state is not VMState.STOPPED:
+                        self._set_state(VMState.STOPPING)
+
+    async def _watch_exit(self, proc: OwnedProcess) -> None:
+        rc = await proc.wait()
+        clean = rc == 0 and (self._expect_exit or self._guest_shutdown)
+        if self._expect_exit:
+            clean = True
+        if not clean:
+            log.warning("QEMU (pid %d) exited with %d: %s", proc.pid, rc, self._stderr_tail())
+        await self._disconnect()
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()
+        if self._state is not VMState.STARTING:
+            self._set_state(VMState.STOPPED if clean else VMState.ERROR)
+        if self._stopped is not None:
+            self._stopped.set()
+
+    def _stderr_tail(self) -> str:
+        try:
+            with open(self.stderr_path, "rb") as fh:
+                fh.seek(0, os.SEEK_END)
+                fh.seek(max(0, fh.tell() - _STDERR_TAIL))
+                text = fh.read().decode(errors="replace").strip()
+        except OSError:
+            text = ""
+        return text or "(no output)"
+
+    async def _disconnect(self) -> None:
+        qmp, self._qmp = self._qmp, None
+        if qmp is not None:
+            with contextlib.suppress(Exception):
+                await qmp.disconnect()
+        sock, self._qmp_sock = self._qmp_sock, None
+        if sock is not None:
+            sock.close()
+
+    async def _execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
+        qmp = self._qmp
+        if qmp is None:
+            raise VMError(f"QEMU is not running (state {self._state.value})")
+        log.debug("QMP -> %s %s", cmd, args or "")
+        try:
+            result = await qmp.execute(cmd, args)
+        except QMPError as err:
+            raise VMError(f"QMP {cmd} failed: {err}") from err
+        log.debug("QMP <- %s", result)
+        return result
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def pause(self) -> None:
+        self._set_state(VMState.PAUSING)
+        try:
+            await self._execute("stop")
+        except BaseException:
+            self._set_state(VMState.RUNNING)
+            raise
+        self._set_state(VMState.PAUSED)
+
+    async def resume(self) -> None:
+        self._set_state(VMState.RESUMING)
+        try:
+            await self._execute("cont")
+        except BaseException:
+            self._set_state(VMState.PAUSED)
+            raise
+        self._set_state(VMState.RUNNING)
+
+    async def request_stop(self) -> None:
+        await self._execute("system_powerdown")
+
+    async def force_stop(self) -> None:
+        proc = self._proc
+        if proc is None or not proc.running:
+            return
+        self._expect_exit = True
+        if self._state is not VMState.STOPPED:
+            self._set_state(VMState.STOPPING)
+        # QEMU may exit before it answers "quit": wait for the exit, not for the reply.
+        quit_cmd = asyncio.ensure_future(self._execute("quit"))
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_QUIT_GRACE_S):
+                await proc.wait()
+        quit_cmd.cancel()
+        await asyncio.gather(quit_cmd, return_exceptions=True)
+        await proc.kill()
+        await self.wait_stopped()
+
+    async def wait_stopped(self) -> VMState:
+        if self._stopped is not None:
+            await self._stopped.wait()
+        return self._state
+
+    # -- balloon ---------------------------------------------------------------------------
+
+    def _check_balloon(self) -> None:
+        if not self.config.balloon:
+            raise UnsupportedError(
+                "this VM has no memory balloon (config balloon=False)",
+                backend="qemu",
+                feature="balloon",
+            )
+
+    async def set_balloon_target(self, target_mb: int) -> None:
+        self._check_balloon()
+        await self._execute("balloon", {"value": target_mb * 1024 * 1024})
+        self._balloon_target_mb = target_mb
+
+    async def balloon_info(self) -> BalloonInfo:
+        if not self.config.balloon:
+            return BalloonInfo(False, 0.0, MIN_BALLOON_MB)
+        actual: float | None = None
+        if self._qmp is not None:
+            info = await self._execute("query-balloon")
+            actual = int(info["actual"]) / (1 << 30)
+        return BalloonInfo(True, self._balloon_target_mb / 1024, MIN_BALLOON_MB, actual)
+
+    # -- teardown --------------------------------------------------------------------------
+
+    async def _teardown(self) -> None:
+        """Kill the VMM (if any) and reap it; close QMP; forget per-run state."""
+        proc = self._proc
+        if proc is not None:
+            self._expect_exit = True
+            await proc.kill()
+        await self._disconnect()
+        tasks, self._tasks = self._tasks, []
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._proc = None
+        self._console_pty = None
+
+    async def close(self) -> None:
+        try:
+            await self._teardown()
+        finally:
+            if self._state is not VMState.ERROR:
+                self._set_state(VMState.STOPPED)
+            if self._own_state_dir and self._state_dir is not None:
+                shutil.rmtree(self._state_dir, ignore_errors=True)
+                self._state_dir = None

@@ -1,0 +1,232 @@
+"""The core CLI commands: ``config``, ``disk create``, ``snapshot list/rm``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from vzkit import (
+    ConsoleMode,
+    DisplayConfig,
+    LinuxVMConfig,
+    NetworkConfig,
+    NetworkMode,
+    VolumeMount,
+)
+from vzkit.cli import main
+
+GIB = 1 << 30
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(
+        main, [str(a) for a in args], prog_name="vzkit", catch_exceptions=False
+    )
+
+
+def test_help() -> None:
+    result = run("--help")
+    assert result.exit_code == 0
+    assert result.output.startswith("Usage: vzkit [OPTIONS] COMMAND [ARGS]...")
+    for command in ("config", "disk", "snapshot"):
+        assert command in result.output
+    assert run("-h").exit_code == 0
+
+
+def test_version() -> None:
+    import vzkit
+
+    result = run("--version")
+    assert result.exit_code == 0
+    assert vzkit.__version__ in result.output
+
+
+def test_no_command_shows_usage() -> None:
+    result = CliRunner().invoke(main, [])
+    assert result.exit_code in (0, 2)
+    assert "Usage:" in result.output
+
+
+def test_config_defaults_print_toml_that_loads_back() -> None:
+    result = run("config")
+    assert result.exit_code == 0, result.output
+    assert LinuxVMConfig.from_toml(result.stdout) == LinuxVMConfig()
+
+
+def test_config_options_round_trip(tmp_path: Path) -> None:
+    share = tmp_path / "share"
+    share.mkdir()
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    result = run(
+        "config",
+        "--cpus", "4",
+        "--memory", "0.5",
+        "--arch", "aarch64",
+        "--kernel", kernel,
+        "--cmdline", "console=hvc0 quiet",
+        "--state-dir", tmp_path / "state",
+        "-v", f"{share}:data:ro",
+        "--volume", str(share),
+        "--network", "bridged:en0",
+        "--display", "4k",
+        "--display", "800x600@96",
+        "--console", "stdio",
+        "--accel", "tcg",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    cfg = LinuxVMConfig.from_toml(result.stdout)
+    assert cfg == LinuxVMConfig(
+        cpus=4,
+        memory_gb=0.5,
+        arch="aarch64",  # type: ignore[arg-type]
+        kernel_path=kernel,
+        cmdline="console=hvc0 quiet",
+        state_dir=tmp_path / "state",
+        volumes=(VolumeMount(share.resolve(), "data", True), VolumeMount(share.resolve())),
+        network=NetworkConfig(NetworkMode.BRIDGED, "en0"),
+        displays=(DisplayConfig(3840, 2160), DisplayConfig(800, 600, 96)),
+        headless=False,  # --display implies graphics
+        console=ConsoleMode.STDIO,
+        accelerator="tcg",
+    )
+
+
+def test_config_json_and_save(tmp_path: Path) -> None:
+    target = tmp_path / "vm.toml"
+    result = run("config", "--format", "json", "--cpus", "3", "--headless", "--save", target)
+    assert result.exit_code == 0, result.output
+    printed = LinuxVMConfig.from_json(result.stdout)
+    assert printed.cpus == 3
+    assert printed.headless is True
+    assert LinuxVMConfig.load(target) == printed
+
+
+def test_config_file_with_overrides(tmp_path: Path) -> None:
+    base = tmp_path / "base.json"
+    LinuxVMConfig(cpus=6, memory_gb=2.5, balloon=False).save(base)
+    result = run("config", "--config", base, "--cpus", "1", "--graphics")
+    assert result.exit_code == 0, result.output
+    cfg = LinuxVMConfig.from_toml(result.stdout)
+    assert (cfg.cpus, cfg.memory_gb, cfg.balloon, cfg.headless) == (1, 2.5, False, False)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--cpus", "0"], "vzkit: error: cpus must be between 1 and 255, got 0"),
+        (["--memory", "0.01"], "is below the minimum of 64 MiB"),
+        (
+            ["--kernel", "/nonexistent/vmlinuz"],
+            "kernel_path: '/nonexistent/vmlinuz' does not exist",
+        ),
+        (["--cmdline", "quiet"], "cmdline is set but kernel_path is not"),
+        (["--network", "bridged"], "bridged networking needs an interface name"),
+        (["--network", "wifi"], "unknown network mode 'wifi'"),
+        (["--display", "10x10"], "width 10 is out of range"),
+        (["--volume", "/nonexistent/dir"], "does not exist"),
+        (["--cpus", "two"], "'two' is not a valid integer"),
+        (["--arch", "sparc"], "Invalid value for '--arch'"),
+        (["--bogus"], "No such option"),
+        (["--config", "/nonexistent/vm.toml"], "cannot read VM config"),
+    ],
+)
+def test_config_bad_options_exit_2(args: list[str], message: str) -> None:
+    result = run("config", *args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert result.stdout == ""
+
+
+def test_disk_create(tmp_path: Path) -> None:
+    target = tmp_path / "disk.img"
+    result = run("disk", "create", target, "2")
+    assert result.exit_code == 0, result.output
+    assert result.stdout == f"created {target}\n"
+    assert target.stat().st_size == 2 * GIB
+    again = run("disk", "create", target, "5")
+    assert again.exit_code == 0
+    assert again.stdout == f"kept existing {target}\n"
+    assert target.stat().st_size == 2 * GIB
+
+
+def test_disk_create_qcow2(tmp_path: Path) -> None:
+    import shutil
+
+    if shutil.which("qemu-img") is None:
+        pytest.skip("needs qemu-img")
+    target = tmp_path / "disk.qcow2"
+    result = run("disk", "create", "--format", "qcow2", target, "1")
+    assert result.exit_code == 0, result.output
+    assert target.read_bytes()[:4] == b"QFI\xfb"
+
+
+@pytest.mark.parametrize(
+    ("size", "message"),
+    [("0", "size_gb must be a positive integer, got 0"), ("x", "'x' is not a valid integer")],
+)
+def test_disk_create_bad_size(tmp_path: Path, size: str, message: str) -> None:
+    result = run("disk", "create", tmp_path / "disk.img", size)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert not (tmp_path / "disk.img").exists()
+
+
+def test_disk_create_qcow2_without_qemu_img(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty-bin"))
+    result = run("disk", "create", "--format", "qcow2", tmp_path / "d.qcow2", "1")
+    assert result.exit_code == 1
+    assert "qemu-utils" in result.stderr
+
+
+def _snapshot(vm_dir: Path, name: str, created: str, state: bytes = b"abc") -> None:
+    snaps = vm_dir / "snapshots"
+    snaps.mkdir(parents=True, exist_ok=True)
+    (snaps / f"{name}.vmstate").write_bytes(state)
+    meta = {"name": name, "created": created, "size": 1, "vmState": "paused", "filePath": ""}
+    (snaps / f"{name}.json").write_text(json.dumps(meta))
+
+
+def test_snapshot_list_and_rm(tmp_path: Path) -> None:
+    vm_dir = tmp_path / "vm"
+    assert run("snapshot", "list", vm_dir).stdout == "no snapshots\n"
+    _snapshot(vm_dir, "old", "2025-01-01T00:00:00Z")
+    _snapshot(vm_dir, "new", "2026-03-21T10:15:30.123456789-07:00", b"12345")
+
+    result = run("snapshot", "list", vm_dir)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split() == ["NAME", "CREATED", "SIZE", "STATE"]
+    assert lines[1].split() == ["new", "2026-03-21T10:15:30.123456-07:00", "5", "paused"]
+    assert lines[2].split() == ["old", "2025-01-01T00:00:00.000000Z", "3", "paused"]
+
+    as_json = json.loads(run("snapshot", "list", "--json", vm_dir).stdout)
+    assert [m["name"] for m in as_json] == ["new", "old"]
+    assert set(as_json[0]) == {"name", "created", "size", "vmState", "filePath"}
+    assert as_json[0]["size"] == 5
+
+    result = run("snapshot", "rm", vm_dir, "old")
+    assert result.exit_code == 0
+    assert result.stdout == "deleted old\n"
+    assert not (vm_dir / "snapshots" / "old.vmstate").exists()
+    assert not (vm_dir / "snapshots" / "old.json").exists()
+    assert [m["name"] for m in json.loads(run("snapshot", "list", "--json", vm_dir).stdout)] == [
+        "new"
+    ]
+
+
+def test_snapshot_rm_missing_and_bad_names(tmp_path: Path) -> None:
+    vm_dir = tmp_path / "vm"
+    result = run("snapshot", "rm", vm_dir, "ghost")
+    assert result.exit_code == 1
+    assert "vzkit: error: no snapshot named 'ghost'" in result.stderr
+    result = run("snapshot", "rm", vm_dir, "../x")
+    assert result.exit_code == 1
+    assert "invalid snapshot name '../x'" in result.stderr
+    assert not vm_dir.exists()
+    assert run("snapshot", "rm", vm_dir).exit_code == 2  # a name is required

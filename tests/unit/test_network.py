@@ -1,0 +1,122 @@
+"""Network modes, configs and their spec strings."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+import pytest
+
+from vzkit import NetworkConfig, NetworkMode, SpecError, parse_network_mode
+
+VALID_FORMS = "'nat' (or empty), 'none', 'vmnet', 'host-only', 'bridged:IFACE'"
+
+
+def test_network_mode_is_a_str_enum() -> None:
+    assert issubclass(NetworkMode, enum.StrEnum)
+    assert [m.value for m in NetworkMode] == ["nat", "bridged", "host-only", "vmnet", "none"]
+    assert NetworkMode.HOST_ONLY == "host-only"
+    assert NetworkMode("host-only") is NetworkMode.HOST_ONLY
+    assert f"{NetworkMode.NAT}" == "nat"
+
+
+def test_network_config_defaults() -> None:
+    cfg = NetworkConfig()
+    assert cfg.mode is NetworkMode.NAT
+    assert cfg.interface == ""
+    assert str(cfg) == "nat"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.mode = NetworkMode.NONE  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("", NetworkConfig(NetworkMode.NAT)),
+        ("  ", NetworkConfig(NetworkMode.NAT)),
+        ("nat", NetworkConfig(NetworkMode.NAT)),
+        ("NAT", NetworkConfig(NetworkMode.NAT)),
+        ("none", NetworkConfig(NetworkMode.NONE)),
+        (" None ", NetworkConfig(NetworkMode.NONE)),
+        ("vmnet", NetworkConfig(NetworkMode.VMNET)),
+        ("host-only", NetworkConfig(NetworkMode.HOST_ONLY)),
+        ("Host-Only", NetworkConfig(NetworkMode.HOST_ONLY)),
+        ("bridged:en0", NetworkConfig(NetworkMode.BRIDGED, "en0")),
+        ("BRIDGED:eth0.100", NetworkConfig(NetworkMode.BRIDGED, "eth0.100")),
+        ("bridged:br-lan", NetworkConfig(NetworkMode.BRIDGED, "br-lan")),
+    ],
+)
+def test_valid_forms(spec: str, expected: NetworkConfig) -> None:
+    cfg = parse_network_mode(spec)
+    assert cfg == expected
+    assert isinstance(cfg.mode, NetworkMode)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        NetworkConfig(),
+        NetworkConfig(NetworkMode.NONE),
+        NetworkConfig(NetworkMode.VMNET),
+        NetworkConfig(NetworkMode.HOST_ONLY),
+        NetworkConfig(NetworkMode.BRIDGED, "en0"),
+    ],
+)
+def test_str_round_trip(cfg: NetworkConfig) -> None:
+    assert parse_network_mode(str(cfg)) == cfg
+
+
+def test_bridged_without_name_after_colon() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_network_mode("bridged:")
+    assert str(info.value) == (
+        f"network spec 'bridged:' names no interface after 'bridged:'; valid forms: {VALID_FORMS}"
+    )
+
+
+def test_bare_bridged() -> None:
+    with pytest.raises(SpecError) as info:
+        parse_network_mode("bridged")
+    assert str(info.value) == (
+        f"bridged networking needs an interface name; valid forms: {VALID_FORMS}"
+    )
+
+
+@pytest.mark.parametrize("spec", ["wifi", "hostonly", "nat:en0", "vmnet:x", "bridge:en0", "host"])
+def test_unknown_word_lists_valid_forms(spec: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_network_mode(spec)
+    message = str(info.value)
+    assert message == f"unknown network mode {spec!r}; valid forms: {VALID_FORMS}"
+    for form in ("nat", "none", "vmnet", "host-only", "bridged:IFACE"):
+        assert form in message
+
+
+def test_spec_errors_are_value_errors() -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 - the point is the base class
+        parse_network_mode("bogus")
+
+
+def test_non_string_spec() -> None:
+    with pytest.raises(SpecError):
+        parse_network_mode(None)  # type: ignore[arg-type]
+
+
+def test_network_config_accepts_mode_strings() -> None:
+    assert NetworkConfig("bridged", "en0").mode is NetworkMode.BRIDGED  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("mode", "interface"),
+    [
+        ("wifi", ""),
+        (NetworkMode.BRIDGED, ""),
+        (NetworkMode.BRIDGED, "en 0"),
+        (NetworkMode.BRIDGED, "x" * 65),
+        (NetworkMode.NAT, "en0"),
+        (NetworkMode.NONE, "en0"),
+    ],
+)
+def test_network_config_validates(mode: str, interface: str) -> None:
+    with pytest.raises(SpecError):
+        NetworkConfig(mode, interface)  # type: ignore[arg-type]

@@ -1,0 +1,159 @@
+"""The QEMU command line is a pure function of the plan: pinned here without booting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import vzkit
+from vzkit.backends.qemu import _argv
+from vzkit.backends.qemu._argv import Plan, build_argv, esc
+
+
+@pytest.fixture
+def files(tmp_path: Path) -> dict[str, Path]:
+    out = {}
+    for name in ("vmlinuz", "initrd.img", "disk.img", "cd.iso", "OVMF_CODE.fd", "efi.nvram"):
+        path = tmp_path / name
+        path.write_bytes(b"x")
+        out[name] = path
+    return out
+
+
+def _opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_escape_doubles_commas() -> None:
+    assert esc("/a,b/c,,d") == "/a,,b/c,,,,d"
+    assert esc(Path("/plain")) == "/plain"
+    with pytest.raises(ValueError, match="NUL"):
+        esc("a\x00b")
+
+
+def test_direct_boot_x86_64_pinned(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        cpus=2,
+        memory_gb=0.5,
+        arch="x86_64",
+        kernel_path=files["vmlinuz"],
+        initrd_path=files["initrd.img"],
+        cmdline="console=ttyS0 quiet",
+        disk_path=files["disk.img"],
+    )
+    plan = Plan(
+        config=cfg,
+        binary=Path("/usr/bin/qemu-system-x86_64"),
+        accel="tcg",
+        qmp_fd=7,
+        console_log=Path("/s/console.log"),
+        mac_address="02:00:00:00:00:01",
+    )
+    assert build_argv(plan) == [
+        "/usr/bin/qemu-system-x86_64",
+        "-nodefaults", "-no-user-config", "-no-reboot", "-S",
+        "-chardev", "socket,id=qmp0,fd=7",
+        "-mon", "chardev=qmp0,mode=control",
+        "-machine", "q35,accel=tcg",
+        "-cpu", "max",
+        "-smp", "2",
+        "-m", "512M",
+        "-kernel", str(files["vmlinuz"]),
+        "-initrd", str(files["initrd.img"]),
+        "-append", "console=ttyS0 quiet",
+        "-blockdev",
+        f"driver=raw,node-name=disk0,cache.direct=off,file.driver=file,"
+        f"file.filename={files['disk.img']}",
+        "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev",
+        "-netdev", "user,id=net0",
+        "-device", "virtio-net-pci,netdev=net0,id=net0-dev,mac=02:00:00:00:00:01",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng0,id=rng0-dev",
+        "-device", "virtio-balloon-pci,id=balloon0",
+        "-chardev", "file,id=con0,path=/s/console.log,append=on",
+        "-serial", "chardev:con0",
+        "-display", "none",
+    ]  # fmt: skip
+
+
+def test_aarch64_uses_virt_and_its_console(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="aarch64",
+        kernel_path=files["vmlinuz"],
+        network=vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
+        entropy=False,
+        balloon=False,
+        console=vzkit.ConsoleMode.NONE,
+    )
+    argv = build_argv(Plan(config=cfg, binary=Path("qemu-system-aarch64"), accel="tcg", qmp_fd=3))
+    assert _opt(argv, "-machine") == ["virt,accel=tcg,gic-version=max"]
+    assert _opt(argv, "-append") == ["console=ttyAMA0"]  # default cmdline for the arch
+    assert "-netdev" not in argv
+    assert "-serial" not in argv
+    assert not any("balloon" in a or "rng" in a for a in argv)
+
+
+def test_kvm_uses_host_cpu(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"])
+    argv = build_argv(
+        Plan(config=cfg, binary=Path("q"), accel="kvm", qmp_fd=3, console_log=Path("/l"))
+    )
+    assert _opt(argv, "-cpu") == ["host"]
+    assert _opt(argv, "-machine") == ["q35,accel=kvm"]
+
+
+def test_paths_with_commas_spaces_and_unicode_are_escaped(tmp_path: Path) -> None:
+    weird = tmp_path / "dir, with commas ünï"
+    weird.mkdir()
+    disk = weird / "disk,1.img"
+    disk.write_bytes(b"")
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", disk_path=disk, iso_path=disk)
+    plan = Plan(
+        config=cfg,
+        binary=Path("q"),
+        accel="tcg",
+        qmp_fd=3,
+        console_log=weird / "console,log",
+        firmware_code=weird / "code,fd",
+        nvram=weird / "efi,nvram",
+    )
+    argv = build_argv(plan)
+    joined = "\n".join(argv)
+    escaped = str(disk).replace(",", ",,")
+    assert f"file.filename={escaped}" in joined
+    assert f"path={str(weird / 'console,log').replace(',', ',,')},append=on" in joined
+    pflash = _opt(argv, "-drive")
+    assert pflash == [
+        f"if=pflash,format=raw,unit=0,readonly=on,file={esc(weird / 'code,fd')}",
+        f"if=pflash,format=raw,unit=1,file={esc(weird / 'efi,nvram')}",
+    ]
+    # The ISO is attached read-only.
+    assert any(a.startswith("driver=raw,node-name=iso0,read-only=on") for a in argv)
+
+
+def test_pty_console_keeps_a_log(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"], console="pty")
+    argv = build_argv(
+        Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, console_log=Path("/l,og"))
+    )
+    assert _opt(argv, "-chardev")[1] == "pty,id=con0,logfile=/l,,og,logappend=on"
+
+
+@pytest.mark.parametrize("mode", ["bridged:eth0", "vmnet", "host-only"])
+def test_unsupported_network_modes_raise_with_a_sentence(files: dict[str, Path], mode: str) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="x86_64", kernel_path=files["vmlinuz"], network=vzkit.parse_network_mode(mode)
+    )
+    with pytest.raises(vzkit.UnsupportedError, match="not available on the qemu backend") as info:
+        _argv.network_args(Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3))
+    assert info.value.backend == "qemu"
+    assert info.value.feature.startswith("network:")
+
+
+def test_efi_boot_needs_firmware_in_plan(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", disk_path=files["disk.img"])
+    with pytest.raises(ValueError, match="EFI boot needs firmware"):
+        build_argv(
+            Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, console_log=Path("/l"))
+        )
