@@ -8,6 +8,7 @@ coroutines here run on vzkit's shared loop (:mod:`vzkit._loop`).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import math
 from collections.abc import Awaitable
@@ -46,6 +47,8 @@ async def _within(timeout: float | None, what: str, aw: Awaitable[T]) -> T:
     if timeout is None:
         return await aw
     if timeout < 0 or math.isnan(timeout):
+        if inspect.iscoroutine(aw):
+            aw.close()
         raise ValueError(f"timeout must be >= 0, got {timeout}")
     try:
         async with asyncio.timeout(timeout):

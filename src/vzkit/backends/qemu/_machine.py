@@ -68,7 +68,8 @@ class QemuMachine:
         self._proc: OwnedProcess | None = None
         self._qmp: QMPClient | None = None
         self._qmp_sock: socket.socket | None = None
-        self._tasks: list[asyncio.Task[Any]] = []
+        self._tasks: list[asyncio.Task[Any]] = []  # event watcher
+        self._exit_watch: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
         self._own_state_dir = config.state_dir is None
         self._state_dir: Path | None = config.state_dir
@@ -201,20 +202,20 @@ class QemuMachine:
                 )
         finally:
             theirs.close()
-        self._tasks.append(asyncio.ensure_future(self._watch_exit(self._proc)))
+        self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
         qmp = QMPClient(f"vzkit-{self._proc.pid}")
         self._qmp = qmp
         connect = asyncio.ensure_future(qmp.connect(ours))
         exited = asyncio.ensure_future(self._proc.wait())
         try:
-            done, _ = await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            exited.cancel()
-        if connect not in done:
-            connect.cancel()
-            await asyncio.gather(connect, return_exceptions=True)
+            for task in (connect, exited):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(connect, exited, return_exceptions=True)
+        if connect.cancelled() or connect.exception() is not None:
             raise VMError(f"QEMU exited during start-up: {self._stderr_tail()}")
-        connect.result()
         self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
         if self.config.console is ConsoleMode.PTY:
             self._console_pty = await self._find_pty()
@@ -255,8 +256,7 @@ class QemuMachine:
             log.warning("QEMU (pid %d) exited with %d: %s", proc.pid, rc, self._stderr_tail())
         await self._disconnect()
         for task in self._tasks:
-            if task is not asyncio.current_task():
-                task.cancel()
+            task.cancel()
         if self._state is not VMState.STARTING:
             self._set_state(VMState.STOPPED if clean else VMState.ERROR)
         if self._stopped is not None:
@@ -370,6 +370,10 @@ class QemuMachine:
         if proc is not None:
             self._expect_exit = True
             await proc.kill()
+        watch, self._exit_watch = self._exit_watch, None
+        if watch is not None:  # let it finish its bookkeeping (QMP disconnect, state)
+            await asyncio.wait({watch}, timeout=5)
+            watch.cancel()
         await self._disconnect()
         tasks, self._tasks = self._tasks, []
         for task in tasks:

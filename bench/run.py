@@ -1,0 +1,181 @@
+"""vzkit benchmarks: one runner, a table on stdout and the same figures as JSON.
+
+Every comparison is measured side by side in one run, interleaved (A, B, A, B, ...), so the
+ratio holds even on a shared, noisy machine. Figures are medians.
+
+    ./dev bench                     # all benchmarks, both arches
+    ./dev bench --arch x86_64 -n 3  # fewer rounds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import vzkit
+from vzkit.backends.qemu._argv import default_cmdline
+from vzkit.backends.qemu._discover import find_qemu, user_cache_dir
+from vzkit.guest import GuestImage, build_guest
+
+READY = b"VZKIT-GUEST-READY"
+RESULTS = Path(__file__).parent / "results"
+
+
+def wait_for(path: Path, marker: bytes, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if marker in path.read_bytes():
+                return
+        except FileNotFoundError:
+            pass
+        time.sleep(0.005)
+    raise TimeoutError(f"{marker!r} not in {path} after {timeout} s")
+
+
+def raw_qemu_boot(image: GuestImage, workdir: Path) -> tuple[float, float]:
+    """A hand-written QEMU command line booting the same kernel and initrd."""
+    arch = vzkit.Arch(image.arch)
+    log = workdir / "raw-console.log"
+    log.unlink(missing_ok=True)
+    machine = ["-M", "q35"] if arch is vzkit.Arch.X86_64 else ["-M", "virt"]
+    argv = [
+        str(find_qemu(arch)), *machine, "-accel", "tcg", "-cpu", "max",
+        "-smp", "1", "-m", "512M", "-nodefaults", "-no-user-config", "-display", "none",
+        "-serial", f"file:{log}",
+        "-kernel", str(image.kernel), "-initrd", str(image.initrd),
+        "-append", f"{default_cmdline(arch)} quiet",
+    ]  # fmt: skip
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+    try:
+        wait_for(log, READY)
+        ready = time.perf_counter() - t0
+    finally:
+        t1 = time.perf_counter()
+        proc.kill()
+        proc.wait()
+        teardown = time.perf_counter() - t1
+    return ready, teardown
+
+
+def vzkit_boot(image: GuestImage, workdir: Path) -> tuple[float, float]:
+    cfg = vzkit.LinuxVMConfig(
+        arch=image.arch,
+        cpus=1,
+        memory_gb=0.5,
+        kernel_path=image.kernel,
+        initrd_path=image.initrd,
+        cmdline=image.cmdline(),
+        network=vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
+        entropy=False,
+        balloon=False,
+    )
+    t0 = time.perf_counter()
+    vm = vzkit.VirtualMachine(cfg, backend="qemu")
+    try:
+        vm.start(timeout=120)
+        log = vm.console_log_path
+        assert log is not None
+        wait_for(log, READY)
+        ready = time.perf_counter() - t0
+    finally:
+        t1 = time.perf_counter()
+        vm.close()
+        teardown = time.perf_counter() - t1
+    return ready, teardown
+
+
+def interleaved(
+    rounds: int, runs: dict[str, Callable[[], tuple[float, float]]]
+) -> dict[str, dict[str, float]]:
+    samples: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            samples[name].append(run())
+    return {
+        name: {
+            "ready_s": statistics.median(s[0] for s in vals),
+            "teardown_s": statistics.median(s[1] for s in vals),
+            "ready_min_s": min(s[0] for s in vals),
+        }
+        for name, vals in samples.items()
+    }
+
+
+def bench_boot(arch: str, rounds: int, images: Path, debs: Path) -> dict[str, Any]:
+    image = build_guest(arch, out_dir=images / arch, cache_dir=debs / arch)
+    with tempfile.TemporaryDirectory(prefix="vzkit-bench-") as tmp:
+        work = Path(tmp)
+        # One warm-up of each so page cache and QEMU's first start don't bias round one.
+        raw_qemu_boot(image, work)
+        vzkit_boot(image, work)
+        res = interleaved(
+            rounds,
+            {"raw": lambda: raw_qemu_boot(image, work), "vzkit": lambda: vzkit_boot(image, work)},
+        )
+    return {
+        "arch": arch,
+        "rounds": rounds,
+        "raw_ready_s": res["raw"]["ready_s"],
+        "vzkit_ready_s": res["vzkit"]["ready_s"],
+        "ready_ratio": res["vzkit"]["ready_s"] / res["raw"]["ready_s"],
+        "raw_teardown_s": res["raw"]["teardown_s"],
+        "vzkit_teardown_s": res["vzkit"]["teardown_s"],
+        "initramfs_bytes": image.initrd.stat().st_size,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--arch", action="append", choices=["x86_64", "aarch64"])
+    parser.add_argument("-n", "--rounds", type=int, default=5)
+    args = parser.parse_args(argv)
+    arches = args.arch or ["x86_64", "aarch64"]
+    cache = user_cache_dir()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="vzkit-bench-img-") as images:
+        for arch in arches:
+            rows.append(bench_boot(arch, args.rounds, Path(images), cache / "test-debs"))
+
+    print(f"{'arch':<8} {'raw ready':>10} {'vzkit ready':>12} {'ratio':>6} "
+          f"{'raw down':>9} {'vzkit down':>11} {'initramfs':>10}")  # fmt: skip
+    for r in rows:
+        print(
+            f"{r['arch']:<8} {r['raw_ready_s']:>9.3f}s {r['vzkit_ready_s']:>11.3f}s "
+            f"{r['ready_ratio']:>6.3f} {r['raw_teardown_s']:>8.3f}s "
+            f"{r['vzkit_teardown_s']:>10.3f}s "
+            f"{r['initramfs_bytes'] / 1e6:>8.2f}MB"
+        )
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / f"boot-{stamp}.json"
+    out.write_text(
+        json.dumps(
+            {
+                "when": stamp,
+                "host": platform.node(),
+                "python": sys.version.split()[0],
+                "boot": rows,
+            },
+            indent=2,
+        )
+    )
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Build minimal Linux guests (kernel + initramfs) from Debian packages, in pure Python.
+
+:func:`build_guest` turns a Debian cloud kernel package and ``busybox-static`` into a
+bootable kernel and a reproducible gzip'd cpio initramfs whose ``/init`` loads the virtio,
+vsock and virtiofs modules, prints ``VZKIT-GUEST-READY`` on the serial console and then runs a
+shell there. The building blocks are public too: ``.deb`` reading (:class:`DebPackage`),
+cpio newc writing and reading (:class:`CpioWriter`, :func:`read_cpio`), kernel module
+metadata and load order (:func:`read_modinfo`, :func:`resolve_modules`) and package download
+(:func:`apt_download`, :func:`fetch_guest_debs`, :func:`find_guest_debs`).
+"""
+
+from __future__ import annotations
+
+from ._cpio import CpioEntry, CpioWriter, read_cpio
+from ._deb import DebEntry, DebPackage, compare_versions, parse_control, parse_depends
+from ._fetch import (
+    DEB_ARCHES,
+    GuestDebs,
+    apt_download,
+    deb_arch,
+    fetch_guest_debs,
+    find_guest_debs,
+    kernel_metapackage,
+)
+from ._initramfs import (
+    CONSOLES,
+    GUEST_MODULES,
+    GuestImage,
+    build_guest,
+    init_script,
+    uncompress_arm64_kernel,
+)
+from ._modules import (
+    ModInfo,
+    ModulePlan,
+    decompress_module,
+    elf_section,
+    normalize_module_name,
+    parse_modules_builtin,
+    read_modinfo,
+    resolve_modules,
+)
+
+__all__ = [
+    "CONSOLES",
+    "DEB_ARCHES",
+    "GUEST_MODULES",
+    "CpioEntry",
+    "CpioWriter",
+    "DebEntry",
+    "DebPackage",
+    "GuestDebs",
+    "GuestImage",
+    "ModInfo",
+    "ModulePlan",
+    "apt_download",
+    "build_guest",
+    "compare_versions",
+    "deb_arch",
+    "decompress_module",
+    "elf_section",
+    "fetch_guest_debs",
+    "find_guest_debs",
+    "init_script",
+    "kernel_metapackage",
+    "normalize_module_name",
+    "parse_control",
+    "parse_depends",
+    "parse_modules_builtin",
+    "read_cpio",
+    "read_modinfo",
+    "resolve_modules",
+    "uncompress_arm64_kernel",
+]

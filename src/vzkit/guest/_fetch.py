@@ -1,0 +1,253 @@
+"""Obtain the Debian packages a guest is built from: a kernel and ``busybox-static``.
+
+Packages come either from a directory of pre-downloaded ``.deb`` files (:func:`find_guest_debs`,
+works anywhere, e.g. on macOS) or are fetched with ``apt-get download`` into a cache directory
+(:func:`fetch_guest_debs`, Debian/Ubuntu hosts only).
+
+``apt-get download PKG:ARCH`` only finds packages of architectures dpkg knows about. For a
+foreign architecture that is not enabled (``dpkg --add-architecture``), :func:`apt_download`
+runs apt with a private package-list directory under the destination, configured for that
+architecture only: this needs neither root nor changes to the host's apt configuration.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vzkit.errors import GuestError
+
+from ._deb import DebPackage, compare_versions
+
+__all__ = [
+    "DEB_ARCHES",
+    "GuestDebs",
+    "apt_download",
+    "deb_arch",
+    "fetch_guest_debs",
+    "find_guest_debs",
+    "kernel_metapackage",
+]
+
+DEB_ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
+"""Guest architecture (``uname -m`` style) -> Debian architecture."""
+
+_KERNEL_PACKAGE = re.compile(r"^linux-image-\d[^ ]*$")
+_LIST_MAX_AGE = 24 * 3600.0
+_APT_TIMEOUT = 600.0
+
+
+def deb_arch(arch: str) -> str:
+    """``"x86_64"`` -> ``"amd64"``, ``"aarch64"`` -> ``"arm64"``; Debian names pass through."""
+    if arch in DEB_ARCHES:
+        return DEB_ARCHES[arch]
+    if arch in DEB_ARCHES.values():
+        return arch
+    raise GuestError(f"unsupported guest architecture {arch!r} (use x86_64 or aarch64)")
+
+
+def kernel_metapackage(arch: str) -> str:
+    """The Debian metapackage that tracks the current cloud kernel for ``arch``."""
+    return f"linux-image-cloud-{deb_arch(arch)}"
+
+
+def _is_kernel(pkg: DebPackage) -> bool:
+    return bool(_KERNEL_PACKAGE.match(pkg.name)) and not pkg.name.endswith("-dbg")
+
+
+@dataclass(frozen=True)
+class GuestDebs:
+    """The two packages a guest is built from."""
+
+    kernel: Path
+    busybox: Path
+
+
+def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(
+            cmd, cwd=cwd, capture_output=True, text=True, timeout=_APT_TIMEOUT, check=False
+        )
+    except FileNotFoundError:
+        raise GuestError(
+            f"{cmd[0]} not found: apt is needed to download packages; on other systems fetch "
+            "the .debs by hand and pass deb_dir="
+        ) from None
+    except subprocess.TimeoutExpired:
+        raise GuestError(f"{' '.join(cmd)} timed out after {_APT_TIMEOUT:.0f}s") from None
+
+
+def _enabled_arches() -> set[str]:
+    arches: set[str] = set()
+    for flag in ("--print-architecture", "--print-foreign-architectures"):
+        try:
+            out = subprocess.run(
+                ["dpkg", flag], capture_output=True, text=True, check=True, timeout=30
+            ).stdout
+        except (OSError, subprocess.SubprocessError):
+            return set()
+        arches.update(out.split())
+    return arches
+
+
+def _private_apt(state: Path, debarch: str) -> list[str]:
+    """apt options for a self-contained package list of one architecture under ``state``."""
+    (state / "lists" / "partial").mkdir(parents=True, exist_ok=True)
+    (state / "cache" / "archives" / "partial").mkdir(parents=True, exist_ok=True)
+    return [
+        "-o", f"APT::Architecture={debarch}",
+        "-o", f"APT::Architectures::={debarch}",
+        "-o", f"Dir::State::Lists={state / 'lists'}",
+        "-o", f"Dir::Cache={state / 'cache'}",
+        "-o", "Dir::State::status=/dev/null",
+    ]  # fmt: skip
+
+
+def _refresh_private_lists(state: Path, options: list[str]) -> None:
+    stamp = state / "updated"
+    if stamp.exists() and time.time() - stamp.stat().st_mtime < _LIST_MAX_AGE:
+        return
+    result = _run(["apt-get", "-q", *options, "update"], state)
+    if result.returncode != 0:
+        raise GuestError(f"apt-get update (private lists in {state}) failed:\n{result.stderr}")
+    stamp.touch()
+
+
+def _fail(packages: Sequence[str], debarch: str, stderr: str, private: bool) -> GuestError:
+    hint = ""
+    if "Unable to locate package" in stderr or "Can't select" in stderr:
+        hint = (
+            "\nthe package lists may be stale or lack this architecture: run "
+            f"'dpkg --add-architecture {debarch} && apt-get update' (as root)"
+            if not private
+            else "\nthe package is not in the configured apt sources for this architecture"
+        )
+    errors = "\n".join(line for line in stderr.splitlines() if not line.startswith("W:"))
+    return GuestError(f"apt-get download {' '.join(packages)} ({debarch}) failed:\n{errors}{hint}")
+
+
+def _downloaded(dest: Path, name: str, debarch: str) -> Path:
+    candidates = [
+        p for arch in (debarch, "all") for p in dest.glob(f"{name}_*_{arch}.deb") if p.is_file()
+    ]
+    if not candidates:
+        raise GuestError(f"apt-get reported success but no {name}_*.deb appeared in {dest}")
+    return _newest([DebPackage(p) for p in candidates]).path
+
+
+def apt_download(
+    packages: Sequence[str], dest_dir: Path | str, arch: str, *, private: bool | None = None
+) -> list[Path]:
+    """Download ``packages`` for ``arch`` into ``dest_dir`` with ``apt-get download``.
+
+    Returns the ``.deb`` paths in the order of ``packages``. ``private`` selects apt's
+    package lists: False uses the host's (the architecture must be enabled in dpkg), True a
+    private per-architecture list under ``dest_dir/.apt-ARCH`` (refreshed daily), None (the
+    default) the host's when it knows the architecture and the package, else the private one.
+    Failures raise GuestError carrying apt's error output.
+    """
+    debarch = deb_arch(arch)
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    if not packages:
+        return []
+    specs = [f"{name}:{debarch}" for name in packages]
+    if private is None:
+        private = debarch not in _enabled_arches()
+        if not private:
+            result = _run(["apt-get", "-q", "download", *specs], dest)
+            if result.returncode == 0:
+                return [_downloaded(dest, name, debarch) for name in packages]
+            if "Unable to locate package" not in result.stderr:
+                raise _fail(packages, debarch, result.stderr, private=False)
+            private = True  # stale or incomplete host lists: fall back to our own
+    options: list[str] = []
+    if private:
+        state = dest / f".apt-{debarch}"
+        options = _private_apt(state, debarch)
+        _refresh_private_lists(state, options)
+    result = _run(["apt-get", "-q", *options, "download", *specs], dest)
+    if result.returncode != 0:
+        raise _fail(packages, debarch, result.stderr, private)
+    return [_downloaded(dest, name, debarch) for name in packages]
+
+
+def _scan(deb_dir: Path, debarch: str) -> list[DebPackage]:
+    if not deb_dir.is_dir():
+        raise GuestError(f"package directory {deb_dir} does not exist")
+    found = []
+    for path in sorted(deb_dir.glob("*.deb")):
+        pkg = DebPackage(path)
+        if pkg.architecture in (debarch, "all"):
+            found.append(pkg)
+    return found
+
+
+def _newest(pkgs: list[DebPackage]) -> DebPackage:
+    best = pkgs[0]
+    for pkg in pkgs[1:]:
+        if compare_versions(pkg.version, best.version) > 0:
+            best = pkg
+    return best
+
+
+def find_guest_debs(deb_dir: Path | str, arch: str) -> GuestDebs:
+    """Pick the kernel and busybox-static packages for ``arch`` among ``deb_dir/*.deb``.
+
+    The kernel is a real ``linux-image-<version>-<flavour>`` package. With several, the one
+    the cloud metapackage (if present) depends on wins, else the highest version.
+    """
+    debarch = deb_arch(arch)
+    pkgs = _scan(Path(deb_dir), debarch)
+    busyboxes = [p for p in pkgs if p.name == "busybox-static"]
+    kernels = [p for p in pkgs if _is_kernel(p)]
+    if not busyboxes:
+        raise GuestError(f"no busybox-static package for {debarch} in {deb_dir}")
+    if not kernels:
+        raise GuestError(f"no linux-image-<version> kernel package for {debarch} in {deb_dir}")
+    kernel = None
+    metas = [p for p in pkgs if p.name == kernel_metapackage(arch)]
+    if metas:
+        wanted = {name for group in _newest(metas).depends for name in group}
+        chosen = [p for p in kernels if p.name in wanted]
+        kernel = _newest(chosen) if chosen else None
+    return GuestDebs(kernel=(kernel or _newest(kernels)).path, busybox=_newest(busyboxes).path)
+
+
+def _resolve_kernel(meta: DebPackage, dest: Path, arch: str) -> Path:
+    """Follow ``Depends`` from a metapackage to the real ``linux-image-<version>`` package."""
+    pkg = meta
+    for _ in range(4):
+        if _is_kernel(pkg):
+            return pkg.path
+        targets = [n for group in pkg.depends for n in group if n.startswith("linux-image-")]
+        if not targets:
+            raise GuestError(f"{pkg.name} {pkg.version} depends on no linux-image package")
+        local = [DebPackage(p) for p in dest.glob(f"{targets[0]}_*.deb") if p.is_file()]
+        pkg = _newest(local) if local else DebPackage(apt_download([targets[0]], dest, arch)[0])
+    raise GuestError(f"{meta.name}: linux-image dependency chain too long")
+
+
+def fetch_guest_debs(cache_dir: Path | str, arch: str, *, refresh: bool = False) -> GuestDebs:
+    """Kernel and busybox-static packages for ``arch``, downloaded into ``cache_dir``.
+
+    The cloud kernel metapackage (``linux-image-cloud-ARCH``) is downloaded and its
+    ``Depends`` followed to the real kernel package. Without ``refresh``, packages already
+    in the cache are used as they are and nothing is downloaded.
+    """
+    cache = Path(cache_dir)
+    if not refresh and cache.is_dir():
+        try:
+            return find_guest_debs(cache, arch)
+        except GuestError:
+            pass
+    if refresh and cache.is_dir():
+        for stale in cache.glob(f"{kernel_metapackage(arch)}_*.deb"):
+            stale.unlink()
+    meta_path, busybox = apt_download([kernel_metapackage(arch), "busybox-static"], cache, arch)
+    kernel = _resolve_kernel(DebPackage(meta_path), cache, arch)
+    return GuestDebs(kernel=kernel, busybox=busybox)

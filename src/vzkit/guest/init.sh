@@ -1,0 +1,64 @@
+#!/bin/busybox sh
+# vzkit guest /init: PID 1 of the initramfs built by vzkit.guest.build_guest.
+#
+# Mounts the kernel file systems, loads the modules listed in /etc/vzkit/modules in order
+# ("NAME PATH" per line; module parameters come from the kernel command line as NAME.PARAM=V),
+# prints VZKIT-GUEST-READY on the console, then runs a shell on the console. When that shell
+# exits the guest powers off.
+
+/bin/busybox mkdir -p /proc /sys /dev /run /tmp
+/bin/busybox mount -t proc proc /proc
+/bin/busybox --install -s
+PATH=/usr/sbin:/usr/bin:/sbin:/bin
+HOME=/root
+export PATH HOME
+
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null || mdev -s
+mkdir -p /dev/pts /dev/shm
+mount -t devpts -o gid=5,mode=620,ptmxmode=666 devpts /dev/pts
+mount -t tmpfs -o mode=1777 tmpfs /dev/shm
+mount -t tmpfs -o mode=755 tmpfs /run
+mount -t tmpfs -o mode=1777 tmpfs /tmp
+
+set -f  # the command line is split into words below: no globbing
+cmdline=$(cat /proc/cmdline)
+if [ -f /etc/vzkit/modules ]; then
+    while read -r name path; do
+        case "$name" in '' | '#'*) continue ;; esac
+        params=
+        for arg in $cmdline; do
+            case "$arg" in "$name".*=*) params="$params ${arg#"$name".}" ;; esac
+        done
+        # shellcheck disable=SC2086  # one word per parameter
+        insmod "$path" $params 2>/dev/null || [ -d "/sys/module/$name" ] ||
+            echo "vzkit-init: cannot load module $name" >/dev/console
+    done </etc/vzkit/modules
+fi
+set +f
+
+[ -f /etc/hostname ] && hostname -F /etc/hostname
+ip link set lo up 2>/dev/null
+
+# The power button (ACPI on x86_64, ACPI GED on aarch64 with firmware) powers the guest off,
+# so a host's request_stop() is a clean shutdown. /run/vzkit-powerbtn.pids lists the watchers.
+for dev in /sys/class/input/input*; do
+    [ "$(cat "$dev/name" 2>/dev/null)" = "Power Button" ] || continue
+    for ev in "$dev"/event*; do
+        [ -e "$ev" ] || continue
+        (
+            dd if="/dev/input/${ev##*/}" of=/dev/null bs=64 count=1 2>/dev/null
+            echo "vzkit-init: power button pressed, powering off" >/dev/console
+            sync
+            poweroff -f
+        ) &
+        echo $! >>/run/vzkit-powerbtn.pids
+    done
+done
+
+printf '\nVZKIT-GUEST-READY\n' >/dev/console
+
+setsid cttyhack sh -l </dev/console >/dev/console 2>&1
+echo "vzkit-init: console shell exited, powering off" >/dev/console
+sync
+poweroff -f

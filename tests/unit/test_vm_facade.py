@@ -1,0 +1,145 @@
+"""The VirtualMachine facade's guards, errors and clean-up, with no guest booted.
+
+A stand-in QEMU (a shell script that answers ``-accel help`` and otherwise never speaks QMP)
+exercises the start timeout; the real backend is used for everything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+import vzkit
+import vzkit.aio
+from vzkit._process import live_children, pid_alive
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Path:
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(b"not really a kernel")
+    return path
+
+
+@pytest.fixture
+def hanging_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    script = tmp_path / "qemu-system-x86_64"
+    script.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = "-accel" ]; then\n'
+        '  printf "Accelerators supported in QEMU binary:\\ntcg\\n"; exit 0\n'
+        "fi\n"
+        'echo "$$" > "$(dirname "$0")/pid"\n'
+        "exec sleep 600\n"
+    )
+    script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("VZKIT_QEMU_X86_64", str(script))
+    return script
+
+
+def _config(kernel: Path, **kw: object) -> vzkit.LinuxVMConfig:
+    return vzkit.LinuxVMConfig(arch="x86_64", kernel_path=kernel, memory_gb=0.25, **kw)  # type: ignore[arg-type]
+
+
+def test_new_vm_is_stopped_and_guards_say_why(kernel: Path) -> None:
+    with vzkit.VirtualMachine(_config(kernel), backend="qemu") as vm:
+        assert vm.state is vzkit.VMState.STOPPED
+        assert vm.backend == "qemu"
+        assert (vm.can_start, vm.can_pause, vm.can_resume, vm.can_stop) == (
+            True,
+            False,
+            False,
+            False,
+        )
+        assert not vm.can_request_stop
+        assert vm.pid is None
+        with pytest.raises(vzkit.StateError, match="cannot pause a VM that is stopped"):
+            vm.pause()
+        with pytest.raises(vzkit.StateError, match="cannot resume a VM that is stopped"):
+            vm.resume()
+        with pytest.raises(vzkit.StateError, match="must be running"):
+            vm.request_stop()
+        with pytest.raises(vzkit.StateError, match="balloon needs a running VM"):
+            vm.balloon.set_target_gb(0.1)
+        vm.stop()  # stopping a stopped VM is a no-op
+    with pytest.raises(vzkit.StateError, match="has been closed"):
+        vm.start()
+    assert not vm.can_start
+
+
+def test_unknown_backend_lists_known_ones(kernel: Path) -> None:
+    with pytest.raises(vzkit.BackendUnavailableError, match="known backends: vz, qemu"):
+        vzkit.VirtualMachine(_config(kernel), backend="bhyve")
+
+
+def test_no_qemu_installed_says_what_to_install(
+    kernel: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.delenv("VZKIT_QEMU_X86_64", raising=False)
+    with pytest.raises(vzkit.BackendUnavailableError, match="apt-get install qemu-system-x86"):
+        vzkit.VirtualMachine(_config(kernel), backend="qemu")
+
+
+def test_missing_kernel_at_start_names_the_path_and_starts_nothing(kernel: Path) -> None:
+    vm = vzkit.VirtualMachine(_config(kernel), backend="qemu")
+    kernel.unlink()
+    before = live_children()
+    with pytest.raises(vzkit.ConfigError, match=f"kernel_path: '{kernel}' does not exist"):
+        vm.start(timeout=10)
+    assert vm.state is vzkit.VMState.STOPPED
+    assert live_children() == before
+    vm.close()
+
+
+def test_start_timeout_kills_and_reaps_a_vmm_that_never_answers(
+    kernel: Path, hanging_qemu: Path, tmp_path: Path
+) -> None:
+    state_dir = tmp_path / ("long-" * 30)  # longer than any Unix socket path may be
+    vm = vzkit.VirtualMachine(_config(kernel, state_dir=state_dir), backend="qemu")
+    t0 = time.monotonic()
+    with pytest.raises(vzkit.VMTimeoutError, match=r"start did not finish within 1\.5 s"):
+        vm.start(timeout=1.5)
+    assert time.monotonic() - t0 < 8
+    pid = int((hanging_qemu.parent / "pid").read_text())
+    assert not pid_alive(pid)
+    assert pid not in live_children()
+    assert vm.state is vzkit.VMState.STOPPED
+    assert vm.can_start
+    vm.close()
+    assert state_dir.is_dir()  # a caller's state dir is kept
+
+
+def test_temporary_state_dir_is_removed_on_close(kernel: Path, hanging_qemu: Path) -> None:
+    vm = vzkit.VirtualMachine(_config(kernel), backend="qemu")
+    with pytest.raises(vzkit.VMTimeoutError):
+        vm.start(timeout=0.5)
+    state_dir = vm.state_dir
+    assert state_dir.is_dir()
+    vm.close()
+    assert not state_dir.exists()
+
+
+def test_aio_twin_has_the_same_guards(kernel: Path, hanging_qemu: Path) -> None:
+    async def main() -> None:
+        async with vzkit.aio.VirtualMachine(_config(kernel), backend="qemu") as vm:
+            assert vm.state is vzkit.VMState.STOPPED
+            with pytest.raises(vzkit.StateError):
+                await vm.pause()
+            with pytest.raises(vzkit.VMTimeoutError):
+                await vm.start(timeout=0.5)
+            assert vm.can_start
+
+    asyncio.run(main())
+    assert not [p for p in live_children() if pid_alive(p)]
+
+
+def test_invalid_timeout_is_rejected(kernel: Path) -> None:
+    vm = vzkit.VirtualMachine(_config(kernel), backend="qemu")
+    with pytest.raises(ValueError, match="timeout must be >= 0"):
+        vm.start(timeout=-1)
+    vm.close()
