@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-__all__ = ["OwnedProcess", "live_children", "spawn"]
+__all__ = ["PREEXEC", "OwnedProcess", "live_children", "log_argv", "pid_alive", "spawn"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +45,13 @@ def _pdeathsig_preexec() -> Callable[[], None] | None:
     return preexec
 
 
-_PREEXEC = _pdeathsig_preexec()
+#: ``preexec_fn`` for children that must die with this process (``None`` off Linux).
+PREEXEC = _pdeathsig_preexec()
+
+
+def log_argv(argv: Sequence[str]) -> None:
+    """Log a command line at DEBUG, quoted so it can be pasted into a shell."""
+    log.debug("running %s", shlex.join(argv))
 
 
 def live_children() -> dict[int, str]:
@@ -116,7 +122,7 @@ async def spawn(
         pass_fds=tuple(pass_fds),
         cwd=cwd,
         start_new_session=new_session,
-        preexec_fn=_PREEXEC,
+        preexec_fn=PREEXEC,
         close_fds=True,
     )
     _live[proc.pid] = name

@@ -15,9 +15,13 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
+import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..._process import PREEXEC, log_argv
 from ..._state import Arch, host_arch
 from ...errors import BackendUnavailableError, ConfigError
 
@@ -128,12 +132,61 @@ def record_kvm_probe(binary: Path, works: bool) -> None:
         log.debug("cannot record KVM probe result in %s: %s", path, err)
 
 
-def select_accelerator(binary: Path, guest: Arch, requested: str = "") -> str:
+PROBE_TIMEOUT_S = 10.0
+
+
+def probe_kvm(binary: Path, arch: Arch, kernel: Path, timeout: float | None = None) -> bool:
+    """Boot ``kernel`` under KVM with no root file system and see it through to its panic.
+
+    With ``panic=-1`` and ``-no-reboot`` a kernel that boots ends QEMU within a second or two;
+    one that hangs (as on hosts whose ``/dev/kvm`` exists but does not work) times out, and a
+    QEMU that cannot use KVM at all fails at once. Only a clean exit with kernel output counts.
+    """
+    timeout = PROBE_TIMEOUT_S if timeout is None else timeout
+    machine = "q35" if arch is Arch.X86_64 else "virt,gic-version=max"
+    console = "ttyS0" if arch is Arch.X86_64 else "ttyAMA0"
+    with tempfile.TemporaryDirectory(prefix="vzkit-kvm-probe-") as tmp:
+        console_log = Path(tmp) / "console.log"
+        argv = [
+            str(binary), "-machine", f"{machine},accel=kvm", "-cpu", "host", "-m", "256M",
+            "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+            "-serial", f"file:{console_log}", "-kernel", str(kernel),
+            "-append", f"console={console} panic=-1 quiet",
+        ]  # fmt: skip
+        log_argv(argv)
+        try:
+            proc = subprocess.run(
+                argv,
+                capture_output=True,
+                timeout=timeout,
+                check=False,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=PREEXEC,
+            )
+        except subprocess.TimeoutExpired:
+            log.debug("KVM probe boot hung for %.0f s", timeout)
+            return False
+        except OSError as err:
+            log.debug("KVM probe could not run: %s", err)
+            return False
+        output = console_log.read_bytes() if console_log.exists() else b""
+        works = proc.returncode == 0 and b"Kernel panic" in output
+        if not works:
+            log.debug(
+                "KVM probe failed (exit %d): %s", proc.returncode, proc.stderr.decode()[-500:]
+            )
+        return works
+
+
+def select_accelerator(
+    binary: Path, guest: Arch, requested: str = "", probe_kernel: Path | None = None
+) -> str:
     """Pick the accelerator: an explicit request (config, then ``$VZKIT_QEMU_ACCEL``), else
     ``hvf`` on macOS, ``kvm`` where a probe boot proved it works, else ``tcg``.
 
     KVM is never trusted because ``/dev/kvm`` exists: a host can offer the node and still hang
-    guests. Until a probe boot (see :mod:`._probe`) has recorded a verdict, ``tcg`` is used.
+    guests. A short probe boot of ``probe_kernel`` (see :func:`probe_kvm`) decides, once per
+    QEMU binary and host kernel; without a kernel to probe with, ``tcg`` is used.
     """
     available = accelerators(binary)
     choice = requested or os.environ.get(ENV_ACCEL, "")
@@ -148,12 +201,31 @@ def select_accelerator(binary: Path, guest: Arch, requested: str = "") -> str:
     if native and sys.platform == "darwin" and "hvf" in available:
         return "hvf"
     if native and sys.platform.startswith("linux") and "kvm" in available and _kvm_usable():
-        verdict = cached_kvm_probe(binary)
+        with _probe_lock:
+            verdict = _probe_once(binary, guest, probe_kernel)
         if verdict:
             return "kvm"
         if verdict is None:
-            log.info("KVM not yet probed on this host; using TCG (run `vzkit doctor` to probe)")
+            log.info("KVM not probed yet (no kernel to probe with); using TCG")
     return "tcg"
+
+
+_probe_lock = threading.Lock()
+
+
+def _probe_once(binary: Path, guest: Arch, probe_kernel: Path | None) -> bool | None:
+    verdict = cached_kvm_probe(binary)
+    if verdict is None and probe_kernel is not None:
+        t0 = time.monotonic()
+        verdict = probe_kvm(binary, guest, probe_kernel)
+        log.info(
+            "KVM probe boot %s in %.1f s; %s from now on on this host",
+            "succeeded" if verdict else "failed",
+            time.monotonic() - t0,
+            "using KVM" if verdict else "using TCG",
+        )
+        record_kvm_probe(binary, verdict)
+    return verdict
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,7 +134,7 @@ class QemuMachine:
         cfg = self.config
         binary = _discover.find_qemu(cfg.arch)
         accel = await asyncio.to_thread(
-            _discover.select_accelerator, binary, cfg.arch, cfg.accelerator
+            _discover.select_accelerator, binary, cfg.arch, cfg.accelerator, cfg.kernel_path
         )
         state_dir = self.state_dir
         firmware_code = nvram = None

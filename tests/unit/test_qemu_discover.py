@@ -1,0 +1,112 @@
+"""Accelerator choice: explicit requests, and KVM only after a probe boot proved it works.
+
+A stand-in ``qemu-system-x86_64`` script plays QEMU: it lists accelerators for ``-accel help``
+and, for a KVM probe boot, either "boots to a panic" (writes it to the serial file and exits)
+or hangs, as KVM does on hosts whose /dev/kvm exists but cannot run guests.
+"""
+
+from __future__ import annotations
+
+import stat
+from pathlib import Path
+
+import pytest
+
+from vzkit import Arch, BackendUnavailableError, ConfigError
+from vzkit.backends.qemu import _discover
+
+FAKE_QEMU = """#!/bin/sh
+if [ "$1" = "-accel" ]; then
+  printf 'Accelerators supported in QEMU binary:\\ntcg\\nkvm\\n'; exit 0
+fi
+echo run >> "$(dirname "$0")/runs"
+for arg in "$@"; do
+  case "$arg" in file:*) serial="${arg#file:}" ;; esac
+done
+if [ "$(cat "$(dirname "$0")/mode")" = works ]; then
+  echo "Kernel panic - not syncing: VFS: Unable to mount root fs" > "$serial"; exit 0
+fi
+exec sleep 60
+"""
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    binary = tmp_path / "bin" / "qemu-system-x86_64"
+    binary.parent.mkdir()
+    binary.write_text(FAKE_QEMU)
+    binary.chmod(binary.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("VZKIT_QEMU_X86_64", str(binary))
+    monkeypatch.setenv("VZKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("VZKIT_QEMU_ACCEL", raising=False)
+    monkeypatch.setattr(_discover, "_kvm_usable", lambda: True)
+    monkeypatch.setattr(_discover, "host_arch", lambda: Arch.X86_64)
+    monkeypatch.setattr(_discover.sys, "platform", "linux")
+    monkeypatch.setattr(_discover, "PROBE_TIMEOUT_S", 1.0)
+    _discover.accelerators.cache_clear()
+    return binary
+
+
+def _runs(binary: Path) -> int:
+    runs = binary.parent / "runs"
+    return len(runs.read_text().splitlines()) if runs.exists() else 0
+
+
+def test_kvm_that_hangs_falls_back_to_tcg_and_is_remembered(
+    fake_qemu: Path, tmp_path: Path
+) -> None:
+    (fake_qemu.parent / "mode").write_text("hangs")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "", kernel) == "tcg"
+    assert _runs(fake_qemu) == 1
+    assert _discover.cached_kvm_probe(fake_qemu) is False
+    # The verdict is cached: no second probe.
+    assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "", kernel) == "tcg"
+    assert _runs(fake_qemu) == 1
+
+
+def test_kvm_that_boots_is_used(fake_qemu: Path, tmp_path: Path) -> None:
+    (fake_qemu.parent / "mode").write_text("works")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "", kernel) == "kvm"
+    assert _discover.cached_kvm_probe(fake_qemu) is True
+
+
+def test_without_a_kernel_to_probe_with_tcg_is_used_and_nothing_cached(fake_qemu: Path) -> None:
+    (fake_qemu.parent / "mode").write_text("works")
+    assert _discover.select_accelerator(fake_qemu, Arch.X86_64) == "tcg"
+    assert _runs(fake_qemu) == 0
+    assert _discover.cached_kvm_probe(fake_qemu) is None
+
+
+def test_foreign_guest_arch_always_uses_tcg(fake_qemu: Path, tmp_path: Path) -> None:
+    (fake_qemu.parent / "mode").write_text("works")
+    assert _discover.select_accelerator(fake_qemu, Arch.AARCH64, "", tmp_path) == "tcg"
+    assert _runs(fake_qemu) == 0
+
+
+def test_explicit_accelerator_wins_and_is_checked(
+    fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "kvm") == "kvm"
+    monkeypatch.setenv("VZKIT_QEMU_ACCEL", "tcg")
+    assert _discover.select_accelerator(fake_qemu, Arch.X86_64) == "tcg"
+    with pytest.raises(ConfigError, match=r"accelerator 'hvf' is not offered .* kvm, tcg"):
+        _discover.select_accelerator(fake_qemu, Arch.X86_64, "hvf")
+
+
+def test_binary_override_must_be_executable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VZKIT_QEMU_AARCH64", str(tmp_path / "nope"))
+    with pytest.raises(BackendUnavailableError, match="is not an executable"):
+        _discover.find_qemu(Arch.AARCH64)
+
+
+def test_missing_firmware_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_discover, "_FIRMWARE_CANDIDATES", {Arch.X86_64: [], Arch.AARCH64: []})
+    monkeypatch.delenv("VZKIT_EFI_CODE", raising=False)
+    with pytest.raises(BackendUnavailableError, match="apt-get install ovmf"):
+        _discover.find_firmware(Arch.X86_64)
