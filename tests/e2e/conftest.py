@@ -41,6 +41,20 @@ class GuestShell:
         tty.setraw(self.fd)
         self.buffer = b""
         self.seq = 0
+        self.sync()
+
+    def sync(self, timeout: float = 60) -> None:
+        """Wait until the guest shell answers: input sent before it reads may be dropped."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.seq += 1
+            self.send(f"printf '@@%s@@\\n' S{self.seq}\n")
+            try:
+                self.read_until(f"@@S{self.seq}@@".encode(), timeout=1.0)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise
 
     def close(self) -> None:
         os.close(self.fd)

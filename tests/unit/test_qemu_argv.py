@@ -140,15 +140,57 @@ def test_pty_console_keeps_a_log(files: dict[str, Path]) -> None:
     assert _opt(argv, "-chardev")[1] == "pty,id=con0,logfile=/l,,og,logappend=on"
 
 
-@pytest.mark.parametrize("mode", ["bridged:eth0", "vmnet", "host-only"])
-def test_unsupported_network_modes_raise_with_a_sentence(files: dict[str, Path], mode: str) -> None:
+@pytest.mark.parametrize(
+    ("spec", "host_os", "netdev"),
+    [
+        ("nat", "linux", "user,id=net0"),
+        ("nat", "darwin", "user,id=net0"),
+        ("host-only", "linux", "user,id=net0,restrict=on"),
+        ("host-only", "darwin", "vmnet-host,id=net0"),
+        ("vmnet", "darwin", "vmnet-shared,id=net0"),
+        ("bridged:br0", "linux", "bridge,id=net0,br=br0"),
+        ("bridged:en0", "darwin", "vmnet-bridged,id=net0,ifname=en0"),
+    ],
+)
+def test_network_modes_map_to_what_qemu_offers(
+    files: dict[str, Path], spec: str, host_os: str, netdev: str
+) -> None:
     cfg = vzkit.LinuxVMConfig(
-        arch="x86_64", kernel_path=files["vmlinuz"], network=vzkit.parse_network_mode(mode)
+        arch="x86_64", kernel_path=files["vmlinuz"], network=vzkit.parse_network_mode(spec)
     )
-    with pytest.raises(vzkit.UnsupportedError, match="not available on the qemu backend") as info:
-        _argv.network_args(Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3))
-    assert info.value.backend == "qemu"
-    assert info.value.feature.startswith("network:")
+    plan = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, host_os=host_os)
+    assert _argv.network_args(plan) == [
+        "-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,id=net0-dev",
+    ]  # fmt: skip
+
+
+def test_vmnet_on_linux_raises_with_a_sentence(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="x86_64", kernel_path=files["vmlinuz"], network=vzkit.parse_network_mode("vmnet")
+    )
+    plan = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, host_os="linux")
+    with pytest.raises(vzkit.UnsupportedError, match="'vmnet' needs macOS") as info:
+        _argv.network_args(plan)
+    assert (info.value.backend, info.value.feature) == ("qemu", "network:vmnet")
+
+
+def test_graphics_adds_virtio_gpu_and_vnc(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="aarch64",
+        kernel_path=files["vmlinuz"],
+        headless=False,
+        displays=(vzkit.parse_display_spec("1280x720"), vzkit.parse_display_spec("4k")),
+    )
+    plan = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vnc_socket=Path("/r,un/v.sock")
+    )
+    args = _argv.display_args(plan)
+    assert args[:4] == [
+        "-device", "virtio-gpu-pci,id=gpu0,max_outputs=2,xres=1280,yres=720",
+        "-display", "none",
+    ]  # fmt: skip
+    assert _opt(args, "-vnc") == ["unix:/r,,un/v.sock"]
+    assert "usb-kbd,bus=usb0.0" in args
 
 
 def test_efi_boot_needs_firmware_in_plan(files: dict[str, Path]) -> None:

@@ -8,6 +8,7 @@ touches the file system or spawns a process, so the argv is a pure function of t
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +44,7 @@ class Plan:
     nvram: Path | None = None
     mac_address: str = ""
     vnc_socket: Path | None = None
+    host_os: str = sys.platform
 
     @property
     def arch(self) -> Arch:
@@ -119,21 +121,43 @@ def iso_args(plan: Plan) -> list[str]:
     ]  # fmt: skip
 
 
+def netdev(mode: NetworkMode, interface: str, host_os: str) -> str | None:
+    """The ``-netdev`` for a mode on this host OS (``None``: no NIC).
+
+    nat is user-mode networking everywhere; on macOS bridged/vmnet/host-only use QEMU's vmnet
+    backends, on Linux bridged uses qemu-bridge-helper and host-only restricted user-mode
+    networking (the guest reaches nothing beyond the host-side services published to it).
+    """
+    darwin = host_os == "darwin"
+    if mode is NetworkMode.NONE:
+        return None
+    if mode is NetworkMode.NAT:
+        return "user,id=net0"
+    if mode is NetworkMode.BRIDGED:
+        if darwin:
+            return f"vmnet-bridged,id=net0,ifname={esc(interface)}"
+        return f"bridge,id=net0,br={esc(interface)}"
+    if mode is NetworkMode.HOST_ONLY:
+        return "vmnet-host,id=net0" if darwin else "user,id=net0,restrict=on"
+    if darwin:
+        return "vmnet-shared,id=net0"
+    raise UnsupportedError(
+        "network mode 'vmnet' needs macOS (QEMU's vmnet-shared); on Linux use 'nat', "
+        "'host-only' or 'bridged:IFACE'",
+        backend="qemu",
+        feature="network:vmnet",
+    )
+
+
 def network_args(plan: Plan) -> list[str]:
     net = plan.config.network
-    if net.mode is NetworkMode.NONE:
+    backend = netdev(net.mode, net.interface, plan.host_os)
+    if backend is None:
         return []
-    if net.mode is not NetworkMode.NAT:
-        raise UnsupportedError(
-            f"network mode {net.mode.value!r} is not available on the qemu backend yet; "
-            "use 'nat' or 'none'",
-            backend="qemu",
-            feature=f"network:{net.mode.value}",
-        )
     device = "virtio-net-pci,netdev=net0,id=net0-dev"
     if plan.mac_address:
         device += f",mac={plan.mac_address}"
-    return ["-netdev", "user,id=net0", "-device", device]
+    return ["-netdev", backend, "-device", device]
 
 
 def rng_args(plan: Plan) -> list[str]:
@@ -181,6 +205,9 @@ def display_args(plan: Plan) -> list[str]:
     ]  # fmt: skip
     if plan.vnc_socket is not None:
         args += ["-vnc", f"unix:{esc(plan.vnc_socket)}"]
+    if plan.arch is Arch.AARCH64:  # virt has no PS/2: give the display a keyboard and a tablet
+        args += ["-device", "usb-ehci,id=usb0", "-device", "usb-kbd,bus=usb0.0",
+                 "-device", "usb-tablet,bus=usb0.0"]  # fmt: skip
     return args
 
 

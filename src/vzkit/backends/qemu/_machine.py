@@ -18,6 +18,7 @@ import os
 import secrets
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from qemu.qmp import QMPClient, QMPError
 
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat, detect_disk_format
+from ..._network import NetworkMode
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
 from ...errors import ConfigError, UnsupportedError, VMError
@@ -39,6 +41,8 @@ log = logging.getLogger(__name__)
 MIN_BALLOON_MB = 64
 _QUIT_GRACE_S = 2.0
 _STDERR_TAIL = 2000
+#: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
+_MAX_SOCKET_DIR = 80
 
 
 def _mac_address(state_dir: Path | None) -> str:
@@ -58,6 +62,28 @@ def _mac_address(state_dir: Path | None) -> str:
     return mac
 
 
+def _check_network(cfg: LinuxVMConfig) -> None:
+    """What the argv cannot know: whether bridging is possible on this host."""
+    net = cfg.network
+    if net.mode is not NetworkMode.BRIDGED or sys.platform == "darwin":
+        return
+    if not Path(f"/sys/class/net/{net.interface}/bridge").is_dir():
+        raise UnsupportedError(
+            f"cannot bridge to {net.interface!r}: it is not a Linux bridge on this host "
+            "(create one, e.g. with 'ip link add br0 type bridge', and allow it in "
+            "/etc/qemu/bridge.conf)",
+            backend="qemu",
+            feature="network:bridged",
+        )
+    helpers = ("/usr/lib/qemu/qemu-bridge-helper", "/usr/libexec/qemu-bridge-helper")
+    if not any(os.access(h, os.X_OK) for h in helpers):
+        raise UnsupportedError(
+            "bridged networking needs qemu-bridge-helper, which was not found",
+            backend="qemu",
+            feature="network:bridged",
+        )
+
+
 class QemuMachine:
     """A :class:`~vzkit.backends.Machine` backed by a QEMU process."""
 
@@ -73,6 +99,8 @@ class QemuMachine:
         self._stopped: asyncio.Event | None = None
         self._own_state_dir = config.state_dir is None
         self._state_dir: Path | None = config.state_dir
+        self._runtime_dir: Path | None = None
+        self._own_runtime_dir = False
         self._expect_exit = False
         self._guest_shutdown = False
         self._console_pty: str | None = None
@@ -95,6 +123,25 @@ class QemuMachine:
         if self._state_dir is None:
             self._state_dir = Path(tempfile.mkdtemp(prefix="vzkit-"))
         return self._state_dir
+
+    @property
+    def runtime_dir(self) -> Path:
+        """Where sockets live: the state dir when its paths fit a Unix socket address
+        (``sun_path`` is 108 bytes on Linux, 104 on macOS), else a short private temp dir."""
+        if self._runtime_dir is None:
+            if len(os.fsencode(self.state_dir)) <= _MAX_SOCKET_DIR:
+                self._runtime_dir = self.state_dir
+            else:
+                self._runtime_dir = Path(tempfile.mkdtemp(prefix="vzkit-", dir="/tmp"))
+                self._own_runtime_dir = True
+        return self._runtime_dir
+
+    @property
+    def vnc_socket(self) -> Path | None:
+        """The VNC display's Unix socket while a VM with graphics runs."""
+        if self.config.headless or self._proc is None:
+            return None
+        return self.runtime_dir / "vnc.sock"
 
     @property
     def console_log_path(self) -> Path | None:
@@ -144,15 +191,10 @@ class QemuMachine:
             nvram = state_dir / "efi.nvram"
             if not nvram.exists():
                 shutil.copyfile(firmware.vars_template, nvram)
+        _check_network(cfg)
         disk_format = (
             detect_disk_format(cfg.disk_path) if cfg.disk_path is not None else DiskFormat.RAW
         )
-        if not cfg.headless:
-            raise UnsupportedError(
-                "graphics on the qemu backend are not available yet; set headless=True",
-                backend="qemu",
-                feature="graphics",
-            )
         return _argv.Plan(
             config=cfg,
             binary=binary,
@@ -163,6 +205,7 @@ class QemuMachine:
             firmware_code=firmware_code,
             nvram=nvram,
             mac_address=_mac_address(None if self._own_state_dir else state_dir),
+            vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
         )
 
     async def start(self) -> None:
@@ -388,6 +431,9 @@ class QemuMachine:
         finally:
             if self._state is not VMState.ERROR:
                 self._set_state(VMState.STOPPED)
+            if self._own_runtime_dir and self._runtime_dir is not None:
+                shutil.rmtree(self._runtime_dir, ignore_errors=True)
+            self._runtime_dir, self._own_runtime_dir = None, False
             if self._own_state_dir and self._state_dir is not None:
                 shutil.rmtree(self._state_dir, ignore_errors=True)
                 self._state_dir = None

@@ -1,0 +1,53 @@
+"""Devices on real guests: graphics over VNC, the NAT NIC and its stable MAC, refused modes."""
+
+from __future__ import annotations
+
+import socket
+from pathlib import Path
+
+import pytest
+
+import vzkit
+from vzkit._process import live_children
+
+from .conftest import VMFactory
+
+
+def test_graphics_serve_vnc_on_a_unix_socket(vms: VMFactory) -> None:
+    vm, shell = vms.boot("x86_64", headless=False, displays=(vzkit.parse_display_spec("720p"),))
+    machine = vm._core.machine
+    sock_path = machine.vnc_socket  # type: ignore[attr-defined]
+    assert sock_path is not None
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(10)
+        sock.connect(str(sock_path))
+        assert sock.recv(12) == b"RFB 003.008\n"
+    rc, out = shell.run("cat /sys/bus/pci/devices/*/vendor /sys/bus/pci/devices/*/device")
+    assert rc == 0
+    assert "0x1050" in out  # virtio-gpu's PCI device id
+
+
+def test_nat_nic_has_a_stable_locally_administered_mac(vms: VMFactory, tmp_path: Path) -> None:
+    state_dir = tmp_path / "vm"
+    macs = []
+    for _ in range(2):
+        vm, shell = vms.boot(
+            "x86_64", network=vzkit.NetworkConfig(vzkit.NetworkMode.NAT), state_dir=state_dir
+        )
+        rc, out = shell.run("cat /sys/class/net/eth0/address")
+        assert rc == 0, out
+        macs.append(out.strip())
+        vm.close()
+    assert macs[0] == macs[1] == (state_dir / "mac-address").read_text().strip()
+    first_octet = int(macs[0].split(":")[0], 16)
+    assert first_octet & 0x02  # locally administered
+    assert not first_octet & 0x01  # unicast
+
+
+def test_bridging_to_a_missing_bridge_is_refused_before_any_process(vms: VMFactory) -> None:
+    vm = vms.create("x86_64", network=vzkit.parse_network_mode("bridged:vzkit-nope0"))
+    before = live_children()
+    with pytest.raises(vzkit.UnsupportedError, match="not a Linux bridge"):
+        vm.start(timeout=30)
+    assert live_children() == before
+    assert vm.state is vzkit.VMState.STOPPED
