@@ -199,3 +199,23 @@ def test_efi_boot_needs_firmware_in_plan(files: dict[str, Path]) -> None:
         build_argv(
             Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, console_log=Path("/l"))
         )
+
+
+def test_machine_type_q35_by_default_microvm_on_request(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    direct = {"kernel_path": files["vmlinuz"]}
+    headless = vzkit.LinuxVMConfig(arch="x86_64", **direct)
+    graphics = vzkit.LinuxVMConfig(arch="x86_64", headless=False, **direct)
+    efi = vzkit.LinuxVMConfig(arch="x86_64", disk_path=files["disk.img"])
+    assert _argv.machine_type(vzkit.LinuxVMConfig(arch="aarch64", **direct)) == "virt"
+    assert _argv.machine_type(headless) == "q35"
+    monkeypatch.setenv("VZKIT_QEMU_MACHINE", "microvm")
+    assert _argv.machine_type(headless) == "microvm"
+    assert _argv.machine_type(graphics) == _argv.machine_type(efi) == "q35"  # need PCI/firmware
+    argv = build_argv(
+        Plan(config=headless, binary=Path("q"), accel="tcg", qmp_fd=3, console_log=Path("/l"))
+    )
+    assert _opt(argv, "-machine") == ["microvm,accel=tcg"]
+    assert "virtio-balloon-device,id=balloon0" in argv  # virtio-mmio on microvm
+    assert "virtio-rng-device,rng=rng0,id=rng0-dev" in argv

@@ -1,0 +1,172 @@
+"""The vz backend: Apple's Virtualization framework through PyObjC (macOS 12+).
+
+``import vzkit.backends.vz`` works anywhere: PyObjC is imported only when a VM is built
+(:mod:`._objc` is the one module that imports ``Virtualization``/``Foundation``/``objc``/
+``dispatch``). :data:`BACKEND` is what ``VirtualMachine(cfg, backend="vz")`` uses; the seed's
+functions and types are re-exported here under snake_case names (see ``docs/vz-parity.md``).
+"""
+
+from __future__ import annotations
+
+from ..._config import LinuxVMConfig
+from ...errors import BackendUnavailableError
+from .._protocol import BalloonInfo, Feature, StateListener
+from ._build import (
+    DEFAULT_CMDLINE,
+    DiskCaching,
+    DiskSync,
+    add_memory_balloon_device,
+    build_linux_vm_config,
+    create_block_device,
+    create_directory_share,
+    create_disk_attachment,
+    create_file_serial_console,
+    create_mac_graphics_config,
+    create_network_attachment,
+    create_network_device,
+    create_serial_console,
+    create_stdio_serial_console,
+    create_virtio_graphics_config,
+    create_virtiofs_devices,
+    validate_config,
+)
+from ._lifecycle import (
+    can_pause,
+    can_request_stop,
+    can_resume,
+    can_start,
+    can_stop,
+    create_vm,
+    get_balloon_info,
+    pause_vm,
+    request_stop_vm,
+    restore_machine_state,
+    resume_vm,
+    save_machine_state,
+    set_balloon_target,
+    start_vm,
+    stop_vm,
+    validate_save_restore_support,
+    vm_state,
+)
+from ._machine import VzMachine
+from ._nserror import (
+    NSErrorDetails,
+    NSErrorInfo,
+    extract_nserror_message,
+    format_nserror_detailed,
+    print_nserror_detailed,
+)
+from ._objc import (
+    ErrorCompletionHandler,
+    MacOSVersionError,
+    Queue,
+    availability_problem,
+    nsdata_from_bytes,
+    nsdata_to_bytes,
+    release,
+    retain,
+    run_run_loop_aggressively,
+    run_run_loop_once,
+    run_run_loop_until_done,
+)
+from ._snapshots import restore_snapshot, save_snapshot
+from ._vsock import VsockListener, VsockManager, socket_from_connection
+
+__all__ = [
+    "BACKEND",
+    "DEFAULT_CMDLINE",
+    "RUN_LOOP_RUN_FINISHED",
+    "RUN_LOOP_RUN_HANDLED_SOURCE",
+    "RUN_LOOP_RUN_STOPPED",
+    "RUN_LOOP_RUN_TIMED_OUT",
+    "BalloonInfo",
+    "DiskCaching",
+    "DiskSync",
+    "ErrorCompletionHandler",
+    "MacOSVersionError",
+    "NSErrorDetails",
+    "NSErrorInfo",
+    "Queue",
+    "VsockListener",
+    "VsockManager",
+    "VzBackend",
+    "VzMachine",
+    "add_memory_balloon_device",
+    "build_linux_vm_config",
+    "can_pause",
+    "can_request_stop",
+    "can_resume",
+    "can_start",
+    "can_stop",
+    "create_block_device",
+    "create_directory_share",
+    "create_disk_attachment",
+    "create_file_serial_console",
+    "create_mac_graphics_config",
+    "create_network_attachment",
+    "create_network_device",
+    "create_serial_console",
+    "create_stdio_serial_console",
+    "create_virtio_graphics_config",
+    "create_virtiofs_devices",
+    "create_vm",
+    "extract_nserror_message",
+    "format_nserror_detailed",
+    "get_balloon_info",
+    "nsdata_from_bytes",
+    "nsdata_to_bytes",
+    "pause_vm",
+    "print_nserror_detailed",
+    "release",
+    "request_stop_vm",
+    "restore_machine_state",
+    "restore_snapshot",
+    "resume_vm",
+    "retain",
+    "run_run_loop_aggressively",
+    "run_run_loop_once",
+    "run_run_loop_until_done",
+    "save_machine_state",
+    "save_snapshot",
+    "set_balloon_target",
+    "socket_from_connection",
+    "start_vm",
+    "stop_vm",
+    "validate_config",
+    "validate_save_restore_support",
+    "vm_state",
+]
+
+#: ``CFRunLoopRunInMode`` results (the seed's ``RunLoopRun*`` constants).
+RUN_LOOP_RUN_FINISHED = 1
+RUN_LOOP_RUN_STOPPED = 2
+RUN_LOOP_RUN_TIMED_OUT = 3
+RUN_LOOP_RUN_HANDLED_SOURCE = 4
+
+
+class VzBackend:
+    """``BACKEND``: builds :class:`VzMachine` objects; available on macOS with PyObjC."""
+
+    name = "vz"
+    features = frozenset(
+        {
+            Feature.LIFECYCLE,
+            Feature.BALLOON,
+            Feature.VSOCK,
+            Feature.SHARES,
+            Feature.SNAPSHOTS,
+            Feature.GRAPHICS,
+        }
+    )
+
+    def check_available(self) -> None:
+        problem = availability_problem()
+        if problem is not None:
+            raise BackendUnavailableError(problem)
+
+    def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> VzMachine:
+        return VzMachine(config, on_state)
+
+
+BACKEND = VzBackend()

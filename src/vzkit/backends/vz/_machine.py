@@ -1,0 +1,325 @@
+"""One ``VZVirtualMachine`` behind the :class:`~vzkit.backends.Machine` protocol.
+
+The VM lives in this process, on its own serial dispatch queue. Completion handlers and
+delegate callbacks fire on that queue; they hop onto vzkit's event loop with
+``call_soon_threadsafe`` before touching the machine's state:
+
+    STOPPED/ERROR --start--> STARTING --handler--> RUNNING <--pause/resume--> PAUSED
+    STOPPED --restore_state--> RESTORING --> PAUSED;  PAUSED --save_state--> SAVING --> PAUSED
+    running states --guest power-off (delegate)--> STOPPED;  --framework error--> ERROR
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import tempfile
+import tty
+from pathlib import Path
+from typing import Any
+
+from ..._config import ConsoleMode, LinuxVMConfig
+from ..._state import VMState
+from ...errors import ConfigError, StateError, VMError, VzkitError
+from .._protocol import BalloonInfo, StateListener
+from . import _build, _lifecycle
+from ._nserror import nserror_to_exception
+from ._objc import ErrorCompletionHandler, Queue, vm_delegate
+from ._vsock import VsockManager
+
+__all__ = ["VzMachine"]
+
+log = logging.getLogger(__name__)
+MIB = 1 << 20
+
+
+class VzMachine:
+    """A :class:`~vzkit.backends.Machine` backed by Apple's Virtualization framework."""
+
+    def __init__(self, config: LinuxVMConfig, on_state: StateListener) -> None:
+        self.config = config
+        self._on_state = on_state
+        self._state = VMState.STOPPED
+        self._own_state_dir = config.state_dir is None
+        self._state_dir: Path | None = config.state_dir
+        self._queue: Queue | None = None
+        self._vm: Any = None
+        self._vz_config: Any = None
+        self._delegate: Any = None  # the VM holds its delegate weakly
+        self._vsock: VsockManager | None = None
+        self._pty_fds: list[int] = []
+        self._console_pty: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopped: asyncio.Event | None = None
+        self.last_error: VzkitError | None = None
+
+    # -- properties ------------------------------------------------------------------------
+
+    @property
+    def state(self) -> VMState:
+        return self._state
+
+    @property
+    def pid(self) -> int | None:
+        return None  # the VM runs inside this process
+
+    @property
+    def state_dir(self) -> Path:
+        if self._state_dir is None:
+            self._state_dir = Path(tempfile.mkdtemp(prefix="vzkit-"))
+        return self._state_dir
+
+    @property
+    def console_log_path(self) -> Path | None:
+        if self.config.console is not ConsoleMode.LOG:
+            return None
+        return self.config.console_log_path or self.state_dir / "console.log"
+
+    @property
+    def console_pty(self) -> str | None:
+        return self._console_pty
+
+    @property
+    def queue(self) -> Queue | None:
+        """The VM's dispatch queue (``None`` until the VM exists)."""
+        return self._queue
+
+    @property
+    def vz_vm(self) -> Any:
+        """The ``VZVirtualMachine`` (``None`` until started or restored)."""
+        return self._vm
+
+    def _set_state(self, new: VMState) -> None:
+        old = self._state
+        if old is new:
+            return
+        self._state = new
+        try:
+            self._on_state(old, new)
+        except Exception:  # a listener's bug must not break the VM's bookkeeping
+            log.exception("state listener failed on %s -> %s", old, new)
+
+    # -- callbacks from the VM's queue -----------------------------------------------------
+
+    def _from_queue(self, fn: Any, *args: Any) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(fn, *args)
+
+    def _guest_stopped(self) -> None:
+        log.info("the guest powered off")
+        self._finish(VMState.STOPPED)
+
+    def _vm_failed(self, error: Any) -> None:
+        exc = nserror_to_exception(error, "the VM stopped with an error")
+        self.last_error = exc if isinstance(exc, VzkitError) else VMError(str(exc))
+        log.warning("%s", exc)
+        self._finish(VMState.ERROR)
+
+    def _finish(self, state: VMState) -> None:
+        self._set_state(state)
+        if self._stopped is not None:
+            self._stopped.set()
+
+    # -- building the VM -------------------------------------------------------------------
+
+    def _check_inputs(self) -> None:
+        cfg = self.config
+        for name in ("kernel_path", "initrd_path", "disk_path", "iso_path"):
+            path: Path | None = getattr(cfg, name)
+            if path is not None and not path.is_file():
+                raise ConfigError(f"{name}: {str(path)!r} does not exist")
+
+    def _open_pty(self) -> tuple[int, int]:
+        master, slave = os.openpty()
+        self._pty_fds = [master, slave]
+        tty.setraw(slave)
+        self._console_pty = os.ttyname(slave)
+        return (master, master)
+
+    def _prepare(self) -> None:
+        """Build, validate and create the VM (stopped) with its delegate."""
+        self._check_inputs()
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        console_fds = self._open_pty() if self.config.console is ConsoleMode.PTY else None
+        vz_config = _build.build_linux_vm_config(
+            self.config, state_dir=self.state_dir, console_fds=console_fds
+        )
+        _build.validate_config(vz_config)
+        queue = Queue(f"vzkit.vm.{id(self):x}")
+        vm = _lifecycle.create_vm(vz_config, queue)
+        delegate = vm_delegate(
+            lambda: self._from_queue(self._guest_stopped),
+            lambda error: self._from_queue(self._vm_failed, error),
+        )
+        queue.sync(lambda: vm.setDelegate_(delegate))
+        self._queue, self._vm, self._vz_config, self._delegate = queue, vm, vz_config, delegate
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self.last_error = None
+
+    async def _await(self, handler: ErrorCompletionHandler) -> None:
+        await handler.wait_async()
+        error = _lifecycle.handler_error(handler)
+        if error is not None:
+            raise error
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._state not in (VMState.STOPPED, VMState.ERROR):
+            raise StateError(f"cannot start a VM that is {self._state.value}")
+        self._set_state(VMState.STARTING)
+        try:
+            self._release()
+            self._prepare()
+            assert self._queue is not None
+            await self._await(_lifecycle.start_vm(self._queue, self._vm))
+        except BaseException:
+            await self._abandon()
+            raise
+        self._set_state(VMState.RUNNING)
+
+    async def restore_state(self, path: str | os.PathLike[str]) -> None:
+        """Build the VM from the config and restore its saved state; it ends PAUSED."""
+        if self._state not in (VMState.STOPPED, VMState.ERROR):
+            raise StateError(f"cannot restore into a VM that is {self._state.value}")
+        self._set_state(VMState.RESTORING)
+        try:
+            self._release()
+            self._prepare()
+            assert self._queue is not None
+            await self._await(_lifecycle.restore_machine_state(self._queue, self._vm, path))
+        except BaseException:
+            await self._abandon()
+            raise
+        self._set_state(VMState.PAUSED)
+
+    async def save_state(self, path: str | os.PathLike[str]) -> None:
+        """Write the paused VM's state to ``path`` (validated for save/restore first)."""
+        if self._state is not VMState.PAUSED:
+            raise StateError(f"only a paused VM can be saved (it is {self._state.value})")
+        queue, vm = self._require_vm()
+        _lifecycle.validate_save_restore_support(self._vz_config)
+        self._set_state(VMState.SAVING)
+        try:
+            await self._await(_lifecycle.save_machine_state(queue, vm, path))
+        finally:
+            self._set_state(VMState.PAUSED)
+
+    async def _abandon(self) -> None:
+        """Undo a failed or cancelled start/restore: force the VM off, release everything."""
+        if self._vm is not None and self._queue is not None:
+            with contextlib.suppress(Exception):
+                if _lifecycle.vm_state(self._queue, self._vm) is not VMState.STOPPED:
+                    handler = _lifecycle.stop_vm(self._queue, self._vm)
+                    await asyncio.shield(asyncio.wait_for(handler.wait_async(), 10))
+        self._release()
+        self._set_state(VMState.STOPPED)
+
+    def _require_vm(self) -> tuple[Queue, Any]:
+        if self._vm is None or self._queue is None:
+            raise VMError(f"the VM is not running (state {self._state.value})")
+        return self._queue, self._vm
+
+    async def pause(self) -> None:
+        queue, vm = self._require_vm()
+        self._set_state(VMState.PAUSING)
+        try:
+            await self._await(_lifecycle.pause_vm(queue, vm))
+        except BaseException:
+            self._set_state(_lifecycle.vm_state(queue, vm))
+            raise
+        self._set_state(VMState.PAUSED)
+
+    async def resume(self) -> None:
+        queue, vm = self._require_vm()
+        self._set_state(VMState.RESUMING)
+        try:
+            await self._await(_lifecycle.resume_vm(queue, vm))
+        except BaseException:
+            self._set_state(_lifecycle.vm_state(queue, vm))
+            raise
+        self._set_state(VMState.RUNNING)
+
+    async def request_stop(self) -> None:
+        queue, vm = self._require_vm()
+        _lifecycle.request_stop_vm(queue, vm)
+
+    async def force_stop(self) -> None:
+        if self._vm is None or self._queue is None or self._state is VMState.STOPPED:
+            return
+        queue, vm = self._queue, self._vm
+        if _lifecycle.vm_state(queue, vm) is VMState.STOPPED:
+            self._finish(VMState.STOPPED)
+            return
+        self._set_state(VMState.STOPPING)
+        handler = _lifecycle.stop_vm(queue, vm)
+        await handler.wait_async()
+        error = _lifecycle.handler_error(handler)
+        if error is not None and _lifecycle.vm_state(queue, vm) is not VMState.STOPPED:
+            self._set_state(VMState.ERROR)
+            raise error
+        self._finish(VMState.STOPPED)
+
+    async def wait_stopped(self) -> VMState:
+        if self._stopped is not None and self._state not in (VMState.STOPPED, VMState.ERROR):
+            await self._stopped.wait()
+        return self._state
+
+    # -- balloon ---------------------------------------------------------------------------
+
+    async def set_balloon_target(self, target_mb: int) -> None:
+        queue, vm = self._require_vm()
+        _lifecycle.set_balloon_target(queue, vm, target_mb * MIB / (1 << 30))
+
+    async def balloon_info(self) -> BalloonInfo:
+        if self._vm is None or self._queue is None:
+            if not self.config.balloon:
+                return BalloonInfo(False, 0.0, 0)
+            return BalloonInfo(True, self.config.memory_gb, 0)
+        return _lifecycle.get_balloon_info(self._queue, self._vm)
+
+    # -- vsock -----------------------------------------------------------------------------
+
+    @property
+    def vsock(self) -> VsockManager:
+        """The VM's vsock device (``connect``/``listen``); the VM must be running."""
+        if self._vsock is None:
+            queue, vm = self._require_vm()
+            self._vsock = VsockManager(vm, queue)
+        return self._vsock
+
+    # -- teardown --------------------------------------------------------------------------
+
+    def _release(self) -> None:
+        """Drop the VM and everything the framework may call back into, close the pty."""
+        if self._vsock is not None:
+            self._vsock.close()
+            self._vsock = None
+        self._vm = None
+        self._vz_config = None
+        self._delegate = None
+        self._queue = None
+        fds, self._pty_fds = self._pty_fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        self._console_pty = None
+
+    async def close(self) -> None:
+        try:
+            with contextlib.suppress(VzkitError):
+                await self.force_stop()
+        finally:
+            self._release()
+            if self._state is not VMState.ERROR:
+                self._set_state(VMState.STOPPED)
+            if self._stopped is not None:
+                self._stopped.set()
+            if self._own_state_dir and self._state_dir is not None:
+                shutil.rmtree(self._state_dir, ignore_errors=True)
+                self._state_dir = None

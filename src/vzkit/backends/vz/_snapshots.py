@@ -1,0 +1,105 @@
+"""The seed's ``SnapshotManager.Save``/``Restore`` for VZ: machine state in the catalogue.
+
+The catalogue (``<vm_dir>/snapshots/<name>.vmstate`` + ``<name>.json``) is vzkit's
+:class:`~vzkit.SnapshotManager`; this module writes into it. The state file is written under
+a temporary name, fsynced and renamed, then the metadata; a failure leaves an older snapshot
+of the same name intact. A running VM is paused for the save and resumed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from ..._snapshot import SnapshotManager, SnapshotMeta, check_snapshot_name, format_rfc3339
+from ..._state import VMState
+from ...errors import SnapshotError, StateError, VzkitError
+from ._lifecycle import (
+    pause_vm,
+    restore_machine_state,
+    resume_vm,
+    save_machine_state,
+    validate_save_restore_support,
+    vm_state,
+    wait_handler,
+)
+from ._objc import Queue
+
+__all__ = ["restore_snapshot", "save_snapshot"]
+
+
+def _fsync_dir(path: os.PathLike[str] | str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def save_snapshot(
+    manager: SnapshotManager,
+    queue: Queue,
+    vm: Any,
+    config: Any,
+    name: str,
+    *,
+    timeout: float | None = 300.0,
+) -> SnapshotMeta:
+    """Save the VM's state as snapshot ``name`` (running: paused, saved, resumed)."""
+    check_snapshot_name(name)
+    state = vm_state(queue, vm)
+    if state not in (VMState.RUNNING, VMState.PAUSED):
+        raise StateError(f"cannot save a VM that is {state.value} (running or paused needed)")
+    validate_save_restore_support(config)
+    manager.snapshot_dir.mkdir(parents=True, exist_ok=True)
+    target = manager.state_path(name)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    was_running = state is VMState.RUNNING
+    if was_running:
+        wait_handler(pause_vm(queue, vm), timeout)
+    try:
+        try:
+            wait_handler(save_machine_state(queue, vm, tmp), timeout)
+        except VzkitError as err:
+            raise SnapshotError(f"saving snapshot {name!r} failed: {err}") from err
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+        meta = {
+            "name": name,
+            "created": format_rfc3339(datetime.now(UTC)),
+            "size": target.stat().st_size,
+            "vmState": state.value,
+            "filePath": str(target),
+            "backend": "vz",
+        }
+        meta_tmp = tmp.with_suffix(".json-tmp")
+        meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        os.replace(meta_tmp, manager.meta_path(name))
+        _fsync_dir(manager.snapshot_dir)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if was_running:
+            wait_handler(resume_vm(queue, vm), timeout)
+    return manager.get(name)
+
+
+def restore_snapshot(
+    manager: SnapshotManager, queue: Queue, vm: Any, name: str, *, timeout: float | None = 300.0
+) -> None:
+    """Restore snapshot ``name`` into a stopped VM built from the identical configuration
+    (share paths included); the VM ends paused."""
+    state = vm_state(queue, vm)
+    if state is not VMState.STOPPED:
+        raise StateError(f"restore needs a stopped VM (it is {state.value})")
+    meta = manager.get(name)
+    try:
+        wait_handler(restore_machine_state(queue, vm, meta.file_path), timeout)
+    except SnapshotError:
+        raise
+    except VzkitError as err:
+        raise SnapshotError(f"restoring snapshot {name!r} failed: {err}") from err

@@ -1,0 +1,56 @@
+"""A strict stand-in for PyObjC's ``Virtualization``, ``Foundation``, ``objc`` and ``dispatch``.
+
+Generated at import time from ``tests/data/apple-virtualization/api.json``: unknown
+selectors, wrong argument counts or kinds, APIs above the simulated macOS version or missing
+on the simulated architecture, ``NS_UNAVAILABLE`` initialisers, blocks of the wrong arity,
+non-``None`` ``NSError**`` arguments, VM calls off the VM's queue and Python exceptions
+escaping into "Objective-C" all raise :class:`ContractViolation` *and* are recorded, so
+the ``fake`` fixture fails the test even if the code under test swallowed the error.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from ._behaviors import guest_connect, guest_power_off, state_name, vm_crash
+from ._dispatch import FakeQueue, current_queue
+from ._runtime import ContractViolation, FakeRuntime, ObjCError, UnknownSelector
+from ._spec import load_api, load_raw
+
+__all__ = [
+    "MODULE_NAMES",
+    "ContractViolation",
+    "FakeQueue",
+    "FakeRuntime",
+    "ObjCError",
+    "UnknownSelector",
+    "current_queue",
+    "guest_connect",
+    "guest_power_off",
+    "installed",
+    "load_api",
+    "load_raw",
+    "state_name",
+    "vm_crash",
+]
+
+MODULE_NAMES = ("Virtualization", "Foundation", "objc", "dispatch")
+
+
+@contextmanager
+def installed(rt: FakeRuntime) -> Iterator[FakeRuntime]:
+    """Put the runtime's modules in ``sys.modules`` for the duration; restore afterwards."""
+    saved: dict[str, Any] = {name: sys.modules.get(name) for name in MODULE_NAMES}
+    sys.modules.update(rt.modules)
+    try:
+        yield rt
+    finally:
+        rt.close()
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module

@@ -1,0 +1,758 @@
+"""The strict Objective-C object model behind the stand-in modules.
+
+Every class is generated from the API data. A message is accepted only when the selector
+exists on the receiver's class chain, the simulated macOS version and architecture have it,
+the argument count and kinds match, blocks are callables of the block's arity, ``NSError**``
+out-parameters are passed as ``None`` (the result is then ``(value, error)``), the receiver
+was initialised by a designated initializer (``NS_UNAVAILABLE`` ``-init``/``+new`` refused),
+and objects owned by a ``VZVirtualMachine`` are used on that VM's queue.
+
+Every violation is recorded on the runtime *and* raised, so a violation that the code under
+test swallows (say, in a completion handler) still fails the test at teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import threading
+import types
+import weakref
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._dispatch import FakeQueue, current_queue
+from ._spec import Api, ClassSpec, MethodSpec, Version, fmt_version, load_api, parse_version
+
+__all__ = ["ContractViolation", "FakeRuntime", "ObjCError", "UnknownSelector"]
+
+
+class ContractViolation(AssertionError):
+    """The code under test broke Apple's API contract (as PyObjC would enforce or crash on)."""
+
+
+class UnknownSelector(ContractViolation, AttributeError):
+    """No such selector / class / function here (wrong name, arity, OS version or arch)."""
+
+
+class ObjCError(Exception):
+    """``objc.error``: an Objective-C exception surfaced in Python."""
+
+
+_INT_BITS = {
+    "NSInteger": (True, 64),
+    "NSUInteger": (False, 64),
+    "uint64_t": (False, 64),
+    "uint32_t": (False, 32),
+    "uint16_t": (False, 16),
+    "uint8_t": (False, 8),
+    "int": (True, 32),
+    "size_t": (False, 64),
+}
+_FLOATS = frozenset({"NSTimeInterval", "double", "float", "CGFloat"})
+
+
+@dataclass
+class Fk:
+    """Per-instance bookkeeping of the stand-in (never visible through the API)."""
+
+    initialized: bool = False
+    props: dict[str, Any] = field(default_factory=dict)
+    init_call: tuple[str, tuple[Any, ...]] | None = None
+    queue: FakeQueue | None = None  # the VM queue this object must be used on
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Knobs:
+    """What the simulated host answers (changed by tests)."""
+
+    def __init__(self) -> None:
+        self.vm_supported = True
+        self.entitled = True
+        self.nested_supported = True
+        self.min_memory = 128 << 20
+        self.max_memory = 64 << 30
+        self.min_cpus = 1
+        self.max_cpus = 10
+        self.bridge_interfaces: tuple[str, ...] = ("en0", "en1")
+        self.guest_honours_request_stop = True
+        self.save_restore_supported = True
+        self.hang: set[str] = set()  # selectors whose completion handler never fires
+        self.op_delay = 0.0  # seconds before a lifecycle completion handler fires
+
+
+def _lower_first(text: str) -> str:
+    return text[:1].lower() + text[1:]
+
+
+class StrictModule(types.ModuleType):
+    """A module whose unknown attributes are contract violations."""
+
+    def __init__(self, name: str, rt: FakeRuntime) -> None:
+        super().__init__(name)
+        self.__dict__["_fk_rt"] = rt
+        self.__dict__["_fk_missing"] = {}
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        rt: FakeRuntime = self.__dict__["_fk_rt"]
+        why = self.__dict__["_fk_missing"].get(name, "does not exist")
+        raise rt.unknown(f"{self.__name__}.{name} {why}")
+
+
+class ObjCMeta(type):
+    """Metaclass of every stand-in class: class methods and class properties by selector."""
+
+    _fk_rt: FakeRuntime
+    _fk_spec: ClassSpec
+
+    def __init__(cls, name: str, bases: tuple[type, ...], ns: dict[str, Any]) -> None:
+        super().__init__(name, bases, ns)
+        if "_fk_spec" in ns:
+            return
+        # A Python subclass (a delegate): PyObjC derives selectors from method names.
+        rt = cls._fk_rt
+        if name in rt.python_classes:
+            raise ObjCError(f"{name!r} is overriding an existing Objective-C class")
+        rt.python_classes.add(name)
+        type.__setattr__(cls, "_fk_python", True)
+        for attr, value in ns.items():
+            if attr.startswith("__") or not inspect.isfunction(value):
+                continue
+            if getattr(value, "_fk_python_method", False):
+                continue
+            params = list(inspect.signature(value).parameters.values())[1:]
+            colons = attr.count("_")
+            if len(params) != colons:
+                raise rt.violation(
+                    f"objc.BadPrototypeError: {name}.{attr} is selector "
+                    f"{attr.replace('_', ':')!r} with {colons} argument(s) but the Python "
+                    f"method takes {len(params)} (use @objc.python_method for helpers)"
+                )
+            for proto in rt.api.protocols.values():
+                spec = proto.get(attr)
+                if spec is not None and len(spec.args) != len(params):
+                    raise rt.violation(f"{name}.{attr} does not match {spec.selector}")
+
+    def __getattr__(cls, name: str) -> Any:
+        if name.startswith(("__", "_fk")):
+            raise AttributeError(name)
+        return cls._fk_rt.resolve(cls, name, is_class=True)
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        raise cls._fk_rt.violation(
+            f"{cls.__name__}(...) called directly; build Objective-C objects with "
+            "alloc().init...() (keyword constructors are not used by vzkit)"
+        )
+
+
+class FakeObject:
+    """Base of the generated ``NSObject``."""
+
+    _fk: Fk
+    _fk_rt: FakeRuntime
+    _fk_python = False
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith(("__", "_fk")):
+            raise AttributeError(name)
+        return self._fk_rt.resolve(self, name, is_class=False)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if not type(self)._fk_python:
+            raise self._fk_rt.violation(
+                f"cannot set Python attribute {name!r} on a {type(self).__name__} instance"
+            )
+        object.__setattr__(self, name, value)
+
+    def __repr__(self) -> str:
+        return f"<fake {type(self).__name__} {id(self):#x}>"
+
+
+class Bound:
+    """A selector bound to its receiver; calling it sends the message."""
+
+    __slots__ = ("receiver", "spec")
+
+    def __init__(self, receiver: Any, spec: MethodSpec) -> None:
+        self.receiver = receiver
+        self.spec = spec
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        rt: FakeRuntime = self.receiver._fk_rt
+        return rt.invoke(self.receiver, self.spec, args, kwargs)
+
+    def __repr__(self) -> str:
+        return f"<selector {self.spec.selector} of {self.receiver!r}>"
+
+
+Behavior = Callable[["FakeRuntime", Any, MethodSpec, tuple[Any, ...]], Any]
+
+_NSOBJECT = ClassSpec(
+    name="NSObject",
+    superclass=None,
+    available=(10, 0),
+    arm64_only=False,
+    protocols=(),
+    unavailable_init=False,
+    framework="Foundation",
+)
+for _sel, _ret, _is_class in (
+    ("alloc", "instancetype", True),
+    ("new", "instancetype", True),
+    ("init", "instancetype", False),
+    ("retain", "instancetype", False),
+    ("release", "void", False),
+    ("autorelease", "instancetype", False),
+    ("copy", "instancetype", False),
+    ("description", "NSString", False),
+    ("isKindOfClass:", "BOOL", False),
+):
+    _table = _NSOBJECT.klass if _is_class else _NSOBJECT.instance
+    _table[_sel.replace(":", "_")] = MethodSpec(
+        owner="NSObject",
+        selector=_sel,
+        is_class=_is_class,
+        args=("Class",) * _sel.count(":"),
+        returns=_ret,
+        available=(10, 0),
+    )
+
+
+class FakeRuntime:
+    """One simulated macOS host: classes, modules, queues, and the violations seen."""
+
+    def __init__(
+        self,
+        api: Api | None = None,
+        *,
+        macos: str = "15.0",
+        arch: str = "arm64",
+        data: dict[str, Any] | None = None,
+    ) -> None:
+        self.api = api if api is not None else load_api(data)
+        self.macos: Version = parse_version(macos)
+        self.arch = arch
+        self.violations: list[str] = []
+        self.calls: list[MethodSpec] = []
+        self.knobs = Knobs()
+        self.queues: list[FakeQueue] = []
+        self.timers: list[threading.Timer] = []
+        self.python_classes: set[str] = set()
+        self.behaviors: dict[tuple[str, str], Behavior] = {}
+        self.failures: dict[str, list[dict[str, Any]]] = {}
+        self.guest_ports: set[int] = set()
+        self.guest_sockets: list[Any] = []
+        self.guest_peers: dict[int, list[Any]] = {}  # port -> guest ends of host connects
+        self.vms: list[Any] = []
+        self.lock = threading.RLock()
+        self.main_queue = FakeQueue(self, b"com.apple.main-thread", main=True)
+        self._global: FakeQueue | None = None
+        self.classes: dict[str, ObjCMeta] = {}
+        self._build_classes()
+        from . import _behaviors, _dispatch, _foundation
+
+        _behaviors.register(self)
+        self.modules: dict[str, types.ModuleType] = {
+            "Virtualization": self._virtualization_module(),
+            "Foundation": _foundation.make_module(self),
+            "objc": self._objc_module(),
+            "dispatch": _dispatch.make_module(self),
+        }
+
+    # -- violations --------------------------------------------------------------------------
+
+    def violation(self, message: str) -> ContractViolation:
+        with self.lock:
+            self.violations.append(message)
+        return ContractViolation(message)
+
+    def unknown(self, message: str) -> UnknownSelector:
+        with self.lock:
+            self.violations.append(message)
+        return UnknownSelector(message)
+
+    def call_python(self, fn: Callable[..., Any], *args: Any, what: str) -> Any:
+        """Call Python code from "Objective-C": an exception escaping it is a violation."""
+        try:
+            return fn(*args)
+        except BaseException as err:
+            self.violation(f"a Python exception escaped {what} into Objective-C: {err!r}")
+            return None
+
+    # -- classes -----------------------------------------------------------------------------
+
+    def _build_classes(self) -> None:
+        specs = dict(self.api.classes)
+        specs["NSObject"] = _NSOBJECT
+        base = ObjCMeta(
+            "NSObject", (FakeObject,), {"_fk_spec": _NSOBJECT, "_fk_rt": self, "_fk_python": False}
+        )
+        self.classes["NSObject"] = base
+
+        def make(name: str) -> ObjCMeta:
+            if name in self.classes:
+                return self.classes[name]
+            spec = specs[name]
+            parent = make(spec.superclass or "NSObject") if spec.superclass in specs else base
+            cls = ObjCMeta(name, (parent,), {"_fk_spec": spec, "_fk_rt": self})
+            self.classes[name] = cls
+            return cls
+
+        for name in specs:
+            make(name)
+
+    def spec_chain(self, cls: type) -> Iterator[ClassSpec]:
+        for klass in cls.__mro__:
+            spec = klass.__dict__.get("_fk_spec")
+            if spec is not None:
+                yield spec
+
+    def exists(self, spec: ClassSpec) -> str | None:
+        """Why the class is missing on the simulated host, or ``None`` when it exists."""
+        if spec.available > self.macos:
+            return f"is macOS {fmt_version(spec.available)}+ (simulated macOS {self.version})"
+        if spec.arm64_only and self.arch != "arm64":
+            return f"is arm64-only (simulated arch {self.arch})"
+        return None
+
+    @property
+    def version(self) -> str:
+        return fmt_version(self.macos)
+
+    def resolve(self, receiver: Any, name: str, *, is_class: bool) -> Bound:
+        cls = receiver if is_class else type(receiver)
+        lookup = "init" if (is_class and name == "new") else name
+        for spec in self.spec_chain(cls):
+            table = spec.klass if (is_class and lookup != "init") else spec.instance
+            method = table.get(lookup)
+            if method is not None:
+                if name == "new":
+                    method = self.api_new(method)
+                return Bound(receiver, method)
+            if spec.unavailable_init and lookup == "init":
+                raise self.violation(
+                    f"{'+new' if name == 'new' else '-init'} is NS_UNAVAILABLE on "
+                    f"{cls.__name__} (declared by {spec.name}); use a designated initializer"
+                )
+        raise self.unknown(
+            f"{cls.__name__} has no {'class' if is_class else 'instance'} selector {name!r} "
+            f"({name.replace('_', ':')}) in the API data"
+        )
+
+    def api_new(self, init: MethodSpec) -> MethodSpec:
+        return MethodSpec(
+            owner=init.owner,
+            selector="new",
+            is_class=True,
+            args=(),
+            returns="instancetype",
+            available=init.available,
+        )
+
+    # -- objects -----------------------------------------------------------------------------
+
+    def alloc(self, cls: type) -> Any:
+        obj = object.__new__(cls)
+        object.__setattr__(obj, "_fk", Fk())
+        return obj
+
+    def make(self, name: str, **props: Any) -> Any:
+        """An initialised framework object (created by "the framework", not by the code)."""
+        obj = self.alloc(self.classes[name])
+        obj._fk.initialized = True
+        obj._fk.props.update(props)
+        return obj
+
+    def prop(self, obj: Any, name: str, default: Any = None) -> Any:
+        """Read a property's stored value without sending a message (for assertions)."""
+        return obj._fk.props.get(name, default)
+
+    # -- message sending ---------------------------------------------------------------------
+
+    def invoke(
+        self, receiver: Any, spec: MethodSpec, args: tuple[Any, ...], kw: dict[str, Any]
+    ) -> Any:
+        cls = receiver if spec.is_class else type(receiver)
+        where = f"{cls.__name__} {'+' if spec.is_class else '-'}{spec.selector}"
+        if kw:
+            raise self.violation(f"{where}: PyObjC methods take no keyword arguments ({kw})")
+        for klass in self.spec_chain(cls):
+            why = self.exists(klass)
+            if why is not None:
+                raise self.unknown(f"{where}: class {klass.name} {why}")
+        if spec.available > self.macos:
+            raise self.unknown(
+                f"{where} is macOS {fmt_version(spec.available)}+ (simulated macOS {self.version})"
+            )
+        if spec.arm64_only and self.arch != "arm64":
+            raise self.unknown(f"{where} is arm64-only (simulated arch {self.arch})")
+        n_colons = spec.selector.count(":")
+        if len(args) != len(spec.args) or len(args) != n_colons:
+            raise self.violation(
+                f"{where} takes {len(spec.args)} argument(s) ({', '.join(spec.args) or '-'}), "
+                f"got {len(args)}"
+            )
+        if not spec.is_class:
+            fk: Fk = receiver._fk
+            if spec.is_init:
+                if fk.initialized:
+                    raise self.violation(f"{where}: object is already initialised")
+            elif not fk.initialized and not receiver._fk_python:
+                raise self.violation(f"{where}: message sent to an uninitialised object")
+            # NSObject's own methods (isKindOfClass:, retain, ...) are thread-safe.
+            if fk.queue is not None and not spec.is_init and spec.owner != "NSObject":
+                here = current_queue()
+                if here is not fk.queue:
+                    raise self.violation(
+                        f"{where} called off the VM's queue {fk.queue!r} "
+                        f"(current: {here!r}, thread {threading.current_thread().name})"
+                    )
+        for index, (kind, value) in enumerate(zip(spec.args, args, strict=True)):
+            self.check_arg(where, spec, index, kind, value)
+        with self.lock:
+            self.calls.append(spec)
+        return self.dispatch(receiver, spec, args)
+
+    def check_arg(self, where: str, spec: MethodSpec, index: int, kind: str, value: Any) -> None:
+        def bad(expected: str) -> ContractViolation:
+            return self.violation(
+                f"{where}: argument {index} ({kind}) must be {expected}, got {value!r}"
+            )
+
+        blocks = dict(spec.blocks)
+        if index in blocks or kind == "block":
+            signature = blocks.get(index)
+            if signature is None:
+                raise self.violation(f"{where}: argument {index} is a block without a signature")
+            if not callable(value):
+                raise bad("a callable (block)")
+            want = len(signature) - 1
+            if not _accepts(value, want):
+                raise self.violation(
+                    f"{where}: block argument {index} has signature {signature!r} "
+                    f"(called with {want} argument(s)) but the callable takes {_describe(value)}"
+                )
+            return
+        if kind == "NSError**":
+            if index != len(spec.args) - 1 or not spec.error_out:
+                raise self.violation(f"{where}: unexpected NSError** at argument {index}")
+            if value is not None:
+                raise bad("None (PyObjC returns the NSError in a tuple)")
+            return
+        if not spec.typed or kind in ("id", "Class"):
+            return
+        if kind == "BOOL":
+            if not isinstance(value, bool):
+                raise bad("a bool")
+            return
+        if kind in _INT_BITS:
+            signed, bits = _INT_BITS[kind]
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise bad("an int")
+            lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+            if not lo <= value <= hi:
+                raise bad(f"within {lo}..{hi}")
+            return
+        if kind in _FLOATS:
+            if not isinstance(value, int | float) or isinstance(value, bool):
+                raise bad("a number")
+            return
+        if kind in self.api.enums:
+            self.check_enum(where, kind, value, bad)
+            return
+        if kind == "NSString":
+            if value is not None and not isinstance(value, str):
+                raise bad("a str")
+            return
+        if kind == "dispatch_queue_t":
+            if not isinstance(value, FakeQueue):
+                raise bad("a dispatch queue")
+            return
+        if kind.startswith("NSArray<"):
+            if not isinstance(value, list | tuple):
+                raise bad("a list or tuple")
+            element = kind[len("NSArray<") : -1]
+            cls = self.classes.get(element)
+            for item in value:
+                if cls is not None and not isinstance(item, cls):
+                    raise bad(f"a sequence of {element}")
+            return
+        if kind.startswith("NSDictionary<"):
+            if not isinstance(value, dict):
+                raise bad("a dict")
+            return
+        if kind.startswith("id<"):
+            if value is not None and not isinstance(value, self.classes["NSObject"]):
+                raise bad("an NSObject (a Python subclass of NSObject for delegates)")
+            return
+        cls = self.classes.get(kind)
+        if cls is not None:
+            if value is not None and not isinstance(value, cls):
+                raise bad(f"a {kind}")
+            return
+        # Opaque C types (ether_addr_t, vmnet_network_ref, SecCertificateRef, ...).
+        if value is None:
+            raise bad(f"a {kind}")
+
+    def check_enum(
+        self, where: str, kind: str, value: Any, bad: Callable[[str], Exception]
+    ) -> None:
+        cases = self.api.enums[kind]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise bad(f"a {kind} value")
+        if kind in self.api.option_enums:
+            mask = 0
+            for case, number in cases.items():
+                mask |= number
+                if value & number and self.api.enum_case_available.get(case, (0, 0)) > self.macos:
+                    raise self.unknown(f"{where}: {case} is newer than macOS {self.version}")
+            if value & ~mask:
+                raise bad(f"a combination of {sorted(cases)}")
+            return
+        names = [case for case, number in cases.items() if number == value]
+        if not names:
+            raise bad(f"one of {cases}")
+        avail = self.api.enum_case_available.get(names[0], (0, 0))
+        if avail > self.macos:
+            raise self.unknown(
+                f"{where}: {names[0]} is macOS {fmt_version(avail)}+ (simulated {self.version})"
+            )
+
+    def dispatch(self, receiver: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        cls = receiver if spec.is_class else type(receiver)
+        for klass in self.spec_chain(cls):
+            behavior = self.behaviors.get((klass.name, spec.selector))
+            if behavior is not None:
+                return behavior(self, receiver, spec, args)
+        return self.default_behavior(receiver, spec, args)
+
+    def default_behavior(self, receiver: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        if spec.selector == "alloc":
+            return self.alloc(receiver)
+        if spec.selector == "new":
+            obj = self.alloc(receiver)
+            obj._fk.initialized = True
+            return obj
+        if spec.is_init:
+            fk: Fk = receiver._fk
+            fk.initialized = True
+            fk.init_call = (spec.selector, args)
+            self.store_init_props(receiver, spec, args)
+            return (receiver, None) if spec.error_out else receiver
+        if spec.role == "getter":
+            store = receiver._fk.props if not spec.is_class else {}
+            return store.get(spec.prop, _default(spec.returns))
+        if spec.role == "setter":
+            value = args[0]
+            receiver._fk.props[spec.prop] = tuple(value) if isinstance(value, list) else value
+            return None
+        if spec.selector in ("retain", "autorelease", "copy"):
+            if spec.selector == "copy" and not any(
+                "NSCopying" in c.protocols for c in self.spec_chain(type(receiver))
+            ):
+                raise self.unknown(f"{type(receiver).__name__} does not adopt NSCopying")
+            return receiver
+        if spec.selector == "isKindOfClass:":
+            return isinstance(receiver, args[0])
+        result = _default(spec.returns)
+        return (result, None) if spec.error_out else result
+
+    def store_init_props(self, obj: Any, spec: MethodSpec, args: tuple[Any, ...]) -> None:
+        """``initWithURL:readOnly:`` sets the ``URL`` and ``readOnly`` properties (if any)."""
+        props: dict[str, MethodSpec] = {}
+        for klass in self.spec_chain(type(obj)):
+            for method in klass.instance.values():
+                if method.prop and method.role == "getter":
+                    props.setdefault(method.prop.lower(), method)
+        parts = spec.selector.split(":")[:-1]
+        if parts:
+            parts[0] = parts[0].removeprefix("init").removeprefix("With")
+        for part, value in zip(parts, args, strict=False):
+            method = props.get(part.lower()) or props.get(_lower_first(part).lower())
+            if method is not None and method.prop is not None:
+                obj._fk.props[method.prop] = tuple(value) if isinstance(value, list) else value
+
+    # -- failures injected by tests --------------------------------------------------------------
+
+    def fail_next(
+        self,
+        selector: str,
+        *,
+        code: int = 1,
+        description: str = "injected failure",
+        domain: str = "VZErrorDomain",
+        reason: str | None = None,
+        state_after: str | None = None,
+    ) -> None:
+        """Make the next ``selector`` call report an NSError (through its handler or tuple)."""
+        self.failures.setdefault(selector, []).append(
+            {
+                "code": code,
+                "description": description,
+                "domain": domain,
+                "reason": reason,
+                "state_after": state_after,
+            }
+        )
+
+    def take_failure(self, selector: str) -> dict[str, Any] | None:
+        with self.lock:
+            pending = self.failures.get(selector)
+            return pending.pop(0) if pending else None
+
+    def nserror(
+        self,
+        domain: str,
+        code: int,
+        description: str,
+        *,
+        reason: str | None = None,
+        suggestion: str | None = None,
+        underlying: list[Any] | None = None,
+    ) -> Any:
+        info: dict[str, Any] = {"NSLocalizedDescription": description}
+        if reason:
+            info["NSLocalizedFailureReason"] = reason
+        if suggestion:
+            info["NSLocalizedRecoverySuggestion"] = suggestion
+        if underlying:
+            info["NSUnderlyingError"] = underlying[0]
+            if len(underlying) > 1:
+                info["NSMultipleUnderlyingErrorsKey"] = tuple(underlying)
+        return self.make("NSError", domain=domain, code=code, userInfo=info)
+
+    # -- queues --------------------------------------------------------------------------------
+
+    def global_queue(self) -> FakeQueue:
+        if self._global is None:
+            self._global = FakeQueue(self, b"com.apple.root.default-qos")
+            self.queues.append(self._global)
+        return self._global
+
+    def run_on(self, q: FakeQueue, fn: Callable[[], Any]) -> Any:
+        """Test helper: run ``fn`` on ``q`` and return its result (exceptions re-raised)."""
+        box: dict[str, Any] = {}
+
+        def block() -> None:
+            try:
+                box["value"] = fn()
+            except BaseException as err:
+                box["error"] = err
+
+        q.submit(block, wait=True)
+        if "error" in box:
+            raise box["error"]
+        return box.get("value")
+
+    def settle(self, timeout: float = 2.0) -> None:
+        """Wait until every queue has run what was dispatched to it so far."""
+        for q in list(self.queues):
+            if not q.main and not q.closed:
+                q.submit(lambda: None, wait=True)
+
+    # -- modules -------------------------------------------------------------------------------
+
+    def _virtualization_module(self) -> types.ModuleType:
+        mod = StrictModule("Virtualization", self)
+        missing = mod.__dict__["_fk_missing"]
+        for name, spec in self.api.classes.items():
+            if spec.framework != "Virtualization":
+                continue
+            why = self.exists(spec)
+            if why is None:
+                setattr(mod, name, self.classes[name])
+            else:
+                missing[name] = why
+        for cases in self.api.enums.values():
+            for case, value in cases.items():
+                setattr(mod, case, value)
+        if "VZErrorDomain" in self.api.constants:
+            mod.VZErrorDomain = "VZErrorDomain"
+        return mod
+
+    def _objc_module(self) -> types.ModuleType:
+        mod = StrictModule("objc", self)
+        rt = self
+
+        def python_method(fn: Callable[..., Any]) -> Callable[..., Any]:
+            fn._fk_python_method = True  # type: ignore[attr-defined]
+            return fn
+
+        def lookUpClass(name: str) -> Any:
+            cls = rt.classes.get(name)
+            why = rt.exists(cls._fk_spec) if cls is not None else "does not exist"
+            if cls is None or why is not None:
+                raise ObjCError(f"class {name!r} {why}")
+            return cls
+
+        @contextlib.contextmanager
+        def autorelease_pool() -> Iterator[None]:
+            yield
+
+        mod.python_method = python_method
+        mod.lookUpClass = lookUpClass
+        mod.autorelease_pool = autorelease_pool
+        mod.error = ObjCError
+        mod.__version__ = "12.2"
+        return mod
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        for timer in self.timers:
+            timer.cancel()
+        for q in self.queues:
+            q.close()
+        for sock in self.guest_sockets:
+            sock.close()
+        self.guest_sockets.clear()
+        for vm in self.vms:
+            for device in vm._fk.extra.get("socket_devices", ()):
+                device._fk.extra.get("listeners", {}).clear()
+        self.vms.clear()
+
+
+def _default(returns: str) -> Any:
+    if returns == "BOOL":
+        return False
+    if returns in _INT_BITS or returns in _FLOATS:
+        return 0
+    if returns.startswith("NSArray<"):
+        return ()
+    return None
+
+
+def _accepts(fn: Callable[..., Any], n: int) -> bool:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return True
+    required = 0
+    maximum = 0
+    for p in sig.parameters.values():
+        if p.kind is p.VAR_POSITIONAL:
+            maximum = 1 << 30
+        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
+            maximum += 1
+            if p.default is p.empty:
+                required += 1
+        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
+            return False
+    return required <= n <= maximum
+
+
+def _describe(fn: Callable[..., Any]) -> str:
+    try:
+        return str(inspect.signature(fn))
+    except (TypeError, ValueError):
+        return repr(fn)
+
+
+def weak(obj: Any) -> Callable[[], Any]:
+    """A weak reference, as ObjC ``weak`` delegate properties hold."""
+    if obj is None:
+        return lambda: None
+    return weakref.ref(obj)

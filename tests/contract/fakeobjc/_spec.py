@@ -1,0 +1,235 @@
+"""The Apple API surface (``api.json``) as typed specs the stand-in enforces.
+
+Nothing here is hand-written API: every class, selector, argument kind, availability and
+block signature comes from the data file. Property accessors become getter/setter method
+specs (a read-only property has no setter, so calling one is an unknown selector).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Version = tuple[int, int]
+
+DATA_FILE = Path(__file__).resolve().parents[2] / "data" / "apple-virtualization" / "api.json"
+
+
+def parse_version(text: str) -> Version:
+    major, _, minor = text.partition(".")
+    return (int(major), int(minor or 0))
+
+
+def fmt_version(version: Version) -> str:
+    return f"{version[0]}.{version[1]}"
+
+
+def pyname(selector: str) -> str:
+    """PyObjC's method name for a selector: every ``:`` becomes ``_``."""
+    return selector.replace(":", "_")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    owner: str  # the class (or Foundation class) declaring it
+    selector: str
+    is_class: bool
+    args: tuple[str, ...]
+    returns: str
+    available: Version
+    arm64_only: bool = False
+    blocks: tuple[tuple[int, str], ...] = ()  # (argument index, PyObjC block signature)
+    error_out: bool = False
+    prop: str | None = None  # the property this accessor belongs to
+    role: str = ""  # "getter" | "setter" | ""
+    typed: bool = True  # False for Foundation entries (the data lists no argument types)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.owner, self.selector)
+
+    @property
+    def is_init(self) -> bool:
+        return not self.is_class and self.selector.startswith("init")
+
+
+@dataclass
+class ClassSpec:
+    name: str
+    superclass: str | None
+    available: Version
+    arm64_only: bool
+    protocols: tuple[str, ...]
+    unavailable_init: bool
+    instance: dict[str, MethodSpec] = field(default_factory=dict)  # PyObjC name -> spec
+    klass: dict[str, MethodSpec] = field(default_factory=dict)
+    framework: str = "Virtualization"
+
+
+@dataclass
+class Api:
+    classes: dict[str, ClassSpec]
+    enums: dict[str, dict[str, int]]
+    enum_case_available: dict[str, Version]  # case name -> version
+    option_enums: frozenset[str]
+    constants: dict[str, Any]
+    protocols: dict[str, dict[str, MethodSpec]]  # protocol -> PyObjC name -> spec
+    cf_functions: tuple[str, ...]
+    cf_constants: tuple[str, ...]
+    cf_enums: dict[str, int]
+    foundation_constants: tuple[str, ...]
+    libdispatch: tuple[str, ...]
+    raw: dict[str, Any]
+
+
+_CASES_RE = re.compile(r"^enum (\w+) \(type available macOS ([0-9.]+).*?case availability: ([^;]*)")
+
+
+def _method(owner: str, selector: str, entry: dict[str, Any], *, is_class: bool) -> MethodSpec:
+    return MethodSpec(
+        owner=owner,
+        selector=selector,
+        is_class=is_class,
+        args=tuple(entry["args"]),
+        returns=entry["returns"],
+        available=parse_version(entry["available"]),
+        arm64_only=bool(entry.get("arm64_only", False)),
+        blocks=tuple((int(b["index"]), str(b["signature"])) for b in entry.get("block_args", ())),
+        error_out=bool(entry.get("error_out", False)),
+    )
+
+
+def _class_spec(name: str, entry: dict[str, Any]) -> ClassSpec:
+    spec = ClassSpec(
+        name=name,
+        superclass=entry.get("superclass"),
+        available=parse_version(entry["available"]),
+        arm64_only=bool(entry.get("arm64_only", False)),
+        protocols=tuple(entry.get("protocols", ())),
+        unavailable_init="unavailable: +new -init" in entry.get("notes", ""),
+    )
+    for selector, m in entry.get("class_methods", {}).items():
+        spec.klass[pyname(selector)] = _method(name, selector, m, is_class=True)
+    for selector, m in entry.get("instance_methods", {}).items():
+        spec.instance[pyname(selector)] = _method(name, selector, m, is_class=False)
+    for prop, p in entry.get("properties", {}).items():
+        table = spec.klass if p.get("class_property") else spec.instance
+        avail = parse_version(p["available"])
+        getter = p.get("getter") or prop
+        table[pyname(getter)] = MethodSpec(
+            owner=name,
+            selector=getter,
+            is_class=bool(p.get("class_property")),
+            args=(),
+            returns=p["type"],
+            available=avail,
+            arm64_only=bool(p.get("arm64_only", False)),
+            prop=prop,
+            role="getter",
+        )
+        setter = p.get("setter")
+        if setter and not p.get("readonly"):
+            table[pyname(setter)] = MethodSpec(
+                owner=name,
+                selector=setter,
+                is_class=bool(p.get("class_property")),
+                args=(p["type"],),
+                returns="void",
+                available=avail,
+                arm64_only=bool(p.get("arm64_only", False)),
+                prop=prop,
+                role="setter",
+            )
+    return spec
+
+
+def _foundation_spec(name: str, entry: dict[str, Any]) -> ClassSpec:
+    spec = ClassSpec(
+        name=name,
+        superclass="NSObject",
+        available=(10, 0),
+        arm64_only=False,
+        protocols=(),
+        unavailable_init=False,
+        framework="Foundation",
+    )
+    for table, selectors, is_class in (
+        (spec.klass, entry.get("class_methods", ()), True),
+        (spec.instance, entry.get("instance_methods", ()), False),
+    ):
+        for selector in selectors:
+            n = selector.count(":")
+            error_out = selector.endswith(("Error:", "error:"))
+            available = (11, 3) if selector == "underlyingErrors" else (10, 0)
+            table[pyname(selector)] = MethodSpec(
+                owner=name,
+                selector=selector,
+                is_class=is_class,
+                args=("id",) * (n - 1) + (("NSError**",) if error_out else ("id",) * min(n, 1)),
+                returns="id",
+                available=available,
+                error_out=error_out,
+                typed=False,
+            )
+    return spec
+
+
+def load_api(data: dict[str, Any] | None = None) -> Api:
+    """Parse ``api.json`` (or an already loaded, possibly mutated, copy of it)."""
+    if data is None:
+        data = json.loads(DATA_FILE.read_text(encoding="utf-8"))
+    classes = {name: _class_spec(name, entry) for name, entry in data["classes"].items()}
+    foundation = data.get("foundation_used", {})
+    for name, entry in foundation.items():
+        if name == "CFRunLoop":
+            continue
+        classes[name] = _foundation_spec(name, entry)
+    case_available: dict[str, Version] = {}
+    option_enums = set()
+    for note in data.get("notes", ()):
+        match = _CASES_RE.match(note)
+        if match is None:
+            continue
+        for item in match[3].split(","):
+            case, _, version = item.strip().partition("=")
+            if case and version:
+                case_available[case] = parse_version(version)
+    for note in data.get("notes", ()):
+        if note.startswith("enum underlying types:"):
+            for item in note.split(":", 1)[1].split(";")[0].split(","):
+                enum_name, _, kind = item.strip().partition("=")
+                if kind == "NSUInteger" and enum_name.endswith("Options"):
+                    option_enums.add(enum_name)
+    protocols: dict[str, dict[str, MethodSpec]] = {}
+    for pname, pentry in data.get("protocols", {}).items():
+        protocols[pname] = {
+            pyname(sel): _method(pname, sel, m, is_class=False)
+            for sel, m in pentry.get("methods", {}).items()
+        }
+    cf = foundation.get("CFRunLoop", {})
+    fconst: list[str] = []
+    for entry in foundation.values():
+        fconst.extend(entry.get("constants", ()) if isinstance(entry, dict) else ())
+    return Api(
+        classes=classes,
+        enums={k: dict(v) for k, v in data.get("enums", {}).items()},
+        enum_case_available=case_available,
+        option_enums=frozenset(option_enums),
+        constants=dict(data.get("constants", {})),
+        protocols=protocols,
+        cf_functions=tuple(cf.get("functions", ())),
+        cf_constants=tuple(cf.get("constants", ())),
+        cf_enums=dict(cf.get("enums", {})),
+        foundation_constants=tuple(c for c in fconst if c not in cf.get("constants", ())),
+        libdispatch=tuple(data.get("libdispatch_used", ())),
+        raw=data,
+    )
+
+
+def load_raw() -> dict[str, Any]:
+    """A fresh, mutable copy of the vendored data (for mutation tests)."""
+    result: dict[str, Any] = json.loads(DATA_FILE.read_text(encoding="utf-8"))
+    return result

@@ -1,0 +1,400 @@
+"""The seed's VM functions through completion handlers on the VM's queue, NSErrors mapped.
+
+The stand-in VM runs every completion handler asynchronously on its queue and refuses any
+call made elsewhere, so these tests also prove each function dispatches correctly.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import vzkit
+from vzkit.backends import vz as vzb
+
+from ._support import FakeFactory
+from .fakeobjc import FakeRuntime, guest_power_off, state_name
+
+pytestmark = pytest.mark.contract
+TIMEOUT = 5.0
+
+
+@pytest.fixture
+def kernel(tmp_path: Path) -> Path:
+    path = tmp_path / "vmlinuz"
+    path.write_bytes(b"\0" * 64)
+    return path
+
+
+def make_vm(
+    tmp_path: Path, kernel: Path, **kw: Any
+) -> tuple[vzb.Queue, Any, Any, vzkit.LinuxVMConfig]:
+    cfg = vzkit.LinuxVMConfig(kernel_path=kernel, state_dir=tmp_path / "state", **kw)
+    config = vzb.build_linux_vm_config(cfg)
+    vzb.validate_config(config)
+    queue = vzb.Queue("test.vm")
+    return queue, vzb.create_vm(config, queue), config, cfg
+
+
+def finish(handler: vzb.ErrorCompletionHandler) -> Exception | None:
+    assert handler.wait(TIMEOUT), f"{handler!r} never fired"
+    from vzkit.backends.vz._lifecycle import handler_error
+
+    return handler_error(handler)
+
+
+def test_start_pause_resume_stop_through_handlers(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path
+) -> None:
+    queue, vm, _, _ = make_vm(tmp_path, kernel)
+    assert vzb.vm_state(queue, vm) is vzkit.VMState.STOPPED
+    assert vzb.can_start(queue, vm)
+    assert not vzb.can_stop(queue, vm)
+    results: list[Exception | None] = []
+    handler = vzb.start_vm(queue, vm, results.append)
+    assert finish(handler) is None
+    assert handler.done
+    assert handler.error is None
+    assert results == [None]
+    assert vzb.vm_state(queue, vm) is vzkit.VMState.RUNNING
+    assert (vzb.can_pause(queue, vm), vzb.can_stop(queue, vm)) == (True, True)
+    assert vzb.can_request_stop(queue, vm)
+    assert finish(vzb.pause_vm(queue, vm)) is None
+    assert vzb.vm_state(queue, vm) is vzkit.VMState.PAUSED
+    assert vzb.can_resume(queue, vm)
+    assert finish(vzb.resume_vm(queue, vm)) is None
+    assert finish(vzb.stop_vm(queue, vm)) is None
+    assert vzb.vm_state(queue, vm) is vzkit.VMState.STOPPED
+    history = vm._fk.extra["history"]
+    assert history == [
+        "Stopped",
+        "Starting",
+        "Running",
+        "Pausing",
+        "Paused",
+        "Resuming",
+        "Running",
+        "Stopping",
+        "Stopped",
+    ]
+
+
+def test_start_failure_reaches_the_completion_as_a_vzkit_error(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path
+) -> None:
+    queue, vm, _, _ = make_vm(tmp_path, kernel)
+    fake.fail_next(
+        "startWithCompletionHandler:",
+        code=1,
+        description="Internal Virtualization error.",
+        reason="The virtual machine failed to start.",
+    )
+    results: list[Exception | None] = []
+    error = finish(vzb.start_vm(queue, vm, results.append))
+    assert isinstance(error, vzkit.VMError)
+    assert str(error) == (
+        "start the VM: Internal Virtualization error. (The virtual machine failed to start.)"
+    )
+    assert isinstance(results[0], vzkit.VMError)
+    assert isinstance(error.__cause__, vzb.NSErrorDetails)
+    assert vzb.vm_state(queue, vm) is vzkit.VMState.STOPPED
+
+
+def test_invalid_transition_is_a_state_error(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path
+) -> None:
+    queue, vm, _, _ = make_vm(tmp_path, kernel)
+    error = finish(vzb.pause_vm(queue, vm))
+    assert isinstance(error, vzkit.StateError)
+    assert "Invalid virtual machine state transition" in str(error)
+
+
+def test_request_stop_lets_the_guest_power_off(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path
+) -> None:
+    queue, vm, _, _ = make_vm(tmp_path, kernel)
+    with pytest.raises(vzkit.StateError, match="ask the guest to stop"):
+        vzb.request_stop_vm(queue, vm)  # not running yet
+    assert finish(vzb.start_vm(queue, vm)) is None
+    vzb.request_stop_vm(queue, vm)
+    fake.settle()
+    assert vzb.vm_state(queue, vm) is vzkit.VMState.STOPPED
+
+
+def test_a_completion_callback_that_raises_stays_in_python(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    queue, vm, _, _ = make_vm(tmp_path, kernel)
+
+    def broken(error: Exception | None) -> None:
+        raise RuntimeError("callback bug")
+
+    with caplog.at_level(logging.ERROR):
+        assert finish(vzb.start_vm(queue, vm, broken)) is None
+        fake.settle()
+    assert "callback bug" in caplog.text  # logged; the stand-in saw no exception escape
+
+
+def test_balloon_target_and_info(fake: FakeRuntime, tmp_path: Path, kernel: Path) -> None:
+    queue, vm, _, _ = make_vm(tmp_path, kernel, memory_gb=2)
+    finish(vzb.start_vm(queue, vm))
+    info = vzb.get_balloon_info(queue, vm)
+    assert info == vzkit.BalloonInfo(True, 2.0, 128)
+    vzb.set_balloon_target(queue, vm, 1.2345)
+    info = vzb.get_balloon_info(queue, vm)
+    assert info.target_gb * 1024 == 1264  # 1.2345 GiB rounded down to a whole MiB
+    with pytest.raises(ValueError, match="positive"):
+        vzb.set_balloon_target(queue, vm, 0)
+
+
+def test_no_balloon_device(fake: FakeRuntime, tmp_path: Path, kernel: Path) -> None:
+    queue, vm, _, _ = make_vm(tmp_path, kernel, balloon=False)
+    assert vzb.get_balloon_info(queue, vm) == vzkit.BalloonInfo(False, 0.0, 128)
+    with pytest.raises(vzkit.UnsupportedError, match="no memory balloon"):
+        vzb.set_balloon_target(queue, vm, 0.5)
+
+
+def test_save_and_restore_machine_state(fake: FakeRuntime, tmp_path: Path, kernel: Path) -> None:
+    queue, vm, config, cfg = make_vm(tmp_path, kernel)
+    vzb.validate_save_restore_support(config)
+    finish(vzb.start_vm(queue, vm))
+    state_file = tmp_path / "vm.vzstate"
+    error = finish(vzb.save_machine_state(queue, vm, state_file))
+    assert isinstance(error, vzkit.StateError)  # must be paused first
+    finish(vzb.pause_vm(queue, vm))
+    assert finish(vzb.save_machine_state(queue, vm, state_file)) is None
+    assert state_file.is_file()
+    # Restore into a fresh VM built from the same config (same state dir: same machine id).
+    config2 = vzb.build_linux_vm_config(cfg)
+    queue2 = vzb.Queue("test.vm2")
+    vm2 = vzb.create_vm(config2, queue2)
+    assert finish(vzb.restore_machine_state(queue2, vm2, state_file)) is None
+    assert vzb.vm_state(queue2, vm2) is vzkit.VMState.PAUSED
+    # A different config (another CPU count) cannot take that state.
+    other = vzb.build_linux_vm_config(cfg.replace(cpus=4))
+    queue3 = vzb.Queue("test.vm3")
+    vm3 = vzb.create_vm(other, queue3)
+    error = finish(vzb.restore_machine_state(queue3, vm3, state_file))
+    assert isinstance(error, vzkit.SnapshotError)
+    assert "does not match" in str(error)
+
+
+def test_save_restore_support_is_checked(fake: FakeRuntime, tmp_path: Path, kernel: Path) -> None:
+    _, _, config, _ = make_vm(tmp_path, kernel)
+    fake.knobs.save_restore_supported = False
+    with pytest.raises(vzkit.UnsupportedError, match="cannot be saved"):
+        vzb.validate_save_restore_support(config)
+
+
+@pytest.mark.parametrize(
+    ("macos", "arch", "message"),
+    [
+        ("13.5", "arm64", r"needs macOS 14\.0 or later \(this is macOS 13\.5\)"),
+        ("15.0", "x86_64", r"needs Apple silicon"),
+    ],
+)
+def test_save_restore_gated_by_version_and_arch(
+    make_fake: FakeFactory, tmp_path: Path, kernel: Path, macos: str, arch: str, message: str
+) -> None:
+    make_fake(macos=macos, arch=arch)
+    arch_name = "aarch64" if arch == "arm64" else "x86_64"
+    queue, vm, config, _ = make_vm(tmp_path, kernel, arch=arch_name)
+    with pytest.raises(vzb.MacOSVersionError, match=message):
+        vzb.validate_save_restore_support(config)
+    with pytest.raises(vzb.MacOSVersionError, match=message):
+        vzb.save_machine_state(queue, vm, tmp_path / "x")
+    with pytest.raises(vzb.MacOSVersionError, match=message):
+        vzb.restore_machine_state(queue, vm, tmp_path / "x")
+
+
+def test_snapshot_save_and_restore_with_the_catalogue(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path
+) -> None:
+    queue, vm, config, cfg = make_vm(tmp_path, kernel)
+    manager = vzkit.SnapshotManager(tmp_path / "vmdir")
+    with pytest.raises(vzkit.StateError, match="cannot save a VM that is stopped"):
+        vzb.save_snapshot(manager, queue, vm, config, "s1")
+    finish(vzb.start_vm(queue, vm))
+    meta = vzb.save_snapshot(manager, queue, vm, config, "s1")
+    assert meta.name == "s1"
+    assert meta.vm_state == "running"
+    assert dict(meta.extra) == {"backend": "vz"}
+    assert vzb.vm_state(queue, vm) is vzkit.VMState.RUNNING  # paused, saved, resumed
+    assert [m.name for m in manager.list()] == ["s1"]
+    assert not [p for p in manager.snapshot_dir.iterdir() if p.name.startswith(".")]
+    queue2 = vzb.Queue("test.restore")
+    vm2 = vzb.create_vm(vzb.build_linux_vm_config(cfg), queue2)
+    vzb.restore_snapshot(manager, queue2, vm2, "s1")
+    assert vzb.vm_state(queue2, vm2) is vzkit.VMState.PAUSED
+    with pytest.raises(vzkit.StateError, match="restore needs a stopped VM"):
+        vzb.restore_snapshot(manager, queue2, vm2, "s1")
+    queue3 = vzb.Queue("test.restore3")
+    vm3 = vzb.create_vm(vzb.build_linux_vm_config(cfg), queue3)
+    with pytest.raises(vzkit.SnapshotError, match="no snapshot named 'nope'"):
+        vzb.restore_snapshot(manager, queue3, vm3, "nope")
+
+
+def test_failed_snapshot_save_leaves_nothing_and_resumes(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path
+) -> None:
+    queue, vm, config, _ = make_vm(tmp_path, kernel)
+    manager = vzkit.SnapshotManager(tmp_path / "vmdir")
+    finish(vzb.start_vm(queue, vm))
+    fake.fail_next("saveMachineStateToURL:completionHandler:", code=11, description="Disk full.")
+    with pytest.raises(vzkit.SnapshotError, match="Disk full"):
+        vzb.save_snapshot(manager, queue, vm, config, "s1")
+    assert manager.list() == []
+    assert list(manager.snapshot_dir.iterdir()) == []
+    assert vzb.vm_state(queue, vm) is vzkit.VMState.RUNNING
+
+
+# -- plumbing: queues, handlers, run loops, NSError, NSData ------------------------------------
+
+
+def test_queue_sync_returns_raises_and_reenters(fake: FakeRuntime) -> None:
+    from .fakeobjc import current_queue
+
+    queue = vzb.Queue("test.q")
+    assert queue.sync(lambda: 41 + 1) == 42
+    with pytest.raises(KeyError):
+        queue.sync(lambda: {}["missing"])
+    assert queue.sync(lambda: current_queue() is queue.queue)
+    assert queue.sync(lambda: queue.sync(lambda: "inner")) == "inner"  # no deadlock
+    assert queue.sync(queue.is_current)
+    assert not queue.is_current()
+    wrapped = vzb.Queue.wrap(queue.queue)
+    assert wrapped.queue is queue.queue
+
+
+def test_queue_async_logs_failures(fake: FakeRuntime, caplog: pytest.LogCaptureFixture) -> None:
+    queue = vzb.Queue("test.async")
+    ran = threading.Event()
+
+    def work() -> None:
+        ran.set()
+        raise ValueError("async bug")
+
+    queue.async_(work)
+    assert ran.wait(TIMEOUT)
+    fake.settle()
+    assert "async bug" in caplog.text
+
+
+def test_error_completion_handler_contract(fake: FakeRuntime) -> None:
+    handler = vzb.ErrorCompletionHandler("thing")
+    assert not handler.done
+    assert handler.error is None
+    assert handler.wait(0.01) is False
+    seen: list[object] = []
+    handler.add_done_callback(lambda h: seen.append(h.error))
+    err = fake.nserror("VZErrorDomain", 4, "Bad transition.")
+    handler.block(err)
+    handler.block(None)  # a second call is ignored, not raised
+    assert handler.wait(0)
+    assert handler.done
+    assert handler.error is err
+    assert seen == [err]
+    late: list[object] = []
+    handler.add_done_callback(lambda h: late.append(h.error))
+    assert late == [err]
+
+
+def test_run_loop_helpers_drain_the_main_queue(fake: FakeRuntime) -> None:
+    import dispatch
+
+    assert vzb.run_run_loop_once() == vzb.RUN_LOOP_RUN_TIMED_OUT
+    done: list[int] = []
+    dispatch.dispatch_async(dispatch.dispatch_get_main_queue(), lambda: done.append(1))
+    ticks: list[int] = []
+    assert vzb.run_run_loop_until_done(lambda: bool(done), lambda: ticks.append(1), timeout=5)
+    assert done == [1]
+    assert ticks
+    assert vzb.run_run_loop_until_done(lambda: False, timeout=0.02) is False
+    dispatch.dispatch_async(dispatch.dispatch_get_main_queue(), lambda: done.append(2))
+    vzb.run_run_loop_aggressively()
+    assert done == [1, 2]
+    assert vzb.run_run_loop_once() == vzb.RUN_LOOP_RUN_TIMED_OUT
+
+
+def test_nserror_helpers(fake: FakeRuntime) -> None:
+    inner = fake.nserror("NSPOSIXErrorDomain", 28, "No space left on device")
+    err = fake.nserror(
+        "VZErrorDomain",
+        11,
+        "Failed to save.",
+        reason="The disk is full.",
+        suggestion="Free some space.",
+        underlying=[inner],
+    )
+    assert vzb.extract_nserror_message(err) == "Failed to save."
+    assert vzb.extract_nserror_message(None) == ""
+    text = vzb.format_nserror_detailed(err)
+    assert text.splitlines()[:4] == [
+        "Error Domain=VZErrorDomain Code=11",
+        "  Description: Failed to save.",
+        "  Failure reason: The disk is full.",
+        "  Recovery suggestion: Free some space.",
+    ]
+    assert "  Underlying error:\n    Error Domain=NSPOSIXErrorDomain Code=28" in text
+    assert vzb.format_nserror_detailed(None) == ""
+    out = io.StringIO()
+    vzb.print_nserror_detailed(err, file=out)
+    assert out.getvalue() == text + "\n"
+
+
+@pytest.mark.parametrize(
+    ("domain", "code", "expected"),
+    [
+        ("VZErrorDomain", 2, vzkit.ConfigError),
+        ("VZErrorDomain", 3, vzkit.StateError),
+        ("VZErrorDomain", 4, vzkit.StateError),
+        ("VZErrorDomain", 5, vzkit.ConfigError),
+        ("VZErrorDomain", 10, vzkit.UnsupportedError),
+        ("VZErrorDomain", 11, vzkit.SnapshotError),
+        ("VZErrorDomain", 12, vzkit.SnapshotError),
+        ("VZErrorDomain", 1, vzkit.VMError),
+        ("NSPOSIXErrorDomain", 54, ConnectionRefusedError),
+        ("NSPOSIXErrorDomain", 61, ConnectionRefusedError),
+        ("NSCocoaErrorDomain", 260, vzkit.VMError),
+    ],
+)
+def test_nserror_mapping(fake: FakeRuntime, domain: str, code: int, expected: type) -> None:
+    from vzkit.backends.vz._nserror import nserror_to_exception
+
+    exc = nserror_to_exception(fake.nserror(domain, code, "boom"), "do it")
+    assert type(exc) is expected
+    assert "do it: boom" in str(exc)
+    assert isinstance(exc.__cause__, vzb.NSErrorDetails)
+
+
+def test_nsdata_round_trip_and_retain(fake: FakeRuntime) -> None:
+    data = vzb.nsdata_from_bytes(b"\x00vz\xff")
+    assert vzb.nsdata_to_bytes(data) == b"\x00vz\xff"
+    assert vzb.nsdata_to_bytes(vzb.nsdata_from_bytes(b"")) == b""
+    assert vzb.nsdata_to_bytes(None) == b""
+    import weakref
+
+    class Thing:
+        pass
+
+    thing = Thing()
+    ref = weakref.ref(thing)
+    assert vzb.retain(thing) is thing
+    del thing
+    assert ref() is not None
+    vzb.release(ref())
+    assert ref() is None
+
+
+def test_state_names_match_vmstate(fake: FakeRuntime, tmp_path: Path, kernel: Path) -> None:
+    queue, vm, _, _ = make_vm(tmp_path, kernel)
+    assert state_name(fake, vm) == "Stopped"
+    finish(vzb.start_vm(queue, vm))
+    guest_power_off(fake, vm)
+    fake.settle()
+    assert vzb.vm_state(queue, vm) is vzkit.VMState.STOPPED
