@@ -51,3 +51,16 @@ def test_bridging_to_a_missing_bridge_is_refused_before_any_process(vms: VMFacto
         vm.start(timeout=30)
     assert live_children() == before
     assert vm.state is vzkit.VMState.STOPPED
+
+
+def test_agent_port_reaches_the_host(vms: VMFactory) -> None:
+    vm, shell = vms.boot("x86_64")
+    rc, out = shell.run(
+        "for p in /sys/class/virtio-ports/*; do"
+        ' [ "$(cat $p/name)" = org.vzkit.agent.0 ] && echo "from-guest" > /dev/${p##*/}; done'
+    )
+    assert rc == 0, out
+    channel = vm._core.machine.agent_channel  # type: ignore[attr-defined]
+    assert channel is not None
+    channel.settimeout(10)
+    assert channel.recv(100) == b"from-guest\n"

@@ -219,3 +219,16 @@ def test_machine_type_q35_by_default_microvm_on_request(
     assert _opt(argv, "-machine") == ["microvm,accel=tcg"]
     assert "virtio-balloon-device,id=balloon0" in argv  # virtio-mmio on microvm
     assert "virtio-rng-device,rng=rng0,id=rng0-dev" in argv
+
+
+def test_agent_port_is_a_named_virtio_console_port_on_an_inherited_fd(
+    files: dict[str, Path],
+) -> None:
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"])
+    plan = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, agent_fd=9)
+    assert _argv.agent_port_args(plan) == [
+        "-device", "virtio-serial-pci,id=vser0",
+        "-chardev", "socket,id=agent0,fd=9",
+        "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.vzkit.agent.0",
+    ]  # fmt: skip
+    assert _argv.agent_port_args(Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3)) == []

@@ -39,6 +39,7 @@ class Plan:
     binary: Path
     accel: str
     qmp_fd: int
+    agent_fd: int | None = None
     console_log: Path | None = None
     disk_format: DiskFormat = DiskFormat.RAW
     firmware_code: Path | None = None
@@ -217,6 +218,20 @@ def console_args(plan: Plan) -> list[str]:
     return ["-chardev", chardev, "-serial", "chardev:con0"]
 
 
+AGENT_PORT_NAME = "org.vzkit.agent.0"
+
+
+def agent_port_args(plan: Plan) -> list[str]:
+    """A virtio console port named for the guest agent, on an inherited socket."""
+    if plan.agent_fd is None:
+        return []
+    return [
+        "-device", f"{virtio(plan, 'serial')},id=vser0",
+        "-chardev", f"socket,id=agent0,fd={plan.agent_fd}",
+        "-device", f"virtserialport,bus=vser0.0,chardev=agent0,name={AGENT_PORT_NAME}",
+    ]  # fmt: skip
+
+
 def display_args(plan: Plan) -> list[str]:
     cfg = plan.config
     if cfg.headless:
@@ -246,6 +261,7 @@ _PIECES = (
     rng_args,
     balloon_args,
     console_args,
+    agent_port_args,
     display_args,
 )
 

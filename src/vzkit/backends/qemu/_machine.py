@@ -94,6 +94,7 @@ class QemuMachine:
         self._proc: OwnedProcess | None = None
         self._qmp: QMPClient | None = None
         self._qmp_sock: socket.socket | None = None
+        self._agent_sock: socket.socket | None = None
         self._tasks: list[asyncio.Task[Any]] = []  # event watcher
         self._exit_watch: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
@@ -154,6 +155,13 @@ class QemuMachine:
         return self._console_pty
 
     @property
+    def agent_channel(self) -> socket.socket | None:
+        """The host end of the guest agent's virtio console port (``org.vzkit.agent.0``)
+        while the VMM runs. One stream per run: the machine owns it, callers must not close it.
+        """
+        return self._agent_sock
+
+    @property
     def stderr_path(self) -> Path:
         return self.state_dir / "qemu.log"
 
@@ -177,7 +185,7 @@ class QemuMachine:
             if path is not None and not path.is_file():
                 raise ConfigError(f"{name}: {str(path)!r} does not exist")
 
-    async def _plan(self, qmp_fd: int) -> _argv.Plan:
+    async def _plan(self, qmp_fd: int, agent_fd: int) -> _argv.Plan:
         cfg = self.config
         binary = _discover.find_qemu(cfg.arch)
         accel = await asyncio.to_thread(
@@ -200,6 +208,7 @@ class QemuMachine:
             binary=binary,
             accel=accel,
             qmp_fd=qmp_fd,
+            agent_fd=agent_fd,
             console_log=self.console_log_path,
             disk_format=disk_format,
             firmware_code=firmware_code,
@@ -227,9 +236,11 @@ class QemuMachine:
     async def _launch(self) -> None:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        agent_ours, agent_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._qmp_sock = ours
+        self._agent_sock = agent_ours
         try:
-            plan = await self._plan(theirs.fileno())
+            plan = await self._plan(theirs.fileno(), agent_theirs.fileno())
             self.argv = _argv.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
@@ -237,7 +248,7 @@ class QemuMachine:
                 self._proc = await spawn(
                     self.argv,
                     name=f"qemu-system-{self.config.arch.value}",
-                    pass_fds=(theirs.fileno(),),
+                    pass_fds=(theirs.fileno(), agent_theirs.fileno()),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
                     stdout=None if interactive else asyncio.subprocess.DEVNULL,
                     stderr=stderr,
@@ -245,6 +256,7 @@ class QemuMachine:
                 )
         finally:
             theirs.close()
+            agent_theirs.close()
         self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
         qmp = QMPClient(f"vzkit-{self._proc.pid}")
         self._qmp = qmp
@@ -320,9 +332,10 @@ class QemuMachine:
         if qmp is not None:
             with contextlib.suppress(Exception):
                 await qmp.disconnect()
-        sock, self._qmp_sock = self._qmp_sock, None
-        if sock is not None:
-            sock.close()
+        for sock in (self._qmp_sock, self._agent_sock):
+            if sock is not None:
+                sock.close()
+        self._qmp_sock = self._agent_sock = None
 
     async def _execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
         qmp = self._qmp
