@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any
 
 import vzkit
+from vzkit._cache import user_cache_dir
 from vzkit.backends.qemu._argv import default_cmdline
-from vzkit.backends.qemu._discover import find_qemu, user_cache_dir
+from vzkit.backends.qemu._discover import find_qemu
 from vzkit.guest import GuestImage, build_guest
 
 READY = b"VZKIT-GUEST-READY"

@@ -237,5 +237,95 @@ def snapshot_rm(vm_dir: Path, names: tuple[str, ...]) -> None:
         click.echo(f"deleted {name}")
 
 
+@main.group()
+def image() -> None:
+    """The default guest image (kernel + initramfs with the vzkit agent)."""
+
+
+@image.command("build")
+@click.option("--arch", type=click.Choice([a.value for a in Arch]), help="Default: the host's.")
+@click.option(
+    "--deb-dir",
+    type=click.Path(path_type=Path, file_okay=False, exists=True),
+    help="Use pre-downloaded .deb files instead of apt-get download.",
+)
+@click.option("--refresh", is_flag=True, help="Look for newer packages first.")
+@_handle_errors
+def image_build(arch: str | None, deb_dir: Path | None, refresh: bool) -> None:
+    """Build (or find in the cache) the default guest image."""
+    from .guest._image import default_image
+
+    built = default_image(arch, deb_dir=deb_dir, refresh=refresh)
+    click.echo(f"kernel  {built.kernel}\ninitrd  {built.initrd}\nversion {built.kernel_version}")
+
+
+@image.command("list")
+@_handle_errors
+def image_list() -> None:
+    """List cached guest images, newest first."""
+    from .guest._image import list_images
+
+    found = list_images()
+    if not found:
+        click.echo("no images (vzkit image build makes one)")
+        return
+    click.echo(f"{'IMAGE':<28} {'ARCH':<8} {'KERNEL':<22} {'INITRD':>10}")
+    for directory, img in found:
+        size = img.initrd.stat().st_size
+        click.echo(f"{directory.name:<28} {img.arch:<8} {img.kernel_version:<22} {size:>10}")
+
+
+@image.command("rm")
+@click.option("--arch", type=click.Choice([a.value for a in Arch]), help="Only this arch.")
+@_handle_errors
+def image_rm(arch: str | None) -> None:
+    """Delete cached guest images."""
+    from .guest._image import remove_images
+
+    for path in remove_images(arch=arch):
+        click.echo(f"removed {path}")
+
+
+@main.command()
+@_handle_errors
+def doctor() -> None:
+    """Say which backends can run here, with what, and why not."""
+    from .backends import KNOWN_BACKENDS, load_backend
+    from .errors import BackendUnavailableError
+
+    for name in KNOWN_BACKENDS:
+        try:
+            load_backend(name)
+        except BackendUnavailableError as err:
+            click.echo(f"{name:<5} unavailable: {err}")
+            continue
+        click.echo(f"{name:<5} available")
+        if name == "qemu":
+            _doctor_qemu()
+
+
+def _doctor_qemu() -> None:
+    from .backends.qemu import _discover
+
+    for guest in Arch:
+        try:
+            binary = _discover.find_qemu(guest)
+        except VzkitError as err:
+            click.echo(f"      {guest.value}: {err}")
+            continue
+        offered = _discover.accelerators(binary)
+        line = f"      {guest.value}: {binary} (accelerators: {', '.join(sorted(offered))}"
+        if "kvm" in offered:
+            verdict = _discover.cached_kvm_probe(binary)
+            kvm = {True: "works", False: "does not work here", None: "not probed yet"}
+            line += f"; KVM {kvm[verdict]}"
+        click.echo(line + ")")
+        try:
+            firmware = _discover.find_firmware(guest)
+            click.echo(f"      {guest.value} EFI firmware: {firmware.code}")
+        except VzkitError as err:
+            click.echo(f"      {guest.value} EFI firmware: {err}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     main()

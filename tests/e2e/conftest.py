@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 import vzkit
-from vzkit.backends.qemu._discover import user_cache_dir
+from vzkit._cache import user_cache_dir
 from vzkit.guest import GuestImage, build_guest
 
 READY = b"VZKIT-GUEST-READY"

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 import vzkit
-from vzkit.backends.qemu._discover import find_firmware, user_cache_dir
+from vzkit._cache import user_cache_dir
+from vzkit.backends.qemu._discover import find_firmware
 from vzkit.guest import DebPackage, GuestImage, apt_download
 
 from .conftest import GuestShell, VMFactory, wait_for_console

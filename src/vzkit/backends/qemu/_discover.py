@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..._cache import user_cache_dir
 from ..._process import PREEXEC, log_argv
 from ..._state import Arch, host_arch
 from ...errors import BackendUnavailableError, ConfigError
@@ -31,7 +32,6 @@ __all__ = [
     "find_firmware",
     "find_qemu",
     "select_accelerator",
-    "user_cache_dir",
 ]
 
 log = logging.getLogger(__name__)
@@ -42,17 +42,6 @@ _INSTALL_HINT = {
 }
 ENV_BINARY = "VZKIT_QEMU_{arch}"  # e.g. VZKIT_QEMU_X86_64=/opt/qemu/bin/qemu-system-x86_64
 ENV_ACCEL = "VZKIT_QEMU_ACCEL"
-
-
-def user_cache_dir() -> Path:
-    """``$VZKIT_CACHE_DIR``, else the platform's user cache dir + ``/vzkit``."""
-    env = os.environ.get("VZKIT_CACHE_DIR")
-    if env:
-        return Path(env)
-    if sys.platform == "darwin":
-        return Path.home() / "Library" / "Caches" / "vzkit"
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "vzkit"
 
 
 def find_qemu(arch: Arch) -> Path:
