@@ -9,6 +9,7 @@ imports no platform bindings; backends are loaded by name when a VM needs one.
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from ._config import MIN_MEMORY_MB, ConsoleMode, LinuxVMConfig
 from ._disk import DiskFormat, create_disk_image, detect_disk_format
@@ -72,6 +73,7 @@ __all__ = [
     "assign_volume_tags",
     "create_disk_image",
     "default_display_config",
+    "default_guest_config",
     "default_linux_display_config",
     "detect_disk_format",
     "host_arch",
@@ -79,5 +81,17 @@ __all__ = [
     "parse_network_mode",
     "parse_volume_spec",
 ]
+
+
+def default_guest_config(arch: Arch | str | None = None, **overrides: Any) -> LinuxVMConfig:
+    """A config for vzkit's default guest on ``arch`` (the host's by default).
+
+    The guest image (a Debian cloud kernel, a busybox initramfs and the vzkit agent) is built
+    and cached on first use. ``overrides`` are any :class:`LinuxVMConfig` fields.
+    """
+    from .guest._image import default_guest_config as build
+
+    return build(arch, **overrides)
+
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from types import TracebackType
 
 from ._config import LinuxVMConfig
+from ._guest import Guest
 from ._loop import run_sync
 from ._state import VMState
 from ._vmcore import VMCore
 from .backends import Backend, BalloonInfo
+from .errors import VzkitError
 
 __all__ = ["Balloon", "VirtualMachine"]
+
+log = logging.getLogger(__name__)
 
 
 class Balloon:
@@ -40,6 +45,7 @@ class VirtualMachine:
     def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
         self._core = VMCore(config, backend)
         self.balloon = Balloon(self._core)
+        self.guest = Guest(self._core)
 
     def __repr__(self) -> str:
         return f"<VirtualMachine {self.backend} {self.state.value} pid={self.pid}>"
@@ -65,12 +71,25 @@ class VirtualMachine:
         run_sync(self._core.resume(timeout))
 
     def request_stop(self) -> None:
-        """Ask the guest to power off (ACPI power button); returns without waiting."""
+        """Ask the guest to power off (power button, and the agent when connected); returns
+        without waiting."""
         run_sync(self._core.request_stop())
+        self._ask_agent_to_power_off()
 
     def stop(self, timeout: float | None = None) -> None:
         """Stop the VM: ask the guest, wait up to half of ``timeout``, then force it off."""
+        self._ask_agent_to_power_off()
         run_sync(self._core.stop(timeout))
+        self.guest.close()
+
+    def _ask_agent_to_power_off(self) -> None:
+        """Where the agent is connected, it carries the power-off request too (a guest without
+        a power button, like aarch64 ``virt`` without firmware, still shuts down cleanly)."""
+        if self.guest.connected and self.state is VMState.RUNNING:
+            try:
+                self.guest.poweroff()
+            except VzkitError as err:
+                log.debug("agent power-off request failed: %s", err)
 
     def wait(self, timeout: float | None = None) -> VMState:
         """Wait until the VM has stopped (or failed) and return the final state."""
@@ -78,6 +97,7 @@ class VirtualMachine:
 
     def close(self) -> None:
         """Force the VM off if it runs and release everything. Idempotent."""
+        self.guest.close()
         run_sync(self._core.close())
 
     def __enter__(self) -> VirtualMachine:

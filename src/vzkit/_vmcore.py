@@ -67,6 +67,7 @@ class VMCore:
         self.backend = choose_backend(backend) if isinstance(backend, str) else backend
         self.machine: Machine = self.backend.create_machine(config, self._on_state)
         self.closed = False
+        self.generation = 0  # counts successful starts; the guest agent reconnects on change
 
     def _on_state(self, old: VMState, new: VMState) -> None:
         log.info("VM %s: %s -> %s", self.backend.name, old.value, new.value)
@@ -99,6 +100,7 @@ class VMCore:
     async def start(self, timeout: float | None) -> None:
         self._require("start")
         await _within(timeout, "start", self.machine.start())
+        self.generation += 1
 
     async def pause(self, timeout: float | None) -> None:
         self._require("pause")

@@ -5,12 +5,14 @@ Library errors become exit codes here and only here.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import IO, Any, TypeVar
 
 import click
 
@@ -20,7 +22,7 @@ from ._disk import DiskFormat, create_disk_image
 from ._display import DisplayList
 from ._network import parse_network_mode
 from ._snapshot import SnapshotManager, format_rfc3339
-from ._state import Arch
+from ._state import Arch, VMState
 from ._volume import parse_volume_spec
 from .errors import ConfigError, SpecError, VzkitError
 
@@ -235,6 +237,141 @@ def snapshot_rm(vm_dir: Path, names: tuple[str, ...]) -> None:
     for name in names:
         manager.delete(name)
         click.echo(f"deleted {name}")
+
+
+#: ``vzkit run``'s own failures (the VM could not boot, ...), as ``docker run`` uses 125.
+EXIT_RUN_FAILED = 125
+
+
+def _pump(src: IO[bytes], dst: IO[bytes], close_dst: bool = False) -> None:
+    """Copy a stream until EOF, chunk by chunk (bounded memory)."""
+    try:
+        while chunk := src.read1(65536) if hasattr(src, "read1") else src.read(65536):
+            dst.write(chunk)
+            dst.flush()
+    except (OSError, ValueError, VzkitError):
+        pass
+    finally:
+        if close_dst:
+            with contextlib.suppress(OSError, ValueError, VzkitError):
+                dst.close()
+
+
+def _exit_code(returncode: int) -> int:
+    """The command's exit code, or 128+N when a signal N ended it (as shells report it)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@main.command(
+    "run", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": False}
+)
+@vm_options
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "qemu", "vz"]),
+    default="auto",
+    show_default=True,
+    help="Which hypervisor backend runs the VM.",
+)
+@click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE", help="Set a variable.")
+@click.option("-w", "--workdir", metavar="DIR", help="Working directory in the guest.")
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin even when it is a terminal.")
+@click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run_cmd(
+    command: tuple[str, ...],
+    backend: str,
+    env: tuple[str, ...],
+    workdir: str | None,
+    interactive: bool,
+    boot_timeout: float,
+    **opts: Any,
+) -> None:
+    """Boot a fresh VM, run COMMAND in it and exit with its exit code.
+
+    Uses vzkit's default guest (a Debian kernel, busybox and the vzkit agent; built on first
+    use) unless --kernel is given. Without COMMAND, the guest's console is attached to this
+    terminal. The VM is torn down afterwards, also on Ctrl-C.
+
+    \b
+      vzkit run -- uname -a
+      vzkit run --memory 1 -v .:src:ro -- sh -c 'ls /mnt/src'
+    """
+    try:
+        code = _run(command, backend, env, workdir, interactive, boot_timeout, opts)
+    except (SpecError, ConfigError) as err:
+        click.echo(f"vzkit: error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except VzkitError as err:
+        click.echo(f"vzkit: error: {err}", err=True)
+        sys.exit(EXIT_RUN_FAILED)
+    except KeyboardInterrupt:
+        click.echo("vzkit: interrupted; the VM was torn down", err=True)
+        sys.exit(130)
+    sys.exit(code)
+
+
+def _run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig:
+    changes = {k: v for k, v in opts.items() if v is not None and v != ()}
+    if interactive_console:
+        changes.setdefault("console", ConsoleMode.STDIO)
+    if changes.get("kernel_path") is not None or changes.get("config_file") is not None:
+        return build_config(**{**dict.fromkeys(opts), **changes})
+    from .guest._image import default_guest_config
+
+    graphics = changes.pop("graphics", None)
+    changes.pop("config_file", None)
+    if graphics is not None:
+        changes["headless"] = not graphics
+    return default_guest_config(changes.pop("arch", None), **changes)
+
+
+def _run(
+    command: tuple[str, ...],
+    backend: str,
+    env: tuple[str, ...],
+    workdir: str | None,
+    interactive: bool,
+    boot_timeout: float,
+    opts: dict[str, Any],
+) -> int:
+    from ._vm import VirtualMachine
+
+    environment: dict[Any, Any] | None = None  # str -> str; typed for the client's Mapping
+    if env:
+        environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+        for item in env:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise SpecError(f"--env wants NAME=VALUE, got {item!r}")
+            environment[name] = value
+    cfg = _run_config(not command, opts)
+    with VirtualMachine(cfg, backend=backend) as vm:
+        vm.start(timeout=boot_timeout)
+        if not command:  # the console is this terminal; run until the guest powers off
+            state = vm.wait()
+            return 0 if state is VMState.STOPPED else 1
+        vm.guest.wait_ready(timeout=boot_timeout)
+        forward_stdin = interactive or not sys.stdin.isatty()
+        proc = vm.guest.popen(list(command), stdin=forward_stdin, env=environment, cwd=workdir)
+        pumps = [
+            threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, sys.stderr.buffer), daemon=True),
+        ]
+        if proc.stdin is not None:
+            pumps.append(
+                threading.Thread(
+                    target=_pump, args=(sys.stdin.buffer, proc.stdin, True), daemon=True
+                )
+            )
+        for pump in pumps:
+            pump.start()
+        returncode = proc.wait()
+        for pump in pumps[:2]:
+            pump.join(timeout=30)
+        if cfg.disk_path is not None:  # let the guest flush its disk before it goes
+            vm.stop(timeout=20)
+        return _exit_code(returncode)
 
 
 @main.group()

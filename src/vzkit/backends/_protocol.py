@@ -13,6 +13,7 @@ for something it lacks raises :class:`~vzkit.errors.UnsupportedError`, never a s
 from __future__ import annotations
 
 import enum
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,6 +90,12 @@ class Machine(Protocol):
 
     async def wait_stopped(self) -> VMState:
         """Wait until the VM is STOPPED or ERROR and return which."""
+
+    async def open_agent_socket(self) -> socket.socket:
+        """A new stream to the guest agent (vsock port 1024 or its console port), caller-owned.
+
+        Only one agent connection per run is expected to be open at a time.
+        """
 
     async def set_balloon_target(self, target_mb: int) -> None: ...
 

@@ -40,6 +40,31 @@ set +f
 [ -f /etc/hostname ] && hostname -F /etc/hostname
 ip link set lo up 2>/dev/null
 
+# Networking when a NIC exists: DHCP in the background (QEMU's user-mode network and VZ's NAT
+# both serve DHCP), so a guest without a network does not wait for one.
+if [ -e /sys/class/net/eth0 ]; then
+    cat >/run/udhcpc.sh <<'EOS'
+#!/bin/sh
+case "$1" in
+    bound | renew)
+        ip addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+        : >/etc/resolv.conf
+        for server in $dns; do echo "nameserver $server" >>/etc/resolv.conf; done
+        ;;
+esac
+EOS
+    chmod 755 /run/udhcpc.sh
+    ip link set eth0 up
+    udhcpc -i eth0 -b -q -t 10 -s /run/udhcpc.sh >/dev/null 2>&1
+fi
+
+# The guest agent (vsock port 1024 and the virtio console port org.vzkit.agent.0).
+if [ -x /bin/vzkit-agent ]; then
+    /bin/vzkit-agent serve </dev/null >/dev/console 2>&1 &
+fi
+
 # The power button (ACPI on x86_64, ACPI GED on aarch64 with firmware) powers the guest off,
 # so a host's request_stop() is a clean shutdown. /run/vzkit-powerbtn.pids lists the watchers.
 for dev in /sys/class/input/input*; do

@@ -161,6 +161,12 @@ class QemuMachine:
         """
         return self._agent_sock
 
+    async def open_agent_socket(self) -> socket.socket:
+        """A duplicate of the agent port's socket: closing it leaves the VM's end open."""
+        if self._agent_sock is None:
+            raise VMError(f"the VM is not running (state {self._state.value})")
+        return self._agent_sock.dup()
+
     @property
     def stderr_path(self) -> Path:
         return self.state_dir / "qemu.log"

@@ -16,6 +16,7 @@ import contextlib
 import logging
 import os
 import shutil
+import socket
 import tempfile
 import tty
 from pathlib import Path
@@ -29,6 +30,9 @@ from . import _build, _lifecycle
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, vm_delegate
 from ._vsock import VsockManager
+
+#: The vzkit guest agent's vsock port.
+AGENT_VSOCK_PORT = 1024
 
 __all__ = ["VzMachine"]
 
@@ -292,6 +296,10 @@ class VzMachine:
             queue, vm = self._require_vm()
             self._vsock = VsockManager(vm, queue)
         return self._vsock
+
+    async def open_agent_socket(self) -> socket.socket:
+        """A vsock connection to the guest agent (port 1024); the caller owns it."""
+        return await asyncio.to_thread(self.vsock.connect, AGENT_VSOCK_PORT)
 
     # -- teardown --------------------------------------------------------------------------
 

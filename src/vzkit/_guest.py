@@ -1,0 +1,127 @@
+"""``vm.guest``: talk to the vzkit agent inside a running VM (run commands, move files).
+
+The agent listens on vsock port 1024 and on the virtio console port ``org.vzkit.agent.0``;
+the backend decides which it reaches (:meth:`vzkit.backends.Machine.open_agent_socket`). One
+connection per VM run carries every call (the protocol multiplexes channels), so calls from
+several threads at once are fine. After a restart the next call reconnects.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ._loop import run_sync
+from ._state import VMState
+from .errors import GuestError, StateError, VMTimeoutError
+
+if TYPE_CHECKING:
+    from ._vmcore import VMCore
+    from .guest._client import AgentClient, Args, GuestProcess, StrOrBytes
+
+__all__ = ["Guest"]
+
+#: How long a first call waits for the agent when no ``wait_ready`` came first.
+DEFAULT_READY_TIMEOUT = 120.0
+
+
+class Guest:
+    """The guest side of a :class:`~vzkit.VirtualMachine`, reached through the vzkit agent."""
+
+    def __init__(self, core: VMCore) -> None:
+        self._core = core
+        self._lock = threading.Lock()
+        self._client: AgentClient | None = None
+        self._generation = -1
+
+    def _connect(self, timeout: float | None) -> AgentClient:
+        from .guest._client import AgentClient
+
+        core = self._core
+        with self._lock:
+            if self._client is not None and self._generation == core.generation:
+                return self._client
+            if core.state not in (VMState.RUNNING, VMState.PAUSED):
+                raise StateError(f"the guest agent needs a running VM (it is {core.state.value})")
+            self._drop_locked()
+            sock = run_sync(core.machine.open_agent_socket())
+            try:
+                client = AgentClient(sock, timeout=timeout)
+            except TimeoutError as err:
+                raise VMTimeoutError(
+                    f"the guest agent did not answer within {timeout:g} s"
+                    if timeout is not None
+                    else "the guest agent did not answer"
+                ) from err
+            self._client, self._generation = client, core.generation
+            return client
+
+    def _drop_locked(self) -> None:
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except GuestError:
+                pass
+
+    def close(self) -> None:
+        """Close the agent connection (the VM keeps running)."""
+        with self._lock:
+            self._drop_locked()
+
+    # -- API -------------------------------------------------------------------------------
+
+    def wait_ready(self, timeout: float | None = DEFAULT_READY_TIMEOUT) -> str:
+        """Wait until the agent answers; returns its version."""
+        return self._connect(timeout).agent_version
+
+    def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+    ) -> subprocess.CompletedProcess[bytes]:
+        """Run a command in the guest like :func:`subprocess.run` (output captured).
+
+        A string is one program name, not a shell line: use ``["sh", "-c", "..."]`` for that.
+        """
+        client = self._connect(DEFAULT_READY_TIMEOUT)
+        return client.run(args, input=input, timeout=timeout, check=check, env=env, cwd=cwd)
+
+    def popen(
+        self,
+        args: Args,
+        *,
+        stdin: bool = True,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        timeout: float | None = None,
+    ) -> GuestProcess:
+        """Start a command and stream its stdin/stdout/stderr (a :class:`GuestProcess`)."""
+        client = self._connect(DEFAULT_READY_TIMEOUT)
+        return client.popen(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+
+    def read_file(self, path: StrOrBytes) -> bytes:
+        return self._connect(DEFAULT_READY_TIMEOUT).read_file(path)
+
+    def write_file(self, path: StrOrBytes, data: bytes, mode: int = 0o644) -> None:
+        """Write ``data`` to ``path`` in the guest (atomically: a temporary name, then rename)."""
+        self._connect(DEFAULT_READY_TIMEOUT).write_file(path, data, mode)
+
+    def sync(self) -> None:
+        """Flush the guest's file systems (sync(2))."""
+        self._connect(DEFAULT_READY_TIMEOUT).sync()
+
+    def poweroff(self) -> None:
+        """Ask the guest to sync and power off; returns once the agent acknowledged."""
+        self._connect(DEFAULT_READY_TIMEOUT).poweroff()
+
+    @property
+    def connected(self) -> bool:
+        return self._client is not None and self._generation == self._core.generation

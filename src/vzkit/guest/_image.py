@@ -1,0 +1,199 @@
+"""The default guest image: built on first use, cached content-addressed, rebuilt on change.
+
+An image lives in ``<cache>/images/<arch>-<key>/`` where ``key`` hashes every input: the
+.deb files (by content), the agent binary, ``/init`` and the module list, and this builder's
+format version. Same inputs, same directory; changed inputs, a new one. A build writes into a
+temporary directory next to it and renames it into place when complete, so an interrupted
+build never leaves a half image behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from .._cache import user_cache_dir
+from .._config import LinuxVMConfig
+from .._progress import Progress
+from .._state import Arch, host_arch
+from ..errors import GuestError
+from ._fetch import GuestDebs, fetch_guest_debs, find_guest_debs
+from ._initramfs import GUEST_MODULES, GuestImage, build_guest, init_script
+
+__all__ = [
+    "AGENT_GUEST_PATH",
+    "default_guest_config",
+    "default_image",
+    "image_cache_dir",
+    "list_images",
+    "remove_images",
+]
+
+#: Bump when the image layout changes in a way the inputs do not show.
+IMAGE_FORMAT = 1
+AGENT_GUEST_PATH = "/bin/vzkit-agent"
+_META = "image.json"
+
+
+def image_cache_dir(cache_dir: Path | None = None) -> Path:
+    return (cache_dir or user_cache_dir()) / "images"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _image_key(debs: GuestDebs, agent: Path) -> str:
+    inputs = {
+        "format": IMAGE_FORMAT,
+        "kernel": _sha256(debs.kernel),
+        "busybox": _sha256(debs.busybox),
+        "agent": _sha256(agent),
+        "init": hashlib.sha256(init_script()).hexdigest(),
+        "modules": list(GUEST_MODULES),
+    }
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _load(directory: Path) -> GuestImage | None:
+    try:
+        meta = json.loads((directory / _META).read_text())
+        image = GuestImage(
+            kernel=directory / meta["kernel"],
+            initrd=directory / meta["initrd"],
+            arch=meta["arch"],
+            kernel_version=meta["kernel_version"],
+            modules=list(meta["modules"]),
+            builtin_modules=list(meta.get("builtin_modules", [])),
+            missing_modules=list(meta.get("missing_modules", [])),
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not (image.kernel.is_file() and image.initrd.is_file()):
+        return None
+    return image
+
+
+@contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """One builder per cache at a time (across processes)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def default_image(
+    arch: Arch | str | None = None,
+    *,
+    cache_dir: Path | None = None,
+    deb_dir: Path | None = None,
+    refresh: bool = False,
+) -> GuestImage:
+    """The default guest (kernel + initramfs with the agent) for ``arch``, building it if needed.
+
+    Packages come from ``deb_dir`` when given, else ``apt-get download`` into the cache
+    (``refresh`` looks for newer packages). Raises :class:`GuestError` with what went wrong.
+    """
+    from ._agent_build import build_agent  # the agent toolchain is only needed to build
+
+    guest = Arch.parse(str(arch)) if arch is not None else host_arch()
+    cache = cache_dir or user_cache_dir()
+    images = image_cache_dir(cache)
+    with Progress(f"guest image ({guest.value})") as progress, _locked(images):
+        progress.step("finding packages")
+        if deb_dir is not None:
+            debs = find_guest_debs(deb_dir, guest.value)
+        else:
+            debs = fetch_guest_debs(cache / "debs" / guest.value, guest.value, refresh=refresh)
+        progress.step("building the agent")
+        agent = build_agent(guest.value, cache / "agent", cache_dir=cache / "zig")
+        key = _image_key(debs, agent)
+        target = images / f"{guest.value}-{key}"
+        existing = _load(target)
+        if existing is not None:
+            progress.step("cached")
+            return existing
+        progress.step("packing the initramfs")
+        shutil.rmtree(target, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{guest.value}-", dir=images))
+        try:
+            built = build_guest(
+                guest.value,
+                out_dir=tmp,
+                deb_dir=debs.kernel.parent,
+                extra_files={AGENT_GUEST_PATH: agent},
+            )
+            meta = asdict(built)
+            meta["kernel"] = built.kernel.name
+            meta["initrd"] = built.initrd.name
+            (tmp / _META).write_text(json.dumps(meta, indent=2))
+            os.rename(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        image = _load(target)
+        if image is None:  # pragma: no cover - we just wrote it
+            raise GuestError(f"guest image in {target} is incomplete")
+        return image
+
+
+def list_images(cache_dir: Path | None = None) -> list[tuple[Path, GuestImage]]:
+    """Complete images in the cache, newest first."""
+    images = image_cache_dir(cache_dir)
+    found = []
+    for directory in images.iterdir() if images.is_dir() else ():
+        if directory.name.startswith("."):
+            continue
+        image = _load(directory)
+        if image is not None:
+            found.append((directory, image))
+    found.sort(key=lambda item: item[0].stat().st_mtime, reverse=True)
+    return found
+
+
+def remove_images(cache_dir: Path | None = None, *, arch: str | None = None) -> list[Path]:
+    """Delete cached images (of one arch, or all) and leftovers of interrupted builds."""
+    images = image_cache_dir(cache_dir)
+    removed = []
+    with _locked(images):
+        for directory in sorted(images.iterdir()):
+            if not directory.is_dir():
+                continue
+            name = directory.name.lstrip(".")
+            if arch is not None and not name.startswith(f"{arch}-"):
+                continue
+            shutil.rmtree(directory, ignore_errors=True)
+            removed.append(directory)
+    return removed
+
+
+def default_guest_config(arch: Arch | str | None = None, **overrides: Any) -> LinuxVMConfig:
+    """A config for the default guest on ``arch`` (the host's by default).
+
+    The image is built on first use (see :func:`default_image`) unless ``kernel_path`` is
+    overridden. Defaults: 1 CPU, 0.5 GB, NAT networking, headless, console to a log file.
+    """
+    guest = Arch.parse(str(arch)) if arch is not None else host_arch()
+    settings: dict[str, Any] = {"arch": guest, "cpus": 1, "memory_gb": 0.5}
+    if "kernel_path" not in overrides:
+        image = default_image(guest)
+        settings.update(kernel_path=image.kernel, initrd_path=image.initrd, cmdline=image.cmdline())
+    settings.update(overrides)
+    return LinuxVMConfig(**settings)
