@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import sys
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -27,6 +28,8 @@ _thread: threading.Thread | None = None
 def get_loop() -> asyncio.AbstractEventLoop:
     """The shared loop, started on first use."""
     global _loop, _thread
+    if sys.is_finalizing():  # a new thread would never start: fail instead of hanging
+        raise RuntimeError("vzkit's event loop is gone: the interpreter is shutting down")
     with _lock:
         if _loop is None or _thread is None or not _thread.is_alive():
             loop = asyncio.new_event_loop()
@@ -57,7 +60,12 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     if in_loop_thread():
         coro.close()
         raise RuntimeError("vzkit's sync API cannot be called from its own event loop thread")
-    future = asyncio.run_coroutine_threadsafe(coro, get_loop())
+    try:
+        loop = get_loop()
+    except RuntimeError:
+        coro.close()
+        raise
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
     try:
         return future.result()
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import json
+import signal
 import sys
 import threading
 from collections.abc import Callable
@@ -297,6 +298,10 @@ def run_cmd(
       vzkit run -- uname -a
       vzkit run --memory 1 -v .:src:ro -- sh -c 'ls /mnt/src'
     """
+    # Ctrl-C and SIGTERM tear the VM down even when this process was started with SIGINT
+    # ignored (as shells do for background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminated)
     try:
         code = _run(command, backend, env, workdir, interactive, boot_timeout, opts)
     except (SpecError, ConfigError) as err:
@@ -308,7 +313,18 @@ def run_cmd(
     except KeyboardInterrupt:
         click.echo("vzkit: interrupted; the VM was torn down", err=True)
         sys.exit(130)
+    except _Terminated:
+        click.echo("vzkit: terminated; the VM was torn down", err=True)
+        sys.exit(128 + signal.SIGTERM)
     sys.exit(code)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so clean-up runs."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
 
 
 def _run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig:
@@ -366,7 +382,12 @@ def _run(
             )
         for pump in pumps:
             pump.start()
-        returncode = proc.wait()
+        try:
+            returncode = proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM: end the command, then the VM goes
+            with contextlib.suppress(VzkitError):
+                proc.kill()
+            raise
         for pump in pumps[:2]:
             pump.join(timeout=30)
         if cfg.disk_path is not None:  # let the guest flush its disk before it goes
