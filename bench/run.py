@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import vzkit
-from vzkit._cache import user_cache_dir
 from vzkit.backends.qemu._argv import default_cmdline
 from vzkit.backends.qemu._discover import find_qemu
-from vzkit.guest import GuestImage, build_guest
+from vzkit.guest import GuestImage
+from vzkit.guest._image import default_image
 
 READY = b"VZKIT-GUEST-READY"
 RESULTS = Path(__file__).parent / "results"
@@ -97,6 +97,60 @@ def vzkit_boot(image: GuestImage, workdir: Path) -> tuple[float, float]:
     return ready, teardown
 
 
+def agent_ready(image: GuestImage, workdir: Path) -> tuple[float, float]:
+    """VirtualMachine created → the agent answers (what every vm.guest call waits for)."""
+    cfg = vzkit.LinuxVMConfig(
+        arch=image.arch,
+        cpus=1,
+        memory_gb=0.5,
+        kernel_path=image.kernel,
+        initrd_path=image.initrd,
+        cmdline=image.cmdline(),
+        network=vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
+    )
+    t0 = time.perf_counter()
+    with vzkit.VirtualMachine(cfg, backend="qemu") as vm:
+        vm.start(timeout=120)
+        vm.guest.wait_ready(timeout=120)
+        ready = time.perf_counter() - t0
+    return ready, 0.0
+
+
+def cli_run_true(image: GuestImage, workdir: Path) -> tuple[float, float]:
+    """Wall time of a whole ``vzkit run -- true`` (Python start-up and teardown included)."""
+    argv = [sys.executable, "-m", "vzkit.cli", "run", "--arch", image.arch, "--network", "none"]
+    t0 = time.perf_counter()
+    subprocess.run([*argv, "--", "true"], check=True, stdin=subprocess.DEVNULL)
+    return time.perf_counter() - t0, 0.0
+
+
+def bench_run(arch: str, rounds: int) -> dict[str, Any]:
+    """The main job against a raw QEMU boot of the same kernel and initramfs."""
+    image = default_image(arch)
+    with tempfile.TemporaryDirectory(prefix="vzkit-bench-") as tmp:
+        work = Path(tmp)
+        cli_run_true(image, work)  # warm-up
+        res = interleaved(
+            rounds,
+            {
+                "raw": lambda: raw_qemu_boot(image, work),
+                "agent": lambda: agent_ready(image, work),
+                "run": lambda: cli_run_true(image, work),
+            },
+        )
+    raw = res["raw"]["ready_s"]
+    return {
+        "arch": arch,
+        "rounds": rounds,
+        "raw_ready_s": raw,
+        "agent_ready_s": res["agent"]["ready_s"],
+        "agent_ratio": res["agent"]["ready_s"] / raw,
+        "run_true_s": res["run"]["ready_s"],
+        "run_ratio": res["run"]["ready_s"] / raw,
+        "initramfs_bytes": image.initrd.stat().st_size,
+    }
+
+
 def interleaved(
     rounds: int, runs: dict[str, Callable[[], tuple[float, float]]]
 ) -> dict[str, dict[str, float]]:
@@ -114,8 +168,8 @@ def interleaved(
     }
 
 
-def bench_boot(arch: str, rounds: int, images: Path, debs: Path) -> dict[str, Any]:
-    image = build_guest(arch, out_dir=images / arch, cache_dir=debs / arch)
+def bench_boot(arch: str, rounds: int) -> dict[str, Any]:
+    image = default_image(arch)
     with tempfile.TemporaryDirectory(prefix="vzkit-bench-") as tmp:
         work = Path(tmp)
         # One warm-up of each so page cache and QEMU's first start don't bias round one.
@@ -145,11 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-n", "--rounds", type=int, default=5)
     args = parser.parse_args(argv)
     arches = args.arch or ["x86_64", "aarch64"]
-    cache = user_cache_dir()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="vzkit-bench-img-") as images:
-        for arch in arches:
-            rows.append(bench_boot(arch, args.rounds, Path(images), cache / "test-debs"))
+    rows = [bench_boot(arch, args.rounds) for arch in arches]
 
     print(f"{'arch':<8} {'raw ready':>10} {'vzkit ready':>12} {'ratio':>6} "
           f"{'raw down':>9} {'vzkit down':>11} {'initramfs':>10}")  # fmt: skip
@@ -158,6 +208,16 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['arch']:<8} {r['raw_ready_s']:>9.3f}s {r['vzkit_ready_s']:>11.3f}s "
             f"{r['ready_ratio']:>6.3f} {r['raw_teardown_s']:>8.3f}s "
             f"{r['vzkit_teardown_s']:>10.3f}s "
+            f"{r['initramfs_bytes'] / 1e6:>8.2f}MB"
+        )
+    runs = [bench_run(arch, args.rounds) for arch in arches]
+    print()
+    print(f"{'arch':<8} {'raw ready':>10} {'agent ready':>12} {'ratio':>6} "
+          f"{'run -- true':>12} {'ratio':>6} {'initramfs':>10}")  # fmt: skip
+    for r in runs:
+        print(
+            f"{r['arch']:<8} {r['raw_ready_s']:>9.3f}s {r['agent_ready_s']:>11.3f}s "
+            f"{r['agent_ratio']:>6.3f} {r['run_true_s']:>11.3f}s {r['run_ratio']:>6.3f} "
             f"{r['initramfs_bytes'] / 1e6:>8.2f}MB"
         )
     RESULTS.mkdir(exist_ok=True)

@@ -17,18 +17,17 @@ from typing import Any
 import pytest
 
 import vzkit
-from vzkit._cache import user_cache_dir
-from vzkit.guest import GuestImage, build_guest
+from vzkit.guest import GuestImage
+from vzkit.guest._image import default_image
 
 READY = b"VZKIT-GUEST-READY"
 ARCHES = ("x86_64", "aarch64")
 
 
 @pytest.fixture(scope="session")
-def guest_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GuestImage]:
-    out = tmp_path_factory.mktemp("guests")
-    debs = user_cache_dir() / "test-debs"
-    return {arch: build_guest(arch, out_dir=out / arch, cache_dir=debs / arch) for arch in ARCHES}
+def guest_images() -> dict[str, GuestImage]:
+    """The default guest images (built on first use, then cached like ``vzkit run`` does)."""
+    return {arch: default_image(arch) for arch in ARCHES}
 
 
 class GuestShell:
