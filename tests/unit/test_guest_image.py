@@ -9,7 +9,19 @@ import pytest
 import vzkit
 from vzkit.guest import _image, read_cpio
 
-from .test_guest_initramfs import debs as synthetic_debs  # noqa: F401  (fixture "debs")
+from .test_guest_initramfs import KVER, MODULES, make_deb, make_elf
+
+
+@pytest.fixture
+def debs(tmp_path: Path) -> Path:
+    """A kernel and busybox-static for amd64, synthetic (see test_guest_initramfs)."""
+    deb_dir = tmp_path / "debs"
+    deb_dir.mkdir()
+    files = {f"./lib/modules/{KVER}/{rel}": data for rel, data in MODULES.items()}
+    files[f"./boot/vmlinuz-{KVER}"] = b"MZ fake bzImage"
+    make_deb(deb_dir, f"linux-image-{KVER}", "6.1.1-1", "amd64", files)
+    make_deb(deb_dir, "busybox-static", "1:1.35.0-4", "amd64", {"./bin/busybox": make_elf(62)})
+    return deb_dir
 
 
 @pytest.fixture
