@@ -41,6 +41,7 @@ EXPECTED_ALL = [
     "assign_volume_tags",
     "create_disk_image",
     "default_display_config",
+    "default_guest_config",
     "default_linux_display_config",
     "detect_disk_format",
     "host_arch",
