@@ -48,7 +48,7 @@ class Guest:
             self._drop_locked()
             sock = run_sync(core.machine.open_agent_socket())
             try:
-                client = AgentClient(sock, timeout=timeout)
+                client = AgentClient(sock, timeout=timeout, resync=core.machine.agent_on_console)
             except TimeoutError as err:
                 raise VMTimeoutError(
                     f"the guest agent did not answer within {timeout:g} s"

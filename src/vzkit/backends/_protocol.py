@@ -91,6 +91,11 @@ class Machine(Protocol):
     async def wait_stopped(self) -> VMState:
         """Wait until the VM is STOPPED or ERROR and return which."""
 
+    @property
+    def agent_on_console(self) -> bool:
+        """Whether the agent socket is the VM's one console stream (vs. a fresh vsock
+        connection): a new client must then resynchronise with the agent first."""
+
     async def open_agent_socket(self) -> socket.socket:
         """A new stream to the guest agent (vsock port 1024 or its console port), caller-owned.
 

@@ -11,6 +11,15 @@ metadata and load order (:func:`read_modinfo`, :func:`resolve_modules`) and pack
 
 from __future__ import annotations
 
+from ._agent_build import AGENT_TARGETS, build_agent
+from ._client import (
+    DEFAULT_WINDOW,
+    AgentClient,
+    AgentError,
+    AsyncAgentClient,
+    AsyncGuestProcess,
+    GuestProcess,
+)
 from ._cpio import CpioEntry, CpioWriter, read_cpio
 from ._deb import DebEntry, DebPackage, compare_versions, parse_control, parse_depends
 from ._fetch import (
@@ -22,6 +31,7 @@ from ._fetch import (
     find_guest_debs,
     kernel_metapackage,
 )
+from ._image import default_guest_config, default_image, list_images, remove_images
 from ._initramfs import (
     CONSOLES,
     GUEST_MODULES,
@@ -40,35 +50,51 @@ from ._modules import (
     read_modinfo,
     resolve_modules,
 )
+from ._protocol import CONSOLE_PORT_NAME, DEFAULT_VSOCK_PORT, PROTOCOL_VERSION
 
 __all__ = [
+    "AGENT_TARGETS",
     "CONSOLES",
+    "CONSOLE_PORT_NAME",
     "DEB_ARCHES",
+    "DEFAULT_VSOCK_PORT",
+    "DEFAULT_WINDOW",
     "GUEST_MODULES",
+    "PROTOCOL_VERSION",
+    "AgentClient",
+    "AgentError",
+    "AsyncAgentClient",
+    "AsyncGuestProcess",
     "CpioEntry",
     "CpioWriter",
     "DebEntry",
     "DebPackage",
     "GuestDebs",
     "GuestImage",
+    "GuestProcess",
     "ModInfo",
     "ModulePlan",
     "apt_download",
+    "build_agent",
     "build_guest",
     "compare_versions",
     "deb_arch",
     "decompress_module",
+    "default_guest_config",
+    "default_image",
     "elf_section",
     "fetch_guest_debs",
     "find_guest_debs",
     "init_script",
     "kernel_metapackage",
+    "list_images",
     "normalize_module_name",
     "parse_control",
     "parse_depends",
     "parse_modules_builtin",
     "read_cpio",
     "read_modinfo",
+    "remove_images",
     "resolve_modules",
     "uncompress_arm64_kernel",
 ]

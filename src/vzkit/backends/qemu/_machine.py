@@ -161,6 +161,8 @@ class QemuMachine:
         """
         return self._agent_sock
 
+    agent_on_console = True
+
     async def open_agent_socket(self) -> socket.socket:
         """A duplicate of the agent port's socket: closing it leaves the VM's end open."""
         if self._agent_sock is None:

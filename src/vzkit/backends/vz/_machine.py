@@ -297,6 +297,8 @@ class VzMachine:
             self._vsock = VsockManager(vm, queue)
         return self._vsock
 
+    agent_on_console = False
+
     async def open_agent_socket(self) -> socket.socket:
         """A vsock connection to the guest agent (port 1024); the caller owns it."""
         return await asyncio.to_thread(self.vsock.connect, AGENT_VSOCK_PORT)

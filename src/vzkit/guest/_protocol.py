@@ -1,0 +1,435 @@
+"""The vzkit agent wire protocol (version 1.0), host side: frames and message payloads.
+
+``docs/agent-protocol.md`` is the specification; ``agent/agent.h`` is the guest's copy of the
+constants. Every frame is a 12-byte little-endian header — ``u32`` payload length, ``u8``
+message type, three zero bytes, ``u32`` channel — followed by at most :data:`MAX_PAYLOAD`
+payload bytes. This module is pure data and bytes: no sockets, no asyncio.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from vzkit.errors import GuestError
+
+__all__ = [
+    "CONSOLE_PORT_NAME",
+    "DEFAULT_VSOCK_PORT",
+    "HEADER",
+    "HEADER_SIZE",
+    "MAGIC",
+    "MAX_PAYLOAD",
+    "NONCE_SIZE",
+    "PROTOCOL_VERSION",
+    "RESYNC_PREAMBLE",
+    "ErrorInfo",
+    "ExecFlag",
+    "ExecRequest",
+    "ExitFlag",
+    "ExitStatus",
+    "Frame",
+    "FrameDecoder",
+    "Hello",
+    "KillRequest",
+    "MsgType",
+    "ProtocolError",
+    "ReadFileRequest",
+    "Stream",
+    "Window",
+    "WriteFileRequest",
+    "decode_file_end",
+    "decode_header",
+    "decode_hello_request",
+    "encode_file_end",
+    "encode_frame",
+    "encode_hello_request",
+    "env_entries",
+]
+
+PROTOCOL_VERSION = (1, 0)
+MAGIC = b"VZKAGENT"
+HEADER = struct.Struct("<IB3sI")
+HEADER_SIZE = HEADER.size
+MAX_PAYLOAD = 65536
+NONCE_SIZE = 16
+RESYNC_PREAMBLE = bytes(HEADER_SIZE * 5465)
+"""Zero bytes a host sends before HELLO on a stream that may hold a previous host's partial
+frame (the virtio console): they complete any frame (at most 65547 bytes) and then read as
+RESET frames. 65580 is the smallest multiple of the header size that is large enough."""
+DEFAULT_VSOCK_PORT = 1024
+CONSOLE_PORT_NAME = "org.vzkit.agent.0"
+_ZERO3 = b"\0\0\0"
+_PathLike = str | bytes | os.PathLike[str] | os.PathLike[bytes]
+
+
+class MsgType(enum.IntEnum):
+    """Message types; the direction is host→agent (H), agent→host (A) or both."""
+
+    RESET = 0x00  # H: (all-zero header) forget the current session, wait for HELLO
+    HELLO = 0x01  # both: version exchange, first frame of a session
+    ERROR = 0x02  # A: errno + message (channel 0: the session is over)
+    PING = 0x03  # H
+    PONG = 0x04  # A: agent version
+    WINDOW = 0x05  # both: flow-control credit for one stream of a channel
+    CANCEL = 0x06  # H: forget a channel (an exec'd process group is killed)
+    OK = 0x07  # A: a request succeeded
+    EXEC = 0x10  # H
+    STDIN = 0x11  # H
+    STDIN_EOF = 0x12  # H
+    STDOUT = 0x13  # A
+    STDERR = 0x14  # A
+    EXIT = 0x15  # A
+    KILL = 0x16  # H
+    READ_FILE = 0x20  # H
+    WRITE_FILE = 0x21  # H
+    FILE_DATA = 0x22  # both
+    FILE_END = 0x23  # both
+    SYNC = 0x30  # H
+    POWEROFF = 0x31  # H
+
+
+class ExecFlag(enum.IntFlag):
+    NONE = 0
+    STDIN = 1  # the process's stdin is a pipe fed by STDIN frames (else /dev/null)
+    ENV_REPLACE = 2  # env replaces the agent's environment (else it is merged into it)
+    MERGE_STDERR = 4  # stderr goes to the stdout stream
+
+
+class ExitFlag(enum.IntFlag):
+    NONE = 0
+    TIMED_OUT = 1  # the agent killed the process group at timeout_ms
+    CORE_DUMPED = 2
+
+
+class Stream(enum.IntEnum):
+    """The stream a WINDOW frame credits: stdout/file data/stdin, or stderr."""
+
+    OUT = 0
+    ERR = 1
+
+
+class ProtocolError(GuestError):
+    """The peer broke the agent protocol (bad frame, unexpected message, bad payload)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One decoded frame."""
+
+    type: int
+    channel: int
+    payload: bytes = b""
+
+    def encode(self) -> bytes:
+        return encode_frame(self.type, self.channel, self.payload)
+
+
+def encode_frame(type: int, channel: int, payload: bytes = b"") -> bytes:
+    """A frame's bytes; raises ProtocolError when ``payload`` is larger than MAX_PAYLOAD."""
+    if len(payload) > MAX_PAYLOAD:
+        raise ProtocolError(f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD}")
+    return HEADER.pack(len(payload), type, _ZERO3, channel) + payload
+
+
+def decode_header(header: bytes) -> tuple[int, int, int]:
+    """``(payload length, type, channel)`` of a 12-byte header, validated."""
+    length, type_, reserved, channel = HEADER.unpack(header)
+    if reserved != _ZERO3:
+        raise ProtocolError("malformed frame header (reserved bytes set)")
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"frame of {length} bytes exceeds the maximum of {MAX_PAYLOAD}")
+    return length, type_, channel
+
+
+class FrameDecoder:
+    """Incremental decoder: :meth:`feed` bytes in any split, get whole frames out."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    @property
+    def buffered(self) -> int:
+        """Bytes of an incomplete frame held back."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[Frame]:
+        self._buf += data
+        frames = []
+        pos = 0
+        while len(self._buf) - pos >= HEADER_SIZE:
+            length, type_, channel = decode_header(bytes(self._buf[pos : pos + HEADER_SIZE]))
+            end = pos + HEADER_SIZE + length
+            if len(self._buf) < end:
+                break
+            frames.append(Frame(type_, channel, bytes(self._buf[pos + HEADER_SIZE : end])))
+            pos = end
+        del self._buf[:pos]
+        return frames
+
+
+class _Reader:
+    """Sequential payload parser; truncation raises ProtocolError naming the message."""
+
+    def __init__(self, payload: bytes, what: str) -> None:
+        self._data, self._pos, self._what = payload, 0, what
+
+    def u32(self) -> int:
+        return int(self._unpack("<I"))
+
+    def i32(self) -> int:
+        return int(self._unpack("<i"))
+
+    def u16(self) -> int:
+        return int(self._unpack("<H"))
+
+    def u64(self) -> int:
+        return int(self._unpack("<Q"))
+
+    def _unpack(self, fmt: str) -> int:
+        size = struct.calcsize(fmt)
+        if self._pos + size > len(self._data):
+            raise ProtocolError(f"truncated {self._what} payload")
+        (value,) = struct.unpack_from(fmt, self._data, self._pos)
+        self._pos += size
+        return int(value)
+
+    def take(self, n: int) -> bytes:
+        if self._pos + n > len(self._data):
+            raise ProtocolError(f"truncated {self._what} payload")
+        out = self._data[self._pos : self._pos + n]
+        self._pos += n
+        return out
+
+    def string(self) -> bytes:
+        return self.take(self.u32())
+
+    def rest(self) -> bytes:
+        out = self._data[self._pos :]
+        self._pos = len(self._data)
+        return out
+
+    def end(self) -> None:
+        if self._pos != len(self._data):
+            raise ProtocolError(f"{len(self._data) - self._pos} trailing bytes in {self._what}")
+
+
+def _string(data: bytes) -> bytes:
+    return struct.pack("<I", len(data)) + data
+
+
+# ---- messages -------------------------------------------------------------------------------
+
+
+def encode_hello_request(
+    version: tuple[int, int] = PROTOCOL_VERSION, nonce: bytes = bytes(NONCE_SIZE)
+) -> bytes:
+    """The host's HELLO payload: magic, major, minor, a nonce the agent echoes back."""
+    if len(nonce) != NONCE_SIZE:
+        raise ValueError(f"the HELLO nonce has {NONCE_SIZE} bytes")
+    return MAGIC + struct.pack("<HH", *version) + nonce
+
+
+def decode_hello_request(payload: bytes) -> tuple[int, int, bytes]:
+    """``(major, minor, nonce)`` of a host's HELLO."""
+    r = _Reader(payload, "HELLO")
+    if r.take(len(MAGIC)) != MAGIC:
+        raise ProtocolError("HELLO without the VZKAGENT magic")
+    return r.u16(), r.u16(), r.take(NONCE_SIZE)
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    """The agent's HELLO: its protocol version, limits and version string."""
+
+    major: int
+    minor: int
+    max_payload: int
+    window: int  # host→agent credit per channel (stdin, file data)
+    nonce: bytes  # the host's, echoed
+    agent_version: str
+
+    def encode(self) -> bytes:
+        return (
+            MAGIC
+            + struct.pack("<HHII", self.major, self.minor, self.max_payload, self.window)
+            + self.nonce
+            + self.agent_version.encode()
+        )
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Hello:
+        r = _Reader(payload, "HELLO")
+        if r.take(len(MAGIC)) != MAGIC:
+            raise ProtocolError("HELLO without the VZKAGENT magic")
+        major, minor, max_payload, window = r.u16(), r.u16(), r.u32(), r.u32()
+        nonce = r.take(NONCE_SIZE)
+        version = r.rest().decode("utf-8", "replace")
+        return cls(major, minor, max_payload, window, nonce, version)
+
+
+@dataclass(frozen=True, slots=True)
+class ExecRequest:
+    """EXEC: ``argv`` run with ``env`` (merged or replacing, see ExecFlag) in ``cwd``."""
+
+    argv: tuple[bytes, ...]
+    env: tuple[bytes, ...] = ()  # b"KEY=VALUE"
+    cwd: bytes = b""  # empty: the agent's (/)
+    flags: ExecFlag = ExecFlag.NONE
+    timeout_ms: int = 0  # 0: none
+    window: int = 0  # initial credit for each of stdout and stderr
+
+    def encode(self) -> bytes:
+        head = struct.pack(
+            "<IIIII", self.flags, self.timeout_ms, self.window, len(self.argv), len(self.env)
+        )
+        return head + b"".join(_string(s) for s in (*self.argv, *self.env, self.cwd))
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ExecRequest:
+        r = _Reader(payload, "EXEC")
+        flags, timeout_ms, window, argc, envc = (r.u32() for _ in range(5))
+        argv = tuple(r.string() for _ in range(argc))
+        env = tuple(r.string() for _ in range(envc))
+        cwd = r.string()
+        r.end()
+        return cls(argv, env, cwd, ExecFlag(flags), timeout_ms, window)
+
+
+@dataclass(frozen=True, slots=True)
+class ExitStatus:
+    """EXIT: how an exec'd process ended."""
+
+    code: int | None  # exit status, None when killed by a signal
+    signal: int = 0
+    flags: ExitFlag = ExitFlag.NONE
+
+    @property
+    def returncode(self) -> int:
+        """Like :attr:`subprocess.Popen.returncode`: the exit status, or ``-signal``."""
+        return self.code if self.code is not None else -self.signal
+
+    @property
+    def timed_out(self) -> bool:
+        return bool(self.flags & ExitFlag.TIMED_OUT)
+
+    def encode(self) -> bytes:
+        code = -1 if self.code is None else self.code
+        return struct.pack("<iII", code, self.signal, self.flags)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ExitStatus:
+        r = _Reader(payload, "EXIT")
+        code, sig, flags = r.i32(), r.u32(), r.u32()
+        r.end()
+        return cls(None if sig else code, sig, ExitFlag(flags))
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorInfo:
+    """ERROR: a Linux errno (0 when none applies) and the agent's message."""
+
+    errno: int
+    message: str
+
+    def encode(self) -> bytes:
+        return struct.pack("<I", self.errno) + self.message.encode()
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ErrorInfo:
+        r = _Reader(payload, "ERROR")
+        return cls(r.u32(), r.rest().decode("utf-8", "replace"))
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """WINDOW: ``increment`` more bytes may be sent on ``stream`` of the channel."""
+
+    increment: int
+    stream: Stream = Stream.OUT
+
+    def encode(self) -> bytes:
+        return struct.pack("<II", self.increment, self.stream)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> Window:
+        r = _Reader(payload, "WINDOW")
+        increment, stream = r.u32(), r.u32()
+        r.end()
+        if stream not in (Stream.OUT, Stream.ERR):
+            raise ProtocolError(f"WINDOW for unknown stream {stream}")
+        return cls(increment, Stream(stream))
+
+
+@dataclass(frozen=True, slots=True)
+class KillRequest:
+    """KILL: send ``signal`` to the process (or its whole process group)."""
+
+    signal: int
+    group: bool = False
+
+    def encode(self) -> bytes:
+        return struct.pack("<II", self.signal, 1 if self.group else 0)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> KillRequest:
+        r = _Reader(payload, "KILL")
+        sig, flags = r.u32(), r.u32()
+        r.end()
+        return cls(sig, bool(flags & 1))
+
+
+@dataclass(frozen=True, slots=True)
+class ReadFileRequest:
+    path: bytes
+    window: int
+
+    def encode(self) -> bytes:
+        return struct.pack("<I", self.window) + self.path
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ReadFileRequest:
+        r = _Reader(payload, "READ_FILE")
+        window = r.u32()
+        return cls(r.rest(), window)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteFileRequest:
+    path: bytes
+    mode: int = 0o644
+
+    def encode(self) -> bytes:
+        return struct.pack("<II", self.mode, 0) + self.path
+
+    @classmethod
+    def decode(cls, payload: bytes) -> WriteFileRequest:
+        r = _Reader(payload, "WRITE_FILE")
+        mode, _flags = r.u32(), r.u32()
+        return cls(r.rest(), mode)
+
+
+def encode_file_end(total: int) -> bytes:
+    """FILE_END from the agent carries the number of bytes sent (u64)."""
+    return struct.pack("<Q", total)
+
+
+def decode_file_end(payload: bytes) -> int:
+    r = _Reader(payload, "FILE_END")
+    total = r.u64()
+    r.end()
+    return total
+
+
+def env_entries(env: Sequence[tuple[_PathLike, _PathLike]]) -> tuple[bytes, ...]:
+    """``(key, value)`` pairs as ``b"KEY=VALUE"`` entries; a key with ``=`` is refused."""
+    out = []
+    for key, value in env:
+        k, v = os.fsencode(key), os.fsencode(value)
+        if not k or b"=" in k or b"\0" in k + v:
+            raise ValueError(f"invalid environment variable name or value: {key!r}")
+        out.append(k + b"=" + v)
+    return tuple(out)

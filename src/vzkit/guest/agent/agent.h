@@ -1,0 +1,180 @@
+/* vzkit-agent: the guest agent of vzkit. Shared declarations.
+ *
+ * The wire protocol is documented in docs/agent-protocol.md; the constants below must match
+ * it and src/vzkit/guest/_protocol.py.
+ */
+#ifndef VZKIT_AGENT_H
+#define VZKIT_AGENT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#define AGENT_VERSION "0.1.0"
+
+/* ---- protocol ---------------------------------------------------------------------------- */
+
+#define PROTO_MAGIC "VZKAGENT"
+#define PROTO_MAGIC_LEN 8
+#define PROTO_MAJOR 1
+#define PROTO_MINOR 0
+#define PROTO_NONCE_LEN 16 /* echoed in the HELLO reply so the host can find it in a stream */
+#define HDR_SIZE 12              /* u32 payload length, u8 type, 3 reserved bytes, u32 channel */
+#define MAX_PAYLOAD 65536u
+#define IN_WINDOW (256u * 1024u) /* host -> agent credit per channel (stdin, file data) */
+
+enum msg_type {
+    T_RESET = 0x00, /* all-zero header: end the session silently, wait for HELLO */
+    T_HELLO = 0x01,
+    T_ERROR = 0x02,
+    T_PING = 0x03,
+    T_PONG = 0x04,
+    T_WINDOW = 0x05,
+    T_CANCEL = 0x06,
+    T_OK = 0x07,
+    T_EXEC = 0x10,
+    T_STDIN = 0x11,
+    T_STDIN_EOF = 0x12,
+    T_STDOUT = 0x13,
+    T_STDERR = 0x14,
+    T_EXIT = 0x15,
+    T_KILL = 0x16,
+    T_READ_FILE = 0x20,
+    T_WRITE_FILE = 0x21,
+    T_FILE_DATA = 0x22,
+    T_FILE_END = 0x23,
+    T_SYNC = 0x30,
+    T_POWEROFF = 0x31,
+};
+
+enum { EXEC_STDIN = 1, EXEC_ENV_REPLACE = 2, EXEC_MERGE_STDERR = 4 };
+enum { EXIT_TIMED_OUT = 1, EXIT_CORE_DUMPED = 2 };
+enum { KILL_GROUP = 1 };
+enum { STREAM_OUT = 0, STREAM_ERR = 1 };
+
+/* ---- objects ----------------------------------------------------------------------------- */
+
+struct obuf { /* one queued outgoing frame */
+    struct obuf *next;
+    size_t len, off;
+    unsigned char data[];
+};
+
+struct ibuf { /* one queued chunk of stdin for a child */
+    struct ibuf *next;
+    size_t len, off;
+    unsigned char data[];
+};
+
+enum chan_kind { CH_EXEC, CH_READ, CH_WRITE };
+
+struct session;
+
+struct chan {
+    struct chan *next;
+    struct session *sess;
+    uint32_t id;
+    enum chan_kind kind;
+    bool dead;
+    /* exec: the child and its pipes; read: fd[STREAM_OUT] is the file */
+    pid_t pid;       /* 0 once reaped */
+    pid_t exit_pgid; /* the process group, after the leader was reaped */
+    int status;
+    bool timed_out;
+    int64_t deadline_ms; /* 0: none */
+    int fd[2];           /* stdout, stderr (read ends), -1 at EOF */
+    uint64_t window[2];  /* credit granted by the host, per stream */
+    uint64_t total;      /* bytes of file data sent (read) */
+    int in_fd;           /* child's stdin (write end), -1 once closed */
+    struct ibuf *in_head, *in_tail;
+    bool in_eof;            /* the host sent STDIN_EOF */
+    uint64_t in_outstanding; /* host -> agent bytes received and not yet granted back */
+    uint64_t in_ungranted;   /* consumed bytes not yet granted back */
+    /* write */
+    int wfd;
+    char *tmp_path, *path;
+};
+
+enum sess_kind { SESS_SOCKET, SESS_STDIO, SESS_CONSOLE };
+
+struct session {
+    struct session *next;
+    enum sess_kind kind;
+    int rfd, wfd;
+    bool dead;
+    bool hello;         /* HELLO exchanged */
+    bool resync;        /* skip bytes up to a HELLO (after RESET; always on the console) */
+    bool closing;       /* fatal error sent: flush the queue, then end */
+    bool poweroff;      /* POWEROFF acknowledged: flush, then power off */
+    int64_t close_by_ms;
+    size_t skipped;     /* bytes skipped while resyncing (for the log) */
+    unsigned char *in;  /* HDR_SIZE + MAX_PAYLOAD bytes */
+    size_t in_len;
+    struct obuf *out_head, *out_tail;
+    size_t out_bytes;
+    struct chan *chans;
+};
+
+/* ---- globals and helpers (main.c) -------------------------------------------------------- */
+
+extern bool g_verbose;
+extern bool g_test_mode; /* --stdio / --unix: POWEROFF exits the agent instead */
+
+void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+void debugmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+int64_t now_ms(void);
+int set_nonblock(int fd);
+void put_u32(unsigned char *p, uint32_t v);
+uint32_t get_u32(const unsigned char *p);
+void put_u64(unsigned char *p, uint64_t v);
+void reset_child_signals(void);
+int write_all(int fd, const void *buf, size_t len);
+
+/* ---- serve.c ------------------------------------------------------------------------------ */
+
+struct serve_opts {
+    bool vsock;
+    unsigned vsock_port;
+    bool console;
+    const char *port_name;
+    bool stdio;
+    const char *unix_path;
+};
+
+int serve_main(const struct serve_opts *opts);
+int send_frame(struct session *s, uint8_t type, uint32_t id, const void *p, size_t n);
+int send_frame2(struct session *s, uint8_t type, uint32_t id, const void *p1, size_t n1,
+                const void *p2, size_t n2);
+int send_error(struct session *s, uint32_t id, int err, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+int send_window(struct session *s, uint32_t id, uint32_t inc, uint32_t stream);
+/* Append a frame of `n` payload bytes read from `fd`; returns bytes read, 0 at EOF, -1. */
+ssize_t send_from_fd(struct session *s, uint8_t type, uint32_t id, int fd, size_t max);
+size_t session_out_limit(void);
+void chan_bury(struct chan *c); /* freed at the end of the loop iteration */
+
+/* ---- chan.c ------------------------------------------------------------------------------- */
+
+/* Each returns 0, -1 for a malformed message or -2 for a window overrun (session-fatal). */
+int chan_exec(struct session *s, uint32_t id, const unsigned char *p, size_t n);
+int chan_read_file(struct session *s, uint32_t id, const unsigned char *p, size_t n);
+int chan_write_file(struct session *s, uint32_t id, const unsigned char *p, size_t n);
+int chan_data(struct session *s, struct chan *c, uint8_t type, const unsigned char *p, size_t n);
+int chan_stdin_eof(struct session *s, struct chan *c);
+void chan_kill(struct chan *c, int sig, bool group);
+void chan_cancel(struct chan *c);
+struct chan *chan_find(struct session *s, uint32_t id);
+void chan_free(struct chan *c);
+/* Event handlers, called from the loop. */
+void chan_on_readable(struct chan *c, int stream);
+void chan_on_stdin_writable(struct chan *c);
+void chan_on_reaped(struct chan *c, int status);
+void chan_check_done(struct chan *c);
+void chan_on_deadline(struct chan *c, int64_t now);
+
+/* ---- relay.c ------------------------------------------------------------------------------ */
+
+int relay_main(int argc, char **argv);
+
+#endif
