@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import logging
 import warnings
-from pathlib import Path
 from types import TracebackType
 
 from ._config import LinuxVMConfig
 from ._guest import Guest
 from ._loop import run_sync
 from ._state import VMState
-from ._vmcore import VMCore
+from ._vmcore import VMCore, VMView
 from .backends import Backend, BalloonInfo
 from .errors import VzkitError
 
@@ -34,7 +33,7 @@ class Balloon:
         return run_sync(self._core.balloon_info())
 
 
-class VirtualMachine:
+class VirtualMachine(VMView):
     """A virtual machine built from a :class:`~vzkit.LinuxVMConfig`.
 
     ``backend="auto"`` picks ``vz`` on macOS when it is usable, else ``qemu``. Use it as a
@@ -49,14 +48,6 @@ class VirtualMachine:
 
     def __repr__(self) -> str:
         return f"<VirtualMachine {self.backend} {self.state.value} pid={self.pid}>"
-
-    @property
-    def config(self) -> LinuxVMConfig:
-        return self._core.config
-
-    @property
-    def backend(self) -> str:
-        return self._core.backend.name
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -119,46 +110,3 @@ class VirtualMachine:
                 ResourceWarning,
                 stacklevel=2,
             )
-
-    # -- state -------------------------------------------------------------------------------
-
-    @property
-    def state(self) -> VMState:
-        return self._core.state
-
-    @property
-    def can_start(self) -> bool:
-        return self._core.can("start")
-
-    @property
-    def can_pause(self) -> bool:
-        return self._core.can("pause")
-
-    @property
-    def can_resume(self) -> bool:
-        return self._core.can("resume")
-
-    @property
-    def can_stop(self) -> bool:
-        return self._core.can("stop")
-
-    @property
-    def can_request_stop(self) -> bool:
-        return self._core.can("request_stop")
-
-    @property
-    def pid(self) -> int | None:
-        """The VMM's process id while it runs (``None`` for in-process backends)."""
-        return self._core.machine.pid
-
-    @property
-    def console_log_path(self) -> Path | None:
-        return self._core.console_log_path
-
-    @property
-    def console_pty(self) -> str | None:
-        return self._core.machine.console_pty
-
-    @property
-    def state_dir(self) -> Path:
-        return self._core.machine.state_dir

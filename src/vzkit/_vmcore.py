@@ -20,7 +20,7 @@ from ._state import VMState
 from .backends import Backend, BalloonInfo, Feature, Machine, choose_backend
 from .errors import ConfigError, StateError, UnsupportedError, VMTimeoutError, VzkitError
 
-__all__ = ["VMCore"]
+__all__ = ["VMCore", "VMView"]
 
 log = logging.getLogger("vzkit.vm")
 T = TypeVar("T")
@@ -169,3 +169,58 @@ class VMCore:
     @property
     def console_log_path(self) -> Path | None:
         return self.machine.console_log_path
+
+
+class VMView:
+    """The read-only side both facades share: state, the ``can_*`` predicates, identity."""
+
+    _core: VMCore
+
+    @property
+    def config(self) -> LinuxVMConfig:
+        return self._core.config
+
+    @property
+    def backend(self) -> str:
+        return self._core.backend.name
+
+    @property
+    def state(self) -> VMState:
+        return self._core.state
+
+    @property
+    def can_start(self) -> bool:
+        return self._core.can("start")
+
+    @property
+    def can_pause(self) -> bool:
+        return self._core.can("pause")
+
+    @property
+    def can_resume(self) -> bool:
+        return self._core.can("resume")
+
+    @property
+    def can_stop(self) -> bool:
+        return self._core.can("stop")
+
+    @property
+    def can_request_stop(self) -> bool:
+        return self._core.can("request_stop")
+
+    @property
+    def pid(self) -> int | None:
+        """The VMM's process id while it runs (``None`` for in-process backends)."""
+        return self._core.machine.pid
+
+    @property
+    def console_log_path(self) -> Path | None:
+        return self._core.console_log_path
+
+    @property
+    def console_pty(self) -> str | None:
+        return self._core.machine.console_pty
+
+    @property
+    def state_dir(self) -> Path:
+        return self._core.machine.state_dir

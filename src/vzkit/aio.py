@@ -6,13 +6,12 @@ behaves the same whichever surface controls it.
 
 from __future__ import annotations
 
-from pathlib import Path
 from types import TracebackType
 
 from ._config import LinuxVMConfig
 from ._loop import wrap
 from ._state import VMState
-from ._vmcore import VMCore
+from ._vmcore import VMCore, VMView
 from .backends import Backend, BalloonInfo
 
 __all__ = ["Balloon", "VirtualMachine"]
@@ -29,20 +28,12 @@ class Balloon:
         return await wrap(self._core.balloon_info())
 
 
-class VirtualMachine:
+class VirtualMachine(VMView):
     """``async with vzkit.aio.VirtualMachine(cfg) as vm: await vm.start()``."""
 
     def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
         self._core = VMCore(config, backend)
         self.balloon = Balloon(self._core)
-
-    @property
-    def config(self) -> LinuxVMConfig:
-        return self._core.config
-
-    @property
-    def backend(self) -> str:
-        return self._core.backend.name
 
     async def start(self, timeout: float | None = None) -> None:
         await wrap(self._core.start(timeout))
@@ -75,39 +66,3 @@ class VirtualMachine:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-    @property
-    def state(self) -> VMState:
-        return self._core.state
-
-    @property
-    def can_start(self) -> bool:
-        return self._core.can("start")
-
-    @property
-    def can_pause(self) -> bool:
-        return self._core.can("pause")
-
-    @property
-    def can_resume(self) -> bool:
-        return self._core.can("resume")
-
-    @property
-    def can_stop(self) -> bool:
-        return self._core.can("stop")
-
-    @property
-    def can_request_stop(self) -> bool:
-        return self._core.can("request_stop")
-
-    @property
-    def pid(self) -> int | None:
-        return self._core.machine.pid
-
-    @property
-    def console_log_path(self) -> Path | None:
-        return self._core.console_log_path
-
-    @property
-    def console_pty(self) -> str | None:
-        return self._core.machine.console_pty
