@@ -1,0 +1,103 @@
+"""One vsock stream connection's state, and the device's counters."""
+
+from __future__ import annotations
+
+import enum
+import socket
+from dataclasses import dataclass, fields
+
+from ._packet import SHUTDOWN_RCV
+from ._reactor import Timer
+
+__all__ = ["Conn", "ConnState", "VsockStats"]
+
+U32 = 0xFFFFFFFF
+
+
+@dataclass(slots=True)
+class VsockStats:
+    """Counters for tests, benchmarks and logs (read from any thread; written by the loop)."""
+
+    packets_from_guest: int = 0
+    packets_to_guest: int = 0
+    bytes_from_guest: int = 0
+    bytes_to_guest: int = 0
+    bad_chains: int = 0
+    dropped_packets: int = 0
+    rst_sent: int = 0
+    credit_violations: int = 0
+    connections_opened: int = 0
+    connections_closed: int = 0
+    connections_refused: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class ConnState(enum.Enum):
+    CONNECTING = "connecting"  # host-initiated, REQUEST sent or queued, no RESPONSE yet
+    ESTABLISHED = "established"
+    CLOSING = "closing"  # we sent SHUTDOWN(RCV|SEND) and wait for the guest's RST
+
+
+class Conn:
+    __slots__ = (
+        "buf_alloc", "closed", "credit_requested", "fd", "fwd_cnt", "guest_port", "guest_shut",
+        "host_eof", "host_initiated", "host_port", "hup", "last_fwd_sent", "out",
+        "out_uncounted", "parked", "peer_buf_alloc", "peer_fwd_cnt", "rx_cnt", "shut_wr_pending",
+        "sock", "state", "timer", "tx_cnt", "update_queued",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        host_port: int,
+        guest_port: int,
+        state: ConnState,
+        *,
+        host_initiated: bool,
+        buf_alloc: int,
+    ) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.host_port = host_port
+        self.guest_port = guest_port
+        self.state = state
+        self.host_initiated = host_initiated
+        self.buf_alloc = buf_alloc
+        self.rx_cnt = 0  # payload bytes received from the guest
+        self.fwd_cnt = 0  # of those, written to the host socket
+        self.last_fwd_sent = 0  # fwd_cnt as last advertised to the guest
+        self.out = bytearray()  # bytes for the host socket that it has not taken yet
+        self.out_uncounted = 0  # leading bytes of out that are not guest payload ("OK ...")
+        self.peer_buf_alloc = 0
+        self.peer_fwd_cnt = 0
+        self.tx_cnt = 0  # payload bytes sent to the guest
+        self.guest_shut = 0
+        self.host_eof = False
+        self.hup = False
+        self.shut_wr_pending = False
+        self.parked = False
+        self.update_queued = False
+        self.credit_requested = False
+        self.closed = False
+        self.timer: Timer | None = None
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.host_port, self.guest_port
+
+    def peer_credit(self) -> int:
+        return self.peer_buf_alloc - ((self.tx_cnt - self.peer_fwd_cnt) & U32)
+
+    def wants_read(self) -> bool:
+        return (
+            self.state is ConnState.ESTABLISHED
+            and not self.host_eof
+            and not self.guest_shut & SHUTDOWN_RCV
+            and not self.parked
+            and self.peer_credit() > 0
+        )
+
+    def __repr__(self) -> str:
+        return f"<Conn host:{self.host_port} guest:{self.guest_port} {self.state.value}>"

@@ -1,0 +1,444 @@
+"""The vhost-user-vsock device: vhost-user session, rx/tx virtqueues and the vsock muxer.
+
+One :class:`VhostUserVsockDevice` serves one VM. Everything runs on one epoll loop, either on
+a thread of its own (:meth:`~VhostUserVsockDevice.start`) or in the calling thread
+(:meth:`~VhostUserVsockDevice.serve`, what the helper process ``python -m
+vzkit.backends.qemu.vhost_vsock`` does). The front-end (QEMU) is attached either through an
+already connected socket (``vhost_socket``: one end of a socketpair whose other end QEMU gets
+as ``-chardev socket,fd=N``) or through a listening socket at ``vhost_path``.
+
+QEMU's vhost-user-vsock hands the rx (0) and tx (1) queues to the back-end and keeps the event
+queue (2) itself; the guest CID comes from the back-end's config space (``GET_CONFIG``).
+:meth:`~VhostUserVsockDevice.close` stops the loop and releases every socket, descriptor,
+mapping and the ``<uds>`` socket file; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+
+from ._conn import VsockStats
+from ._hybrid import HybridListener
+from ._reactor import EPOLLERR, EPOLLHUP, EPOLLIN, Reactor
+from ._vhost_user import F_VERSION_1, MessageReader, ProtocolError, VhostUserBackend
+from ._virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, RingError, Virtqueue
+from ._vsock import VsockMuxer
+
+__all__ = ["VhostUserVsockDevice"]
+
+log = logging.getLogger(__name__)
+
+RX, TX = 0, 1
+_REPLY_TIMEOUT_S = 5.0
+_QUEUE_NAMES = ("rx", "tx")
+_MAX_CID = 0xFFFFFFFF - 1
+
+
+class VhostUserVsockDevice:
+    """A user-space virtio-vsock device for QEMU's ``vhost-user-vsock-pci``/``-device``.
+
+    ``uds_path`` is the hybrid socket (host programs connect there and write
+    ``CONNECT <port>\\n``; guest connections to host port P go to ``<uds_path>_<P>``).
+    """
+
+    def __init__(
+        self,
+        uds_path: Path | str,
+        *,
+        guest_cid: int = 3,
+        vhost_socket: socket.socket | None = None,
+        vhost_path: Path | str | None = None,
+        buf_alloc: int = 256 * 1024,
+        connect_timeout_s: float = 5.0,
+        handshake_timeout_s: float = 10.0,
+        max_connections: int = 4096,
+        event_idx: bool = True,
+        indirect: bool = True,
+        stop_on_disconnect: bool = False,
+        poll_interval_s: float | None = 0.25,
+    ) -> None:
+        if not 3 <= guest_cid <= _MAX_CID:
+            raise ValueError(f"guest CID must be between 3 and {_MAX_CID}, not {guest_cid}")
+        if (vhost_socket is None) == (vhost_path is None):
+            raise ValueError("give exactly one of vhost_socket= and vhost_path=")
+        if not 4096 <= buf_alloc <= 0xFFFFFFFF:
+            raise ValueError(f"buf_alloc must be between 4096 and 2**32 - 1, not {buf_alloc}")
+        self.uds_path = Path(uds_path)
+        self.guest_cid = guest_cid
+        self.vhost_path = Path(vhost_path) if vhost_path is not None else None
+        self._vhost_socket = vhost_socket
+        self._stop_on_disconnect = stop_on_disconnect
+        self._poll_s = poll_interval_s  # a safety net for lost kicks; None: kicks only
+        self._features = (
+            (1 << F_VERSION_1) | (event_idx << F_EVENT_IDX) | (indirect << F_INDIRECT_DESC)
+        )
+        self._reactor = Reactor()
+        self._muxer = VsockMuxer(
+            self._reactor,
+            guest_cid=guest_cid,
+            uds_path=self.uds_path,
+            buf_alloc=buf_alloc,
+            connect_timeout_s=connect_timeout_s,
+            max_connections=max_connections,
+        )
+        self._listener = HybridListener(
+            self._reactor,
+            self.uds_path,
+            self._muxer.host_connect,
+            handshake_timeout_s=handshake_timeout_s,
+        )
+        self._session: socket.socket | None = None
+        self._reader: MessageReader | None = None
+        self._backend: VhostUserBackend | None = None
+        self._server: socket.socket | None = None
+        self._queues: list[Virtqueue | None] = [None, None]
+        self._saved_bases: dict[int, int] = {}
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._set_up = False
+        self._closed = False
+        self.sessions = 0  # vhost-user sessions seen (for tests)
+
+    # -- public ----------------------------------------------------------------------------
+
+    @property
+    def stats(self) -> VsockStats:
+        return self._muxer.stats
+
+    @property
+    def connections(self) -> int:
+        return self._muxer.connections
+
+    @property
+    def pending_handshakes(self) -> int:
+        return self._listener.pending
+
+    @property
+    def rejected_handshakes(self) -> int:
+        return self._listener.rejected
+
+    @property
+    def attached(self) -> bool:
+        """Whether a front-end (QEMU) is connected."""
+        return self._session is not None
+
+    @property
+    def running(self) -> bool:
+        """Whether the guest driver has both rings running."""
+        return self._muxer.rxq is not None and self._muxer.txq is not None
+
+    def start(self) -> None:
+        """Bind the sockets and run the device on a thread of its own."""
+        if self._thread is not None or self._closed:
+            raise RuntimeError("the vsock device was already started or closed")
+        self._setup()
+        self._thread = threading.Thread(target=self._run, name="vzkit-vsock", daemon=True)
+        self._thread.start()
+
+    def serve(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Bind the sockets and run the device in this thread until :meth:`stop`/:meth:`close`.
+
+        ``on_ready`` is called once the hybrid socket accepts connections.
+        """
+        if self._thread is not None or self._closed:
+            raise RuntimeError("the vsock device was already started or closed")
+        self._thread = threading.current_thread()
+        self._setup()
+        if on_ready is not None:
+            on_ready()
+        self._run()
+
+    def stop(self) -> None:
+        """Ask the loop to end (thread and signal safe); :meth:`close` also waits for it."""
+        self._stopping = True
+        self._reactor.wake()
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Stop the loop and release everything. Idempotent."""
+        thread = self._thread
+        self.stop()
+        if thread is threading.current_thread():
+            return  # called from the loop itself: it tears down when it returns
+        if thread is not None:
+            thread.join(timeout)
+            if thread.is_alive():
+                log.error("vsock device thread did not stop within %.1f s", timeout)
+                return
+        if not self._closed:
+            self._teardown()
+
+    def __enter__(self) -> VhostUserVsockDevice:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- loop ------------------------------------------------------------------------------
+
+    def _setup(self) -> None:
+        self._set_up = True
+        try:
+            self._listener.open()
+            if self._vhost_socket is not None:
+                sock, self._vhost_socket = self._vhost_socket, None
+                self._attach(sock)
+            else:
+                assert self.vhost_path is not None
+                path = os.fspath(self.vhost_path)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                self._server = server
+                server.bind(path)
+                server.listen(4)
+                server.setblocking(False)
+                self._reactor.register(server.fileno(), EPOLLIN, self._on_server)
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _run(self) -> None:
+        try:
+            while not self._stopping:
+                rings = any(q is not None for q in self._queues)
+                timeout = 0.0 if self._muxer.tx_more else self._poll_s if rings else None
+                self._reactor.run_once(timeout)
+                self._after_events()
+        except Exception:
+            log.exception("vsock device loop failed")
+        finally:
+            self._teardown()
+
+    def _after_events(self) -> None:
+        muxer = self._muxer
+        if muxer.tx_more:
+            muxer.on_tx_ready()
+        muxer.flush()  # control packets queued by host-side events and timers
+        for queue in (muxer.rxq, muxer.txq) if self._poll_s is not None else ():
+            if queue is not None:
+                try:
+                    if queue.pending():  # a kick may have been missed; cheap to look
+                        (muxer.on_rx_ready if queue is muxer.rxq else muxer.on_tx_ready)()
+                except RingError as err:
+                    log.warning("vsock: %s; the ring stops until it is restarted", err)
+        backend = self._backend
+        if backend is None:
+            return
+        for index, queue in enumerate(self._queues):
+            if queue is not None and queue.need_notify():
+                fd = backend.rings[index].call_fd
+                if fd is not None:
+                    with contextlib.suppress(OSError):
+                        os.eventfd_write(fd, 1)
+
+    def _teardown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._end_session("device closed")
+        self._muxer.close()
+        self._listener.close()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            if self.vhost_path is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(self.vhost_path)
+        if self._vhost_socket is not None:
+            self._vhost_socket.close()
+            self._vhost_socket = None
+        self._reactor.close()
+
+    # -- vhost-user session ----------------------------------------------------------------
+
+    def _on_server(self, mask: int) -> None:
+        assert self._server is not None
+        try:
+            sock, _ = self._server.accept()
+        except OSError:
+            return
+        if self._session is not None:
+            log.warning("vhost-user: a second front-end connected; closing it")
+            sock.close()
+            return
+        self._attach(sock)
+
+    def _attach(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        self._session = sock
+        self._reader = MessageReader(sock)
+        self._backend = VhostUserBackend(
+            self, num_queues=2, features=self._features, config=self._config
+        )
+        self._muxer.online = True
+        self.sessions += 1
+        self._reactor.register(sock.fileno(), EPOLLIN, self._on_session)
+        log.debug("vhost-user front-end attached")
+
+    def _config(self) -> bytes:
+        return struct.pack("<Q", self.guest_cid)
+
+    def _on_session(self, mask: int) -> None:
+        reader, backend, sock = self._reader, self._backend, self._session
+        if reader is None or backend is None or sock is None:
+            return
+        try:
+            messages = reader.read()
+            for msg in messages or ():
+                reply = backend.handle(msg)
+                if reply is not None:
+                    sock.settimeout(_REPLY_TIMEOUT_S)  # replies are small; QEMU waits for them
+                    try:
+                        sock.sendall(reply)
+                    finally:
+                        sock.setblocking(False)
+        except (ProtocolError, OSError) as err:
+            log.error("vhost-user: %s; dropping the front-end", err)
+            messages = None
+        if messages is None:
+            self._end_session("front-end disconnected")
+            if self._stop_on_disconnect:
+                self._stopping = True
+
+    def _end_session(self, reason: str) -> None:
+        sock, self._session = self._session, None
+        for index in (RX, TX):
+            self._drop_queue(index)
+        backend, self._backend = self._backend, None
+        if backend is not None:
+            backend.close()
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            reader.close()
+        self._muxer.online = False
+        self._muxer.reset_all(reason)
+        if sock is not None:
+            self._reactor.unregister(sock.fileno())
+            sock.close()
+            log.info("vhost-user session ended: %s", reason)
+
+    # -- rings (RingHooks) -----------------------------------------------------------------
+
+    def _drop_queue(self, index: int) -> int | None:
+        queue = self._queues[index]
+        if queue is None:
+            return None
+        self._queues[index] = None
+        backend = self._backend
+        if backend is not None:
+            kick = backend.rings[index].kick_fd
+            if kick is not None:
+                self._reactor.unregister(kick)
+        base = queue.last_avail
+        queue.release()
+        self._sync()
+        return base
+
+    def _build_queue(self, index: int, base: int) -> None:
+        backend = self._backend
+        assert backend is not None
+        assert backend.memory is not None
+        ring = backend.rings[index]
+        try:
+            queue = Virtqueue(
+                backend.memory,
+                size=ring.num,
+                desc_addr=ring.desc_addr,
+                avail_addr=ring.avail_addr,
+                used_addr=ring.used_addr,
+                last_avail=base,
+                event_idx=backend.event_idx,
+                indirect=backend.indirect,
+                name=_QUEUE_NAMES[index],
+            )
+        except RingError as err:
+            log.error("vhost-user: cannot start the %s ring: %s", _QUEUE_NAMES[index], err)
+            return
+        self._queues[index] = queue
+        if ring.kick_fd is not None:
+            os.set_blocking(ring.kick_fd, False)
+            self._reactor.register(
+                ring.kick_fd, EPOLLIN, functools.partial(self._on_kick, index, ring.kick_fd)
+            )
+        log.debug("vhost-user: %s ring started (size %d, base %d, event_idx=%s, indirect=%s)",
+                  _QUEUE_NAMES[index], ring.num, base, backend.event_idx,
+                  backend.indirect)  # fmt: skip
+        self._sync()
+
+    def ring_started(self, index: int) -> None:
+        backend = self._backend
+        assert backend is not None
+        self._drop_queue(index)
+        self._build_queue(index, backend.rings[index].base)
+
+    def ring_stopped(self, index: int) -> int:
+        base = self._drop_queue(index)
+        backend = self._backend
+        if base is None:
+            return backend.rings[index].base if backend is not None else 0
+        log.debug("vhost-user: %s ring stopped at %d", _QUEUE_NAMES[index], base)
+        return base
+
+    def ring_enabled(self, index: int, enabled: bool) -> None:
+        self._sync()
+
+    def memory_changing(self) -> None:
+        for index in (RX, TX):
+            base = self._drop_queue(index)
+            if base is not None:
+                self._saved_bases[index] = base
+
+    def memory_changed(self) -> None:
+        saved, self._saved_bases = self._saved_bases, {}
+        for index, base in saved.items():
+            self._build_queue(index, base)
+
+    def device_reset(self) -> None:
+        self._muxer.reset_all("device reset by the front-end")
+
+    def _sync(self) -> None:
+        """Hand the muxer the queues that are started and enabled."""
+        backend = self._backend
+        muxer = self._muxer
+        live = [
+            q if q is not None and backend is not None and backend.rings[i].enabled else None
+            for i, q in enumerate(self._queues)
+        ]
+        rx_new = live[RX] is not None and muxer.rxq is not live[RX]
+        tx_new = live[TX] is not None and muxer.txq is not live[TX]
+        muxer.rxq, muxer.txq = live[RX], live[TX]
+        if rx_new:
+            muxer.on_rx_ready()
+        if tx_new:
+            muxer.on_tx_ready()
+
+    def _on_kick(self, index: int, fd: int, mask: int) -> None:
+        if mask & (EPOLLHUP | EPOLLERR):
+            self._reactor.unregister(fd)
+            return
+        try:
+            os.eventfd_read(fd)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError as err:
+            log.warning("vhost-user: kick descriptor of ring %d failed: %s", index, err)
+            self._reactor.unregister(fd)
+            return
+        if index == RX:
+            self._muxer.on_rx_ready()
+        else:
+            self._muxer.on_tx_ready()

@@ -1,0 +1,107 @@
+"""The device as a helper process: ``python -m vzkit.backends.qemu.vhost_vsock``.
+
+Follows QEMU's back-end program conventions (``docs/interop/vhost-user.rst``): ``--fd=N``
+(an inherited, connected vhost-user socket) or ``--socket-path=PATH`` (listen there),
+``--print-capabilities``, no daemonizing, exit on SIGTERM; ``--ready-fd=N`` gets ``READY\n``
+once the hybrid socket is bound. It also exits when the front-end
+disconnects (QEMU is gone), removing its hybrid socket file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from ._device import VhostUserVsockDevice
+
+__all__ = ["helper_argv", "main"]
+
+
+def helper_argv(
+    uds_path: Path | str,
+    *,
+    fd: int,
+    guest_cid: int = 3,
+    buf_alloc: int | None = None,
+    ready_fd: int | None = None,
+    python: str = sys.executable,
+) -> list[str]:
+    """The command line of a helper serving the vhost-user socket inherited as ``fd``.
+
+    With ``ready_fd`` (an inherited pipe's write end) the helper writes ``READY\n`` there
+    once ``uds_path`` accepts connections, then closes it (EOF without READY: it failed).
+    """
+    argv = [python, "-m", "vzkit.backends.qemu.vhost_vsock", f"--fd={fd}",
+            f"--uds-path={os.fspath(uds_path)}", f"--guest-cid={guest_cid}"]  # fmt: skip
+    if buf_alloc is not None:
+        argv.append(f"--buf-alloc={buf_alloc}")
+    if ready_fd is not None:
+        argv.append(f"--ready-fd={ready_fd}")
+    return argv
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m vzkit.backends.qemu.vhost_vsock",
+        description="vhost-user-vsock back-end with Firecracker-style hybrid Unix sockets",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--fd", type=int, help="inherited connected vhost-user socket")
+    source.add_argument("--socket-path", type=Path, help="listen for the front-end here")
+    parser.add_argument("--uds-path", type=Path, help="hybrid vsock socket (host side)")
+    parser.add_argument("--guest-cid", type=int, default=3)
+    parser.add_argument("--buf-alloc", type=int, default=256 * 1024)
+    parser.add_argument("--ready-fd", type=int, help="write READY here once the socket is bound")
+    parser.add_argument("--print-capabilities", action="store_true")
+    parser.add_argument("--log-level", default=os.environ.get("VZKIT_VSOCK_LOG", "WARNING"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.print_capabilities:
+        print(json.dumps({"type": "vsock", "features": []}))
+        return 0
+    if args.uds_path is None or (args.fd is None and args.socket_path is None):
+        _parser().error("--uds-path and one of --fd/--socket-path are required")
+    logging.basicConfig(
+        level=args.log_level.upper(), format="vzkit-vsock[%(process)d] %(levelname)s %(message)s"
+    )
+    vhost_socket = None
+    if args.fd is not None:
+        vhost_socket = socket.socket(fileno=args.fd)
+    device = VhostUserVsockDevice(
+        args.uds_path,
+        guest_cid=args.guest_cid,
+        vhost_socket=vhost_socket,
+        vhost_path=args.socket_path,
+        buf_alloc=args.buf_alloc,
+        stop_on_disconnect=True,
+    )
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        device.stop()
+
+    def ready() -> None:
+        if args.ready_fd is not None:
+            with contextlib.suppress(OSError):
+                os.write(args.ready_fd, b"READY\n")
+            with contextlib.suppress(OSError):
+                os.close(args.ready_fd)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    try:
+        device.serve(on_ready=ready)
+    finally:
+        device.close()
+    return 0

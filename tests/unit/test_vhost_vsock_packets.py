@@ -1,0 +1,639 @@
+"""virtio-vsock packet protocol of the vhost-user-vsock device, driven by the fake driver.
+
+Each test plays the guest (the fake driver) and the host (real Unix sockets in the Firecracker
+hybrid convention) against a device running on its thread.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice, connect_hybrid
+from vzkit.backends.qemu.vhost_vsock._fakedriver import FakeDriver
+from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
+from vzkit.backends.qemu.vhost_vsock._packet import (
+    HOST_CID,
+    SHUTDOWN_RCV,
+    SHUTDOWN_SEND,
+    TYPE_STREAM,
+    Op,
+)
+
+BUF = 256 * 1024
+_SOCKETS: list[socket.socket] = []
+
+
+@pytest.fixture(autouse=True)
+def close_sockets() -> Iterator[None]:
+    """Sockets the helpers below make are closed when the test ends."""
+    yield
+    while _SOCKETS:
+        _SOCKETS.pop().close()
+
+
+def tracked(sock: socket.socket) -> socket.socket:
+    _SOCKETS.append(sock)
+    return sock
+
+
+@pytest.fixture
+def uds(tmp_path: Path) -> Path:
+    return tmp_path / "v.sock"
+
+
+@pytest.fixture
+def pair(uds: Path) -> Iterator[tuple[VhostUserVsockDevice, FakeDriver]]:
+    with attached(uds, connect_timeout_s=1.0) as pair:
+        yield pair
+
+
+def host_listen(uds: Path, port: int) -> socket.socket:
+    sock = tracked(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    sock.bind(f"{uds}_{port}")
+    sock.listen(128)
+    sock.settimeout(5)
+    return sock
+
+
+def start_host_connect(uds: Path, port: int) -> socket.socket:
+    sock = tracked(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    sock.settimeout(5)
+    sock.connect(str(uds))
+    sock.sendall(b"CONNECT %d\n" % port)
+    return sock
+
+
+def read_line(sock: socket.socket) -> bytes:
+    line = b""
+    while not line.endswith(b"\n"):
+        byte = sock.recv(1)
+        if not byte:
+            return line
+        line += byte
+    return line
+
+
+def host_connection(
+    uds: Path, fake: FakeDriver, port: int, guest_buf: int = BUF
+) -> tuple[socket.socket, GuestConn]:
+    """Host connects to guest ``port``; the fake guest accepts."""
+    sock = start_host_connect(uds, port)
+    (req,) = fake.recv(ops=[Op.REQUEST])
+    conn = GuestConn(fake, port, req.src_port, guest_buf)
+    conn.peer_buf_alloc, conn.peer_fwd_cnt = req.buf_alloc, req.fwd_cnt
+    conn.control(Op.RESPONSE)
+    line = read_line(sock)
+    assert line == b"OK %d\n" % req.src_port
+    return sock, conn
+
+
+def guest_connection(
+    uds: Path,
+    fake: FakeDriver,
+    port: int,
+    guest_port: int = 1024,
+    listener: socket.socket | None = None,
+) -> tuple[socket.socket, GuestConn]:
+    """The fake guest connects to host ``port``; the host accepts."""
+    lst = listener or host_listen(uds, port)
+    conn = GuestConn(fake, guest_port, port)
+    conn.control(Op.REQUEST)
+    conn.wait(lambda: any(p.op == Op.RESPONSE for p in conn.packets))
+    sock, _ = lst.accept()
+    tracked(sock).settimeout(5)
+    if listener is None:
+        lst.close()
+    return sock, conn
+
+
+def recv_all(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(1 << 20, n - len(buf)))
+        if not chunk:
+            break
+        buf += chunk
+    return bytes(buf)
+
+
+# -- host-initiated ------------------------------------------------------------------------
+
+
+def test_host_connect_sends_request_with_our_credit(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock = start_host_connect(uds, 52)
+    (req,) = fake.recv(ops=[Op.REQUEST])
+    assert (req.src_cid, req.dst_cid, req.dst_port, req.type) == (HOST_CID, 3, 52, TYPE_STREAM)
+    assert req.src_port >= 1 << 30
+    assert req.buf_alloc == BUF
+    assert (req.fwd_cnt, req.len) == (0, 0)
+    fake.send(Op.RESPONSE, 52, req.src_port)
+    assert read_line(sock) == b"OK %d\n" % req.src_port
+    sock.close()
+
+
+def test_host_connect_then_data_both_ways(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = host_connection(uds, fake, 52)
+    sock.sendall(b"ping from host")
+    assert conn.recv_exactly(14) == b"ping from host"
+    conn.send(b"pong from guest")
+    assert recv_all(sock, 15) == b"pong from guest"
+    sock.close()
+
+
+def test_host_connect_to_port_nobody_listens_on_is_refused_promptly(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    dev, fake = pair
+    result: list[BaseException] = []
+
+    def client() -> None:
+        try:
+            connect_hybrid(uds, 99, timeout=5)
+        except BaseException as err:
+            result.append(err)
+
+    thread = threading.Thread(target=client)
+    t0 = time.monotonic()
+    thread.start()
+    (req,) = fake.recv(ops=[Op.REQUEST])
+    fake.send(Op.RST, 99, req.src_port)
+    thread.join(5)
+    assert time.monotonic() - t0 < 2
+    assert len(result) == 1
+    assert isinstance(result[0], ConnectionRefusedError)
+    assert dev.connections == 0
+    assert dev.stats.connections_refused == 1
+
+
+def test_host_connect_times_out_when_guest_never_answers(uds: Path) -> None:
+    with attached(uds, connect_timeout_s=0.3) as (dev, fake):
+        sock = start_host_connect(uds, 52)
+        (req,) = fake.recv(ops=[Op.REQUEST])
+        assert sock.recv(10) == b""  # closed after the timeout, no OK
+        (rst,) = fake.recv(ops=[Op.RST])
+        assert (rst.src_port, rst.dst_port) == (req.src_port, 52)
+        assert dev.connections == 0
+
+
+def test_host_connect_waits_for_the_guest_driver(uds: Path) -> None:
+    with attached(uds, setup=False) as (_dev, fake):
+        sock = start_host_connect(uds, 52)
+        time.sleep(0.1)
+        fake.setup()
+        fake.post_rx()
+        (req,) = fake.recv(ops=[Op.REQUEST])
+        fake.send(Op.RESPONSE, 52, req.src_port)
+        assert read_line(sock).startswith(b"OK ")
+
+
+def test_host_data_sent_before_ok_reaches_the_guest_after_response(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock = tracked(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
+    sock.settimeout(5)
+    sock.connect(str(uds))
+    sock.sendall(b"CONNECT 52\nearly bytes")
+    (req,) = fake.recv(ops=[Op.REQUEST])
+    conn = GuestConn(fake, 52, req.src_port)
+    assert fake.expect_silence(0.1) == []  # nothing before the guest accepts
+    conn.control(Op.RESPONSE)
+    assert read_line(sock) == b"OK %d\n" % req.src_port
+    assert conn.recv_exactly(11) == b"early bytes"
+
+
+def test_response_for_an_established_connection_resets_it(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = host_connection(uds, fake, 52)
+    conn.control(Op.RESPONSE)
+    conn.wait(lambda: conn.reset)
+    assert recv_all(sock, 1) == b""
+
+
+# -- guest-initiated -----------------------------------------------------------------------
+
+
+def test_guest_connect_reaches_host_listener(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    resp = next(p for p in conn.packets if p.op == Op.RESPONSE)
+    assert (resp.src_cid, resp.dst_cid, resp.src_port, resp.dst_port) == (2, 3, 7000, 1024)
+    conn.send(b"hello host")
+    assert recv_all(sock, 10) == b"hello host"
+    sock.sendall(b"hello guest")
+    assert conn.recv_exactly(11) == b"hello guest"
+
+
+def test_guest_connect_to_port_without_listener_gets_rst(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    dev, fake = pair
+    fake.send(Op.REQUEST, 1024, 7001)
+    (rst,) = fake.recv(ops=[Op.RST, Op.RESPONSE])
+    assert rst.op == Op.RST
+    assert (rst.src_port, rst.dst_port) == (7001, 1024)
+    assert dev.connections == 0
+
+
+def test_duplicate_request_resets_the_connection(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    conn.control(Op.REQUEST)
+    conn.wait(lambda: conn.reset)
+    assert recv_all(sock, 1) == b""
+    assert dev.connections == 0
+
+
+def test_guest_rst_closes_the_host_stream(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = host_connection(uds, fake, 52)
+    conn.control(Op.RST)
+    assert recv_all(sock, 1) == b""
+    assert fake.expect_silence(0.1) == []  # no RST answers an RST
+
+
+# -- bad packets ---------------------------------------------------------------------------
+
+
+def test_rw_for_unknown_connection_gets_rst(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    dev, fake = pair
+    fake.send(Op.RW, 1030, 52, b"data")
+    (rst,) = fake.recv(ops=[Op.RST])
+    assert (rst.src_port, rst.dst_port) == (52, 1030)
+    assert dev.stats.dropped_packets == 1
+
+
+def test_rst_for_unknown_connection_is_ignored(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    fake.send(Op.RST, 1030, 52)
+    fake.wait_tx_done()
+    assert fake.expect_silence(0.1) == []
+
+
+@pytest.mark.parametrize("op", [0, 8, 99, 0xFFFF])
+def test_unknown_op_gets_rst(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver], op: int
+) -> None:
+    _dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    fake.send(op, 1024, 7000)
+    conn.wait(lambda: conn.reset)
+    assert recv_all(sock, 1) == b""
+
+
+def test_seqpacket_type_gets_rst(uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]) -> None:
+    _dev, fake = pair
+    host_listen(uds, 7000)
+    fake.send(Op.REQUEST, 1024, 7000, type_=2)
+    (rst,) = fake.recv(ops=[Op.RST, Op.RESPONSE])
+    assert rst.op == Op.RST
+
+
+@pytest.mark.parametrize(("src_cid", "dst_cid"), [(4, 2), (3, 3), (3, 1), (2, 2)])
+def test_wrong_cids_are_dropped_silently(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver], src_cid: int, dst_cid: int
+) -> None:
+    dev, fake = pair
+    lst = host_listen(uds, 7000)
+    lst.settimeout(0.1)
+    fake.send(Op.REQUEST, 1024, 7000, src_cid=src_cid, dst_cid=dst_cid)
+    fake.wait_tx_done()
+    assert fake.expect_silence(0.1) == []
+    with pytest.raises(TimeoutError):
+        lst.accept()
+    assert dev.stats.dropped_packets == 1
+
+
+def test_rw_longer_than_its_chain_is_dropped_and_resets(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    fake.send(Op.RW, 1024, 7000, b"short", length=4096, buf_alloc=BUF)
+    conn.wait(lambda: conn.reset)
+    sock.settimeout(2)
+    assert recv_all(sock, 1) == b""  # nothing of the bad packet was forwarded
+
+
+def test_rw_over_64k_is_rejected(uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]) -> None:
+    _dev, _fake = pair
+    with attached(uds.with_name("w.sock"), buf_alloc=1 << 20) as (dev2, fake2):
+        sock, conn = guest_connection(dev2.uds_path, fake2, 7000)
+        conn.peer_buf_alloc = 1 << 20
+        fake2.send(Op.RW, 1024, 7000, b"x" * (64 * 1024 + 1))
+        conn.wait(lambda: conn.reset)
+        assert recv_all(sock, 1) == b""
+
+
+def test_short_packet_without_full_header_is_dropped(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    dev, fake = pair
+    fake.tx.add(readable=[b"\x01" * 20])
+    fake.wait_tx_done()
+    assert fake.expect_silence(0.1) == []
+    assert dev.stats.dropped_packets == 1
+
+
+def test_rw_before_connect_resets(uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]) -> None:
+    _dev, fake = pair
+    sock = start_host_connect(uds, 52)
+    (req,) = fake.recv(ops=[Op.REQUEST])
+    fake.send(Op.RW, 52, req.src_port, b"too early")
+    (rst,) = fake.recv(ops=[Op.RST])
+    assert rst.dst_port == 52
+    assert recv_all(sock, 1) == b""
+
+
+# -- credit --------------------------------------------------------------------------------
+
+
+def test_device_never_exceeds_guest_credit_and_resumes_on_update(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = host_connection(uds, fake, 52, guest_buf=16 * 1024)
+    conn.reading = False  # the guest application stops reading
+    sock.setblocking(False)
+    sent = 0
+    payload = os.urandom(1 << 20)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # flood until the host socket pushes back
+        try:
+            sent += sock.send(payload[sent % len(payload) :][: 64 * 1024])
+        except BlockingIOError:
+            fake.poll_rx()
+            time.sleep(0.01)
+    fake.poll_rx()
+    assert len(conn.received) == 16 * 1024  # exactly the credit, not a byte more
+    assert sent > len(conn.received)  # the rest waits in the host socket, not in the device
+    assert any(p.op == Op.CREDIT_REQUEST for p in conn.packets)
+    conn.reading = True
+    conn.consume()
+    conn.credit_update()
+    conn.wait(lambda: len(conn.received) >= 32 * 1024)
+
+
+def test_credit_request_is_answered_with_credit_update(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    conn.send(b"x" * 1000)
+    assert recv_all(sock, 1000) == b"x" * 1000
+    conn.control(Op.CREDIT_REQUEST)
+    conn.wait(lambda: any(p.op == Op.CREDIT_UPDATE for p in conn.packets))
+    update = next(p for p in conn.packets if p.op == Op.CREDIT_UPDATE)
+    assert update.buf_alloc == BUF
+    assert update.fwd_cnt == 1000
+
+
+def test_guest_exceeding_credit_is_reset(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    dev, fake = pair
+    _sock, conn = guest_connection(uds, fake, 7000)
+    chunk = b"y" * (64 * 1024)
+    for _ in range(10):  # 640 KiB: more than the credit plus what the host socket absorbs
+        fake.send(Op.RW, 1024, 7000, chunk)
+    conn.wait(lambda: conn.reset)
+    assert dev.stats.credit_violations == 1
+
+
+def test_host_not_reading_bounds_device_memory_and_updates_follow_reads(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    data = os.urandom(2 << 20)
+    sender = threading.Thread(target=conn.send, args=(data, 30.0))
+    sender.start()
+    time.sleep(0.3)
+    stuck = conn.tx_cnt
+    assert stuck < len(data)  # the guest is held back by credit
+    time.sleep(0.2)
+    assert conn.tx_cnt == stuck  # and stays held back while the host does not read
+    assert stuck - conn.peer_fwd_cnt <= BUF
+    got = recv_all(sock, len(data))
+    sender.join(10)
+    assert got == data
+
+
+def test_credit_update_when_host_drains(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    data = os.urandom(BUF * 4)
+    sender = threading.Thread(target=conn.send, args=(data,))
+    sender.start()
+    assert recv_all(sock, len(data)) == data
+    sender.join(10)
+    assert sum(p.op == Op.CREDIT_UPDATE for p in conn.packets) >= 4
+
+
+@pytest.mark.parametrize("window", [4096, 16 * 1024, 100_000])
+@pytest.mark.parametrize("slow_host", [False, True])
+def test_guest_using_a_smaller_window_never_stalls(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver], window: int, slow_host: bool
+) -> None:
+    """Linux bounds its send window by its own buffer size: updates must not wait for more."""
+    _dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    conn.window = window
+    data = os.urandom(1 << 20)
+    sender = threading.Thread(target=conn.send, args=(data, 20.0, 8192))
+    sender.start()
+    if slow_host:
+        time.sleep(0.2)  # everything the guest may send waits in the device first
+    assert recv_all(sock, len(data)) == data
+    sender.join(20)
+    assert not sender.is_alive()
+
+
+# -- shutdown ------------------------------------------------------------------------------
+
+
+def test_guest_half_close_then_host_still_sends(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = host_connection(uds, fake, 52)
+    conn.send(b"request")
+    conn.control(Op.SHUTDOWN, SHUTDOWN_SEND)
+    assert recv_all(sock, 100) == b"request"  # then EOF
+    sock.sendall(b"response")
+    assert conn.recv_exactly(8) == b"response"
+    sock.close()
+    conn.wait(lambda: conn.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND)
+
+
+def test_host_half_close_then_guest_still_sends(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    sock.sendall(b"question")
+    sock.shutdown(socket.SHUT_WR)
+    conn.wait(lambda: conn.peer_shutdown & SHUTDOWN_SEND != 0)
+    assert conn.peer_shutdown == SHUTDOWN_SEND  # half: the host still receives
+    assert conn.recv_exactly(8) == b"question"
+    conn.send(b"answer")
+    assert recv_all(sock, 6) == b"answer"
+
+
+def test_guest_full_shutdown_is_answered_with_rst(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    dev, fake = pair
+    sock, conn = host_connection(uds, fake, 52)
+    conn.send(b"bye")
+    conn.control(Op.SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
+    conn.wait(lambda: conn.reset)
+    assert recv_all(sock, 100) == b"bye"
+    assert dev.connections == 0
+
+
+def test_host_close_sends_full_shutdown_and_guest_rst_ends_it(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    sock.sendall(b"last words")
+    sock.close()
+    conn.wait(lambda: conn.peer_shutdown == SHUTDOWN_RCV | SHUTDOWN_SEND)
+    assert bytes(conn.received) == b"last words"
+    conn.control(Op.RST)
+    deadline = time.monotonic() + 2
+    while dev.connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dev.connections == 0
+
+
+def test_host_close_without_guest_rst_is_reset_after_timeout(uds: Path) -> None:
+    with attached(uds) as (dev, fake):
+        dev._muxer.close_timeout_s = 0.2
+        sock, conn = guest_connection(uds, fake, 7000)
+        sock.close()
+        conn.wait(lambda: conn.reset, timeout=3)
+        assert dev.connections == 0
+
+
+def test_host_close_while_guest_sends_resets(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    sock, conn = guest_connection(uds, fake, 7000)
+    sock.close()
+    conn.wait(lambda: conn.peer_shutdown != 0)
+    fake.send(Op.RW, 1024, 7000, b"into the void")
+    conn.wait(lambda: conn.reset)
+
+
+# -- many connections ----------------------------------------------------------------------
+
+
+def test_64_concurrent_connections_both_ways(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    dev, fake = pair
+    lst = host_listen(uds, 7000)
+    pairs = [guest_connection(uds, fake, 7000, 2000 + i, listener=lst) for i in range(32)]
+    pairs += [host_connection(uds, fake, 52 + i) for i in range(32)]
+    payloads = [os.urandom(20_000 + i) for i in range(64)]
+    for (sock, _), data in zip(pairs, payloads, strict=True):
+        sock.sendall(data)
+    for (_, conn), data in zip(pairs, payloads, strict=True):
+        conn.send(data[::-1])
+    for (sock, conn), data in zip(pairs, payloads, strict=True):
+        assert conn.recv_exactly(len(data)) == data
+        assert recv_all(sock, len(data)) == data[::-1]
+    assert dev.connections == 64
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def test_connect_close_churn_leaks_nothing(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    dev, fake = pair
+    lst = host_listen(uds, 7000)
+    threads = threading.active_count()
+    fds = _open_fds()
+    for i in range(500):  # guest-initiated: connect, one byte each way, full close
+        sock, conn = guest_connection(uds, fake, 7000, 3000 + i, listener=lst)
+        conn.send(b"g")
+        assert sock.recv(1) == b"g"
+        conn.control(Op.SHUTDOWN, SHUTDOWN_RCV | SHUTDOWN_SEND)
+        conn.wait(lambda conn=conn: conn.reset)  # type: ignore[misc]
+        sock.close()
+        conn.close()
+    for _ in range(500):  # host-initiated: connect, close from the host, guest RSTs
+        sock, conn = host_connection(uds, fake, 52)
+        sock.close()
+        conn.wait(lambda conn=conn: conn.peer_shutdown == 3)  # type: ignore[misc]
+        conn.control(Op.RST)
+        conn.close()
+    deadline = time.monotonic() + 2
+    while dev.connections and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert dev.connections == 0
+    assert _open_fds() == fds
+    assert threading.active_count() == threads
+    assert dev.stats.connections_opened == dev.stats.connections_closed == 1000
+
+
+# -- rx starvation -------------------------------------------------------------------------
+
+
+def test_control_packets_wait_for_rx_buffers(uds: Path) -> None:
+    with attached(uds, post_rx=False) as (_dev, fake):
+        for i in range(10):
+            fake.send(Op.RW, 1100 + i, 52, b"?")  # each earns an RST
+        fake.wait_tx_done()
+        assert fake.expect_silence(0.1) == []
+        fake.post_rx(4)
+        rsts = fake.recv(10, ops=[Op.RST])
+        assert [p.dst_port for p in rsts] == [1100 + i for i in range(10)]
+
+
+def test_tx_is_held_back_while_control_backlog_is_full(uds: Path) -> None:
+    from vzkit.backends.qemu.vhost_vsock._vsock import CTRL_LIMIT
+
+    with attached(uds, post_rx=False) as (_dev, fake):
+        for i in range(CTRL_LIMIT + 60):
+            fake.send(Op.RW, 1100 + i % 60000, 52, b"?")
+        time.sleep(0.2)
+        assert len(fake.tx.chains) > 0  # the device stopped consuming tx
+        fake.post_rx()
+        got = len(fake.recv(CTRL_LIMIT + 60, ops=[Op.RST], timeout=20))
+        fake.wait_tx_done()
+        assert got == CTRL_LIMIT + 60
