@@ -48,6 +48,14 @@ class VhostUserVsockDevice:
 
     ``uds_path`` is the hybrid socket (host programs connect there and write
     ``CONNECT <port>\\n``; guest connections to host port P go to ``<uds_path>_<P>``).
+    The front-end is ``vhost_socket`` (connected) or ``vhost_path`` (listened on).
+    ``buf_alloc`` is the receive buffer advertised per connection (and the bound on what the
+    device holds for a host that does not read); a host connection waits
+    ``connect_timeout_s`` for the guest to accept and ``handshake_timeout_s`` for its request
+    line. ``event_idx``/``indirect`` choose the ring features offered. With
+    ``stop_on_disconnect`` the loop ends when the front-end hangs up (helper process).
+    ``poll_interval_s`` looks at running rings that often even without a kick (a safety net;
+    None: kicks only).
     """
 
     def __init__(
