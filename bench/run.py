@@ -44,6 +44,20 @@ def wait_for(path: Path, marker: bytes, timeout: float = 120) -> None:
     raise TimeoutError(f"{marker!r} not in {path} after {timeout} s")
 
 
+def guest_config(image: GuestImage, **overrides: Any) -> vzkit.LinuxVMConfig:
+    """The benchmarked guest: 1 CPU, 0.5 GB, no NIC, the image's kernel and initramfs."""
+    settings: dict[str, Any] = {
+        "arch": image.arch,
+        "cpus": 1,
+        "memory_gb": 0.5,
+        "kernel_path": image.kernel,
+        "initrd_path": image.initrd,
+        "cmdline": image.cmdline(),
+        "network": vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
+    }
+    return vzkit.LinuxVMConfig(**{**settings, **overrides})
+
+
 def raw_qemu_boot(image: GuestImage, workdir: Path) -> tuple[float, float]:
     """A hand-written QEMU command line booting the same kernel and initrd."""
     arch = vzkit.Arch(image.arch)
@@ -71,17 +85,7 @@ def raw_qemu_boot(image: GuestImage, workdir: Path) -> tuple[float, float]:
 
 
 def vzkit_boot(image: GuestImage, workdir: Path) -> tuple[float, float]:
-    cfg = vzkit.LinuxVMConfig(
-        arch=image.arch,
-        cpus=1,
-        memory_gb=0.5,
-        kernel_path=image.kernel,
-        initrd_path=image.initrd,
-        cmdline=image.cmdline(),
-        network=vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
-        entropy=False,
-        balloon=False,
-    )
+    cfg = guest_config(image, entropy=False, balloon=False)  # the raw command's devices
     t0 = time.perf_counter()
     vm = vzkit.VirtualMachine(cfg, backend="qemu")
     try:
@@ -99,15 +103,7 @@ def vzkit_boot(image: GuestImage, workdir: Path) -> tuple[float, float]:
 
 def agent_ready(image: GuestImage, workdir: Path) -> tuple[float, float]:
     """VirtualMachine created → the agent answers (what every vm.guest call waits for)."""
-    cfg = vzkit.LinuxVMConfig(
-        arch=image.arch,
-        cpus=1,
-        memory_gb=0.5,
-        kernel_path=image.kernel,
-        initrd_path=image.initrd,
-        cmdline=image.cmdline(),
-        network=vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
-    )
+    cfg = guest_config(image)
     t0 = time.perf_counter()
     with vzkit.VirtualMachine(cfg, backend="qemu") as vm:
         vm.start(timeout=120)

@@ -140,11 +140,7 @@ class LinuxVMConfig:
             raise ConfigError(f"cmdline must be a string, got {self.cmdline!r}")
         for name in _PATH_FIELDS:
             put(name, _as_path(name, getattr(self, name)))
-        for name in _INPUT_FILES:
-            path: Path | None = getattr(self, name)
-            if path is not None and not path.is_file():
-                what = "does not exist" if not path.exists() else "is not a regular file"
-                raise ConfigError(f"{name}: {str(path)!r} {what}")
+        self.check_inputs()
         if self.kernel_path is None:
             if self.initrd_path is not None:
                 raise ConfigError(
@@ -186,6 +182,15 @@ class LinuxVMConfig:
             )
         if not isinstance(self.accelerator, str):
             raise ConfigError(f"accelerator must be a string, got {self.accelerator!r}")
+
+    def check_inputs(self) -> None:
+        """Raise :class:`ConfigError` naming the first input file (kernel, initrd, disk, ISO)
+        that is missing. Runs at construction, and again at start: files can vanish."""
+        for name in _INPUT_FILES:
+            path: Path | None = getattr(self, name)
+            if path is not None and not path.is_file():
+                what = "does not exist" if not path.exists() else "is not a regular file"
+                raise ConfigError(f"{name}: {str(path)!r} {what}")
 
     # -- derived ------------------------------------------------------------------------
 

@@ -13,6 +13,7 @@ for something it lacks raises :class:`~vzkit.errors.UnsupportedError`, never a s
 from __future__ import annotations
 
 import enum
+import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,7 +25,7 @@ from .._state import VMState
 if TYPE_CHECKING:
     from .._config import LinuxVMConfig
 
-__all__ = ["Backend", "BalloonInfo", "Feature", "Machine", "StateListener"]
+__all__ = ["Backend", "BalloonInfo", "Feature", "Machine", "StateListener", "notify_state"]
 
 
 class Feature(enum.StrEnum):
@@ -53,6 +54,14 @@ class BalloonInfo:
 
 
 StateListener = Callable[[VMState, VMState], None]
+
+
+def notify_state(listener: StateListener, old: VMState, new: VMState) -> None:
+    """Tell ``listener`` about a transition; a listener's bug never breaks a machine."""
+    try:
+        listener(old, new)
+    except Exception:
+        logging.getLogger(__name__).exception("state listener failed on %s -> %s", old, new)
 
 
 class Machine(Protocol):

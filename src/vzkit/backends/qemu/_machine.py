@@ -30,8 +30,8 @@ from ..._disk import DiskFormat, detect_disk_format
 from ..._network import NetworkMode
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
-from ...errors import ConfigError, UnsupportedError, VMError
-from .._protocol import BalloonInfo, StateListener
+from ...errors import UnsupportedError, VMError
+from .._protocol import BalloonInfo, StateListener, notify_state
 from . import _argv, _discover
 
 __all__ = ["QemuMachine"]
@@ -178,20 +178,9 @@ class QemuMachine:
         if old is new:
             return
         self._state = new
-        try:
-            self._on_state(old, new)
-        except Exception:  # a listener's bug must not break the VM's bookkeeping
-            log.exception("state listener failed on %s -> %s", old, new)
+        notify_state(self._on_state, old, new)
 
     # -- start -----------------------------------------------------------------------------
-
-    def _check_inputs(self) -> None:
-        """Files can vanish between config construction and start: check again, by name."""
-        cfg = self.config
-        for name in ("kernel_path", "initrd_path", "disk_path", "iso_path"):
-            path: Path | None = getattr(cfg, name)
-            if path is not None and not path.is_file():
-                raise ConfigError(f"{name}: {str(path)!r} does not exist")
 
     async def _plan(self, qmp_fd: int, agent_fd: int) -> _argv.Plan:
         cfg = self.config
@@ -228,7 +217,7 @@ class QemuMachine:
     async def start(self) -> None:
         if self._state not in (VMState.STOPPED, VMState.ERROR):
             raise VMError(f"cannot start a VM that is {self._state.value}")
-        self._check_inputs()
+        self.config.check_inputs()
         self._set_state(VMState.STARTING)
         self._stopped = asyncio.Event()
         self._expect_exit = False

@@ -24,8 +24,8 @@ from typing import Any
 
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._state import VMState
-from ...errors import ConfigError, StateError, VMError, VzkitError
-from .._protocol import BalloonInfo, StateListener
+from ...errors import StateError, VMError, VzkitError
+from .._protocol import BalloonInfo, StateListener, notify_state
 from . import _build, _lifecycle
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, vm_delegate
@@ -101,10 +101,7 @@ class VzMachine:
         if old is new:
             return
         self._state = new
-        try:
-            self._on_state(old, new)
-        except Exception:  # a listener's bug must not break the VM's bookkeeping
-            log.exception("state listener failed on %s -> %s", old, new)
+        notify_state(self._on_state, old, new)
 
     # -- callbacks from the VM's queue -----------------------------------------------------
 
@@ -130,13 +127,6 @@ class VzMachine:
 
     # -- building the VM -------------------------------------------------------------------
 
-    def _check_inputs(self) -> None:
-        cfg = self.config
-        for name in ("kernel_path", "initrd_path", "disk_path", "iso_path"):
-            path: Path | None = getattr(cfg, name)
-            if path is not None and not path.is_file():
-                raise ConfigError(f"{name}: {str(path)!r} does not exist")
-
     def _open_pty(self) -> tuple[int, int]:
         master, slave = os.openpty()
         self._pty_fds = [master, slave]
@@ -146,7 +136,7 @@ class VzMachine:
 
     def _prepare(self) -> None:
         """Build, validate and create the VM (stopped) with its delegate."""
-        self._check_inputs()
+        self.config.check_inputs()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         console_fds = self._open_pty() if self.config.console is ConsoleMode.PTY else None
         vz_config = _build.build_linux_vm_config(
