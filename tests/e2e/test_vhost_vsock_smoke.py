@@ -39,10 +39,8 @@ def build_vsock_echo(arch: str) -> Path:
     out = user_cache_dir() / "vsock-echo" / f"vsock-echo-{arch}-{digest}"
     if out.exists():
         return out
-    try:
-        import ziglang  # noqa: F401
-    except ImportError:
-        pytest.skip("ziglang is not installed (pip install ziglang) to build the guest tool")
+    import ziglang  # noqa: F401  (a dependency: missing means a broken install, not a skip)
+
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     subprocess.run(

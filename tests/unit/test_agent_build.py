@@ -19,10 +19,7 @@ PT_DYNAMIC, PT_INTERP = 2, 3
 
 
 def _build(arch: str, out: Path | None = None, cache: Path | None = None) -> Path:
-    try:
-        zig_command()
-    except GuestError as err:
-        pytest.skip(str(err))
+    zig_command()  # ziglang is a dependency: a missing zig fails the test, never skips it
     root = user_cache_dir()
     return build_agent(arch, out or root / "agent-build", cache_dir=cache or root / "zig")
 
