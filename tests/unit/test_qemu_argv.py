@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -232,3 +233,28 @@ def test_agent_port_is_a_named_virtio_console_port_on_an_inherited_fd(
         "-device", "virtserialport,bus=vser0.0,chardev=agent0,name=org.vzkit.agent.0",
     ]  # fmt: skip
     assert _argv.agent_port_args(Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3)) == []
+
+
+def test_shared_memory_is_a_memfd_backend_the_machine_uses(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", memory_gb=0.5, kernel_path=files["vmlinuz"])
+    cfg = dataclasses.replace(cfg, console="none")
+    plan = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, shared_memory=True)
+    argv = build_argv(plan)
+    assert _opt(argv, "-machine") == ["q35,accel=tcg,memory-backend=mem0"]
+    assert "memory-backend-memfd,id=mem0,size=512M,share=on" in _opt(argv, "-object")
+    plain = build_argv(Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3))
+    assert not any("memory-backend" in a for a in plain)
+
+
+def test_vsock_device_user_space_kernel_or_none(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"], vsock_cid=42)
+    user = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vsock_fd=11)
+    assert _argv.vsock_args(user) == [
+        "-chardev", "socket,id=vsock0-chr,fd=11",
+        "-device", "vhost-user-vsock-pci,id=vsock0,chardev=vsock0-chr",
+    ]  # fmt: skip
+    kernel = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vhost_vsock_kernel=True)
+    assert _argv.vsock_args(kernel) == ["-device", "vhost-vsock-pci,id=vsock0,guest-cid=42"]
+    off = dataclasses.replace(cfg, vsock=False)
+    assert _argv.vsock_args(Plan(config=off, binary=Path("q"), accel="tcg", qmp_fd=3)) == []
+    assert _argv.vsock_args(Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3)) == []

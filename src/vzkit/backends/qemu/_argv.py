@@ -48,6 +48,12 @@ class Plan:
     vnc_socket: Path | None = None
     host_os: str = sys.platform
     machine: str = ""  # derived from the config when empty (see machine_type)
+    #: Guest RAM in a shareable memfd: vhost-user devices (vsock, VirtioFS) map it.
+    shared_memory: bool = False
+    #: The vhost-user-vsock device's socket (an inherited fd), or None for no vsock device.
+    vsock_fd: int | None = None
+    #: Kernel vhost-vsock (``/dev/vhost-vsock``) instead of the user-space device.
+    vhost_vsock_kernel: bool = False
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -90,11 +96,16 @@ def machine_args(plan: Plan) -> list[str]:
     if plan.machine == "virt":
         machine += ",gic-version=max"
     cpu = "host" if plan.accel in ("kvm", "hvf") else "max"
+    memory: list[str] = []
+    if plan.shared_memory:
+        machine += ",memory-backend=mem0"
+        memory = ["-object", f"memory-backend-memfd,id=mem0,size={cfg.memory_mb}M,share=on"]
     return [
         "-machine", machine,
         "-cpu", cpu,
         "-smp", str(cfg.cpus),
         "-m", f"{cfg.memory_mb}M",
+        *memory,
     ]  # fmt: skip
 
 
@@ -232,6 +243,26 @@ def agent_port_args(plan: Plan) -> list[str]:
     ]  # fmt: skip
 
 
+def vsock_args(plan: Plan) -> list[str]:
+    """The guest's vsock device: kernel vhost-vsock, or our vhost-user device on a socket."""
+    if not plan.config.vsock:
+        return []
+    cid = plan.config.vsock_cid
+    if plan.vhost_vsock_kernel:
+        return ["-device", f"{vhost(plan, 'vsock')},id=vsock0,guest-cid={cid}"]
+    if plan.vsock_fd is None:
+        return []
+    return [
+        "-chardev", f"socket,id=vsock0-chr,fd={plan.vsock_fd}",
+        "-device", f"{vhost(plan, 'user-vsock')},id=vsock0,chardev=vsock0-chr",
+    ]  # fmt: skip
+
+
+def vhost(plan: Plan, device: str) -> str:
+    """``vhost-<device>`` on the machine's transport: PCI, or MMIO on microvm."""
+    return f"vhost-{device}-device" if plan.machine == "microvm" else f"vhost-{device}-pci"
+
+
 def display_args(plan: Plan) -> list[str]:
     cfg = plan.config
     if cfg.headless:
@@ -262,6 +293,7 @@ _PIECES = (
     balloon_args,
     console_args,
     agent_port_args,
+    vsock_args,
     display_args,
 )
 
