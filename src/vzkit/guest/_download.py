@@ -176,8 +176,10 @@ def _transfer(
             _copy(response, out, url, size, on_bytes)
             out.flush()
             os.fsync(out.fileno())
-        if total is None and size is not None and part.stat().st_size < size:
-            raise _Interrupted(f"{url}: connection closed early")  # no length: cannot tell
+        # http.client returns b"" rather than raising when a body ends short: compare sizes
+        got, end = part.stat().st_size, total if total is not None else size
+        if end is not None and got < end:
+            raise _Interrupted(f"{url}: connection closed at byte {got} of {end}")
 
 
 def _copy(
