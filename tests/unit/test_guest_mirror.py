@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import lzma
 import os
+import shutil
 import socket
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from vzkit.guest._mirror import (
     DebianMirror,
     DebianSource,
     MirrorError,
+    SignatureError,
     default_sources,
     parse_relation,
     strip_clearsign,
@@ -501,3 +503,41 @@ def test_auto_falls_back_to_the_mirror_when_apt_fails(
     assert debs.kernel.name == f"{KERNEL_V2}_6.1.2-1_amd64.deb"
     with pytest.raises(Exception, match="E: no network"):
         fetch_guest_debs(tmp_path / "debs2", "x86_64", source="apt")
+
+
+SIGNED = Path(__file__).parents[1] / "data" / "debian-signed"
+needs_gpgv = pytest.mark.skipif(shutil.which("gpgv") is None, reason="needs gpgv")
+
+
+def signed_client(fake: FakeMirror, tmp_path: Path, layout: str, keyring: Path) -> DebianMirror:
+    dists = "/debian/dists/bookworm"
+    fake.files[f"{dists}/main/binary-amd64/Packages.gz"] = (SIGNED / "Packages.gz").read_bytes()
+    for name in ("Release", "Release.gpg") if layout == "Release.gpg" else ("InRelease",):
+        fake.files[f"{dists}/{name}"] = (SIGNED / name).read_bytes()
+    source = DebianSource(url=fake.url, suite="bookworm")
+    return DebianMirror([source], "amd64", index_dir=tmp_path / "idx", keyring=keyring)
+
+
+@needs_gpgv
+@pytest.mark.parametrize("layout", ["InRelease", "Release.gpg"])
+def test_signed_release_verifies_with_gpgv(mirror: FakeMirror, tmp_path: Path, layout: str) -> None:
+    client = signed_client(mirror, tmp_path, layout, SIGNED / "keyring.gpg")
+    assert client.lookup("busybox-static").version == "1:1.35.0-4"
+
+
+@needs_gpgv
+@pytest.mark.parametrize("layout", ["InRelease", "Release.gpg"])
+def test_tampered_or_unknown_signature_is_refused(
+    mirror: FakeMirror, tmp_path: Path, layout: str
+) -> None:
+    client = signed_client(mirror, tmp_path, layout, SIGNED / "keyring.gpg")
+    name = "/debian/dists/bookworm/" + ("Release" if layout == "Release.gpg" else "InRelease")
+    mirror.files[name] = mirror.files[name].replace(b"Origin: vzkit", b"Origin: evil!")
+    with pytest.raises(SignatureError, match="bad or unknown signature"):
+        client.load()
+    empty = tmp_path / "empty.gpg"
+    empty.write_bytes(b"")
+    mirror.files[name] = (SIGNED / name.rsplit("/", 1)[1]).read_bytes()
+    client = signed_client(mirror, tmp_path, layout, empty)
+    with pytest.raises(SignatureError, match="bad or unknown signature"):
+        client.load()
