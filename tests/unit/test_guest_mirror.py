@@ -541,3 +541,9 @@ def test_tampered_or_unknown_signature_is_refused(
     client = signed_client(mirror, tmp_path, layout, empty)
     with pytest.raises(SignatureError, match="bad or unknown signature"):
         client.load()
+
+
+def test_a_web_page_instead_of_a_release_file(mirror: FakeMirror, tmp_path: Path) -> None:
+    mirror.files["/debian/dists/bookworm/Release"] = b"<html>\n<body>captive portal</body>\n"
+    with pytest.raises(MirrorError, match=r"dists/bookworm/Release: not a Debian Release file"):
+        fetch(mirror, tmp_path)

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Literal
 
 from .._progress import Progress
+from ..errors import GuestError
 from ._deb import compare_versions, parse_control
 from ._download import DownloadError, download, fetch_bytes
 
@@ -190,6 +191,19 @@ def _gpgv(keyring: Path, url: str, files: dict[str, bytes], args: list[str]) -> 
     return done.stdout
 
 
+def _parse_release(raw: bytes, url: str, *, clearsigned: bool) -> dict[str, str]:
+    try:
+        text = raw.decode()
+        fields = parse_control(strip_clearsign(text, url) if clearsigned else text)
+    except (UnicodeDecodeError, GuestError) as err:
+        if isinstance(err, MirrorError):
+            raise
+        raise MirrorError(f"{url}: not a Debian Release file ({err})", url=url) from err
+    if "SHA256" not in fields:
+        raise MirrorError(f"{url}: not a Debian Release file (no SHA256 list)", url=url)
+    return fields
+
+
 def _parse_hashes(release: dict[str, str]) -> dict[str, tuple[str, int]]:
     hashes = {}
     for line in release.get("SHA256", "").splitlines():
@@ -258,9 +272,11 @@ class DebianMirror:
                 raise
         else:
             if self.keyring is not None:
-                text = _gpgv(self.keyring, inrelease, {"InRelease": raw}, ["-o", "-", "InRelease"])
-                return parse_control(text.decode())
-            return parse_control(strip_clearsign(raw.decode(), inrelease))
+                signed = _gpgv(
+                    self.keyring, inrelease, {"InRelease": raw}, ["-o", "-", "InRelease"]
+                )
+                return _parse_release(signed, inrelease, clearsigned=False)
+            return _parse_release(raw, inrelease, clearsigned=True)
         url = f"{source.dists}/Release"
         try:
             raw = fetch_bytes(url, timeout=self.timeout)
@@ -287,7 +303,7 @@ class DebianMirror:
                 ) from err
             _gpgv(self.keyring, url, {"Release": raw, "Release.gpg": signature},
                   ["Release.gpg", "Release"])  # fmt: skip
-        return parse_control(raw.decode())
+        return _parse_release(raw, url, clearsigned=False)
 
     def _index(self, source: DebianSource, release: dict[str, str]) -> dict[str, list[str]]:
         hashes = _parse_hashes(release)
