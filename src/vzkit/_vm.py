@@ -11,6 +11,7 @@ from ._guest import Guest
 from ._loop import run_sync
 from ._state import VMState
 from ._vmcore import VMCore, VMView
+from ._vsock import Vsock
 from .backends import Backend, BalloonInfo
 from .errors import VzkitError
 
@@ -45,6 +46,7 @@ class VirtualMachine(VMView):
         self._core = VMCore(config, backend)
         self.balloon = Balloon(self._core)
         self.guest = Guest(self._core)
+        self.vsock = Vsock(self._core)
 
     def __repr__(self) -> str:
         return f"<VirtualMachine {self.backend} {self.state.value} pid={self.pid}>"

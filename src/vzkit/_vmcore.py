@@ -11,13 +11,14 @@ import asyncio
 import inspect
 import logging
 import math
+import socket
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
 from ._config import LinuxVMConfig
 from ._state import VMState
-from .backends import Backend, BalloonInfo, Feature, Machine, choose_backend
+from .backends import Backend, BalloonInfo, Feature, Machine, VsockListenerLike, choose_backend
 from .errors import ConfigError, StateError, UnsupportedError, VMTimeoutError, VzkitError
 
 __all__ = ["VMCore", "VMView"]
@@ -165,6 +166,34 @@ class VMCore:
     async def balloon_info(self) -> BalloonInfo:
         self._feature(Feature.BALLOON)
         return await self.machine.balloon_info()
+
+    # -- vsock -----------------------------------------------------------------------------
+
+    def _vsock_ready(self, what: str) -> None:
+        self._feature(Feature.VSOCK)
+        if not self.config.vsock:
+            raise UnsupportedError(
+                "this VM has no vsock device (config vsock=False)",
+                backend=self.backend.name,
+                feature="vsock",
+            )
+        if self.closed or self.machine.state is not VMState.RUNNING:
+            state = "closed" if self.closed else self.machine.state.value
+            raise StateError(f"vsock {what} needs a running VM (it is {state})")
+
+    async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
+        self._vsock_ready("connect")
+        try:
+            return await _within(timeout, f"vsock connect to port {port}",
+                                 self.machine.vsock_connect(port, timeout))  # fmt: skip
+        except TimeoutError as err:
+            if isinstance(err, VMTimeoutError):
+                raise
+            raise VMTimeoutError(f"vsock connect to port {port} timed out") from err
+
+    async def vsock_listen(self, port: int) -> VsockListenerLike:
+        self._vsock_ready("listen")
+        return await self.machine.vsock_listen(port)
 
     @property
     def console_log_path(self) -> Path | None:

@@ -12,6 +12,7 @@ from ._config import LinuxVMConfig
 from ._loop import wrap
 from ._state import VMState
 from ._vmcore import VMCore, VMView
+from ._vsock import AsyncVsock
 from .backends import Backend, BalloonInfo
 
 __all__ = ["Balloon", "VirtualMachine"]
@@ -34,6 +35,7 @@ class VirtualMachine(VMView):
     def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
         self._core = VMCore(config, backend)
         self.balloon = Balloon(self._core)
+        self.vsock = AsyncVsock(self._core)
 
     async def start(self, timeout: float | None = None) -> None:
         await wrap(self._core.start(timeout))

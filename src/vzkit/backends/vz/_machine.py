@@ -29,7 +29,7 @@ from .._protocol import BalloonInfo, StateListener, notify_state
 from . import _build, _lifecycle
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, vm_delegate
-from ._vsock import VsockManager
+from ._vsock import VsockListener, VsockManager
 
 #: The vzkit guest agent's vsock port.
 AGENT_VSOCK_PORT = 1024
@@ -288,6 +288,12 @@ class VzMachine:
         return self._vsock
 
     agent_on_console = False
+
+    async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
+        return await asyncio.to_thread(self.vsock.connect, port, timeout)
+
+    async def vsock_listen(self, port: int) -> VsockListener:
+        return self.vsock.listen(port)
 
     async def open_agent_socket(self) -> socket.socket:
         """A vsock connection to the guest agent (port 1024); the caller owns it."""
