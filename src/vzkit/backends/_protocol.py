@@ -24,8 +24,17 @@ from .._state import VMState
 
 if TYPE_CHECKING:
     from .._config import LinuxVMConfig
+    from .._macconfig import MacVMConfig
 
-__all__ = ["Backend", "BalloonInfo", "Feature", "Machine", "StateListener", "notify_state"]
+__all__ = [
+    "Backend",
+    "BalloonInfo",
+    "Feature",
+    "MacBackend",
+    "Machine",
+    "StateListener",
+    "notify_state",
+]
 
 
 class Feature(enum.StrEnum):
@@ -37,6 +46,7 @@ class Feature(enum.StrEnum):
     SHARES = "shares"
     SNAPSHOTS = "snapshots"
     GRAPHICS = "graphics"
+    MACOS_GUESTS = "macos-guests"  # MacVMConfig (the backend then also is a MacBackend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,3 +140,10 @@ class Backend(Protocol):
 
     def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> Machine:
         """A stopped machine for ``config``; nothing is started, no process spawned."""
+
+
+class MacBackend(Backend, Protocol):
+    """A backend with :attr:`Feature.MACOS_GUESTS`: it also boots installed macOS guests."""
+
+    def create_mac_machine(self, config: MacVMConfig, on_state: StateListener) -> Machine:
+        """A stopped machine for the macOS guest installed in ``config.vm_dir``."""
