@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from ..._config import ConsoleMode, LinuxVMConfig
-from ..._display import DisplayConfig, default_linux_display_config
+from ..._display import DisplayConfig, default_display_config, default_linux_display_config
+from ..._macconfig import MacVMConfig
 from ..._network import NetworkConfig, NetworkMode
 from ..._state import host_arch
 from ..._volume import VolumeMount, assign_volume_tags
@@ -284,9 +285,14 @@ def _stable_mac(state_dir: Path | None) -> str | None:
 
 def network_to_vz(cfg: LinuxVMConfig, state_dir: Path | None) -> list[Any]:
     """No device for ``none``; else one NIC whose MAC is kept in ``state_dir`` across boots."""
-    if cfg.network.mode is NetworkMode.NONE:
+    return network_devices_to_vz(cfg.network, state_dir)
+
+
+def network_devices_to_vz(network: NetworkConfig, state_dir: Path | None) -> list[Any]:
+    """:func:`network_to_vz` for any guest's :class:`~vzkit.NetworkConfig`."""
+    if network.mode is NetworkMode.NONE:
         return []
-    device = create_network_device(cfg.network, mac_address=_stable_mac(state_dir))
+    device = create_network_device(network, mac_address=_stable_mac(state_dir))
     if state_dir is not None and not (state_dir / MAC_FILE).exists():
         with contextlib.suppress(OSError):
             _write_atomically(
@@ -434,10 +440,11 @@ def create_virtio_graphics_config(displays: Sequence[DisplayConfig]) -> Any:
 
 
 def create_mac_graphics_config(displays: Sequence[DisplayConfig]) -> Any:
-    """A Mac graphics device with the given displays (macOS guests; macOS 12+)."""
+    """A Mac graphics device with the given displays (macOS guests; macOS 12+); none given:
+    the seed's default Mac display (1920x1200 at 144 PPI)."""
     require_macos("12.0", "Mac graphics (VZMacGraphicsDeviceConfiguration)")
     v = vz()
-    shown = list(displays) or [default_linux_display_config()]
+    shown = list(displays) or [default_display_config()]
     cls = v.VZMacGraphicsDisplayConfiguration
     device = v.VZMacGraphicsDeviceConfiguration.alloc().init()
     device.setDisplays_(
@@ -466,7 +473,8 @@ def graphics_to_vz(cfg: LinuxVMConfig) -> tuple[list[Any], list[Any], list[Any]]
 # -- the machine -------------------------------------------------------------------------------
 
 
-def _check_sizes(cfg: LinuxVMConfig) -> tuple[int, int]:
+def check_sizes(cfg: LinuxVMConfig | MacVMConfig) -> tuple[int, int]:
+    """The CPU count and memory size in bytes, inside what this Mac allows."""
     cls = vz().VZVirtualMachineConfiguration
     memory = cfg.memory_mb * MIB
     low, high = int(cls.minimumAllowedMemorySize()), int(cls.maximumAllowedMemorySize())
@@ -507,7 +515,7 @@ def build_linux_vm_config(
             backend="vz",
             feature="arch",
         )
-    cpus, memory = _check_sizes(cfg)
+    cpus, memory = check_sizes(cfg)
     config = vz().VZVirtualMachineConfiguration.alloc().init()
     config.setCPUCount_(cpus)
     config.setMemorySize_(memory)
