@@ -352,3 +352,32 @@ def test_mac_graphics_default_display_is_the_seeds(fake: FakeRuntime) -> None:
     tree = render(fake, vzb.create_mac_graphics_config([]))
     assert tree["displays"][0]["widthInPixels"] == 1920
     assert tree["displays"][0]["heightInPixels"] == 1200
+
+
+def test_cli_info_and_install_with_a_progress_line(
+    fake: FakeRuntime, ipsw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from vzkit.cli import main
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    result = CliRunner().invoke(main, ["macos", "info", str(ipsw)])
+    assert result.exit_code == 0, result.output
+    assert result.output == (
+        "macOS 14.4.1 (23E224)\nneeds at least 2 CPUs and 4096 MiB of memory\n"
+    )
+    vm_dir = tmp_path / "vm"
+    args = ["macos", "install", str(ipsw), str(vm_dir), "--cpus", "2", "--memory", "4"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert result.output.endswith(f"installed macOS 14.4.1 (23E224) in {vm_dir}\n")
+    assert vzkit.MacVMConfig(vm_dir=vm_dir).installed
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 1
+    assert "already holds an installed macOS; replace it with force=True (--force)" in (
+        again.output
+    )
+    too_small = CliRunner().invoke(main, [*args[:3], str(tmp_path / "vm2"), "--cpus", "1"])
+    assert too_small.exit_code == 2
+    assert "needs at least 2 CPUs; the config has 1" in too_small.output

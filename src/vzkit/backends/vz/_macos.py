@@ -437,7 +437,8 @@ def install_macos(
     require_arm64("installing macOS guests (VZMacOSInstaller)", "12.0")
     if cfg.install_record_path.exists() and not force:
         raise StateError(
-            f"{str(cfg.vm_dir)!r} already holds an installed macOS; pass force=True to replace it"
+            f"{str(cfg.vm_dir)!r} already holds an installed macOS; replace it with force=True "
+            "(--force)"
         )
     image = load_restore_image(restore_image)
     info = restore_image_info(image)
