@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gzip
+import hashlib
 import logging
 import os
 import re
+import shutil
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -62,6 +66,7 @@ NVRAM_FILE = "efi.nvram"
 MAC_FILE = "mac-address"
 ENTITLEMENT = "com.apple.security.virtualization"
 MIB = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
@@ -193,10 +198,40 @@ def platform_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
     return platform
 
 
-def linux_boot_loader_to_vz(cfg: LinuxVMConfig) -> Any:
-    """Direct kernel boot: kernel, optional initrd, the command line (or the seed's default)."""
+def kernel_for_vz(kernel: Path, state_dir: Path) -> Path:
+    """The kernel ``VZLinuxBootLoader`` can boot. On Apple silicon it takes only an
+    uncompressed arm64 ``Image``; Debian and most distributions ship it gzip-compressed
+    (``vmlinuz``), so such a kernel is decompressed once into ``state_dir`` (reused while
+    the source is unchanged)."""
+    with open(kernel, "rb") as fh:
+        if fh.read(2) != GZIP_MAGIC:
+            return kernel
+    st = kernel.stat()
+    key = f"{kernel}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+    target = state_dir / f"kernel-{hashlib.sha256(key).hexdigest()[:16]}.img"
+    if target.is_file():
+        return target
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with gzip.open(kernel, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, target)
+    except (OSError, EOFError, zlib.error) as err:
+        raise ConfigError(
+            f"kernel {str(kernel)!r} is gzip-compressed but cannot be decompressed: {err}"
+        ) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("decompressed %s into %s for the Virtualization framework", kernel, target)
+    return target
+
+
+def linux_boot_loader_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
+    """Direct kernel boot: kernel (decompressed if need be), optional initrd, the command
+    line (or the seed's default)."""
     assert cfg.kernel_path is not None
-    loader = vz().VZLinuxBootLoader.alloc().initWithKernelURL_(_url(cfg.kernel_path))
+    kernel = kernel_for_vz(cfg.kernel_path, state_dir)
+    loader = vz().VZLinuxBootLoader.alloc().initWithKernelURL_(_url(kernel))
     if cfg.initrd_path is not None:
         loader.setInitialRamdiskURL_(_url(cfg.initrd_path))
     loader.setCommandLine_(cfg.cmdline or DEFAULT_CMDLINE)
@@ -223,7 +258,9 @@ def efi_boot_loader_to_vz(state_dir: Path) -> Any:
 
 
 def boot_loader_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
-    return linux_boot_loader_to_vz(cfg) if cfg.direct_boot else efi_boot_loader_to_vz(state_dir)
+    if cfg.direct_boot:
+        return linux_boot_loader_to_vz(cfg, state_dir)
+    return efi_boot_loader_to_vz(state_dir)
 
 
 # -- network -----------------------------------------------------------------------------------
