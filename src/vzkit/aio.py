@@ -10,6 +10,7 @@ from types import TracebackType
 
 from ._config import LinuxVMConfig
 from ._loop import wrap
+from ._macconfig import MacVMConfig
 from ._state import VMState
 from ._vmcore import VMCore, VMView
 from ._vsock import AsyncVsock
@@ -32,7 +33,9 @@ class Balloon:
 class VirtualMachine(VMView):
     """``async with vzkit.aio.VirtualMachine(cfg) as vm: await vm.start()``."""
 
-    def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
+    def __init__(
+        self, config: LinuxVMConfig | MacVMConfig, backend: str | Backend = "auto"
+    ) -> None:
         self._core = VMCore(config, backend)
         self.balloon = Balloon(self._core)
         self.vsock = AsyncVsock(self._core)

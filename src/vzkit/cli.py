@@ -18,6 +18,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from . import __version__
+from ._cli_macos import codesign_cmd, macos_group
 from ._config import ConsoleMode, LinuxVMConfig
 from ._disk import DiskFormat, create_disk_image
 from ._display import DisplayList
@@ -502,6 +503,9 @@ def _doctor_qemu() -> None:
         except VzkitError as err:
             click.echo(f"      {guest.value} EFI firmware: {err}")
 
+
+main.add_command(codesign_cmd)
+main.add_command(macos_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -24,11 +24,13 @@ from .._state import VMState
 
 if TYPE_CHECKING:
     from .._config import LinuxVMConfig
+    from .._macconfig import MacVMConfig
 
 __all__ = [
     "Backend",
     "BalloonInfo",
     "Feature",
+    "MacBackend",
     "Machine",
     "StateListener",
     "VsockListenerLike",
@@ -45,6 +47,7 @@ class Feature(enum.StrEnum):
     SHARES = "shares"
     SNAPSHOTS = "snapshots"
     GRAPHICS = "graphics"
+    MACOS_GUESTS = "macos-guests"  # MacVMConfig (the backend then also is a MacBackend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -159,3 +162,10 @@ class Backend(Protocol):
 
     def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> Machine:
         """A stopped machine for ``config``; nothing is started, no process spawned."""
+
+
+class MacBackend(Backend, Protocol):
+    """A backend with :attr:`Feature.MACOS_GUESTS`: it also boots installed macOS guests."""
+
+    def create_mac_machine(self, config: MacVMConfig, on_state: StateListener) -> Machine:
+        """A stopped machine for the macOS guest installed in ``config.vm_dir``."""

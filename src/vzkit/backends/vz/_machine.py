@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 from ..._config import ConsoleMode, LinuxVMConfig
+from ..._macconfig import MacVMConfig
 from ..._state import VMState
 from ...errors import StateError, VMError, VzkitError
 from .._protocol import BalloonInfo, StateListener, notify_state
-from . import _build, _lifecycle
+from . import _build, _lifecycle, _macos
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, vm_delegate
 from ._vsock import VsockListener, VsockManager
@@ -41,9 +42,10 @@ MIB = 1 << 20
 
 
 class VzMachine:
-    """A :class:`~vzkit.backends.Machine` backed by Apple's Virtualization framework."""
+    """A :class:`~vzkit.backends.Machine` backed by Apple's Virtualization framework: a Linux
+    guest, or an installed macOS guest (:class:`~vzkit.MacVMConfig`)."""
 
-    def __init__(self, config: LinuxVMConfig, on_state: StateListener) -> None:
+    def __init__(self, config: LinuxVMConfig | MacVMConfig, on_state: StateListener) -> None:
         self.config = config
         self._on_state = on_state
         self._state = VMState.STOPPED
@@ -78,7 +80,7 @@ class VzMachine:
 
     @property
     def console_log_path(self) -> Path | None:
-        if self.config.console is not ConsoleMode.LOG:
+        if isinstance(self.config, MacVMConfig) or self.config.console is not ConsoleMode.LOG:
             return None
         return self.config.console_log_path or self.state_dir / "console.log"
 
@@ -138,10 +140,13 @@ class VzMachine:
         """Build, validate and create the VM (stopped) with its delegate."""
         self.config.check_inputs()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        console_fds = self._open_pty() if self.config.console is ConsoleMode.PTY else None
-        vz_config = _build.build_linux_vm_config(
-            self.config, state_dir=self.state_dir, console_fds=console_fds
-        )
+        if isinstance(self.config, MacVMConfig):
+            vz_config = _macos.build_macos_vm_config(self.config)
+        else:
+            console_fds = self._open_pty() if self.config.console is ConsoleMode.PTY else None
+            vz_config = _build.build_linux_vm_config(
+                self.config, state_dir=self.state_dir, console_fds=console_fds
+            )
         _build.validate_config(vz_config)
         queue = Queue(f"vzkit.vm.{id(self):x}")
         vm = _lifecycle.create_vm(vz_config, queue)
