@@ -248,23 +248,25 @@ def vsock_args(plan: Plan) -> list[str]:
     """The guest's vsock device: kernel vhost-vsock, or our vhost-user device on a socket.
 
     On PCI machines it sits behind its own root port, so it can be unplugged and plugged
-    again (snapshots: QEMU cannot migrate vhost devices).
+    again: QEMU cannot migrate vhost devices, so snapshots save without it, and a restored
+    VM starts with the empty port (no fd in the plan) and gets a fresh device plugged in.
     """
     if not plan.config.vsock:
         return []
-    if plan.vhost_vsock_fd is not None:
-        cid = plan.vsock_cid or plan.config.vsock_cid
-        args: list[str] = []
-        device = f"{vhost(plan, 'vsock')},id=vsock0,guest-cid={cid},vhostfd={plan.vhost_vsock_fd}"
-    elif plan.vsock_fd is not None:
-        args = ["-chardev", f"socket,id=vsock0-chr,fd={plan.vsock_fd}"]
-        device = f"{vhost(plan, 'user-vsock')},id=vsock0,chardev=vsock0-chr"
-    else:
-        return []
+    args: list[str] = []
     if plan.machine != "microvm":
         args += ["-device", f"pcie-root-port,id={VSOCK_PORT},chassis=31"]
-        device += f",bus={VSOCK_PORT}"
-    return [*args, "-device", device]
+    bus = "" if plan.machine == "microvm" else f",bus={VSOCK_PORT}"
+    if plan.vhost_vsock_fd is not None:
+        cid = plan.vsock_cid or plan.config.vsock_cid
+        args += ["-device", f"{vhost(plan, 'vsock')},id=vsock0,guest-cid={cid},"
+                            f"vhostfd={plan.vhost_vsock_fd}{bus}"]  # fmt: skip
+    elif plan.vsock_fd is not None:
+        args += [
+            "-chardev", f"socket,id=vsock0-chr,fd={plan.vsock_fd}",
+            "-device", f"{vhost(plan, 'user-vsock')},id=vsock0,chardev=vsock0-chr{bus}",
+        ]  # fmt: skip
+    return args
 
 
 VSOCK_PORT = "vsock-port"

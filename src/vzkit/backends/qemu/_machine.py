@@ -43,6 +43,7 @@ MIN_BALLOON_MB = 64
 #: The vzkit guest agent's vsock port.
 AGENT_VSOCK_PORT = 1024
 _QUIT_GRACE_S = 2.0
+_UNPLUG_TIMEOUT_S = 20.0
 _STDERR_TAIL = 2000
 #: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
 _MAX_SOCKET_DIR = 80
@@ -175,7 +176,7 @@ class QemuMachine:
         forced = os.environ.get("VZKIT_AGENT_TRANSPORT", "")
         if forced in ("console", "vsock"):
             return forced
-        return "vsock" if self._vsock is not None else "console"
+        return "vsock" if self._vsock is not None and self._vsock.attached else "console"
 
     async def open_agent_socket(self) -> socket.socket:
         """A new stream to the agent: vsock port 1024, or a duplicate of the console port's
@@ -209,6 +210,74 @@ class QemuMachine:
 
     async def vsock_listen(self, port: int) -> VsockListener:
         return self._require_vsock().listen(port)
+
+    async def detach_vsock(self, timeout: float = _UNPLUG_TIMEOUT_S) -> None:
+        """Unplug the vsock device and stop it (QEMU cannot migrate vhost devices).
+
+        The guest must acknowledge the unplug: at once with ACPI hot-plug (x86_64 q35), about
+        5 s later with PCIe native hot-plug (aarch64 ``virt``: the attention-button delay).
+        Open connections end; listeners stay and serve the device plugged in next.
+        """
+        vsock = self._require_vsock()
+        if not vsock.attached:
+            return
+        if self._argv_machine() == "microvm":
+            raise UnsupportedError(
+                "the vsock device cannot be unplugged on microvm (no PCI hot-plug)",
+                backend="qemu",
+                feature="snapshots",
+            )
+        await self._execute("device_del", {"id": "vsock0"})
+        async with asyncio.timeout(timeout):
+            while "vsock0" in await self._peripherals():
+                await asyncio.sleep(0.05)
+        if not vsock.kernel:
+            await self._execute("chardev-remove", {"id": "vsock0-chr"})
+        await vsock.stop_device()
+
+    async def attach_vsock(self) -> None:
+        """Plug a fresh vsock device into its port (after a save, or into a restored VM)."""
+        vsock = self._require_vsock()
+        qmp = self._qmp
+        if vsock.attached or qmp is None:
+            return
+        bus = {"bus": _argv.VSOCK_PORT}
+        try:
+            await vsock.prepare()
+            if vsock.kernel:
+                assert vsock.kernel_fd is not None
+                qmp.send_fd_scm(vsock.kernel_fd)
+                await self._execute("getfd", {"fdname": "vsock0-vhostfd"})
+                await self._execute("device_add", {
+                    "driver": "vhost-vsock-pci", "id": "vsock0", "guest-cid": vsock.guest_cid,
+                    "vhostfd": "vsock0-vhostfd", **bus})  # fmt: skip
+            else:
+                assert vsock.qemu_fd is not None
+                qmp.send_fd_scm(vsock.qemu_fd)
+                await self._execute("getfd", {"fdname": "vsock0-fd"})
+                await self._execute("chardev-add", {
+                    "id": "vsock0-chr",
+                    "backend": {"type": "socket", "data": {
+                        "addr": {"type": "fd", "data": {"str": "vsock0-fd"}}, "server": False}},
+                })  # fmt: skip
+                await self._execute("device_add", {
+                    "driver": "vhost-user-vsock-pci", "id": "vsock0", "chardev": "vsock0-chr",
+                    **bus})  # fmt: skip
+            vsock.after_spawn()
+            await vsock.wait_ready()
+        except BaseException:
+            await vsock.stop_device()
+            raise
+        vsock.attached = True
+
+    async def _peripherals(self) -> set[str]:
+        devices: list[dict[str, Any]] = await self._execute(
+            "qom-list", {"path": "/machine/peripheral"}
+        )
+        return {str(d.get("name")) for d in devices}
+
+    def _argv_machine(self) -> str:
+        return _argv.machine_type(self.config)
 
     @property
     def stderr_path(self) -> Path:
@@ -253,7 +322,7 @@ class QemuMachine:
             nvram=nvram,
             mac_address=_mac_address(None if self._own_state_dir else state_dir),
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
-            shared_memory=vsock is not None and not vsock.kernel,
+            shared_memory=vsock is not None,
             vsock_fd=vsock.qemu_fd if vsock is not None else None,
             vhost_vsock_fd=vsock.kernel_fd if vsock is not None else None,
             vsock_cid=vsock.guest_cid if vsock is not None else 0,
@@ -275,7 +344,9 @@ class QemuMachine:
             raise
         self._set_state(VMState.RUNNING)
 
-    async def _launch(self) -> None:
+    async def _launch(self, *, vsock_device: bool = True) -> None:
+        """Spawn QEMU paused, attach QMP, run it. ``vsock_device=False`` leaves the vsock
+        port empty (a restore plugs the device in once the machine state is loaded)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         agent_ours, agent_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -287,7 +358,7 @@ class QemuMachine:
                 self.config, self.runtime_dir, self.state_dir / "vsock.log"
             )
         try:
-            if vsock is not None:
+            if vsock is not None and vsock_device:
                 await vsock.prepare()
             plan = await self._plan(theirs.fileno(), agent_theirs.fileno(), vsock)
             self.argv = _argv.build_argv(plan)
@@ -329,8 +400,9 @@ class QemuMachine:
         self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
         if self.config.console is ConsoleMode.PTY:
             self._console_pty = await self._find_pty()
-        if vsock is not None:
+        if vsock is not None and vsock_device:
             await vsock.wait_ready()
+            vsock.attached = True
         await self._execute("cont")
 
     async def _find_pty(self) -> str | None:

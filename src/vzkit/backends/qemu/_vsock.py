@@ -148,10 +148,12 @@ class VsockTransport:
         self._helper: OwnedProcess | None = None
         self._ready: int | None = None
         self._listeners: dict[int, VsockListener] = {}
+        self.use_kernel = False  # decided by prepare()
+        self.attached = False  # QEMU has the device (unplugged around a snapshot save)
 
     @property
     def kernel(self) -> bool:
-        return self.kernel_fd is not None
+        return self.use_kernel
 
     @property
     def helper(self) -> OwnedProcess | None:
@@ -162,14 +164,29 @@ class VsockTransport:
         return tuple(fd for fd in (self.kernel_fd, self.qemu_fd) if fd is not None)
 
     async def prepare(self) -> None:
-        """Claim a kernel CID, or start the user-space device; QEMU is spawned after this."""
+        """Claim a kernel CID, or start the user-space device; QEMU gets it after this
+        (on its command line, or hot-plugged)."""
         if os.environ.get("VZKIT_VSOCK", "") != "user":
-            claimed = await asyncio.to_thread(open_kernel_vhost, self.config.vsock_cid)
+            claimed = await asyncio.to_thread(open_kernel_vhost, self.guest_cid)
             if claimed is not None:
                 self.kernel_fd, self.guest_cid = claimed
+                self.use_kernel = True
                 log.info("vsock: kernel vhost-vsock, guest CID %d", self.guest_cid)
                 return
         await self._start_helper()
+
+    async def stop_device(self) -> None:
+        """The device is unplugged: stop its helper (listeners stay for the next device)."""
+        self.attached = False
+        self.after_spawn()
+        if self._ready is not None:
+            os.close(self._ready)
+            self._ready = None
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            await helper.kill(grace=2.0)  # it leaves by itself once QEMU hung up
+        with contextlib.suppress(FileNotFoundError):
+            self.uds.unlink()
 
     async def _start_helper(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -221,6 +238,8 @@ class VsockTransport:
 
     async def connect(self, port: int, timeout: float | None) -> socket.socket:
         check_port(port)
+        if not self.attached:
+            raise VMError("the vsock device is unplugged (a snapshot is being saved)")
         if self.kernel:
             return await asyncio.to_thread(self._connect_kernel, port, timeout)
         sock, _ = await asyncio.to_thread(connect_hybrid, self.uds, port, timeout)
@@ -276,15 +295,7 @@ class VsockTransport:
     async def close(self) -> None:
         """Stop the device and release every fd, listener and socket file. Idempotent."""
         self.close_listeners()
-        self.after_spawn()
-        if self._ready is not None:
-            os.close(self._ready)
-            self._ready = None
-        helper, self._helper = self._helper, None
-        if helper is not None:
-            await helper.kill(grace=2.0)  # it leaves by itself once QEMU hung up
-        with contextlib.suppress(FileNotFoundError):
-            self.uds.unlink()
+        await self.stop_device()
 
 
 def _read_all(fd: int) -> bytes:
