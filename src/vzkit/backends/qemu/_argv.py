@@ -54,6 +54,11 @@ class Plan:
     vsock_fd: int | None = None
     #: Kernel vhost-vsock (``/dev/vhost-vsock``) instead of the user-space device.
     vhost_vsock_kernel: bool = False
+    #: Restoring a snapshot: wait for ``migrate-incoming`` (``-incoming defer``).
+    incoming: bool = False
+    #: The image the guest's disk runs on instead of ``config.disk_path`` (a restored run's
+    #: copy-on-write overlay); ``disk_format`` is its format.
+    disk_override: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -136,7 +141,7 @@ def boot_args(plan: Plan) -> list[str]:
 
 
 def disk_args(plan: Plan) -> list[str]:
-    path = plan.config.disk_path
+    path = plan.disk_override or plan.config.disk_path
     if path is None:
         return []
     return [
@@ -145,6 +150,11 @@ def disk_args(plan: Plan) -> list[str]:
         f"file.driver=file,file.filename={esc(path)}",
         "-device", f"{virtio(plan, 'blk')},drive=disk0,id=disk0-dev",
     ]  # fmt: skip
+
+
+def incoming_args(plan: Plan) -> list[str]:
+    """Restore: QEMU waits for the state stream, handed over later with ``migrate-incoming``."""
+    return ["-incoming", "defer"] if plan.incoming else []
 
 
 def iso_args(plan: Plan) -> list[str]:
@@ -295,6 +305,7 @@ _PIECES = (
     agent_port_args,
     vsock_args,
     display_args,
+    incoming_args,
 )
 
 

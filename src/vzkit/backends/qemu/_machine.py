@@ -20,6 +20,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ from ..._network import NetworkMode
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
 from ...errors import UnsupportedError, VMError
-from .._protocol import BalloonInfo, StateListener, notify_state
-from . import _argv, _discover
+from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
+from . import _argv, _discover, _migrate
 
 __all__ = ["QemuMachine"]
 
@@ -107,6 +108,11 @@ class QemuMachine:
         self._console_pty: str | None = None
         self._balloon_target_mb = config.memory_mb
         self.argv: list[str] = []
+        # Snapshots (_migrate.py): a restore starts QEMU waiting for the state stream and
+        # runs the disk on a copy-on-write overlay of the snapshot's image.
+        self._incoming = False
+        self.disk_override: Path | None = None
+        self.accel = ""
 
     # -- properties ------------------------------------------------------------------------
 
@@ -200,6 +206,9 @@ class QemuMachine:
         disk_format = (
             detect_disk_format(cfg.disk_path) if cfg.disk_path is not None else DiskFormat.RAW
         )
+        if self.disk_override is not None:
+            disk_format = DiskFormat.QCOW2
+        self.accel = accel
         return _argv.Plan(
             config=cfg,
             binary=binary,
@@ -212,6 +221,8 @@ class QemuMachine:
             nvram=nvram,
             mac_address=_mac_address(None if self._own_state_dir else state_dir),
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
+            incoming=self._incoming,
+            disk_override=self.disk_override,
         )
 
     async def start(self) -> None:
@@ -222,6 +233,7 @@ class QemuMachine:
         self._stopped = asyncio.Event()
         self._expect_exit = False
         self._guest_shutdown = False
+        self.disk_override = None  # a fresh boot runs on the config's disk
         try:
             await self._launch()
         except BaseException:
@@ -271,7 +283,8 @@ class QemuMachine:
         self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
         if self.config.console is ConsoleMode.PTY:
             self._console_pty = await self._find_pty()
-        await self._execute("cont")
+        if not self._incoming:  # a restore stays paused (see restore_state)
+            await self._execute("cont")
 
     async def _find_pty(self) -> str | None:
         chardevs: list[dict[str, Any]] = await self._execute("query-chardev")
@@ -309,7 +322,7 @@ class QemuMachine:
         await self._disconnect()
         for task in self._tasks:
             task.cancel()
-        if self._state is not VMState.STARTING:
+        if self._state not in (VMState.STARTING, VMState.RESTORING):
             self._set_state(VMState.STOPPED if clean else VMState.ERROR)
         if self._stopped is not None:
             self._stopped.set()
@@ -414,6 +427,52 @@ class QemuMachine:
             info = await self._execute("query-balloon")
             actual = int(info["actual"]) / (1 << 30)
         return BalloonInfo(True, self._balloon_target_mb / 1024, MIN_BALLOON_MB, actual)
+
+    # -- snapshots (the work is in _migrate.py) ---------------------------------------------
+
+    @property
+    def qmp(self) -> QMPClient | None:
+        return self._qmp
+
+    async def execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
+        """A QMP command; :class:`VMError` when it fails or QEMU is gone."""
+        return await self._execute(cmd, args)
+
+    def snapshot_blockers(self) -> list[str]:
+        return _migrate.blockers(self)
+
+    def snapshot_info(self) -> dict[str, str]:
+        return {"accel": self.accel, "arch": self.config.arch.value}
+
+    async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
+        if self._state is not VMState.PAUSED:
+            raise VMError(f"only a paused VM can be saved (it is {self._state.value})")
+        await _migrate.save_state(self, path, progress)
+
+    async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
+        return await _migrate.capture_disks(self, directory, prefix)
+
+    async def restore_state(self, path: Path, disks: Sequence[CapturedDisk]) -> None:
+        """STOPPED/ERROR → RESTORING → PAUSED: QEMU with ``-incoming defer`` loads ``path``."""
+        if self._state not in (VMState.STOPPED, VMState.ERROR):
+            raise VMError(f"cannot restore into a VM that is {self._state.value}")
+        self.config.check_inputs()
+        self._set_state(VMState.RESTORING)
+        self._stopped = asyncio.Event()
+        self._expect_exit = False
+        self._guest_shutdown = False
+        try:
+            self.disk_override = await _migrate.prepare_disks(self, disks)
+            self._incoming = True
+            await self._launch()
+            await _migrate.load_state(self, path)
+        except BaseException:
+            await self._teardown()
+            self._set_state(VMState.STOPPED)
+            raise
+        finally:
+            self._incoming = False
+        self._set_state(VMState.PAUSED)
 
     # -- teardown --------------------------------------------------------------------------
 
