@@ -264,7 +264,7 @@ def test_restore_plan_waits_for_incoming_on_the_overlay(files: dict[str, Path]) 
     cfg = vzkit.LinuxVMConfig(
         arch="x86_64", kernel_path=files["vmlinuz"], disk_path=files["disk.img"]
     )
-    plan = Plan(config=cfg, binary=Path("/q"), accel="tcg", qmp_fd=3)
+    plan = Plan(config=cfg, binary=Path("/q"), accel="tcg", qmp_fd=3, console_log=Path("/c"))
     argv = build_argv(plan)
     assert "-incoming" not in argv
     assert "file.filename=" + str(files["disk.img"]) in _opt(argv, "-blockdev")[0]
