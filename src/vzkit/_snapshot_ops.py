@@ -245,45 +245,55 @@ async def save(
     if was_running:
         await core.pause(None)
     try:
-        try:
-            await machine.save_state(tmp_state, progress)
-            captured = await machine.capture_disks(sdir, f".{name}.{token}.")
-            meta: dict[str, Any] = {
-                "name": name,
-                "created": format_rfc3339(datetime.now(UTC)),
-                "size": tmp_state.stat().st_size,
-                "vmState": state.value,
-                "filePath": str(manager.state_path(name)),
-                "format": FORMAT,
-                "id": token,
-                "backend": core.backend.name,
-                "backendInfo": machine.snapshot_info(),
-                "configFingerprint": "",
-                "machine": machine_fields(core.config),
-                "disks": [
-                    {
-                        "role": d.role,
-                        "source": str(d.source),
-                        "file": d.path.name.lstrip("."),
-                        "format": d.format.value,
-                        "size": d.path.stat().st_size,
-                    }
-                    for d in captured
-                ],
-                "agent": agent,
-            }
-            meta["configFingerprint"] = fingerprint(meta["machine"])
-            _commit(manager, name, tmp_state, captured, meta)
-        except BaseException as err:
-            _unlink(tmp_state, *(d.path for d in captured))
-            if isinstance(err, SnapshotError) or not isinstance(err, VzkitError | OSError):
-                raise
-            raise _as_snapshot_error(f"saving snapshot {name!r}", err, machine.state) from err
-    finally:
-        if was_running and machine.state is VMState.PAUSED:
-            await core.resume(None)
+        await machine.save_state(tmp_state, progress)
+        captured = await machine.capture_disks(sdir, f".{name}.{token}.")
+        meta: dict[str, Any] = {
+            "name": name,
+            "created": format_rfc3339(datetime.now(UTC)),
+            "size": tmp_state.stat().st_size,
+            "vmState": state.value,
+            "filePath": str(manager.state_path(name)),
+            "format": FORMAT,
+            "id": token,
+            "backend": core.backend.name,
+            "backendInfo": machine.snapshot_info(),
+            "configFingerprint": "",
+            "machine": machine_fields(core.config),
+            "disks": [
+                {
+                    "role": d.role,
+                    "source": str(d.source),
+                    "file": d.path.name.lstrip("."),
+                    "format": d.format.value,
+                    "size": d.path.stat().st_size,
+                }
+                for d in captured
+            ],
+            "agent": agent,
+        }
+        meta["configFingerprint"] = fingerprint(meta["machine"])
+        _commit(manager, name, tmp_state, captured, meta)
+    except BaseException as err:
+        _unlink(tmp_state, *(d.path for d in captured))
+        if was_running:
+            await _resume_after_failure(core)
+        if isinstance(err, SnapshotError) or not isinstance(err, VzkitError | OSError):
+            raise
+        raise _as_snapshot_error(f"saving snapshot {name!r}", err, machine.state) from err
+    if was_running:
+        await core.resume(None)
     log.info("snapshot %r saved (%d bytes of machine state)", name, meta["size"])
     return manager.get(name)
+
+
+async def _resume_after_failure(core: VMCore) -> None:
+    """Run the VM again after a failed save; a VMM that died stays as it is."""
+    if core.state is not VMState.PAUSED:
+        return
+    try:
+        await core.resume(None)
+    except VzkitError as err:
+        log.warning("could not resume the VM after the failed save: %s", err)
 
 
 def _check_fanout(core: VMCore, state_file: Path) -> None:

@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..._disk import DiskFormat, detect_disk_format
 from ..._diskcopy import copy_disk
 from ..._process import spawn
+from ..._state import VMState
 from ...errors import SnapshotError, VMError
 from .._protocol import CapturedDisk, ProgressFn
 
@@ -98,6 +99,16 @@ async def _wait(m: QemuMachine, progress: ProgressFn | None, what: str) -> dict[
         delay = min(delay * 2, _POLL_MAX_S)
 
 
+async def _vmm_gone(m: QemuMachine, what: str, err: VMError) -> SnapshotError | None:
+    """After a failed QMP call: a :class:`SnapshotError` saying so if QEMU has exited."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            await m.wait_stopped()
+    if m.state in (VMState.ERROR, VMState.STOPPED):
+        return SnapshotError(f"{what} failed: the VMM exited during the operation ({err})")
+    return None
+
+
 async def _cancel(m: QemuMachine) -> None:
     """Stop an outgoing migration and wait until QEMU let go of the file."""
     with contextlib.suppress(VMError):
@@ -136,6 +147,12 @@ async def save_state(m: QemuMachine, path: Path, progress: ProgressFn | None) ->
         await m.execute("migrate", {"uri": f"fd:{FD_NAME}"})
         try:
             info = await _wait(m, progress, "saving the machine state")
+        except VMError as err:
+            gone = await _vmm_gone(m, "saving the machine state", err)
+            if gone is not None:
+                raise gone from err
+            await _cancel(m)
+            raise
         except BaseException:
             await _cancel(m)
             raise
@@ -211,6 +228,7 @@ async def prepare_disks(m: QemuMachine, disks: Sequence[CapturedDisk]) -> Path |
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise SnapshotError("restoring a VM with a disk needs qemu-img (package qemu-utils)")
+    m.state_dir.mkdir(parents=True, exist_ok=True)
     overlay = m.state_dir / OVERLAY_NAME
     tmp = overlay.with_name(f".{OVERLAY_NAME}.tmp-{os.getpid()}")
     argv = [qemu_img, "create", "-q", "-f", "qcow2", "-F", disk.format.value]
