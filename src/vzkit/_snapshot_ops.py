@@ -158,41 +158,45 @@ def _commit(
     captured: list[CapturedDisk],
     meta: dict[str, Any],
 ) -> None:
-    """Rename the new files into place, metadata last. Synchronous: nothing can cancel it
-    half-way. On failure the new files are gone and an older snapshot of the name is whole."""
+    """Rename the new files into place, metadata last, and fsync the directory.
+
+    Synchronous, so no cancellation can split it. The older snapshot's state and metadata are
+    kept as hard links until the end: on any failure they are put back and the new files
+    removed, so the older snapshot of the name stays whole.
+    """
     sdir = manager.snapshot_dir
     state, meta_path = manager.state_path(name), manager.meta_path(name)
     token = meta["id"]
     meta_tmp = sdir / f".{name}.{token}{META_SUFFIX}.tmp"
-    backup = sdir / f".{name}.{token}{STATE_SUFFIX}.old"
+    backups: dict[Path, Path | None] = {}
+    for path in (state, meta_path):
+        link = sdir / f".{path.name}.{token}.old"
+        try:
+            os.link(path, link)
+            backups[path] = link
+        except FileNotFoundError:
+            backups[path] = None
     finals: list[Path] = []
-    have_backup = False
     try:
         for disk in captured:
             final = sdir / disk.path.name.lstrip(".")
             os.replace(disk.path, final)
             finals.append(final)
         _write_new(meta_tmp, json.dumps(meta, indent=2) + "\n")
-        with contextlib.suppress(FileNotFoundError):
-            os.link(state, backup)
-            have_backup = True
         os.replace(tmp_state, state)
-        try:
-            os.replace(meta_tmp, meta_path)
-        except BaseException:
-            if have_backup:  # put the older state back beside its metadata
-                os.replace(backup, state)
-                have_backup = False
-            else:
-                _unlink(state)
-            raise
+        os.replace(meta_tmp, meta_path)
         fsync_dir(sdir)
     except BaseException:
+        for path, saved in backups.items():  # back to the older snapshot (or none)
+            with contextlib.suppress(OSError):
+                if saved is not None:
+                    os.replace(saved, path)
+                else:
+                    path.unlink(missing_ok=True)
         _unlink(meta_tmp, *finals)
         raise
     finally:
-        if have_backup:
-            _unlink(backup)
+        _unlink(*(b for b in backups.values() if b is not None))
     keep = {d["file"] for d in meta["disks"]}
     for old in disk_files(manager, name):  # the disks of the snapshot this one replaced
         if old.name not in keep:
@@ -240,13 +244,12 @@ async def save(
         raise _as_snapshot_error(f"saving snapshot {name!r}", err, state) from err
     token = secrets.token_hex(_TOKEN_HEX // 2)
     tmp_state = sdir / f".{name}.{token}{STATE_SUFFIX}.tmp"
-    captured: list[CapturedDisk] = []
     was_running = state is VMState.RUNNING
     if was_running:
         await core.pause(None)
     try:
         await machine.save_state(tmp_state, progress)
-        captured = await machine.capture_disks(sdir, f".{name}.{token}.")
+        captured: list[CapturedDisk] = await machine.capture_disks(sdir, f".{name}.{token}.")
         meta: dict[str, Any] = {
             "name": name,
             "created": format_rfc3339(datetime.now(UTC)),
@@ -274,7 +277,9 @@ async def save(
         meta["configFingerprint"] = fingerprint(meta["machine"])
         _commit(manager, name, tmp_state, captured, meta)
     except BaseException as err:
-        _unlink(tmp_state, *(d.path for d in captured))
+        # Everything this save made carries its token, including what a backend left over.
+        mine = f".{name}.{token}."
+        _unlink(tmp_state, *(p for p in sdir.iterdir() if p.name.startswith(mine)))
         if was_running:
             await _resume_after_failure(core)
         if isinstance(err, SnapshotError) or not isinstance(err, VzkitError | OSError):
