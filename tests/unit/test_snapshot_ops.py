@@ -451,3 +451,12 @@ def test_async_twin(setup: Callable[..., vzkit.VirtualMachine], tmp_path: Path) 
             manager.delete("a")
 
     asyncio.run(main())
+
+
+def test_which_backends_restore_one_snapshot_into_many() -> None:
+    from vzkit.backends import qemu, vz
+
+    assert Feature.SNAPSHOTS in qemu.BACKEND.features
+    assert Feature.SNAPSHOT_FANOUT in qemu.BACKEND.features
+    assert Feature.SNAPSHOTS in vz.BACKEND.features
+    assert Feature.SNAPSHOT_FANOUT not in vz.BACKEND.features  # VZ: UnsupportedError
