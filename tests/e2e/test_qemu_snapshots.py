@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -253,3 +254,33 @@ def test_restore_into_an_incompatible_config_fails_before_anything_starts(
         origin.manager.restore(origin.vm, "base")
     with pytest.raises(vzkit.StateError, match="must be running or paused"):
         origin.manager.save(vm, "nope")
+
+
+def test_cli_save_then_run_from_the_snapshot(tmp_path: Path) -> None:
+    cli = [sys.executable, "-m", "vzkit.cli"]
+    opts = ["--network", "none", "--backend", "qemu"]
+    vm_dir = tmp_path / "vm"
+    save = subprocess.run(
+        [*cli, "snapshot", "save", *opts, str(vm_dir), "warm", "sh", "-c", "echo warm > /tmp/m"],
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert save.returncode == 0, save.stderr.decode()
+    assert b"saved warm" in save.stdout
+    run = subprocess.run(
+        [*cli, "run", *opts, "--from-snapshot", "warm", "--vm-dir", str(vm_dir), "cat", "/tmp/m"],
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )
+    assert (run.returncode, run.stdout) == (0, b"warm\n"), run.stderr.decode()
+    wrong = subprocess.run(
+        [*cli, "run", *opts, "--memory", "2", "--from-snapshot", "warm", "--vm-dir", str(vm_dir),
+         "true"],
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert wrong.returncode == 125
+    assert b"memory_mb: snapshot" in wrong.stderr
