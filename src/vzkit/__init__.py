@@ -20,6 +20,7 @@ from ._display import (
     default_linux_display_config,
     parse_display_spec,
 )
+from ._macconfig import MacKeyboard, MacPointer, MacVMConfig
 from ._network import NetworkConfig, NetworkMode, parse_network_mode
 from ._snapshot import SnapshotManager, SnapshotMeta
 from ._state import Arch, VMState, host_arch
@@ -55,6 +56,9 @@ __all__ = [
     "DisplayList",
     "GuestError",
     "LinuxVMConfig",
+    "MacKeyboard",
+    "MacPointer",
+    "MacVMConfig",
     "NetworkConfig",
     "NetworkMode",
     "SnapshotError",

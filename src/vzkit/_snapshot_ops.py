@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ._config import ConsoleMode, LinuxVMConfig
 from ._disk import DiskFormat
 from ._diskcopy import fsync_dir
+from ._macconfig import MacVMConfig
 from ._snapshot import (
     META_SUFFIX,
     STATE_SUFFIX,
@@ -42,6 +43,7 @@ from ._snapshot import (
     format_rfc3339,
 )
 from ._state import VMState
+from ._volume import assign_volume_tags
 from .backends import Feature
 from .backends._protocol import CapturedDisk, ProgressFn
 from .errors import SnapshotError, StateError, UnsupportedError, VzkitError
@@ -64,9 +66,27 @@ def _canon(path: Path | None) -> str | None:
     return None if path is None else os.path.realpath(path)
 
 
-def machine_fields(cfg: LinuxVMConfig) -> dict[str, Any]:
+def machine_fields(cfg: LinuxVMConfig | MacVMConfig) -> dict[str, Any]:
     """What a restore must match: the guest-visible hardware and every file it refers to
     (canonical paths). The state dir, console log and console kind are per VM and free."""
+    volumes = [
+        {"host_path": _canon(v.host_path), "tag": v.tag, "read_only": v.read_only}
+        for v in assign_volume_tags(cfg.volumes)
+    ]
+    if isinstance(cfg, MacVMConfig):
+        return {
+            "guest": "macos",
+            "vm_dir": _canon(cfg.vm_dir),
+            "cpus": cfg.cpus,
+            "memory_mb": cfg.memory_mb,
+            "disk_path": _canon(cfg.disk_path),
+            "volumes": volumes,
+            "network": cfg.network.mode.value,
+            "displays": [] if cfg.headless else [str(d) for d in cfg.displays],
+            "vsock": cfg.vsock,
+            "balloon": cfg.balloon,
+            "entropy": cfg.entropy,
+        }
     return {
         "arch": cfg.arch.value,
         "cpus": cfg.cpus,
@@ -76,10 +96,7 @@ def machine_fields(cfg: LinuxVMConfig) -> dict[str, Any]:
         "cmdline": cfg.cmdline,
         "disk_path": _canon(cfg.disk_path),
         "iso_path": _canon(cfg.iso_path),
-        "volumes": [
-            {"host_path": _canon(v.host_path), "tag": v.tag, "read_only": v.read_only}
-            for v in cfg.tagged_volumes()
-        ],
+        "volumes": volumes,
         "network": cfg.network.mode.value,
         "displays": [] if cfg.headless else [str(d) for d in cfg.displays] or ["default"],
         "vsock": cfg.vsock,
@@ -97,7 +114,7 @@ def fingerprint(fields: dict[str, Any]) -> str:
     return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
-def config_diff(saved: dict[str, Any], cfg: LinuxVMConfig) -> list[str]:
+def config_diff(saved: dict[str, Any], cfg: LinuxVMConfig | MacVMConfig) -> list[str]:
     """One ``"field: snapshot X, this VM Y"`` line per difference (empty: compatible)."""
     now = machine_fields(cfg)
     return [

@@ -10,8 +10,10 @@ from types import TracebackType
 from ._config import LinuxVMConfig
 from ._guest import Guest
 from ._loop import run_sync
+from ._macconfig import MacVMConfig
 from ._state import VMState
 from ._vmcore import VMCore, VMView
+from ._vsock import Vsock
 from .backends import Backend, BalloonInfo
 from .errors import VzkitError
 
@@ -35,17 +37,21 @@ class Balloon:
 
 
 class VirtualMachine(VMView):
-    """A virtual machine built from a :class:`~vzkit.LinuxVMConfig`.
+    """A virtual machine built from a :class:`~vzkit.LinuxVMConfig` (or an installed
+    :class:`~vzkit.MacVMConfig`, on the vz backend only).
 
     ``backend="auto"`` picks ``vz`` on macOS when it is usable, else ``qemu``. Use it as a
     context manager, or call :meth:`close`, which always releases every process, socket and
     temporary file, whatever state the VM is in.
     """
 
-    def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
+    def __init__(
+        self, config: LinuxVMConfig | MacVMConfig, backend: str | Backend = "auto"
+    ) -> None:
         self._core = VMCore(config, backend)
         self.balloon = Balloon(self._core)
         self.guest = Guest(self._core)
+        self.vsock = Vsock(self._core)
 
     def __repr__(self) -> str:
         return f"<VirtualMachine {self.backend} {self.state.value} pid={self.pid}>"

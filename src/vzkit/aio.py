@@ -11,10 +11,12 @@ from types import TracebackType
 
 from ._config import LinuxVMConfig
 from ._loop import wrap
+from ._macconfig import MacVMConfig
 from ._snapshot import SnapshotManager as _Catalogue
 from ._snapshot import SnapshotMeta
 from ._state import VMState
 from ._vmcore import VMCore, VMView, _within
+from ._vsock import AsyncVsock
 from .backends import Backend, BalloonInfo
 from .backends._protocol import ProgressFn
 
@@ -35,9 +37,12 @@ class Balloon:
 class VirtualMachine(VMView):
     """``async with vzkit.aio.VirtualMachine(cfg) as vm: await vm.start()``."""
 
-    def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
+    def __init__(
+        self, config: LinuxVMConfig | MacVMConfig, backend: str | Backend = "auto"
+    ) -> None:
         self._core = VMCore(config, backend)
         self.balloon = Balloon(self._core)
+        self.vsock = AsyncVsock(self._core)
 
     async def start(self, timeout: float | None = None) -> None:
         await wrap(self._core.start(timeout))

@@ -18,6 +18,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from . import __version__
+from ._cli_macos import codesign_cmd, macos_group
 from ._config import ConsoleMode, LinuxVMConfig
 from ._disk import DiskFormat, create_disk_image
 from ._display import DisplayList
@@ -492,15 +493,33 @@ def image() -> None:
 @click.option(
     "--deb-dir",
     type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="Use pre-downloaded .deb files instead of apt-get download.",
+    help="Use pre-downloaded .deb files instead of downloading them.",
+)
+@click.option(
+    "--source",
+    type=click.Choice(["auto", "apt", "mirror", "deb-dir"]),
+    help="Where packages come from: apt-get download, a Debian mirror, or --deb-dir. "
+    "Default: $VZKIT_DEB_SOURCE, else apt when available, else the mirror.",
+)
+@click.option(
+    "--mirror",
+    metavar="URL",
+    help="Debian mirror to download from (implies --source mirror). "
+    "Default: $VZKIT_DEBIAN_MIRROR, else https://deb.debian.org/debian.",
 )
 @click.option("--refresh", is_flag=True, help="Look for newer packages first.")
 @_handle_errors
-def image_build(arch: str | None, deb_dir: Path | None, refresh: bool) -> None:
+def image_build(
+    arch: str | None, deb_dir: Path | None, source: str | None, mirror: str | None, refresh: bool
+) -> None:
     """Build (or find in the cache) the default guest image."""
     from .guest._image import default_image
 
-    built = default_image(arch, deb_dir=deb_dir, refresh=refresh)
+    if (source == "deb-dir") != (deb_dir is not None) and source is not None:
+        raise click.UsageError("--source deb-dir goes with --deb-dir DIR (and only with it)")
+    if source == "deb-dir":
+        source = None
+    built = default_image(arch, deb_dir=deb_dir, refresh=refresh, source=source, mirror=mirror)
     click.echo(f"kernel  {built.kernel}\ninitrd  {built.initrd}\nversion {built.kernel_version}")
 
 
@@ -571,6 +590,9 @@ def _doctor_qemu() -> None:
         except VzkitError as err:
             click.echo(f"      {guest.value} EFI firmware: {err}")
 
+
+main.add_command(codesign_cmd)
+main.add_command(macos_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

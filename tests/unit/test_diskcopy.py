@@ -80,4 +80,6 @@ def test_qemu_refuses_to_save_virtiofs_shares_by_name(tmp_path: Path) -> None:
     plain = QemuMachine(cfg.replace(volumes=()), lambda old, new: None)
     assert _migrate.blockers(plain) == []
     plain.argv = ["-device", "vhost-user-vsock-pci,id=vsock0,chardev=vsock0-chr"]
-    assert _migrate.blockers(plain) == ["vhost-user-vsock (device vsock0)"]
+    assert _migrate.blockers(plain) == [
+        "vhost-user-vsock (device vsock0; use vsock=False until it can be unplugged)"
+    ]

@@ -251,10 +251,19 @@ def test_vsock_device_user_space_kernel_or_none(files: dict[str, Path]) -> None:
     user = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vsock_fd=11)
     assert _argv.vsock_args(user) == [
         "-chardev", "socket,id=vsock0-chr,fd=11",
-        "-device", "vhost-user-vsock-pci,id=vsock0,chardev=vsock0-chr",
+        "-device", "pcie-root-port,id=vsock-port,chassis=31",
+        "-device", "vhost-user-vsock-pci,id=vsock0,chardev=vsock0-chr,bus=vsock-port",
     ]  # fmt: skip
-    kernel = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vhost_vsock_kernel=True)
-    assert _argv.vsock_args(kernel) == ["-device", "vhost-vsock-pci,id=vsock0,guest-cid=42"]
+    kernel = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vhost_vsock_fd=12, vsock_cid=77
+    )
+    assert _argv.vsock_args(kernel) == [
+        "-device", "pcie-root-port,id=vsock-port,chassis=31",
+        "-device", "vhost-vsock-pci,id=vsock0,guest-cid=77,vhostfd=12,bus=vsock-port",
+    ]  # fmt: skip
+    micro = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vsock_fd=11,
+                 machine="microvm")  # fmt: skip
+    assert _argv.vsock_args(micro)[-1] == "vhost-user-vsock-device,id=vsock0,chardev=vsock0-chr"
     off = dataclasses.replace(cfg, vsock=False)
     assert _argv.vsock_args(Plan(config=off, binary=Path("q"), accel="tcg", qmp_fd=3)) == []
     assert _argv.vsock_args(Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3)) == []

@@ -25,15 +25,18 @@ from .._state import VMState
 
 if TYPE_CHECKING:
     from .._config import LinuxVMConfig
+    from .._macconfig import MacVMConfig
 
 __all__ = [
     "Backend",
     "BalloonInfo",
     "CapturedDisk",
     "Feature",
+    "MacBackend",
     "Machine",
     "ProgressFn",
     "StateListener",
+    "VsockListenerLike",
     "notify_state",
 ]
 
@@ -49,6 +52,7 @@ class Feature(enum.StrEnum):
     #: One snapshot restored into several VMs at once (each with its own copy-on-write disk).
     SNAPSHOT_FANOUT = "snapshot-fanout"
     GRAPHICS = "graphics"
+    MACOS_GUESTS = "macos-guests"  # MacVMConfig (the backend then also is a MacBackend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,6 +94,20 @@ def notify_state(listener: StateListener, old: VMState, new: VMState) -> None:
         listener(old, new)
     except Exception:
         logging.getLogger(__name__).exception("state listener failed on %s -> %s", old, new)
+
+
+class VsockListenerLike(Protocol):
+    """A backend's listener for guest connections to one host vsock port (thread-safe)."""
+
+    port: int
+
+    def accept(self, timeout: float | None = None) -> tuple[socket.socket, int]:
+        """Block until a guest connects: ``(stream, guest port)``; ``-1`` if not known.
+        ``VMTimeoutError`` after ``timeout``; ``StateError`` once closed (also when
+        :meth:`close` is called from another thread while waiting)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Machine(Protocol):
@@ -136,8 +154,15 @@ class Machine(Protocol):
     async def open_agent_socket(self) -> socket.socket:
         """A new stream to the guest agent (vsock port 1024 or its console port), caller-owned.
 
-        Only one agent connection per run is expected to be open at a time.
+        Only one agent connection per run is expected to be open at a time. Raises
+        ``ConnectionRefusedError`` while the agent does not listen yet (the caller retries).
         """
+
+    async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
+        """A stream to guest ``port``; ``ConnectionRefusedError`` if nobody listens there."""
+
+    async def vsock_listen(self, port: int) -> VsockListenerLike:
+        """Listen for guest connections to host ``port`` (closed when the VM stops)."""
 
     async def set_balloon_target(self, target_mb: int) -> None: ...
 
@@ -182,3 +207,10 @@ class Backend(Protocol):
 
     def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> Machine:
         """A stopped machine for ``config``; nothing is started, no process spawned."""
+
+
+class MacBackend(Backend, Protocol):
+    """A backend with :attr:`Feature.MACOS_GUESTS`: it also boots installed macOS guests."""
+
+    def create_mac_machine(self, config: MacVMConfig, on_state: StateListener) -> Machine:
+        """A stopped machine for the macOS guest installed in ``config.vm_dir``."""

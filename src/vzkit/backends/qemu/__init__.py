@@ -14,7 +14,13 @@ __all__ = ["BACKEND", "QemuBackend", "QemuMachine"]
 class QemuBackend:
     name = "qemu"
     features = frozenset(
-        {Feature.LIFECYCLE, Feature.BALLOON, Feature.SNAPSHOTS, Feature.SNAPSHOT_FANOUT}
+        {
+            Feature.LIFECYCLE,
+            Feature.BALLOON,
+            Feature.VSOCK,
+            Feature.SNAPSHOTS,
+            Feature.SNAPSHOT_FANOUT,
+        }
     )
 
     def check_available(self) -> None:

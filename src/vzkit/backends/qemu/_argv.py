@@ -52,8 +52,9 @@ class Plan:
     shared_memory: bool = False
     #: The vhost-user-vsock device's socket (an inherited fd), or None for no vsock device.
     vsock_fd: int | None = None
-    #: Kernel vhost-vsock (``/dev/vhost-vsock``) instead of the user-space device.
-    vhost_vsock_kernel: bool = False
+    #: An open ``/dev/vhost-vsock`` holding ``vsock_cid``: the kernel device instead.
+    vhost_vsock_fd: int | None = None
+    vsock_cid: int = 0  # the CID the kernel device claimed (0: the config's)
     #: Restoring a snapshot: wait for ``migrate-incoming`` (``-incoming defer``).
     incoming: bool = False
     #: The image the guest's disk runs on instead of ``config.disk_path`` (a restored run's
@@ -254,18 +255,29 @@ def agent_port_args(plan: Plan) -> list[str]:
 
 
 def vsock_args(plan: Plan) -> list[str]:
-    """The guest's vsock device: kernel vhost-vsock, or our vhost-user device on a socket."""
+    """The guest's vsock device: kernel vhost-vsock, or our vhost-user device on a socket.
+
+    On PCI machines it sits behind its own root port, so it can be unplugged and plugged
+    again (snapshots: QEMU cannot migrate vhost devices).
+    """
     if not plan.config.vsock:
         return []
-    cid = plan.config.vsock_cid
-    if plan.vhost_vsock_kernel:
-        return ["-device", f"{vhost(plan, 'vsock')},id=vsock0,guest-cid={cid}"]
-    if plan.vsock_fd is None:
+    if plan.vhost_vsock_fd is not None:
+        cid = plan.vsock_cid or plan.config.vsock_cid
+        args: list[str] = []
+        device = f"{vhost(plan, 'vsock')},id=vsock0,guest-cid={cid},vhostfd={plan.vhost_vsock_fd}"
+    elif plan.vsock_fd is not None:
+        args = ["-chardev", f"socket,id=vsock0-chr,fd={plan.vsock_fd}"]
+        device = f"{vhost(plan, 'user-vsock')},id=vsock0,chardev=vsock0-chr"
+    else:
         return []
-    return [
-        "-chardev", f"socket,id=vsock0-chr,fd={plan.vsock_fd}",
-        "-device", f"{vhost(plan, 'user-vsock')},id=vsock0,chardev=vsock0-chr",
-    ]  # fmt: skip
+    if plan.machine != "microvm":
+        args += ["-device", f"pcie-root-port,id={VSOCK_PORT},chassis=31"]
+        device += f",bus={VSOCK_PORT}"
+    return [*args, "-device", device]
+
+
+VSOCK_PORT = "vsock-port"
 
 
 def vhost(plan: Plan, device: str) -> str:

@@ -34,12 +34,15 @@ from ..._state import VMState
 from ...errors import UnsupportedError, VMError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _migrate
+from ._vsock import VsockListener, VsockTransport
 
-__all__ = ["QemuMachine"]
+__all__ = ["AGENT_VSOCK_PORT", "QemuMachine"]
 
 log = logging.getLogger(__name__)
 
 MIN_BALLOON_MB = 64
+#: The vzkit guest agent's vsock port.
+AGENT_VSOCK_PORT = 1024
 _QUIT_GRACE_S = 2.0
 _STDERR_TAIL = 2000
 #: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
@@ -107,6 +110,7 @@ class QemuMachine:
         self._guest_shutdown = False
         self._console_pty: str | None = None
         self._balloon_target_mb = config.memory_mb
+        self._vsock: VsockTransport | None = None
         self.argv: list[str] = []
         # Snapshots (_migrate.py): a restore starts QEMU waiting for the state stream and
         # runs the disk on a copy-on-write overlay of the snapshot's image.
@@ -167,13 +171,50 @@ class QemuMachine:
         """
         return self._agent_sock
 
-    agent_on_console = True
+    @property
+    def agent_on_console(self) -> bool:
+        return self._agent_transport() == "console"
+
+    def _agent_transport(self) -> str:
+        """vsock when the VM has a vsock device, else the console port; the environment
+        variable ``VZKIT_AGENT_TRANSPORT=console|vsock`` forces one (tests, benchmarks)."""
+        forced = os.environ.get("VZKIT_AGENT_TRANSPORT", "")
+        if forced in ("console", "vsock"):
+            return forced
+        return "vsock" if self._vsock is not None else "console"
 
     async def open_agent_socket(self) -> socket.socket:
-        """A duplicate of the agent port's socket: closing it leaves the VM's end open."""
+        """A new stream to the agent: vsock port 1024, or a duplicate of the console port's
+        socket (closing it leaves the VM's end open). ConnectionRefusedError while the agent
+        does not listen yet."""
         if self._agent_sock is None:
             raise VMError(f"the VM is not running (state {self._state.value})")
+        if self._agent_transport() == "vsock":
+            return await self.vsock_connect(AGENT_VSOCK_PORT, 10.0)
         return self._agent_sock.dup()
+
+    # -- vsock -----------------------------------------------------------------------------
+
+    def _require_vsock(self) -> VsockTransport:
+        if not self.config.vsock:
+            raise UnsupportedError(
+                "this VM has no vsock device (config vsock=False)", backend="qemu", feature="vsock"
+            )
+        if self._vsock is None:
+            if sys.platform != "linux":
+                raise UnsupportedError(
+                    "vsock on the qemu backend needs Linux (vhost-vsock or vhost-user)",
+                    backend="qemu",
+                    feature="vsock",
+                )
+            raise VMError(f"the VM is not running (state {self._state.value})")
+        return self._vsock
+
+    async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
+        return await self._require_vsock().connect(port, timeout)
+
+    async def vsock_listen(self, port: int) -> VsockListener:
+        return self._require_vsock().listen(port)
 
     @property
     def stderr_path(self) -> Path:
@@ -188,7 +229,7 @@ class QemuMachine:
 
     # -- start -----------------------------------------------------------------------------
 
-    async def _plan(self, qmp_fd: int, agent_fd: int) -> _argv.Plan:
+    async def _plan(self, qmp_fd: int, agent_fd: int, vsock: VsockTransport | None) -> _argv.Plan:
         cfg = self.config
         binary = _discover.find_qemu(cfg.arch)
         accel = await asyncio.to_thread(
@@ -223,6 +264,10 @@ class QemuMachine:
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
             incoming=self._incoming,
             disk_override=self.disk_override,
+            shared_memory=vsock is not None and not vsock.kernel,
+            vsock_fd=vsock.qemu_fd if vsock is not None else None,
+            vhost_vsock_fd=vsock.kernel_fd if vsock is not None else None,
+            vsock_cid=vsock.guest_cid if vsock is not None else 0,
         )
 
     async def start(self) -> None:
@@ -248,8 +293,15 @@ class QemuMachine:
         agent_ours, agent_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._qmp_sock = ours
         self._agent_sock = agent_ours
+        vsock = None
+        if self.config.vsock and sys.platform == "linux":
+            vsock = self._vsock = VsockTransport(
+                self.config, self.runtime_dir, self.state_dir / "vsock.log"
+            )
         try:
-            plan = await self._plan(theirs.fileno(), agent_theirs.fileno())
+            if vsock is not None:
+                await vsock.prepare()
+            plan = await self._plan(theirs.fileno(), agent_theirs.fileno(), vsock)
             self.argv = _argv.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
@@ -257,7 +309,11 @@ class QemuMachine:
                 self._proc = await spawn(
                     self.argv,
                     name=f"qemu-system-{self.config.arch.value}",
-                    pass_fds=(theirs.fileno(), agent_theirs.fileno()),
+                    pass_fds=(
+                        theirs.fileno(),
+                        agent_theirs.fileno(),
+                        *(vsock.pass_fds() if vsock is not None else ()),
+                    ),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
                     stdout=None if interactive else asyncio.subprocess.DEVNULL,
                     stderr=stderr,
@@ -266,6 +322,8 @@ class QemuMachine:
         finally:
             theirs.close()
             agent_theirs.close()
+            if vsock is not None:
+                vsock.after_spawn()
         self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
         qmp = QMPClient(f"vzkit-{self._proc.pid}")
         self._qmp = qmp
@@ -283,6 +341,8 @@ class QemuMachine:
         self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
         if self.config.console is ConsoleMode.PTY:
             self._console_pty = await self._find_pty()
+        if vsock is not None:
+            await vsock.wait_ready()
         if not self._incoming:  # a restore stays paused (see restore_state)
             await self._execute("cont")
 
@@ -320,6 +380,7 @@ class QemuMachine:
         if not clean:
             log.warning("QEMU (pid %d) exited with %d: %s", proc.pid, rc, self._stderr_tail())
         await self._disconnect()
+        await self._close_vsock()
         for task in self._tasks:
             task.cancel()
         if self._state not in (VMState.STARTING, VMState.RESTORING):
@@ -487,12 +548,18 @@ class QemuMachine:
             await asyncio.wait({watch}, timeout=5)
             watch.cancel()
         await self._disconnect()
+        await self._close_vsock()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._proc = None
         self._console_pty = None
+
+    async def _close_vsock(self) -> None:
+        vsock, self._vsock = self._vsock, None
+        if vsock is not None:
+            await vsock.close()
 
     async def close(self) -> None:
         try:

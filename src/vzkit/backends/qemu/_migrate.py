@@ -66,7 +66,8 @@ def blockers(m: QemuMachine) -> list[str]:
         for vol in m.config.tagged_volumes()
     ]
     if _has_vsock_device(m) and not hasattr(m, "detach_vsock"):
-        out.append("vhost-user-vsock (device vsock0)")
+        kind = "vhost-user-vsock" if any("user-vsock" in arg for arg in m.argv) else "vhost-vsock"
+        out.append(f"{kind} (device vsock0; use vsock=False until it can be unplugged)")
     return out
 
 

@@ -26,13 +26,14 @@ from typing import Any
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import detect_disk_format
 from ..._diskcopy import copy_disk
+from ..._macconfig import MacVMConfig
 from ..._state import VMState
 from ...errors import StateError, VMError, VzkitError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
-from . import _build, _lifecycle
+from . import _build, _lifecycle, _macos
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, vm_delegate
-from ._vsock import VsockManager
+from ._vsock import VsockListener, VsockManager
 
 #: The vzkit guest agent's vsock port.
 AGENT_VSOCK_PORT = 1024
@@ -44,9 +45,10 @@ MIB = 1 << 20
 
 
 class VzMachine:
-    """A :class:`~vzkit.backends.Machine` backed by Apple's Virtualization framework."""
+    """A :class:`~vzkit.backends.Machine` backed by Apple's Virtualization framework: a Linux
+    guest, or an installed macOS guest (:class:`~vzkit.MacVMConfig`)."""
 
-    def __init__(self, config: LinuxVMConfig, on_state: StateListener) -> None:
+    def __init__(self, config: LinuxVMConfig | MacVMConfig, on_state: StateListener) -> None:
         self.config = config
         self._on_state = on_state
         self._state = VMState.STOPPED
@@ -81,7 +83,7 @@ class VzMachine:
 
     @property
     def console_log_path(self) -> Path | None:
-        if self.config.console is not ConsoleMode.LOG:
+        if isinstance(self.config, MacVMConfig) or self.config.console is not ConsoleMode.LOG:
             return None
         return self.config.console_log_path or self.state_dir / "console.log"
 
@@ -141,10 +143,13 @@ class VzMachine:
         """Build, validate and create the VM (stopped) with its delegate."""
         self.config.check_inputs()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        console_fds = self._open_pty() if self.config.console is ConsoleMode.PTY else None
-        vz_config = _build.build_linux_vm_config(
-            self.config, state_dir=self.state_dir, console_fds=console_fds
-        )
+        if isinstance(self.config, MacVMConfig):
+            vz_config = _macos.build_macos_vm_config(self.config)
+        else:
+            console_fds = self._open_pty() if self.config.console is ConsoleMode.PTY else None
+            vz_config = _build.build_linux_vm_config(
+                self.config, state_dir=self.state_dir, console_fds=console_fds
+            )
         _build.validate_config(vz_config)
         queue = Queue(f"vzkit.vm.{id(self):x}")
         vm = _lifecycle.create_vm(vz_config, queue)
@@ -217,7 +222,8 @@ class VzMachine:
         return []  # VZ validates the configuration itself (validate_save_restore_support)
 
     def snapshot_info(self) -> dict[str, str]:
-        return {"arch": self.config.arch.value}
+        cfg = self.config
+        return {"arch": "aarch64" if isinstance(cfg, MacVMConfig) else cfg.arch.value}
 
     async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
         """A clone/sparse copy of the writable disk (the VM is paused, its writes are done)."""
@@ -331,6 +337,12 @@ class VzMachine:
         return self._vsock
 
     agent_on_console = False
+
+    async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
+        return await asyncio.to_thread(self.vsock.connect, port, timeout)
+
+    async def vsock_listen(self, port: int) -> VsockListener:
+        return self.vsock.listen(port)
 
     async def open_agent_socket(self) -> socket.socket:
         """A vsock connection to the guest agent (port 1024); the caller owns it."""
