@@ -44,8 +44,9 @@ class Guest:
 
         core = self._core
         with self._lock:
-            if self._client is not None and self._generation == core.generation:
-                return self._client
+            client = self._client
+            if client is not None and self._generation == core.generation and not client.broken:
+                return client
             if core.state not in (VMState.RUNNING, VMState.PAUSED):
                 raise StateError(f"the guest agent needs a running VM (it is {core.state.value})")
             self._drop_locked()
@@ -144,4 +145,7 @@ class Guest:
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and self._generation == self._core.generation
+        client = self._client
+        return (
+            client is not None and self._generation == self._core.generation and not client.broken
+        )

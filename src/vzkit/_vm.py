@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from types import TracebackType
 
@@ -65,7 +66,21 @@ class VirtualMachine(VMView):
         run_sync(self._core.pause(timeout))
 
     def resume(self, timeout: float | None = None) -> None:
+        """Run a paused VM. The first resume after a snapshot restore also sets the guest's
+        clock to the host's (through the agent), so the guest does not live in the past."""
         run_sync(self._core.resume(timeout))
+        if self._core.clock_step_pending:
+            self._core.clock_step_pending = False
+            self._step_guest_clock()
+
+    def _step_guest_clock(self) -> None:
+        try:
+            proc = self.guest.run(["date", "-u", "-s", f"@{round(time.time())}"], timeout=10)
+        except (VzkitError, TimeoutError) as err:
+            log.warning("could not set the guest clock after the restore: %s", err)
+            return
+        if proc.returncode != 0:
+            log.warning("setting the guest clock failed: %s", proc.stderr.decode(errors="replace"))
 
     def request_stop(self) -> None:
         """Ask the guest to power off (power button, and the agent when connected); returns

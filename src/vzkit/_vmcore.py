@@ -89,6 +89,8 @@ class VMCore:
             self.machine = self.backend.create_machine(config, self._on_state)
         self.closed = False
         self.generation = 0  # counts successful starts; the guest agent reconnects on change
+        self.restored_from: Path | None = None  # the snapshot state file of this run
+        self.clock_step_pending = False  # set the guest clock at the next resume
 
     def _on_state(self, old: VMState, new: VMState) -> None:
         log.info("VM %s: %s -> %s", self.backend.name, old.value, new.value)
@@ -108,6 +110,15 @@ class VMCore:
         if self.machine.state not in _CAN[op]:
             raise StateError(_REFUSAL[op].format(state=self.machine.state.value))
 
+    def require_feature(self, feature: Feature) -> None:
+        self._feature(feature)
+
+    def restored(self, state_file: Path, *, clock_step: bool) -> None:
+        """A snapshot was restored into the machine: a new run, paused."""
+        self.generation += 1
+        self.restored_from = state_file
+        self.clock_step_pending = clock_step
+
     def _feature(self, feature: Feature) -> None:
         if feature not in self.backend.features:
             raise UnsupportedError(
@@ -122,6 +133,8 @@ class VMCore:
         self._require("start")
         await _within(timeout, "start", self.machine.start())
         self.generation += 1
+        self.restored_from = None
+        self.clock_step_pending = False
 
     async def pause(self, timeout: float | None) -> None:
         self._require("pause")

@@ -271,3 +271,23 @@ def test_vsock_device_user_space_kernel_or_none(files: dict[str, Path]) -> None:
     assert _argv.vsock_args(Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3)) == [
         "-device", "pcie-root-port,id=vsock-port,chassis=31",
     ]  # fmt: skip
+
+
+def test_restore_plan_waits_for_incoming_on_the_overlay(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="x86_64", kernel_path=files["vmlinuz"], disk_path=files["disk.img"]
+    )
+    plan = Plan(config=cfg, binary=Path("/q"), accel="tcg", qmp_fd=3, console_log=Path("/c"))
+    argv = build_argv(plan)
+    assert "-incoming" not in argv
+    assert "file.filename=" + str(files["disk.img"]) in _opt(argv, "-blockdev")[0]
+    overlay = Path("/state/restored-disk0.qcow2")
+    restored = dataclasses.replace(
+        plan, incoming=True, disk_override=overlay, disk_format=vzkit.DiskFormat.QCOW2
+    )
+    argv = build_argv(restored)
+    assert _opt(argv, "-incoming") == ["defer"]
+    assert "-S" in argv
+    (blockdev,) = _opt(argv, "-blockdev")
+    assert blockdev.startswith("driver=qcow2,node-name=disk0,")
+    assert blockdev.endswith(f"file.filename={overlay}")

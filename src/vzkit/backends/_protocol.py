@@ -15,11 +15,12 @@ from __future__ import annotations
 import enum
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from .._disk import DiskFormat
 from .._state import VMState
 
 if TYPE_CHECKING:
@@ -29,9 +30,11 @@ if TYPE_CHECKING:
 __all__ = [
     "Backend",
     "BalloonInfo",
+    "CapturedDisk",
     "Feature",
     "MacBackend",
     "Machine",
+    "ProgressFn",
     "StateListener",
     "VsockListenerLike",
     "notify_state",
@@ -46,6 +49,8 @@ class Feature(enum.StrEnum):
     VSOCK = "vsock"
     SHARES = "shares"
     SNAPSHOTS = "snapshots"
+    #: One snapshot restored into several VMs at once (each with its own copy-on-write disk).
+    SNAPSHOT_FANOUT = "snapshot-fanout"
     GRAPHICS = "graphics"
     MACOS_GUESTS = "macos-guests"  # MacVMConfig (the backend then also is a MacBackend)
 
@@ -65,6 +70,22 @@ class BalloonInfo:
 
 
 StateListener = Callable[[VMState, VMState], None]
+#: Progress of long work: ``(done, total)`` in bytes (``total`` may grow while it runs).
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedDisk:
+    """A writable disk captured by a snapshot at the instant its machine state was saved.
+
+    ``source`` is the config's disk (canonical path), ``path`` the captured image, which the
+    snapshot owns and nothing writes to again.
+    """
+
+    role: str  # "disk0": which of the config's disks
+    source: Path
+    path: Path
+    format: DiskFormat
 
 
 def notify_state(listener: StateListener, old: VMState, new: VMState) -> None:
@@ -149,6 +170,38 @@ class Machine(Protocol):
 
     async def close(self) -> None:
         """Release every process, socket and temporary file. Idempotent."""
+
+    # -- snapshots (Feature.SNAPSHOTS) -------------------------------------------------------
+
+    def snapshot_blockers(self) -> list[str]:
+        """Devices whose state cannot be saved (empty: a save may go ahead)."""
+
+    def snapshot_info(self) -> dict[str, str]:
+        """What a restore must match beyond the config (e.g. the accelerator); JSON-able."""
+
+    async def prepare_save(self) -> None:
+        """Before the VM is paused for a save: set aside what cannot be saved (qemu unplugs
+        its vsock device, which needs the guest running; a paused VM runs for that moment)."""
+
+    async def finish_save(self) -> None:
+        """After a save, whether it worked or not: bring back what :meth:`prepare_save` set
+        aside. Never raises for a VMM that is gone."""
+
+    async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
+        """Write the PAUSED machine's device and memory state to ``path`` (a new file).
+
+        The machine stays paused. On failure or cancellation the machine is left paused and
+        usable; the caller removes ``path``.
+        """
+
+    async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
+        """Right after :meth:`save_state`, still paused: capture every writable disk into
+        ``directory`` as new files named ``prefix + ...`` (fsynced). Read-only disks are not
+        captured. The caller renames and removes them."""
+
+    async def restore_state(self, path: Path, disks: Sequence[CapturedDisk]) -> None:
+        """STOPPED/ERROR → PAUSED: build the VM, load the state saved at ``path`` and run on
+        ``disks``. Cleans up everything it made if it fails or is cancelled."""
 
 
 class Backend(Protocol):

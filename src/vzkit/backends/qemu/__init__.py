@@ -17,7 +17,7 @@ class QemuBackend:
     name = "qemu"
     #: vsock needs vhost (kernel or vhost-user), which QEMU offers on Linux hosts only.
     features = frozenset(
-        {Feature.LIFECYCLE, Feature.BALLOON}
+        {Feature.LIFECYCLE, Feature.BALLOON, Feature.SNAPSHOTS, Feature.SNAPSHOT_FANOUT}
         | ({Feature.VSOCK} if sys.platform == "linux" else set())
     )
 

@@ -55,6 +55,11 @@ class Plan:
     #: An open ``/dev/vhost-vsock`` holding ``vsock_cid``: the kernel device instead.
     vhost_vsock_fd: int | None = None
     vsock_cid: int = 0  # the CID the kernel device claimed (0: the config's)
+    #: Restoring a snapshot: wait for ``migrate-incoming`` (``-incoming defer``).
+    incoming: bool = False
+    #: The image the guest's disk runs on instead of ``config.disk_path`` (a restored run's
+    #: copy-on-write overlay); ``disk_format`` is its format.
+    disk_override: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -137,7 +142,7 @@ def boot_args(plan: Plan) -> list[str]:
 
 
 def disk_args(plan: Plan) -> list[str]:
-    path = plan.config.disk_path
+    path = plan.disk_override or plan.config.disk_path
     if path is None:
         return []
     return [
@@ -146,6 +151,11 @@ def disk_args(plan: Plan) -> list[str]:
         f"file.driver=file,file.filename={esc(path)}",
         "-device", f"{virtio(plan, 'blk')},drive=disk0,id=disk0-dev",
     ]  # fmt: skip
+
+
+def incoming_args(plan: Plan) -> list[str]:
+    """Restore: QEMU waits for the state stream, handed over later with ``migrate-incoming``."""
+    return ["-incoming", "defer"] if plan.incoming else []
 
 
 def iso_args(plan: Plan) -> list[str]:
@@ -309,6 +319,7 @@ _PIECES = (
     agent_port_args,
     vsock_args,
     display_args,
+    incoming_args,
 )
 
 

@@ -20,6 +20,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,8 @@ from ..._network import NetworkMode
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
 from ...errors import UnsupportedError, VMError
-from .._protocol import BalloonInfo, StateListener, notify_state
-from . import _argv, _discover
+from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
+from . import _argv, _discover, _migrate
 from ._vsock import VsockListener, VsockTransport
 
 __all__ = ["AGENT_VSOCK_PORT", "QemuMachine"]
@@ -112,6 +113,11 @@ class QemuMachine:
         self._balloon_target_mb = config.memory_mb
         self._vsock: VsockTransport | None = None
         self.argv: list[str] = []
+        # Snapshots (_migrate.py): a restore starts QEMU waiting for the state stream and
+        # runs the disk on a copy-on-write overlay of the snapshot's image.
+        self._incoming = False
+        self.disk_override: Path | None = None
+        self.accel = ""
 
     # -- properties ------------------------------------------------------------------------
 
@@ -228,12 +234,27 @@ class QemuMachine:
                 feature="snapshots",
             )
         await self._execute("device_del", {"id": "vsock0"})
-        async with asyncio.timeout(timeout):
-            while "vsock0" in await self._peripherals():
-                await asyncio.sleep(0.05)
-        if not vsock.kernel:
-            await self._execute("chardev-remove", {"id": "vsock0-chr"})
+        try:
+            await asyncio.wait_for(self._vsock_gone(vsock.kernel), timeout)
+        except TimeoutError:
+            raise VMError(
+                f"the guest did not release its vsock device within {timeout:g} s "
+                "(it must acknowledge the PCI unplug)"
+            ) from None
         await vsock.stop_device()
+
+    async def _vsock_gone(self, kernel: bool) -> None:
+        """Wait until the unplugged device and its chardev are gone."""
+        while "vsock0" in await self._peripherals():
+            await asyncio.sleep(0.05)
+        while not kernel:  # the device lets go of its chardev a moment after it left
+            try:
+                await self._execute("chardev-remove", {"id": "vsock0-chr"})
+                return
+            except VMError as err:
+                if "busy" not in str(err):
+                    raise
+            await asyncio.sleep(0.05)
 
     async def attach_vsock(self) -> None:
         """Plug a fresh vsock device into its port (after a save, or into a restored VM)."""
@@ -310,6 +331,9 @@ class QemuMachine:
         disk_format = (
             detect_disk_format(cfg.disk_path) if cfg.disk_path is not None else DiskFormat.RAW
         )
+        if self.disk_override is not None:
+            disk_format = DiskFormat.QCOW2
+        self.accel = accel
         return _argv.Plan(
             config=cfg,
             binary=binary,
@@ -322,6 +346,8 @@ class QemuMachine:
             nvram=nvram,
             mac_address=_mac_address(None if self._own_state_dir else state_dir),
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
+            incoming=self._incoming,
+            disk_override=self.disk_override,
             shared_memory=vsock is not None,
             vsock_fd=vsock.qemu_fd if vsock is not None else None,
             vhost_vsock_fd=vsock.kernel_fd if vsock is not None else None,
@@ -336,6 +362,7 @@ class QemuMachine:
         self._stopped = asyncio.Event()
         self._expect_exit = False
         self._guest_shutdown = False
+        self.disk_override = None  # a fresh boot runs on the config's disk
         try:
             await self._launch()
         except BaseException:
@@ -403,7 +430,8 @@ class QemuMachine:
         if vsock is not None and vsock_device:
             await vsock.wait_ready()
             vsock.attached = True
-        await self._execute("cont")
+        if not self._incoming:  # a restore stays paused (see restore_state)
+            await self._execute("cont")
 
     async def _find_pty(self) -> str | None:
         chardevs: list[dict[str, Any]] = await self._execute("query-chardev")
@@ -442,7 +470,7 @@ class QemuMachine:
         await self._close_vsock()
         for task in self._tasks:
             task.cancel()
-        if self._state is not VMState.STARTING:
+        if self._state not in (VMState.STARTING, VMState.RESTORING):
             self._set_state(VMState.STOPPED if clean else VMState.ERROR)
         if self._stopped is not None:
             self._stopped.set()
@@ -547,6 +575,77 @@ class QemuMachine:
             info = await self._execute("query-balloon")
             actual = int(info["actual"]) / (1 << 30)
         return BalloonInfo(True, self._balloon_target_mb / 1024, MIN_BALLOON_MB, actual)
+
+    # -- snapshots (the work is in _migrate.py) ---------------------------------------------
+
+    @property
+    def qmp(self) -> QMPClient | None:
+        return self._qmp
+
+    async def execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
+        """A QMP command; :class:`VMError` when it fails or QEMU is gone."""
+        return await self._execute(cmd, args)
+
+    def snapshot_blockers(self) -> list[str]:
+        return _migrate.blockers(self)
+
+    @property
+    def vsock_attached(self) -> bool:
+        return self._vsock is not None and self._vsock.attached
+
+    async def prepare_save(self) -> None:
+        """Unplug the vsock device (QEMU cannot migrate it) while the guest runs: it must
+        acknowledge the unplug, so a paused VM runs for that moment and is paused again."""
+        if not self.vsock_attached:
+            return
+        paused = self._state is VMState.PAUSED
+        if paused:
+            await self.resume()
+        try:
+            await self.detach_vsock()
+        finally:
+            if paused:
+                await self.pause()
+
+    async def finish_save(self) -> None:
+        """Plug a fresh vsock device back in (connections open before the save have ended)."""
+        if self._vsock is not None and not self._vsock.attached and self._qmp is not None:
+            await self.attach_vsock()
+
+    def snapshot_info(self) -> dict[str, str]:
+        return {"accel": self.accel, "arch": self.config.arch.value}
+
+    async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
+        if self._state is not VMState.PAUSED:
+            raise VMError(f"only a paused VM can be saved (it is {self._state.value})")
+        await _migrate.save_state(self, path, progress)
+
+    async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
+        return await _migrate.capture_disks(self, directory, prefix)
+
+    async def restore_state(self, path: Path, disks: Sequence[CapturedDisk]) -> None:
+        """STOPPED/ERROR → RESTORING → PAUSED: QEMU with ``-incoming defer`` loads ``path``."""
+        if self._state not in (VMState.STOPPED, VMState.ERROR):
+            raise VMError(f"cannot restore into a VM that is {self._state.value}")
+        self.config.check_inputs()
+        self._set_state(VMState.RESTORING)
+        self._stopped = asyncio.Event()
+        self._expect_exit = False
+        self._guest_shutdown = False
+        try:
+            self.disk_override = await _migrate.prepare_disks(self, disks)
+            self._incoming = True
+            await self._launch(vsock_device=False)  # the saved state has no vsock device
+            await _migrate.load_state(self, path)
+            if self._vsock is not None:
+                await self.attach_vsock()
+        except BaseException:
+            await self._teardown()
+            self._set_state(VMState.STOPPED)
+            raise
+        finally:
+            self._incoming = False
+        self._set_state(VMState.PAUSED)
 
     # -- teardown --------------------------------------------------------------------------
 
