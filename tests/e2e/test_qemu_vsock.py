@@ -95,8 +95,9 @@ def test_64_mib_each_way_refused_port_and_half_close(vms: VMFactory, arch: str) 
     assert proc.wait(timeout=30) == 0
 
 
-def test_64_concurrent_connections_each_way(vms: VMFactory) -> None:
-    vm = vms.create("x86_64")
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_64_concurrent_connections_each_way(vms: VMFactory, arch: str) -> None:
+    vm = vms.create(arch)
     vm.start(timeout=60)
     vm.guest.wait_ready(timeout=90)
     vm.guest.popen(["sh", "-c", f"{RELAY} --listen-vsock 5000 --exec cat"], stdin=False)
