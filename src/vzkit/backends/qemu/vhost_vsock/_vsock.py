@@ -616,6 +616,7 @@ class VsockMuxer:
             ctrl.popleft()
             if op == Op.CREDIT_UPDATE and conn is not None:
                 conn.update_queued = False
+                self.stats.credit_updates_sent += 1
             if op == Op.RST:
                 self.stats.rst_sent += 1
             self._write_header(chain, op, flags, host_port, guest_port, 0, conn)
