@@ -34,6 +34,8 @@ class VsockStats:
     calls_rx: int = 0  # interrupts we raised: rx buffers used
     calls_tx: int = 0  # ... tx packets consumed
     credit_updates_sent: int = 0
+    credit_updates_received: int = 0
+    credit_requests_sent: int = 0
     loop_iterations: int = 0
 
     def as_dict(self) -> dict[str, int]:

@@ -358,6 +358,7 @@ class VhostUserVsockDevice:
             if kick is not None:
                 self._reactor.unregister(kick)
         base = queue.last_avail
+        queue.publish()  # everything we consumed is handed back before the ring stops
         queue.release()
         self._sync()
         return base
