@@ -5,6 +5,7 @@ ratio holds even on a shared, noisy machine. Figures are medians.
 
     ./dev bench                     # all benchmarks, both arches
     ./dev bench --arch x86_64 -n 3  # fewer rounds
+    ./dev bench --vsock -n 3        # vsock against the console port instead (bench/vsock.py)
 """
 
 from __future__ import annotations
@@ -193,8 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--arch", action="append", choices=["x86_64", "aarch64"])
     parser.add_argument("-n", "--rounds", type=int, default=5)
+    parser.add_argument("--vsock", action="store_true", help="run bench/vsock.py instead")
     args = parser.parse_args(argv)
     arches = args.arch or ["x86_64", "aarch64"]
+    if args.vsock:
+        import vsock  # bench/vsock.py, next to this file
+
+        return max(vsock.main(["-n", str(args.rounds), "--arch", a]) for a in arches)
     rows = [bench_boot(arch, args.rounds) for arch in arches]
 
     print(f"{'arch':<8} {'raw ready':>10} {'vzkit ready':>12} {'ratio':>6} "
