@@ -6,6 +6,7 @@ ratio holds even on a shared, noisy machine. Figures are medians.
     ./dev bench                     # all benchmarks, both arches
     ./dev bench --arch x86_64 -n 3  # fewer rounds
     ./dev bench --suite snapshots   # only the snapshot figures (bench/snapshots.py)
+    ./dev bench --suite vsock       # vsock against the console port (bench/vsock.py)
 """
 
 from __future__ import annotations
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--arch", action="append", choices=["x86_64", "aarch64"])
     parser.add_argument("-n", "--rounds", type=int, default=5)
-    parser.add_argument("--suite", choices=["all", "boot", "snapshots"], default="all")
+    parser.add_argument("--suite", choices=["all", "boot", "snapshots", "vsock"], default="all")
     args = parser.parse_args(argv)
     arches = args.arch or ["x86_64", "aarch64"]
     report: dict[str, Any] = {}
@@ -208,6 +209,11 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for snap in report["snapshots"]:
             print_snapshots(snap)
+    if args.suite in ("all", "vsock"):
+        import vsock  # bench/vsock.py, next to this file (writes its own JSON)
+
+        for arch in arches:
+            vsock.main(["-n", str(args.rounds), "--arch", arch])
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"boot-{stamp}.json"

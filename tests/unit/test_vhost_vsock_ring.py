@@ -19,7 +19,12 @@ from vzkit.backends.qemu.vhost_vsock._fakedriver import REGION_SIZE, SLOT, FakeD
 from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._memory import GuestMemory, GuestMemoryError, RegionSpec
 from vzkit.backends.qemu.vhost_vsock._packet import HEADER, HEADER_SIZE, Op
-from vzkit.backends.qemu.vhost_vsock._virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE
+from vzkit.backends.qemu.vhost_vsock._virtqueue import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    Virtqueue,
+)
 
 U16 = struct.Struct("<H")
 
@@ -385,4 +390,40 @@ def test_guest_memory_unaligned_offset(memfd: int) -> None:
     try:
         assert bytes(mem.guest_view(0, 3)) == b"abc"
     finally:
+        mem.close()
+
+
+def test_used_index_is_published_once_per_batch(memfd: int) -> None:
+    """Used elements are written as chains are pushed, but the driver's view of the used index
+    moves once per batch (publish / need_notify), so a polling driver sees the whole batch."""
+    page = mmap.PAGESIZE
+    mem = GuestMemory([RegionSpec(0, 3 * page, 0x10000, 0)], [memfd])
+    size = 8
+    desc, avail, used = 0, page, 2 * page
+    for i in range(size):  # one 64-byte writable buffer per descriptor
+        os.pwrite(memfd, struct.pack("<QIHH", 0x800 + 64 * i, 64, DESC_F_WRITE, 0), desc + 16 * i)
+    os.pwrite(memfd, struct.pack("<HH", 0, 3) + struct.pack("<3H", 0, 1, 2), avail)
+    vq = Virtqueue(mem, size=size, desc_addr=0x10000 + desc, avail_addr=0x10000 + avail,
+                   used_addr=0x10000 + used)  # fmt: skip
+
+    def used_idx() -> int:
+        value: int = U16.unpack(os.pread(memfd, 2, used + 2))[0]
+        return value
+
+    try:
+        for _ in range(3):
+            chain = vq.pop()
+            assert chain is not None
+            vq.push(chain.head, 10)
+        assert used_idx() == 0  # not visible yet
+        assert vq.unpublished == 3
+        assert struct.unpack("<II", os.pread(memfd, 8, used + 4 + 8 * 2)) == (2, 10)
+        assert vq.need_notify()  # publishes first
+        assert used_idx() == 3
+        assert vq.unpublished == 0
+        assert not vq.need_notify()
+        vq.publish()  # nothing new: no store
+        assert used_idx() == 3
+    finally:
+        vq.release()
         mem.close()

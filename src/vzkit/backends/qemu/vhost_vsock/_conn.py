@@ -29,6 +29,14 @@ class VsockStats:
     connections_opened: int = 0
     connections_closed: int = 0
     connections_refused: int = 0
+    kicks_rx: int = 0  # notifications from the driver: rx buffers added
+    kicks_tx: int = 0  # ... tx packets added
+    calls_rx: int = 0  # interrupts we raised: rx buffers used
+    calls_tx: int = 0  # ... tx packets consumed
+    credit_updates_sent: int = 0
+    credit_updates_received: int = 0
+    credit_requests_sent: int = 0
+    loop_iterations: int = 0
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

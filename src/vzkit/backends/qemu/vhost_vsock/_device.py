@@ -246,10 +246,16 @@ class VhostUserVsockDevice:
         backend = self._backend
         if backend is None:
             return
+        stats = muxer.stats
+        stats.loop_iterations += 1
         for index, queue in enumerate(self._queues):
             if queue is not None and queue.need_notify():
                 fd = backend.rings[index].call_fd
                 if fd is not None:
+                    if index == RX:
+                        stats.calls_rx += 1
+                    else:
+                        stats.calls_tx += 1
                     with contextlib.suppress(OSError):
                         os.eventfd_write(fd, 1)
 
@@ -352,6 +358,7 @@ class VhostUserVsockDevice:
             if kick is not None:
                 self._reactor.unregister(kick)
         base = queue.last_avail
+        queue.publish()  # everything we consumed is handed back before the ring stops
         queue.release()
         self._sync()
         return base
@@ -447,6 +454,8 @@ class VhostUserVsockDevice:
             self._reactor.unregister(fd)
             return
         if index == RX:
+            self._muxer.stats.kicks_rx += 1
             self._muxer.on_rx_ready()
         else:
+            self._muxer.stats.kicks_tx += 1
             self._muxer.on_tx_ready()

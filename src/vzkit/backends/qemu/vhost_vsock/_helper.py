@@ -5,6 +5,11 @@ Follows QEMU's back-end program conventions (``docs/interop/vhost-user.rst``): `
 ``--print-capabilities``, no daemonizing, exit on SIGTERM; ``--ready-fd=N`` gets ``READY\n``
 once the hybrid socket is bound. It also exits when the front-end
 disconnects (QEMU is gone), removing its hybrid socket file.
+
+For measurements (``bench/vsock.py``): with ``VZKIT_VSOCK_STATS=PATH`` in the environment the
+helper writes its counters (:class:`VsockStats`) as JSON to PATH on ``SIGUSR1`` and when it
+exits; with ``VZKIT_VSOCK_PROFILE=PATH`` it runs under :mod:`cProfile` and writes the profile
+to PATH when it exits.
 """
 
 from __future__ import annotations
@@ -98,10 +103,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             with contextlib.suppress(OSError):
                 os.close(args.ready_fd)
 
+    stats_path = os.environ.get("VZKIT_VSOCK_STATS")
+
+    def dump_stats(signum: int = 0, frame: FrameType | None = None) -> None:
+        if stats_path:
+            with contextlib.suppress(OSError):
+                tmp = f"{stats_path}.{os.getpid()}.tmp"
+                Path(tmp).write_text(json.dumps(device.stats.as_dict()))
+                os.replace(tmp, stats_path)
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGUSR1, dump_stats)
+    profile_path = os.environ.get("VZKIT_VSOCK_PROFILE")
     try:
-        device.serve(on_ready=ready)
+        if profile_path:
+            import cProfile
+
+            cProfile.runctx("device.serve(on_ready=ready)", globals(), locals(), profile_path)
+        else:
+            device.serve(on_ready=ready)
     finally:
         device.close()
+        dump_stats()
     return 0

@@ -236,6 +236,8 @@ class VsockMuxer:
             self._from_guest(conn, chain, length)
         elif op == Op.CREDIT_REQUEST:
             self._queue_update(conn)
+        elif op == Op.CREDIT_UPDATE:
+            self.stats.credit_updates_received += 1
         elif op == Op.RESPONSE:
             self._on_response(conn)
         elif op == Op.SHUTDOWN:
@@ -616,8 +618,11 @@ class VsockMuxer:
             ctrl.popleft()
             if op == Op.CREDIT_UPDATE and conn is not None:
                 conn.update_queued = False
+                self.stats.credit_updates_sent += 1
             if op == Op.RST:
                 self.stats.rst_sent += 1
+            elif op == Op.CREDIT_REQUEST:
+                self.stats.credit_requests_sent += 1
             self._write_header(chain, op, flags, host_port, guest_port, 0, conn)
             rxq.push(chain.head, HEADER_SIZE)
         if self._parked and self._rx_available():
