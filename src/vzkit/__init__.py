@@ -20,7 +20,14 @@ from ._display import (
     default_linux_display_config,
     parse_display_spec,
 )
-from ._network import NetworkConfig, NetworkMode, parse_network_mode
+from ._network import (
+    NetworkConfig,
+    NetworkMode,
+    PortForward,
+    PortProtocol,
+    parse_network_mode,
+    parse_port_spec,
+)
 from ._snapshot import SnapshotManager, SnapshotMeta
 from ._state import Arch, VMState, host_arch
 from ._vm import Balloon, VirtualMachine
@@ -57,6 +64,8 @@ __all__ = [
     "LinuxVMConfig",
     "NetworkConfig",
     "NetworkMode",
+    "PortForward",
+    "PortProtocol",
     "SnapshotError",
     "SnapshotManager",
     "SnapshotMeta",
@@ -79,6 +88,7 @@ __all__ = [
     "host_arch",
     "parse_display_spec",
     "parse_network_mode",
+    "parse_port_spec",
     "parse_volume_spec",
 ]
 

@@ -21,7 +21,7 @@ from . import __version__
 from ._config import ConsoleMode, LinuxVMConfig
 from ._disk import DiskFormat, create_disk_image
 from ._display import DisplayList
-from ._network import parse_network_mode
+from ._network import parse_network_mode, parse_port_spec
 from ._snapshot import SnapshotManager, format_rfc3339
 from ._state import Arch, VMState
 from ._volume import parse_volume_spec
@@ -108,6 +108,15 @@ def vm_options(func: F) -> F:
             metavar="MODE",
             callback=_spec_callback(parse_network_mode),
             help="nat (default), none, vmnet, host-only or bridged:IFACE.",
+        ),
+        click.option(
+            "--publish",
+            "-p",
+            "publish",
+            multiple=True,
+            metavar="[ADDR:]HOST:GUEST[/tcp|udp]",
+            callback=_spec_callback(parse_port_spec),
+            help="Forward a host port (127.0.0.1 unless ADDR) to the guest (repeatable; nat).",
         ),
         click.option(
             "--display",
@@ -297,6 +306,7 @@ def run_cmd(
     \b
       vzkit run -- uname -a
       vzkit run --memory 1 -v .:src:ro -- sh -c 'ls /mnt/src'
+      vzkit run -p 8080:80 -- busybox httpd -f -p 80
     """
     # Ctrl-C and SIGTERM tear the VM down even when this process was started with SIGINT
     # ignored (as shells do for background jobs).

@@ -25,6 +25,8 @@ EXPECTED_ALL = [
     "LinuxVMConfig",
     "NetworkConfig",
     "NetworkMode",
+    "PortForward",
+    "PortProtocol",
     "SnapshotError",
     "SnapshotManager",
     "SnapshotMeta",
@@ -47,6 +49,7 @@ EXPECTED_ALL = [
     "host_arch",
     "parse_display_spec",
     "parse_network_mode",
+    "parse_port_spec",
     "parse_volume_spec",
 ]
 

@@ -13,7 +13,7 @@ __all__ = ["BACKEND", "QemuBackend", "QemuMachine"]
 
 class QemuBackend:
     name = "qemu"
-    features = frozenset({Feature.LIFECYCLE, Feature.BALLOON})
+    features = frozenset({Feature.LIFECYCLE, Feature.BALLOON, Feature.SHARES})
 
     def check_available(self) -> None:
         find_qemu(host_arch())

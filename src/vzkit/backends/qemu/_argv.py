@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import sys
+import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from ..._display import default_linux_display_config
 from ..._network import NetworkMode
 from ..._state import Arch
 from ...errors import UnsupportedError
+from ._virtiofs import ShareDevice, ShareKind
 
 __all__ = ["Plan", "build_argv", "default_cmdline", "esc"]
 
@@ -54,6 +56,8 @@ class Plan:
     vsock_fd: int | None = None
     #: Kernel vhost-vsock (``/dev/vhost-vsock``) instead of the user-space device.
     vhost_vsock_kernel: bool = False
+    #: The config's shares as served this run (virtiofsd sockets or 9p exports), in tag order.
+    shares: tuple[ShareDevice, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -67,6 +71,24 @@ class Plan:
 def default_cmdline(arch: Arch) -> str:
     """The console the kernel should use when the config names no cmdline."""
     return "console=ttyS0" if arch is Arch.X86_64 else "console=ttyAMA0"
+
+
+def kernel_cmdline(plan: Plan) -> str:
+    """The config's command line plus, with shares, ``vzkit.shares=TAG,...`` and
+    ``vzkit.ro=TAG,...``: the default guest mounts every share at ``/mnt/<tag>``, the
+    read-only ones ``ro`` (the host enforces read-only regardless). Tags are
+    percent-encoded (kernels before 6.9 list no virtiofs tags in sysfs)."""
+    cmdline = plan.config.cmdline or default_cmdline(plan.arch)
+    if plan.shares:
+        cmdline += " vzkit.shares=" + ",".join(_cmdline_tag(s.tag) for s in plan.shares)
+    read_only = [_cmdline_tag(share.tag) for share in plan.shares if share.read_only]
+    if read_only:
+        cmdline += " vzkit.ro=" + ",".join(read_only)
+    return cmdline
+
+
+def _cmdline_tag(tag: str) -> str:
+    return urllib.parse.quote(tag, safe="@+-._~")
 
 
 def machine_type(config: LinuxVMConfig) -> str:
@@ -125,7 +147,7 @@ def boot_args(plan: Plan) -> list[str]:
         args = ["-kernel", str(cfg.kernel_path)]
         if cfg.initrd_path is not None:
             args += ["-initrd", str(cfg.initrd_path)]
-        args += ["-append", cfg.cmdline or default_cmdline(plan.arch)]
+        args += ["-append", kernel_cmdline(plan)]
         return args
     if plan.firmware_code is None or plan.nvram is None:
         raise ValueError("EFI boot needs firmware code and a variable store in the plan")
@@ -186,11 +208,31 @@ def netdev(mode: NetworkMode, interface: str, host_os: str) -> str | None:
     )
 
 
+def hostfwd(plan: Plan) -> str:
+    """``,hostfwd=...`` for every published port (user-mode networking only)."""
+    cfg = plan.config
+    if not cfg.publish:
+        return ""
+    if cfg.network.mode not in (NetworkMode.NAT, NetworkMode.HOST_ONLY) or (
+        plan.host_os == "darwin" and cfg.network.mode is not NetworkMode.NAT
+    ):
+        raise UnsupportedError(
+            f"publishing ports needs user-mode networking ('nat'), not {str(cfg.network)!r}",
+            backend="qemu",
+            feature="network:publish",
+        )
+    return "".join(
+        f",hostfwd={p.protocol.value}:{p.host_address}:{p.host_port}-:{p.guest_port}"
+        for p in cfg.publish
+    )
+
+
 def network_args(plan: Plan) -> list[str]:
     net = plan.config.network
     backend = netdev(net.mode, net.interface, plan.host_os)
     if backend is None:
         return []
+    backend += hostfwd(plan)
     device = f"{virtio(plan, 'net')},netdev=net0,id=net0-dev"
     if plan.mac_address:
         device += f",mac={plan.mac_address}"
@@ -258,6 +300,42 @@ def vsock_args(plan: Plan) -> list[str]:
     ]  # fmt: skip
 
 
+def virtiofs_device_args(plan: Plan, index: int, share: ShareDevice) -> list[str]:
+    """A vhost-user-fs device on the inherited socket of the share's virtiofsd."""
+    if share.fd is None:
+        raise ValueError(f"share {share.tag!r} has no virtiofsd socket in the plan")
+    if not plan.shared_memory:
+        raise ValueError("vhost-user-fs needs shared guest memory (Plan.shared_memory)")
+    return [
+        "-chardev", f"socket,id=fs{index},fd={share.fd}",
+        "-device",
+        f"{vhost(plan, 'user-fs')},id=fs{index}-dev,chardev=fs{index},tag={esc(share.tag)},"
+        "queue-size=1024",
+    ]  # fmt: skip
+
+
+def ninep_device_args(plan: Plan, index: int, share: ShareDevice) -> list[str]:
+    """A virtio-9p export of the share's directory; ``readonly=on`` is enforced by QEMU."""
+    fsdev = f"local,id=fsdev{index},path={esc(share.path)},security_model=none"
+    if share.read_only:
+        fsdev += ",readonly=on"
+    return [
+        "-fsdev", fsdev,
+        "-device", f"{virtio(plan, '9p')},id=fs{index}-dev,fsdev=fsdev{index},"
+        f"mount_tag={esc(share.tag)}",
+    ]  # fmt: skip
+
+
+def share_args(plan: Plan) -> list[str]:
+    args: list[str] = []
+    for index, share in enumerate(plan.shares):
+        if share.kind is ShareKind.VIRTIOFS:
+            args += virtiofs_device_args(plan, index, share)
+        else:
+            args += ninep_device_args(plan, index, share)
+    return args
+
+
 def vhost(plan: Plan, device: str) -> str:
     """``vhost-<device>`` on the machine's transport: PCI, or MMIO on microvm."""
     return f"vhost-{device}-device" if plan.machine == "microvm" else f"vhost-{device}-pci"
@@ -294,6 +372,7 @@ _PIECES = (
     console_args,
     agent_port_args,
     vsock_args,
+    share_args,
     display_args,
 )
 

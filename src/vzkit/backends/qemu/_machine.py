@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -33,6 +34,7 @@ from ..._state import VMState
 from ...errors import UnsupportedError, VMError
 from .._protocol import BalloonInfo, StateListener, notify_state
 from . import _argv, _discover
+from ._virtiofs import ShareKind, Shares
 
 __all__ = ["QemuMachine"]
 
@@ -95,6 +97,7 @@ class QemuMachine:
         self._qmp: QMPClient | None = None
         self._qmp_sock: socket.socket | None = None
         self._agent_sock: socket.socket | None = None
+        self._shares = Shares()  # virtiofsd per share (see _virtiofs)
         self._tasks: list[asyncio.Task[Any]] = []  # event watcher
         self._exit_watch: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
@@ -238,6 +241,15 @@ class QemuMachine:
         self._agent_sock = agent_ours
         try:
             plan = await self._plan(theirs.fileno(), agent_theirs.fileno())
+            # -- shares: start the virtiofsds, hand their sockets to QEMU
+            shares = await self._shares.start(
+                self.config.tagged_volumes(), self.runtime_dir, self.state_dir
+            )
+            virtiofs = any(share.kind is ShareKind.VIRTIOFS for share in shares)
+            plan = dataclasses.replace(
+                plan, shares=shares, shared_memory=plan.shared_memory or virtiofs
+            )
+            # -- end shares
             self.argv = _argv.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
@@ -245,7 +257,7 @@ class QemuMachine:
                 self._proc = await spawn(
                     self.argv,
                     name=f"qemu-system-{self.config.arch.value}",
-                    pass_fds=(theirs.fileno(), agent_theirs.fileno()),
+                    pass_fds=(theirs.fileno(), agent_theirs.fileno(), *self._shares.qemu_fds),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
                     stdout=None if interactive else asyncio.subprocess.DEVNULL,
                     stderr=stderr,
@@ -254,6 +266,7 @@ class QemuMachine:
         finally:
             theirs.close()
             agent_theirs.close()
+            self._shares.qemu_started()
         self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
         qmp = QMPClient(f"vzkit-{self._proc.pid}")
         self._qmp = qmp
@@ -428,6 +441,7 @@ class QemuMachine:
             await asyncio.wait({watch}, timeout=5)
             watch.cancel()
         await self._disconnect()
+        await self._shares.close()  # after QEMU: the virtiofsds outlive no VM
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
