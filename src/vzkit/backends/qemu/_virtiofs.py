@@ -232,8 +232,8 @@ class Shares:
         self, volumes: Sequence[VolumeMount], runtime_dir: Path, log_dir: Path
     ) -> tuple[ShareDevice, ...]:
         """Start a virtiofsd per virtiofs share; return every share's device."""
+        await self.close()  # anything left from a previous run
         if not volumes:
-            self.devices = ()
             return self.devices
         force_9p = os.environ.get(DEVICE_ENV, "").lower() == "9p"
         daemon = None if force_9p else await asyncio.to_thread(find_virtiofsd)
@@ -290,7 +290,11 @@ class Shares:
 
     async def _watch(self, tag: str, proc: OwnedProcess) -> None:
         rc = await proc.wait()
-        if not self._closing:
+        if self._closing:
+            return
+        if rc == 0:  # QEMU closed its end (the VM stopped): reaped again at close()
+            log.debug("virtiofsd for share %r (pid %d) finished", tag, proc.pid)
+        else:
             log.warning("virtiofsd for share %r (pid %d) exited with %d", tag, proc.pid, rc)
 
     def qemu_started(self) -> None:
