@@ -28,6 +28,9 @@ from vzkit.backends.qemu._discover import find_qemu
 from vzkit.guest import GuestImage
 from vzkit.guest._image import default_image
 
+sys.path.insert(0, str(Path(__file__).parent))
+from shares import bench_shares, print_table  # a sibling script
+
 READY = b"VZKIT-GUEST-READY"
 RESULTS = Path(__file__).parent / "results"
 
@@ -193,6 +196,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--arch", action="append", choices=["x86_64", "aarch64"])
     parser.add_argument("-n", "--rounds", type=int, default=5)
+    parser.add_argument(
+        "--no-shares", action="store_true", help="Skip VirtioFS vs 9p (bench/shares.py)."
+    )
     args = parser.parse_args(argv)
     arches = args.arch or ["x86_64", "aarch64"]
     rows = [bench_boot(arch, args.rounds) for arch in arches]
@@ -216,6 +222,11 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['agent_ratio']:>6.3f} {r['run_true_s']:>11.3f}s {r['run_ratio']:>6.3f} "
             f"{r['initramfs_bytes'] / 1e6:>8.2f}MB"
         )
+    shares: dict[str, Any] | None = None
+    if not args.no_shares:
+        print()
+        shares = bench_shares(min(args.rounds, 3))
+        print_table(shares)
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     out = RESULTS / f"boot-{stamp}.json"
@@ -226,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
                 "host": platform.node(),
                 "python": sys.version.split()[0],
                 "boot": rows,
+                "shares": shares,
             },
             indent=2,
         )

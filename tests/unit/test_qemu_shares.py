@@ -146,6 +146,21 @@ def test_plan_share_can_be_forced_to_9p() -> None:
     assert plan_share(RW, C, root=True, force_9p=True).kind is ShareKind.NINEP
 
 
+def test_share_device_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VZKIT_SHARE_DEVICE", raising=False)
+    assert not _virtiofs.forced_9p("a")
+    monkeypatch.setenv("VZKIT_SHARE_DEVICE", "9P")
+    assert _virtiofs.forced_9p("a")
+    monkeypatch.setenv("VZKIT_SHARE_DEVICE", "9p:a,b")
+    assert (_virtiofs.forced_9p("a"), _virtiofs.forced_9p("b"), _virtiofs.forced_9p("c")) == (
+        True,
+        True,
+        False,
+    )
+    monkeypatch.setenv("VZKIT_SHARE_DEVICE", "virtiofs")
+    assert not _virtiofs.forced_9p("a")
+
+
 def test_c_virtiofsd_argv_escapes_commas_and_backslashes() -> None:
     share = ShareDevice("t", Path("/srv/a,b\\c d"), False)
     assert virtiofsd_argv(C, share, 9) == [

@@ -15,7 +15,8 @@ gets ``--readonly``; the C one is started inside a private mount namespace (``un
 itself, so the daemon cannot write there whatever the guest asks (needs root, as the C daemon
 does anyway). Where neither is possible (no virtiofsd, as with QEMU on macOS; not root with
 only the C daemon), the share becomes a virtio-9p device with ``readonly=on``, which QEMU
-itself enforces. ``$VZKIT_SHARE_DEVICE=9p`` forces 9p for every share (the bench uses it).
+itself enforces. ``$VZKIT_SHARE_DEVICE=9p`` forces 9p for every share, ``9p:TAG,...`` for
+some (the bench serves one directory both ways).
 
 Each virtiofsd gets a listening Unix socket as an inherited fd (``--fd``). vzkit connects to
 it before the daemon starts and hands the connected end to QEMU as an inherited fd too
@@ -52,6 +53,7 @@ __all__ = [
     "Shares",
     "Virtiofsd",
     "find_virtiofsd",
+    "forced_9p",
     "parse_virtiofsd_help",
     "plan_share",
     "virtiofsd_argv",
@@ -173,6 +175,16 @@ def plan_share(
     return ninep
 
 
+def forced_9p(tag: str) -> bool:
+    """Whether ``$VZKIT_SHARE_DEVICE`` asks for 9p for this share: ``9p`` (every share) or
+    ``9p:TAG,TAG`` (those tags; the bench compares both devices on one directory)."""
+    value = os.environ.get(DEVICE_ENV, "").strip()
+    kind, sep, tags = value.partition(":")
+    if kind.lower() != "9p":
+        return False
+    return not sep or tag in tags.split(",")
+
+
 def _c_option(path: Path) -> str:
     """A path as a value inside the C virtiofsd's ``-o`` list (``\\`` and ``,`` escaped)."""
     return str(path).replace("\\", "\\\\").replace(",", "\\,")
@@ -235,14 +247,14 @@ class Shares:
         await self.close()  # anything left from a previous run
         if not volumes:
             return self.devices
-        force_9p = os.environ.get(DEVICE_ENV, "").lower() == "9p"
-        daemon = None if force_9p else await asyncio.to_thread(find_virtiofsd)
+        forced = [forced_9p(vol.tag) for vol in volumes]
+        daemon = None if all(forced) else await asyncio.to_thread(find_virtiofsd)
         root = os.geteuid() == 0
         devices = []
         for index, vol in enumerate(volumes):
             if not vol.host_path.is_dir():  # check_inputs ran, but the path can go since
                 raise VMError(f"share {vol.tag!r}: {str(vol.host_path)!r} is not a directory")
-            device = plan_share(vol, daemon, root=root, force_9p=force_9p)
+            device = plan_share(vol, daemon, root=root, force_9p=forced[index])
             if device.kind is ShareKind.VIRTIOFS:
                 assert daemon is not None
                 fd = await self._start_daemon(daemon, device, index, runtime_dir, log_dir)
