@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import sys
-import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from ..._disk import DiskFormat
 from ..._display import default_linux_display_config
 from ..._network import NetworkMode
 from ..._state import Arch
+from ..._volume import VolumeMount, share_cmdline
 from ...errors import UnsupportedError
 from ._virtiofs import ShareDevice, ShareKind
 
@@ -74,21 +74,13 @@ def default_cmdline(arch: Arch) -> str:
 
 
 def kernel_cmdline(plan: Plan) -> str:
-    """The config's command line plus, with shares, ``vzkit.shares=TAG,...`` and
-    ``vzkit.ro=TAG,...``: the default guest mounts every share at ``/mnt/<tag>``, the
-    read-only ones ``ro`` (the host enforces read-only regardless). Tags are
-    percent-encoded (kernels before 6.9 list no virtiofs tags in sysfs)."""
+    """The config's command line plus, with shares, the words naming them for the default
+    guest's init (:func:`~vzkit._volume.share_cmdline`)."""
     cmdline = plan.config.cmdline or default_cmdline(plan.arch)
-    if plan.shares:
-        cmdline += " vzkit.shares=" + ",".join(_cmdline_tag(s.tag) for s in plan.shares)
-    read_only = [_cmdline_tag(share.tag) for share in plan.shares if share.read_only]
-    if read_only:
-        cmdline += " vzkit.ro=" + ",".join(read_only)
-    return cmdline
-
-
-def _cmdline_tag(tag: str) -> str:
-    return urllib.parse.quote(tag, safe="@+-._~")
+    shares = share_cmdline(
+        VolumeMount(share.path, share.tag, share.read_only) for share in plan.shares
+    )
+    return f"{cmdline} {shares}" if shares else cmdline
 
 
 def machine_type(config: LinuxVMConfig) -> str:
