@@ -8,6 +8,7 @@ path holds commas, spaces and non-ASCII characters.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -223,3 +224,58 @@ def test_vzkit_run_volume(host_dirs: dict[str, Path]) -> None:
     assert proc.stdout.decode().splitlines() == ["hello from ro", "refused"]
     assert (host_dirs["rw"] / "copy").read_text() == "hello from ro\n"
     assert (host_dirs["ro"] / "hello.txt").exists()
+
+
+@pytest.fixture(scope="session")
+def generic_kernel_image() -> vzkit.guest.GuestImage:
+    """The bench's guest variant on Debian's generic kernel: the cloud kernel has no 9p."""
+    bench = Path(__file__).parents[2] / "bench" / "shares.py"
+    spec = importlib.util.spec_from_file_location("vzkit_bench_shares", bench)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    image: vzkit.guest.GuestImage = module.generic_kernel_image("x86_64")
+    return image
+
+
+def test_9p_fallback_enforces_read_only_in_qemu(
+    vms: VMFactory,
+    host_dirs: dict[str, Path],
+    generic_kernel_image: vzkit.guest.GuestImage,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Where no virtiofsd can serve (QEMU on macOS, not root with the C one): virtio-9p."""
+    monkeypatch.setenv("VZKIT_SHARE_DEVICE", "9p")
+    image = generic_kernel_image
+    ro_before = _tree(host_dirs["ro"])
+    vm = vms.create(
+        kernel_path=image.kernel,
+        initrd_path=image.initrd,
+        cmdline=image.cmdline(),
+        volumes=(
+            vzkit.parse_volume_spec(f"{host_dirs['rw']}:rw"),
+            vzkit.parse_volume_spec(f"{host_dirs['ro']}:ro:ro"),
+            vzkit.parse_volume_spec(str(host_dirs["odd"])),
+        ),
+    )
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=120)
+    assert _machine(vm)._shares.pids == {}  # no virtiofsd: QEMU serves 9p itself
+    mounts = {
+        line.split()[1]: line.split()
+        for line in vm.guest.read_file("/proc/mounts").decode().splitlines()
+    }
+    assert [mounts[f"/mnt/{t}"][2] for t in ("rw", "ro", "a_b_c-é✓")] == ["9p"] * 3
+    assert vm.guest.read_file("/mnt/a_b_c-é✓/hello.txt") == b"hello from odd\n"
+    code, out = _sh(vm, "echo via 9p > /mnt/rw/new.txt")
+    assert code == 0, out
+    assert (host_dirs["rw"] / "new.txt").read_text() == "via 9p\n"
+    code, out = _sh(vm, "mount -o remount,rw /mnt/ro; echo x > /mnt/ro/hello.txt")
+    assert code != 0, out
+    for command in ("touch /mnt/ro/new", "rm /mnt/ro/hello.txt", "mkdir /mnt/ro/d"):
+        code, out = _sh(vm, command)
+        assert code != 0, (command, out)
+    code, out = _sh(vm, "cat /mnt/rw/abs-link /mnt/rw/rel-link")
+    assert SECRET.strip() not in out
+    assert _tree(host_dirs["ro"]) == ro_before
