@@ -90,7 +90,9 @@ def test_eight_shares_read_write_read_only_and_odd_paths(
     vm.start(timeout=60)
     vm.guest.wait_ready(timeout=120)
     machine = _machine(vm)
-    assert len(machine._shares.pids) == 8  # one owned virtiofsd per share
+    daemons = machine._shares.pids
+    assert len(daemons) == 8  # one owned virtiofsd per share
+    assert all(pid_alive(pid) for pid in daemons.values())
 
     # The agent reports the mounts: every share at /mnt/<tag>, VirtioFS, the ro one ro.
     mounts = {
@@ -159,7 +161,7 @@ def test_eight_shares_read_write_read_only_and_odd_paths(
 
     vm.close()
     assert live_children() == {}
-    assert not any(pid_alive(pid) for pid in machine._shares.pids.values())
+    assert not any(pid_alive(pid) for pid in daemons.values())
 
 
 def test_virtiofsd_killed_mid_run_leaves_the_vm_running(
