@@ -5,6 +5,7 @@ ratio holds even on a shared, noisy machine. Figures are medians.
 
     ./dev bench                     # all benchmarks, both arches
     ./dev bench --arch x86_64 -n 3  # fewer rounds
+    ./dev bench --suite snapshots   # only the snapshot figures (bench/snapshots.py)
 """
 
 from __future__ import annotations
@@ -27,9 +28,6 @@ from vzkit.backends.qemu._argv import default_cmdline
 from vzkit.backends.qemu._discover import find_qemu
 from vzkit.guest import GuestImage
 from vzkit.guest._image import default_image
-
-sys.path.insert(0, str(Path(__file__).parent))
-from shares import bench_shares, print_table  # a sibling script
 
 READY = b"VZKIT-GUEST-READY"
 RESULTS = Path(__file__).parent / "results"
@@ -196,12 +194,38 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--arch", action="append", choices=["x86_64", "aarch64"])
     parser.add_argument("-n", "--rounds", type=int, default=5)
-    parser.add_argument(
-        "--no-shares", action="store_true", help="Skip VirtioFS vs 9p (bench/shares.py)."
-    )
+    parser.add_argument("--suite", choices=["all", "boot", "snapshots", "shares"], default="all")
     args = parser.parse_args(argv)
     arches = args.arch or ["x86_64", "aarch64"]
-    rows = [bench_boot(arch, args.rounds) for arch in arches]
+    report: dict[str, Any] = {}
+    if args.suite in ("all", "boot"):
+        report.update(boot_suite(arches, args.rounds))
+    if args.suite in ("all", "snapshots"):
+        sys.path.insert(0, str(Path(__file__).parent))
+        from snapshots import bench_snapshots, print_snapshots
+
+        report["snapshots"] = [bench_snapshots(arch, args.rounds) for arch in arches]
+        print()
+        for snap in report["snapshots"]:
+            print_snapshots(snap)
+    if args.suite in ("all", "shares"):  # VirtioFS vs virtio-9p (x86_64 guest only)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from shares import bench_shares, print_table
+
+        report["shares"] = bench_shares(min(args.rounds, 3))
+        print()
+        print_table(report["shares"])
+    RESULTS.mkdir(exist_ok=True)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    out = RESULTS / f"boot-{stamp}.json"
+    meta = {"when": stamp, "host": platform.node(), "python": sys.version.split()[0]}
+    out.write_text(json.dumps({**meta, **report}, indent=2))
+    print(f"wrote {out}")
+    return 0
+
+
+def boot_suite(arches: list[str], rounds: int) -> dict[str, Any]:
+    rows = [bench_boot(arch, rounds) for arch in arches]
 
     print(f"{'arch':<8} {'raw ready':>10} {'vzkit ready':>12} {'ratio':>6} "
           f"{'raw down':>9} {'vzkit down':>11} {'initramfs':>10}")  # fmt: skip
@@ -212,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['vzkit_teardown_s']:>10.3f}s "
             f"{r['initramfs_bytes'] / 1e6:>8.2f}MB"
         )
-    runs = [bench_run(arch, args.rounds) for arch in arches]
+    runs = [bench_run(arch, rounds) for arch in arches]
     print()
     print(f"{'arch':<8} {'raw ready':>10} {'agent ready':>12} {'ratio':>6} "
           f"{'run -- true':>12} {'ratio':>6} {'initramfs':>10}")  # fmt: skip
@@ -222,28 +246,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['agent_ratio']:>6.3f} {r['run_true_s']:>11.3f}s {r['run_ratio']:>6.3f} "
             f"{r['initramfs_bytes'] / 1e6:>8.2f}MB"
         )
-    shares: dict[str, Any] | None = None
-    if not args.no_shares:
-        print()
-        shares = bench_shares(min(args.rounds, 3))
-        print_table(shares)
-    RESULTS.mkdir(exist_ok=True)
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = RESULTS / f"boot-{stamp}.json"
-    out.write_text(
-        json.dumps(
-            {
-                "when": stamp,
-                "host": platform.node(),
-                "python": sys.version.split()[0],
-                "boot": rows,
-                "shares": shares,
-            },
-            indent=2,
-        )
-    )
-    print(f"wrote {out}")
-    return 0
+    return {"boot": rows, "run": runs}
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from ._display import (
     default_linux_display_config,
     parse_display_spec,
 )
+from ._macconfig import MacKeyboard, MacPointer, MacVMConfig
 from ._network import (
     NetworkConfig,
     NetworkMode,
@@ -62,6 +63,9 @@ __all__ = [
     "DisplayList",
     "GuestError",
     "LinuxVMConfig",
+    "MacKeyboard",
+    "MacPointer",
+    "MacVMConfig",
     "NetworkConfig",
     "NetworkMode",
     "PortForward",

@@ -8,8 +8,10 @@ several threads at once are fine. After a restart the next call reconnects.
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import threading
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
@@ -25,6 +27,7 @@ __all__ = ["Guest"]
 
 #: How long a first call waits for the agent when no ``wait_ready`` came first.
 DEFAULT_READY_TIMEOUT = 120.0
+_RETRY_S = 0.05
 
 
 class Guest:
@@ -41,14 +44,17 @@ class Guest:
 
         core = self._core
         with self._lock:
-            if self._client is not None and self._generation == core.generation:
-                return self._client
+            client = self._client
+            if client is not None and self._generation == core.generation and not client.broken:
+                return client
             if core.state not in (VMState.RUNNING, VMState.PAUSED):
                 raise StateError(f"the guest agent needs a running VM (it is {core.state.value})")
             self._drop_locked()
-            sock = run_sync(core.machine.open_agent_socket())
+            deadline = None if timeout is None else time.monotonic() + timeout
             try:
-                client = AgentClient(sock, timeout=timeout, resync=core.machine.agent_on_console)
+                sock = self._open(deadline)
+                left = None if deadline is None else max(0.001, deadline - time.monotonic())
+                client = AgentClient(sock, timeout=left, resync=core.machine.agent_on_console)
             except TimeoutError as err:
                 raise VMTimeoutError(
                     f"the guest agent did not answer within {timeout:g} s"
@@ -57,6 +63,21 @@ class Guest:
                 ) from err
             self._client, self._generation = client, core.generation
             return client
+
+    def _open(self, deadline: float | None) -> socket.socket:
+        """A stream to the agent, retrying while it does not listen yet (early boot)."""
+        core = self._core
+        while True:
+            try:
+                return run_sync(core.machine.open_agent_socket())
+            except ConnectionRefusedError:
+                if core.state not in (VMState.RUNNING, VMState.PAUSED):
+                    raise StateError(
+                        f"the VM stopped before its agent answered (it is {core.state.value})"
+                    ) from None
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise TimeoutError("the agent's vsock port refused every connection") from None
+                time.sleep(_RETRY_S)
 
     def _drop_locked(self) -> None:
         client, self._client = self._client, None
@@ -124,4 +145,7 @@ class Guest:
 
     @property
     def connected(self) -> bool:
-        return self._client is not None and self._generation == self._core.generation
+        client = self._client
+        return (
+            client is not None and self._generation == self._core.generation and not client.broken
+        )

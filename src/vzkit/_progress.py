@@ -65,6 +65,13 @@ class Progress:
         log.info("%s: %s", self.title, what)
         self._draw(force=True)
 
+    def update(self, done: int, total: int | None = None) -> None:
+        """Set the absolute position (and the total, which may change as work is found)."""
+        if total is not None:
+            self.total = total
+        self.done = done
+        self._draw()
+
     def advance(self, amount: int) -> None:
         self.done += amount
         self._draw()

@@ -1,9 +1,11 @@
 """The snapshot catalogue: ``<vm_dir>/snapshots/<name>.vmstate`` plus ``<name>.json``.
 
 The JSON keeps the Go vzkit's keys (``name``, ``created`` in RFC 3339, ``size``, ``vmState``,
-``filePath``) so catalogues written by either implementation load in the other. Saving and
-restoring machine state is backend work and arrives with the backends; listing and deleting
-is pure file handling and lives here.
+``filePath``) so catalogues written by either implementation load in the other, and adds what
+a restore needs (``backend``, ``machine`` + ``configFingerprint``, ``disks``: see
+``docs/snapshots.md``). Captured disks live beside the state as ``<name>.<id>.disk0.<fmt>``.
+Listing and deleting is pure file handling and lives here; :meth:`SnapshotManager.save` and
+:meth:`SnapshotManager.restore` drive a VM (:mod:`vzkit._snapshot_ops` and the backends).
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .errors import SnapshotError
+
+if TYPE_CHECKING:
+    from ._vm import VirtualMachine
+    from .backends._protocol import ProgressFn
 
 __all__ = ["SnapshotManager", "SnapshotMeta", "check_snapshot_name"]
 
@@ -143,14 +149,51 @@ class SnapshotManager:
             raise SnapshotError(f"no snapshot named {name!r} in {str(self.snapshot_dir)!r}")
         return meta
 
+    def save(
+        self,
+        vm: VirtualMachine,
+        name: str,
+        timeout: float | None = None,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> SnapshotMeta:
+        """Save ``vm`` (running or paused) as snapshot ``name``, replacing an older one only
+        once the new one is complete. A running VM is paused for the save and resumed; a
+        paused one stays paused. ``progress(done, total)`` gets the bytes written (default:
+        a progress bar on a terminal)."""
+        from ._loop import run_sync
+        from ._progress import Progress
+        from ._snapshot_ops import save
+        from ._vmcore import _within
+
+        agent = vm.guest.connected
+        with Progress(f"saving snapshot {name}") as bar:
+            coro = save(self, vm._core, name, progress or bar.update, agent=agent)
+            return run_sync(_within(timeout, f"saving snapshot {name!r}", coro))
+
+    def restore(self, vm: VirtualMachine, name: str, timeout: float | None = None) -> SnapshotMeta:
+        """Restore snapshot ``name`` into the stopped ``vm``, whose config must match the one
+        saved (else :class:`SnapshotError`, before anything starts). The VM ends PAUSED;
+        ``vm.resume()`` runs it and steps the guest clock through the agent."""
+        from ._loop import run_sync
+        from ._snapshot_ops import restore
+        from ._vmcore import _within
+
+        vm.guest.close()
+        coro = restore(self, vm._core, name)
+        return run_sync(_within(timeout, f"restoring snapshot {name!r}", coro))
+
     def delete(self, name: str) -> None:
-        """Remove a snapshot's state and metadata; :class:`SnapshotError` if it does not exist."""
+        """Remove a snapshot's state, metadata and captured disks; :class:`SnapshotError` if
+        it does not exist. VMs running from it keep their open files."""
+        from ._snapshot_ops import disk_files
+
         state, meta = self.state_path(name), self.meta_path(name)
         if not state.exists() and not meta.exists():
             raise SnapshotError(f"no snapshot named {name!r} in {str(self.snapshot_dir)!r}")
         # Metadata first: a crash in between leaves a state file that still lists, never
         # metadata that points at nothing.
-        for path in (meta, state):
+        for path in (meta, state, *disk_files(self, name)):
             try:
                 path.unlink(missing_ok=True)
             except OSError as err:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+import time
 import warnings
 from types import TracebackType
 
 from ._config import LinuxVMConfig
 from ._guest import Guest
 from ._loop import run_sync
+from ._macconfig import MacVMConfig
 from ._state import VMState
 from ._vmcore import VMCore, VMView
+from ._vsock import Vsock
 from .backends import Backend, BalloonInfo
 from .errors import VzkitError
 
@@ -34,17 +37,21 @@ class Balloon:
 
 
 class VirtualMachine(VMView):
-    """A virtual machine built from a :class:`~vzkit.LinuxVMConfig`.
+    """A virtual machine built from a :class:`~vzkit.LinuxVMConfig` (or an installed
+    :class:`~vzkit.MacVMConfig`, on the vz backend only).
 
     ``backend="auto"`` picks ``vz`` on macOS when it is usable, else ``qemu``. Use it as a
     context manager, or call :meth:`close`, which always releases every process, socket and
     temporary file, whatever state the VM is in.
     """
 
-    def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
+    def __init__(
+        self, config: LinuxVMConfig | MacVMConfig, backend: str | Backend = "auto"
+    ) -> None:
         self._core = VMCore(config, backend)
         self.balloon = Balloon(self._core)
         self.guest = Guest(self._core)
+        self.vsock = Vsock(self._core)
 
     def __repr__(self) -> str:
         return f"<VirtualMachine {self.backend} {self.state.value} pid={self.pid}>"
@@ -59,7 +66,21 @@ class VirtualMachine(VMView):
         run_sync(self._core.pause(timeout))
 
     def resume(self, timeout: float | None = None) -> None:
+        """Run a paused VM. The first resume after a snapshot restore also sets the guest's
+        clock to the host's (through the agent), so the guest does not live in the past."""
         run_sync(self._core.resume(timeout))
+        if self._core.clock_step_pending:
+            self._core.clock_step_pending = False
+            self._step_guest_clock()
+
+    def _step_guest_clock(self) -> None:
+        try:
+            proc = self.guest.run(["date", "-u", "-s", f"@{round(time.time())}"], timeout=10)
+        except (VzkitError, TimeoutError) as err:
+            log.warning("could not set the guest clock after the restore: %s", err)
+            return
+        if proc.returncode != 0:
+            log.warning("setting the guest clock failed: %s", proc.stderr.decode(errors="replace"))
 
     def request_stop(self) -> None:
         """Ask the guest to power off (power button, and the agent when connected); returns

@@ -11,13 +11,16 @@ import asyncio
 import inspect
 import logging
 import math
+import socket
 from collections.abc import Awaitable
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from ._config import LinuxVMConfig
+from ._macconfig import MacVMConfig
 from ._state import VMState
-from .backends import Backend, BalloonInfo, Feature, Machine, choose_backend
+from .backends import Backend, BalloonInfo, Feature, Machine, VsockListenerLike, choose_backend
+from .backends._protocol import MacBackend
 from .errors import ConfigError, StateError, UnsupportedError, VMTimeoutError, VzkitError
 
 __all__ = ["VMCore", "VMView"]
@@ -60,14 +63,34 @@ async def _within(timeout: float | None, what: str, aw: Awaitable[T]) -> T:
 class VMCore:
     """State guards, timeouts and the stop ladder over one backend machine."""
 
-    def __init__(self, config: LinuxVMConfig, backend: str | Backend = "auto") -> None:
-        if not isinstance(config, LinuxVMConfig):
-            raise TypeError(f"config must be a LinuxVMConfig, got {type(config).__name__}")
+    def __init__(
+        self, config: LinuxVMConfig | MacVMConfig, backend: str | Backend = "auto"
+    ) -> None:
+        if not isinstance(config, LinuxVMConfig | MacVMConfig):
+            raise TypeError(
+                f"config must be a LinuxVMConfig or MacVMConfig, got {type(config).__name__}"
+            )
         self.config = config
-        self.backend = choose_backend(backend) if isinstance(backend, str) else backend
-        self.machine: Machine = self.backend.create_machine(config, self._on_state)
+        if isinstance(config, MacVMConfig):
+            if backend == "auto":
+                backend = "vz"  # the only one: say why it cannot run here, if it cannot
+            self.backend = choose_backend(backend) if isinstance(backend, str) else backend
+            if Feature.MACOS_GUESTS not in self.backend.features:
+                raise UnsupportedError(
+                    f"macOS guests need the vz backend; the {self.backend.name} backend "
+                    "cannot boot them",
+                    backend=self.backend.name,
+                    feature=Feature.MACOS_GUESTS.value,
+                )
+            mac = cast(MacBackend, self.backend)
+            self.machine: Machine = mac.create_mac_machine(config, self._on_state)
+        else:
+            self.backend = choose_backend(backend) if isinstance(backend, str) else backend
+            self.machine = self.backend.create_machine(config, self._on_state)
         self.closed = False
         self.generation = 0  # counts successful starts; the guest agent reconnects on change
+        self.restored_from: Path | None = None  # the snapshot state file of this run
+        self.clock_step_pending = False  # set the guest clock at the next resume
 
     def _on_state(self, old: VMState, new: VMState) -> None:
         log.info("VM %s: %s -> %s", self.backend.name, old.value, new.value)
@@ -87,6 +110,15 @@ class VMCore:
         if self.machine.state not in _CAN[op]:
             raise StateError(_REFUSAL[op].format(state=self.machine.state.value))
 
+    def require_feature(self, feature: Feature) -> None:
+        self._feature(feature)
+
+    def restored(self, state_file: Path, *, clock_step: bool) -> None:
+        """A snapshot was restored into the machine: a new run, paused."""
+        self.generation += 1
+        self.restored_from = state_file
+        self.clock_step_pending = clock_step
+
     def _feature(self, feature: Feature) -> None:
         if feature not in self.backend.features:
             raise UnsupportedError(
@@ -101,6 +133,8 @@ class VMCore:
         self._require("start")
         await _within(timeout, "start", self.machine.start())
         self.generation += 1
+        self.restored_from = None
+        self.clock_step_pending = False
 
     async def pause(self, timeout: float | None) -> None:
         self._require("pause")
@@ -166,6 +200,34 @@ class VMCore:
         self._feature(Feature.BALLOON)
         return await self.machine.balloon_info()
 
+    # -- vsock -----------------------------------------------------------------------------
+
+    def _vsock_ready(self, what: str) -> None:
+        self._feature(Feature.VSOCK)
+        if not self.config.vsock:
+            raise UnsupportedError(
+                "this VM has no vsock device (config vsock=False)",
+                backend=self.backend.name,
+                feature="vsock",
+            )
+        if self.closed or self.machine.state is not VMState.RUNNING:
+            state = "closed" if self.closed else self.machine.state.value
+            raise StateError(f"vsock {what} needs a running VM (it is {state})")
+
+    async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
+        self._vsock_ready("connect")
+        try:
+            return await _within(timeout, f"vsock connect to port {port}",
+                                 self.machine.vsock_connect(port, timeout))  # fmt: skip
+        except TimeoutError as err:
+            if isinstance(err, VMTimeoutError):
+                raise
+            raise VMTimeoutError(f"vsock connect to port {port} timed out") from err
+
+    async def vsock_listen(self, port: int) -> VsockListenerLike:
+        self._vsock_ready("listen")
+        return await self.machine.vsock_listen(port)
+
     @property
     def console_log_path(self) -> Path | None:
         return self.machine.console_log_path
@@ -177,7 +239,7 @@ class VMView:
     _core: VMCore
 
     @property
-    def config(self) -> LinuxVMConfig:
+    def config(self) -> LinuxVMConfig | MacVMConfig:
         return self._core.config
 
     @property

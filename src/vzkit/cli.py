@@ -18,6 +18,7 @@ from typing import IO, Any, TypeVar
 import click
 
 from . import __version__
+from ._cli_macos import codesign_cmd, macos_group
 from ._config import ConsoleMode, LinuxVMConfig
 from ._disk import DiskFormat, create_disk_image
 from ._display import DisplayList
@@ -25,7 +26,7 @@ from ._network import parse_network_mode, parse_port_spec
 from ._snapshot import SnapshotManager, format_rfc3339
 from ._state import Arch, VMState
 from ._volume import parse_volume_spec
-from .errors import ConfigError, SpecError, VzkitError
+from .errors import ConfigError, GuestError, SpecError, VzkitError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -249,6 +250,59 @@ def snapshot_rm(vm_dir: Path, names: tuple[str, ...]) -> None:
         click.echo(f"deleted {name}")
 
 
+@snapshot.command("save", context_settings={"allow_interspersed_args": False})
+@vm_options
+@click.option(
+    "--backend", type=click.Choice(["auto", "qemu", "vz"]), default="auto", show_default=True
+)
+@click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
+@click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@_handle_errors
+def snapshot_save(
+    vm_dir: Path, name: str, command: tuple[str, ...], backend: str, boot_timeout: float,
+    **opts: Any,
+) -> None:  # fmt: skip
+    """Boot a VM, run COMMAND in it (optional set-up), then save it as snapshot NAME of VM_DIR.
+
+    The VM options must be given again to restore it ('vzkit run --from-snapshot NAME
+    --vm-dir VM_DIR' or 'vzkit snapshot restore'); a mismatch is reported field by field.
+    """
+    from ._vm import VirtualMachine
+
+    cfg = _run_config(False, opts)
+    with VirtualMachine(cfg, backend=backend) as vm:
+        vm.start(timeout=boot_timeout)
+        vm.guest.wait_ready(timeout=boot_timeout)
+        if command:
+            proc = vm.guest.run(list(command))
+            sys.stdout.buffer.write(proc.stdout)
+            sys.stderr.buffer.write(proc.stderr)
+            if proc.returncode != 0:
+                raise GuestError(f"the set-up command exited with {proc.returncode}; not saved")
+        meta = SnapshotManager(vm_dir).save(vm, name)
+    click.echo(f"saved {name} ({meta.size} bytes of machine state) in {meta.file_path.parent}")
+
+
+@snapshot.command("restore", context_settings={"allow_interspersed_args": False})
+@vm_options
+@click.option(
+    "--backend", type=click.Choice(["auto", "qemu", "vz"]), default="auto", show_default=True
+)
+@click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
+@click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def snapshot_restore(
+    vm_dir: Path, name: str, command: tuple[str, ...], backend: str, boot_timeout: float,
+    **opts: Any,
+) -> None:  # fmt: skip
+    """Restore snapshot NAME of VM_DIR into a new VM and run COMMAND in it (like 'vzkit run
+    --from-snapshot'); without COMMAND the console is attached to this terminal."""
+    _run_and_exit(command, backend, (), None, False, boot_timeout, opts, (vm_dir, name))
+
+
 #: ``vzkit run``'s own failures (the VM could not boot, ...), as ``docker run`` uses 125.
 EXIT_RUN_FAILED = 125
 
@@ -287,6 +341,18 @@ def _exit_code(returncode: int) -> int:
 @click.option("-w", "--workdir", metavar="DIR", help="Working directory in the guest.")
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin even when it is a terminal.")
 @click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
+@click.option(
+    "--from-snapshot",
+    metavar="NAME",
+    help="Restore snapshot NAME of --vm-dir instead of booting (see 'vzkit snapshot save').",
+)
+@click.option(
+    "--vm-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=".",
+    show_default=True,
+    help="The directory whose snapshots/ holds --from-snapshot.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(
     command: tuple[str, ...],
@@ -295,6 +361,8 @@ def run_cmd(
     workdir: str | None,
     interactive: bool,
     boot_timeout: float,
+    from_snapshot: str | None,
+    vm_dir: Path,
     **opts: Any,
 ) -> None:
     """Boot a fresh VM, run COMMAND in it and exit with its exit code.
@@ -307,13 +375,28 @@ def run_cmd(
       vzkit run -- uname -a
       vzkit run --memory 1 -v .:src:ro -- sh -c 'ls /mnt/src'
       vzkit run -p 8080:80 -- busybox httpd -f -p 80
+      vzkit run --from-snapshot warm --vm-dir ./vm -- python3 job.py
     """
+    snap = (vm_dir, from_snapshot) if from_snapshot is not None else None
+    _run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap)
+
+
+def _run_and_exit(
+    command: tuple[str, ...],
+    backend: str,
+    env: tuple[str, ...],
+    workdir: str | None,
+    interactive: bool,
+    boot_timeout: float,
+    opts: dict[str, Any],
+    snap: tuple[Path, str] | None,
+) -> None:
     # Ctrl-C and SIGTERM tear the VM down even when this process was started with SIGINT
     # ignored (as shells do for background jobs).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        code = _run(command, backend, env, workdir, interactive, boot_timeout, opts)
+        code = _run(command, backend, env, workdir, interactive, boot_timeout, opts, snap)
     except (SpecError, ConfigError) as err:
         click.echo(f"vzkit: error: {err}", err=True)
         sys.exit(EXIT_USAGE)
@@ -360,6 +443,7 @@ def _run(
     interactive: bool,
     boot_timeout: float,
     opts: dict[str, Any],
+    snap: tuple[Path, str] | None = None,
 ) -> int:
     from ._vm import VirtualMachine
 
@@ -373,7 +457,11 @@ def _run(
             environment[name] = value
     cfg = _run_config(not command, opts)
     with VirtualMachine(cfg, backend=backend) as vm:
-        vm.start(timeout=boot_timeout)
+        if snap is not None:  # paused at the saved instant; resume steps the guest clock
+            SnapshotManager(snap[0]).restore(vm, snap[1], timeout=boot_timeout)
+            vm.resume(timeout=boot_timeout)
+        else:
+            vm.start(timeout=boot_timeout)
         if not command:  # the console is this terminal; run until the guest powers off
             state = vm.wait()
             return 0 if state is VMState.STOPPED else 1
@@ -415,15 +503,33 @@ def image() -> None:
 @click.option(
     "--deb-dir",
     type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="Use pre-downloaded .deb files instead of apt-get download.",
+    help="Use pre-downloaded .deb files instead of downloading them.",
+)
+@click.option(
+    "--source",
+    type=click.Choice(["auto", "apt", "mirror", "deb-dir"]),
+    help="Where packages come from: apt-get download, a Debian mirror, or --deb-dir. "
+    "Default: $VZKIT_DEB_SOURCE, else apt when available, else the mirror.",
+)
+@click.option(
+    "--mirror",
+    metavar="URL",
+    help="Debian mirror to download from (implies --source mirror). "
+    "Default: $VZKIT_DEBIAN_MIRROR, else https://deb.debian.org/debian.",
 )
 @click.option("--refresh", is_flag=True, help="Look for newer packages first.")
 @_handle_errors
-def image_build(arch: str | None, deb_dir: Path | None, refresh: bool) -> None:
+def image_build(
+    arch: str | None, deb_dir: Path | None, source: str | None, mirror: str | None, refresh: bool
+) -> None:
     """Build (or find in the cache) the default guest image."""
     from .guest._image import default_image
 
-    built = default_image(arch, deb_dir=deb_dir, refresh=refresh)
+    if (source == "deb-dir") != (deb_dir is not None) and source is not None:
+        raise click.UsageError("--source deb-dir goes with --deb-dir DIR (and only with it)")
+    if source == "deb-dir":
+        source = None
+    built = default_image(arch, deb_dir=deb_dir, refresh=refresh, source=source, mirror=mirror)
     click.echo(f"kernel  {built.kernel}\ninitrd  {built.initrd}\nversion {built.kernel_version}")
 
 
@@ -494,6 +600,9 @@ def _doctor_qemu() -> None:
         except VzkitError as err:
             click.echo(f"      {guest.value} EFI firmware: {err}")
 
+
+main.add_command(codesign_cmd)
+main.add_command(macos_group)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -454,3 +454,29 @@ def test_file_console_creation_failure_is_mapped(fake: FakeRuntime, tmp_path: Pa
 
 def test_default_cmdline_is_the_seeds() -> None:
     assert _build.DEFAULT_CMDLINE == "console=tty0 console=hvc0 root=/dev/vda"
+
+
+def test_a_gzip_kernel_is_decompressed_once_into_the_state_dir(
+    fake: FakeRuntime, files: dict[str, Path]
+) -> None:
+    import gzip
+
+    image = b"ARM64 Image \x00" * 1000
+    packed = files["vmlinuz"].with_name("vmlinuz-gz")
+    packed.write_bytes(gzip.compress(image))
+    cfg = direct(files, kernel_path=packed)
+    loader = render(fake, vzb.build_linux_vm_config(cfg))["bootLoader"]
+    unpacked = Path(loader["kernelURL"])
+    assert unpacked.parent == files["state"]
+    assert unpacked.read_bytes() == image
+    stamp = unpacked.stat().st_mtime_ns
+    again = render(fake, vzb.build_linux_vm_config(cfg))["bootLoader"]
+    assert again["kernelURL"] == str(unpacked)
+    assert unpacked.stat().st_mtime_ns == stamp  # reused, not rewritten
+    assert render(fake, vzb.build_linux_vm_config(direct(files)))["bootLoader"]["kernelURL"] == (
+        str(files["vmlinuz"])  # an uncompressed kernel is used where it is
+    )
+    packed.write_bytes(gzip.compress(image)[:40])
+    with pytest.raises(vzkit.ConfigError, match="gzip-compressed but cannot be decompressed"):
+        vzb.build_linux_vm_config(cfg)
+    assert sorted(p.name for p in files["state"].iterdir() if p.name.startswith(".")) == []

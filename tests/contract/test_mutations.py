@@ -22,7 +22,7 @@ import pytest
 import vzkit
 from vzkit.backends import vz as vzb
 
-from .fakeobjc import FakeRuntime, guest_connect, installed, load_raw
+from .fakeobjc import FakeRuntime, guest_connect, installed, load_raw, write_fake_ipsw
 from .fakeobjc._spec import MethodSpec
 
 pytestmark = pytest.mark.contract
@@ -32,7 +32,7 @@ CF_USED = ("CFRunLoopRunInMode",)
 
 
 def scenario(root: Path, rt: FakeRuntime) -> None:
-    """Every seed function, once, the happy path."""
+    """Every seed function, once, the happy path (then the macOS-guest half)."""
     for name in ("vmlinuz", "initrd", "disk.img", "cd.iso"):
         (root / name).write_bytes(b"\0" * 64)
     (root / "share").mkdir(exist_ok=True)
@@ -89,6 +89,24 @@ def scenario(root: Path, rt: FakeRuntime) -> None:
     vzb.nsdata_to_bytes(vzb.nsdata_from_bytes(b"x"))
     err = rt.nserror("VZErrorDomain", 1, "x", reason="y", underlying=[rt.nserror("D", 2, "z")])
     vzb.format_nserror_detailed(err)
+    mac_scenario(root, rt)
+
+
+def mac_scenario(root: Path, rt: FakeRuntime) -> None:
+    """The macOS half: install from a restore image, boot the installed guest, explicit
+    Mac inputs, an automounted share."""
+    rt.knobs.install_step_s = 0.001
+    ipsw = write_fake_ipsw(root / "restore.ipsw")
+    mac = vzkit.MacVMConfig(
+        vm_dir=root / "mac", volumes=(vzkit.VolumeMount(root / "share", "", False),)
+    )
+    vzb.install_macos(mac, ipsw, progress=lambda fraction: None, poll_s=0.001)
+    config = vzb.build_macos_vm_config(mac.replace(keyboard="mac", pointer="trackpad"))
+    vzb.validate_config(config)
+    queue = vzb.Queue("mac")
+    vm = vzb.create_vm(config, queue)
+    vzb.start_vm(queue, vm).wait(2)
+    vzb.stop_vm(queue, vm).wait(2)
 
 
 @contextlib.contextmanager

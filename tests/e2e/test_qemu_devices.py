@@ -53,7 +53,10 @@ def test_bridging_to_a_missing_bridge_is_refused_before_any_process(vms: VMFacto
     assert vm.state is vzkit.VMState.STOPPED
 
 
-def test_agent_answers_on_its_console_port_and_after_a_reconnect(vms: VMFactory) -> None:
+def test_agent_answers_on_its_console_port_and_after_a_reconnect(
+    vms: VMFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VZKIT_AGENT_TRANSPORT", "console")  # vsock is the default
     vm, shell = vms.boot("x86_64")
     rc, out = shell.run("cat /sys/class/virtio-ports/*/name")
     assert rc == 0

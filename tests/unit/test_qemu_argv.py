@@ -74,6 +74,7 @@ def test_direct_boot_x86_64_pinned(files: dict[str, Path]) -> None:
         "-device", "virtio-balloon-pci,id=balloon0",
         "-chardev", "file,id=con0,path=/s/console.log,append=on",
         "-serial", "chardev:con0",
+        "-device", "pcie-root-port,id=vsock-port,chassis=31",
         "-display", "none",
     ]  # fmt: skip
 
@@ -250,11 +251,43 @@ def test_vsock_device_user_space_kernel_or_none(files: dict[str, Path]) -> None:
     cfg = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"], vsock_cid=42)
     user = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vsock_fd=11)
     assert _argv.vsock_args(user) == [
+        "-device", "pcie-root-port,id=vsock-port,chassis=31",
         "-chardev", "socket,id=vsock0-chr,fd=11",
-        "-device", "vhost-user-vsock-pci,id=vsock0,chardev=vsock0-chr",
+        "-device", "vhost-user-vsock-pci,id=vsock0,chardev=vsock0-chr,bus=vsock-port",
     ]  # fmt: skip
-    kernel = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vhost_vsock_kernel=True)
-    assert _argv.vsock_args(kernel) == ["-device", "vhost-vsock-pci,id=vsock0,guest-cid=42"]
+    kernel = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vhost_vsock_fd=12, vsock_cid=77
+    )
+    assert _argv.vsock_args(kernel) == [
+        "-device", "pcie-root-port,id=vsock-port,chassis=31",
+        "-device", "vhost-vsock-pci,id=vsock0,guest-cid=77,vhostfd=12,bus=vsock-port",
+    ]  # fmt: skip
+    micro = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, vsock_fd=11,
+                 machine="microvm")  # fmt: skip
+    assert _argv.vsock_args(micro)[-1] == "vhost-user-vsock-device,id=vsock0,chardev=vsock0-chr"
     off = dataclasses.replace(cfg, vsock=False)
     assert _argv.vsock_args(Plan(config=off, binary=Path("q"), accel="tcg", qmp_fd=3)) == []
-    assert _argv.vsock_args(Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3)) == []
+    # No device yet (a restore plugs one in later): the empty hot-plug port only.
+    assert _argv.vsock_args(Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3)) == [
+        "-device", "pcie-root-port,id=vsock-port,chassis=31",
+    ]  # fmt: skip
+
+
+def test_restore_plan_waits_for_incoming_on_the_overlay(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="x86_64", kernel_path=files["vmlinuz"], disk_path=files["disk.img"]
+    )
+    plan = Plan(config=cfg, binary=Path("/q"), accel="tcg", qmp_fd=3, console_log=Path("/c"))
+    argv = build_argv(plan)
+    assert "-incoming" not in argv
+    assert "file.filename=" + str(files["disk.img"]) in _opt(argv, "-blockdev")[0]
+    overlay = Path("/state/restored-disk0.qcow2")
+    restored = dataclasses.replace(
+        plan, incoming=True, disk_override=overlay, disk_format=vzkit.DiskFormat.QCOW2
+    )
+    argv = build_argv(restored)
+    assert _opt(argv, "-incoming") == ["defer"]
+    assert "-S" in argv
+    (blockdev,) = _opt(argv, "-blockdev")
+    assert blockdev.startswith("driver=qcow2,node-name=disk0,")
+    assert blockdev.endswith(f"file.filename={overlay}")

@@ -15,7 +15,11 @@ from pathlib import Path
 
 import pytest
 
-from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice, connect_hybrid
+from vzkit.backends.qemu.vhost_vsock import (
+    VhostUserVsockDevice,
+    connect_hybrid,
+    peer_port_from_address,
+)
 from vzkit.backends.qemu.vhost_vsock._fakedriver import FakeDriver
 from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._packet import (
@@ -239,6 +243,25 @@ def test_guest_connect_reaches_host_listener(
     assert recv_all(sock, 10) == b"hello host"
     sock.sendall(b"hello guest")
     assert conn.recv_exactly(11) == b"hello guest"
+
+
+def test_guest_connection_peer_address_names_the_guest_port(
+    uds: Path, pair: tuple[VhostUserVsockDevice, FakeDriver]
+) -> None:
+    _dev, fake = pair
+    lst = host_listen(uds, 7001)
+    conns = [GuestConn(fake, guest_port, 7001) for guest_port in (5000, 5000 + 1, 4294967295)]
+    ports = []
+    for conn in conns:
+        conn.control(Op.REQUEST)
+        conn.wait(lambda c=conn: any(p.op == Op.RESPONSE for p in c.packets))
+        sock, address = lst.accept()
+        tracked(sock)
+        ports.append(peer_port_from_address(address))
+    lst.close()
+    assert ports == [5000, 5001, 4294967295]
+    assert peer_port_from_address("/some/path") is None
+    assert peer_port_from_address(b"\0vzkit-vsock:3:x:1:1") is None
 
 
 def test_guest_connect_to_port_without_listener_gets_rst(

@@ -10,7 +10,14 @@ import sys
 from typing import cast
 
 from ..errors import BackendUnavailableError
-from ._protocol import Backend, BalloonInfo, Feature, Machine, StateListener
+from ._protocol import (
+    Backend,
+    BalloonInfo,
+    Feature,
+    Machine,
+    StateListener,
+    VsockListenerLike,
+)
 
 __all__ = [
     "KNOWN_BACKENDS",
@@ -19,6 +26,7 @@ __all__ = [
     "Feature",
     "Machine",
     "StateListener",
+    "VsockListenerLike",
     "choose_backend",
     "load_backend",
 ]

@@ -15,17 +15,30 @@ from __future__ import annotations
 import enum
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
+from .._disk import DiskFormat
 from .._state import VMState
 
 if TYPE_CHECKING:
     from .._config import LinuxVMConfig
+    from .._macconfig import MacVMConfig
 
-__all__ = ["Backend", "BalloonInfo", "Feature", "Machine", "StateListener", "notify_state"]
+__all__ = [
+    "Backend",
+    "BalloonInfo",
+    "CapturedDisk",
+    "Feature",
+    "MacBackend",
+    "Machine",
+    "ProgressFn",
+    "StateListener",
+    "VsockListenerLike",
+    "notify_state",
+]
 
 
 class Feature(enum.StrEnum):
@@ -36,7 +49,10 @@ class Feature(enum.StrEnum):
     VSOCK = "vsock"
     SHARES = "shares"
     SNAPSHOTS = "snapshots"
+    #: One snapshot restored into several VMs at once (each with its own copy-on-write disk).
+    SNAPSHOT_FANOUT = "snapshot-fanout"
     GRAPHICS = "graphics"
+    MACOS_GUESTS = "macos-guests"  # MacVMConfig (the backend then also is a MacBackend)
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +70,22 @@ class BalloonInfo:
 
 
 StateListener = Callable[[VMState, VMState], None]
+#: Progress of long work: ``(done, total)`` in bytes (``total`` may grow while it runs).
+ProgressFn = Callable[[int, int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class CapturedDisk:
+    """A writable disk captured by a snapshot at the instant its machine state was saved.
+
+    ``source`` is the config's disk (canonical path), ``path`` the captured image, which the
+    snapshot owns and nothing writes to again.
+    """
+
+    role: str  # "disk0": which of the config's disks
+    source: Path
+    path: Path
+    format: DiskFormat
 
 
 def notify_state(listener: StateListener, old: VMState, new: VMState) -> None:
@@ -62,6 +94,20 @@ def notify_state(listener: StateListener, old: VMState, new: VMState) -> None:
         listener(old, new)
     except Exception:
         logging.getLogger(__name__).exception("state listener failed on %s -> %s", old, new)
+
+
+class VsockListenerLike(Protocol):
+    """A backend's listener for guest connections to one host vsock port (thread-safe)."""
+
+    port: int
+
+    def accept(self, timeout: float | None = None) -> tuple[socket.socket, int]:
+        """Block until a guest connects: ``(stream, guest port)``; ``-1`` if not known.
+        ``VMTimeoutError`` after ``timeout``; ``StateError`` once closed (also when
+        :meth:`close` is called from another thread while waiting)."""
+        ...
+
+    def close(self) -> None: ...
 
 
 class Machine(Protocol):
@@ -108,8 +154,15 @@ class Machine(Protocol):
     async def open_agent_socket(self) -> socket.socket:
         """A new stream to the guest agent (vsock port 1024 or its console port), caller-owned.
 
-        Only one agent connection per run is expected to be open at a time.
+        Only one agent connection per run is expected to be open at a time. Raises
+        ``ConnectionRefusedError`` while the agent does not listen yet (the caller retries).
         """
+
+    async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
+        """A stream to guest ``port``; ``ConnectionRefusedError`` if nobody listens there."""
+
+    async def vsock_listen(self, port: int) -> VsockListenerLike:
+        """Listen for guest connections to host ``port`` (closed when the VM stops)."""
 
     async def set_balloon_target(self, target_mb: int) -> None: ...
 
@@ -117,6 +170,38 @@ class Machine(Protocol):
 
     async def close(self) -> None:
         """Release every process, socket and temporary file. Idempotent."""
+
+    # -- snapshots (Feature.SNAPSHOTS) -------------------------------------------------------
+
+    def snapshot_blockers(self) -> list[str]:
+        """Devices whose state cannot be saved (empty: a save may go ahead)."""
+
+    def snapshot_info(self) -> dict[str, str]:
+        """What a restore must match beyond the config (e.g. the accelerator); JSON-able."""
+
+    async def prepare_save(self) -> None:
+        """Before the VM is paused for a save: set aside what cannot be saved (qemu unplugs
+        its vsock device, which needs the guest running; a paused VM runs for that moment)."""
+
+    async def finish_save(self) -> None:
+        """After a save, whether it worked or not: bring back what :meth:`prepare_save` set
+        aside. Never raises for a VMM that is gone."""
+
+    async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
+        """Write the PAUSED machine's device and memory state to ``path`` (a new file).
+
+        The machine stays paused. On failure or cancellation the machine is left paused and
+        usable; the caller removes ``path``.
+        """
+
+    async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
+        """Right after :meth:`save_state`, still paused: capture every writable disk into
+        ``directory`` as new files named ``prefix + ...`` (fsynced). Read-only disks are not
+        captured. The caller renames and removes them."""
+
+    async def restore_state(self, path: Path, disks: Sequence[CapturedDisk]) -> None:
+        """STOPPED/ERROR → PAUSED: build the VM, load the state saved at ``path`` and run on
+        ``disks``. Cleans up everything it made if it fails or is cancelled."""
 
 
 class Backend(Protocol):
@@ -130,3 +215,10 @@ class Backend(Protocol):
 
     def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> Machine:
         """A stopped machine for ``config``; nothing is started, no process spawned."""
+
+
+class MacBackend(Backend, Protocol):
+    """A backend with :attr:`Feature.MACOS_GUESTS`: it also boots installed macOS guests."""
+
+    def create_mac_machine(self, config: MacVMConfig, on_state: StateListener) -> Machine:
+        """A stopped machine for the macOS guest installed in ``config.vm_dir``."""

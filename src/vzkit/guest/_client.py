@@ -895,6 +895,12 @@ class AgentClient:
         """Ask the guest to sync and power off; returns once the agent acknowledged."""
         run_sync(self._c.request(MsgType.POWEROFF))
 
+    @property
+    def broken(self) -> bool:
+        """The connection is closed or failed (e.g. its vsock device was unplugged)."""
+        conn = self._conn
+        return conn is None or conn._error is not None
+
     def close(self) -> None:
         """Close the connection; processes still running in the guest are killed."""
         conn, self._conn = self._conn, None

@@ -1,8 +1,15 @@
 """Obtain the Debian packages a guest is built from: a kernel and ``busybox-static``.
 
-Packages come either from a directory of pre-downloaded ``.deb`` files (:func:`find_guest_debs`,
-works anywhere, e.g. on macOS) or are fetched with ``apt-get download`` into a cache directory
-(:func:`fetch_guest_debs`, Debian/Ubuntu hosts only).
+Packages come from a directory of pre-downloaded ``.deb`` files (:func:`find_guest_debs`) or
+are fetched into a cache directory (:func:`fetch_guest_debs`) from one of two sources:
+
+- ``apt``: ``apt-get download`` (Debian/Ubuntu hosts), see :func:`apt_download`;
+- ``mirror``: straight from a Debian mirror over HTTPS, verified against the repository's
+  Release and Packages checksums (any host, e.g. macOS), see :mod:`vzkit.guest._mirror`.
+
+The default, ``auto``, uses apt when ``apt-get`` exists and falls back to the mirror when apt
+fails; ``$VZKIT_DEB_SOURCE`` (``auto``/``apt``/``mirror``) or the ``source`` argument choose
+explicitly, and naming a mirror (``$VZKIT_DEBIAN_MIRROR`` or ``mirror=``) selects ``mirror``.
 
 ``apt-get download PKG:ARCH`` only finds packages of architectures dpkg knows about. For a
 foreign architecture that is not enabled (``dpkg --add-architecture``), :func:`apt_download`
@@ -12,26 +19,47 @@ architecture only: this needs neither root nor changes to the host's apt configu
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import shutil
 import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from vzkit.errors import GuestError
 
 from ._deb import DebPackage, compare_versions
+from ._download import DownloadError
+from ._mirror import (
+    DebianMirror,
+    DebianSource,
+    Keyring,
+    PackageRecord,
+    default_sources,
+    parse_relation,
+)
 
 __all__ = [
     "DEB_ARCHES",
+    "DEB_SOURCES",
     "GuestDebs",
     "apt_download",
     "deb_arch",
     "fetch_guest_debs",
     "find_guest_debs",
     "kernel_metapackage",
+    "mirror_guest_debs",
 ]
+
+log = logging.getLogger(__name__)
+
+DebSource = Literal["auto", "apt", "mirror"]
+DEB_SOURCES: tuple[DebSource, ...] = ("auto", "apt", "mirror")
+"""Where :func:`fetch_guest_debs` gets packages from."""
 
 DEB_ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 """Guest architecture (``uname -m`` style) -> Debian architecture."""
@@ -232,14 +260,80 @@ def _resolve_kernel(meta: DebPackage, dest: Path, arch: str) -> Path:
     raise GuestError(f"{meta.name}: linux-image dependency chain too long")
 
 
-def fetch_guest_debs(cache_dir: Path | str, arch: str, *, refresh: bool = False) -> GuestDebs:
+def _mirror_kernel(client: DebianMirror, meta: PackageRecord) -> PackageRecord:
+    """Follow ``Depends`` (with its ``=`` version) from the metapackage to the real kernel."""
+    pkg = meta
+    for _ in range(4):
+        if _KERNEL_PACKAGE.match(pkg.name) and not pkg.name.endswith("-dbg"):
+            return pkg
+        targets = [r for r in parse_relation(pkg.depends) if r[0].startswith("linux-image-")]
+        if not targets:
+            raise GuestError(f"{pkg.name} {pkg.version} depends on no linux-image package")
+        name, op, version = targets[0]
+        pkg = client.lookup(name, version if op == "=" else None)
+    raise GuestError(f"{meta.name}: linux-image dependency chain too long")
+
+
+def mirror_guest_debs(
+    cache_dir: Path | str,
+    arch: str,
+    *,
+    sources: Sequence[DebianSource] | None = None,
+    mirror: str | None = None,
+    keyring: Keyring = "auto",
+) -> GuestDebs:
+    """Download the kernel metapackage, the kernel and busybox-static from a Debian mirror.
+
+    ``sources`` default to :func:`~vzkit.guest._mirror.default_sources` of ``mirror``. The
+    newest versions across the sources win; every file is verified against the indexes.
+    """
+    cache = Path(cache_dir)
+    client = DebianMirror(
+        sources or default_sources(mirror), deb_arch(arch), index_dir=cache / ".mirror",
+        keyring=keyring,
+    )  # fmt: skip
+    meta = client.lookup(kernel_metapackage(arch))
+    kernel = _mirror_kernel(client, meta)
+    busybox = client.lookup("busybox-static")
+    _, kernel_path, busybox_path = client.download([meta, kernel, busybox], cache)
+    return GuestDebs(kernel=kernel_path, busybox=busybox_path)
+
+
+def choose_source(source: str | None = None, mirror: str | None = None) -> DebSource:
+    """``source``, else ``$VZKIT_DEB_SOURCE``, else ``mirror`` when one is named, else auto."""
+    chosen = source or os.environ.get("VZKIT_DEB_SOURCE", "").strip()
+    if not chosen:
+        named = mirror or os.environ.get("VZKIT_DEBIAN_MIRROR", "").strip()
+        chosen = "mirror" if named else "auto"
+    for known in DEB_SOURCES:
+        if chosen == known:
+            return known
+    raise GuestError(f"unknown package source {chosen!r} (use one of {', '.join(DEB_SOURCES)})")
+
+
+def _apt_guest_debs(cache: Path, arch: str) -> GuestDebs:
+    meta_path, busybox = apt_download([kernel_metapackage(arch), "busybox-static"], cache, arch)
+    kernel = _resolve_kernel(DebPackage(meta_path), cache, arch)
+    return GuestDebs(kernel=kernel, busybox=busybox)
+
+
+def fetch_guest_debs(
+    cache_dir: Path | str,
+    arch: str,
+    *,
+    refresh: bool = False,
+    source: str | None = None,
+    mirror: str | None = None,
+) -> GuestDebs:
     """Kernel and busybox-static packages for ``arch``, downloaded into ``cache_dir``.
 
     The cloud kernel metapackage (``linux-image-cloud-ARCH``) is downloaded and its
     ``Depends`` followed to the real kernel package. Without ``refresh``, packages already
-    in the cache are used as they are and nothing is downloaded.
+    in the cache are used as they are and nothing is downloaded. ``source`` is ``"apt"``,
+    ``"mirror"`` or ``"auto"`` (see the module docs); ``mirror`` a Debian mirror URL.
     """
     cache = Path(cache_dir)
+    chosen = choose_source(source, mirror)
     if not refresh and cache.is_dir():
         try:
             return find_guest_debs(cache, arch)
@@ -248,6 +342,19 @@ def fetch_guest_debs(cache_dir: Path | str, arch: str, *, refresh: bool = False)
     if refresh and cache.is_dir():
         for stale in cache.glob(f"{kernel_metapackage(arch)}_*.deb"):
             stale.unlink()
-    meta_path, busybox = apt_download([kernel_metapackage(arch), "busybox-static"], cache, arch)
-    kernel = _resolve_kernel(DebPackage(meta_path), cache, arch)
-    return GuestDebs(kernel=kernel, busybox=busybox)
+    if chosen == "mirror" or (chosen == "auto" and shutil.which("apt-get") is None):
+        return mirror_guest_debs(cache, arch, mirror=mirror)
+    try:
+        return _apt_guest_debs(cache, arch)
+    except GuestError as apt_err:
+        if chosen == "apt":
+            raise
+        log.warning("apt-get download failed, trying the Debian mirror: %s", apt_err)
+        try:
+            return mirror_guest_debs(cache, arch, mirror=mirror)
+        except DownloadError as err:
+            raise type(err)(
+                f"{err}\n(apt-get download had failed first: {apt_err})",
+                url=err.url,
+                status=err.status,
+            ) from err

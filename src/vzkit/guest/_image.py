@@ -105,11 +105,15 @@ def default_image(
     cache_dir: Path | None = None,
     deb_dir: Path | None = None,
     refresh: bool = False,
+    source: str | None = None,
+    mirror: str | None = None,
 ) -> GuestImage:
     """The default guest (kernel + initramfs with the agent) for ``arch``, building it if needed.
 
-    Packages come from ``deb_dir`` when given, else ``apt-get download`` into the cache
-    (``refresh`` looks for newer packages). Raises :class:`GuestError` with what went wrong.
+    Packages come from ``deb_dir`` when given, else are downloaded into the cache from
+    ``source`` (``apt``, ``mirror`` or ``auto``; ``mirror`` a Debian mirror URL; see
+    :func:`fetch_guest_debs`). ``refresh`` looks for newer packages. Raises
+    :class:`GuestError` with what went wrong.
     """
     from ._agent_build import build_agent  # the agent toolchain is only needed to build
 
@@ -121,7 +125,13 @@ def default_image(
         if deb_dir is not None:
             debs = find_guest_debs(deb_dir, guest.value)
         else:
-            debs = fetch_guest_debs(cache / "debs" / guest.value, guest.value, refresh=refresh)
+            debs = fetch_guest_debs(
+                cache / "debs" / guest.value,
+                guest.value,
+                refresh=refresh,
+                source=source,
+                mirror=mirror,
+            )
         progress.step("building the agent")
         agent = build_agent(guest.value, cache / "agent", cache_dir=cache / "zig")
         key = _image_key(debs, agent)

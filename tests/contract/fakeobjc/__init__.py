@@ -17,6 +17,7 @@ from typing import Any
 
 from ._behaviors import guest_connect, guest_power_off, state_name, vm_crash
 from ._dispatch import FakeQueue, current_queue
+from ._macbehaviors import write_fake_ipsw
 from ._runtime import ContractViolation, FakeRuntime, ObjCError, UnknownSelector
 from ._spec import load_api, load_raw
 
@@ -35,6 +36,7 @@ __all__ = [
     "load_raw",
     "state_name",
     "vm_crash",
+    "write_fake_ipsw",
 ]
 
 MODULE_NAMES = ("Virtualization", "Foundation", "objc", "dispatch")

@@ -17,6 +17,8 @@ import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
+from ._macbehaviors import register as register_mac
+from ._macbehaviors import validate_mac
 from ._runtime import ObjCError, weak
 
 if TYPE_CHECKING:
@@ -114,6 +116,9 @@ def validate(rt: FakeRuntime, config: Any) -> Any:
     for key in ("memoryBalloonDevices", "socketDevices"):
         if len(p.get(key, ())) > 1:
             return invalid(f"At most one device is allowed in {key}.")
+    mac_problem = validate_mac(rt, config)
+    if mac_problem is not None:
+        return invalid(mac_problem)
     tags = [props(d).get("tag") for d in p.get("directorySharingDevices", ())]
     if len(tags) != len(set(tags)):
         return invalid("Directory sharing device tags must be unique.")
@@ -647,3 +652,5 @@ def register(rt: FakeRuntime) -> None:
     b[("VZVirtioSocketListener", "delegate")] = lambda rt, obj, s, a: (
         obj._fk.extra.get("delegate") or (lambda: None)
     )()
+
+    register_mac(rt)

@@ -80,6 +80,9 @@ class Knobs:
         self.save_restore_supported = True
         self.hang: set[str] = set()  # selectors whose completion handler never fires
         self.op_delay = 0.0  # seconds before a lifecycle completion handler fires
+        self.mac_hardware_supported = True  # VZMacHardwareModel.isSupported
+        self.install_steps = 4  # progress updates of a macOS install
+        self.install_step_s = 0.01
 
 
 def _lower_first(text: str) -> str:
@@ -379,7 +382,13 @@ class FakeRuntime:
         where = f"{cls.__name__} {'+' if spec.is_class else '-'}{spec.selector}"
         if kw:
             raise self.violation(f"{where}: PyObjC methods take no keyword arguments ({kw})")
+        own = next(self.spec_chain(cls), None)
         for klass in self.spec_chain(cls):
+            if own is not None and klass is not own and klass.available > own.available:
+                # A superclass the headers introduced later (VZGraphicsDisplayConfiguration,
+                # 14.0, above VZMacGraphicsDisplayConfiguration, 12.0): a header refactoring;
+                # the older subclass exists on older hosts.
+                continue
             why = self.exists(klass)
             if why is not None:
                 raise self.unknown(f"{where}: class {klass.name} {why}")

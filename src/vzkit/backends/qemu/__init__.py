@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from ..._config import LinuxVMConfig
 from ..._state import host_arch
 from .._protocol import Feature, StateListener
@@ -13,7 +15,17 @@ __all__ = ["BACKEND", "QemuBackend", "QemuMachine"]
 
 class QemuBackend:
     name = "qemu"
-    features = frozenset({Feature.LIFECYCLE, Feature.BALLOON, Feature.SHARES})
+    #: vsock needs vhost (kernel or vhost-user), which QEMU offers on Linux hosts only.
+    features = frozenset(
+        {
+            Feature.LIFECYCLE,
+            Feature.BALLOON,
+            Feature.SHARES,
+            Feature.SNAPSHOTS,
+            Feature.SNAPSHOT_FANOUT,
+        }
+        | ({Feature.VSOCK} if sys.platform == "linux" else set())
+    )
 
     def check_available(self) -> None:
         find_qemu(host_arch())

@@ -54,8 +54,14 @@ class Plan:
     shared_memory: bool = False
     #: The vhost-user-vsock device's socket (an inherited fd), or None for no vsock device.
     vsock_fd: int | None = None
-    #: Kernel vhost-vsock (``/dev/vhost-vsock``) instead of the user-space device.
-    vhost_vsock_kernel: bool = False
+    #: An open ``/dev/vhost-vsock`` holding ``vsock_cid``: the kernel device instead.
+    vhost_vsock_fd: int | None = None
+    vsock_cid: int = 0  # the CID the kernel device claimed (0: the config's)
+    #: Restoring a snapshot: wait for ``migrate-incoming`` (``-incoming defer``).
+    incoming: bool = False
+    #: The image the guest's disk runs on instead of ``config.disk_path`` (a restored run's
+    #: copy-on-write overlay); ``disk_format`` is its format.
+    disk_override: Path | None = None
     #: The config's shares as served this run (virtiofsd sockets or 9p exports), in tag order.
     shares: tuple[ShareDevice, ...] = ()
 
@@ -150,7 +156,7 @@ def boot_args(plan: Plan) -> list[str]:
 
 
 def disk_args(plan: Plan) -> list[str]:
-    path = plan.config.disk_path
+    path = plan.disk_override or plan.config.disk_path
     if path is None:
         return []
     return [
@@ -159,6 +165,11 @@ def disk_args(plan: Plan) -> list[str]:
         f"file.driver=file,file.filename={esc(path)}",
         "-device", f"{virtio(plan, 'blk')},drive=disk0,id=disk0-dev",
     ]  # fmt: skip
+
+
+def incoming_args(plan: Plan) -> list[str]:
+    """Restore: QEMU waits for the state stream, handed over later with ``migrate-incoming``."""
+    return ["-incoming", "defer"] if plan.incoming else []
 
 
 def iso_args(plan: Plan) -> list[str]:
@@ -278,18 +289,31 @@ def agent_port_args(plan: Plan) -> list[str]:
 
 
 def vsock_args(plan: Plan) -> list[str]:
-    """The guest's vsock device: kernel vhost-vsock, or our vhost-user device on a socket."""
+    """The guest's vsock device: kernel vhost-vsock, or our vhost-user device on a socket.
+
+    On PCI machines it sits behind its own root port, so it can be unplugged and plugged
+    again: QEMU cannot migrate vhost devices, so snapshots save without it, and a restored
+    VM starts with the empty port (no fd in the plan) and gets a fresh device plugged in.
+    """
     if not plan.config.vsock:
         return []
-    cid = plan.config.vsock_cid
-    if plan.vhost_vsock_kernel:
-        return ["-device", f"{vhost(plan, 'vsock')},id=vsock0,guest-cid={cid}"]
-    if plan.vsock_fd is None:
-        return []
-    return [
-        "-chardev", f"socket,id=vsock0-chr,fd={plan.vsock_fd}",
-        "-device", f"{vhost(plan, 'user-vsock')},id=vsock0,chardev=vsock0-chr",
-    ]  # fmt: skip
+    args: list[str] = []
+    if plan.machine != "microvm":
+        args += ["-device", f"pcie-root-port,id={VSOCK_PORT},chassis=31"]
+    bus = "" if plan.machine == "microvm" else f",bus={VSOCK_PORT}"
+    if plan.vhost_vsock_fd is not None:
+        cid = plan.vsock_cid or plan.config.vsock_cid
+        args += ["-device", f"{vhost(plan, 'vsock')},id=vsock0,guest-cid={cid},"
+                            f"vhostfd={plan.vhost_vsock_fd}{bus}"]  # fmt: skip
+    elif plan.vsock_fd is not None:
+        args += [
+            "-chardev", f"socket,id=vsock0-chr,fd={plan.vsock_fd}",
+            "-device", f"{vhost(plan, 'user-vsock')},id=vsock0,chardev=vsock0-chr{bus}",
+        ]  # fmt: skip
+    return args
+
+
+VSOCK_PORT = "vsock-port"
 
 
 def virtiofs_device_args(plan: Plan, index: int, share: ShareDevice) -> list[str]:
@@ -366,6 +390,7 @@ _PIECES = (
     vsock_args,
     share_args,
     display_args,
+    incoming_args,
 )
 
 

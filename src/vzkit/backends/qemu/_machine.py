@@ -21,6 +21,7 @@ import shutil
 import socket
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +33,20 @@ from ..._network import NetworkMode
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
 from ...errors import UnsupportedError, VMError
-from .._protocol import BalloonInfo, StateListener, notify_state
-from . import _argv, _discover
+from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
+from . import _argv, _discover, _migrate
 from ._virtiofs import ShareKind, Shares
+from ._vsock import VsockListener, VsockTransport
 
-__all__ = ["QemuMachine"]
+__all__ = ["AGENT_VSOCK_PORT", "QemuMachine"]
 
 log = logging.getLogger(__name__)
 
 MIN_BALLOON_MB = 64
+#: The vzkit guest agent's vsock port.
+AGENT_VSOCK_PORT = 1024
 _QUIT_GRACE_S = 2.0
+_UNPLUG_TIMEOUT_S = 20.0
 _STDERR_TAIL = 2000
 #: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
 _MAX_SOCKET_DIR = 80
@@ -109,7 +114,13 @@ class QemuMachine:
         self._guest_shutdown = False
         self._console_pty: str | None = None
         self._balloon_target_mb = config.memory_mb
+        self._vsock: VsockTransport | None = None
         self.argv: list[str] = []
+        # Snapshots (_migrate.py): a restore starts QEMU waiting for the state stream and
+        # runs the disk on a copy-on-write overlay of the snapshot's image.
+        self._incoming = False
+        self.disk_override: Path | None = None
+        self.accel = ""
 
     # -- properties ------------------------------------------------------------------------
 
@@ -164,13 +175,133 @@ class QemuMachine:
         """
         return self._agent_sock
 
-    agent_on_console = True
+    @property
+    def agent_on_console(self) -> bool:
+        return self._agent_transport() == "console"
+
+    def _agent_transport(self) -> str:
+        """vsock when the VM has a vsock device, else the console port; the environment
+        variable ``VZKIT_AGENT_TRANSPORT=console|vsock`` forces one (tests, benchmarks)."""
+        forced = os.environ.get("VZKIT_AGENT_TRANSPORT", "")
+        if forced in ("console", "vsock"):
+            return forced
+        return "vsock" if self._vsock is not None and self._vsock.attached else "console"
 
     async def open_agent_socket(self) -> socket.socket:
-        """A duplicate of the agent port's socket: closing it leaves the VM's end open."""
+        """A new stream to the agent: vsock port 1024, or a duplicate of the console port's
+        socket (closing it leaves the VM's end open). ConnectionRefusedError while the agent
+        does not listen yet."""
         if self._agent_sock is None:
             raise VMError(f"the VM is not running (state {self._state.value})")
+        if self._agent_transport() == "vsock":
+            return await self.vsock_connect(AGENT_VSOCK_PORT, 10.0)
         return self._agent_sock.dup()
+
+    # -- vsock -----------------------------------------------------------------------------
+
+    def _require_vsock(self) -> VsockTransport:
+        if not self.config.vsock:
+            raise UnsupportedError(
+                "this VM has no vsock device (config vsock=False)", backend="qemu", feature="vsock"
+            )
+        if self._vsock is None:
+            if sys.platform != "linux":
+                raise UnsupportedError(
+                    "vsock on the qemu backend needs Linux (vhost-vsock or vhost-user)",
+                    backend="qemu",
+                    feature="vsock",
+                )
+            raise VMError(f"the VM is not running (state {self._state.value})")
+        return self._vsock
+
+    async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
+        return await self._require_vsock().connect(port, timeout)
+
+    async def vsock_listen(self, port: int) -> VsockListener:
+        return self._require_vsock().listen(port)
+
+    async def detach_vsock(self, timeout: float = _UNPLUG_TIMEOUT_S) -> None:
+        """Unplug the vsock device and stop it (QEMU cannot migrate vhost devices).
+
+        The guest must acknowledge the unplug: at once with ACPI hot-plug (x86_64 q35), about
+        5 s later with PCIe native hot-plug (aarch64 ``virt``: the attention-button delay).
+        Open connections end; listeners stay and serve the device plugged in next.
+        """
+        vsock = self._require_vsock()
+        if not vsock.attached:
+            return
+        if self._argv_machine() == "microvm":
+            raise UnsupportedError(
+                "the vsock device cannot be unplugged on microvm (no PCI hot-plug)",
+                backend="qemu",
+                feature="snapshots",
+            )
+        await self._execute("device_del", {"id": "vsock0"})
+        try:
+            await asyncio.wait_for(self._vsock_gone(vsock.kernel), timeout)
+        except TimeoutError:
+            raise VMError(
+                f"the guest did not release its vsock device within {timeout:g} s "
+                "(it must acknowledge the PCI unplug)"
+            ) from None
+        await vsock.stop_device()
+
+    async def _vsock_gone(self, kernel: bool) -> None:
+        """Wait until the unplugged device and its chardev are gone."""
+        while "vsock0" in await self._peripherals():
+            await asyncio.sleep(0.05)
+        while not kernel:  # the device lets go of its chardev a moment after it left
+            try:
+                await self._execute("chardev-remove", {"id": "vsock0-chr"})
+                return
+            except VMError as err:
+                if "busy" not in str(err):
+                    raise
+            await asyncio.sleep(0.05)
+
+    async def attach_vsock(self) -> None:
+        """Plug a fresh vsock device into its port (after a save, or into a restored VM)."""
+        vsock = self._require_vsock()
+        qmp = self._qmp
+        if vsock.attached or qmp is None:
+            return
+        bus = {"bus": _argv.VSOCK_PORT}
+        try:
+            await vsock.prepare()
+            if vsock.kernel:
+                assert vsock.kernel_fd is not None
+                qmp.send_fd_scm(vsock.kernel_fd)
+                await self._execute("getfd", {"fdname": "vsock0-vhostfd"})
+                await self._execute("device_add", {
+                    "driver": "vhost-vsock-pci", "id": "vsock0", "guest-cid": vsock.guest_cid,
+                    "vhostfd": "vsock0-vhostfd", **bus})  # fmt: skip
+            else:
+                assert vsock.qemu_fd is not None
+                qmp.send_fd_scm(vsock.qemu_fd)
+                await self._execute("getfd", {"fdname": "vsock0-fd"})
+                await self._execute("chardev-add", {
+                    "id": "vsock0-chr",
+                    "backend": {"type": "socket", "data": {
+                        "addr": {"type": "fd", "data": {"str": "vsock0-fd"}}, "server": False}},
+                })  # fmt: skip
+                await self._execute("device_add", {
+                    "driver": "vhost-user-vsock-pci", "id": "vsock0", "chardev": "vsock0-chr",
+                    **bus})  # fmt: skip
+            vsock.after_spawn()
+            await vsock.wait_ready()
+        except BaseException:
+            await vsock.stop_device()
+            raise
+        vsock.attached = True
+
+    async def _peripherals(self) -> set[str]:
+        devices: list[dict[str, Any]] = await self._execute(
+            "qom-list", {"path": "/machine/peripheral"}
+        )
+        return {str(d.get("name")) for d in devices}
+
+    def _argv_machine(self) -> str:
+        return _argv.machine_type(self.config)
 
     @property
     def stderr_path(self) -> Path:
@@ -185,7 +316,7 @@ class QemuMachine:
 
     # -- start -----------------------------------------------------------------------------
 
-    async def _plan(self, qmp_fd: int, agent_fd: int) -> _argv.Plan:
+    async def _plan(self, qmp_fd: int, agent_fd: int, vsock: VsockTransport | None) -> _argv.Plan:
         cfg = self.config
         binary = _discover.find_qemu(cfg.arch)
         accel = await asyncio.to_thread(
@@ -203,6 +334,9 @@ class QemuMachine:
         disk_format = (
             detect_disk_format(cfg.disk_path) if cfg.disk_path is not None else DiskFormat.RAW
         )
+        if self.disk_override is not None:
+            disk_format = DiskFormat.QCOW2
+        self.accel = accel
         return _argv.Plan(
             config=cfg,
             binary=binary,
@@ -215,6 +349,12 @@ class QemuMachine:
             nvram=nvram,
             mac_address=_mac_address(None if self._own_state_dir else state_dir),
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
+            incoming=self._incoming,
+            disk_override=self.disk_override,
+            shared_memory=vsock is not None,
+            vsock_fd=vsock.qemu_fd if vsock is not None else None,
+            vhost_vsock_fd=vsock.kernel_fd if vsock is not None else None,
+            vsock_cid=vsock.guest_cid if vsock is not None else 0,
         )
 
     async def start(self) -> None:
@@ -225,6 +365,7 @@ class QemuMachine:
         self._stopped = asyncio.Event()
         self._expect_exit = False
         self._guest_shutdown = False
+        self.disk_override = None  # a fresh boot runs on the config's disk
         try:
             await self._launch()
         except BaseException:
@@ -233,14 +374,23 @@ class QemuMachine:
             raise
         self._set_state(VMState.RUNNING)
 
-    async def _launch(self) -> None:
+    async def _launch(self, *, vsock_device: bool = True) -> None:
+        """Spawn QEMU paused, attach QMP, run it. ``vsock_device=False`` leaves the vsock
+        port empty (a restore plugs the device in once the machine state is loaded)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         agent_ours, agent_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._qmp_sock = ours
         self._agent_sock = agent_ours
+        vsock = None
+        if self.config.vsock and sys.platform == "linux":
+            vsock = self._vsock = VsockTransport(
+                self.config, self.runtime_dir, self.state_dir / "vsock.log"
+            )
         try:
-            plan = await self._plan(theirs.fileno(), agent_theirs.fileno())
+            if vsock is not None and vsock_device:
+                await vsock.prepare()
+            plan = await self._plan(theirs.fileno(), agent_theirs.fileno(), vsock)
             # -- shares: start the virtiofsds, hand their sockets to QEMU
             shares = await self._shares.start(
                 self.config.tagged_volumes(), self.runtime_dir, self.state_dir
@@ -257,7 +407,12 @@ class QemuMachine:
                 self._proc = await spawn(
                     self.argv,
                     name=f"qemu-system-{self.config.arch.value}",
-                    pass_fds=(theirs.fileno(), agent_theirs.fileno(), *self._shares.qemu_fds),
+                    pass_fds=(
+                        theirs.fileno(),
+                        agent_theirs.fileno(),
+                        *(vsock.pass_fds() if vsock is not None else ()),
+                        *self._shares.qemu_fds,
+                    ),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
                     stdout=None if interactive else asyncio.subprocess.DEVNULL,
                     stderr=stderr,
@@ -267,6 +422,8 @@ class QemuMachine:
             theirs.close()
             agent_theirs.close()
             self._shares.qemu_started()
+            if vsock is not None:
+                vsock.after_spawn()
         self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
         qmp = QMPClient(f"vzkit-{self._proc.pid}")
         self._qmp = qmp
@@ -284,7 +441,11 @@ class QemuMachine:
         self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
         if self.config.console is ConsoleMode.PTY:
             self._console_pty = await self._find_pty()
-        await self._execute("cont")
+        if vsock is not None and vsock_device:
+            await vsock.wait_ready()
+            vsock.attached = True
+        if not self._incoming:  # a restore stays paused (see restore_state)
+            await self._execute("cont")
 
     async def _find_pty(self) -> str | None:
         chardevs: list[dict[str, Any]] = await self._execute("query-chardev")
@@ -320,9 +481,10 @@ class QemuMachine:
         if not clean:
             log.warning("QEMU (pid %d) exited with %d: %s", proc.pid, rc, self._stderr_tail())
         await self._disconnect()
+        await self._close_vsock()
         for task in self._tasks:
             task.cancel()
-        if self._state is not VMState.STARTING:
+        if self._state not in (VMState.STARTING, VMState.RESTORING):
             self._set_state(VMState.STOPPED if clean else VMState.ERROR)
         if self._stopped is not None:
             self._stopped.set()
@@ -428,6 +590,77 @@ class QemuMachine:
             actual = int(info["actual"]) / (1 << 30)
         return BalloonInfo(True, self._balloon_target_mb / 1024, MIN_BALLOON_MB, actual)
 
+    # -- snapshots (the work is in _migrate.py) ---------------------------------------------
+
+    @property
+    def qmp(self) -> QMPClient | None:
+        return self._qmp
+
+    async def execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
+        """A QMP command; :class:`VMError` when it fails or QEMU is gone."""
+        return await self._execute(cmd, args)
+
+    def snapshot_blockers(self) -> list[str]:
+        return _migrate.blockers(self)
+
+    @property
+    def vsock_attached(self) -> bool:
+        return self._vsock is not None and self._vsock.attached
+
+    async def prepare_save(self) -> None:
+        """Unplug the vsock device (QEMU cannot migrate it) while the guest runs: it must
+        acknowledge the unplug, so a paused VM runs for that moment and is paused again."""
+        if not self.vsock_attached:
+            return
+        paused = self._state is VMState.PAUSED
+        if paused:
+            await self.resume()
+        try:
+            await self.detach_vsock()
+        finally:
+            if paused:
+                await self.pause()
+
+    async def finish_save(self) -> None:
+        """Plug a fresh vsock device back in (connections open before the save have ended)."""
+        if self._vsock is not None and not self._vsock.attached and self._qmp is not None:
+            await self.attach_vsock()
+
+    def snapshot_info(self) -> dict[str, str]:
+        return {"accel": self.accel, "arch": self.config.arch.value}
+
+    async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
+        if self._state is not VMState.PAUSED:
+            raise VMError(f"only a paused VM can be saved (it is {self._state.value})")
+        await _migrate.save_state(self, path, progress)
+
+    async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
+        return await _migrate.capture_disks(self, directory, prefix)
+
+    async def restore_state(self, path: Path, disks: Sequence[CapturedDisk]) -> None:
+        """STOPPED/ERROR → RESTORING → PAUSED: QEMU with ``-incoming defer`` loads ``path``."""
+        if self._state not in (VMState.STOPPED, VMState.ERROR):
+            raise VMError(f"cannot restore into a VM that is {self._state.value}")
+        self.config.check_inputs()
+        self._set_state(VMState.RESTORING)
+        self._stopped = asyncio.Event()
+        self._expect_exit = False
+        self._guest_shutdown = False
+        try:
+            self.disk_override = await _migrate.prepare_disks(self, disks)
+            self._incoming = True
+            await self._launch(vsock_device=False)  # the saved state has no vsock device
+            await _migrate.load_state(self, path)
+            if self._vsock is not None:
+                await self.attach_vsock()
+        except BaseException:
+            await self._teardown()
+            self._set_state(VMState.STOPPED)
+            raise
+        finally:
+            self._incoming = False
+        self._set_state(VMState.PAUSED)
+
     # -- teardown --------------------------------------------------------------------------
 
     async def _teardown(self) -> None:
@@ -441,6 +674,7 @@ class QemuMachine:
             await asyncio.wait({watch}, timeout=5)
             watch.cancel()
         await self._disconnect()
+        await self._close_vsock()
         await self._shares.close()  # after QEMU: the virtiofsds outlive no VM
         tasks, self._tasks = self._tasks, []
         for task in tasks:
@@ -448,6 +682,11 @@ class QemuMachine:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._proc = None
         self._console_pty = None
+
+    async def _close_vsock(self) -> None:
+        vsock, self._vsock = self._vsock, None
+        if vsock is not None:
+            await vsock.close()
 
     async def close(self) -> None:
         try:

@@ -9,6 +9,7 @@ functions and types are re-exported here under snake_case names (see ``docs/vz-p
 from __future__ import annotations
 
 from ..._config import LinuxVMConfig
+from ..._macconfig import MacVMConfig
 from ...errors import BackendUnavailableError
 from .._protocol import BalloonInfo, Feature, StateListener
 from ._build import (
@@ -50,6 +51,18 @@ from ._lifecycle import (
     vm_state,
 )
 from ._machine import VzMachine
+from ._macos import (
+    RestoreImageInfo,
+    build_macos_vm_config,
+    create_mac_auxiliary_storage,
+    create_mac_keyboard,
+    create_mac_platform,
+    create_mac_pointing_device,
+    create_mac_shares,
+    install_macos,
+    load_restore_image,
+    restore_image_info,
+)
 from ._nserror import (
     NSErrorDetails,
     NSErrorInfo,
@@ -88,12 +101,14 @@ __all__ = [
     "NSErrorDetails",
     "NSErrorInfo",
     "Queue",
+    "RestoreImageInfo",
     "VsockListener",
     "VsockManager",
     "VzBackend",
     "VzMachine",
     "add_memory_balloon_device",
     "build_linux_vm_config",
+    "build_macos_vm_config",
     "can_pause",
     "can_request_stop",
     "can_resume",
@@ -103,7 +118,12 @@ __all__ = [
     "create_directory_share",
     "create_disk_attachment",
     "create_file_serial_console",
+    "create_mac_auxiliary_storage",
     "create_mac_graphics_config",
+    "create_mac_keyboard",
+    "create_mac_platform",
+    "create_mac_pointing_device",
+    "create_mac_shares",
     "create_network_attachment",
     "create_network_device",
     "create_serial_console",
@@ -114,12 +134,15 @@ __all__ = [
     "extract_nserror_message",
     "format_nserror_detailed",
     "get_balloon_info",
+    "install_macos",
+    "load_restore_image",
     "nsdata_from_bytes",
     "nsdata_to_bytes",
     "pause_vm",
     "print_nserror_detailed",
     "release",
     "request_stop_vm",
+    "restore_image_info",
     "restore_machine_state",
     "restore_snapshot",
     "resume_vm",
@@ -157,6 +180,7 @@ class VzBackend:
             Feature.SHARES,
             Feature.SNAPSHOTS,
             Feature.GRAPHICS,
+            Feature.MACOS_GUESTS,
         }
     )
 
@@ -166,6 +190,9 @@ class VzBackend:
             raise BackendUnavailableError(problem)
 
     def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> VzMachine:
+        return VzMachine(config, on_state)
+
+    def create_mac_machine(self, config: MacVMConfig, on_state: StateListener) -> VzMachine:
         return VzMachine(config, on_state)
 
 

@@ -14,15 +14,20 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import gzip
+import hashlib
 import logging
 import os
 import re
+import shutil
+import zlib
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from ..._config import ConsoleMode, LinuxVMConfig
-from ..._display import DisplayConfig, default_linux_display_config
+from ..._display import DisplayConfig, default_display_config, default_linux_display_config
+from ..._macconfig import MacVMConfig
 from ..._network import NetworkConfig, NetworkMode
 from ..._state import host_arch
 from ..._volume import VolumeMount, assign_volume_tags, share_cmdline
@@ -61,6 +66,7 @@ NVRAM_FILE = "efi.nvram"
 MAC_FILE = "mac-address"
 ENTITLEMENT = "com.apple.security.virtualization"
 MIB = 1 << 20
+GZIP_MAGIC = b"\x1f\x8b"
 _MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
@@ -192,10 +198,40 @@ def platform_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
     return platform
 
 
-def linux_boot_loader_to_vz(cfg: LinuxVMConfig) -> Any:
-    """Direct kernel boot: kernel, optional initrd, the command line (or the seed's default)."""
+def kernel_for_vz(kernel: Path, state_dir: Path) -> Path:
+    """The kernel ``VZLinuxBootLoader`` can boot. On Apple silicon it takes only an
+    uncompressed arm64 ``Image``; Debian and most distributions ship it gzip-compressed
+    (``vmlinuz``), so such a kernel is decompressed once into ``state_dir`` (reused while
+    the source is unchanged)."""
+    with open(kernel, "rb") as fh:
+        if fh.read(2) != GZIP_MAGIC:
+            return kernel
+    st = kernel.stat()
+    key = f"{kernel}\0{st.st_size}\0{st.st_mtime_ns}".encode()
+    target = state_dir / f"kernel-{hashlib.sha256(key).hexdigest()[:16]}.img"
+    if target.is_file():
+        return target
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with gzip.open(kernel, "rb") as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        os.replace(tmp, target)
+    except (OSError, EOFError, zlib.error) as err:
+        raise ConfigError(
+            f"kernel {str(kernel)!r} is gzip-compressed but cannot be decompressed: {err}"
+        ) from err
+    finally:
+        tmp.unlink(missing_ok=True)
+    log.info("decompressed %s into %s for the Virtualization framework", kernel, target)
+    return target
+
+
+def linux_boot_loader_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
+    """Direct kernel boot: kernel (decompressed if need be), optional initrd, the command
+    line (or the seed's default)."""
     assert cfg.kernel_path is not None
-    loader = vz().VZLinuxBootLoader.alloc().initWithKernelURL_(_url(cfg.kernel_path))
+    kernel = kernel_for_vz(cfg.kernel_path, state_dir)
+    loader = vz().VZLinuxBootLoader.alloc().initWithKernelURL_(_url(kernel))
     if cfg.initrd_path is not None:
         loader.setInitialRamdiskURL_(_url(cfg.initrd_path))
     shares = share_cmdline(cfg.volumes)  # the default guest mounts them at /mnt/<tag>
@@ -224,7 +260,9 @@ def efi_boot_loader_to_vz(state_dir: Path) -> Any:
 
 
 def boot_loader_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
-    return linux_boot_loader_to_vz(cfg) if cfg.direct_boot else efi_boot_loader_to_vz(state_dir)
+    if cfg.direct_boot:
+        return linux_boot_loader_to_vz(cfg, state_dir)
+    return efi_boot_loader_to_vz(state_dir)
 
 
 # -- network -----------------------------------------------------------------------------------
@@ -286,9 +324,14 @@ def _stable_mac(state_dir: Path | None) -> str | None:
 
 def network_to_vz(cfg: LinuxVMConfig, state_dir: Path | None) -> list[Any]:
     """No device for ``none``; else one NIC whose MAC is kept in ``state_dir`` across boots."""
-    if cfg.network.mode is NetworkMode.NONE:
+    return network_devices_to_vz(cfg.network, state_dir)
+
+
+def network_devices_to_vz(network: NetworkConfig, state_dir: Path | None) -> list[Any]:
+    """:func:`network_to_vz` for any guest's :class:`~vzkit.NetworkConfig`."""
+    if network.mode is NetworkMode.NONE:
         return []
-    device = create_network_device(cfg.network, mac_address=_stable_mac(state_dir))
+    device = create_network_device(network, mac_address=_stable_mac(state_dir))
     if state_dir is not None and not (state_dir / MAC_FILE).exists():
         with contextlib.suppress(OSError):
             _write_atomically(
@@ -436,10 +479,11 @@ def create_virtio_graphics_config(displays: Sequence[DisplayConfig]) -> Any:
 
 
 def create_mac_graphics_config(displays: Sequence[DisplayConfig]) -> Any:
-    """A Mac graphics device with the given displays (macOS guests; macOS 12+)."""
+    """A Mac graphics device with the given displays (macOS guests; macOS 12+); none given:
+    the seed's default Mac display (1920x1200 at 144 PPI)."""
     require_macos("12.0", "Mac graphics (VZMacGraphicsDeviceConfiguration)")
     v = vz()
-    shown = list(displays) or [default_linux_display_config()]
+    shown = list(displays) or [default_display_config()]
     cls = v.VZMacGraphicsDisplayConfiguration
     device = v.VZMacGraphicsDeviceConfiguration.alloc().init()
     device.setDisplays_(
@@ -468,7 +512,8 @@ def graphics_to_vz(cfg: LinuxVMConfig) -> tuple[list[Any], list[Any], list[Any]]
 # -- the machine -------------------------------------------------------------------------------
 
 
-def _check_sizes(cfg: LinuxVMConfig) -> tuple[int, int]:
+def check_sizes(cfg: LinuxVMConfig | MacVMConfig) -> tuple[int, int]:
+    """The CPU count and memory size in bytes, inside what this Mac allows."""
     cls = vz().VZVirtualMachineConfiguration
     memory = cfg.memory_mb * MIB
     low, high = int(cls.minimumAllowedMemorySize()), int(cls.maximumAllowedMemorySize())
@@ -516,7 +561,7 @@ def build_linux_vm_config(
             backend="vz",
             feature="network:publish",
         )
-    cpus, memory = _check_sizes(cfg)
+    cpus, memory = check_sizes(cfg)
     config = vz().VZVirtualMachineConfiguration.alloc().init()
     config.setCPUCount_(cpus)
     config.setMemorySize_(memory)

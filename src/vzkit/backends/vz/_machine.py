@@ -19,17 +19,21 @@ import shutil
 import socket
 import tempfile
 import tty
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..._config import ConsoleMode, LinuxVMConfig
+from ..._disk import detect_disk_format
+from ..._diskcopy import copy_disk
+from ..._macconfig import MacVMConfig
 from ..._state import VMState
 from ...errors import StateError, VMError, VzkitError
-from .._protocol import BalloonInfo, StateListener, notify_state
-from . import _build, _lifecycle
+from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
+from . import _build, _lifecycle, _macos
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, vm_delegate
-from ._vsock import VsockManager
+from ._vsock import VsockListener, VsockManager
 
 #: The vzkit guest agent's vsock port.
 AGENT_VSOCK_PORT = 1024
@@ -41,9 +45,10 @@ MIB = 1 << 20
 
 
 class VzMachine:
-    """A :class:`~vzkit.backends.Machine` backed by Apple's Virtualization framework."""
+    """A :class:`~vzkit.backends.Machine` backed by Apple's Virtualization framework: a Linux
+    guest, or an installed macOS guest (:class:`~vzkit.MacVMConfig`)."""
 
-    def __init__(self, config: LinuxVMConfig, on_state: StateListener) -> None:
+    def __init__(self, config: LinuxVMConfig | MacVMConfig, on_state: StateListener) -> None:
         self.config = config
         self._on_state = on_state
         self._state = VMState.STOPPED
@@ -78,7 +83,7 @@ class VzMachine:
 
     @property
     def console_log_path(self) -> Path | None:
-        if self.config.console is not ConsoleMode.LOG:
+        if isinstance(self.config, MacVMConfig) or self.config.console is not ConsoleMode.LOG:
             return None
         return self.config.console_log_path or self.state_dir / "console.log"
 
@@ -138,10 +143,13 @@ class VzMachine:
         """Build, validate and create the VM (stopped) with its delegate."""
         self.config.check_inputs()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        console_fds = self._open_pty() if self.config.console is ConsoleMode.PTY else None
-        vz_config = _build.build_linux_vm_config(
-            self.config, state_dir=self.state_dir, console_fds=console_fds
-        )
+        if isinstance(self.config, MacVMConfig):
+            vz_config = _macos.build_macos_vm_config(self.config)
+        else:
+            console_fds = self._open_pty() if self.config.console is ConsoleMode.PTY else None
+            vz_config = _build.build_linux_vm_config(
+                self.config, state_dir=self.state_dir, console_fds=console_fds
+            )
         _build.validate_config(vz_config)
         queue = Queue(f"vzkit.vm.{id(self):x}")
         vm = _lifecycle.create_vm(vz_config, queue)
@@ -177,12 +185,30 @@ class VzMachine:
             raise
         self._set_state(VMState.RUNNING)
 
-    async def restore_state(self, path: str | os.PathLike[str]) -> None:
-        """Build the VM from the config and restore its saved state; it ends PAUSED."""
+    async def restore_state(
+        self, path: str | os.PathLike[str], disks: Sequence[CapturedDisk] = ()
+    ) -> None:
+        """Build the VM from the config and restore its saved state; it ends PAUSED.
+
+        VZ attaches the config's disk itself, so captured ``disks`` are copied back over it
+        first (a new file renamed into place): this machine's disk is the snapshot's again.
+        """
         if self._state not in (VMState.STOPPED, VMState.ERROR):
             raise StateError(f"cannot restore into a VM that is {self._state.value}")
         self._set_state(VMState.RESTORING)
         try:
+            for disk in disks:
+                target = self.config.disk_path
+                if disk.role != "disk0" or target is None:
+                    raise VMError(f"this VM has no disk for the snapshot's {disk.role}")
+                tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
+                try:
+                    await copy_disk(disk.path, tmp)
+                    os.chmod(tmp, 0o644)
+                    os.replace(tmp, target)
+                finally:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink()
             self._release()
             self._prepare()
             assert self._queue is not None
@@ -192,8 +218,34 @@ class VzMachine:
             raise
         self._set_state(VMState.PAUSED)
 
-    async def save_state(self, path: str | os.PathLike[str]) -> None:
-        """Write the paused VM's state to ``path`` (validated for save/restore first)."""
+    def snapshot_blockers(self) -> list[str]:
+        return []  # VZ validates the configuration itself (validate_save_restore_support)
+
+    async def prepare_save(self) -> None:
+        return None  # VZ saves every device it supports for save/restore
+
+    async def finish_save(self) -> None:
+        return None
+
+    def snapshot_info(self) -> dict[str, str]:
+        cfg = self.config
+        return {"arch": "aarch64" if isinstance(cfg, MacVMConfig) else cfg.arch.value}
+
+    async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
+        """A clone/sparse copy of the writable disk (the VM is paused, its writes are done)."""
+        disk = self.config.disk_path
+        if disk is None:
+            return []
+        fmt = detect_disk_format(disk)
+        dst = directory / f"{prefix}disk0.{fmt.value}"
+        await copy_disk(disk, dst)
+        return [CapturedDisk("disk0", Path(os.path.realpath(disk)), dst, fmt)]
+
+    async def save_state(
+        self, path: str | os.PathLike[str], progress: ProgressFn | None = None
+    ) -> None:
+        """Write the paused VM's state to ``path`` (validated for save/restore first).
+        VZ reports no progress; ``progress`` is called once when done."""
         if self._state is not VMState.PAUSED:
             raise StateError(f"only a paused VM can be saved (it is {self._state.value})")
         queue, vm = self._require_vm()
@@ -203,6 +255,9 @@ class VzMachine:
             await self._await(_lifecycle.save_machine_state(queue, vm, path))
         finally:
             self._set_state(VMState.PAUSED)
+        if progress is not None:
+            size = os.stat(path).st_size
+            progress(size, size)
 
     async def _abandon(self) -> None:
         """Undo a failed or cancelled start/restore: force the VM off, release everything."""
@@ -288,6 +343,12 @@ class VzMachine:
         return self._vsock
 
     agent_on_console = False
+
+    async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
+        return await asyncio.to_thread(self.vsock.connect, port, timeout)
+
+    async def vsock_listen(self, port: int) -> VsockListener:
+        return self.vsock.listen(port)
 
     async def open_agent_socket(self) -> socket.socket:
         """A vsock connection to the guest agent (port 1024); the caller owns it."""

@@ -517,7 +517,9 @@ def listener_delegate(on_connection: Callable[[Any], bool]) -> Any:
 
 
 def availability_problem() -> str | None:
-    """Why the vz backend cannot run here, or ``None`` when it can."""
+    """Why the vz backend cannot run here, or ``None`` when it can: macOS version, PyObjC,
+    hardware support, and this interpreter's ``com.apple.security.virtualization``
+    entitlement (what ``vzkit doctor`` reports)."""
     if sys.platform != "darwin":
         return f"the vz backend needs macOS (this is {sys.platform})"
     version = macos_version()
@@ -531,4 +533,6 @@ def availability_problem() -> str | None:
         return f"PyObjC is missing ({err}); {_INSTALL_HINT}"
     if not bool(vz().VZVirtualMachine.isSupported()):
         return "this Mac cannot run virtual machines (VZVirtualMachine.isSupported() is false)"
-    return None
+    from ._entitlements import interpreter_problem
+
+    return interpreter_problem()

@@ -268,7 +268,7 @@ int relay_main(int argc, char **argv)
     }
     if (family == AF_UNIX)
         unlink(spec);
-    if (bind(fd, (struct sockaddr *)&ss, alen) < 0 || listen(fd, 16) < 0) {
+    if (bind(fd, (struct sockaddr *)&ss, alen) < 0 || listen(fd, 128) < 0) {
         logmsg("relay: listen %s: %s", spec, strerror(errno));
         return 1;
     }

@@ -11,7 +11,13 @@ to host port P arrive at a Unix socket the host listens on at ``<uds>_P``
 from ._conn import VsockStats
 from ._device import VhostUserVsockDevice
 from ._helper import helper_argv
-from ._hybrid import HandshakeError, connect_hybrid, guest_port_path, parse_connect_line
+from ._hybrid import (
+    HandshakeError,
+    connect_hybrid,
+    guest_port_path,
+    parse_connect_line,
+    peer_port_from_address,
+)
 
 __all__ = [
     "HandshakeError",
@@ -21,4 +27,5 @@ __all__ = [
     "guest_port_path",
     "helper_argv",
     "parse_connect_line",
+    "peer_port_from_address",
 ]

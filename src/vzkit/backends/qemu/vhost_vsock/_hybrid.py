@@ -36,6 +36,8 @@ __all__ = [
     "connect_hybrid",
     "guest_port_path",
     "parse_connect_line",
+    "peer_address",
+    "peer_port_from_address",
 ]
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,29 @@ def parse_connect_line(line: bytes) -> int:
 def guest_port_path(uds_path: Path | str, port: int) -> str:
     """Where host programs listen for guest connections to host port ``port``."""
     return f"{os.fspath(uds_path)}_{port}"
+
+
+#: Prefix of the abstract Unix address the device binds before connecting to ``<uds>_<P>``:
+#: ``\0vzkit-vsock:<guest cid>:<guest port>:<pid>:<n>``, so a listener learns the guest port
+#: from ``accept()``'s peer address (Firecracker's listeners ignore it; Linux only).
+PEER_PREFIX = "\0vzkit-vsock:"
+
+
+def peer_address(guest_cid: int, guest_port: int, serial: int) -> str:
+    """The abstract address for the ``serial``-th guest-initiated stream of this process."""
+    return f"{PEER_PREFIX}{guest_cid}:{guest_port}:{os.getpid()}:{serial}"
+
+
+def peer_port_from_address(address: object) -> int | None:
+    """The guest port encoded in a peer address from :func:`peer_address`, else ``None``."""
+    text = address.decode(errors="replace") if isinstance(address, bytes) else address
+    if not isinstance(text, str) or not text.startswith(PEER_PREFIX):
+        return None
+    fields = text[len(PEER_PREFIX) :].split(":")
+    if len(fields) != 4 or not fields[1].isdigit():
+        return None
+    port = int(fields[1])
+    return port if port <= _MAX_PORT else None
 
 
 def connect_hybrid(

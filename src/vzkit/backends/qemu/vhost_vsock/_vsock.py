@@ -32,7 +32,7 @@ import socket
 from pathlib import Path
 
 from ._conn import Conn, ConnState, VsockStats
-from ._hybrid import guest_port_path
+from ._hybrid import guest_port_path, peer_address
 from ._packet import (
     HEADER,
     HEADER_SIZE,
@@ -100,6 +100,7 @@ class VsockMuxer:
         self._tx_throttled = False
         self.tx_more = False  # on_tx_ready stopped early with packets left: call it again
         self._warned: collections.Counter[str] = collections.Counter()
+        self._peer_serial = 0
 
     @property
     def connections(self) -> int:
@@ -264,7 +265,10 @@ class VsockMuxer:
         path = guest_port_path(self.uds_path, host_port)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         sock.setblocking(False)
+        self._peer_serial += 1
         try:
+            with contextlib.suppress(OSError):  # the listener learns the guest port from it
+                sock.bind(peer_address(self.guest_cid, guest_port, self._peer_serial))
             sock.connect(path)
         except OSError as err:
             sock.close()

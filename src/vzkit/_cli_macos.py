@@ -1,0 +1,124 @@
+"""The macOS-only commands of ``vzkit``: ``codesign`` and ``macos install``/``macos info``.
+
+``cli.py`` registers them (``main.add_command``). Like the rest of the CLI they parse, call the
+library and render; library errors become exit codes here.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from .errors import ConfigError, SpecError, VzkitError
+
+__all__ = ["codesign_cmd", "macos_group"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+def _handle_errors(func: F) -> F:
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (SpecError, ConfigError) as err:
+            click.echo(f"vzkit: error: {err}", err=True)
+            sys.exit(EXIT_USAGE)
+        except VzkitError as err:
+            click.echo(f"vzkit: error: {err}", err=True)
+            sys.exit(EXIT_FAILURE)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.command("codesign")
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Write a signed copy of this interpreter here.",
+)
+@click.option("--venv", is_flag=True, help="Sign this virtualenv's bin/python in place.")
+@_handle_errors
+def codesign_cmd(output: Path | None, venv: bool) -> None:
+    """Ad-hoc sign the Python interpreter with com.apple.security.virtualization.
+
+    macOS lets only entitled executables create VMs. With --venv the virtualenv's python
+    (a symlink to the base interpreter) becomes a signed copy; the base stays untouched.
+    """
+    from .backends.vz import _entitlements as ent
+
+    if (output is None) == (not venv):
+        raise click.UsageError("give exactly one of --output PATH or --venv")
+    target = ent.venv_python() if venv else output
+    assert target is not None
+    signed = ent.sign_interpreter(target)
+    click.echo(f"signed {signed} (ad hoc) with {ent.ENTITLEMENT}")
+    if venv:
+        for alias in ent.repoint_venv_aliases(signed):
+            click.echo(f"{alias.name} now runs {signed.name}")
+        click.echo("scripts of this virtualenv (vzkit included) can now create VMs")
+    else:
+        click.echo(f"run your VM scripts with: {signed} script.py")
+
+
+@click.group("macos")
+def macos_group() -> None:
+    """macOS guests (Apple silicon, vz backend)."""
+
+
+@macos_group.command("info")
+@click.argument("ipsw", type=click.Path(path_type=Path, dir_okay=False))
+@_handle_errors
+def macos_info(ipsw: Path) -> None:
+    """What a local restore image (.ipsw) installs and needs on this Mac."""
+    from .backends import load_backend
+    from .backends.vz import load_restore_image, restore_image_info
+
+    load_backend("vz")
+    info = restore_image_info(load_restore_image(ipsw))
+    click.echo(f"macOS {info.macos_version} ({info.build_version})")
+    click.echo(f"needs at least {info.min_cpus} CPUs and {info.min_memory_mb} MiB of memory")
+
+
+@macos_group.command("install")
+@click.argument("ipsw", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--cpus", type=click.IntRange(min=1), default=4, show_default=True)
+@click.option("--memory", "memory_gb", type=float, default=8.0, show_default=True, help="GB.")
+@click.option("--disk-size", "disk_size_gb", type=int, default=64, show_default=True, help="GB.")
+@click.option("--force", is_flag=True, help="Replace an existing install in VM_DIR.")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@_handle_errors
+def macos_install(
+    ipsw: Path,
+    vm_dir: Path,
+    cpus: int,
+    memory_gb: float,
+    disk_size_gb: int,
+    force: bool,
+    timeout: float | None,
+) -> None:
+    """Install macOS from IPSW into VM_DIR (disk, auxiliary storage, hardware model and
+    machine identifier are kept there); boot it with VirtualMachine(MacVMConfig(...))."""
+    from ._macconfig import MacVMConfig
+    from ._progress import Progress
+    from .backends import load_backend
+    from .backends.vz import install_macos
+
+    load_backend("vz")
+    cfg = MacVMConfig(vm_dir=vm_dir, cpus=cpus, memory_gb=memory_gb, disk_size_gb=disk_size_gb)
+    steps = 1000
+    with Progress("installing macOS", total=steps) as bar:
+
+        def progress(fraction: float) -> None:
+            bar.advance(max(0, int(fraction * steps) - bar.done))
+
+        info = install_macos(cfg, ipsw, progress=progress, timeout=timeout, force=force)
+    click.echo(f"installed macOS {info.macos_version} ({info.build_version}) in {cfg.vm_dir}")

@@ -1,0 +1,326 @@
+"""``MacVMConfig``: pure, frozen data describing a macOS guest (Apple silicon, vz backend only).
+
+A macOS VM lives in one directory (``vm_dir``) that the installer fills and every boot reuses:
+
+==========================  ==================================================================
+``disk.img``                the main disk (raw, sparse; ``disk_size_gb`` when created)
+``auxiliary-storage``       the Mac's NVRAM-like auxiliary storage (``VZMacAuxiliaryStorage``)
+``hardware-model``          the ``VZMacHardwareModel`` chosen from the restore image (bytes)
+``machine-identifier``      the ``VZMacMachineIdentifier`` (bytes): the same Mac every boot
+``install.json``            written last by a completed install (build, macOS version)
+``mac-address``             the NIC's MAC address, kept across boots
+==========================  ==================================================================
+
+Nothing here imports a backend; :mod:`vzkit.backends.vz` lowers it and refuses what the host
+cannot do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import math
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import tomli_w
+
+from ._config import MAX_CPUS
+from ._display import DisplayConfig, default_display_config, parse_display_spec
+from ._network import NetworkConfig, NetworkMode
+from ._volume import VolumeMount, assign_volume_tags
+from .errors import ConfigError, SpecError
+
+__all__ = [
+    "MAC_AUX_FILE",
+    "MAC_DISK_FILE",
+    "MAC_HARDWARE_MODEL_FILE",
+    "MAC_INSTALL_FILE",
+    "MAC_MACHINE_ID_FILE",
+    "MIN_MAC_MEMORY_GB",
+    "MacKeyboard",
+    "MacPointer",
+    "MacVMConfig",
+]
+
+MAC_DISK_FILE = "disk.img"
+MAC_AUX_FILE = "auxiliary-storage"
+MAC_HARDWARE_MODEL_FILE = "hardware-model"
+MAC_MACHINE_ID_FILE = "machine-identifier"
+MAC_INSTALL_FILE = "install.json"
+#: Below this no macOS release boots; restore images usually ask for more (checked at install).
+MIN_MAC_MEMORY_GB = 2.0
+#: macOS does not fit in less (Apple's sample code uses 128 GB).
+MIN_MAC_DISK_GB = 32
+
+
+class MacKeyboard(enum.StrEnum):
+    """The guest's keyboard: ``auto`` is the Mac keyboard on macOS 14+ hosts, else USB."""
+
+    AUTO = "auto"
+    MAC = "mac"  # VZMacKeyboardConfiguration (host macOS 14+)
+    USB = "usb"  # VZUSBKeyboardConfiguration
+
+
+class MacPointer(enum.StrEnum):
+    """The guest's pointing device: ``auto`` is a trackpad on macOS 13+ hosts, else USB."""
+
+    AUTO = "auto"
+    TRACKPAD = "trackpad"  # VZMacTrackpadConfiguration (host macOS 13+)
+    USB = "usb"  # VZUSBScreenCoordinatePointingDeviceConfiguration
+
+
+def _path(name: str, value: object) -> Path:
+    if isinstance(value, str | os.PathLike):
+        text = os.fspath(value)
+        if isinstance(text, str) and text and "\x00" not in text:
+            return Path(text).expanduser().absolute()
+    raise ConfigError(f"{name} must be a non-empty path, got {value!r}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class MacVMConfig:
+    """A macOS guest kept in ``vm_dir``: install it once, then boot it like any VM.
+
+    ``cpus`` and ``memory_gb`` must also satisfy the restore image's requirements (checked by
+    the installer). ``displays`` defaults to the seed's Mac display (1920x1200 at 144 PPI);
+    ``headless`` leaves out graphics, keyboard and pointing device.
+    """
+
+    vm_dir: Path
+    cpus: int = 4
+    memory_gb: float = 8.0
+    disk_size_gb: int = 64
+
+    displays: tuple[DisplayConfig, ...] = (default_display_config(),)
+    headless: bool = False
+    keyboard: MacKeyboard = MacKeyboard.AUTO
+    pointer: MacPointer = MacPointer.AUTO
+
+    volumes: tuple[VolumeMount, ...] = ()
+    network: NetworkConfig = field(default_factory=NetworkConfig)
+    vsock: bool = True
+    balloon: bool = True
+    entropy: bool = True
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: object) -> None:
+            object.__setattr__(self, name, value)
+
+        put("vm_dir", _path("vm_dir", self.vm_dir))
+        if not isinstance(self.cpus, int) or isinstance(self.cpus, bool):
+            raise ConfigError(f"cpus must be an integer, got {self.cpus!r}")
+        if not 1 <= self.cpus <= MAX_CPUS:
+            raise ConfigError(f"cpus must be between 1 and {MAX_CPUS}, got {self.cpus}")
+        if not isinstance(self.memory_gb, int | float) or isinstance(self.memory_gb, bool):
+            raise ConfigError(f"memory_gb must be a number, got {self.memory_gb!r}")
+        memory_gb = float(self.memory_gb)
+        if not math.isfinite(memory_gb) or memory_gb < MIN_MAC_MEMORY_GB:
+            raise ConfigError(
+                f"memory_gb={self.memory_gb!r}: a macOS guest needs at least "
+                f"{MIN_MAC_MEMORY_GB:g} GB"
+            )
+        put("memory_gb", memory_gb)
+        size = self.disk_size_gb
+        if not isinstance(size, int) or isinstance(size, bool) or size < MIN_MAC_DISK_GB:
+            raise ConfigError(
+                f"disk_size_gb must be an integer of at least {MIN_MAC_DISK_GB}, got {size!r}"
+            )
+        try:
+            put("keyboard", MacKeyboard(self.keyboard))
+            put("pointer", MacPointer(self.pointer))
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
+        if not isinstance(self.network, NetworkConfig):
+            raise ConfigError(f"network must be a NetworkConfig, got {self.network!r}")
+        for name in ("volumes", "displays"):
+            value = getattr(self, name)
+            if isinstance(value, str | bytes | Mapping):
+                raise ConfigError(f"{name} must be a sequence, got {value!r}")
+            try:
+                put(name, tuple(value))
+            except TypeError:
+                raise ConfigError(f"{name} must be a sequence, got {value!r}") from None
+        for vol in self.volumes:
+            if not isinstance(vol, VolumeMount):
+                raise ConfigError(f"volumes must hold VolumeMount objects, got {vol!r}")
+        put(
+            "volumes",
+            tuple(
+                dataclasses.replace(v, host_path=v.host_path.expanduser().absolute())
+                for v in self.volumes
+            ),
+        )
+        assign_volume_tags(self.volumes)
+        for disp in self.displays:
+            if not isinstance(disp, DisplayConfig):
+                raise ConfigError(f"displays must hold DisplayConfig objects, got {disp!r}")
+        if not self.headless and not self.displays:
+            raise ConfigError("a macOS guest with graphics needs at least one display")
+        for name in ("headless", "vsock", "balloon", "entropy"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
+    # -- the VM directory ----------------------------------------------------------------
+
+    @property
+    def memory_mb(self) -> int:
+        """Memory in MiB, rounded down to a whole MiB."""
+        return int(self.memory_gb * 1024)
+
+    @property
+    def disk_path(self) -> Path:
+        return self.vm_dir / MAC_DISK_FILE
+
+    @property
+    def auxiliary_storage_path(self) -> Path:
+        return self.vm_dir / MAC_AUX_FILE
+
+    @property
+    def hardware_model_path(self) -> Path:
+        return self.vm_dir / MAC_HARDWARE_MODEL_FILE
+
+    @property
+    def machine_identifier_path(self) -> Path:
+        return self.vm_dir / MAC_MACHINE_ID_FILE
+
+    @property
+    def install_record_path(self) -> Path:
+        return self.vm_dir / MAC_INSTALL_FILE
+
+    @property
+    def state_dir(self) -> Path:
+        """Where the backend keeps per-VM state: the VM directory itself."""
+        return self.vm_dir
+
+    @property
+    def installed(self) -> bool:
+        """Whether a completed install left everything a boot needs in ``vm_dir``."""
+        return all(
+            p.is_file()
+            for p in (
+                self.disk_path,
+                self.auxiliary_storage_path,
+                self.hardware_model_path,
+                self.machine_identifier_path,
+                self.install_record_path,
+            )
+        )
+
+    def install_record(self) -> dict[str, Any]:
+        """What the installer recorded (``build``, ``macos_version``, ...)."""
+        try:
+            data = json.loads(self.install_record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            raise ConfigError(
+                f"{str(self.vm_dir)!r} holds no completed macOS install ({err})"
+            ) from err
+        if not isinstance(data, dict):
+            raise ConfigError(f"{str(self.install_record_path)!r} is not a JSON object")
+        return data
+
+    def check_inputs(self) -> None:
+        """Raise :class:`ConfigError` unless ``vm_dir`` holds a completed install."""
+        for path in (
+            self.disk_path,
+            self.auxiliary_storage_path,
+            self.hardware_model_path,
+            self.machine_identifier_path,
+            self.install_record_path,
+        ):
+            if not path.is_file():
+                raise ConfigError(
+                    f"{str(self.vm_dir)!r} holds no installed macOS ({path.name} is missing); "
+                    "install one from a restore image first (vzkit.backends.vz.install_macos)"
+                )
+
+    # -- changes and serialisation -------------------------------------------------------
+
+    def replace(self, **changes: Any) -> MacVMConfig:
+        """A copy with ``changes`` applied (and validated)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(self)})
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str/int/float/bool/list/dict), the inverse of :meth:`from_dict`."""
+        out: dict[str, Any] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, enum.Enum):
+                value = value.value
+            elif f.name == "network":
+                value = {"mode": value.mode.value, "interface": value.interface}
+            elif f.name == "volumes":
+                value = [
+                    {"host_path": str(v.host_path), "tag": v.tag, "read_only": v.read_only}
+                    for v in value
+                ]
+            elif f.name == "displays":
+                value = [str(d) for d in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> MacVMConfig:
+        """Inverse of :meth:`to_dict`; unknown keys are a :class:`ConfigError`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a VM config must be a table/object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = dict(data)
+        try:
+            if "network" in kwargs:
+                net = kwargs["network"]
+                if not isinstance(net, Mapping) or set(net) - {"mode", "interface"}:
+                    raise ConfigError(f"network must be a table with mode/interface, got {net!r}")
+                kwargs["network"] = NetworkConfig(
+                    NetworkMode(net.get("mode", "nat")), net.get("interface", "")
+                )
+            if "volumes" in kwargs:
+                vols = []
+                for v in kwargs["volumes"]:
+                    if not isinstance(v, Mapping) or set(v) - {"host_path", "tag", "read_only"}:
+                        raise ConfigError(f"each volume needs host_path[, tag, read_only]: {v!r}")
+                    vols.append(
+                        VolumeMount(v["host_path"], v.get("tag", ""), v.get("read_only", False))
+                    )
+                kwargs["volumes"] = tuple(vols)
+            if "displays" in kwargs:
+                kwargs["displays"] = tuple(parse_display_spec(s) for s in kwargs["displays"])
+            return cls(**kwargs)
+        except ConfigError:
+            raise
+        except (SpecError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"invalid macOS VM config: {err}") from err
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> MacVMConfig:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"invalid JSON VM config: {err}") from err
+        return cls.from_dict(data)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> MacVMConfig:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"invalid TOML VM config: {err}") from err
+        return cls.from_dict(data)

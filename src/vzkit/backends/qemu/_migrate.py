@@ -1,0 +1,251 @@
+"""Snapshots on the qemu backend: machine state through QMP migration to a file we opened.
+
+Save (the VM is paused): the state file is opened here and its descriptor handed to QEMU with
+``getfd`` (``SCM_RIGHTS`` on the QMP socket), then ``migrate`` writes to ``fd:NAME`` — no path
+and no shell in the URI. ``query-migrate`` reports progress. When the migration completes QEMU
+has flushed every disk and stops writing to them (run state ``postmigrate``; ``cont`` takes
+them back), so the disks captured right after agree with the saved memory.
+
+Restore: QEMU starts with ``-incoming defer``; ``migrate-incoming`` reads ``fd:NAME`` (the
+state file, opened read-only here) and the VM stays paused. The guest's writable disk is a
+qcow2 overlay in the VM's state dir backed by the snapshot's captured image, so any number of
+VMs can run from one snapshot at once, each with its own copy-on-write disk.
+
+Devices QEMU cannot migrate (vhost-user-vsock, vhost-user-fs) are reported by
+:func:`blockers`; the vsock device is unplugged around a save where the machine can do that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..._disk import DiskFormat, detect_disk_format
+from ..._diskcopy import copy_disk
+from ..._process import spawn
+from ..._state import VMState
+from ...errors import SnapshotError, VMError
+from .._protocol import CapturedDisk, ProgressFn
+from . import _argv
+
+if TYPE_CHECKING:
+    from ._machine import QemuMachine
+
+__all__ = [
+    "blockers",
+    "capture_disks",
+    "load_state",
+    "prepare_disks",
+    "save_state",
+]
+
+log = logging.getLogger(__name__)
+
+FD_NAME = "vzkit-migrate"
+#: No throttle: the VM is paused, the stream goes to a local file.
+_MAX_BANDWIDTH = 1 << 40
+_POLL_FIRST_S = 0.002
+_POLL_MAX_S = 0.05
+_CANCEL_WAIT_S = 10.0
+OVERLAY_NAME = "restored-disk0.qcow2"
+
+
+def blockers(m: QemuMachine) -> list[str]:
+    """The devices of ``m`` whose state QEMU cannot save, named for an error message."""
+    out = [
+        f"vhost-user-fs (the VirtioFS share {vol.tag!r} of {str(vol.host_path)!r})"
+        for vol in m.config.tagged_volumes()
+    ]
+    if m.config.vsock and _argv.machine_type(m.config) == "microvm":
+        out.append("the vsock device (microvm has no PCI hot-plug to unplug it around a save)")
+    return out
+
+
+async def _pass_fd(m: QemuMachine, fd: int) -> None:
+    qmp = m.qmp
+    if qmp is None:
+        raise VMError(f"QEMU is not running (state {m.state.value})")
+    with contextlib.suppress(VMError):  # a descriptor left over from an interrupted call
+        await m.execute("closefd", {"fdname": FD_NAME})
+    qmp.send_fd_scm(fd)
+    await m.execute("getfd", {"fdname": FD_NAME})
+
+
+async def _wait(m: QemuMachine, progress: ProgressFn | None, what: str) -> dict[str, Any]:
+    """Poll ``query-migrate`` until the migration ends; raise unless it completed."""
+    delay = _POLL_FIRST_S
+    while True:
+        info: dict[str, Any] = await m.execute("query-migrate")
+        status = info.get("status", "")
+        ram = info.get("ram")
+        if progress is not None and isinstance(ram, dict):
+            done, total = int(ram.get("transferred", 0)), int(ram.get("total", 0))
+            progress(done, max(done, total))
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            reason = info.get("error-desc") or status
+            raise SnapshotError(f"{what} failed: {reason}")
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, _POLL_MAX_S)
+
+
+async def _vmm_gone(m: QemuMachine, what: str, err: VMError) -> SnapshotError | None:
+    """After a failed QMP call: a :class:`SnapshotError` saying so if QEMU has exited."""
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(2.0):
+            await m.wait_stopped()
+    if m.state in (VMState.ERROR, VMState.STOPPED):
+        return SnapshotError(f"{what} failed: the VMM exited during the operation ({err})")
+    return None
+
+
+async def _cancel(m: QemuMachine) -> None:
+    """Stop an outgoing migration and wait until QEMU let go of the file."""
+    with contextlib.suppress(VMError):
+        await m.execute("migrate_cancel")
+        async with asyncio.timeout(_CANCEL_WAIT_S):
+            while True:
+                info = await m.execute("query-migrate")
+                if info.get("status") not in ("active", "setup", "cancelling", "device"):
+                    break
+                await asyncio.sleep(0.01)
+    with contextlib.suppress(VMError, TimeoutError):
+        await m.execute("closefd", {"fdname": FD_NAME})
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+async def save_state(m: QemuMachine, path: Path, progress: ProgressFn | None) -> None:
+    """Migrate the paused machine into the new file ``path`` and fsync it."""
+    if m.vsock_attached:
+        raise VMError("the vsock device must be unplugged before a save (prepare_save)")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        await _pass_fd(m, fd)
+    finally:
+        os.close(fd)  # QEMU has its own copy now
+    await m.execute("migrate-set-parameters", {"max-bandwidth": _MAX_BANDWIDTH})
+    await m.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+    try:
+        info = await _wait(m, progress, "saving the machine state")
+    except VMError as err:
+        gone = await _vmm_gone(m, "saving the machine state", err)
+        if gone is not None:
+            raise gone from err
+        await _cancel(m)
+        raise
+    except BaseException:
+        await _cancel(m)
+        raise
+    await asyncio.to_thread(_fsync_path, path)
+    log.info("machine state saved: %d bytes in %s ms", path.stat().st_size, info.get("total-time"))
+
+
+def _writable_disk(m: QemuMachine) -> tuple[Path, DiskFormat] | None:
+    """The image the guest's disk runs on now (a restored run's overlay, or the config's)."""
+    if m.config.disk_path is None:
+        return None
+    if m.disk_override is not None:
+        return m.disk_override, DiskFormat.QCOW2
+    return m.config.disk_path, detect_disk_format(m.config.disk_path)
+
+
+async def _flatten(src: Path, dst: Path) -> None:
+    """Write ``src`` and its backing chain as one standalone qcow2 (``qemu-img convert``)."""
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise SnapshotError("saving a restored VM's disk needs qemu-img (package qemu-utils)")
+    argv = [qemu_img, "convert", "-U", "-q", "-O", "qcow2", str(src), str(dst)]
+    with open(dst.with_name(dst.name + ".log"), "wb") as err:
+        proc = await spawn(argv, name="qemu-img", stderr=err)
+    try:
+        rc = await proc.wait()
+    except BaseException:
+        await proc.kill()
+        with contextlib.suppress(OSError):
+            dst.unlink()
+        raise
+    log_path = dst.with_name(dst.name + ".log")
+    message = log_path.read_text(errors="replace").strip()
+    log_path.unlink(missing_ok=True)
+    if rc != 0:
+        with contextlib.suppress(OSError):
+            dst.unlink()
+        raise SnapshotError(f"qemu-img convert failed for {str(src)!r}: {message or rc}")
+    await asyncio.to_thread(_fsync_path, dst)
+    os.chmod(dst, 0o444)
+
+
+async def capture_disks(m: QemuMachine, directory: Path, prefix: str) -> list[CapturedDisk]:
+    """Capture the writable disk: a reflink/sparse copy of a standalone image, or a flattened
+    copy of a restored run's overlay chain. The ISO is read-only: referenced, not copied."""
+    disk = _writable_disk(m)
+    if disk is None:
+        return []
+    image, fmt = disk
+    source = Path(os.path.realpath(m.config.disk_path or image))
+    dst = directory / f"{prefix}disk0.{fmt.value}"
+    if m.disk_override is not None:
+        await _flatten(image, dst)
+        method = "flattened"
+    else:
+        method = await copy_disk(image, dst)
+    log.info("disk %s captured (%s) as %s", image, method, dst.name)
+    return [CapturedDisk(role="disk0", source=source, path=dst, format=fmt)]
+
+
+async def prepare_disks(m: QemuMachine, disks: Sequence[CapturedDisk]) -> Path | None:
+    """A fresh copy-on-write overlay in the state dir over the snapshot's disk image."""
+    if not disks:
+        return None
+    if len(disks) != 1 or disks[0].role != "disk0":
+        raise SnapshotError(f"unexpected disks in the snapshot: {[d.role for d in disks]}")
+    (disk,) = disks
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise SnapshotError("restoring a VM with a disk needs qemu-img (package qemu-utils)")
+    m.state_dir.mkdir(parents=True, exist_ok=True)
+    overlay = m.state_dir / OVERLAY_NAME
+    tmp = overlay.with_name(f".{OVERLAY_NAME}.tmp-{os.getpid()}")
+    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-F", disk.format.value]
+    argv += ["-b", str(disk.path.absolute()), str(tmp)]
+    with open(m.stderr_path, "ab") as err:
+        proc = await spawn(argv, name="qemu-img", stderr=err)
+    try:
+        rc = await proc.wait()
+        if rc != 0:
+            raise SnapshotError(
+                f"cannot create the disk overlay {str(tmp)!r} (qemu-img exit {rc}; "
+                f"see {str(m.stderr_path)!r})"
+            )
+        os.replace(tmp, overlay)
+    except BaseException:
+        await proc.kill()
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    return overlay
+
+
+async def load_state(m: QemuMachine, path: Path) -> None:
+    """Feed the state file to a QEMU started with ``-incoming defer``; it stays paused."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        await _pass_fd(m, fd)
+    finally:
+        os.close(fd)
+    await m.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+    await _wait(m, None, "loading the machine state")

@@ -1,0 +1,423 @@
+"""A small Debian repository client: find and download .debs without apt (e.g. on macOS).
+
+For each source (a mirror URL and a suite, component ``main``) :class:`DebianMirror` reads
+``dists/SUITE/InRelease`` (or ``Release``), takes the SHA256 and size of
+``main/binary-ARCH/Packages.xz`` (or ``.gz``) from it, downloads and verifies that index, and
+looks packages up in it. A package is downloaded from its ``Filename`` and checked against
+the ``Size`` and ``SHA256`` of its ``Packages`` stanza before it appears in the cache (see
+:mod:`vzkit.guest._download`). The newest version across all sources wins, as in apt.
+
+Trust: the chain Release -> Packages -> .deb is verified by SHA256 at every step, so the
+.debs are exactly what the Release file names. The Release file itself is trusted because it
+comes over HTTPS from the configured mirror; when ``gpgv`` and the Debian archive keyring
+are installed (Debian/Ubuntu hosts), its OpenPGP signature is checked too, as apt does.
+``Valid-Until`` is not enforced (snapshot mirrors are allowed).
+
+Configuration (environment; explicit arguments win): ``VZKIT_DEBIAN_MIRROR`` (default
+``https://deb.debian.org/debian``), ``VZKIT_DEBIAN_SECURITY_MIRROR`` (default
+``https://deb.debian.org/debian-security``; ``none`` to skip), ``VZKIT_DEBIAN_SUITE``
+(default ``bookworm``; ``-updates`` and ``-security`` are added), ``VZKIT_DEBIAN_KEYRING``
+(a keyring file, or ``none`` to skip the signature check).
+"""
+
+from __future__ import annotations
+
+import gzip
+import logging
+import lzma
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from .._progress import Progress
+from ..errors import GuestError
+from ._deb import compare_versions, parse_control
+from ._download import DownloadError, download, fetch_bytes
+
+__all__ = [
+    "DEFAULT_MIRROR",
+    "DEFAULT_SECURITY_MIRROR",
+    "DEFAULT_SUITE",
+    "DebianMirror",
+    "DebianSource",
+    "MirrorError",
+    "PackageRecord",
+    "SignatureError",
+    "deb_file_name",
+    "default_sources",
+    "parse_packages",
+    "parse_relation",
+    "strip_clearsign",
+]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MIRROR = "https://deb.debian.org/debian"
+DEFAULT_SECURITY_MIRROR = "https://deb.debian.org/debian-security"
+DEFAULT_SUITE = "bookworm"
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+_INDEXES = (("Packages.xz", lzma.decompress), ("Packages.gz", gzip.decompress))
+_GPGV_TIMEOUT = 60.0
+_RELATION = re.compile(
+    r"^\s*([a-z0-9][a-z0-9+.\-]*)(?::\S+)?\s*(?:\(\s*([<>=]+)\s*([^)\s]+)\s*\))?"
+)
+
+Keyring = Path | Literal["auto"] | None
+
+
+class MirrorError(DownloadError):
+    """A Debian mirror lacks what we need or serves something malformed (``.url`` says where)."""
+
+
+class SignatureError(MirrorError):
+    """A Release file's OpenPGP signature is missing or does not verify with the keyring."""
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DebianSource:
+    """One ``deb URL SUITE COMPONENT`` line. An optional source may be absent from its mirror."""
+
+    url: str
+    suite: str
+    component: str = "main"
+    optional: bool = False
+
+    @property
+    def dists(self) -> str:
+        return f"{self.url.rstrip('/')}/dists/{self.suite}"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PackageRecord:
+    """What a ``Packages`` stanza says about one .deb, and where it lives."""
+
+    name: str
+    version: str
+    architecture: str
+    filename: str
+    size: int
+    sha256: str
+    depends: str
+    base_url: str
+
+    @property
+    def url(self) -> str:
+        return f"{self.base_url.rstrip('/')}/{self.filename}"
+
+    @property
+    def file_name(self) -> str:
+        return deb_file_name(self.name, self.version, self.architecture)
+
+
+def deb_file_name(name: str, version: str, arch: str) -> str:
+    """The name ``apt-get download`` gives a .deb (``:`` of an epoch as ``%3a``)."""
+    return f"{name}_{version.replace(':', '%3a')}_{arch}.deb"
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name, "").strip() or default
+
+
+def default_sources(
+    mirror: str | None = None, *, security_mirror: str | None = None, suite: str | None = None
+) -> tuple[DebianSource, ...]:
+    """``SUITE`` and ``SUITE-updates`` from ``mirror``, ``SUITE-security`` from the security one.
+
+    Unset arguments come from the environment (see the module docs), then the defaults. The
+    kernel is often newest in ``-security``; a security mirror of ``none`` leaves it out.
+    """
+    base = mirror or _env("VZKIT_DEBIAN_MIRROR", DEFAULT_MIRROR)
+    security = security_mirror or _env("VZKIT_DEBIAN_SECURITY_MIRROR", DEFAULT_SECURITY_MIRROR)
+    name = suite or _env("VZKIT_DEBIAN_SUITE", DEFAULT_SUITE)
+    sources = [
+        DebianSource(url=base, suite=name),
+        DebianSource(url=base, suite=f"{name}-updates", optional=True),
+    ]
+    if security.lower() not in ("none", "off", "no"):
+        sources.append(DebianSource(url=security, suite=f"{name}-security", optional=True))
+    return tuple(sources)
+
+
+def _resolve_keyring(keyring: Keyring) -> Path | None:
+    if keyring == "auto":
+        configured = os.environ.get("VZKIT_DEBIAN_KEYRING", "").strip()
+        if configured.lower() in ("none", "off", "no"):
+            return None
+        if configured:
+            return Path(configured)
+        return DEBIAN_KEYRING if DEBIAN_KEYRING.is_file() and shutil.which("gpgv") else None
+    return keyring
+
+
+def strip_clearsign(text: str, url: str) -> str:
+    """The signed text of an OpenPGP clearsigned message (``InRelease``), unverified."""
+    lines = text.lstrip("\n").splitlines()
+    if not lines or lines[0] != "-----BEGIN PGP SIGNED MESSAGE-----":
+        raise MirrorError(f"{url}: not an OpenPGP clearsigned message", url=url)
+    try:
+        start = lines.index("", 1) + 1
+        end = lines.index("-----BEGIN PGP SIGNATURE-----", start)
+    except ValueError:
+        raise MirrorError(f"{url}: truncated clearsigned message", url=url) from None
+    body = [line[2:] if line.startswith("- ") else line for line in lines[start:end]]
+    return "\n".join(body) + "\n"
+
+
+def _gpgv(keyring: Path, url: str, files: dict[str, bytes], args: list[str]) -> bytes:
+    if not keyring.is_file():
+        raise SignatureError(f"{url}: keyring {keyring} does not exist", url=url)
+    with tempfile.TemporaryDirectory(prefix="vzkit-gpgv-") as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        try:
+            done = subprocess.run(
+                ["gpgv", "--keyring", str(keyring), *args],
+                cwd=tmp,
+                capture_output=True,
+                timeout=_GPGV_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise SignatureError(f"{url}: cannot run gpgv: {err}", url=url) from err
+    if done.returncode != 0:
+        detail = done.stderr.decode(errors="replace").strip()
+        raise SignatureError(f"{url}: bad or unknown signature (gpgv: {detail})", url=url)
+    return done.stdout
+
+
+def _parse_release(raw: bytes, url: str, *, clearsigned: bool) -> dict[str, str]:
+    try:
+        text = raw.decode()
+        fields = parse_control(strip_clearsign(text, url) if clearsigned else text)
+    except (UnicodeDecodeError, GuestError) as err:
+        if isinstance(err, MirrorError):
+            raise
+        raise MirrorError(f"{url}: not a Debian Release file ({err})", url=url) from err
+    if "SHA256" not in fields:
+        raise MirrorError(f"{url}: not a Debian Release file (no SHA256 list)", url=url)
+    return fields
+
+
+def _parse_hashes(release: dict[str, str]) -> dict[str, tuple[str, int]]:
+    hashes = {}
+    for line in release.get("SHA256", "").splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[1].isdigit():
+            hashes[parts[2]] = (parts[0].lower(), int(parts[1]))
+    return hashes
+
+
+def parse_packages(text: str) -> dict[str, list[str]]:
+    """Raw ``Packages`` stanzas by package name (parsed on demand: the index is large)."""
+    stanzas: dict[str, list[str]] = {}
+    for stanza in text.split("\n\n"):
+        stanza = stanza.strip("\n")
+        if not stanza.startswith("Package:"):
+            continue
+        name = stanza[8 : stanza.find("\n") if "\n" in stanza else None].strip()
+        stanzas.setdefault(name, []).append(stanza)
+    return stanzas
+
+
+def parse_relation(value: str) -> list[tuple[str, str | None, str | None]]:
+    """``"a (= 1), b | c"`` -> ``[("a", "=", "1"), ("b", None, None)]`` (first alternatives)."""
+    relations = []
+    for clause in value.split(","):
+        if clause.strip():
+            match = _RELATION.match(clause.split("|")[0])
+            if match is not None:
+                relations.append((match.group(1), match.group(2), match.group(3)))
+    return relations
+
+
+class DebianMirror:
+    """The ``Packages`` indexes of some sources for one architecture, and downloads from them.
+
+    ``index_dir`` caches the verified indexes by hash. ``keyring``: ``"auto"`` checks Release
+    signatures when gpgv and the Debian keyring are there, a path always, None never.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[DebianSource],
+        debarch: str,
+        *,
+        index_dir: Path | str,
+        keyring: Keyring = "auto",
+        timeout: float = 30.0,
+    ) -> None:
+        if not sources:
+            raise ValueError("DebianMirror needs at least one source")
+        self.sources = tuple(sources)
+        self.debarch = debarch
+        self.index_dir = Path(index_dir)
+        self.keyring = _resolve_keyring(keyring)
+        self.timeout = timeout
+        self._packages: list[tuple[DebianSource, dict[str, list[str]]]] | None = None
+        self._used: set[str] = set()
+
+    def _release(self, source: DebianSource) -> dict[str, str] | None:
+        """The verified Release fields of ``source``; None if an optional suite is missing."""
+        inrelease = f"{source.dists}/InRelease"
+        try:
+            raw = fetch_bytes(inrelease, timeout=self.timeout)
+        except DownloadError as err:
+            if err.status != 404:
+                raise
+        else:
+            if self.keyring is not None:
+                signed = _gpgv(
+                    self.keyring, inrelease, {"InRelease": raw}, ["-o", "-", "InRelease"]
+                )
+                return _parse_release(signed, inrelease, clearsigned=False)
+            return _parse_release(raw, inrelease, clearsigned=True)
+        url = f"{source.dists}/Release"
+        try:
+            raw = fetch_bytes(url, timeout=self.timeout)
+        except DownloadError as err:
+            if err.status == 404 and source.optional:
+                log.info("%s: no such suite on this mirror; skipped", source.dists)
+                return None
+            if err.status == 404:
+                raise MirrorError(
+                    f"{source.dists}: no InRelease or Release file: not a Debian mirror, or "
+                    f"no suite {source.suite!r} there",
+                    url=url,
+                    status=404,
+                ) from None
+            raise
+        if self.keyring is not None:
+            try:
+                signature = fetch_bytes(f"{url}.gpg", timeout=self.timeout)
+            except DownloadError as err:
+                raise SignatureError(
+                    f"{url}: unsigned (no InRelease, no Release.gpg); set "
+                    "VZKIT_DEBIAN_KEYRING=none to trust it over HTTPS alone",
+                    url=url,
+                ) from err
+            _gpgv(self.keyring, url, {"Release": raw, "Release.gpg": signature},
+                  ["Release.gpg", "Release"])  # fmt: skip
+        return _parse_release(raw, url, clearsigned=False)
+
+    def _index(self, source: DebianSource, release: dict[str, str]) -> dict[str, list[str]]:
+        hashes = _parse_hashes(release)
+        directory = f"{source.component}/binary-{self.debarch}"
+        for name, decompress in _INDEXES:
+            entry = hashes.get(f"{directory}/{name}")
+            if entry is None:
+                continue
+            sha256, size = entry
+            plain = f"{source.dists}/{directory}/{name}"
+            target = self.index_dir / f"{sha256}{Path(name).suffix}"
+            self._used.add(target.name)
+            with Progress(f"package index {source.suite}/{directory}", total=size) as progress:
+                urls = [plain]
+                if release.get("Acquire-By-Hash", "").lower() == "yes":
+                    urls.insert(0, f"{source.dists}/{directory}/by-hash/SHA256/{sha256}")
+                for url in urls:
+                    try:
+                        download(url, target, size=size, sha256=sha256, timeout=self.timeout,
+                                 on_bytes=progress.advance)  # fmt: skip
+                        break
+                    except DownloadError as err:
+                        if err.status != 404 or url == urls[-1]:
+                            raise
+            try:
+                return parse_packages(decompress(target.read_bytes()).decode("utf-8", "replace"))
+            except (lzma.LZMAError, OSError, EOFError) as err:
+                target.unlink(missing_ok=True)
+                raise MirrorError(f"{plain}: cannot decompress: {err}", url=plain) from err
+        raise MirrorError(
+            f"{source.dists}: the Release file lists no {directory}/Packages.xz or .gz "
+            f"(no {self.debarch} packages in {source.component}?)",
+            url=f"{source.dists}/Release",
+        )
+
+    def load(self) -> None:
+        """Fetch and verify every source's Release and Packages index (once per instance)."""
+        if self._packages is not None:
+            return
+        loaded = []
+        for source in self.sources:
+            release = self._release(source)
+            if release is not None:
+                loaded.append((source, self._index(source, release)))
+        self._packages = loaded
+        self._prune()
+
+    def _prune(self) -> None:
+        """Drop cached indexes no current Release names (keeps the cache from growing)."""
+        for path in self.index_dir.glob("*"):
+            if path.suffix in (".xz", ".gz", ".part") and path.name not in self._used:
+                path.unlink(missing_ok=True)
+
+    def candidates(self, name: str) -> list[PackageRecord]:
+        """Every version of ``name`` for our architecture (or ``all``) in the sources."""
+        self.load()
+        assert self._packages is not None
+        found = []
+        for source, stanzas in self._packages:
+            for stanza in stanzas.get(name, []):
+                fields = parse_control(stanza)
+                if fields.get("Architecture") not in (self.debarch, "all"):
+                    continue
+                try:
+                    found.append(
+                        PackageRecord(
+                            name=name,
+                            version=fields["Version"],
+                            architecture=fields["Architecture"],
+                            filename=fields["Filename"],
+                            size=int(fields["Size"]),
+                            sha256=fields["SHA256"].lower(),
+                            depends=fields.get("Depends", ""),
+                            base_url=source.url,
+                        )
+                    )
+                except (KeyError, ValueError) as err:
+                    raise MirrorError(
+                        f"{source.dists}: malformed Packages stanza for {name}: {err}",
+                        url=source.dists,
+                    ) from err
+        return found
+
+    def lookup(self, name: str, version: str | None = None) -> PackageRecord:
+        """The newest ``name`` (or exactly ``version``); MirrorError when there is none."""
+        found = self.candidates(name)
+        if version is not None:
+            found = [r for r in found if r.version == version]
+        if not found:
+            where = ", ".join(f"{s.dists}/{s.component}" for s in self.sources)
+            wanted = f"{name} (= {version})" if version else name
+            raise MirrorError(
+                f"package {wanted} for {self.debarch} not found in {where}", url=where
+            )
+        best = found[0]
+        for record in found[1:]:
+            if compare_versions(record.version, best.version) > 0:
+                best = record
+        return best
+
+    def download(self, records: Iterable[PackageRecord], dest_dir: Path | str) -> list[Path]:
+        """Download ``records`` into ``dest_dir`` (verified, atomically), with a progress bar."""
+        wanted = list(records)
+        dest = Path(dest_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        total = sum(r.size for r in wanted)
+        paths = []
+        with Progress(f"downloading {len(wanted)} .deb(s)", total=total) as progress:
+            for record in wanted:
+                progress.step(record.file_name)
+                target = dest / record.file_name
+                if target.exists():
+                    progress.advance(record.size)
+                path = download(record.url, target, size=record.size, sha256=record.sha256,
+                                timeout=self.timeout, on_bytes=progress.advance)  # fmt: skip
+                paths.append(path)
+        return paths

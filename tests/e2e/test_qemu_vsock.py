@@ -1,0 +1,215 @@
+"""``vm.vsock`` on real guests (TCG), through the facade: the user-space vhost-user-vsock
+device in its helper process, the guest's ``vzkit-agent relay`` at the other end.
+
+Each test boots one guest and checks several things in it (two shared cores here).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import hashlib
+import os
+import random
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+import vzkit
+from vzkit._process import live_children
+from vzkit._vsock import AsyncVsock
+
+from .conftest import VMFactory
+
+MIB = 1 << 20
+RELAY = "/bin/vzkit-agent relay"
+
+
+def connect_when_listening(
+    vm: vzkit.VirtualMachine, port: int, timeout: float = 30
+) -> socket.socket:
+    """Connect once the guest's relay listens (it starts in the background)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return vm.vsock.connect(port, timeout=10)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def recv_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def send_forever(sock: socket.socket) -> None:
+    while True:
+        sock.sendall(b"\0" * MIB)
+
+
+def fd_count() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_64_mib_each_way_refused_port_and_half_close(vms: VMFactory, arch: str) -> None:
+    vm = vms.create(arch)
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=90)
+    assert not vm._core.machine.agent_on_console  # the agent answered over vsock port 1024
+
+    # Nobody listens on 5999: refused at once.
+    t0 = time.monotonic()
+    with pytest.raises(ConnectionRefusedError):
+        vm.vsock.connect(5999, timeout=10)
+    assert time.monotonic() - t0 < 3
+
+    # host -> guest: 64 MiB into sha256sum; our half-close (EOF) makes it answer.
+    payload = random.Random(arch).randbytes(64 * MIB)
+    vm.guest.popen(["sh", "-c", f"{RELAY} --listen-vsock 5000 --exec sha256sum"], stdin=False)
+    with connect_when_listening(vm, 5000) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        answer = recv_all(sock)
+    assert answer.split()[0].decode() == hashlib.sha256(payload).hexdigest()
+
+    # guest -> host: 64 MiB of the guest's random bytes through a guest-initiated connection.
+    vm.guest.run(["sh", "-c", "head -c 67108864 /dev/urandom > /tmp/blob"], check=True)
+    want = vm.guest.run(["sha256sum", "/tmp/blob"], check=True).stdout.split()[0].decode()
+    with vm.vsock.listen(6000) as listener:
+        proc = vm.guest.popen(
+            ["sh", "-c", f"{RELAY} --connect-vsock 2:6000 --exec 'cat /tmp/blob'"], stdin=False
+        )
+        conn, peer = listener.accept(timeout=30)
+        with conn:
+            got = recv_all(conn)
+        assert 1024 <= peer <= 0xFFFFFFFF  # the guest's (ephemeral) port
+    assert len(got) == 64 * MIB
+    assert hashlib.sha256(got).hexdigest() == want
+    assert proc.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_64_concurrent_connections_each_way(vms: VMFactory, arch: str) -> None:
+    vm = vms.create(arch)
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=90)
+    vm.guest.popen(["sh", "-c", f"{RELAY} --listen-vsock 5000 --exec cat"], stdin=False)
+    connect_when_listening(vm, 5000).close()
+
+    def echo(i: int) -> bytes:
+        data = f"connection {i} ".encode() * (1000 + i)
+        with vm.vsock.connect(5000, timeout=30) as sock:
+            sock.sendall(data)
+            sock.shutdown(socket.SHUT_WR)  # half-close: the echo still comes back
+            return recv_all(sock)
+
+    with concurrent.futures.ThreadPoolExecutor(64) as pool:
+        echoes = list(pool.map(echo, range(64)))
+    assert echoes == [f"connection {i} ".encode() * (1000 + i) for i in range(64)]
+
+    with vm.vsock.listen(7000) as listener:
+        vm.guest.popen(
+            ["sh", "-c", "for i in $(seq 64); do "
+             f"{RELAY} --connect-vsock 2:7000 --exec \"echo guest-$i\" & done; wait"],
+            stdin=False,
+        )  # fmt: skip
+        accepted = [listener.accept(timeout=60) for _ in range(64)]
+        messages = set()
+        for conn, _peer in accepted:
+            with conn:
+                messages.add(recv_all(conn).strip())
+        assert len({peer for _conn, peer in accepted}) == 64
+    assert messages == {f"guest-{i}".encode() for i in range(1, 65)}
+
+
+def test_churn_async_twin_and_what_a_stop_does(vms: VMFactory, tmp_path: Path) -> None:
+    vm = vms.create("x86_64", state_dir=tmp_path / "vm")
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=90)
+    vm.guest.popen(["sh", "-c", f"{RELAY} --listen-vsock 5000 --exec cat"], stdin=False)
+    connect_when_listening(vm, 5000).close()
+
+    # Connect/close churn (refused and accepted) leaks no fds in this process.
+    fds = fd_count()
+    for i in range(300):
+        if i % 3:
+            with pytest.raises(ConnectionRefusedError):
+                vm.vsock.connect(5999, timeout=10)
+        else:
+            with vm.vsock.connect(5000, timeout=10) as sock:
+                sock.sendall(b"x")
+                assert sock.recv(1) == b"x"
+    assert fd_count() <= fds + 2
+
+    # The asyncio twin drives the same VM's vsock (streams on the caller's loop).
+    async def via_aio() -> bytes:
+        avsock = AsyncVsock(vm._core)  # what vzkit.aio.VirtualMachine.vsock is, same VM
+        reader, writer = await avsock.connect(5000, timeout=10)
+        writer.write(b"async hello")
+        writer.write_eof()
+        data = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        return data
+
+    assert asyncio.run(via_aio()) == b"async hello"
+
+    # A stop ends open connections (EOF or reset) and closes listeners; the helper is reaped.
+    sock = vm.vsock.connect(5000, timeout=10)
+    listener = vm.vsock.listen(6000)
+    helper = vm._core.machine._vsock.helper  # type: ignore[attr-defined]
+    assert helper is not None
+    assert helper.running
+    vm.stop(timeout=10)
+    sock.settimeout(10)
+    try:
+        assert sock.recv(1) == b""
+    except ConnectionResetError:
+        pass
+    sock.close()
+    with pytest.raises(vzkit.StateError):
+        listener.accept(timeout=1)
+    listener.close()
+    assert not helper.running
+    assert helper.pid not in live_children()
+    assert not list((tmp_path / "vm").glob("vsock.sock*"))
+    with pytest.raises(vzkit.StateError):
+        vm.vsock.connect(5000)
+
+
+def test_vm_killed_mid_transfer(vms: VMFactory) -> None:
+    vm = vms.create("x86_64")
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=90)
+    vm.guest.popen(["sh", "-c", f"{RELAY} --listen-vsock 5000 --exec 'cat >/dev/null'"],
+                   stdin=False)  # fmt: skip
+    sock = connect_when_listening(vm, 5000)
+    os.kill(vm.pid or 0, 9)
+    sock.settimeout(30)
+    with pytest.raises((BrokenPipeError, ConnectionResetError)):
+        send_forever(sock)  # fails promptly: the device closed our stream
+    sock.close()
+    assert vm.wait(timeout=30) is vzkit.VMState.ERROR
+    vm.close()
+    assert not [n for n in live_children().values() if n in ("vzkit-vsock", "qemu-system-x86_64")]
+
+
+def test_bad_ports_and_vsock_off(vms: VMFactory) -> None:
+    vm = vms.create("x86_64", vsock=False)
+    with pytest.raises(vzkit.ConfigError, match="vsock port"):
+        vm.vsock.connect(-1)
+    with pytest.raises(vzkit.ConfigError, match="vsock port"):
+        vm.vsock.listen(1 << 32)
+    with pytest.raises(vzkit.UnsupportedError, match="no vsock device"):
+        vm.vsock.connect(5000)
+    vm.start(timeout=60)
+    assert vm.guest.run(["true"]).returncode == 0  # the agent over its console port
+    assert vm._core.machine.agent_on_console
+    assert not any("vhost-user-vsock" in a for a in vm._core.machine.argv)  # type: ignore[attr-defined]

@@ -1,0 +1,89 @@
+"""Capturing disk images: content identical, holes kept, aborts leave nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from pathlib import Path
+
+import pytest
+
+import vzkit
+from vzkit._diskcopy import CopyAborted, copy_disk, copy_disk_sync
+from vzkit.backends.qemu import _migrate
+from vzkit.backends.qemu._machine import QemuMachine
+
+
+def _sparse_file(path: Path) -> None:
+    with open(path, "wb") as fh:
+        fh.truncate(64 << 20)
+        fh.seek(5 << 20)
+        fh.write(b"A" * 70000)
+        fh.seek(40 << 20)
+        fh.write(bytes(3 << 20))  # allocated but zero: stays a hole in the copy
+        fh.write(b"tail")
+
+
+def test_copy_is_identical_sparse_read_only_and_fsynced(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
+    _sparse_file(src)
+    method = copy_disk_sync(src, dst)
+    assert method in ("reflink", "sparse")
+    assert dst.read_bytes() == src.read_bytes()
+    assert dst.stat().st_mode & 0o777 == 0o444
+    if method == "sparse":
+        assert dst.stat().st_blocks * 512 < 2 << 20  # only the written data is allocated
+    with pytest.raises(FileExistsError):  # never overwrites
+        copy_disk_sync(src, dst)
+
+
+def test_an_aborted_copy_leaves_nothing(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
+    _sparse_file(src)
+    abort = threading.Event()
+    abort.set()
+    with pytest.raises(CopyAborted):
+        copy_disk_sync(src, dst, abort)
+    assert not dst.exists()
+
+
+def test_cancelling_the_coroutine_removes_the_partial_copy(tmp_path: Path) -> None:
+    src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
+    with open(src, "wb") as fh:
+        for _ in range(64):
+            fh.write(os.urandom(1 << 20))
+
+    async def main() -> None:
+        task = asyncio.ensure_future(copy_disk(src, dst))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    assert not dst.exists()
+
+
+def test_qemu_refuses_to_save_virtiofs_shares_by_name(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    share = tmp_path / "src"
+    share.mkdir()
+    cfg = vzkit.LinuxVMConfig(
+        kernel_path=kernel, volumes=(vzkit.VolumeMount(share, "code"),), vsock=False
+    )
+    machine = QemuMachine(cfg, lambda old, new: None)
+    assert _migrate.blockers(machine) == [
+        f"vhost-user-fs (the VirtioFS share 'code' of {str(share)!r})"
+    ]
+    plain = QemuMachine(cfg.replace(volumes=()), lambda old, new: None)
+    assert _migrate.blockers(plain) == []
+    # vsock is unplugged around a save, except on microvm (no PCI hot-plug).
+    assert _migrate.blockers(QemuMachine(cfg.replace(volumes=(), vsock=True), print)) == []
+    micro = QemuMachine(cfg.replace(volumes=(), vsock=True), print)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VZKIT_QEMU_MACHINE", "microvm")
+        assert _migrate.blockers(micro) == [
+            "the vsock device (microvm has no PCI hot-plug to unplug it around a save)"
+        ]
