@@ -195,7 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--arch", action="append", choices=["x86_64", "aarch64"])
     parser.add_argument("-n", "--rounds", type=int, default=5)
-    parser.add_argument("--suite", choices=["all", "boot", "snapshots", "vsock"], default="all")
+    parser.add_argument(
+        "--suite", choices=["all", "boot", "snapshots", "shares", "vsock"], default="all"
+    )
     args = parser.parse_args(argv)
     arches = args.arch or ["x86_64", "aarch64"]
     report: dict[str, Any] = {}
@@ -209,7 +211,15 @@ def main(argv: list[str] | None = None) -> int:
         print()
         for snap in report["snapshots"]:
             print_snapshots(snap)
+    if args.suite in ("all", "shares"):  # VirtioFS vs virtio-9p (x86_64 guest only)
+        sys.path.insert(0, str(Path(__file__).parent))
+        from shares import bench_shares, print_table
+
+        report["shares"] = bench_shares(min(args.rounds, 3))
+        print()
+        print_table(report["shares"])
     if args.suite in ("all", "vsock"):
+        sys.path.insert(0, str(Path(__file__).parent))
         import vsock  # bench/vsock.py, next to this file (writes its own JSON)
 
         for arch in arches:

@@ -21,7 +21,14 @@ from ._display import (
     parse_display_spec,
 )
 from ._macconfig import MacKeyboard, MacPointer, MacVMConfig
-from ._network import NetworkConfig, NetworkMode, parse_network_mode
+from ._network import (
+    NetworkConfig,
+    NetworkMode,
+    PortForward,
+    PortProtocol,
+    parse_network_mode,
+    parse_port_spec,
+)
 from ._snapshot import SnapshotManager, SnapshotMeta
 from ._state import Arch, VMState, host_arch
 from ._vm import Balloon, VirtualMachine
@@ -61,6 +68,8 @@ __all__ = [
     "MacVMConfig",
     "NetworkConfig",
     "NetworkMode",
+    "PortForward",
+    "PortProtocol",
     "SnapshotError",
     "SnapshotManager",
     "SnapshotMeta",
@@ -83,6 +92,7 @@ __all__ = [
     "host_arch",
     "parse_display_spec",
     "parse_network_mode",
+    "parse_port_spec",
     "parse_volume_spec",
 ]
 

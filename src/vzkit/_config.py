@@ -21,7 +21,7 @@ from typing import Any
 import tomli_w
 
 from ._display import DisplayConfig, parse_display_spec
-from ._network import NetworkConfig, NetworkMode
+from ._network import NetworkConfig, NetworkMode, PortForward, parse_port_spec
 from ._state import Arch, host_arch
 from ._volume import VolumeMount, assign_volume_tags
 from .errors import ConfigError, SpecError
@@ -99,6 +99,7 @@ class LinuxVMConfig:
     nested_virtualization: bool = True  # enabled where the host and backend support it
     volumes: tuple[VolumeMount, ...] = ()
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    publish: tuple[PortForward, ...] = ()  # host ports forwarded to the guest (nat only)
     headless: bool = True
     displays: tuple[DisplayConfig, ...] = ()
 
@@ -140,7 +141,7 @@ class LinuxVMConfig:
             raise ConfigError(f"cmdline must be a string, got {self.cmdline!r}")
         for name in _PATH_FIELDS:
             put(name, _as_path(name, getattr(self, name)))
-        self.check_inputs()
+        self._check_files()
         if self.kernel_path is None:
             if self.initrd_path is not None:
                 raise ConfigError(
@@ -155,7 +156,7 @@ class LinuxVMConfig:
 
         if not isinstance(self.network, NetworkConfig):
             raise ConfigError(f"network must be a NetworkConfig, got {self.network!r}")
-        for name in ("volumes", "displays"):
+        for name in ("volumes", "displays", "publish"):
             value = getattr(self, name)
             if isinstance(value, str | bytes | Mapping):
                 raise ConfigError(f"{name} must be a sequence, got {value!r}")
@@ -173,6 +174,7 @@ class LinuxVMConfig:
         for disp in self.displays:
             if not isinstance(disp, DisplayConfig):
                 raise ConfigError(f"displays must hold DisplayConfig objects, got {disp!r}")
+        self._check_publish()
         for name in ("nested_virtualization", "headless", "vsock", "balloon", "entropy"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -184,13 +186,38 @@ class LinuxVMConfig:
             raise ConfigError(f"accelerator must be a string, got {self.accelerator!r}")
 
     def check_inputs(self) -> None:
-        """Raise :class:`ConfigError` naming the first input file (kernel, initrd, disk, ISO)
-        that is missing. Runs at construction, and again at start: files can vanish."""
+        """Raise :class:`ConfigError` naming the first input that is missing: a file the VM
+        reads (kernel, initrd, disk, ISO; also checked at construction) or a shared
+        directory. Backends run it again at start: files and directories can vanish."""
+        self._check_files()
+        for vol in self.volumes:
+            if not vol.host_path.is_dir():
+                what = "does not exist" if not vol.host_path.exists() else "is not a directory"
+                raise ConfigError(
+                    f"shared directory {str(vol.host_path)!r} (volume {str(vol)!r}) {what}"
+                )
+
+    def _check_files(self) -> None:
         for name in _INPUT_FILES:
             path: Path | None = getattr(self, name)
             if path is not None and not path.is_file():
                 what = "does not exist" if not path.exists() else "is not a regular file"
                 raise ConfigError(f"{name}: {str(path)!r} {what}")
+
+    def _check_publish(self) -> None:
+        seen: set[tuple[str, int]] = set()
+        for fwd in self.publish:
+            if not isinstance(fwd, PortForward):
+                raise ConfigError(f"publish must hold PortForward objects, got {fwd!r}")
+            key = (fwd.protocol.value, fwd.host_port)
+            if key in seen:
+                raise ConfigError(f"host port {fwd.host_port}/{key[0]} is published twice")
+            seen.add(key)
+        if self.publish and self.network.mode not in (NetworkMode.NAT, NetworkMode.HOST_ONLY):
+            raise ConfigError(
+                f"publishing ports needs the 'nat' network; network {str(self.network)!r} "
+                "has no host-side forwarder"
+            )
 
     # -- derived ------------------------------------------------------------------------
 
@@ -234,7 +261,7 @@ class LinuxVMConfig:
                     {"host_path": str(v.host_path), "tag": v.tag, "read_only": v.read_only}
                     for v in value
                 ]
-            elif f.name == "displays":
+            elif f.name in ("displays", "publish"):
                 value = [str(d) for d in value]
             out[f.name] = value
         return out
@@ -268,6 +295,8 @@ class LinuxVMConfig:
                 kwargs["volumes"] = tuple(vols)
             if "displays" in kwargs:
                 kwargs["displays"] = tuple(parse_display_spec(s) for s in kwargs["displays"])
+            if "publish" in kwargs:
+                kwargs["publish"] = tuple(parse_port_spec(s) for s in kwargs["publish"])
         except (SpecError, ValueError, KeyError, TypeError) as err:
             if isinstance(err, ConfigError):
                 raise

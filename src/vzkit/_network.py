@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 import enum
+import ipaddress
 import re
 from dataclasses import dataclass
 
 from .errors import SpecError
 
-__all__ = ["NetworkConfig", "NetworkMode", "parse_network_mode"]
+__all__ = [
+    "NetworkConfig",
+    "NetworkMode",
+    "PortForward",
+    "PortProtocol",
+    "parse_network_mode",
+    "parse_port_spec",
+]
 
 _IFACE_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
 
@@ -76,3 +84,76 @@ def parse_network_mode(spec: str) -> NetworkConfig:
             )
         return NetworkConfig(NetworkMode.BRIDGED, iface)
     raise SpecError(f"unknown network mode {spec!r}; valid forms: {_FORMS}")
+
+
+class PortProtocol(enum.StrEnum):
+    TCP = "tcp"
+    UDP = "udp"
+
+
+_PORT_FORMS = "'HOST:GUEST[/tcp|udp]' or 'ADDR:HOST:GUEST[/tcp|udp]'"
+
+
+def _port(value: object, what: str) -> int:
+    if isinstance(value, str) and value.isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= 65535:
+        raise SpecError(f"{what} must be a number from 1 to 65535, got {value!r}")
+    return value
+
+
+def _protocol(value: object) -> PortProtocol:
+    try:
+        return PortProtocol(str(value))
+    except ValueError:
+        raise SpecError(f"protocol must be tcp or udp, got {value!r}") from None
+
+
+@dataclass(frozen=True, slots=True)
+class PortForward:
+    """A host port published to a guest port (``vzkit run -p``); loopback unless told.
+
+    Lowered to user-mode networking's ``hostfwd`` on the qemu backend, so it needs the
+    ``nat`` network (or ``host-only`` on Linux). ``host_address`` is the IPv4 address to
+    listen on (``0.0.0.0``: every interface).
+    """
+
+    host_port: int
+    guest_port: int
+    protocol: PortProtocol = PortProtocol.TCP
+    host_address: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "host_port", _port(self.host_port, "host port"))
+        object.__setattr__(self, "guest_port", _port(self.guest_port, "guest port"))
+        object.__setattr__(self, "protocol", _protocol(self.protocol))
+        try:
+            address = ipaddress.IPv4Address(self.host_address)
+        except (ValueError, TypeError):
+            raise SpecError(
+                f"host address must be an IPv4 address, got {self.host_address!r}"
+            ) from None
+        object.__setattr__(self, "host_address", str(address))
+
+    def __str__(self) -> str:
+        return f"{self.host_address}:{self.host_port}:{self.guest_port}/{self.protocol.value}"
+
+
+def parse_port_spec(spec: str) -> PortForward:
+    """Parse ``HOST:GUEST[/tcp|udp]`` or ``ADDR:HOST:GUEST[/tcp|udp]`` (docker's ``-p``)."""
+    if not isinstance(spec, str):
+        raise SpecError(f"port spec must be a string, got {type(spec).__name__}")
+    body, sep, proto = spec.strip().partition("/")
+    parts = body.split(":")
+    if len(parts) not in (2, 3):
+        raise SpecError(f"invalid port spec {spec!r}; expected {_PORT_FORMS}")
+    address = parts[0] if len(parts) == 3 else "127.0.0.1"
+    try:
+        return PortForward(
+            _port(parts[-2], "host port"),
+            _port(parts[-1], "guest port"),
+            _protocol(proto.lower() if sep else "tcp"),
+            address,
+        )
+    except SpecError as err:
+        raise SpecError(f"port spec {spec!r}: {err}") from None

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import os
 import re
+import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import ConfigError, SpecError
 
-__all__ = ["MAX_TAG_BYTES", "VolumeMount", "assign_volume_tags", "parse_volume_spec"]
+__all__ = [
+    "MAX_TAG_BYTES",
+    "VolumeMount",
+    "assign_volume_tags",
+    "parse_volume_spec",
+    "share_cmdline",
+]
 
 #: virtio-fs carries the tag in a fixed 36-byte config field.
 MAX_TAG_BYTES = 36
@@ -136,3 +143,25 @@ def assign_volume_tags(volumes: Iterable[VolumeMount]) -> tuple[VolumeMount, ...
         taken.add(tag)
         out.append(replace(vol, tag=tag))
     return tuple(out)
+
+
+def share_cmdline(volumes: Iterable[VolumeMount]) -> str:
+    """Kernel command-line words telling the default guest which shares to mount.
+
+    ``vzkit.shares=TAG,...`` lists every tag, ``vzkit.ro=TAG,...`` the read-only ones
+    (mounted ``ro``; the host enforces read-only regardless); tags are percent-encoded.
+    Empty without volumes. The guest needs this because kernels before 6.9 do not list
+    virtiofs tags in sysfs.
+    """
+    tagged = assign_volume_tags(volumes)
+    if not tagged:
+        return ""
+    words = ["vzkit.shares=" + ",".join(_encode_tag(v.tag) for v in tagged)]
+    read_only = [_encode_tag(v.tag) for v in tagged if v.read_only]
+    if read_only:
+        words.append("vzkit.ro=" + ",".join(read_only))
+    return " ".join(words)
+
+
+def _encode_tag(tag: str) -> str:
+    return urllib.parse.quote(tag, safe="@+-._~")

@@ -22,7 +22,7 @@ from ._cli_macos import codesign_cmd, macos_group
 from ._config import ConsoleMode, LinuxVMConfig
 from ._disk import DiskFormat, create_disk_image
 from ._display import DisplayList
-from ._network import parse_network_mode
+from ._network import parse_network_mode, parse_port_spec
 from ._snapshot import SnapshotManager, format_rfc3339
 from ._state import Arch, VMState
 from ._volume import parse_volume_spec
@@ -109,6 +109,15 @@ def vm_options(func: F) -> F:
             metavar="MODE",
             callback=_spec_callback(parse_network_mode),
             help="nat (default), none, vmnet, host-only or bridged:IFACE.",
+        ),
+        click.option(
+            "--publish",
+            "-p",
+            "publish",
+            multiple=True,
+            metavar="[ADDR:]HOST:GUEST[/tcp|udp]",
+            callback=_spec_callback(parse_port_spec),
+            help="Forward a host port (127.0.0.1 unless ADDR) to the guest (repeatable; nat).",
         ),
         click.option(
             "--display",
@@ -365,6 +374,7 @@ def run_cmd(
     \b
       vzkit run -- uname -a
       vzkit run --memory 1 -v .:src:ro -- sh -c 'ls /mnt/src'
+      vzkit run -p 8080:80 -- busybox httpd -f -p 80
       vzkit run --from-snapshot warm --vm-dir ./vm -- python3 job.py
     """
     snap = (vm_dir, from_snapshot) if from_snapshot is not None else None

@@ -211,6 +211,8 @@ def test_volumes_get_unique_tags_and_their_modes(
     assert {d["share"]["class"] for d in tree["directorySharingDevices"]} == {
         "VZSingleDirectoryShare"
     }
+    # The default guest's init learns the tags (and which are read-only) from the cmdline.
+    assert tree["bootLoader"]["commandLine"].endswith(" vzkit.shares=src,src-1,data vzkit.ro=src-1")
 
 
 def test_bridged_network_uses_the_named_interface(
@@ -337,6 +339,9 @@ def test_foreign_arch_and_custom_cid_are_unsupported(
     with pytest.raises(vzkit.UnsupportedError, match="CID is always 3") as info:
         vzb.build_linux_vm_config(direct(files, vsock_cid=7))
     assert info.value.feature == "vsock_cid"
+    with pytest.raises(vzkit.UnsupportedError, match="cannot publish ports") as info:
+        vzb.build_linux_vm_config(direct(files, publish=(vzkit.parse_port_spec("8080:80"),)))
+    assert info.value.feature == "network:publish"
 
 
 def test_state_dir_is_required(fake: FakeRuntime, files: dict[str, Path]) -> None:

@@ -15,6 +15,7 @@ from vzkit import (
     NetworkConfig,
     NetworkMode,
     VolumeMount,
+    parse_port_spec,
 )
 from vzkit.cli import main
 
@@ -95,6 +96,13 @@ def test_config_options_round_trip(tmp_path: Path) -> None:
     )
 
 
+def test_config_publish(tmp_path: Path) -> None:
+    result = run("config", "-p", "8080:80", "--publish", "0.0.0.0:5353:53/udp")
+    assert result.exit_code == 0, result.output
+    cfg = LinuxVMConfig.from_toml(result.stdout)
+    assert cfg.publish == (parse_port_spec("8080:80"), parse_port_spec("0.0.0.0:5353:53/udp"))
+
+
 def test_config_json_and_save(tmp_path: Path) -> None:
     target = tmp_path / "vm.toml"
     result = run("config", "--format", "json", "--cpus", "3", "--headless", "--save", target)
@@ -132,6 +140,9 @@ def test_config_file_with_overrides(tmp_path: Path) -> None:
         (["--arch", "sparc"], "Invalid value for '--arch'"),
         (["--bogus"], "No such option"),
         (["--config", "/nonexistent/vm.toml"], "cannot read VM config"),
+        (["-p", "80"], "invalid port spec '80'"),
+        (["-p", "8080:80", "--network", "none"], "publishing ports needs the 'nat' network"),
+        (["-p", "8080:80", "-p", "8080:81"], "host port 8080/tcp is published twice"),
     ],
 )
 def test_config_bad_options_exit_2(args: list[str], message: str) -> None:

@@ -21,8 +21,11 @@ from vzkit import (
     LinuxVMConfig,
     NetworkConfig,
     NetworkMode,
+    PortForward,
+    PortProtocol,
     VolumeMount,
     host_arch,
+    parse_port_spec,
 )
 
 
@@ -480,6 +483,17 @@ def configs(draw: st.DrawFn, files: dict[str, Any]) -> LinuxVMConfig:
         used.add(tag)
         volumes.append(VolumeMount(host, tag, read_only))
     kwargs["volumes"] = tuple(volumes)
+    if kwargs["network"].mode in (NetworkMode.NAT, NetworkMode.HOST_ONLY):
+        ports = draw(st.lists(st.integers(1, 65535), unique=True, max_size=3))
+        kwargs["publish"] = tuple(
+            PortForward(
+                port,
+                draw(st.integers(1, 65535)),
+                draw(st.sampled_from(list(PortProtocol))),
+                draw(st.sampled_from(["127.0.0.1", "0.0.0.0", "10.1.2.3"])),
+            )
+            for port in ports
+        )
     return LinuxVMConfig(**kwargs)
 
 
@@ -513,3 +527,57 @@ def test_save_load_round_trip_property(
     target = real_files["root"] / f"vm{suffix}"
     cfg.save(target)
     assert LinuxVMConfig.load(target) == cfg
+
+
+# -- published ports and shared directories --------------------------------------------------
+
+
+def test_publish_round_trips_as_spec_strings() -> None:
+    cfg = LinuxVMConfig(publish=(parse_port_spec("8080:80"), parse_port_spec("0.0.0.0:53:53/udp")))
+    assert cfg.to_dict()["publish"] == ["127.0.0.1:8080:80/tcp", "0.0.0.0:53:53/udp"]
+    assert LinuxVMConfig.from_toml(cfg.to_toml()) == cfg
+    assert LinuxVMConfig.from_json(cfg.to_json()) == cfg
+
+
+def test_publish_needs_nat() -> None:
+    with pytest.raises(ConfigError) as err:
+        LinuxVMConfig(
+            network=NetworkConfig(NetworkMode.NONE), publish=(parse_port_spec("8080:80"),)
+        )
+    assert str(err.value) == (
+        "publishing ports needs the 'nat' network; network 'none' has no host-side forwarder"
+    )
+
+
+def test_publish_same_host_port_twice() -> None:
+    with pytest.raises(ConfigError, match=r"^host port 8080/tcp is published twice$"):
+        LinuxVMConfig(publish=(parse_port_spec("8080:80"), parse_port_spec("0.0.0.0:8080:81")))
+    udp_and_tcp = (parse_port_spec("53:53"), parse_port_spec("53:53/udp"))
+    assert LinuxVMConfig(publish=udp_and_tcp).publish == udp_and_tcp
+
+
+@pytest.mark.parametrize("value", ["8080:80", ("8080:80",), (8080,)])
+def test_publish_must_hold_port_forwards(value: object) -> None:
+    with pytest.raises(ConfigError, match="publish must"):
+        LinuxVMConfig(publish=value)  # type: ignore[arg-type]
+
+
+def test_bad_publish_in_a_file() -> None:
+    with pytest.raises(ConfigError, match="invalid VM config: invalid port spec '80'"):
+        LinuxVMConfig.from_dict({"publish": ["80"]})
+
+
+def test_share_that_disappears_before_start(tmp_path: Path) -> None:
+    share = tmp_path / "a share"
+    share.mkdir()
+    cfg = LinuxVMConfig(volumes=(VolumeMount(share, "s", True),))
+    cfg.check_inputs()
+    share.rmdir()
+    with pytest.raises(ConfigError) as err:
+        cfg.check_inputs()
+    assert str(err.value) == (
+        f"shared directory {str(share)!r} (volume '{share}:s:ro') does not exist"
+    )
+    share.write_text("")
+    with pytest.raises(ConfigError, match="is not a directory"):
+        cfg.check_inputs()

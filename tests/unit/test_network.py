@@ -7,7 +7,15 @@ import enum
 
 import pytest
 
-from vzkit import NetworkConfig, NetworkMode, SpecError, parse_network_mode
+from vzkit import (
+    NetworkConfig,
+    NetworkMode,
+    PortForward,
+    PortProtocol,
+    SpecError,
+    parse_network_mode,
+    parse_port_spec,
+)
 
 VALID_FORMS = "'nat' (or empty), 'none', 'vmnet', 'host-only', 'bridged:IFACE'"
 
@@ -120,3 +128,57 @@ def test_network_config_accepts_mode_strings() -> None:
 def test_network_config_validates(mode: str, interface: str) -> None:
     with pytest.raises(SpecError):
         NetworkConfig(mode, interface)  # type: ignore[arg-type]
+
+
+# -- published ports ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("8080:80", PortForward(8080, 80)),
+        ("8080:80/tcp", PortForward(8080, 80, PortProtocol.TCP)),
+        (" 5353:53/UDP ", PortForward(5353, 53, PortProtocol.UDP)),
+        ("0.0.0.0:2222:22", PortForward(2222, 22, host_address="0.0.0.0")),
+        ("10.0.0.1:1:65535/udp", PortForward(1, 65535, PortProtocol.UDP, "10.0.0.1")),
+    ],
+)
+def test_parse_port_spec(spec: str, expected: PortForward) -> None:
+    parsed = parse_port_spec(spec)
+    assert parsed == expected
+    assert parse_port_spec(str(parsed)) == parsed
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (
+            "80",
+            "invalid port spec '80'; expected 'HOST:GUEST[/tcp|udp]' or "
+            "'ADDR:HOST:GUEST[/tcp|udp]'",
+        ),
+        ("a:b:c:d", "invalid port spec 'a:b:c:d'"),
+        ("0:80", "port spec '0:80': host port must be a number from 1 to 65535, got 0"),
+        ("80:65536", "port spec '80:65536': guest port must be a number from 1 to 65535"),
+        ("x:80", "port spec 'x:80': host port must be a number from 1 to 65535, got 'x'"),
+        ("80:80/sctp", "port spec '80:80/sctp': protocol must be tcp or udp, got 'sctp'"),
+        ("::1:80:80", "invalid port spec"),
+        ("localhost:80:80", "host address must be an IPv4 address, got 'localhost'"),
+        ("1.2.3:80:80", "host address must be an IPv4 address"),
+    ],
+)
+def test_bad_port_specs(spec: str, message: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_port_spec(spec)
+    assert message in str(err.value)
+    assert isinstance(err.value, ValueError)
+
+
+def test_port_forward_validates_fields() -> None:
+    assert str(PortForward(8080, 80)) == "127.0.0.1:8080:80/tcp"
+    with pytest.raises(SpecError, match="guest port"):
+        PortForward(8080, True)
+    with pytest.raises(SpecError, match="protocol"):
+        PortForward(8080, 80, "icmp")  # type: ignore[arg-type]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        PortForward(1, 2).host_port = 3  # type: ignore[misc]

@@ -28,6 +28,8 @@ EXPECTED_ALL = [
     "MacVMConfig",
     "NetworkConfig",
     "NetworkMode",
+    "PortForward",
+    "PortProtocol",
     "SnapshotError",
     "SnapshotManager",
     "SnapshotMeta",
@@ -50,6 +52,7 @@ EXPECTED_ALL = [
     "host_arch",
     "parse_display_spec",
     "parse_network_mode",
+    "parse_port_spec",
     "parse_volume_spec",
 ]
 

@@ -183,3 +183,12 @@ def test_root_and_odd_base_names_get_valid_tags() -> None:
     assert tagged[1].tag == "my_dir"
     long = assign_volume_tags([VolumeMount("/srv/" + "x" * 100)])[0].tag
     assert 0 < len(long.encode()) <= 36
+
+
+def test_share_cmdline_names_tags_and_read_only_ones() -> None:
+    from vzkit._volume import share_cmdline
+
+    assert share_cmdline([]) == ""
+    vols = [VolumeMount("/a/src", read_only=True), VolumeMount("/b/café ✓"), VolumeMount("/c/x")]
+    assert share_cmdline(vols) == ("vzkit.shares=src,caf%C3%A9_%E2%9C%93,x vzkit.ro=src")
+    assert share_cmdline([VolumeMount("/x", "t")]) == "vzkit.shares=t"

@@ -37,6 +37,36 @@ if [ -f /etc/vzkit/modules ]; then
 fi
 set +f
 
+# Shared folders: the host lists every share's tag in vzkit.shares= and the read-only ones in
+# vzkit.ro= (comma-separated, percent-encoded). Each is mounted at /mnt/<tag>: VirtioFS first,
+# else virtio-9p (the qemu backend's fallback). Read-only shares are mounted ro, but the host
+# enforces read-only whatever the guest does.
+share_tags=
+ro_tags=,
+for arg in $cmdline; do
+    case "$arg" in
+        vzkit.shares=*) share_tags=${arg#vzkit.shares=} ;;
+        vzkit.ro=*) ro_tags=",${arg#vzkit.ro=}," ;;
+    esac
+done
+if [ -n "$share_tags" ]; then
+    IFS=,
+    for enc in $share_tags; do
+        unset IFS
+        # shellcheck disable=SC2059  # the format is the decoded tag: no % is left in it
+        tag=$(printf "$(echo "$enc" | sed 's/%/\\x/g')")
+        opts=
+        case "$ro_tags" in *",$enc,"*) opts=ro ;; esac
+        mkdir -p "/mnt/$tag"
+        mount -t virtiofs ${opts:+-o $opts} "$tag" "/mnt/$tag" 2>/dev/null ||
+            mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144${opts:+,$opts}" \
+                "$tag" "/mnt/$tag" 2>/dev/null ||
+            echo "vzkit-init: cannot mount share $tag" >/dev/console
+        IFS=,
+    done
+    unset IFS
+fi
+
 [ -f /etc/hostname ] && hostname -F /etc/hostname
 ip link set lo up 2>/dev/null
 

@@ -17,7 +17,13 @@ class QemuBackend:
     name = "qemu"
     #: vsock needs vhost (kernel or vhost-user), which QEMU offers on Linux hosts only.
     features = frozenset(
-        {Feature.LIFECYCLE, Feature.BALLOON, Feature.SNAPSHOTS, Feature.SNAPSHOT_FANOUT}
+        {
+            Feature.LIFECYCLE,
+            Feature.BALLOON,
+            Feature.SHARES,
+            Feature.SNAPSHOTS,
+            Feature.SNAPSHOT_FANOUT,
+        }
         | ({Feature.VSOCK} if sys.platform == "linux" else set())
     )
 

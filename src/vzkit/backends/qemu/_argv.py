@@ -18,7 +18,9 @@ from ..._disk import DiskFormat
 from ..._display import default_linux_display_config
 from ..._network import NetworkMode
 from ..._state import Arch
+from ..._volume import VolumeMount, share_cmdline
 from ...errors import UnsupportedError
+from ._virtiofs import ShareDevice, ShareKind
 
 __all__ = ["Plan", "build_argv", "default_cmdline", "esc"]
 
@@ -60,6 +62,8 @@ class Plan:
     #: The image the guest's disk runs on instead of ``config.disk_path`` (a restored run's
     #: copy-on-write overlay); ``disk_format`` is its format.
     disk_override: Path | None = None
+    #: The config's shares as served this run (virtiofsd sockets or 9p exports), in tag order.
+    shares: tuple[ShareDevice, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -73,6 +77,16 @@ class Plan:
 def default_cmdline(arch: Arch) -> str:
     """The console the kernel should use when the config names no cmdline."""
     return "console=ttyS0" if arch is Arch.X86_64 else "console=ttyAMA0"
+
+
+def kernel_cmdline(plan: Plan) -> str:
+    """The config's command line plus, with shares, the words naming them for the default
+    guest's init (:func:`~vzkit._volume.share_cmdline`)."""
+    cmdline = plan.config.cmdline or default_cmdline(plan.arch)
+    shares = share_cmdline(
+        VolumeMount(share.path, share.tag, share.read_only) for share in plan.shares
+    )
+    return f"{cmdline} {shares}" if shares else cmdline
 
 
 def machine_type(config: LinuxVMConfig) -> str:
@@ -131,7 +145,7 @@ def boot_args(plan: Plan) -> list[str]:
         args = ["-kernel", str(cfg.kernel_path)]
         if cfg.initrd_path is not None:
             args += ["-initrd", str(cfg.initrd_path)]
-        args += ["-append", cfg.cmdline or default_cmdline(plan.arch)]
+        args += ["-append", kernel_cmdline(plan)]
         return args
     if plan.firmware_code is None or plan.nvram is None:
         raise ValueError("EFI boot needs firmware code and a variable store in the plan")
@@ -197,11 +211,31 @@ def netdev(mode: NetworkMode, interface: str, host_os: str) -> str | None:
     )
 
 
+def hostfwd(plan: Plan) -> str:
+    """``,hostfwd=...`` for every published port (user-mode networking only)."""
+    cfg = plan.config
+    if not cfg.publish:
+        return ""
+    if cfg.network.mode not in (NetworkMode.NAT, NetworkMode.HOST_ONLY) or (
+        plan.host_os == "darwin" and cfg.network.mode is not NetworkMode.NAT
+    ):
+        raise UnsupportedError(
+            f"publishing ports needs user-mode networking ('nat'), not {str(cfg.network)!r}",
+            backend="qemu",
+            feature="network:publish",
+        )
+    return "".join(
+        f",hostfwd={p.protocol.value}:{p.host_address}:{p.host_port}-:{p.guest_port}"
+        for p in cfg.publish
+    )
+
+
 def network_args(plan: Plan) -> list[str]:
     net = plan.config.network
     backend = netdev(net.mode, net.interface, plan.host_os)
     if backend is None:
         return []
+    backend += hostfwd(plan)
     device = f"{virtio(plan, 'net')},netdev=net0,id=net0-dev"
     if plan.mac_address:
         device += f",mac={plan.mac_address}"
@@ -282,6 +316,42 @@ def vsock_args(plan: Plan) -> list[str]:
 VSOCK_PORT = "vsock-port"
 
 
+def virtiofs_device_args(plan: Plan, index: int, share: ShareDevice) -> list[str]:
+    """A vhost-user-fs device on the inherited socket of the share's virtiofsd."""
+    if share.fd is None:
+        raise ValueError(f"share {share.tag!r} has no virtiofsd socket in the plan")
+    if not plan.shared_memory:
+        raise ValueError("vhost-user-fs needs shared guest memory (Plan.shared_memory)")
+    return [
+        "-chardev", f"socket,id=fs{index},fd={share.fd}",
+        "-device",
+        f"{vhost(plan, 'user-fs')},id=fs{index}-dev,chardev=fs{index},tag={esc(share.tag)},"
+        "queue-size=1024",
+    ]  # fmt: skip
+
+
+def ninep_device_args(plan: Plan, index: int, share: ShareDevice) -> list[str]:
+    """A virtio-9p export of the share's directory; ``readonly=on`` is enforced by QEMU."""
+    fsdev = f"local,id=fsdev{index},path={esc(share.path)},security_model=none"
+    if share.read_only:
+        fsdev += ",readonly=on"
+    return [
+        "-fsdev", fsdev,
+        "-device", f"{virtio(plan, '9p')},id=fs{index}-dev,fsdev=fsdev{index},"
+        f"mount_tag={esc(share.tag)}",
+    ]  # fmt: skip
+
+
+def share_args(plan: Plan) -> list[str]:
+    args: list[str] = []
+    for index, share in enumerate(plan.shares):
+        if share.kind is ShareKind.VIRTIOFS:
+            args += virtiofs_device_args(plan, index, share)
+        else:
+            args += ninep_device_args(plan, index, share)
+    return args
+
+
 def vhost(plan: Plan, device: str) -> str:
     """``vhost-<device>`` on the machine's transport: PCI, or MMIO on microvm."""
     return f"vhost-{device}-device" if plan.machine == "microvm" else f"vhost-{device}-pci"
@@ -318,6 +388,7 @@ _PIECES = (
     console_args,
     agent_port_args,
     vsock_args,
+    share_args,
     display_args,
     incoming_args,
 )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -34,6 +35,7 @@ from ..._state import VMState
 from ...errors import UnsupportedError, VMError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _migrate
+from ._virtiofs import ShareKind, Shares
 from ._vsock import VsockListener, VsockTransport
 
 __all__ = ["AGENT_VSOCK_PORT", "QemuMachine"]
@@ -100,6 +102,7 @@ class QemuMachine:
         self._qmp: QMPClient | None = None
         self._qmp_sock: socket.socket | None = None
         self._agent_sock: socket.socket | None = None
+        self._shares = Shares()  # virtiofsd per share (see _virtiofs)
         self._tasks: list[asyncio.Task[Any]] = []  # event watcher
         self._exit_watch: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
@@ -388,6 +391,15 @@ class QemuMachine:
             if vsock is not None and vsock_device:
                 await vsock.prepare()
             plan = await self._plan(theirs.fileno(), agent_theirs.fileno(), vsock)
+            # -- shares: start the virtiofsds, hand their sockets to QEMU
+            shares = await self._shares.start(
+                self.config.tagged_volumes(), self.runtime_dir, self.state_dir
+            )
+            virtiofs = any(share.kind is ShareKind.VIRTIOFS for share in shares)
+            plan = dataclasses.replace(
+                plan, shares=shares, shared_memory=plan.shared_memory or virtiofs
+            )
+            # -- end shares
             self.argv = _argv.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
@@ -399,6 +411,7 @@ class QemuMachine:
                         theirs.fileno(),
                         agent_theirs.fileno(),
                         *(vsock.pass_fds() if vsock is not None else ()),
+                        *self._shares.qemu_fds,
                     ),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
                     stdout=None if interactive else asyncio.subprocess.DEVNULL,
@@ -408,6 +421,7 @@ class QemuMachine:
         finally:
             theirs.close()
             agent_theirs.close()
+            self._shares.qemu_started()
             if vsock is not None:
                 vsock.after_spawn()
         self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
@@ -661,6 +675,7 @@ class QemuMachine:
             watch.cancel()
         await self._disconnect()
         await self._close_vsock()
+        await self._shares.close()  # after QEMU: the virtiofsds outlive no VM
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

@@ -30,7 +30,7 @@ from ..._display import DisplayConfig, default_display_config, default_linux_dis
 from ..._macconfig import MacVMConfig
 from ..._network import NetworkConfig, NetworkMode
 from ..._state import host_arch
-from ..._volume import VolumeMount, assign_volume_tags
+from ..._volume import VolumeMount, assign_volume_tags, share_cmdline
 from ...errors import BackendUnavailableError, ConfigError, UnsupportedError
 from . import _objc
 from ._nserror import NSErrorDetails, extract_nserror_message, nserror_info, nserror_to_exception
@@ -234,7 +234,9 @@ def linux_boot_loader_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
     loader = vz().VZLinuxBootLoader.alloc().initWithKernelURL_(_url(kernel))
     if cfg.initrd_path is not None:
         loader.setInitialRamdiskURL_(_url(cfg.initrd_path))
-    loader.setCommandLine_(cfg.cmdline or DEFAULT_CMDLINE)
+    shares = share_cmdline(cfg.volumes)  # the default guest mounts them at /mnt/<tag>
+    cmdline = cfg.cmdline or DEFAULT_CMDLINE
+    loader.setCommandLine_(f"{cmdline} {shares}" if shares else cmdline)
     return loader
 
 
@@ -551,6 +553,13 @@ def build_linux_vm_config(
             f"the vz backend runs {host_arch().value} guests on this Mac, not {cfg.arch.value}",
             backend="vz",
             feature="arch",
+        )
+    if cfg.publish:
+        raise UnsupportedError(
+            "the vz backend cannot publish ports: Virtualization's NAT has no port forwarding "
+            "(reach the guest at its own address, or use the qemu backend)",
+            backend="vz",
+            feature="network:publish",
         )
     cpus, memory = check_sizes(cfg)
     config = vz().VZVirtualMachineConfiguration.alloc().init()
