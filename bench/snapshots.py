@@ -38,7 +38,6 @@ def _config(image: GuestImage, work: Path, name: str, **overrides: Any) -> vzkit
         "initrd_path": image.initrd,
         "cmdline": image.cmdline(),
         "network": vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
-        "vsock": False,
         "state_dir": work / name,
     }
     return vzkit.LinuxVMConfig(**{**settings, **overrides})
