@@ -120,6 +120,11 @@ struct session {
 
 extern bool g_verbose;
 extern bool g_test_mode; /* --stdio / --unix: POWEROFF exits the agent instead */
+/* Receive buffer of every vsock socket (SO_VM_SOCKETS_BUFFER_SIZE; 0: the kernel's 256 KiB).
+ * Set by VZKIT_AGENT_VSOCK_BUFFER or --vsock-buffer; see docs/vsock.md (performance). */
+#define VSOCK_BUFFER_DEFAULT (2u * 1024u * 1024u)
+#define VSOCK_BUFFER_MAX (64u * 1024u * 1024u)
+extern unsigned long g_vsock_buffer;
 
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void debugmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -130,6 +135,11 @@ uint32_t get_u32(const unsigned char *p);
 void put_u64(unsigned char *p, uint64_t v);
 void reset_child_signals(void);
 int write_all(int fd, const void *buf, size_t len);
+int parse_uint(const char *s, unsigned long max, unsigned long *out);
+/* Apply g_vsock_buffer to a vsock socket (a listener's accepted sockets inherit it). */
+void vsock_tune(int fd);
+/* Parse and set g_vsock_buffer; logs and returns -1 when invalid. */
+int set_vsock_buffer(const char *v);
 
 /* ---- serve.c ------------------------------------------------------------------------------ */
 

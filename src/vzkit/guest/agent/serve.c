@@ -675,6 +675,8 @@ static void vsock_check(void)
     a.svm_family = AF_VSOCK;
     a.svm_cid = VMADDR_CID_ANY;
     a.svm_port = G.opts->vsock_port;
+    if (fd >= 0)
+        vsock_tune(fd);
     if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, 16) < 0) {
         if (!G.vsock_logged)
             logmsg("vsock port %u unavailable (%s); retrying", G.opts->vsock_port,
