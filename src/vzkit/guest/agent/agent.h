@@ -22,6 +22,7 @@
 #define PROTO_NONCE_LEN 16 /* echoed in the HELLO reply so the host can find it in a stream */
 #define HDR_SIZE 12              /* u32 payload length, u8 type, 3 reserved bytes, u32 channel */
 #define MAX_PAYLOAD 65536u
+#define DATA_FRAME_PAYLOAD (MAX_PAYLOAD - HDR_SIZE) /* data frames the agent sends: 64 KiB */
 #define IN_WINDOW (256u * 1024u) /* host -> agent credit per channel (stdin, file data) */
 
 enum msg_type {

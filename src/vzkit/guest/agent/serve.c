@@ -124,8 +124,10 @@ int send_window(struct session *s, uint32_t id, uint32_t inc, uint32_t stream)
 
 ssize_t send_from_fd(struct session *s, uint8_t type, uint32_t id, int fd, size_t max)
 {
-    if (max > MAX_PAYLOAD)
-        max = MAX_PAYLOAD;
+    /* A full frame is 64 KiB with its header: one virtio-vsock packet (Linux sends at most
+     * 64 KiB per packet), where 64 KiB of payload would cost a second, 12-byte packet. */
+    if (max > DATA_FRAME_PAYLOAD)
+        max = DATA_FRAME_PAYLOAD;
     struct obuf *b = malloc(sizeof *b + HDR_SIZE + max);
     if (!b) {
         errno = ENOMEM;
