@@ -15,6 +15,13 @@ checked every time) go host -> guest and guest -> host over three paths:
   go over it without a second port; ``bench/vsock_thread_vs_process.py`` measures a raw
   ``virtserialport`` against raw vsock on a hand-built QEMU command line.)
 
+With ``--base-buffer BYTES`` (default 0: the guest kernel's own 256 KiB) two more paths run
+the same image with another guest vsock receive buffer (``vzkit-agent --vsock-buffer``):
+``relay_base`` (the relay started with ``--vsock-buffer BYTES``) and ``agent_vsock_base`` (a
+second agent, ``vzkit-agent serve --no-console --vsock-port P --vsock-buffer BYTES``,
+reached with an ``AgentClient`` of its own), so a tuning and its baseline are measured in one
+run, interleaved. ``--no-base`` leaves them out.
+
 Also per round: connection setup latency (``vm.vsock.connect`` to the agent's port until the
 hybrid ``OK``), median and p95; CPU seconds per GB moved of the vsock helper process and of
 QEMU's busiest thread (the TCG vCPU: the guest's own cost), and the device's counters
@@ -35,22 +42,30 @@ import platform
 import signal
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import vzkit
+from vzkit.guest._client import AgentClient
 
 RESULTS = Path(__file__).parent / "results"
 TICK = os.sysconf("SC_CLK_TCK")
-PATHS = ("relay", "agent_vsock", "agent_console")
+PATHS = ("relay", "relay_base", "agent_vsock", "agent_vsock_base", "agent_console")
 H2G_FILE = "/tmp/vsock-bench-h2g"
 G2H_FILE = "/tmp/vsock-bench-g2h"
 AGENT_PORT = 1024  # the vzkit agent's vsock port
+
+
+class Runner(Protocol):
+    def run(
+        self, args: list[str], *, input: bytes | None = ..., check: bool = ...
+    ) -> subprocess.CompletedProcess[bytes]: ...
 
 
 def proc_cpu(pid: int) -> tuple[float, float]:
@@ -147,23 +162,59 @@ def connect_retry(vm: vzkit.VirtualMachine, port: int) -> socket.socket:
 
 
 class Bench:
-    def __init__(self, vm: vzkit.VirtualMachine, probe: Probe, payload: bytes) -> None:
+    def __init__(
+        self, vm: vzkit.VirtualMachine, probe: Probe, payload: bytes, base_buffer: int | None
+    ) -> None:
         self.vm = vm
         self.probe = probe
         self.payload = payload
         self.digest = hashlib.sha256(payload).hexdigest()
         self.port = 5000
+        self.base_buffer = base_buffer
 
-    def _relay(self, command: str) -> socket.socket:
+    @contextlib.contextmanager
+    def base_agent(self) -> Iterator[AgentClient]:
+        """A second agent with the base buffer, for one step (it dies with the session that
+        started it, so each step starts its own, on a port of its own)."""
         self.port += 1
+        proc = self.vm.guest.popen(
+            ["vzkit-agent", "serve", "--no-console", "--vsock-port", str(self.port),
+             "--vsock-buffer", str(self.base_buffer)],
+            stdin=False,
+        )  # fmt: skip
+        client = AgentClient(connect_retry(self.vm, self.port), timeout=30)
+        try:
+            yield client
+        finally:
+            client.close()
+            proc.terminate()
+            proc.wait(timeout=30)
+
+    def _relay(self, command: str, base: bool = False) -> socket.socket:
+        self.port += 1
+        extra = ["--vsock-buffer", str(self.base_buffer)] if base else []
         self.vm.guest.popen(
-            ["vzkit-agent", "relay", "--listen-vsock", str(self.port), "--exec", command],
+            ["vzkit-agent", "relay", "--listen-vsock", str(self.port), "--exec", command, *extra],
             stdin=False,
         )
         return connect_retry(self.vm, self.port)
 
-    def relay_h2g(self, out: dict[str, Any]) -> None:
-        sock = self._relay(f"cat > {H2G_FILE}")
+    def relay_base_h2g(self, out: dict[str, Any]) -> None:
+        self.relay_h2g(out, base=True)
+
+    def relay_base_g2h(self, out: dict[str, Any]) -> None:
+        self.relay_g2h(out, base=True)
+
+    def agent_base_h2g(self, out: dict[str, Any]) -> None:
+        with self.base_agent() as client:
+            self.agent_h2g(out, client)
+
+    def agent_base_g2h(self, out: dict[str, Any]) -> None:
+        with self.base_agent() as client:
+            self.agent_g2h(out, client)
+
+    def relay_h2g(self, out: dict[str, Any], base: bool = False) -> None:
+        sock = self._relay(f"cat > {H2G_FILE}", base)
         view = memoryview(self.payload)
         with sock, self.probe.measure(out, len(self.payload)):
             for offset in range(0, len(view), 1 << 20):
@@ -172,8 +223,8 @@ class Bench:
             assert sock.recv(1) == b""  # EOF: `cat` has written everything and exited
         self._check_h2g()
 
-    def relay_g2h(self, out: dict[str, Any]) -> None:
-        sock = self._relay(f"cat {G2H_FILE}")
+    def relay_g2h(self, out: dict[str, Any], base: bool = False) -> None:
+        sock = self._relay(f"cat {G2H_FILE}", base)
         digest = hashlib.sha256()
         buf = bytearray(1 << 20)
         total = 0
@@ -184,14 +235,16 @@ class Bench:
         assert total == len(self.payload), (total, len(self.payload))
         assert digest.hexdigest() == self.digest, "guest -> host bytes differ"
 
-    def agent_h2g(self, out: dict[str, Any]) -> None:
+    def agent_h2g(self, out: dict[str, Any], runner: Runner | None = None) -> None:
+        guest = runner or self.vm.guest
         with self.probe.measure(out, len(self.payload)):
-            self.vm.guest.run(["sh", "-c", f"cat > {H2G_FILE}"], input=self.payload, check=True)
+            guest.run(["sh", "-c", f"cat > {H2G_FILE}"], input=self.payload, check=True)
         self._check_h2g()
 
-    def agent_g2h(self, out: dict[str, Any]) -> None:
+    def agent_g2h(self, out: dict[str, Any], runner: Runner | None = None) -> None:
+        guest = runner or self.vm.guest
         with self.probe.measure(out, len(self.payload)):
-            got = self.vm.guest.run(["cat", G2H_FILE], check=True).stdout
+            got = guest.run(["cat", G2H_FILE], check=True).stdout
         assert hashlib.sha256(got).hexdigest() == self.digest, "guest -> host bytes differ"
 
     def _check_h2g(self) -> None:
@@ -218,13 +271,19 @@ def one_round(bench: Bench, latency_samples: int) -> dict[str, Any]:
     result: dict[str, Any] = {}
     steps: list[tuple[str, Callable[[dict[str, Any]], None], str | None]] = [
         ("relay_h2g", bench.relay_h2g, None),
+        ("relay_base_h2g", bench.relay_base_h2g, None),
         ("agent_vsock_h2g", bench.agent_h2g, "vsock"),
+        ("agent_vsock_base_h2g", bench.agent_base_h2g, None),
         ("agent_console_h2g", bench.agent_h2g, "console"),
         ("relay_g2h", bench.relay_g2h, None),
+        ("relay_base_g2h", bench.relay_base_g2h, None),
         ("agent_vsock_g2h", bench.agent_g2h, "vsock"),
+        ("agent_vsock_base_g2h", bench.agent_base_g2h, None),
         ("agent_console_g2h", bench.agent_g2h, "console"),
     ]
     for name, step, transport in steps:
+        if "_base_" in name and bench.base_buffer is None:
+            continue
         out: dict[str, Any] = {}
         with agent_transport(vm, transport) if transport else contextlib.nullcontext():
             step(out)
@@ -257,6 +316,9 @@ def print_table(med: dict[str, dict[str, float]]) -> None:
     for way in ("h2g", "g2h"):
         ratio = med[f"agent_vsock_{way}"]["mib_s"] / med[f"agent_console_{way}"]["mib_s"]
         print(f"{way}: agent over vsock / agent over the console port = {ratio:.2f}")
+        if f"agent_vsock_base_{way}" in med:
+            base = med[f"agent_vsock_base_{way}"]["mib_s"] / med[f"agent_console_{way}"]["mib_s"]
+            print(f"{way}: agent over vsock (base buffer) / the console port = {base:.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -265,6 +327,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--arch", default=None, help="guest architecture (default: the host's)")
     parser.add_argument("--latency-samples", type=int, default=50)
+    parser.add_argument(
+        "--base-buffer", type=int, default=0, metavar="BYTES",
+        help="guest vsock buffer of the *_base paths (default 0: the kernel's 256 KiB)",
+    )  # fmt: skip
+    parser.add_argument("--no-base", action="store_true", help="leave out the *_base paths")
     args = parser.parse_args(argv)
     # The user-space device is what this measures (the kernel one, where it works, is not ours).
     os.environ.setdefault("VZKIT_VSOCK", "user")
@@ -282,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             vm.guest.wait_ready(timeout=120)
             vm.guest.write_file(G2H_FILE, payload)
             probe = Probe(vm, stats_path)
-            bench = Bench(vm, probe, payload)
+            bench = Bench(vm, probe, payload, None if args.no_base else args.base_buffer)
             for i in range(args.rounds):
                 result = one_round(bench, args.latency_samples)
                 rounds.append(result)
@@ -299,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
     path = RESULTS / f"vsock-{stamp}.json"
     path.write_text(json.dumps({
         "bench": "vsock", "time": stamp, "arch": str(cfg.arch), "mib": args.mib,
-        "rounds": args.rounds, "transport": "user" if probe.helper_pid else "kernel",
+        "rounds": args.rounds, "base_buffer": None if args.no_base else args.base_buffer,
+        "transport": "user" if probe.helper_pid else "kernel",
         "host": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
         "python": platform.python_version(), "medians": med, "raw": rounds,
     }, indent=2) + "\n")  # fmt: skip

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import hashlib
 import os
 import random
@@ -182,6 +183,34 @@ def test_churn_async_twin_and_what_a_stop_does(vms: VMFactory, tmp_path: Path) -
     assert not list((tmp_path / "vm").glob("vsock.sock*"))
     with pytest.raises(vzkit.StateError):
         vm.vsock.connect(5000)
+
+
+def pushed_until_stalled(sock: socket.socket, stall: float = 3.0) -> int:
+    """Bytes the host gets in before the stream stops taking more for ``stall`` seconds."""
+    sock.settimeout(stall)
+    chunk, total = b"\0" * (64 * 1024), 0
+    with contextlib.suppress(TimeoutError):
+        while total < 16 * MIB:
+            total += sock.send(chunk)
+    return total
+
+
+def test_the_guest_receive_buffer_is_the_window(vms: VMFactory) -> None:
+    """The relay's vsock buffer (2 MiB unless --vsock-buffer) is the window the host gets:
+    with a guest reader that does not read, the host fills it, the relay's 64 KiB and its
+    pipe, and its own Unix socket to the device; with the kernel's 256 KiB (--vsock-buffer
+    0) all of that stays under 1 MiB."""
+    vm = vms.create("x86_64")
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=90)
+    pushed = {}
+    for port, extra in ((5000, "--vsock-buffer 0"), (5001, "")):
+        vm.guest.popen(["sh", "-c", f"{RELAY} --listen-vsock {port} --exec 'sleep 60' {extra}"],
+                       stdin=False)  # fmt: skip
+        with connect_when_listening(vm, port) as sock:
+            pushed[port] = pushed_until_stalled(sock)
+    assert pushed[5000] < MIB, pushed
+    assert pushed[5001] > 3 * MIB // 2, pushed
 
 
 def test_vm_killed_mid_transfer(vms: VMFactory) -> None:

@@ -602,3 +602,55 @@ def test_relay_connect_exits_with_the_commands_status(agent: Path, tmp_path: Pat
             conn.sendall(b"ping\n")
             assert conn.makefile("rb").read() == b"got ping\n"
         assert proc.wait(5) == 7
+
+
+# ---- sizes that matter on vsock ---------------------------------------------------------------
+
+
+def test_full_data_frames_are_64_kib_with_their_header(server: Path) -> None:
+    """One virtio-vsock packet per full frame (Linux sends at most 64 KiB per packet)."""
+    size = 1 << 20
+    request = ExecRequest((b"head", b"-c", str(size).encode(), b"/dev/zero"), window=4 * MB)
+    with RawSession(server) as raw:
+        raw.hello()
+        raw.send(encode_frame(MsgType.EXEC, 1, request.encode()))
+        lengths = []
+        while (frame := raw.recv()) is not None and frame.type != MsgType.EXIT:
+            if frame.type == MsgType.STDOUT:
+                lengths.append(len(frame.payload))
+    assert sum(lengths) == size
+    assert max(lengths) == 65536 - HEADER_SIZE
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        (["serve", "--stdio", "--vsock-buffer", "lots"], None),
+        (["serve", "--stdio", "--vsock-buffer", str(1 << 40)], None),
+        (["relay", "--listen-unix", "x", "--exec", "cat", "--vsock-buffer", "-1"], None),
+        (["serve", "--stdio"], "2MiB"),
+    ],
+)
+def test_bad_vsock_buffer_sizes_are_refused(
+    agent: Path, tmp_path: Path, argv: list[str], env: str | None
+) -> None:
+    environ = dict(os.environ)
+    if env is not None:
+        environ["VZKIT_AGENT_VSOCK_BUFFER"] = env
+    result = subprocess.run(
+        [agent, *argv], env=environ, cwd=tmp_path, capture_output=True, timeout=10, check=False
+    )
+    assert result.returncode == 2
+    assert b"bad vsock buffer size" in result.stderr
+
+
+def test_a_vsock_buffer_size_is_accepted(agent: Path) -> None:
+    ours, theirs = socket.socketpair()
+    environ = dict(os.environ, VZKIT_AGENT_VSOCK_BUFFER="1048576")
+    argv = [agent, "serve", "--stdio", "--vsock-buffer", "0"]
+    proc = subprocess.Popen(argv, stdin=theirs, stdout=theirs, env=environ)
+    theirs.close()
+    with AgentClient(ours) as client:
+        assert client.run(["echo", "ok"]).stdout == b"ok\n"
+        client.poweroff()
+    assert proc.wait(5) == 0

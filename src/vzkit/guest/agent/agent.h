@@ -22,6 +22,7 @@
 #define PROTO_NONCE_LEN 16 /* echoed in the HELLO reply so the host can find it in a stream */
 #define HDR_SIZE 12              /* u32 payload length, u8 type, 3 reserved bytes, u32 channel */
 #define MAX_PAYLOAD 65536u
+#define DATA_FRAME_PAYLOAD (MAX_PAYLOAD - HDR_SIZE) /* data frames the agent sends: 64 KiB */
 #define IN_WINDOW (256u * 1024u) /* host -> agent credit per channel (stdin, file data) */
 
 enum msg_type {
@@ -120,6 +121,11 @@ struct session {
 
 extern bool g_verbose;
 extern bool g_test_mode; /* --stdio / --unix: POWEROFF exits the agent instead */
+/* Receive buffer of every vsock socket (SO_VM_SOCKETS_BUFFER_SIZE; 0: the kernel's 256 KiB).
+ * Set by VZKIT_AGENT_VSOCK_BUFFER or --vsock-buffer; see docs/vsock.md (performance). */
+#define VSOCK_BUFFER_DEFAULT (2u * 1024u * 1024u)
+#define VSOCK_BUFFER_MAX (64u * 1024u * 1024u)
+extern unsigned long g_vsock_buffer;
 
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void debugmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -130,6 +136,11 @@ uint32_t get_u32(const unsigned char *p);
 void put_u64(unsigned char *p, uint64_t v);
 void reset_child_signals(void);
 int write_all(int fd, const void *buf, size_t len);
+int parse_uint(const char *s, unsigned long max, unsigned long *out);
+/* Apply g_vsock_buffer to a vsock socket (a listener's accepted sockets inherit it). */
+void vsock_tune(int fd);
+/* Parse and set g_vsock_buffer; logs and returns -1 when invalid. */
+int set_vsock_buffer(const char *v);
 
 /* ---- serve.c ------------------------------------------------------------------------------ */
 

@@ -424,7 +424,9 @@ void chan_on_readable(struct chan *c, int stream)
 {
     struct session *s = c->sess;
     uint8_t type = c->kind == CH_READ ? T_FILE_DATA : stream == STREAM_OUT ? T_STDOUT : T_STDERR;
-    uint64_t want = c->window[stream] < MAX_PAYLOAD ? c->window[stream] : MAX_PAYLOAD;
+    uint64_t want = c->window[stream];
+    if (want > DATA_FRAME_PAYLOAD)
+        want = DATA_FRAME_PAYLOAD;
     ssize_t n = send_from_fd(s, type, c->id, c->fd[stream], (size_t)want);
     if (n > 0) {
         c->window[stream] -= (uint64_t)n;

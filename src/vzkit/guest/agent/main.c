@@ -3,16 +3,19 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <linux/vm_sockets.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <time.h>
 #include <unistd.h>
 
 bool g_verbose;
 bool g_test_mode;
+unsigned long g_vsock_buffer = VSOCK_BUFFER_DEFAULT;
 
 static void vlog(const char *fmt, va_list ap)
 {
@@ -106,6 +109,17 @@ int write_all(int fd, const void *buf, size_t len)
     return 0;
 }
 
+void vsock_tune(int fd)
+{
+    if (!g_vsock_buffer)
+        return;
+    /* The maximum first: the kernel clamps the size to [min, max]. */
+    unsigned long long v = g_vsock_buffer;
+    if (setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_BUFFER_MAX_SIZE, &v, sizeof v) < 0 ||
+        setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, &v, sizeof v) < 0)
+        debugmsg("vsock buffer size %llu: %s", v, strerror(errno));
+}
+
 /* fds 0-2 always exist, so pipes and sockets never land on them. */
 static void ensure_std_fds(void)
 {
@@ -122,16 +136,20 @@ static void ensure_std_fds(void)
 
 static const char USAGE[] =
     "usage: vzkit-agent serve [--vsock-port PORT] [--no-vsock] [--port-name NAME]\n"
-    "                         [--no-console] [--stdio | --unix PATH] [--verbose]\n"
+    "                         [--no-console] [--stdio | --unix PATH] [--vsock-buffer BYTES]\n"
+    "                         [--verbose]\n"
     "       vzkit-agent relay (--listen-vsock PORT | --connect-vsock CID:PORT |\n"
     "                          --listen-unix PATH | --connect-unix PATH) --exec CMD\n"
+    "                         [--vsock-buffer BYTES]\n"
     "       vzkit-agent --version\n"
     "\n"
     "serve: answer the vzkit agent protocol on vsock port 1024 and on the virtio console\n"
     "port org.vzkit.agent.0 (--stdio / --unix PATH replace both, for tests on a host).\n"
-    "relay: bridge one stream connection at a time to `/bin/sh -c CMD`'s stdin/stdout.\n";
+    "relay: bridge one stream connection at a time to `/bin/sh -c CMD`'s stdin/stdout.\n"
+    "--vsock-buffer (default: $VZKIT_AGENT_VSOCK_BUFFER, else 2 MiB): the receive buffer\n"
+    "of vsock sockets, SO_VM_SOCKETS_BUFFER_SIZE; 0 keeps the kernel's.\n";
 
-static int parse_uint(const char *s, unsigned long max, unsigned long *out)
+int parse_uint(const char *s, unsigned long max, unsigned long *out)
 {
     char *end;
     errno = 0;
@@ -139,6 +157,17 @@ static int parse_uint(const char *s, unsigned long max, unsigned long *out)
     if (errno || end == s || *end || v > max)
         return -1;
     *out = v;
+    return 0;
+}
+
+int set_vsock_buffer(const char *v)
+{
+    unsigned long n;
+    if (parse_uint(v, VSOCK_BUFFER_MAX, &n) < 0) {
+        logmsg("bad vsock buffer size %s (bytes, at most %u)", v, VSOCK_BUFFER_MAX);
+        return -1;
+    }
+    g_vsock_buffer = n;
     return 0;
 }
 
@@ -162,6 +191,10 @@ static int serve_cmd(int argc, char **argv)
             }
             o.vsock_port = (unsigned)n;
             explicit_vsock = true;
+            i++;
+        } else if (!strcmp(a, "--vsock-buffer") && v) {
+            if (set_vsock_buffer(v) < 0)
+                return 2;
             i++;
         } else if (!strcmp(a, "--no-vsock")) {
             o.vsock = false;
@@ -198,6 +231,9 @@ static int serve_cmd(int argc, char **argv)
 int main(int argc, char **argv)
 {
     ensure_std_fds();
+    const char *env = getenv("VZKIT_AGENT_VSOCK_BUFFER");
+    if (env && *env && set_vsock_buffer(env) < 0)
+        return 2;
     if (argc >= 2 && !strcmp(argv[1], "serve"))
         return serve_cmd(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "relay"))

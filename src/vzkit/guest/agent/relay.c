@@ -232,6 +232,10 @@ int relay_main(int argc, char **argv)
         } else if (v && !strcmp(argv[i], "--exec")) {
             cmd = v;
             i++;
+        } else if (v && !strcmp(argv[i], "--vsock-buffer")) {
+            if (set_vsock_buffer(v) < 0)
+                return 2;
+            i++;
         } else if (!strcmp(argv[i], "--verbose") || !strcmp(argv[i], "-v")) {
             g_verbose = true;
         } else {
@@ -241,7 +245,7 @@ int relay_main(int argc, char **argv)
     }
     if (!mode || !cmd) {
         logmsg("usage: vzkit-agent relay (--listen-vsock PORT | --connect-vsock CID:PORT | "
-               "--listen-unix PATH | --connect-unix PATH) --exec CMD");
+               "--listen-unix PATH | --connect-unix PATH) --exec CMD [--vsock-buffer BYTES]");
         return 2;
     }
     bool listening = !strncmp(mode, "listen", 6);
@@ -259,6 +263,8 @@ int relay_main(int argc, char **argv)
         logmsg("relay: socket: %s", strerror(errno));
         return 1;
     }
+    if (family == AF_VSOCK)
+        vsock_tune(fd);
     if (!listening) {
         if (connect(fd, (struct sockaddr *)&ss, alen) < 0) {
             logmsg("relay: connect %s: %s", spec, strerror(errno));

@@ -124,8 +124,10 @@ int send_window(struct session *s, uint32_t id, uint32_t inc, uint32_t stream)
 
 ssize_t send_from_fd(struct session *s, uint8_t type, uint32_t id, int fd, size_t max)
 {
-    if (max > MAX_PAYLOAD)
-        max = MAX_PAYLOAD;
+    /* A full frame is 64 KiB with its header: one virtio-vsock packet (Linux sends at most
+     * 64 KiB per packet), where 64 KiB of payload would cost a second, 12-byte packet. */
+    if (max > DATA_FRAME_PAYLOAD)
+        max = DATA_FRAME_PAYLOAD;
     struct obuf *b = malloc(sizeof *b + HDR_SIZE + max);
     if (!b) {
         errno = ENOMEM;
@@ -675,6 +677,8 @@ static void vsock_check(void)
     a.svm_family = AF_VSOCK;
     a.svm_cid = VMADDR_CID_ANY;
     a.svm_port = G.opts->vsock_port;
+    if (fd >= 0)
+        vsock_tune(fd);
     if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof a) < 0 || listen(fd, 16) < 0) {
         if (!G.vsock_logged)
             logmsg("vsock port %u unavailable (%s); retrying", G.opts->vsock_port,
