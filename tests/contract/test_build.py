@@ -480,3 +480,18 @@ def test_a_gzip_kernel_is_decompressed_once_into_the_state_dir(
     with pytest.raises(vzkit.ConfigError, match="gzip-compressed but cannot be decompressed"):
         vzb.build_linux_vm_config(cfg)
     assert sorted(p.name for p in files["state"].iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_cmdline_for_qemus_serial_port_gets_the_virtio_console(
+    fake: FakeRuntime, files: dict[str, Path]
+) -> None:
+    qemu_style = direct(files, cmdline="console=ttyAMA0 quiet")
+    loader = render(fake, vzb.build_linux_vm_config(qemu_style))["bootLoader"]
+    assert loader["commandLine"] == "console=ttyAMA0 quiet console=hvc0"
+    ready = direct(files, cmdline="console=hvc0 quiet")
+    assert render(fake, vzb.build_linux_vm_config(ready))["bootLoader"]["commandLine"] == (
+        "console=hvc0 quiet"
+    )
+    silent = direct(files, cmdline="quiet", console="none")
+    assert render(fake, vzb.build_linux_vm_config(silent))["bootLoader"]["commandLine"] == "quiet"
+    assert take_violations(fake) == []

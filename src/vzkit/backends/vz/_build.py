@@ -226,6 +226,18 @@ def kernel_for_vz(kernel: Path, state_dir: Path) -> Path:
     return target
 
 
+def vz_cmdline(cfg: LinuxVMConfig) -> str:
+    """The config's command line (or the seed's default) with the framework's console last.
+
+    A VZ serial port is a virtio console, ``hvc0``; a command line written for QEMU (the
+    default guest's ``console=ttyS0``/``ttyAMA0``) gets ``console=hvc0`` appended, so kernel
+    messages and the guest's console shell reach the VM's console."""
+    cmdline = cfg.cmdline or DEFAULT_CMDLINE
+    if cfg.console is not ConsoleMode.NONE and "console=hvc0" not in cmdline.split():
+        cmdline += " console=hvc0"
+    return cmdline
+
+
 def linux_boot_loader_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
     """Direct kernel boot: kernel (decompressed if need be), optional initrd, the command
     line (or the seed's default)."""
@@ -235,7 +247,7 @@ def linux_boot_loader_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
     if cfg.initrd_path is not None:
         loader.setInitialRamdiskURL_(_url(cfg.initrd_path))
     shares = share_cmdline(cfg.volumes)  # the default guest mounts them at /mnt/<tag>
-    cmdline = cfg.cmdline or DEFAULT_CMDLINE
+    cmdline = vz_cmdline(cfg)
     loader.setCommandLine_(f"{cmdline} {shares}" if shares else cmdline)
     return loader
 
