@@ -27,7 +27,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from typing import Any, TypeAlias
 
-from vzkit._loop import in_loop_thread, run_sync, wrap
+from vzkit._loop import get_loop, in_loop_thread, run_sync, wrap
 from vzkit.errors import GuestError, VMTimeoutError
 
 from ._protocol import (
@@ -633,13 +633,24 @@ async def _call(fn: Callable[[], None]) -> None:
 
 
 def _on_loop(fn: Callable[[], None]) -> None:
-    """``fn()`` on the shared loop, also when called there (e.g. by a finalizer); a closed
-    connection is no error here."""
-    with contextlib.suppress(GuestError):
-        if in_loop_thread():
+    """Schedule ``fn()`` on the shared loop without waiting for it (channels are not
+    thread-safe); a closed connection is no error here.
+
+    Never blocks: ``close()`` also runs from finalizers, at any point of any thread and under
+    whatever locks it holds (e.g. ``concurrent.futures``' global lock inside
+    ``ThreadPoolExecutor.submit``, which the loop thread needs too: waiting here deadlocked).
+    Later calls from the same thread are queued behind it, so their order holds.
+    """
+
+    def guarded() -> None:
+        with contextlib.suppress(GuestError):
             fn()
-        else:
-            run_sync(_call(fn))
+
+    if in_loop_thread():
+        guarded()
+        return
+    with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter shutdown)
+        get_loop().call_soon_threadsafe(guarded)
 
 
 class _ProcessBase:
