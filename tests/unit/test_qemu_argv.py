@@ -287,6 +287,10 @@ def test_restore_plan_waits_for_incoming_on_the_overlay(files: dict[str, Path]) 
     )
     argv = build_argv(restored)
     assert _opt(argv, "-incoming") == ["defer"]
+    shared = build_argv(dataclasses.replace(restored, shared_memory=True))
+    assert "memory-backend-memfd,id=mem0,size=1024M,share=on,prealloc=on,prealloc-threads=2" in (
+        _opt(shared, "-object")
+    )
     assert "-S" in argv
     (blockdev,) = _opt(argv, "-blockdev")
     assert blockdev.startswith("driver=qcow2,node-name=disk0,")

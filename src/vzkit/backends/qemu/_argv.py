@@ -119,7 +119,13 @@ def machine_args(plan: Plan) -> list[str]:
     memory: list[str] = []
     if plan.shared_memory:
         machine += ",memory-backend=mem0"
-        memory = ["-object", f"memory-backend-memfd,id=mem0,size={cfg.memory_mb}M,share=on"]
+        backend = f"memory-backend-memfd,id=mem0,size={cfg.memory_mb}M,share=on"
+        if plan.incoming:
+            # Loading a state reads every guest page, and a read of a shmem hole allocates
+            # it: allocating up front with two threads is faster (measured: restore of a
+            # 512 MiB guest 0.51 s -> 0.34 s). Shared RAM is then fully allocated either way.
+            backend += ",prealloc=on,prealloc-threads=2"
+        memory = ["-object", backend]
     return [
         "-machine", machine,
         "-cpu", cpu,

@@ -267,7 +267,8 @@ class QemuMachine:
             return
         bus = {"bus": _argv.VSOCK_PORT}
         try:
-            await vsock.prepare()
+            if not vsock.prepared:
+                await vsock.prepare()
             if vsock.kernel:
                 assert vsock.kernel_fd is not None
                 qmp.send_fd_scm(vsock.kernel_fd)
@@ -388,9 +389,13 @@ class QemuMachine:
                 self.config, self.runtime_dir, self.state_dir / "vsock.log"
             )
         try:
-            if vsock is not None and vsock_device:
+            if vsock is not None:  # a restore plugs this one in later: it starts meanwhile
                 await vsock.prepare()
-            plan = await self._plan(theirs.fileno(), agent_theirs.fileno(), vsock)
+            plan = await self._plan(
+                theirs.fileno(), agent_theirs.fileno(), vsock if vsock_device else None
+            )
+            if vsock is not None:
+                plan = dataclasses.replace(plan, shared_memory=True)
             # -- shares: start the virtiofsds, hand their sockets to QEMU
             shares = await self._shares.start(
                 self.config.tagged_volumes(), self.runtime_dir, self.state_dir
@@ -410,7 +415,7 @@ class QemuMachine:
                     pass_fds=(
                         theirs.fileno(),
                         agent_theirs.fileno(),
-                        *(vsock.pass_fds() if vsock is not None else ()),
+                        *(vsock.pass_fds() if vsock is not None and vsock_device else ()),
                         *self._shares.qemu_fds,
                     ),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
@@ -422,7 +427,7 @@ class QemuMachine:
             theirs.close()
             agent_theirs.close()
             self._shares.qemu_started()
-            if vsock is not None:
+            if vsock is not None and vsock_device:
                 vsock.after_spawn()
         self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
         qmp = QMPClient(f"vzkit-{self._proc.pid}")
@@ -620,6 +625,8 @@ class QemuMachine:
         finally:
             if paused:
                 await self.pause()
+        if self._vsock is not None:  # the next device's helper starts while the state saves
+            await self._vsock.prepare()
 
     async def finish_save(self) -> None:
         """Plug a fresh vsock device back in (connections open before the save have ended)."""

@@ -156,6 +156,11 @@ class VsockTransport:
         return self.use_kernel
 
     @property
+    def prepared(self) -> bool:
+        """A device is ready for QEMU (its fd not handed over yet)."""
+        return self.kernel_fd is not None or self.qemu_fd is not None
+
+    @property
     def helper(self) -> OwnedProcess | None:
         return self._helper
 
