@@ -599,6 +599,33 @@ def _doctor_qemu() -> None:
             click.echo(f"      {guest.value} EFI firmware: {firmware.code}")
         except VzkitError as err:
             click.echo(f"      {guest.value} EFI firmware: {err}")
+    _doctor_devices()
+
+
+def _doctor_devices() -> None:
+    """Which vsock transport and which share daemon a VM would get here."""
+    import os
+
+    from .backends.qemu._virtiofs import find_virtiofsd
+    from .backends.qemu._vsock import VHOST_DEVICE
+
+    if sys.platform != "linux":
+        click.echo("      vsock: not on this host (QEMU's vhost devices need Linux)")
+    elif os.access(VHOST_DEVICE, os.R_OK | os.W_OK):
+        click.echo(f"      vsock: kernel vhost-vsock ({VHOST_DEVICE})")
+    else:
+        click.echo(f"      vsock: vzkit's user-space vhost-user-vsock device (no {VHOST_DEVICE})")
+    daemon = find_virtiofsd()
+    if daemon is None:
+        click.echo("      shares: virtio-9p (no virtiofsd found)")
+    else:
+        if daemon.readonly:
+            ro = "read-only shares with --readonly"
+        elif os.geteuid() == 0:
+            ro = "read-only shares from a private read-only bind"
+        else:
+            ro = "read-only shares on virtio-9p (the bind needs root)"
+        click.echo(f"      shares: VirtioFS, {daemon.flavour} virtiofsd {daemon.path} ({ro})")
 
 
 main.add_command(codesign_cmd)

@@ -241,3 +241,24 @@ def test_snapshot_rm_missing_and_bad_names(tmp_path: Path) -> None:
     assert "invalid snapshot name '../x'" in result.stderr
     assert not vm_dir.exists()
     assert run("snapshot", "rm", vm_dir).exit_code == 2  # a name is required
+
+
+def test_doctor_names_the_vsock_transport_and_the_share_daemon(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from vzkit.backends.qemu import _virtiofs, _vsock
+
+    monkeypatch.setattr(_vsock, "VHOST_DEVICE", str(tmp_path / "no-vhost-vsock"))
+    fake = _virtiofs.Virtiofsd(tmp_path / "virtiofsd", rust=True, readonly=True)
+    monkeypatch.setattr(_virtiofs, "find_virtiofsd", lambda: fake)
+    out = run("doctor").output
+    assert "vsock: vzkit's user-space vhost-user-vsock device" in out
+    daemon = tmp_path / "virtiofsd"
+    assert f"shares: VirtioFS, rust virtiofsd {daemon} (read-only shares with --readonly)" in out
+    device = tmp_path / "vhost-vsock"
+    device.write_bytes(b"")
+    monkeypatch.setattr(_vsock, "VHOST_DEVICE", str(device))
+    monkeypatch.setattr(_virtiofs, "find_virtiofsd", lambda: None)
+    out = run("doctor").output
+    assert f"vsock: kernel vhost-vsock ({device})" in out
+    assert "shares: virtio-9p (no virtiofsd found)" in out
