@@ -78,8 +78,12 @@ class VsockMuxer:
         connect_timeout_s: float = 5.0,
         close_timeout_s: float = 5.0,
         max_connections: int = 4096,
+        credit_step: int = CREDIT_STEP,
+        update_delay_s: float = 0.0,
     ) -> None:
         self._reactor = reactor
+        self.credit_step = credit_step
+        self.update_delay_s = update_delay_s
         self.guest_cid = guest_cid
         self.uds_path = uds_path
         self.buf_alloc = buf_alloc
@@ -178,10 +182,25 @@ class VsockMuxer:
                 txq.push(chain.head, 0)
             done += 1
         touched, self._touched = self._touched, {}
+        delay = self.update_delay_s
         for conn in touched:  # the guest may be waiting for credit: tell it what went through
             if not conn.closed and not conn.out and conn.fwd_cnt != conn.last_fwd_sent:
-                self._queue_update(conn)
+                if delay <= 0:
+                    self._queue_update(conn)
+                else:  # once the guest has sent nothing for `delay` (it may be out of credit)
+                    if conn.update_timer is not None:
+                        conn.update_timer.cancel()
+                    conn.update_timer = self._reactor.call_later(
+                        delay, functools.partial(self._late_update, conn)
+                    )
         self._flush_ctrl()
+
+    def _late_update(self, conn: Conn) -> None:
+        conn.update_timer = None
+        if not conn.closed and not conn.out and conn.fwd_cnt != conn.last_fwd_sent:
+            self.stats.late_credit_updates += 1
+            self._queue_update(conn)
+            self._flush_ctrl()
 
     def _bad_chain(self, vq: Virtqueue, err: ChainError) -> None:
         self.stats.bad_chains += 1
@@ -521,6 +540,9 @@ class VsockMuxer:
     def _forget(self, conn: Conn) -> None:
         if conn.timer is not None:
             conn.timer.cancel()
+        if conn.update_timer is not None:
+            conn.update_timer.cancel()
+            conn.update_timer = None
         if self._conns.get(conn.key) is conn:
             del self._conns[conn.key]
         if conn.host_initiated:
@@ -561,7 +583,9 @@ class VsockMuxer:
             self._queue(Op.CREDIT_UPDATE, 0, conn)
 
     def _maybe_update(self, conn: Conn) -> None:
-        if conn.fwd_cnt - conn.last_fwd_sent >= min(CREDIT_STEP, conn.buf_alloc // 4):
+        # A quarter of either buffer at most: Linux may bound its window by its own buffer.
+        step = min(self.credit_step, conn.buf_alloc // 4, conn.peer_buf_alloc // 4 or _U32)
+        if conn.fwd_cnt - conn.last_fwd_sent >= step:
             self._queue_update(conn)
             self._flush_ctrl()
 
