@@ -8,8 +8,10 @@ machine with credit flow control both ways:
 * guest -> host: we advertise ``buf_alloc`` and ``fwd_cnt`` (bytes written to the host socket).
   Bytes the host socket does not take at once wait in ``Conn.out``, which credit bounds by
   ``buf_alloc``; a guest that sends beyond its credit is reset. A credit update goes out
-  every :data:`CREDIT_STEP` bytes forwarded, and at the end of each tx batch once everything
-  received has been forwarded (the guest may use a smaller window than ours).
+  every ``credit_step`` bytes forwarded (:data:`CREDIT_STEP`, at most a quarter of either
+  side's buffer), and at the end of each tx batch once everything received has been forwarded
+  (the guest may use a smaller window than ours) — with ``update_delay_s``, only once the
+  guest has sent nothing for that long and no packet to it carried the new ``fwd_cnt``.
 * host -> guest: we read the host socket only while the guest's credit
   (``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)``) is positive and an rx buffer is free, straight
   into guest memory, so a guest that does not read holds the host writer back through the
