@@ -22,6 +22,13 @@ second agent, ``vzkit-agent serve --no-console --vsock-port P --vsock-buffer BYT
 reached with an ``AgentClient`` of its own), so a tuning and its baseline are measured in one
 run, interleaved. ``--no-base`` leaves them out.
 
+With ``--tune SPEC`` a second guest boots whose device helper runs with
+``VZKIT_VSOCK_TUNE=SPEC`` (e.g. ``buf_alloc=1048576,credit_step=262144,update_delay_ms=2``,
+see :mod:`vzkit.backends.qemu.vhost_vsock._helper`), and ``relay``, ``agent_vsock`` and
+``agent_console`` also run there, interleaved step by step with the first guest
+(``*_tuned_*``): a device tuning and its baseline in one run, each against the console port of
+its own guest.
+
 Also per round: connection setup latency (``vm.vsock.connect`` to the agent's port until the
 hybrid ``OK``), median and p95; CPU seconds per GB moved of the vsock helper process and of
 QEMU's busiest thread (the TCG vCPU: the guest's own cost), and the device's counters
@@ -266,26 +273,30 @@ class Bench:
         return sorted(times)
 
 
-def one_round(bench: Bench, latency_samples: int) -> dict[str, Any]:
-    vm = bench.vm
+def one_round(bench: Bench, latency_samples: int, tuned: Bench | None = None) -> dict[str, Any]:
     result: dict[str, Any] = {}
-    steps: list[tuple[str, Callable[[dict[str, Any]], None], str | None]] = [
-        ("relay_h2g", bench.relay_h2g, None),
-        ("relay_base_h2g", bench.relay_base_h2g, None),
-        ("agent_vsock_h2g", bench.agent_h2g, "vsock"),
-        ("agent_vsock_base_h2g", bench.agent_base_h2g, None),
-        ("agent_console_h2g", bench.agent_h2g, "console"),
-        ("relay_g2h", bench.relay_g2h, None),
-        ("relay_base_g2h", bench.relay_base_g2h, None),
-        ("agent_vsock_g2h", bench.agent_g2h, "vsock"),
-        ("agent_vsock_base_g2h", bench.agent_base_g2h, None),
-        ("agent_console_g2h", bench.agent_g2h, "console"),
-    ]
-    for name, step, transport in steps:
+    steps: list[tuple[str, Callable[[dict[str, Any]], None], str | None, Bench]] = []
+    for way in ("h2g", "g2h"):
+        for b, tag in ((bench, ""), (tuned, "_tuned")):
+            if b is not None:
+                steps.append((f"relay{tag}_{way}", getattr(b, f"relay_{way}"), None, b))
+            if b is bench:
+                steps.append((f"relay_base_{way}", getattr(b, f"relay_base_{way}"), None, b))
+        for b, tag in ((bench, ""), (tuned, "_tuned")):
+            if b is not None:
+                steps.append((f"agent_vsock{tag}_{way}", getattr(b, f"agent_{way}"), "vsock", b))
+            if b is bench:
+                steps.append((f"agent_vsock_base_{way}", getattr(b, f"agent_base_{way}"), None, b))
+        for b, tag in ((bench, ""), (tuned, "_tuned")):
+            if b is not None:
+                steps.append(
+                    (f"agent_console{tag}_{way}", getattr(b, f"agent_{way}"), "console", b)
+                )
+    for name, step, transport, owner in steps:
         if "_base_" in name and bench.base_buffer is None:
             continue
         out: dict[str, Any] = {}
-        with agent_transport(vm, transport) if transport else contextlib.nullcontext():
+        with agent_transport(owner.vm, transport) if transport else contextlib.nullcontext():
             step(out)
         result[name] = out
     lat = bench.connect_latency(latency_samples)
@@ -316,6 +327,10 @@ def print_table(med: dict[str, dict[str, float]]) -> None:
     for way in ("h2g", "g2h"):
         ratio = med[f"agent_vsock_{way}"]["mib_s"] / med[f"agent_console_{way}"]["mib_s"]
         print(f"{way}: agent over vsock / agent over the console port = {ratio:.2f}")
+        if f"agent_vsock_tuned_{way}" in med:
+            vs, con = med[f"agent_vsock_tuned_{way}"], med[f"agent_console_tuned_{way}"]
+            tuned = vs["mib_s"] / con["mib_s"]
+            print(f"{way}: tuned guest: agent over vsock / its console port = {tuned:.2f}")
         if f"agent_vsock_base_{way}" in med:
             base = med[f"agent_vsock_base_{way}"]["mib_s"] / med[f"agent_console_{way}"]["mib_s"]
             print(f"{way}: agent over vsock (base buffer) / the console port = {base:.2f}")
@@ -332,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         help="guest vsock buffer of the *_base paths (default 0: the kernel's 256 KiB)",
     )  # fmt: skip
     parser.add_argument("--no-base", action="store_true", help="leave out the *_base paths")
+    parser.add_argument(
+        "--tune", default=None, metavar="SPEC",
+        help="also run a second guest whose device helper has VZKIT_VSOCK_TUNE=SPEC",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     # The user-space device is what this measures (the kernel one, where it works, is not ours).
     os.environ.setdefault("VZKIT_VSOCK", "user")
@@ -344,14 +363,29 @@ def main(argv: list[str] | None = None) -> int:
         cfg = vzkit.default_guest_config(
             args.arch, memory_gb=1, network=vzkit.NetworkConfig(vzkit.NetworkMode.NONE)
         )
-        with vzkit.VirtualMachine(cfg, backend="qemu") as vm:
+        with contextlib.ExitStack() as stack:
+            vm = stack.enter_context(vzkit.VirtualMachine(cfg, backend="qemu"))
             vm.start(timeout=120)
             vm.guest.wait_ready(timeout=120)
             vm.guest.write_file(G2H_FILE, payload)
             probe = Probe(vm, stats_path)
             bench = Bench(vm, probe, payload, None if args.no_base else args.base_buffer)
+            tuned: Bench | None = None
+            if args.tune:
+                tuned_stats = Path(tmp) / "device-stats-tuned.json"
+                os.environ["VZKIT_VSOCK_STATS"] = str(tuned_stats)
+                os.environ["VZKIT_VSOCK_TUNE"] = args.tune  # read by the helper it starts
+                try:
+                    vm2 = stack.enter_context(vzkit.VirtualMachine(cfg, backend="qemu"))
+                    vm2.start(timeout=120)
+                finally:
+                    os.environ.pop("VZKIT_VSOCK_TUNE", None)
+                    os.environ["VZKIT_VSOCK_STATS"] = str(stats_path)
+                vm2.guest.wait_ready(timeout=120)
+                vm2.guest.write_file(G2H_FILE, payload)
+                tuned = Bench(vm2, Probe(vm2, tuned_stats), payload, None)
             for i in range(args.rounds):
-                result = one_round(bench, args.latency_samples)
+                result = one_round(bench, args.latency_samples, tuned)
                 rounds.append(result)
                 summary = ", ".join(
                     f"{k}={v['mib_s']:.1f}" for k, v in result.items() if "mib_s" in v
@@ -367,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text(json.dumps({
         "bench": "vsock", "time": stamp, "arch": str(cfg.arch), "mib": args.mib,
         "rounds": args.rounds, "base_buffer": None if args.no_base else args.base_buffer,
+        "tune": args.tune,
         "transport": "user" if probe.helper_pid else "kernel",
         "host": platform.node(), "cpus": os.cpu_count(), "load_avg": os.getloadavg(),
         "python": platform.python_version(), "medians": med, "raw": rounds,

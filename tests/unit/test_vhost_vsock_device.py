@@ -189,3 +189,17 @@ def test_helper_print_capabilities() -> None:
         timeout=30,
     )
     assert b'"type": "vsock"' in out.stdout
+
+
+def test_helper_tuning_from_the_environment() -> None:
+    """VZKIT_VSOCK_TUNE overrides the tuning options (bench/vsock.py compares them)."""
+    from vzkit.backends.qemu.vhost_vsock._helper import _apply_tune, _parser
+
+    args = _parser().parse_args(["--uds-path=x", "--fd=3", "--buf-alloc=4096"])
+    _apply_tune(args, "buf_alloc=1048576, credit_step=262144,update_delay_ms=1.5")
+    assert (args.buf_alloc, args.credit_step, args.update_delay_ms) == (1 << 20, 1 << 18, 1.5)
+    _apply_tune(args, "")
+    assert args.buf_alloc == 1 << 20
+    for bad in ("buf_alloc", "nope=1", "credit_step=big"):
+        with pytest.raises(SystemExit, match="VZKIT_VSOCK_TUNE"):
+            _apply_tune(args, bad)

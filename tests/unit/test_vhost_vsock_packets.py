@@ -104,10 +104,11 @@ def guest_connection(
     port: int,
     guest_port: int = 1024,
     listener: socket.socket | None = None,
+    buf_alloc: int = BUF,
 ) -> tuple[socket.socket, GuestConn]:
     """The fake guest connects to host ``port``; the host accepts."""
     lst = listener or host_listen(uds, port)
-    conn = GuestConn(fake, guest_port, port)
+    conn = GuestConn(fake, guest_port, port, buf_alloc)
     conn.control(Op.REQUEST)
     conn.wait(lambda: any(p.op == Op.RESPONSE for p in conn.packets))
     sock, _ = lst.accept()
@@ -498,6 +499,44 @@ def test_guest_using_a_smaller_window_never_stalls(
     assert recv_all(sock, len(data)) == data
     sender.join(20)
     assert not sender.is_alive()
+
+
+@pytest.mark.parametrize("window", [4096, 100_000])
+def test_deferred_credit_updates_never_stall_a_smaller_window(uds: Path, window: int) -> None:
+    """With ``update_delay_s`` the update owed at the end of a tx batch waits for the guest to
+    go quiet; a guest out of credit goes quiet, so it is unblocked after the delay."""
+    with attached(uds, buf_alloc=1 << 20, credit_step=256 * 1024, update_delay_s=0.002) as (
+        dev,
+        fake,
+    ):
+        sock, conn = guest_connection(uds, fake, 7000)
+        conn.window = window
+        data = os.urandom(1 << 20)
+        sender = threading.Thread(target=conn.send, args=(data, 20.0, 8192))
+        sender.start()
+        assert recv_all(sock, len(data)) == data
+        sender.join(20)
+        assert not sender.is_alive()
+        # below the step (a quarter of the guest's 256 KiB buf_alloc) only late updates help
+        assert (dev.stats.late_credit_updates > 0) == (window < 64 * 1024)
+
+
+def test_deferred_credit_updates_follow_the_step_while_the_guest_streams(uds: Path) -> None:
+    """A guest that keeps sending hears our fwd_cnt every ``credit_step`` bytes, not after
+    every tx batch; the deferred update still tells it where the stream ended."""
+    step = 128 * 1024
+    with attached(uds, buf_alloc=1 << 20, credit_step=step, update_delay_s=0.2) as (_dev, fake):
+        sock, conn = guest_connection(uds, fake, 7000, buf_alloc=1 << 20)
+        data = os.urandom(2 << 20)
+        reader = threading.Thread(target=lambda: recv_all(sock, len(data)))
+        reader.start()
+        for offset in range(0, len(data), 64 * 1024):  # one packet per tx batch
+            conn.send(data[offset : offset + 64 * 1024], 20.0)
+            time.sleep(0.005)
+        reader.join(20)
+        conn.wait(lambda: conn.peer_fwd_cnt == len(data))
+        updates = sum(p.op == Op.CREDIT_UPDATE for p in conn.packets)
+        assert updates <= len(data) // step + 2  # not one per batch (32)
 
 
 # -- shutdown ------------------------------------------------------------------------------

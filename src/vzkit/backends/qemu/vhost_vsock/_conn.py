@@ -36,6 +36,7 @@ class VsockStats:
     credit_updates_sent: int = 0
     credit_updates_received: int = 0
     credit_requests_sent: int = 0
+    late_credit_updates: int = 0  # of credit_updates_sent: after the guest's tx went idle
     loop_iterations: int = 0
 
     def as_dict(self) -> dict[str, int]:
@@ -53,7 +54,7 @@ class Conn:
         "buf_alloc", "closed", "credit_requested", "fd", "fwd_cnt", "guest_port", "guest_shut",
         "host_eof", "host_initiated", "host_port", "hup", "last_fwd_sent", "out",
         "out_uncounted", "parked", "peer_buf_alloc", "peer_fwd_cnt", "rx_cnt", "shut_wr_pending",
-        "sock", "state", "timer", "tx_cnt", "update_queued",
+        "sock", "state", "timer", "tx_cnt", "update_queued", "update_timer",
     )  # fmt: skip
 
     def __init__(
@@ -90,6 +91,7 @@ class Conn:
         self.credit_requested = False
         self.closed = False
         self.timer: Timer | None = None
+        self.update_timer: Timer | None = None  # a deferred credit update (update_delay_s)
 
     @property
     def key(self) -> tuple[int, int]:

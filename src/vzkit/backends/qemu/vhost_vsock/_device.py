@@ -31,7 +31,7 @@ from ._hybrid import HybridListener
 from ._reactor import EPOLLERR, EPOLLHUP, EPOLLIN, Reactor
 from ._vhost_user import F_VERSION_1, MessageReader, ProtocolError, VhostUserBackend
 from ._virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, RingError, Virtqueue
-from ._vsock import VsockMuxer
+from ._vsock import CREDIT_STEP, VsockMuxer
 
 __all__ = ["VhostUserVsockDevice"]
 
@@ -55,7 +55,9 @@ class VhostUserVsockDevice:
     line. ``event_idx``/``indirect`` choose the ring features offered. With
     ``stop_on_disconnect`` the loop ends when the front-end hangs up (helper process).
     ``poll_interval_s`` looks at running rings that often even without a kick (a safety net;
-    None: kicks only).
+    None: kicks only). ``credit_step``: forwarded guest bytes after which the guest hears our
+    ``fwd_cnt`` (at most ``buf_alloc // 4``); ``update_delay_s``: a credit update owed at the
+    end of a tx batch waits until the guest has sent nothing for that long (0: at once).
     """
 
     def __init__(
@@ -73,6 +75,8 @@ class VhostUserVsockDevice:
         indirect: bool = True,
         stop_on_disconnect: bool = False,
         poll_interval_s: float | None = 0.25,
+        credit_step: int = CREDIT_STEP,
+        update_delay_s: float = 0.0,
     ) -> None:
         if not 3 <= guest_cid <= _MAX_CID:
             raise ValueError(f"guest CID must be between 3 and {_MAX_CID}, not {guest_cid}")
@@ -97,6 +101,8 @@ class VhostUserVsockDevice:
             buf_alloc=buf_alloc,
             connect_timeout_s=connect_timeout_s,
             max_connections=max_connections,
+            credit_step=credit_step,
+            update_delay_s=update_delay_s,
         )
         self._listener = HybridListener(
             self._reactor,

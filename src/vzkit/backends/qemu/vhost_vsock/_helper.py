@@ -9,7 +9,8 @@ disconnects (QEMU is gone), removing its hybrid socket file.
 For measurements (``bench/vsock.py``): with ``VZKIT_VSOCK_STATS=PATH`` in the environment the
 helper writes its counters (:class:`VsockStats`) as JSON to PATH on ``SIGUSR1`` and when it
 exits; with ``VZKIT_VSOCK_PROFILE=PATH`` it runs under :mod:`cProfile` and writes the profile
-to PATH when it exits.
+to PATH when it exits. ``VZKIT_VSOCK_TUNE=key=value,...`` overrides the tuning options
+(``buf_alloc``, ``credit_step``, ``update_delay_ms``) so one benchmark can compare them.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pathlib import Path
 from types import FrameType
 
 from ._device import VhostUserVsockDevice
+from ._vsock import CREDIT_STEP
 
 __all__ = ["helper_argv", "main"]
 
@@ -65,14 +67,34 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--uds-path", type=Path, help="hybrid vsock socket (host side)")
     parser.add_argument("--guest-cid", type=int, default=3)
     parser.add_argument("--buf-alloc", type=int, default=256 * 1024)
+    parser.add_argument("--credit-step", type=int, default=CREDIT_STEP)
+    parser.add_argument("--update-delay-ms", type=float, default=0.0)
     parser.add_argument("--ready-fd", type=int, help="write READY here once the socket is bound")
     parser.add_argument("--print-capabilities", action="store_true")
     parser.add_argument("--log-level", default=os.environ.get("VZKIT_VSOCK_LOG", "WARNING"))
     return parser
 
 
+_TUNABLE = {"buf_alloc": int, "credit_step": int, "update_delay_ms": float}
+
+
+def _apply_tune(args: argparse.Namespace, spec: str) -> None:
+    """``key=value,...`` from ``VZKIT_VSOCK_TUNE`` over the parsed options."""
+    for item in filter(None, (part.strip() for part in spec.split(","))):
+        key, sep, value = item.partition("=")
+        convert = _TUNABLE.get(key.strip())
+        if not sep or convert is None:
+            raise SystemExit(f"VZKIT_VSOCK_TUNE: expected one of {sorted(_TUNABLE)}=VALUE, "
+                             f"not {item!r}")  # fmt: skip
+        try:
+            setattr(args, key.strip(), convert(value))
+        except ValueError:
+            raise SystemExit(f"VZKIT_VSOCK_TUNE: bad value in {item!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _apply_tune(args, os.environ.get("VZKIT_VSOCK_TUNE", ""))
     if args.print_capabilities:
         print(json.dumps({"type": "vsock", "features": []}))
         return 0
@@ -91,6 +113,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         vhost_path=args.socket_path,
         buf_alloc=args.buf_alloc,
         stop_on_disconnect=True,
+        credit_step=args.credit_step,
+        update_delay_s=args.update_delay_ms / 1000,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

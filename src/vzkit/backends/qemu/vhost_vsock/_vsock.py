@@ -8,8 +8,10 @@ machine with credit flow control both ways:
 * guest -> host: we advertise ``buf_alloc`` and ``fwd_cnt`` (bytes written to the host socket).
   Bytes the host socket does not take at once wait in ``Conn.out``, which credit bounds by
   ``buf_alloc``; a guest that sends beyond its credit is reset. A credit update goes out
-  every :data:`CREDIT_STEP` bytes forwarded, and at the end of each tx batch once everything
-  received has been forwarded (the guest may use a smaller window than ours).
+  every ``credit_step`` bytes forwarded (:data:`CREDIT_STEP`, at most a quarter of either
+  side's buffer), and at the end of each tx batch once everything received has been forwarded
+  (the guest may use a smaller window than ours) — with ``update_delay_s``, only once the
+  guest has sent nothing for that long and no packet to it carried the new ``fwd_cnt``.
 * host -> guest: we read the host socket only while the guest's credit
   (``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)``) is positive and an rx buffer is free, straight
   into guest memory, so a guest that does not read holds the host writer back through the
@@ -78,8 +80,12 @@ class VsockMuxer:
         connect_timeout_s: float = 5.0,
         close_timeout_s: float = 5.0,
         max_connections: int = 4096,
+        credit_step: int = CREDIT_STEP,
+        update_delay_s: float = 0.0,
     ) -> None:
         self._reactor = reactor
+        self.credit_step = credit_step
+        self.update_delay_s = update_delay_s
         self.guest_cid = guest_cid
         self.uds_path = uds_path
         self.buf_alloc = buf_alloc
@@ -178,10 +184,25 @@ class VsockMuxer:
                 txq.push(chain.head, 0)
             done += 1
         touched, self._touched = self._touched, {}
+        delay = self.update_delay_s
         for conn in touched:  # the guest may be waiting for credit: tell it what went through
             if not conn.closed and not conn.out and conn.fwd_cnt != conn.last_fwd_sent:
-                self._queue_update(conn)
+                if delay <= 0:
+                    self._queue_update(conn)
+                else:  # once the guest has sent nothing for `delay` (it may be out of credit)
+                    if conn.update_timer is not None:
+                        conn.update_timer.cancel()
+                    conn.update_timer = self._reactor.call_later(
+                        delay, functools.partial(self._late_update, conn)
+                    )
         self._flush_ctrl()
+
+    def _late_update(self, conn: Conn) -> None:
+        conn.update_timer = None
+        if not conn.closed and not conn.out and conn.fwd_cnt != conn.last_fwd_sent:
+            self.stats.late_credit_updates += 1
+            self._queue_update(conn)
+            self._flush_ctrl()
 
     def _bad_chain(self, vq: Virtqueue, err: ChainError) -> None:
         self.stats.bad_chains += 1
@@ -521,6 +542,9 @@ class VsockMuxer:
     def _forget(self, conn: Conn) -> None:
         if conn.timer is not None:
             conn.timer.cancel()
+        if conn.update_timer is not None:
+            conn.update_timer.cancel()
+            conn.update_timer = None
         if self._conns.get(conn.key) is conn:
             del self._conns[conn.key]
         if conn.host_initiated:
@@ -561,7 +585,9 @@ class VsockMuxer:
             self._queue(Op.CREDIT_UPDATE, 0, conn)
 
     def _maybe_update(self, conn: Conn) -> None:
-        if conn.fwd_cnt - conn.last_fwd_sent >= min(CREDIT_STEP, conn.buf_alloc // 4):
+        # A quarter of either buffer at most: Linux may bound its window by its own buffer.
+        step = min(self.credit_step, conn.buf_alloc // 4, conn.peer_buf_alloc // 4 or _U32)
+        if conn.fwd_cnt - conn.last_fwd_sent >= step:
             self._queue_update(conn)
             self._flush_ctrl()
 
