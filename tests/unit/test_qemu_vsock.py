@@ -135,3 +135,35 @@ def test_connect_while_the_device_is_unplugged_says_so(transport: VsockTransport
         asyncio.run(transport.connect(5000, 1))
     with pytest.raises(vzkit.ConfigError, match="vsock port"):
         asyncio.run(transport.connect(-5, 1))
+
+
+def test_the_kernel_device_needs_no_shared_ram(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """With /dev/vhost-vsock the guest RAM stays private (vhost-user alone needs a memfd,
+    which snapshots pay for); QEMU gets the claimed fd and CID."""
+    import asyncio
+
+    from vzkit.backends.qemu import _discover, _machine
+
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    devnull = os.open(os.devnull, os.O_RDWR)
+    monkeypatch.setattr(_vsock, "open_kernel_vhost", lambda cid: (devnull, 77))
+    monkeypatch.setattr(_discover, "find_qemu", lambda arch: Path("/usr/bin/qemu-fake"))
+    monkeypatch.setattr(_discover, "select_accelerator", lambda *a: "tcg")
+    seen: list[list[str]] = []
+
+    async def spawn(argv: list[str], **kwargs: object) -> None:
+        seen.append(list(argv))
+        raise OSError("not really starting QEMU")
+
+    monkeypatch.setattr(_machine, "spawn", spawn)
+    cfg = vzkit.LinuxVMConfig(kernel_path=kernel, state_dir=tmp_path / "vm", console="none")
+    machine = _machine.QemuMachine(cfg, lambda old, new: None)
+    with pytest.raises(OSError, match="not really"):
+        asyncio.run(machine.start())
+    (argv,) = seen
+    assert not any("memory-backend" in a for a in argv)
+    assert any(a.startswith("vhost-vsock-pci,id=vsock0,guest-cid=77,vhostfd=") for a in argv)
+    asyncio.run(machine.close())

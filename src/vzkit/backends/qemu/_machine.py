@@ -352,7 +352,7 @@ class QemuMachine:
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
             incoming=self._incoming,
             disk_override=self.disk_override,
-            shared_memory=vsock is not None,
+            shared_memory=vsock is not None and not vsock.kernel,
             vsock_fd=vsock.qemu_fd if vsock is not None else None,
             vhost_vsock_fd=vsock.kernel_fd if vsock is not None else None,
             vsock_cid=vsock.guest_cid if vsock is not None else 0,
@@ -394,7 +394,7 @@ class QemuMachine:
             plan = await self._plan(
                 theirs.fileno(), agent_theirs.fileno(), vsock if vsock_device else None
             )
-            if vsock is not None:
+            if vsock is not None and not vsock.kernel:  # vhost-user maps the guest's RAM
                 plan = dataclasses.replace(plan, shared_memory=True)
             # -- shares: start the virtiofsds, hand their sockets to QEMU
             shares = await self._shares.start(
