@@ -6,36 +6,13 @@ library and render; library errors become exit codes here.
 
 from __future__ import annotations
 
-import functools
-import sys
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
 
 import click
 
-from .errors import ConfigError, SpecError, VzkitError
+from ._cli_errors import handle_errors as _handle_errors
 
 __all__ = ["codesign_cmd", "macos_group"]
-
-F = TypeVar("F", bound=Callable[..., Any])
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-
-
-def _handle_errors(func: F) -> F:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (SpecError, ConfigError) as err:
-            click.echo(f"vzkit: error: {err}", err=True)
-            sys.exit(EXIT_USAGE)
-        except VzkitError as err:
-            click.echo(f"vzkit: error: {err}", err=True)
-            sys.exit(EXIT_FAILURE)
-
-    return wrapper  # type: ignore[return-value]
 
 
 @click.command("codesign")

@@ -1,23 +1,24 @@
 """The ``vzkit`` command line: parse, build a config, call the library, render.
 
-Library errors become exit codes here and only here.
+Library errors become exit codes at this edge only (:mod:`vzkit._cli_errors`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import signal
 import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from typing import IO, Any
 
 import click
 
 from . import __version__
+from ._cli_errors import EXIT_USAGE, F
+from ._cli_errors import handle_errors as _handle_errors
 from ._cli_macos import codesign_cmd, macos_group
 from ._config import ConsoleMode, LinuxVMConfig
 from ._disk import DiskFormat, create_disk_image
@@ -27,27 +28,6 @@ from ._snapshot import SnapshotManager, format_rfc3339
 from ._state import Arch, VMState
 from ._volume import parse_volume_spec
 from .errors import ConfigError, GuestError, SpecError, VzkitError
-
-F = TypeVar("F", bound=Callable[..., Any])
-
-#: Exit codes at the edge: usage-like errors share click's 2, everything else is 1.
-EXIT_USAGE = 2
-EXIT_FAILURE = 1
-
-
-def _handle_errors(func: F) -> F:
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except (SpecError, ConfigError) as err:
-            click.echo(f"vzkit: error: {err}", err=True)
-            sys.exit(EXIT_USAGE)
-        except VzkitError as err:
-            click.echo(f"vzkit: error: {err}", err=True)
-            sys.exit(EXIT_FAILURE)
-
-    return wrapper  # type: ignore[return-value]
 
 
 def _spec_callback(
