@@ -16,7 +16,7 @@ import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self, cast
 
 import tomli_w
 
@@ -73,8 +73,137 @@ def _as_path(name: str, value: object) -> Path | None:
     raise ConfigError(f"{name} must be a path, got {type(value).__name__} {value!r}")
 
 
+class ConfigData:
+    """What the VM configs share: ``replace``, plain data, TOML/JSON text and files.
+
+    Subclasses are frozen dataclasses; :data:`WHAT` names them in error messages. Fields are
+    encoded by type (paths, enums) or by name (``network``, ``volumes``, ``displays``,
+    ``publish``); ``None`` fields are left out and come back as their default.
+    """
+
+    __slots__ = ()
+    WHAT: ClassVar[str] = "VM config"
+
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes`` applied (and validated)."""
+        unknown = sorted(set(changes) - {f.name for f in fields(_dc(self))})
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        return cast(Self, dataclasses.replace(_dc(self), **changes))
+
+    # -- serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (str/int/float/bool/list/dict); ``None`` fields are left out."""
+        out: dict[str, Any] = {}
+        for f in fields(_dc(self)):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, Path):
+                value = str(value)
+            elif isinstance(value, enum.Enum):
+                value = value.value
+            elif f.name == "network":
+                value = {"mode": value.mode.value, "interface": value.interface}
+            elif f.name == "volumes":
+                value = [
+                    {"host_path": str(v.host_path), "tag": v.tag, "read_only": v.read_only}
+                    for v in value
+                ]
+            elif f.name in ("displays", "publish"):
+                value = [str(d) for d in value]
+            out[f.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Self:
+        """Inverse of :meth:`to_dict`; unknown keys are a :class:`ConfigError`."""
+        if not isinstance(data, Mapping):
+            raise ConfigError(f"a VM config must be a table/object, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in fields(cast(Any, cls))})
+        if unknown:
+            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
+        kwargs: dict[str, Any] = dict(data)
+        try:
+            if "network" in kwargs:
+                net = kwargs["network"]
+                if not isinstance(net, Mapping) or set(net) - {"mode", "interface"}:
+                    raise ConfigError(f"network must be a table with mode/interface, got {net!r}")
+                kwargs["network"] = NetworkConfig(
+                    NetworkMode(net.get("mode", "nat")), net.get("interface", "")
+                )
+            if "volumes" in kwargs:
+                vols = []
+                for v in kwargs["volumes"]:
+                    if not isinstance(v, Mapping) or set(v) - {"host_path", "tag", "read_only"}:
+                        raise ConfigError(f"each volume needs host_path[, tag, read_only]: {v!r}")
+                    vols.append(
+                        VolumeMount(v["host_path"], v.get("tag", ""), v.get("read_only", False))
+                    )
+                kwargs["volumes"] = tuple(vols)
+            if "displays" in kwargs:
+                kwargs["displays"] = tuple(parse_display_spec(s) for s in kwargs["displays"])
+            if "publish" in kwargs:
+                kwargs["publish"] = tuple(parse_port_spec(s) for s in kwargs["publish"])
+            return cls(**kwargs)
+        except ConfigError:
+            raise
+        except (SpecError, ValueError, KeyError, TypeError) as err:
+            raise ConfigError(f"invalid {cls.WHAT}: {err}") from err
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str) -> Self:
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"invalid JSON {cls.WHAT}: {err}") from err
+        return cls.from_dict(data)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> Self:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(f"invalid TOML {cls.WHAT}: {err}") from err
+        return cls.from_dict(data)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the config as TOML (``.toml``) or JSON (anything else), atomically."""
+        target = Path(path)
+        text = self.to_toml() if target.suffix == ".toml" else self.to_json()
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(text, encoding="utf-8")
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Self:
+        """Read a config written by :meth:`save` (TOML for ``.toml``, else JSON)."""
+        source = Path(path)
+        try:
+            text = source.read_text(encoding="utf-8")
+        except OSError as err:
+            raise ConfigError(f"cannot read VM config {str(source)!r}: {err.strerror}") from err
+        return cls.from_toml(text) if source.suffix == ".toml" else cls.from_json(text)
+
+
+def _dc(obj: object) -> Any:
+    """``obj`` as what :func:`dataclasses.fields` and ``replace`` take (the subclasses are
+    dataclasses; this base is not one)."""
+    return obj
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
-class LinuxVMConfig:
+class LinuxVMConfig(ConfigData):
     """Everything needed to boot a Linux guest.
 
     Boot mode: name ``kernel_path`` (optionally ``initrd_path`` and ``cmdline``) for direct
@@ -233,121 +362,6 @@ class LinuxVMConfig:
     def tagged_volumes(self) -> tuple[VolumeMount, ...]:
         """The volumes with unique tags filled in (see :func:`assign_volume_tags`)."""
         return assign_volume_tags(self.volumes)
-
-    def replace(self, **changes: Any) -> LinuxVMConfig:
-        """A copy with ``changes`` applied (and validated)."""
-        unknown = sorted(set(changes) - {f.name for f in fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    # -- serialisation -------------------------------------------------------------------
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (str/int/float/bool/list/dict); ``None`` fields are left out."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            if isinstance(value, Path):
-                value = str(value)
-            elif isinstance(value, enum.Enum):
-                value = value.value
-            elif f.name == "network":
-                value = {"mode": value.mode.value, "interface": value.interface}
-            elif f.name == "volumes":
-                value = [
-                    {"host_path": str(v.host_path), "tag": v.tag, "read_only": v.read_only}
-                    for v in value
-                ]
-            elif f.name in ("displays", "publish"):
-                value = [str(d) for d in value]
-            out[f.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> LinuxVMConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are a :class:`ConfigError`."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"a VM config must be a table/object, got {type(data).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-        kwargs: dict[str, Any] = dict(data)
-        try:
-            if "network" in kwargs:
-                net = kwargs["network"]
-                if not isinstance(net, Mapping) or set(net) - {"mode", "interface"}:
-                    raise ConfigError(f"network must be a table with mode/interface, got {net!r}")
-                kwargs["network"] = NetworkConfig(
-                    NetworkMode(net.get("mode", "nat")), net.get("interface", "")
-                )
-            if "volumes" in kwargs:
-                vols = []
-                for v in kwargs["volumes"]:
-                    if not isinstance(v, Mapping) or set(v) - {"host_path", "tag", "read_only"}:
-                        raise ConfigError(f"each volume needs host_path[, tag, read_only]: {v!r}")
-                    vols.append(
-                        VolumeMount(v["host_path"], v.get("tag", ""), v.get("read_only", False))
-                    )
-                kwargs["volumes"] = tuple(vols)
-            if "displays" in kwargs:
-                kwargs["displays"] = tuple(parse_display_spec(s) for s in kwargs["displays"])
-            if "publish" in kwargs:
-                kwargs["publish"] = tuple(parse_port_spec(s) for s in kwargs["publish"])
-        except (SpecError, ValueError, KeyError, TypeError) as err:
-            if isinstance(err, ConfigError):
-                raise
-            raise ConfigError(f"invalid VM config: {err}") from err
-        try:
-            return cls(**kwargs)
-        except TypeError as err:
-            raise ConfigError(f"invalid VM config: {err}") from err
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> LinuxVMConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"invalid JSON VM config: {err}") from err
-        return cls.from_dict(data)
-
-    def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
-
-    @classmethod
-    def from_toml(cls, text: str) -> LinuxVMConfig:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"invalid TOML VM config: {err}") from err
-        return cls.from_dict(data)
-
-    def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the config as TOML (``.toml``) or JSON (anything else), atomically."""
-        target = Path(path)
-        text = self.to_toml() if target.suffix == ".toml" else self.to_json()
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
-
-    @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> LinuxVMConfig:
-        """Read a config written by :meth:`save` (TOML for ``.toml``, else JSON)."""
-        source = Path(path)
-        try:
-            text = source.read_text(encoding="utf-8")
-        except OSError as err:
-            raise ConfigError(f"cannot read VM config {str(source)!r}: {err.strerror}") from err
-        return cls.from_toml(text) if source.suffix == ".toml" else cls.from_json(text)
 
 
 def _absolute_volume(vol: VolumeMount) -> VolumeMount:

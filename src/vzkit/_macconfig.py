@@ -22,19 +22,16 @@ import enum
 import json
 import math
 import os
-import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-import tomli_w
-
-from ._config import MAX_CPUS
-from ._display import DisplayConfig, default_display_config, parse_display_spec
-from ._network import NetworkConfig, NetworkMode
+from ._config import MAX_CPUS, ConfigData
+from ._display import DisplayConfig, default_display_config
+from ._network import NetworkConfig
 from ._volume import VolumeMount, assign_volume_tags
-from .errors import ConfigError, SpecError
+from .errors import ConfigError
 
 __all__ = [
     "MAC_AUX_FILE",
@@ -84,13 +81,15 @@ def _path(name: str, value: object) -> Path:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class MacVMConfig:
+class MacVMConfig(ConfigData):
     """A macOS guest kept in ``vm_dir``: install it once, then boot it like any VM.
 
     ``cpus`` and ``memory_gb`` must also satisfy the restore image's requirements (checked by
     the installer). ``displays`` defaults to the seed's Mac display (1920x1200 at 144 PPI);
     ``headless`` leaves out graphics, keyboard and pointing device.
     """
+
+    WHAT: ClassVar[str] = "macOS VM config"
 
     vm_dir: Path
     cpus: int = 4
@@ -238,89 +237,3 @@ class MacVMConfig:
                     f"{str(self.vm_dir)!r} holds no installed macOS ({path.name} is missing); "
                     "install one from a restore image first (vzkit.backends.vz.install_macos)"
                 )
-
-    # -- changes and serialisation -------------------------------------------------------
-
-    def replace(self, **changes: Any) -> MacVMConfig:
-        """A copy with ``changes`` applied (and validated)."""
-        unknown = sorted(set(changes) - {f.name for f in fields(self)})
-        if unknown:
-            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain data (str/int/float/bool/list/dict), the inverse of :meth:`from_dict`."""
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if isinstance(value, Path):
-                value = str(value)
-            elif isinstance(value, enum.Enum):
-                value = value.value
-            elif f.name == "network":
-                value = {"mode": value.mode.value, "interface": value.interface}
-            elif f.name == "volumes":
-                value = [
-                    {"host_path": str(v.host_path), "tag": v.tag, "read_only": v.read_only}
-                    for v in value
-                ]
-            elif f.name == "displays":
-                value = [str(d) for d in value]
-            out[f.name] = value
-        return out
-
-    @classmethod
-    def from_dict(cls, data: Mapping[str, Any]) -> MacVMConfig:
-        """Inverse of :meth:`to_dict`; unknown keys are a :class:`ConfigError`."""
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"a VM config must be a table/object, got {type(data).__name__}")
-        unknown = sorted(set(data) - {f.name for f in fields(cls)})
-        if unknown:
-            raise ConfigError(f"unknown config key(s): {', '.join(unknown)}")
-        kwargs: dict[str, Any] = dict(data)
-        try:
-            if "network" in kwargs:
-                net = kwargs["network"]
-                if not isinstance(net, Mapping) or set(net) - {"mode", "interface"}:
-                    raise ConfigError(f"network must be a table with mode/interface, got {net!r}")
-                kwargs["network"] = NetworkConfig(
-                    NetworkMode(net.get("mode", "nat")), net.get("interface", "")
-                )
-            if "volumes" in kwargs:
-                vols = []
-                for v in kwargs["volumes"]:
-                    if not isinstance(v, Mapping) or set(v) - {"host_path", "tag", "read_only"}:
-                        raise ConfigError(f"each volume needs host_path[, tag, read_only]: {v!r}")
-                    vols.append(
-                        VolumeMount(v["host_path"], v.get("tag", ""), v.get("read_only", False))
-                    )
-                kwargs["volumes"] = tuple(vols)
-            if "displays" in kwargs:
-                kwargs["displays"] = tuple(parse_display_spec(s) for s in kwargs["displays"])
-            return cls(**kwargs)
-        except ConfigError:
-            raise
-        except (SpecError, ValueError, KeyError, TypeError) as err:
-            raise ConfigError(f"invalid macOS VM config: {err}") from err
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False) + "\n"
-
-    @classmethod
-    def from_json(cls, text: str) -> MacVMConfig:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"invalid JSON VM config: {err}") from err
-        return cls.from_dict(data)
-
-    def to_toml(self) -> str:
-        return tomli_w.dumps(self.to_dict())
-
-    @classmethod
-    def from_toml(cls, text: str) -> MacVMConfig:
-        try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
-            raise ConfigError(f"invalid TOML VM config: {err}") from err
-        return cls.from_dict(data)
