@@ -216,13 +216,10 @@ class VMCore:
 
     async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
         self._vsock_ready("connect")
-        try:
-            return await _within(timeout, f"vsock connect to port {port}",
-                                 self.machine.vsock_connect(port, timeout))  # fmt: skip
-        except TimeoutError as err:
-            if isinstance(err, VMTimeoutError):
-                raise
-            raise VMTimeoutError(f"vsock connect to port {port} timed out") from err
+        # _within turns any TimeoutError (also the socket's own) into VMTimeoutError
+        return await _within(
+            timeout, f"vsock connect to port {port}", self.machine.vsock_connect(port, timeout)
+        )
 
     async def vsock_listen(self, port: int) -> VsockListenerLike:
         self._vsock_ready("listen")
