@@ -29,6 +29,7 @@ from .errors import ConfigError, SpecError
 __all__ = [
     "MAX_CPUS",
     "MIN_MEMORY_MB",
+    "ConfigData",
     "ConsoleMode",
     "LinuxVMConfig",
 ]

@@ -112,6 +112,26 @@ def test_find_virtiofsd_prefers_the_override_then_path_then_candidates(
     assert _virtiofs.find_virtiofsd() is None
 
 
+def test_a_daemon_is_asked_once_per_binary_version(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    daemon = _fake_daemon(tmp_path, "virtiofsd", C_HELP)
+    asked: list[str] = []
+    real = _virtiofs._run_text
+
+    def run_text(argv: list[str]) -> str:
+        asked.append(argv[-1])
+        return real(argv)
+
+    monkeypatch.setattr(_virtiofs, "_run_text", run_text)
+    first = _virtiofs._probe(daemon)
+    assert _virtiofs._probe(daemon) == first
+    assert asked == ["--help", "--version"]  # the second start asked nothing
+    daemon.write_text(daemon.read_text() + "\n# upgraded\n")  # a new binary is asked again
+    assert _virtiofs._probe(daemon) == first
+    assert asked == ["--help", "--version"] * 2
+
+
 C = Virtiofsd(Path("/usr/lib/qemu/virtiofsd"), rust=False, version="7.2.22")
 RUST_RO = Virtiofsd(Path("/usr/libexec/virtiofsd"), rust=True, version="1.11.1", readonly=True)
 RUST_OLD = Virtiofsd(Path("/usr/libexec/virtiofsd"), rust=True, version="1.10.0")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import functools
 import logging
 import os
 import re
@@ -120,8 +121,16 @@ def _run_text(argv: Sequence[str]) -> str:
 
 
 def _probe(path: Path) -> Virtiofsd | None:
+    """What the binary at ``path`` can do; asked once per binary version (every VM start
+    with shares looks), not once per start."""
     if not os.access(path, os.X_OK) or not path.is_file():
         return None
+    st = path.stat()
+    return _probe_binary(path, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _probe_binary(path: Path, mtime_ns: int, size: int) -> Virtiofsd | None:
     found = parse_virtiofsd_help(
         path, _run_text([str(path), "--help"]), _run_text([str(path), "--version"])
     )
