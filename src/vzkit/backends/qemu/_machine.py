@@ -230,7 +230,7 @@ class QemuMachine:
         vsock = self._require_vsock()
         if not vsock.attached:
             return
-        if self._argv_machine() == "microvm":
+        if _argv.machine_type(self.config) == "microvm":
             raise UnsupportedError(
                 "the vsock device cannot be unplugged on microvm (no PCI hot-plug)",
                 backend="qemu",
@@ -300,9 +300,6 @@ class QemuMachine:
             "qom-list", {"path": "/machine/peripheral"}
         )
         return {str(d.get("name")) for d in devices}
-
-    def _argv_machine(self) -> str:
-        return _argv.machine_type(self.config)
 
     @property
     def stderr_path(self) -> Path:

@@ -148,12 +148,8 @@ class VsockTransport:
         self._helper: OwnedProcess | None = None
         self._ready: int | None = None
         self._listeners: dict[int, VsockListener] = {}
-        self.use_kernel = False  # decided by prepare()
+        self.kernel = False  # kernel vhost-vsock (else the helper); decided by prepare()
         self.attached = False  # QEMU has the device (unplugged around a snapshot save)
-
-    @property
-    def kernel(self) -> bool:
-        return self.use_kernel
 
     @property
     def prepared(self) -> bool:
@@ -175,9 +171,10 @@ class VsockTransport:
             claimed = await asyncio.to_thread(open_kernel_vhost, self.guest_cid)
             if claimed is not None:
                 self.kernel_fd, self.guest_cid = claimed
-                self.use_kernel = True
+                self.kernel = True
                 log.info("vsock: kernel vhost-vsock, guest CID %d", self.guest_cid)
                 return
+        self.kernel = False
         await self._start_helper()
 
     async def stop_device(self) -> None:
