@@ -27,7 +27,7 @@ from vzkit._loop import run_sync
 from vzkit.backends.qemu._discover import user_cache_dir
 from vzkit.errors import GuestError
 from vzkit.guest._agent_build import build_agent, zig_command
-from vzkit.guest._client import AgentClient, AgentError, AsyncAgentClient
+from vzkit.guest._client import DEFAULT_WINDOW, AgentClient, AgentError, AsyncAgentClient
 from vzkit.guest._protocol import (
     HEADER_SIZE,
     ErrorInfo,
@@ -285,7 +285,7 @@ def test_100_mb_stdout_streams_with_bounded_memory(
     record_property("agent_peak_rss_mb", round(agent_mb, 1))
     print(f"100 MB in {elapsed:.2f} s; client +{growth_mb:.1f} MB; agent {agent_mb:.1f} MB")
     assert total == 100 * MB
-    assert buffered <= 256 * 1024, "never more than one window buffered"
+    assert buffered <= DEFAULT_WINDOW, "never more than one window buffered"
     assert growth_mb < 32
     assert agent_mb < 8
 
@@ -294,7 +294,7 @@ def test_a_slow_consumer_stalls_the_producer(client: AgentClient) -> None:
     proc = client.popen(["sh", "-c", "head -c 20000000 /dev/zero; echo finished >&2"], stdin=False)
     time.sleep(0.5)
     stream = proc._channel.stdout
-    assert stream.max_buffered <= 256 * 1024
+    assert stream.max_buffered <= DEFAULT_WINDOW
     assert proc.poll() is None, "blocked on a full window"
     assert len(proc.stdout.read()) == 20_000_000
     assert proc.stderr.read() == b"finished\n"
@@ -552,8 +552,9 @@ def test_window_overrun_and_channel_reuse_are_protocol_errors(server: Path) -> N
     with RawSession(server) as raw:
         hello = raw.hello()
         raw.send(encode_frame(MsgType.EXEC, 1, sleeper))
-        # sleep never reads: past one pipe buffer (64 KiB), nothing more is granted back
-        for _ in range(hello.window // 65536 + 2):
+        # sleep never reads: the 64 KiB its pipe takes is less than the quarter window the
+        # agent grants back at once, so one frame past the window overruns it
+        for _ in range(hello.window // 65536 + 1):
             raw.send(encode_frame(MsgType.STDIN, 1, b"\0" * 65536))
         raw.expect_session_error("channel 1 overran its window")
 

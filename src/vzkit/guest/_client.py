@@ -68,7 +68,7 @@ __all__ = [
 
 _log = logging.getLogger(__name__)
 
-DEFAULT_WINDOW = 256 * 1024
+DEFAULT_WINDOW = 1024 * 1024
 """Bytes of one output stream the agent may send ahead of the consumer."""
 
 _TIMEOUT_GRACE_S = 10.0  # how long past its timeout a command may take to be reported killed

@@ -23,7 +23,7 @@
 #define HDR_SIZE 12              /* u32 payload length, u8 type, 3 reserved bytes, u32 channel */
 #define MAX_PAYLOAD 65536u
 #define DATA_FRAME_PAYLOAD (MAX_PAYLOAD - HDR_SIZE) /* data frames the agent sends: 64 KiB */
-#define IN_WINDOW (256u * 1024u) /* host -> agent credit per channel (stdin, file data) */
+#define IN_WINDOW (1024u * 1024u) /* host -> agent credit per channel (stdin, file data) */
 
 enum msg_type {
     T_RESET = 0x00, /* all-zero header: end the session silently, wait for HELLO */

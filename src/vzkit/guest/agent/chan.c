@@ -478,7 +478,7 @@ void chan_on_stdin_writable(struct chan *c)
     }
     if (!c->in_head && c->in_eof)
         close_fd(&c->in_fd);
-    maybe_grant(c, !c->in_head);
+    maybe_grant(c, false);
 }
 
 static void write_failed(struct chan *c, int err)
