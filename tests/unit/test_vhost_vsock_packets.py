@@ -20,6 +20,7 @@ from vzkit.backends.qemu.vhost_vsock import (
     connect_hybrid,
     peer_port_from_address,
 )
+from vzkit.backends.qemu.vhost_vsock._device import TX_CALL_BATCH
 from vzkit.backends.qemu.vhost_vsock._fakedriver import FakeDriver
 from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._packet import (
@@ -29,8 +30,10 @@ from vzkit.backends.qemu.vhost_vsock._packet import (
     TYPE_STREAM,
     Op,
 )
+from vzkit.backends.qemu.vhost_vsock._vsock import BUF_ALLOC
 
-BUF = 256 * 1024
+BUF = BUF_ALLOC  # what the device advertises
+GUEST_BUF = 256 * 1024  # what a Linux guest advertises by default
 _SOCKETS: list[socket.socket] = []
 
 
@@ -104,7 +107,7 @@ def guest_connection(
     port: int,
     guest_port: int = 1024,
     listener: socket.socket | None = None,
-    buf_alloc: int = BUF,
+    buf_alloc: int = GUEST_BUF,
 ) -> tuple[socket.socket, GuestConn]:
     """The fake guest connects to host ``port``; the host accepts."""
     lst = listener or host_listen(uds, port)
@@ -443,7 +446,7 @@ def test_guest_exceeding_credit_is_reset(
     dev, fake = pair
     _sock, conn = guest_connection(uds, fake, 7000)
     chunk = b"y" * (64 * 1024)
-    for _ in range(10):  # 640 KiB: more than the credit plus what the host socket absorbs
+    for _ in range(BUF // len(chunk) + 10):  # more than the credit plus what the socket absorbs
         fake.send(Op.RW, 1024, 7000, chunk)
     conn.wait(lambda: conn.reset)
     assert dev.stats.credit_violations == 1
@@ -505,10 +508,10 @@ def test_guest_using_a_smaller_window_never_stalls(
 def test_deferred_credit_updates_never_stall_a_smaller_window(uds: Path, window: int) -> None:
     """With ``update_delay_s`` the update owed at the end of a tx batch waits for the guest to
     go quiet; a guest out of credit goes quiet, so it is unblocked after the delay."""
-    with attached(uds, buf_alloc=1 << 20, credit_step=256 * 1024, update_delay_s=0.002) as (
-        dev,
-        fake,
-    ):
+    # (tx interrupts at once: coalesced ones would make the guest go quiet now and then)
+    with attached(
+        uds, buf_alloc=1 << 20, credit_step=256 * 1024, update_delay_s=0.002, tx_call_delay_s=0
+    ) as (dev, fake):
         sock, conn = guest_connection(uds, fake, 7000)
         conn.window = window
         data = os.urandom(1 << 20)
@@ -699,3 +702,48 @@ def test_tx_is_held_back_while_control_backlog_is_full(uds: Path) -> None:
         got = len(fake.recv(CTRL_LIMIT + 60, ops=[Op.RST], timeout=20))
         fake.wait_tx_done()
         assert got == CTRL_LIMIT + 60
+
+
+# -- tx interrupts -----------------------------------------------------------------------------
+
+
+def _drain_tx_calls(fake: FakeDriver) -> None:
+    fake.tx.used_entries()  # (re-arms used_event)
+    while fake.tx.wait_call(0):
+        pass
+
+
+def test_tx_interrupts_wait_for_the_delay_when_nothing_goes_to_the_guest(uds: Path) -> None:
+    """Consumed tx packets are handed back at once but interrupted for only after
+    ``tx_call_delay_s`` when no rx interrupt goes out meanwhile; nothing is lost."""
+    with attached(uds, tx_call_delay_s=0.3, update_delay_s=30) as (dev, fake):
+        sock, _conn = guest_connection(uds, fake, 7000)
+        _drain_tx_calls(fake)
+        calls = dev.stats.calls_tx
+        for i in range(3):
+            fake.send(Op.RW, 1024, 7000, bytes([i]) * 100)
+        assert recv_all(sock, 300) == b"\0" * 100 + b"\1" * 100 + b"\2" * 100
+        assert not fake.tx.wait_call(0.1), "interrupted before the delay"
+        assert dev.stats.calls_tx == calls
+        assert fake.tx.wait_call(2.0), "never interrupted"
+        assert dev.stats.calls_tx == calls + 1  # one interrupt for the three
+        assert len(fake.tx.used_entries()) == 3
+        assert not fake.tx.chains
+
+
+def test_tx_interrupts_go_out_with_rx_interrupts_and_after_a_batch(uds: Path) -> None:
+    with attached(uds, tx_call_delay_s=30, update_delay_s=30) as (dev, fake):
+        sock, conn = guest_connection(uds, fake, 7000)
+        _drain_tx_calls(fake)
+        # an rx interrupt (the answer to a credit request) brings the tx one along
+        conn.control(Op.CREDIT_REQUEST)
+        assert fake.tx.wait_call(2.0)
+        assert len(fake.tx.used_entries()) == 1
+        # TX_CALL_BATCH consumed packets are interrupted for without waiting for the delay
+        calls = dev.stats.calls_tx
+        for _ in range(TX_CALL_BATCH):
+            fake.send(Op.RW, 1024, 7000, b"z" * 10)
+        assert recv_all(sock, 10 * TX_CALL_BATCH) == b"z" * 10 * TX_CALL_BATCH
+        assert fake.tx.wait_call(2.0)
+        assert dev.stats.calls_tx > calls
+        fake.wait_tx_done(timeout=2.0)

@@ -28,16 +28,21 @@ from types import TracebackType
 
 from ._conn import VsockStats
 from ._hybrid import HybridListener
-from ._reactor import EPOLLERR, EPOLLHUP, EPOLLIN, Reactor
+from ._reactor import EPOLLERR, EPOLLHUP, EPOLLIN, Reactor, Timer
 from ._vhost_user import F_VERSION_1, MessageReader, ProtocolError, VhostUserBackend
 from ._virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, RingError, Virtqueue
-from ._vsock import CREDIT_STEP, VsockMuxer
+from ._vsock import BUF_ALLOC, CREDIT_STEP, UPDATE_DELAY_S, VsockMuxer
 
 __all__ = ["VhostUserVsockDevice"]
 
 log = logging.getLogger(__name__)
 
 RX, TX = 0, 1
+# Interrupts for consumed tx packets are coalesced: the guest only frees those packets (Linux
+# queues a worker for it), so the call waits until an rx call goes out anyway, TX_CALL_BATCH
+# packets are done, or TX_CALL_DELAY_S has passed (see docs/vsock.md, "Performance").
+TX_CALL_DELAY_S = 0.002
+TX_CALL_BATCH = 16
 _REPLY_TIMEOUT_S = 5.0
 _QUEUE_NAMES = ("rx", "tx")
 _MAX_CID = 0xFFFFFFFF - 1
@@ -58,6 +63,8 @@ class VhostUserVsockDevice:
     None: kicks only). ``credit_step``: forwarded guest bytes after which the guest hears our
     ``fwd_cnt`` (at most ``buf_alloc // 4``); ``update_delay_s``: a credit update owed at the
     end of a tx batch waits until the guest has sent nothing for that long (0: at once).
+    ``tx_call_delay_s``: how long the interrupt for consumed tx packets may wait to go out
+    with an rx interrupt (0: at once); it never waits for more than ``TX_CALL_BATCH`` packets.
     """
 
     def __init__(
@@ -67,7 +74,7 @@ class VhostUserVsockDevice:
         guest_cid: int = 3,
         vhost_socket: socket.socket | None = None,
         vhost_path: Path | str | None = None,
-        buf_alloc: int = 256 * 1024,
+        buf_alloc: int = BUF_ALLOC,
         connect_timeout_s: float = 5.0,
         handshake_timeout_s: float = 10.0,
         max_connections: int = 4096,
@@ -76,7 +83,8 @@ class VhostUserVsockDevice:
         stop_on_disconnect: bool = False,
         poll_interval_s: float | None = 0.25,
         credit_step: int = CREDIT_STEP,
-        update_delay_s: float = 0.0,
+        update_delay_s: float = UPDATE_DELAY_S,
+        tx_call_delay_s: float = TX_CALL_DELAY_S,
     ) -> None:
         if not 3 <= guest_cid <= _MAX_CID:
             raise ValueError(f"guest CID must be between 3 and {_MAX_CID}, not {guest_cid}")
@@ -90,6 +98,8 @@ class VhostUserVsockDevice:
         self._vhost_socket = vhost_socket
         self._stop_on_disconnect = stop_on_disconnect
         self._poll_s = poll_interval_s  # a safety net for lost kicks; None: kicks only
+        self._tx_call_delay_s = tx_call_delay_s
+        self._tx_call_timer: Timer | None = None
         self._features = (
             (1 << F_VERSION_1) | (event_idx << F_EVENT_IDX) | (indirect << F_INDIRECT_DESC)
         )
@@ -249,21 +259,42 @@ class VhostUserVsockDevice:
                         (muxer.on_rx_ready if queue is muxer.rxq else muxer.on_tx_ready)()
                 except RingError as err:
                     log.warning("vsock: %s; the ring stops until it is restarted", err)
-        backend = self._backend
-        if backend is None:
+        if self._backend is None:
             return
-        stats = muxer.stats
-        stats.loop_iterations += 1
-        for index, queue in enumerate(self._queues):
-            if queue is not None and queue.need_notify():
-                fd = backend.rings[index].call_fd
-                if fd is not None:
-                    if index == RX:
-                        stats.calls_rx += 1
-                    else:
-                        stats.calls_tx += 1
-                    with contextlib.suppress(OSError):
-                        os.eventfd_write(fd, 1)
+        muxer.stats.loop_iterations += 1
+        rx_called = self._call(RX)
+        txq = self._queues[TX]
+        if txq is None:
+            return
+        txq.publish()
+        if rx_called or self._tx_call_delay_s <= 0 or txq.unsignalled >= TX_CALL_BATCH:
+            self._call(TX)
+        elif txq.unsignalled and self._tx_call_timer is None:
+            self._tx_call_timer = self._reactor.call_later(self._tx_call_delay_s, self._late_call)
+
+    def _late_call(self) -> None:
+        self._tx_call_timer = None
+        self._call(TX)
+
+    def _call(self, index: int) -> bool:
+        """Interrupt the guest for ring ``index`` if it wants one; True if it was called."""
+        if index == TX and self._tx_call_timer is not None:
+            self._tx_call_timer.cancel()
+            self._tx_call_timer = None
+        queue, backend = self._queues[index], self._backend
+        if queue is None or backend is None or not queue.need_notify():
+            return False
+        fd = backend.rings[index].call_fd
+        if fd is None:
+            return False
+        stats = self._muxer.stats
+        if index == RX:
+            stats.calls_rx += 1
+        else:
+            stats.calls_tx += 1
+        with contextlib.suppress(OSError):
+            os.eventfd_write(fd, 1)
+        return True
 
     def _teardown(self) -> None:
         if self._closed:
@@ -363,6 +394,9 @@ class VhostUserVsockDevice:
             kick = backend.rings[index].kick_fd
             if kick is not None:
                 self._reactor.unregister(kick)
+        if index == TX and self._tx_call_timer is not None:
+            self._tx_call_timer.cancel()
+            self._tx_call_timer = None
         base = queue.last_avail
         queue.publish()  # everything we consumed is handed back before the ring stops
         queue.release()

@@ -10,7 +10,8 @@ For measurements (``bench/vsock.py``): with ``VZKIT_VSOCK_STATS=PATH`` in the en
 helper writes its counters (:class:`VsockStats`) as JSON to PATH on ``SIGUSR1`` and when it
 exits; with ``VZKIT_VSOCK_PROFILE=PATH`` it runs under :mod:`cProfile` and writes the profile
 to PATH when it exits. ``VZKIT_VSOCK_TUNE=key=value,...`` overrides the tuning options
-(``buf_alloc``, ``credit_step``, ``update_delay_ms``) so one benchmark can compare them.
+(``buf_alloc``, ``credit_step``, ``update_delay_ms``, ``tx_call_delay_ms``) so one benchmark
+can compare them.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from ._device import VhostUserVsockDevice
-from ._vsock import CREDIT_STEP
+from ._device import TX_CALL_DELAY_S, VhostUserVsockDevice
+from ._vsock import BUF_ALLOC, CREDIT_STEP, UPDATE_DELAY_S
 
 __all__ = ["helper_argv", "main"]
 
@@ -66,16 +67,22 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--socket-path", type=Path, help="listen for the front-end here")
     parser.add_argument("--uds-path", type=Path, help="hybrid vsock socket (host side)")
     parser.add_argument("--guest-cid", type=int, default=3)
-    parser.add_argument("--buf-alloc", type=int, default=256 * 1024)
+    parser.add_argument("--buf-alloc", type=int, default=BUF_ALLOC)
     parser.add_argument("--credit-step", type=int, default=CREDIT_STEP)
-    parser.add_argument("--update-delay-ms", type=float, default=0.0)
+    parser.add_argument("--update-delay-ms", type=float, default=UPDATE_DELAY_S * 1000)
+    parser.add_argument("--tx-call-delay-ms", type=float, default=TX_CALL_DELAY_S * 1000)
     parser.add_argument("--ready-fd", type=int, help="write READY here once the socket is bound")
     parser.add_argument("--print-capabilities", action="store_true")
     parser.add_argument("--log-level", default=os.environ.get("VZKIT_VSOCK_LOG", "WARNING"))
     return parser
 
 
-_TUNABLE = {"buf_alloc": int, "credit_step": int, "update_delay_ms": float}
+_TUNABLE = {
+    "buf_alloc": int,
+    "credit_step": int,
+    "update_delay_ms": float,
+    "tx_call_delay_ms": float,
+}
 
 
 def _apply_tune(args: argparse.Namespace, spec: str) -> None:
@@ -115,6 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stop_on_disconnect=True,
         credit_step=args.credit_step,
         update_delay_s=args.update_delay_ms / 1000,
+        tx_call_delay_s=args.tx_call_delay_ms / 1000,
     )
 
     def on_signal(signum: int, frame: FrameType | None) -> None:

@@ -273,6 +273,12 @@ class Virtqueue:
         count: int = (self._used_idx - self._published) & 0xFFFF
         return count
 
+    @property
+    def unsignalled(self) -> int:
+        """Chains pushed since the driver was last considered for an interrupt."""
+        count: int = (self._used_idx - self._signalled_used) & 0xFFFF
+        return count
+
     def need_notify(self) -> bool:
         """Publish, then whether the driver wants an interrupt for the chains pushed since
         the last one."""

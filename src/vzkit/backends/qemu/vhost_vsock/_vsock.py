@@ -7,11 +7,12 @@ machine with credit flow control both ways:
 
 * guest -> host: we advertise ``buf_alloc`` and ``fwd_cnt`` (bytes written to the host socket).
   Bytes the host socket does not take at once wait in ``Conn.out``, which credit bounds by
-  ``buf_alloc``; a guest that sends beyond its credit is reset. A credit update goes out
-  every ``credit_step`` bytes forwarded (:data:`CREDIT_STEP`, at most a quarter of either
-  side's buffer), and at the end of each tx batch once everything received has been forwarded
-  (the guest may use a smaller window than ours) — with ``update_delay_s``, only once the
-  guest has sent nothing for that long and no packet to it carried the new ``fwd_cnt``.
+  ``buf_alloc`` (:data:`BUF_ALLOC`); a guest that sends beyond its credit is reset. A credit
+  update goes out every ``credit_step`` bytes forwarded (:data:`CREDIT_STEP`, at most a
+  quarter of either side's buffer), and, once everything received has been forwarded, when the
+  guest has sent nothing for ``update_delay_s`` (:data:`UPDATE_DELAY_S`; 0: at the end of each
+  tx batch) and no packet to it carried the new ``fwd_cnt`` — for a guest that bounds its
+  window below ours. Every update is a packet the guest's vCPU must take in.
 * host -> guest: we read the host socket only while the guest's credit
   (``peer_buf_alloc - (tx_cnt - peer_fwd_cnt)``) is positive and an rx buffer is free, straight
   into guest memory, so a guest that does not read holds the host writer back through the
@@ -48,7 +49,7 @@ from ._packet import (
 from ._reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Reactor
 from ._virtqueue import Chain, ChainError, RingError, Virtqueue, gather, scatter
 
-__all__ = ["CREDIT_STEP", "CTRL_LIMIT", "VsockMuxer"]
+__all__ = ["BUF_ALLOC", "CREDIT_STEP", "CTRL_LIMIT", "UPDATE_DELAY_S", "VsockMuxer"]
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +62,9 @@ _TX_BATCH = 256
 _LOCAL_PORT_BASE = 1 << 30
 #: Forwarded bytes after which the guest hears our new fwd_cnt. Guests may use less than our
 #: buf_alloc (Linux bounds its window by its own buffer size), so this must not depend on it.
-CREDIT_STEP = 64 * 1024
+BUF_ALLOC = 1024 * 1024  # the receive buffer we advertise per connection
+CREDIT_STEP = 256 * 1024
+UPDATE_DELAY_S = 0.005
 _WARN_FIRST = 10
 
 
@@ -76,12 +79,12 @@ class VsockMuxer:
         *,
         guest_cid: int,
         uds_path: Path,
-        buf_alloc: int = 256 * 1024,
+        buf_alloc: int = BUF_ALLOC,
         connect_timeout_s: float = 5.0,
         close_timeout_s: float = 5.0,
         max_connections: int = 4096,
         credit_step: int = CREDIT_STEP,
-        update_delay_s: float = 0.0,
+        update_delay_s: float = UPDATE_DELAY_S,
     ) -> None:
         self._reactor = reactor
         self.credit_step = credit_step
