@@ -173,6 +173,8 @@ int chan_read_file(struct session *s, uint32_t id, const unsigned char *p, size_
 int chan_write_file(struct session *s, uint32_t id, const unsigned char *p, size_t n);
 int chan_data(struct session *s, struct chan *c, uint8_t type, const unsigned char *p, size_t n);
 int chan_stdin_eof(struct session *s, struct chan *c);
+bool chan_stdin_direct(const struct chan *c, size_t n);
+void chan_stdin_spliced(struct chan *c, size_t n);
 void chan_kill(struct chan *c, int sig, bool group);
 void chan_cancel(struct chan *c);
 struct chan *chan_find(struct session *s, uint32_t id);

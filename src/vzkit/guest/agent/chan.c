@@ -12,6 +12,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#define OUT_PIPE_SIZE (256 * 1024) /* a child's stdout pipe (see spawn) */
+
 extern char **environ;
 
 static const char DEFAULT_PATH[] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -232,6 +234,14 @@ static void spawn(struct session *s, struct chan *c, uint32_t flags, char **argv
         send_error(s, c->id, errno, "exec %s: pipe: %s", argv[0], strerror(errno));
         goto fail;
     }
+    /* A stdin pipe that holds the whole window: stdin then goes straight from the session
+     * into it (splice, see serve.c) unless the child stops reading. Best effort: an
+     * unprivileged agent may be held to a smaller pipe. */
+    if (in[1] >= 0)
+        (void)fcntl(in[1], F_SETPIPE_SZ, (int)IN_WINDOW);
+    /* ...and a stdout pipe the child can fill ahead while the agent sends: it is read several
+     * frames at a time (chan_on_readable) */
+    (void)fcntl(out[0], F_SETPIPE_SZ, (int)OUT_PIPE_SIZE);
     pid_t pid = fork();
     if (pid < 0) {
         send_error(s, c->id, errno, "exec %s: fork: %s", argv[0], strerror(errno));
@@ -420,19 +430,33 @@ void chan_on_deadline(struct chan *c, int64_t now)
 
 /* ---- data in both directions ------------------------------------------------------------------ */
 
+/* Frames read from a child's pipe (or a file) per wake-up while it has more: they go out in
+ * one write (serve.c, flush_output). */
+#define READ_BATCH 4
+
 void chan_on_readable(struct chan *c, int stream)
 {
     struct session *s = c->sess;
     uint8_t type = c->kind == CH_READ ? T_FILE_DATA : stream == STREAM_OUT ? T_STDOUT : T_STDERR;
-    uint64_t want = c->window[stream];
-    if (want > DATA_FRAME_PAYLOAD)
-        want = DATA_FRAME_PAYLOAD;
-    ssize_t n = send_from_fd(s, type, c->id, c->fd[stream], (size_t)want);
-    if (n > 0) {
+    ssize_t n = 0;
+    for (int i = 0; i < READ_BATCH; i++) {
+        uint64_t want = c->window[stream];
+        if (want > DATA_FRAME_PAYLOAD)
+            want = DATA_FRAME_PAYLOAD;
+        if (i > 0 && (want < DATA_FRAME_PAYLOAD || s->out_bytes >= session_out_limit()))
+            return;
+        n = send_from_fd(s, type, c->id, c->fd[stream], (size_t)want);
+        if (n <= 0)
+            break;
         c->window[stream] -= (uint64_t)n;
         c->total += (uint64_t)n;
-        return;
+        if ((uint64_t)n < want)
+            return; /* drained for now */
     }
+    if (n > 0)
+        return;
+    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
+        return;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return;
     if (c->kind == CH_READ) {
@@ -478,6 +502,22 @@ void chan_on_stdin_writable(struct chan *c)
     }
     if (!c->in_head && c->in_eof)
         close_fd(&c->in_fd);
+    maybe_grant(c, false);
+}
+
+/* Whether `n` bytes of stdin may go straight into the child's pipe (splice, see serve.c): an
+ * exec channel with an open stdin, nothing queued before them, and within the window. */
+bool chan_stdin_direct(const struct chan *c, size_t n)
+{
+    return c->kind == CH_EXEC && c->in_fd >= 0 && !c->in_eof && !c->in_head &&
+           c->in_outstanding + n <= IN_WINDOW;
+}
+
+/* `n` bytes of stdin went straight into the child's pipe. */
+void chan_stdin_spliced(struct chan *c, size_t n)
+{
+    c->in_outstanding += n;
+    c->in_ungranted += n;
     maybe_grant(c, false);
 }
 

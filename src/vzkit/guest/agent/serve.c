@@ -17,10 +17,12 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/sysmacros.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -166,12 +168,21 @@ static void drop_output(struct session *s)
         keep->next = NULL;
 }
 
-/* Write queued frames until the fd would block. Returns -1 when the peer is gone. */
+/* Write queued frames until the fd would block, several per system call: on vsock one send
+ * of N frames is N packets for one wake-up of the guest kernel's send worker. Returns -1 when
+ * the peer is gone. */
+#define FLUSH_IOV 8
+
 static int flush_output(struct session *s)
 {
     while (s->out_head) {
-        struct obuf *b = s->out_head;
-        ssize_t n = write(s->wfd, b->data + b->off, b->len - b->off);
+        struct iovec iov[FLUSH_IOV];
+        int cnt = 0;
+        for (struct obuf *b = s->out_head; b && cnt < FLUSH_IOV; b = b->next, cnt++) {
+            iov[cnt].iov_base = b->data + b->off;
+            iov[cnt].iov_len = b->len - b->off;
+        }
+        ssize_t n = writev(s->wfd, iov, cnt);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
@@ -180,9 +191,15 @@ static int flush_output(struct session *s)
             debugmsg("session write: %s", strerror(errno));
             return -1;
         }
-        b->off += (size_t)n;
         s->out_bytes -= (size_t)n;
-        if (b->off == b->len) {
+        while (n > 0) {
+            struct obuf *b = s->out_head;
+            size_t left = b->len - b->off;
+            if ((size_t)n < left) {
+                b->off += (size_t)n;
+                break;
+            }
+            n -= (ssize_t)left;
             s->out_head = b->next;
             if (!s->out_head)
                 s->out_tail = NULL;
@@ -225,6 +242,8 @@ static void session_reset(struct session *s)
     s->poweroff = false;
 }
 
+#define DRAIN_LIMIT (4u * 1024u * 1024u)
+
 static void session_end(struct session *s)
 {
     if (s->dead)
@@ -245,6 +264,13 @@ static void session_end(struct session *s)
             G.con_retry_at = now_ms();
         }
     } else {
+        /* Unread input would turn the close into a reset, and the peer could lose the frames
+         * still on their way to it (an ERROR, say): take in what has arrived first. */
+        size_t drained = 0;
+        ssize_t n;
+        while (s->kind == SESS_SOCKET && drained < DRAIN_LIMIT &&
+               (n = recv(s->rfd, s->in, HDR_SIZE + MAX_PAYLOAD, MSG_DONTWAIT)) > 0)
+            drained += (size_t)n;
         close(s->rfd);
         if (s->wfd != s->rfd)
             close(s->wfd);
@@ -508,9 +534,70 @@ static void process_input(struct session *s)
 static void console_hangup(void);
 static void console_reopen(void);
 
+/* Host -> agent stdin on a socket session goes from the socket straight into the child's stdin
+ * pipe with splice(2) when nothing is queued before it: no copy through the agent, which on
+ * vsock is most of what the agent costs the guest's vCPU per byte (docs/vsock.md). So that a
+ * STDIN header can be seen before its payload is read, socket sessions read no further than
+ * the end of the frame at hand. */
+enum splice_result { SPLICE_NO, SPLICE_DONE, SPLICE_WAIT };
+
+static bool stdin_header_buffered(const struct session *s)
+{
+    const unsigned char *h = s->in;
+    return s->kind == SESS_SOCKET && s->hello && s->in_len == HDR_SIZE && h[4] == T_STDIN &&
+           !h[5] && !h[6] && !h[7] && get_u32(h) > 0 && get_u32(h) <= MAX_PAYLOAD;
+}
+
+/* With a STDIN header buffered: splice what of its payload the socket has and the pipe takes.
+ * What is left stays a (shorter) STDIN frame; SPLICE_NO: read the payload the ordinary way. */
+static enum splice_result splice_stdin(struct session *s)
+{
+    while (stdin_header_buffered(s)) {
+        uint32_t len = get_u32(s->in);
+        struct chan *c = chan_find(s, get_u32(s->in + 8));
+        int queued = 0; /* a pipe fed from a socket can take more than its size in bytes */
+        if (!c || !chan_stdin_direct(c, len) || ioctl(c->in_fd, FIONREAD, &queued) < 0 ||
+            (size_t)queued + len > IN_WINDOW)
+            return SPLICE_NO;
+        ssize_t n;
+        do
+            n = splice(s->rfd, NULL, c->in_fd, NULL, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
+        while (n < 0 && errno == EINTR);
+        if (n == 0 || (n < 0 && errno != EAGAIN))
+            return SPLICE_NO; /* EOF, EPIPE, a socket error: the ordinary path reports it */
+        if (n < 0) {
+            /* the socket is empty for now (wait), or the pipe is full (read into a buffer) */
+            struct pollfd p = {.fd = c->in_fd, .events = POLLOUT};
+            return poll(&p, 1, 0) == 1 && (p.revents & POLLOUT) ? SPLICE_WAIT : SPLICE_NO;
+        }
+        chan_stdin_spliced(c, (size_t)n);
+        if ((uint32_t)n == len) {
+            s->in_len = 0;
+            return SPLICE_DONE;
+        }
+        put_u32(s->in, len - (uint32_t)n);
+    }
+    return SPLICE_DONE;
+}
+
+/* How much to read: up to the end of the frame at hand on a socket session (see above). */
+static size_t read_room(const struct session *s)
+{
+    size_t room = HDR_SIZE + MAX_PAYLOAD - s->in_len;
+    if (s->kind != SESS_SOCKET || !s->hello)
+        return room;
+    if (s->in_len < HDR_SIZE)
+        return HDR_SIZE - s->in_len;
+    uint32_t len = get_u32(s->in);
+    size_t end = HDR_SIZE + (size_t)(len <= MAX_PAYLOAD ? len : MAX_PAYLOAD);
+    return end > s->in_len ? end - s->in_len : room;
+}
+
 static void on_session_readable(struct session *s)
 {
-    ssize_t n = read(s->rfd, s->in + s->in_len, HDR_SIZE + MAX_PAYLOAD - s->in_len);
+    if (stdin_header_buffered(s) && splice_stdin(s) != SPLICE_NO)
+        return;
+    ssize_t n = read(s->rfd, s->in + s->in_len, read_room(s));
     if (n < 0) {
         if (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK)
             return;
@@ -534,6 +621,8 @@ static void on_session_readable(struct session *s)
         return;
     }
     s->in_len += (size_t)n;
+    if (stdin_header_buffered(s) && splice_stdin(s) != SPLICE_NO)
+        return;
     process_input(s);
 }
 
