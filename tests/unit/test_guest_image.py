@@ -97,5 +97,5 @@ def test_default_guest_config_uses_the_image(
     cfg = vzkit.default_guest_config(arch="x86_64", memory_gb=0.25)
     assert cfg.kernel_path is not None
     assert cfg.kernel_path.read_bytes() == b"MZ fake bzImage"
-    assert cfg.cmdline == "console=ttyS0 quiet init_on_alloc=0"
+    assert cfg.cmdline == "console=ttyS0 quiet init_on_alloc=0 preempt=none"
     assert (cfg.cpus, cfg.memory_gb) == (1, 0.25)

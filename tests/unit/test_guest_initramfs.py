@@ -15,6 +15,7 @@ import pytest
 from vzkit.errors import GuestError
 from vzkit.guest import (
     GUEST_MODULES,
+    GuestImage,
     build_guest,
     find_guest_debs,
     init_script,
@@ -117,7 +118,7 @@ def test_build_guest_contents(debs: Path, tmp_path: Path) -> None:
     assert image.kernel.read_bytes() == b"MZ fake bzImage"
     assert image.kernel.name == f"vmlinuz-{KVER}"
     assert image.console == "ttyS0"
-    assert image.cmdline("x=1") == "console=ttyS0 quiet init_on_alloc=0 x=1"
+    assert image.cmdline("x=1") == "console=ttyS0 quiet init_on_alloc=0 preempt=none x=1"
     assert image.modules == [
         "virtio_ring", "virtio", "virtio_pci", "virtio_balloon", "virtio_rng", "vsock",
         "vmw_vsock_virtio_transport_common", "vmw_vsock_virtio_transport",
@@ -235,3 +236,13 @@ def test_uncompress_arm64_kernel(tmp_path: Path) -> None:
     (tmp_path / "bad.gz").write_bytes(b"\x1f\x8b\x08\x00broken")
     with pytest.raises(GuestError, match="corrupt gzip"):
         uncompress_arm64_kernel(tmp_path / "bad.gz", tmp_path / "o")
+
+
+def test_cmdline_tuning_follows_the_kernel_of_each_arch() -> None:
+    def image(arch: str) -> GuestImage:
+        return GuestImage(Path("k"), Path("i"), arch, "6.1.0-56-cloud", [])
+
+    # Debian's amd64 kernel can switch preemption models at boot; its arm64 one cannot, and
+    # an unknown parameter would only end up in init's environment
+    assert image("x86_64").cmdline() == "console=ttyS0 quiet init_on_alloc=0 preempt=none"
+    assert image("aarch64").cmdline("x=1") == "console=ttyAMA0 quiet init_on_alloc=0 x=1"

@@ -94,13 +94,23 @@ class GuestImage:
     def cmdline(self, extra: str = "") -> str:
         """A kernel command line with the console set: ``console=ttyS0 quiet ...``.
 
-        ``init_on_alloc=0``: Debian builds its kernels to zero every allocation (a hardening
-        default). The guest is a one-tenant sandbox whose boundary is the VM, and the zeroing
-        is a memset per vsock packet (each 4 KiB receive buffer, each 64 KiB send buffer) on
-        the guest's one vCPU; ``docs/vsock.md`` has the measurement. Append
-        ``init_on_alloc=1`` to ``cmdline`` to have it back.
+        Two settings trade a little of the stock kernel's defaults for the guest's one vCPU
+        (measured in ``docs/vsock.md``, "Performance"; see also ``docs/guest-image.md``):
+
+        * ``init_on_alloc=0``: Debian builds its kernels to zero every allocation (a hardening
+          default). The guest is a one-tenant sandbox whose boundary is the VM, and the
+          zeroing is a memset per vsock packet (each 4 KiB receive buffer, each 64 KiB send
+          buffer).
+        * ``preempt=none`` (x86_64: Debian's arm64 kernel has no dynamic preemption model and
+          runs "voluntary"): a woken kernel worker waits for the current task's system call
+          to end instead of preempting it mid-copy, so one ``writev`` of four 64 KiB frames to
+          a vsock socket is one wake-up of the send worker, not four.
+
+        A ``cmdline`` that ends in ``init_on_alloc=1`` or ``preempt=voluntary`` undoes them
+        (the last one wins).
         """
-        return f"console={self.console} quiet init_on_alloc=0 {extra}".strip()
+        tuning = "init_on_alloc=0" + (" preempt=none" if self.arch == "x86_64" else "")
+        return f"console={self.console} quiet {tuning} {extra}".strip()
 
 
 def init_script() -> bytes:
