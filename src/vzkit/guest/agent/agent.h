@@ -59,14 +59,22 @@ enum { STREAM_OUT = 0, STREAM_ERR = 1 };
 struct obuf { /* one queued outgoing frame */
     struct obuf *next;
     size_t len, off;
+    bool pooled; /* from block_alloc's pool */
     unsigned char data[];
 };
 
 struct ibuf { /* one queued chunk of stdin for a child */
     struct ibuf *next;
     size_t len, off;
+    bool pooled;
     unsigned char data[];
 };
+
+/* Frame-sized buffers (16 KiB up to a frame) come from a small pool (serve.c): malloc gives
+ * big blocks back to the kernel when they are freed, and every frame then paid page faults
+ * and zeroed pages to get one again. */
+void *block_alloc(size_t size, bool *pooled);
+void block_free(void *p, bool pooled);
 
 enum chan_kind { CH_EXEC, CH_READ, CH_WRITE };
 

@@ -107,7 +107,7 @@ static void drop_stdin(struct chan *c)
         struct ibuf *b = c->in_head;
         c->in_head = b->next;
         c->in_ungranted += b->len - b->off;
-        free(b);
+        block_free(b, b->pooled);
     }
     c->in_tail = NULL;
 }
@@ -497,7 +497,7 @@ void chan_on_stdin_writable(struct chan *c)
             c->in_head = b->next;
             if (!c->in_head)
                 c->in_tail = NULL;
-            free(b);
+            block_free(b, b->pooled);
         }
     }
     if (!c->in_head && c->in_eof)
@@ -572,16 +572,39 @@ int chan_data(struct session *s, struct chan *c, uint8_t type, const unsigned ch
         maybe_grant(c, true);
         return 0;
     }
-    struct ibuf *b = malloc(sizeof *b + n);
+    size_t done = 0;
+    if (!c->in_head) { /* nothing queued: straight into the pipe, queue what it does not take */
+        ssize_t w;
+        do
+            w = write(c->in_fd, p, n);
+        while (w < 0 && errno == EINTR);
+        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
+            close_fd(&c->in_fd); /* the child closed its stdin (EPIPE): discard */
+            c->in_ungranted += n;
+            maybe_grant(c, true);
+            return 0;
+        }
+        if (w > 0) {
+            done = (size_t)w;
+            c->in_ungranted += done;
+        }
+        if (done == n) {
+            maybe_grant(c, false);
+            return 0;
+        }
+    }
+    bool pooled;
+    struct ibuf *b = block_alloc(sizeof *b + (n - done), &pooled);
     if (!b) {
-        c->in_ungranted += n;
+        c->in_ungranted += n - done;
         maybe_grant(c, true);
         return 0;
     }
+    b->pooled = pooled;
     b->next = NULL;
-    b->len = n;
+    b->len = n - done;
     b->off = 0;
-    memcpy(b->data, p, n);
+    memcpy(b->data, p + done, n - done);
     if (c->in_tail)
         c->in_tail->next = b;
     else

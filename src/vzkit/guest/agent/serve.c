@@ -56,6 +56,29 @@ size_t session_out_limit(void) { return OUT_LIMIT; }
 
 /* ---- output queue ------------------------------------------------------------------------ */
 
+#define BLOCK_SIZE (64 + HDR_SIZE + MAX_PAYLOAD) /* a frame with an obuf or ibuf header */
+#define BLOCK_MIN (16u * 1024u)
+#define POOL_MAX 16 /* blocks kept: 1 MiB */
+
+static void *g_pool[POOL_MAX];
+static int g_pooled;
+
+void *block_alloc(size_t size, bool *pooled)
+{
+    *pooled = size >= BLOCK_MIN && size <= BLOCK_SIZE;
+    if (!*pooled)
+        return malloc(size);
+    return g_pooled ? g_pool[--g_pooled] : malloc(BLOCK_SIZE);
+}
+
+void block_free(void *p, bool pooled)
+{
+    if (pooled && g_pooled < POOL_MAX)
+        g_pool[g_pooled++] = p;
+    else
+        free(p);
+}
+
 static void fill_header(unsigned char *h, uint8_t type, uint32_t id, size_t n)
 {
     put_u32(h, (uint32_t)n);
@@ -82,11 +105,13 @@ int send_frame2(struct session *s, uint8_t type, uint32_t id, const void *p1, si
         return 0;
     if (n1 + n2 > MAX_PAYLOAD)
         n2 = MAX_PAYLOAD - n1; /* only ever truncates error messages */
-    struct obuf *b = malloc(sizeof *b + HDR_SIZE + n1 + n2);
+    bool pooled;
+    struct obuf *b = block_alloc(sizeof *b + HDR_SIZE + n1 + n2, &pooled);
     if (!b) {
         logmsg("out of memory queueing a frame");
         return -1;
     }
+    b->pooled = pooled;
     b->len = HDR_SIZE + n1 + n2;
     b->off = 0;
     fill_header(b->data, type, id, n1 + n2);
@@ -130,18 +155,20 @@ ssize_t send_from_fd(struct session *s, uint8_t type, uint32_t id, int fd, size_
      * 64 KiB per packet), where 64 KiB of payload would cost a second, 12-byte packet. */
     if (max > DATA_FRAME_PAYLOAD)
         max = DATA_FRAME_PAYLOAD;
-    struct obuf *b = malloc(sizeof *b + HDR_SIZE + max);
+    bool pooled;
+    struct obuf *b = block_alloc(sizeof *b + HDR_SIZE + max, &pooled);
     if (!b) {
         errno = ENOMEM;
         return -1;
     }
+    b->pooled = pooled;
     ssize_t n;
     do
         n = read(fd, b->data + HDR_SIZE, max);
     while (n < 0 && errno == EINTR);
     if (n <= 0) {
         int e = errno;
-        free(b);
+        block_free(b, b->pooled);
         errno = e;
         return n;
     }
@@ -159,7 +186,7 @@ static void drop_output(struct session *s)
     struct obuf *b = keep ? keep->next : s->out_head;
     while (b) {
         struct obuf *next = b->next;
-        free(b);
+        block_free(b, b->pooled);
         b = next;
     }
     s->out_head = s->out_tail = keep;
@@ -203,7 +230,7 @@ static int flush_output(struct session *s)
             s->out_head = b->next;
             if (!s->out_head)
                 s->out_tail = NULL;
-            free(b);
+            block_free(b, b->pooled);
         }
     }
     return 0;
