@@ -242,3 +242,28 @@ def test_bad_ports_and_vsock_off(vms: VMFactory) -> None:
     assert vm.guest.run(["true"]).returncode == 0  # the agent over its console port
     assert vm._core.machine.agent_on_console
     assert not any("vhost-user-vsock" in a for a in vm._core.machine.argv)  # type: ignore[attr-defined]
+
+
+def test_the_default_guest_runs_with_its_throughput_settings(vms: VMFactory) -> None:
+    """What docs/vsock.md measured the default guest with: no zeroing of kernel allocations,
+    no kernel preemption (x86_64) and a 15 ms wake-up granularity (set by init)."""
+    script = (
+        "echo $(cat /proc/cmdline);"
+        "dmesg | grep -o 'Dynamic Preempt: [a-z]*' | tail -n 1;"
+        "mount -t debugfs debugfs /sys/kernel/debug &&"
+        " cat /sys/kernel/debug/sched/wakeup_granularity_ns; umount /sys/kernel/debug"
+    )
+    tuned = vms.create("x86_64")
+    stock_cmdline = f"{vms.images['x86_64'].cmdline()} vzkit.sched=stock preempt=voluntary"
+    stock = vms.create("x86_64", cmdline=stock_cmdline)
+    for vm in (tuned, stock):
+        vm.start(timeout=60)
+    out = []
+    for vm in (tuned, stock):
+        vm.guest.wait_ready(timeout=90)
+        out.append(vm.guest.run(["sh", "-c", script], check=True).stdout.decode().split("\n"))
+    assert {"init_on_alloc=0", "preempt=none"} <= set(out[0][0].split())
+    assert out[0][1:3] == ["Dynamic Preempt: none", "15000000"]
+    # the last word wins, and init leaves the scheduler alone when asked to
+    assert out[1][1] == "Dynamic Preempt: voluntary"
+    assert int(out[1][2]) < 15000000

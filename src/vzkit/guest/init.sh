@@ -21,6 +21,21 @@ mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t tmpfs -o mode=755 tmpfs /run
 mount -t tmpfs -o mode=1777 tmpfs /tmp
 
+# The scheduler favours throughput, as tuned's throughput-performance profile does: a woken
+# task preempts the running one only when it is 15 ms behind (the kernel's default is 1 ms on
+# one CPU), so the kernel worker a vsock send or receive wakes does not cut the sender or the
+# reader short mid-stream (docs/vsock.md, "Performance"). The knob lives in debugfs, which is
+# mounted only for this. vzkit.sched=stock on the kernel command line keeps the default.
+case " $(cat /proc/cmdline) " in
+    *" vzkit.sched=stock "*) ;;
+    *)
+        if mount -t debugfs debugfs /sys/kernel/debug 2>/dev/null; then
+            echo 15000000 >/sys/kernel/debug/sched/wakeup_granularity_ns 2>/dev/null
+            umount /sys/kernel/debug
+        fi
+        ;;
+esac
+
 set -f  # the command line is split into words below: no globbing
 cmdline=$(cat /proc/cmdline)
 if [ -f /etc/vzkit/modules ]; then

@@ -134,6 +134,9 @@ extern bool g_test_mode; /* --stdio / --unix: POWEROFF exits the agent instead *
 #define VSOCK_BUFFER_DEFAULT (2u * 1024u * 1024u)
 #define VSOCK_BUFFER_MAX (64u * 1024u * 1024u)
 extern unsigned long g_vsock_buffer;
+/* Socket stdin goes into children's pipes with splice(2) (serve.c); VZKIT_AGENT_SPLICE=0 turns
+ * it off, so bench/vsock.py can compare the two in one guest. */
+extern bool g_splice;
 
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void debugmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));

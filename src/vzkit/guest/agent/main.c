@@ -16,6 +16,7 @@
 bool g_verbose;
 bool g_test_mode;
 unsigned long g_vsock_buffer = VSOCK_BUFFER_DEFAULT;
+bool g_splice = true;
 
 static void vlog(const char *fmt, va_list ap)
 {
@@ -234,6 +235,8 @@ int main(int argc, char **argv)
     const char *env = getenv("VZKIT_AGENT_VSOCK_BUFFER");
     if (env && *env && set_vsock_buffer(env) < 0)
         return 2;
+    env = getenv("VZKIT_AGENT_SPLICE");
+    g_splice = !(env && !strcmp(env, "0"));
     if (argc >= 2 && !strcmp(argv[1], "serve"))
         return serve_cmd(argc, argv);
     if (argc >= 2 && !strcmp(argv[1], "relay"))

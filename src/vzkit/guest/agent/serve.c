@@ -571,7 +571,8 @@ enum splice_result { SPLICE_NO, SPLICE_DONE, SPLICE_WAIT };
 static bool stdin_header_buffered(const struct session *s)
 {
     const unsigned char *h = s->in;
-    return s->kind == SESS_SOCKET && s->hello && s->in_len == HDR_SIZE && h[4] == T_STDIN &&
+    return g_splice && s->kind == SESS_SOCKET && s->hello && s->in_len == HDR_SIZE &&
+           h[4] == T_STDIN &&
            !h[5] && !h[6] && !h[7] && get_u32(h) > 0 && get_u32(h) <= MAX_PAYLOAD;
 }
 
