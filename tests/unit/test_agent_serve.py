@@ -614,10 +614,14 @@ def test_relay_connect_exits_with_the_commands_status(agent: Path, tmp_path: Pat
 def test_full_data_frames_are_64_kib_with_their_header(server: Path) -> None:
     """One virtio-vsock packet per full frame (Linux sends at most 64 KiB per packet)."""
     size = 1 << 20
-    request = ExecRequest((b"head", b"-c", str(size).encode(), b"/dev/zero"), window=4 * MB)
+    # One byte of credit first, so the child fills its pipe before the agent may read it: a
+    # reader that races the writer would see short reads, whatever the frame size.
+    request = ExecRequest((b"head", b"-c", str(size).encode(), b"/dev/zero"), window=1)
     with RawSession(server) as raw:
         raw.hello()
         raw.send(encode_frame(MsgType.EXEC, 1, request.encode()))
+        time.sleep(0.5)
+        raw.send(encode_frame(MsgType.WINDOW, 1, struct.pack("<II", 4 * MB, 0)))
         lengths = []
         while (frame := raw.recv()) is not None and frame.type != MsgType.EXIT:
             if frame.type == MsgType.STDOUT:
