@@ -56,25 +56,19 @@ enum { STREAM_OUT = 0, STREAM_ERR = 1 };
 
 /* ---- objects ----------------------------------------------------------------------------- */
 
-struct obuf { /* one queued outgoing frame */
-    struct obuf *next;
+/* A queued chunk of bytes: a frame going out to a session, or stdin waiting for a child. */
+struct buf {
+    struct buf *next;
     size_t len, off;
-    bool pooled; /* from block_alloc's pool */
+    bool pooled; /* see buf_new */
     unsigned char data[];
 };
 
-struct ibuf { /* one queued chunk of stdin for a child */
-    struct ibuf *next;
-    size_t len, off;
-    bool pooled;
-    unsigned char data[];
-};
-
-/* Frame-sized buffers (16 KiB up to a frame) come from a small pool (serve.c): malloc gives
- * big blocks back to the kernel when they are freed, and every frame then paid page faults
- * and zeroed pages to get one again. */
-void *block_alloc(size_t size, bool *pooled);
-void block_free(void *p, bool pooled);
+/* A buffer of `len` bytes. Frame-sized ones (16 KiB up to a frame) come from a small pool
+ * (serve.c): malloc gives big blocks back to the kernel when they are freed, and every frame
+ * then paid page faults and zeroed pages to get one again. */
+struct buf *buf_new(size_t len);
+void buf_free(struct buf *b);
 
 enum chan_kind { CH_EXEC, CH_READ, CH_WRITE };
 
@@ -96,7 +90,7 @@ struct chan {
     uint64_t window[2];  /* credit granted by the host, per stream */
     uint64_t total;      /* bytes of file data sent (read) */
     int in_fd;           /* child's stdin (write end), -1 once closed */
-    struct ibuf *in_head, *in_tail;
+    struct buf *in_head, *in_tail;
     bool in_eof;            /* the host sent STDIN_EOF */
     uint64_t in_outstanding; /* host -> agent bytes received and not yet granted back */
     uint64_t in_ungranted;   /* consumed bytes not yet granted back */
@@ -120,7 +114,7 @@ struct session {
     size_t skipped;     /* bytes skipped while resyncing (for the log) */
     unsigned char *in;  /* HDR_SIZE + MAX_PAYLOAD bytes */
     size_t in_len;
-    struct obuf *out_head, *out_tail;
+    struct buf *out_head, *out_tail;
     size_t out_bytes;
     struct chan *chans;
 };

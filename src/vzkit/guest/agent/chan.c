@@ -8,6 +8,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -104,10 +105,10 @@ static void close_fd(int *fd)
 static void drop_stdin(struct chan *c)
 {
     while (c->in_head) {
-        struct ibuf *b = c->in_head;
+        struct buf *b = c->in_head;
         c->in_head = b->next;
         c->in_ungranted += b->len - b->off;
-        block_free(b, b->pooled);
+        buf_free(b);
     }
     c->in_tail = NULL;
 }
@@ -457,8 +458,6 @@ void chan_on_readable(struct chan *c, int stream)
         return;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return;
-    if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
-        return;
     if (c->kind == CH_READ) {
         if (n < 0) {
             send_error(s, c->id, errno, "read_file %s: %s", c->path, strerror(errno));
@@ -476,28 +475,38 @@ void chan_on_readable(struct chan *c, int stream)
     chan_check_done(c);
 }
 
+/* Write stdin bytes to the child: how many it took (0: its pipe is full), or -1 when it closed
+ * its stdin (EPIPE), after which everything queued is discarded. */
+static ssize_t stdin_write(struct chan *c, const void *p, size_t n)
+{
+    ssize_t w;
+    do
+        w = write(c->in_fd, p, n);
+    while (w < 0 && errno == EINTR);
+    if (w < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+        return 0;
+    if (w < 0) {
+        drop_stdin(c);
+        close_fd(&c->in_fd);
+        return -1;
+    }
+    c->in_ungranted += (uint64_t)w;
+    return w;
+}
+
 void chan_on_stdin_writable(struct chan *c)
 {
     while (c->in_head) {
-        struct ibuf *b = c->in_head;
-        ssize_t n = write(c->in_fd, b->data + b->off, b->len - b->off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            if (errno == EAGAIN || errno == EWOULDBLOCK)
-                break;
-            /* the child closed its stdin (EPIPE): the rest is discarded */
-            drop_stdin(c);
-            close_fd(&c->in_fd);
+        struct buf *b = c->in_head;
+        ssize_t n = stdin_write(c, b->data + b->off, b->len - b->off);
+        if (n <= 0)
             break;
-        }
         b->off += (size_t)n;
-        c->in_ungranted += (uint64_t)n;
         if (b->off == b->len) {
             c->in_head = b->next;
             if (!c->in_head)
                 c->in_tail = NULL;
-            block_free(b, b->pooled);
+            buf_free(b);
         }
     }
     if (!c->in_head && c->in_eof)
@@ -506,11 +515,14 @@ void chan_on_stdin_writable(struct chan *c)
 }
 
 /* Whether `n` bytes of stdin may go straight into the child's pipe (splice, see serve.c): an
- * exec channel with an open stdin, nothing queued before them, and within the window. */
+ * exec channel with an open stdin, nothing queued before them, within the window, and a pipe
+ * that holds less than a window (one fed from a socket can take more than its size). */
 bool chan_stdin_direct(const struct chan *c, size_t n)
 {
+    int piped = 0;
     return c->kind == CH_EXEC && c->in_fd >= 0 && !c->in_eof && !c->in_head &&
-           c->in_outstanding + n <= IN_WINDOW;
+           c->in_outstanding + n <= IN_WINDOW && ioctl(c->in_fd, FIONREAD, &piped) == 0 &&
+           (size_t)piped + n <= IN_WINDOW;
 }
 
 /* `n` bytes of stdin went straight into the child's pipe. */
@@ -574,36 +586,24 @@ int chan_data(struct session *s, struct chan *c, uint8_t type, const unsigned ch
     }
     size_t done = 0;
     if (!c->in_head) { /* nothing queued: straight into the pipe, queue what it does not take */
-        ssize_t w;
-        do
-            w = write(c->in_fd, p, n);
-        while (w < 0 && errno == EINTR);
-        if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) {
-            close_fd(&c->in_fd); /* the child closed its stdin (EPIPE): discard */
+        ssize_t w = stdin_write(c, p, n);
+        if (w < 0) { /* the child closed its stdin: discard */
             c->in_ungranted += n;
             maybe_grant(c, true);
             return 0;
         }
-        if (w > 0) {
-            done = (size_t)w;
-            c->in_ungranted += done;
-        }
+        done = (size_t)w;
         if (done == n) {
             maybe_grant(c, false);
             return 0;
         }
     }
-    bool pooled;
-    struct ibuf *b = block_alloc(sizeof *b + (n - done), &pooled);
+    struct buf *b = buf_new(n - done);
     if (!b) {
         c->in_ungranted += n - done;
         maybe_grant(c, true);
         return 0;
     }
-    b->pooled = pooled;
-    b->next = NULL;
-    b->len = n - done;
-    b->off = 0;
     memcpy(b->data, p + done, n - done);
     if (c->in_tail)
         c->in_tail->next = b;

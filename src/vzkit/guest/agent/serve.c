@@ -17,7 +17,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/ioctl.h>
 #include <sys/reboot.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -56,27 +55,33 @@ size_t session_out_limit(void) { return OUT_LIMIT; }
 
 /* ---- output queue ------------------------------------------------------------------------ */
 
-#define BLOCK_SIZE (64 + HDR_SIZE + MAX_PAYLOAD) /* a frame with an obuf or ibuf header */
-#define BLOCK_MIN (16u * 1024u)
-#define POOL_MAX 16 /* blocks kept: 1 MiB */
+#define BUF_POOLED_MAX (HDR_SIZE + MAX_PAYLOAD) /* a whole frame */
+#define BUF_POOLED_MIN (16u * 1024u)
+#define POOL_MAX 16 /* buffers kept: 1 MiB */
 
-static void *g_pool[POOL_MAX];
+static struct buf *g_pool[POOL_MAX];
 static int g_pooled;
 
-void *block_alloc(size_t size, bool *pooled)
+struct buf *buf_new(size_t len)
 {
-    *pooled = size >= BLOCK_MIN && size <= BLOCK_SIZE;
-    if (!*pooled)
-        return malloc(size);
-    return g_pooled ? g_pool[--g_pooled] : malloc(BLOCK_SIZE);
+    bool pooled = len >= BUF_POOLED_MIN && len <= BUF_POOLED_MAX;
+    struct buf *b = pooled && g_pooled ? g_pool[--g_pooled]
+                                       : malloc(sizeof *b + (pooled ? BUF_POOLED_MAX : len));
+    if (b) {
+        b->next = NULL;
+        b->len = len;
+        b->off = 0;
+        b->pooled = pooled;
+    }
+    return b;
 }
 
-void block_free(void *p, bool pooled)
+void buf_free(struct buf *b)
 {
-    if (pooled && g_pooled < POOL_MAX)
-        g_pool[g_pooled++] = p;
+    if (b->pooled && g_pooled < POOL_MAX)
+        g_pool[g_pooled++] = b;
     else
-        free(p);
+        free(b);
 }
 
 static void fill_header(unsigned char *h, uint8_t type, uint32_t id, size_t n)
@@ -87,7 +92,7 @@ static void fill_header(unsigned char *h, uint8_t type, uint32_t id, size_t n)
     put_u32(h + 8, id);
 }
 
-static void enqueue(struct session *s, struct obuf *b)
+static void enqueue(struct session *s, struct buf *b)
 {
     b->next = NULL;
     if (s->out_tail)
@@ -105,15 +110,11 @@ int send_frame2(struct session *s, uint8_t type, uint32_t id, const void *p1, si
         return 0;
     if (n1 + n2 > MAX_PAYLOAD)
         n2 = MAX_PAYLOAD - n1; /* only ever truncates error messages */
-    bool pooled;
-    struct obuf *b = block_alloc(sizeof *b + HDR_SIZE + n1 + n2, &pooled);
+    struct buf *b = buf_new(HDR_SIZE + n1 + n2);
     if (!b) {
         logmsg("out of memory queueing a frame");
         return -1;
     }
-    b->pooled = pooled;
-    b->len = HDR_SIZE + n1 + n2;
-    b->off = 0;
     fill_header(b->data, type, id, n1 + n2);
     if (n1)
         memcpy(b->data + HDR_SIZE, p1, n1);
@@ -155,25 +156,22 @@ ssize_t send_from_fd(struct session *s, uint8_t type, uint32_t id, int fd, size_
      * 64 KiB per packet), where 64 KiB of payload would cost a second, 12-byte packet. */
     if (max > DATA_FRAME_PAYLOAD)
         max = DATA_FRAME_PAYLOAD;
-    bool pooled;
-    struct obuf *b = block_alloc(sizeof *b + HDR_SIZE + max, &pooled);
+    struct buf *b = buf_new(HDR_SIZE + max);
     if (!b) {
         errno = ENOMEM;
         return -1;
     }
-    b->pooled = pooled;
     ssize_t n;
     do
         n = read(fd, b->data + HDR_SIZE, max);
     while (n < 0 && errno == EINTR);
     if (n <= 0) {
         int e = errno;
-        block_free(b, b->pooled);
+        buf_free(b);
         errno = e;
         return n;
     }
     b->len = HDR_SIZE + (size_t)n;
-    b->off = 0;
     fill_header(b->data, type, id, (size_t)n);
     enqueue(s, b);
     return n;
@@ -182,11 +180,11 @@ ssize_t send_from_fd(struct session *s, uint8_t type, uint32_t id, int fd, size_
 /* Drop queued frames, except one already partly written (the stream must stay framed). */
 static void drop_output(struct session *s)
 {
-    struct obuf *keep = s->out_head && s->out_head->off ? s->out_head : NULL;
-    struct obuf *b = keep ? keep->next : s->out_head;
+    struct buf *keep = s->out_head && s->out_head->off ? s->out_head : NULL;
+    struct buf *b = keep ? keep->next : s->out_head;
     while (b) {
-        struct obuf *next = b->next;
-        block_free(b, b->pooled);
+        struct buf *next = b->next;
+        buf_free(b);
         b = next;
     }
     s->out_head = s->out_tail = keep;
@@ -205,7 +203,7 @@ static int flush_output(struct session *s)
     while (s->out_head) {
         struct iovec iov[FLUSH_IOV];
         int cnt = 0;
-        for (struct obuf *b = s->out_head; b && cnt < FLUSH_IOV; b = b->next, cnt++) {
+        for (struct buf *b = s->out_head; b && cnt < FLUSH_IOV; b = b->next, cnt++) {
             iov[cnt].iov_base = b->data + b->off;
             iov[cnt].iov_len = b->len - b->off;
         }
@@ -220,7 +218,7 @@ static int flush_output(struct session *s)
         }
         s->out_bytes -= (size_t)n;
         while (n > 0) {
-            struct obuf *b = s->out_head;
+            struct buf *b = s->out_head;
             size_t left = b->len - b->off;
             if ((size_t)n < left) {
                 b->off += (size_t)n;
@@ -230,7 +228,7 @@ static int flush_output(struct session *s)
             s->out_head = b->next;
             if (!s->out_head)
                 s->out_tail = NULL;
-            block_free(b, b->pooled);
+            buf_free(b);
         }
     }
     return 0;
@@ -566,46 +564,44 @@ static void console_reopen(void);
  * vsock is most of what the agent costs the guest's vCPU per byte (docs/vsock.md). So that a
  * STDIN header can be seen before its payload is read, socket sessions read no further than
  * the end of the frame at hand. */
-enum splice_result { SPLICE_NO, SPLICE_DONE, SPLICE_WAIT };
-
 static bool stdin_header_buffered(const struct session *s)
 {
     const unsigned char *h = s->in;
     return g_splice && s->kind == SESS_SOCKET && s->hello && s->in_len == HDR_SIZE &&
-           h[4] == T_STDIN &&
-           !h[5] && !h[6] && !h[7] && get_u32(h) > 0 && get_u32(h) <= MAX_PAYLOAD;
+           h[4] == T_STDIN && !h[5] && !h[6] && !h[7] && get_u32(h) > 0 &&
+           get_u32(h) <= MAX_PAYLOAD;
 }
 
-/* With a STDIN header buffered: splice what of its payload the socket has and the pipe takes.
- * What is left stays a (shorter) STDIN frame; SPLICE_NO: read the payload the ordinary way. */
-static enum splice_result splice_stdin(struct session *s)
+/* With a STDIN header buffered: splice what of its payload the socket has and the pipe takes;
+ * what is left stays a (shorter) STDIN frame. False when nothing was buffered or the payload
+ * must be read the ordinary way (the pipe is full, the channel takes no direct stdin, EOF or
+ * an error, which that path reports); true when the event is handled. */
+static bool splice_stdin(struct session *s)
 {
+    bool spliced = false;
     while (stdin_header_buffered(s)) {
         uint32_t len = get_u32(s->in);
         struct chan *c = chan_find(s, get_u32(s->in + 8));
-        int queued = 0; /* a pipe fed from a socket can take more than its size in bytes */
-        if (!c || !chan_stdin_direct(c, len) || ioctl(c->in_fd, FIONREAD, &queued) < 0 ||
-            (size_t)queued + len > IN_WINDOW)
-            return SPLICE_NO;
+        if (!c || !chan_stdin_direct(c, len))
+            return false;
         ssize_t n;
         do
             n = splice(s->rfd, NULL, c->in_fd, NULL, len, SPLICE_F_NONBLOCK | SPLICE_F_MOVE);
         while (n < 0 && errno == EINTR);
         if (n == 0 || (n < 0 && errno != EAGAIN))
-            return SPLICE_NO; /* EOF, EPIPE, a socket error: the ordinary path reports it */
-        if (n < 0) {
-            /* the socket is empty for now (wait), or the pipe is full (read into a buffer) */
+            return false;
+        if (n < 0) { /* the socket is empty for now (wait), or the pipe is full */
             struct pollfd p = {.fd = c->in_fd, .events = POLLOUT};
-            return poll(&p, 1, 0) == 1 && (p.revents & POLLOUT) ? SPLICE_WAIT : SPLICE_NO;
+            return poll(&p, 1, 0) == 1 && (p.revents & POLLOUT);
         }
         chan_stdin_spliced(c, (size_t)n);
-        if ((uint32_t)n == len) {
+        spliced = true;
+        if ((uint32_t)n == len)
             s->in_len = 0;
-            return SPLICE_DONE;
-        }
-        put_u32(s->in, len - (uint32_t)n);
+        else
+            put_u32(s->in, len - (uint32_t)n);
     }
-    return SPLICE_DONE;
+    return spliced; /* the whole frame went */
 }
 
 /* How much to read: up to the end of the frame at hand on a socket session (see above). */
@@ -623,7 +619,7 @@ static size_t read_room(const struct session *s)
 
 static void on_session_readable(struct session *s)
 {
-    if (stdin_header_buffered(s) && splice_stdin(s) != SPLICE_NO)
+    if (splice_stdin(s))
         return;
     ssize_t n = read(s->rfd, s->in + s->in_len, read_room(s));
     if (n < 0) {
@@ -649,7 +645,7 @@ static void on_session_readable(struct session *s)
         return;
     }
     s->in_len += (size_t)n;
-    if (stdin_header_buffered(s) && splice_stdin(s) != SPLICE_NO)
+    if (splice_stdin(s))
         return;
     process_input(s);
 }
