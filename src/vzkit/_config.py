@@ -92,6 +92,35 @@ class ConfigData:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
         return cast(Self, dataclasses.replace(_dc(self), **changes))
 
+    def _check_devices(self, sequences: tuple[str, ...], bools: tuple[str, ...]) -> None:
+        """The checks both configs make of the devices they share: ``network``, the
+        ``sequences`` (made tuples), volumes (host paths made absolute, tags assigned),
+        displays and the ``bools``. Raises :class:`ConfigError`."""
+        network = getattr(self, "network", None)
+        if not isinstance(network, NetworkConfig):
+            raise ConfigError(f"network must be a NetworkConfig, got {network!r}")
+        for name in sequences:
+            value = getattr(self, name)
+            if isinstance(value, str | bytes | Mapping):
+                raise ConfigError(f"{name} must be a sequence, got {value!r}")
+            try:
+                object.__setattr__(self, name, tuple(value))
+            except TypeError:
+                raise ConfigError(f"{name} must be a sequence, got {value!r}") from None
+        volumes: tuple[VolumeMount, ...] = getattr(self, "volumes", ())
+        for vol in volumes:
+            if not isinstance(vol, VolumeMount):
+                raise ConfigError(f"volumes must hold VolumeMount objects, got {vol!r}")
+        volumes = tuple(_absolute_volume(v) for v in volumes)
+        object.__setattr__(self, "volumes", volumes)
+        assign_volume_tags(volumes)  # raises ConfigError on duplicate explicit tags
+        for disp in getattr(self, "displays", ()):
+            if not isinstance(disp, DisplayConfig):
+                raise ConfigError(f"displays must hold DisplayConfig objects, got {disp!r}")
+        for name in bools:
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
+
     # -- serialisation -------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
@@ -284,30 +313,11 @@ class LinuxVMConfig(ConfigData):
         if "\x00" in self.cmdline:
             raise ConfigError("cmdline contains a NUL byte")
 
-        if not isinstance(self.network, NetworkConfig):
-            raise ConfigError(f"network must be a NetworkConfig, got {self.network!r}")
-        for name in ("volumes", "displays", "publish"):
-            value = getattr(self, name)
-            if isinstance(value, str | bytes | Mapping):
-                raise ConfigError(f"{name} must be a sequence, got {value!r}")
-            try:
-                put(name, tuple(value))
-            except TypeError:
-                raise ConfigError(f"{name} must be a sequence, got {value!r}") from None
-        for vol in self.volumes:
-            if not isinstance(vol, VolumeMount):
-                raise ConfigError(f"volumes must hold VolumeMount objects, got {vol!r}")
-            if not vol.host_path.is_absolute():
-                put("volumes", tuple(_absolute_volume(v) for v in self.volumes))
-                break
-        assign_volume_tags(self.volumes)  # raises ConfigError on duplicate explicit tags
-        for disp in self.displays:
-            if not isinstance(disp, DisplayConfig):
-                raise ConfigError(f"displays must hold DisplayConfig objects, got {disp!r}")
+        self._check_devices(
+            ("volumes", "displays", "publish"),
+            ("nested_virtualization", "headless", "vsock", "balloon", "entropy"),
+        )
         self._check_publish()
-        for name in ("nested_virtualization", "headless", "vsock", "balloon", "entropy"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not isinstance(self.vsock_cid, int) or not 3 <= self.vsock_cid < 0xFFFFFFFF:
             raise ConfigError(
                 f"vsock_cid must be an integer from 3 to 4294967294, got {self.vsock_cid!r}"

@@ -17,12 +17,10 @@ cannot do.
 
 from __future__ import annotations
 
-import dataclasses
 import enum
 import json
 import math
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -30,7 +28,7 @@ from typing import Any, ClassVar
 from ._config import MAX_CPUS, ConfigData
 from ._display import DisplayConfig, default_display_config
 from ._network import NetworkConfig
-from ._volume import VolumeMount, assign_volume_tags
+from ._volume import VolumeMount
 from .errors import ConfigError
 
 __all__ = [
@@ -135,35 +133,9 @@ class MacVMConfig(ConfigData):
             put("pointer", MacPointer(self.pointer))
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        if not isinstance(self.network, NetworkConfig):
-            raise ConfigError(f"network must be a NetworkConfig, got {self.network!r}")
-        for name in ("volumes", "displays"):
-            value = getattr(self, name)
-            if isinstance(value, str | bytes | Mapping):
-                raise ConfigError(f"{name} must be a sequence, got {value!r}")
-            try:
-                put(name, tuple(value))
-            except TypeError:
-                raise ConfigError(f"{name} must be a sequence, got {value!r}") from None
-        for vol in self.volumes:
-            if not isinstance(vol, VolumeMount):
-                raise ConfigError(f"volumes must hold VolumeMount objects, got {vol!r}")
-        put(
-            "volumes",
-            tuple(
-                dataclasses.replace(v, host_path=v.host_path.expanduser().absolute())
-                for v in self.volumes
-            ),
-        )
-        assign_volume_tags(self.volumes)
-        for disp in self.displays:
-            if not isinstance(disp, DisplayConfig):
-                raise ConfigError(f"displays must hold DisplayConfig objects, got {disp!r}")
+        self._check_devices(("volumes", "displays"), ("headless", "vsock", "balloon", "entropy"))
         if not self.headless and not self.displays:
             raise ConfigError("a macOS guest with graphics needs at least one display")
-        for name in ("headless", "vsock", "balloon", "entropy"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
 
     # -- the VM directory ----------------------------------------------------------------
 

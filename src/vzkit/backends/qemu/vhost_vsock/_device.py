@@ -277,7 +277,8 @@ class VhostUserVsockDevice:
         self._call(TX)
 
     def _call(self, index: int) -> bool:
-        """Interrupt the guest for ring ``index`` if it wants one; True if it was called."""
+        """Interrupt the guest for ring ``index`` if it wants one; True if it was called.
+        (A deferred tx call that finds its ring stopped or restarted finds nothing to do.)"""
         if index == TX and self._tx_call_timer is not None:
             self._tx_call_timer.cancel()
             self._tx_call_timer = None
@@ -394,9 +395,6 @@ class VhostUserVsockDevice:
             kick = backend.rings[index].kick_fd
             if kick is not None:
                 self._reactor.unregister(kick)
-        if index == TX and self._tx_call_timer is not None:
-            self._tx_call_timer.cancel()
-            self._tx_call_timer = None
         base = queue.last_avail
         queue.publish()  # everything we consumed is handed back before the ring stops
         queue.release()
