@@ -57,7 +57,7 @@ size_t session_out_limit(void) { return OUT_LIMIT; }
 
 #define BUF_POOLED_MAX (HDR_SIZE + MAX_PAYLOAD) /* a whole frame */
 #define BUF_POOLED_MIN (16u * 1024u)
-#define POOL_MAX 16 /* buffers kept: 1 MiB */
+#define POOL_MAX 24 /* buffers kept: a session's queue (OUT_LIMIT) and a read batch, 1.5 MiB */
 
 static struct buf *g_pool[POOL_MAX];
 static int g_pooled;
