@@ -12,11 +12,14 @@ import json
 import logging
 import re
 import time
+import tomllib
 from collections.abc import Iterator
+from importlib.metadata import version as installed_version
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from packaging.requirements import Requirement
 
 from vzkit.cli import main
 from vzkit.guest import _image
@@ -40,6 +43,7 @@ from .test_guest_mirror import (
     standard_repo,
 )
 
+ROOT = Path(__file__).parents[2]
 UNSIGNED = "NOT signature-checked"
 
 
@@ -300,3 +304,23 @@ def test_debian_policy_syntax() -> None:
         assert is_package_name(good), good
     for bad in ["a", "Abc", "-x", ".x", "a_b", "a b"]:
         assert not is_package_name(bad), bad
+
+
+# -- the zig toolchain ---------------------------------------------------------------------------
+
+
+def test_ziglang_is_pinned_to_the_tested_range() -> None:
+    """pyproject pins ziglang to the releases the agent is known to build with.
+
+    test_agent_build builds and runs the agent with the installed zig (0.17.1 in the dev venv);
+    0.16.0 and 0.17.0 built both arches by hand (VZKIT_ZIG, December 2026). A zig outside
+    the range, e.g. a future 0.18 that changes ``zig cc``, must not be installed silently.
+    """
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    [pin] = [Requirement(d) for d in deps if d.startswith("ziglang")]
+    assert any(spec.operator == "<" for spec in pin.specifier), f"{pin} has no upper bound"
+    assert pin.specifier.contains(installed_version("ziglang"))
+    for tested in ("0.16.0", "0.17.0", "0.17.1"):
+        assert pin.specifier.contains(tested), tested
+    for untested in ("0.13.0", "0.15.2", "0.18.0", "1.0.0"):
+        assert not pin.specifier.contains(untested), untested
