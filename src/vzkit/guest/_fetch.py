@@ -59,6 +59,8 @@ __all__ = [
     "find_guest_debs",
     "kernel_metapackage",
     "mirror_guest_debs",
+    "record_trust",
+    "recorded_trust",
 ]
 
 log = logging.getLogger(__name__)
@@ -114,7 +116,7 @@ class GuestDebs:
     trust: Trust = field(default="local", compare=False)
 
 
-def weakest(levels: Sequence[Trust]) -> Trust:
+def _weakest(levels: Sequence[Trust]) -> Trust:
     """The weakest of some trust levels (``unknown`` for none)."""
     return min(levels, key=TRUST_LEVELS.index, default="unknown")
 
@@ -158,7 +160,7 @@ def recorded_trust(path: Path) -> Trust:
 
 def _cached(debs: GuestDebs) -> GuestDebs:
     """``debs`` (in a download cache) with the trust recorded for both files."""
-    trust = weakest([recorded_trust(debs.kernel), recorded_trust(debs.busybox)])
+    trust = _weakest([recorded_trust(debs.kernel), recorded_trust(debs.busybox)])
     return replace(debs, trust=trust)
 
 

@@ -148,7 +148,8 @@ def default_image(
     Packages come from ``deb_dir`` when given, else are downloaded into the cache from
     ``source`` (``apt``, ``mirror`` or ``auto``; ``mirror`` a Debian mirror URL; see
     :func:`fetch_guest_debs`). ``refresh`` looks for newer packages. Raises
-    :class:`GuestError` with what went wrong.
+    :class:`GuestError` with what went wrong. How the packages were verified is recorded
+    with the image (:func:`image_trust`).
     """
     from ._agent_build import build_agent  # the agent toolchain is only needed to build
 
