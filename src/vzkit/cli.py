@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import signal
 import sys
 import threading
@@ -146,6 +147,19 @@ def build_config(config_file: Path | None, graphics: bool | None, **opts: Any) -
     return base.replace(**changes)
 
 
+class _EchoWarnings(logging.Handler):
+    """Shows the guest image builder's warnings (e.g. unsigned package indexes) on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"vzkit: warning: {record.getMessage()}", err=True)
+
+
+def _show_guest_warnings() -> None:
+    logger = logging.getLogger("vzkit.guest")
+    if not any(isinstance(h, _EchoWarnings) for h in logger.handlers):
+        logger.addHandler(_EchoWarnings(logging.WARNING))
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vzkit")
 def main() -> None:
@@ -153,6 +167,7 @@ def main() -> None:
 
     Backends: Apple's Virtualization framework (macOS) and QEMU (Linux, macOS).
     """
+    _show_guest_warnings()
 
 
 @main.command("config")
@@ -503,7 +518,7 @@ def image_build(
     arch: str | None, deb_dir: Path | None, source: str | None, mirror: str | None, refresh: bool
 ) -> None:
     """Build (or find in the cache) the default guest image."""
-    from .guest._image import default_image
+    from .guest._image import default_image, image_trust
 
     if (source == "deb-dir") != (deb_dir is not None) and source is not None:
         raise click.UsageError("--source deb-dir goes with --deb-dir DIR (and only with it)")
@@ -511,22 +526,44 @@ def image_build(
         source = None
     built = default_image(arch, deb_dir=deb_dir, refresh=refresh, source=source, mirror=mirror)
     click.echo(f"kernel  {built.kernel}\ninitrd  {built.initrd}\nversion {built.kernel_version}")
+    click.echo(f"trust   {image_trust(built.kernel.parent)}")
 
 
 @image.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_handle_errors
-def image_list() -> None:
-    """List cached guest images, newest first."""
-    from .guest._image import list_images
+def image_list(as_json: bool) -> None:
+    """List cached guest images, newest first.
 
-    found = list_images()
-    if not found:
+    TRUST says how the packages were verified: verified (mirror, signed Release checked),
+    apt (apt-get download), unsigned (mirror, no signature check), local (--deb-dir) or
+    unknown.
+    """
+    from .guest._image import image_trust, list_images
+
+    rows = [
+        {
+            "image": directory.name,
+            "path": str(directory),
+            "arch": img.arch,
+            "kernel_version": img.kernel_version,
+            "initrd_bytes": img.initrd.stat().st_size,
+            "trust": image_trust(directory),
+        }
+        for directory, img in list_images()
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    if not rows:
         click.echo("no images (vzkit image build makes one)")
         return
-    click.echo(f"{'IMAGE':<28} {'ARCH':<8} {'KERNEL':<22} {'INITRD':>10}")
-    for directory, img in found:
-        size = img.initrd.stat().st_size
-        click.echo(f"{directory.name:<28} {img.arch:<8} {img.kernel_version:<22} {size:>10}")
+    click.echo(f"{'IMAGE':<28} {'ARCH':<8} {'KERNEL':<22} {'INITRD':>10}  TRUST")
+    for r in rows:
+        click.echo(
+            f"{r['image']:<28} {r['arch']:<8} {r['kernel_version']:<22} "
+            f"{r['initrd_bytes']:>10}  {r['trust']}"
+        )
 
 
 @image.command("rm")

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from vzkit._cache import user_cache_dir
 from vzkit.cli import main
 from vzkit.guest import DebPackage, GuestImage
-from vzkit.guest._image import default_image, list_images
+from vzkit.guest._image import default_image, image_trust, list_images
 
 ARCH = "x86_64"
 
@@ -55,7 +55,11 @@ def test_mirror_image_is_byte_identical_to_the_apt_image(
         env={"VZKIT_CACHE_DIR": str(mirror_cache), "VZKIT_PROGRESS": "0"},
     )
     assert result.exit_code == 0, result.output
-    [(_, via_mirror)] = list_images(mirror_cache)
+    [(mirror_dir, via_mirror)] = list_images(mirror_cache)
+    # gpgv and debian-archive-keyring are installed here: the Release signatures were checked
+    assert "trust   verified" in result.stdout
+    assert image_trust(mirror_dir) == "verified"
+    assert "NOT signature-checked" not in result.stderr
     mirror_debs = _debs(mirror_cache)
     kernels = [name for name in mirror_debs if name.startswith("linux-image-6")]
     assert sorted(mirror_debs) == ["busybox-static", *kernels, "linux-image-cloud-amd64"]
@@ -67,6 +71,7 @@ def test_mirror_image_is_byte_identical_to_the_apt_image(
 
     apt_cache = _cache(tmp_path / "apt")
     via_apt = default_image(ARCH, cache_dir=apt_cache, source="apt")
+    assert image_trust(via_apt.kernel.parent) == "apt"
     if _debs(apt_cache) == mirror_debs:
         _same(via_mirror, via_apt)
     else:  # apt's lists and the mirror disagree on versions: compare with the same .debs

@@ -11,7 +11,13 @@ from pathlib import Path
 import pytest
 
 from vzkit.errors import GuestError
-from vzkit.guest import apt_download, deb_arch, fetch_guest_debs, kernel_metapackage
+from vzkit.guest import (
+    apt_download,
+    deb_arch,
+    fetch_guest_debs,
+    find_guest_debs,
+    kernel_metapackage,
+)
 
 FAKE_APT = """#!{python}
 import pathlib, shutil, sys
@@ -139,3 +145,11 @@ def test_arch_names() -> None:
     assert [deb_arch(a) for a in ("x86_64", "aarch64", "arm64")] == ["amd64", "arm64", "arm64"]
     with pytest.raises(GuestError, match="unsupported guest architecture"):
         deb_arch("mips")
+
+
+def test_apt_downloads_are_recorded_as_verified_by_apt(repo: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    assert fetch_guest_debs(cache, "x86_64").trust == "apt"
+    assert fetch_guest_debs(cache, "x86_64").trust == "apt"  # the cache remembers
+    assert fetch_guest_debs(cache, "x86_64", refresh=True).trust == "apt"  # kernel reused
+    assert find_guest_debs(cache, "x86_64").trust == "local"  # a directory of one's own

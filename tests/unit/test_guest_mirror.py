@@ -16,6 +16,7 @@ import shutil
 import socket
 import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,8 +98,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(body)
 
 
-@pytest.fixture
-def mirror() -> Iterator[FakeMirror]:
+@contextmanager
+def serve_mirror() -> Iterator[FakeMirror]:
+    """A FakeMirror served over HTTP on 127.0.0.1 (loopback only) while the block runs."""
     fake = FakeMirror()
     handler = type("Handler", (_Handler,), {"mirror": fake})
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
@@ -111,6 +113,12 @@ def mirror() -> Iterator[FakeMirror]:
         server.shutdown()
         server.server_close()
         thread.join()
+
+
+@pytest.fixture
+def mirror() -> Iterator[FakeMirror]:
+    with serve_mirror() as fake:
+        yield fake
 
 
 def deb(name: str, version: str, arch: str, depends: str = "", payload: bytes = b"x") -> bytes:
@@ -128,8 +136,12 @@ class Pkg:
     arch: str = "amd64"
     size_delta: int = 0
     bad_sha: bool = False
+    data: bytes | None = None  # a prebuilt .deb instead of a generated one
+    fields: dict[str, str] = field(default_factory=dict)  # stanza fields to override
 
     def blob(self) -> bytes:
+        if self.data is not None:
+            return self.data
         return deb(self.name, self.version, self.arch, self.depends, self.payload)
 
     @property
@@ -146,17 +158,23 @@ def publish(
     by_hash: bool = False,
     bad_index_sha: bool = False,
     inrelease: bool = False,
+    release_extra: str = "",
 ) -> None:
-    """Put ``pkgs`` into ``suite`` of the fake mirror with a consistent hash chain."""
+    """Put ``pkgs`` into ``suite`` of the fake mirror with a consistent hash chain.
+
+    ``release_extra`` is added to the Release fields (``Date: ...\n``).
+    """
     stanzas = []
     for pkg in pkgs:
         blob = pkg.blob()
         fake.files[f"/debian/{pkg.pool}"] = blob
         sha = hashlib.sha256(b"other" if pkg.bad_sha else blob).hexdigest()
-        stanza = f"Package: {pkg.name}\nVersion: {pkg.version}\nArchitecture: {pkg.arch}\n"
-        stanza += f"Depends: {pkg.depends}\n" if pkg.depends else ""
-        stanza += f"Filename: {pkg.pool}\nSize: {len(blob) + pkg.size_delta}\nSHA256: {sha}\n"
-        stanzas.append(stanza)
+        lines = {"Package": pkg.name, "Version": pkg.version, "Architecture": pkg.arch}
+        if pkg.depends:
+            lines["Depends"] = pkg.depends
+        lines.update(Filename=pkg.pool, Size=str(len(blob) + pkg.size_delta), SHA256=sha)
+        lines.update(pkg.fields)
+        stanzas.append("".join(f"{key}: {value}\n" for key, value in lines.items()))
     text = "\n".join(stanzas).encode()
     packed = lzma.compress(text) if index.endswith(".xz") else gzip.compress(text, mtime=0)
     dists = f"/debian/dists/{suite}"
@@ -167,6 +185,7 @@ def publish(
     listed = "0" * 64 if bad_index_sha else sha
     release = (
         f"Suite: {suite}\nArchitectures: amd64 arm64\nComponents: main\n"
+        + release_extra
         + ("Acquire-By-Hash: yes\n" if by_hash else "")
         + f"SHA256:\n {listed} {len(packed)} main/binary-amd64/{index}\n"
         + f" {'1' * 64} 123 main/binary-arm64/{index}\n"
@@ -523,6 +542,7 @@ def signed_client(fake: FakeMirror, tmp_path: Path, layout: str, keyring: Path) 
 def test_signed_release_verifies_with_gpgv(mirror: FakeMirror, tmp_path: Path, layout: str) -> None:
     client = signed_client(mirror, tmp_path, layout, SIGNED / "keyring.gpg")
     assert client.lookup("busybox-static").version == "1:1.35.0-4"
+    assert client.trust == "verified"
 
 
 @needs_gpgv

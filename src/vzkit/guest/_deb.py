@@ -27,7 +27,15 @@ from typing import IO, Literal
 
 from vzkit.errors import GuestError
 
-__all__ = ["DebEntry", "DebPackage", "compare_versions", "parse_control", "parse_depends"]
+__all__ = [
+    "DebEntry",
+    "DebPackage",
+    "compare_versions",
+    "is_package_name",
+    "is_version",
+    "parse_control",
+    "parse_depends",
+]
 
 _AR_MAGIC = b"!<arch>\n"
 _AR_HEADER = 60
@@ -39,6 +47,10 @@ _TAR_SUFFIXES: dict[str, _StreamMode] = {
     ".bz2": "r|bz2",
     ".zst": "r|zst",
 }
+
+_PACKAGE_NAME = re.compile(r"[a-z0-9][a-z0-9+.-]+")
+_VERSION = re.compile(r"(?:([0-9]+):)?([0-9][A-Za-z0-9.+~:-]*?)(?:-([A-Za-z0-9.+~]+))?")
+_MAX_FIELD = 256
 
 EntryKind = Literal["file", "dir", "symlink", "hardlink", "chardev", "blockdev", "fifo"]
 
@@ -160,6 +172,24 @@ def parse_depends(value: str) -> list[list[str]]:
             names.append(match.group(1))
         groups.append(names)
     return groups
+
+
+def is_package_name(name: str) -> bool:
+    """Whether ``name`` is a package name by Debian policy 5.6.1: ``[a-z0-9][a-z0-9+.-]+``."""
+    return len(name) <= _MAX_FIELD and _PACKAGE_NAME.fullmatch(name) is not None
+
+
+def is_version(version: str) -> bool:
+    """Whether ``version`` is ``[epoch:]upstream[-revision]`` by Debian policy 5.6.12.
+
+    The epoch is a number; the upstream version starts with a digit and holds
+    ``[A-Za-z0-9.+~-]`` (and ``:`` only after an epoch); the revision, after the last ``-``,
+    holds ``[A-Za-z0-9.+~]``. So a valid version has no ``/``, space, NUL or newline.
+    """
+    match = _VERSION.fullmatch(version) if len(version) <= _MAX_FIELD else None
+    if match is None or version.endswith("-"):  # an empty revision
+        return False
+    return match.group(1) is not None or ":" not in version
 
 
 def _order(char: str) -> int:

@@ -11,6 +11,9 @@ The default, ``auto``, uses apt when ``apt-get`` exists and falls back to the mi
 fails; ``$VZKIT_DEB_SOURCE`` (``auto``/``apt``/``mirror``) or the ``source`` argument choose
 explicitly, and naming a mirror (``$VZKIT_DEBIAN_MIRROR`` or ``mirror=``) selects ``mirror``.
 
+How each .deb in the cache was verified is remembered next to it (``.trust.json``, bound to
+the file's size and mtime) and carried in :attr:`GuestDebs.trust`, see :data:`Trust`.
+
 ``apt-get download PKG:ARCH`` only finds packages of architectures dpkg knows about. For a
 foreign architecture that is not enabled (``dpkg --add-architecture``), :func:`apt_download`
 runs apt with a private package-list directory under the destination, configured for that
@@ -19,6 +22,7 @@ architecture only: this needs neither root nor changes to the host's apt configu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -26,7 +30,7 @@ import shutil
 import subprocess
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -46,13 +50,17 @@ from ._mirror import (
 __all__ = [
     "DEB_ARCHES",
     "DEB_SOURCES",
+    "TRUST_LEVELS",
     "GuestDebs",
+    "Trust",
     "apt_download",
     "deb_arch",
     "fetch_guest_debs",
     "find_guest_debs",
     "kernel_metapackage",
     "mirror_guest_debs",
+    "record_trust",
+    "recorded_trust",
 ]
 
 log = logging.getLogger(__name__)
@@ -63,6 +71,18 @@ DEB_SOURCES: tuple[DebSource, ...] = ("auto", "apt", "mirror")
 
 DEB_ARCHES = {"x86_64": "amd64", "aarch64": "arm64"}
 """Guest architecture (``uname -m`` style) -> Debian architecture."""
+
+Trust = Literal["unknown", "local", "unsigned", "apt", "verified"]
+"""How the packages of an image were verified, weakest first:
+
+- ``unknown``: cached .debs whose origin was not recorded (an older vzkit, or copied in);
+- ``local``: the caller's own .debs (``deb_dir``), not checked by vzkit;
+- ``unsigned``: from a Debian mirror by SHA256 chain, but the Release signature not checked;
+- ``apt``: ``apt-get download``, verified by apt against its signed package lists;
+- ``verified``: from a Debian mirror, the Release's OpenPGP signature checked with gpgv.
+"""
+TRUST_LEVELS: tuple[Trust, ...] = ("unknown", "local", "unsigned", "apt", "verified")
+_TRUST_FILE = ".trust.json"
 
 _KERNEL_PACKAGE = re.compile(r"^linux-image-\d[^ ]*$")
 _LIST_MAX_AGE = 24 * 3600.0
@@ -89,10 +109,59 @@ def _is_kernel(pkg: DebPackage) -> bool:
 
 @dataclass(frozen=True)
 class GuestDebs:
-    """The two packages a guest is built from."""
+    """The two packages a guest is built from, and how they were verified (the weaker one)."""
 
     kernel: Path
     busybox: Path
+    trust: Trust = field(default="local", compare=False)
+
+
+def _weakest(levels: Sequence[Trust]) -> Trust:
+    """The weakest of some trust levels (``unknown`` for none)."""
+    return min(levels, key=TRUST_LEVELS.index, default="unknown")
+
+
+def _read_trust_file(cache: Path) -> dict[str, dict[str, object]]:
+    try:
+        data = json.loads((cache / _TRUST_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in data.items() if isinstance(v, dict)} if isinstance(data, dict) else {}
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_size, st.st_mtime_ns
+
+
+def record_trust(cache: Path, paths: Sequence[Path], trust: Trust) -> None:
+    """Remember that ``paths`` (files in ``cache``) were verified as ``trust``."""
+    records = _read_trust_file(cache)
+    for path in paths:
+        size, mtime_ns = _stamp(path)
+        records[path.name] = {"trust": trust, "size": size, "mtime_ns": mtime_ns}
+    records = {k: v for k, v in records.items() if (cache / k).is_file()}
+    tmp = cache / f"{_TRUST_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(records, indent=1, sort_keys=True))
+    os.replace(tmp, cache / _TRUST_FILE)
+
+
+def recorded_trust(path: Path) -> Trust:
+    """How ``path`` was verified when it was downloaded; ``unknown`` if it changed since."""
+    entry = _read_trust_file(path.parent).get(path.name, {})
+    try:
+        unchanged = (entry.get("size"), entry.get("mtime_ns")) == _stamp(path)
+    except OSError:
+        return "unknown"
+    if not unchanged:
+        return "unknown"
+    return next((level for level in TRUST_LEVELS if level == entry.get("trust")), "unknown")
+
+
+def _cached(debs: GuestDebs) -> GuestDebs:
+    """``debs`` (in a download cache) with the trust recorded for both files."""
+    trust = _weakest([recorded_trust(debs.kernel), recorded_trust(debs.busybox)])
+    return replace(debs, trust=trust)
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -256,7 +325,11 @@ def _resolve_kernel(meta: DebPackage, dest: Path, arch: str) -> Path:
         if not targets:
             raise GuestError(f"{pkg.name} {pkg.version} depends on no linux-image package")
         local = [DebPackage(p) for p in dest.glob(f"{targets[0]}_*.deb") if p.is_file()]
-        pkg = _newest(local) if local else DebPackage(apt_download([targets[0]], dest, arch)[0])
+        if local:
+            pkg = _newest(local)
+        else:
+            pkg = DebPackage(apt_download([targets[0]], dest, arch)[0])
+            record_trust(dest, [pkg.path], "apt")
     raise GuestError(f"{meta.name}: linux-image dependency chain too long")
 
 
@@ -295,8 +368,9 @@ def mirror_guest_debs(
     meta = client.lookup(kernel_metapackage(arch))
     kernel = _mirror_kernel(client, meta)
     busybox = client.lookup("busybox-static")
-    _, kernel_path, busybox_path = client.download([meta, kernel, busybox], cache)
-    return GuestDebs(kernel=kernel_path, busybox=busybox_path)
+    paths = client.download([meta, kernel, busybox], cache)
+    record_trust(cache, paths, client.trust)
+    return GuestDebs(kernel=paths[1], busybox=paths[2], trust=client.trust)
 
 
 def choose_source(source: str | None = None, mirror: str | None = None) -> DebSource:
@@ -313,8 +387,9 @@ def choose_source(source: str | None = None, mirror: str | None = None) -> DebSo
 
 def _apt_guest_debs(cache: Path, arch: str) -> GuestDebs:
     meta_path, busybox = apt_download([kernel_metapackage(arch), "busybox-static"], cache, arch)
+    record_trust(cache, [meta_path, busybox], "apt")
     kernel = _resolve_kernel(DebPackage(meta_path), cache, arch)
-    return GuestDebs(kernel=kernel, busybox=busybox)
+    return _cached(GuestDebs(kernel=kernel, busybox=busybox))
 
 
 def fetch_guest_debs(
@@ -331,12 +406,13 @@ def fetch_guest_debs(
     ``Depends`` followed to the real kernel package. Without ``refresh``, packages already
     in the cache are used as they are and nothing is downloaded. ``source`` is ``"apt"``,
     ``"mirror"`` or ``"auto"`` (see the module docs); ``mirror`` a Debian mirror URL.
+    ``trust`` of the result says how the packages were verified (see :data:`Trust`).
     """
     cache = Path(cache_dir)
     chosen = choose_source(source, mirror)
     if not refresh and cache.is_dir():
         try:
-            return find_guest_debs(cache, arch)
+            return _cached(find_guest_debs(cache, arch))
         except GuestError:
             pass
     if refresh and cache.is_dir():

@@ -5,6 +5,10 @@ An image lives in ``<cache>/images/<arch>-<key>/`` where ``key`` hashes every in
 format version. Same inputs, same directory; changed inputs, a new one. A build writes into a
 temporary directory next to it and renames it into place when complete, so an interrupted
 build never leaves a half image behind.
+
+``image.json`` also records how the packages were verified (``trust``, see
+:data:`~vzkit.guest._fetch.Trust`): ``verified``, ``apt``, ``unsigned``, ``local`` or
+``unknown``. The same bytes verified more strongly later upgrade the record.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from .._config import LinuxVMConfig
 from .._progress import Progress
 from .._state import Arch, host_arch
 from ..errors import GuestError
-from ._fetch import GuestDebs, fetch_guest_debs, find_guest_debs
+from ._fetch import TRUST_LEVELS, GuestDebs, Trust, fetch_guest_debs, find_guest_debs
 from ._initramfs import GUEST_MODULES, GuestImage, build_guest, init_script
 
 __all__ = [
@@ -34,6 +38,7 @@ __all__ = [
     "default_guest_config",
     "default_image",
     "image_cache_dir",
+    "image_trust",
     "list_images",
     "remove_images",
 ]
@@ -71,6 +76,8 @@ def _image_key(debs: GuestDebs, agent: Path) -> str:
 def _load(directory: Path) -> GuestImage | None:
     try:
         meta = json.loads((directory / _META).read_text())
+        if not all(_plain(meta[key]) for key in ("kernel", "initrd")):
+            return None  # image.json names files outside its directory: not ours
         image = GuestImage(
             kernel=directory / meta["kernel"],
             initrd=directory / meta["initrd"],
@@ -85,6 +92,34 @@ def _load(directory: Path) -> GuestImage | None:
     if not (image.kernel.is_file() and image.initrd.is_file()):
         return None
     return image
+
+
+def image_trust(directory: Path) -> Trust:
+    """How the packages of the image in ``directory`` were verified (``unknown`` if unsaid)."""
+    try:
+        recorded = json.loads((directory / _META).read_text()).get("trust")
+    except (OSError, ValueError, AttributeError):
+        return "unknown"
+    return next((level for level in TRUST_LEVELS if level == recorded), "unknown")
+
+
+def _upgrade_trust(directory: Path, trust: Trust) -> None:
+    """Record ``trust`` for an existing image if it is stronger than what it says."""
+    if TRUST_LEVELS.index(trust) <= TRUST_LEVELS.index(image_trust(directory)):
+        return
+    meta = json.loads((directory / _META).read_text())
+    meta["trust"] = trust
+    _write_meta(directory, meta)
+
+
+def _write_meta(directory: Path, meta: dict[str, Any]) -> None:
+    tmp = directory / f".{_META}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, directory / _META)
+
+
+def _plain(name: object) -> bool:
+    return isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
 
 
 @contextmanager
@@ -113,7 +148,8 @@ def default_image(
     Packages come from ``deb_dir`` when given, else are downloaded into the cache from
     ``source`` (``apt``, ``mirror`` or ``auto``; ``mirror`` a Debian mirror URL; see
     :func:`fetch_guest_debs`). ``refresh`` looks for newer packages. Raises
-    :class:`GuestError` with what went wrong.
+    :class:`GuestError` with what went wrong. How the packages were verified is recorded
+    with the image (:func:`image_trust`).
     """
     from ._agent_build import build_agent  # the agent toolchain is only needed to build
 
@@ -139,6 +175,7 @@ def default_image(
         existing = _load(target)
         if existing is not None:
             progress.step("cached")
+            _upgrade_trust(target, debs.trust)
             return existing
         progress.step("packing the initramfs")
         shutil.rmtree(target, ignore_errors=True)
@@ -153,7 +190,8 @@ def default_image(
             meta = asdict(built)
             meta["kernel"] = built.kernel.name
             meta["initrd"] = built.initrd.name
-            (tmp / _META).write_text(json.dumps(meta, indent=2))
+            meta["trust"] = debs.trust
+            _write_meta(tmp, meta)
             os.rename(tmp, target)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

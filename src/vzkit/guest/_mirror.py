@@ -8,16 +8,28 @@ the ``Size`` and ``SHA256`` of its ``Packages`` stanza before it appears in the 
 :mod:`vzkit.guest._download`). The newest version across all sources wins, as in apt.
 
 Trust: the chain Release -> Packages -> .deb is verified by SHA256 at every step, so the
-.debs are exactly what the Release file names. The Release file itself is trusted because it
-comes over HTTPS from the configured mirror; when ``gpgv`` and the Debian archive keyring
-are installed (Debian/Ubuntu hosts), its OpenPGP signature is checked too, as apt does.
-``Valid-Until`` is not enforced (snapshot mirrors are allowed).
+.debs are exactly what the Release file names. When ``gpgv`` and the Debian archive keyring
+are installed (Debian/Ubuntu hosts), the Release file's OpenPGP signature is checked, as apt
+does (:attr:`DebianMirror.trust` is ``"verified"``). Without them the Release file is trusted
+because it comes over HTTPS from the configured mirror: :meth:`DebianMirror.load` logs a
+WARNING once, and :attr:`DebianMirror.trust` is ``"unsigned"`` (recorded with the image).
+A Release whose ``Valid-Until`` has passed (a stale mirror, or a replayed old Release) or whose
+``Date`` lies more than an hour ahead (a clock far behind would defeat ``Valid-Until``) is
+refused with :class:`ExpiredReleaseError`.
+
+Every name the mirror supplies is checked before it becomes a path or a URL
+(:class:`MirrorFieldError` names the field and value): package names and versions by Debian
+policy syntax, ``Filename`` as a relative ``pool/...`` path of plain components, the paths,
+sizes and hashes of the Release's SHA256 list. A .deb is stored under a name built from the
+checked ``Package``, ``Version`` and ``Architecture`` (as ``apt-get download`` names it),
+directly inside the destination directory.
 
 Configuration (environment; explicit arguments win): ``VZKIT_DEBIAN_MIRROR`` (default
 ``https://deb.debian.org/debian``), ``VZKIT_DEBIAN_SECURITY_MIRROR`` (default
 ``https://deb.debian.org/debian-security``; ``none`` to skip), ``VZKIT_DEBIAN_SUITE``
 (default ``bookworm``; ``-updates`` and ``-security`` are added), ``VZKIT_DEBIAN_KEYRING``
-(a keyring file, or ``none`` to skip the signature check).
+(a keyring file, or ``none`` to skip the signature check), ``VZKIT_DEBIAN_CHECK_VALID_UNTIL``
+(``no`` accepts an expired Release, e.g. from ``snapshot.debian.org``, with a warning).
 """
 
 from __future__ import annotations
@@ -25,19 +37,23 @@ from __future__ import annotations
 import gzip
 import logging
 import lzma
+import math
 import os
 import re
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import UTC
+from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Literal
 
 from .._progress import Progress
 from ..errors import GuestError
-from ._deb import compare_versions, parse_control
+from ._deb import compare_versions, is_package_name, is_version, parse_control
 from ._download import DownloadError, download, fetch_bytes
 
 __all__ = [
@@ -46,7 +62,9 @@ __all__ = [
     "DEFAULT_SUITE",
     "DebianMirror",
     "DebianSource",
+    "ExpiredReleaseError",
     "MirrorError",
+    "MirrorFieldError",
     "PackageRecord",
     "SignatureError",
     "deb_file_name",
@@ -67,6 +85,13 @@ _GPGV_TIMEOUT = 60.0
 _RELATION = re.compile(
     r"^\s*([a-z0-9][a-z0-9+.\-]*)(?::\S+)?\s*(?:\(\s*([<>=]+)\s*([^)\s]+)\s*\))?"
 )
+_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
+_SIZE = re.compile(r"[0-9]{1,15}")
+_POOL_PART = re.compile(r"[A-Za-z0-9+._~-]+")  # a component of a Filename: no %, no spaces
+_RELEASE_PART = re.compile(r"[A-Za-z0-9+._~@-]+")  # dep11 icon tarballs have an @
+_MAX_PATH = 1024
+_MAX_FUTURE_S = 3600.0
+"""How far a Release's ``Date`` may lie ahead of our clock (apt allows only seconds)."""
 
 Keyring = Path | Literal["auto"] | None
 
@@ -77,6 +102,58 @@ class MirrorError(DownloadError):
 
 class SignatureError(MirrorError):
     """A Release file's OpenPGP signature is missing or does not verify with the keyring."""
+
+
+class ExpiredReleaseError(MirrorError):
+    """A Release file is past its ``Valid-Until`` or dated in the future (check the clock)."""
+
+
+class MirrorFieldError(MirrorError):
+    """A name, version, path, size or hash from the mirror is malformed or unsafe.
+
+    ``field`` names it (``Package``, ``Version``, ``Filename``, ``SHA256``...), ``value`` is
+    what the mirror sent. Nothing is downloaded or written on its account.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        url: str,
+        status: int | None = None,
+        field: str = "",
+        value: str = "",
+    ) -> None:
+        super().__init__(message, url=url, status=status)
+        self.field = field
+        self.value = value
+
+
+def _refuse(field: str, value: str, url: str, rule: str) -> MirrorFieldError:
+    shown = value if len(value) <= 120 else value[:120] + "..."
+    return MirrorFieldError(
+        f"{url}: refusing {field} {shown!r}: {rule}; the mirror serves malformed or tampered "
+        "data (try another mirror)",
+        url=url,
+        field=field,
+        value=value,
+    )
+
+
+def _plain_path(value: str, part: re.Pattern[str]) -> bool:
+    """A relative path of ``part`` components, none of them ``.`` or ``..``."""
+    if not value or len(value) > _MAX_PATH:
+        return False
+    return all(c not in (".", "..") and part.fullmatch(c) is not None for c in value.split("/"))
+
+
+def _check_filename(value: str, url: str) -> str:
+    """A ``Filename`` of a Packages stanza: ``pool/.../NAME.deb``, else MirrorFieldError."""
+    if not (
+        value.startswith("pool/") and value.endswith(".deb") and _plain_path(value, _POOL_PART)
+    ):
+        raise _refuse("Filename", value, url, "not a relative pool/.../*.deb path of plain names")
+    return value
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -118,6 +195,13 @@ class PackageRecord:
 def deb_file_name(name: str, version: str, arch: str) -> str:
     """The name ``apt-get download`` gives a .deb (``:`` of an epoch as ``%3a``)."""
     return f"{name}_{version.replace(':', '%3a')}_{arch}.deb"
+
+
+def _confined(directory: Path, name: str) -> Path:
+    """``directory / name`` for a plain file name we built; anything else is a bug or an attack."""
+    if not name or "/" in name or "\0" in name or "\n" in name or name.startswith("."):
+        raise _refuse("file name", name, str(directory), "not a plain file name")
+    return directory / name
 
 
 def _env(name: str, default: str) -> str:
@@ -191,7 +275,9 @@ def _gpgv(keyring: Path, url: str, files: dict[str, bytes], args: list[str]) -> 
     return done.stdout
 
 
-def _parse_release(raw: bytes, url: str, *, clearsigned: bool) -> dict[str, str]:
+def _parse_release(
+    raw: bytes, url: str, *, clearsigned: bool, check_valid_until: bool = True
+) -> dict[str, str]:
     try:
         text = raw.decode()
         fields = parse_control(strip_clearsign(text, url) if clearsigned else text)
@@ -201,15 +287,76 @@ def _parse_release(raw: bytes, url: str, *, clearsigned: bool) -> dict[str, str]
         raise MirrorError(f"{url}: not a Debian Release file ({err})", url=url) from err
     if "SHA256" not in fields:
         raise MirrorError(f"{url}: not a Debian Release file (no SHA256 list)", url=url)
+    _check_dates(fields, url, time.time(), check_valid_until=check_valid_until)
     return fields
 
 
-def _parse_hashes(release: dict[str, str]) -> dict[str, tuple[str, int]]:
+def _release_time(fields: dict[str, str], name: str, url: str) -> float | None:
+    value = fields.get(name)
+    if value is None:
+        return None
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        raise _refuse(name, value, url, "not an RFC 2822 date") from None
+    if when.tzinfo is None:  # Debian writes UTC; a date without a zone is read as UTC
+        when = when.replace(tzinfo=UTC)
+    return when.timestamp()
+
+
+def _check_dates(
+    fields: dict[str, str], url: str, now: float, *, check_valid_until: bool = True
+) -> None:
+    """Refuse a Release past its ``Valid-Until``, or dated more than an hour ahead."""
+    date = _release_time(fields, "Date", url)
+    if date is not None and date > now + _MAX_FUTURE_S:
+        hours = math.ceil((date - now) / 3600)
+        raise ExpiredReleaseError(
+            f"{url}: the Release file is dated {fields['Date']}, {hours} h ahead of this "
+            "machine's clock: check the system clock (date -u), or use another mirror",
+            url=url,
+        )
+    until = _release_time(fields, "Valid-Until", url)
+    if until is None or now <= until:
+        return
+    days = (now - until) / 86400
+    if not check_valid_until:
+        until_text = fields["Valid-Until"]
+        log.warning(
+            "%s: expired %.1f day(s) ago (Valid-Until: %s); accepted because "
+            "VZKIT_DEBIAN_CHECK_VALID_UNTIL=no",
+            url,
+            days,
+            until_text,
+        )
+        return
+    raise ExpiredReleaseError(
+        f"{url}: the Release file expired {days:.1f} day(s) ago (Valid-Until: "
+        f"{fields['Valid-Until']}): the mirror is out of date or serves an old, replayed "
+        "Release. Use another mirror (--mirror URL or VZKIT_DEBIAN_MIRROR), or check the "
+        "system clock (date -u); for an archived snapshot mirror set "
+        "VZKIT_DEBIAN_CHECK_VALID_UNTIL=no",
+        url=url,
+    )
+
+
+def _parse_hashes(release: dict[str, str], url: str) -> dict[str, tuple[str, int]]:
+    """The Release's SHA256 list, every line checked: ``HASH SIZE relative/path``."""
     hashes = {}
     for line in release.get("SHA256", "").splitlines():
+        if not line.strip():
+            continue
         parts = line.split()
-        if len(parts) == 3 and parts[1].isdigit():
-            hashes[parts[2]] = (parts[0].lower(), int(parts[1]))
+        if len(parts) != 3:
+            raise _refuse("SHA256", line, url, "a line of the list is not 'HASH SIZE PATH'")
+        sha256, size, path = parts
+        if _SHA256.fullmatch(sha256) is None:
+            raise _refuse("SHA256", sha256, url, f"not a SHA-256 hex digest (for {path!r})")
+        if _SIZE.fullmatch(size) is None:
+            raise _refuse("SHA256", size, url, f"not a size in bytes (for {path!r})")
+        if not _plain_path(path, _RELEASE_PART):
+            raise _refuse("SHA256", path, url, "not a relative path of plain names")
+        hashes[path] = (sha256.lower(), int(size))
     return hashes
 
 
@@ -236,11 +383,39 @@ def parse_relation(value: str) -> list[tuple[str, str | None, str | None]]:
     return relations
 
 
+def _record(name: str, fields: dict[str, str], base_url: str, where: str) -> PackageRecord:
+    """A checked PackageRecord from the fields of ``name``'s stanza (``where`` for errors)."""
+    for key in ("Version", "Filename", "Size", "SHA256"):
+        if key not in fields:
+            raise MirrorError(f"{where}: the stanza for {name} lacks its {key} field", url=where)
+    version, size, sha256 = fields["Version"], fields["Size"], fields["SHA256"]
+    if not is_version(version):
+        raise _refuse(
+            "Version", version, where, "not a Debian version ([epoch:]upstream[-revision])"
+        )
+    if _SIZE.fullmatch(size) is None:
+        raise _refuse("Size", size, where, "not a size in bytes")
+    if _SHA256.fullmatch(sha256) is None:
+        raise _refuse("SHA256", sha256, where, "not a SHA-256 hex digest")
+    return PackageRecord(
+        name=name,
+        version=version,
+        architecture=fields["Architecture"],
+        filename=_check_filename(fields["Filename"], where),
+        size=int(size),
+        sha256=sha256.lower(),
+        depends=fields.get("Depends", ""),
+        base_url=base_url,
+    )
+
+
 class DebianMirror:
     """The ``Packages`` indexes of some sources for one architecture, and downloads from them.
 
     ``index_dir`` caches the verified indexes by hash. ``keyring``: ``"auto"`` checks Release
-    signatures when gpgv and the Debian keyring are there, a path always, None never.
+    signatures when gpgv and the Debian keyring are there, a path always, None never (then
+    :meth:`load` warns once and :attr:`trust` is ``"unsigned"``). ``check_valid_until``:
+    refuse expired Release files (None: unless ``$VZKIT_DEBIAN_CHECK_VALID_UNTIL`` is ``no``).
     """
 
     def __init__(
@@ -251,6 +426,7 @@ class DebianMirror:
         index_dir: Path | str,
         keyring: Keyring = "auto",
         timeout: float = 30.0,
+        check_valid_until: bool | None = None,
     ) -> None:
         if not sources:
             raise ValueError("DebianMirror needs at least one source")
@@ -259,6 +435,10 @@ class DebianMirror:
         self.index_dir = Path(index_dir)
         self.keyring = _resolve_keyring(keyring)
         self.timeout = timeout
+        if check_valid_until is None:
+            setting = os.environ.get("VZKIT_DEBIAN_CHECK_VALID_UNTIL", "").strip().lower()
+            check_valid_until = setting not in ("no", "off", "0", "false")
+        self.check_valid_until = check_valid_until
         self._packages: list[tuple[DebianSource, dict[str, list[str]]]] | None = None
         self._used: set[str] = set()
 
@@ -275,8 +455,8 @@ class DebianMirror:
                 signed = _gpgv(
                     self.keyring, inrelease, {"InRelease": raw}, ["-o", "-", "InRelease"]
                 )
-                return _parse_release(signed, inrelease, clearsigned=False)
-            return _parse_release(raw, inrelease, clearsigned=True)
+                return self._parse(signed, inrelease, clearsigned=False)
+            return self._parse(raw, inrelease, clearsigned=True)
         url = f"{source.dists}/Release"
         try:
             raw = fetch_bytes(url, timeout=self.timeout)
@@ -303,10 +483,15 @@ class DebianMirror:
                 ) from err
             _gpgv(self.keyring, url, {"Release": raw, "Release.gpg": signature},
                   ["Release.gpg", "Release"])  # fmt: skip
-        return _parse_release(raw, url, clearsigned=False)
+        return self._parse(raw, url, clearsigned=False)
+
+    def _parse(self, raw: bytes, url: str, *, clearsigned: bool) -> dict[str, str]:
+        return _parse_release(
+            raw, url, clearsigned=clearsigned, check_valid_until=self.check_valid_until
+        )
 
     def _index(self, source: DebianSource, release: dict[str, str]) -> dict[str, list[str]]:
-        hashes = _parse_hashes(release)
+        hashes = _parse_hashes(release, f"{source.dists}/Release")
         directory = f"{source.component}/binary-{self.debarch}"
         for name, decompress in _INDEXES:
             entry = hashes.get(f"{directory}/{name}")
@@ -339,10 +524,26 @@ class DebianMirror:
             url=f"{source.dists}/Release",
         )
 
+    @property
+    def trust(self) -> Literal["verified", "unsigned"]:
+        """``"verified"`` when Release signatures are checked, else ``"unsigned"``."""
+        return "verified" if self.keyring is not None else "unsigned"
+
     def load(self) -> None:
-        """Fetch and verify every source's Release and Packages index (once per instance)."""
+        """Fetch and verify every source's Release and Packages index (once per instance).
+
+        Without a keyring this logs one WARNING: the indexes are taken on HTTPS alone.
+        """
         if self._packages is not None:
             return
+        if self.keyring is None:
+            log.warning(
+                "Debian package indexes from %s are NOT signature-checked (no gpgv or no "
+                "Debian archive keyring, or VZKIT_DEBIAN_KEYRING=none): trusting HTTPS and the "
+                "mirror alone; the image is recorded as 'unsigned'. Install gpgv and "
+                "debian-archive-keyring, or set VZKIT_DEBIAN_KEYRING to a keyring file",
+                ", ".join(sorted({s.url for s in self.sources})),
+            )
         loaded = []
         for source in self.sources:
             release = self._release(source)
@@ -358,33 +559,31 @@ class DebianMirror:
                 path.unlink(missing_ok=True)
 
     def candidates(self, name: str) -> list[PackageRecord]:
-        """Every version of ``name`` for our architecture (or ``all``) in the sources."""
+        """Every version of ``name`` for our architecture (or ``all``) in the sources.
+
+        ``name`` (it may come from a mirror's ``Depends``) and every field of the records
+        are checked first: MirrorFieldError names a malformed or unsafe one.
+        """
         self.load()
         assert self._packages is not None
+        if not is_package_name(name):
+            where = f"{self.sources[0].dists}/{self.sources[0].component}"
+            raise _refuse(
+                "Package", name, where, "not a Debian package name ([a-z0-9][a-z0-9+.-]+)"
+            )
         found = []
         for source, stanzas in self._packages:
+            where = f"{source.dists}/{source.component}/binary-{self.debarch}/Packages"
             for stanza in stanzas.get(name, []):
-                fields = parse_control(stanza)
+                try:
+                    fields = parse_control(stanza)
+                except GuestError as err:
+                    raise MirrorError(
+                        f"{where}: malformed stanza for {name}: {err}", url=where
+                    ) from err
                 if fields.get("Architecture") not in (self.debarch, "all"):
                     continue
-                try:
-                    found.append(
-                        PackageRecord(
-                            name=name,
-                            version=fields["Version"],
-                            architecture=fields["Architecture"],
-                            filename=fields["Filename"],
-                            size=int(fields["Size"]),
-                            sha256=fields["SHA256"].lower(),
-                            depends=fields.get("Depends", ""),
-                            base_url=source.url,
-                        )
-                    )
-                except (KeyError, ValueError) as err:
-                    raise MirrorError(
-                        f"{source.dists}: malformed Packages stanza for {name}: {err}",
-                        url=source.dists,
-                    ) from err
+                found.append(_record(name, fields, source.url, where))
         return found
 
     def lookup(self, name: str, version: str | None = None) -> PackageRecord:
@@ -414,7 +613,7 @@ class DebianMirror:
         with Progress(f"downloading {len(wanted)} .deb(s)", total=total) as progress:
             for record in wanted:
                 progress.step(record.file_name)
-                target = dest / record.file_name
+                target = _confined(dest, record.file_name)
                 if target.exists():
                     progress.advance(record.size)
                 path = download(record.url, target, size=record.size, sha256=record.sha256,
