@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 import vzkit
+from vzkit._process import live_children
 
 from .conftest import VMFactory
 
@@ -94,3 +95,34 @@ def test_a_qcow2_header_the_guest_writes_into_its_raw_disk_stays_its_own_bytes(
     assert host_file.read_bytes() == SECRET
     assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
     assert after.st_atime_ns == before.st_atime_ns
+
+
+def test_a_declared_qcow2_disk_runs_and_one_naming_a_host_file_never_starts(
+    vms: VMFactory, tmp_path: Path
+) -> None:
+    disk = vzkit.create_disk_image(tmp_path / "disk.qcow2", 1, format="qcow2")
+    vm = vms.create("x86_64", disk_path=disk, disk_format="qcow2")
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=60)
+    assert int(vm.guest.run(["cat", "/sys/block/vda/size"]).stdout) * 512 == 1 << 30
+    write = f"printf '{MARK.decode()}' | dd of=/dev/vda bs=1 seek={MARK_OFFSET} conv=fsync"
+    assert vm.guest.run(["sh", "-c", write], timeout=60).returncode == 0
+    vm.stop(timeout=30)
+    flat = tmp_path / "flat.raw"
+    subprocess.run(
+        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk), str(flat)], check=True
+    )
+    with open(flat, "rb") as fh:
+        fh.seek(MARK_OFFSET)
+        assert fh.read(len(MARK)) == MARK
+
+    host_file = tmp_path / "host-secret.bin"
+    host_file.write_bytes(SECRET)
+    hostile = tmp_path / "hostile.qcow2"
+    hostile.write_bytes(_hostile_header(tmp_path, host_file, data_file=False))
+    before = live_children()
+    bad = vms.create("x86_64", disk_path=hostile, disk_format="qcow2")
+    with pytest.raises(vzkit.ConfigError, match=r"names the backing file .*qemu-img convert"):
+        bad.start(timeout=60)
+    assert bad.state is vzkit.VMState.STOPPED
+    assert live_children() == before
