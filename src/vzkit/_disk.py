@@ -102,13 +102,16 @@ def _create_qcow2(qemu_img: str, target: Path, size_gb: int) -> None:
     """Format the empty 0600 file ``target`` as qcow2 (qemu-img writes into it in place, so
     its mode stays; it is set again after, in case a qemu-img replaced the file)."""
     argv = [qemu_img, "create", "-q", "-f", "qcow2", str(target), f"{size_gb}G"]
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
-    )
-    if proc.returncode != 0:
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+        )
+        if proc.returncode != 0:
+            raise VzkitError(f"qemu-img create failed for {str(target)!r}: {proc.stderr.strip()}")
+        os.chmod(target, _IMAGE_MODE)
+    except BaseException:
         target.unlink(missing_ok=True)
-        raise VzkitError(f"qemu-img create failed for {str(target)!r}: {proc.stderr.strip()}")
-    os.chmod(target, _IMAGE_MODE)
+        raise
 
 
 # -- qcow2 headers (docs/interop/qcow2.txt in QEMU's tree) -----------------------------------
