@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from ._config import MIN_MEMORY_MB, ConsoleMode, LinuxVMConfig
-from ._disk import DiskFormat, create_disk_image, detect_disk_format
+from ._disk import DiskFormat, create_disk_image
 from ._display import (
     DisplayConfig,
     DisplayList,
@@ -88,7 +88,6 @@ __all__ = [
     "default_display_config",
     "default_guest_config",
     "default_linux_display_config",
-    "detect_disk_format",
     "host_arch",
     "parse_display_spec",
     "parse_network_mode",

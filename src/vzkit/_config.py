@@ -20,6 +20,7 @@ from typing import Any, ClassVar, Self, cast
 
 import tomli_w
 
+from ._disk import DiskFormat
 from ._display import DisplayConfig, parse_display_spec
 from ._network import NetworkConfig, NetworkMode, PortForward, parse_port_spec
 from ._state import Arch, host_arch
@@ -239,7 +240,9 @@ class LinuxVMConfig(ConfigData):
     Boot mode: name ``kernel_path`` (optionally ``initrd_path`` and ``cmdline``) for direct
     kernel boot; leave it empty for EFI boot from ``disk_path``/``iso_path``. Paths may be given
     as ``str``; relative paths are resolved against the current directory at construction.
-    Files the VM reads (kernel, initrd, disk, ISO) must exist.
+    Files the VM reads (kernel, initrd, disk, ISO) must exist. ``disk_format`` is the format
+    of ``disk_path`` (raw unless you say qcow2): it is never guessed from the disk's content,
+    which the guest writes.
     """
 
     cpus: int = 2
@@ -247,6 +250,7 @@ class LinuxVMConfig(ConfigData):
     arch: Arch = field(default_factory=host_arch)
 
     disk_path: Path | None = None
+    disk_format: DiskFormat = DiskFormat.RAW
     iso_path: Path | None = None
 
     kernel_path: Path | None = None
@@ -301,6 +305,7 @@ class LinuxVMConfig(ConfigData):
         for name in _PATH_FIELDS:
             put(name, _as_path(name, getattr(self, name)))
         self._check_files()
+        self._check_disk_format()
         if self.kernel_path is None:
             if self.initrd_path is not None:
                 raise ConfigError(
@@ -343,6 +348,17 @@ class LinuxVMConfig(ConfigData):
             if path is not None and not path.is_file():
                 what = "does not exist" if not path.exists() else "is not a regular file"
                 raise ConfigError(f"{name}: {str(path)!r} {what}")
+
+    def _check_disk_format(self) -> None:
+        try:
+            object.__setattr__(self, "disk_format", DiskFormat(self.disk_format))
+        except (ValueError, TypeError):
+            raise ConfigError(
+                f"disk_format must be one of {', '.join(f.value for f in DiskFormat)}, "
+                f"got {self.disk_format!r}"
+            ) from None
+        if self.disk_format is not DiskFormat.RAW and self.disk_path is None:
+            raise ConfigError(f"disk_format is {self.disk_format.value!r} but disk_path is not set")
 
     def _check_publish(self) -> None:
         seen: set[tuple[str, int]] = set()

@@ -1,24 +1,43 @@
-"""Disk images: sparse raw files (always) and qcow2 (through ``qemu-img`` when installed)."""
+"""Disk images: sparse raw files (always) and qcow2 (through ``qemu-img`` when installed).
+
+The format of a disk is what its config says (``disk_format``, default raw), never guessed
+from its first bytes: a guest writes those bytes, and a qcow2 header it wrote into its own
+raw disk could name any host file as a backing or data file (the CVE-2008-2004 class). A
+qcow2 image opened on the caller's word is read here first (:func:`standalone_qcow2_size`)
+and refused if its header names another file; backends open it with no backing file.
+"""
 
 from __future__ import annotations
 
 import enum
 import os
+import shlex
 import shutil
+import struct
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BackendUnavailableError, ConfigError, VzkitError
 
-__all__ = ["DiskFormat", "create_disk_image", "detect_disk_format"]
+__all__ = ["DiskFormat", "DiskImage", "create_disk_image", "standalone_qcow2_size"]
 
 _GIB = 1 << 30
-_QCOW2_MAGIC = b"QFI\xfb"
+#: Disk images hold guest data: only their owner reads them.
+_IMAGE_MODE = 0o600
 
 
 class DiskFormat(enum.StrEnum):
     RAW = "raw"
     QCOW2 = "qcow2"
+
+
+@dataclass(frozen=True, slots=True)
+class DiskImage:
+    """An image file and the format it is opened in (given, never probed)."""
+
+    path: Path
+    format: DiskFormat
 
 
 def create_disk_image(
@@ -27,7 +46,8 @@ def create_disk_image(
     """Create a disk image of exactly ``size_gb`` GiB at ``path`` and return its path.
 
     Raw images are sparse (no blocks allocated). An existing file is left untouched, as the
-    seed does, whatever its size. ``qcow2`` needs ``qemu-img``.
+    seed does, whatever its size. ``qcow2`` needs ``qemu-img``. A new image is readable and
+    writable by its owner only (0600), whatever the umask.
     """
     if not isinstance(size_gb, int) or isinstance(size_gb, bool) or size_gb <= 0:
         raise ConfigError(f"size_gb must be a positive integer, got {size_gb!r}")
@@ -47,42 +67,137 @@ def create_disk_image(
         raise ConfigError(
             f"cannot create disk image: directory {str(target.parent)!r} does not exist"
         )
-    if fmt is DiskFormat.QCOW2:
-        _create_qcow2(target, size_gb)
-        return target
+    qemu_img = _qemu_img() if fmt is DiskFormat.QCOW2 else ""
     try:
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, _IMAGE_MODE)
     except FileExistsError:
         return target  # lost a race with another creator: leave theirs alone
     except OSError as err:
         raise VzkitError(f"cannot create disk image {str(target)!r}: {err.strerror}") from err
     try:
-        os.ftruncate(fd, size_gb * _GIB)
+        os.fchmod(fd, _IMAGE_MODE)  # the umask can only take bits away: make it exact
+        if fmt is DiskFormat.RAW:
+            os.ftruncate(fd, size_gb * _GIB)
     except OSError as err:
         os.close(fd)
         target.unlink(missing_ok=True)
         raise VzkitError(f"cannot size disk image {str(target)!r}: {err.strerror}") from err
     os.close(fd)
+    if fmt is DiskFormat.QCOW2:
+        _create_qcow2(qemu_img, target, size_gb)
     return target
 
 
-def _create_qcow2(target: Path, size_gb: int) -> None:
+def _qemu_img() -> str:
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise BackendUnavailableError(
             "creating a qcow2 image needs qemu-img (Debian/Ubuntu: apt-get install qemu-utils; "
             "macOS: brew install qemu)"
         )
+    return qemu_img
+
+
+def _create_qcow2(qemu_img: str, target: Path, size_gb: int) -> None:
+    """Format the empty 0600 file ``target`` as qcow2 (qemu-img writes into it in place, so
+    its mode stays; it is set again after, in case a qemu-img replaced the file)."""
     argv = [qemu_img, "create", "-q", "-f", "qcow2", str(target), f"{size_gb}G"]
-    proc = subprocess.run(
-        argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
-    )
-    if proc.returncode != 0:
+    try:
+        proc = subprocess.run(
+            argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL
+        )
+        if proc.returncode != 0:
+            raise VzkitError(f"qemu-img create failed for {str(target)!r}: {proc.stderr.strip()}")
+        os.chmod(target, _IMAGE_MODE)
+    except BaseException:
         target.unlink(missing_ok=True)
-        raise VzkitError(f"qemu-img create failed for {str(target)!r}: {proc.stderr.strip()}")
+        raise
 
 
-def detect_disk_format(path: str | os.PathLike[str]) -> DiskFormat:
-    """``qcow2`` when the file starts with the qcow2 magic, else ``raw``."""
-    with open(path, "rb") as fh:
-        return DiskFormat.QCOW2 if fh.read(4) == _QCOW2_MAGIC else DiskFormat.RAW
+# -- qcow2 headers (docs/interop/qcow2.txt in QEMU's tree) -----------------------------------
+
+_QCOW2_MAGIC = b"QFI\xfb"
+#: magic, version, backing_file_offset, backing_file_size, cluster_bits, size (then more).
+_QCOW2_HEAD = struct.Struct(">4sIQII Q")
+_QCOW2_V3 = struct.Struct(">Q")  # incompatible_features at offset 72
+_QCOW2_V3_HEADER_LENGTH = struct.Struct(">I")  # at offset 100
+_QCOW2_EXT = struct.Struct(">II")  # type, length; data padded to 8 bytes
+_EXT_END = 0
+_EXT_DATA_FILE = 0x44415441  # "DATA": the external data file's name
+_INCOMPAT_DATA_FILE = 1 << 2
+_MAX_CLUSTER_BITS = 21  # 2 MiB, QEMU's limit
+
+
+def standalone_qcow2_size(path: str | os.PathLike[str]) -> int:
+    """The virtual size of the qcow2 image at ``path``, read from its header.
+
+    :class:`~vzkit.errors.ConfigError` naming the file and how to flatten it when the header
+    names a backing file or an external data file (vzkit never opens a file an image header
+    names), or when the file is not a qcow2 image vzkit can read.
+    """
+    where = str(Path(path))
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(_QCOW2_HEAD.size)
+            if len(head) < _QCOW2_HEAD.size or head[:4] != _QCOW2_MAGIC:
+                raise ConfigError(
+                    f"disk image {where!r} is not a qcow2 image (no qcow2 header); "
+                    "if it is a raw image, set disk_format to 'raw'"
+                )
+            fields = _QCOW2_HEAD.unpack(head)
+            version, backing_offset, backing_size, cluster_bits, size = fields[1:]
+            if version not in (2, 3) or not 9 <= cluster_bits <= _MAX_CLUSTER_BITS:
+                raise ConfigError(
+                    f"disk image {where!r} has a qcow2 header vzkit cannot read (version "
+                    f"{version}, cluster_bits {cluster_bits})"
+                )
+            fh.seek(0)
+            cluster = fh.read(1 << cluster_bits)
+    except OSError as err:
+        raise ConfigError(f"cannot read disk image {where!r}: {err.strerror}") from err
+    if backing_offset or backing_size:
+        name = _header_text(cluster, backing_offset, min(backing_size, 1023))
+        raise _names_a_file(where, f"the backing file {name!r}")
+    if version == 3:
+        if len(cluster) < 104:
+            raise ConfigError(f"disk image {where!r} has a truncated qcow2 header")
+        (incompatible,) = _QCOW2_V3.unpack_from(cluster, 72)
+        (start,) = _QCOW2_V3_HEADER_LENGTH.unpack_from(cluster, 100)
+        if start < 104:
+            raise ConfigError(f"disk image {where!r} has a malformed qcow2 header")
+    else:
+        incompatible, start = 0, 72
+    data_file = _extension(cluster, start, where, _EXT_DATA_FILE)
+    if data_file is not None or incompatible & _INCOMPAT_DATA_FILE:
+        named = "" if data_file is None else f" {data_file.decode(errors='replace')!r}"
+        raise _names_a_file(where, f"an external data file{named}")
+    return int(size)
+
+
+def _header_text(cluster: bytes, offset: int, length: int) -> str:
+    return cluster[offset : offset + length].decode(errors="replace") or "(unreadable)"
+
+
+def _extension(cluster: bytes, offset: int, where: str, wanted: int) -> bytes | None:
+    """The data of header extension ``wanted`` (``None``: absent); a malformed extension
+    area is a :class:`ConfigError`."""
+    while offset + _QCOW2_EXT.size <= len(cluster):
+        kind, length = _QCOW2_EXT.unpack_from(cluster, offset)
+        if kind == _EXT_END:
+            return None
+        offset += _QCOW2_EXT.size
+        if offset + length > len(cluster):
+            break
+        if kind == wanted:
+            return cluster[offset : offset + length]
+        offset += (length + 7) & ~7
+    raise ConfigError(f"disk image {where!r} has malformed qcow2 header extensions")
+
+
+def _names_a_file(where: str, what: str) -> ConfigError:
+    flat = f"{where}.standalone.qcow2"
+    return ConfigError(
+        f"disk image {where!r} is a qcow2 image whose header names {what}; vzkit never "
+        "opens files an image header names. Flatten it into a standalone image and use "
+        f"that: qemu-img convert -O qcow2 {shlex.quote(where)} {shlex.quote(flat)}"
+    )

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from ._config import MAX_CPUS, ConfigData
+from ._disk import DiskFormat
 from ._display import DisplayConfig, default_display_config
 from ._network import NetworkConfig
 from ._volume import VolumeMount
@@ -147,6 +148,11 @@ class MacVMConfig(ConfigData):
     @property
     def disk_path(self) -> Path:
         return self.vm_dir / MAC_DISK_FILE
+
+    @property
+    def disk_format(self) -> DiskFormat:
+        """Always raw: vzkit creates the disk and Virtualization attaches raw images only."""
+        return DiskFormat.RAW
 
     @property
     def auxiliary_storage_path(self) -> Path:

@@ -68,7 +68,9 @@ def _canon(path: Path | None) -> str | None:
 
 def machine_fields(cfg: LinuxVMConfig | MacVMConfig) -> dict[str, Any]:
     """What a restore must match: the guest-visible hardware and every file it refers to
-    (canonical paths). The state dir, console log and console kind are per VM and free."""
+    (canonical paths). The state dir, console log and console kind are per VM and free.
+    ``disk_format`` is recorded when it is not raw (the default), so snapshots from before
+    the field existed still fit a raw disk."""
     volumes = [
         {"host_path": _canon(v.host_path), "tag": v.tag, "read_only": v.read_only}
         for v in assign_volume_tags(cfg.volumes)
@@ -87,7 +89,7 @@ def machine_fields(cfg: LinuxVMConfig | MacVMConfig) -> dict[str, Any]:
             "balloon": cfg.balloon,
             "entropy": cfg.entropy,
         }
-    return {
+    out: dict[str, Any] = {
         "arch": cfg.arch.value,
         "cpus": cfg.cpus,
         "memory_mb": cfg.memory_mb,
@@ -107,6 +109,9 @@ def machine_fields(cfg: LinuxVMConfig | MacVMConfig) -> dict[str, Any]:
         "nested_virtualization": cfg.nested_virtualization,
         "accelerator": cfg.accelerator,
     }
+    if cfg.disk_format is not DiskFormat.RAW:
+        out["disk_format"] = cfg.disk_format.value
+    return out
 
 
 def fingerprint(fields: dict[str, Any]) -> str:

@@ -71,6 +71,11 @@ def vm_options(func: F) -> F:
             "--disk", "disk_path", type=click.Path(path_type=Path), help="Main disk image."
         ),
         click.option(
+            "--disk-format",
+            type=click.Choice([f.value for f in DiskFormat]),
+            help="Format of --disk (default raw; never guessed from the disk's content).",
+        ),
+        click.option(
             "--iso", "iso_path", type=click.Path(path_type=Path), help="ISO attached read-only."
         ),
         click.option(

@@ -6,6 +6,7 @@ handlers and delegate callbacks hop from the VM's queue onto vzkit's loop.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import os
 import sys
@@ -123,6 +124,46 @@ def test_invalid_config_fails_before_any_vm_exists(
             vm.start(timeout=5)
         assert vm.state is vzkit.VMState.STOPPED
     assert fake.vms == []
+
+
+def test_a_qcow2_disk_is_refused_with_the_command_to_convert_it(
+    fake: FakeRuntime, cfg: vzkit.LinuxVMConfig, tmp_path: Path
+) -> None:
+    """VZ attaches any image as raw bytes: a qcow2 file would be the guest's to rewrite."""
+    disk = tmp_path / "my disk.qcow2"
+    disk.write_bytes(b"QFI\xfb" + bytes(508))
+    qcow2 = cfg.replace(disk_path=disk, disk_format="qcow2")
+    with vzkit.VirtualMachine(qcow2, backend=vzb.BACKEND) as vm:
+        with pytest.raises(vzkit.UnsupportedError) as info:
+            vm.start(timeout=5)
+        assert vm.state is vzkit.VMState.STOPPED
+    assert (info.value.backend, info.value.feature) == ("vz", "disk:qcow2")
+    assert str(info.value) == (
+        f"the vz backend attaches raw disk images only; {str(disk)!r} is configured as qcow2. "
+        "Convert it and use the copy (disk_format 'raw'): qemu-img convert -f qcow2 -O raw "
+        f"'{disk}' '{tmp_path}/my disk.raw'"
+    )
+    assert fake.vms == []  # refused before any VZ object was made
+    # The same bytes declared raw are attached (raw, as the guest sees them) and captured raw.
+    machine = vzb.BACKEND.create_machine(cfg.replace(disk_path=disk), lambda old, new: None)
+
+    async def scenario() -> None:
+        await machine.start()
+        await machine.pause()
+        (captured,) = await machine.capture_disks(tmp_path, ".s.")
+        assert captured.format is vzkit.DiskFormat.RAW
+        assert captured.path.name == ".s.disk0.raw"
+        await machine.force_stop()
+        # a snapshot whose disk says qcow2 is not copied over this VM's disk
+        foreign = dataclasses.replace(captured, format=vzkit.DiskFormat.QCOW2)
+        before = disk.read_bytes()
+        with pytest.raises(vzkit.VMError, match="vz backend attaches raw disk images only"):
+            await machine.restore_state(tmp_path / "state.vzvm", [foreign])
+        assert disk.read_bytes() == before
+        await machine.close()
+
+    run_sync(scenario())
+    assert len(fake.vms) == 1
 
 
 def test_start_timeout_stops_and_releases(fake: FakeRuntime, cfg: vzkit.LinuxVMConfig) -> None:

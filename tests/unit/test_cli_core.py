@@ -10,6 +10,7 @@ from click.testing import CliRunner, Result
 
 from vzkit import (
     ConsoleMode,
+    DiskFormat,
     DisplayConfig,
     LinuxVMConfig,
     NetworkConfig,
@@ -94,6 +95,21 @@ def test_config_options_round_trip(tmp_path: Path) -> None:
         console=ConsoleMode.STDIO,
         accelerator="tcg",
     )
+
+
+def test_disk_format_option(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.qcow2"
+    disk.write_bytes(b"")
+    result = run("config", "--disk", disk, "--disk-format", "qcow2")
+    assert result.exit_code == 0, result.output
+    assert LinuxVMConfig.from_toml(result.stdout).disk_format is DiskFormat.QCOW2
+    plain = LinuxVMConfig.from_toml(run("config", "--disk", disk).stdout)
+    assert plain.disk_format is DiskFormat.RAW  # never guessed from the file
+    bad = run("config", "--disk", disk, "--disk-format", "vmdk")
+    assert bad.exit_code == 2
+    assert "'vmdk' is not one of 'raw', 'qcow2'" in bad.output
+    for command in (["run"], ["snapshot", "save"], ["snapshot", "restore"]):
+        assert "--disk-format [raw|qcow2]" in run(*command, "--help").output
 
 
 def test_config_publish(tmp_path: Path) -> None:

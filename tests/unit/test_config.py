@@ -17,6 +17,7 @@ from vzkit import (
     Arch,
     ConfigError,
     ConsoleMode,
+    DiskFormat,
     DisplayConfig,
     LinuxVMConfig,
     NetworkConfig,
@@ -65,6 +66,7 @@ def test_defaults() -> None:
         assert getattr(cfg, name) is None
     assert cfg.cmdline == ""
     assert cfg.direct_boot is False
+    assert cfg.disk_format is DiskFormat.RAW
 
 
 def test_issue_field_names_exist() -> None:
@@ -244,6 +246,36 @@ def test_tagged_volumes() -> None:
 def test_bad_values(changes: dict[str, Any]) -> None:
     with pytest.raises(ConfigError):
         LinuxVMConfig(**changes)
+
+
+def test_disk_format_is_given_never_guessed(tmp_path: Path) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"QFI\xfb" + bytes(508))  # looks like qcow2: still raw unless told
+    cfg = LinuxVMConfig(disk_path=disk)
+    assert cfg.disk_format is DiskFormat.RAW
+    qcow2 = LinuxVMConfig(disk_path=disk, disk_format="qcow2")  # type: ignore[arg-type]
+    assert qcow2.disk_format is DiskFormat.QCOW2
+    for text in (qcow2.to_toml(), cfg.to_toml()):
+        assert LinuxVMConfig.from_toml(text).to_toml() == text
+    assert tomllib.loads(qcow2.to_toml())["disk_format"] == "qcow2"
+    assert LinuxVMConfig.from_json(qcow2.to_json()) == qcow2
+    assert LinuxVMConfig.from_dict({"disk_path": str(disk)}).disk_format is DiskFormat.RAW
+
+
+@pytest.mark.parametrize("value", ["vmdk", "QCOW2", "", 2, None, ["raw"]])
+def test_bad_disk_format(tmp_path: Path, value: object) -> None:
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"")
+    with pytest.raises(ConfigError) as info:
+        LinuxVMConfig(disk_path=disk, disk_format=value)  # type: ignore[arg-type]
+    assert str(info.value) == f"disk_format must be one of raw, qcow2, got {value!r}"
+    with pytest.raises(ConfigError, match="disk_format must be one of raw, qcow2, got 'vhd'"):
+        LinuxVMConfig.from_json(json.dumps({"disk_path": str(disk), "disk_format": "vhd"}))
+
+
+def test_qcow2_needs_a_disk() -> None:
+    with pytest.raises(ConfigError, match="disk_format is 'qcow2' but disk_path is not set"):
+        LinuxVMConfig(disk_format=DiskFormat.QCOW2)
 
 
 def test_arch_aliases() -> None:
@@ -460,6 +492,7 @@ def configs(draw: st.DrawFn, files: dict[str, Any]) -> LinuxVMConfig:
         kwargs[name] = draw(st.booleans())
     if draw(st.booleans()):
         kwargs["disk_path"] = files["disk.img"]
+        kwargs["disk_format"] = draw(st.sampled_from(list(DiskFormat)))
     if draw(st.booleans()):
         kwargs["iso_path"] = files["debian.iso"]
     if draw(st.booleans()):

@@ -21,6 +21,8 @@ def test_defaults_and_layout(tmp_path: Path) -> None:
     assert cfg.displays == (vzkit.default_display_config(),)
     assert (cfg.keyboard, cfg.pointer) == (vzkit.MacKeyboard.AUTO, vzkit.MacPointer.AUTO)
     assert cfg.disk_path == tmp_path / "mac" / "disk.img"
+    assert cfg.disk_format is vzkit.DiskFormat.RAW  # always: vzkit makes it, VZ attaches raw
+    assert "disk_format" not in cfg.to_dict()
     assert cfg.auxiliary_storage_path == tmp_path / "mac" / "auxiliary-storage"
     assert cfg.hardware_model_path == tmp_path / "mac" / "hardware-model"
     assert cfg.machine_identifier_path == tmp_path / "mac" / "machine-identifier"

@@ -48,7 +48,6 @@ EXPECTED_ALL = [
     "default_display_config",
     "default_guest_config",
     "default_linux_display_config",
-    "detect_disk_format",
     "host_arch",
     "parse_display_spec",
     "parse_network_mode",

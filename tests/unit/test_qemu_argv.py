@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
 
 import vzkit
+from vzkit._disk import DiskImage
 from vzkit.backends.qemu import _argv
 from vzkit.backends.qemu._argv import Plan, build_argv, esc
 
@@ -64,8 +66,8 @@ def test_direct_boot_x86_64_pinned(files: dict[str, Path]) -> None:
         "-initrd", str(files["initrd.img"]),
         "-append", "console=ttyS0 quiet",
         "-blockdev",
-        f"driver=raw,node-name=disk0,cache.direct=off,file.driver=file,"
-        f"file.filename={files['disk.img']}",
+        '{"driver":"raw","node-name":"disk0","cache":{"direct":false},'
+        f'"file":{{"driver":"file","filename":"{files["disk.img"]}"}}}}',
         "-device", "virtio-blk-pci,drive=disk0,id=disk0-dev",
         "-netdev", "user,id=net0",
         "-device", "virtio-net-pci,netdev=net0,id=net0-dev,mac=02:00:00:00:00:01",
@@ -122,8 +124,7 @@ def test_paths_with_commas_spaces_and_unicode_are_escaped(tmp_path: Path) -> Non
     )
     argv = build_argv(plan)
     joined = "\n".join(argv)
-    escaped = str(disk).replace(",", ",,")
-    assert f"file.filename={escaped}" in joined
+    assert json.loads(_opt(argv, "-blockdev")[0])["file"]["filename"] == str(disk)  # JSON
     assert f"path={str(weird / 'console,log').replace(',', ',,')},append=on" in joined
     pflash = _opt(argv, "-drive")
     assert pflash == [
@@ -280,11 +281,10 @@ def test_restore_plan_waits_for_incoming_on_the_overlay(files: dict[str, Path]) 
     plan = Plan(config=cfg, binary=Path("/q"), accel="tcg", qmp_fd=3, console_log=Path("/c"))
     argv = build_argv(plan)
     assert "-incoming" not in argv
-    assert "file.filename=" + str(files["disk.img"]) in _opt(argv, "-blockdev")[0]
+    assert json.loads(_opt(argv, "-blockdev")[0])["file"]["filename"] == str(files["disk.img"])
     overlay = Path("/state/restored-disk0.qcow2")
-    restored = dataclasses.replace(
-        plan, incoming=True, disk_override=overlay, disk_format=vzkit.DiskFormat.QCOW2
-    )
+    backing = DiskImage(Path("/snap/disk0.raw"), vzkit.DiskFormat.RAW)
+    restored = dataclasses.replace(plan, incoming=True, disk_override=overlay, disk_backing=backing)
     argv = build_argv(restored)
     assert _opt(argv, "-incoming") == ["defer"]
     shared = build_argv(dataclasses.replace(restored, shared_memory=True))
@@ -293,5 +293,7 @@ def test_restore_plan_waits_for_incoming_on_the_overlay(files: dict[str, Path]) 
     )
     assert "-S" in argv
     (blockdev,) = _opt(argv, "-blockdev")
-    assert blockdev.startswith("driver=qcow2,node-name=disk0,")
-    assert blockdev.endswith(f"file.filename={overlay}")
+    node = json.loads(blockdev)
+    assert (node["driver"], node["node-name"]) == ("qcow2", "disk0")
+    assert node["file"]["filename"] == str(overlay)
+    assert node["backing"]["file"]["filename"] == "/snap/disk0.raw"  # see test_qemu_disk

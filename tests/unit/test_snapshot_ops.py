@@ -387,6 +387,29 @@ def test_restore_into_a_different_config_names_every_difference(
     assert disks[0].path.read_bytes() == (tmp_path / "disk.raw").read_bytes()
 
 
+def test_restore_must_match_the_disk_format(
+    setup: Callable[..., vzkit.VirtualMachine], tmp_path: Path
+) -> None:
+    manager = vzkit.SnapshotManager(tmp_path / "vm")
+    raw = setup()
+    raw.start()
+    manager.save(raw, "raw")
+    # raw is the default and left out: snapshots from before the field still fit raw disks
+    assert "disk_format" not in json.loads(manager.meta_path("raw").read_text())["machine"]
+    qcow2 = setup(disk_format="qcow2")
+    qcow2.start()
+    manager.save(qcow2, "qcow2")
+    assert json.loads(manager.meta_path("qcow2").read_text())["machine"]["disk_format"] == "qcow2"
+    with pytest.raises(vzkit.SnapshotError) as info:
+        manager.restore(setup(disk_format="qcow2"), "raw")
+    assert str(info.value) == (
+        "snapshot 'raw' does not fit this VM's config: disk_format: snapshot None, this VM 'qcow2'"
+    )
+    with pytest.raises(vzkit.SnapshotError, match="disk_format: snapshot 'qcow2', this VM None"):
+        manager.restore(setup(), "qcow2")
+    manager.restore(setup(disk_format="qcow2"), "qcow2")
+
+
 def test_restore_checks_backend_and_completeness(
     setup: Callable[..., vzkit.VirtualMachine], tmp_path: Path
 ) -> None:

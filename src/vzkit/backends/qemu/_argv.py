@@ -1,20 +1,22 @@
 """Lowering a ``LinuxVMConfig`` to a QEMU command line: one small function per device.
 
 :func:`build_argv` only concatenates the pieces. Every option value that may hold a path or
-user text goes through :func:`esc` (QEMU's option syntax doubles commas), and nothing here
+user text goes through :func:`esc` (QEMU's option syntax doubles commas), or is a JSON string
+(the disk's ``-blockdev``, see :func:`disk_args`), and nothing here
 touches the file system or spawns a process, so the argv is a pure function of the
 :class:`Plan` and can be pinned by unit tests.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..._config import ConsoleMode, LinuxVMConfig
-from ..._disk import DiskFormat
+from ..._disk import DiskFormat, DiskImage
 from ..._display import default_linux_display_config
 from ..._network import NetworkMode
 from ..._state import Arch
@@ -43,7 +45,6 @@ class Plan:
     qmp_fd: int
     agent_fd: int | None = None
     console_log: Path | None = None
-    disk_format: DiskFormat = DiskFormat.RAW
     firmware_code: Path | None = None
     nvram: Path | None = None
     mac_address: str = ""
@@ -59,9 +60,11 @@ class Plan:
     vsock_cid: int = 0  # the CID the kernel device claimed (0: the config's)
     #: Restoring a snapshot: wait for ``migrate-incoming`` (``-incoming defer``).
     incoming: bool = False
-    #: The image the guest's disk runs on instead of ``config.disk_path`` (a restored run's
-    #: copy-on-write overlay); ``disk_format`` is its format.
+    #: The image the guest's disk runs on instead of ``config.disk_path``: a restored run's
+    #: qcow2 copy-on-write overlay over ``disk_backing`` (the snapshot's image), which QEMU
+    #: is given here, never from the overlay's header.
     disk_override: Path | None = None
+    disk_backing: DiskImage | None = None
     #: The config's shares as served this run (virtiofsd sockets or 9p exports), in tag order.
     shares: tuple[ShareDevice, ...] = ()
 
@@ -161,14 +164,52 @@ def boot_args(plan: Plan) -> list[str]:
     ]  # fmt: skip
 
 
+def image_node(image: DiskImage, *, read_only: bool = False) -> dict[str, object]:
+    """A ``-blockdev`` definition of ``image`` in its stated format, following no file its
+    header names: a qcow2 gets ``backing: null`` (no backing file; one named in the header
+    is ignored). The caller refuses qcow2 images with an external data file beforehand
+    (:func:`~vzkit._disk.standalone_qcow2_size`): QEMU has no option to switch that off."""
+    if "\x00" in str(image.path):
+        raise ValueError("QEMU option values cannot contain NUL")
+    node: dict[str, object] = {
+        "driver": image.format.value,
+        "file": {"driver": "file", "filename": str(image.path)},
+    }
+    if read_only:
+        node["read-only"] = True
+    if image.format is DiskFormat.QCOW2:
+        node["backing"] = None
+    return node
+
+
+def disk_node(plan: Plan) -> dict[str, object] | None:
+    """The guest's disk: the config's image in its configured format (a raw disk stays raw
+    whatever its first sector holds), or a restored run's overlay with its backing spelled
+    out (read-only)."""
+    cfg = plan.config
+    if plan.disk_override is not None:
+        if plan.disk_backing is None:
+            raise ValueError("a disk overlay needs its backing image in the plan")
+        node = image_node(DiskImage(plan.disk_override, DiskFormat.QCOW2))
+        node["backing"] = image_node(plan.disk_backing, read_only=True)
+    elif cfg.disk_path is not None:
+        node = image_node(DiskImage(cfg.disk_path, cfg.disk_format))
+    else:
+        return None
+    out: dict[str, object] = {"driver": node["driver"], "node-name": "disk0"}
+    out["cache"] = {"direct": False}
+    out.update(node)
+    return out
+
+
 def disk_args(plan: Plan) -> list[str]:
-    path = plan.disk_override or plan.config.disk_path
-    if path is None:
+    """The disk as a JSON ``-blockdev``: QEMU's ``key=value`` syntax cannot say
+    ``backing: null`` (``backing=null`` names a node called "null")."""
+    node = disk_node(plan)
+    if node is None:
         return []
     return [
-        "-blockdev",
-        f"driver={plan.disk_format.value},node-name=disk0,cache.direct=off,"
-        f"file.driver=file,file.filename={esc(path)}",
+        "-blockdev", json.dumps(node, separators=(",", ":"), ensure_ascii=False),
         "-device", f"{virtio(plan, 'blk')},drive=disk0,id=disk0-dev",
     ]  # fmt: skip
 

@@ -28,7 +28,7 @@ from typing import Any
 from qemu.qmp import QMPClient, QMPError
 
 from ..._config import ConsoleMode, LinuxVMConfig
-from ..._disk import DiskFormat, detect_disk_format
+from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
 from ..._network import NetworkMode
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
@@ -120,6 +120,7 @@ class QemuMachine:
         # runs the disk on a copy-on-write overlay of the snapshot's image.
         self._incoming = False
         self.disk_override: Path | None = None
+        self.disk_backing: DiskImage | None = None  # the overlay's (set with it)
         self.accel = ""
 
     # -- properties ------------------------------------------------------------------------
@@ -329,11 +330,12 @@ class QemuMachine:
             if not nvram.exists():
                 shutil.copyfile(firmware.vars_template, nvram)
         _check_network(cfg)
-        disk_format = (
-            detect_disk_format(cfg.disk_path) if cfg.disk_path is not None else DiskFormat.RAW
-        )
-        if self.disk_override is not None:
-            disk_format = DiskFormat.QCOW2
+        if (
+            self.disk_override is None
+            and cfg.disk_path is not None
+            and cfg.disk_format is DiskFormat.QCOW2
+        ):  # refused if its header names a data file (QEMU would open it; backing: null)
+            await asyncio.to_thread(standalone_qcow2_size, cfg.disk_path)
         self.accel = accel
         return _argv.Plan(
             config=cfg,
@@ -342,13 +344,13 @@ class QemuMachine:
             qmp_fd=qmp_fd,
             agent_fd=agent_fd,
             console_log=self.console_log_path,
-            disk_format=disk_format,
             firmware_code=firmware_code,
             nvram=nvram,
             mac_address=_mac_address(None if self._own_state_dir else state_dir),
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
             incoming=self._incoming,
             disk_override=self.disk_override,
+            disk_backing=self.disk_backing,
             shared_memory=vsock is not None and not vsock.kernel,
             vsock_fd=vsock.qemu_fd if vsock is not None else None,
             vhost_vsock_fd=vsock.kernel_fd if vsock is not None else None,
@@ -363,7 +365,7 @@ class QemuMachine:
         self._stopped = asyncio.Event()
         self._expect_exit = False
         self._guest_shutdown = False
-        self.disk_override = None  # a fresh boot runs on the config's disk
+        self.disk_override = self.disk_backing = None  # a fresh boot runs on the config's disk
         try:
             await self._launch()
         except BaseException:

@@ -9,7 +9,10 @@ them back), so the disks captured right after agree with the saved memory.
 Restore: QEMU starts with ``-incoming defer``; ``migrate-incoming`` reads ``fd:NAME`` (the
 state file, opened read-only here) and the VM stays paused. The guest's writable disk is a
 qcow2 overlay in the VM's state dir backed by the snapshot's captured image, so any number of
-VMs can run from one snapshot at once, each with its own copy-on-write disk.
+VMs can run from one snapshot at once, each with its own copy-on-write disk. The overlay's
+header names no backing file: QEMU and qemu-img are given the backing image and its format
+on their command lines, and a qcow2 backing gets no backing of its own (see
+:func:`~._argv.image_node`), so no file named in an image header is ever opened.
 
 Devices QEMU cannot migrate (vhost-user-vsock, vhost-user-fs) are reported by
 :func:`blockers`; the vsock device is unplugged around a save where the machine can do that.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -26,11 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..._disk import DiskFormat, detect_disk_format
+from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
 from ..._diskcopy import copy_disk
 from ..._process import spawn
 from ..._state import VMState
-from ...errors import SnapshotError, VMError
+from ...errors import ConfigError, SnapshotError, VMError
 from .._protocol import CapturedDisk, ProgressFn
 from . import _argv
 
@@ -154,21 +158,26 @@ async def save_state(m: QemuMachine, path: Path, progress: ProgressFn | None) ->
     log.info("machine state saved: %d bytes in %s ms", path.stat().st_size, info.get("total-time"))
 
 
-def _writable_disk(m: QemuMachine) -> tuple[Path, DiskFormat] | None:
-    """The image the guest's disk runs on now (a restored run's overlay, or the config's)."""
+def _writable_disk(m: QemuMachine) -> DiskImage | None:
+    """The image the guest's disk runs on now (a restored run's overlay, or the config's in
+    its configured format: a disk the guest writes is never probed)."""
     if m.config.disk_path is None:
         return None
     if m.disk_override is not None:
-        return m.disk_override, DiskFormat.QCOW2
-    return m.config.disk_path, detect_disk_format(m.config.disk_path)
+        return DiskImage(m.disk_override, DiskFormat.QCOW2)
+    return DiskImage(m.config.disk_path, m.config.disk_format)
 
 
-async def _flatten(src: Path, dst: Path) -> None:
-    """Write ``src`` and its backing chain as one standalone qcow2 (``qemu-img convert``)."""
+async def _flatten(src: Path, backing: DiskImage, dst: Path) -> None:
+    """Write the overlay ``src`` over ``backing`` as one standalone qcow2 (``qemu-img
+    convert``), the chain spelled out in a ``json:`` source (nothing read from headers)."""
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise SnapshotError("saving a restored VM's disk needs qemu-img (package qemu-utils)")
-    argv = [qemu_img, "convert", "-U", "-q", "-O", "qcow2", str(src), str(dst)]
+    node = _argv.image_node(DiskImage(src, DiskFormat.QCOW2))
+    node["backing"] = _argv.image_node(backing, read_only=True)
+    source = "json:" + json.dumps(node, separators=(",", ":"), ensure_ascii=False)
+    argv = [qemu_img, "convert", "-U", "-q", "-f", "qcow2", source, "-O", "qcow2", str(dst)]
     with open(dst.with_name(dst.name + ".log"), "wb") as err:
         proc = await spawn(argv, name="qemu-img", stderr=err)
     try:
@@ -195,20 +204,40 @@ async def capture_disks(m: QemuMachine, directory: Path, prefix: str) -> list[Ca
     disk = _writable_disk(m)
     if disk is None:
         return []
-    image, fmt = disk
-    source = Path(os.path.realpath(m.config.disk_path or image))
-    dst = directory / f"{prefix}disk0.{fmt.value}"
+    source = Path(os.path.realpath(m.config.disk_path or disk.path))
+    dst = directory / f"{prefix}disk0.{disk.format.value}"
     if m.disk_override is not None:
-        await _flatten(image, dst)
+        if m.disk_backing is None:
+            raise SnapshotError("the restored disk overlay has lost its backing image")
+        await _flatten(disk.path, m.disk_backing, dst)
         method = "flattened"
     else:
-        method = await copy_disk(image, dst)
-    log.info("disk %s captured (%s) as %s", image, method, dst.name)
-    return [CapturedDisk(role="disk0", source=source, path=dst, format=fmt)]
+        method = await copy_disk(disk.path, dst)
+    log.info("disk %s captured (%s) as %s", disk.path, method, dst.name)
+    return [CapturedDisk(role="disk0", source=source, path=dst, format=disk.format)]
+
+
+def _virtual_size(image: DiskImage) -> int:
+    """The guest-visible size of a snapshot's disk image, read without opening anything its
+    header names (a qcow2 naming a backing or data file is refused)."""
+    try:
+        if image.format is DiskFormat.QCOW2:
+            size = standalone_qcow2_size(image.path)
+        else:
+            size = image.path.stat().st_size
+    except ConfigError as err:
+        raise SnapshotError(f"cannot restore the snapshot's disk: {err}") from err
+    except OSError as err:
+        raise SnapshotError(
+            f"cannot read the snapshot's disk image {str(image.path)!r}: {err.strerror}"
+        ) from err
+    return -(-size // 512) * 512  # whole sectors, as QEMU sizes a raw image
 
 
 async def prepare_disks(m: QemuMachine, disks: Sequence[CapturedDisk]) -> Path | None:
-    """A fresh copy-on-write overlay in the state dir over the snapshot's disk image."""
+    """A fresh copy-on-write overlay in the state dir over the snapshot's disk image (which
+    becomes ``m.disk_backing``). The overlay's header names no backing file."""
+    m.disk_backing = None
     if not disks:
         return None
     if len(disks) != 1 or disks[0].role != "disk0":
@@ -220,8 +249,9 @@ async def prepare_disks(m: QemuMachine, disks: Sequence[CapturedDisk]) -> Path |
     m.state_dir.mkdir(parents=True, exist_ok=True)
     overlay = m.state_dir / OVERLAY_NAME
     tmp = overlay.with_name(f".{OVERLAY_NAME}.tmp-{os.getpid()}")
-    argv = [qemu_img, "create", "-q", "-f", "qcow2", "-F", disk.format.value]
-    argv += ["-b", str(disk.path.absolute()), str(tmp)]
+    backing = DiskImage(disk.path.absolute(), disk.format)
+    size = await asyncio.to_thread(_virtual_size, backing)
+    argv = [qemu_img, "create", "-q", "-f", "qcow2", str(tmp), str(size)]
     with open(m.stderr_path, "ab") as err:
         proc = await spawn(argv, name="qemu-img", stderr=err)
     try:
@@ -231,12 +261,14 @@ async def prepare_disks(m: QemuMachine, disks: Sequence[CapturedDisk]) -> Path |
                 f"cannot create the disk overlay {str(tmp)!r} (qemu-img exit {rc}; "
                 f"see {str(m.stderr_path)!r})"
             )
+        os.chmod(tmp, 0o600)  # guest data
         os.replace(tmp, overlay)
     except BaseException:
         await proc.kill()
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+    m.disk_backing = backing
     return overlay
 
 
