@@ -139,7 +139,7 @@ class VsockListener:
         sock: socket.socket,
         port: int,
         path: Path | None,
-        peer_ok: Callable[[socket.socket, Any], bool] = lambda conn, address: True,
+        peer_ok: Callable[[socket.socket, Any], bool],
     ) -> None:
         self.port = port
         self._sock = sock
