@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from vzkit.backends.qemu._discover import user_cache_dir
-from vzkit.guest._agent_build import AGENT_TARGETS, agent_sources, zig_command
+from vzkit.guest._agent_build import AGENT_TARGETS, agent_sources, build_agent, zig_command
 from vzkit.guest._client import AgentClient, AgentError, authenticate
 from vzkit.guest._protocol import (
     HEADER_SIZE,
@@ -44,6 +44,14 @@ pytestmark = pytest.mark.skipif(
 
 SHIM = Path(__file__).with_name("agent_fake_vsock.c")
 HOST_CID = 2
+
+
+@pytest.fixture(scope="session")
+def agent() -> Path:
+    """The agent as shipped."""
+    zig_command()
+    root = user_cache_dir()
+    return build_agent("x86_64", root / "agent-build", cache_dir=root / "zig")
 
 
 @pytest.fixture(scope="session")
@@ -89,8 +97,7 @@ class FakeVsockAgent:
             time.sleep(0.01)
 
     def connect(self) -> socket.socket:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.connect(str(self.path))  # blocking: waits out a full backlog
+        sock = _connect_when_listening(self.path)
         sock.settimeout(10)
         return sock
 
@@ -134,6 +141,19 @@ class FakeVsockAgent:
             self.proc.terminate()
         self.proc.wait(10)
         return self.log.read_text()
+
+
+def _connect_when_listening(path: Path) -> socket.socket:
+    deadline = time.monotonic() + 10
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))  # blocking: waits out a full backlog
+            return sock
+        except (FileNotFoundError, ConnectionRefusedError):  # the agent is starting
+            sock.close()
+            assert time.monotonic() < deadline, "the agent does not listen"
+            time.sleep(0.01)
 
 
 def _frames(buf: bytes) -> list[Frame]:
@@ -206,8 +226,9 @@ def _session_error(frames: list[Frame]) -> str:
         (None, "authentication required (AUTH before message type 0x01)"),
         (b"\0" * KEY_SIZE, "authentication failed"),
         (b"x", "authentication failed"),
+        (b"k" * 64, "authentication failed"),
     ],
-    ids=["no-auth", "wrong-key", "short-key"],
+    ids=["no-auth", "wrong-key", "short-key", "long-key"],
 )
 def test_a_host_connection_without_the_key_runs_nothing(
     fake_vsock_agent: Path, key_file: Path, auth: bytes | None, message: str
@@ -284,28 +305,13 @@ def test_a_unix_listener_with_a_key_file_needs_the_key(agent: Path, key_file: Pa
             stderr=subprocess.DEVNULL,
         )
         try:
-            deadline = time.monotonic() + 10
-            while not path.exists():
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            sock = socket.socket(socket.AF_UNIX)
-            sock.connect(str(path))
+            sock = _connect_when_listening(path)
             with pytest.raises(AgentError, match="authentication required"):
                 AgentClient(sock, timeout=10)
-            sock = socket.socket(socket.AF_UNIX)
-            sock.connect(str(path))
+            sock = _connect_when_listening(path)
             authenticate(sock, key_file.read_bytes())
             with AgentClient(sock, timeout=10) as client:
                 assert client.ping() == "0.1.0"
         finally:
             proc.terminate()
             proc.wait(10)
-
-
-@pytest.fixture(scope="session")
-def agent() -> Path:
-    from vzkit.guest._agent_build import build_agent
-
-    zig_command()
-    root = user_cache_dir()
-    return build_agent("x86_64", root / "agent-build", cache_dir=root / "zig")

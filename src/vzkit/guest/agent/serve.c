@@ -609,6 +609,16 @@ static void process_input(struct session *s)
                           MAX_PAYLOAD);
             continue;
         }
+        /* An unauthenticated peer is judged by its first header: nothing more is buffered. */
+        if (s->need_auth && !s->authed && h[4] != T_AUTH) {
+            session_fatal(s, EACCES, "authentication required (AUTH before message type 0x%02x)",
+                          h[4]);
+            continue;
+        }
+        if (s->need_auth && !s->authed && len > AUTH_KEY_MAX) {
+            session_fatal(s, EACCES, "authentication failed");
+            continue;
+        }
         if (s->in_len - pos < HDR_SIZE + len)
             break;
         pos += HDR_SIZE + len;
