@@ -21,6 +21,15 @@ import pytest
 import vzkit
 from vzkit._process import live_children
 from vzkit._vsock import AsyncVsock
+from vzkit.guest._client import AgentClient, AgentError, authenticate
+from vzkit.guest._protocol import (
+    ErrorInfo,
+    ExecRequest,
+    MsgType,
+    decode_header,
+    encode_frame,
+    encode_hello_request,
+)
 
 from .conftest import VMFactory
 
@@ -267,3 +276,108 @@ def test_the_default_guest_runs_with_its_throughput_settings(vms: VMFactory) -> 
     # the last word wins, and init leaves the scheduler alone when asked to
     assert out[1][1] == "Dynamic Preempt: voluntary"
     assert int(out[1][2]) < 15000000
+
+
+# ---- peer checks (docs/vsock.md, "Peer checks") -----------------------------------------------
+
+
+def _run_request(path: str) -> bytes:
+    """HELLO and an EXEC that would create ``path``: what a stranger on port 1024 sends."""
+    run = ExecRequest((b"touch", path.encode())).encode()
+    return encode_frame(MsgType.HELLO, 0, encode_hello_request()) + encode_frame(
+        MsgType.EXEC, 1, run
+    )
+
+
+def _first_frame(sock: socket.socket) -> tuple[int, bytes]:
+    sock.settimeout(30)
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            data += chunk
+    assert len(data) >= 12, data
+    length, kind, _ = decode_header(data[:12])
+    return kind, data[12 : 12 + length]
+
+
+def _agent_key(vm: vzkit.VirtualMachine) -> bytes:
+    vsock = vm._core.machine._vsock  # type: ignore[attr-defined]
+    assert vsock is not None
+    return bytes(vsock.agent_key)
+
+
+def test_the_agent_port_serves_only_the_runs_key(vms: VMFactory) -> None:
+    """A host process that reaches vsock port 1024 (with the kernel's vhost-vsock, every
+    local user can) runs nothing without the key; vzkit's own client brings it."""
+    vm = vms.create("x86_64")
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=90)
+    assert not vm._core.machine.agent_on_console  # the agent answered over vsock, keyed
+    key = _agent_key(vm)
+
+    with vm.vsock.connect(1024, timeout=10) as raw:  # no AUTH at all
+        raw.sendall(_run_request("/tmp/no-auth"))
+        kind, payload = _first_frame(raw)
+    assert kind == MsgType.ERROR
+    assert ErrorInfo.decode(payload).message.startswith("authentication required")
+
+    wrong = bytes(b ^ 1 for b in key)
+    with vm.vsock.connect(1024, timeout=10) as raw:
+        with pytest.raises(AgentError, match="authentication failed"):
+            authenticate(raw, wrong)
+        with contextlib.suppress(OSError):  # the agent hung up: nothing more is read
+            raw.sendall(_run_request("/tmp/wrong-key"))
+            assert raw.recv(1) == b""  # (or the connection is reset)
+
+    time.sleep(1)  # a request that slipped through would have run by now
+    done = vm.guest.run(["sh", "-c", "ls /tmp/no-auth /tmp/wrong-key 2>&1"])
+    assert done.returncode != 0
+    assert done.stdout.count(b"No such file") == 2, done.stdout
+
+    # The key is in fw_cfg for the guest's root alone, and nowhere on QEMU's command line.
+    mode = vm.guest.run(["stat", "-c", "%a", f"{FW_CFG_KEY}/raw"], check=True).stdout
+    assert mode == b"400\n"
+    assert vm.guest.read_file(f"{FW_CFG_KEY}/size") == b"32\n"
+    assert vm.guest.read_file(f"{FW_CFG_KEY}/raw") == key
+    pid = vm._core.machine.pid  # type: ignore[attr-defined]
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert key not in cmdline
+    assert key.hex().encode() not in cmdline
+    assert b"vzkit.agent_key=fw_cfg" in cmdline
+
+    with vm.vsock.connect(1024, timeout=10) as ok:  # the right key: served
+        authenticate(ok, key)
+        with AgentClient(ok.dup(), timeout=30) as client:
+            assert client.run(["echo", "keyed"]).stdout == b"keyed\n"
+
+
+FW_CFG_KEY = "/sys/firmware/qemu_fw_cfg/by_name/opt/org.vzkit/agent-key"
+
+
+def test_a_restored_guest_has_a_key_of_its_own(vms: VMFactory, tmp_path: Path) -> None:
+    """fw_cfg is not in the saved state: each restored guest gets its own QEMU's key, and
+    the snapshot's key (its origin's) opens nothing there."""
+    vzkit.create_disk_image(tmp_path / "disk.raw", 1)
+    manager = vzkit.SnapshotManager(tmp_path / "snaps")
+    common = {"console": vzkit.ConsoleMode.LOG, "disk_path": tmp_path / "disk.raw"}
+    origin = vms.create("x86_64", state_dir=tmp_path / "origin", **common)
+    origin.start(timeout=60)
+    origin.guest.wait_ready(timeout=90)
+    old = _agent_key(origin)
+    manager.save(origin, "base", timeout=120)
+    origin.stop(timeout=60)
+
+    keys = [old]
+    for name in ("a", "b"):  # two guests from one snapshot
+        vm = vms.create("x86_64", state_dir=tmp_path / name, **common)
+        manager.restore(vm, "base", timeout=120)
+        vm.resume(timeout=30)
+        assert vm.guest.run(["echo", name], timeout=60).stdout == f"{name}\n".encode()
+        assert not vm._core.machine.agent_on_console
+        for stale in keys:
+            raw = vm.vsock.connect(1024, timeout=10)
+            with raw, pytest.raises(AgentError, match="authentication failed"):
+                authenticate(raw, stale)
+        keys.append(_agent_key(vm))
+        vm.close()
+    assert len(set(keys)) == 3

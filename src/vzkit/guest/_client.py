@@ -52,6 +52,7 @@ from ._protocol import (
     Window,
     WriteFileRequest,
     decode_header,
+    encode_auth,
     encode_frame,
     encode_hello_request,
     env_entries,
@@ -64,6 +65,7 @@ __all__ = [
     "AsyncAgentClient",
     "AsyncGuestProcess",
     "GuestProcess",
+    "authenticate",
 ]
 
 _log = logging.getLogger(__name__)
@@ -254,6 +256,47 @@ class _Channel:
             view = view[take:]
 
 
+# ---- authentication ------------------------------------------------------------------------------
+
+
+def authenticate(sock: socket.socket, key: bytes, timeout: float | None = 10.0) -> None:
+    """Open a vsock connection to the agent with the VM run's key: send AUTH, wait for its OK.
+
+    The agent serves vsock connections only after this (``docs/agent-protocol.md``); the
+    machine does it in ``open_agent_socket``, before a client says HELLO. Raises
+    :class:`AgentError` when the agent refuses (a wrong key: it then hangs up), GuestError when
+    the connection ends, VMTimeoutError after ``timeout`` seconds.
+    """
+    previous = sock.gettimeout()
+    sock.settimeout(timeout)
+    try:
+        sock.sendall(encode_auth(key))
+        length, kind, channel = decode_header(_recv_exactly(sock, HEADER_SIZE))
+        payload = _recv_exactly(sock, length)
+    except TimeoutError:
+        raise VMTimeoutError(f"the guest agent did not answer AUTH within {timeout} s") from None
+    except OSError as err:
+        raise GuestError(f"the guest agent connection failed during AUTH: {err}") from err
+    finally:
+        sock.settimeout(previous)
+    if (kind, channel, payload) == (MsgType.OK, 0, b""):
+        return
+    if (kind, channel) == (MsgType.ERROR, 0):
+        info = ErrorInfo.decode(payload)
+        raise AgentError(f"the agent refused the connection: {info.message}", errno=info.errno)
+    raise ProtocolError(f"expected OK to AUTH from the agent, got type 0x{kind:02x}")
+
+
+def _recv_exactly(sock: socket.socket, n: int) -> bytes:
+    data = bytearray()
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            raise GuestError("the guest agent closed the connection during AUTH")
+        data += chunk
+    return bytes(data)
+
+
 # ---- the connection ------------------------------------------------------------------------------
 
 
@@ -306,7 +349,10 @@ class _Connection:
             raise ProtocolError("the agent's HELLO does not answer ours (wrong nonce)")
         if hello.major != PROTOCOL_VERSION[0]:
             writer.close()
-            raise ProtocolError(f"the agent speaks protocol {hello.major}.{hello.minor}, not 1.x")
+            raise ProtocolError(
+                f"the agent speaks protocol {hello.major}.{hello.minor}, "
+                f"not {PROTOCOL_VERSION[0]}.x"
+            )
         _log.debug("agent %s, protocol %d.%d", hello.agent_version, hello.major, hello.minor)
         return cls(reader, writer, hello, window)
 

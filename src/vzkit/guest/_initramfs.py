@@ -61,6 +61,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "af_packet",
     "evdev",  # the power button's events reach /init through it
     "button",  # the ACPI power button (x86_64; built in on arm64)
+    "qemu_fw_cfg",  # the agent's per-boot key on the qemu backend (docs/agent-protocol.md)
 )
 """Modules wanted in every guest, when the kernel has them (loaded in this order)."""
 

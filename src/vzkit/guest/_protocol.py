@@ -1,4 +1,4 @@
-"""The vzkit agent wire protocol (version 1.0), host side: frames and message payloads.
+"""The vzkit agent wire protocol (version 2.0), host side: frames and message payloads.
 
 ``docs/agent-protocol.md`` is the specification; ``agent/agent.h`` is the guest's copy of the
 constants. Every frame is a 12-byte little-endian header — ``u32`` payload length, ``u8``
@@ -21,6 +21,7 @@ __all__ = [
     "DEFAULT_VSOCK_PORT",
     "HEADER",
     "HEADER_SIZE",
+    "KEY_SIZE",
     "MAGIC",
     "MAX_PAYLOAD",
     "NONCE_SIZE",
@@ -44,18 +45,21 @@ __all__ = [
     "decode_file_end",
     "decode_header",
     "decode_hello_request",
+    "encode_auth",
     "encode_file_end",
     "encode_frame",
     "encode_hello_request",
     "env_entries",
 ]
 
-PROTOCOL_VERSION = (1, 0)
+PROTOCOL_VERSION = (2, 0)
 MAGIC = b"VZKAGENT"
 HEADER = struct.Struct("<IB3sI")
 HEADER_SIZE = HEADER.size
 MAX_PAYLOAD = 65536
 NONCE_SIZE = 16
+KEY_SIZE = 32
+"""Bytes of the per-boot key a host sends in AUTH (the agent takes 1 to 64)."""
 RESYNC_PREAMBLE = bytes(HEADER_SIZE * 5465)
 """Zero bytes a host sends before HELLO on a stream that may hold a previous host's partial
 frame (the virtio console): they complete any frame (at most 65547 bytes) and then read as
@@ -77,6 +81,7 @@ class MsgType(enum.IntEnum):
     WINDOW = 0x05  # both: flow-control credit for one stream of a channel
     CANCEL = 0x06  # H: forget a channel (an exec'd process group is killed)
     OK = 0x07  # A: a request succeeded
+    AUTH = 0x08  # H: the per-boot key, first frame of a connection that needs it
     EXEC = 0x10  # H
     STDIN = 0x11  # H
     STDIN_EOF = 0x12  # H
@@ -222,6 +227,16 @@ def _string(data: bytes) -> bytes:
 
 
 # ---- messages -------------------------------------------------------------------------------
+
+
+def encode_auth(key: bytes) -> bytes:
+    """The AUTH frame that opens a vsock connection to the agent: the per-boot key.
+
+    Never log it. ValueError for an empty key or one above 64 bytes (the agent's limit).
+    """
+    if not 0 < len(key) <= 64:
+        raise ValueError("an agent key has 1 to 64 bytes")
+    return encode_frame(MsgType.AUTH, 0, key)
 
 
 def encode_hello_request(

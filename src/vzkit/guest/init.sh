@@ -105,9 +105,17 @@ EOS
     udhcpc -i eth0 -b -q -t 10 -s /run/udhcpc.sh >/dev/null 2>&1
 fi
 
-# The guest agent (vsock port 1024 and the virtio console port org.vzkit.agent.0).
+# The guest agent (vsock port 1024 and the virtio console port org.vzkit.agent.0). It takes
+# vsock connections from the host (CID 2) only; with vzkit.agent_key=fw_cfg (the qemu backend)
+# each must also bring the key QEMU serves in fw_cfg, which the agent re-reads per connection
+# (a restored guest's QEMU serves a new one). docs/agent-protocol.md, "Authentication".
 if [ -x /bin/vzkit-agent ]; then
-    /bin/vzkit-agent serve </dev/null >/dev/console 2>&1 &
+    set --
+    case " $cmdline " in
+        *" vzkit.agent_key=fw_cfg "*)
+            set -- --key-file /sys/firmware/qemu_fw_cfg/by_name/opt/org.vzkit/agent-key/raw ;;
+    esac
+    /bin/vzkit-agent serve "$@" </dev/null >/dev/console 2>&1 &
 fi
 
 # The power button (ACPI on x86_64, ACPI GED on aarch64 with firmware) powers the guest off,

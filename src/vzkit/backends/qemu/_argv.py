@@ -67,6 +67,8 @@ class Plan:
     disk_backing: DiskImage | None = None
     #: The config's shares as served this run (virtiofsd sockets or 9p exports), in tag order.
     shares: tuple[ShareDevice, ...] = ()
+    #: An inherited fd (a memfd) holding the guest agent's per-boot key (see agent_key_args).
+    agent_key_fd: int | None = None
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -89,6 +91,8 @@ def kernel_cmdline(plan: Plan) -> str:
     shares = share_cmdline(
         VolumeMount(share.path, share.tag, share.read_only) for share in plan.shares
     )
+    if plan.agent_key_fd is not None:  # where the key is, not the key: cmdlines are public
+        cmdline += f" {AGENT_KEY_CMDLINE}"
     return f"{cmdline} {shares}" if shares else cmdline
 
 
@@ -362,6 +366,21 @@ def vsock_args(plan: Plan) -> list[str]:
 
 VSOCK_PORT = "vsock-port"
 
+#: The fw_cfg item holding the agent's per-boot key, and the kernel command-line word that
+#: tells the default guest's init to make the agent require it (docs/agent-protocol.md).
+AGENT_KEY_FW_CFG = "opt/org.vzkit/agent-key"
+AGENT_KEY_CMDLINE = "vzkit.agent_key=fw_cfg"
+
+
+def agent_key_args(plan: Plan) -> list[str]:
+    """The agent's key as a fw_cfg item, read from an inherited fd: never on the command line
+    (``/proc/PID/cmdline`` is readable by every host user) nor in a file. The guest reads it
+    at ``/sys/firmware/qemu_fw_cfg/by_name/opt/org.vzkit/agent-key/raw`` (root only). fw_cfg
+    items are not part of a saved state: a restored guest reads its new QEMU's key."""
+    if plan.agent_key_fd is None:
+        return []
+    return ["-fw_cfg", f"name={AGENT_KEY_FW_CFG},file=/proc/self/fd/{plan.agent_key_fd}"]
+
 
 def virtiofs_device_args(plan: Plan, index: int, share: ShareDevice) -> list[str]:
     """A vhost-user-fs device on the inherited socket of the share's virtiofsd."""
@@ -435,6 +454,7 @@ _PIECES = (
     console_args,
     agent_port_args,
     vsock_args,
+    agent_key_args,
     share_args,
     display_args,
     incoming_args,

@@ -33,10 +33,11 @@ from ..._network import NetworkMode
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
 from ...errors import UnsupportedError, VMError
+from ...guest._client import authenticate
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _migrate
 from ._virtiofs import ShareKind, Shares
-from ._vsock import VsockListener, VsockTransport
+from ._vsock import VsockListener, VsockTransport, agent_key_fd
 
 __all__ = ["AGENT_VSOCK_PORT", "QemuMachine"]
 
@@ -195,8 +196,14 @@ class QemuMachine:
         if self._agent_sock is None:
             raise VMError(f"the VM is not running (state {self._state.value})")
         if self._agent_transport() == "vsock":
-            return await self.vsock_connect(AGENT_VSOCK_PORT, 10.0)
-        return self._agent_sock.dup()
+            sock = await self.vsock_connect(AGENT_VSOCK_PORT, 10.0)
+            try:  # the run's key first: the agent serves no vsock peer without it
+                await asyncio.to_thread(authenticate, sock, self._require_vsock().agent_key, 10.0)
+            except BaseException:
+                sock.close()
+                raise
+            return sock
+        return self._agent_sock.dup()  # private to us: no key (docs/agent-protocol.md)
 
     # -- vsock -----------------------------------------------------------------------------
 
@@ -383,10 +390,12 @@ class QemuMachine:
         self._qmp_sock = ours
         self._agent_sock = agent_ours
         vsock = None
+        key_fd: int | None = None  # the agent's key for QEMU's fw_cfg (a fresh one per run)
         if self.config.vsock and sys.platform == "linux":
             vsock = self._vsock = VsockTransport(
                 self.config, self.runtime_dir, self.state_dir / "vsock.log"
             )
+            key_fd = agent_key_fd(vsock.agent_key)
         try:
             if vsock is not None:  # a restore plugs this one in later: it starts meanwhile
                 await vsock.prepare()
@@ -395,6 +404,7 @@ class QemuMachine:
             )
             if vsock is not None and not vsock.kernel:  # vhost-user maps the guest's RAM
                 plan = dataclasses.replace(plan, shared_memory=True)
+            plan = dataclasses.replace(plan, agent_key_fd=key_fd)
             # -- shares: start the virtiofsds, hand their sockets to QEMU
             shares = await self._shares.start(
                 self.config.tagged_volumes(), self.runtime_dir, self.state_dir
@@ -415,6 +425,7 @@ class QemuMachine:
                         theirs.fileno(),
                         agent_theirs.fileno(),
                         *(vsock.pass_fds() if vsock is not None and vsock_device else ()),
+                        *((key_fd,) if key_fd is not None else ()),
                         *self._shares.qemu_fds,
                     ),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
@@ -425,6 +436,8 @@ class QemuMachine:
         finally:
             theirs.close()
             agent_theirs.close()
+            if key_fd is not None:
+                os.close(key_fd)
             self._shares.qemu_started()
             if vsock is not None and vsock_device:
                 vsock.after_spawn()

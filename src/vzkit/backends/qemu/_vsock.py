@@ -15,6 +15,12 @@ Two transports, chosen per start:
 
 Either way the transport's lifetime is the VM run's: :meth:`VsockTransport.close` kills the
 helper, closes every listener and removes every socket file.
+
+**Peer checks** (``docs/vsock.md``): a listener accepts only its own guest — on the kernel path
+the peer's CID must be the guest's (other VMs and host processes can connect to any host
+port), on the user-space path the peer must be this VM's device helper (``SO_PEERCRED``), and
+the socket files sit in a directory only we can enter. Each run also has its agent key
+(:attr:`VsockTransport.agent_key`), which QEMU serves to the guest through ``fw_cfg``.
 """
 
 from __future__ import annotations
@@ -25,16 +31,22 @@ import fcntl
 import logging
 import os
 import random
+import secrets
 import select
 import socket
+import stat
 import struct
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from ..._config import LinuxVMConfig
 from ..._process import OwnedProcess, spawn
 from ..._vsock import check_vsock_port as check_port
 from ...errors import StateError, VMError, VMTimeoutError
+from ...guest._protocol import KEY_SIZE
 from .vhost_vsock import connect_hybrid, guest_port_path, helper_argv, peer_port_from_address
 
 __all__ = ["VsockListener", "VsockTransport"]
@@ -74,16 +86,65 @@ def open_kernel_vhost(cid: int) -> tuple[int, int] | None:
         raise
 
 
+def private_dir(path: Path) -> None:
+    """Make sure only we can enter ``path``, where the user-space device's sockets live:
+    anyone who can connect to them reaches the guest's ports or poses as its device.
+    A directory of ours is tightened to 0700; another user's is refused."""
+    st = os.stat(path)
+    if st.st_uid != os.geteuid():
+        raise VMError(
+            f"{path} belongs to another user: vsock sockets need a directory of your own "
+            "(set the VM's state_dir to one)"
+        )
+    if stat.S_IMODE(st.st_mode) & 0o077:
+        log.info("vsock: making %s private (0700)", path)
+        os.chmod(path, 0o700)
+
+
+def agent_key_fd(key: bytes) -> int:
+    """A memfd holding ``key`` for QEMU to read (``-fw_cfg ...,file=/proc/self/fd/N``): the
+    key never touches the disk nor an argv (``/proc/PID/cmdline`` is readable by all)."""
+    fd = os.memfd_create("vzkit-agent-key", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, key)  # 32 bytes into a fresh memfd: one write
+        os.lseek(fd, 0, os.SEEK_SET)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _peer_pid(conn: socket.socket) -> int:
+    """The pid that connected a unix stream (``SO_PEERCRED``: pid, uid, gid)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _uid, _gid = struct.unpack("3i", creds)
+    return int(pid)
+
+
+def _vsock_socket() -> socket.socket:
+    """A kernel ``AF_VSOCK`` stream socket (replaced in tests: this host has no vsock)."""
+    return socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+
+
 class VsockListener:
     """Guest connections to one host port: ``accept()`` gives ``(socket, guest_port)``.
 
-    Blocking ``accept`` may run in one thread while another calls :meth:`close`, which wakes it.
+    ``peer_ok(conn, address)`` decides whether a connection comes from this VM's guest; others
+    are closed and ``accept`` waits on. Blocking ``accept`` may run in one thread while another
+    calls :meth:`close`, which wakes it.
     """
 
-    def __init__(self, sock: socket.socket, port: int, path: Path | None) -> None:
+    def __init__(
+        self,
+        sock: socket.socket,
+        port: int,
+        path: Path | None,
+        peer_ok: Callable[[socket.socket, Any], bool],
+    ) -> None:
         self.port = port
         self._sock = sock
         self._path = path
+        self._peer_ok = peer_ok
         self._wake_r, self._wake_w = os.pipe()
         self._closed = False
         self._lock = threading.Lock()
@@ -96,29 +157,41 @@ class VsockListener:
         return self._closed
 
     def accept(self, timeout: float | None = None) -> tuple[socket.socket, int]:
-        if self._closed:
-            raise StateError(f"vsock listener on port {self.port} is closed")
-        try:
-            ready, _, _ = select.select([self._sock.fileno(), self._wake_r], [], [], timeout)
-            if self._closed or self._wake_r in ready:
-                raise StateError(f"vsock listener on port {self.port} is closed")
-            if not ready:
-                raise VMTimeoutError(
-                    f"no guest connection to vsock port {self.port} within {timeout} s"
-                )
-            conn, address = self._sock.accept()
-        except BlockingIOError:  # another thread took it: wait again
-            return self.accept(timeout)
-        except (OSError, ValueError) as err:  # closed under us by another thread
-            if self._closed:
-                raise StateError(f"vsock listener on port {self.port} is closed") from err
-            raise
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            conn, address = self._accept_one(left, timeout)
+            if self._peer_ok(conn, address):
+                break
+            log.warning("vsock port %d: refused a connection from %r (not this VM's guest)",
+                        self.port, address)  # fmt: skip
+            conn.close()
         conn.setblocking(True)
         if self._sock.family == socket.AF_UNIX:
             peer = peer_port_from_address(address)
         else:
             peer = int(address[1])
         return conn, -1 if peer is None else peer
+
+    def _accept_one(self, left: float | None, timeout: float | None) -> tuple[socket.socket, Any]:
+        while True:
+            if self._closed:
+                raise StateError(f"vsock listener on port {self.port} is closed")
+            try:
+                ready, _, _ = select.select([self._sock.fileno(), self._wake_r], [], [], left)
+                if self._closed or self._wake_r in ready:
+                    raise StateError(f"vsock listener on port {self.port} is closed")
+                if not ready:
+                    raise VMTimeoutError(
+                        f"no guest connection to vsock port {self.port} within {timeout} s"
+                    )
+                return self._sock.accept()
+            except BlockingIOError:  # another thread took it: wait again
+                continue
+            except (OSError, ValueError) as err:  # closed under us by another thread
+                if self._closed:
+                    raise StateError(f"vsock listener on port {self.port} is closed") from err
+                raise
 
     def close(self) -> None:
         with self._lock:
@@ -150,6 +223,10 @@ class VsockTransport:
         self._listeners: dict[int, VsockListener] = {}
         self.kernel = False  # kernel vhost-vsock (else the helper); decided by prepare()
         self.attached = False  # QEMU has the device (unplugged around a snapshot save)
+        #: This run's agent key: the guest reads it from fw_cfg (:func:`agent_key_fd`), the
+        #: host sends it in AUTH. A new transport per start or restore: a restored guest gets
+        #: a key of its own and the snapshot's stops working. Never logged.
+        self.agent_key = secrets.token_bytes(KEY_SIZE)
 
     @property
     def prepared(self) -> bool:
@@ -191,6 +268,7 @@ class VsockTransport:
             self.uds.unlink()
 
     async def _start_helper(self) -> None:
+        private_dir(self.uds.parent)
         with contextlib.suppress(FileNotFoundError):
             self.uds.unlink()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -268,9 +346,10 @@ class VsockTransport:
             raise StateError(f"vsock port {port} already has a listener")
         path: Path | None = None
         if self.kernel:
-            sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+            sock = _vsock_socket()
             address: tuple[int, int] | str = (socket.VMADDR_CID_ANY, port)
         else:
+            private_dir(self.uds.parent)
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             path = Path(guest_port_path(self.uds, port))
             with contextlib.suppress(FileNotFoundError):
@@ -283,9 +362,22 @@ class VsockTransport:
         except BaseException:
             sock.close()
             raise
-        listener = VsockListener(sock, port, path)
+        listener = VsockListener(sock, port, path, self._from_guest)
         self._listeners[port] = listener
         return listener
+
+    def _from_guest(self, conn: socket.socket, address: Any) -> bool:
+        """Whether an accepted connection comes from this VM's guest (see the module doc).
+        Read at each accept: the CID and the helper change when the device is re-plugged."""
+        if self.kernel:
+            return isinstance(address, tuple) and address[0] == self.guest_cid
+        return self.device_pid is not None and _peer_pid(conn) == self.device_pid
+
+    @property
+    def device_pid(self) -> int | None:
+        """The user-space device's helper process, the one peer a unix listener accepts."""
+        helper = self._helper
+        return helper.pid if helper is not None else None
 
     # -- teardown ----------------------------------------------------------------------------
 

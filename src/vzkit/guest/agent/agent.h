@@ -17,13 +17,15 @@
 
 #define PROTO_MAGIC "VZKAGENT"
 #define PROTO_MAGIC_LEN 8
-#define PROTO_MAJOR 1
+#define PROTO_MAJOR 2
 #define PROTO_MINOR 0
 #define PROTO_NONCE_LEN 16 /* echoed in the HELLO reply so the host can find it in a stream */
 #define HDR_SIZE 12              /* u32 payload length, u8 type, 3 reserved bytes, u32 channel */
 #define MAX_PAYLOAD 65536u
 #define DATA_FRAME_PAYLOAD (MAX_PAYLOAD - HDR_SIZE) /* data frames the agent sends: 64 KiB */
 #define IN_WINDOW (1024u * 1024u) /* host -> agent credit per channel (stdin, file data) */
+#define AUTH_KEY_MAX 64           /* bytes of the per-boot key (vzkit's host sends 32) */
+#define AUTH_TIMEOUT_MS 10000     /* a connection that must authenticate has this long */
 
 enum msg_type {
     T_RESET = 0x00, /* all-zero header: end the session silently, wait for HELLO */
@@ -34,6 +36,7 @@ enum msg_type {
     T_WINDOW = 0x05,
     T_CANCEL = 0x06,
     T_OK = 0x07,
+    T_AUTH = 0x08, /* the per-boot key: the first frame of a connection that needs one */
     T_EXEC = 0x10,
     T_STDIN = 0x11,
     T_STDIN_EOF = 0x12,
@@ -107,6 +110,9 @@ struct session {
     int rfd, wfd;
     bool dead;
     bool hello;         /* HELLO exchanged */
+    bool need_auth;     /* an AUTH frame with the key must come first (socket sessions) */
+    bool authed;        /* the first frame was a good AUTH (or none was needed) */
+    int64_t auth_by_ms; /* need_auth: the connection ends if no good AUTH came by then */
     bool resync;        /* skip bytes up to a HELLO (after RESET; always on the console) */
     bool closing;       /* fatal error sent: flush the queue, then end */
     bool poweroff;      /* POWEROFF acknowledged: flush, then power off */
@@ -156,6 +162,9 @@ struct serve_opts {
     const char *port_name;
     bool stdio;
     const char *unix_path;
+    /* The per-boot key, read at every AUTH (a restored guest's host serves a new one); NULL:
+     * connections need no key. Either way vsock peers must be the host (CID 2). */
+    const char *key_file;
 };
 
 int serve_main(const struct serve_opts *opts);

@@ -138,7 +138,7 @@ static void ensure_std_fds(void)
 static const char USAGE[] =
     "usage: vzkit-agent serve [--vsock-port PORT] [--no-vsock] [--port-name NAME]\n"
     "                         [--no-console] [--stdio | --unix PATH] [--vsock-buffer BYTES]\n"
-    "                         [--verbose]\n"
+    "                         [--key-file PATH] [--verbose]\n"
     "       vzkit-agent relay (--listen-vsock PORT | --connect-vsock CID:PORT |\n"
     "                          --listen-unix PATH | --connect-unix PATH) --exec CMD\n"
     "                         [--vsock-buffer BYTES]\n"
@@ -148,7 +148,10 @@ static const char USAGE[] =
     "port org.vzkit.agent.0 (--stdio / --unix PATH replace both, for tests on a host).\n"
     "relay: bridge one stream connection at a time to `/bin/sh -c CMD`'s stdin/stdout.\n"
     "--vsock-buffer (default: $VZKIT_AGENT_VSOCK_BUFFER, else 2 MiB): the receive buffer\n"
-    "of vsock sockets, SO_VM_SOCKETS_BUFFER_SIZE; 0 keeps the kernel's.\n";
+    "of vsock sockets, SO_VM_SOCKETS_BUFFER_SIZE; 0 keeps the kernel's.\n"
+    "--key-file: every vsock (and unix) connection must start with an AUTH frame carrying\n"
+    "the key this file holds (re-read each time). vsock peers other than the host (CID 2)\n"
+    "are always refused.\n";
 
 int parse_uint(const char *s, unsigned long max, unsigned long *out)
 {
@@ -209,6 +212,9 @@ static int serve_cmd(int argc, char **argv)
             o.stdio = true;
         } else if (!strcmp(a, "--unix") && v) {
             o.unix_path = v;
+            i++;
+        } else if (!strcmp(a, "--key-file") && v) {
+            o.key_file = v;
             i++;
         } else if (!strcmp(a, "--verbose") || !strcmp(a, "-v")) {
             g_verbose = true;

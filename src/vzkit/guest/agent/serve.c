@@ -360,6 +360,72 @@ static void reply_hello(struct session *s, const unsigned char *p, size_t n)
     send_frame2(s, T_HELLO, 0, r, sizeof r, AGENT_VERSION, strlen(AGENT_VERSION));
 }
 
+/* ---- peer checks -------------------------------------------------------------------------- */
+
+/* Only the host may open agent sessions over vsock: not a process of this guest (loopback,
+ * CID 1, or the guest's own CID) nor another VM. `a` is what accept() reported. */
+static bool vsock_peer_is_host(const struct sockaddr_storage *a, socklen_t len)
+{
+    const struct sockaddr_vm *vm = (const struct sockaddr_vm *)a;
+    return len >= (socklen_t)sizeof *vm && vm->svm_family == AF_VSOCK &&
+           vm->svm_cid == VMADDR_CID_HOST;
+}
+
+/* Whether `p` is the key in opts->key_file. The file is read at every AUTH: after a snapshot
+ * restore the host serves a new key there (QEMU's fw_cfg is not part of the saved state), so
+ * the old one stops working at once. Compared in constant time; an unreadable or empty file
+ * matches nothing. */
+static bool auth_key_matches(const unsigned char *p, size_t n)
+{
+    unsigned char key[AUTH_KEY_MAX + 1];
+    int fd = open(G.opts->key_file, O_RDONLY | O_CLOEXEC);
+    ssize_t len = -1;
+    if (fd >= 0) {
+        do
+            len = read(fd, key, sizeof key);
+        while (len < 0 && errno == EINTR);
+        close(fd);
+    }
+    if (len <= 0 || len > AUTH_KEY_MAX) {
+        logmsg("no usable key in %s (%s): refusing the connection", G.opts->key_file,
+               len < 0 ? strerror(errno) : len ? "too long" : "empty");
+        return false;
+    }
+    unsigned char diff = n != (size_t)len; /* the length is not secret: always 32 */
+    for (size_t i = 0; i < (size_t)len; i++)
+        diff |= (unsigned char)(key[i] ^ (i < n ? p[i] : 0));
+    explicit_bzero(key, sizeof key);
+    return diff == 0;
+}
+
+/* The first frame of a connection that needs a key must be a good AUTH (answered with OK on
+ * channel 0); anything else ends the connection with ERROR before it could run anything.
+ * Returns whether the frame was consumed. */
+static bool check_auth(struct session *s, uint8_t type, uint32_t id, const unsigned char *p,
+                       size_t n)
+{
+    if (type != T_AUTH) {
+        if (s->need_auth && !s->authed) {
+            session_fatal(s, EACCES, "authentication required (AUTH before message type 0x%02x)",
+                          type);
+            return true;
+        }
+        return false;
+    }
+    if (id != 0 || s->authed || s->hello) {
+        session_fatal(s, EPROTO, "AUTH is only allowed as the first frame");
+        return true;
+    }
+    if (s->need_auth && !auth_key_matches(p, n)) {
+        session_fatal(s, EACCES, "authentication failed");
+        return true;
+    }
+    s->authed = true; /* a session that needs no key ignores the key, but answers too */
+    s->auth_by_ms = 0;
+    send_frame(s, T_OK, 0, NULL, 0);
+    return true;
+}
+
 static bool needs_channel(uint8_t type)
 {
     switch (type) {
@@ -378,6 +444,8 @@ static bool needs_channel(uint8_t type)
 static void handle_frame(struct session *s, uint8_t type, uint32_t id, const unsigned char *p,
                          size_t n)
 {
+    if (check_auth(s, type, id, p, n))
+        return;
     if (type == T_RESET && id == 0 && n == 0) {
         /* The host may have been replaced without a hang-up we could see (console, snapshot
          * restore): it resets, and we forget the old session. */
@@ -539,6 +607,16 @@ static void process_input(struct session *s)
         if (len > MAX_PAYLOAD) {
             session_fatal(s, EMSGSIZE, "frame of %u bytes exceeds the maximum of %u", len,
                           MAX_PAYLOAD);
+            continue;
+        }
+        /* An unauthenticated peer is judged by its first header: nothing more is buffered. */
+        if (s->need_auth && !s->authed && h[4] != T_AUTH) {
+            session_fatal(s, EACCES, "authentication required (AUTH before message type 0x%02x)",
+                          h[4]);
+            continue;
+        }
+        if (s->need_auth && !s->authed && len > AUTH_KEY_MAX) {
+            session_fatal(s, EACCES, "authentication failed");
             continue;
         }
         if (s->in_len - pos < HDR_SIZE + len)
@@ -828,19 +906,56 @@ static int unix_listen(const char *path)
     return fd;
 }
 
-static void on_accept(int lfd)
+/* Connections still owing their AUTH each hold a frame buffer, so at most this many wait: a
+ * new one ends the oldest (rather than being refused, so a flood of idle connections cannot
+ * lock the host out; its AUTH comes with its first packet). */
+#define AUTH_PENDING_MAX 16
+
+static void limit_pending_auth(void)
+{
+    int n = 0;
+    struct session *oldest = NULL; /* sessions are prepended: the last one found */
+    for (struct session *s = G.sessions; s; s = s->next) {
+        if (s->need_auth && !s->authed && !s->closing) {
+            n++;
+            oldest = s;
+        }
+    }
+    if (n >= AUTH_PENDING_MAX) {
+        logmsg("%d connections have not authenticated: closing the oldest", n);
+        session_end(oldest);
+    }
+}
+
+static void on_accept(int lfd, bool vsock)
 {
     for (;;) {
-        int fd = accept4(lfd, NULL, NULL, SOCK_CLOEXEC | SOCK_NONBLOCK);
+        struct sockaddr_storage peer;
+        socklen_t len = sizeof peer;
+        memset(&peer, 0, sizeof peer);
+        int fd = accept4(lfd, (struct sockaddr *)&peer, &len, SOCK_CLOEXEC | SOCK_NONBLOCK);
         if (fd < 0) {
             if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
                 logmsg("accept: %s", strerror(errno));
             return;
         }
-        if (!session_new(SESS_SOCKET, fd, fd)) {
+        if (vsock && !vsock_peer_is_host(&peer, len)) {
+            const struct sockaddr_vm *vm = (const struct sockaddr_vm *)&peer;
+            logmsg("refused a vsock connection from CID %u port %u: only the host (CID %u) "
+                   "may connect", vm->svm_cid, vm->svm_port, VMADDR_CID_HOST);
+            close(fd);
+            continue;
+        }
+        if (G.opts->key_file)
+            limit_pending_auth();
+        struct session *s = session_new(SESS_SOCKET, fd, fd);
+        if (!s) {
             logmsg("out of memory for a new session");
             close(fd);
+            continue;
         }
+        s->need_auth = G.opts->key_file != NULL;
+        s->auth_by_ms = s->need_auth ? now_ms() + AUTH_TIMEOUT_MS : 0;
     }
 }
 
@@ -966,6 +1081,8 @@ static int64_t build_pollset(void)
             add_pfd(s->wfd, POLLOUT, P_SESS_OUT, s, 0);
         if (s->closing || s->poweroff)
             deadline = min_deadline(deadline, s->close_by_ms);
+        else if (s->need_auth && !s->authed)
+            deadline = min_deadline(deadline, s->auth_by_ms);
         for (struct chan *c = s->chans; c; c = c->next) {
             for (int k = 0; k < 2; k++)
                 if (c->fd[k] >= 0 && c->window[k] > 0 && room)
@@ -1011,7 +1128,7 @@ static void dispatch(size_t i)
         on_signal_pipe();
         break;
     case P_LISTEN:
-        on_accept(g_pfd[i].fd);
+        on_accept(g_pfd[i].fd, r->stream == 1);
         break;
     case P_SESS_IN: {
         struct session *s = r->obj;
@@ -1074,8 +1191,12 @@ static void after_events(void)
             do_poweroff(s);
             return;
         }
-        if (s->closing && (!s->out_head || now >= s->close_by_ms))
+        if (s->closing && (!s->out_head || now >= s->close_by_ms)) {
             session_end(s);
+        } else if (!s->closing && s->need_auth && !s->authed && now >= s->auth_by_ms) {
+            logmsg("closing a connection that sent no AUTH within %d s", AUTH_TIMEOUT_MS / 1000);
+            session_end(s);
+        }
     }
     if (G.vsock_fd < 0)
         vsock_check();
