@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import vzkit
 import vzkit.aio
 from vzkit._process import live_children, pid_alive
+from vzkit.backends.qemu import _machine
 
 from .conftest import ARCHES, GuestShell, VMFactory, wait_for_console
 
@@ -187,3 +189,30 @@ def test_aio_twin_boots_and_stops(vms: VMFactory) -> None:
             return vm.state
 
     assert asyncio.run(main()) is vzkit.VMState.STOPPED
+
+
+def test_a_wedged_qemu_fails_qmp_calls_instead_of_hanging(
+    vms: VMFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QEMU that stops answering (here: SIGSTOP) makes each QMP call fail within the
+    per-command bound, and stop() still gets rid of it."""
+    monkeypatch.setattr(_machine, "QMP_TIMEOUT_S", 1.0)
+    vm = vms.create("x86_64", console=vzkit.ConsoleMode.LOG)
+    vm.start(timeout=60)
+    pid = vm.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wedged = rf"^QEMU \(pid {pid}\) did not answer the QMP command '%s' within 1 s: it is"
+        with pytest.raises(vzkit.VMTimeoutError, match=wedged % "stop"):
+            vm.pause(timeout=60)  # the caller's bound is far: the QMP one answers first
+        assert vm.state is vzkit.VMState.RUNNING, "a failed pause leaves the VM as it was"
+        with pytest.raises(vzkit.VMTimeoutError, match=wedged % "query-balloon"):
+            vm.balloon.info()
+        vm.stop(timeout=10)  # asking the guest fails within the bound; then QEMU is killed
+        assert vm.state is vzkit.VMState.STOPPED
+        assert not pid_alive(pid)
+        assert pid not in live_children()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)

@@ -32,7 +32,7 @@ from ..._disk import DiskFormat, detect_disk_format
 from ..._network import NetworkMode
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
-from ...errors import UnsupportedError, VMError
+from ...errors import UnsupportedError, VMError, VMTimeoutError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _migrate
 from ._virtiofs import ShareKind, Shares
@@ -46,6 +46,11 @@ MIN_BALLOON_MB = 64
 #: The vzkit guest agent's vsock port.
 AGENT_VSOCK_PORT = 1024
 _QUIT_GRACE_S = 2.0
+#: How long one QMP command may take before QEMU counts as wedged. Every command vzkit sends
+#: is quick (long work, like a migration, is started by one command and polled with others),
+#: so one bound fits them all; a wedged or stopped QEMU then fails the call instead of
+#: hanging pause(), stop(), the balloon or a snapshot. Read at each call (tests lower it).
+QMP_TIMEOUT_S = 30.0
 _UNPLUG_TIMEOUT_S = 20.0
 _STDERR_TAIL = 2000
 #: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
@@ -512,12 +517,26 @@ class QemuMachine:
         self._qmp_sock = self._agent_sock = None
 
     async def _execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
+        """Run one QMP command, bounded by :data:`QMP_TIMEOUT_S` (a late reply is dropped).
+
+        While an incoming state loads (a restore), QEMU's main loop reads the state file
+        without answering QMP (a regular file never blocks it), for as long as the file takes
+        to read: commands then wait without a bound of their own, under the restore's timeout.
+        """
         qmp = self._qmp
         if qmp is None:
             raise VMError(f"QEMU is not running (state {self._state.value})")
         log.debug("QMP -> %s %s", cmd, args or "")
+        timeout = None if self._incoming else QMP_TIMEOUT_S
         try:
-            result = await qmp.execute(cmd, args)
+            async with asyncio.timeout(timeout):
+                result = await qmp.execute(cmd, args)
+        except TimeoutError:
+            raise VMTimeoutError(
+                f"QEMU (pid {self.pid}) did not answer the QMP command {cmd!r} within "
+                f"{timeout:g} s: it is wedged or overloaded. Stop the VM (vm.stop() or "
+                f"vm.close() kills it) and see its log {str(self.stderr_path)!r}"
+            ) from None
         except QMPError as err:
             raise VMError(f"QMP {cmd} failed: {err}") from err
         log.debug("QMP <- %s", result)
