@@ -273,6 +273,13 @@ class VMView:
         return self._core.can("request_stop")
 
     @property
+    def last_error(self) -> VzkitError | None:
+        """Why the VM last ended in :attr:`VMState.ERROR` (a :class:`~vzkit.VMError` saying,
+        e.g., that the guest kernel panicked or a share's virtiofsd died), ``None`` before.
+        Cleared by the next start or restore."""
+        return self._core.machine.last_error
+
+    @property
     def pid(self) -> int | None:
         """The VMM's process id while it runs (``None`` for in-process backends)."""
         return self._core.machine.pid

@@ -100,6 +100,7 @@ def test_guest_poweroff_ends_stopped_not_error(vms: VMFactory) -> None:
     vm, shell = vms.boot("x86_64")
     shell.send("poweroff -f\n")
     assert vm.wait(timeout=30) is vzkit.VMState.STOPPED
+    assert vm.last_error is None
 
 
 def test_balloon_shrinks_guest_memory(vms: VMFactory) -> None:
@@ -136,6 +137,7 @@ def test_vmm_killed_moves_to_error_and_close_reaps_everything(vms: VMFactory) ->
     took = _wait_state(vm, vzkit.VMState.ERROR, timeout=2)
     assert took < 2
     assert vm.wait(timeout=1) is vzkit.VMState.ERROR
+    assert str(vm.last_error).startswith(f"QEMU (pid {pid}) exited with -9: ")
     state_dir = vm.state_dir
     vm.close()
     assert not pid_alive(pid)
@@ -216,3 +218,28 @@ def test_a_wedged_qemu_fails_qmp_calls_instead_of_hanging(
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def test_guest_panic_ends_in_error_with_the_reason(vms: VMFactory) -> None:
+    """The pvpanic device reports the panic, QEMU exits (``-action panic=exit-failure``),
+    and the VM says why it failed, on both facades' ``last_error``."""
+    vm, shell = vms.boot("x86_64")
+    pid = vm.pid
+    assert pid is not None
+    assert vm.last_error is None
+    rc, out = shell.run("cat /sys/bus/platform/drivers/pvpanic-mmio/*/uevent 2>/dev/null | head -1")
+    assert rc == 0
+    assert out.strip(), "the guest's pvpanic driver is bound to the device"
+    proc = vm.guest.popen(["sh", "-c", "echo c > /proc/sysrq-trigger"], stdin=False)
+    assert vm.wait(timeout=60) is vzkit.VMState.ERROR
+    proc.stdout.close()
+    proc.stderr.close()
+    error = vm.last_error
+    assert isinstance(error, vzkit.VMError)
+    assert str(error).startswith(
+        "the guest kernel panicked: Kernel panic - not syncing: sysrq triggered crash "
+        "(reported by the pvpanic device; QEMU exits); its console log"
+    ), error
+    assert not pid_alive(pid), "QEMU exited on the panic"
+    assert pid not in live_children()
+    assert vm.can_start

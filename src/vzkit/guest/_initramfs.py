@@ -61,6 +61,8 @@ GUEST_MODULES: tuple[str, ...] = (
     "af_packet",
     "evdev",  # the power button's events reach /init through it
     "button",  # the ACPI power button (x86_64; built in on arm64)
+    "pvpanic_mmio",  # reports a kernel panic to the VMM (QEMU's ISA pvpanic, found via ACPI)
+    "pvpanic_pci",  # the same on a PCI device (QEMU's virt)
 )
 """Modules wanted in every guest, when the kernel has them (loaded in this order)."""
 
