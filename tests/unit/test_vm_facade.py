@@ -180,6 +180,18 @@ def test_start_timeout_kills_and_reaps_a_vmm_that_never_answers(
     assert state_dir.is_dir()  # a caller's state dir is kept
 
 
+def test_a_qemu_that_never_greets_on_qmp_fails_start_within_the_qmp_bound(
+    kernel: Path, hanging_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_machine, "QMP_TIMEOUT_S", 0.5)
+    with vzkit.VirtualMachine(_config(kernel, vsock=False), backend="qemu") as vm:
+        with pytest.raises(vzkit.VMTimeoutError, match=r"did not answer on QMP within 0\.5 s"):
+            vm.start(timeout=60)  # no start bound of the caller's would have ended it sooner
+        pid = int((hanging_qemu.parent / "pid").read_text())
+        assert not pid_alive(pid)
+        assert vm.state is vzkit.VMState.STOPPED
+
+
 def test_temporary_state_dir_is_removed_on_close(kernel: Path, hanging_qemu: Path) -> None:
     vm = vzkit.VirtualMachine(_config(kernel), backend="qemu")
     with pytest.raises(vzkit.VMTimeoutError):

@@ -468,13 +468,21 @@ class QemuMachine:
         self._qmp = qmp
         connect = asyncio.ensure_future(qmp.connect(ours))
         exited = asyncio.ensure_future(self._proc.wait())
+        bound = QMP_TIMEOUT_S  # the greeting and qmp_capabilities are QMP traffic too
         try:
-            await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {connect, exited}, timeout=bound, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for task in (connect, exited):
                 if not task.done():
                     task.cancel()
             await asyncio.gather(connect, exited, return_exceptions=True)
+        if not done:
+            raise VMTimeoutError(
+                f"QEMU (pid {self._proc.pid}) did not answer on QMP within {bound:g} s of "
+                f"starting; see its log {str(self.stderr_path)!r}"
+            )
         if connect.cancelled() or connect.exception() is not None:
             raise VMError(f"QEMU exited during start-up: {self._stderr_tail()}")
         self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
