@@ -620,6 +620,8 @@ class QemuMachine:
             async with asyncio.timeout(timeout):
                 result = await qmp.execute(cmd, args)
         except TimeoutError:
+            if timeout is None:
+                raise
             raise VMTimeoutError(
                 f"QEMU (pid {self.pid}) did not answer the QMP command {cmd!r} within "
                 f"{timeout:g} s: it is wedged or overloaded. Stop the VM (vm.stop() or "
