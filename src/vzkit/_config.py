@@ -29,6 +29,7 @@ from .errors import ConfigError, SpecError
 
 __all__ = [
     "MAX_CPUS",
+    "MAX_MEMORY_GB",
     "MIN_MEMORY_MB",
     "ConfigData",
     "ConsoleMode",
@@ -38,7 +39,31 @@ __all__ = [
 #: Below this a Linux guest cannot boot; backends may demand more.
 MIN_MEMORY_MB = 64
 MAX_CPUS = 255
+#: The most memory a config may ask for: 4 TiB. A static cap, checked when the config is made,
+#: so an absurd value fails there and not as an ``OverflowError`` or a VMM error at start. The
+#: real limit depends on the host (VZ's ``maximumAllowedMemorySize``; QEMU's guest physical
+#: address bits, 40 by default on x86_64, i.e. 1 TiB of address space) and is checked by the
+#: backend at start; 4 TiB is above any host vzkit runs on today and far below any overflow.
+MAX_MEMORY_GB = 4096
 _MIB_PER_GB = 1024
+
+
+def memory_gb_value(value: object) -> float:
+    """``memory_gb`` as a float: a finite number (not a bool) of at most :data:`MAX_MEMORY_GB`,
+    else :class:`ConfigError`; the minimum is the caller's. An integer too large for a float
+    is refused here, not with an ``OverflowError`` (nor a ``ValueError`` from its repr)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        raise ConfigError(f"memory_gb must be a number, got {value!r}")
+    if isinstance(value, int) and abs(value) > 2**64:
+        shown = f"an integer of {value.bit_length()} bits"
+        gb = math.inf if value > 0 else -math.inf
+    else:
+        shown, gb = repr(value), float(value)
+    if math.isnan(gb) or gb == -math.inf:
+        raise ConfigError(f"memory_gb must be a finite number, got {shown}")
+    if gb > MAX_MEMORY_GB:
+        raise ConfigError(f"memory_gb must be at most {MAX_MEMORY_GB} GB (4 TiB), got {shown}")
+    return gb
 
 
 class ConsoleMode(enum.StrEnum):
@@ -283,11 +308,7 @@ class LinuxVMConfig(ConfigData):
             raise ConfigError(f"cpus must be an integer, got {self.cpus!r}")
         if not 1 <= self.cpus <= MAX_CPUS:
             raise ConfigError(f"cpus must be between 1 and {MAX_CPUS}, got {self.cpus}")
-        if not isinstance(self.memory_gb, int | float) or isinstance(self.memory_gb, bool):
-            raise ConfigError(f"memory_gb must be a number, got {self.memory_gb!r}")
-        memory_gb = float(self.memory_gb)
-        if not math.isfinite(memory_gb):
-            raise ConfigError(f"memory_gb must be a finite number, got {self.memory_gb!r}")
+        memory_gb = memory_gb_value(self.memory_gb)
         if memory_gb * _MIB_PER_GB < MIN_MEMORY_MB:
             raise ConfigError(
                 f"memory_gb={self.memory_gb!r} is below the minimum of {MIN_MEMORY_MB} MiB "

@@ -19,6 +19,8 @@ from ._loop import run_sync
 from ._state import VMState
 from .errors import GuestError, StateError, VMTimeoutError
 
+DEFAULT_MAX_OUTPUT = 256 * 1024 * 1024  # the agent client's default (vzkit.guest._client)
+
 if TYPE_CHECKING:
     from ._vmcore import VMCore
     from .guest._client import AgentClient, Args, GuestProcess, StrOrBytes
@@ -107,13 +109,20 @@ class Guest:
         check: bool = False,
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run a command in the guest like :func:`subprocess.run` (output captured).
 
         A string is one program name, not a shell line: use ``["sh", "-c", "..."]`` for that.
+        More than ``max_output`` bytes of output (stdout and stderr together, default 256 MiB;
+        ``None``: no limit) kill the command and raise :class:`~vzkit.GuestError`: a guest
+        cannot make the host buffer without bound. Stream large output with :meth:`popen`.
         """
         client = self._connect(DEFAULT_READY_TIMEOUT)
-        return client.run(args, input=input, timeout=timeout, check=check, env=env, cwd=cwd)
+        return client.run(
+            args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
+            max_output=max_output,
+        )  # fmt: skip
 
     def popen(
         self,
@@ -128,8 +137,10 @@ class Guest:
         client = self._connect(DEFAULT_READY_TIMEOUT)
         return client.popen(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
 
-    def read_file(self, path: StrOrBytes) -> bytes:
-        return self._connect(DEFAULT_READY_TIMEOUT).read_file(path)
+    def read_file(self, path: StrOrBytes, *, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        """The content of ``path`` in the guest; :class:`~vzkit.GuestError` if it is larger
+        than ``max_size`` bytes (default 256 MiB; ``None``: no limit)."""
+        return self._connect(DEFAULT_READY_TIMEOUT).read_file(path, max_size=max_size)
 
     def write_file(self, path: StrOrBytes, data: bytes, mode: int = 0o644) -> None:
         """Write ``data`` to ``path`` in the guest (atomically: a temporary name, then rename)."""

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import enum
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ._config import MAX_CPUS, ConfigData
+from ._config import MAX_CPUS, ConfigData, memory_gb_value
 from ._disk import DiskFormat
 from ._display import DisplayConfig, default_display_config
 from ._network import NetworkConfig
@@ -115,10 +114,8 @@ class MacVMConfig(ConfigData):
             raise ConfigError(f"cpus must be an integer, got {self.cpus!r}")
         if not 1 <= self.cpus <= MAX_CPUS:
             raise ConfigError(f"cpus must be between 1 and {MAX_CPUS}, got {self.cpus}")
-        if not isinstance(self.memory_gb, int | float) or isinstance(self.memory_gb, bool):
-            raise ConfigError(f"memory_gb must be a number, got {self.memory_gb!r}")
-        memory_gb = float(self.memory_gb)
-        if not math.isfinite(memory_gb) or memory_gb < MIN_MAC_MEMORY_GB:
+        memory_gb = memory_gb_value(self.memory_gb)
+        if memory_gb < MIN_MAC_MEMORY_GB:
             raise ConfigError(
                 f"memory_gb={self.memory_gb!r}: a macOS guest needs at least "
                 f"{MIN_MAC_MEMORY_GB:g} GB"

@@ -56,6 +56,8 @@ async def _within(timeout: float | None, what: str, aw: Awaitable[T]) -> T:
     try:
         async with asyncio.timeout(timeout):
             return await aw
+    except VMTimeoutError:
+        raise  # a bound of its own ran out first (e.g. QEMU did not answer QMP): say that one
     except TimeoutError:
         raise VMTimeoutError(f"{what} did not finish within {timeout:g} s") from None
 
@@ -155,18 +157,21 @@ class VMCore:
         self._require("stop")
         budget = 30.0 if timeout is None else timeout
         if self.machine.state is VMState.RUNNING:
-            try:
-                await self.machine.request_stop()
-                await asyncio.wait_for(self.machine.wait_stopped(), budget * GRACEFUL_SHARE)
+            try:  # asking is bounded too: a wedged VMM may not answer the request
+                await asyncio.wait_for(self._ask_to_stop(), budget * GRACEFUL_SHARE)
                 return
+            except VzkitError as err:
+                log.info("could not ask the guest to power off (%s); forcing the VM off", err)
             except TimeoutError:
                 log.info(
                     "guest did not power off within %.1f s; forcing the VM off",
                     budget * GRACEFUL_SHARE,
                 )
-            except VzkitError as err:
-                log.info("could not ask the guest to power off (%s); forcing the VM off", err)
         await _within(max(budget * (1 - GRACEFUL_SHARE), 5.0), "stop", self.machine.force_stop())
+
+    async def _ask_to_stop(self) -> None:
+        await self.machine.request_stop()
+        await self.machine.wait_stopped()
 
     async def wait(self, timeout: float | None) -> VMState:
         return await _within(timeout, "wait", self.machine.wait_stopped())
@@ -266,6 +271,13 @@ class VMView:
     @property
     def can_request_stop(self) -> bool:
         return self._core.can("request_stop")
+
+    @property
+    def last_error(self) -> VzkitError | None:
+        """Why the VM last ended in :attr:`VMState.ERROR` (a :class:`~vzkit.VMError` saying,
+        e.g., that the guest kernel panicked or a share's virtiofsd died), ``None`` before.
+        Cleared by the next start or restore."""
+        return self._core.machine.last_error
 
     @property
     def pid(self) -> int | None:

@@ -21,7 +21,7 @@ from . import __version__
 from ._cli_errors import EXIT_USAGE, F
 from ._cli_errors import handle_errors as _handle_errors
 from ._cli_macos import codesign_cmd, macos_group
-from ._config import ConsoleMode, LinuxVMConfig
+from ._config import MAX_CPUS, MAX_MEMORY_GB, MIN_MEMORY_MB, ConsoleMode, LinuxVMConfig
 from ._disk import DiskFormat, create_disk_image
 from ._display import DisplayList
 from ._network import parse_network_mode, parse_port_spec
@@ -50,9 +50,14 @@ def _spec_callback(
 def vm_options(func: F) -> F:
     """The options that describe a Linux VM, shared by ``config`` and (later) ``run``."""
     options = [
-        click.option("--cpus", type=click.IntRange(min=0), help="Virtual CPUs (default 2)."),
         click.option(
-            "--memory", "memory_gb", type=float, help="Memory in GB, e.g. 0.5 (default 1)."
+            "--cpus", type=click.IntRange(min=0), help=f"Virtual CPUs, 1-{MAX_CPUS} (default 2)."
+        ),
+        click.option(
+            "--memory",
+            "memory_gb",
+            type=float,
+            help=f"Memory in GB, {MIN_MEMORY_MB / 1024:g}-{MAX_MEMORY_GB}, e.g. 0.5 (default 1).",
         ),
         click.option(
             "--arch", type=click.Choice([a.value for a in Arch]), help="Guest architecture."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -65,3 +66,27 @@ def test_agent_answers_on_its_console_port_and_after_a_reconnect(
     assert vm.guest.run(["echo", "one"]).stdout == b"one\n"
     vm.guest.close()  # a new client on the same console stream resynchronises first
     assert vm.guest.run(["echo", "two"]).stdout == b"two\n"
+
+
+def test_guest_output_and_file_reads_are_bounded(vms: VMFactory) -> None:
+    """A guest that prints without end, or a huge file, makes run()/read_file() fail at the
+    caller's limit, and the command is not left running in the guest."""
+    mib = 1024 * 1024
+    vm, _ = vms.boot("x86_64")
+    vm.guest.wait_ready(timeout=60)
+    with pytest.raises(vzkit.GuestError, match=r"passed max_output=1048576 bytes; the process"):
+        vm.guest.run(["sh", "-c", "yes | head -c 10485760"], max_output=mib)
+    # the agent killed the process group: neither yes nor head is left
+    ps = "for c in /proc/[0-9]*/comm; do cat $c; done 2>/dev/null"
+    for _ in range(50):
+        left = vm.guest.run(["sh", "-c", ps]).stdout.split()
+        if b"yes" not in left and b"head" not in left:
+            break
+        time.sleep(0.1)
+    assert b"yes" not in left, left
+    assert b"head" not in left, left
+    vm.guest.run(["sh", "-c", "head -c 3145728 /dev/zero > /tmp/big"], check=True)
+    with pytest.raises(vzkit.GuestError, match="larger than max_size=1048576 bytes"):
+        vm.guest.read_file("/tmp/big", max_size=mib)
+    assert vm.guest.read_file("/tmp/big") == bytes(3 * mib)
+    assert len(vm.guest.run(["head", "-c", "10485760", "/dev/zero"]).stdout) == 10 * mib

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ import pytest
 import vzkit
 import vzkit.aio
 from vzkit._process import live_children, pid_alive
+from vzkit.backends.qemu import _machine
 
 from .conftest import ARCHES, GuestShell, VMFactory, wait_for_console
 
@@ -98,6 +100,7 @@ def test_guest_poweroff_ends_stopped_not_error(vms: VMFactory) -> None:
     vm, shell = vms.boot("x86_64")
     shell.send("poweroff -f\n")
     assert vm.wait(timeout=30) is vzkit.VMState.STOPPED
+    assert vm.last_error is None
 
 
 def test_balloon_shrinks_guest_memory(vms: VMFactory) -> None:
@@ -134,6 +137,7 @@ def test_vmm_killed_moves_to_error_and_close_reaps_everything(vms: VMFactory) ->
     took = _wait_state(vm, vzkit.VMState.ERROR, timeout=2)
     assert took < 2
     assert vm.wait(timeout=1) is vzkit.VMState.ERROR
+    assert str(vm.last_error).startswith(f"QEMU (pid {pid}) exited with -9: ")
     state_dir = vm.state_dir
     vm.close()
     assert not pid_alive(pid)
@@ -187,3 +191,55 @@ def test_aio_twin_boots_and_stops(vms: VMFactory) -> None:
             return vm.state
 
     assert asyncio.run(main()) is vzkit.VMState.STOPPED
+
+
+def test_a_wedged_qemu_fails_qmp_calls_instead_of_hanging(
+    vms: VMFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A QEMU that stops answering (here: SIGSTOP) makes each QMP call fail within the
+    per-command bound, and stop() still gets rid of it."""
+    monkeypatch.setattr(_machine, "QMP_TIMEOUT_S", 1.0)
+    vm = vms.create("x86_64", console=vzkit.ConsoleMode.LOG)
+    vm.start(timeout=60)
+    pid = vm.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        wedged = rf"^QEMU \(pid {pid}\) did not answer the QMP command '%s' within 1 s: it is"
+        with pytest.raises(vzkit.VMTimeoutError, match=wedged % "stop"):
+            vm.pause(timeout=60)  # the caller's bound is far: the QMP one answers first
+        assert vm.state is vzkit.VMState.RUNNING, "a failed pause leaves the VM as it was"
+        with pytest.raises(vzkit.VMTimeoutError, match=wedged % "query-balloon"):
+            vm.balloon.info()
+        vm.stop(timeout=10)  # asking the guest fails within the bound; then QEMU is killed
+        assert vm.state is vzkit.VMState.STOPPED
+        assert not pid_alive(pid)
+        assert pid not in live_children()
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
+
+
+def test_guest_panic_ends_in_error_with_the_reason(vms: VMFactory) -> None:
+    """The pvpanic device reports the panic, QEMU exits (``-action panic=exit-failure``),
+    and the VM says why it failed, on both facades' ``last_error``."""
+    vm, shell = vms.boot("x86_64")
+    pid = vm.pid
+    assert pid is not None
+    assert vm.last_error is None
+    rc, out = shell.run("cat /sys/bus/platform/drivers/pvpanic-mmio/*/uevent 2>/dev/null | head -1")
+    assert rc == 0
+    assert out.strip(), "the guest's pvpanic driver is bound to the device"
+    proc = vm.guest.popen(["sh", "-c", "echo c > /proc/sysrq-trigger"], stdin=False)
+    assert vm.wait(timeout=60) is vzkit.VMState.ERROR
+    proc.stdout.close()
+    proc.stderr.close()
+    error = vm.last_error
+    assert isinstance(error, vzkit.VMError)
+    assert str(error).startswith(
+        "the guest kernel panicked: Kernel panic - not syncing: sysrq triggered crash "
+        "(reported by the pvpanic device; QEMU exits); its console log"
+    ), error
+    assert not pid_alive(pid), "QEMU exited on the panic"
+    assert pid not in live_children()
+    assert vm.can_start

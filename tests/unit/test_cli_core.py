@@ -144,6 +144,12 @@ def test_config_file_with_overrides(tmp_path: Path) -> None:
         (["--cpus", "0"], "vzkit: error: cpus must be between 1 and 255, got 0"),
         (["--memory", "0.01"], "is below the minimum of 64 MiB"),
         (
+            ["--memory", "1e30"],
+            "vzkit: error: memory_gb must be at most 4096 GB (4 TiB), got 1e+30",
+        ),
+        (["--memory", "1e999"], "vzkit: error: memory_gb must be at most 4096 GB (4 TiB), got inf"),
+        (["--cpus", str(2**64)], f"vzkit: error: cpus must be between 1 and 255, got {2**64}"),
+        (
             ["--kernel", "/nonexistent/vmlinuz"],
             "kernel_path: '/nonexistent/vmlinuz' does not exist",
         ),
@@ -166,6 +172,14 @@ def test_config_bad_options_exit_2(args: list[str], message: str) -> None:
     assert result.exit_code == 2
     assert message in result.stderr
     assert result.stdout == ""
+
+
+def test_config_help_shows_the_cpu_and_memory_ranges() -> None:
+    result = run("config", "--help")
+    assert result.exit_code == 0
+    text = " ".join(result.output.split())
+    assert "Virtual CPUs, 1-255 (default 2)." in text
+    assert "Memory in GB, 0.0625-4096, e.g. 0.5 (default 1)." in text
 
 
 def test_disk_create(tmp_path: Path) -> None:

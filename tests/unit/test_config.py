@@ -28,6 +28,7 @@ from vzkit import (
     host_arch,
     parse_port_spec,
 )
+from vzkit._config import MAX_MEMORY_GB
 
 
 @pytest.fixture
@@ -114,7 +115,7 @@ def test_zero_cpus() -> None:
     assert str(info.value) == "cpus must be between 1 and 255, got 0"
 
 
-@pytest.mark.parametrize("cpus", [-1, 256, 2.0, "2", True, None])
+@pytest.mark.parametrize("cpus", [-1, 256, 2**64, -(2**64), 10**400, 2.0, "2", True, None])
 def test_bad_cpus(cpus: object) -> None:
     with pytest.raises(ConfigError, match="cpus"):
         LinuxVMConfig(cpus=cpus)  # type: ignore[arg-type]
@@ -132,6 +133,35 @@ def test_memory_below_minimum() -> None:
 def test_bad_memory(memory: object) -> None:
     with pytest.raises(ConfigError, match="memory_gb"):
         LinuxVMConfig(memory_gb=memory)  # type: ignore[arg-type]
+
+
+def test_memory_above_maximum() -> None:
+    assert MAX_MEMORY_GB == 4096
+    assert LinuxVMConfig(memory_gb=MAX_MEMORY_GB).memory_mb == 4096 * 1024  # exactly is fine
+    with pytest.raises(ConfigError) as info:
+        LinuxVMConfig(memory_gb=4096.5)
+    assert str(info.value) == "memory_gb must be at most 4096 GB (4 TiB), got 4096.5"
+
+
+@pytest.mark.parametrize(
+    ("memory", "message"),
+    [
+        (1e30, "memory_gb must be at most 4096 GB (4 TiB), got 1e+30"),
+        (2**64, "memory_gb must be at most 4096 GB (4 TiB), got 18446744073709551616"),
+        (10**400, "memory_gb must be at most 4096 GB (4 TiB), got an integer of 1329 bits"),
+        (10**5000, "memory_gb must be at most 4096 GB (4 TiB), got an integer of 16610 bits"),
+        (-(10**400), "memory_gb must be a finite number, got an integer of 1329 bits"),
+        (float("inf"), "memory_gb must be at most 4096 GB (4 TiB), got inf"),
+        (float("-inf"), "memory_gb must be a finite number, got -inf"),
+    ],
+    ids=["1e30", "2**64", "10**400", "10**5000", "-10**400", "inf", "-inf"],
+)
+def test_huge_memory_is_a_config_error_not_an_overflow(memory: object, message: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        LinuxVMConfig(memory_gb=memory)  # type: ignore[arg-type]
+    assert str(info.value) == message
+    with pytest.raises(ConfigError):  # the same through a config file
+        LinuxVMConfig.from_dict({"memory_gb": memory})
 
 
 def test_missing_kernel_names_the_path(tmp_path: Path) -> None:
@@ -455,9 +485,9 @@ _TAG = st.text(
     max_size=10,
 ).filter(lambda t: t not in (".", ".."))
 _MEMORY = st.one_of(
-    st.floats(min_value=MIN_MEMORY_MB / 1024, max_value=1e6, allow_nan=False),
+    st.floats(min_value=MIN_MEMORY_MB / 1024, max_value=MAX_MEMORY_GB, allow_nan=False),
     st.integers(min_value=1, max_value=512),
-    st.sampled_from([0.0625, 0.5, 1.5, 2.0, 1e300, 0.1 + 0.2]),
+    st.sampled_from([0.0625, 0.5, 1.5, 2.0, 4096, 0.1 + 0.2]),
 )
 _NETWORK = st.one_of(
     st.sampled_from(

@@ -78,6 +78,8 @@ def test_direct_boot_x86_64_pinned(files: dict[str, Path]) -> None:
         "-serial", "chardev:con0",
         "-device", "pcie-root-port,id=vsock-port,chassis=31",
         "-display", "none",
+        "-device", "pvpanic,id=panic0",
+        "-action", "panic=exit-failure",
     ]  # fmt: skip
 
 
@@ -96,6 +98,7 @@ def test_aarch64_uses_virt_and_its_console(files: dict[str, Path]) -> None:
     assert "-netdev" not in argv
     assert "-serial" not in argv
     assert not any("balloon" in a or "rng" in a for a in argv)
+    assert argv[-4:] == ["-device", "pvpanic-pci,id=panic0", "-action", "panic=exit-failure"]
 
 
 def test_kvm_uses_host_cpu(files: dict[str, Path]) -> None:
@@ -221,6 +224,8 @@ def test_machine_type_q35_by_default_microvm_on_request(
     )
     assert _opt(argv, "-machine") == ["microvm,accel=tcg"]
     assert "virtio-balloon-device,id=balloon0" in argv  # virtio-mmio on microvm
+    assert not any("pvpanic" in a for a in argv)  # its ACPI tables would not list one
+    assert argv[-2:] == ["-action", "panic=exit-failure"]
     assert "virtio-rng-device,rng=rng0,id=rng0-dev" in argv
 
 
@@ -297,3 +302,20 @@ def test_restore_plan_waits_for_incoming_on_the_overlay(files: dict[str, Path]) 
     assert (node["driver"], node["node-name"]) == ("qcow2", "disk0")
     assert node["file"]["filename"] == str(overlay)
     assert node["backing"]["file"]["filename"] == "/snap/disk0.raw"  # see test_qemu_disk
+
+
+def test_pvpanic_comes_after_every_other_device(files: dict[str, Path]) -> None:
+    """On virt the PCI pvpanic takes the next free slot: the devices a snapshot saved before
+    it existed keep their addresses only if it is added last (only ``-incoming`` follows)."""
+    cfg = vzkit.LinuxVMConfig(arch="aarch64", kernel_path=files["vmlinuz"], headless=False)
+    plan = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, console_log=Path("/l"), incoming=True
+    )
+    argv = build_argv(plan)
+    devices = _opt(argv, "-device")
+    assert devices[-1] == "pvpanic-pci,id=panic0"
+    assert argv[-6:] == [
+        "-device", "pvpanic-pci,id=panic0",
+        "-action", "panic=exit-failure",
+        "-incoming", "defer",
+    ]  # fmt: skip

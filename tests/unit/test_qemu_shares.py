@@ -354,6 +354,37 @@ def test_shares_start_connect_and_reap_their_daemons(
     asyncio.run(main())
 
 
+def test_a_daemon_that_dies_is_reported_with_its_status_and_log(
+    tmp_path: Path, fake_virtiofsd: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    dirs = [tmp_path / "a", tmp_path / "b"]
+    for d in dirs:
+        d.mkdir()
+    vols = vzkit.assign_volume_tags([vzkit.VolumeMount(d) for d in dirs])
+    died: list[tuple[str, int, str]] = []
+
+    async def main() -> None:
+        shares = Shares(lambda tag, rc, tail: died.append((tag, rc, tail)))
+        await shares.start(vols, tmp_path, tmp_path)
+        with (tmp_path / "virtiofsd-1.log").open("a") as log:  # what the daemon said last
+            log.write("fake-virtiofsd: something broke\n")
+        os.kill(shares.pids["b"], signal.SIGKILL)
+        async with asyncio.timeout(10):
+            while not died:
+                await asyncio.sleep(0.02)
+        assert died == [("b", -9, "fake-virtiofsd: something broke")]
+        shares.qemu_started()  # "QEMU" closes its end: "a" exits with 0, which is no failure
+        async with asyncio.timeout(10):
+            while live_children():
+                await asyncio.sleep(0.02)
+        await asyncio.sleep(0.1)
+        await shares.close()
+        assert died == [("b", -9, "fake-virtiofsd: something broke")]
+
+    asyncio.run(main())
+
+
 def test_shares_fall_back_to_9p_without_root(
     tmp_path: Path, fake_virtiofsd: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import stat
+import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -16,6 +18,7 @@ import pytest
 import vzkit
 import vzkit.aio
 from vzkit._process import live_children, pid_alive
+from vzkit.backends.qemu import _machine
 
 
 @pytest.fixture
@@ -37,6 +40,69 @@ def hanging_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         "exec sleep 600\n"
     )
     script.chmod(script.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("VZKIT_QEMU_X86_64", str(script))
+    return script
+
+
+# A stand-in QEMU that speaks QMP (the greeting, capabilities negotiation, replies with the
+# caller's id, events) on the socket vzkit hands it (-chardev socket,id=qmp0,fd=N), then
+# misbehaves as $FAKE_QEMU_MODE says: "wedge" never answers "stop"; "panic" reports a guest
+# panic half a second after "cont" the way QEMU with -action panic=exit-failure does
+# (GUEST_PANICKED, STOP, SHUTDOWN, exit status 1).
+FAKE_QEMU = textwrap.dedent(
+    """\
+    import json, os, socket, sys, time
+    if sys.argv[1:2] == ["-accel"]:
+        print("Accelerators supported in QEMU binary:\\ntcg")
+        sys.exit(0)
+    with open(os.path.join(os.path.dirname(sys.argv[0]), "pid"), "w") as fh:
+        fh.write(str(os.getpid()))
+    fd = int(next(a for a in sys.argv if a.startswith("socket,id=qmp0,fd=")).split("=")[-1])
+    sock = socket.socket(fileno=fd)
+    mode = os.environ["FAKE_QEMU_MODE"]
+
+    def send(message):
+        sock.sendall(json.dumps(message).encode() + b"\\r\\n")
+
+    def requests():  # QMP requests are JSON objects, not lines
+        decoder, text = json.JSONDecoder(), ""
+        while data := sock.recv(65536):
+            text += data.decode()
+            while text.strip():
+                try:
+                    message, end = decoder.raw_decode(text.lstrip())
+                except ValueError:
+                    break
+                text = text.lstrip()[end:]
+                yield message
+
+    def event(name, **data):
+        send({"event": name, "data": data, "timestamp": {"seconds": 0, "microseconds": 0}})
+
+    send({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
+                  "capabilities": []}})
+    for request in requests():
+        command = request["execute"]
+        if mode == "wedge" and command == "stop":
+            continue
+        send({"return": [] if command.startswith("query-") else {}, "id": request.get("id")})
+        if command == "quit":
+            sys.exit(0)
+        if mode == "panic" and command == "cont":
+            time.sleep(0.5)
+            event("GUEST_PANICKED", action="poweroff")
+            event("STOP")
+            event("SHUTDOWN", guest=True, reason="guest-panic")
+            sys.exit(1)
+    """
+)
+
+
+@pytest.fixture
+def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    script = tmp_path / "qemu-system-x86_64"
+    script.write_text(f"#!{sys.executable}\n{FAKE_QEMU}")
+    script.chmod(0o755)
     monkeypatch.setenv("VZKIT_QEMU_X86_64", str(script))
     return script
 
@@ -114,6 +180,18 @@ def test_start_timeout_kills_and_reaps_a_vmm_that_never_answers(
     assert state_dir.is_dir()  # a caller's state dir is kept
 
 
+def test_a_qemu_that_never_greets_on_qmp_fails_start_within_the_qmp_bound(
+    kernel: Path, hanging_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_machine, "QMP_TIMEOUT_S", 0.5)
+    with vzkit.VirtualMachine(_config(kernel, vsock=False), backend="qemu") as vm:
+        with pytest.raises(vzkit.VMTimeoutError, match=r"did not answer on QMP within 0\.5 s"):
+            vm.start(timeout=60)  # no start bound of the caller's would have ended it sooner
+        pid = int((hanging_qemu.parent / "pid").read_text())
+        assert not pid_alive(pid)
+        assert vm.state is vzkit.VMState.STOPPED
+
+
 def test_temporary_state_dir_is_removed_on_close(kernel: Path, hanging_qemu: Path) -> None:
     vm = vzkit.VirtualMachine(_config(kernel), backend="qemu")
     with pytest.raises(vzkit.VMTimeoutError):
@@ -143,3 +221,56 @@ def test_invalid_timeout_is_rejected(kernel: Path) -> None:
     with pytest.raises(ValueError, match="timeout must be >= 0"):
         vm.start(timeout=-1)
     vm.close()
+
+
+def test_last_error_is_none_until_the_vm_fails(kernel: Path, hanging_qemu: Path) -> None:
+    with vzkit.VirtualMachine(_config(kernel), backend="qemu") as vm:
+        assert vm.last_error is None
+        with pytest.raises(vzkit.VMTimeoutError):
+            vm.start(timeout=0.5)
+        assert vm.last_error is None, "a start that failed and was cleaned up is no VM error"
+
+
+def test_a_qemu_that_stops_answering_fails_the_call_within_the_qmp_bound(
+    kernel: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_QEMU_MODE", "wedge")
+    monkeypatch.setattr(_machine, "QMP_TIMEOUT_S", 0.5)
+    with vzkit.VirtualMachine(_config(kernel, vsock=False), backend="qemu") as vm:
+        vm.start(timeout=30)
+        pid = vm.pid
+        with pytest.raises(vzkit.VMTimeoutError) as info:
+            vm.pause(timeout=30)
+        assert str(info.value) == (
+            f"QEMU (pid {pid}) did not answer the QMP command 'stop' within 0.5 s: it is wedged "
+            f"or overloaded. Stop the VM (vm.stop() or vm.close() kills it) and see its log "
+            f"{str(vm.state_dir / 'qemu.log')!r}"
+        )
+        assert vm.state is vzkit.VMState.RUNNING
+        vm.stop(timeout=2)
+        assert vm.state is vzkit.VMState.STOPPED
+    assert pid is not None
+    assert not pid_alive(pid)
+
+
+def test_a_guest_panic_ends_in_error_with_the_reason_on_both_facades(
+    kernel: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FAKE_QEMU_MODE", "panic")
+    reason = "the guest kernel panicked (reported by the pvpanic device; QEMU exits)"
+    with vzkit.VirtualMachine(_config(kernel, vsock=False), backend="qemu") as vm:
+        vm.start(timeout=30)
+        assert vm.wait(timeout=30) is vzkit.VMState.ERROR
+        assert isinstance(vm.last_error, vzkit.VMError)
+        assert str(vm.last_error) == reason
+
+    async def main() -> None:
+        cfg = _config(kernel, vsock=False)
+        async with vzkit.aio.VirtualMachine(cfg, backend="qemu") as avm:
+            await avm.start(timeout=30)
+            assert await avm.wait(timeout=30) is vzkit.VMState.ERROR
+            assert str(avm.last_error) == reason
+            assert avm.can_start
+
+    asyncio.run(main())
+    assert not [p for p in live_children() if pid_alive(p)]

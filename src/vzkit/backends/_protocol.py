@@ -26,6 +26,7 @@ from .._state import VMState
 if TYPE_CHECKING:
     from .._config import LinuxVMConfig
     from .._macconfig import MacVMConfig
+    from ..errors import VzkitError
 
 __all__ = [
     "Backend",
@@ -129,6 +130,11 @@ class Machine(Protocol):
 
     @property
     def state_dir(self) -> Path: ...
+
+    @property
+    def last_error(self) -> VzkitError | None:
+        """Why the VM last ended in ERROR (e.g. the guest kernel panicked, a share's server
+        died, the VMM crashed); ``None`` until then. Cleared by the next start or restore."""
 
     async def start(self) -> None:
         """STOPPED/ERROR → RUNNING. Cleans up everything it made if it fails or is cancelled."""

@@ -59,6 +59,7 @@ from ._protocol import (
 )
 
 __all__ = [
+    "DEFAULT_MAX_OUTPUT",
     "DEFAULT_WINDOW",
     "AgentClient",
     "AgentError",
@@ -72,6 +73,11 @@ _log = logging.getLogger(__name__)
 
 DEFAULT_WINDOW = 1024 * 1024
 """Bytes of one output stream the agent may send ahead of the consumer."""
+
+DEFAULT_MAX_OUTPUT = 256 * 1024 * 1024
+"""What ``run()`` collects of a command's output (stdout and stderr together) and what
+``read_file()`` reads, unless the caller says otherwise: past it the call fails rather than
+let a guest fill the host's memory."""
 
 _TIMEOUT_GRACE_S = 10.0  # how long past its timeout a command may take to be reported killed
 
@@ -227,12 +233,15 @@ class _Channel:
                 self.result.exception()  # retrieved: nobody may be waiting any more
         self._wake_writer()
 
-    def cancel(self) -> None:
-        """Abandon the channel (the agent kills an exec'd process group)."""
+    def cancel(self, exc: BaseException | None = None) -> None:
+        """Abandon the channel (the agent kills an exec'd process group); what is buffered
+        is dropped, and whoever waits on it gets ``exc`` (default: "cancelled")."""
         if not self.done:
             with contextlib.suppress(GuestError):
                 self.conn.send_nowait(MsgType.CANCEL, self.id)
-            self.finish(exc=GuestError("cancelled"))
+            self.finish(exc=exc or GuestError("cancelled"))
+        for stream in self.streams.values():
+            stream.discard()
 
     def _wake_writer(self) -> None:
         if self._credit_waiter is not None and not self._credit_waiter.done():
@@ -483,12 +492,14 @@ class _Connection:
         check: bool,
         env: Mapping[StrOrBytes, StrOrBytes] | None,
         cwd: StrOrBytes | None,
+        max_output: int | None,
     ) -> subprocess.CompletedProcess[bytes]:
+        _check_limit("max_output", max_output)
         channel = await self.exec(args, stdin=input is not None, env=env, cwd=cwd, timeout=timeout)
         out, err = bytearray(), bytearray()
         try:
             async with asyncio.timeout(None if timeout is None else timeout + _TIMEOUT_GRACE_S):
-                status = await channel.communicate(input, out, err)
+                status = await channel.communicate(input, out, err, max_output)
         except TimeoutError:
             channel.cancel()
             raise subprocess.TimeoutExpired(args, timeout or 0, bytes(out), bytes(err)) from None
@@ -502,7 +513,8 @@ class _Connection:
             result.check_returncode()
         return result
 
-    async def read_file(self, path: StrOrBytes) -> bytes:
+    async def read_file(self, path: StrOrBytes, max_size: int | None) -> bytes:
+        _check_limit("max_size", max_size)
         channel = self.channel()
         data = channel.add_stream(MsgType.FILE_DATA, Stream.OUT, self.window)
         try:
@@ -511,9 +523,17 @@ class _Connection:
                 channel.id,
                 ReadFileRequest(os.fsencode(path), self.window).encode(),
             )
-            content = await data.read()
+            content = bytearray()
+            while chunk := await data.read(MAX_PAYLOAD):
+                if max_size is not None and len(content) + len(chunk) > max_size:
+                    raise GuestError(
+                        f"the guest file {os.fsdecode(path)!r} is larger than "
+                        f"max_size={max_size} bytes; nothing was returned (pass a larger "
+                        "max_size, or stream it, e.g. with popen(['cat', path]))"
+                    )
+                content += chunk
             await channel.result
-            return content
+            return bytes(content)
         finally:
             channel.cancel()
 
@@ -530,6 +550,11 @@ class _Connection:
             await channel.result
         finally:
             channel.cancel()
+
+
+def _check_limit(name: str, limit: int | None) -> None:
+    if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 0):
+        raise ValueError(f"{name} must be a number of bytes >= 0 or None, not {limit!r}")
 
 
 async def _read_frame(reader: asyncio.StreamReader) -> Frame:
@@ -611,7 +636,13 @@ class _ExecChannel(_Channel):
             self.status = ExitStatus.decode(frame.payload)
         return self.status
 
-    async def communicate(self, input: bytes | None, out: bytearray, err: bytearray) -> ExitStatus:
+    async def communicate(
+        self, input: bytes | None, out: bytearray, err: bytearray, limit: int | None = None
+    ) -> ExitStatus:
+        """Feed ``input``, collect both outputs and wait. Past ``limit`` bytes of output
+        (both streams together) the process group is killed and this raises GuestError,
+        having kept no more than ``limit`` bytes."""
+
         async def feed() -> None:
             if input is not None and not self.stdin_closed:
                 try:
@@ -622,6 +653,14 @@ class _ExecChannel(_Channel):
 
         async def drain(stream: _InStream, into: bytearray) -> None:
             while chunk := await stream.read(MAX_PAYLOAD):
+                if limit is not None and len(out) + len(err) + len(chunk) > limit:
+                    error = GuestError(
+                        f"the output of {self.args!r} passed max_output={limit} bytes; "
+                        "the process was killed (pass a larger max_output, or stream "
+                        "the output with popen())"
+                    )
+                    self.cancel(error)  # the agent kills the process group
+                    raise error
                 into += chunk
 
         await asyncio.gather(feed(), drain(self.stdout, out), drain(self.stderr, err))
@@ -914,6 +953,7 @@ class AgentClient:
         check: bool = False,
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> subprocess.CompletedProcess[bytes]:
         """Run ``args`` in the guest and collect its output, like :func:`subprocess.run`.
 
@@ -921,8 +961,13 @@ class AgentClient:
         agent, which kills the process group and makes this raise
         :class:`subprocess.TimeoutExpired`. A missing command exits with 127 and the guest's
         message on stderr; ``check=True`` raises :class:`subprocess.CalledProcessError`.
+        More than ``max_output`` bytes of output (stdout and stderr together; ``None``: no
+        limit) kill the process group and raise :class:`GuestError`.
         """
-        coro = self._c.run(args, input=input, timeout=timeout, check=check, env=env, cwd=cwd)
+        coro = self._c.run(
+            args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
+            max_output=max_output,
+        )  # fmt: skip
         return run_sync(coro)
 
     def popen(
@@ -938,8 +983,10 @@ class AgentClient:
         coro = self._c.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
         return GuestProcess(run_sync(coro), stdin=stdin)
 
-    def read_file(self, path: StrOrBytes) -> bytes:
-        return run_sync(self._c.read_file(path))
+    def read_file(self, path: StrOrBytes, *, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        """The content of ``path`` in the guest; :class:`GuestError` if it is larger than
+        ``max_size`` bytes (``None``: no limit)."""
+        return run_sync(self._c.read_file(path, max_size))
 
     def write_file(self, path: StrOrBytes, data: bytes, mode: int = 0o644) -> None:
         """Write ``data`` to a temporary file next to ``path`` and rename it over ``path``."""
@@ -1019,8 +1066,12 @@ class AsyncAgentClient:
         check: bool = False,
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
     ) -> subprocess.CompletedProcess[bytes]:
-        coro = self._c.run(args, input=input, timeout=timeout, check=check, env=env, cwd=cwd)
+        coro = self._c.run(
+            args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
+            max_output=max_output,
+        )  # fmt: skip
         return await wrap(coro)
 
     async def popen(
@@ -1035,8 +1086,10 @@ class AsyncAgentClient:
         coro = self._c.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
         return AsyncGuestProcess(await wrap(coro), stdin=stdin)
 
-    async def read_file(self, path: StrOrBytes) -> bytes:
-        return await wrap(self._c.read_file(path))
+    async def read_file(
+        self, path: StrOrBytes, *, max_size: int | None = DEFAULT_MAX_OUTPUT
+    ) -> bytes:
+        return await wrap(self._c.read_file(path, max_size))
 
     async def write_file(self, path: StrOrBytes, data: bytes, mode: int = 0o644) -> None:
         await wrap(self._c.write_file(path, data, mode))

@@ -62,6 +62,8 @@ GUEST_MODULES: tuple[str, ...] = (
     "evdev",  # the power button's events reach /init through it
     "button",  # the ACPI power button (x86_64; built in on arm64)
     "qemu_fw_cfg",  # the agent's per-boot key on the qemu backend (docs/agent-protocol.md)
+    "pvpanic_mmio",  # reports a kernel panic to the VMM (QEMU's ISA pvpanic, found via ACPI)
+    "pvpanic_pci",  # the same on a PCI device (QEMU's virt)
 )
 """Modules wanted in every guest, when the kernel has them (loaded in this order)."""
 

@@ -442,6 +442,27 @@ def display_args(plan: Plan) -> list[str]:
     return args
 
 
+#: The pvpanic device per machine: ISA on q35 (the guest finds it through ACPI, Linux's
+#: pvpanic-mmio driver), PCI on virt. None on microvm, whose ACPI tables do not list it.
+PANIC_DEVICES = {"q35": "pvpanic", "virt": "pvpanic-pci"}
+
+
+def panic_args(plan: Plan) -> list[str]:
+    """A guest kernel panic reaches QEMU through the pvpanic device (QMP ``GUEST_PANICKED``),
+    and QEMU then exits with status 1 (``-action panic=exit-failure``, QEMU 7.1+): the VM ends
+    in ERROR with the reason and nothing is left running. QEMU's default would instead stop
+    the guest and leave the process up.
+
+    Last among the devices: on virt the PCI device takes the next free slot, and the devices
+    before it keep the addresses that snapshots saved without it expect.
+    """
+    device = PANIC_DEVICES.get(plan.machine)
+    return [
+        *(["-device", f"{device},id=panic0"] if device else []),
+        "-action", "panic=exit-failure",
+    ]  # fmt: skip
+
+
 _PIECES = (
     base_args,
     machine_args,
@@ -457,6 +478,7 @@ _PIECES = (
     agent_key_args,
     share_args,
     display_args,
+    panic_args,
     incoming_args,
 )
 

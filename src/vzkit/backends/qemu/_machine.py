@@ -7,6 +7,11 @@ process's exit drive the state machine:
 
     STOPPED/ERROR --start--> STARTING --cont--> RUNNING <--stop/cont--> PAUSED
     any running state --guest power-off, quit--> STOPPED;  --VMM dies otherwise--> ERROR
+
+Every way into ERROR leaves its reason in :attr:`QemuMachine.last_error`: a guest kernel
+panic (the pvpanic device's ``GUEST_PANICKED``; QEMU then exits by itself), a share's
+virtiofsd that died under a running VM (the guest would hang on that share: QEMU is stopped),
+or QEMU exiting on its own (its exit status and the tail of its log).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
 import sys
 import tempfile
@@ -25,14 +31,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import QMPClient, QMPError, Runstate
 
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
 from ..._network import NetworkMode
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
-from ...errors import UnsupportedError, VMError
+from ...errors import UnsupportedError, VMError, VMTimeoutError, VzkitError
 from ...guest._client import authenticate
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _migrate
@@ -47,8 +53,17 @@ MIN_BALLOON_MB = 64
 #: The vzkit guest agent's vsock port.
 AGENT_VSOCK_PORT = 1024
 _QUIT_GRACE_S = 2.0
+#: How long one QMP command may take before QEMU counts as wedged. Every command vzkit sends
+#: is quick (long work, like a migration, is started by one command and polled with others),
+#: so one bound fits them all; a wedged or stopped QEMU then fails the call instead of
+#: hanging pause(), stop(), the balloon or a snapshot. Read at each call (tests lower it).
+QMP_TIMEOUT_S = 30.0
 _UNPLUG_TIMEOUT_S = 20.0
 _STDERR_TAIL = 2000
+#: After QEMU exited: how long its QMP stream may take to deliver what QEMU sent last.
+_EVENTS_DRAIN_S = 1.0
+#: States in which a VM counts as running (a dead share helper then fails it).
+_LIVE = frozenset({VMState.RUNNING, VMState.PAUSED, VMState.PAUSING, VMState.RESUMING})
 #: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
 _MAX_SOCKET_DIR = 80
 
@@ -92,6 +107,25 @@ def _check_network(cfg: LinuxVMConfig) -> None:
         )
 
 
+class GuestPanic(VMError):
+    """The guest kernel panicked (QEMU's pvpanic device reported it)."""
+
+
+def _panic_line(console_log: Path | None) -> str:
+    """The kernel's "Kernel panic - not syncing: ..." line from the end of the console log."""
+    if console_log is None:
+        return ""
+    try:
+        with open(console_log, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    found = [line for line in text.splitlines() if "Kernel panic - not syncing" in line]
+    return found[-1].split("]", 1)[-1].strip()[:200] if found else ""
+
+
 class QemuMachine:
     """A :class:`~vzkit.backends.Machine` backed by a QEMU process."""
 
@@ -103,7 +137,7 @@ class QemuMachine:
         self._qmp: QMPClient | None = None
         self._qmp_sock: socket.socket | None = None
         self._agent_sock: socket.socket | None = None
-        self._shares = Shares()  # virtiofsd per share (see _virtiofs)
+        self._shares = Shares(self._share_died)  # virtiofsd per share (see _virtiofs)
         self._tasks: list[asyncio.Task[Any]] = []  # event watcher
         self._exit_watch: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
@@ -113,6 +147,8 @@ class QemuMachine:
         self._own_runtime_dir = False
         self._expect_exit = False
         self._guest_shutdown = False
+        #: Why the VM last ended in ERROR; cleared by the next start or restore.
+        self.last_error: VzkitError | None = None
         self._console_pty: str | None = None
         self._balloon_target_mb = config.memory_mb
         self._vsock: VsockTransport | None = None
@@ -372,6 +408,7 @@ class QemuMachine:
         self._stopped = asyncio.Event()
         self._expect_exit = False
         self._guest_shutdown = False
+        self.last_error = None
         self.disk_override = self.disk_backing = None  # a fresh boot runs on the config's disk
         try:
             await self._launch()
@@ -446,13 +483,21 @@ class QemuMachine:
         self._qmp = qmp
         connect = asyncio.ensure_future(qmp.connect(ours))
         exited = asyncio.ensure_future(self._proc.wait())
+        bound = QMP_TIMEOUT_S  # the greeting and qmp_capabilities are QMP traffic too
         try:
-            await asyncio.wait({connect, exited}, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {connect, exited}, timeout=bound, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             for task in (connect, exited):
                 if not task.done():
                     task.cancel()
             await asyncio.gather(connect, exited, return_exceptions=True)
+        if not done:
+            raise VMTimeoutError(
+                f"QEMU (pid {self._proc.pid}) did not answer on QMP within {bound:g} s of "
+                f"starting; see its log {str(self.stderr_path)!r}"
+            )
         if connect.cancelled() or connect.exception() is not None:
             raise VMError(f"QEMU exited during start-up: {self._stderr_tail()}")
         self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
@@ -477,26 +522,74 @@ class QemuMachine:
     async def _watch_events(self, qmp: QMPClient) -> None:
         with contextlib.suppress(asyncio.CancelledError, QMPError):
             async for event in qmp.events:
-                name = event.get("event")
-                data = event.get("data")
-                data = data if isinstance(data, dict) else {}
-                log.debug("QMP event %s %s", name, data)
-                if name == "STOP" and self._state in (VMState.RUNNING, VMState.PAUSING):
-                    self._set_state(VMState.PAUSED)
-                elif name == "RESUME" and self._state in (VMState.PAUSED, VMState.RESUMING):
-                    self._set_state(VMState.RUNNING)
-                elif name == "SHUTDOWN":
-                    self._guest_shutdown = bool(data.get("guest"))
-                    if self._state is not VMState.STOPPED:
-                        self._set_state(VMState.STOPPING)
+                self._on_event(event)
+
+    def _on_event(self, event: Any) -> None:
+        name = event.get("event")
+        data = event.get("data")
+        data = data if isinstance(data, dict) else {}
+        log.debug("QMP event %s %s", name, data)
+        if name == "GUEST_PANICKED":
+            self._guest_panicked()
+        elif name == "STOP" and self._state in (VMState.RUNNING, VMState.PAUSING):
+            if not isinstance(self.last_error, GuestPanic):  # QEMU stops a panicked guest
+                self._set_state(VMState.PAUSED)
+        elif name == "RESUME" and self._state in (VMState.PAUSED, VMState.RESUMING):
+            self._set_state(VMState.RUNNING)
+        elif name == "SHUTDOWN":
+            self._guest_shutdown = bool(data.get("guest")) and data.get("reason") != "guest-panic"
+            if self._state is not VMState.STOPPED:
+                self._set_state(VMState.STOPPING)
+
+    def _guest_panicked(self) -> None:
+        if isinstance(self.last_error, GuestPanic):
+            return
+        line = _panic_line(self.console_log_path)
+        where = f"; its console log {str(self.console_log_path)!r} has the rest" if line else ""
+        self.last_error = GuestPanic(
+            f"the guest kernel panicked{': ' + line if line else ''} (reported by the "
+            f"pvpanic device; QEMU exits){where}"
+        )
+        log.error("VM failed: %s", self.last_error)
+
+    def _share_died(self, tag: str, rc: int, tail: str) -> None:
+        """A share's virtiofsd exited under the VM (Shares' watch): the guest would hang on
+        that share, and vhost-user-fs cannot be reconnected, so the VM ends in ERROR."""
+        proc = self._proc
+        if self._state not in _LIVE or self._expect_exit or proc is None or not proc.running:
+            return
+        if self.last_error is None:
+            self.last_error = VMError(
+                f"virtiofsd for share {tag!r} exited with {rc}: {tail or '(no output)'}; "
+                "the VM was stopped (its guest would hang on that share)"
+            )
+        log.error("VM failed: %s", self.last_error)
+        proc.send_signal(signal.SIGKILL)  # _watch_exit reaps it and sets ERROR
+
+    async def _drain_events(self, qmp: QMPClient | None) -> None:
+        """QEMU has exited: handle the events it sent last (GUEST_PANICKED, SHUTDOWN) before
+        the stream is closed; its reader reaches the end of the stream within a moment."""
+        if qmp is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_EVENTS_DRAIN_S):
+                while qmp.runstate is Runstate.RUNNING:
+                    await qmp.runstate_changed()
+        for event in qmp.events.clear():  # what the watcher has not taken yet
+            self._on_event(event)
 
     async def _watch_exit(self, proc: OwnedProcess) -> None:
         rc = await proc.wait()
+        await self._drain_events(self._qmp)
         clean = rc == 0 and (self._expect_exit or self._guest_shutdown)
         if self._expect_exit:
             clean = True
         if not clean:
             log.warning("QEMU (pid %d) exited with %d: %s", proc.pid, rc, self._stderr_tail())
+            if self.last_error is None:
+                self.last_error = VMError(
+                    f"QEMU (pid {proc.pid}) exited with {rc}: {self._stderr_tail()}"
+                )
         await self._disconnect()
         await self._close_vsock()
         for task in self._tasks:
@@ -527,12 +620,28 @@ class QemuMachine:
         self._qmp_sock = self._agent_sock = None
 
     async def _execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
+        """Run one QMP command, bounded by :data:`QMP_TIMEOUT_S` (a late reply is dropped).
+
+        While an incoming state loads (a restore), QEMU's main loop reads the state file
+        without answering QMP (a regular file never blocks it), for as long as the file takes
+        to read: commands then wait without a bound of their own, under the restore's timeout.
+        """
         qmp = self._qmp
         if qmp is None:
             raise VMError(f"QEMU is not running (state {self._state.value})")
         log.debug("QMP -> %s %s", cmd, args or "")
+        timeout = None if self._incoming else QMP_TIMEOUT_S
         try:
-            result = await qmp.execute(cmd, args)
+            async with asyncio.timeout(timeout):
+                result = await qmp.execute(cmd, args)
+        except TimeoutError:
+            if timeout is None:
+                raise
+            raise VMTimeoutError(
+                f"QEMU (pid {self.pid}) did not answer the QMP command {cmd!r} within "
+                f"{timeout:g} s: it is wedged or overloaded. Stop the VM (vm.stop() or "
+                f"vm.close() kills it) and see its log {str(self.stderr_path)!r}"
+            ) from None
         except QMPError as err:
             raise VMError(f"QMP {cmd} failed: {err}") from err
         log.debug("QMP <- %s", result)
@@ -665,6 +774,7 @@ class QemuMachine:
         self._stopped = asyncio.Event()
         self._expect_exit = False
         self._guest_shutdown = False
+        self.last_error = None
         try:
             self.disk_override = await _migrate.prepare_disks(self, disks)
             self._incoming = True

@@ -24,8 +24,10 @@ it before the daemon starts and hands the connected end to QEMU as an inherited 
 process can connect in between. The socket lives for a moment in the machine's runtime dir
 (private, short enough for ``sun_path``).
 
-A virtiofsd that dies mid-run is logged; the VM keeps running (the guest sees errors or
-hangs on that share only) and :meth:`Shares.close` still reaps everything.
+A virtiofsd that dies mid-run is reported to its owner (``on_died(tag, status, stderr
+tail)``; the qemu machine then ends the VM in ERROR with that reason: its guest would hang on
+the share, and QEMU cannot reconnect a vhost-user-fs device), and :meth:`Shares.close` still
+reaps everything.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ import re
 import shutil
 import socket
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +70,7 @@ VIRTIOFSD_ENV = "VZKIT_VIRTIOFSD"
 CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 _PROBE_TIMEOUT_S = 10.0
 _REAP_GRACE_S = 2.0
+_STDERR_TAIL = 1000
 _VERSION = re.compile(r"virtiofsd\D*?(\d+(?:\.\d+)+)")
 
 
@@ -229,10 +232,28 @@ def virtiofsd_argv(daemon: Virtiofsd, share: ShareDevice, listen_fd: int) -> lis
     ]  # fmt: skip
 
 
-class Shares:
-    """The virtiofsd processes of one VM run: started before QEMU, reaped at teardown."""
+#: ``on_died(tag, exit status, tail of its stderr)``: a virtiofsd ended with a failure.
+DiedFn = Callable[[str, int, str], None]
 
-    def __init__(self) -> None:
+
+def _tail(path: Path) -> str:
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - _STDERR_TAIL))
+            return fh.read().decode(errors="replace").strip()
+    except OSError:
+        return ""
+
+
+class Shares:
+    """The virtiofsd processes of one VM run: started before QEMU, reaped at teardown.
+
+    ``on_died`` hears of a virtiofsd that exits with a failure status before :meth:`close`
+    (one that exits with 0 saw QEMU close its end: the VM stopped)."""
+
+    def __init__(self, on_died: DiedFn | None = None) -> None:
+        self._on_died = on_died
         self._procs: list[tuple[str, OwnedProcess]] = []
         self._qemu_ends: list[socket.socket] = []
         self._watches: list[asyncio.Task[None]] = []
@@ -288,7 +309,8 @@ class Shares:
             qemu_end.connect(str(path))  # queued until virtiofsd accepts: first in line
             path.unlink()
             argv = virtiofsd_argv(daemon, share, listener.fileno())
-            with open(log_dir / f"virtiofsd-{index}.log", "ab") as stderr:
+            log_path = log_dir / f"virtiofsd-{index}.log"
+            with open(log_path, "ab") as stderr:
                 proc = await spawn(
                     argv,
                     name=f"virtiofsd[{share.tag}]",
@@ -306,17 +328,23 @@ class Shares:
             " read-only" if share.read_only else "",
         )
         self._procs.append((share.tag, proc))
-        self._watches.append(asyncio.ensure_future(self._watch(share.tag, proc)))
+        self._watches.append(asyncio.ensure_future(self._watch(share.tag, proc, log_path)))
         return qemu_end.fileno()
 
-    async def _watch(self, tag: str, proc: OwnedProcess) -> None:
+    async def _watch(self, tag: str, proc: OwnedProcess, log_path: Path) -> None:
         rc = await proc.wait()
         if self._closing:
             return
         if rc == 0:  # QEMU closed its end (the VM stopped): reaped again at close()
             log.debug("virtiofsd for share %r (pid %d) finished", tag, proc.pid)
-        else:
-            log.warning("virtiofsd for share %r (pid %d) exited with %d", tag, proc.pid, rc)
+            return
+        tail = _tail(log_path)
+        log.warning("virtiofsd for share %r (pid %d) exited with %d: %s", tag, proc.pid, rc, tail)
+        if self._on_died is not None:
+            try:
+                self._on_died(tag, rc, tail)
+            except Exception:  # the owner's bug must not kill the watch silently
+                log.exception("the handler of virtiofsd %r's exit failed", tag)
 
     def qemu_started(self) -> None:
         """QEMU holds its ends now: close ours so a QEMU exit reaches the daemons."""
