@@ -495,3 +495,14 @@ def test_a_cmdline_for_qemus_serial_port_gets_the_virtio_console(
     silent = direct(files, cmdline="quiet", console="none")
     assert render(fake, vzb.build_linux_vm_config(silent))["bootLoader"]["commandLine"] == "quiet"
     assert take_violations(fake) == []
+
+
+def test_the_public_builder_refuses_a_qcow2_disk(fake: FakeRuntime, files: dict[str, Path]) -> None:
+    """``build_linux_vm_config`` is public: it refuses a non-raw disk itself, not only the
+    machine that calls it (VZ would attach the qcow2 file as raw bytes for the guest to
+    rewrite)."""
+    cfg = direct(files, disk_format="qcow2")
+    with pytest.raises(vzkit.UnsupportedError, match="qemu-img convert -f qcow2 -O raw") as info:
+        vzb.build_linux_vm_config(cfg)
+    assert (info.value.backend, info.value.feature) == ("vz", "disk:qcow2")
+    assert not files["state"].exists() or not any(files["state"].iterdir())

@@ -19,6 +19,7 @@ import hashlib
 import logging
 import os
 import re
+import shlex
 import shutil
 import zlib
 from collections.abc import Iterable, Sequence
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._config import ConsoleMode, LinuxVMConfig
+from ..._disk import DiskFormat
 from ..._display import DisplayConfig, default_display_config, default_linux_display_config
 from ..._macconfig import MacVMConfig
 from ..._network import NetworkConfig, NetworkMode
@@ -147,8 +149,27 @@ def create_block_device(attachment: Any) -> Any:
     return vz().VZVirtioBlockDeviceConfiguration.alloc().initWithAttachment_(attachment)
 
 
+def require_raw_disk(cfg: LinuxVMConfig | MacVMConfig) -> None:
+    """Virtualization attaches a disk image as raw bytes: a qcow2 file would be the guest's
+    to overwrite (and read as garbage). Refuse it, saying how to convert it."""
+    if cfg.disk_path is None or cfg.disk_format is DiskFormat.RAW:
+        return
+    src = str(cfg.disk_path)
+    raw = f"{src.removesuffix('.qcow2')}.raw"
+    raise UnsupportedError(
+        f"the vz backend attaches raw disk images only; {src!r} is configured as "
+        f"{cfg.disk_format.value}. Convert it and use the copy (disk_format 'raw'): "
+        f"qemu-img convert -f {cfg.disk_format.value} -O raw {shlex.quote(src)} "
+        f"{shlex.quote(raw)}",
+        backend="vz",
+        feature=f"disk:{cfg.disk_format.value}",
+    )
+
+
 def storage_to_vz(cfg: LinuxVMConfig) -> list[Any]:
-    """The main disk, then the ISO read-only (the seed's order)."""
+    """The main disk (raw only: :func:`require_raw_disk`), then the ISO read-only (the seed's
+    order)."""
+    require_raw_disk(cfg)
     devices = []
     if cfg.disk_path is not None:
         devices.append(create_block_device(create_disk_attachment(cfg.disk_path, False)))
@@ -573,6 +594,7 @@ def build_linux_vm_config(
             backend="vz",
             feature="network:publish",
         )
+    require_raw_disk(cfg)
     cpus, memory = check_sizes(cfg)
     config = vz().VZVirtualMachineConfiguration.alloc().init()
     config.setCPUCount_(cpus)

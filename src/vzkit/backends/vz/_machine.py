@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import shlex
 import shutil
 import socket
 import tempfile
@@ -29,7 +28,7 @@ from ..._disk import DiskFormat
 from ..._diskcopy import copy_disk
 from ..._macconfig import MacVMConfig
 from ..._state import VMState
-from ...errors import StateError, UnsupportedError, VMError, VzkitError
+from ...errors import StateError, VMError, VzkitError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _build, _lifecycle, _macos
 from ._nserror import nserror_to_exception
@@ -43,23 +42,6 @@ __all__ = ["VzMachine"]
 
 log = logging.getLogger(__name__)
 MIB = 1 << 20
-
-
-def _require_raw_disk(cfg: LinuxVMConfig | MacVMConfig) -> None:
-    """Virtualization attaches a disk image as raw bytes: a qcow2 file would be the guest's
-    to overwrite (and read as garbage). Refuse it, saying how to convert it."""
-    if cfg.disk_path is None or cfg.disk_format is DiskFormat.RAW:
-        return
-    src = str(cfg.disk_path)
-    raw = f"{src.removesuffix('.qcow2')}.raw"
-    raise UnsupportedError(
-        f"the vz backend attaches raw disk images only; {src!r} is configured as "
-        f"{cfg.disk_format.value}. Convert it and use the copy (disk_format 'raw'): "
-        f"qemu-img convert -f {cfg.disk_format.value} -O raw {shlex.quote(src)} "
-        f"{shlex.quote(raw)}",
-        backend="vz",
-        feature=f"disk:{cfg.disk_format.value}",
-    )
 
 
 class VzMachine:
@@ -160,7 +142,7 @@ class VzMachine:
     def _prepare(self) -> None:
         """Build, validate and create the VM (stopped) with its delegate."""
         self.config.check_inputs()
-        _require_raw_disk(self.config)
+        _build.require_raw_disk(self.config)
         self.state_dir.mkdir(parents=True, exist_ok=True)
         if isinstance(self.config, MacVMConfig):
             vz_config = _macos.build_macos_vm_config(self.config)
@@ -216,7 +198,7 @@ class VzMachine:
             raise StateError(f"cannot restore into a VM that is {self._state.value}")
         self._set_state(VMState.RESTORING)
         try:
-            _require_raw_disk(self.config)
+            _build.require_raw_disk(self.config)
             for disk in disks:
                 target = self.config.disk_path
                 if disk.role != "disk0" or target is None:
@@ -261,7 +243,7 @@ class VzMachine:
         disk = self.config.disk_path
         if disk is None:
             return []
-        _require_raw_disk(self.config)
+        _build.require_raw_disk(self.config)
         dst = directory / f"{prefix}disk0.{DiskFormat.RAW.value}"
         await copy_disk(disk, dst)
         return [CapturedDisk("disk0", Path(os.path.realpath(disk)), dst, DiskFormat.RAW)]
