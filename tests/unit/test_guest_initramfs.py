@@ -187,6 +187,19 @@ def test_build_guest_argument_and_package_errors(debs: Path, tmp_path: Path) -> 
         build_guest("x86_64", deb_dir=debs, out_dir=tmp_path)
 
 
+def test_a_kernel_version_is_one_path_part(debs: Path, tmp_path: Path) -> None:
+    """The version in ``/boot/vmlinuz-VERSION`` names the image in the output directory: a
+    package whose image sits deeper (``vmlinuz-a/b``) has no kernel image (a GuestError, not a
+    path made of the package's text)."""
+    deb = next(debs.glob(f"linux-image-{KVER}_*.deb"))
+    deb.unlink()
+    files = {f"./boot/vmlinuz-{KVER}/x": b"MZ fake bzImage"}
+    make_deb(debs, f"linux-image-{KVER}", "6.1.1-1", "amd64", files)
+    out = tmp_path / "out"
+    with pytest.raises(GuestError, match="no /boot/vmlinuz-"):
+        build_guest("x86_64", deb_dir=debs, out_dir=out, modules=MODS)
+
+
 def test_find_guest_debs_prefers_the_metapackage_target(debs: Path) -> None:
     make_deb(debs, "linux-image-6.2.0-1-cloud-amd64", "6.2.0-1", "amd64", {})
     found = find_guest_debs(debs, "x86_64")

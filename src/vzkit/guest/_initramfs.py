@@ -70,7 +70,7 @@ GUEST_MODULES: tuple[str, ...] = (
 CONSOLES = {"x86_64": "ttyS0", "aarch64": "ttyAMA0"}
 _ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 _MODULES_DIR = re.compile(r"^(?:/usr)?/lib/modules/([^/]+)/(.+)$")
-_VMLINUZ = re.compile(r"^/boot/vmlinuz-(.+)$")
+_VMLINUZ = re.compile(r"^/boot/vmlinuz-([^/]+)$")  # a version is one path part
 _ARM64_MAGIC = b"ARM\x64"
 _DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "root", "mnt",
          "etc/vzkit")  # fmt: skip
