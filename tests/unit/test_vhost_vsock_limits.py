@@ -547,7 +547,9 @@ def test_guest_abuse_under_a_128_descriptor_limit_neither_kills_nor_bloats_the_h
             sock.close()
     if requests < 2500:
         problems.append(f"the abuse stopped after {requests} requests")
-    if max_fds > NOFILE - FD_RESERVE // 2:
+    # The cap leaves FD_RESERVE free below the limit, counted when the device was made; since
+    # then it opened its listener and ring eventfds, and one turned-away stream may be in passing.
+    if max_fds > NOFILE - FD_RESERVE + 16:
         problems.append(f"{max_fds} descriptors open under a limit of {NOFILE}")
     if max_held > BUDGET:
         problems.append(f"the helper held {max_held} bytes; the budget is {BUDGET}")

@@ -162,6 +162,7 @@ class VhostUserVsockDevice:
             max_pending=self.max_connections,
             in_use=lambda: self._muxer.open_connections,
         )
+        self._muxer.other_fds = lambda: self._listener.pending
         self._session: socket.socket | None = None
         self._reader: MessageReader | None = None
         self._backend: VhostUserBackend | None = None

@@ -50,6 +50,7 @@ import errno
 import functools
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from ._conn import Conn, ConnState, VsockStats
@@ -153,6 +154,8 @@ class VsockMuxer:
         self.tx_more = False  # on_tx_ready stopped early with packets left: call it again
         self._warned: collections.Counter[str] = collections.Counter()
         self._peer_serial = 0
+        #: Other descriptors that count against ``max_connections`` (pending host handshakes).
+        self.other_fds: Callable[[], int] = lambda: 0
 
     @property
     def connections(self) -> int:
@@ -770,8 +773,8 @@ class VsockMuxer:
 
     def _full(self) -> str | None:
         """Why no connection can be admitted now, if none can."""
-        if self.open_connections >= self.max_connections:
-            return f"{self.open_connections} connections open"
+        if self.open_connections + self.other_fds() >= self.max_connections:
+            return f"{self.open_connections} connections and {self.other_fds()} handshakes open"
         if self.byte_budget - self._committed < self.credit_floor:
             return f"the {self.byte_budget}-byte budget is granted"
         return None
