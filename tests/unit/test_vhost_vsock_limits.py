@@ -336,6 +336,45 @@ def test_byte_budget_bounds_credit_and_buffers_and_every_byte_arrives(tmp_path: 
             sock.close()
 
 
+def test_with_the_budget_spent_new_connections_are_refused_until_one_closes(
+    tmp_path: Path,
+) -> None:
+    """Every connection reserves a floor of credit (so none starves): once the budget cannot
+    cover another floor, guest and host connections are refused, and admitted again when a
+    connection closes."""
+    uds = tmp_path / "v.sock"
+    budget = 128 * 1024  # a 32 KiB floor each, half the budget for more than the floor
+    lst = listener(f"{uds}_7000")
+    with lst, attached(uds, byte_budget=budget) as (dev, fake):
+        conns: list[GuestConn] = []
+        for i in range(16):
+            conn = GuestConn(fake, 2000 + i, 7000, GUEST_BUF)
+            conn.control(Op.REQUEST)
+            pump_until(fake, lambda c=conn: answered(c), "an answer")
+            conns.append(conn)
+            assert dev.committed_bytes <= budget
+            if conn.reset:
+                break
+        admitted = [c for c in conns if established(c)]
+        assert conns[-1].reset, "connections kept being admitted past the budget"
+        assert 2 <= len(admitted) <= budget // (32 * 1024)
+        assert all(c.credit() > 0 for c in admitted)  # none admitted without credit
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        with client:  # the host side is refused too: the stream closes without OK
+            client.settimeout(DEADLINE_S)
+            client.connect(str(uds))
+            client.sendall(b"CONNECT 5000\n")
+            assert client.recv(16) == b""
+        admitted[0].control(Op.RST)
+        wait_for(lambda: dev.open_connections == len(admitted) - 1, "the reset to land")
+        again = GuestConn(fake, 3000, 7000, GUEST_BUF)
+        again.control(Op.REQUEST)
+        pump_until(fake, lambda: answered(again), "an answer")
+        assert established(again)
+        for sock in accept_all(lst).values():
+            sock.close()
+
+
 # -- the helper process under RLIMIT_NOFILE=128 --------------------------------------------------
 
 _LIMITED = (

@@ -27,8 +27,10 @@ Limits (a guest must not be able to kill the device or make it hoard memory):
   ``byte_budget`` (:data:`BYTE_BUDGET`): a connection's ``buf_alloc`` is what the budget
   allows, up to ``buf_alloc`` (:meth:`VsockMuxer._grant`). What the device buffers is at most
   what it granted, so the budget bounds it. Credit once given is never taken back (Linux 6.1
-  computes credit in unsigned arithmetic: a limit below what it has in flight would wrap);
-  a connection short of credit waits and hears a credit update when budget is freed;
+  computes credit in unsigned arithmetic: a limit below what it has in flight would wrap).
+  Each connection reserves a floor of credit when admitted, so none starves (with the budget
+  spent, new connections are refused); one short of credit beyond that hears a credit update
+  when budget is freed;
 * a host socket that cannot be made, connected or watched (``EMFILE``, ``ENFILE``,
   ``ENOMEM``, ``ENOBUFS``, any ``OSError``) fails that one connection with ``RST``.
 
@@ -756,11 +758,10 @@ class VsockMuxer:
         target = min(conn.buf_alloc, max(floor, budget // 2 // max(1, holders)))
         free = budget - self._committed + old
         extra_free = budget // 2 - (self._committed - old - floor * (holders - 1))
-        grant = min(target, free, floor + extra_free)
+        grant = max(min(target, free, floor + extra_free), conn.limit - fwd)
         if grant < target:
             self.stats.budget_waits += 1
             self._starved[conn] = None
-        grant = max(grant, conn.limit - fwd)
         self._committed += grant - old
         conn.granted = grant
         conn.limit = fwd + grant
