@@ -730,7 +730,13 @@ class VsockMuxer:
     ) -> None:  # fmt: skip
         if conn is not None:
             fwd = conn.fwd_cnt
-            buf_alloc = self._grant(conn, fwd)
+            buf_alloc = conn.granted
+            if buf_alloc == conn.buf_alloc and (
+                (len(self._conns) + len(self._lingering)) * buf_alloc <= self.byte_budget // 2
+            ):  # the budget does not bind: the full window again (what _grant would give)
+                conn.limit = fwd + buf_alloc
+            else:
+                buf_alloc = self._grant(conn, fwd)
             conn.last_fwd_sent = fwd
             fwd &= _U32
         else:
