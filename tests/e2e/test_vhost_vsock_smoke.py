@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -69,7 +70,9 @@ def vsock_images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, GuestIma
 class VsockGuest:
     """A QEMU guest with the vhost-user-vsock device, driven over its serial console."""
 
-    def __init__(self, image: GuestImage, workdir: Path, *, helper: bool = False) -> None:
+    def __init__(
+        self, image: GuestImage, workdir: Path, *, helper: bool = False, **device_kwargs: Any
+    ) -> None:
         self.uds = workdir / "v.sock"
         self.console, con_theirs = socket.socketpair()
         vhost_ours, vhost_theirs = socket.socketpair()
@@ -81,7 +84,7 @@ class VsockGuest:
             )
             vhost_ours.close()
         else:
-            self.device = VhostUserVsockDevice(self.uds, vhost_socket=vhost_ours)
+            self.device = VhostUserVsockDevice(self.uds, vhost_socket=vhost_ours, **device_kwargs)
             self.device.start()
         machine = "q35" if image.arch == "x86_64" else "virt,gic-version=max"
         argv = [
@@ -268,6 +271,49 @@ def test_64_concurrent_echo_connections_and_half_close(guest: VsockGuest) -> Non
     for thread in threads:
         thread.join(120)
     assert all(results.get(i) == payloads[i] for i in range(64))
+
+
+@pytest.mark.parametrize("arch", ["x86_64", "aarch64"])
+def test_echo_under_a_tight_byte_budget(
+    vsock_images: dict[str, GuestImage], tmp_path: Path, arch: str
+) -> None:
+    """24 concurrent echo connections through a device whose byte budget (2 MiB) is below
+    their 1 MiB windows: Linux honours the smaller, changing buf_alloc the device advertises
+    (a guest exceeding it would be reset), and every byte comes back."""
+    budget = 2 * MIB
+    vm = VsockGuest(vsock_images[arch], tmp_path, byte_budget=budget)
+    try:
+        assert vm.device is not None
+        vm.background("vsock-echo serve 5000")
+        socks = [vm.connect(5000)]
+        socks += [connect_hybrid(vm.uds, 5000, timeout=10)[0] for _ in range(23)]
+        payloads = [os.urandom(512 * 1024 + i) for i in range(24)]
+        results: dict[int, bytes] = {}
+        peak = [0]
+
+        def echo(i: int) -> None:
+            sock = socks[i]
+            sender = threading.Thread(target=lambda: (sock.sendall(payloads[i]),
+                                                      sock.shutdown(socket.SHUT_WR)))  # fmt: skip
+            sender.start()
+            results[i] = recv_all(sock)
+            sender.join()
+            sock.close()
+
+        threads = [threading.Thread(target=echo, args=(i,)) for i in range(24)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 300
+        while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
+            peak[0] = max(peak[0], vm.device.committed_bytes)
+            time.sleep(0.01)
+        for thread in threads:
+            thread.join(10)
+        assert all(results.get(i) == payloads[i] for i in range(24))
+        assert 0 < peak[0] <= budget
+        assert vm.device.stats.credit_violations == 0
+    finally:
+        vm.close()
 
 
 def test_vm_killed_mid_transfer(guest: VsockGuest) -> None:

@@ -29,6 +29,8 @@ class VsockStats:
     connections_opened: int = 0
     connections_closed: int = 0
     connections_refused: int = 0
+    resource_errors: int = 0  # connections failed because a host socket could not be made
+    budget_waits: int = 0  # credit grants cut short because the byte budget was spent
     kicks_rx: int = 0  # notifications from the driver: rx buffers added
     kicks_tx: int = 0  # ... tx packets added
     calls_rx: int = 0  # interrupts we raised: rx buffers used
@@ -51,10 +53,10 @@ class ConnState(enum.Enum):
 
 class Conn:
     __slots__ = (
-        "buf_alloc", "closed", "credit_requested", "fd", "fwd_cnt", "guest_port", "guest_shut",
-        "host_eof", "host_initiated", "host_port", "hup", "last_fwd_sent", "out",
-        "out_uncounted", "parked", "peer_buf_alloc", "peer_fwd_cnt", "rx_cnt", "shut_wr_pending",
-        "sock", "state", "timer", "tx_cnt", "update_queued", "update_timer",
+        "buf_alloc", "closed", "credit_requested", "fd", "fwd_cnt", "granted", "guest_port",
+        "guest_shut", "host_eof", "host_initiated", "host_port", "hup", "last_fwd_sent", "limit",
+        "out", "out_uncounted", "parked", "peer_buf_alloc", "peer_fwd_cnt", "rx_cnt",
+        "shut_wr_pending", "sock", "state", "timer", "tx_cnt", "update_queued", "update_timer",
     )  # fmt: skip
 
     def __init__(
@@ -73,7 +75,9 @@ class Conn:
         self.guest_port = guest_port
         self.state = state
         self.host_initiated = host_initiated
-        self.buf_alloc = buf_alloc
+        self.buf_alloc = buf_alloc  # the most we advertise (what the byte budget allows is less)
+        self.limit = 0  # the guest may send until its tx_cnt reaches this (never lowered)
+        self.granted = 0  # this connection's share of the budget: limit - fwd_cnt, as advertised
         self.rx_cnt = 0  # payload bytes received from the guest
         self.fwd_cnt = 0  # of those, written to the host socket
         self.last_fwd_sent = 0  # fwd_cnt as last advertised to the guest

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import os
+import resource
 import socket
 import struct
 import threading
@@ -29,11 +30,11 @@ from types import TracebackType
 from ._conn import VsockStats
 from ._hybrid import HybridListener
 from ._reactor import EPOLLERR, EPOLLHUP, EPOLLIN, Reactor, Timer
-from ._vhost_user import F_VERSION_1, MessageReader, ProtocolError, VhostUserBackend
+from ._vhost_user import F_VERSION_1, MAX_FDS, MessageReader, ProtocolError, VhostUserBackend
 from ._virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, RingError, Virtqueue
-from ._vsock import BUF_ALLOC, CREDIT_STEP, UPDATE_DELAY_S, VsockMuxer
+from ._vsock import BUF_ALLOC, BYTE_BUDGET, CREDIT_STEP, MAX_CONNECTIONS, UPDATE_DELAY_S, VsockMuxer
 
-__all__ = ["VhostUserVsockDevice"]
+__all__ = ["FD_RESERVE", "VhostUserVsockDevice", "connection_cap"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,32 @@ TX_CALL_BATCH = 16
 _REPLY_TIMEOUT_S = 5.0
 _QUEUE_NAMES = ("rx", "tx")
 _MAX_CID = 0xFFFFFFFF - 1
+#: Descriptors kept free for the device itself beyond those open when it is made: epoll, its
+#: wake-up eventfd, the hybrid and vhost-user sockets, six ring eventfds, the descriptors of
+#: one vhost-user message (up to MAX_FDS; a message whose descriptors do not fit would end
+#: the session) and a few in passing (an accepted stream before it is turned away).
+FD_RESERVE = MAX_FDS + 32
+
+
+def _open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # not listdir's own
+    except OSError:
+        return 0
+
+
+def connection_cap(max_connections: int | None = None) -> int:
+    """How many connections (each one host socket) fit below this process's descriptor limit.
+
+    The soft ``RLIMIT_NOFILE`` minus the descriptors open now minus :data:`FD_RESERVE`, and at
+    most ``max_connections`` (default :data:`MAX_CONNECTIONS`); at least 1. The helper process
+    raises its soft limit to the hard one before it asks.
+    """
+    cap = MAX_CONNECTIONS if max_connections is None else max_connections
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY:
+        cap = min(cap, soft - _open_fds() - FD_RESERVE)
+    return max(1, cap)
 
 
 class VhostUserVsockDevice:
@@ -65,6 +92,12 @@ class VhostUserVsockDevice:
     end of a tx batch waits until the guest has sent nothing for that long (0: at once).
     ``tx_call_delay_s``: how long the interrupt for consumed tx packets may wait to go out
     with an rx interrupt (0: at once); it never waits for more than ``TX_CALL_BATCH`` packets.
+
+    Limits: connections (live ones and those draining after a shutdown) and pending host
+    handshakes together stay below ``max_connections`` as bounded by the descriptor limit
+    (:func:`connection_cap`, computed here); the credit granted to the guest over all
+    connections, and so what the device buffers for host sockets that do not read, stays
+    within ``byte_budget``.
     """
 
     def __init__(
@@ -77,7 +110,8 @@ class VhostUserVsockDevice:
         buf_alloc: int = BUF_ALLOC,
         connect_timeout_s: float = 5.0,
         handshake_timeout_s: float = 10.0,
-        max_connections: int = 4096,
+        max_connections: int | None = None,
+        byte_budget: int = BYTE_BUDGET,
         event_idx: bool = True,
         indirect: bool = True,
         stop_on_disconnect: bool = False,
@@ -92,6 +126,10 @@ class VhostUserVsockDevice:
             raise ValueError("give exactly one of vhost_socket= and vhost_path=")
         if not 4096 <= buf_alloc <= 0xFFFFFFFF:
             raise ValueError(f"buf_alloc must be between 4096 and 2**32 - 1, not {buf_alloc}")
+        if byte_budget < 4096:
+            raise ValueError(f"byte_budget must be at least 4096, not {byte_budget}")
+        if max_connections is not None and max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, not {max_connections}")
         self.uds_path = Path(uds_path)
         self.guest_cid = guest_cid
         self.vhost_path = Path(vhost_path) if vhost_path is not None else None
@@ -104,13 +142,15 @@ class VhostUserVsockDevice:
             (1 << F_VERSION_1) | (event_idx << F_EVENT_IDX) | (indirect << F_INDIRECT_DESC)
         )
         self._reactor = Reactor()
+        self.max_connections = connection_cap(max_connections)
         self._muxer = VsockMuxer(
             self._reactor,
             guest_cid=guest_cid,
             uds_path=self.uds_path,
             buf_alloc=buf_alloc,
             connect_timeout_s=connect_timeout_s,
-            max_connections=max_connections,
+            max_connections=self.max_connections,
+            byte_budget=byte_budget,
             credit_step=credit_step,
             update_delay_s=update_delay_s,
         )
@@ -119,7 +159,10 @@ class VhostUserVsockDevice:
             self.uds_path,
             self._muxer.host_connect,
             handshake_timeout_s=handshake_timeout_s,
+            max_pending=self.max_connections,
+            in_use=lambda: self._muxer.open_connections,
         )
+        self._muxer.other_fds = lambda: self._listener.pending
         self._session: socket.socket | None = None
         self._reader: MessageReader | None = None
         self._backend: VhostUserBackend | None = None
@@ -141,6 +184,21 @@ class VhostUserVsockDevice:
     @property
     def connections(self) -> int:
         return self._muxer.connections
+
+    @property
+    def open_connections(self) -> int:
+        """Connections holding a host socket: live ones and ones draining after a shutdown."""
+        return self._muxer.open_connections
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Guest bytes held for host sockets that have not taken them yet (all connections)."""
+        return self._muxer.buffered_bytes
+
+    @property
+    def committed_bytes(self) -> int:
+        """Credit granted to the guest and not known to be used up (at most ``byte_budget``)."""
+        return self._muxer.committed_bytes
 
     @property
     def pending_handshakes(self) -> int:

@@ -6,6 +6,10 @@ Follows QEMU's back-end program conventions (``docs/interop/vhost-user.rst``): `
 once the hybrid socket is bound. It also exits when the front-end
 disconnects (QEMU is gone), removing its hybrid socket file.
 
+At start the helper raises its soft ``RLIMIT_NOFILE`` to the hard limit; the device caps its
+connections below that (:func:`~._device.connection_cap`). ``--max-connections`` lowers the
+cap, ``--byte-budget`` sets what the guest may make the device buffer (all connections).
+
 For measurements (``bench/vsock.py``): with ``VZKIT_VSOCK_STATS=PATH`` in the environment the
 helper writes its counters (:class:`VsockStats`) as JSON to PATH on ``SIGUSR1`` and when it
 exits; with ``VZKIT_VSOCK_PROFILE=PATH`` it runs under :mod:`cProfile` and writes the profile
@@ -21,6 +25,7 @@ import contextlib
 import json
 import logging
 import os
+import resource
 import signal
 import socket
 import sys
@@ -29,9 +34,22 @@ from pathlib import Path
 from types import FrameType
 
 from ._device import TX_CALL_DELAY_S, VhostUserVsockDevice
-from ._vsock import BUF_ALLOC, CREDIT_STEP, UPDATE_DELAY_S
+from ._vsock import BUF_ALLOC, BYTE_BUDGET, CREDIT_STEP, UPDATE_DELAY_S
 
-__all__ = ["helper_argv", "main"]
+__all__ = ["helper_argv", "main", "raise_fd_limit"]
+
+log = logging.getLogger(__name__)
+
+
+def raise_fd_limit() -> int:
+    """Raise the soft ``RLIMIT_NOFILE`` to the hard limit; return the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as err:
+            log.warning("cannot raise the descriptor limit from %d to %d: %s", soft, hard, err)
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def helper_argv(
@@ -68,6 +86,18 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--uds-path", type=Path, help="hybrid vsock socket (host side)")
     parser.add_argument("--guest-cid", type=int, default=3)
     parser.add_argument("--buf-alloc", type=int, default=BUF_ALLOC)
+    parser.add_argument(
+        "--byte-budget",
+        type=int,
+        default=BYTE_BUDGET,
+        help="bytes the guest may make the device buffer, all connections",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=None,
+        help="connection cap (default: what the descriptor limit allows)",
+    )
     parser.add_argument("--credit-step", type=int, default=CREDIT_STEP)
     parser.add_argument("--update-delay-ms", type=float, default=UPDATE_DELAY_S * 1000)
     parser.add_argument("--tx-call-delay-ms", type=float, default=TX_CALL_DELAY_S * 1000)
@@ -110,6 +140,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="vzkit-vsock[%(process)d] %(levelname)s %(message)s"
     )
+    raise_fd_limit()
     vhost_socket = None
     if args.fd is not None:
         vhost_socket = socket.socket(fileno=args.fd)
@@ -119,6 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         vhost_socket=vhost_socket,
         vhost_path=args.socket_path,
         buf_alloc=args.buf_alloc,
+        byte_budget=args.byte_budget,
+        max_connections=args.max_connections,
         stop_on_disconnect=True,
         credit_step=args.credit_step,
         update_delay_s=args.update_delay_ms / 1000,

@@ -145,7 +145,9 @@ class HybridListener:
     """Accepts host connections on ``<uds>`` and parses their request lines on the reactor.
 
     ``on_connect(sock, port)`` gets each stream whose request line was valid (the line itself
-    consumed, nothing else); it owns the socket from then on.
+    consumed, nothing else); it owns the socket from then on. Pending handshakes plus
+    ``in_use()`` (the connections that hold a socket) stay below ``max_pending``: each holds a
+    descriptor.
     """
 
     def __init__(
@@ -156,12 +158,14 @@ class HybridListener:
         *,
         handshake_timeout_s: float = 10.0,
         max_pending: int = 4096,
+        in_use: Callable[[], int] = lambda: 0,
     ) -> None:
         self._reactor = reactor
         self.path = path
         self._on_connect = on_connect
         self._timeout = handshake_timeout_s
         self._max_pending = max_pending
+        self._in_use = in_use
         self._pending: dict[int, _Handshake] = {}
         self._sock: socket.socket | None = None
         self._accept_timer: Timer | None = None
@@ -218,8 +222,9 @@ class HybridListener:
                     )
                 return
             conn.setblocking(False)
-            if len(self._pending) >= self._max_pending:
-                log.warning("vsock: %d handshakes pending, refusing another", len(self._pending))
+            if len(self._pending) + self._in_use() >= self._max_pending:
+                log.warning("vsock: %d handshakes pending and %d connections open, refusing "
+                            "another", len(self._pending), self._in_use())  # fmt: skip
                 self.rejected += 1
                 conn.close()
                 continue

@@ -18,6 +18,25 @@ machine with credit flow control both ways:
   into guest memory, so a guest that does not read holds the host writer back through the
   socket's own buffer, and host memory stays bounded.
 
+Limits (a guest must not be able to kill the device or make it hoard memory):
+
+* at most ``max_connections`` connections hold a host socket and buffers at once, counting
+  those that linger after the guest's ``SHUTDOWN`` until their bytes reached the host (the
+  device derives the cap from its descriptor limit, see :func:`._device.connection_cap`);
+* the credit granted to the guest, summed over all connections, stays within
+  ``byte_budget`` (:data:`BYTE_BUDGET`): a connection's ``buf_alloc`` is what the budget
+  allows, up to ``buf_alloc`` (:meth:`VsockMuxer._grant`). What the device buffers is at most
+  what it granted, so the budget bounds it. Credit once given is never taken back (Linux 6.1
+  computes credit in unsigned arithmetic: a limit below what it has in flight would wrap).
+  Each connection reserves a floor of credit when admitted, so none starves (with the budget
+  spent, new connections are refused); one short of credit beyond that hears a credit update
+  when budget is freed;
+* a host socket that cannot be made, connected or watched (``EMFILE``, ``ENFILE``,
+  ``ENOMEM``, ``ENOBUFS``, any ``OSError``) fails that one connection with ``RST``.
+
+Host -> guest data is never buffered (it goes from the socket into guest memory), so the
+budget is enforced on the credit the device grants rather than on reading host sockets.
+
 Shutdown: the guest's ``SHUTDOWN`` flags map to ``shutdown(2)`` on the host stream; host EOF
 maps to ``SHUTDOWN(SEND)`` (half-close) or, when the host closed its end entirely (epoll
 hang-up), ``SHUTDOWN(RCV|SEND)``; a full shutdown from either side ends with ``RST``.
@@ -29,9 +48,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import functools
 import logging
 import socket
+from collections.abc import Callable
 from pathlib import Path
 
 from ._conn import Conn, ConnState, VsockStats
@@ -49,7 +70,15 @@ from ._packet import (
 from ._reactor import EPOLLERR, EPOLLHUP, EPOLLIN, EPOLLOUT, Reactor
 from ._virtqueue import Chain, ChainError, RingError, Virtqueue, gather, scatter
 
-__all__ = ["BUF_ALLOC", "CREDIT_STEP", "CTRL_LIMIT", "UPDATE_DELAY_S", "VsockMuxer"]
+__all__ = [
+    "BUF_ALLOC",
+    "BYTE_BUDGET",
+    "CREDIT_STEP",
+    "CTRL_LIMIT",
+    "MAX_CONNECTIONS",
+    "UPDATE_DELAY_S",
+    "VsockMuxer",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +94,18 @@ _LOCAL_PORT_BASE = 1 << 30
 BUF_ALLOC = 1024 * 1024  # the receive buffer we advertise per connection
 CREDIT_STEP = 256 * 1024
 UPDATE_DELAY_S = 0.005
+#: Credit granted to the guest (so bytes the device may have to hold for host sockets that do
+#: not read), all connections of one VM together.
+BYTE_BUDGET = 64 * 1024 * 1024
+#: Connections at once when the descriptor limit does not bound them lower.
+MAX_CONNECTIONS = 4096
+#: Credit reserved for every connection, so that its window reopens whatever the others hold.
+CREDIT_FLOOR = 32 * 1024
+_WAKE_MIN = 4096  # budget freed before connections short of credit hear about it
 _WARN_FIRST = 10
+#: errno values of a host socket that could not be made for want of resources.
+_RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS,
+                              errno.EAGAIN, errno.ENOSPC})  # fmt: skip
 
 
 # A control packet waiting for an rx buffer: op, flags, host port, guest port, connection.
@@ -82,7 +122,8 @@ class VsockMuxer:
         buf_alloc: int = BUF_ALLOC,
         connect_timeout_s: float = 5.0,
         close_timeout_s: float = 5.0,
-        max_connections: int = 4096,
+        max_connections: int = MAX_CONNECTIONS,
+        byte_budget: int = BYTE_BUDGET,
         credit_step: int = CREDIT_STEP,
         update_delay_s: float = UPDATE_DELAY_S,
     ) -> None:
@@ -95,6 +136,9 @@ class VsockMuxer:
         self.connect_timeout_s = connect_timeout_s
         self.close_timeout_s = close_timeout_s
         self.max_connections = max_connections
+        self.byte_budget = byte_budget
+        #: Credit every connection holds at least (reserved at admission: none starves).
+        self.credit_floor = min(CREDIT_FLOOR, buf_alloc, byte_budget // 4)
         self.stats = VsockStats()
         self.rxq: Virtqueue | None = None
         self.txq: Virtqueue | None = None
@@ -106,14 +150,33 @@ class VsockMuxer:
         self._parked: dict[Conn, None] = {}
         self._lingering: dict[Conn, None] = {}
         self._touched: dict[Conn, None] = {}  # received data in the current tx batch
+        self._committed = 0  # sum of Conn.granted: credit given and not yet known to be used up
+        self._starved: dict[Conn, None] = {}  # granted less than they want for want of budget
         self._tx_throttled = False
         self.tx_more = False  # on_tx_ready stopped early with packets left: call it again
         self._warned: collections.Counter[str] = collections.Counter()
         self._peer_serial = 0
+        #: Other descriptors that count against ``max_connections`` (pending host handshakes).
+        self.other_fds: Callable[[], int] = lambda: 0
 
     @property
     def connections(self) -> int:
         return len(self._conns)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections holding a host socket and buffers: live ones and lingering ones."""
+        return len(self._conns) + len(self._lingering)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Guest bytes held for host sockets that have not taken them yet."""
+        return sum(len(c.out) for c in [*self._conns.values(), *self._lingering])
+
+    @property
+    def committed_bytes(self) -> int:
+        """Credit granted and not known to be used up: the bound on :attr:`buffered_bytes`."""
+        return self._committed
 
     def _warn(self, kind: str, message: str, *args: object) -> None:
         self._warned[kind] += 1
@@ -147,6 +210,8 @@ class VsockMuxer:
 
     def flush(self) -> None:
         """Send what waits for rx buffers, if there are any (end of each loop iteration)."""
+        if self._starved:
+            self._wake_starved()
         if self._ctrl:
             self._flush_ctrl()
             if self._tx_throttled and len(self._ctrl) < CTRL_LIMIT:
@@ -283,33 +348,47 @@ class VsockMuxer:
             self._queue_rst(*key)
 
     def _guest_connect(self, host_port: int, guest_port: int, buf_alloc: int, fwd: int) -> None:
-        if len(self._conns) >= self.max_connections:
-            self._warn("limit", "%d connections open; refusing guest port %d", len(self._conns),
-                       guest_port)  # fmt: skip
+        full = self._full()
+        if full is not None:
+            self._warn("limit", "%s; refusing guest port %d", full, guest_port)
+            self.stats.connections_refused += 1
             self._queue_rst(host_port, guest_port)
             return
         path = guest_port_path(self.uds_path, host_port)
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError as err:  # EMFILE, ENFILE, ENOMEM, ENOBUFS: this connection fails
+            self._refuse_guest(host_port, guest_port, err)
+            return
         self._peer_serial += 1
         try:
+            sock.setblocking(False)
             with contextlib.suppress(OSError):  # the listener learns the guest port from it
                 sock.bind(peer_address(self.guest_cid, guest_port, self._peer_serial))
             sock.connect(path)
         except OSError as err:
             sock.close()
-            log.debug("vsock: guest connection to host port %d refused: %s", host_port, err)
-            self.stats.connections_refused += 1
-            self._queue_rst(host_port, guest_port)
+            self._refuse_guest(host_port, guest_port, err)
             return
         conn = Conn(sock, host_port, guest_port, ConnState.ESTABLISHED, host_initiated=False,
                     buf_alloc=self.buf_alloc)  # fmt: skip
         conn.peer_buf_alloc, conn.peer_fwd_cnt = buf_alloc, fwd
+        self._admit(conn)
         self._conns[conn.key] = conn
         self.stats.connections_opened += 1
         log.debug("vsock: guest port %d connected to %s", guest_port, path)
         self._queue(Op.RESPONSE, 0, conn)
         self._update(conn)
+
+    def _refuse_guest(self, host_port: int, guest_port: int, err: OSError) -> None:
+        self.stats.connections_refused += 1
+        if err.errno in _RESOURCE_ERRNOS:
+            self.stats.resource_errors += 1
+            self._warn("resource", "cannot connect guest port %d to host port %d: %s",
+                       guest_port, host_port, err)  # fmt: skip
+        else:
+            log.debug("vsock: guest connection to host port %d refused: %s", host_port, err)
+        self._queue_rst(host_port, guest_port)
 
     def _on_response(self, conn: Conn) -> None:
         if conn.state is not ConnState.CONNECTING:
@@ -350,7 +429,7 @@ class VsockMuxer:
             self._warn("rw", "data on %r after shutdown or before connect; resetting", conn)
             self._reset(conn)
             return
-        if (conn.rx_cnt - conn.fwd_cnt) + length > conn.buf_alloc:
+        if conn.rx_cnt + length > conn.limit:  # beyond the credit we advertised
             self.stats.credit_violations += 1
             self._warn("credit", "guest exceeded its credit on %r; resetting", conn)
             self._reset(conn)
@@ -372,8 +451,14 @@ class VsockMuxer:
             conn.fwd_cnt += sent
         if sent < length:
             rest = gather(views, sent, length - sent)
-            for view in rest:
-                conn.out += view
+            try:
+                for view in rest:
+                    conn.out += view
+            except MemoryError:
+                self.stats.resource_errors += 1
+                self._warn("resource", "out of memory buffering %r; resetting", conn)
+                self._reset(conn)
+                return
         self._maybe_update(conn)
 
     # -- host socket events ----------------------------------------------------------------
@@ -385,7 +470,12 @@ class VsockMuxer:
         mask = (EPOLLIN if conn.wants_read() else 0) | (EPOLLOUT if conn.out else 0)
         if not mask and not conn.hup and conn.state is not ConnState.CONNECTING:
             mask = EPOLLHUP  # only hang-ups: learn when the host closes its end
-        self._reactor.register(conn.fd, mask, functools.partial(self._on_host_event, conn))
+        try:
+            self._reactor.register(conn.fd, mask, functools.partial(self._on_host_event, conn))
+        except OSError as err:  # epoll out of memory (ENOMEM) or of watches (ENOSPC)
+            self.stats.resource_errors += 1
+            self._warn("resource", "cannot watch %r: %s; resetting", conn, err)
+            self._reset(conn)
 
     def _on_host_event(self, conn: Conn, mask: int) -> None:
         if mask & (EPOLLHUP | EPOLLERR):
@@ -494,8 +584,8 @@ class VsockMuxer:
 
     def host_connect(self, sock: socket.socket, port: int) -> None:
         """A host stream asked for guest ``port`` (its request line already consumed)."""
-        if not self.online or len(self._conns) >= self.max_connections:
-            why = "no guest attached" if not self.online else "too many connections"
+        why = "no guest attached" if not self.online else self._full()
+        if why is not None:
             log.debug("vsock: refusing host connection to port %d: %s", port, why)
             self.stats.connections_refused += 1
             sock.close()
@@ -503,6 +593,7 @@ class VsockMuxer:
         local = self._alloc_port(port)
         conn = Conn(sock, local, port, ConnState.CONNECTING, host_initiated=True,
                     buf_alloc=self.buf_alloc)  # fmt: skip
+        self._admit(conn)
         self._conns[conn.key] = conn
         self._local_ports.add(local)
         self.stats.connections_opened += 1
@@ -538,9 +629,16 @@ class VsockMuxer:
         if rst:
             self._queue_rst(*conn.key)
         self._forget(conn)
+        self._release(conn)
         self._reactor.unregister(conn.fd)
         conn.sock.close()
         self.stats.connections_closed += 1
+
+    def _release(self, conn: Conn) -> None:
+        """The connection holds nothing any more: its share of the budget goes back."""
+        self._committed -= conn.granted
+        conn.granted = 0
+        self._starved.pop(conn, None)
 
     def _forget(self, conn: Conn) -> None:
         if conn.timer is not None:
@@ -558,8 +656,14 @@ class VsockMuxer:
         """The guest is done, but the host has not taken all its bytes yet: drain, then close."""
         conn.closed = True
         self._forget(conn)
-        self._lingering[conn] = None
-        self._reactor.register(conn.fd, EPOLLOUT, functools.partial(self._on_host_event, conn))
+        self._lingering[conn] = None  # still counted against the cap and the budget
+        try:
+            self._reactor.register(conn.fd, EPOLLOUT, functools.partial(self._on_host_event, conn))
+        except OSError as err:
+            self.stats.resource_errors += 1
+            self._warn("resource", "cannot watch %r: %s; dropping it", conn, err)
+            self._end_linger(conn)
+            return
         conn.timer = self._reactor.call_later(
             self.close_timeout_s, functools.partial(self._end_linger, conn)
         )
@@ -570,6 +674,7 @@ class VsockMuxer:
         del self._lingering[conn]
         if conn.timer is not None:
             conn.timer.cancel()
+        self._release(conn)
         self._reactor.unregister(conn.fd)
         conn.sock.close()
         self.stats.connections_closed += 1
@@ -589,7 +694,8 @@ class VsockMuxer:
 
     def _maybe_update(self, conn: Conn) -> None:
         # A quarter of either buffer at most: Linux may bound its window by its own buffer.
-        step = min(self.credit_step, conn.buf_alloc // 4, conn.peer_buf_alloc // 4 or _U32)
+        step = min(self.credit_step, conn.buf_alloc // 4, conn.peer_buf_alloc // 4 or _U32,
+                   conn.granted // 4 or 1)  # fmt: skip
         if conn.fwd_cnt - conn.last_fwd_sent >= step:
             self._queue_update(conn)
             self._flush_ctrl()
@@ -623,14 +729,74 @@ class VsockMuxer:
         conn: Conn | None,
     ) -> None:  # fmt: skip
         if conn is not None:
-            buf_alloc, fwd = conn.buf_alloc, conn.fwd_cnt & _U32
-            conn.last_fwd_sent = conn.fwd_cnt
+            fwd = conn.fwd_cnt
+            buf_alloc = conn.granted
+            if buf_alloc == conn.buf_alloc and (
+                (len(self._conns) + len(self._lingering)) * buf_alloc <= self.byte_budget // 2
+            ):  # the budget does not bind: the full window again (what _grant would give)
+                conn.limit = fwd + buf_alloc
+            else:
+                buf_alloc = self._grant(conn, fwd)
+            conn.last_fwd_sent = fwd
+            fwd &= _U32
         else:
             buf_alloc = fwd = 0
         header = HEADER.pack(HOST_CID, self.guest_cid, host_port, guest_port, length,
                              TYPE_STREAM, op, flags, buf_alloc, fwd)  # fmt: skip
         scatter(chain.writable, 0, header)
         self.stats.packets_to_guest += 1
+
+    def _grant(self, conn: Conn, fwd: int) -> int:
+        """The ``buf_alloc`` to advertise with ``fwd``: what the byte budget allows.
+
+        The guest may send until its ``tx_cnt`` reaches ``fwd + buf_alloc``. That limit never
+        goes down (credit once given may be in flight already), so a connection keeps what it
+        was given and has not used. Every connection holds a floor (:attr:`credit_floor`,
+        reserved when it is admitted), so its window reopens once its bytes reached the host:
+        none starves. Beyond the floor, credit comes from half the budget, up to ``buf_alloc``
+        and a fair share of that half; the sum of the shares (:attr:`committed_bytes`) never
+        exceeds the budget, and what the device buffers for a connection never exceeds its
+        share.
+        """
+        old = conn.granted
+        budget, floor = self.byte_budget, self.credit_floor
+        holders = len(self._conns) + len(self._lingering)
+        target = min(conn.buf_alloc, max(floor, budget // 2 // max(1, holders)))
+        free = budget - self._committed + old
+        extra_free = budget // 2 - (self._committed - old - floor * (holders - 1))
+        grant = max(min(target, free, floor + extra_free), conn.limit - fwd)
+        if grant < target:
+            self.stats.budget_waits += 1
+            self._starved[conn] = None
+        self._committed += grant - old
+        conn.granted = grant
+        conn.limit = fwd + grant
+        return grant
+
+    def _admit(self, conn: Conn) -> None:
+        """Reserve a new connection's floor of credit (the caller checked it is free)."""
+        conn.granted = self.credit_floor
+        self._committed += self.credit_floor
+
+    def _full(self) -> str | None:
+        """Why no connection can be admitted now, if none can."""
+        if self.open_connections + self.other_fds() >= self.max_connections:
+            return f"{self.open_connections} connections and {self.other_fds()} handshakes open"
+        if self.byte_budget - self._committed < self.credit_floor:
+            return f"the {self.byte_budget}-byte budget is granted"
+        return None
+
+    def _wake_starved(self) -> None:
+        """Budget was freed: connections short of credit hear what they may have now."""
+        holders = self.open_connections
+        free = self.byte_budget - self._committed
+        extra_free = self.byte_budget // 2 - (self._committed - self.credit_floor * holders)
+        if min(free, extra_free) < min(_WAKE_MIN, self.byte_budget // 2 // max(1, holders)):
+            return
+        starved, self._starved = self._starved, {}
+        for conn in starved:
+            if not conn.closed:
+                self._queue_update(conn)
 
     def _flush_ctrl(self) -> bool:
         """Send queued control packets; True when none is left waiting."""
