@@ -161,6 +161,11 @@ class FakeBackend:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Callable[..., vzkit.VirtualMachine]]:
+    yield from make_vms(tmp_path)
+
+
+def make_vms(tmp_path: Path) -> Iterator[Callable[..., vzkit.VirtualMachine]]:
+    """A factory of VMs on the fake backend sharing one kernel and disk; closes them after."""
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"k")
     disk = tmp_path / "disk.raw"
