@@ -15,6 +15,7 @@ a path (the state file is always ``<snapshot_dir>/<name>.vmstate``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -302,6 +303,22 @@ def _parse_disk(name: str, token: str, f: _Fields) -> SnapshotDisk:
     what = f"{DISK_DIGEST_PREFIX!r} and {_SHA256_WHAT}"
     digest = f.get_str("digest", pattern=_DISK_DIGEST_RE, what=what)
     return SnapshotDisk(role, source, file, fmt, f.get_int("size"), digest)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` and its missing parents as 0700 (whatever the umask); an existing
+    ``path`` of ours that others can read is tightened to 0700."""
+    missing = []
+    parent = path
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = parent.parent
+    for directory in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)  # the umask can only remove bits
+    st = os.stat(path)
+    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
+        os.chmod(path, 0o700)
 
 
 @dataclass(frozen=True, slots=True)

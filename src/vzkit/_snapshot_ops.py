@@ -60,6 +60,7 @@ from ._snapshot import (
     check_snapshot_name,
     disk_file_re,
     format_rfc3339,
+    make_private_dir,
 )
 from ._state import VMState
 from ._volume import assign_volume_tags
@@ -420,22 +421,6 @@ def _check_record(
 
 
 # -- files: permissions, checksums, checked opens ------------------------------------------
-
-
-def make_private_dir(path: Path) -> None:
-    """Create ``path`` and its missing parents as 0700 (whatever the umask); an existing
-    ``path`` of ours that others can read is tightened to 0700."""
-    missing = []
-    parent = path
-    while not os.path.lexists(parent):
-        missing.append(parent)
-        parent = parent.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(directory, 0o700)  # the umask can only remove bits
-    st = os.stat(path)
-    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
-        os.chmod(path, 0o700)
 
 
 async def _in_thread(fn: Callable[..., _T], *args: object) -> _T:
