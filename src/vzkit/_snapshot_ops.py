@@ -361,24 +361,22 @@ async def restore(manager: SnapshotManager, core: VMCore, name: str) -> Snapshot
     diff = config_diff(record.machine, core.config)
     if diff:
         raise SnapshotError(f"snapshot {name!r} does not fit this VM's config: " + "; ".join(diff))
-    checked = await _in_thread(_verify_sync, manager.snapshot_dir, record)
-    try:
-        await _restore_checked(core, name, meta, checked)
-    finally:
-        os.close(checked.state_fd)
-    core.restored(meta.file_path, clock_step=record.agent)
-    _restored.add(core)
-    return meta
-
-
-async def _restore_checked(core: VMCore, name: str, meta: SnapshotMeta, checked: _Checked) -> None:
     _check_fanout(core, meta.file_path)
+    try:
+        checked = await _in_thread(_verify_sync, manager.snapshot_dir, record)
+    except OSError as err:  # an I/O error while reading; what is wrong is a SnapshotError
+        raise _as_snapshot_error(f"checking snapshot {name!r}", err, VMState.STOPPED) from err
     try:
         await core.machine.restore_state(checked.state_path, checked.disks)
     except BaseException as err:
         if isinstance(err, SnapshotError | StateError) or not isinstance(err, VzkitError | OSError):
             raise
         raise _as_snapshot_error(f"restoring snapshot {name!r}", err, VMState.STOPPED) from err
+    finally:
+        os.close(checked.state_fd)
+    core.restored(meta.file_path, clock_step=record.agent)
+    _restored.add(core)
+    return meta
 
 
 def _check_record(

@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 
 import vzkit
 from vzkit import _snapshot_ops
+from vzkit._diskcopy import CopyAborted, nonzero_digest_fd, sha256_fd
 from vzkit._state import VMState
 
 from .test_snapshot_ops import machine, make_vms
@@ -527,3 +528,56 @@ def test_an_existing_snapshot_dir_open_to_others_is_tightened(
     os.chmod(manager.snapshot_dir, 0o755)
     manager.save(vm, "s")
     assert stat.S_IMODE(manager.snapshot_dir.stat().st_mode) == 0o700
+
+
+# -- the checksum functions --------------------------------------------------------------
+
+
+def test_the_disk_digest_depends_on_the_content_not_on_holes(tmp_path: Path) -> None:
+    block = 1 << 20
+    content = bytearray(5 * block + 123)  # a short last block
+    content[block + 7] = 1
+    content[-1] = 2
+    sparse, dense = tmp_path / "sparse", tmp_path / "dense"
+    with open(sparse, "wb") as fh:
+        fh.truncate(len(content))
+        fh.seek(block)
+        fh.write(content[block : 2 * block])
+        fh.seek(5 * block)
+        fh.write(content[5 * block :])
+    dense.write_bytes(bytes(content))  # every zero written out
+    digests = set()
+    for path in (sparse, dense):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            digest, size = nonzero_digest_fd(fd)
+        finally:
+            os.close(fd)
+        assert size == len(content)
+        digests.add("sha256-nonzero-1m:" + digest)
+    assert digests == {_nonzero_digest(bytes(content))}
+    # one more zero byte at the end is another disk
+    assert _nonzero_digest(bytes(content) + b"\0") != _nonzero_digest(bytes(content))
+
+
+def test_a_cancelled_restore_stops_the_checksum_thread_and_closes_its_files(
+    setup: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm, manager = _saved(setup, tmp_path)
+    stopped = threading.Event()
+
+    def slow(fd: int, abort: threading.Event | None = None) -> tuple[str, int]:
+        assert abort is not None
+        if abort.wait(10):
+            stopped.set()
+            raise CopyAborted
+        return sha256_fd(fd)
+
+    monkeypatch.setattr(_snapshot_ops, "sha256_fd", slow)
+    before = sorted(os.listdir("/proc/self/fd"))
+    with pytest.raises(vzkit.VMTimeoutError, match="restoring snapshot 's'"):
+        manager.restore(vm, "s", timeout=0.3)
+    assert stopped.is_set()  # the thread was told and had stopped before the error came
+    assert sorted(os.listdir("/proc/self/fd")) == before
+    assert machine(vm).restored == []
+    assert vm.state is VMState.STOPPED
