@@ -190,6 +190,8 @@ def test_twenty_save_restore_cycles(origin: Origin, vms: VMFactory) -> None:
     ours = [n for n in names if n.startswith("cycle.")]
     disks = [n for n in ours if n.endswith(".disk0.qcow2")]  # a restored run's disk, flattened
     assert len(disks) == 1  # the replaced snapshots' disks are gone
+    flattened = origin.manager.snapshot_dir / disks[0]
+    assert flattened.stat().st_mode & 0o777 == 0o400  # guest data: owner-only, read-only
     assert sorted(ours) == sorted(["cycle.json", "cycle.vmstate", *disks])
 
 
