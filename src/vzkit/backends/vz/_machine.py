@@ -204,7 +204,7 @@ class VzMachine:
                 tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
                 try:
                     await copy_disk(disk.path, tmp)
-                    os.chmod(tmp, 0o600)  # the VM's writable disk again, owner-only
+                    os.chmod(tmp, 0o644)
                     os.replace(tmp, target)
                 finally:
                     with contextlib.suppress(OSError):
