@@ -4,12 +4,17 @@
 * save time and state file size vs guest RAM (idle guest, and with 128 MiB of it written)
 * 4 VMs started from one snapshot vs 4 booted, side by side (to all agents ready)
 * capturing a disk: sparse copy vs ``qemu-img convert`` vs a qcow2 overlay
+* the checksums a save records and a restore checks: throughput on the state file and on a
+  sparse disk (page cache hot, and cold: the file's pages dropped with ``posix_fadvise``),
+  and restore → agent ready with the check vs without it (a bench-only switch), interleaved
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -17,12 +22,16 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import vzkit
-from vzkit._diskcopy import copy_disk_sync
+from vzkit import _snapshot_ops
+from vzkit._diskcopy import copy_disk_sync, nonzero_digest_fd, sha256_fd
+from vzkit._snapshot import SnapshotRecord
+from vzkit.backends._protocol import CapturedDisk
 from vzkit.guest import GuestImage
 from vzkit.guest._image import default_image
 
@@ -58,6 +67,61 @@ def restore_agent_ready(cfg: vzkit.LinuxVMConfig, manager: vzkit.SnapshotManager
         vm.resume()  # steps the guest clock through the agent
         vm.guest.wait_ready(timeout=120)
         return time.perf_counter() - t0
+
+
+def _verify_without_checksums(sdir: Path, record: SnapshotRecord, abort: threading.Event) -> Any:
+    """Bench only: a restore's file check minus reading the files for their checksums."""
+    state = sdir / f"{record.name}.vmstate"
+    fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    disks = [CapturedDisk(d.role, Path(d.source), sdir / d.file, d.format) for d in record.disks]
+    return _snapshot_ops._Checked(fd, _snapshot_ops._fd_path(fd, state), disks)
+
+
+@contextlib.contextmanager
+def no_checksums() -> Iterator[None]:
+    with mock.patch.object(_snapshot_ops, "_verify_sync", _verify_without_checksums):
+        yield
+
+
+def hash_rate(path: Path, digest: Callable[[int], tuple[str, int]], cold: bool) -> dict[str, float]:
+    """Seconds and MB/s of ``digest`` over ``path`` (its size; a sparse file's holes count)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if cold:
+            os.fsync(fd)  # dirty pages cannot be dropped
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        t0 = time.perf_counter()
+        _, size = digest(fd)
+        seconds = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    return {"s": seconds, "mb_s": size / seconds / 1e6, "bytes": size}
+
+
+def checksum_rates(state: Path, work: Path, data_mib: int = 256) -> dict[str, dict[str, float]]:
+    """The state file (SHA-256) and a 2 GiB raw disk holding ``data_mib`` MiB (the non-zero
+    block digest, and plain SHA-256 of the whole file for comparison)."""
+    disk = work / "hash-disk.raw"
+    _sparse_disk(disk, data_mib)
+    out = {}
+    for label, path, digest in (
+        ("state_sha256", state, sha256_fd),
+        ("disk_nonzero", disk, nonzero_digest_fd),
+        ("disk_plain_sha256", disk, sha256_fd),
+    ):
+        for cold in (True, False):
+            out[f"{label}_{'cold' if cold else 'hot'}"] = hash_rate(path, digest, cold)
+    disk.unlink()
+    return out
+
+
+def _sparse_disk(path: Path, data_mib: int) -> None:
+    with open(path, "wb") as fh:
+        fh.truncate(2 << 30)
+        chunk = bytes(range(256)) * (MIB // 256)
+        for i in range(data_mib):
+            fh.seek(i * 8 * MIB)  # spread out, as a file system would
+            fh.write(chunk)
 
 
 def make_snapshot(
@@ -132,12 +196,7 @@ def four_at_once(image: GuestImage, work: Path, manager: vzkit.SnapshotManager) 
 def disk_capture(work: Path, data_mib: int = 256) -> dict[str, float]:
     """Capturing a 2 GiB raw disk holding ``data_mib`` MiB: the options measured."""
     src = work / "disk.raw"
-    with open(src, "wb") as fh:
-        fh.truncate(2 << 30)
-        chunk = bytes(range(256)) * (MIB // 256)
-        for i in range(data_mib):
-            fh.seek(i * 8 * MIB)  # spread out, as a file system would
-            fh.write(chunk)
+    _sparse_disk(src, data_mib)
     subprocess.run(["sync"], check=True)
     out: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -163,11 +222,15 @@ def bench_snapshots(arch: str, rounds: int) -> dict[str, Any]:
         work = Path(tmp)
         manager = vzkit.SnapshotManager(work / "vm")
         make_snapshot(_config(image, work, "origin"), manager, "bench")
-        cold, warm = [], []
+        cold, warm, unchecked = [], [], []
         cold_agent_ready(_config(image, work, "warm-up"))
         for i in range(rounds):
             cold.append(cold_agent_ready(_config(image, work, f"cold{i}")))
             warm.append(restore_agent_ready(_config(image, work, f"warm{i}"), manager))
+            with no_checksums():
+                cfg = _config(image, work, f"unchecked{i}")
+                unchecked.append(restore_agent_ready(cfg, manager))
+        hashes = checksum_rates(manager.state_path("bench"), work)
         sizes = []
         for memory_gb in (0.5, 1.0, 2.0):
             for fill in (0, 128):
@@ -180,12 +243,16 @@ def bench_snapshots(arch: str, rounds: int) -> dict[str, Any]:
         fleet = four_at_once(image, work, manager)
         disks = disk_capture(work)
     cold_s, warm_s = statistics.median(cold), statistics.median(warm)
+    unchecked_s = statistics.median(unchecked)
     return {
         "arch": arch,
         "rounds": rounds,
         "cold_agent_ready_s": cold_s,
         "restore_agent_ready_s": warm_s,
         "restore_ratio": warm_s / cold_s,
+        "restore_unchecked_agent_ready_s": unchecked_s,
+        "restore_checked_vs_unchecked": warm_s / unchecked_s,
+        "checksums": hashes,
         "save_vs_ram": sizes,
         "four": fleet,
         "disk_capture": disks,
@@ -197,6 +264,13 @@ def print_snapshots(r: dict[str, Any]) -> None:
         f"{r['arch']}: cold boot → agent {r['cold_agent_ready_s']:.3f}s, restore → agent "
         f"{r['restore_agent_ready_s']:.3f}s, ratio {r['restore_ratio']:.3f} (goal ≤ 0.25)"
     )
+    print(
+        f"  restore → agent without the checksum check {r['restore_unchecked_agent_ready_s']:.3f}s"
+        f" (with/without {r['restore_checked_vs_unchecked']:.3f})"
+    )
+    for label, h in r["checksums"].items():
+        print(f"  checksum {label:<24} {h['bytes'] / MIB:>7.0f} MiB {h['s']:>6.3f}s "
+              f"{h['mb_s']:>7.0f} MB/s")  # fmt: skip
     print(f"  {'guest RAM':>9} {'written':>8} {'save':>7} {'state file':>11}")
     for s in r["save_vs_ram"]:
         print(

@@ -13,34 +13,54 @@ checkable:
 * any failure or cancellation removes the partial files and resumes a VM that was running;
 * a restore compares the VM's config with the one recorded at save time (canonical paths)
   and refuses with a :class:`~vzkit.errors.SnapshotError` naming every difference before any
-  process starts.
+  process starts;
+* snapshot files are untrusted: a restore checks the metadata's schema
+  (:func:`~vzkit._snapshot.parse_metadata`), opens every file as a regular file inside the
+  snapshot dir (no symlink) and compares its size and SHA-256 with the ones recorded at
+  save time, all before the backend sees a file. The state file is handed to the backend as
+  ``/proc/self/fd/N`` of the descriptor that was checksummed (on Linux), so swapping the file
+  after the check changes nothing;
+* the snapshot dir is 0700 and every file a save writes is owner-only (0400 or 0600).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import errno
 import hashlib
 import json
 import logging
 import os
-import re
 import secrets
+import stat
+import sys
+import threading
+import time
 import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._config import ConsoleMode, LinuxVMConfig
 from ._disk import DiskFormat
-from ._diskcopy import fsync_dir
+from ._diskcopy import fsync_dir, nonzero_digest_fd, sha256_fd
 from ._macconfig import MacVMConfig
 from ._snapshot import (
+    DISK_DIGEST_PREFIX,
+    FORMAT,
     META_SUFFIX,
     STATE_SUFFIX,
+    TOKEN_HEX,
     SnapshotManager,
     SnapshotMeta,
+    SnapshotRecord,
     check_snapshot_name,
+    disk_file_re,
     format_rfc3339,
+    make_private_dir,
 )
 from ._state import VMState
 from ._volume import assign_volume_tags
@@ -54,10 +74,8 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT", "config_diff", "machine_fields", "restore", "save"]
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
-#: Version of the keys vzkit adds to the seed's JSON.
-FORMAT = 1
-_TOKEN_HEX = 12
 #: VMs restored in this process, to refuse a second live restore on backends that cannot.
 _restored: weakref.WeakSet[VMCore] = weakref.WeakSet()
 
@@ -129,30 +147,13 @@ def config_diff(saved: dict[str, Any], cfg: LinuxVMConfig | MacVMConfig) -> list
     ]
 
 
-def _disk_file_re(name: str) -> re.Pattern[str]:
-    return re.compile(re.escape(name) + rf"\.[0-9a-f]{{{_TOKEN_HEX}}}\.disk\d+\.[a-z0-9]+")
-
-
 def disk_files(manager: SnapshotManager, name: str) -> list[Path]:
     """Every captured-disk file of snapshot ``name``, referenced or left over."""
-    pattern = _disk_file_re(name)
+    pattern = disk_file_re(name)
     try:
         return [p for p in manager.snapshot_dir.iterdir() if pattern.fullmatch(p.name)]
     except FileNotFoundError:
         return []
-
-
-def read_json(manager: SnapshotManager, name: str) -> dict[str, Any]:
-    path = manager.meta_path(name)
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise SnapshotError(f"snapshot {name!r} has no metadata ({str(path)!r})") from None
-    except (OSError, ValueError) as err:
-        raise SnapshotError(f"cannot read the metadata of snapshot {name!r}: {err}") from err
-    if not isinstance(data, dict):
-        raise SnapshotError(f"the metadata of snapshot {name!r} is not a JSON object")
-    return data
 
 
 def _unlink(*paths: Path | None) -> None:
@@ -163,7 +164,7 @@ def _unlink(*paths: Path | None) -> None:
 
 
 def _write_new(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
         data = text.encode()
         while data:
@@ -261,10 +262,10 @@ async def save(
         )
     sdir = manager.snapshot_dir
     try:
-        sdir.mkdir(parents=True, exist_ok=True)
+        make_private_dir(sdir)
     except OSError as err:
         raise _as_snapshot_error(f"saving snapshot {name!r}", err, state) from err
-    token = secrets.token_hex(_TOKEN_HEX // 2)
+    token = secrets.token_hex(TOKEN_HEX // 2)
     tmp_state = sdir / f".{name}.{token}{STATE_SUFFIX}.tmp"
     was_running = state is VMState.RUNNING
     try:
@@ -273,10 +274,13 @@ async def save(
             await core.pause(None)
         await machine.save_state(tmp_state, progress)
         captured: list[CapturedDisk] = await machine.capture_disks(sdir, f".{name}.{token}.")
+        (state_sum, state_size), *disk_sums = await _in_thread(
+            _checksum_sync, tmp_state, [d.path for d in captured]
+        )
         meta: dict[str, Any] = {
             "name": name,
             "created": format_rfc3339(datetime.now(UTC)),
-            "size": tmp_state.stat().st_size,
+            "size": state_size,
             "vmState": state.value,
             "filePath": str(manager.state_path(name)),
             "format": FORMAT,
@@ -291,10 +295,12 @@ async def save(
                     "source": str(d.source),
                     "file": d.path.name.lstrip("."),
                     "format": d.format.value,
-                    "size": d.path.stat().st_size,
+                    "size": disk_size,
+                    "digest": DISK_DIGEST_PREFIX + disk_sum,
                 }
-                for d in captured
+                for d, (disk_sum, disk_size) in zip(captured, disk_sums, strict=True)
             ],
+            "stateSha256": state_sum,
             "agent": agent,
         }
         meta["configFingerprint"] = fingerprint(meta["machine"])
@@ -355,48 +361,221 @@ async def restore(manager: SnapshotManager, core: VMCore, name: str) -> Snapshot
     if core.closed or core.state not in (VMState.STOPPED, VMState.ERROR):
         what = "closed" if core.closed else core.state.value
         raise StateError(f"restoring a snapshot needs a stopped VM (it is {what})")
-    meta = manager.get(name)
-    data = read_json(manager, name)
-    saved_fields = data.get("machine")
-    if data.get("format") != FORMAT or not isinstance(saved_fields, dict):
-        raise SnapshotError(
-            f"snapshot {name!r} has no machine description vzkit can check (format "
-            f"{data.get('format')!r}); it cannot be restored safely"
-        )
-    backend = data.get("backend")
-    if backend != core.backend.name:
-        raise SnapshotError(
-            f"snapshot {name!r} was saved by the {backend} backend; this VM uses "
-            f"{core.backend.name}"
-        )
-    if data.get("size") != meta.size:
-        raise SnapshotError(
-            f"snapshot {name!r} is incomplete: its state file has {meta.size} bytes, its "
-            f"metadata says {data.get('size')} (an interrupted save?)"
-        )
-    diff = config_diff(saved_fields, core.config)
+    meta, record = manager.checked(name)
+    record = _check_record(name, record, meta, core)
+    diff = config_diff(record.machine, core.config)
     if diff:
         raise SnapshotError(f"snapshot {name!r} does not fit this VM's config: " + "; ".join(diff))
-    disks = []
-    for entry in data.get("disks", []):
-        path = manager.snapshot_dir / str(entry["file"])
-        if not path.is_file():
-            raise SnapshotError(f"snapshot {name!r} is missing its disk image {str(path)!r}")
-        disks.append(
-            CapturedDisk(
-                role=str(entry["role"]),
-                source=Path(entry["source"]),
-                path=path,
-                format=DiskFormat(entry["format"]),
-            )
-        )
     _check_fanout(core, meta.file_path)
     try:
-        await core.machine.restore_state(meta.file_path, disks)
+        checked = await _in_thread(_verify_sync, manager.snapshot_dir, record)
+    except OSError as err:  # an I/O error while reading; what is wrong is a SnapshotError
+        raise _as_snapshot_error(f"checking snapshot {name!r}", err, VMState.STOPPED) from err
+    try:
+        await core.machine.restore_state(checked.state_path, checked.disks)
     except BaseException as err:
         if isinstance(err, SnapshotError | StateError) or not isinstance(err, VzkitError | OSError):
             raise
         raise _as_snapshot_error(f"restoring snapshot {name!r}", err, VMState.STOPPED) from err
-    core.restored(meta.file_path, clock_step=bool(data.get("agent")))
+    finally:
+        os.close(checked.state_fd)
+    core.restored(meta.file_path, clock_step=record.agent)
     _restored.add(core)
     return meta
+
+
+def _check_record(
+    name: str, record: SnapshotRecord | None, meta: SnapshotMeta, core: VMCore
+) -> SnapshotRecord:
+    """The cheap refusals, before any file is read: format, backend, size, fingerprint."""
+    fmt = None if record is None else record.format
+    if record is None or fmt is None:
+        raise SnapshotError(
+            f"snapshot {name!r} has no machine description vzkit can check (format {fmt!r}); "
+            "it cannot be restored safely"
+        )
+    if fmt < FORMAT:
+        raise SnapshotError(
+            f"snapshot {name!r} was saved by an older vzkit (metadata format {fmt}) that "
+            "recorded no checksums of its files, so it cannot be checked before a restore: "
+            "boot the VM, bring it back to that point and save it again"
+        )
+    if fmt > FORMAT:
+        raise SnapshotError(
+            f"snapshot {name!r} was saved by a newer vzkit (metadata format {fmt}; this one "
+            f"reads {FORMAT}): upgrade vzkit to restore it"
+        )
+    if record.backend != core.backend.name:
+        raise SnapshotError(
+            f"snapshot {name!r} was saved by the {record.backend} backend; this VM uses "
+            f"{core.backend.name}"
+        )
+    if record.size != meta.size:
+        raise SnapshotError(
+            f"snapshot {name!r} is incomplete: its state file has {meta.size} bytes, its "
+            f"metadata says {record.size} (an interrupted save?)"
+        )
+    if record.config_fingerprint != fingerprint(record.machine):
+        raise SnapshotError(
+            f"snapshot {name!r} has invalid metadata: field 'configFingerprint' does not match "
+            "field 'machine' (the file was altered: delete the snapshot and save it again)"
+        )
+    return record
+
+
+# -- files: permissions, checksums, checked opens ------------------------------------------
+
+
+async def _in_thread(fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args, abort)`` in a worker thread. Cancelling the caller sets ``abort`` and waits
+    for the thread to stop (it owns descriptors), so nothing runs on behind its back."""
+    abort = threading.Event()
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args, abort))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        abort.set()
+        with contextlib.suppress(Exception):
+            result = await work
+            if isinstance(result, _Checked):  # it finished anyway: let go of its descriptor
+                os.close(result.state_fd)
+        raise
+
+
+def _checksum_sync(
+    state: Path, disks: Sequence[Path], abort: threading.Event
+) -> list[tuple[str, int]]:
+    """At save, after the fsyncs: make the new files owner-only and read-only (0400) and
+    checksum them (SHA-256 of the state file, :func:`nonzero_digest_fd` of each disk)."""
+    out = []
+    for path, digest in [(state, sha256_fd), *((d, nonzero_digest_fd) for d in disks)]:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, 0o400)
+            t0 = time.perf_counter()
+            out.append(digest(fd, abort))
+            _log_rate("checksummed", path, out[-1][1], time.perf_counter() - t0)
+        finally:
+            os.close(fd)
+    return out
+
+
+def _log_rate(what: str, path: Path, size: int, seconds: float) -> None:
+    rate = size / max(seconds, 1e-9) / 1e6
+    log.info("%s %s: %d bytes in %.3f s (%.0f MB/s)", what, path.name, size, seconds, rate)
+
+
+@dataclass(frozen=True, slots=True)
+class _Checked:
+    """A snapshot's files, checked: the state file's descriptor (kept open until the backend
+    has read it), the path the backend opens it by, and the captured disks."""
+
+    state_fd: int
+    state_path: Path
+    disks: list[CapturedDisk]
+
+
+def _verify_sync(sdir: Path, record: SnapshotRecord, abort: threading.Event) -> _Checked:
+    """Open each file the metadata names inside ``sdir`` (no symlink, a regular file of the
+    recorded size) and compare its checksum with the recorded one."""
+    name = record.name
+    dir_fd = os.open(sdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        disks = []
+        for disk in record.disks:
+            fd = _open_member(dir_fd, sdir, name, disk.file, disk.size, "disk image")
+            try:
+                if disk.format is DiskFormat.QCOW2:
+                    _check_qcow2(fd, name, sdir / disk.file)
+                t0 = time.perf_counter()
+                digest, _ = nonzero_digest_fd(fd, abort)
+                _log_rate("verified", sdir / disk.file, disk.size, time.perf_counter() - t0)
+            finally:
+                os.close(fd)
+            if DISK_DIGEST_PREFIX + digest != disk.digest:
+                raise _altered(name, sdir / disk.file)
+            disks.append(CapturedDisk(disk.role, Path(disk.source), sdir / disk.file, disk.format))
+        state = sdir / (name + STATE_SUFFIX)
+        fd = _open_member(dir_fd, sdir, name, state.name, record.size or 0, "state file")
+        try:
+            t0 = time.perf_counter()
+            digest, _ = sha256_fd(fd, abort)
+            _log_rate("verified", state, record.size or 0, time.perf_counter() - t0)
+            if digest != record.state_sha256:
+                raise _altered(name, state)
+        except BaseException:
+            os.close(fd)
+            raise
+    finally:
+        os.close(dir_fd)
+    return _Checked(fd, _fd_path(fd, state), disks)
+
+
+def _altered(name: str, path: Path) -> SnapshotError:
+    return SnapshotError(
+        f"snapshot {name!r} is damaged: the checksum of {str(path)!r} does not match the one "
+        "recorded when it was saved (the file was altered or corrupted); delete the snapshot "
+        "and save it again"
+    )
+
+
+def _open_member(dir_fd: int, sdir: Path, name: str, file: str, size: int, what: str) -> int:
+    """``file`` (a plain name) opened read-only inside the directory ``dir_fd``: a regular
+    file of ``size`` bytes, never through a symlink, never blocking on a FIFO."""
+    path = sdir / file
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(file, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise SnapshotError(f"snapshot {name!r} is missing its {what} {str(path)!r}") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise SnapshotError(
+                f"snapshot {name!r}: its {what} {str(path)!r} is a symlink, refused (a "
+                "snapshot's files are its own, never links to other files)"
+            ) from None
+        raise SnapshotError(f"cannot open {str(path)!r}: {err.strerror}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(
+                f"snapshot {name!r}: its {what} {str(path)!r} is not a regular file"
+            )
+        if st.st_size != size:
+            raise SnapshotError(
+                f"snapshot {name!r} is damaged: its {what} {str(path)!r} has {st.st_size} bytes, "
+                f"its metadata says {size} (truncated or altered); delete the snapshot and save "
+                "it again"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+_QCOW2_MAGIC = b"QFI\xfb"
+_QCOW2_EXTERNAL_DATA_FILE = 1 << 2  # incompatible feature bit
+
+
+def _check_qcow2(fd: int, name: str, path: Path) -> None:
+    """A captured qcow2 is standalone: no backing file, no external data file (else its
+    header could make QEMU open any host file behind the restored guest's disk)."""
+    head = os.pread(fd, 80, 0)
+    if len(head) < 72 or head[:4] != _QCOW2_MAGIC:
+        raise SnapshotError(f"snapshot {name!r}: {str(path)!r} is not a qcow2 image")
+    version = int.from_bytes(head[4:8], "big")
+    backing = int.from_bytes(head[8:16], "big") or int.from_bytes(head[16:20], "big")
+    features = int.from_bytes(head[72:80], "big") if version >= 3 and len(head) >= 80 else 0
+    if backing or features & _QCOW2_EXTERNAL_DATA_FILE:
+        what = "a backing file" if backing else "an external data file"
+        raise SnapshotError(
+            f"snapshot {name!r}: its disk image {str(path)!r} names {what}; vzkit never writes "
+            "one, refused"
+        )
+
+
+def _fd_path(fd: int, real: Path) -> Path:
+    """A path that opens the very file behind ``fd`` (Linux: ``/proc/self/fd/N``), so what
+    the backend reads is what was checksummed even if ``real`` is replaced meanwhile."""
+    proc = Path(f"/proc/self/fd/{fd}")
+    return proc if sys.platform == "linux" and proc.exists() else real

@@ -9,6 +9,7 @@ after each restore; the origin's ``relay`` on vsock port 5000 lives in the snaps
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import signal
@@ -189,6 +190,8 @@ def test_twenty_save_restore_cycles(origin: Origin, vms: VMFactory) -> None:
     ours = [n for n in names if n.startswith("cycle.")]
     disks = [n for n in ours if n.endswith(".disk0.qcow2")]  # a restored run's disk, flattened
     assert len(disks) == 1  # the replaced snapshots' disks are gone
+    flattened = origin.manager.snapshot_dir / disks[0]
+    assert flattened.stat().st_mode & 0o777 == 0o400  # guest data: owner-only, read-only
     assert sorted(ours) == sorted(["cycle.json", "cycle.vmstate", *disks])
 
 
@@ -290,6 +293,39 @@ def test_restore_into_an_incompatible_config_fails_before_anything_starts(
         origin.manager.restore(origin.vm, "base")
     with pytest.raises(vzkit.StateError, match="must be running or paused"):
         origin.manager.save(vm, "nope")
+
+
+def test_an_altered_state_file_of_a_real_snapshot_is_refused_before_qemu_starts(
+    origin: Origin, vms: VMFactory
+) -> None:
+    """A copy of ``base`` under another name, one byte of its state file flipped: the restore
+    is refused by the checksum, before any process starts."""
+    sdir = origin.manager.snapshot_dir
+    data = json.loads(origin.manager.meta_path("base").read_text())
+    (disk,) = data["disks"]
+    data["name"] = "tampered"
+    disk["file"] = disk["file"].replace("base.", "tampered.", 1)
+    os.link(sdir / f"base.{data['id']}.disk0.raw", sdir / disk["file"])
+    state = bytearray((sdir / "base.vmstate").read_bytes())
+    state[len(state) // 2] ^= 0x01
+    (sdir / "tampered.vmstate").write_bytes(bytes(state))
+    origin.manager.meta_path("tampered").write_text(json.dumps(data))
+    vm = vms.create(**origin.settings("tampered"))
+    before = dict(live_children())
+    try:
+        with pytest.raises(vzkit.SnapshotError, match="is damaged: the checksum of"):
+            origin.manager.restore(vm, "tampered")
+        assert live_children() == before
+        assert vm.state is vzkit.VMState.STOPPED
+        assert not (origin.root / "tampered" / "restored-disk0.qcow2").exists()
+        modes = {p.name: p.stat().st_mode & 0o777 for p in sdir.iterdir() if "base" in p.name}
+        assert modes == {"base.json": 0o600, "base.vmstate": 0o400, disk["file"].replace(
+            "tampered.", "base.", 1): 0o400}  # fmt: skip
+        assert sdir.stat().st_mode & 0o777 == 0o700
+        assert len(data["stateSha256"]) == 64
+        assert disk["digest"].startswith("sha256-nonzero-1m:")
+    finally:
+        origin.manager.delete("tampered")
 
 
 def test_cli_save_then_run_from_the_snapshot(

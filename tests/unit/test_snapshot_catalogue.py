@@ -233,3 +233,39 @@ def test_manager_accepts_str_and_does_not_create(tmp_path: Path) -> None:
     assert manager.vm_dir == tmp_path / "vm"
     assert "SnapshotManager(" in repr(manager)
     assert not (tmp_path / "vm").exists()
+
+
+@pytest.mark.parametrize(
+    ("name", "code"),
+    [("\x01", "U+0001"), ("a\nb", "U+000A"), ("tab\there", "U+0009"), ("esc\x1b[31m", "U+001B"),
+     ("del\x7f", "U+007F"), ("c1\x85", "U+0085"), ("c1\x9f", "U+009F")],
+)  # fmt: skip
+def test_control_characters_are_refused(tmp_path: Path, name: str, code: str) -> None:
+    manager = SnapshotManager(tmp_path / "vm")
+    for call in (manager.delete, manager.get, manager.state_path, manager.meta_path):
+        with pytest.raises(SnapshotError) as info:
+            call(name)
+        assert str(info.value) == (
+            f"invalid snapshot name {name!r}: it contains the control character {code} "
+            "(use letters, digits and punctuation)"
+        )
+    assert not (tmp_path / "vm").exists()
+    assert SnapshotManager(tmp_path).state_path("café ünïcode ✓").name == "café ünïcode ✓.vmstate"
+
+
+def test_a_state_file_with_a_control_character_is_not_listed(tmp_path: Path) -> None:
+    _write(tmp_path, "ok")
+    _write(tmp_path, "bad\x1bname")
+    assert [m.name for m in SnapshotManager(tmp_path).list()] == ["ok"]
+
+
+def test_get_refuses_what_list_forgives(tmp_path: Path) -> None:
+    _write(tmp_path, "s", b"abcd", '{"created": "yesterday"}')
+    assert [m.name for m in SnapshotManager(tmp_path).list()] == ["s"]
+    with pytest.raises(SnapshotError) as info:
+        SnapshotManager(tmp_path).get("s")
+    assert str(info.value) == (
+        "snapshot 's' has invalid metadata: field 'created' must be an RFC 3339 timestamp, not "
+        "'yesterday' (the file is damaged or was not written by vzkit: delete the snapshot and "
+        "save it again)"
+    )

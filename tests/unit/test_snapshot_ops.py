@@ -39,6 +39,8 @@ class FakeMachine:
         self.restored: list[tuple[Path, list[CapturedDisk]]] = []
         self.state_written = b""
         self.set_aside: list[tuple[str, VMState]] = []  # prepare/finish_save and the state then
+        self.before_restore: Callable[[], None] | None = None
+        self.state_read = b""
 
     # lifecycle
     @property
@@ -134,8 +136,12 @@ class FakeMachine:
         return [CapturedDisk("disk0", source, dst, vzkit.DiskFormat.RAW)]
 
     async def restore_state(self, path: Path, disks: Sequence[CapturedDisk]) -> None:
-        assert path.read_bytes().startswith(STATE_BYTES)
-        self.restored.append((path, list(disks)))
+        if self.before_restore is not None:
+            self.before_restore()
+        self.state_read = path.read_bytes()
+        assert self.state_read.startswith(STATE_BYTES)
+        # the path opens the checksummed file (/proc/self/fd/N here): record where it is
+        self.restored.append((Path(os.path.realpath(path)), list(disks)))
         self._set(VMState.PAUSED)
 
 
@@ -155,6 +161,11 @@ class FakeBackend:
 
 @pytest.fixture
 def setup(tmp_path: Path) -> Iterator[Callable[..., vzkit.VirtualMachine]]:
+    yield from make_vms(tmp_path)
+
+
+def make_vms(tmp_path: Path) -> Iterator[Callable[..., vzkit.VirtualMachine]]:
+    """A factory of VMs on the fake backend sharing one kernel and disk; closes them after."""
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"k")
     disk = tmp_path / "disk.raw"
@@ -219,7 +230,7 @@ def test_save_writes_state_disks_and_metadata(
     assert disk["format"] == "raw"
     image = manager.snapshot_dir / disk["file"]
     assert image.read_bytes() == (tmp_path / "disk.raw").read_bytes()
-    assert image.stat().st_mode & 0o777 == 0o444
+    assert image.stat().st_mode & 0o777 == 0o400
 
     vm.pause()
     manager.save(vm, "paused")

@@ -195,7 +195,7 @@ async def _flatten(src: Path, backing: DiskImage, dst: Path) -> None:
             dst.unlink()
         raise SnapshotError(f"qemu-img convert failed for {str(src)!r}: {message or rc}")
     await asyncio.to_thread(_fsync_path, dst)
-    os.chmod(dst, 0o444)
+    os.chmod(dst, 0o400)  # guest data, owner-only; never written again
 
 
 async def capture_disks(m: QemuMachine, directory: Path, prefix: str) -> list[CapturedDisk]:
@@ -273,7 +273,11 @@ async def prepare_disks(m: QemuMachine, disks: Sequence[CapturedDisk]) -> Path |
 
 
 async def load_state(m: QemuMachine, path: Path) -> None:
-    """Feed the state file to a QEMU started with ``-incoming defer``; it stays paused."""
+    """Feed the state file to a QEMU started with ``-incoming defer``; it stays paused.
+
+    ``path`` comes from a restore that checksummed the file first: on Linux it is
+    ``/proc/self/fd/N`` of the checksummed descriptor, so the descriptor QEMU gets reads the
+    very file that was checked (see :mod:`vzkit._snapshot_ops`)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         await _pass_fd(m, fd)

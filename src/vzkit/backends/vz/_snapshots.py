@@ -3,7 +3,12 @@
 The catalogue (``<vm_dir>/snapshots/<name>.vmstate`` + ``<name>.json``) is vzkit's
 :class:`~vzkit.SnapshotManager`; this module writes into it. The state file is written under
 a temporary name, fsynced and renamed, then the metadata; a failure leaves an older snapshot
-of the same name intact. A running VM is paused for the save and resumed afterwards.
+of the same name intact. A running VM is paused for the save and resumed afterwards. The
+snapshot dir is 0700 and the files are owner-only (0600), whatever the umask.
+
+These write the seed's metadata (no ``format``, no checksums): :meth:`SnapshotManager.restore`
+refuses such snapshots, and :func:`restore_snapshot` hands VZ the state file only (VZ checks
+its own format; no disk is involved).
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from ..._snapshot import SnapshotManager, SnapshotMeta, check_snapshot_name, format_rfc3339
+from ..._snapshot import (
+    SnapshotManager,
+    SnapshotMeta,
+    check_snapshot_name,
+    format_rfc3339,
+    make_private_dir,
+)
 from ..._state import VMState
 from ...errors import SnapshotError, StateError, VzkitError
 from ._lifecycle import (
@@ -54,7 +65,7 @@ def save_snapshot(
     if state not in (VMState.RUNNING, VMState.PAUSED):
         raise StateError(f"cannot save a VM that is {state.value} (running or paused needed)")
     validate_save_restore_support(config)
-    manager.snapshot_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(manager.snapshot_dir)
     target = manager.state_path(name)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     was_running = state is VMState.RUNNING
@@ -66,6 +77,7 @@ def save_snapshot(
         except VzkitError as err:
             raise SnapshotError(f"saving snapshot {name!r} failed: {err}") from err
         with open(tmp, "rb") as fh:
+            os.fchmod(fh.fileno(), 0o600)  # VZ created it with the umask's mode
             os.fsync(fh.fileno())
         os.replace(tmp, target)
         meta = {
@@ -77,7 +89,9 @@ def save_snapshot(
             "backend": "vz",
         }
         meta_tmp = tmp.with_suffix(".json-tmp")
-        meta_tmp.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        fd = os.open(meta_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(meta, indent=2) + "\n")
         os.replace(meta_tmp, manager.meta_path(name))
         _fsync_dir(manager.snapshot_dir)
     finally:
