@@ -574,6 +574,14 @@ def _doctor_qemu() -> None:
             kvm = {True: "works", False: "does not work here", None: "not probed yet"}
             line += f"; KVM {kvm[verdict]}"
         click.echo(line + ")")
+        sandbox = _discover.sandbox_probe(binary)
+        if sandbox.supported:
+            click.echo(f"      {guest.value}: QEMU runs under its seccomp sandbox (-sandbox on)")
+        else:
+            click.echo(
+                f"      {guest.value}: QEMU runs WITHOUT a seccomp sandbox "
+                f"(this binary cannot: {sandbox.detail})"
+            )
         try:
             firmware = _discover.find_firmware(guest)
             click.echo(f"      {guest.value} EFI firmware: {firmware.code}")
@@ -586,7 +594,7 @@ def _doctor_devices() -> None:
     """Which vsock transport and which share daemon a VM would get here."""
     import os
 
-    from .backends.qemu._virtiofs import find_virtiofsd
+    from .backends.qemu._virtiofs import VirtiofsSandbox, find_virtiofsd, sandbox_mode
     from .backends.qemu._vsock import VHOST_DEVICE
 
     if sys.platform != "linux":
@@ -606,6 +614,16 @@ def _doctor_devices() -> None:
         else:
             ro = "read-only shares on virtio-9p (the bind needs root)"
         click.echo(f"      shares: VirtioFS, {daemon.flavour} virtiofsd {daemon.path} ({ro})")
+        sandbox = sandbox_mode(os.geteuid() == 0)
+        if sandbox is VirtiofsSandbox.NAMESPACE:
+            click.echo("      shares: virtiofsd runs in its namespace sandbox")
+        elif sandbox is VirtiofsSandbox.CHROOT:
+            click.echo("      shares: virtiofsd runs in its chroot sandbox (no namespaces here)")
+        else:
+            click.echo(
+                "      shares: virtio-9p, not VirtioFS (virtiofsd cannot be sandboxed here: "
+                "no user namespaces for this user)"
+            )
 
 
 main.add_command(codesign_cmd)

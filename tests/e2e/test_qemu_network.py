@@ -1,8 +1,9 @@
 """NAT networking on the qemu backend, end to end, without leaving this machine.
 
-One boot: the guest gets its address, route and DNS server by DHCP; it reaches a service on
-the host's loopback through the NAT gateway (10.0.2.2); a published TCP port on the host's
-loopback reaches a service in the guest.
+One boot: the guest gets its address, route and DNS server by DHCP; a service on the host's
+loopback is out of its reach at the NAT gateway (10.0.2.2); a published TCP port on the host's
+loopback reaches a service in the guest. A second boot asks for the host's loopback
+(``nat:host-loopback``) and reaches it.
 """
 
 from __future__ import annotations
@@ -46,18 +47,31 @@ def _sh(vm: vzkit.VirtualMachine, script: str, timeout: float = 60) -> tuple[int
     return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
 
 
-def test_nat_dhcp_host_loopback_and_published_port(vms: VMFactory) -> None:
-    # A service on the host's loopback only.
-    server = socket.create_server(("127.0.0.1", 0))
-    host_port = server.getsockname()[1]
+class LoopbackServer:
+    """A service on the host's loopback only; counts the connections it accepted."""
 
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.sendall(b"from host\n")
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
 
-    threading.Thread(target=serve, daemon=True).start()
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.sendall(b"from host\n")
 
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_nat_dhcp_published_port_and_no_host_loopback(vms: VMFactory) -> None:
+    server = LoopbackServer()
     published = _free_port()
     vm = vms.create(
         network=vzkit.NetworkConfig(vzkit.NetworkMode.NAT),
@@ -78,9 +92,13 @@ def test_nat_dhcp_host_loopback_and_published_port(vms: VMFactory) -> None:
     assert "default via 10.0.2.2 dev eth0" in out
     assert "nameserver 10.0.2.3" in out
 
-    # The guest reaches the host's loopback service through the NAT gateway.
-    code, out = _sh(vm, f"nc -w 10 10.0.2.2 {host_port} </dev/null")
-    assert (code, out) == (0, "from host\n")
+    # The host's loopback services are out of the guest's reach: 10.0.2.2 is not the host.
+    t0 = time.monotonic()
+    code, out = _sh(vm, f"timeout 10 nc -w 3 10.0.2.2 {server.port} </dev/null")
+    assert code != 0, out
+    assert "from host" not in out
+    assert time.monotonic() - t0 < 30
+    assert server.accepted == 0
     server.close()
 
     # A published host port reaches a service in the guest.
@@ -93,17 +111,34 @@ def test_nat_dhcp_host_loopback_and_published_port(vms: VMFactory) -> None:
     deadline = time.monotonic() + 30
     while b"got ping" not in reply and time.monotonic() < deadline:
         # Until the guest listens, the forwarder accepts and then drops the connection.
-        with socket.create_connection(("127.0.0.1", published), timeout=10) as conn:
-            conn.sendall(b"ping\n")
-            reply = b""
-            try:
+        try:
+            with socket.create_connection(("127.0.0.1", published), timeout=10) as conn:
+                conn.sendall(b"ping\n")
+                reply = b""
                 while chunk := conn.recv(100):
                     reply += chunk
-            except (ConnectionResetError, TimeoutError):
-                pass
+        except (ConnectionResetError, ConnectionRefusedError, TimeoutError):
+            pass
         if b"got ping" not in reply:
             time.sleep(0.2)
     assert reply == b"from guest\ngot ping\n"
+
+
+def test_nat_host_loopback_on_request(vms: VMFactory) -> None:
+    """``--network nat:host-loopback``: 10.0.2.2:PORT is the host's 127.0.0.1:PORT."""
+    server = LoopbackServer()
+    vm = vms.create(network=vzkit.parse_network_mode("nat:host-loopback"))
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=120)
+    code, out = _sh(
+        vm,
+        "for i in $(seq 100); do ip route | grep -q default && break; sleep 0.1; done; "
+        f"timeout 10 nc -w 5 10.0.2.2 {server.port} </dev/null",
+    )
+    # (nc may outlive the host's close by up to the timeout: the data is what counts)
+    assert out == "from host\n", (code, vm.state_dir.joinpath("passt.log").read_text())
+    assert server.accepted == 1
+    server.close()
 
 
 def test_no_network_means_no_nic(vms: VMFactory) -> None:

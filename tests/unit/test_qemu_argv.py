@@ -295,3 +295,81 @@ def test_restore_plan_waits_for_incoming_on_the_overlay(files: dict[str, Path]) 
     (blockdev,) = _opt(argv, "-blockdev")
     assert blockdev.startswith("driver=qcow2,node-name=disk0,")
     assert blockdev.endswith(f"file.filename={overlay}")
+
+
+# -- confinement: QEMU's seccomp sandbox and the nat network through passt --------------------
+
+
+def test_sandbox_denies_spawn_privileges_obsolete_and_resource_control(
+    files: dict[str, Path],
+) -> None:
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"])
+    plan = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, sandbox=True, console_log=Path("/l")
+    )
+    argv = build_argv(plan)
+    assert _opt(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ]
+    assert "-sandbox" not in build_argv(dataclasses.replace(plan, sandbox=False))
+
+
+@pytest.mark.parametrize(
+    ("host_os", "expected"),
+    [
+        ("linux", "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny"),
+        ("darwin", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
+    ],
+)
+def test_bridged_on_linux_lets_qemu_run_its_bridge_helper(
+    files: dict[str, Path], host_os: str, expected: str
+) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="x86_64", kernel_path=files["vmlinuz"], network=vzkit.parse_network_mode("bridged:br0")
+    )
+    plan = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, sandbox=True, host_os=host_os)
+    assert _argv.sandbox_args(plan) == ["-sandbox", expected]
+
+
+def test_nat_through_passt_is_a_stream_netdev_on_an_inherited_fd(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="x86_64",
+        kernel_path=files["vmlinuz"],
+        publish=(vzkit.parse_port_spec("8080:80"),),  # passt publishes it, not hostfwd
+    )
+    plan = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, passt_fd=11, console_log=Path("/l")
+    )
+    assert _argv.network_args(plan) == [
+        "-netdev", "stream,id=net0,server=off,addr.type=fd,addr.str=11",
+        "-device", "virtio-net-pci,netdev=net0,id=net0-dev",
+    ]  # fmt: skip
+    # without passt (not installed, or not Linux): QEMU's user-mode network, as before
+    assert _opt(build_argv(dataclasses.replace(plan, passt_fd=None)), "-netdev") == [
+        "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80"
+    ]
+
+
+def test_passt_argv_keeps_the_host_loopback_from_the_guest() -> None:
+    from vzkit.backends.qemu._passt import passt_argv, uses_passt
+
+    cfg = vzkit.LinuxVMConfig(
+        publish=(
+            vzkit.parse_port_spec("8080:80"),
+            vzkit.parse_port_spec("0.0.0.0:5353:53/udp"),
+        )
+    )
+    assert passt_argv(Path("/usr/bin/passt"), cfg, 7) == [
+        "/usr/bin/passt", "--foreground", "--stderr", "--quiet", "--fd=7", "--ipv4-only",
+        "--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2",
+        "--dns-forward", "10.0.2.3", "--dns", "10.0.2.3", "--no-dhcp-search",
+        "--no-map-gw",
+        "--tcp-ports", "127.0.0.1/8080:80",
+        "--udp-ports", "0.0.0.0/5353:53",
+    ]  # fmt: skip
+    asked = dataclasses.replace(cfg, network=vzkit.parse_network_mode("nat:host-loopback"))
+    assert "--no-map-gw" not in passt_argv(Path("passt"), asked, 7)
+    assert uses_passt(cfg, "linux")
+    assert not uses_passt(cfg, "darwin")
+    host_only = dataclasses.replace(cfg, network=vzkit.parse_network_mode("host-only"))
+    assert not uses_passt(host_only, "linux")

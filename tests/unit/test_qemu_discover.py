@@ -110,3 +110,43 @@ def test_missing_firmware_says_what_to_install(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("VZKIT_EFI_CODE", raising=False)
     with pytest.raises(BackendUnavailableError, match="apt-get install ovmf"):
         _discover.find_firmware(Arch.X86_64)
+
+
+SANDBOX_QEMU = """#!/bin/sh
+echo run >> "$(dirname "$0")/sandbox-runs"
+case " $* " in
+  *" -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny "*) ;;
+  *) echo "wrong sandbox option: $*" >&2; exit 2 ;;
+esac
+if [ "$(cat "$(dirname "$0")/mode")" = no-seccomp ]; then
+  echo "qemu-system-x86_64: -sandbox is not supported by this QEMU binary" >&2; exit 1
+fi
+read -r caps; read -r quit
+echo '{"QMP": {}}'; echo '{"return": {}}'; echo '{"return": {}}'
+"""
+
+
+@pytest.mark.parametrize("mode", ["works", "no-seccomp"])
+def test_sandbox_probe_runs_the_filter_once_per_binary_version(tmp_path: Path, mode: str) -> None:
+    binary = tmp_path / "qemu-system-x86_64"
+    binary.write_text(SANDBOX_QEMU)
+    binary.chmod(0o755)
+    (tmp_path / "mode").write_text(mode)
+    first = _discover.sandbox_probe(binary)
+    if mode == "works":
+        assert first == _discover.SandboxProbe(True)
+    else:
+        assert first == _discover.SandboxProbe(
+            False, "qemu-system-x86_64: -sandbox is not supported by this QEMU binary"
+        )
+    assert _discover.sandbox_probe(binary) == first
+    assert (tmp_path / "sandbox-runs").read_text().count("run") == 1
+    binary.write_text(SANDBOX_QEMU + "\n# upgraded\n")  # another build is asked again
+    _discover.sandbox_probe(binary)
+    assert (tmp_path / "sandbox-runs").read_text().count("run") == 2
+
+
+def test_sandbox_probe_of_a_missing_binary_says_why(tmp_path: Path) -> None:
+    probe = _discover.sandbox_probe(tmp_path / "nope")
+    assert not probe.supported
+    assert "cannot run" in probe.detail

@@ -64,6 +64,10 @@ class Plan:
     disk_override: Path | None = None
     #: The config's shares as served this run (virtiofsd sockets or 9p exports), in tag order.
     shares: tuple[ShareDevice, ...] = ()
+    #: Run under QEMU's seccomp filter (the binary has it: see ``_discover.sandbox_probe``).
+    sandbox: bool = False
+    #: The ``nat`` network's passt socket (an inherited fd), or None for QEMU's own backends.
+    passt_fd: int | None = None
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -173,6 +177,23 @@ def disk_args(plan: Plan) -> list[str]:
     ]  # fmt: skip
 
 
+#: QEMU's seccomp filter: no obsolete syscalls, no set*id/setsid, no fork/exec, no scheduler
+#: or affinity changes. A guest that takes over QEMU keeps only what QEMU itself needs.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: Bridged networking on Linux: QEMU forks and runs the setuid qemu-bridge-helper, which
+#: inherits the filter, so fork/exec and privilege changes stay allowed for that VM.
+SANDBOX_BRIDGED = "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny"
+
+
+def sandbox_args(plan: Plan) -> list[str]:
+    """``-sandbox`` when the plan asks for it (the machine probed the binary)."""
+    if not plan.sandbox:
+        return []
+    if plan.config.network.mode is NetworkMode.BRIDGED and plan.host_os != "darwin":
+        return ["-sandbox", SANDBOX_BRIDGED]
+    return ["-sandbox", SANDBOX]
+
+
 def incoming_args(plan: Plan) -> list[str]:
     """Restore: QEMU waits for the state stream, handed over later with ``migrate-incoming``."""
     return ["-incoming", "defer"] if plan.incoming else []
@@ -236,12 +257,22 @@ def hostfwd(plan: Plan) -> str:
     )
 
 
+def passt_netdev(fd: int) -> str:
+    """The ``nat`` network through passt (see ``_passt``): a stream socket QEMU inherits.
+    passt serves DHCP, DNS and the published ports itself."""
+    return f"stream,id=net0,server=off,addr.type=fd,addr.str={fd}"
+
+
 def network_args(plan: Plan) -> list[str]:
     net = plan.config.network
-    backend = netdev(net.mode, net.interface, plan.host_os)
+    if plan.passt_fd is not None and net.mode is NetworkMode.NAT:
+        backend: str | None = passt_netdev(plan.passt_fd)
+    else:
+        backend = netdev(net.mode, net.interface, plan.host_os)
+        if backend is not None:
+            backend += hostfwd(plan)
     if backend is None:
         return []
-    backend += hostfwd(plan)
     device = f"{virtio(plan, 'net')},netdev=net0,id=net0-dev"
     if plan.mac_address:
         device += f",mac={plan.mac_address}"
@@ -384,6 +415,7 @@ def display_args(plan: Plan) -> list[str]:
 
 _PIECES = (
     base_args,
+    sandbox_args,
     machine_args,
     boot_args,
     disk_args,

@@ -25,12 +25,15 @@ from ..._cache import user_cache_dir
 from ..._process import PREEXEC, log_argv
 from ..._state import Arch, host_arch
 from ...errors import BackendUnavailableError, ConfigError
+from ._argv import SANDBOX
 
 __all__ = [
     "Firmware",
+    "SandboxProbe",
     "accelerators",
     "find_firmware",
     "find_qemu",
+    "sandbox_probe",
     "select_accelerator",
 ]
 
@@ -78,6 +81,53 @@ def accelerators(binary: Path) -> frozenset[str]:
         raise BackendUnavailableError(f"cannot run {binary}: {err}") from err
     names = {line.strip() for line in proc.stdout.splitlines()[1:] if line.strip()}
     return frozenset(names)
+
+
+_SANDBOX_QMP = b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxProbe:
+    """Whether a QEMU binary can run under its seccomp sandbox (``-sandbox``), and if not why."""
+
+    supported: bool
+    detail: str = ""
+
+
+def sandbox_probe(binary: Path) -> SandboxProbe:
+    """Whether ``binary`` runs under ``-sandbox on,...``: asked once per binary version.
+
+    A QEMU built without libseccomp has no ``-sandbox`` option; one on a kernel without
+    seccomp filters fails to load it. The probe starts the binary with no machine and the
+    filter VMs get (:data:`~._argv.SANDBOX`) loaded, and quits it over QMP on stdin (about
+    30 ms; cached in memory per path, mtime and size).
+    """
+    try:
+        st = binary.stat()
+    except OSError as err:
+        return SandboxProbe(False, f"cannot run {binary}: {err}")
+    return _sandbox_probe(binary, st.st_mtime_ns, st.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _sandbox_probe(binary: Path, mtime_ns: int, size: int) -> SandboxProbe:
+    argv = [
+        str(binary), "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
+        "-sandbox", SANDBOX, "-S", "-qmp", "stdio",
+    ]  # fmt: skip
+    log_argv(argv)
+    try:
+        proc = subprocess.run(
+            argv, input=_SANDBOX_QMP, capture_output=True, timeout=20, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return SandboxProbe(False, f"the probe run failed: {err}")
+    if proc.returncode == 0 and b'"return"' in proc.stdout:
+        return SandboxProbe(True)
+    lines = proc.stderr.decode(errors="replace").strip().splitlines()
+    detail = lines[-1] if lines else f"exit status {proc.returncode}"
+    log.debug("%s cannot run under -sandbox: %s", binary, detail)
+    return SandboxProbe(False, detail)
 
 
 def _kvm_usable() -> bool:

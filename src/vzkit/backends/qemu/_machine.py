@@ -30,11 +30,13 @@ from qemu.qmp import QMPClient, QMPError
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat, detect_disk_format
 from ..._network import NetworkMode
+from ..._private import open_private, private_dir, private_file
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
 from ...errors import UnsupportedError, VMError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _migrate
+from ._passt import Passt, find_passt, uses_passt
 from ._virtiofs import ShareKind, Shares
 from ._vsock import VsockListener, VsockTransport
 
@@ -64,9 +66,24 @@ def _mac_address(state_dir: Path | None) -> str:
     octets[0] = (octets[0] & 0xFC) | 0x02
     mac = ":".join(f"{b:02x}" for b in octets)
     if path is not None:
-        with contextlib.suppress(OSError):
-            path.write_text(mac + "\n")
+        with contextlib.suppress(OSError), open_private(path, append=False) as fh:
+            fh.write(f"{mac}\n".encode())
     return mac
+
+
+def _nvram(state_dir: Path, template: Path) -> Path:
+    """The VM's EFI variable store: a 0600 copy of the firmware's template, made once."""
+    nvram = state_dir / "efi.nvram"
+    if nvram.exists():
+        return private_file(nvram)  # also narrows one an older vzkit left 0644
+    tmp = nvram.with_name(f".efi.nvram.tmp-{os.getpid()}")
+    try:
+        with open(template, "rb") as src, open_private(tmp, append=False) as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, nvram)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return nvram
 
 
 def _check_network(cfg: LinuxVMConfig) -> None:
@@ -91,6 +108,27 @@ def _check_network(cfg: LinuxVMConfig) -> None:
         )
 
 
+def _sandbox(cfg: LinuxVMConfig, binary: Path) -> bool:
+    """Whether this run gets QEMU's seccomp filter (``-sandbox``, see ``_argv.sandbox_args``).
+
+    Not when the binary cannot (logged; ``vzkit doctor`` says so), nor for bridged networking
+    without root: libseccomp sets ``no_new_privs`` when QEMU loads the filter, and the setuid
+    qemu-bridge-helper QEMU runs then cannot gain the rights to open the tap device.
+    """
+    probe = _discover.sandbox_probe(binary)
+    if not probe.supported:
+        log.warning("%s runs without its seccomp sandbox: %s", binary.name, probe.detail)
+        return False
+    bridged = cfg.network.mode is NetworkMode.BRIDGED and sys.platform != "darwin"
+    if bridged and os.geteuid() != 0:
+        log.warning(
+            "bridged networking without root: QEMU runs without its seccomp sandbox "
+            "(the setuid qemu-bridge-helper cannot work under it)"
+        )
+        return False
+    return True
+
+
 class QemuMachine:
     """A :class:`~vzkit.backends.Machine` backed by a QEMU process."""
 
@@ -103,6 +141,7 @@ class QemuMachine:
         self._qmp_sock: socket.socket | None = None
         self._agent_sock: socket.socket | None = None
         self._shares = Shares()  # virtiofsd per share (see _virtiofs)
+        self._passt = Passt()  # the nat network on Linux (see _passt)
         self._tasks: list[asyncio.Task[Any]] = []  # event watcher
         self._exit_watch: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
@@ -320,14 +359,13 @@ class QemuMachine:
         accel = await asyncio.to_thread(
             _discover.select_accelerator, binary, cfg.arch, cfg.accelerator, cfg.kernel_path
         )
+        sandbox = await asyncio.to_thread(_sandbox, cfg, binary)
         state_dir = self.state_dir
         firmware_code = nvram = None
         if cfg.kernel_path is None:
             firmware = _discover.find_firmware(cfg.arch)
             firmware_code = firmware.code
-            nvram = state_dir / "efi.nvram"
-            if not nvram.exists():
-                shutil.copyfile(firmware.vars_template, nvram)
+            nvram = _nvram(state_dir, firmware.vars_template)
         _check_network(cfg)
         disk_format = (
             detect_disk_format(cfg.disk_path) if cfg.disk_path is not None else DiskFormat.RAW
@@ -353,6 +391,7 @@ class QemuMachine:
             vsock_fd=vsock.qemu_fd if vsock is not None else None,
             vhost_vsock_fd=vsock.kernel_fd if vsock is not None else None,
             vsock_cid=vsock.guest_cid if vsock is not None else 0,
+            sandbox=sandbox,
         )
 
     async def start(self) -> None:
@@ -375,7 +414,7 @@ class QemuMachine:
     async def _launch(self, *, vsock_device: bool = True) -> None:
         """Spawn QEMU paused, attach QMP, run it. ``vsock_device=False`` leaves the vsock
         port empty (a restore plugs the device in once the machine state is loaded)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._private_state()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         agent_ours, agent_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._qmp_sock = ours
@@ -383,7 +422,7 @@ class QemuMachine:
         vsock = None
         if self.config.vsock and sys.platform == "linux":
             vsock = self._vsock = VsockTransport(
-                self.config, self.runtime_dir, self.state_dir / "vsock.log"
+                self.config, self.runtime_dir, private_file(self.state_dir / "vsock.log")
             )
         try:
             if vsock is not None:  # a restore plugs this one in later: it starts meanwhile
@@ -402,10 +441,13 @@ class QemuMachine:
                 plan, shares=shares, shared_memory=plan.shared_memory or virtiofs
             )
             # -- end shares
+            plan = dataclasses.replace(plan, passt_fd=await self._start_network())
             self.argv = _argv.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
-            with open(self.stderr_path, "ab") as stderr:
+            if plan.console_log is not None:  # QEMU appends to it: it must not create it
+                private_file(plan.console_log)
+            with open_private(self.stderr_path) as stderr:
                 self._proc = await spawn(
                     self.argv,
                     name=f"qemu-system-{self.config.arch.value}",
@@ -414,6 +456,7 @@ class QemuMachine:
                         agent_theirs.fileno(),
                         *(vsock.pass_fds() if vsock is not None and vsock_device else ()),
                         *self._shares.qemu_fds,
+                        *((plan.passt_fd,) if plan.passt_fd is not None else ()),
                     ),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
                     stdout=None if interactive else asyncio.subprocess.DEVNULL,
@@ -424,6 +467,7 @@ class QemuMachine:
             theirs.close()
             agent_theirs.close()
             self._shares.qemu_started()
+            self._passt.qemu_started()
             if vsock is not None and vsock_device:
                 vsock.after_spawn()
         self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
@@ -448,6 +492,38 @@ class QemuMachine:
             vsock.attached = True
         if not self._incoming:  # a restore stays paused (see restore_state)
             await self._execute("cont")
+
+    async def _start_network(self) -> int | None:
+        """Start passt for the ``nat`` network on Linux; its socket's fd for QEMU, else None.
+
+        Without passt, QEMU's user-mode network serves ``nat``, and there the guest reaches
+        the host's loopback services at 10.0.2.2: that is said once per start (and by doctor).
+        """
+        cfg = self.config
+        if not uses_passt(cfg, sys.platform):
+            return None
+        binary = find_passt()
+        if binary is None:
+            if not cfg.network.host_loopback:
+                log.warning(
+                    "passt is not installed: the nat network falls back to QEMU's user-mode "
+                    "network, where the guest reaches the host's loopback services at "
+                    "10.0.2.2 (install passt, e.g. apt-get install passt)"
+                )
+            return None
+        return await self._passt.start(binary, cfg, self.state_dir / "passt.log")
+
+    def _private_state(self) -> None:
+        """The state dir (and the runtime dir, when separate) exist as 0700 directories, and
+        QEMU's log (which the restore's qemu-img appends to as well) as a 0600 file.
+
+        ``mkdtemp`` makes private dirs already; a state dir named in the config is created
+        0700 with any missing parents, and one that exists is the caller's and left alone.
+        """
+        private_dir(self.state_dir)
+        if self.runtime_dir != self.state_dir:
+            private_dir(self.runtime_dir)
+        private_file(self.stderr_path)
 
     async def _find_pty(self) -> str | None:
         chardevs: list[dict[str, Any]] = await self._execute("query-chardev")
@@ -651,6 +727,7 @@ class QemuMachine:
         self._expect_exit = False
         self._guest_shutdown = False
         try:
+            self._private_state()
             self.disk_override = await _migrate.prepare_disks(self, disks)
             self._incoming = True
             await self._launch(vsock_device=False)  # the saved state has no vsock device
@@ -680,6 +757,7 @@ class QemuMachine:
         await self._disconnect()
         await self._close_vsock()
         await self._shares.close()  # after QEMU: the virtiofsds outlive no VM
+        await self._passt.close()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()
