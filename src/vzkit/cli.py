@@ -88,7 +88,8 @@ def vm_options(func: F) -> F:
             "--network",
             metavar="MODE",
             callback=_spec_callback(parse_network_mode),
-            help="nat (default), none, vmnet, host-only or bridged:IFACE.",
+            help="nat (default; the guest cannot reach the host's loopback services), "
+            "nat:host-loopback (it can, at 10.0.2.2), none, vmnet, host-only or bridged:IFACE.",
         ),
         click.option(
             "--publish",
@@ -594,6 +595,7 @@ def _doctor_devices() -> None:
     """Which vsock transport and which share daemon a VM would get here."""
     import os
 
+    from .backends.qemu._passt import find_passt
     from .backends.qemu._virtiofs import VirtiofsSandbox, find_virtiofsd, sandbox_mode
     from .backends.qemu._vsock import VHOST_DEVICE
 
@@ -603,6 +605,15 @@ def _doctor_devices() -> None:
         click.echo(f"      vsock: kernel vhost-vsock ({VHOST_DEVICE})")
     else:
         click.echo(f"      vsock: vzkit's user-space vhost-user-vsock device (no {VHOST_DEVICE})")
+    if sys.platform.startswith("linux"):
+        passt = find_passt()
+        if passt is not None:
+            click.echo(f"      nat: passt {passt} (the guest cannot reach the host's loopback)")
+        else:
+            click.echo(
+                "      nat: QEMU's user-mode network, where the guest CAN reach the host's "
+                "loopback services at 10.0.2.2 (install passt to close that)"
+            )
     daemon = find_virtiofsd()
     if daemon is None:
         click.echo("      shares: virtio-9p (no virtiofsd found)")
