@@ -373,3 +373,25 @@ def test_passt_argv_keeps_the_host_loopback_from_the_guest() -> None:
     assert not uses_passt(cfg, "darwin")
     host_only = dataclasses.replace(cfg, network=vzkit.parse_network_mode("host-only"))
     assert not uses_passt(host_only, "linux")
+
+
+def test_machine_sandbox_policy(
+    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The machine asks for the filter when the binary has it, except bridged without root."""
+    from vzkit.backends.qemu import _discover, _machine
+
+    nat = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"])
+    bridged = dataclasses.replace(nat, network=vzkit.parse_network_mode("bridged:br0"))
+    monkeypatch.setattr(_machine.sys, "platform", "linux")
+    probe = _discover.SandboxProbe(True)
+    monkeypatch.setattr(_discover, "sandbox_probe", lambda binary: probe)
+    monkeypatch.setattr(_machine.os, "geteuid", lambda: 1000)
+    assert _machine._sandbox(nat, Path("q"))
+    assert not _machine._sandbox(bridged, Path("q"))
+    assert "bridged networking without root" in caplog.text
+    monkeypatch.setattr(_machine.os, "geteuid", lambda: 0)
+    assert _machine._sandbox(bridged, Path("q"))
+    probe = _discover.SandboxProbe(False, "-sandbox is not supported by this QEMU binary")
+    assert not _machine._sandbox(nat, Path("q"))
+    assert "runs without its seccomp sandbox: -sandbox is not supported" in caplog.text

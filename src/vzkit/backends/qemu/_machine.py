@@ -446,7 +446,12 @@ class QemuMachine:
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
             if plan.console_log is not None:  # QEMU appends to it: it must not create it
-                private_file(plan.console_log)
+                try:
+                    private_file(plan.console_log)
+                except OSError as err:
+                    raise VMError(
+                        f"cannot open the console log {str(plan.console_log)!r}: {err}"
+                    ) from err
             with open_private(self.stderr_path) as stderr:
                 self._proc = await spawn(
                     self.argv,
