@@ -127,7 +127,10 @@ echo '{"QMP": {}}'; echo '{"return": {}}'; echo '{"return": {}}'
 
 
 @pytest.mark.parametrize("mode", ["works", "no-seccomp"])
-def test_sandbox_probe_runs_the_filter_once_per_binary_version(tmp_path: Path, mode: str) -> None:
+def test_sandbox_probe_runs_the_filter_once_per_binary_version(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VZKIT_CACHE_DIR", str(tmp_path / "cache"))
     binary = tmp_path / "qemu-system-x86_64"
     binary.write_text(SANDBOX_QEMU)
     binary.chmod(0o755)
@@ -139,6 +142,8 @@ def test_sandbox_probe_runs_the_filter_once_per_binary_version(tmp_path: Path, m
         assert first == _discover.SandboxProbe(
             False, "qemu-system-x86_64: -sandbox is not supported by this QEMU binary"
         )
+    assert _discover.sandbox_probe(binary) == first
+    _discover._sandbox_probe.cache_clear()  # a new process: the verdict is on disk
     assert _discover.sandbox_probe(binary) == first
     assert (tmp_path / "sandbox-runs").read_text().count("run") == 1
     binary.write_text(SANDBOX_QEMU + "\n# upgraded\n")  # another build is asked again

@@ -99,8 +99,9 @@ def sandbox_probe(binary: Path) -> SandboxProbe:
 
     A QEMU built without libseccomp has no ``-sandbox`` option; one on a kernel without
     seccomp filters fails to load it. The probe starts the binary with no machine and the
-    filter VMs get (:data:`~._argv.SANDBOX`) loaded, and quits it over QMP on stdin (about
-    30 ms; cached in memory per path, mtime and size).
+    filter VMs get (:data:`~._argv.SANDBOX`) loaded, and quits it over QMP on stdin (30-100 ms).
+    The verdict is kept in memory and on disk (``sandbox-probe.json`` in the user cache dir)
+    per path, mtime, size and host kernel, as the KVM probe's is.
     """
     try:
         st = binary.stat()
@@ -111,6 +112,29 @@ def sandbox_probe(binary: Path) -> SandboxProbe:
 
 @functools.lru_cache(maxsize=8)
 def _sandbox_probe(binary: Path, mtime_ns: int, size: int) -> SandboxProbe:
+    key = f"{binary}|{mtime_ns}|{size}|{platform.release()}"
+    path = user_cache_dir() / "sandbox-probe.json"
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        data = {}
+    data = data if isinstance(data, dict) else {}
+    entry = data.get(key)
+    if isinstance(entry, dict) and isinstance(entry.get("supported"), bool):
+        return SandboxProbe(entry["supported"], str(entry.get("detail", "")))
+    probe = _run_sandbox_probe(binary)
+    data[key] = {"supported": probe.supported, "detail": probe.detail}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(data, indent=1))
+        os.replace(tmp, path)
+    except OSError as err:  # a read-only cache only costs a probe next time
+        log.debug("cannot record the sandbox probe in %s: %s", path, err)
+    return probe
+
+
+def _run_sandbox_probe(binary: Path) -> SandboxProbe:
     argv = [
         str(binary), "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
         "-sandbox", SANDBOX, "-S", "-qmp", "stdio",
