@@ -211,3 +211,15 @@ def test_host_loopback_is_a_nat_option_only(mode: NetworkMode) -> None:
         NetworkConfig(NetworkMode.BRIDGED, "br0", host_loopback=True)
     with pytest.raises(SpecError, match="must be true or false"):
         NetworkConfig(NetworkMode.NAT, host_loopback="yes")  # type: ignore[arg-type]
+
+
+def test_snapshots_record_host_loopback_only_when_asked() -> None:
+    """One key, present only when set: snapshots from before the option still match."""
+    from vzkit import LinuxVMConfig
+    from vzkit._snapshot_ops import machine_fields
+
+    plain = machine_fields(LinuxVMConfig())
+    assert "host_loopback" not in plain
+    asked = machine_fields(LinuxVMConfig(network=parse_network_mode("nat:host-loopback")))
+    assert {k: v for k, v in asked.items() if k != "host_loopback"} == plain
+    assert asked["host_loopback"] is True
