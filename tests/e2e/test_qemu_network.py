@@ -148,3 +148,20 @@ def test_no_network_means_no_nic(vms: VMFactory) -> None:
     assert "-netdev" not in vm._core.machine.argv  # type: ignore[attr-defined]
     code, out = _sh(vm, "ls /sys/class/net")
     assert (code, out.split()) == (0, ["lo"])
+
+
+def test_host_only_reaches_no_host_service(vms: VMFactory) -> None:
+    """host-only on Linux (restricted user-mode network) refuses the host's loopback too."""
+    server = LoopbackServer()
+    vm = vms.create(network=vzkit.parse_network_mode("host-only"))
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=120)
+    code, out = _sh(
+        vm,
+        "for i in $(seq 100); do ip -4 addr show eth0 | grep -q 'inet ' && break; "
+        f"sleep 0.1; done; timeout 10 nc -w 3 10.0.2.2 {server.port} </dev/null",
+    )
+    assert code != 0, out
+    assert "from host" not in out
+    assert server.accepted == 0
+    server.close()
