@@ -52,11 +52,13 @@ def private_dir(path: Path) -> Path:
     return path
 
 
-def _open_fd(path: Path, flags: int) -> int:
-    fd = os.open(path, flags | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, FILE_MODE)
+def _open_fd(path: Path, flags: int, follow_links: bool = False) -> int:
+    flags |= os.O_CREAT | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
+    fd = os.open(path, flags, FILE_MODE)
     try:
         st = os.fstat(fd)
-        if stat.S_IMODE(st.st_mode) != FILE_MODE and st.st_uid == os.geteuid():
+        regular = stat.S_ISREG(st.st_mode)  # never a device such as /dev/null
+        if regular and stat.S_IMODE(st.st_mode) != FILE_MODE and st.st_uid == os.geteuid():
             os.fchmod(fd, FILE_MODE)  # a file left by an older vzkit, or made under a umask
     except BaseException:
         os.close(fd)
@@ -64,9 +66,13 @@ def _open_fd(path: Path, flags: int) -> int:
     return fd
 
 
-def private_file(path: Path) -> Path:
-    """Make sure ``path`` exists as a 0600 file (others, e.g. QEMU, append to it); return it."""
-    os.close(_open_fd(path, os.O_WRONLY | os.O_APPEND))
+def private_file(path: Path, *, follow_links: bool = False) -> Path:
+    """Make sure ``path`` exists as a 0600 file (others, e.g. QEMU, append to it); return it.
+
+    ``follow_links=True`` is for a path the user named (a console log that is a link on
+    purpose); a device or pipe there is used as it is, without a mode change.
+    """
+    os.close(_open_fd(path, os.O_WRONLY | os.O_APPEND, follow_links))
     return path
 
 

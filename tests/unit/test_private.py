@@ -128,3 +128,16 @@ def test_restored_overlay_is_0600_under_umask_0(tmp_path: Path, umask0: None) ->
         overlay.name: 0o600,
         "qemu.log": 0o600,
     }
+
+
+def test_a_device_is_never_chmodded(tmp_path: Path) -> None:
+    """A console log the user points at /dev/null stays /dev/null, mode and all (as root)."""
+    before = os.stat("/dev/null")
+    private_file(Path("/dev/null"), follow_links=True)
+    with open_private(Path("/dev/null")) as fh:
+        fh.write(b"discarded")
+    assert os.stat("/dev/null").st_mode == before.st_mode
+    link = tmp_path / "console.log"
+    link.symlink_to(tmp_path / "target.log")
+    private_file(link, follow_links=True)  # a link the user made on purpose is followed
+    assert _mode(tmp_path / "target.log") == 0o600

@@ -445,9 +445,10 @@ class QemuMachine:
             self.argv = _argv.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
+            cfg_log = self.config.console_log_path
             if plan.console_log is not None:  # QEMU appends to it: it must not create it
-                try:
-                    private_file(plan.console_log)
+                try:  # a log path the config names may be a link, a pipe or /dev/null
+                    private_file(plan.console_log, follow_links=bool(cfg_log))
                 except OSError as err:
                     raise VMError(
                         f"cannot open the console log {str(plan.console_log)!r}: {err}"
