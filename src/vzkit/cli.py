@@ -5,6 +5,7 @@ Library errors become exit codes at this edge only (:mod:`vzkit._cli_errors`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import signal
@@ -575,7 +576,7 @@ def _doctor_qemu() -> None:
             kvm = {True: "works", False: "does not work here", None: "not probed yet"}
             line += f"; KVM {kvm[verdict]}"
         click.echo(line + ")")
-        sandbox = _discover.sandbox_probe(binary)
+        sandbox = asyncio.run(_discover.sandbox_probe(binary))
         if sandbox.supported:
             click.echo(f"      {guest.value}: QEMU runs under its seccomp sandbox (-sandbox on)")
         else:

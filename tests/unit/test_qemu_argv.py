@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 
@@ -385,13 +386,17 @@ def test_machine_sandbox_policy(
     bridged = dataclasses.replace(nat, network=vzkit.parse_network_mode("bridged:br0"))
     monkeypatch.setattr(_machine.sys, "platform", "linux")
     probe = _discover.SandboxProbe(True)
-    monkeypatch.setattr(_discover, "sandbox_probe", lambda binary: probe)
+
+    async def sandbox_probe(binary: Path) -> _discover.SandboxProbe:
+        return probe
+
+    monkeypatch.setattr(_discover, "sandbox_probe", sandbox_probe)
     monkeypatch.setattr(_machine.os, "geteuid", lambda: 1000)
-    assert _machine._sandbox(nat, Path("q"))
-    assert not _machine._sandbox(bridged, Path("q"))
+    assert asyncio.run(_machine._sandbox(nat, Path("q")))
+    assert not asyncio.run(_machine._sandbox(bridged, Path("q")))
     assert "bridged networking without root" in caplog.text
     monkeypatch.setattr(_machine.os, "geteuid", lambda: 0)
-    assert _machine._sandbox(bridged, Path("q"))
+    assert asyncio.run(_machine._sandbox(bridged, Path("q")))
     probe = _discover.SandboxProbe(False, "-sandbox is not supported by this QEMU binary")
-    assert not _machine._sandbox(nat, Path("q"))
+    assert not asyncio.run(_machine._sandbox(nat, Path("q")))
     assert "runs without its seccomp sandbox: -sandbox is not supported" in caplog.text

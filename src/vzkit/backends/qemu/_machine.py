@@ -108,14 +108,14 @@ def _check_network(cfg: LinuxVMConfig) -> None:
         )
 
 
-def _sandbox(cfg: LinuxVMConfig, binary: Path) -> bool:
+async def _sandbox(cfg: LinuxVMConfig, binary: Path) -> bool:
     """Whether this run gets QEMU's seccomp filter (``-sandbox``, see ``_argv.sandbox_args``).
 
     Not when the binary cannot (logged; ``vzkit doctor`` says so), nor for bridged networking
     without root: libseccomp sets ``no_new_privs`` when QEMU loads the filter, and the setuid
     qemu-bridge-helper QEMU runs then cannot gain the rights to open the tap device.
     """
-    probe = _discover.sandbox_probe(binary)
+    probe = await _discover.sandbox_probe(binary)
     if not probe.supported:
         log.warning("%s runs without its seccomp sandbox: %s", binary.name, probe.detail)
         return False
@@ -359,7 +359,7 @@ class QemuMachine:
         accel = await asyncio.to_thread(
             _discover.select_accelerator, binary, cfg.arch, cfg.accelerator, cfg.kernel_path
         )
-        sandbox = await asyncio.to_thread(_sandbox, cfg, binary)
+        sandbox = await _sandbox(cfg, binary)
         state_dir = self.state_dir
         firmware_code = nvram = None
         if cfg.kernel_path is None:
