@@ -13,6 +13,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import vzkit
 
 from .conftest import VMFactory
@@ -165,3 +167,18 @@ def test_host_only_reaches_no_host_service(vms: VMFactory) -> None:
     assert "from host" not in out
     assert server.accepted == 0
     server.close()
+
+
+def test_published_port_in_use_fails_the_start_and_leaves_nothing(vms: VMFactory) -> None:
+    from vzkit._process import live_children
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        vm = vms.create(
+            network=vzkit.NetworkConfig(vzkit.NetworkMode.NAT),
+            publish=(vzkit.parse_port_spec(f"{port}:80"),),
+        )
+        with pytest.raises(vzkit.VMError, match=f"cannot publish 127.0.0.1:{port}:80/tcp"):
+            vm.start(timeout=60)
+    assert vm.state is vzkit.VMState.STOPPED
+    assert live_children() == {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import socket
 from pathlib import Path
 
 import pytest
@@ -400,3 +401,18 @@ def test_machine_sandbox_policy(
     probe = _discover.SandboxProbe(False, "-sandbox is not supported by this QEMU binary")
     assert not asyncio.run(_machine._sandbox(nat, Path("q")))
     assert "runs without its seccomp sandbox: -sandbox is not supported" in caplog.text
+
+
+def test_a_published_port_in_use_is_an_error_before_anything_starts() -> None:
+    from vzkit.backends.qemu._passt import check_ports
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        spec = vzkit.parse_port_spec(f"{port}:80")
+        with pytest.raises(vzkit.VMError) as info:
+            check_ports((spec,))
+        assert str(info.value) == (
+            f"cannot publish 127.0.0.1:{port}:80/tcp: 127.0.0.1:{port}/tcp cannot be bound "
+            "on the host (Address already in use)"
+        )
+    check_ports((spec,))  # free again

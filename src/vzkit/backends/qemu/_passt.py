@@ -25,11 +25,12 @@ import socket
 from pathlib import Path
 
 from ..._config import LinuxVMConfig
-from ..._network import NetworkMode, PortProtocol
+from ..._network import NetworkMode, PortForward, PortProtocol
 from ..._private import open_private
 from ..._process import OwnedProcess, spawn
+from ...errors import VMError
 
-__all__ = ["GUEST_ADDRESS", "Passt", "find_passt", "passt_argv", "uses_passt"]
+__all__ = ["GUEST_ADDRESS", "Passt", "check_ports", "find_passt", "passt_argv", "uses_passt"]
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,26 @@ def passt_argv(binary: Path, config: LinuxVMConfig, fd: int) -> list[str]:
     return argv
 
 
+def check_ports(ports: tuple[PortForward, ...]) -> None:
+    """Refuse to start when a published port cannot be bound on the host.
+
+    passt binds them as it starts and exits when it cannot; QEMU would then run with a dead
+    network. Binding each one here first turns the usual cause (the port is in use) into an
+    error at start, as QEMU's own ``hostfwd`` gives.
+    """
+    for port in ports:
+        kind = socket.SOCK_STREAM if port.protocol is PortProtocol.TCP else socket.SOCK_DGRAM
+        with socket.socket(socket.AF_INET, kind) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((port.host_address, port.host_port))
+            except OSError as err:
+                raise VMError(
+                    f"cannot publish {port}: {port.host_address}:{port.host_port}/"
+                    f"{port.protocol.value} cannot be bound on the host ({err.strerror})"
+                ) from err
+
+
 class Passt:
     """The passt process of one VM run: started before QEMU, reaped after it."""
 
@@ -85,6 +106,7 @@ class Passt:
     async def start(self, binary: Path, config: LinuxVMConfig, log_path: Path) -> int:
         """Start passt; return the fd QEMU must inherit."""
         await self.close()
+        check_ports(config.publish)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             argv = passt_argv(binary, config, ours.fileno())
