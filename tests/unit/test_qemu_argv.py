@@ -323,7 +323,7 @@ def test_sandbox_denies_spawn_privileges_obsolete_and_resource_control(
         ("darwin", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
     ],
 )
-def test_bridged_on_linux_lets_qemu_run_its_bridge_helper(
+def test_bridged_on_linux_without_a_tap_lets_qemu_run_its_bridge_helper(
     files: dict[str, Path], host_os: str, expected: str
 ) -> None:
     cfg = vzkit.LinuxVMConfig(
@@ -378,29 +378,34 @@ def test_passt_argv_keeps_the_host_loopback_from_the_guest() -> None:
 
 
 def test_machine_sandbox_policy(
-    files: dict[str, Path], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The machine asks for the filter when the binary has it, except bridged without root."""
+    """The machine asks for the filter whenever the binary has it (bridged included)."""
     from vzkit.backends.qemu import _discover, _machine
 
-    nat = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"])
-    bridged = dataclasses.replace(nat, network=vzkit.parse_network_mode("bridged:br0"))
-    monkeypatch.setattr(_machine.sys, "platform", "linux")
     probe = _discover.SandboxProbe(True)
 
     async def sandbox_probe(binary: Path) -> _discover.SandboxProbe:
         return probe
 
     monkeypatch.setattr(_discover, "sandbox_probe", sandbox_probe)
-    monkeypatch.setattr(_machine.os, "geteuid", lambda: 1000)
-    assert asyncio.run(_machine._sandbox(nat, Path("q")))
-    assert not asyncio.run(_machine._sandbox(bridged, Path("q")))
-    assert "bridged networking without root" in caplog.text
-    monkeypatch.setattr(_machine.os, "geteuid", lambda: 0)
-    assert asyncio.run(_machine._sandbox(bridged, Path("q")))
+    assert asyncio.run(_machine._sandbox(Path("q")))
     probe = _discover.SandboxProbe(False, "-sandbox is not supported by this QEMU binary")
-    assert not asyncio.run(_machine._sandbox(nat, Path("q")))
+    assert not asyncio.run(_machine._sandbox(Path("q")))
     assert "runs without its seccomp sandbox: -sandbox is not supported" in caplog.text
+
+
+def test_bridged_with_a_tap_from_vzkit_keeps_the_whole_sandbox(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="x86_64", kernel_path=files["vmlinuz"], network=vzkit.parse_network_mode("bridged:br0")
+    )
+    plan = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, sandbox=True, tap_fd=9,
+        host_os="linux", console_log=Path("/l"),
+    )  # fmt: skip
+    argv = build_argv(plan)
+    assert _opt(argv, "-netdev") == ["tap,id=net0,fd=9"]
+    assert _opt(argv, "-sandbox") == [_argv.SANDBOX]
 
 
 def test_a_published_port_in_use_is_an_error_before_anything_starts() -> None:

@@ -68,6 +68,8 @@ class Plan:
     sandbox: bool = False
     #: The ``nat`` network's passt socket (an inherited fd), or None for QEMU's own backends.
     passt_fd: int | None = None
+    #: Bridged on Linux: the tap device vzkit got from qemu-bridge-helper (see ``_bridge``).
+    tap_fd: int | None = None
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -180,8 +182,9 @@ def disk_args(plan: Plan) -> list[str]:
 #: QEMU's seccomp filter: no obsolete syscalls, no set*id/setsid, no fork/exec, no scheduler
 #: or affinity changes. A guest that takes over QEMU keeps only what QEMU itself needs.
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
-#: Bridged networking on Linux: QEMU forks and runs the setuid qemu-bridge-helper, which
-#: inherits the filter, so fork/exec and privilege changes stay allowed for that VM.
+#: Bridged networking on Linux without a tap fd in the plan: QEMU forks and runs the setuid
+#: qemu-bridge-helper, which inherits the filter. The machine never does this (it runs the
+#: helper itself and passes ``tap_fd``); a plan built without one still works.
 SANDBOX_BRIDGED = "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny"
 
 
@@ -189,7 +192,8 @@ def sandbox_args(plan: Plan) -> list[str]:
     """``-sandbox`` when the plan asks for it (the machine probed the binary)."""
     if not plan.sandbox:
         return []
-    if plan.config.network.mode is NetworkMode.BRIDGED and plan.host_os != "darwin":
+    net = plan.config.network
+    if net.mode is NetworkMode.BRIDGED and plan.host_os != "darwin" and plan.tap_fd is None:
         return ["-sandbox", SANDBOX_BRIDGED]
     return ["-sandbox", SANDBOX]
 
@@ -267,6 +271,8 @@ def network_args(plan: Plan) -> list[str]:
     net = plan.config.network
     if plan.passt_fd is not None and net.mode is NetworkMode.NAT:
         backend: str | None = passt_netdev(plan.passt_fd)
+    elif plan.tap_fd is not None and net.mode is NetworkMode.BRIDGED:
+        backend = f"tap,id=net0,fd={plan.tap_fd}"  # from qemu-bridge-helper, run by vzkit
     else:
         backend = netdev(net.mode, net.interface, plan.host_os)
         if backend is not None:

@@ -36,6 +36,7 @@ from ..._state import VMState
 from ...errors import UnsupportedError, VMError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _migrate
+from ._bridge import find_bridge_helper, open_bridge_tap
 from ._passt import Passt, find_passt, uses_passt
 from ._virtiofs import ShareKind, Shares
 from ._vsock import VsockListener, VsockTransport
@@ -99,34 +100,16 @@ def _check_network(cfg: LinuxVMConfig) -> None:
             backend="qemu",
             feature="network:bridged",
         )
-    helpers = ("/usr/lib/qemu/qemu-bridge-helper", "/usr/libexec/qemu-bridge-helper")
-    if not any(os.access(h, os.X_OK) for h in helpers):
-        raise UnsupportedError(
-            "bridged networking needs qemu-bridge-helper, which was not found",
-            backend="qemu",
-            feature="network:bridged",
-        )
+    find_bridge_helper()
 
 
-async def _sandbox(cfg: LinuxVMConfig, binary: Path) -> bool:
-    """Whether this run gets QEMU's seccomp filter (``-sandbox``, see ``_argv.sandbox_args``).
-
-    Not when the binary cannot (logged; ``vzkit doctor`` says so), nor for bridged networking
-    without root: libseccomp sets ``no_new_privs`` when QEMU loads the filter, and the setuid
-    qemu-bridge-helper QEMU runs then cannot gain the rights to open the tap device.
-    """
+async def _sandbox(binary: Path) -> bool:
+    """Whether this run gets QEMU's seccomp filter (``-sandbox``, see ``_argv.sandbox_args``):
+    when the binary can (else logged; ``vzkit doctor`` says so too)."""
     probe = await _discover.sandbox_probe(binary)
     if not probe.supported:
         log.warning("%s runs without its seccomp sandbox: %s", binary.name, probe.detail)
-        return False
-    bridged = cfg.network.mode is NetworkMode.BRIDGED and sys.platform != "darwin"
-    if bridged and os.geteuid() != 0:
-        log.warning(
-            "bridged networking without root: QEMU runs without its seccomp sandbox "
-            "(the setuid qemu-bridge-helper cannot work under it)"
-        )
-        return False
-    return True
+    return probe.supported
 
 
 class QemuMachine:
@@ -359,7 +342,7 @@ class QemuMachine:
         accel = await asyncio.to_thread(
             _discover.select_accelerator, binary, cfg.arch, cfg.accelerator, cfg.kernel_path
         )
-        sandbox = await _sandbox(cfg, binary)
+        sandbox = await _sandbox(binary)
         state_dir = self.state_dir
         firmware_code = nvram = None
         if cfg.kernel_path is None:
@@ -415,6 +398,8 @@ class QemuMachine:
         """Spawn QEMU paused, attach QMP, run it. ``vsock_device=False`` leaves the vsock
         port empty (a restore plugs the device in once the machine state is loaded)."""
         self._private_state()
+        cfg_net = self.config.network
+        tap_fd: int | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         agent_ours, agent_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._qmp_sock = ours
@@ -442,6 +427,11 @@ class QemuMachine:
             )
             # -- end shares
             plan = dataclasses.replace(plan, passt_fd=await self._start_network())
+            if cfg_net.mode is NetworkMode.BRIDGED and sys.platform == "linux":
+                tap_fd = await open_bridge_tap(
+                    find_bridge_helper(), cfg_net.interface, self.state_dir / "bridge-helper.log"
+                )
+                plan = dataclasses.replace(plan, tap_fd=tap_fd)
             self.argv = _argv.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
@@ -463,6 +453,7 @@ class QemuMachine:
                         *(vsock.pass_fds() if vsock is not None and vsock_device else ()),
                         *self._shares.qemu_fds,
                         *((plan.passt_fd,) if plan.passt_fd is not None else ()),
+                        *((tap_fd,) if tap_fd is not None else ()),
                     ),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
                     stdout=None if interactive else asyncio.subprocess.DEVNULL,
@@ -474,6 +465,8 @@ class QemuMachine:
             agent_theirs.close()
             self._shares.qemu_started()
             self._passt.qemu_started()
+            if tap_fd is not None:  # QEMU has its copy (or failed to start)
+                os.close(tap_fd)
             if vsock is not None and vsock_device:
                 vsock.after_spawn()
         self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
