@@ -361,16 +361,18 @@ def test_passt_argv_keeps_the_host_loopback_from_the_guest() -> None:
             vzkit.parse_port_spec("0.0.0.0:5353:53/udp"),
         )
     )
-    assert passt_argv(Path("/usr/bin/passt"), cfg, 7) == [
+    assert passt_argv(Path("/usr/bin/passt"), cfg, 7, ["192.0.2.53"]) == [
         "/usr/bin/passt", "--foreground", "--stderr", "--quiet", "--fd=7", "--ipv4-only",
         "--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2",
-        "--dns-forward", "10.0.2.3", "--dns", "10.0.2.3", "--no-dhcp-search",
-        "--no-map-gw",
+        "--no-dhcp-search",
+        "--no-map-gw", "--dns", "192.0.2.53",
         "--tcp-ports", "127.0.0.1/8080:80",
         "--udp-ports", "0.0.0.0/5353:53",
     ]  # fmt: skip
     asked = dataclasses.replace(cfg, network=vzkit.parse_network_mode("nat:host-loopback"))
-    assert "--no-map-gw" not in passt_argv(Path("passt"), asked, 7)
+    loopback_argv = passt_argv(Path("passt"), asked, 7, ["192.0.2.53"])
+    assert "--no-map-gw" not in loopback_argv
+    assert "--dns" not in loopback_argv  # passt serves a loopback resolver at the gateway
     assert uses_passt(cfg, "linux")
     assert not uses_passt(cfg, "darwin")
     host_only = dataclasses.replace(cfg, network=vzkit.parse_network_mode("host-only"))
@@ -421,3 +423,16 @@ def test_a_published_port_in_use_is_an_error_before_anything_starts() -> None:
             "on the host (Address already in use)"
         )
     check_ports((spec,))  # free again
+
+
+def test_host_resolvers_skip_loopback_stubs(tmp_path: Path) -> None:
+    from vzkit.backends.qemu._passt import host_resolvers
+
+    stub = tmp_path / "resolv.conf"
+    stub.write_text("# systemd-resolved\nnameserver 127.0.0.53\noptions edns0\n")
+    upstream = tmp_path / "upstream.conf"
+    upstream.write_text("nameserver 192.0.2.53\nnameserver ::1\nnameserver 2001:db8::1\n"
+                        "nameserver bogus\nnameserver 198.51.100.7 # second\n")  # fmt: skip
+    assert host_resolvers([stub, upstream]) == ["192.0.2.53", "198.51.100.7"]
+    assert host_resolvers([upstream, stub]) == ["192.0.2.53", "198.51.100.7"]
+    assert host_resolvers([stub, tmp_path / "missing"]) == []

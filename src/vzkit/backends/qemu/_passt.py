@@ -6,9 +6,14 @@ guest. libslirp can refuse that (``disable_host_loopback``), but QEMU's ``-netde
 option for it (QEMU 7.2 to 9.x). passt (https://passt.top) is the maintained user-mode network
 for QEMU: with ``--no-map-gw`` the gateway address is just an address, not the host.
 
-The guest sees what slirp gave it: 10.0.2.15/24 by DHCP, gateway 10.0.2.2, DNS 10.0.2.3
-(forwarded to the host's resolver). Published ports (``-p``) become passt's ``-t``/``-u``
-bindings. ``nat:host-loopback`` leaves the gateway mapped to the host (slirp's behaviour).
+The guest gets slirp's addresses by DHCP (10.0.2.15/24, gateway 10.0.2.2) and, as DNS servers,
+the host's own resolvers, reached through the NAT like any address (:func:`host_resolvers`:
+``/etc/resolv.conf``, or systemd-resolved's upstreams when that file names only its loopback
+stub, which the guest may not reach). passt's ``--dns-forward`` (slirp's 10.0.2.3) is not
+used: passt 2023.03 (Debian 12) also rewrites the source of answers the guest asked the
+resolver for directly, and the guest drops them. Published ports (``-p``) become passt's
+``-t``/``-u`` bindings. ``nat:host-loopback`` leaves the gateway mapped to the host (slirp's
+behaviour), and passt then serves a loopback resolver at the gateway itself.
 
 passt gets one end of a socketpair (``--fd``), QEMU the other (``-netdev stream`` on an
 inherited fd): no socket path. It runs in the foreground as an owned process, logs to a 0600
@@ -19,9 +24,11 @@ and it drops root to ``nobody``).
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import shutil
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from ..._config import LinuxVMConfig
@@ -30,13 +37,21 @@ from ..._private import open_private
 from ..._process import OwnedProcess, spawn
 from ...errors import VMError
 
-__all__ = ["GUEST_ADDRESS", "Passt", "check_ports", "find_passt", "passt_argv", "uses_passt"]
+__all__ = [
+    "GUEST_ADDRESS",
+    "Passt",
+    "check_ports",
+    "find_passt",
+    "host_resolvers",
+    "passt_argv",
+    "uses_passt",
+]
 
 log = logging.getLogger(__name__)
 
 GUEST_ADDRESS = "10.0.2.15"
 GATEWAY = "10.0.2.2"
-DNS = "10.0.2.3"
+RESOLV_CONFS = ("/etc/resolv.conf", "/run/systemd/resolve/resolv.conf")
 _REAP_GRACE_S = 2.0
 
 
@@ -45,20 +60,50 @@ def find_passt() -> Path | None:
     return Path(found) if found else None
 
 
+def host_resolvers(paths: Sequence[str | Path] = RESOLV_CONFS) -> list[str]:
+    """The host's IPv4 resolvers a guest can reach through the NAT: the first file of ``paths``
+    that names any that are not loopback addresses (a stub such as 127.0.0.53 is skipped)."""
+    for path in paths:
+        try:
+            lines = Path(path).read_text(errors="replace").splitlines()
+        except OSError:
+            continue
+        found = []
+        for line in lines:
+            words = line.split()
+            if len(words) < 2 or words[0] != "nameserver":
+                continue
+            try:
+                address = ipaddress.ip_address(words[1])
+            except ValueError:
+                continue
+            if address.version == 4 and not address.is_loopback:
+                found.append(str(address))
+        if found:
+            return found
+    return []
+
+
 def uses_passt(config: LinuxVMConfig, host_os: str) -> bool:
     """Whether this VM's network is served by passt: ``nat`` on Linux."""
     return config.network.mode is NetworkMode.NAT and host_os.startswith("linux")
 
 
-def passt_argv(binary: Path, config: LinuxVMConfig, fd: int) -> list[str]:
-    """passt serving the guest on the connected socket ``fd`` (see the module docstring)."""
+def passt_argv(
+    binary: Path, config: LinuxVMConfig, fd: int, resolvers: Sequence[str] = ()
+) -> list[str]:
+    """passt serving the guest on the connected socket ``fd`` (see the module docstring);
+    ``resolvers`` are the DNS servers it offers (:func:`host_resolvers`; not with
+    ``nat:host-loopback``, where passt finds them itself)."""
     argv = [
         str(binary), "--foreground", "--stderr", "--quiet", f"--fd={fd}", "--ipv4-only",
         "--address", GUEST_ADDRESS, "--netmask", "24", "--gateway", GATEWAY,
-        "--dns-forward", DNS, "--dns", DNS, "--no-dhcp-search",
+        "--no-dhcp-search",
     ]  # fmt: skip
     if not config.network.host_loopback:
         argv.append("--no-map-gw")
+        for resolver in resolvers:
+            argv += ["--dns", resolver]
     for port in config.publish:
         flag = "--tcp-ports" if port.protocol is PortProtocol.TCP else "--udp-ports"
         argv += [flag, f"{port.host_address}/{port.host_port}:{port.guest_port}"]
@@ -107,9 +152,15 @@ class Passt:
         """Start passt; return the fd QEMU must inherit."""
         await self.close()
         check_ports(config.publish)
+        resolvers = [] if config.network.host_loopback else host_resolvers()
+        if not resolvers and not config.network.host_loopback:
+            log.warning(
+                "the host has no resolver the guest can reach through the NAT (only loopback "
+                "ones): the guest gets no DNS server ('nat:host-loopback' would give it one)"
+            )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            argv = passt_argv(binary, config, ours.fileno())
+            argv = passt_argv(binary, config, ours.fileno(), resolvers)
             with open_private(log_path) as stderr:
                 self._proc = await spawn(
                     argv, name="passt", pass_fds=(ours.fileno(),), stderr=stderr
