@@ -136,9 +136,10 @@ def _protocol(value: object) -> PortProtocol:
 class PortForward:
     """A host port published to a guest port (``vzkit run -p``); loopback unless told.
 
-    Lowered to user-mode networking's ``hostfwd`` on the qemu backend, so it needs the
-    ``nat`` network (or ``host-only`` on Linux). ``host_address`` is the IPv4 address to
-    listen on (``0.0.0.0``: every interface).
+    Lowered to passt's ``--tcp-ports``/``--udp-ports`` (``nat`` on Linux) or user-mode
+    networking's ``hostfwd`` on the qemu backend, so it needs the ``nat`` network (or
+    ``host-only`` on Linux). ``host_address`` is the IPv4 address to listen on (``0.0.0.0``:
+    every interface).
     """
 
     host_port: int
