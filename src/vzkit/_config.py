@@ -36,6 +36,8 @@ __all__ = [
     "LinuxVMConfig",
 ]
 
+_NETWORK_KEYS = frozenset({"mode", "interface", "host_loopback"})
+
 #: Below this a Linux guest cannot boot; backends may demand more.
 MIN_MEMORY_MB = 64
 MAX_CPUS = 255
@@ -161,7 +163,10 @@ class ConfigData:
             elif isinstance(value, enum.Enum):
                 value = value.value
             elif f.name == "network":
-                value = {"mode": value.mode.value, "interface": value.interface}
+                net = value
+                value = {"mode": net.mode.value, "interface": net.interface}
+                if net.host_loopback:  # written only when set: older files stay as they were
+                    value["host_loopback"] = True
             elif f.name == "volumes":
                 value = [
                     {"host_path": str(v.host_path), "tag": v.tag, "read_only": v.read_only}
@@ -184,10 +189,14 @@ class ConfigData:
         try:
             if "network" in kwargs:
                 net = kwargs["network"]
-                if not isinstance(net, Mapping) or set(net) - {"mode", "interface"}:
-                    raise ConfigError(f"network must be a table with mode/interface, got {net!r}")
+                if not isinstance(net, Mapping) or set(net) - _NETWORK_KEYS:
+                    raise ConfigError(
+                        f"network must be a table with mode/interface/host_loopback, got {net!r}"
+                    )
                 kwargs["network"] = NetworkConfig(
-                    NetworkMode(net.get("mode", "nat")), net.get("interface", "")
+                    NetworkMode(net.get("mode", "nat")),
+                    net.get("interface", ""),
+                    net.get("host_loopback", False),
                 )
             if "volumes" in kwargs:
                 vols = []

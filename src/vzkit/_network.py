@@ -31,15 +31,22 @@ class NetworkMode(enum.StrEnum):
     NONE = "none"
 
 
-_FORMS = "'nat' (or empty), 'none', 'vmnet', 'host-only', 'bridged:IFACE'"
+_FORMS = "'nat' (or empty), 'nat:host-loopback', 'none', 'vmnet', 'host-only', 'bridged:IFACE'"
+HOST_LOOPBACK = "host-loopback"
 
 
 @dataclass(frozen=True, slots=True)
 class NetworkConfig:
-    """A network attachment. ``interface`` names the host interface for bridged mode only."""
+    """A network attachment. ``interface`` names the host interface for bridged mode only.
+
+    ``host_loopback`` (``nat`` only) lets the guest reach the host's loopback services at
+    the NAT gateway (10.0.2.2:PORT is the host's 127.0.0.1:PORT). Off by default: a guest
+    should not reach services that listen on the host's loopback because they trust it.
+    """
 
     mode: NetworkMode = NetworkMode.NAT
     interface: str = ""
+    host_loopback: bool = False
 
     def __post_init__(self) -> None:
         try:
@@ -56,15 +63,24 @@ class NetworkConfig:
                 raise SpecError(f"invalid network interface name {self.interface!r}")
         elif self.interface:
             raise SpecError(f"network mode {mode.value!r} takes no interface ({self.interface!r})")
+        if not isinstance(self.host_loopback, bool):
+            raise SpecError(f"host_loopback must be true or false, got {self.host_loopback!r}")
+        if self.host_loopback and mode is not NetworkMode.NAT:
+            raise SpecError(
+                f"host_loopback is a 'nat' option; network mode {mode.value!r} does not take it"
+            )
 
     def __str__(self) -> str:
         if self.mode is NetworkMode.BRIDGED:
             return f"bridged:{self.interface}"
+        if self.host_loopback:
+            return f"nat:{HOST_LOOPBACK}"
         return self.mode.value
 
 
 def parse_network_mode(spec: str) -> NetworkConfig:
-    """Parse ``""``/``nat``, ``none``, ``vmnet``, ``host-only`` or ``bridged:IFACE``."""
+    """Parse ``""``/``nat``, ``nat:host-loopback``, ``none``, ``vmnet``, ``host-only`` or
+    ``bridged:IFACE``."""
     if not isinstance(spec, str):
         raise SpecError(f"network spec must be a string, got {type(spec).__name__}")
     text = spec.strip()
@@ -77,6 +93,13 @@ def parse_network_mode(spec: str) -> NetworkConfig:
             return NetworkConfig(NetworkMode(word))
         if word == "bridged":
             raise SpecError(f"bridged networking needs an interface name; valid forms: {_FORMS}")
+    elif word == "nat":
+        if iface.lower() == HOST_LOOPBACK:
+            return NetworkConfig(NetworkMode.NAT, host_loopback=True)
+        raise SpecError(
+            f"unknown nat option {iface!r} in {spec!r}; the one option is "
+            f"'nat:{HOST_LOOPBACK}' (the guest reaches the host's loopback services)"
+        )
     elif word == "bridged":
         if not iface:
             raise SpecError(
@@ -113,9 +136,10 @@ def _protocol(value: object) -> PortProtocol:
 class PortForward:
     """A host port published to a guest port (``vzkit run -p``); loopback unless told.
 
-    Lowered to user-mode networking's ``hostfwd`` on the qemu backend, so it needs the
-    ``nat`` network (or ``host-only`` on Linux). ``host_address`` is the IPv4 address to
-    listen on (``0.0.0.0``: every interface).
+    Lowered to passt's ``--tcp-ports``/``--udp-ports`` (``nat`` on Linux) or user-mode
+    networking's ``hostfwd`` on the qemu backend, so it needs the ``nat`` network (or
+    ``host-only`` on Linux). ``host_address`` is the IPv4 address to listen on (``0.0.0.0``:
+    every interface).
     """
 
     host_port: int

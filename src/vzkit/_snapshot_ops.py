@@ -118,6 +118,8 @@ def machine_fields(cfg: LinuxVMConfig | MacVMConfig) -> dict[str, Any]:
         "iso_path": _canon(cfg.iso_path),
         "volumes": volumes,
         "network": cfg.network.mode.value,
+        # only when set, so snapshots written before the option existed still match
+        **({"host_loopback": True} if cfg.network.host_loopback else {}),
         "displays": [] if cfg.headless else [str(d) for d in cfg.displays] or ["default"],
         "vsock": cfg.vsock,
         "vsock_cid": cfg.vsock_cid,

@@ -5,6 +5,7 @@ Library errors become exit codes at this edge only (:mod:`vzkit._cli_errors`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -99,7 +100,8 @@ def vm_options(func: F) -> F:
             "--network",
             metavar="MODE",
             callback=_spec_callback(parse_network_mode),
-            help="nat (default), none, vmnet, host-only or bridged:IFACE.",
+            help="nat (default; the guest cannot reach the host's loopback services), "
+            "nat:host-loopback (it can, at 10.0.2.2), none, vmnet, host-only or bridged:IFACE.",
         ),
         click.option(
             "--publish",
@@ -621,6 +623,14 @@ def _doctor_qemu() -> None:
             kvm = {True: "works", False: "does not work here", None: "not probed yet"}
             line += f"; KVM {kvm[verdict]}"
         click.echo(line + ")")
+        sandbox = asyncio.run(_discover.sandbox_probe(binary))
+        if sandbox.supported:
+            click.echo(f"      {guest.value}: QEMU runs under its seccomp sandbox (-sandbox on)")
+        else:
+            click.echo(
+                f"      {guest.value}: QEMU runs WITHOUT a seccomp sandbox "
+                f"(this binary cannot: {sandbox.detail})"
+            )
         try:
             firmware = _discover.find_firmware(guest)
             click.echo(f"      {guest.value} EFI firmware: {firmware.code}")
@@ -633,7 +643,8 @@ def _doctor_devices() -> None:
     """Which vsock transport and which share daemon a VM would get here."""
     import os
 
-    from .backends.qemu._virtiofs import find_virtiofsd
+    from .backends.qemu._passt import find_passt
+    from .backends.qemu._virtiofs import VirtiofsSandbox, find_virtiofsd, sandbox_mode
     from .backends.qemu._vsock import VHOST_DEVICE
 
     if sys.platform != "linux":
@@ -642,6 +653,15 @@ def _doctor_devices() -> None:
         click.echo(f"      vsock: kernel vhost-vsock ({VHOST_DEVICE})")
     else:
         click.echo(f"      vsock: vzkit's user-space vhost-user-vsock device (no {VHOST_DEVICE})")
+    if sys.platform.startswith("linux"):
+        passt = find_passt()
+        if passt is not None:
+            click.echo(f"      nat: passt {passt} (the guest cannot reach the host's loopback)")
+        else:
+            click.echo(
+                "      nat: QEMU's user-mode network, where the guest CAN reach the host's "
+                "loopback services at 10.0.2.2 (install passt to close that)"
+            )
     daemon = find_virtiofsd()
     if daemon is None:
         click.echo("      shares: virtio-9p (no virtiofsd found)")
@@ -653,6 +673,16 @@ def _doctor_devices() -> None:
         else:
             ro = "read-only shares on virtio-9p (the bind needs root)"
         click.echo(f"      shares: VirtioFS, {daemon.flavour} virtiofsd {daemon.path} ({ro})")
+        sandbox = sandbox_mode(os.geteuid() == 0)
+        if sandbox is VirtiofsSandbox.NAMESPACE:
+            click.echo("      shares: virtiofsd runs in its namespace sandbox")
+        elif sandbox is VirtiofsSandbox.CHROOT:
+            click.echo("      shares: virtiofsd runs in its chroot sandbox (no namespaces here)")
+        else:
+            click.echo(
+                "      shares: virtio-9p, not VirtioFS (virtiofsd cannot be sandboxed here: "
+                "no user namespaces for this user)"
+            )
 
 
 main.add_command(codesign_cmd)

@@ -417,6 +417,10 @@ def test_create_network_device_and_attachment(fake: FakeRuntime) -> None:
     }
     macs = {render(fake, vzb.create_network_device(nat))["MACAddress"]["string"] for _ in range(4)}
     assert len(macs) == 4
+    loopback = vzkit.parse_network_mode("nat:host-loopback")
+    with pytest.raises(vzkit.UnsupportedError, match="not possible on the vz backend") as info:
+        vzb.create_network_attachment(loopback)
+    assert (info.value.backend, info.value.feature) == ("vz", "network:host-loopback")
 
 
 def test_create_graphics_configs(fake: FakeRuntime) -> None:

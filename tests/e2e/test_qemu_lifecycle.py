@@ -243,3 +243,45 @@ def test_guest_panic_ends_in_error_with_the_reason(vms: VMFactory) -> None:
     assert not pid_alive(pid), "QEMU exited on the panic"
     assert pid not in live_children()
     assert vm.can_start
+
+
+def test_confined_under_umask_0(vms: VMFactory, tmp_path: Path) -> None:
+    """QEMU runs under its seccomp filter; under umask 0 the state dir vzkit makes is 0700
+    and every file in it (console log, QEMU's log, the MAC, vsock, passt and virtiofsd logs)
+    is 0600."""
+    share = tmp_path / "share"
+    share.mkdir()
+    state_dir = tmp_path / "made" / "by vzkit"
+    old = os.umask(0)
+    try:
+        vm, shell = vms.boot(
+            "x86_64",
+            state_dir=state_dir,
+            network=vzkit.NetworkConfig(vzkit.NetworkMode.NAT),
+            volumes=(vzkit.parse_volume_spec(f"{share}:data"),),
+        )
+        rc, out = shell.run("echo guest output > /dev/console; ls /mnt/data")
+        assert rc == 0, out
+    finally:
+        os.umask(old)
+    pid = vm.pid
+    assert pid is not None
+    status = Path(f"/proc/{pid}/status").read_text()
+    assert re.search(r"^Seccomp:\s+2$", status, re.M), status  # a filter is loaded
+    argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert b"on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny" in argv
+    vm.stop(timeout=20)
+    modes = {
+        str(p.relative_to(tmp_path)): oct(p.stat().st_mode & 0o777)
+        for p in [tmp_path / "made", *(tmp_path / "made").rglob("*")]
+    }
+    assert modes == {
+        "made": "0o700",
+        "made/by vzkit": "0o700",
+        "made/by vzkit/console.log": "0o600",
+        "made/by vzkit/qemu.log": "0o600",
+        "made/by vzkit/mac-address": "0o600",
+        "made/by vzkit/vsock.log": "0o600",
+        "made/by vzkit/passt.log": "0o600",
+        "made/by vzkit/virtiofsd-0.log": "0o600",
+    }

@@ -1,8 +1,9 @@
 """NAT networking on the qemu backend, end to end, without leaving this machine.
 
-One boot: the guest gets its address, route and DNS server by DHCP; it reaches a service on
-the host's loopback through the NAT gateway (10.0.2.2); a published TCP port on the host's
-loopback reaches a service in the guest.
+One boot: the guest gets its address, route and DNS server by DHCP; a service on the host's
+loopback is out of its reach at the NAT gateway (10.0.2.2); a published TCP port on the host's
+loopback reaches a service in the guest. A second boot asks for the host's loopback
+(``nat:host-loopback``) and reaches it.
 """
 
 from __future__ import annotations
@@ -12,7 +13,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 import vzkit
+from vzkit.backends.qemu._passt import host_resolvers
 
 from .conftest import VMFactory
 
@@ -46,18 +50,31 @@ def _sh(vm: vzkit.VirtualMachine, script: str, timeout: float = 60) -> tuple[int
     return done.returncode, (done.stdout + done.stderr).decode(errors="replace")
 
 
-def test_nat_dhcp_host_loopback_and_published_port(vms: VMFactory) -> None:
-    # A service on the host's loopback only.
-    server = socket.create_server(("127.0.0.1", 0))
-    host_port = server.getsockname()[1]
+class LoopbackServer:
+    """A service on the host's loopback only; counts the connections it accepted."""
 
-    def serve() -> None:
-        conn, _ = server.accept()
-        with conn:
-            conn.sendall(b"from host\n")
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.accepted = 0
+        threading.Thread(target=self._serve, daemon=True).start()
 
-    threading.Thread(target=serve, daemon=True).start()
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.sendall(b"from host\n")
 
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_nat_dhcp_published_port_and_no_host_loopback(vms: VMFactory) -> None:
+    server = LoopbackServer()
     published = _free_port()
     vm = vms.create(
         network=vzkit.NetworkConfig(vzkit.NetworkMode.NAT),
@@ -67,7 +84,7 @@ def test_nat_dhcp_host_loopback_and_published_port(vms: VMFactory) -> None:
     vm.guest.wait_ready(timeout=120)
     assert _listening_on(published) == {"127.0.0.1"}  # loopback only, by default
 
-    # DHCP configured the NIC, the default route and DNS (QEMU's user-mode resolver).
+    # DHCP configured the NIC, the default route and DNS.
     code, out = _sh(
         vm,
         "for i in $(seq 100); do ip -4 addr show eth0 | grep -q 'inet ' && break; "
@@ -76,11 +93,16 @@ def test_nat_dhcp_host_loopback_and_published_port(vms: VMFactory) -> None:
     assert code == 0, out
     assert "inet 10.0.2.15/24" in out
     assert "default via 10.0.2.2 dev eth0" in out
-    assert "nameserver 10.0.2.3" in out
+    for resolver in host_resolvers():  # the host's own, reached through the NAT
+        assert f"nameserver {resolver}" in out
 
-    # The guest reaches the host's loopback service through the NAT gateway.
-    code, out = _sh(vm, f"nc -w 10 10.0.2.2 {host_port} </dev/null")
-    assert (code, out) == (0, "from host\n")
+    # The host's loopback services are out of the guest's reach: 10.0.2.2 is not the host.
+    t0 = time.monotonic()
+    code, out = _sh(vm, f"timeout 10 nc -w 3 10.0.2.2 {server.port} </dev/null")
+    assert code != 0, out
+    assert "from host" not in out
+    assert time.monotonic() - t0 < 30
+    assert server.accepted == 0
     server.close()
 
     # A published host port reaches a service in the guest.
@@ -93,17 +115,34 @@ def test_nat_dhcp_host_loopback_and_published_port(vms: VMFactory) -> None:
     deadline = time.monotonic() + 30
     while b"got ping" not in reply and time.monotonic() < deadline:
         # Until the guest listens, the forwarder accepts and then drops the connection.
-        with socket.create_connection(("127.0.0.1", published), timeout=10) as conn:
-            conn.sendall(b"ping\n")
-            reply = b""
-            try:
+        try:
+            with socket.create_connection(("127.0.0.1", published), timeout=10) as conn:
+                conn.sendall(b"ping\n")
+                reply = b""
                 while chunk := conn.recv(100):
                     reply += chunk
-            except (ConnectionResetError, TimeoutError):
-                pass
+        except (ConnectionResetError, ConnectionRefusedError, TimeoutError):
+            pass
         if b"got ping" not in reply:
             time.sleep(0.2)
     assert reply == b"from guest\ngot ping\n"
+
+
+def test_nat_host_loopback_on_request(vms: VMFactory) -> None:
+    """``--network nat:host-loopback``: 10.0.2.2:PORT is the host's 127.0.0.1:PORT."""
+    server = LoopbackServer()
+    vm = vms.create(network=vzkit.parse_network_mode("nat:host-loopback"))
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=120)
+    code, out = _sh(
+        vm,
+        "for i in $(seq 100); do ip route | grep -q default && break; sleep 0.1; done; "
+        f"timeout 10 nc -w 5 10.0.2.2 {server.port} </dev/null",
+    )
+    # (nc may outlive the host's close by up to the timeout: the data is what counts)
+    assert out == "from host\n", (code, vm.state_dir.joinpath("passt.log").read_text())
+    assert server.accepted == 1
+    server.close()
 
 
 def test_no_network_means_no_nic(vms: VMFactory) -> None:
@@ -113,3 +152,35 @@ def test_no_network_means_no_nic(vms: VMFactory) -> None:
     assert "-netdev" not in vm._core.machine.argv  # type: ignore[attr-defined]
     code, out = _sh(vm, "ls /sys/class/net")
     assert (code, out.split()) == (0, ["lo"])
+
+
+def test_host_only_reaches_no_host_service(vms: VMFactory) -> None:
+    """host-only on Linux (restricted user-mode network) refuses the host's loopback too."""
+    server = LoopbackServer()
+    vm = vms.create(network=vzkit.parse_network_mode("host-only"))
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=120)
+    code, out = _sh(
+        vm,
+        "for i in $(seq 100); do ip -4 addr show eth0 | grep -q 'inet ' && break; "
+        f"sleep 0.1; done; timeout 10 nc -w 3 10.0.2.2 {server.port} </dev/null",
+    )
+    assert code != 0, out
+    assert "from host" not in out
+    assert server.accepted == 0
+    server.close()
+
+
+def test_published_port_in_use_fails_the_start_and_leaves_nothing(vms: VMFactory) -> None:
+    from vzkit._process import live_children
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        vm = vms.create(
+            network=vzkit.NetworkConfig(vzkit.NetworkMode.NAT),
+            publish=(vzkit.parse_port_spec(f"{port}:80"),),
+        )
+        with pytest.raises(vzkit.VMError, match=f"cannot publish 127.0.0.1:{port}:80/tcp"):
+            vm.start(timeout=60)
+    assert vm.state is vzkit.VMState.STOPPED
+    assert live_children() == {}

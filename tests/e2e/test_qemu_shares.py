@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -72,6 +73,7 @@ def host_dirs(tmp_path: Path) -> dict[str, Path]:
     (dirs["rw"] / "abs-link").symlink_to(outside / "secret.txt")
     (dirs["rw"] / "rel-link").symlink_to(Path("..") / "outside" / "secret.txt")
     (dirs["ro"] / "abs-link").symlink_to(outside / "secret.txt")
+    os.mknod(dirs["rw"] / "zero-node", stat.S_IFCHR | 0o666, os.makedev(1, 5))  # needs root
     return dirs
 
 
@@ -103,6 +105,16 @@ def test_eight_shares_read_write_read_only_and_odd_paths(
         assert mounts[f"/mnt/{tag}"][2] == "virtiofs", mounts
     assert mounts["/mnt/ro"][3].split(",")[0] == "ro"
     assert mounts["/mnt/rw"][3].split(",")[0] == "rw"
+    for tag in tags:  # a host file is never a device or a set-id program in the guest
+        assert {"nodev", "nosuid"} <= set(mounts[f"/mnt/{tag}"][3].split(",")), mounts
+    # A device node on the host (here /dev/zero's numbers) cannot be opened through a share.
+    code, out = _sh(vm, "head -c 4 /mnt/rw/zero-node >/dev/null")
+    assert code != 0, out
+    assert "Permission denied" in out, out
+    # Each virtiofsd runs in its namespace sandbox: its own network namespace, for one.
+    for pid in daemons.values():
+        assert b"sandbox=namespace" in Path(f"/proc/{pid}/cmdline").read_bytes()
+        assert os.readlink(f"/proc/{pid}/ns/net") != os.readlink("/proc/self/ns/net")
 
     # The guest reads host files through every share, the odd path included.
     for tag, name in zip(tags, ["rw", "ro", "odd", *(f"x{i}" for i in range(5))], strict=True):
@@ -266,6 +278,8 @@ def test_9p_fallback_enforces_read_only_in_qemu(
         for line in vm.guest.read_file("/proc/mounts").decode().splitlines()
     }
     assert [mounts[f"/mnt/{t}"][2] for t in ("rw", "ro", "a_b_c-é✓")] == ["9p"] * 3
+    for tag in ("rw", "ro", "a_b_c-é✓"):
+        assert {"nodev", "nosuid"} <= set(mounts[f"/mnt/{tag}"][3].split(",")), mounts
     assert vm.guest.read_file("/mnt/a_b_c-é✓/hello.txt") == b"hello from odd\n"
     code, out = _sh(vm, "echo via 9p > /mnt/rw/new.txt")
     assert code == 0, out

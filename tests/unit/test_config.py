@@ -493,6 +493,7 @@ _NETWORK = st.one_of(
     st.sampled_from(
         [NetworkMode.NAT, NetworkMode.NONE, NetworkMode.VMNET, NetworkMode.HOST_ONLY]
     ).map(NetworkConfig),
+    st.just(NetworkConfig(NetworkMode.NAT, host_loopback=True)),
     st.from_regex(r"[A-Za-z0-9_.:@-]{1,16}", fullmatch=True).map(
         lambda iface: NetworkConfig(NetworkMode.BRIDGED, iface)
     ),
@@ -644,3 +645,15 @@ def test_share_that_disappears_before_start(tmp_path: Path) -> None:
     share.write_text("")
     with pytest.raises(ConfigError, match="is not a directory"):
         cfg.check_inputs()
+
+
+def test_network_host_loopback_in_config_files() -> None:
+    """The flag is written only when set (older files are unchanged) and read back."""
+    plain = LinuxVMConfig()
+    assert plain.to_dict()["network"] == {"mode": "nat", "interface": ""}
+    cfg = LinuxVMConfig.from_toml('[network]\nmode = "nat"\nhost_loopback = true\n')
+    assert cfg.network == NetworkConfig(NetworkMode.NAT, host_loopback=True)
+    assert cfg.to_dict()["network"] == {"mode": "nat", "interface": "", "host_loopback": True}
+    assert LinuxVMConfig.from_json(cfg.to_json()) == cfg
+    with pytest.raises(ConfigError, match="mode/interface/host_loopback"):
+        LinuxVMConfig.from_toml('[network]\nmode = "nat"\nloopback = true\n')

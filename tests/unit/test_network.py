@@ -17,7 +17,7 @@ from vzkit import (
     parse_port_spec,
 )
 
-VALID_FORMS = "'nat' (or empty), 'none', 'vmnet', 'host-only', 'bridged:IFACE'"
+VALID_FORMS = "'nat' (or empty), 'nat:host-loopback', 'none', 'vmnet', 'host-only', 'bridged:IFACE'"
 
 
 def test_network_mode_is_a_str_enum() -> None:
@@ -68,6 +68,7 @@ def test_valid_forms(spec: str, expected: NetworkConfig) -> None:
         NetworkConfig(NetworkMode.VMNET),
         NetworkConfig(NetworkMode.HOST_ONLY),
         NetworkConfig(NetworkMode.BRIDGED, "en0"),
+        NetworkConfig(NetworkMode.NAT, host_loopback=True),
     ],
 )
 def test_str_round_trip(cfg: NetworkConfig) -> None:
@@ -90,7 +91,7 @@ def test_bare_bridged() -> None:
     )
 
 
-@pytest.mark.parametrize("spec", ["wifi", "hostonly", "nat:en0", "vmnet:x", "bridge:en0", "host"])
+@pytest.mark.parametrize("spec", ["wifi", "hostonly", "vmnet:x", "bridge:en0", "host"])
 def test_unknown_word_lists_valid_forms(spec: str) -> None:
     with pytest.raises(SpecError) as info:
         parse_network_mode(spec)
@@ -182,3 +183,43 @@ def test_port_forward_validates_fields() -> None:
         PortForward(8080, 80, "icmp")  # type: ignore[arg-type]
     with pytest.raises(dataclasses.FrozenInstanceError):
         PortForward(1, 2).host_port = 3  # type: ignore[misc]
+
+
+def test_nat_keeps_the_guest_off_the_host_loopback_unless_asked() -> None:
+    assert parse_network_mode("nat").host_loopback is False
+    assert NetworkConfig().host_loopback is False
+    cfg = parse_network_mode("NAT:Host-Loopback")
+    assert cfg == NetworkConfig(NetworkMode.NAT, host_loopback=True)
+    assert str(cfg) == "nat:host-loopback"
+
+
+@pytest.mark.parametrize("spec", ["nat:en0", "nat:", "nat:loopback"])
+def test_unknown_nat_option(spec: str) -> None:
+    with pytest.raises(SpecError) as info:
+        parse_network_mode(spec)
+    assert str(info.value) == (
+        f"unknown nat option {spec.partition(':')[2]!r} in {spec!r}; the one option is "
+        "'nat:host-loopback' (the guest reaches the host's loopback services)"
+    )
+
+
+@pytest.mark.parametrize("mode", [NetworkMode.NONE, NetworkMode.HOST_ONLY, NetworkMode.VMNET])
+def test_host_loopback_is_a_nat_option_only(mode: NetworkMode) -> None:
+    with pytest.raises(SpecError, match=f"network mode '{mode.value}' does not take it"):
+        NetworkConfig(mode, host_loopback=True)
+    with pytest.raises(SpecError, match="does not take it"):
+        NetworkConfig(NetworkMode.BRIDGED, "br0", host_loopback=True)
+    with pytest.raises(SpecError, match="must be true or false"):
+        NetworkConfig(NetworkMode.NAT, host_loopback="yes")  # type: ignore[arg-type]
+
+
+def test_snapshots_record_host_loopback_only_when_asked() -> None:
+    """One key, present only when set: snapshots from before the option still match."""
+    from vzkit import LinuxVMConfig
+    from vzkit._snapshot_ops import machine_fields
+
+    plain = machine_fields(LinuxVMConfig())
+    assert "host_loopback" not in plain
+    asked = machine_fields(LinuxVMConfig(network=parse_network_mode("nat:host-loopback")))
+    assert {k: v for k, v in asked.items() if k != "host_loopback"} == plain
+    assert asked["host_loopback"] is True

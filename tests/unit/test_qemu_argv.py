@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
+import socket
 from pathlib import Path
 
 import pytest
@@ -319,3 +321,142 @@ def test_pvpanic_comes_after_every_other_device(files: dict[str, Path]) -> None:
         "-action", "panic=exit-failure",
         "-incoming", "defer",
     ]  # fmt: skip
+
+
+# -- confinement: QEMU's seccomp sandbox and the nat network through passt --------------------
+
+
+def test_sandbox_denies_spawn_privileges_obsolete_and_resource_control(
+    files: dict[str, Path],
+) -> None:
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"])
+    plan = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, sandbox=True, console_log=Path("/l")
+    )
+    argv = build_argv(plan)
+    assert _opt(argv, "-sandbox") == [
+        "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+    ]
+    assert "-sandbox" not in build_argv(dataclasses.replace(plan, sandbox=False))
+
+
+@pytest.mark.parametrize(
+    ("host_os", "expected"),
+    [
+        ("linux", "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny"),
+        ("darwin", "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"),
+    ],
+)
+def test_bridged_on_linux_without_a_tap_lets_qemu_run_its_bridge_helper(
+    files: dict[str, Path], host_os: str, expected: str
+) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="x86_64", kernel_path=files["vmlinuz"], network=vzkit.parse_network_mode("bridged:br0")
+    )
+    plan = Plan(config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, sandbox=True, host_os=host_os)
+    assert _argv.sandbox_args(plan) == ["-sandbox", expected]
+
+
+def test_nat_through_passt_is_a_stream_netdev_on_an_inherited_fd(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="x86_64",
+        kernel_path=files["vmlinuz"],
+        publish=(vzkit.parse_port_spec("8080:80"),),  # passt publishes it, not hostfwd
+    )
+    plan = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, passt_fd=11, console_log=Path("/l")
+    )
+    assert _argv.network_args(plan) == [
+        "-netdev", "stream,id=net0,server=off,addr.type=fd,addr.str=11",
+        "-device", "virtio-net-pci,netdev=net0,id=net0-dev",
+    ]  # fmt: skip
+    # without passt (not installed, or not Linux): QEMU's user-mode network, as before
+    assert _opt(build_argv(dataclasses.replace(plan, passt_fd=None)), "-netdev") == [
+        "user,id=net0,hostfwd=tcp:127.0.0.1:8080-:80"
+    ]
+
+
+def test_passt_argv_keeps_the_host_loopback_from_the_guest() -> None:
+    from vzkit.backends.qemu._passt import passt_argv, uses_passt
+
+    cfg = vzkit.LinuxVMConfig(
+        publish=(
+            vzkit.parse_port_spec("8080:80"),
+            vzkit.parse_port_spec("0.0.0.0:5353:53/udp"),
+        )
+    )
+    assert passt_argv(Path("/usr/bin/passt"), cfg, 7, ["192.0.2.53"]) == [
+        "/usr/bin/passt", "--foreground", "--stderr", "--quiet", "--fd=7", "--ipv4-only",
+        "--address", "10.0.2.15", "--netmask", "24", "--gateway", "10.0.2.2",
+        "--no-dhcp-search",
+        "--no-map-gw", "--dns", "192.0.2.53",
+        "--tcp-ports", "127.0.0.1/8080:80",
+        "--udp-ports", "0.0.0.0/5353:53",
+    ]  # fmt: skip
+    asked = dataclasses.replace(cfg, network=vzkit.parse_network_mode("nat:host-loopback"))
+    loopback_argv = passt_argv(Path("passt"), asked, 7, ["192.0.2.53"])
+    assert "--no-map-gw" not in loopback_argv
+    assert "--dns" not in loopback_argv  # passt serves a loopback resolver at the gateway
+    assert uses_passt(cfg, "linux")
+    assert not uses_passt(cfg, "darwin")
+    host_only = dataclasses.replace(cfg, network=vzkit.parse_network_mode("host-only"))
+    assert not uses_passt(host_only, "linux")
+
+
+def test_machine_sandbox_policy(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The machine asks for the filter whenever the binary has it (bridged included)."""
+    from vzkit.backends.qemu import _discover, _machine
+
+    probe = _discover.SandboxProbe(True)
+
+    async def sandbox_probe(binary: Path) -> _discover.SandboxProbe:
+        return probe
+
+    monkeypatch.setattr(_discover, "sandbox_probe", sandbox_probe)
+    assert asyncio.run(_machine._sandbox(Path("q")))
+    probe = _discover.SandboxProbe(False, "-sandbox is not supported by this QEMU binary")
+    assert not asyncio.run(_machine._sandbox(Path("q")))
+    assert "runs without its seccomp sandbox: -sandbox is not supported" in caplog.text
+
+
+def test_bridged_with_a_tap_from_vzkit_keeps_the_whole_sandbox(files: dict[str, Path]) -> None:
+    cfg = vzkit.LinuxVMConfig(
+        arch="x86_64", kernel_path=files["vmlinuz"], network=vzkit.parse_network_mode("bridged:br0")
+    )
+    plan = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, sandbox=True, tap_fd=9,
+        host_os="linux", console_log=Path("/l"),
+    )  # fmt: skip
+    argv = build_argv(plan)
+    assert _opt(argv, "-netdev") == ["tap,id=net0,fd=9"]
+    assert _opt(argv, "-sandbox") == [_argv.SANDBOX]
+
+
+def test_a_published_port_in_use_is_an_error_before_anything_starts() -> None:
+    from vzkit.backends.qemu._passt import check_ports
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        spec = vzkit.parse_port_spec(f"{port}:80")
+        with pytest.raises(vzkit.VMError) as info:
+            check_ports((spec,))
+        assert str(info.value) == (
+            f"cannot publish 127.0.0.1:{port}:80/tcp: 127.0.0.1:{port}/tcp cannot be bound "
+            "on the host (Address already in use)"
+        )
+    check_ports((spec,))  # free again
+
+
+def test_host_resolvers_skip_loopback_stubs(tmp_path: Path) -> None:
+    from vzkit.backends.qemu._passt import host_resolvers
+
+    stub = tmp_path / "resolv.conf"
+    stub.write_text("# systemd-resolved\nnameserver 127.0.0.53\noptions edns0\n")
+    upstream = tmp_path / "upstream.conf"
+    upstream.write_text("nameserver 192.0.2.53\nnameserver ::1\nnameserver 2001:db8::1\n"
+                        "nameserver bogus\nnameserver 198.51.100.7 # second\n")  # fmt: skip
+    assert host_resolvers([stub, upstream]) == ["192.0.2.53", "198.51.100.7"]
+    assert host_resolvers([upstream, stub]) == ["192.0.2.53", "198.51.100.7"]
+    assert host_resolvers([stub, tmp_path / "missing"]) == []

@@ -7,12 +7,14 @@ or hangs, as KVM does on hosts whose /dev/kvm exists but cannot run guests.
 
 from __future__ import annotations
 
+import asyncio
 import stat
 from pathlib import Path
 
 import pytest
 
 from vzkit import Arch, BackendUnavailableError, ConfigError
+from vzkit._process import live_children, pid_alive
 from vzkit.backends.qemu import _discover
 
 FAKE_QEMU = """#!/bin/sh
@@ -110,3 +112,81 @@ def test_missing_firmware_says_what_to_install(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.delenv("VZKIT_EFI_CODE", raising=False)
     with pytest.raises(BackendUnavailableError, match="apt-get install ovmf"):
         _discover.find_firmware(Arch.X86_64)
+
+
+SANDBOX_QEMU = """#!/bin/sh
+echo "$$" >> "$(dirname "$0")/sandbox-runs"
+case " $* " in
+  *" -sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny "*) ;;
+  *) echo "wrong sandbox option: $*" >&2; exit 2 ;;
+esac
+case "$(cat "$(dirname "$0")/mode")" in
+  no-seccomp)
+    echo "qemu-system-x86_64: -sandbox is not supported by this QEMU binary" >&2; exit 1 ;;
+  hangs) exec sleep 60 ;;
+esac
+read -r caps; read -r quit
+echo '{"QMP": {}}'; echo '{"return": {}}'; echo '{"return": {}}'
+"""
+
+
+def _sandbox_qemu(tmp_path: Path, mode: str) -> Path:
+    binary = tmp_path / "qemu-system-x86_64"
+    binary.write_text(SANDBOX_QEMU)
+    binary.chmod(0o755)
+    (tmp_path / "mode").write_text(mode)
+    return binary
+
+
+def _probe_runs(tmp_path: Path) -> list[int]:
+    runs = tmp_path / "sandbox-runs"
+    return [int(pid) for pid in runs.read_text().split()] if runs.exists() else []
+
+
+@pytest.mark.parametrize("mode", ["works", "no-seccomp"])
+def test_sandbox_probe_runs_the_filter_once_per_binary_version(tmp_path: Path, mode: str) -> None:
+    binary = _sandbox_qemu(tmp_path, mode)
+    first = asyncio.run(_discover.sandbox_probe(binary))
+    if mode == "works":
+        assert first == _discover.SandboxProbe(True)
+    else:
+        assert first == _discover.SandboxProbe(
+            False, "qemu-system-x86_64: -sandbox is not supported by this QEMU binary"
+        )
+    assert asyncio.run(_discover.sandbox_probe(binary)) == first
+    assert len(_probe_runs(tmp_path)) == 1
+    binary.write_text(SANDBOX_QEMU + "\n# upgraded\n")  # another build is asked again
+    asyncio.run(_discover.sandbox_probe(binary))
+    assert len(_probe_runs(tmp_path)) == 2
+    assert live_children() == {}
+
+
+def test_sandbox_probe_is_an_owned_process_a_cancelled_start_reaps(tmp_path: Path) -> None:
+    binary = _sandbox_qemu(tmp_path, "hangs")
+
+    async def start_gives_up() -> None:
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.5):
+                await _discover.sandbox_probe(binary)
+
+    asyncio.run(start_gives_up())
+    (pid,) = _probe_runs(tmp_path)
+    assert not pid_alive(pid)
+    assert live_children() == {}
+
+
+def test_sandbox_probe_that_times_out_is_not_remembered(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_discover, "PROBE_TIMEOUT_S", 0.3)
+    binary = _sandbox_qemu(tmp_path, "hangs")
+    probe = asyncio.run(_discover.sandbox_probe(binary))
+    assert probe == _discover.SandboxProbe(False, "the probe did not finish in 0.3 s")
+    (tmp_path / "mode").write_text("works")
+    assert asyncio.run(_discover.sandbox_probe(binary)).supported
+
+
+def test_sandbox_probe_of_a_missing_binary_says_why(tmp_path: Path) -> None:
+    probe = asyncio.run(_discover.sandbox_probe(tmp_path / "nope"))
+    assert not probe.supported
+    assert "cannot run" in probe.detail

@@ -21,6 +21,7 @@ from vzkit.backends.qemu._virtiofs import (
     ShareKind,
     Shares,
     Virtiofsd,
+    VirtiofsSandbox,
     parse_virtiofsd_help,
     plan_share,
     virtiofsd_argv,
@@ -186,8 +187,10 @@ def test_c_virtiofsd_argv_escapes_commas_and_backslashes() -> None:
     assert virtiofsd_argv(C, share, 9) == [
         "/usr/lib/qemu/virtiofsd", "--fd=9",
         "-o", "source=/srv/a\\,b\\\\c d",
-        "-o", "sandbox=chroot",
+        "-o", "sandbox=namespace",
     ]  # fmt: skip
+    chroot = ShareDevice("t", Path("/s"), False, sandbox=VirtiofsSandbox.CHROOT)
+    assert virtiofsd_argv(C, chroot, 9)[-2:] == ["-o", "sandbox=chroot"]
 
 
 def test_read_only_c_virtiofsd_runs_behind_a_read_only_bind() -> None:
@@ -200,15 +203,66 @@ def test_read_only_c_virtiofsd_runs_behind_a_read_only_bind() -> None:
     assert argv[9:] == ["/srv/my data", *virtiofsd_argv(C, ShareDevice("d", share.path, True), 9)]
 
 
-def test_rust_virtiofsd_argv_uses_readonly(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(os, "geteuid", lambda: 1000)
-    share = ShareDevice("data", Path("/srv/a,b"), True)
-    assert virtiofsd_argv(RUST_RO, share, 5) == [
-        "/usr/libexec/virtiofsd", "--fd=5", "--shared-dir", "/srv/a,b",
-        "--sandbox", "none", "--readonly",
-    ]  # fmt: skip
-    monkeypatch.setattr(os, "geteuid", lambda: 0)
-    assert "chroot" in virtiofsd_argv(RUST_RO, ShareDevice("d", Path("/s"), False), 5)
+def test_rust_virtiofsd_argv_uses_readonly_and_never_runs_unsandboxed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for euid in (1000, 0):  # not root: virtiofsd makes a user namespace for its sandbox
+        monkeypatch.setattr(os, "geteuid", lambda euid=euid: euid)
+        share = ShareDevice("data", Path("/srv/a,b"), True)
+        assert virtiofsd_argv(RUST_RO, share, 5) == [
+            "/usr/libexec/virtiofsd", "--fd=5", "--shared-dir", "/srv/a,b",
+            "--sandbox", "namespace", "--readonly",
+        ]  # fmt: skip
+    chroot = ShareDevice("d", Path("/s"), False, sandbox=VirtiofsSandbox.CHROOT)
+    assert virtiofsd_argv(RUST_RO, chroot, 5)[-2:] == ["--sandbox", "chroot"]
+
+
+@pytest.mark.parametrize(
+    ("root", "namespaces", "expected"),
+    [
+        (True, True, VirtiofsSandbox.NAMESPACE),
+        (False, True, VirtiofsSandbox.NAMESPACE),  # the Rust daemon's user namespace
+        (True, False, VirtiofsSandbox.CHROOT),  # e.g. in a container without CAP_SYS_ADMIN
+        (False, False, None),  # nothing can confine it: no virtiofsd at all
+    ],
+)
+def test_sandbox_mode_is_namespace_else_chroot_else_none(
+    monkeypatch: pytest.MonkeyPatch, root: bool, namespaces: bool, expected: object
+) -> None:
+    monkeypatch.setattr(_virtiofs, "namespaces_usable", lambda root: namespaces)
+    assert _virtiofs.sandbox_mode(root) is expected
+
+
+def test_without_a_sandbox_shares_fall_back_to_9p() -> None:
+    assert plan_share(RW, RUST_RO, root=False, sandbox=None).kind is ShareKind.NINEP
+    share = plan_share(RO, C, root=True, sandbox=VirtiofsSandbox.CHROOT)
+    assert (share.kind, share.sandbox, share.ro_bind) == (
+        ShareKind.VIRTIOFS,
+        VirtiofsSandbox.CHROOT,
+        True,
+    )
+
+
+def test_namespace_probe_tries_the_namespaces_once(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The probe runs ``unshare`` with the namespaces virtiofsd makes, once per process."""
+    calls = tmp_path / "calls"
+    fake = tmp_path / "unshare"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n[ "$1" != --user ]\n')
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    _virtiofs.namespaces_usable.cache_clear()
+    try:
+        assert _virtiofs.namespaces_usable(True) is True
+        assert _virtiofs.namespaces_usable(True) is True
+        assert _virtiofs.namespaces_usable(False) is False  # no user namespaces "here"
+        assert calls.read_text().splitlines() == [
+            "--mount --pid --net --fork true",
+            "--user --map-root-user --mount --pid --net --fork true",
+        ]
+    finally:
+        _virtiofs.namespaces_usable.cache_clear()
 
 
 # -- the QEMU side ------------------------------------------------------------------------

@@ -54,7 +54,8 @@ set +f
 
 # Shared folders: the host lists every share's tag in vzkit.shares= and the read-only ones in
 # vzkit.ro= (comma-separated, percent-encoded). Each is mounted at /mnt/<tag>: VirtioFS first,
-# else virtio-9p (the qemu backend's fallback). Read-only shares are mounted ro, but the host
+# else virtio-9p (the qemu backend's fallback), nodev,nosuid: a host file is never a device
+# node or a set-id program inside the guest. Read-only shares are mounted ro, but the host
 # enforces read-only whatever the guest does.
 share_tags=
 ro_tags=,
@@ -70,11 +71,11 @@ if [ -n "$share_tags" ]; then
         unset IFS
         # shellcheck disable=SC2059  # the format is the decoded tag: no % is left in it
         tag=$(printf "$(echo "$enc" | sed 's/%/\\x/g')")
-        opts=
-        case "$ro_tags" in *",$enc,"*) opts=ro ;; esac
+        opts=nodev,nosuid
+        case "$ro_tags" in *",$enc,"*) opts=$opts,ro ;; esac
         mkdir -p "/mnt/$tag"
-        mount -t virtiofs ${opts:+-o $opts} "$tag" "/mnt/$tag" 2>/dev/null ||
-            mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144${opts:+,$opts}" \
+        mount -t virtiofs -o "$opts" "$tag" "/mnt/$tag" 2>/dev/null ||
+            mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$opts" \
                 "$tag" "/mnt/$tag" 2>/dev/null ||
             echo "vzkit-init: cannot mount share $tag" >/dev/console
         IFS=,

@@ -69,6 +69,12 @@ class Plan:
     shares: tuple[ShareDevice, ...] = ()
     #: An inherited fd (a memfd) holding the guest agent's per-boot key (see agent_key_args).
     agent_key_fd: int | None = None
+    #: Run under QEMU's seccomp filter (the binary has it: see ``_discover.sandbox_probe``).
+    sandbox: bool = False
+    #: The ``nat`` network's passt socket (an inherited fd), or None for QEMU's own backends.
+    passt_fd: int | None = None
+    #: Bridged on Linux: the tap device vzkit got from qemu-bridge-helper (see ``_bridge``).
+    tap_fd: int | None = None
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -218,6 +224,25 @@ def disk_args(plan: Plan) -> list[str]:
     ]  # fmt: skip
 
 
+#: QEMU's seccomp filter: no obsolete syscalls, no set*id/setsid, no fork/exec, no scheduler
+#: or affinity changes. A guest that takes over QEMU keeps only what QEMU itself needs.
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+#: Bridged networking on Linux without a tap fd in the plan: QEMU forks and runs the setuid
+#: qemu-bridge-helper, which inherits the filter. The machine never does this (it runs the
+#: helper itself and passes ``tap_fd``); a plan built without one still works.
+SANDBOX_BRIDGED = "on,obsolete=deny,elevateprivileges=allow,spawn=allow,resourcecontrol=deny"
+
+
+def sandbox_args(plan: Plan) -> list[str]:
+    """``-sandbox`` when the plan asks for it (the machine probed the binary)."""
+    if not plan.sandbox:
+        return []
+    net = plan.config.network
+    if net.mode is NetworkMode.BRIDGED and plan.host_os != "darwin" and plan.tap_fd is None:
+        return ["-sandbox", SANDBOX_BRIDGED]
+    return ["-sandbox", SANDBOX]
+
+
 def incoming_args(plan: Plan) -> list[str]:
     """Restore: QEMU waits for the state stream, handed over later with ``migrate-incoming``."""
     return ["-incoming", "defer"] if plan.incoming else []
@@ -281,12 +306,24 @@ def hostfwd(plan: Plan) -> str:
     )
 
 
+def passt_netdev(fd: int) -> str:
+    """The ``nat`` network through passt (see ``_passt``): a stream socket QEMU inherits.
+    passt serves DHCP, DNS and the published ports itself."""
+    return f"stream,id=net0,server=off,addr.type=fd,addr.str={fd}"
+
+
 def network_args(plan: Plan) -> list[str]:
     net = plan.config.network
-    backend = netdev(net.mode, net.interface, plan.host_os)
+    if plan.passt_fd is not None and net.mode is NetworkMode.NAT:
+        backend: str | None = passt_netdev(plan.passt_fd)
+    elif plan.tap_fd is not None and net.mode is NetworkMode.BRIDGED:
+        backend = f"tap,id=net0,fd={plan.tap_fd}"  # from qemu-bridge-helper, run by vzkit
+    else:
+        backend = netdev(net.mode, net.interface, plan.host_os)
+        if backend is not None:
+            backend += hostfwd(plan)
     if backend is None:
         return []
-    backend += hostfwd(plan)
     device = f"{virtio(plan, 'net')},netdev=net0,id=net0-dev"
     if plan.mac_address:
         device += f",mac={plan.mac_address}"
@@ -465,6 +502,7 @@ def panic_args(plan: Plan) -> list[str]:
 
 _PIECES = (
     base_args,
+    sandbox_args,
     machine_args,
     boot_args,
     disk_args,

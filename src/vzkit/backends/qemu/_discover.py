@@ -7,6 +7,7 @@ the binary, its mtime and the host kernel, so each fact costs one probe per mach
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import json
 import logging
@@ -22,15 +23,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..._cache import user_cache_dir
-from ..._process import PREEXEC, log_argv
+from ..._process import PREEXEC, log_argv, spawn
 from ..._state import Arch, host_arch
 from ...errors import BackendUnavailableError, ConfigError
+from ._argv import SANDBOX
 
 __all__ = [
     "Firmware",
+    "SandboxProbe",
     "accelerators",
     "find_firmware",
     "find_qemu",
+    "sandbox_probe",
     "select_accelerator",
 ]
 
@@ -78,6 +82,78 @@ def accelerators(binary: Path) -> frozenset[str]:
         raise BackendUnavailableError(f"cannot run {binary}: {err}") from err
     names = {line.strip() for line in proc.stdout.splitlines()[1:] if line.strip()}
     return frozenset(names)
+
+
+_SANDBOX_QMP = b'{"execute": "qmp_capabilities"}\n{"execute": "quit"}\n'
+
+
+@dataclass(frozen=True, slots=True)
+class SandboxProbe:
+    """Whether a QEMU binary can run under its seccomp sandbox (``-sandbox``), and if not why."""
+
+    supported: bool
+    detail: str = ""
+
+
+#: Verdicts of :func:`sandbox_probe` in this process, per binary path, mtime and size.
+_sandbox_verdicts: dict[tuple[str, int, int], SandboxProbe] = {}
+
+
+async def sandbox_probe(binary: Path) -> SandboxProbe:
+    """Whether ``binary`` runs under ``-sandbox on,...``: asked once per binary version.
+
+    A QEMU built without libseccomp has no ``-sandbox`` option; one on a kernel without
+    seccomp filters fails to load it. The probe starts the binary with no machine and the
+    filter VMs get (:data:`~._argv.SANDBOX`) loaded, and quits it over QMP on stdin (30-100 ms,
+    once per process and binary version). The probe is an owned process: a start cancelled
+    meanwhile kills and reaps it. A probe that times out is not remembered.
+    """
+    try:
+        st = binary.stat()
+    except OSError as err:
+        return SandboxProbe(False, f"cannot run {binary}: {err}")
+    key = (str(binary), st.st_mtime_ns, st.st_size)
+    known = _sandbox_verdicts.get(key)
+    if known is not None:
+        return known
+    verdict, final = await _run_sandbox_probe(binary)
+    if final:
+        _sandbox_verdicts[key] = verdict
+    return verdict
+
+
+async def _run_sandbox_probe(binary: Path) -> tuple[SandboxProbe, bool]:
+    """The probe's verdict, and whether it is one (a timeout is not)."""
+    argv = [
+        str(binary), "-machine", "none", "-nodefaults", "-no-user-config", "-display", "none",
+        "-sandbox", SANDBOX, "-S", "-qmp", "stdio",
+    ]  # fmt: skip
+    with tempfile.TemporaryFile() as qmp, tempfile.TemporaryFile() as out, \
+            tempfile.TemporaryFile() as err:  # fmt: skip
+        qmp.write(_SANDBOX_QMP)
+        qmp.seek(0)
+        try:
+            proc = await spawn(argv, name="qemu-sandbox-probe", stdin=qmp, stdout=out, stderr=err)
+        except OSError as error:
+            return SandboxProbe(False, f"cannot run {binary}: {error}"), True
+        try:
+            async with asyncio.timeout(PROBE_TIMEOUT_S):
+                rc = await proc.wait()
+        except TimeoutError:
+            await proc.kill()
+            return SandboxProbe(False, f"the probe did not finish in {PROBE_TIMEOUT_S:g} s"), False
+        except BaseException:
+            await proc.kill()
+            raise
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if rc == 0 and b'"return"' in stdout:
+        return SandboxProbe(True), True
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    detail = lines[-1] if lines else f"exit status {rc}"
+    log.debug("%s cannot run under -sandbox: %s", binary, detail)
+    return SandboxProbe(False, detail), True
 
 
 def _kvm_usable() -> bool:

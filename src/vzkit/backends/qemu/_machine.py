@@ -36,12 +36,15 @@ from qemu.qmp import QMPClient, QMPError, Runstate
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
 from ..._network import NetworkMode
+from ..._private import open_private, private_dir, private_file
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
 from ...errors import UnsupportedError, VMError, VMTimeoutError, VzkitError
 from ...guest._client import authenticate
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _migrate
+from ._bridge import find_bridge_helper, open_bridge_tap
+from ._passt import Passt, find_passt, uses_passt
 from ._virtiofs import ShareKind, Shares
 from ._vsock import VsockListener, VsockTransport, agent_key_fd
 
@@ -80,9 +83,24 @@ def _mac_address(state_dir: Path | None) -> str:
     octets[0] = (octets[0] & 0xFC) | 0x02
     mac = ":".join(f"{b:02x}" for b in octets)
     if path is not None:
-        with contextlib.suppress(OSError):
-            path.write_text(mac + "\n")
+        with contextlib.suppress(OSError), open_private(path, append=False) as fh:
+            fh.write(f"{mac}\n".encode())
     return mac
+
+
+def _nvram(state_dir: Path, template: Path) -> Path:
+    """The VM's EFI variable store: a 0600 copy of the firmware's template, made once."""
+    nvram = state_dir / "efi.nvram"
+    if nvram.exists():
+        return private_file(nvram)  # also narrows one an older vzkit left 0644
+    tmp = nvram.with_name(f".efi.nvram.tmp-{os.getpid()}")
+    try:
+        with open(template, "rb") as src, open_private(tmp, append=False) as dst:
+            shutil.copyfileobj(src, dst)
+        os.replace(tmp, nvram)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return nvram
 
 
 def _check_network(cfg: LinuxVMConfig) -> None:
@@ -98,13 +116,16 @@ def _check_network(cfg: LinuxVMConfig) -> None:
             backend="qemu",
             feature="network:bridged",
         )
-    helpers = ("/usr/lib/qemu/qemu-bridge-helper", "/usr/libexec/qemu-bridge-helper")
-    if not any(os.access(h, os.X_OK) for h in helpers):
-        raise UnsupportedError(
-            "bridged networking needs qemu-bridge-helper, which was not found",
-            backend="qemu",
-            feature="network:bridged",
-        )
+    find_bridge_helper()
+
+
+async def _sandbox(binary: Path) -> bool:
+    """Whether this run gets QEMU's seccomp filter (``-sandbox``, see ``_argv.sandbox_args``):
+    when the binary can (else logged; ``vzkit doctor`` says so too)."""
+    probe = await _discover.sandbox_probe(binary)
+    if not probe.supported:
+        log.warning("%s runs without its seccomp sandbox: %s", binary.name, probe.detail)
+    return probe.supported
 
 
 class GuestPanic(VMError):
@@ -138,6 +159,7 @@ class QemuMachine:
         self._qmp_sock: socket.socket | None = None
         self._agent_sock: socket.socket | None = None
         self._shares = Shares(self._share_died)  # virtiofsd per share (see _virtiofs)
+        self._passt = Passt()  # the nat network on Linux (see _passt)
         self._tasks: list[asyncio.Task[Any]] = []  # event watcher
         self._exit_watch: asyncio.Task[None] | None = None
         self._stopped: asyncio.Event | None = None
@@ -364,14 +386,13 @@ class QemuMachine:
         accel = await asyncio.to_thread(
             _discover.select_accelerator, binary, cfg.arch, cfg.accelerator, cfg.kernel_path
         )
+        sandbox = await _sandbox(binary)
         state_dir = self.state_dir
         firmware_code = nvram = None
         if cfg.kernel_path is None:
             firmware = _discover.find_firmware(cfg.arch)
             firmware_code = firmware.code
-            nvram = state_dir / "efi.nvram"
-            if not nvram.exists():
-                shutil.copyfile(firmware.vars_template, nvram)
+            nvram = _nvram(state_dir, firmware.vars_template)
         _check_network(cfg)
         if (
             self.disk_override is None
@@ -398,6 +419,7 @@ class QemuMachine:
             vsock_fd=vsock.qemu_fd if vsock is not None else None,
             vhost_vsock_fd=vsock.kernel_fd if vsock is not None else None,
             vsock_cid=vsock.guest_cid if vsock is not None else 0,
+            sandbox=sandbox,
         )
 
     async def start(self) -> None:
@@ -421,7 +443,9 @@ class QemuMachine:
     async def _launch(self, *, vsock_device: bool = True) -> None:
         """Spawn QEMU paused, attach QMP, run it. ``vsock_device=False`` leaves the vsock
         port empty (a restore plugs the device in once the machine state is loaded)."""
-        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._private_state()
+        cfg_net = self.config.network
+        tap_fd: int | None = None
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         agent_ours, agent_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._qmp_sock = ours
@@ -430,7 +454,7 @@ class QemuMachine:
         key_fd: int | None = None  # the agent's key for QEMU's fw_cfg (a fresh one per run)
         if self.config.vsock and sys.platform == "linux":
             vsock = self._vsock = VsockTransport(
-                self.config, self.runtime_dir, self.state_dir / "vsock.log"
+                self.config, self.runtime_dir, private_file(self.state_dir / "vsock.log")
             )
             key_fd = agent_key_fd(vsock.agent_key)
         try:
@@ -451,10 +475,24 @@ class QemuMachine:
                 plan, shares=shares, shared_memory=plan.shared_memory or virtiofs
             )
             # -- end shares
+            plan = dataclasses.replace(plan, passt_fd=await self._start_network())
+            if cfg_net.mode is NetworkMode.BRIDGED and sys.platform == "linux":
+                tap_fd = await open_bridge_tap(
+                    find_bridge_helper(), cfg_net.interface, self.state_dir / "bridge-helper.log"
+                )
+                plan = dataclasses.replace(plan, tap_fd=tap_fd)
             self.argv = _argv.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
-            with open(self.stderr_path, "ab") as stderr:
+            cfg_log = self.config.console_log_path
+            if plan.console_log is not None:  # QEMU appends to it: it must not create it
+                try:  # a log path the config names may be a link, a pipe or /dev/null
+                    private_file(plan.console_log, follow_links=bool(cfg_log))
+                except OSError as err:
+                    raise VMError(
+                        f"cannot open the console log {str(plan.console_log)!r}: {err}"
+                    ) from err
+            with open_private(self.stderr_path) as stderr:
                 self._proc = await spawn(
                     self.argv,
                     name=f"qemu-system-{self.config.arch.value}",
@@ -464,6 +502,8 @@ class QemuMachine:
                         *(vsock.pass_fds() if vsock is not None and vsock_device else ()),
                         *((key_fd,) if key_fd is not None else ()),
                         *self._shares.qemu_fds,
+                        *((plan.passt_fd,) if plan.passt_fd is not None else ()),
+                        *((tap_fd,) if tap_fd is not None else ()),
                     ),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
                     stdout=None if interactive else asyncio.subprocess.DEVNULL,
@@ -476,6 +516,9 @@ class QemuMachine:
             if key_fd is not None:
                 os.close(key_fd)
             self._shares.qemu_started()
+            self._passt.qemu_started()
+            if tap_fd is not None:  # QEMU has its copy (or failed to start)
+                os.close(tap_fd)
             if vsock is not None and vsock_device:
                 vsock.after_spawn()
         self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
@@ -508,6 +551,38 @@ class QemuMachine:
             vsock.attached = True
         if not self._incoming:  # a restore stays paused (see restore_state)
             await self._execute("cont")
+
+    async def _start_network(self) -> int | None:
+        """Start passt for the ``nat`` network on Linux; its socket's fd for QEMU, else None.
+
+        Without passt, QEMU's user-mode network serves ``nat``, and there the guest reaches
+        the host's loopback services at 10.0.2.2: that is said once per start (and by doctor).
+        """
+        cfg = self.config
+        if not uses_passt(cfg, sys.platform):
+            return None
+        binary = find_passt()
+        if binary is None:
+            if not cfg.network.host_loopback:
+                log.warning(
+                    "passt is not installed: the nat network falls back to QEMU's user-mode "
+                    "network, where the guest reaches the host's loopback services at "
+                    "10.0.2.2 (install passt, e.g. apt-get install passt)"
+                )
+            return None
+        return await self._passt.start(binary, cfg, self.state_dir / "passt.log")
+
+    def _private_state(self) -> None:
+        """The state dir (and the runtime dir, when separate) exist as 0700 directories, and
+        QEMU's log (which the restore's qemu-img appends to as well) as a 0600 file.
+
+        ``mkdtemp`` makes private dirs already; a state dir named in the config is created
+        0700 with any missing parents, and one that exists is the caller's and left alone.
+        """
+        private_dir(self.state_dir)
+        if self.runtime_dir != self.state_dir:
+            private_dir(self.runtime_dir)
+        private_file(self.stderr_path)
 
     async def _find_pty(self) -> str | None:
         chardevs: list[dict[str, Any]] = await self._execute("query-chardev")
@@ -776,6 +851,7 @@ class QemuMachine:
         self._guest_shutdown = False
         self.last_error = None
         try:
+            self._private_state()
             self.disk_override = await _migrate.prepare_disks(self, disks)
             self._incoming = True
             await self._launch(vsock_device=False)  # the saved state has no vsock device
@@ -805,6 +881,7 @@ class QemuMachine:
         await self._disconnect()
         await self._close_vsock()
         await self._shares.close()  # after QEMU: the virtiofsds outlive no VM
+        await self._passt.close()
         tasks, self._tasks = self._tasks, []
         for task in tasks:
             task.cancel()

@@ -261,7 +261,7 @@ async def prepare_disks(m: QemuMachine, disks: Sequence[CapturedDisk]) -> Path |
                 f"cannot create the disk overlay {str(tmp)!r} (qemu-img exit {rc}; "
                 f"see {str(m.stderr_path)!r})"
             )
-        os.chmod(tmp, 0o600)  # guest data
+        os.chmod(tmp, 0o600)  # the guest's writes land here: qemu-img honours the umask
         os.replace(tmp, overlay)
     except BaseException:
         await proc.kill()

@@ -9,6 +9,13 @@ Two virtiofsd flavours exist and both are looked for (:func:`find_virtiofsd`):
 
 Which flags a binary has is probed from its ``--help`` (:func:`parse_virtiofsd_help`).
 
+**virtiofsd always runs sandboxed**, never with ``--sandbox none``: in its ``namespace`` sandbox
+(new mount, pid and net namespaces, ``pivot_root`` into the shared directory; the Rust daemon
+run by an unprivileged user makes a user namespace for them) wherever this process can create
+those namespaces (:func:`sandbox_mode` tries once), else, as root, in its ``chroot`` sandbox.
+An unprivileged user without user namespaces cannot sandbox virtiofsd at all: the share is
+served by QEMU's virtio-9p instead (inside QEMU's seccomp sandbox), and that is logged.
+
 **Read-only is enforced on the host**, never by the guest's mount flags: the Rust virtiofsd
 gets ``--readonly``; the C one is started inside a private mount namespace (``unshare
 --mount --propagation private``) in which the directory is bind-mounted read-only over
@@ -33,6 +40,7 @@ reaps everything.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import enum
 import functools
 import logging
@@ -45,6 +53,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..._private import open_private
 from ..._process import OwnedProcess, spawn
 from ..._volume import VolumeMount
 from ...errors import VMError
@@ -54,11 +63,13 @@ __all__ = [
     "ShareDevice",
     "ShareKind",
     "Shares",
+    "VirtiofsSandbox",
     "Virtiofsd",
     "find_virtiofsd",
     "forced_9p",
     "parse_virtiofsd_help",
     "plan_share",
+    "sandbox_mode",
     "virtiofsd_argv",
 ]
 
@@ -77,6 +88,13 @@ _VERSION = re.compile(r"virtiofsd\D*?(\d+(?:\.\d+)+)")
 class ShareKind(enum.StrEnum):
     VIRTIOFS = "virtiofs"
     NINEP = "9p"
+
+
+class VirtiofsSandbox(enum.StrEnum):
+    """virtiofsd's confinement (its ``--sandbox`` / ``-o sandbox=``); never ``none``."""
+
+    NAMESPACE = "namespace"
+    CHROOT = "chroot"
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,21 +187,55 @@ class ShareDevice:
     kind: ShareKind = ShareKind.VIRTIOFS
     fd: int | None = None  # the connected vhost-user socket QEMU inherits (virtiofs only)
     ro_bind: bool = False  # read-only enforced by a read-only bind in a private mount ns
+    sandbox: VirtiofsSandbox = VirtiofsSandbox.NAMESPACE  # virtiofsd's (virtiofs only)
+
+
+@functools.cache
+def namespaces_usable(root: bool) -> bool:
+    """Whether this process can make the namespaces virtiofsd's ``namespace`` sandbox needs:
+    mount, pid and net, inside a user namespace when not root (tried once with ``unshare``)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    user = () if root else ("--user", "--map-root-user")
+    argv = [unshare, *user, "--mount", "--pid", "--net", "--fork", "true"]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=_PROBE_TIMEOUT_S, check=False)
+    except (OSError, subprocess.SubprocessError) as err:
+        log.debug("namespace probe failed: %s", err)
+        return False
+    if done.returncode != 0:
+        log.debug("namespace probe failed: %s", done.stderr.decode(errors="replace").strip())
+    return done.returncode == 0
+
+
+def sandbox_mode(root: bool) -> VirtiofsSandbox | None:
+    """virtiofsd's sandbox here: ``namespace`` if possible, else ``chroot`` for root (which
+    ``chroot(2)`` needs), else ``None``: no sandbox can be had, so no virtiofsd runs."""
+    if namespaces_usable(root):
+        return VirtiofsSandbox.NAMESPACE
+    return VirtiofsSandbox.CHROOT if root else None
 
 
 def plan_share(
-    vol: VolumeMount, daemon: Virtiofsd | None, *, root: bool, force_9p: bool = False
+    vol: VolumeMount,
+    daemon: Virtiofsd | None,
+    *,
+    root: bool,
+    force_9p: bool = False,
+    sandbox: VirtiofsSandbox | None = VirtiofsSandbox.NAMESPACE,
 ) -> ShareDevice:
-    """Decide how one (tagged) share is served; see the module docstring for the rules."""
+    """Decide how one (tagged) share is served; see the module docstring for the rules.
+    ``sandbox`` is what :func:`sandbox_mode` found (``None``: virtiofsd cannot be confined)."""
     ninep = ShareDevice(vol.tag, vol.host_path, vol.read_only, ShareKind.NINEP)
-    if force_9p or daemon is None:
+    if force_9p or daemon is None or sandbox is None:
         return ninep
     if not daemon.rust and not root:
         return ninep  # the C virtiofsd's sandboxes (chroot, namespaces) need root
     if not vol.read_only or daemon.readonly:
-        return ShareDevice(vol.tag, vol.host_path, vol.read_only)
+        return ShareDevice(vol.tag, vol.host_path, vol.read_only, sandbox=sandbox)
     if root and shutil.which("unshare") and shutil.which("mount"):
-        return ShareDevice(vol.tag, vol.host_path, True, ro_bind=True)
+        return ShareDevice(vol.tag, vol.host_path, True, ro_bind=True, sandbox=sandbox)
     return ninep
 
 
@@ -213,7 +265,7 @@ def virtiofsd_argv(daemon: Virtiofsd, share: ShareDevice, listen_fd: int) -> lis
             str(daemon.path),
             f"--fd={listen_fd}",
             "--shared-dir", str(share.path),
-            "--sandbox", "chroot" if os.geteuid() == 0 else "none",
+            "--sandbox", share.sandbox.value,
         ]  # fmt: skip
         if share.read_only and daemon.readonly and not share.ro_bind:
             argv.append("--readonly")
@@ -222,7 +274,7 @@ def virtiofsd_argv(daemon: Virtiofsd, share: ShareDevice, listen_fd: int) -> lis
             str(daemon.path),
             f"--fd={listen_fd}",
             "-o", f"source={_c_option(share.path)}",
-            "-o", "sandbox=chroot",
+            "-o", f"sandbox={share.sandbox.value}",
         ]  # fmt: skip
     if not share.ro_bind:
         return argv
@@ -280,17 +332,21 @@ class Shares:
         forced = [forced_9p(vol.tag) for vol in volumes]
         daemon = None if all(forced) else await asyncio.to_thread(find_virtiofsd)
         root = os.geteuid() == 0
+        sandbox = await asyncio.to_thread(sandbox_mode, root) if daemon is not None else None
+        if daemon is not None and sandbox is not VirtiofsSandbox.NAMESPACE:
+            log.warning(
+                "cannot create namespaces for virtiofsd's sandbox here: %s",
+                "using its chroot sandbox" if sandbox else "shares use virtio-9p instead",
+            )
         devices = []
         for index, vol in enumerate(volumes):
             if not vol.host_path.is_dir():  # check_inputs ran, but the path can go since
                 raise VMError(f"share {vol.tag!r}: {str(vol.host_path)!r} is not a directory")
-            device = plan_share(vol, daemon, root=root, force_9p=forced[index])
+            device = plan_share(vol, daemon, root=root, force_9p=forced[index], sandbox=sandbox)
             if device.kind is ShareKind.VIRTIOFS:
                 assert daemon is not None
                 fd = await self._start_daemon(daemon, device, index, runtime_dir, log_dir)
-                device = ShareDevice(
-                    device.tag, device.path, device.read_only, device.kind, fd, device.ro_bind
-                )
+                device = dataclasses.replace(device, fd=fd)
             devices.append(device)
         self.devices = tuple(devices)
         return self.devices
@@ -310,7 +366,7 @@ class Shares:
             path.unlink()
             argv = virtiofsd_argv(daemon, share, listener.fileno())
             log_path = log_dir / f"virtiofsd-{index}.log"
-            with open(log_path, "ab") as stderr:
+            with open_private(log_path) as stderr:
                 proc = await spawn(
                     argv,
                     name=f"virtiofsd[{share.tag}]",
@@ -321,8 +377,9 @@ class Shares:
             listener.close()
             path.unlink(missing_ok=True)
         log.info(
-            "virtiofsd (%s) serves %r as %r%s",
+            "virtiofsd (%s, %s sandbox) serves %r as %r%s",
             daemon.flavour,
+            share.sandbox.value,
             str(share.path),
             share.tag,
             " read-only" if share.read_only else "",

@@ -306,6 +306,14 @@ def create_network_attachment(config: NetworkConfig) -> Any:
     ``VZVmnetNetworkDeviceAttachment`` with a vmnet network, which is not wired up yet."""
     v = vz()
     mode = config.mode
+    if mode is NetworkMode.NAT and config.host_loopback:
+        raise UnsupportedError(
+            "'nat:host-loopback' is not possible on the vz backend: its NAT never reaches the "
+            "host's loopback (a host service the guest should reach must listen on the "
+            "NAT gateway's address); use 'nat'",
+            backend="vz",
+            feature="network:host-loopback",
+        )
     if mode is NetworkMode.NAT:
         return v.VZNATNetworkDeviceAttachment.alloc().init()
     if mode is NetworkMode.BRIDGED:
