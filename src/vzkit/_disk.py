@@ -128,8 +128,9 @@ _INCOMPAT_DATA_FILE = 1 << 2
 _MAX_CLUSTER_BITS = 21  # 2 MiB, QEMU's limit
 
 
-def standalone_qcow2_size(path: str | os.PathLike[str]) -> int:
-    """The virtual size of the qcow2 image at ``path``, read from its header.
+def standalone_qcow2_size(path: str | os.PathLike[str], *, fd: int | None = None) -> int:
+    """The virtual size of the qcow2 image at ``path`` (or open as ``fd``, which is read with
+    positioned reads' effect only and stays open), read from its header.
 
     :class:`~vzkit.errors.ConfigError` naming the file and how to flatten it when the header
     names a backing file or an external data file (vzkit never opens a file an image header
@@ -137,7 +138,8 @@ def standalone_qcow2_size(path: str | os.PathLike[str]) -> int:
     """
     where = str(Path(path))
     try:
-        with open(path, "rb") as fh:
+        with open(path if fd is None else fd, "rb", closefd=fd is None) as fh:
+            fh.seek(0)
             head = fh.read(_QCOW2_HEAD.size)
             if len(head) < _QCOW2_HEAD.size or head[:4] != _QCOW2_MAGIC:
                 raise ConfigError(

@@ -45,7 +45,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._config import ConsoleMode, LinuxVMConfig
-from ._disk import DiskFormat
+from ._disk import DiskFormat, standalone_qcow2_size
 from ._diskcopy import fsync_dir, nonzero_digest_fd, sha256_fd
 from ._macconfig import MacVMConfig
 from ._snapshot import (
@@ -66,7 +66,7 @@ from ._state import VMState
 from ._volume import assign_volume_tags
 from .backends import Feature
 from .backends._protocol import CapturedDisk, Machine, ProgressFn
-from .errors import SnapshotError, StateError, UnsupportedError, VzkitError
+from .errors import ConfigError, SnapshotError, StateError, UnsupportedError, VzkitError
 
 if TYPE_CHECKING:
     from ._vmcore import VMCore
@@ -555,25 +555,14 @@ def _open_member(dir_fd: int, sdir: Path, name: str, file: str, size: int, what:
     return fd
 
 
-_QCOW2_MAGIC = b"QFI\xfb"
-_QCOW2_EXTERNAL_DATA_FILE = 1 << 2  # incompatible feature bit
-
-
 def _check_qcow2(fd: int, name: str, path: Path) -> None:
     """A captured qcow2 is standalone: no backing file, no external data file (else its
-    header could make QEMU open any host file behind the restored guest's disk)."""
-    head = os.pread(fd, 80, 0)
-    if len(head) < 72 or head[:4] != _QCOW2_MAGIC:
-        raise SnapshotError(f"snapshot {name!r}: {str(path)!r} is not a qcow2 image")
-    version = int.from_bytes(head[4:8], "big")
-    backing = int.from_bytes(head[8:16], "big") or int.from_bytes(head[16:20], "big")
-    features = int.from_bytes(head[72:80], "big") if version >= 3 and len(head) >= 80 else 0
-    if backing or features & _QCOW2_EXTERNAL_DATA_FILE:
-        what = "a backing file" if backing else "an external data file"
-        raise SnapshotError(
-            f"snapshot {name!r}: its disk image {str(path)!r} names {what}; vzkit never writes "
-            "one, refused"
-        )
+    header could make QEMU open any host file behind the restored guest's disk). The header
+    is read from the descriptor that is checksummed (``_disk.standalone_qcow2_size``)."""
+    try:
+        standalone_qcow2_size(path, fd=fd)
+    except ConfigError as err:
+        raise SnapshotError(f"snapshot {name!r}: {err}") from err
 
 
 def _fd_path(fd: int, real: Path) -> Path:

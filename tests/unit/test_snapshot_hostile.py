@@ -293,11 +293,13 @@ def test_a_hostile_qcow2_disk_naming_a_backing_file_is_refused(
     header[4:8] = (3).to_bytes(4, "big")
     header[8:16] = (256).to_bytes(8, "big")  # backing file name at offset 256
     header[16:20] = (11).to_bytes(4, "big")
+    header[20:24] = (16).to_bytes(4, "big")  # cluster_bits
+    header[100:104] = (104).to_bytes(4, "big")  # header_length (v3)
     header[256:267] = b"/etc/shadow"
     (manager.snapshot_dir / data["disks"][0]["file"]).write_bytes(bytes(header))
     old.unlink()
     _resign(manager, data)
-    _refused(vm, manager, "names a backing file")
+    _refused(vm, manager, "names the backing file '/etc/shadow'")
     header[8:20] = bytes(12)  # no backing file, but an external data file
     header[72:80] = (1 << 2).to_bytes(8, "big")
     _replace_bytes(manager.snapshot_dir / data["disks"][0]["file"], bytes(header))
