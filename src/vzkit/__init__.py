@@ -8,44 +8,92 @@ imports no platform bindings; backends are loaded by name when a VM needs one.
 
 from __future__ import annotations
 
+import importlib
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ._config import MIN_MEMORY_MB, ConsoleMode, LinuxVMConfig
-from ._disk import DiskFormat, create_disk_image
-from ._display import (
-    DisplayConfig,
-    DisplayList,
-    default_display_config,
-    default_linux_display_config,
-    parse_display_spec,
-)
-from ._macconfig import MacKeyboard, MacPointer, MacVMConfig
-from ._network import (
-    NetworkConfig,
-    NetworkMode,
-    PortForward,
-    PortProtocol,
-    parse_network_mode,
-    parse_port_spec,
-)
-from ._snapshot import SnapshotManager, SnapshotMeta
-from ._state import Arch, VMState, host_arch
-from ._vm import Balloon, VirtualMachine
-from ._volume import VolumeMount, assign_volume_tags, parse_volume_spec
-from .backends import BalloonInfo
-from .errors import (
-    BackendUnavailableError,
-    ConfigError,
-    GuestError,
-    SnapshotError,
-    SpecError,
-    StateError,
-    UnsupportedError,
-    VMError,
-    VMTimeoutError,
-    VzkitError,
-)
+if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
+    from ._config import MIN_MEMORY_MB, ConsoleMode, LinuxVMConfig
+    from ._disk import DiskFormat, create_disk_image
+    from ._display import (
+        DisplayConfig,
+        DisplayList,
+        default_display_config,
+        default_linux_display_config,
+        parse_display_spec,
+    )
+    from ._macconfig import MacKeyboard, MacPointer, MacVMConfig
+    from ._network import (
+        NetworkConfig,
+        NetworkMode,
+        PortForward,
+        PortProtocol,
+        parse_network_mode,
+        parse_port_spec,
+    )
+    from ._snapshot import SnapshotManager, SnapshotMeta
+    from ._state import Arch, VMState, host_arch
+    from ._vm import Balloon, VirtualMachine
+    from ._volume import VolumeMount, assign_volume_tags, parse_volume_spec
+    from .backends import BalloonInfo
+    from .errors import (
+        BackendUnavailableError,
+        ConfigError,
+        GuestError,
+        SnapshotError,
+        SpecError,
+        StateError,
+        UnsupportedError,
+        VMError,
+        VMTimeoutError,
+        VzkitError,
+    )
+
+#: Public name → the module that defines it. ``import vzkit`` imports none of them: a program
+#: that needs one part (the vsock device helper QEMU waits for at every boot, ``vzkit --help``)
+#: does not pay for the rest.
+_LAZY = {
+    "MIN_MEMORY_MB": "._config",
+    "ConsoleMode": "._config",
+    "LinuxVMConfig": "._config",
+    "DiskFormat": "._disk",
+    "create_disk_image": "._disk",
+    "DisplayConfig": "._display",
+    "DisplayList": "._display",
+    "default_display_config": "._display",
+    "default_linux_display_config": "._display",
+    "parse_display_spec": "._display",
+    "MacKeyboard": "._macconfig",
+    "MacPointer": "._macconfig",
+    "MacVMConfig": "._macconfig",
+    "NetworkConfig": "._network",
+    "NetworkMode": "._network",
+    "PortForward": "._network",
+    "PortProtocol": "._network",
+    "parse_network_mode": "._network",
+    "parse_port_spec": "._network",
+    "SnapshotManager": "._snapshot",
+    "SnapshotMeta": "._snapshot",
+    "Arch": "._state",
+    "VMState": "._state",
+    "host_arch": "._state",
+    "Balloon": "._vm",
+    "VirtualMachine": "._vm",
+    "VolumeMount": "._volume",
+    "assign_volume_tags": "._volume",
+    "parse_volume_spec": "._volume",
+    "BalloonInfo": ".backends",
+    "BackendUnavailableError": ".errors",
+    "ConfigError": ".errors",
+    "GuestError": ".errors",
+    "SnapshotError": ".errors",
+    "SpecError": ".errors",
+    "StateError": ".errors",
+    "UnsupportedError": ".errors",
+    "VMError": ".errors",
+    "VMTimeoutError": ".errors",
+    "VzkitError": ".errors",
+}
 
 __version__ = "0.1.0.dev0"
 
@@ -105,6 +153,19 @@ def default_guest_config(arch: Arch | str | None = None, **overrides: Any) -> Li
     from .guest._image import default_guest_config as build
 
     return build(arch, **overrides)
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'vzkit' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -8,6 +8,7 @@ or hangs, as KVM does on hosts whose /dev/kvm exists but cannot run guests.
 from __future__ import annotations
 
 import asyncio
+import json
 import stat
 from pathlib import Path
 
@@ -130,6 +131,13 @@ echo '{"QMP": {}}'; echo '{"return": {}}'; echo '{"return": {}}'
 """
 
 
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Probe results go to a cache of the test's own, and no verdict is known to start with."""
+    monkeypatch.setenv("VZKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(_discover, "_sandbox_verdicts", {})
+
+
 def _sandbox_qemu(tmp_path: Path, mode: str) -> Path:
     binary = tmp_path / "qemu-system-x86_64"
     binary.write_text(SANDBOX_QEMU)
@@ -159,6 +167,37 @@ def test_sandbox_probe_runs_the_filter_once_per_binary_version(tmp_path: Path, m
     asyncio.run(_discover.sandbox_probe(binary))
     assert len(_probe_runs(tmp_path)) == 2
     assert live_children() == {}
+
+
+def test_a_sandbox_yes_is_remembered_on_disk_and_a_no_is_never_trusted_from_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    binary = _sandbox_qemu(tmp_path, "works")
+    assert asyncio.run(_discover.sandbox_probe(binary)).supported
+    cache = tmp_path / "cache" / _discover.SANDBOX_CACHE
+    assert cache.stat().st_mode & 0o777 == 0o600
+    monkeypatch.setattr(_discover, "_sandbox_verdicts", {})  # a new process: no probe again
+    assert asyncio.run(_discover.sandbox_probe(binary)).supported
+    assert len(_probe_runs(tmp_path)) == 1
+
+    (tmp_path / "mode").write_text("no-seccomp")  # the same binary after a kernel change
+    entries = json.loads(cache.read_text())
+    cache.write_text(json.dumps(dict.fromkeys(entries, False)))  # a planted "no"
+    monkeypatch.setattr(_discover, "_sandbox_verdicts", {})
+    assert not asyncio.run(_discover.sandbox_probe(binary)).supported
+    assert len(_probe_runs(tmp_path)) == 2  # probed, not read
+    assert json.loads(cache.read_text()) == dict.fromkeys(entries, False)  # no "no" written
+
+
+def test_sandbox_cache_forgets_binaries_that_are_gone(tmp_path: Path) -> None:
+    (tmp_path / "old").mkdir()
+    old = _sandbox_qemu(tmp_path / "old", "works")
+    assert asyncio.run(_discover.sandbox_probe(old)).supported
+    old.unlink()
+    new = _sandbox_qemu(tmp_path, "works")
+    assert asyncio.run(_discover.sandbox_probe(new)).supported
+    keys = json.loads((tmp_path / "cache" / _discover.SANDBOX_CACHE).read_text())
+    assert [key.split("|")[0] for key in keys] == [str(new)]
 
 
 def test_sandbox_probe_is_an_owned_process_a_cancelled_start_reaps(tmp_path: Path) -> None:

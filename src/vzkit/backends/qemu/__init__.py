@@ -1,37 +1,28 @@
-"""The QEMU backend: KVM/HVF/TCG, controlled over QMP (Linux, and macOS without entitlements)."""
+"""The QEMU backend: KVM/HVF/TCG, controlled over QMP (Linux, and macOS without entitlements).
+
+Its names are imported on first use: the vsock device helper (``python -m
+vzkit.backends.qemu.vhost_vsock``), which QEMU waits for at every boot, runs inside this
+package and must not pay for the machine's imports.
+"""
 
 from __future__ import annotations
 
-import sys
+import importlib
+from typing import TYPE_CHECKING, Any
 
-from ..._config import LinuxVMConfig
-from ..._state import host_arch
-from .._protocol import Feature, StateListener
-from ._discover import find_qemu
-from ._machine import QemuMachine
+if TYPE_CHECKING:
+    from ._backend import BACKEND, QemuBackend
+    from ._machine import QemuMachine
 
 __all__ = ["BACKEND", "QemuBackend", "QemuMachine"]
 
-
-class QemuBackend:
-    name = "qemu"
-    #: vsock needs vhost (kernel or vhost-user), which QEMU offers on Linux hosts only.
-    features = frozenset(
-        {
-            Feature.LIFECYCLE,
-            Feature.BALLOON,
-            Feature.SHARES,
-            Feature.SNAPSHOTS,
-            Feature.SNAPSHOT_FANOUT,
-        }
-        | ({Feature.VSOCK} if sys.platform == "linux" else set())
-    )
-
-    def check_available(self) -> None:
-        find_qemu(host_arch())
-
-    def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> QemuMachine:
-        return QemuMachine(config, on_state)
+_LAZY = {"BACKEND": "._backend", "QemuBackend": "._backend", "QemuMachine": "._machine"}
 
 
-BACKEND = QemuBackend()
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value

@@ -1,8 +1,9 @@
 """Finding QEMU: the system binary for a guest arch, its accelerators, and EFI firmware.
 
-What is learned by running QEMU (its accelerator list, whether KVM really boots a guest) is
-cached per binary in memory, and KVM probe results on disk under the user cache dir, keyed by
-the binary, its mtime and the host kernel, so each fact costs one probe per machine.
+What is learned by running QEMU (its accelerator list, whether KVM really boots a guest,
+whether its seccomp sandbox loads) is cached per binary in memory, and KVM and sandbox probe
+results on disk under the user cache dir, keyed by the binary, its mtime and the host kernel,
+so each fact costs one probe per machine.
 """
 
 from __future__ import annotations
@@ -97,6 +98,8 @@ class SandboxProbe:
 
 #: Verdicts of :func:`sandbox_probe` in this process, per binary path, mtime and size.
 _sandbox_verdicts: dict[tuple[str, int, int], SandboxProbe] = {}
+#: Binaries known to run under the filter, on disk (``_sandbox_cache_key`` → true).
+SANDBOX_CACHE = "qemu-sandbox.json"
 
 
 async def sandbox_probe(binary: Path) -> SandboxProbe:
@@ -104,9 +107,15 @@ async def sandbox_probe(binary: Path) -> SandboxProbe:
 
     A QEMU built without libseccomp has no ``-sandbox`` option; one on a kernel without
     seccomp filters fails to load it. The probe starts the binary with no machine and the
-    filter VMs get (:data:`~._argv.SANDBOX`) loaded, and quits it over QMP on stdin (30-100 ms,
-    once per process and binary version). The probe is an owned process: a start cancelled
-    meanwhile kills and reaps it. A probe that times out is not remembered.
+    filter VMs get (:data:`~._argv.SANDBOX`) loaded, and quits it over QMP on stdin (30-100 ms).
+    The probe is an owned process: a start cancelled meanwhile kills and reaps it.
+
+    A verdict is remembered in this process per binary version, and a *yes* also on disk
+    (:data:`SANDBOX_CACHE` in the user cache dir, keyed by binary, mtime, size and host
+    kernel), so each ``vzkit run`` does not pay the probe again. A *no* is never written down:
+    a stale or planted entry could otherwise turn the filter off without a probe; at worst a
+    wrong *yes* makes QEMU refuse to start, with its reason. A probe that times out is not
+    remembered at all.
     """
     try:
         st = binary.stat()
@@ -116,10 +125,49 @@ async def sandbox_probe(binary: Path) -> SandboxProbe:
     known = _sandbox_verdicts.get(key)
     if known is not None:
         return known
+    disk_key = f"{binary}|{st.st_mtime_ns}|{st.st_size}|{platform.release()}"
+    cache = user_cache_dir() / SANDBOX_CACHE
+    if await asyncio.to_thread(_read_json_map(cache).get, disk_key) is True:
+        _sandbox_verdicts[key] = SandboxProbe(True)
+        return _sandbox_verdicts[key]
     verdict, final = await _run_sandbox_probe(binary)
     if final:
         _sandbox_verdicts[key] = verdict
+        if verdict.supported:
+            await asyncio.to_thread(_record_sandbox_yes, cache, disk_key)
     return verdict
+
+
+def _read_json_map(path: Path) -> dict[str, object]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _record_sandbox_yes(path: Path, key: str) -> None:
+    """Add ``key``; entries for binaries that no longer exist are dropped on the way."""
+    known = _read_json_map(path).items()
+    data: dict[str, object] = {
+        k: v for k, v in known if v is True and Path(k.split("|")[0]).exists()
+    }
+    data[key] = True
+    _write_json_map(path, data)
+
+
+def _write_json_map(path: Path, data: dict[str, object]) -> None:
+    """Replace ``path`` atomically (a cache that cannot be written costs a probe next time)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out, indent=1)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        log.debug("cannot record a probe result in %s: %s", path, err)
 
 
 async def _run_sandbox_probe(binary: Path) -> tuple[SandboxProbe, bool]:
@@ -181,20 +229,9 @@ def cached_kvm_probe(binary: Path) -> bool | None:
 
 def record_kvm_probe(binary: Path, works: bool) -> None:
     path = _probe_cache_file()
-    try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            data = {}
-    except (OSError, ValueError):
-        data = {}
+    data = _read_json_map(path)
     data[_probe_cache_key(binary)] = works
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    except OSError as err:  # a read-only cache only costs a probe next time
-        log.debug("cannot record KVM probe result in %s: %s", path, err)
+    _write_json_map(path, data)
 
 
 PROBE_TIMEOUT_S = 10.0

@@ -383,10 +383,16 @@ class QemuMachine:
     async def _plan(self, qmp_fd: int, agent_fd: int, vsock: VsockTransport | None) -> _argv.Plan:
         cfg = self.config
         binary = _discover.find_qemu(cfg.arch)
-        accel = await asyncio.to_thread(
-            _discover.select_accelerator, binary, cfg.arch, cfg.accelerator, cfg.kernel_path
-        )
-        sandbox = await _sandbox(binary)
+        try:  # two probes of the binary side by side; one failing cancels the other
+            async with asyncio.TaskGroup() as probes:
+                select = _discover.select_accelerator
+                accel_probe = probes.create_task(
+                    asyncio.to_thread(select, binary, cfg.arch, cfg.accelerator, cfg.kernel_path)
+                )
+                sandbox_probe = probes.create_task(_sandbox(binary))
+        except BaseExceptionGroup as group:
+            raise group.exceptions[0] from None
+        accel, sandbox = accel_probe.result(), sandbox_probe.result()
         state_dir = self.state_dir
         firmware_code = nvram = None
         if cfg.kernel_path is None:
