@@ -25,7 +25,7 @@ ONE_RUN = """
 import json, sys, time
 sys.path.insert(0, {bench!r})
 import vzkit
-from vzkit.guest._image import default_image
+from vzkit.image._image import default_image
 from run import guest_config
 cfg = guest_config(default_image({arch!r}))
 VM = vzkit.VirtualMachine  # imported before the clock starts

@@ -27,8 +27,8 @@ from typing import Any
 import vzkit
 from vzkit.backends.qemu._argv import default_cmdline
 from vzkit.backends.qemu._discover import find_qemu
-from vzkit.guest import GuestImage
-from vzkit.guest._image import default_image
+from vzkit.image import GuestImage
+from vzkit.image._image import default_image
 
 READY = b"VZKIT-GUEST-READY"
 RESULTS = Path(__file__).parent / "results"

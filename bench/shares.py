@@ -27,13 +27,13 @@ from typing import Any
 
 import vzkit
 from vzkit._cache import user_cache_dir
-from vzkit.guest import GuestImage
-from vzkit.guest._agent_build import build_agent
-from vzkit.guest._deb import DebPackage
-from vzkit.guest._fetch import _resolve_kernel as resolve_kernel
-from vzkit.guest._fetch import apt_download, deb_arch, find_guest_debs
-from vzkit.guest._image import AGENT_GUEST_PATH, _image_key, _load
-from vzkit.guest._initramfs import build_guest
+from vzkit.image import GuestImage
+from vzkit.image._agent_build import build_agent
+from vzkit.image._deb import DebPackage
+from vzkit.image._fetch import _resolve_kernel as resolve_kernel
+from vzkit.image._fetch import apt_download, deb_arch, find_guest_debs
+from vzkit.image._image import AGENT_GUEST_PATH, _image_key, _load
+from vzkit.image._initramfs import build_guest
 
 TAGS = {"virtiofs": "vfs", "9p": "p9"}
 

@@ -32,8 +32,8 @@ from vzkit import _snapshot_ops
 from vzkit._diskcopy import copy_disk_sync, nonzero_digest_fd, sha256_fd
 from vzkit._snapshot import SnapshotRecord
 from vzkit.backends._protocol import CapturedDisk
-from vzkit.guest import GuestImage
-from vzkit.guest._image import default_image
+from vzkit.image import GuestImage
+from vzkit.image._image import default_image
 
 MIB = 1 << 20
 

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import vzkit
-from vzkit.guest._client import AgentClient
+from vzkit.agent import AgentClient
 
 RESULTS = Path(__file__).parent / "results"
 TICK = os.sysconf("SC_CLK_TCK")

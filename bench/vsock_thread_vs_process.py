@@ -38,7 +38,7 @@ from typing import Any
 
 from vzkit.backends.qemu._discover import user_cache_dir
 from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice, connect_hybrid, helper_argv
-from vzkit.guest import GuestImage, build_guest
+from vzkit.image import GuestImage, build_guest
 
 RESULTS = Path(__file__).parent / "results"
 ROOT = Path(__file__).parent.parent

@@ -150,7 +150,7 @@ def default_guest_config(arch: Arch | str | None = None, **overrides: Any) -> Li
     The guest image (a Debian cloud kernel, a busybox initramfs and the vzkit agent) is built
     and cached on first use. ``overrides`` are any :class:`LinuxVMConfig` fields.
     """
-    from .guest._image import default_guest_config as build
+    from .image._image import default_guest_config as build
 
     return build(arch, **overrides)
 

@@ -23,7 +23,7 @@ DEFAULT_MAX_OUTPUT = 256 * 1024 * 1024  # the agent client's default (vzkit.gues
 
 if TYPE_CHECKING:
     from ._vmcore import VMCore
-    from .guest._client import AgentClient, Args, GuestProcess, StrOrBytes
+    from .agent import AgentClient, Args, GuestProcess, StrOrBytes
 
 __all__ = ["Guest"]
 
@@ -42,7 +42,7 @@ class Guest:
         self._generation = -1
 
     def _connect(self, timeout: float | None) -> AgentClient:
-        from .guest._client import AgentClient
+        from .agent import AgentClient
 
         core = self._core
         with self._lock:

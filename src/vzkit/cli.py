@@ -167,7 +167,7 @@ class _EchoWarnings(logging.Handler):
 
 
 def _show_guest_warnings() -> None:
-    logger = logging.getLogger("vzkit.guest")
+    logger = logging.getLogger("vzkit.image")
     if not any(isinstance(h, _EchoWarnings) for h in logger.handlers):
         logger.addHandler(_EchoWarnings(logging.WARNING))
 
@@ -433,7 +433,7 @@ def _run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfi
         changes.setdefault("console", ConsoleMode.STDIO)
     if changes.get("kernel_path") is not None or changes.get("config_file") is not None:
         return build_config(**{**dict.fromkeys(opts), **changes})
-    from .guest._image import default_guest_config
+    from .image._image import default_guest_config
 
     graphics = changes.pop("graphics", None)
     changes.pop("config_file", None)
@@ -530,7 +530,7 @@ def image_build(
     arch: str | None, deb_dir: Path | None, source: str | None, mirror: str | None, refresh: bool
 ) -> None:
     """Build (or find in the cache) the default guest image."""
-    from .guest._image import default_image, image_trust
+    from .image._image import default_image, image_trust
 
     if (source == "deb-dir") != (deb_dir is not None) and source is not None:
         raise click.UsageError("--source deb-dir goes with --deb-dir DIR (and only with it)")
@@ -551,7 +551,7 @@ def image_list(as_json: bool) -> None:
     apt (apt-get download), unsigned (mirror, no signature check), local (--deb-dir) or
     unknown.
     """
-    from .guest._image import image_trust, list_images
+    from .image._image import image_trust, list_images
 
     rows = [
         {
@@ -583,7 +583,7 @@ def image_list(as_json: bool) -> None:
 @_handle_errors
 def image_rm(arch: str | None) -> None:
     """Delete cached guest images."""
-    from .guest._image import remove_images
+    from .image._image import remove_images
 
     for path in remove_images(arch=arch):
         click.echo(f"removed {path}")

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 import vzkit
-from vzkit.guest import GuestImage
-from vzkit.guest._image import default_image
+from vzkit.image import GuestImage
+from vzkit.image._image import default_image
 
 READY = b"VZKIT-GUEST-READY"
 ARCHES = ("x86_64", "aarch64")

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 
 from vzkit._cache import user_cache_dir
 from vzkit.cli import main
-from vzkit.guest import DebPackage, GuestImage
-from vzkit.guest._image import default_image, image_trust, list_images
+from vzkit.image import DebPackage, GuestImage
+from vzkit.image._image import default_image, image_trust, list_images
 
 ARCH = "x86_64"
 

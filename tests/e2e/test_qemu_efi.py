@@ -15,7 +15,7 @@ import pytest
 import vzkit
 from vzkit._cache import user_cache_dir
 from vzkit.backends.qemu._discover import find_firmware
-from vzkit.guest import DebPackage, GuestImage, apt_download
+from vzkit.image import DebPackage, GuestImage, apt_download
 
 from .conftest import GuestShell, VMFactory, wait_for_console
 

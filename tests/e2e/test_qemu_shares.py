@@ -238,7 +238,7 @@ def test_vzkit_run_volume(host_dirs: dict[str, Path]) -> None:
 
 
 @pytest.fixture(scope="session")
-def generic_kernel_image() -> vzkit.guest.GuestImage:
+def generic_kernel_image() -> vzkit.image.GuestImage:
     """The bench's guest variant on Debian's generic kernel: the cloud kernel has no 9p."""
     bench = Path(__file__).parents[2] / "bench" / "shares.py"
     spec = importlib.util.spec_from_file_location("vzkit_bench_shares", bench)
@@ -246,14 +246,14 @@ def generic_kernel_image() -> vzkit.guest.GuestImage:
     assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    image: vzkit.guest.GuestImage = module.generic_kernel_image("x86_64")
+    image: vzkit.image.GuestImage = module.generic_kernel_image("x86_64")
     return image
 
 
 def test_9p_fallback_enforces_read_only_in_qemu(
     vms: VMFactory,
     host_dirs: dict[str, Path],
-    generic_kernel_image: vzkit.guest.GuestImage,
+    generic_kernel_image: vzkit.image.GuestImage,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """Where no virtiofsd can serve (QEMU on macOS, not root with the C one): virtio-9p."""

@@ -25,7 +25,7 @@ import pytest
 
 import vzkit
 from vzkit._process import live_children
-from vzkit.guest import GuestImage
+from vzkit.image import GuestImage
 
 from .conftest import VMFactory
 

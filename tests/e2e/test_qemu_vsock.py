@@ -21,8 +21,8 @@ import pytest
 import vzkit
 from vzkit._process import live_children
 from vzkit._vsock import AsyncVsock
-from vzkit.guest._client import AgentClient, AgentError, authenticate
-from vzkit.guest._protocol import (
+from vzkit.agent import AgentClient, AgentError, authenticate
+from vzkit.agent._protocol import (
     ErrorInfo,
     ExecRequest,
     MsgType,

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from vzkit._cache import user_cache_dir
-from vzkit.guest import _image
+from vzkit.image import _image
 
 from .conftest import ARCHES
 

@@ -26,7 +26,7 @@ import pytest
 
 from vzkit.backends.qemu._discover import user_cache_dir
 from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice, connect_hybrid, helper_argv
-from vzkit.guest import GuestImage, build_guest
+from vzkit.image import GuestImage, build_guest
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "vsock_echo.c"

@@ -21,8 +21,8 @@ import pytest
 
 import vzkit
 from vzkit.backends import KNOWN_BACKENDS, Feature
-from vzkit.guest import GuestImage
-from vzkit.guest._image import default_image
+from vzkit.image import GuestImage
+from vzkit.image._image import default_image
 
 
 def backends_with(feature: Feature) -> list[str]:

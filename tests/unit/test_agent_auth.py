@@ -21,10 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from vzkit.backends.qemu._discover import user_cache_dir
-from vzkit.guest._agent_build import AGENT_TARGETS, agent_sources, build_agent, zig_command
-from vzkit.guest._client import AgentClient, AgentError, authenticate
-from vzkit.guest._protocol import (
+from vzkit.agent import AgentClient, AgentError, authenticate
+from vzkit.agent._protocol import (
     HEADER_SIZE,
     KEY_SIZE,
     ErrorInfo,
@@ -36,6 +34,8 @@ from vzkit.guest._protocol import (
     encode_frame,
     encode_hello_request,
 )
+from vzkit.backends.qemu._discover import user_cache_dir
+from vzkit.image._agent_build import AGENT_TARGETS, agent_sources, build_agent, zig_command
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() != "x86_64",

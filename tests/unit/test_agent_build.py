@@ -12,8 +12,8 @@ import pytest
 
 from vzkit.backends.qemu._discover import user_cache_dir
 from vzkit.errors import GuestError
-from vzkit.guest import _agent_build
-from vzkit.guest._agent_build import agent_key, agent_sources, build_agent, zig_command
+from vzkit.image import _agent_build
+from vzkit.image._agent_build import agent_key, agent_sources, build_agent, zig_command
 
 PT_DYNAMIC, PT_INTERP = 2, 3
 

@@ -17,8 +17,8 @@ import pytest
 
 from vzkit._guest import DEFAULT_MAX_OUTPUT as FACADE_DEFAULT
 from vzkit._guest import Guest
+from vzkit.agent import DEFAULT_MAX_OUTPUT, AgentClient, AsyncAgentClient
 from vzkit.errors import GuestError
-from vzkit.guest._client import DEFAULT_MAX_OUTPUT, AgentClient, AsyncAgentClient
 
 from . import test_agent_serve as serve
 from .test_agent_serve import MB, _connect, _vm_hwm_kb, _wait_gone

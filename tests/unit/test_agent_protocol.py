@@ -8,8 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from vzkit.errors import GuestError
-from vzkit.guest._protocol import (
+from vzkit.agent._protocol import (
     HEADER_SIZE,
     MAGIC,
     MAX_PAYLOAD,
@@ -37,6 +36,7 @@ from vzkit.guest._protocol import (
     encode_hello_request,
     env_entries,
 )
+from vzkit.errors import GuestError
 
 
 def test_resync_preamble_completes_any_frame_then_reads_as_resets() -> None:

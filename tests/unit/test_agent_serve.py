@@ -25,11 +25,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from vzkit._loop import run_sync
-from vzkit.backends.qemu._discover import user_cache_dir
-from vzkit.errors import GuestError
-from vzkit.guest._agent_build import build_agent, zig_command
-from vzkit.guest._client import DEFAULT_WINDOW, AgentClient, AgentError, AsyncAgentClient
-from vzkit.guest._protocol import (
+from vzkit.agent import DEFAULT_WINDOW, AgentClient, AgentError, AsyncAgentClient
+from vzkit.agent._protocol import (
     HEADER_SIZE,
     ErrorInfo,
     ExecFlag,
@@ -41,6 +38,9 @@ from vzkit.guest._protocol import (
     encode_frame,
     encode_hello_request,
 )
+from vzkit.backends.qemu._discover import user_cache_dir
+from vzkit.errors import GuestError
+from vzkit.image._agent_build import build_agent, zig_command
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() != "x86_64",

@@ -1,4 +1,4 @@
-"""Unit tests for vzkit.guest._cpio: the newc writer and reader."""
+"""Unit tests for vzkit.image._cpio: the newc writer and reader."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vzkit.errors import GuestError
-from vzkit.guest import CpioWriter, read_cpio
+from vzkit.image import CpioWriter, read_cpio
 
 
 def sample(order: int = 0) -> CpioWriter:

@@ -1,4 +1,4 @@
-"""Unit tests for vzkit.guest._deb: .deb parsing on synthetic packages built here."""
+"""Unit tests for vzkit.image._deb: .deb parsing on synthetic packages built here."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vzkit.errors import GuestError
-from vzkit.guest import DebPackage, compare_versions, parse_control, parse_depends
+from vzkit.image import DebPackage, compare_versions, parse_control, parse_depends
 
 CONTROL = (
     "Package: demo\n"

@@ -1,4 +1,4 @@
-"""Unit tests for vzkit.guest._fetch with fake ``apt-get`` and ``dpkg`` commands on PATH."""
+"""Unit tests for vzkit.image._fetch with fake ``apt-get`` and ``dpkg`` commands on PATH."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vzkit.errors import GuestError
-from vzkit.guest import (
+from vzkit.image import (
     apt_download,
     deb_arch,
     fetch_guest_debs,

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 import vzkit
-from vzkit.guest import _image, read_cpio
+from vzkit.image import _image, read_cpio
 
 from .test_guest_initramfs import KVER, MODULES, make_deb, make_elf
 
@@ -35,7 +35,7 @@ def fake_agent(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
         calls.append(arch)
         return agent
 
-    import vzkit.guest._agent_build as agent_build
+    import vzkit.image._agent_build as agent_build
 
     monkeypatch.setattr(agent_build, "build_agent", build_agent)
     return agent

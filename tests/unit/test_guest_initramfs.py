@@ -1,4 +1,4 @@
-"""Unit tests for vzkit.guest.build_guest and friends on synthetic packages (no network)."""
+"""Unit tests for vzkit.image.build_guest and friends on synthetic packages (no network)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from vzkit.errors import GuestError
-from vzkit.guest import (
+from vzkit.image import (
     GUEST_MODULES,
     GuestImage,
     build_guest,

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from vzkit.guest._download import ChecksumError, DownloadError, download
-from vzkit.guest._fetch import choose_source, fetch_guest_debs, find_guest_debs, mirror_guest_debs
-from vzkit.guest._mirror import (
+from vzkit.image._download import ChecksumError, DownloadError, download
+from vzkit.image._fetch import choose_source, fetch_guest_debs, find_guest_debs, mirror_guest_debs
+from vzkit.image._mirror import (
     DebianMirror,
     DebianSource,
     MirrorError,
@@ -379,7 +379,7 @@ def test_unreachable_mirror_is_a_clear_error(tmp_path: Path) -> None:
 def test_repeated_failures_give_up_keeping_the_part(
     mirror: FakeMirror, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("vzkit.guest._download._BACKOFF_S", 0.0)
+    monkeypatch.setattr("vzkit.image._download._BACKOFF_S", 0.0)
     standard_repo(mirror)
     path = kernel_path(mirror)
     mirror.faults[path] = ["drop"] + ["500"] * 10

@@ -1,4 +1,4 @@
-"""Unit tests for vzkit.guest._modules on synthetic ELF objects with a .modinfo section."""
+"""Unit tests for vzkit.image._modules on synthetic ELF objects with a .modinfo section."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vzkit.errors import GuestError
-from vzkit.guest import (
+from vzkit.image import (
     elf_section,
     normalize_module_name,
     parse_modules_builtin,

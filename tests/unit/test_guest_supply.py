@@ -22,10 +22,10 @@ from click.testing import CliRunner
 from packaging.requirements import Requirement
 
 from vzkit.cli import main
-from vzkit.guest import _image
-from vzkit.guest._deb import is_package_name, is_version
-from vzkit.guest._fetch import GuestDebs, find_guest_debs, mirror_guest_debs
-from vzkit.guest._mirror import (
+from vzkit.image import _image
+from vzkit.image._deb import is_package_name, is_version
+from vzkit.image._fetch import GuestDebs, find_guest_debs, mirror_guest_debs
+from vzkit.image._mirror import (
     DebianMirror,
     DebianSource,
     ExpiredReleaseError,
@@ -81,7 +81,7 @@ def image_repo(mirror: FakeMirror, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     )
     agent = tmp_path / "vzkit-agent"
     agent.write_bytes(b"\x7fELF fake agent")
-    import vzkit.guest._agent_build as agent_build
+    import vzkit.image._agent_build as agent_build
 
     monkeypatch.setattr(agent_build, "build_agent", lambda *a, **k: agent)
     monkeypatch.setenv("VZKIT_CACHE_DIR", str(tmp_path / "cache"))
@@ -96,7 +96,7 @@ def image_repo(mirror: FakeMirror, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 @pytest.fixture
 def cli() -> Iterator[CliRunner]:
     yield CliRunner()
-    guest_log = logging.getLogger("vzkit.guest")
+    guest_log = logging.getLogger("vzkit.image")
     for handler in [h for h in guest_log.handlers if type(h).__name__ == "_EchoWarnings"]:
         guest_log.removeHandler(handler)
 
@@ -157,7 +157,7 @@ def test_cached_debs_keep_their_trust_until_they_change(mirror: FakeMirror, tmp_
     cache = tmp_path / "debs"
     debs = mirror_guest_debs(cache, "x86_64", sources=sources(mirror), keyring=None)
     assert debs.trust == "unsigned"
-    from vzkit.guest._fetch import fetch_guest_debs, recorded_trust
+    from vzkit.image._fetch import fetch_guest_debs, recorded_trust
 
     assert fetch_guest_debs(cache, "x86_64").trust == "unsigned"  # from the cache, no network
     debs.kernel.write_bytes(debs.kernel.read_bytes())  # rewritten by someone else

@@ -1,6 +1,6 @@
 """The vzkit agent wire protocol (version 2.0), host side: frames and message payloads.
 
-``docs/agent-protocol.md`` is the specification; ``agent/agent.h`` is the guest's copy of the
+``docs/agent-protocol.md`` is the specification; ``c/agent.h`` is the guest's copy of the
 constants. Every frame is a 12-byte little-endian header — ``u32`` payload length, ``u8``
 message type, three zero bytes, ``u32`` channel — followed by at most :data:`MAX_PAYLOAD`
 payload bytes. This module is pure data and bytes: no sockets, no asyncio.

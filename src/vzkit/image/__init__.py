@@ -6,20 +6,16 @@ vsock and virtiofs modules, prints ``VZKIT-GUEST-READY`` on the serial console a
 shell there. The building blocks are public too: ``.deb`` reading (:class:`DebPackage`),
 cpio newc writing and reading (:class:`CpioWriter`, :func:`read_cpio`), kernel module
 metadata and load order (:func:`read_modinfo`, :func:`resolve_modules`) and package download
-(:func:`apt_download`, :func:`fetch_guest_debs`, :func:`find_guest_debs`).
+(:func:`apt_download`, :func:`fetch_guest_debs`, :func:`find_guest_debs`), and the agent build
+(:func:`build_agent`, from the C sources that :mod:`vzkit.agent` ships).
+
+Layering: this package may import the core and :mod:`vzkit.agent` (to build and package the
+agent), never a backend; :mod:`vzkit.agent` never imports it.
 """
 
 from __future__ import annotations
 
 from ._agent_build import AGENT_TARGETS, build_agent
-from ._client import (
-    DEFAULT_WINDOW,
-    AgentClient,
-    AgentError,
-    AsyncAgentClient,
-    AsyncGuestProcess,
-    GuestProcess,
-)
 from ._cpio import CpioEntry, CpioWriter, read_cpio
 from ._deb import DebEntry, DebPackage, compare_versions, parse_control, parse_depends
 from ._fetch import (
@@ -50,28 +46,18 @@ from ._modules import (
     read_modinfo,
     resolve_modules,
 )
-from ._protocol import CONSOLE_PORT_NAME, DEFAULT_VSOCK_PORT, PROTOCOL_VERSION
 
 __all__ = [
     "AGENT_TARGETS",
     "CONSOLES",
-    "CONSOLE_PORT_NAME",
     "DEB_ARCHES",
-    "DEFAULT_VSOCK_PORT",
-    "DEFAULT_WINDOW",
     "GUEST_MODULES",
-    "PROTOCOL_VERSION",
-    "AgentClient",
-    "AgentError",
-    "AsyncAgentClient",
-    "AsyncGuestProcess",
     "CpioEntry",
     "CpioWriter",
     "DebEntry",
     "DebPackage",
     "GuestDebs",
     "GuestImage",
-    "GuestProcess",
     "ModInfo",
     "ModulePlan",
     "apt_download",

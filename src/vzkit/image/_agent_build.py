@@ -1,4 +1,4 @@
-"""Compile ``vzkit-agent`` (C sources in ``agent/``) into a static musl binary with ``zig cc``.
+"""Compile ``vzkit-agent`` (C sources in ``vzkit/agent/c/``) into a static musl binary (``zig cc``).
 
 Zig comes from the ``ziglang`` PyPI package (``python -m ziglang``) or ``$VZKIT_ZIG`` (a zig
 executable). It cross-compiles for both guest architectures from Linux and macOS hosts. Builds
@@ -40,8 +40,8 @@ _ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 
 
 def agent_sources() -> dict[str, bytes]:
-    """The agent's C sources and headers by file name."""
-    root = importlib.resources.files(__package__ or "vzkit.guest").joinpath("agent")
+    """The agent's C sources and headers by file name (package data of :mod:`vzkit.agent`)."""
+    root = importlib.resources.files("vzkit.agent").joinpath("c")
     return {
         entry.name: entry.read_bytes()
         for entry in sorted(root.iterdir(), key=lambda e: e.name)

@@ -5,7 +5,7 @@ are fetched into a cache directory (:func:`fetch_guest_debs`) from one of two so
 
 - ``apt``: ``apt-get download`` (Debian/Ubuntu hosts), see :func:`apt_download`;
 - ``mirror``: straight from a Debian mirror over HTTPS, verified against the repository's
-  Release and Packages checksums (any host, e.g. macOS), see :mod:`vzkit.guest._mirror`.
+  Release and Packages checksums (any host, e.g. macOS), see :mod:`vzkit.image._mirror`.
 
 The default, ``auto``, uses apt when ``apt-get`` exists and falls back to the mirror when apt
 fails; ``$VZKIT_DEB_SOURCE`` (``auto``/``apt``/``mirror``) or the ``source`` argument choose
@@ -357,7 +357,7 @@ def mirror_guest_debs(
 ) -> GuestDebs:
     """Download the kernel metapackage, the kernel and busybox-static from a Debian mirror.
 
-    ``sources`` default to :func:`~vzkit.guest._mirror.default_sources` of ``mirror``. The
+    ``sources`` default to :func:`~vzkit.image._mirror.default_sources` of ``mirror``. The
     newest versions across the sources win; every file is verified against the indexes.
     """
     cache = Path(cache_dir)

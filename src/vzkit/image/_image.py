@@ -7,7 +7,7 @@ temporary directory next to it and renames it into place when complete, so an in
 build never leaves a half image behind.
 
 ``image.json`` also records how the packages were verified (``trust``, see
-:data:`~vzkit.guest._fetch.Trust`): ``verified``, ``apt``, ``unsigned``, ``local`` or
+:data:`~vzkit.image._fetch.Trust`): ``verified``, ``apt``, ``unsigned``, ``local`` or
 ``unknown``. The same bytes verified more strongly later upgrade the record.
 """
 

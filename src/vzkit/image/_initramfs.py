@@ -118,7 +118,7 @@ class GuestImage:
 
 def init_script() -> bytes:
     """The guest's ``/init`` (a busybox sh script shipped as package data)."""
-    return importlib.resources.files(__package__ or "vzkit.guest").joinpath("init.sh").read_bytes()
+    return importlib.resources.files(__package__ or "vzkit.image").joinpath("init.sh").read_bytes()
 
 
 def _check_arch(arch: str) -> None:

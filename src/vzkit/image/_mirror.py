@@ -5,7 +5,7 @@ For each source (a mirror URL and a suite, component ``main``) :class:`DebianMir
 ``main/binary-ARCH/Packages.xz`` (or ``.gz``) from it, downloads and verifies that index, and
 looks packages up in it. A package is downloaded from its ``Filename`` and checked against
 the ``Size`` and ``SHA256`` of its ``Packages`` stanza before it appears in the cache (see
-:mod:`vzkit.guest._download`). The newest version across all sources wins, as in apt.
+:mod:`vzkit.image._download`). The newest version across all sources wins, as in apt.
 
 Trust: the chain Release -> Packages -> .deb is verified by SHA256 at every step, so the
 .debs are exactly what the Release file names. When ``gpgv`` and the Debian archive keyring

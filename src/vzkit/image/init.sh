@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# vzkit guest /init: PID 1 of the initramfs built by vzkit.guest.build_guest.
+# vzkit guest /init: PID 1 of the initramfs built by vzkit.image.build_guest.
 #
 # Mounts the kernel file systems, loads the modules listed in /etc/vzkit/modules in order
 # ("NAME PATH" per line; module parameters come from the kernel command line as NAME.PARAM=V),

@@ -21,6 +21,7 @@ from ..._display import default_linux_display_config
 from ..._network import NetworkMode
 from ..._state import Arch
 from ..._volume import VolumeMount, share_cmdline
+from ...agent import CONSOLE_PORT_NAME as AGENT_PORT_NAME
 from ...errors import UnsupportedError
 from ._virtiofs import ShareDevice, ShareKind
 
@@ -360,9 +361,6 @@ def console_args(plan: Plan) -> list[str]:
             raise ValueError("console mode 'log' needs a log path in the plan")
         chardev = f"file,id=con0,path={esc(plan.console_log)},append=on"
     return ["-chardev", chardev, "-serial", "chardev:con0"]
-
-
-AGENT_PORT_NAME = "org.vzkit.agent.0"
 
 
 def agent_port_args(plan: Plan) -> list[str]:

@@ -39,8 +39,9 @@ from ..._network import NetworkMode
 from ..._private import open_private, private_dir, private_file
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
+from ...agent import DEFAULT_VSOCK_PORT as AGENT_VSOCK_PORT
+from ...agent import authenticate
 from ...errors import UnsupportedError, VMError, VMTimeoutError, VzkitError
-from ...guest._client import authenticate
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _migrate
 from ._bridge import find_bridge_helper, open_bridge_tap
@@ -53,8 +54,6 @@ __all__ = ["AGENT_VSOCK_PORT", "QemuMachine"]
 log = logging.getLogger(__name__)
 
 MIN_BALLOON_MB = 64
-#: The vzkit guest agent's vsock port.
-AGENT_VSOCK_PORT = 1024
 _QUIT_GRACE_S = 2.0
 #: How long one QMP command may take before QEMU counts as wedged. Every command vzkit sends
 #: is quick (long work, like a migration, is started by one command and polled with others),

@@ -45,8 +45,8 @@ from typing import Any
 from ..._config import LinuxVMConfig
 from ..._process import OwnedProcess, spawn
 from ..._vsock import check_vsock_port as check_port
+from ...agent import KEY_SIZE
 from ...errors import StateError, VMError, VMTimeoutError
-from ...guest._protocol import KEY_SIZE
 from .vhost_vsock import connect_hybrid, guest_port_path, helper_argv, peer_port_from_address
 
 __all__ = ["VsockListener", "VsockTransport"]

@@ -28,15 +28,13 @@ from ..._disk import DiskFormat
 from ..._diskcopy import copy_disk
 from ..._macconfig import MacVMConfig
 from ..._state import VMState
+from ...agent import DEFAULT_VSOCK_PORT as AGENT_VSOCK_PORT
 from ...errors import StateError, VMError, VzkitError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _build, _lifecycle, _macos
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, vm_delegate
 from ._vsock import VsockListener, VsockManager
-
-#: The vzkit guest agent's vsock port.
-AGENT_VSOCK_PORT = 1024
 
 __all__ = ["VzMachine"]
 

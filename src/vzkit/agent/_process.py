@@ -1,0 +1,247 @@
+"""Processes running in the guest, like :class:`subprocess.Popen` with pipes.
+
+:class:`GuestProcess` (blocking file objects over :func:`vzkit._loop.run_sync`) and
+:class:`AsyncGuestProcess` (awaitable streams over :func:`vzkit._loop.wrap`) are views of one
+exec channel (:class:`._channel._ExecChannel`), which lives on vzkit's shared loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from vzkit._loop import get_loop, in_loop_thread, run_sync, wrap
+from vzkit.errors import GuestError
+
+from ._channel import _ExecChannel, _InStream
+from ._protocol import MAX_PAYLOAD, ExitStatus
+
+__all__ = ["AsyncGuestProcess", "AsyncStreamReader", "AsyncStreamWriter", "GuestProcess"]
+
+
+class _RawReader(io.RawIOBase):
+    def __init__(self, stream: _InStream) -> None:
+        self._stream = stream
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any, /) -> int:
+        data = run_sync(self._stream.read(len(buffer)))
+        buffer[: len(data)] = data
+        return len(data)
+
+    def readall(self) -> bytes:
+        return run_sync(self._stream.read())
+
+    def close(self) -> None:
+        if not self.closed:
+            _on_loop(self._stream.discard)
+        super().close()
+
+
+class _RawWriter(io.RawIOBase):
+    def __init__(self, channel: _ExecChannel) -> None:
+        self._channel = channel
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any, /) -> int:
+        run_sync(self._channel.write(bytes(data)))
+        return len(data)
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()
+            _on_loop(self._channel.close_stdin)
+
+
+async def _call(fn: Callable[[], None]) -> None:
+    """Run a plain function on the shared loop (channels are not thread-safe)."""
+    fn()
+
+
+def _on_loop(fn: Callable[[], None]) -> None:
+    """Schedule ``fn()`` on the shared loop without waiting for it (channels are not
+    thread-safe); a closed connection is no error here.
+
+    Never blocks: ``close()`` also runs from finalizers, at any point of any thread and under
+    whatever locks it holds (e.g. ``concurrent.futures``' global lock inside
+    ``ThreadPoolExecutor.submit``, which the loop thread needs too: waiting here deadlocked).
+    Later calls from the same thread are queued behind it, so their order holds.
+    """
+
+    def guarded() -> None:
+        with contextlib.suppress(GuestError):
+            fn()
+
+    if in_loop_thread():
+        guarded()
+        return
+    with contextlib.suppress(RuntimeError):  # the loop is gone (interpreter shutdown)
+        get_loop().call_soon_threadsafe(guarded)
+
+
+class _ProcessBase:
+    def __init__(self, channel: _ExecChannel) -> None:
+        self._channel = channel
+        self.args = channel.args
+        self.returncode: int | None = None
+
+    def _set_status(self, status: ExitStatus) -> int:
+        self.returncode = status.returncode
+        return status.returncode
+
+    @property
+    def timed_out(self) -> bool:
+        """Whether the agent killed the process because it outlived its ``timeout``."""
+        return self._channel.status is not None and self._channel.status.timed_out
+
+
+class GuestProcess(_ProcessBase):
+    """A process running in the guest, like :class:`subprocess.Popen` with pipes.
+
+    ``stdin`` (unless ``stdin=False``), ``stdout`` and ``stderr`` are binary buffered file
+    objects. Read the outputs while the process runs: as with pipes, a stream nobody reads
+    stops the process once its window is full. Closing a reader discards the rest of it.
+    """
+
+    def __init__(self, channel: _ExecChannel, *, stdin: bool) -> None:
+        super().__init__(channel)
+        self.stdin: io.BufferedWriter | None = (
+            io.BufferedWriter(_RawWriter(channel), MAX_PAYLOAD) if stdin else None
+        )
+        self.stdout = io.BufferedReader(_RawReader(channel.stdout), MAX_PAYLOAD)
+        self.stderr = io.BufferedReader(_RawReader(channel.stderr), MAX_PAYLOAD)
+
+    def poll(self) -> int | None:
+        if self.returncode is None and self._channel.result.done():
+            return self.wait()
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait for the exit status; ``subprocess.TimeoutExpired`` after ``timeout`` s."""
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            return self._set_status(run_sync(_wait_for(self._channel.wait(), timeout)))
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0) from None
+
+    def communicate(
+        self, input: bytes | None = None, timeout: float | None = None
+    ) -> tuple[bytes, bytes]:
+        """Send ``input``, close stdin, read both outputs to the end and wait."""
+        if self.stdin is not None:
+            self.stdin.flush()
+        out, err = bytearray(), bytearray()
+        coro = self._channel.communicate(input if self.stdin is not None else None, out, err)
+        try:
+            self._set_status(run_sync(_wait_for(coro, timeout)))
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(
+                self.args, timeout or 0, bytes(out), bytes(err)
+            ) from None
+        return bytes(out), bytes(err)
+
+    def send_signal(self, sig: int) -> None:
+        run_sync(_call(lambda: self._channel.signal(sig, group=False)))
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        """SIGKILL the process and its whole process group."""
+        run_sync(_call(lambda: self._channel.signal(signal.SIGKILL, group=True)))
+
+    def __enter__(self) -> GuestProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Close stdin and the outputs (discarding the rest) and wait, like Popen."""
+        try:
+            if self.stdin is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    self.stdin.close()
+            self.stdout.close()
+            self.stderr.close()
+            self.wait()
+        except GuestError:
+            if exc[0] is None:
+                raise
+
+
+async def _wait_for(coro: Any, timeout: float | None) -> Any:
+    async with asyncio.timeout(timeout):
+        return await coro
+
+
+class AsyncStreamReader:
+    """An output stream of an :class:`AsyncGuestProcess`: ``await read(n)`` or ``async for``."""
+
+    def __init__(self, stream: _InStream) -> None:
+        self._stream = stream
+
+    async def read(self, n: int = -1) -> bytes:
+        return await wrap(self._stream.read(n))
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        while chunk := await self.read(MAX_PAYLOAD):
+            yield chunk
+
+    async def aclose(self) -> None:
+        await wrap(_call(self._stream.discard))
+
+
+class AsyncStreamWriter:
+    """The stdin of an :class:`AsyncGuestProcess`."""
+
+    def __init__(self, channel: _ExecChannel) -> None:
+        self._channel = channel
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data``, waiting while the agent's window is full."""
+        await wrap(self._channel.write(data))
+
+    async def aclose(self) -> None:
+        await wrap(_call(self._channel.close_stdin))
+
+
+class AsyncGuestProcess(_ProcessBase):
+    """The asyncio twin of :class:`GuestProcess`."""
+
+    def __init__(self, channel: _ExecChannel, *, stdin: bool) -> None:
+        super().__init__(channel)
+        self.stdin = AsyncStreamWriter(channel) if stdin else None
+        self.stdout = AsyncStreamReader(channel.stdout)
+        self.stderr = AsyncStreamReader(channel.stderr)
+
+    async def wait(self) -> int:
+        return self._set_status(await wrap(self._channel.wait()))
+
+    async def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes]:
+        out, err = bytearray(), bytearray()
+        coro = self._channel.communicate(input if self.stdin is not None else None, out, err)
+        self._set_status(await wrap(coro))
+        return bytes(out), bytes(err)
+
+    async def send_signal(self, sig: int) -> None:
+        await wrap(_call(lambda: self._channel.signal(sig, group=False)))
+
+    async def kill(self) -> None:
+        await wrap(_call(lambda: self._channel.signal(signal.SIGKILL, group=True)))
+
+    async def __aenter__(self) -> AsyncGuestProcess:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for closer in (self.stdin, self.stdout, self.stderr):
+            if closer is not None:
+                await closer.aclose()
+        await self.wait()
