@@ -1,7 +1,12 @@
 /* vzkit-agent: the guest agent of vzkit. Shared declarations.
  *
  * The wire protocol is documented in docs/agent-protocol.md; the constants below must match
- * it and src/vzkit/guest/_protocol.py.
+ * it and src/vzkit/agent/_protocol.py (tests/unit/test_agent_header.py compares them).
+ *
+ * Files: main.c (command line, helpers), wire.c (frames out, payload parsing), session.c (a
+ * session: HELLO, AUTH, dispatch), transport.c (vsock, unix, the virtio console port), serve.c
+ * (the poll loop; serve.h is what these four share), chan.c (channels, data, files), exec.c
+ * (exec'd processes), relay.c (the relay command).
  */
 #ifndef VZKIT_AGENT_H
 #define VZKIT_AGENT_H
@@ -12,6 +17,8 @@
 #include <sys/types.h>
 
 #define AGENT_VERSION "0.1.0"
+#define AGENT_VSOCK_PORT 1024               /* serve's default vsock port */
+#define AGENT_PORT_NAME "org.vzkit.agent.0" /* serve's default virtio console port */
 
 /* ---- protocol ---------------------------------------------------------------------------- */
 
@@ -68,7 +75,7 @@ struct buf {
 };
 
 /* A buffer of `len` bytes. Frame-sized ones (16 KiB up to a frame) come from a small pool
- * (serve.c): malloc gives big blocks back to the kernel when they are freed, and every frame
+ * (wire.c): malloc gives big blocks back to the kernel when they are freed, and every frame
  * then paid page faults and zeroed pages to get one again. */
 struct buf *buf_new(size_t len);
 void buf_free(struct buf *b);
@@ -134,7 +141,7 @@ extern bool g_test_mode; /* --stdio / --unix: POWEROFF exits the agent instead *
 #define VSOCK_BUFFER_DEFAULT (2u * 1024u * 1024u)
 #define VSOCK_BUFFER_MAX (64u * 1024u * 1024u)
 extern unsigned long g_vsock_buffer;
-/* Socket stdin goes into children's pipes with splice(2) (serve.c); VZKIT_AGENT_SPLICE=0 turns
+/* Socket stdin goes into children's pipes with splice(2) (session.c); VZKIT_AGENT_SPLICE=0 turns
  * it off, so bench/vsock.py can compare the two in one guest. */
 extern bool g_splice;
 
@@ -153,7 +160,7 @@ void vsock_tune(int fd);
 /* Parse and set g_vsock_buffer; logs and returns -1 when invalid. */
 int set_vsock_buffer(const char *v);
 
-/* ---- serve.c ------------------------------------------------------------------------------ */
+/* ---- serve.c, wire.c ----------------------------------------------------------------------- */
 
 struct serve_opts {
     bool vsock;
@@ -179,7 +186,19 @@ ssize_t send_from_fd(struct session *s, uint8_t type, uint32_t id, int fd, size_
 size_t session_out_limit(void);
 void chan_bury(struct chan *c); /* freed at the end of the loop iteration */
 
-/* ---- chan.c ------------------------------------------------------------------------------- */
+/* A message payload being parsed: a read past the end sets `bad` and yields 0 / NULL. */
+struct reader {
+    const unsigned char *p;
+    size_t n;
+    bool bad;
+};
+uint32_t rd_u32(struct reader *r);
+/* A u32-length-prefixed string, copied and NUL-terminated; *nul is set if it contains NUL. */
+char *rd_str(struct reader *r, bool *nul);
+
+/* ---- chan.c, exec.c ----------------------------------------------------------------------- */
+
+struct chan *chan_new(struct session *s, uint32_t id, enum chan_kind kind);
 
 /* Each returns 0, -1 for a malformed message or -2 for a window overrun (session-fatal). */
 int chan_exec(struct session *s, uint32_t id, const unsigned char *p, size_t n);

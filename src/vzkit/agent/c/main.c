@@ -135,6 +135,9 @@ static void ensure_std_fds(void)
     }
 }
 
+#define STR_(x) #x
+#define STR(x) STR_(x)
+
 static const char USAGE[] =
     "usage: vzkit-agent serve [--vsock-port PORT] [--no-vsock] [--port-name NAME]\n"
     "                         [--no-console] [--stdio | --unix PATH] [--vsock-buffer BYTES]\n"
@@ -144,8 +147,9 @@ static const char USAGE[] =
     "                         [--vsock-buffer BYTES]\n"
     "       vzkit-agent --version\n"
     "\n"
-    "serve: answer the vzkit agent protocol on vsock port 1024 and on the virtio console\n"
-    "port org.vzkit.agent.0 (--stdio / --unix PATH replace both, for tests on a host).\n"
+    "serve: answer the vzkit agent protocol on vsock port " STR(AGENT_VSOCK_PORT) " and on the\n"
+    "virtio console port " AGENT_PORT_NAME " (--stdio / --unix PATH replace both, for tests on\n"
+    "a host).\n"
     "relay: bridge one stream connection at a time to `/bin/sh -c CMD`'s stdin/stdout.\n"
     "--vsock-buffer (default: $VZKIT_AGENT_VSOCK_BUFFER, else 2 MiB): the receive buffer\n"
     "of vsock sockets, SO_VM_SOCKETS_BUFFER_SIZE; 0 keeps the kernel's.\n"
@@ -179,9 +183,9 @@ static int serve_cmd(int argc, char **argv)
 {
     struct serve_opts o = {
         .vsock = true,
-        .vsock_port = 1024,
+        .vsock_port = AGENT_VSOCK_PORT,
         .console = true,
-        .port_name = "org.vzkit.agent.0",
+        .port_name = AGENT_PORT_NAME,
     };
     bool explicit_vsock = false, explicit_console = false;
     for (int i = 2; i < argc; i++) {
