@@ -59,6 +59,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import vzkit
+from vzkit.agent import DEFAULT_VSOCK_PORT as AGENT_PORT
 from vzkit.agent import AgentClient
 
 RESULTS = Path(__file__).parent / "results"
@@ -66,7 +67,6 @@ TICK = os.sysconf("SC_CLK_TCK")
 PATHS = ("relay", "relay_base", "agent_vsock", "agent_vsock_base", "agent_console")
 H2G_FILE = "/tmp/vsock-bench-h2g"
 G2H_FILE = "/tmp/vsock-bench-g2h"
-AGENT_PORT = 1024  # the vzkit agent's vsock port
 
 
 class Runner(Protocol):
