@@ -22,6 +22,8 @@ import sys
 import threading
 from pathlib import Path
 
+from .errors import SnapshotError
+
 __all__ = [
     "CopyAborted",
     "copy_disk",
@@ -37,8 +39,8 @@ _CHUNK = 1 << 20
 _ZERO = bytes(_CHUNK)
 
 
-class CopyAborted(Exception):
-    """The copy was stopped from outside (its coroutine was cancelled)."""
+class CopyAborted(SnapshotError):
+    """The copy (or checksum) was stopped from outside (its coroutine was cancelled)."""
 
 
 def fsync_dir(path: Path) -> None:
