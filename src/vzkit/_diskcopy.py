@@ -22,6 +22,7 @@ import sys
 import threading
 from pathlib import Path
 
+from ._fsutil import fsync_dir  # re-exported: the snapshot commit imports it from here
 from .errors import SnapshotError
 
 __all__ = [
@@ -41,15 +42,6 @@ _ZERO = bytes(_CHUNK)
 
 class CopyAborted(SnapshotError):
     """The copy (or checksum) was stopped from outside (its coroutine was cancelled)."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames and creations in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _reflink(src: int, dst: int) -> bool:
