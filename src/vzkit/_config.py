@@ -22,6 +22,7 @@ import tomli_w
 
 from ._disk import DiskFormat
 from ._display import DisplayConfig, parse_display_spec
+from ._fsutil import write_atomic
 from ._network import NetworkConfig, NetworkMode, PortForward, parse_port_spec
 from ._state import Arch, host_arch
 from ._volume import VolumeMount, assign_volume_tags
@@ -243,12 +244,7 @@ class ConfigData:
         """Write the config as TOML (``.toml``) or JSON (anything else), atomically."""
         target = Path(path)
         text = self.to_toml() if target.suffix == ".toml" else self.to_json()
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomic(target, text.encode("utf-8"), mode=0o666)  # a config: umask decides
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Self:

@@ -22,6 +22,9 @@ import sys
 import threading
 from pathlib import Path
 
+from ._fsutil import fsync_dir  # re-exported: the snapshot commit imports it from here
+from .errors import SnapshotError
+
 __all__ = [
     "CopyAborted",
     "copy_disk",
@@ -37,17 +40,8 @@ _CHUNK = 1 << 20
 _ZERO = bytes(_CHUNK)
 
 
-class CopyAborted(Exception):
-    """The copy was stopped from outside (its coroutine was cancelled)."""
-
-
-def fsync_dir(path: Path) -> None:
-    """Make renames and creations in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class CopyAborted(SnapshotError):
+    """The copy (or checksum) was stopped from outside (its coroutine was cancelled)."""
 
 
 def _reflink(src: int, dst: int) -> bool:

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 from .errors import SpecError
 
@@ -118,8 +116,8 @@ def parse_display_spec(spec: str) -> DisplayConfig:
 class DisplayList:
     """Collects repeated ``--display`` options (the seed's ``DisplaySlice``).
 
-    Works as an argparse ``type=``/``action="append"`` target via :meth:`set`, and as a click
-    callback via :meth:`click_callback`. ``str()`` joins the specs with commas.
+    :meth:`set` parses and appends one spec; ``str()`` joins the specs with commas. The
+    command-line glue (a click callback, an argparse action) is in :mod:`vzkit.cli`.
     """
 
     __slots__ = ("_items",)
@@ -155,44 +153,3 @@ class DisplayList:
 
     def to_tuple(self) -> tuple[DisplayConfig, ...]:
         return tuple(self._items)
-
-    class ArgparseAction(argparse.Action):
-        """``parser.add_argument("--display", action=DisplayList.ArgparseAction)``.
-
-        Each occurrence appends to a :class:`DisplayList` stored on the namespace; a bad spec
-        becomes an ordinary argparse usage error.
-        """
-
-        def __call__(
-            self,
-            parser: argparse.ArgumentParser,
-            namespace: argparse.Namespace,
-            values: Any,
-            option_string: str | None = None,
-        ) -> None:
-            current = getattr(namespace, self.dest, None)
-            if not isinstance(current, DisplayList):
-                current = DisplayList()
-                setattr(namespace, self.dest, current)
-            try:
-                current.set(str(values))
-            except SpecError as err:
-                parser.error(f"{option_string or self.dest}: {err}")
-
-    @classmethod
-    def click_callback(
-        cls, ctx: Any, param: Any, values: Iterable[str]
-    ) -> tuple[DisplayConfig, ...]:
-        """A click option callback for ``multiple=True`` options: specs → displays.
-
-        Errors surface as ``click.BadParameter`` when click is importable.
-        """
-        out = cls()
-        for value in values or ():
-            try:
-                out.set(value)
-            except SpecError as err:
-                import click
-
-                raise click.BadParameter(str(err), ctx=ctx, param=param) from err
-        return out.to_tuple()

@@ -19,7 +19,7 @@ from ._loop import run_sync
 from ._state import VMState
 from .errors import GuestError, StateError, VMTimeoutError
 
-DEFAULT_MAX_OUTPUT = 256 * 1024 * 1024  # the agent client's default (vzkit.guest._client)
+DEFAULT_MAX_OUTPUT = 256 * 1024 * 1024  # the agent client's default (vzkit.agent)
 
 if TYPE_CHECKING:
     from ._vmcore import VMCore

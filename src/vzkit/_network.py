@@ -1,21 +1,31 @@
-"""Network modes and the ``nat`` / ``bridged:IFACE`` / ``vmnet`` / ... spec strings."""
+"""Network modes and the ``nat`` / ``bridged:IFACE`` / ``vmnet`` / ... spec strings; the NIC's
+stable MAC address (kept in a VM's state directory, used by both backends)."""
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import ipaddress
 import re
+import secrets
 from dataclasses import dataclass
+from pathlib import Path
 
+from ._fsutil import write_atomic
 from .errors import SpecError
 
 __all__ = [
+    "MAC_FILE",
     "NetworkConfig",
     "NetworkMode",
     "PortForward",
     "PortProtocol",
     "parse_network_mode",
     "parse_port_spec",
+    "random_mac",
+    "read_mac",
+    "save_mac",
+    "stable_mac",
 ]
 
 _IFACE_RE = re.compile(r"[A-Za-z0-9_.:@-]{1,64}")
@@ -181,3 +191,46 @@ def parse_port_spec(spec: str) -> PortForward:
         )
     except SpecError as err:
         raise SpecError(f"port spec {spec!r}: {err}") from None
+
+
+# -- the NIC's MAC address ---------------------------------------------------------------------
+
+#: The file in a VM's state directory that keeps its NIC's MAC address across boots.
+MAC_FILE = "mac-address"
+_MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+
+
+def random_mac() -> str:
+    """A random locally administered unicast MAC address (``02:...`` style, lower case)."""
+    octets = bytearray(secrets.token_bytes(6))
+    octets[0] = (octets[0] & 0xFC) | 0x02
+    return ":".join(f"{b:02x}" for b in octets)
+
+
+def read_mac(state_dir: Path | None) -> str | None:
+    """The MAC address kept in ``state_dir`` (lower case), or ``None`` if there is no usable
+    one (no directory, no file, or not a MAC address)."""
+    if state_dir is None:
+        return None
+    with contextlib.suppress(OSError, UnicodeDecodeError):
+        text = (state_dir / MAC_FILE).read_text().strip().lower()
+        if _MAC_RE.fullmatch(text):
+            return text
+    return None
+
+
+def save_mac(state_dir: Path, mac: str) -> None:
+    """Keep ``mac`` in ``state_dir`` (atomically, 0600); a directory that cannot be written
+    only costs the VM a new address next boot."""
+    with contextlib.suppress(OSError):
+        write_atomic(state_dir / MAC_FILE, f"{mac}\n".encode())
+
+
+def stable_mac(state_dir: Path | None) -> str:
+    """The MAC address kept in ``state_dir``, or a new random one kept there from now on."""
+    mac = read_mac(state_dir)
+    if mac is None:
+        mac = random_mac()
+        if state_dir is not None:
+            save_mac(state_dir, mac)
+    return mac

@@ -1,17 +1,37 @@
 """The one exception hierarchy of vzkit.
 
-Every error vzkit raises on purpose derives from :class:`VzkitError`::
+Every error vzkit raises on purpose derives from :class:`VzkitError`. The classes defined here
+are re-exported by ``vzkit``; the others belong to the module named on their line::
 
     VzkitError
     ├── SpecError (also ValueError)       a display/volume/network spec string is malformed
     ├── ConfigError (also ValueError)     a VM configuration is invalid or inconsistent
     ├── StateError                        an operation is not allowed in the VM's current state
     ├── UnsupportedError                  a backend cannot do what was asked (.backend, .feature)
+    │   └── MacOSVersionError             vzkit.backends.vz: the API needs a newer macOS
     ├── BackendUnavailableError           a backend cannot run here (missing QEMU, no PyObjC, ...)
     ├── SnapshotError                     saving, restoring or cataloguing a snapshot failed
+    │   └── CopyAborted                   vzkit._diskcopy: a disk copy or checksum was cancelled
     ├── GuestError                        the guest (image, agent, command) failed
-    └── VMError                           the VMM failed at run time (crashed, QMP error, timeout)
-        └── VMTimeoutError (also TimeoutError)
+    │   ├── AgentError                    vzkit.agent: the agent refused or failed a request
+    │   ├── ProtocolError                 vzkit.agent: the agent's peer broke the agent protocol
+    │   └── DownloadError                 vzkit.image: a package download failed (.url, .status)
+    │       ├── ChecksumError             size or SHA256 differs from the repository's index
+    │       └── MirrorError               a Debian mirror lacks or garbles what is needed
+    │           ├── SignatureError        a Release file's signature is missing or wrong
+    │           ├── ExpiredReleaseError   a Release file is stale or from the future
+    │           └── MirrorFieldError      a field from the mirror is malformed or unsafe
+    ├── VMError                           the VMM failed at run time (crashed, QMP error, timeout)
+    │   ├── VMTimeoutError (also TimeoutError)
+    │   ├── GuestPanic                    vzkit.backends.qemu: the guest kernel panicked
+    │   │   (the user-space vsock device, vzkit.backends.qemu.vhost_vsock, drops bad input:)
+    │   ├── VhostUserProtocolError        QEMU broke the vhost-user protocol
+    │   ├── GuestMemoryError              an address is outside guest memory
+    │   ├── RingError                     a virtqueue is unusable
+    │   ├── ChainError                    one descriptor chain is malformed (.head)
+    │   └── HandshakeError (also ValueError)  a host client's ``CONNECT <port>`` line is bad
+    └── NSErrorDetails                    vzkit.backends.vz: the NSError behind an error, kept as
+                                          its ``__cause__`` (never raised by itself)
 
 Foreign errors (QMP errors, ``NSError``, ``OSError`` from the VMM) are translated once at
 the boundary with ``raise ... from err`` so the original stays reachable as ``__cause__``.

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 import vzkit
+from vzkit._network import stable_mac
 from vzkit._private import open_private, private_dir, private_file
 from vzkit.backends.qemu import _machine
 
@@ -91,10 +92,10 @@ def test_nvram_and_mac_address_are_0600_under_umask_0(tmp_path: Path, umask0: No
     assert _machine._nvram(state, template).read_bytes() == b"guest wrote this"  # kept
     assert _mode(nvram) == 0o600
     assert sorted(p.name for p in state.iterdir()) == ["efi.nvram"]  # no temp file left
-    mac = _machine._mac_address(state)
+    mac = stable_mac(state)
     assert (state / "mac-address").read_text() == f"{mac}\n"
     assert _mode(state / "mac-address") == 0o600
-    assert _machine._mac_address(state) == mac
+    assert stable_mac(state) == mac
 
 
 def test_config_state_dir_is_created_0700_with_its_qemu_log(tmp_path: Path, umask0: None) -> None:

@@ -122,7 +122,8 @@ def test_docstring_draws_the_tree() -> None:
         assert cls.__name__ in doc
     lines = doc.splitlines()
     root = next(i for i, line in enumerate(lines) if line.strip() == "VzkitError")
-    tree = "\n".join(lines[root : root + len(ALL_ERRORS) + 1])
+    end = next(i for i in range(root, len(lines)) if not lines[i].strip())
+    tree = "\n".join(lines[root:end])  # the whole drawing (tests/unit/test_error_tree.py)
     for cls in ALL_ERRORS[1:]:
         assert f"── {cls.__name__}" in tree
     assert "SpecError (also ValueError)" in tree

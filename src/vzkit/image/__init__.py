@@ -27,7 +27,13 @@ from ._fetch import (
     find_guest_debs,
     kernel_metapackage,
 )
-from ._image import default_guest_config, default_image, list_images, remove_images
+from ._image import (
+    default_guest_config,
+    default_image,
+    image_trust,
+    list_images,
+    remove_images,
+)
 from ._initramfs import (
     CONSOLES,
     GUEST_MODULES,
@@ -71,6 +77,7 @@ __all__ = [
     "elf_section",
     "fetch_guest_debs",
     "find_guest_debs",
+    "image_trust",
     "init_script",
     "kernel_metapackage",
     "list_images",

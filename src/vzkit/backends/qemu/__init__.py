@@ -12,11 +12,17 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._backend import BACKEND, QemuBackend
+    from ._doctor import doctor_checks
     from ._machine import QemuMachine
 
-__all__ = ["BACKEND", "QemuBackend", "QemuMachine"]
+__all__ = ["BACKEND", "QemuBackend", "QemuMachine", "doctor_checks"]
 
-_LAZY = {"BACKEND": "._backend", "QemuBackend": "._backend", "QemuMachine": "._machine"}
+_LAZY = {
+    "BACKEND": "._backend",
+    "QemuBackend": "._backend",
+    "QemuMachine": "._machine",
+    "doctor_checks": "._doctor",
+}
 
 
 def __getattr__(name: str) -> Any:

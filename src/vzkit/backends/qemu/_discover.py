@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..._cache import user_cache_dir
+from ..._fsutil import write_atomic
 from ..._process import PREEXEC, log_argv, spawn
 from ..._state import Arch, host_arch
 from ...errors import BackendUnavailableError, ConfigError
@@ -158,15 +159,10 @@ def _record_sandbox_yes(path: Path, key: str) -> None:
 
 def _write_json_map(path: Path, data: dict[str, object]) -> None:
     """Replace ``path`` atomically (a cache that cannot be written costs a probe next time)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as out:
-            json.dump(data, out, indent=1)
-        os.replace(tmp, path)
+        write_atomic(path, json.dumps(data, indent=1).encode())
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         log.debug("cannot record a probe result in %s: %s", path, err)
 
 

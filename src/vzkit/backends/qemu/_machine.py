@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -35,7 +34,7 @@ from qemu.qmp import QMPClient, QMPError, Runstate
 
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
-from ..._network import NetworkMode
+from ..._network import NetworkMode, stable_mac
 from ..._private import open_private, private_dir, private_file
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
@@ -68,23 +67,6 @@ _EVENTS_DRAIN_S = 1.0
 _LIVE = frozenset({VMState.RUNNING, VMState.PAUSED, VMState.PAUSING, VMState.RESUMING})
 #: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
 _MAX_SOCKET_DIR = 80
-
-
-def _mac_address(state_dir: Path | None) -> str:
-    """A random locally administered unicast MAC, kept in ``state_dir`` so it stays stable."""
-    path = state_dir / "mac-address" if state_dir is not None else None
-    if path is not None:
-        with contextlib.suppress(OSError):
-            text = path.read_text().strip()
-            if len(text) == 17:
-                return text
-    octets = bytearray(secrets.token_bytes(6))
-    octets[0] = (octets[0] & 0xFC) | 0x02
-    mac = ":".join(f"{b:02x}" for b in octets)
-    if path is not None:
-        with contextlib.suppress(OSError), open_private(path, append=False) as fh:
-            fh.write(f"{mac}\n".encode())
-    return mac
 
 
 def _nvram(state_dir: Path, template: Path) -> Path:
@@ -415,7 +397,7 @@ class QemuMachine:
             console_log=self.console_log_path,
             firmware_code=firmware_code,
             nvram=nvram,
-            mac_address=_mac_address(None if self._own_state_dir else state_dir),
+            mac_address=stable_mac(None if self._own_state_dir else state_dir),
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
             incoming=self._incoming,
             disk_override=self.disk_override,

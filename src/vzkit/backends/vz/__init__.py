@@ -31,6 +31,8 @@ from ._build import (
     create_virtiofs_devices,
     validate_config,
 )
+from ._doctor import doctor_checks
+from ._entitlements import ENTITLEMENT, repoint_venv_aliases, sign_interpreter, venv_python
 from ._lifecycle import (
     can_pause,
     can_request_stop,
@@ -89,6 +91,7 @@ from ._vsock import VsockListener, VsockManager, socket_from_connection
 __all__ = [
     "BACKEND",
     "DEFAULT_CMDLINE",
+    "ENTITLEMENT",
     "RUN_LOOP_RUN_FINISHED",
     "RUN_LOOP_RUN_HANDLED_SOURCE",
     "RUN_LOOP_RUN_STOPPED",
@@ -131,6 +134,7 @@ __all__ = [
     "create_virtio_graphics_config",
     "create_virtiofs_devices",
     "create_vm",
+    "doctor_checks",
     "extract_nserror_message",
     "format_nserror_detailed",
     "get_balloon_info",
@@ -141,6 +145,7 @@ __all__ = [
     "pause_vm",
     "print_nserror_detailed",
     "release",
+    "repoint_venv_aliases",
     "request_stop_vm",
     "restore_image_info",
     "restore_machine_state",
@@ -153,11 +158,13 @@ __all__ = [
     "save_machine_state",
     "save_snapshot",
     "set_balloon_target",
+    "sign_interpreter",
     "socket_from_connection",
     "start_vm",
     "stop_vm",
     "validate_config",
     "validate_save_restore_support",
+    "venv_python",
     "vm_state",
 ]
 

@@ -18,7 +18,6 @@ import gzip
 import hashlib
 import logging
 import os
-import re
 import shlex
 import shutil
 import zlib
@@ -29,8 +28,9 @@ from typing import Any
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat
 from ..._display import DisplayConfig, default_display_config, default_linux_display_config
+from ..._fsutil import write_atomic
 from ..._macconfig import MacVMConfig
-from ..._network import NetworkConfig, NetworkMode
+from ..._network import MAC_FILE, NetworkConfig, NetworkMode, read_mac, save_mac
 from ..._state import host_arch
 from ..._volume import VolumeMount, assign_volume_tags, share_cmdline
 from ...errors import BackendUnavailableError, ConfigError, UnsupportedError
@@ -65,11 +65,9 @@ log = logging.getLogger(__name__)
 DEFAULT_CMDLINE = "console=tty0 console=hvc0 root=/dev/vda"
 MACHINE_ID_FILE = "linux-machine.id"
 NVRAM_FILE = "efi.nvram"
-MAC_FILE = "mac-address"
 ENTITLEMENT = "com.apple.security.virtualization"
 MIB = 1 << 20
 GZIP_MAGIC = b"\x1f\x8b"
-_MAC_RE = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
 
 
 class DiskCaching(enum.StrEnum):
@@ -103,15 +101,6 @@ _SYNC_CASE = {
 
 def _url(path: str | os.PathLike[str]) -> Any:
     return foundation().NSURL.fileURLWithPath_(os.fspath(path))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- storage -----------------------------------------------------------------------------------
@@ -198,7 +187,7 @@ def load_or_create_machine_identifier(state_dir: Path) -> Any:
             log.warning("%s is not a machine identifier; creating a new one", path)
     ident = v.VZGenericMachineIdentifier.alloc().init()
     state_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(path, _objc.nsdata_to_bytes(ident.dataRepresentation()))
+    write_atomic(path, _objc.nsdata_to_bytes(ident.dataRepresentation()))
     return ident
 
 
@@ -353,16 +342,6 @@ def create_network_device(config: NetworkConfig, *, mac_address: str | None = No
     return device
 
 
-def _stable_mac(state_dir: Path | None) -> str | None:
-    if state_dir is None:
-        return None
-    with contextlib.suppress(OSError):
-        text = (state_dir / MAC_FILE).read_text().strip().lower()
-        if _MAC_RE.fullmatch(text):
-            return text
-    return None
-
-
 def network_to_vz(cfg: LinuxVMConfig, state_dir: Path | None) -> list[Any]:
     """No device for ``none``; else one NIC whose MAC is kept in ``state_dir`` across boots."""
     return network_devices_to_vz(cfg.network, state_dir)
@@ -372,12 +351,9 @@ def network_devices_to_vz(network: NetworkConfig, state_dir: Path | None) -> lis
     """:func:`network_to_vz` for any guest's :class:`~vzkit.NetworkConfig`."""
     if network.mode is NetworkMode.NONE:
         return []
-    device = create_network_device(network, mac_address=_stable_mac(state_dir))
+    device = create_network_device(network, mac_address=read_mac(state_dir))
     if state_dir is not None and not (state_dir / MAC_FILE).exists():
-        with contextlib.suppress(OSError):
-            _write_atomically(
-                state_dir / MAC_FILE, (str(device.MACAddress().string()) + "\n").encode()
-            )
+        save_mac(state_dir, str(device.MACAddress().string()))
     return [device]
 
 

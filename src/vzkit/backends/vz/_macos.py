@@ -24,7 +24,9 @@ from pathlib import Path
 from typing import Any
 
 from ..._disk import create_disk_image
+from ..._fsutil import write_atomic
 from ..._macconfig import MacKeyboard, MacPointer, MacVMConfig
+from ..._network import MAC_FILE
 from ..._snapshot import format_rfc3339
 from ..._volume import VolumeMount
 from ...errors import ConfigError, StateError, UnsupportedError, VMTimeoutError
@@ -68,18 +70,6 @@ def _host() -> tuple[int, int]:
 
 def _url(path: str | os.PathLike[str]) -> Any:
     return foundation().NSURL.fileURLWithPath_(os.fspath(path))
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _wait(done: threading.Event, timeout: float | None, what: str) -> None:
@@ -238,14 +228,12 @@ def create_mac_platform(cfg: MacVMConfig, *, hardware_model: Any = None) -> Any:
     platform = v.VZMacPlatformConfiguration.alloc().init()
     if hardware_model is not None:
         cfg.vm_dir.mkdir(parents=True, exist_ok=True)
-        _write_atomically(
+        write_atomic(
             cfg.hardware_model_path, _objc.nsdata_to_bytes(hardware_model.dataRepresentation())
         )
         aux = create_mac_auxiliary_storage(cfg.auxiliary_storage_path, hardware_model)
         ident = v.VZMacMachineIdentifier.alloc().init()
-        _write_atomically(
-            cfg.machine_identifier_path, _objc.nsdata_to_bytes(ident.dataRepresentation())
-        )
+        write_atomic(cfg.machine_identifier_path, _objc.nsdata_to_bytes(ident.dataRepresentation()))
         model = hardware_model
     else:
         model = load_hardware_model(cfg.hardware_model_path)
@@ -375,7 +363,7 @@ def _vm_files(cfg: MacVMConfig) -> tuple[Path, ...]:
         cfg.auxiliary_storage_path,
         cfg.hardware_model_path,
         cfg.machine_identifier_path,
-        cfg.vm_dir / _build.MAC_FILE,  # a new Mac gets a new NIC too
+        cfg.vm_dir / MAC_FILE,  # a new Mac gets a new NIC too
     )
 
 
@@ -468,9 +456,7 @@ def install_macos(
             "restore_image": str(info.path),
             "installed": format_rfc3339(datetime.now(UTC)),
         }
-        _write_atomically(
-            cfg.install_record_path, (json.dumps(record, indent=2) + "\n").encode("utf-8")
-        )
+        write_atomic(cfg.install_record_path, (json.dumps(record, indent=2) + "\n").encode("utf-8"))
         ok = True
     finally:
         if not ok:

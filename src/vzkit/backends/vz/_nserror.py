@@ -11,7 +11,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any, TextIO
 
-from ...errors import ConfigError, SnapshotError, StateError, UnsupportedError, VMError
+from ...errors import (
+    ConfigError,
+    SnapshotError,
+    StateError,
+    UnsupportedError,
+    VMError,
+    VzkitError,
+)
 
 __all__ = [
     "VZ_ERROR_DOMAIN",
@@ -119,7 +126,7 @@ def print_nserror_detailed(error: Any, file: TextIO | None = None) -> None:
         print(text, file=file if file is not None else sys.stdout)
 
 
-class NSErrorDetails(Exception):
+class NSErrorDetails(VzkitError):
     """The ``NSError`` behind a vzkit error, kept as ``__cause__`` with all its fields."""
 
     def __init__(self, info: NSErrorInfo) -> None:

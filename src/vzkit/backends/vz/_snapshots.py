@@ -19,6 +19,7 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
+from ..._fsutil import fsync_dir
 from ..._snapshot import (
     SnapshotManager,
     SnapshotMeta,
@@ -40,14 +41,6 @@ from ._lifecycle import (
 from ._objc import Queue
 
 __all__ = ["restore_snapshot", "save_snapshot"]
-
-
-def _fsync_dir(path: os.PathLike[str] | str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def save_snapshot(
@@ -93,7 +86,7 @@ def save_snapshot(
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(meta, indent=2) + "\n")
         os.replace(meta_tmp, manager.meta_path(name))
-        _fsync_dir(manager.snapshot_dir)
+        fsync_dir(manager.snapshot_dir)
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink(missing_ok=True)

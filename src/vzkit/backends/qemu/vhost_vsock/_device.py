@@ -30,7 +30,13 @@ from types import TracebackType
 from ._conn import VsockStats
 from ._hybrid import HybridListener
 from ._reactor import EPOLLERR, EPOLLHUP, EPOLLIN, Reactor, Timer
-from ._vhost_user import F_VERSION_1, MAX_FDS, MessageReader, ProtocolError, VhostUserBackend
+from ._vhost_user import (
+    F_VERSION_1,
+    MAX_FDS,
+    MessageReader,
+    VhostUserBackend,
+    VhostUserProtocolError,
+)
 from ._virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, RingError, Virtqueue
 from ._vsock import BUF_ALLOC, BYTE_BUDGET, CREDIT_STEP, MAX_CONNECTIONS, UPDATE_DELAY_S, VsockMuxer
 
@@ -416,7 +422,7 @@ class VhostUserVsockDevice:
                         sock.sendall(reply)
                     finally:
                         sock.setblocking(False)
-        except (ProtocolError, OSError) as err:
+        except (VhostUserProtocolError, OSError) as err:
             log.error("vhost-user: %s; dropping the front-end", err)
             messages = None
         if messages is None:

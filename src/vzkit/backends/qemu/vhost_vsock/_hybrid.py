@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ....errors import VMError
 from ._reactor import EPOLLIN, Reactor, Timer
 
 __all__ = [
@@ -49,7 +50,7 @@ _MAX_PORT = 0xFFFFFFFF
 _ACCEPT_PAUSE_S = 0.1
 
 
-class HandshakeError(ValueError):
+class HandshakeError(VMError, ValueError):
     """A ``CONNECT`` request line is malformed."""
 
 

@@ -19,6 +19,8 @@ import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ....errors import VMError
+
 __all__ = ["MAX_REGIONS", "GuestMemory", "GuestMemoryError", "RegionSpec"]
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,7 @@ MAX_REGIONS = 8
 _U64 = (1 << 64) - 1
 
 
-class GuestMemoryError(Exception):
+class GuestMemoryError(VMError):
     """An address range is not (entirely) inside guest memory, or a region is unusable."""
 
 

@@ -23,6 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ....errors import VMError
 from ._memory import MAX_REGIONS, GuestMemory, GuestMemoryError, RegionSpec
 from ._virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, MAX_QUEUE_SIZE
 
@@ -33,10 +34,10 @@ __all__ = [
     "PF_REPLY_ACK",
     "Message",
     "MessageReader",
-    "ProtocolError",
     "Request",
     "RingHooks",
     "VhostUserBackend",
+    "VhostUserProtocolError",
     "VringState",
     "encode",
 ]
@@ -91,8 +92,9 @@ class Request(enum.IntEnum):
     GET_MAX_MEM_SLOTS = 36
 
 
-class ProtocolError(Exception):
-    """The front-end broke the protocol badly enough that the connection must be dropped."""
+class VhostUserProtocolError(VMError):
+    """The front-end (QEMU) broke the vhost-user protocol badly enough that the connection must
+    be dropped."""
 
 
 class _Refused(Exception):
@@ -165,7 +167,7 @@ class MessageReader:
                     self._fds.extend(fds)
             if msg_flags & socket.MSG_CTRUNC:
                 self.close()
-                raise ProtocolError("too many file descriptors in one message")
+                raise VhostUserProtocolError("too many file descriptors in one message")
             if not data:
                 return out or None
             self._buf += data
@@ -175,7 +177,9 @@ class MessageReader:
                 request, flags, size = HEADER.unpack(self._buf)
                 if size > MAX_PAYLOAD:
                     self.close()
-                    raise ProtocolError(f"{_request_name(request)}: payload of {size} bytes")
+                    raise VhostUserProtocolError(
+                        f"{_request_name(request)}: payload of {size} bytes"
+                    )
                 self._header = (request, flags, size)
                 self._buf.clear()
                 self._need = size
@@ -308,7 +312,7 @@ class VhostUserBackend:
     # -- dispatch --------------------------------------------------------------------------
 
     def handle(self, msg: Message) -> bytes | None:
-        """Process one message; return the reply to send, if any. Raises ProtocolError."""
+        """Process one message; return the reply to send, if any. Raises VhostUserProtocolError."""
         name = _request_name(msg.request)
         log.debug("vhost-user <- %s flags=%#x size=%d fds=%d", name, msg.flags, len(msg.payload),
                   len(msg.fds))  # fmt: skip
@@ -331,7 +335,7 @@ class VhostUserBackend:
                 Request.GET_QUEUE_NUM,
                 Request.GET_MAX_MEM_SLOTS,
             ):
-                raise ProtocolError(f"{name}: {err}") from err
+                raise VhostUserProtocolError(f"{name}: {err}") from err
             return None
         finally:
             msg.close_fds()  # handlers take the descriptors they keep

@@ -21,6 +21,7 @@ import logging
 import struct
 from dataclasses import dataclass, field
 
+from ....errors import VMError
 from ._memory import GuestMemory, GuestMemoryError
 
 __all__ = [
@@ -50,11 +51,11 @@ _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
 
 
-class RingError(Exception):
+class RingError(VMError):
     """The ring itself is unusable (bad size, addresses outside memory, index jumped)."""
 
 
-class ChainError(Exception):
+class ChainError(VMError):
     """One descriptor chain is malformed. ``head`` is its head index when that is valid."""
 
     def __init__(self, message: str, head: int | None) -> None:

@@ -1,4 +1,4 @@
-"""How CLI commands turn vzkit errors into exit codes (``cli`` and ``_cli_macos`` share it)."""
+"""How CLI commands turn vzkit errors into exit codes (every command module uses it)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from .errors import ConfigError, SpecError, VzkitError
+from vzkit.errors import ConfigError, SpecError, VzkitError
 
 __all__ = ["EXIT_FAILURE", "EXIT_USAGE", "F", "handle_errors"]
 

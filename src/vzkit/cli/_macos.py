@@ -1,7 +1,7 @@
 """The macOS-only commands of ``vzkit``: ``codesign`` and ``macos install``/``macos info``.
 
-``cli.py`` registers them (``main.add_command``). Like the rest of the CLI they parse, call the
-library and render; library errors become exit codes here.
+Like the rest of the CLI they parse, call the library (the vz backend's public names) and
+render; library errors become exit codes here.
 """
 
 from __future__ import annotations
@@ -10,12 +10,13 @@ from pathlib import Path
 
 import click
 
-from ._cli_errors import handle_errors as _handle_errors
+from ._app import main
+from ._errors import handle_errors as _handle_errors
 
 __all__ = ["codesign_cmd", "macos_group"]
 
 
-@click.command("codesign")
+@main.command("codesign")
 @click.option(
     "--output",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -29,23 +30,23 @@ def codesign_cmd(output: Path | None, venv: bool) -> None:
     macOS lets only entitled executables create VMs. With --venv the virtualenv's python
     (a symlink to the base interpreter) becomes a signed copy; the base stays untouched.
     """
-    from .backends.vz import _entitlements as ent
+    from vzkit.backends import vz
 
     if (output is None) == (not venv):
         raise click.UsageError("give exactly one of --output PATH or --venv")
-    target = ent.venv_python() if venv else output
+    target = vz.venv_python() if venv else output
     assert target is not None
-    signed = ent.sign_interpreter(target)
-    click.echo(f"signed {signed} (ad hoc) with {ent.ENTITLEMENT}")
+    signed = vz.sign_interpreter(target)
+    click.echo(f"signed {signed} (ad hoc) with {vz.ENTITLEMENT}")
     if venv:
-        for alias in ent.repoint_venv_aliases(signed):
+        for alias in vz.repoint_venv_aliases(signed):
             click.echo(f"{alias.name} now runs {signed.name}")
         click.echo("scripts of this virtualenv (vzkit included) can now create VMs")
     else:
         click.echo(f"run your VM scripts with: {signed} script.py")
 
 
-@click.group("macos")
+@main.group("macos")
 def macos_group() -> None:
     """macOS guests (Apple silicon, vz backend)."""
 
@@ -55,8 +56,8 @@ def macos_group() -> None:
 @_handle_errors
 def macos_info(ipsw: Path) -> None:
     """What a local restore image (.ipsw) installs and needs on this Mac."""
-    from .backends import load_backend
-    from .backends.vz import load_restore_image, restore_image_info
+    from vzkit.backends import load_backend
+    from vzkit.backends.vz import load_restore_image, restore_image_info
 
     load_backend("vz")
     info = restore_image_info(load_restore_image(ipsw))
@@ -84,10 +85,10 @@ def macos_install(
 ) -> None:
     """Install macOS from IPSW into VM_DIR (disk, auxiliary storage, hardware model and
     machine identifier are kept there); boot it with VirtualMachine(MacVMConfig(...))."""
-    from ._macconfig import MacVMConfig
-    from ._progress import Progress
-    from .backends import load_backend
-    from .backends.vz import install_macos
+    from vzkit import MacVMConfig
+    from vzkit._progress import Progress  # the library's progress line (a known exception)
+    from vzkit.backends import load_backend
+    from vzkit.backends.vz import install_macos
 
     load_backend("vz")
     cfg = MacVMConfig(vm_dir=vm_dir, cpus=cpus, memory_gb=memory_gb, disk_size_gb=disk_size_gb)

@@ -1,0 +1,21 @@
+"""The ``vzkit`` command line: parse, build a config, call the library, render.
+
+One module per command group, each registering its commands on :data:`main`
+(:mod:`._app`): ``config``/``disk`` (:mod:`._setup`), ``run`` (:mod:`._run`), ``snapshot``
+(:mod:`._snapshot`), ``image`` (:mod:`._image`), ``doctor`` (:mod:`._doctor`), ``codesign`` and
+``macos`` (:mod:`._macos`). Shared options and parameter callbacks live in :mod:`._options`;
+library errors become exit codes at this edge only (:mod:`._errors`).
+
+The CLI uses the library's public API only (``vzkit``, ``vzkit.errors``, ``vzkit.doctor``,
+``vzkit.image``, ``vzkit.agent``, ``vzkit.backends`` and its backends' public names), never a backend's private
+module; ``tests/unit/test_layering_cli.py`` checks that.
+"""
+
+from __future__ import annotations
+
+# Importing a command module registers its commands on ``main``.
+from . import _doctor, _image, _macos, _run, _setup, _snapshot  # noqa: F401
+from ._app import main
+from ._options import DisplayAction, display_callback
+
+__all__ = ["DisplayAction", "display_callback", "main"]

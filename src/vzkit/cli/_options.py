@@ -1,0 +1,200 @@
+"""Options shared by several commands, and the callbacks that turn spec strings into values.
+
+A malformed spec (display, volume, network, port) becomes click's usage error for that option
+(argparse's, for :class:`DisplayAction`), with the library's own sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vzkit import (
+    MIN_MEMORY_MB,
+    Arch,
+    ConsoleMode,
+    DiskFormat,
+    DisplayConfig,
+    DisplayList,
+    LinuxVMConfig,
+    parse_network_mode,
+    parse_port_spec,
+    parse_volume_spec,
+)
+from vzkit._config import MAX_CPUS, MAX_MEMORY_GB  # the bounds in --help (a known exception)
+from vzkit.errors import SpecError
+
+from ._errors import F
+
+__all__ = ["DisplayAction", "build_config", "display_callback", "vm_options"]
+
+
+def _spec_callback(
+    parse: Callable[[str], Any],
+) -> Callable[[click.Context, click.Parameter, Any], Any]:
+    def callback(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+        if value is None:
+            return None
+        try:
+            if isinstance(value, tuple):
+                return tuple(parse(v) for v in value)
+            return parse(value)
+        except SpecError as err:
+            raise click.BadParameter(str(err), ctx=ctx, param=param) from err
+
+    return callback
+
+
+def display_callback(
+    ctx: click.Context | None, param: click.Parameter | None, values: Iterable[str] | None
+) -> tuple[DisplayConfig, ...]:
+    """A click callback for a ``multiple=True`` ``--display`` option: specs → displays.
+
+    A bad spec becomes ``click.BadParameter`` (click's usage error, exit code 2).
+    """
+    out = DisplayList()
+    for value in values or ():
+        try:
+            out.set(value)
+        except SpecError as err:
+            raise click.BadParameter(str(err), ctx=ctx, param=param) from err
+    return out.to_tuple()
+
+
+class DisplayAction(argparse.Action):
+    """``parser.add_argument("--display", action=DisplayAction)`` for argparse programs.
+
+    Each occurrence appends to a :class:`~vzkit.DisplayList` stored on the namespace; a bad
+    spec becomes an ordinary argparse usage error.
+    """
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest, None)
+        if not isinstance(current, DisplayList):
+            current = DisplayList()
+            setattr(namespace, self.dest, current)
+        try:
+            current.set(str(values))
+        except SpecError as err:
+            parser.error(f"{option_string or self.dest}: {err}")
+
+
+def vm_options(func: F) -> F:
+    """The options that describe a Linux VM, shared by ``config``, ``run`` and ``snapshot``."""
+    options = [
+        click.option(
+            "--cpus", type=click.IntRange(min=0), help=f"Virtual CPUs, 1-{MAX_CPUS} (default 2)."
+        ),
+        click.option(
+            "--memory",
+            "memory_gb",
+            type=float,
+            help=f"Memory in GB, {MIN_MEMORY_MB / 1024:g}-{MAX_MEMORY_GB}, e.g. 0.5 (default 1).",
+        ),
+        click.option(
+            "--arch", type=click.Choice([a.value for a in Arch]), help="Guest architecture."
+        ),
+        click.option(
+            "--kernel",
+            "kernel_path",
+            type=click.Path(path_type=Path),
+            help="Kernel for direct boot.",
+        ),
+        click.option(
+            "--initrd", "initrd_path", type=click.Path(path_type=Path), help="Initial ramdisk."
+        ),
+        click.option("--cmdline", help="Kernel command line."),
+        click.option(
+            "--disk", "disk_path", type=click.Path(path_type=Path), help="Main disk image."
+        ),
+        click.option(
+            "--disk-format",
+            type=click.Choice([f.value for f in DiskFormat]),
+            help="Format of --disk (default raw; never guessed from the disk's content).",
+        ),
+        click.option(
+            "--iso", "iso_path", type=click.Path(path_type=Path), help="ISO attached read-only."
+        ),
+        click.option(
+            "--state-dir", type=click.Path(path_type=Path), help="Per-VM state directory."
+        ),
+        click.option(
+            "--volume",
+            "-v",
+            "volumes",
+            multiple=True,
+            metavar="PATH[:TAG][:ro|rw]",
+            callback=_spec_callback(parse_volume_spec),
+            help="Share a host directory (repeatable).",
+        ),
+        click.option(
+            "--network",
+            metavar="MODE",
+            callback=_spec_callback(parse_network_mode),
+            help="nat (default; the guest cannot reach the host's loopback services), "
+            "nat:host-loopback (it can, at 10.0.2.2), none, vmnet, host-only or bridged:IFACE.",
+        ),
+        click.option(
+            "--publish",
+            "-p",
+            "publish",
+            multiple=True,
+            metavar="[ADDR:]HOST:GUEST[/tcp|udp]",
+            callback=_spec_callback(parse_port_spec),
+            help="Forward a host port (127.0.0.1 unless ADDR) to the guest (repeatable; nat).",
+        ),
+        click.option(
+            "--display",
+            "displays",
+            multiple=True,
+            metavar="SPEC",
+            callback=display_callback,
+            help="WxH[@PPI] or 4k/1080p/720p/retina (repeatable); implies --graphics.",
+        ),
+        click.option(
+            "--graphics/--headless", default=None, help="Attach a display (default headless)."
+        ),
+        click.option(
+            "--console",
+            type=click.Choice([c.value for c in ConsoleMode]),
+            help="Serial console target.",
+        ),
+        click.option(
+            "--accel",
+            "accelerator",
+            metavar="NAME",
+            help="Accelerator: kvm, hvf, tcg (default: best that works).",
+        ),
+        click.option(
+            "--config",
+            "config_file",
+            type=click.Path(path_type=Path, dir_okay=False),
+            help="Start from a TOML/JSON config file; options override it.",
+        ),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def build_config(config_file: Path | None, graphics: bool | None, **opts: Any) -> LinuxVMConfig:
+    """Merge a config file (if any) with the options that were given."""
+    base = LinuxVMConfig.load(config_file) if config_file is not None else None
+    changes = {k: v for k, v in opts.items() if v is not None and v != ()}
+    if graphics is not None:
+        changes["headless"] = not graphics
+    elif changes.get("displays"):
+        changes["headless"] = False
+    if base is None:
+        return LinuxVMConfig(**changes)
+    return base.replace(**changes)

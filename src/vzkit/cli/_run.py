@@ -1,0 +1,219 @@
+"""``vzkit run``: boot a VM (or restore a snapshot), run one command in it, exit with its code.
+
+Also the runner ``vzkit snapshot restore`` shares (:func:`run_and_exit`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+import click
+
+from vzkit import (
+    ConsoleMode,
+    LinuxVMConfig,
+    SnapshotManager,
+    VirtualMachine,
+    VMState,
+    default_guest_config,
+)
+from vzkit.errors import ConfigError, SpecError, VzkitError
+
+from ._app import main
+from ._errors import EXIT_USAGE
+from ._options import build_config, vm_options
+
+__all__ = ["EXIT_RUN_FAILED", "run_and_exit", "run_cmd", "run_config"]
+
+#: ``vzkit run``'s own failures (the VM could not boot, ...), as ``docker run`` uses 125.
+EXIT_RUN_FAILED = 125
+
+
+def _pump(src: IO[bytes], dst: IO[bytes], close_dst: bool = False) -> None:
+    """Copy a stream until EOF, chunk by chunk (bounded memory)."""
+    try:
+        while chunk := src.read1(65536) if hasattr(src, "read1") else src.read(65536):
+            dst.write(chunk)
+            dst.flush()
+    except (OSError, ValueError, VzkitError):
+        pass
+    finally:
+        if close_dst:
+            with contextlib.suppress(OSError, ValueError, VzkitError):
+                dst.close()
+
+
+def _exit_code(returncode: int) -> int:
+    """The command's exit code, or 128+N when a signal N ended it (as shells report it)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+@main.command(
+    "run", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": False}
+)
+@vm_options
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "qemu", "vz"]),
+    default="auto",
+    show_default=True,
+    help="Which hypervisor backend runs the VM.",
+)
+@click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE", help="Set a variable.")
+@click.option("-w", "--workdir", metavar="DIR", help="Working directory in the guest.")
+@click.option("-i", "--interactive", is_flag=True, help="Forward stdin even when it is a terminal.")
+@click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
+@click.option(
+    "--from-snapshot",
+    metavar="NAME",
+    help="Restore snapshot NAME of --vm-dir instead of booting (see 'vzkit snapshot save').",
+)
+@click.option(
+    "--vm-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=".",
+    show_default=True,
+    help="The directory whose snapshots/ holds --from-snapshot.",
+)
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def run_cmd(
+    command: tuple[str, ...],
+    backend: str,
+    env: tuple[str, ...],
+    workdir: str | None,
+    interactive: bool,
+    boot_timeout: float,
+    from_snapshot: str | None,
+    vm_dir: Path,
+    **opts: Any,
+) -> None:
+    """Boot a fresh VM, run COMMAND in it and exit with its exit code.
+
+    Uses vzkit's default guest (a Debian kernel, busybox and the vzkit agent; built on first
+    use) unless --kernel is given. Without COMMAND, the guest's console is attached to this
+    terminal. The VM is torn down afterwards, also on Ctrl-C.
+
+    \b
+      vzkit run -- uname -a
+      vzkit run --memory 1 -v .:src:ro -- sh -c 'ls /mnt/src'
+      vzkit run -p 8080:80 -- busybox httpd -f -p 80
+      vzkit run --from-snapshot warm --vm-dir ./vm -- python3 job.py
+    """
+    snap = (vm_dir, from_snapshot) if from_snapshot is not None else None
+    run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap)
+
+
+def run_and_exit(
+    command: tuple[str, ...],
+    backend: str,
+    env: tuple[str, ...],
+    workdir: str | None,
+    interactive: bool,
+    boot_timeout: float,
+    opts: dict[str, Any],
+    snap: tuple[Path, str] | None,
+) -> None:
+    """Run, then exit: with the command's code, 2 for bad options, 125 when the VM failed,
+    130 on Ctrl-C and 143 on SIGTERM (the VM torn down in every case)."""
+    # Ctrl-C and SIGTERM tear the VM down even when this process was started with SIGINT
+    # ignored (as shells do for background jobs).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _terminated)
+    try:
+        code = _run(command, backend, env, workdir, interactive, boot_timeout, opts, snap)
+    except (SpecError, ConfigError) as err:
+        click.echo(f"vzkit: error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
+    except VzkitError as err:
+        click.echo(f"vzkit: error: {err}", err=True)
+        sys.exit(EXIT_RUN_FAILED)
+    except KeyboardInterrupt:
+        click.echo("vzkit: interrupted; the VM was torn down", err=True)
+        sys.exit(130)
+    except _Terminated:
+        click.echo("vzkit: terminated; the VM was torn down", err=True)
+        sys.exit(128 + signal.SIGTERM)
+    sys.exit(code)
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt so clean-up runs."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated()
+
+
+def run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig:
+    """The VM's config: from ``--kernel``/``--config`` if given, else vzkit's default guest."""
+    changes = {k: v for k, v in opts.items() if v is not None and v != ()}
+    if interactive_console:
+        changes.setdefault("console", ConsoleMode.STDIO)
+    if changes.get("kernel_path") is not None or changes.get("config_file") is not None:
+        return build_config(**{**dict.fromkeys(opts), **changes})
+    graphics = changes.pop("graphics", None)
+    changes.pop("config_file", None)
+    if graphics is not None:
+        changes["headless"] = not graphics
+    return default_guest_config(changes.pop("arch", None), **changes)
+
+
+def _run(
+    command: tuple[str, ...],
+    backend: str,
+    env: tuple[str, ...],
+    workdir: str | None,
+    interactive: bool,
+    boot_timeout: float,
+    opts: dict[str, Any],
+    snap: tuple[Path, str] | None = None,
+) -> int:
+    environment: dict[Any, Any] | None = None  # str -> str; typed for the client's Mapping
+    if env:
+        environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+        for item in env:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise SpecError(f"--env wants NAME=VALUE, got {item!r}")
+            environment[name] = value
+    cfg = run_config(not command, opts)
+    with VirtualMachine(cfg, backend=backend) as vm:
+        if snap is not None:  # paused at the saved instant; resume steps the guest clock
+            SnapshotManager(snap[0]).restore(vm, snap[1], timeout=boot_timeout)
+            vm.resume(timeout=boot_timeout)
+        else:
+            vm.start(timeout=boot_timeout)
+        if not command:  # the console is this terminal; run until the guest powers off
+            state = vm.wait()
+            return 0 if state is VMState.STOPPED else 1
+        vm.guest.wait_ready(timeout=boot_timeout)
+        forward_stdin = interactive or not sys.stdin.isatty()
+        proc = vm.guest.popen(list(command), stdin=forward_stdin, env=environment, cwd=workdir)
+        pumps = [
+            threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer), daemon=True),
+            threading.Thread(target=_pump, args=(proc.stderr, sys.stderr.buffer), daemon=True),
+        ]
+        if proc.stdin is not None:
+            pumps.append(
+                threading.Thread(
+                    target=_pump, args=(sys.stdin.buffer, proc.stdin, True), daemon=True
+                )
+            )
+        for pump in pumps:
+            pump.start()
+        try:
+            returncode = proc.wait()
+        except BaseException:  # Ctrl-C, SIGTERM: end the command, then the VM goes
+            with contextlib.suppress(VzkitError):
+                proc.kill()
+            raise
+        for pump in pumps[:2]:
+            pump.join(timeout=30)
+        if cfg.disk_path is not None:  # let the guest flush its disk before it goes
+            vm.stop(timeout=20)
+        return _exit_code(returncode)

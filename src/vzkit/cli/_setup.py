@@ -1,0 +1,56 @@
+"""``vzkit config`` (validate options, print the config) and ``vzkit disk create``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vzkit import DiskFormat, create_disk_image
+
+from ._app import main
+from ._errors import handle_errors
+from ._options import build_config, vm_options
+
+__all__ = ["config_cmd", "disk", "disk_create"]
+
+
+@main.command("config")
+@vm_options
+@click.option(
+    "--format", "fmt", type=click.Choice(["toml", "json"]), default="toml", show_default=True
+)
+@click.option(
+    "--save", "save_to", type=click.Path(path_type=Path, dir_okay=False), help="Also write it here."
+)
+@handle_errors
+def config_cmd(fmt: str, save_to: Path | None, **opts: Any) -> None:
+    """Validate VM options and print the resulting configuration."""
+    cfg = build_config(**opts)
+    click.echo(cfg.to_toml() if fmt == "toml" else cfg.to_json(), nl=False)
+    if save_to is not None:
+        cfg.save(save_to)
+
+
+@main.group()
+def disk() -> None:
+    """Disk images."""
+
+
+@disk.command("create")
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+@click.argument("size_gb", type=int)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice([f.value for f in DiskFormat]),
+    default="raw",
+    show_default=True,
+)
+@handle_errors
+def disk_create(path: Path, size_gb: int, fmt: str) -> None:
+    """Create a sparse disk image of SIZE_GB GiB (an existing file is left untouched)."""
+    existed = path.exists()
+    created = create_disk_image(path, size_gb, format=fmt)
+    click.echo(f"{'kept existing' if existed else 'created'} {created}")

@@ -1,0 +1,107 @@
+"""``vzkit snapshot list/rm/save/restore``: the snapshots of a VM directory."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vzkit import SnapshotManager, VirtualMachine
+from vzkit.errors import GuestError
+
+from ._app import main
+from ._errors import handle_errors
+from ._options import vm_options
+from ._run import run_and_exit, run_config
+
+__all__ = ["snapshot", "snapshot_list", "snapshot_restore", "snapshot_rm", "snapshot_save"]
+
+
+@main.group()
+def snapshot() -> None:
+    """VM state snapshots."""
+
+
+@snapshot.command("list")
+@click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def snapshot_list(vm_dir: Path, as_json: bool) -> None:
+    """List the snapshots of VM_DIR, newest first."""
+    metas = SnapshotManager(vm_dir).list()
+    if as_json:
+        click.echo(json.dumps([m.to_json_dict() for m in metas], indent=2))
+        return
+    if not metas:
+        click.echo("no snapshots")
+        return
+    click.echo(f"{'NAME':<24} {'CREATED':<28} {'SIZE':>12}  STATE")
+    for m in metas:
+        created = m.to_json_dict()["created"]  # RFC 3339, as in the metadata file
+        click.echo(f"{m.name:<24} {created:<28} {m.size:>12}  {m.vm_state}")
+
+
+@snapshot.command("rm")
+@click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("names", nargs=-1, required=True)
+@handle_errors
+def snapshot_rm(vm_dir: Path, names: tuple[str, ...]) -> None:
+    """Delete snapshots of VM_DIR by name."""
+    manager = SnapshotManager(vm_dir)
+    for name in names:
+        manager.delete(name)
+        click.echo(f"deleted {name}")
+
+
+@snapshot.command("save", context_settings={"allow_interspersed_args": False})
+@vm_options
+@click.option(
+    "--backend", type=click.Choice(["auto", "qemu", "vz"]), default="auto", show_default=True
+)
+@click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
+@click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+@handle_errors
+def snapshot_save(
+    vm_dir: Path, name: str, command: tuple[str, ...], backend: str, boot_timeout: float,
+    **opts: Any,
+) -> None:  # fmt: skip
+    """Boot a VM, run COMMAND in it (optional set-up), then save it as snapshot NAME of VM_DIR.
+
+    The VM options must be given again to restore it ('vzkit run --from-snapshot NAME
+    --vm-dir VM_DIR' or 'vzkit snapshot restore'); a mismatch is reported field by field.
+    """
+    cfg = run_config(False, opts)
+    with VirtualMachine(cfg, backend=backend) as vm:
+        vm.start(timeout=boot_timeout)
+        vm.guest.wait_ready(timeout=boot_timeout)
+        if command:
+            proc = vm.guest.run(list(command))
+            sys.stdout.buffer.write(proc.stdout)
+            sys.stderr.buffer.write(proc.stderr)
+            if proc.returncode != 0:
+                raise GuestError(f"the set-up command exited with {proc.returncode}; not saved")
+        meta = SnapshotManager(vm_dir).save(vm, name)
+    click.echo(f"saved {name} ({meta.size} bytes of machine state) in {meta.file_path.parent}")
+
+
+@snapshot.command("restore", context_settings={"allow_interspersed_args": False})
+@vm_options
+@click.option(
+    "--backend", type=click.Choice(["auto", "qemu", "vz"]), default="auto", show_default=True
+)
+@click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
+@click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("name")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def snapshot_restore(
+    vm_dir: Path, name: str, command: tuple[str, ...], backend: str, boot_timeout: float,
+    **opts: Any,
+) -> None:  # fmt: skip
+    """Restore snapshot NAME of VM_DIR into a new VM and run COMMAND in it (like 'vzkit run
+    --from-snapshot'); without COMMAND the console is attached to this terminal."""
+    run_and_exit(command, backend, (), None, False, boot_timeout, opts, (vm_dir, name))
