@@ -210,8 +210,11 @@ class AgentLink:
         """Bring a guest that was just restored from a snapshot up to date: its clock lives
         at the moment of the save, and its RNG state is the same in every VM restored from
         that snapshot. Steps the clock to the host's and mixes fresh host random bytes into the
-        guest's entropy pool (written to ``/dev/urandom``; the kernel's CRNG takes them up at
-        its next reseed). Failures are logged, not raised: the VM runs either way."""
+        guest's entropy pool (written to ``/dev/urandom``). A write mixes but does not reseed:
+        Linux's CRNG takes the bytes up at its next reseed (within a minute; sooner in the
+        guest's first two minutes of uptime). An immediate reseed needs a VM generation ID
+        device (the kernel reseeds when it changes), which is the backend's to add. Failures
+        are logged, not raised: the VM runs either way."""
         try:
             await self.connection(AFTER_RESTORE_TIMEOUT_S)
         except (VzkitError, OSError) as err:

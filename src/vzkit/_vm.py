@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import warnings
 from types import TracebackType
 
 from ._config import LinuxVMConfig
@@ -95,12 +94,3 @@ class VirtualMachine(VMView):
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        core = getattr(self, "_core", None)
-        if core is not None and not core.closed and core.machine.pid is not None:
-            warnings.warn(
-                f"unclosed VirtualMachine {self!r}; call close() or use 'with'",
-                ResourceWarning,
-                stacklevel=2,
-            )

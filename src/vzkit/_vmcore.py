@@ -16,6 +16,7 @@ import inspect
 import logging
 import math
 import socket
+import warnings
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar, cast
@@ -329,3 +330,12 @@ class VMView:
     @property
     def state_dir(self) -> Path:
         return self._core.machine.state_dir
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None and not core.closed and core.machine.pid is not None:
+            warnings.warn(
+                f"unclosed {type(self).__name__} {self!r}; call close() or use 'with'",
+                ResourceWarning,
+                stacklevel=2,
+            )

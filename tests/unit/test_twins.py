@@ -196,3 +196,23 @@ def test_the_check_catches_a_member_on_one_side_only(pair: Any) -> None:
     assert twin_differences(sync, aio, "VirtualMachine") == [
         "VirtualMachine.guest: only vzkit.aio has ['extra']"
     ]
+
+
+class RunningMachine(IdleMachine):
+    pid = 4242  # a VMM process that a dropped facade would leave behind
+
+
+class RunningBackend(IdleBackend):
+    def create_machine(self, config: vzkit.LinuxVMConfig, on_state: StateListener) -> IdleMachine:
+        return RunningMachine(config)
+
+
+def test_both_facades_warn_when_dropped_unclosed(tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    cfg = vzkit.LinuxVMConfig(kernel_path=kernel, state_dir=tmp_path / "state")
+    for cls in (vzkit.VirtualMachine, vzkit.aio.VirtualMachine):
+        vm = cls(cfg, RunningBackend())
+        with pytest.warns(ResourceWarning, match=f"unclosed VirtualMachine <.*{cls.__name__}"):
+            vm.__del__()
+        vm._core.closed = True  # nothing to release: the pid is made up
