@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-import time
-import warnings
 from types import TracebackType
 
 from ._config import LinuxVMConfig
@@ -15,11 +12,8 @@ from ._state import VMState
 from ._vmcore import VMCore, VMView
 from ._vsock import Vsock
 from .backends import Backend, BalloonInfo
-from .errors import VzkitError
 
 __all__ = ["Balloon", "VirtualMachine"]
-
-log = logging.getLogger(__name__)
 
 
 class Balloon:
@@ -67,41 +61,20 @@ class VirtualMachine(VMView):
 
     def resume(self, timeout: float | None = None) -> None:
         """Run a paused VM. The first resume after a snapshot restore also sets the guest's
-        clock to the host's (through the agent), so the guest does not live in the past."""
+        clock to the host's and reseeds its RNG (through the agent), so the guest does not
+        live in the past nor share random numbers with other VMs restored from the snapshot."""
         run_sync(self._core.resume(timeout))
-        if self._core.clock_step_pending:
-            self._core.clock_step_pending = False
-            self._step_guest_clock()
-
-    def _step_guest_clock(self) -> None:
-        try:
-            proc = self.guest.run(["date", "-u", "-s", f"@{round(time.time())}"], timeout=10)
-        except (VzkitError, TimeoutError) as err:
-            log.warning("could not set the guest clock after the restore: %s", err)
-            return
-        if proc.returncode != 0:
-            log.warning("setting the guest clock failed: %s", proc.stderr.decode(errors="replace"))
 
     def request_stop(self) -> None:
         """Ask the guest to power off (power button, and the agent when connected); returns
         without waiting."""
         run_sync(self._core.request_stop())
-        self._ask_agent_to_power_off()
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop the VM: ask the guest, wait up to half of ``timeout``, then force it off."""
-        self._ask_agent_to_power_off()
+        """Stop the VM: ask the guest (the agent when connected, so a guest without a power
+        button shuts down cleanly too, and the power button), wait up to half of ``timeout``,
+        then force it off."""
         run_sync(self._core.stop(timeout))
-        self.guest.close()
-
-    def _ask_agent_to_power_off(self) -> None:
-        """Where the agent is connected, it carries the power-off request too (a guest without
-        a power button, like aarch64 ``virt`` without firmware, still shuts down cleanly)."""
-        if self.guest.connected and self.state is VMState.RUNNING:
-            try:
-                self.guest.poweroff()
-            except VzkitError as err:
-                log.debug("agent power-off request failed: %s", err)
 
     def wait(self, timeout: float | None = None) -> VMState:
         """Wait until the VM has stopped (or failed) and return the final state."""
@@ -109,7 +82,6 @@ class VirtualMachine(VMView):
 
     def close(self) -> None:
         """Force the VM off if it runs and release everything. Idempotent."""
-        self.guest.close()
         run_sync(self._core.close())
 
     def __enter__(self) -> VirtualMachine:
@@ -122,12 +94,3 @@ class VirtualMachine(VMView):
         tb: TracebackType | None,
     ) -> None:
         self.close()
-
-    def __del__(self) -> None:
-        core = getattr(self, "_core", None)
-        if core is not None and not core.closed and core.machine.pid is not None:
-            warnings.warn(
-                f"unclosed VirtualMachine {self!r}; call close() or use 'with'",
-                ResourceWarning,
-                stacklevel=2,
-            )

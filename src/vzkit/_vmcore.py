@@ -1,8 +1,12 @@
 """The lifecycle core shared by ``vzkit.VirtualMachine`` and ``vzkit.aio.VirtualMachine``.
 
 It guards each operation by state (``StateError`` with a sentence), applies timeouts, and runs
-the stop ladder; the backend's :class:`~vzkit.backends.Machine` does the actual work. All
-coroutines here run on vzkit's shared loop (:mod:`vzkit._loop`).
+the stop ladder; the backend's :class:`~vzkit.backends.Machine` does the actual work. It owns
+the guest agent connection (``core.agent``, :mod:`vzkit._guestcore`): the stop ladder asks the
+agent to power off, and the first resume after a restore steps the guest clock and reseeds its
+RNG, whichever facade drives the VM. All coroutines here run on vzkit's shared loop
+(:mod:`vzkit._loop`); the facades only delegate (:func:`core_of` is the seam for code that
+acts on a facade's VM, like snapshots).
 """
 
 from __future__ import annotations
@@ -12,18 +16,20 @@ import inspect
 import logging
 import math
 import socket
+import warnings
 from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar, cast
 
 from ._config import LinuxVMConfig
+from ._guestcore import AgentLink
 from ._macconfig import MacVMConfig
 from ._state import VMState
 from .backends import Backend, BalloonInfo, Feature, Machine, VsockListenerLike, choose_backend
 from .backends._protocol import MacBackend
 from .errors import ConfigError, StateError, UnsupportedError, VMTimeoutError, VzkitError
 
-__all__ = ["VMCore", "VMView"]
+__all__ = ["VMCore", "VMView", "core_of"]
 
 log = logging.getLogger("vzkit.vm")
 T = TypeVar("T")
@@ -92,7 +98,8 @@ class VMCore:
         self.closed = False
         self.generation = 0  # counts successful starts; the guest agent reconnects on change
         self.restored_from: Path | None = None  # the snapshot state file of this run
-        self.clock_step_pending = False  # set the guest clock at the next resume
+        self.clock_step_pending = False  # step the clock and reseed the RNG at the next resume
+        self.agent = AgentLink(self)
 
     def _on_state(self, old: VMState, new: VMState) -> None:
         log.info("VM %s: %s -> %s", self.backend.name, old.value, new.value)
@@ -143,15 +150,29 @@ class VMCore:
         await _within(timeout, "pause", self.machine.pause())
 
     async def resume(self, timeout: float | None) -> None:
+        """Run a paused VM. The first resume after a restore also brings the guest up to
+        date through the agent (clock, RNG; bounded on its own, not by ``timeout``)."""
         self._require("resume")
         await _within(timeout, "resume", self.machine.resume())
+        if self.clock_step_pending:
+            self.clock_step_pending = False
+            await self.agent.after_restore()
 
     async def request_stop(self) -> None:
+        """Press the power button, and ask the agent too where it is connected."""
         self._require("request_stop")
         await self.machine.request_stop()
+        await self.agent.ask_poweroff()
 
     async def stop(self, timeout: float | None) -> None:
-        """Ask the guest, wait up to half the timeout, then force the VM off."""
+        """Ask the guest (agent, power button), wait up to half the timeout, then force the VM
+        off. The agent connection of the run is closed in any case."""
+        try:
+            await self._stop(timeout)
+        finally:
+            await self.agent.close()
+
+    async def _stop(self, timeout: float | None) -> None:
         if self.machine.state in (VMState.STOPPED, VMState.ERROR):
             return
         self._require("stop")
@@ -170,6 +191,9 @@ class VMCore:
         await _within(max(budget * (1 - GRACEFUL_SHARE), 5.0), "stop", self.machine.force_stop())
 
     async def _ask_to_stop(self) -> None:
+        # The agent first: a guest without a power button (aarch64 virt without firmware)
+        # ignores the request below, and would wait for force otherwise.
+        await self.agent.ask_poweroff()
         await self.machine.request_stop()
         await self.machine.wait_stopped()
 
@@ -180,7 +204,10 @@ class VMCore:
         if self.closed:
             return
         self.closed = True
-        await self.machine.close()
+        try:
+            await self.agent.close()
+        finally:
+            await self.machine.close()
 
     # -- balloon ---------------------------------------------------------------------------
 
@@ -233,6 +260,14 @@ class VMCore:
     @property
     def console_log_path(self) -> Path | None:
         return self.machine.console_log_path
+
+
+def core_of(vm: VMView) -> VMCore:
+    """The core behind a facade's VM (either facade): the seam for code that acts on a VM
+    (snapshot operations) without reaching into the facade."""
+    if not isinstance(vm, VMView):
+        raise TypeError(f"expected a vzkit VirtualMachine, got {type(vm).__name__}")
+    return vm._core
 
 
 class VMView:
@@ -295,3 +330,12 @@ class VMView:
     @property
     def state_dir(self) -> Path:
         return self._core.machine.state_dir
+
+    def __del__(self) -> None:
+        core = getattr(self, "_core", None)
+        if core is not None and not core.closed and core.machine.pid is not None:
+            warnings.warn(
+                f"unclosed {type(self).__name__} {self!r}; call close() or use 'with'",
+                ResourceWarning,
+                stacklevel=2,
+            )

@@ -87,6 +87,11 @@ class Vsock:
         check_vsock_port(port)
         return run_sync(self._core.vsock_connect(port, timeout))
 
+    def connect_socket(self, port: int, timeout: float | None = None) -> socket.socket:
+        """The same as :meth:`connect` here (the twin of the asyncio facade's
+        ``connect_socket``, where ``connect`` gives streams)."""
+        return self.connect(port, timeout)
+
     def listen(self, port: int) -> VsockListener:
         """Accept guest connections to host ``port`` (the guest connects to CID 2)."""
         check_vsock_port(port)

@@ -1,33 +1,42 @@
 """The asyncio twin of :class:`vzkit.VirtualMachine`: the same names, awaitable.
 
 Both facades drive one core (:class:`vzkit._vmcore.VMCore`) on vzkit's shared loop, so a VM
-behaves the same whichever surface controls it.
+behaves the same whichever surface controls it: ``guest``, ``vsock`` and ``balloon`` exist on
+both, the stop ladder asks the guest agent to power off, and the first resume after a restore
+steps the guest clock and reseeds its RNG. ``tests/unit/test_twins.py`` holds the two surfaces
+to the same names and parameters.
 """
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from types import TracebackType
 
 from ._config import LinuxVMConfig
+from ._guest import AsyncGuest
 from ._loop import wrap
 from ._macconfig import MacVMConfig
 from ._snapshot import SnapshotManager as _Catalogue
-from ._snapshot import SnapshotMeta
+from ._snapshot import SnapshotMeta, SnapshotRecord
 from ._state import VMState
-from ._vmcore import VMCore, VMView, _within
+from ._vmcore import VMCore, VMView, _within, core_of
 from ._vsock import AsyncVsock
 from .backends import Backend, BalloonInfo
 from .backends._protocol import ProgressFn
 
-__all__ = ["Balloon", "SnapshotManager", "VirtualMachine"]
+__all__ = ["AsyncGuest", "Balloon", "SnapshotManager", "VirtualMachine"]
 
 
 class Balloon:
+    """``vm.balloon``: the memory balloon of a running VM (the twin of
+    :class:`vzkit.Balloon`)."""
+
     def __init__(self, core: VMCore) -> None:
         self._core = core
 
     async def set_target_gb(self, gb: float) -> None:
+        """Ask the guest to shrink (or regrow) to ``gb`` GB, rounded down to a whole MiB."""
         await wrap(self._core.set_balloon_target_gb(gb))
 
     async def info(self) -> BalloonInfo:
@@ -42,7 +51,11 @@ class VirtualMachine(VMView):
     ) -> None:
         self._core = VMCore(config, backend)
         self.balloon = Balloon(self._core)
+        self.guest = AsyncGuest(self._core)
         self.vsock = AsyncVsock(self._core)
+
+    def __repr__(self) -> str:
+        return f"<vzkit.aio.VirtualMachine {self.backend} {self.state.value} pid={self.pid}>"
 
     async def start(self, timeout: float | None = None) -> None:
         await wrap(self._core.start(timeout))
@@ -51,12 +64,16 @@ class VirtualMachine(VMView):
         await wrap(self._core.pause(timeout))
 
     async def resume(self, timeout: float | None = None) -> None:
+        """Run a paused VM; the first resume after a restore also steps the guest clock and
+        reseeds its RNG through the agent (see :meth:`vzkit.VirtualMachine.resume`)."""
         await wrap(self._core.resume(timeout))
 
     async def request_stop(self) -> None:
+        """Ask the guest to power off (power button, and the agent when connected)."""
         await wrap(self._core.request_stop())
 
     async def stop(self, timeout: float | None = None) -> None:
+        """Ask the guest (agent, power button), wait up to half of ``timeout``, then force."""
         await wrap(self._core.stop(timeout))
 
     async def wait(self, timeout: float | None = None) -> VMState:
@@ -81,7 +98,9 @@ class SnapshotManager:
     """The asyncio twin of :class:`vzkit.SnapshotManager`: ``save``/``restore`` are awaitable;
     ``list``/``get``/``delete`` are plain file handling and stay synchronous.
 
-    This facade has no guest agent, so a restore here records no clock step.
+    Both act on the VM through its core (:func:`vzkit._vmcore.core_of`), as the blocking
+    manager does: a save records whether the guest agent was connected, and the first resume
+    after a restore steps the guest clock and reseeds its RNG.
     """
 
     def __init__(self, vm_dir: str | os.PathLike[str]) -> None:
@@ -91,6 +110,15 @@ class SnapshotManager:
 
     def __repr__(self) -> str:
         return f"vzkit.aio.SnapshotManager({str(self.vm_dir)!r})"
+
+    def state_path(self, name: str) -> Path:
+        return self._catalogue.state_path(name)
+
+    def meta_path(self, name: str) -> Path:
+        return self._catalogue.meta_path(name)
+
+    def checked(self, name: str) -> tuple[SnapshotMeta, SnapshotRecord | None]:
+        return self._catalogue.checked(name)
 
     def list(self) -> list[SnapshotMeta]:
         return self._catalogue.list()
@@ -111,7 +139,8 @@ class SnapshotManager:
     ) -> SnapshotMeta:
         from ._snapshot_ops import save
 
-        coro = save(self._catalogue, vm._core, name, progress)
+        core = core_of(vm)
+        coro = save(self._catalogue, core, name, progress, agent=core.agent.connected)
         return await wrap(_within(timeout, f"saving snapshot {name!r}", coro))
 
     async def restore(
@@ -119,7 +148,6 @@ class SnapshotManager:
     ) -> SnapshotMeta:
         from ._snapshot_ops import restore
 
-        coro = restore(self._catalogue, vm._core, name)
-        meta = await wrap(_within(timeout, f"restoring snapshot {name!r}", coro))
-        vm._core.clock_step_pending = False
-        return meta
+        await vm.guest.close()
+        coro = restore(self._catalogue, core_of(vm), name)
+        return await wrap(_within(timeout, f"restoring snapshot {name!r}", coro))

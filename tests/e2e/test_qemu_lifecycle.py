@@ -86,6 +86,36 @@ def test_request_stop_through_the_agent_on_aarch64(vms: VMFactory) -> None:
     assert vm.wait(timeout=60) is vzkit.VMState.STOPPED
 
 
+@pytest.mark.parametrize("facade", ["sync", "aio"])
+def test_stop_powers_off_through_the_agent_on_aarch64(vms: VMFactory, facade: str) -> None:
+    """virt without firmware ignores the power button: both facades' stop() asks the agent,
+    so neither waits out the graceful half of its timeout (30 s here) and forces."""
+    cfg = vms.config("aarch64", console=vzkit.ConsoleMode.LOG)
+    if facade == "sync":
+        vm = vzkit.VirtualMachine(cfg, backend="qemu")
+        vms.vms.append(vm)
+        vm.start(timeout=60)
+        assert vm.guest.wait_ready(timeout=120)
+        t0 = time.monotonic()
+        vm.stop(timeout=60)
+        elapsed, state = time.monotonic() - t0, vm.state
+    else:
+
+        async def main() -> tuple[float, vzkit.VMState]:
+            async with vzkit.aio.VirtualMachine(cfg, backend="qemu") as avm:
+                await avm.start(timeout=60)
+                assert await avm.guest.wait_ready(timeout=120)
+                assert (await avm.guest.run(["uname", "-m"])).stdout == b"aarch64\n"
+                t0 = time.monotonic()
+                await avm.stop(timeout=60)
+                return time.monotonic() - t0, avm.state
+
+        elapsed, state = asyncio.run(main())
+    print(f"{facade} stop of an aarch64 guest through the agent: {elapsed:.2f} s")
+    assert state is vzkit.VMState.STOPPED
+    assert elapsed < 20, f"{facade} stop took {elapsed:.1f} s: the VM was forced off"
+
+
 def test_stop_forces_a_guest_that_ignores_the_power_button(vms: VMFactory) -> None:
     vm, shell = vms.boot("x86_64")
     rc, out = shell.run("kill $(cat /run/vzkit-powerbtn.pids)")

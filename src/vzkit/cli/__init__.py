@@ -7,8 +7,8 @@ One module per command group, each registering its commands on :data:`main`
 library errors become exit codes at this edge only (:mod:`._errors`).
 
 The CLI uses the library's public API only (``vzkit``, ``vzkit.errors``, ``vzkit.doctor``,
-``vzkit.image``, ``vzkit.agent``, ``vzkit.backends`` and its backends' public names), never a backend's private
-module; ``tests/unit/test_layering_cli.py`` checks that.
+``vzkit.image``, ``vzkit.agent``, ``vzkit.backends`` and its backends' public names), never a
+backend's private module; ``tests/unit/test_layering_cli.py`` checks that.
 """
 
 from __future__ import annotations

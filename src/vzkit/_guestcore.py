@@ -1,0 +1,248 @@
+"""The guest agent as the VM core sees it: one connection per VM run, async, on the shared loop.
+
+:class:`AgentLink` (``core.agent``) connects to ``vzkit-agent`` on first use and again after
+every new run (a start or a snapshot restore bumps ``core.generation``), and offers the agent's
+requests as coroutines. The core uses it for what a VM needs of its guest whichever facade
+drives it: the power-off request in the stop ladder (a guest without a power button, like
+aarch64 ``virt`` without firmware, still shuts down cleanly), and the clock step and RNG reseed
+at the first resume after a restore. ``vm.guest`` of both facades (:mod:`vzkit._guest`)
+delegates here.
+
+The backend decides how the agent is reached (:meth:`vzkit.backends.Machine.open_agent_socket`:
+vsock port 1024, or the virtio console port ``org.vzkit.agent.0``); the wire protocol is
+:mod:`vzkit.agent._connection`'s ``_Connection``, imported lazily so ``import vzkit`` stays light.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import subprocess
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from ._state import VMState
+from .agent._connection import DEFAULT_MAX_OUTPUT  # run()/read_file() bound, as the client's
+from .errors import StateError, VMTimeoutError, VzkitError
+
+if TYPE_CHECKING:
+    from ._vmcore import VMCore
+    from .agent._channel import Args, StrOrBytes, _ExecChannel
+    from .agent._connection import _Connection
+
+__all__ = ["DEFAULT_MAX_OUTPUT", "DEFAULT_READY_TIMEOUT", "AgentLink"]
+
+log = logging.getLogger("vzkit.guest")
+
+#: How long a call waits for the agent when no ``wait_ready`` came first.
+DEFAULT_READY_TIMEOUT = 120.0
+#: Bound of the agent's power-off request (it answers at once, then syncs and powers off).
+POWEROFF_ACK_TIMEOUT_S = 5.0
+#: Bound of each step after a restore: reaching the agent, stepping the clock, the reseed.
+AFTER_RESTORE_TIMEOUT_S = 10.0
+#: Host random bytes mixed into a restored guest's entropy pool (the pool hashes with BLAKE2s:
+#: 32 bytes would do; twice that costs nothing).
+RESEED_BYTES = 64
+#: Where the reseed writes in the guest (a write to it mixes the bytes into the input pool).
+GUEST_URANDOM = "/dev/urandom"
+_RETRY_S = 0.05
+_LIVE = (VMState.RUNNING, VMState.PAUSED)
+
+
+class AgentLink:
+    """The connection to the guest agent of the core's current run; every method is a
+    coroutine on vzkit's shared loop."""
+
+    def __init__(self, core: VMCore) -> None:
+        self._core = core
+        self._conn: _Connection | None = None
+        self._generation = -1
+        self._lock: asyncio.Lock | None = None  # made on the loop, at first use
+
+    @property
+    def connected(self) -> bool:
+        """An agent session of the current run is open (no call needed to reach it)."""
+        conn = self._conn
+        return (
+            conn is not None
+            and self._generation == self._core.generation
+            and not conn.writer.is_closing()  # _Connection closes its writer when it fails
+        )
+
+    async def connection(self, timeout: float | None = DEFAULT_READY_TIMEOUT) -> _Connection:
+        """The session of the current run, opened (after dropping an older one) if need be."""
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        async with self._lock:
+            conn = self._conn
+            if conn is not None and self.connected:
+                return conn
+            core = self._core
+            if core.closed or core.state not in _LIVE:
+                state = "closed" if core.closed else core.state.value
+                raise StateError(f"the guest agent needs a running VM (it is {state})")
+            await self._drop()
+            generation = core.generation
+            try:
+                async with asyncio.timeout(timeout):
+                    conn = await self._open()
+            except TimeoutError as err:
+                raise VMTimeoutError(
+                    "the guest agent did not answer"
+                    + ("" if timeout is None else f" within {timeout:g} s")
+                ) from err
+            if core.closed or core.generation != generation:  # closed or restarted meanwhile
+                await conn.aclose()
+                raise StateError("the VM was closed or restarted while its agent connected")
+            self._conn, self._generation = conn, generation
+            return conn
+
+    async def _open(self) -> _Connection:
+        """A new session, retrying while the agent does not listen yet (early boot)."""
+        from .agent._connection import DEFAULT_WINDOW, _Connection
+
+        core = self._core
+        machine = core.machine
+        while True:
+            try:
+                sock = await machine.open_agent_socket()
+                break
+            except ConnectionRefusedError:
+                if core.closed or core.state not in _LIVE:
+                    state = "closed" if core.closed else core.state.value
+                    raise StateError(
+                        f"the VM stopped before its agent answered (it is {state})"
+                    ) from None
+                await asyncio.sleep(_RETRY_S)
+        try:
+            return await _Connection.open(
+                sock, timeout=None, window=DEFAULT_WINDOW, resync=machine.agent_on_console
+            )
+        except BaseException:
+            sock.close()
+            raise
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await conn.aclose()
+
+    async def close(self) -> None:
+        """Close the session (processes it started in the guest are killed); the VM runs on.
+
+        Does not wait for a connection being opened: that one notices the stop or close that
+        comes with this, or is dropped by the next call of a new run."""
+        await self._drop()
+
+    # -- requests ----------------------------------------------------------------------------
+
+    async def wait_ready(self, timeout: float | None = DEFAULT_READY_TIMEOUT) -> str:
+        return (await self.connection(timeout)).hello.agent_version
+
+    async def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+    ) -> subprocess.CompletedProcess[bytes]:
+        conn = await self.connection()
+        return await conn.run(
+            args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
+            max_output=max_output,
+        )  # fmt: skip
+
+    async def exec(
+        self,
+        args: Args,
+        *,
+        stdin: bool = True,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        timeout: float | None = None,
+    ) -> _ExecChannel:
+        """A started process's channel (the facades wrap it in ``GuestProcess`` or
+        ``AsyncGuestProcess``)."""
+        conn = await self.connection()
+        return await conn.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+
+    async def read_file(self, path: StrOrBytes, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
+        return await (await self.connection()).read_file(path, max_size)
+
+    async def write_file(self, path: StrOrBytes, data: bytes, mode: int = 0o644) -> None:
+        await (await self.connection()).write_file(path, data, mode)
+
+    async def sync(self) -> None:
+        from .agent._protocol import MsgType
+
+        await (await self.connection()).request(MsgType.SYNC)
+
+    async def poweroff(self, timeout: float | None = None) -> None:
+        from .agent._protocol import MsgType
+
+        await (await self.connection()).request(MsgType.POWEROFF, timeout)
+
+    # -- what the core asks of the guest -----------------------------------------------------
+
+    async def ask_poweroff(self) -> bool:
+        """Where a session of this run is open and the VM runs, ask the agent to power the
+        guest off; whether it acknowledged. Never connects anew and never raises a vzkit
+        error: the stop ladder goes on with the power button and then force."""
+        from .agent._protocol import MsgType
+
+        conn = self._conn
+        if conn is None or not self.connected or self._core.state is not VMState.RUNNING:
+            return False
+        try:
+            await conn.request(MsgType.POWEROFF, POWEROFF_ACK_TIMEOUT_S)
+        except VzkitError as err:
+            log.debug("agent power-off request failed: %s", err)
+            return False
+        return True
+
+    async def after_restore(self) -> None:
+        """Bring a guest that was just restored from a snapshot up to date: its clock lives
+        at the moment of the save, and its RNG state is the same in every VM restored from
+        that snapshot. Steps the clock to the host's and mixes fresh host random bytes into the
+        guest's entropy pool (written to ``/dev/urandom``). A write mixes but does not reseed:
+        Linux's CRNG takes the bytes up at its next reseed (within a minute; sooner in the
+        guest's first two minutes of uptime). An immediate reseed needs a VM generation ID
+        device (the kernel reseeds when it changes), which is the backend's to add. Failures
+        are logged, not raised: the VM runs either way."""
+        try:
+            await self.connection(AFTER_RESTORE_TIMEOUT_S)
+        except (VzkitError, OSError) as err:
+            log.warning(
+                "could not reach the guest agent after the restore (the guest clock and RNG "
+                "stay as saved): %s",
+                err,
+            )
+            return
+        await asyncio.gather(
+            self._fix("set the guest clock", ["date", "-u", "-s", f"@{round(time.time())}"]),
+            self._fix(
+                "reseed the guest RNG",
+                ["sh", "-c", 'cat >"$1"', "sh", GUEST_URANDOM],
+                os.urandom(RESEED_BYTES),
+            ),
+        )
+
+    async def _fix(self, what: str, args: list[str], input: bytes | None = None) -> None:
+        try:
+            proc = await self.run(
+                args, input=input, timeout=AFTER_RESTORE_TIMEOUT_S, max_output=64 * 1024
+            )
+        except (VzkitError, OSError, subprocess.SubprocessError) as err:
+            log.warning("could not %s after the restore: %s", what, err)
+            return
+        if proc.returncode != 0:
+            detail = proc.stderr.decode(errors="replace").strip()
+            log.warning(
+                "could not %s after the restore (exit %d): %s", what, proc.returncode, detail
+            )

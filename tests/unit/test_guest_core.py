@@ -1,0 +1,367 @@
+"""The guest agent owned by the VM core, on both facades, with the real agent binary.
+
+The "VM" here is a fake machine whose guest is ``vzkit-agent serve --stdio`` running on the
+host over a socketpair (test mode: POWEROFF makes it exit, as a guest powering off ends the
+VM) and whose power button does nothing, like aarch64 ``virt`` without firmware. So the stop
+ladder can only end gracefully through the agent: a facade that does not ask the agent waits
+half its timeout and forces the VM off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import platform
+import socket
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import vzkit
+import vzkit.aio
+from vzkit import _guestcore
+from vzkit._loop import run_sync
+from vzkit._state import VMState
+from vzkit._vmcore import VMCore, core_of
+from vzkit.backends import BalloonInfo, Feature
+from vzkit.backends._protocol import StateListener, notify_state
+from vzkit.backends.qemu._discover import user_cache_dir
+from vzkit.image._agent_build import build_agent, zig_command
+
+pytestmark = pytest.mark.skipif(
+    sys.platform != "linux" or platform.machine() != "x86_64",
+    reason="runs the x86_64 Linux agent binary on the host",
+)
+
+
+@pytest.fixture(scope="module")
+def agent() -> Path:
+    zig_command()  # ziglang is a dependency: a missing zig fails, never skips
+    root = user_cache_dir()
+    return build_agent("x86_64", root / "agent-build", cache_dir=root / "zig")
+
+
+class AgentMachine:
+    """A machine whose guest is the host-run agent; one agent process per run."""
+
+    agent_on_console = False
+    pid = None
+    console_log_path = None
+    console_pty = None
+    last_error = None
+
+    def __init__(
+        self, config: vzkit.LinuxVMConfig, on_state: StateListener, agent: Path, path: str
+    ) -> None:
+        self.config, self._on_state, self._agent, self._path = config, on_state, agent, path
+        self._state = VMState.STOPPED
+        self._proc: asyncio.subprocess.Process | None = None
+        self._ours: socket.socket | None = None
+        self._stopped = asyncio.Event()
+        self.power_button_presses = 0
+        self.forced = 0
+        self.connections = 0
+
+    @property
+    def state(self) -> VMState:
+        return self._state
+
+    @property
+    def state_dir(self) -> Path:
+        assert self.config.state_dir is not None
+        return self.config.state_dir
+
+    def _set(self, new: VMState) -> None:
+        old, self._state = self._state, new
+        notify_state(self._on_state, old, new)
+
+    async def _boot(self, state: VMState) -> None:
+        ours, theirs = socket.socketpair()
+        env = {"PATH": self._path, "HOME": "/"}
+        self._proc = await asyncio.create_subprocess_exec(
+            self._agent, "serve", "--stdio", stdin=theirs, stdout=theirs, env=env
+        )
+        theirs.close()
+        self._ours, self._stopped = ours, asyncio.Event()
+        self._set(state)
+        asyncio.get_running_loop().create_task(self._watch(self._proc))
+
+    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
+        await proc.wait()  # the guest ends the VM by exiting (POWEROFF in test mode)
+        if self._state is not VMState.STOPPED:
+            self._set(VMState.STOPPED)
+        self._stopped.set()
+
+    async def start(self) -> None:
+        await self._boot(VMState.RUNNING)
+
+    async def fake_restore(self) -> None:
+        """What a restore leaves: a new run, paused."""
+        await self._boot(VMState.PAUSED)
+
+    async def pause(self) -> None:
+        self._set(VMState.PAUSED)
+
+    async def resume(self) -> None:
+        self._set(VMState.RUNNING)
+
+    async def request_stop(self) -> None:
+        self.power_button_presses += 1  # and nothing happens: no ACPI, no firmware
+
+    async def force_stop(self) -> None:
+        self.forced += 1
+        if self._proc is not None and self._proc.returncode is None:
+            self._proc.kill()
+        await self.wait_stopped()
+
+    async def wait_stopped(self) -> VMState:
+        if self._proc is not None:
+            await self._stopped.wait()
+        return self._state
+
+    async def open_agent_socket(self) -> socket.socket:
+        if self._ours is None:
+            raise ConnectionRefusedError("the agent of this run is taken or gone")
+        sock, self._ours = self._ours, None
+        self.connections += 1
+        return sock
+
+    async def set_balloon_target(self, target_mb: int) -> None:
+        raise AssertionError("not used")
+
+    async def balloon_info(self) -> BalloonInfo:
+        return BalloonInfo(False, 0.0, 0)
+
+    async def close(self) -> None:
+        await self.force_stop()
+        if self._ours is not None:
+            self._ours.close()
+
+
+class AgentBackend:
+    name = "fake"
+    features = frozenset({Feature.LIFECYCLE})
+
+    def __init__(self, agent: Path, path: str = "/usr/bin:/bin") -> None:
+        self.agent, self.path = agent, path
+
+    def check_available(self) -> None:
+        pass
+
+    def create_machine(self, config: vzkit.LinuxVMConfig, on_state: StateListener) -> AgentMachine:
+        return AgentMachine(config, on_state, self.agent, self.path)
+
+
+def _config(tmp_path: Path) -> vzkit.LinuxVMConfig:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    return vzkit.LinuxVMConfig(kernel_path=kernel, state_dir=tmp_path / "state")
+
+
+def _machine(core: VMCore) -> AgentMachine:
+    assert isinstance(core.machine, AgentMachine)
+    return core.machine
+
+
+STOP_TIMEOUT = 20.0  # the graceful half is 10 s: a forced stop would take at least that
+
+
+def test_sync_stop_powers_off_through_the_agent(agent: Path, tmp_path: Path) -> None:
+    with vzkit.VirtualMachine(_config(tmp_path), backend=AgentBackend(agent)) as vm:
+        vm.start()
+        assert vm.guest.wait_ready(10)
+        assert vm.guest.run(["echo", "hi"]).stdout == b"hi\n"
+        t0 = time.monotonic()
+        vm.stop(timeout=STOP_TIMEOUT)
+        elapsed = time.monotonic() - t0
+        machine = _machine(core_of(vm))
+        assert vm.state is VMState.STOPPED
+        assert machine.forced == 0, "the guest powered off on its own, nothing was forced"
+        assert elapsed < 3, f"stop took {elapsed:.1f} s"
+        assert not vm.guest.connected
+
+
+def test_async_stop_powers_off_through_the_agent_as_fast(agent: Path, tmp_path: Path) -> None:
+    async def main() -> float:
+        cfg = _config(tmp_path)
+        async with vzkit.aio.VirtualMachine(cfg, backend=AgentBackend(agent)) as vm:
+            await vm.start()
+            assert await vm.guest.wait_ready(10)
+            assert (await vm.guest.run(["echo", "hi"])).stdout == b"hi\n"
+            assert vm.guest.connected
+            t0 = time.monotonic()
+            await vm.stop(timeout=STOP_TIMEOUT)
+            elapsed = time.monotonic() - t0
+            assert vm.state is VMState.STOPPED
+            assert _machine(core_of(vm)).forced == 0
+            assert not vm.guest.connected
+            return elapsed
+
+    elapsed = asyncio.run(main())
+    assert elapsed < 3, f"async stop took {elapsed:.1f} s: it did not ask the agent"
+
+
+def test_without_the_agent_the_power_button_does_nothing_and_stop_forces(
+    agent: Path, tmp_path: Path
+) -> None:
+    """The control for the two tests above: the fake's power button really does nothing."""
+
+    async def main() -> None:
+        cfg = _config(tmp_path)
+        async with vzkit.aio.VirtualMachine(cfg, backend=AgentBackend(agent)) as vm:
+            await vm.start()
+            assert not vm.guest.connected  # nobody talked to the agent
+            t0 = time.monotonic()
+            await vm.stop(timeout=1.0)
+            assert time.monotonic() - t0 >= 0.5  # the graceful half, then force
+            machine = _machine(core_of(vm))
+            assert (machine.power_button_presses, machine.forced) == (1, 1)
+            assert vm.state is VMState.STOPPED
+
+    asyncio.run(main())
+
+
+def test_async_request_stop_asks_the_agent_too(agent: Path, tmp_path: Path) -> None:
+    async def main() -> None:
+        cfg = _config(tmp_path)
+        async with vzkit.aio.VirtualMachine(cfg, backend=AgentBackend(agent)) as vm:
+            await vm.start()
+            await vm.guest.wait_ready(10)
+            await vm.request_stop()
+            assert await vm.wait(timeout=5) is VMState.STOPPED
+            assert _machine(core_of(vm)).forced == 0
+
+    asyncio.run(main())
+
+
+def _fake_date(tmp_path: Path) -> tuple[str, Path]:
+    """A ``date`` that records its arguments (the agent runs as root here: the host clock
+    must not be set) and a PATH that finds it first."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    record = tmp_path / "date-args"
+    script = bin_dir / "date"
+    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
+    script.chmod(0o755)
+    return f"{bin_dir}:/usr/bin:/bin", record
+
+
+@pytest.mark.parametrize("facade", ["sync", "aio"])
+def test_first_resume_after_a_restore_steps_the_clock_and_reseeds(
+    agent: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, facade: str
+) -> None:
+    path, record = _fake_date(tmp_path)
+    pool = tmp_path / "urandom"  # stands in for the guest's /dev/urandom
+    pool.write_bytes(b"")
+    monkeypatch.setattr(_guestcore, "GUEST_URANDOM", str(pool))
+    backend = AgentBackend(agent, path)
+
+    def restore(core: VMCore) -> None:
+        run_sync(_machine(core).fake_restore())
+        core.restored(tmp_path / "snap.vmstate", clock_step=True)
+
+    if facade == "sync":
+        with vzkit.VirtualMachine(_config(tmp_path), backend=backend) as vm:
+            restore(core_of(vm))
+            vm.resume()
+            written_first = pool.read_bytes()
+            args = record.read_text().split()
+            record.unlink()
+            vm.pause()
+            vm.resume()  # only the first resume after a restore
+            assert not record.exists()
+            assert vm.guest.connected
+            vm.stop(timeout=STOP_TIMEOUT)
+    else:
+
+        async def main() -> tuple[bytes, list[str]]:
+            cfg = _config(tmp_path)
+            async with vzkit.aio.VirtualMachine(cfg, backend=backend) as vm:
+                restore(core_of(vm))
+                await vm.resume()
+                written, seen = pool.read_bytes(), record.read_text().split()
+                record.unlink()
+                await vm.pause()
+                await vm.resume()
+                assert not record.exists()
+                await vm.stop(timeout=STOP_TIMEOUT)
+                return written, seen
+
+        written_first, args = asyncio.run(main())
+    assert args[:2] == ["-u", "-s"]
+    assert abs(int(args[2].lstrip("@")) - time.time()) < 5
+    assert len(written_first) == _guestcore.RESEED_BYTES
+    assert written_first != bytes(len(written_first))
+
+
+def test_after_restore_failures_are_logged_not_raised(
+    agent: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A guest without ``date`` and ``sh`` still resumes; the log says what was not done."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with vzkit.VirtualMachine(_config(tmp_path), backend=AgentBackend(agent, str(empty))) as vm:
+        core = core_of(vm)
+        run_sync(_machine(core).fake_restore())
+        core.restored(tmp_path / "snap.vmstate", clock_step=True)
+        with caplog.at_level(logging.WARNING, logger="vzkit.guest"):
+            vm.resume()
+        assert vm.state is VMState.RUNNING
+        messages = sorted(r.getMessage() for r in caplog.records)
+        assert [m.split(":")[0] for m in messages] == [
+            "could not reseed the guest RNG after the restore (exit 127)",
+            "could not set the guest clock after the restore (exit 127)",
+        ]
+        vm.stop(timeout=STOP_TIMEOUT)
+        assert _machine(core).forced == 0
+
+
+def test_agent_calls_need_a_running_vm_on_both_facades(agent: Path, tmp_path: Path) -> None:
+    vm = vzkit.VirtualMachine(_config(tmp_path), backend=AgentBackend(agent))
+    with vm, pytest.raises(vzkit.StateError, match="the guest agent needs a running VM"):
+        vm.guest.run(["true"])
+
+    async def main() -> None:
+        cfg = _config(tmp_path)
+        async with vzkit.aio.VirtualMachine(cfg, backend=AgentBackend(agent)) as avm:
+            with pytest.raises(vzkit.StateError, match=r"needs a running VM \(it is stopped\)"):
+                await avm.guest.wait_ready(1)
+
+    asyncio.run(main())
+
+
+def test_async_guest_streams_a_process_and_moves_files(agent: Path, tmp_path: Path) -> None:
+    async def main() -> None:
+        cfg = _config(tmp_path)
+        async with vzkit.aio.VirtualMachine(cfg, backend=AgentBackend(agent)) as vm:
+            await vm.start()
+            async with await vm.guest.popen(["cat"]) as proc:
+                assert proc.stdin is not None
+                await proc.stdin.write(b"through the core")
+                await proc.stdin.aclose()
+                assert await proc.stdout.read() == b"through the core"
+            assert proc.returncode == 0
+            target = tmp_path / "moved"
+            await vm.guest.write_file(str(target), b"data", 0o600)
+            assert await vm.guest.read_file(str(target)) == b"data"
+            assert target.stat().st_mode & 0o777 == 0o600
+            await vm.guest.sync()
+            await vm.guest.close()
+            assert not vm.guest.connected
+
+    asyncio.run(main())
+
+
+def test_agent_link_is_never_left_open_after_close(agent: Path, tmp_path: Path) -> None:
+    vm = vzkit.VirtualMachine(_config(tmp_path), backend=AgentBackend(agent))
+    vm.start()
+    vm.guest.wait_ready(10)
+    conn = core_of(vm).agent._conn
+    assert conn is not None
+    vm.close()
+    assert conn.writer.is_closing()
+    assert not vm.guest.connected
+    with pytest.raises(vzkit.StateError, match=r"needs a running VM \(it is closed\)"):
+        vm.guest.run(["true"])
