@@ -28,12 +28,12 @@ from typing import Any
 from unittest import mock
 
 import vzkit
-from vzkit import _snapshot_ops
 from vzkit._diskcopy import copy_disk_sync, nonzero_digest_fd, sha256_fd
-from vzkit._snapshot import SnapshotRecord
 from vzkit.backends._protocol import CapturedDisk
 from vzkit.guest import GuestImage
 from vzkit.guest._image import default_image
+from vzkit.snapshots import _ops as _snapshot_ops
+from vzkit.snapshots._record import SnapshotRecord
 
 MIB = 1 << 20
 

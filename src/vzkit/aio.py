@@ -12,13 +12,13 @@ from types import TracebackType
 from ._config import LinuxVMConfig
 from ._loop import wrap
 from ._macconfig import MacVMConfig
-from ._snapshot import SnapshotManager as _Catalogue
-from ._snapshot import SnapshotMeta
 from ._state import VMState
 from ._vmcore import VMCore, VMView, _within
 from ._vsock import AsyncVsock
 from .backends import Backend, BalloonInfo
 from .backends._protocol import ProgressFn
+from .snapshots._record import SnapshotManager as _Catalogue
+from .snapshots._record import SnapshotMeta
 
 __all__ = ["Balloon", "SnapshotManager", "VirtualMachine"]
 
@@ -109,7 +109,7 @@ class SnapshotManager:
         *,
         progress: ProgressFn | None = None,
     ) -> SnapshotMeta:
-        from ._snapshot_ops import save
+        from .snapshots._ops import save
 
         coro = save(self._catalogue, vm._core, name, progress)
         return await wrap(_within(timeout, f"saving snapshot {name!r}", coro))
@@ -117,7 +117,7 @@ class SnapshotManager:
     async def restore(
         self, vm: VirtualMachine, name: str, timeout: float | None = None
     ) -> SnapshotMeta:
-        from ._snapshot_ops import restore
+        from .snapshots._ops import restore
 
         coro = restore(self._catalogue, vm._core, name)
         meta = await wrap(_within(timeout, f"restoring snapshot {name!r}", coro))

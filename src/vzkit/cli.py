@@ -26,10 +26,10 @@ from ._config import MAX_CPUS, MAX_MEMORY_GB, MIN_MEMORY_MB, ConsoleMode, LinuxV
 from ._disk import DiskFormat, create_disk_image
 from ._display import DisplayList
 from ._network import parse_network_mode, parse_port_spec
-from ._snapshot import SnapshotManager, format_rfc3339
 from ._state import Arch, VMState
 from ._volume import parse_volume_spec
 from .errors import ConfigError, GuestError, SpecError, VzkitError
+from .snapshots._record import SnapshotManager, format_rfc3339
 
 
 def _spec_callback(

@@ -24,9 +24,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vzkit
-from vzkit import _snapshot_ops
 from vzkit._diskcopy import CopyAborted, nonzero_digest_fd, sha256_fd
 from vzkit._state import VMState
+from vzkit.snapshots import _ops as _snapshot_ops
 
 from .test_snapshot_ops import machine, make_vms
 

@@ -16,11 +16,11 @@ import pytest
 
 import vzkit
 import vzkit.aio
-from vzkit import _snapshot_ops
 from vzkit._diskcopy import copy_disk
 from vzkit._state import VMState
 from vzkit.backends import BalloonInfo, Feature
 from vzkit.backends._protocol import CapturedDisk, ProgressFn, StateListener, notify_state
+from vzkit.snapshots import _ops as _snapshot_ops
 
 STATE_BYTES = b"machine-state:" + bytes(range(256)) * 64
 

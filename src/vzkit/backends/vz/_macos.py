@@ -25,9 +25,9 @@ from typing import Any
 
 from ..._disk import create_disk_image
 from ..._macconfig import MacKeyboard, MacPointer, MacVMConfig
-from ..._snapshot import format_rfc3339
 from ..._volume import VolumeMount
 from ...errors import ConfigError, StateError, UnsupportedError, VMTimeoutError
+from ...snapshots._record import format_rfc3339
 from . import _build, _lifecycle, _objc
 from ._nserror import nserror_to_exception
 from ._objc import Queue, foundation, macos_version, require_arm64, require_macos, vz

@@ -19,15 +19,15 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
-from ..._snapshot import (
+from ..._state import VMState
+from ...errors import SnapshotError, StateError, VzkitError
+from ...snapshots._record import (
     SnapshotManager,
     SnapshotMeta,
     check_snapshot_name,
     format_rfc3339,
     make_private_dir,
 )
-from ..._state import VMState
-from ...errors import SnapshotError, StateError, VzkitError
 from ._lifecycle import (
     pause_vm,
     restore_machine_state,

@@ -44,11 +44,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from ._config import ConsoleMode, LinuxVMConfig
-from ._disk import DiskFormat, standalone_qcow2_size
-from ._diskcopy import fsync_dir, nonzero_digest_fd, sha256_fd
-from ._macconfig import MacVMConfig
-from ._snapshot import (
+from .._config import ConsoleMode, LinuxVMConfig
+from .._disk import DiskFormat, standalone_qcow2_size
+from .._diskcopy import fsync_dir, nonzero_digest_fd, sha256_fd
+from .._macconfig import MacVMConfig
+from .._state import VMState
+from .._volume import assign_volume_tags
+from ..backends import Feature
+from ..backends._protocol import CapturedDisk, Machine, ProgressFn
+from ..errors import ConfigError, SnapshotError, StateError, UnsupportedError, VzkitError
+from ._record import (
     DISK_DIGEST_PREFIX,
     FORMAT,
     META_SUFFIX,
@@ -62,14 +67,9 @@ from ._snapshot import (
     format_rfc3339,
     make_private_dir,
 )
-from ._state import VMState
-from ._volume import assign_volume_tags
-from .backends import Feature
-from .backends._protocol import CapturedDisk, Machine, ProgressFn
-from .errors import ConfigError, SnapshotError, StateError, UnsupportedError, VzkitError
 
 if TYPE_CHECKING:
-    from ._vmcore import VMCore
+    from .._vmcore import VMCore
 
 __all__ = ["FORMAT", "config_diff", "machine_fields", "restore", "save"]
 

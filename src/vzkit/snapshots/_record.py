@@ -26,12 +26,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ._disk import DiskFormat
-from .errors import SnapshotError
+from .._disk import DiskFormat
+from ..errors import SnapshotError
 
 if TYPE_CHECKING:
-    from ._vm import VirtualMachine
-    from .backends._protocol import ProgressFn
+    from .._vm import VirtualMachine
+    from ..backends._protocol import ProgressFn
 
 __all__ = [
     "SnapshotDisk",
@@ -414,10 +414,10 @@ class SnapshotManager:
         once the new one is complete. A running VM is paused for the save and resumed; a
         paused one stays paused. ``progress(done, total)`` gets the bytes written (default:
         a progress bar on a terminal)."""
-        from ._loop import run_sync
-        from ._progress import Progress
-        from ._snapshot_ops import save
-        from ._vmcore import _within
+        from .._loop import run_sync
+        from .._progress import Progress
+        from .._vmcore import _within
+        from ._ops import save
 
         agent = vm.guest.connected
         with Progress(f"saving snapshot {name}") as bar:
@@ -428,9 +428,9 @@ class SnapshotManager:
         """Restore snapshot ``name`` into the stopped ``vm``, whose config must match the one
         saved (else :class:`SnapshotError`, before anything starts). The VM ends PAUSED;
         ``vm.resume()`` runs it and steps the guest clock through the agent."""
-        from ._loop import run_sync
-        from ._snapshot_ops import restore
-        from ._vmcore import _within
+        from .._loop import run_sync
+        from .._vmcore import _within
+        from ._ops import restore
 
         vm.guest.close()
         coro = restore(self, vm._core, name)
@@ -439,7 +439,7 @@ class SnapshotManager:
     def delete(self, name: str) -> None:
         """Remove a snapshot's state, metadata and captured disks; :class:`SnapshotError` if
         it does not exist. VMs running from it keep their open files."""
-        from ._snapshot_ops import disk_files
+        from ._ops import disk_files
 
         state, meta = self.state_path(name), self.meta_path(name)
         if not state.exists() and not meta.exists():

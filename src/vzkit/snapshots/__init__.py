@@ -1,0 +1,1 @@
+"""Snapshots: the metadata record, the atomic store, the operations and the facades."""
