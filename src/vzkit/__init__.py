@@ -47,7 +47,8 @@ if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
         VMTimeoutError,
         VzkitError,
     )
-    from .snapshots._record import SnapshotManager, SnapshotMeta
+    from .snapshots._facade import SnapshotManager
+    from .snapshots._record import SnapshotMeta
 
 #: Public name → the module that defines it. ``import vzkit`` imports none of them: a program
 #: that needs one part (the vsock device helper QEMU waits for at every boot, ``vzkit --help``)
@@ -72,7 +73,7 @@ _LAZY = {
     "PortProtocol": "._network",
     "parse_network_mode": "._network",
     "parse_port_spec": "._network",
-    "SnapshotManager": ".snapshots._record",
+    "SnapshotManager": ".snapshots._facade",
     "SnapshotMeta": ".snapshots._record",
     "Arch": "._state",
     "VMState": "._state",

@@ -6,19 +6,16 @@ behaves the same whichever surface controls it.
 
 from __future__ import annotations
 
-import os
 from types import TracebackType
 
 from ._config import LinuxVMConfig
 from ._loop import wrap
 from ._macconfig import MacVMConfig
 from ._state import VMState
-from ._vmcore import VMCore, VMView, _within
+from ._vmcore import VMCore, VMView
 from ._vsock import AsyncVsock
 from .backends import Backend, BalloonInfo
-from .backends._protocol import ProgressFn
-from .snapshots._record import SnapshotManager as _Catalogue
-from .snapshots._record import SnapshotMeta
+from .snapshots._aio import SnapshotManager
 
 __all__ = ["Balloon", "SnapshotManager", "VirtualMachine"]
 
@@ -75,51 +72,3 @@ class VirtualMachine(VMView):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-class SnapshotManager:
-    """The asyncio twin of :class:`vzkit.SnapshotManager`: ``save``/``restore`` are awaitable;
-    ``list``/``get``/``delete`` are plain file handling and stay synchronous.
-
-    This facade has no guest agent, so a restore here records no clock step.
-    """
-
-    def __init__(self, vm_dir: str | os.PathLike[str]) -> None:
-        self._catalogue = _Catalogue(vm_dir)
-        self.vm_dir = self._catalogue.vm_dir
-        self.snapshot_dir = self._catalogue.snapshot_dir
-
-    def __repr__(self) -> str:
-        return f"vzkit.aio.SnapshotManager({str(self.vm_dir)!r})"
-
-    def list(self) -> list[SnapshotMeta]:
-        return self._catalogue.list()
-
-    def get(self, name: str) -> SnapshotMeta:
-        return self._catalogue.get(name)
-
-    def delete(self, name: str) -> None:
-        self._catalogue.delete(name)
-
-    async def save(
-        self,
-        vm: VirtualMachine,
-        name: str,
-        timeout: float | None = None,
-        *,
-        progress: ProgressFn | None = None,
-    ) -> SnapshotMeta:
-        from .snapshots._ops import save
-
-        coro = save(self._catalogue, vm._core, name, progress)
-        return await wrap(_within(timeout, f"saving snapshot {name!r}", coro))
-
-    async def restore(
-        self, vm: VirtualMachine, name: str, timeout: float | None = None
-    ) -> SnapshotMeta:
-        from .snapshots._ops import restore
-
-        coro = restore(self._catalogue, vm._core, name)
-        meta = await wrap(_within(timeout, f"restoring snapshot {name!r}", coro))
-        vm._core.clock_step_pending = False
-        return meta

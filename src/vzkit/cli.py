@@ -29,7 +29,8 @@ from ._network import parse_network_mode, parse_port_spec
 from ._state import Arch, VMState
 from ._volume import parse_volume_spec
 from .errors import ConfigError, GuestError, SpecError, VzkitError
-from .snapshots._record import SnapshotManager, format_rfc3339
+from .snapshots._facade import SnapshotManager
+from .snapshots._record import format_rfc3339
 
 
 def _spec_callback(
