@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .._loop import run_sync
 from .._progress import Progress
 from .._vmcore import _within
+from ..errors import StateError
 from ._ops import restore, save
 from ._record import SnapshotMeta
 from ._store import SnapshotStore
@@ -32,8 +33,6 @@ def core_of(vm: VirtualMachine | AsyncVirtualMachine) -> VMCore:
 
     A closed VM is refused here, before any snapshot file is touched.
     """
-    from ..errors import StateError
-
     core = vm._core
     if core.closed:
         raise StateError("cannot save or restore a snapshot: the VM has been closed")
