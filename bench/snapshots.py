@@ -28,12 +28,12 @@ from typing import Any
 from unittest import mock
 
 import vzkit
-from vzkit import _snapshot_ops
 from vzkit._diskcopy import copy_disk_sync, nonzero_digest_fd, sha256_fd
-from vzkit._snapshot import SnapshotRecord
 from vzkit.backends._protocol import CapturedDisk
 from vzkit.image import GuestImage
 from vzkit.image._image import default_image
+from vzkit.snapshots import _files
+from vzkit.snapshots._record import SnapshotRecord
 
 MIB = 1 << 20
 
@@ -74,12 +74,12 @@ def _verify_without_checksums(sdir: Path, record: SnapshotRecord, abort: threadi
     state = sdir / f"{record.name}.vmstate"
     fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     disks = [CapturedDisk(d.role, Path(d.source), sdir / d.file, d.format) for d in record.disks]
-    return _snapshot_ops._Checked(fd, _snapshot_ops._fd_path(fd, state), disks)
+    return _files.Checked(fd, _files._fd_path(fd, state), disks)
 
 
 @contextlib.contextmanager
 def no_checksums() -> Iterator[None]:
-    with mock.patch.object(_snapshot_ops, "_verify_sync", _verify_without_checksums):
+    with mock.patch.object(_files, "verify", _verify_without_checksums):
         yield
 
 

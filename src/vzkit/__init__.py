@@ -31,7 +31,6 @@ if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
         parse_network_mode,
         parse_port_spec,
     )
-    from ._snapshot import SnapshotManager, SnapshotMeta
     from ._state import Arch, VMState, host_arch
     from ._vm import Balloon, VirtualMachine
     from ._volume import VolumeMount, assign_volume_tags, parse_volume_spec
@@ -48,6 +47,8 @@ if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
         VMTimeoutError,
         VzkitError,
     )
+    from .snapshots._facade import SnapshotManager
+    from .snapshots._record import SnapshotMeta
 
 #: Public name → the module that defines it. ``import vzkit`` imports none of them: a program
 #: that needs one part (the vsock device helper QEMU waits for at every boot, ``vzkit --help``)
@@ -72,8 +73,8 @@ _LAZY = {
     "PortProtocol": "._network",
     "parse_network_mode": "._network",
     "parse_port_spec": "._network",
-    "SnapshotManager": "._snapshot",
-    "SnapshotMeta": "._snapshot",
+    "SnapshotManager": ".snapshots._facade",
+    "SnapshotMeta": ".snapshots._record",
     "Arch": "._state",
     "VMState": "._state",
     "host_arch": "._state",

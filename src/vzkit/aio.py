@@ -9,21 +9,17 @@ to the same names and parameters.
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
 from types import TracebackType
 
 from ._config import LinuxVMConfig
 from ._guest import AsyncGuest
 from ._loop import wrap
 from ._macconfig import MacVMConfig
-from ._snapshot import SnapshotManager as _Catalogue
-from ._snapshot import SnapshotMeta, SnapshotRecord
 from ._state import VMState
-from ._vmcore import VMCore, VMView, _within, core_of
+from ._vmcore import VMCore, VMView
 from ._vsock import AsyncVsock
 from .backends import Backend, BalloonInfo
-from .backends._protocol import ProgressFn
+from .snapshots._aio import SnapshotManager
 
 __all__ = ["AsyncGuest", "Balloon", "SnapshotManager", "VirtualMachine"]
 
@@ -92,62 +88,3 @@ class VirtualMachine(VMView):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
-
-
-class SnapshotManager:
-    """The asyncio twin of :class:`vzkit.SnapshotManager`: ``save``/``restore`` are awaitable;
-    ``list``/``get``/``delete`` are plain file handling and stay synchronous.
-
-    Both act on the VM through its core (:func:`vzkit._vmcore.core_of`), as the blocking
-    manager does: a save records whether the guest agent was connected, and the first resume
-    after a restore steps the guest clock and reseeds its RNG.
-    """
-
-    def __init__(self, vm_dir: str | os.PathLike[str]) -> None:
-        self._catalogue = _Catalogue(vm_dir)
-        self.vm_dir = self._catalogue.vm_dir
-        self.snapshot_dir = self._catalogue.snapshot_dir
-
-    def __repr__(self) -> str:
-        return f"vzkit.aio.SnapshotManager({str(self.vm_dir)!r})"
-
-    def state_path(self, name: str) -> Path:
-        return self._catalogue.state_path(name)
-
-    def meta_path(self, name: str) -> Path:
-        return self._catalogue.meta_path(name)
-
-    def checked(self, name: str) -> tuple[SnapshotMeta, SnapshotRecord | None]:
-        return self._catalogue.checked(name)
-
-    def list(self) -> list[SnapshotMeta]:
-        return self._catalogue.list()
-
-    def get(self, name: str) -> SnapshotMeta:
-        return self._catalogue.get(name)
-
-    def delete(self, name: str) -> None:
-        self._catalogue.delete(name)
-
-    async def save(
-        self,
-        vm: VirtualMachine,
-        name: str,
-        timeout: float | None = None,
-        *,
-        progress: ProgressFn | None = None,
-    ) -> SnapshotMeta:
-        from ._snapshot_ops import save
-
-        core = core_of(vm)
-        coro = save(self._catalogue, core, name, progress, agent=core.agent.connected)
-        return await wrap(_within(timeout, f"saving snapshot {name!r}", coro))
-
-    async def restore(
-        self, vm: VirtualMachine, name: str, timeout: float | None = None
-    ) -> SnapshotMeta:
-        from ._snapshot_ops import restore
-
-        await vm.guest.close()
-        coro = restore(self._catalogue, core_of(vm), name)
-        return await wrap(_within(timeout, f"restoring snapshot {name!r}", coro))

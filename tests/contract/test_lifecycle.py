@@ -7,7 +7,10 @@ call made elsewhere, so these tests also prove each function dispatches correctl
 from __future__ import annotations
 
 import io
+import json
 import logging
+import os
+import stat
 import threading
 from pathlib import Path
 from typing import Any
@@ -16,6 +19,8 @@ import pytest
 
 import vzkit
 from vzkit.backends import vz as vzb
+from vzkit.snapshots import SnapshotRecord, SnapshotStore
+from vzkit.snapshots._record import FORMAT
 
 from ._support import FakeFactory
 from .fakeobjc import FakeRuntime, guest_power_off, state_name
@@ -212,45 +217,101 @@ def test_save_restore_gated_by_version_and_arch(
         vzb.restore_machine_state(queue, vm, tmp_path / "x")
 
 
+def _disk(tmp_path: Path) -> Path:
+    disk = tmp_path / "disk.raw"
+    with open(disk, "wb") as fh:
+        fh.truncate(4 << 20)
+        fh.seek(1 << 20)
+        fh.write(b"saved-content")
+    return disk
+
+
 def test_snapshot_save_and_restore_with_the_catalogue(
-    fake: FakeRuntime, tmp_path: Path, kernel: Path
+    fake: FakeRuntime, tmp_path: Path, kernel: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    queue, vm, config, cfg = make_vm(tmp_path, kernel)
+    """The vz code path saves through vzkit's one store, and what it wrote reads back with the
+    shared reader: format, machine description, the captured disk and both checksums."""
+    commits: list[str] = []
+    real_commit = SnapshotStore.commit
+
+    def commit(self: SnapshotStore, record: SnapshotRecord, *args: Any) -> None:
+        commits.append(record.backend)
+        real_commit(self, record, *args)
+
+    monkeypatch.setattr(SnapshotStore, "commit", commit)
+    disk = _disk(tmp_path)
+    cfg = vzkit.LinuxVMConfig(kernel_path=kernel, disk_path=disk, state_dir=tmp_path / "state")
     manager = vzkit.SnapshotManager(tmp_path / "vmdir")
-    with pytest.raises(vzkit.StateError, match="cannot save a VM that is stopped"):
-        vzb.save_snapshot(manager, queue, vm, config, "s1")
-    finish(vzb.start_vm(queue, vm))
-    meta = vzb.save_snapshot(manager, queue, vm, config, "s1")
+    with vzkit.VirtualMachine(cfg, backend=vzb.BACKEND) as vm:
+        with pytest.raises(vzkit.StateError, match="cannot save a VM that is stopped"):
+            manager.save(vm, "s1")
+        vm.start(timeout=TIMEOUT)
+        meta = manager.save(vm, "s1", timeout=TIMEOUT, progress=lambda done, total: None)
+        assert vm.state is vzkit.VMState.RUNNING  # paused, saved, resumed
+    assert commits == ["vz"]
     assert meta.name == "s1"
     assert meta.vm_state == "running"
-    assert dict(meta.extra) == {"backend": "vz"}
-    assert vzb.vm_state(queue, vm) is vzkit.VMState.RUNNING  # paused, saved, resumed
-    assert [m.name for m in manager.list()] == ["s1"]
-    assert not [p for p in manager.snapshot_dir.iterdir() if p.name.startswith(".")]
-    queue2 = vzb.Queue("test.restore")
-    vm2 = vzb.create_vm(vzb.build_linux_vm_config(cfg), queue2)
-    vzb.restore_snapshot(manager, queue2, vm2, "s1")
-    assert vzb.vm_state(queue2, vm2) is vzkit.VMState.PAUSED
-    with pytest.raises(vzkit.StateError, match="restore needs a stopped VM"):
-        vzb.restore_snapshot(manager, queue2, vm2, "s1")
-    queue3 = vzb.Queue("test.restore3")
-    vm3 = vzb.create_vm(vzb.build_linux_vm_config(cfg), queue3)
-    with pytest.raises(vzkit.SnapshotError, match="no snapshot named 'nope'"):
-        vzb.restore_snapshot(manager, queue3, vm3, "nope")
+    sdir = manager.snapshot_dir
+    assert not [p for p in sdir.iterdir() if p.name.startswith(".")]
+    # the shared reader: the JSON parses as a record, and the store's checks pass
+    raw = json.loads(manager.meta_path("s1").read_text())
+    record = SnapshotRecord.from_json("s1", raw)
+    assert SnapshotStore(sdir).checked("s1") == (meta, record)
+    assert (record.format, record.backend, record.agent) == (FORMAT, "vz", False)
+    assert record.info.items() == {"arch": cfg.arch.value, "machine": "linux"}
+    (captured,) = record.disks
+    assert (captured.role, captured.format, captured.source) == (
+        "disk0",
+        vzkit.DiskFormat.RAW,
+        str(disk.resolve()),
+    )
+    assert (sdir / captured.file).read_bytes() == disk.read_bytes()
+    checked = SnapshotStore(sdir).verify(record, threading.Event())  # sizes and checksums
+    os.close(checked.state_fd)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in sdir.iterdir()} == {
+        "s1.vmstate": 0o400,
+        "s1.json": 0o600,
+        captured.file: 0o400,
+    }
+    assert stat.S_IMODE(sdir.stat().st_mode) == 0o700
+    # restore into a fresh VM: the captured disk comes back over the config's disk
+    with open(disk, "r+b") as fh:
+        fh.seek(1 << 20)
+        fh.write(b"changed-after")
+    vm2 = vzkit.VirtualMachine(cfg, backend=vzb.BACKEND)
+    vm3 = vzkit.VirtualMachine(cfg.replace(state_dir=tmp_path / "s3"), backend=vzb.BACKEND)
+    with vm2, vm3:
+        assert manager.restore(vm2, "s1", timeout=TIMEOUT) == meta
+        assert vm2.state is vzkit.VMState.PAUSED
+        assert disk.read_bytes() == (sdir / captured.file).read_bytes()
+        with pytest.raises(vzkit.StateError, match="needs a stopped VM"):
+            manager.restore(vm2, "s1")
+        with pytest.raises(vzkit.UnsupportedError, match="several running VMs") as info:
+            manager.restore(vm3, "s1")  # VZ: one machine identity, no fan-out
+        assert info.value.feature == "snapshot-fanout"
+        with pytest.raises(vzkit.SnapshotError, match="no snapshot named 'nope'"):
+            manager.restore(vm3, "nope")
+        vm2.resume(timeout=TIMEOUT)
+        assert vm2.state is vzkit.VMState.RUNNING
 
 
 def test_failed_snapshot_save_leaves_nothing_and_resumes(
     fake: FakeRuntime, tmp_path: Path, kernel: Path
 ) -> None:
-    queue, vm, config, _ = make_vm(tmp_path, kernel)
+    cfg = vzkit.LinuxVMConfig(
+        kernel_path=kernel, disk_path=_disk(tmp_path), state_dir=tmp_path / "state"
+    )
     manager = vzkit.SnapshotManager(tmp_path / "vmdir")
-    finish(vzb.start_vm(queue, vm))
-    fake.fail_next("saveMachineStateToURL:completionHandler:", code=11, description="Disk full.")
-    with pytest.raises(vzkit.SnapshotError, match="Disk full"):
-        vzb.save_snapshot(manager, queue, vm, config, "s1")
-    assert manager.list() == []
-    assert list(manager.snapshot_dir.iterdir()) == []
-    assert vzb.vm_state(queue, vm) is vzkit.VMState.RUNNING
+    with vzkit.VirtualMachine(cfg, backend=vzb.BACKEND) as vm:
+        vm.start(timeout=TIMEOUT)
+        fake.fail_next(
+            "saveMachineStateToURL:completionHandler:", code=11, description="Disk full."
+        )
+        with pytest.raises(vzkit.SnapshotError, match="Disk full"):
+            manager.save(vm, "s1")
+        assert manager.list() == []
+        assert list(manager.snapshot_dir.iterdir()) == []
+        assert vm.state is vzkit.VMState.RUNNING
 
 
 # -- plumbing: queues, handlers, run loops, NSError, NSData ------------------------------------

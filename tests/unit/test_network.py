@@ -216,7 +216,7 @@ def test_host_loopback_is_a_nat_option_only(mode: NetworkMode) -> None:
 def test_snapshots_record_host_loopback_only_when_asked() -> None:
     """One key, present only when set: snapshots from before the option still match."""
     from vzkit import LinuxVMConfig
-    from vzkit._snapshot_ops import machine_fields
+    from vzkit.snapshots._ops import machine_fields
 
     plain = machine_fields(LinuxVMConfig())
     assert "host_loopback" not in plain

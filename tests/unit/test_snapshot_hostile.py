@@ -13,6 +13,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import stat
 import threading
 from collections.abc import Callable, Iterator
@@ -24,9 +25,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import vzkit
-from vzkit import _snapshot_ops
 from vzkit._diskcopy import CopyAborted, nonzero_digest_fd, sha256_fd
 from vzkit._state import VMState
+from vzkit.snapshots import _files, _record
 
 from .test_snapshot_ops import machine, make_vms
 
@@ -77,7 +78,7 @@ def _resign(manager: vzkit.SnapshotManager, data: dict[str, Any], name: str = "s
     for disk in data["disks"]:
         image = (sdir / disk["file"]).read_bytes()
         disk["digest"], disk["size"] = _nonzero_digest(image), len(image)
-    data["configFingerprint"] = _snapshot_ops.fingerprint(data["machine"])
+    data["configFingerprint"] = _record.fingerprint(data["machine"])
     _write_meta(manager, data, name)
 
 
@@ -319,9 +320,45 @@ def test_a_snapshot_of_the_previous_format_asks_to_be_saved_again(
     _write_meta(manager, data)
     assert manager.get("s").name == "s"  # lists and loads
     _refused(vm, manager, r"older vzkit \(metadata format 1\).*save it again")
-    data["format"] = 3
+    data["format"] = 4
     _write_meta(manager, data)
-    _refused(vm, manager, r"newer vzkit \(metadata format 3; this one reads 2\)")
+    _refused(vm, manager, r"newer vzkit \(metadata format 4; this one reads 2, 3\)")
+
+
+def test_a_format_2_snapshot_still_restores(setup: Factory, tmp_path: Path) -> None:
+    """Format 2 (before the typed machine description) has the same files and checksums: what
+    the previous vzkit wrote, byte for byte in its keys, restores."""
+    vm, manager = _saved(setup, tmp_path)
+    data = _meta(manager)
+    assert data["format"] == 3
+    data["format"] = 2
+    data["backendInfo"] = {"fake": "1"}  # what the previous writer recorded
+    _write_meta(manager, data)
+    manager.restore(vm, "s")
+    assert vm.state is VMState.PAUSED
+    assert len(machine(vm).restored) == 1
+
+
+@pytest.mark.parametrize(
+    ("info", "message"),
+    [
+        ({"Arch": "x"}, "field 'backendInfo' has an invalid item name 'Arch'"),
+        ({"arch": 1}, "field 'backendInfo.arch' must be a string, not a number"),
+        ({"cpu": "a\x1bb"}, "field 'backendInfo.cpu' must be at most 200 characters without"),
+        ({"machine": "q" * 201}, "field 'backendInfo.machine' must be at most 200 characters"),
+        ([], "field 'backendInfo' must be an object, not a list"),
+    ],
+)
+def test_the_machine_description_is_typed(
+    setup: Factory, tmp_path: Path, info: object, message: str
+) -> None:
+    vm, manager = _saved(setup, tmp_path)
+    data = _meta(manager)
+    data["backendInfo"] = info
+    _write_meta(manager, data)
+    with pytest.raises(vzkit.SnapshotError, match=re.escape(message)):
+        manager.get("s")
+    _refused(vm, manager, re.escape(message))
 
 
 # -- schema ------------------------------------------------------------------------------
@@ -575,7 +612,7 @@ def test_a_cancelled_restore_stops_the_checksum_thread_and_closes_its_files(
             raise CopyAborted
         return sha256_fd(fd)
 
-    monkeypatch.setattr(_snapshot_ops, "sha256_fd", slow)
+    monkeypatch.setattr(_files, "sha256_fd", slow)
     before = sorted(os.listdir("/proc/self/fd"))
     with pytest.raises(vzkit.VMTimeoutError, match="restoring snapshot 's'"):
         manager.restore(vm, "s", timeout=0.3)

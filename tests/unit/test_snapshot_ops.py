@@ -16,11 +16,11 @@ import pytest
 
 import vzkit
 import vzkit.aio
-from vzkit import _snapshot_ops
 from vzkit._diskcopy import copy_disk
 from vzkit._state import VMState
 from vzkit.backends import BalloonInfo, Feature
 from vzkit.backends._protocol import CapturedDisk, ProgressFn, StateListener, notify_state
+from vzkit.snapshots import _record, _store
 
 STATE_BYTES = b"machine-state:" + bytes(range(256)) * 64
 
@@ -41,6 +41,7 @@ class FakeMachine:
         self.set_aside: list[tuple[str, VMState]] = []  # prepare/finish_save and the state then
         self.before_restore: Callable[[], None] | None = None
         self.state_read = b""
+        self.info = {"fake": "1", "accel": "fast"}
 
     # lifecycle
     @property
@@ -105,7 +106,7 @@ class FakeMachine:
         return list(self.blockers)
 
     def snapshot_info(self) -> dict[str, str]:
-        return {"fake": "1"}
+        return dict(self.info)
 
     async def prepare_save(self) -> None:
         self.set_aside.append(("prepare", self._state))
@@ -222,8 +223,9 @@ def test_save_writes_state_disks_and_metadata(
     assert (data["name"], data["size"], data["vmState"]) == ("one", len(STATE_BYTES), "running")
     assert data["filePath"] == str(manager.state_path("one"))
     assert data["backend"] == "fake"
-    assert data["backendInfo"] == {"fake": "1"}
-    assert data["configFingerprint"] == _snapshot_ops.fingerprint(data["machine"])
+    assert data["backendInfo"] == {"fake": "1", "accel": "fast"}
+    assert data["format"] == 3
+    assert data["configFingerprint"] == _record.fingerprint(data["machine"])
     assert data["machine"]["disk_path"] == str(tmp_path / "disk.raw")
     (disk,) = data["disks"]
     assert disk["file"] == f"one.{token}.disk0.raw"
@@ -248,7 +250,7 @@ def _fail_replace_at(n: int, monkeypatch: pytest.MonkeyPatch) -> None:
             raise OSError(errno.EIO, "Input/output error", str(dst))
         real(src, dst)
 
-    monkeypatch.setattr(_snapshot_ops.os, "replace", replace)
+    monkeypatch.setattr(_store.os, "replace", replace)
 
 
 FAULTS = {
@@ -265,10 +267,10 @@ FAULTS = {
     "state rename fails": lambda m, mp: _fail_replace_at(2, mp),
     "metadata rename fails": lambda m, mp: _fail_replace_at(3, mp),
     "metadata write fails": lambda m, mp: mp.setattr(
-        _snapshot_ops, "_write_new", _raise(OSError(errno.ENOSPC, "No space left on device"))
+        _store, "_write_new", _raise(OSError(errno.ENOSPC, "No space left on device"))
     ),
     "directory fsync fails": lambda m, mp: mp.setattr(
-        _snapshot_ops, "fsync_dir", _raise(OSError(errno.EIO, "Input/output error"))
+        _store, "fsync_dir", _raise(OSError(errno.EIO, "Input/output error"))
     ),
 }
 
@@ -506,3 +508,43 @@ def test_which_backends_restore_one_snapshot_into_many() -> None:
     assert Feature.SNAPSHOT_FANOUT in qemu.BACKEND.features
     assert Feature.SNAPSHOTS in vz.BACKEND.features
     assert Feature.SNAPSHOT_FANOUT not in vz.BACKEND.features  # VZ: UnsupportedError
+
+
+def test_a_restore_onto_other_hardware_is_refused_and_the_vm_forced_off(
+    setup: Callable[..., vzkit.VirtualMachine], tmp_path: Path
+) -> None:
+    """The machine's hardware description (``snapshot_info()``: machine type, CPU model...)
+    must be the saved one; how it ran (``accel``) may differ."""
+    vm = setup()
+    vm.start()
+    manager = vzkit.SnapshotManager(tmp_path / "vm")
+    manager.save(vm, "s")
+    vm.stop()
+    machine(vm).info = {"fake": "1", "accel": "slow"}  # another accelerator: fine
+    manager.restore(vm, "s")
+    assert vm.state is VMState.PAUSED
+    vm.stop()
+    machine(vm).info = {"fake": "2", "accel": "fast"}
+    with pytest.raises(vzkit.SnapshotError) as info:
+        manager.restore(vm, "s")
+    assert str(info.value) == (
+        "snapshot 's' was saved on other hardware than this VM's: fake: snapshot '1', this "
+        "machine '2' (start the VM with the settings the snapshot was saved with, or save it "
+        "again)"
+    )
+    assert vm.state is VMState.STOPPED  # loaded, then forced off
+    assert len(machine(vm).restored) == 2
+
+
+def test_the_sync_and_async_managers_are_twins(tmp_path: Path) -> None:
+    def public(cls: type) -> set[str]:
+        return {n for n in dir(cls) if not n.startswith("_")}
+
+    sync_members = public(vzkit.SnapshotManager)
+    assert sync_members == public(vzkit.aio.SnapshotManager)
+    assert {"save", "restore", "list", "get", "delete", "state_path", "meta_path"} <= sync_members
+    sync, aio = vzkit.SnapshotManager(tmp_path), vzkit.aio.SnapshotManager(tmp_path)
+    assert vars(sync).keys() == vars(aio).keys()
+    assert asyncio.iscoroutinefunction(vzkit.aio.SnapshotManager.save)
+    assert asyncio.iscoroutinefunction(vzkit.aio.SnapshotManager.restore)
+    assert not asyncio.iscoroutinefunction(vzkit.SnapshotManager.save)

@@ -277,7 +277,7 @@ async def load_state(m: QemuMachine, path: Path) -> None:
 
     ``path`` comes from a restore that checksummed the file first: on Linux it is
     ``/proc/self/fd/N`` of the checksummed descriptor, so the descriptor QEMU gets reads the
-    very file that was checked (see :mod:`vzkit._snapshot_ops`)."""
+    very file that was checked (see :mod:`vzkit.snapshots._ops`)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         await _pass_fd(m, fd)

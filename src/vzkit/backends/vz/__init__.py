@@ -85,7 +85,6 @@ from ._objc import (
     run_run_loop_once,
     run_run_loop_until_done,
 )
-from ._snapshots import restore_snapshot, save_snapshot
 from ._vsock import VsockListener, VsockManager, socket_from_connection
 
 __all__ = [
@@ -149,14 +148,12 @@ __all__ = [
     "request_stop_vm",
     "restore_image_info",
     "restore_machine_state",
-    "restore_snapshot",
     "resume_vm",
     "retain",
     "run_run_loop_aggressively",
     "run_run_loop_once",
     "run_run_loop_until_done",
     "save_machine_state",
-    "save_snapshot",
     "set_balloon_target",
     "sign_interpreter",
     "socket_from_connection",

@@ -24,14 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from ..._config import ConsoleMode, LinuxVMConfig
-from ..._disk import DiskFormat
-from ..._diskcopy import copy_disk
 from ..._macconfig import MacVMConfig
 from ..._state import VMState
 from ...agent import DEFAULT_VSOCK_PORT as AGENT_VSOCK_PORT
 from ...errors import StateError, VMError, VzkitError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
-from . import _build, _lifecycle, _macos
+from . import _build, _lifecycle, _macos, _snapshots
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, vm_delegate
 from ._vsock import VsockListener, VsockManager
@@ -196,24 +194,7 @@ class VzMachine:
             raise StateError(f"cannot restore into a VM that is {self._state.value}")
         self._set_state(VMState.RESTORING)
         try:
-            _build.require_raw_disk(self.config)
-            for disk in disks:
-                target = self.config.disk_path
-                if disk.role != "disk0" or target is None:
-                    raise VMError(f"this VM has no disk for the snapshot's {disk.role}")
-                if disk.format is not DiskFormat.RAW:
-                    raise VMError(
-                        f"the snapshot's disk {str(disk.path)!r} is {disk.format.value}; the "
-                        "vz backend attaches raw disk images only"
-                    )
-                tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
-                try:
-                    await copy_disk(disk.path, tmp)
-                    os.chmod(tmp, 0o600)
-                    os.replace(tmp, target)
-                finally:
-                    with contextlib.suppress(OSError):
-                        tmp.unlink()
+            await _snapshots.copy_back_disks(self.config, disks)
             self._release()
             self._prepare()
             assert self._queue is not None
@@ -233,18 +214,11 @@ class VzMachine:
         return None
 
     def snapshot_info(self) -> dict[str, str]:
-        cfg = self.config
-        return {"arch": "aarch64" if isinstance(cfg, MacVMConfig) else cfg.arch.value}
+        return _snapshots.snapshot_info(self.config)
 
     async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
         """A clone/sparse copy of the writable disk (the VM is paused, its writes are done)."""
-        disk = self.config.disk_path
-        if disk is None:
-            return []
-        _build.require_raw_disk(self.config)
-        dst = directory / f"{prefix}disk0.{DiskFormat.RAW.value}"
-        await copy_disk(disk, dst)
-        return [CapturedDisk("disk0", Path(os.path.realpath(disk)), dst, DiskFormat.RAW)]
+        return await _snapshots.capture_disks(self.config, directory, prefix)
 
     async def save_state(
         self, path: str | os.PathLike[str], progress: ProgressFn | None = None

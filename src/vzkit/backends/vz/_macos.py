@@ -27,9 +27,9 @@ from ..._disk import create_disk_image
 from ..._fsutil import write_atomic
 from ..._macconfig import MacKeyboard, MacPointer, MacVMConfig
 from ..._network import MAC_FILE
-from ..._snapshot import format_rfc3339
 from ..._volume import VolumeMount
 from ...errors import ConfigError, StateError, UnsupportedError, VMTimeoutError
+from ...snapshots._record import format_rfc3339
 from . import _build, _lifecycle, _objc
 from ._nserror import nserror_to_exception
 from ._objc import Queue, foundation, macos_version, require_arm64, require_macos, vz

@@ -1,112 +1,80 @@
-"""The seed's ``SnapshotManager.Save``/``Restore`` for VZ: machine state in the catalogue.
+"""The vz backend's half of a snapshot: what :class:`~.VzMachine`'s snapshot methods do with
+the disks and what they report. The snapshot files themselves (temporary names, checksums,
+the atomic commit, the metadata) are written by vzkit's one store
+(:mod:`vzkit.snapshots`) for every backend; nothing here writes a catalogue.
 
-The catalogue (``<vm_dir>/snapshots/<name>.vmstate`` + ``<name>.json``) is vzkit's
-:class:`~vzkit.SnapshotManager`; this module writes into it. The state file is written under
-a temporary name, fsynced and renamed, then the metadata; a failure leaves an older snapshot
-of the same name intact. A running VM is paused for the save and resumed afterwards. The
-snapshot dir is 0700 and the files are owner-only (0600), whatever the umask.
-
-These write the seed's metadata (no ``format``, no checksums): :meth:`SnapshotManager.restore`
-refuses such snapshots, and :func:`restore_snapshot` hands VZ the state file only (VZ checks
-its own format; no disk is involved).
+VZ saves and loads the machine state itself (``_lifecycle.save_machine_state`` /
+``restore_machine_state``) and attaches the config's disk itself, so a captured disk is
+copied back over the config's disk before a restore (there is no copy-on-write overlay:
+one snapshot cannot back several live VMs, ``Feature.SNAPSHOT_FANOUT`` is not declared).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-from datetime import UTC, datetime
-from typing import Any
+from collections.abc import Sequence
+from pathlib import Path
 
-from ..._fsutil import fsync_dir
-from ..._snapshot import (
-    SnapshotManager,
-    SnapshotMeta,
-    check_snapshot_name,
-    format_rfc3339,
-    make_private_dir,
-)
-from ..._state import VMState
-from ...errors import SnapshotError, StateError, VzkitError
-from ._lifecycle import (
-    pause_vm,
-    restore_machine_state,
-    resume_vm,
-    save_machine_state,
-    validate_save_restore_support,
-    vm_state,
-    wait_handler,
-)
-from ._objc import Queue
+from ..._config import LinuxVMConfig
+from ..._disk import DiskFormat
+from ..._diskcopy import copy_disk
+from ..._macconfig import MacVMConfig
+from ...errors import VMError
+from .._protocol import CapturedDisk
+from . import _build
 
-__all__ = ["restore_snapshot", "save_snapshot"]
+__all__ = ["capture_disks", "copy_back_disks", "snapshot_info", "writable_disks"]
 
 
-def save_snapshot(
-    manager: SnapshotManager,
-    queue: Queue,
-    vm: Any,
-    config: Any,
-    name: str,
-    *,
-    timeout: float | None = 300.0,
-) -> SnapshotMeta:
-    """Save the VM's state as snapshot ``name`` (running: paused, saved, resumed)."""
-    check_snapshot_name(name)
-    state = vm_state(queue, vm)
-    if state not in (VMState.RUNNING, VMState.PAUSED):
-        raise StateError(f"cannot save a VM that is {state.value} (running or paused needed)")
-    validate_save_restore_support(config)
-    make_private_dir(manager.snapshot_dir)
-    target = manager.state_path(name)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    was_running = state is VMState.RUNNING
-    if was_running:
-        wait_handler(pause_vm(queue, vm), timeout)
-    try:
-        try:
-            wait_handler(save_machine_state(queue, vm, tmp), timeout)
-        except VzkitError as err:
-            raise SnapshotError(f"saving snapshot {name!r} failed: {err}") from err
-        with open(tmp, "rb") as fh:
-            os.fchmod(fh.fileno(), 0o600)  # VZ created it with the umask's mode
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-        meta = {
-            "name": name,
-            "created": format_rfc3339(datetime.now(UTC)),
-            "size": target.stat().st_size,
-            "vmState": state.value,
-            "filePath": str(target),
-            "backend": "vz",
-        }
-        meta_tmp = tmp.with_suffix(".json-tmp")
-        fd = os.open(meta_tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(meta, indent=2) + "\n")
-        os.replace(meta_tmp, manager.meta_path(name))
-        fsync_dir(manager.snapshot_dir)
-    finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        if was_running:
-            wait_handler(resume_vm(queue, vm), timeout)
-    return manager.get(name)
+def writable_disks(config: LinuxVMConfig | MacVMConfig) -> list[tuple[str, Path]]:
+    """``(role, path)`` of every disk a snapshot captures (today: ``disk_path`` as ``disk0``)."""
+    return [] if config.disk_path is None else [("disk0", config.disk_path)]
 
 
-def restore_snapshot(
-    manager: SnapshotManager, queue: Queue, vm: Any, name: str, *, timeout: float | None = 300.0
+def snapshot_info(config: LinuxVMConfig | MacVMConfig) -> dict[str, str]:
+    """The hardware description recorded with a snapshot (``backendInfo``)."""
+    if isinstance(config, MacVMConfig):
+        return {"arch": "aarch64", "machine": "macos"}
+    return {"arch": config.arch.value, "machine": "linux"}
+
+
+async def capture_disks(
+    config: LinuxVMConfig | MacVMConfig, directory: Path, prefix: str
+) -> list[CapturedDisk]:
+    """A clone/sparse copy of each writable disk (the VM is paused, its writes are done)."""
+    _build.require_raw_disk(config)
+    out = []
+    for role, disk in writable_disks(config):
+        dst = directory / f"{prefix}{role}.{DiskFormat.RAW.value}"
+        await copy_disk(disk, dst)
+        out.append(CapturedDisk(role, Path(os.path.realpath(disk)), dst, DiskFormat.RAW))
+    return out
+
+
+async def copy_back_disks(
+    config: LinuxVMConfig | MacVMConfig, disks: Sequence[CapturedDisk]
 ) -> None:
-    """Restore snapshot ``name`` into a stopped VM built from the identical configuration
-    (share paths included); the VM ends paused."""
-    state = vm_state(queue, vm)
-    if state is not VMState.STOPPED:
-        raise StateError(f"restore needs a stopped VM (it is {state.value})")
-    meta = manager.get(name)
-    try:
-        wait_handler(restore_machine_state(queue, vm, meta.file_path), timeout)
-    except SnapshotError:
-        raise
-    except VzkitError as err:
-        raise SnapshotError(f"restoring snapshot {name!r} failed: {err}") from err
+    """Copy each captured disk back over the config's disk of its role (a new file renamed
+    into place), so the machine's disks are the snapshot's again. Every disk is checked
+    before any is written."""
+    _build.require_raw_disk(config)
+    targets = dict(writable_disks(config))
+    for disk in disks:
+        if disk.role not in targets:
+            raise VMError(f"this VM has no disk for the snapshot's {disk.role}")
+        if disk.format is not DiskFormat.RAW:
+            raise VMError(
+                f"the snapshot's disk {str(disk.path)!r} is {disk.format.value}; the "
+                "vz backend attaches raw disk images only"
+            )
+    for disk in disks:
+        target = targets[disk.role]
+        tmp = target.with_name(f".{target.name}.restore-{os.getpid()}")
+        try:
+            await copy_disk(disk.path, tmp)
+            os.chmod(tmp, 0o600)
+            os.replace(tmp, target)
+        finally:
+            with contextlib.suppress(OSError):
+                tmp.unlink()

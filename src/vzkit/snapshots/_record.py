@@ -1,44 +1,43 @@
-"""The snapshot catalogue: ``<vm_dir>/snapshots/<name>.vmstate`` plus ``<name>.json``.
+"""The record layer: one snapshot's metadata as a typed, checked value.
 
-The JSON keeps the Go vzkit's keys (``name``, ``created`` in RFC 3339, ``size``, ``vmState``,
-``filePath``) so catalogues written by either implementation load in the other, and adds what
-a restore needs (``backend``, ``machine`` + ``configFingerprint``, ``disks``, checksums: see
-``docs/snapshots.md``). Captured disks live beside the state as ``<name>.<id>.disk0.<fmt>``.
-Listing and deleting is pure file handling and lives here; :meth:`SnapshotManager.save` and
-:meth:`SnapshotManager.restore` drive a VM (:mod:`vzkit._snapshot_ops` and the backends).
+A snapshot is ``<snapshot_dir>/<name>.vmstate`` plus ``<name>.json``. The JSON keeps the Go
+vzkit's keys (``name``, ``created`` in RFC 3339, ``size``, ``vmState``, ``filePath``) so
+catalogues written by either implementation load in the other, and adds what a restore needs
+(``backend``, ``backendInfo``, ``machine`` + ``configFingerprint``, ``disks``, checksums: see
+``docs/snapshots.md``). :meth:`SnapshotRecord.from_json` and :meth:`SnapshotRecord.to_json`
+convert between the two; nothing here touches a file or a VM.
 
-Snapshot files are untrusted input: :func:`parse_metadata` checks every key it knows (a
-mistake is a :class:`SnapshotError` naming the field), every file name in the metadata must be
-exactly the name the writer gives it (:func:`disk_file_re`), and ``filePath`` is never used as
-a path (the state file is always ``<snapshot_dir>/<name>.vmstate``).
+Snapshot files are untrusted input: :meth:`SnapshotRecord.from_json` checks every key it
+knows (a mistake is a :class:`SnapshotError` naming the field), every file name in the
+metadata must be exactly the name the writer gives it (:func:`disk_file_re`), and
+``filePath`` is never used as a path (the state file is always
+``<snapshot_dir>/<name>.vmstate``).
 """
 
 from __future__ import annotations
 
-import contextlib
+import hashlib
 import json
 import logging
 import os
 import re
-import stat
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, ClassVar
 
-from ._disk import DiskFormat
-from .errors import SnapshotError
-
-if TYPE_CHECKING:
-    from ._vm import VirtualMachine
-    from .backends._protocol import ProgressFn
+from .._disk import DiskFormat
+from ..errors import SnapshotError
 
 __all__ = [
+    "FORMAT",
+    "READABLE_FORMATS",
+    "MachineInfo",
     "SnapshotDisk",
-    "SnapshotManager",
     "SnapshotMeta",
     "SnapshotRecord",
     "check_snapshot_name",
+    "fingerprint",
     "parse_metadata",
 ]
 
@@ -47,7 +46,14 @@ log = logging.getLogger(__name__)
 STATE_SUFFIX = ".vmstate"
 META_SUFFIX = ".json"
 #: Version of the keys vzkit adds to the seed's JSON. 2: SHA-256 checksums of every file.
-FORMAT = 2
+#: 3: ``backendInfo`` is the machine's typed hardware description (architecture, machine type,
+#: CPU model... whatever the backend's ``snapshot_info()`` reports) and a restore compares it
+#: with the restored machine's; a vzkit that reads only 2 would skip that comparison, so it
+#: refuses 3 ("upgrade vzkit").
+FORMAT = 3
+#: Formats a restore accepts: 2 has the same files and checksums, and its ``backendInfo`` is
+#: compared the same way (it recorded fewer keys).
+READABLE_FORMATS = frozenset({2, 3})
 #: Hex digits of a save's token (``id``), which is part of its disks' file names.
 TOKEN_HEX = 12
 #: A metadata file larger than this is not one vzkit wrote.
@@ -56,6 +62,8 @@ _SEED_KEYS = frozenset({"name", "created", "size", "vmState", "filePath"})
 _TOKEN_RE = re.compile(rf"[0-9a-f]{{{TOKEN_HEX}}}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
 _ROLE_RE = re.compile(r"disk[0-9]{1,3}")
+_INFO_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_INFO_VALUE_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f]{0,200}")
 #: Captured disks are checksummed over their non-zero 1 MiB blocks (see ``docs/snapshots.md``).
 DISK_DIGEST_PREFIX = "sha256-nonzero-1m:"
 _RFC3339 = re.compile(
@@ -125,7 +133,9 @@ def disk_file_re(name: str) -> re.Pattern[str]:
 
 @dataclass(frozen=True, slots=True)
 class SnapshotDisk:
-    """One checked ``disks[]`` entry: ``file`` is a plain name inside the snapshot dir."""
+    """One captured disk (a ``disks[]`` entry): ``file`` is a plain name inside the snapshot
+    dir, ``source`` the config's disk it was captured from (canonical path), ``digest`` its
+    checksum (:data:`DISK_DIGEST_PREFIX` + hex)."""
 
     role: str
     source: str
@@ -134,11 +144,70 @@ class SnapshotDisk:
     size: int
     digest: str
 
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "role": self.role,
+            "source": self.source,
+            "file": self.file,
+            "format": self.format.value,
+            "size": self.size,
+            "digest": self.digest,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class MachineInfo:
+    """The machine a state was saved from, beyond the config (JSON ``backendInfo``): what the
+    backend's ``snapshot_info()`` reports. The known items are typed; any other item a backend
+    reports is kept in ``other`` (sorted ``(key, value)`` strings).
+
+    Every item but :attr:`accel` describes the guest's hardware, so a restore requires the
+    restored machine to report the same value (see :meth:`mismatches`)."""
+
+    arch: str = ""
+    accel: str = ""  # how it ran (kvm, tcg, hvf...), not what the guest sees: not compared
+    machine_type: str = ""
+    cpu_model: str = ""
+    other: tuple[tuple[str, str], ...] = ()
+
+    #: JSON item → attribute.
+    _KEYS: ClassVar[dict[str, str]] = {
+        "arch": "arch",
+        "accel": "accel",
+        "machine": "machine_type",
+        "cpu": "cpu_model",
+    }
+    #: Items that do not describe the guest's hardware.
+    INFORMATIONAL: ClassVar[frozenset[str]] = frozenset({"accel"})
+
+    @classmethod
+    def from_items(cls, items: dict[str, str]) -> MachineInfo:
+        """From ``snapshot_info()``'s items (already checked strings)."""
+        known = {attr: items[key] for key, attr in cls._KEYS.items() if key in items}
+        other = tuple(sorted((k, v) for k, v in items.items() if k not in cls._KEYS))
+        return cls(**known, other=other)
+
+    def items(self) -> dict[str, str]:
+        """The JSON object (empty items left out)."""
+        out = {key: getattr(self, attr) for key, attr in self._KEYS.items()}
+        return {k: v for k, v in (*out.items(), *self.other) if v}
+
+    def mismatches(self, now: MachineInfo) -> list[str]:
+        """One ``"item: snapshot X, this machine Y"`` per hardware item both report with
+        different values (an item one side does not report is not compared)."""
+        saved, current = self.items(), now.items()
+        return [
+            f"{key}: snapshot {saved[key]!r}, this machine {current[key]!r}"
+            for key in sorted(set(saved) & set(current) - self.INFORMATIONAL)
+            if saved[key] != current[key]
+        ]
+
 
 @dataclass(frozen=True, slots=True)
 class SnapshotRecord:
-    """The checked metadata of one snapshot. ``format`` is ``None`` for the seed's (Go) JSON;
-    the vzkit keys are checked (and set here) only when ``format`` is :data:`FORMAT`."""
+    """The checked metadata of one snapshot. ``format`` is ``None`` for the seed's (Go) JSON,
+    whose vzkit keys are absent; they are checked (and set here) for the
+    :data:`READABLE_FORMATS`. :meth:`from_json` reads one, :meth:`to_json` writes one."""
 
     name: str
     format: int | None
@@ -147,11 +216,51 @@ class SnapshotRecord:
     vm_state: str | None
     token: str = ""
     backend: str = ""
-    machine: dict[str, Any] = field(default_factory=dict)
+    machine: dict[str, Any] = field(default_factory=dict)  # the config fields a restore matches
     config_fingerprint: str = ""
     state_sha256: str = ""
     disks: tuple[SnapshotDisk, ...] = ()
     agent: bool = False
+    info: MachineInfo = MachineInfo()
+    file_path: str = ""  # the seed's ``filePath``: written for the Go vzkit, never read as a path
+
+    @classmethod
+    def from_json(cls, name: str, data: object) -> SnapshotRecord:
+        """Check the metadata JSON of snapshot ``name`` (already a safe name): the seed's keys
+        always, vzkit's keys for the :data:`READABLE_FORMATS` (other formats are only listed;
+        a restore refuses them). Raises :class:`SnapshotError` naming the bad field."""
+        return parse_metadata(name, data)
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object :meth:`from_json` reads back as this record."""
+        data: dict[str, Any] = {"name": self.name}
+        if self.created is not None:
+            data["created"] = format_rfc3339(self.created)
+        if self.size is not None:
+            data["size"] = self.size
+        if self.vm_state is not None:
+            data["vmState"] = self.vm_state
+        if self.file_path:
+            data["filePath"] = self.file_path
+        if self.format is None:
+            return data
+        return data | {
+            "format": self.format,
+            "id": self.token,
+            "backend": self.backend,
+            "backendInfo": self.info.items(),
+            "configFingerprint": self.config_fingerprint,
+            "machine": self.machine,
+            "disks": [d.to_json() for d in self.disks],
+            "stateSha256": self.state_sha256,
+            "agent": self.agent,
+        }
+
+
+def fingerprint(fields: dict[str, Any]) -> str:
+    """``sha256:`` of the canonical JSON of a record's ``machine`` fields."""
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
 
 class _Fields:
@@ -226,9 +335,7 @@ def _clip(text: str) -> str:
 
 
 def parse_metadata(name: str, data: object) -> SnapshotRecord:
-    """Check the metadata JSON of snapshot ``name`` (already a safe name): the seed's keys
-    always, vzkit's keys when ``format`` is :data:`FORMAT` (older or newer formats are only
-    listed; a restore refuses them). Raises :class:`SnapshotError` naming the bad field."""
+    """:meth:`SnapshotRecord.from_json`."""
     if not isinstance(data, dict):
         raise SnapshotError(
             f"snapshot {name!r} has invalid metadata: it is {_json_type(data)}, not an object "
@@ -236,7 +343,7 @@ def parse_metadata(name: str, data: object) -> SnapshotRecord:
         )
     f = _Fields(name, data)
     fmt = f.opt_int("format")
-    ours = fmt == FORMAT  # every key a vzkit save writes must be there
+    ours = fmt in READABLE_FORMATS  # every key a vzkit save writes must be there
     saved_name = f.get_str("name") if ours else f.opt_str("name")
     if saved_name is not None and saved_name != name:
         raise f.error("name", f"is {_clip(saved_name)!r}, but the file is named {name!r}")
@@ -250,11 +357,11 @@ def parse_metadata(name: str, data: object) -> SnapshotRecord:
             raise f.error("created", f"must be {what}, not {_clip(created_text)!r}") from None
     size = f.get_int("size") if ours else f.opt_int("size")
     vm_state = f.get_str("vmState") if ours else f.opt_str("vmState")
-    f.opt_str("filePath")  # the seed's key: never used as a path
+    file_path = f.opt_str("filePath") or ""  # the seed's key: never used as a path
     if not ours:
-        return SnapshotRecord(name, fmt, created, size, vm_state)
+        return SnapshotRecord(name, fmt, created, size, vm_state, file_path=file_path)
     token = f.get_str("id", pattern=_TOKEN_RE, what=f"{TOKEN_HEX} lower-case hex digits")
-    f.get_dict("backendInfo")
+    info = _parse_info(f, f.get_dict("backendInfo"))
     disks: list[SnapshotDisk] = []
     for i, entry in enumerate(f.get_list("disks")):
         if not isinstance(entry, dict):
@@ -276,7 +383,24 @@ def parse_metadata(name: str, data: object) -> SnapshotRecord:
         state_sha256=f.get_str("stateSha256", pattern=_SHA256_RE, what=_SHA256_WHAT),
         disks=tuple(disks),
         agent=f.get_bool("agent"),
+        info=info,
+        file_path=file_path,
     )
+
+
+def _parse_info(f: _Fields, items: dict[str, Any]) -> MachineInfo:
+    """``backendInfo``: plain string items (names of at most 64 lower-case letters, digits and
+    ``_``; values of at most 200 characters, no control characters)."""
+    for key, value in items.items():
+        if not _INFO_KEY_RE.fullmatch(key):
+            raise f.error("backendInfo", f"has an invalid item name {_clip(key)!r}")
+        if not isinstance(value, str):
+            raise f.error(f"backendInfo.{key}", f"must be a string, not {_json_type(value)}")
+        if not _INFO_VALUE_RE.fullmatch(value):
+            raise f.error(
+                f"backendInfo.{key}", "must be at most 200 characters without control characters"
+            )
+    return MachineInfo.from_items(items)
 
 
 _SHA256_WHAT = "64 lower-case hex digits"
@@ -305,22 +429,6 @@ def _parse_disk(name: str, token: str, f: _Fields) -> SnapshotDisk:
     return SnapshotDisk(role, source, file, fmt, f.get_int("size"), digest)
 
 
-def make_private_dir(path: Path) -> None:
-    """Create ``path`` and its missing parents as 0700 (whatever the umask); an existing
-    ``path`` of ours that others can read is tightened to 0700."""
-    missing = []
-    parent = path
-    while not os.path.lexists(parent):
-        missing.append(parent)
-        parent = parent.parent
-    for directory in reversed(missing):
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(directory, 0o700)  # the umask can only remove bits
-    st = os.stat(path)
-    if st.st_mode & 0o077 and st.st_uid == os.geteuid():
-        os.chmod(path, 0o700)
-
-
 @dataclass(frozen=True, slots=True)
 class SnapshotMeta:
     """One catalogue entry. ``size`` is always the state file's size on disk."""
@@ -342,190 +450,3 @@ class SnapshotMeta:
         }
         data.update(self.extra)
         return data
-
-
-class SnapshotManager:
-    """Manages the snapshots of one VM directory (``<vm_dir>/snapshots``)."""
-
-    def __init__(self, vm_dir: str | os.PathLike[str]) -> None:
-        self.vm_dir = Path(vm_dir).expanduser().absolute()
-        self.snapshot_dir = self.vm_dir / "snapshots"
-
-    def __repr__(self) -> str:
-        return f"SnapshotManager({str(self.vm_dir)!r})"
-
-    def state_path(self, name: str) -> Path:
-        return self.snapshot_dir / (check_snapshot_name(name) + STATE_SUFFIX)
-
-    def meta_path(self, name: str) -> Path:
-        return self.snapshot_dir / (check_snapshot_name(name) + META_SUFFIX)
-
-    def list(self) -> list[SnapshotMeta]:
-        """Every snapshot with a state file, newest first.
-
-        Forgiving, so a damaged snapshot can still be seen and deleted: one whose metadata
-        is invalid is listed from its state file alone (file time, no extras) with a warning;
-        :meth:`get` and :meth:`restore` refuse it with the :class:`SnapshotError` naming the
-        field. Files that cannot be snapshots (bad names, symlinks, directories) are skipped.
-        """
-        try:
-            entries = sorted(self.snapshot_dir.iterdir())
-        except FileNotFoundError:
-            return []
-        except OSError as err:
-            raise SnapshotError(f"cannot list {str(self.snapshot_dir)!r}: {err.strerror}") from err
-        metas = []
-        for entry in entries:
-            if entry.suffix != STATE_SUFFIX or entry.name.startswith("."):
-                continue
-            name = entry.name[: -len(STATE_SUFFIX)]
-            try:
-                check_snapshot_name(name)
-            except SnapshotError as err:
-                log.warning("skipping %s: %s", entry, err)
-                continue
-            loaded = self._load(name, strict=False)
-            if loaded is not None:
-                metas.append(loaded[0])
-        metas.sort(key=lambda m: (m.created, m.name), reverse=True)
-        return metas
-
-    def get(self, name: str) -> SnapshotMeta:
-        """The entry for ``name``; :class:`SnapshotError` when there is none or when its
-        metadata is invalid (naming the field)."""
-        return self.checked(name)[0]
-
-    def checked(self, name: str) -> tuple[SnapshotMeta, SnapshotRecord | None]:
-        """The entry for ``name`` and its checked metadata (``None``: no metadata file)."""
-        loaded = self._load(check_snapshot_name(name), strict=True)
-        if loaded is None:
-            raise SnapshotError(f"no snapshot named {name!r} in {str(self.snapshot_dir)!r}")
-        return loaded
-
-    def save(
-        self,
-        vm: VirtualMachine,
-        name: str,
-        timeout: float | None = None,
-        *,
-        progress: ProgressFn | None = None,
-    ) -> SnapshotMeta:
-        """Save ``vm`` (running or paused) as snapshot ``name``, replacing an older one only
-        once the new one is complete. A running VM is paused for the save and resumed; a
-        paused one stays paused. ``progress(done, total)`` gets the bytes written (default:
-        a progress bar on a terminal)."""
-        from ._loop import run_sync
-        from ._progress import Progress
-        from ._snapshot_ops import save
-        from ._vmcore import _within
-
-        agent = vm.guest.connected
-        with Progress(f"saving snapshot {name}") as bar:
-            coro = save(self, vm._core, name, progress or bar.update, agent=agent)
-            return run_sync(_within(timeout, f"saving snapshot {name!r}", coro))
-
-    def restore(self, vm: VirtualMachine, name: str, timeout: float | None = None) -> SnapshotMeta:
-        """Restore snapshot ``name`` into the stopped ``vm``, whose config must match the one
-        saved (else :class:`SnapshotError`, before anything starts). The VM ends PAUSED;
-        ``vm.resume()`` runs it and steps the guest clock through the agent."""
-        from ._loop import run_sync
-        from ._snapshot_ops import restore
-        from ._vmcore import _within
-
-        vm.guest.close()
-        coro = restore(self, vm._core, name)
-        return run_sync(_within(timeout, f"restoring snapshot {name!r}", coro))
-
-    def delete(self, name: str) -> None:
-        """Remove a snapshot's state, metadata and captured disks; :class:`SnapshotError` if
-        it does not exist. VMs running from it keep their open files."""
-        from ._snapshot_ops import disk_files
-
-        state, meta = self.state_path(name), self.meta_path(name)
-        if not state.exists() and not meta.exists():
-            raise SnapshotError(f"no snapshot named {name!r} in {str(self.snapshot_dir)!r}")
-        # Metadata first: a crash in between leaves a state file that still lists, never
-        # metadata that points at nothing.
-        for path in (meta, state, *disk_files(self, name)):
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as err:
-                raise SnapshotError(f"cannot delete {str(path)!r}: {err.strerror}") from err
-
-    def _load(
-        self, name: str, *, strict: bool
-    ) -> tuple[SnapshotMeta, SnapshotRecord | None] | None:
-        state = self.state_path(name)
-        try:
-            st = os.lstat(state)
-        except FileNotFoundError:
-            return None
-        except OSError as err:
-            raise SnapshotError(f"cannot read {str(state)!r}: {err.strerror}") from err
-        if not stat.S_ISREG(st.st_mode):
-            if not strict:
-                return None
-            raise SnapshotError(
-                f"snapshot {name!r}: {str(state)!r} is not a regular file (a symlink, a "
-                "directory or a device is never one vzkit wrote); remove it"
-            )
-        record: SnapshotRecord | None = None
-        data: dict[str, Any] = {}
-        try:
-            loaded = read_metadata(self.meta_path(name))
-            if loaded is not None:
-                record = parse_metadata(name, loaded)
-                assert isinstance(loaded, dict)
-                data = loaded
-        except SnapshotError as err:
-            if strict:
-                raise
-            log.warning("%s; listing it from its state file alone", err)
-        created = datetime.fromtimestamp(st.st_mtime, tz=UTC)
-        if record is not None and record.created is not None:
-            created = record.created
-        vm_state = record.vm_state if record is not None else None
-        extra = tuple(sorted((k, v) for k, v in data.items() if k not in _SEED_KEYS))
-        meta = SnapshotMeta(
-            name=name,
-            created=created,
-            size=st.st_size,
-            vm_state=vm_state or "",
-            file_path=state,
-            extra=extra,
-        )
-        return meta, record
-
-
-def read_metadata(path: Path) -> object | None:
-    """The parsed JSON at ``path`` (``None`` if there is none); :class:`SnapshotError` if it
-    is not a regular file, too large or not JSON. Never follows a symlink, never blocks on a
-    FIFO."""
-    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
-    try:
-        fd = os.open(path, flags)
-    except FileNotFoundError:
-        return None
-    except OSError as err:
-        raise SnapshotError(f"cannot read snapshot metadata {str(path)!r}: {err.strerror}") from err
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_META_BYTES:
-            raise SnapshotError(
-                f"snapshot metadata {str(path)!r} is not a regular file of at most "
-                f"{MAX_META_BYTES} bytes; it was not written by vzkit (remove the snapshot)"
-            )
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            raw = fh.read(MAX_META_BYTES + 1)
-    except OSError as err:
-        raise SnapshotError(f"cannot read snapshot metadata {str(path)!r}: {err.strerror}") from err
-    finally:
-        os.close(fd)
-    try:
-        data: object = json.loads(raw.decode("utf-8"))
-    except (ValueError, RecursionError) as err:  # UnicodeDecodeError is a ValueError
-        raise SnapshotError(
-            f"snapshot metadata {str(path)!r} is not valid JSON ({err}); delete the snapshot "
-            "and save it again"
-        ) from None
-    return data

@@ -1,0 +1,159 @@
+"""The store's file checks: sealing a new snapshot's files and verifying an existing one's.
+
+At save, after the fsyncs, :func:`seal` makes the new files owner-only and read-only (0400)
+and checksums them. At restore, :func:`verify` opens every file the metadata names relative to
+the snapshot dir's descriptor (``O_NOFOLLOW``: no symlink; a regular file of the recorded
+size; never blocking on a FIFO), refuses a captured qcow2 whose header names a backing or
+data file, and compares the checksums recorded at save. The state file is handed on as
+``/proc/self/fd/N`` of the descriptor that was checksummed (on Linux), so swapping the file
+after the check changes nothing. Both run in a worker thread and stop when ``abort`` is set.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .._disk import DiskFormat, standalone_qcow2_size
+from .._diskcopy import nonzero_digest_fd, sha256_fd
+from ..backends._protocol import CapturedDisk
+from ..errors import ConfigError, SnapshotError
+from ._record import DISK_DIGEST_PREFIX, STATE_SUFFIX, SnapshotRecord
+
+__all__ = ["Checked", "seal", "verify"]
+
+log = logging.getLogger(__name__)
+
+
+def seal(state: Path, disks: Sequence[Path], abort: threading.Event) -> list[tuple[str, int]]:
+    """At save, after the fsyncs: make the new files owner-only and read-only (0400) and
+    checksum them (SHA-256 of the state file, :func:`nonzero_digest_fd` of each disk)."""
+    out = []
+    for path, digest in [(state, sha256_fd), *((d, nonzero_digest_fd) for d in disks)]:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            os.fchmod(fd, 0o400)
+            t0 = time.perf_counter()
+            out.append(digest(fd, abort))
+            _log_rate("checksummed", path, out[-1][1], time.perf_counter() - t0)
+        finally:
+            os.close(fd)
+    return out
+
+
+def _log_rate(what: str, path: Path, size: int, seconds: float) -> None:
+    rate = size / max(seconds, 1e-9) / 1e6
+    log.info("%s %s: %d bytes in %.3f s (%.0f MB/s)", what, path.name, size, seconds, rate)
+
+
+@dataclass(frozen=True, slots=True)
+class Checked:
+    """A snapshot's files, checked: the state file's descriptor (kept open until the backend
+    has read it), the path the backend opens it by, and the captured disks."""
+
+    state_fd: int
+    state_path: Path
+    disks: list[CapturedDisk]
+
+
+def verify(sdir: Path, record: SnapshotRecord, abort: threading.Event) -> Checked:
+    """Open each file the metadata names inside ``sdir`` (no symlink, a regular file of the
+    recorded size) and compare its checksum with the recorded one."""
+    name = record.name
+    dir_fd = os.open(sdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        disks = []
+        for disk in record.disks:
+            fd = _open_member(dir_fd, sdir, name, disk.file, disk.size, "disk image")
+            try:
+                if disk.format is DiskFormat.QCOW2:
+                    _check_qcow2(fd, name, sdir / disk.file)
+                t0 = time.perf_counter()
+                digest, _ = nonzero_digest_fd(fd, abort)
+                _log_rate("verified", sdir / disk.file, disk.size, time.perf_counter() - t0)
+            finally:
+                os.close(fd)
+            if DISK_DIGEST_PREFIX + digest != disk.digest:
+                raise _altered(name, sdir / disk.file)
+            disks.append(CapturedDisk(disk.role, Path(disk.source), sdir / disk.file, disk.format))
+        state = sdir / (name + STATE_SUFFIX)
+        fd = _open_member(dir_fd, sdir, name, state.name, record.size or 0, "state file")
+        try:
+            t0 = time.perf_counter()
+            digest, _ = sha256_fd(fd, abort)
+            _log_rate("verified", state, record.size or 0, time.perf_counter() - t0)
+            if digest != record.state_sha256:
+                raise _altered(name, state)
+        except BaseException:
+            os.close(fd)
+            raise
+    finally:
+        os.close(dir_fd)
+    return Checked(fd, _fd_path(fd, state), disks)
+
+
+def _altered(name: str, path: Path) -> SnapshotError:
+    return SnapshotError(
+        f"snapshot {name!r} is damaged: the checksum of {str(path)!r} does not match the one "
+        "recorded when it was saved (the file was altered or corrupted); delete the snapshot "
+        "and save it again"
+    )
+
+
+def _open_member(dir_fd: int, sdir: Path, name: str, file: str, size: int, what: str) -> int:
+    """``file`` (a plain name) opened read-only inside the directory ``dir_fd``: a regular
+    file of ``size`` bytes, never through a symlink, never blocking on a FIFO."""
+    path = sdir / file
+    flags = os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK
+    try:
+        fd = os.open(file, flags, dir_fd=dir_fd)
+    except FileNotFoundError:
+        raise SnapshotError(f"snapshot {name!r} is missing its {what} {str(path)!r}") from None
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise SnapshotError(
+                f"snapshot {name!r}: its {what} {str(path)!r} is a symlink, refused (a "
+                "snapshot's files are its own, never links to other files)"
+            ) from None
+        raise SnapshotError(f"cannot open {str(path)!r}: {err.strerror}") from err
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotError(
+                f"snapshot {name!r}: its {what} {str(path)!r} is not a regular file"
+            )
+        if st.st_size != size:
+            raise SnapshotError(
+                f"snapshot {name!r} is damaged: its {what} {str(path)!r} has {st.st_size} bytes, "
+                f"its metadata says {size} (truncated or altered); delete the snapshot and save "
+                "it again"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_qcow2(fd: int, name: str, path: Path) -> None:
+    """A captured qcow2 is standalone: no backing file, no external data file (else its
+    header could make QEMU open any host file behind the restored guest's disk). The header
+    is read from the descriptor that is checksummed (``_disk.standalone_qcow2_size``)."""
+    try:
+        standalone_qcow2_size(path, fd=fd)
+    except ConfigError as err:
+        raise SnapshotError(f"snapshot {name!r}: {err}") from err
+
+
+def _fd_path(fd: int, real: Path) -> Path:
+    """A path that opens the very file behind ``fd`` (Linux: ``/proc/self/fd/N``), so what
+    the backend reads is what was checksummed even if ``real`` is replaced meanwhile."""
+    proc = Path(f"/proc/self/fd/{fd}")
+    return proc if sys.platform == "linux" and proc.exists() else real

@@ -1,0 +1,293 @@
+"""The operations layer: save, restore and the many-from-one rule, through the core's seam.
+
+The backend writes machine state and captures disks (the ``Machine`` snapshot methods:
+``snapshot_blockers``, ``snapshot_info``, ``prepare_save``, ``finish_save``, ``save_state``,
+``capture_disks``, ``restore_state``); the store (:mod:`._store`) makes the result atomic and
+checks it:
+
+* any failure or cancellation of a save removes its partial files and resumes a VM that was
+  running (the commit itself is atomic and leaves an older snapshot of the name whole);
+* a restore compares the VM's config with the one recorded at save time (canonical paths)
+  and refuses with a :class:`~vzkit.errors.SnapshotError` naming every difference before any
+  process starts; every file is checked (schema, confinement, size, checksum) before the
+  backend sees it; after the backend has loaded the state, the machine's hardware description
+  (``snapshot_info()``: architecture, machine type, CPU model...) must match the recorded one.
+
+Only these names of the core are used: ``machine``, ``state``, ``config``, ``backend``,
+``generation``, ``require_feature`` and ``restored``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import threading
+import weakref
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+from .._state import VMState
+from ..backends import Feature
+from ..backends._protocol import Machine, ProgressFn
+from ..errors import SnapshotError, StateError, UnsupportedError, VzkitError
+from ._files import Checked
+from ._match import config_diff, machine_fields
+from ._record import (
+    DISK_DIGEST_PREFIX,
+    FORMAT,
+    READABLE_FORMATS,
+    MachineInfo,
+    SnapshotDisk,
+    SnapshotMeta,
+    SnapshotRecord,
+    check_snapshot_name,
+    fingerprint,
+)
+from ._store import SnapshotStore
+
+if TYPE_CHECKING:
+    from .._vmcore import VMCore
+
+__all__ = ["restore", "save"]
+
+log = logging.getLogger(__name__)
+_T = TypeVar("_T")
+
+#: Cores restored in this process → (the state file, the core's generation right after the
+#: restore), to refuse a second live restore on backends that cannot fan out.
+_restored: weakref.WeakKeyDictionary[VMCore, tuple[Path, int]] = weakref.WeakKeyDictionary()
+
+
+def _as_snapshot_error(what: str, err: BaseException, machine_state: VMState) -> SnapshotError:
+    if isinstance(err, OSError):
+        detail = f"{err.strerror or err}" + (f": {err.filename!r}" if err.filename else "")
+    else:
+        detail = str(err)
+    if machine_state is VMState.ERROR:
+        detail += " (the VMM exited during the operation)"
+    return SnapshotError(f"{what} failed: {detail}")
+
+
+async def save(
+    store: SnapshotStore,
+    core: VMCore,
+    name: str,
+    progress: ProgressFn | None = None,
+    *,
+    agent: bool = False,
+) -> SnapshotMeta:
+    """The seed's ``Save``: a running VM is paused, saved and resumed; a paused one stays
+    paused. ``agent`` records that the guest agent was reachable (the clock is stepped
+    through it after a restore)."""
+    check_snapshot_name(name)
+    core.require_feature(Feature.SNAPSHOTS)
+    state = core.state
+    if state not in (VMState.RUNNING, VMState.PAUSED):
+        raise StateError(f"cannot save a VM that is {state.value} (it must be running or paused)")
+    machine = core.machine
+    blockers = machine.snapshot_blockers()
+    if blockers:
+        raise SnapshotError(
+            f"cannot save snapshot {name!r}: the state of {', '.join(blockers)} cannot be saved "
+            "(remove the device from the config, or stop the VM and save without it)"
+        )
+    try:
+        token = store.begin(name)
+    except OSError as err:
+        raise _as_snapshot_error(f"saving snapshot {name!r}", err, state) from err
+    tmp_state = store.temp_state(name, token)
+    was_running = state is VMState.RUNNING
+    try:
+        await machine.prepare_save()
+        if was_running:
+            await machine.pause()
+        await machine.save_state(tmp_state, progress)
+        captured = await machine.capture_disks(store.snapshot_dir, store.temp_prefix(name, token))
+        (state_sum, state_size), *disk_sums = await _in_thread(
+            store.seal, tmp_state, [d.path for d in captured]
+        )
+        fields = machine_fields(core.config)
+        record = SnapshotRecord(
+            name=name,
+            format=FORMAT,
+            created=datetime.now(UTC),
+            size=state_size,
+            vm_state=state.value,
+            file_path=str(store.state_path(name)),
+            token=token,
+            backend=core.backend.name,
+            info=MachineInfo.from_items(machine.snapshot_info()),
+            machine=fields,
+            config_fingerprint=fingerprint(fields),
+            disks=tuple(
+                SnapshotDisk(
+                    role=d.role,
+                    source=str(d.source),
+                    file=d.path.name.lstrip("."),
+                    format=d.format,
+                    size=disk_size,
+                    digest=DISK_DIGEST_PREFIX + disk_sum,
+                )
+                for d, (disk_sum, disk_size) in zip(captured, disk_sums, strict=True)
+            ),
+            state_sha256=state_sum,
+            agent=agent,
+        )
+        store.commit(record, tmp_state, captured)
+    except BaseException as err:
+        # Everything this save made carries its token, including what a backend left over.
+        store.discard(name, token)
+        if was_running:
+            await _resume_after_failure(machine)
+        await _finish_save(machine)
+        if isinstance(err, SnapshotError) or not isinstance(err, VzkitError | OSError):
+            raise
+        raise _as_snapshot_error(f"saving snapshot {name!r}", err, machine.state) from err
+    if was_running:
+        await machine.resume()
+    await machine.finish_save()
+    log.info("snapshot %r saved (%d bytes of machine state)", name, state_size)
+    return store.get(name)
+
+
+async def _finish_save(machine: Machine) -> None:
+    try:
+        await machine.finish_save()
+    except VzkitError as err:
+        log.warning("could not restore the devices set aside for the failed save: %s", err)
+
+
+async def _resume_after_failure(machine: Machine) -> None:
+    """Run the VM again after a failed save; a VMM that died stays as it is."""
+    if machine.state is not VMState.PAUSED:
+        return
+    try:
+        await machine.resume()
+    except VzkitError as err:
+        log.warning("could not resume the VM after the failed save: %s", err)
+
+
+def _check_fanout(core: VMCore, state_file: Path) -> None:
+    """Refuse a second live VM from one snapshot where the backend cannot fan out."""
+    if Feature.SNAPSHOT_FANOUT in core.backend.features:
+        return
+    for other, (restored_from, generation) in list(_restored.items()):
+        if other is core or restored_from != state_file or other.generation != generation:
+            continue  # itself, another snapshot, or started/restored anew since
+        if other.state not in (VMState.STOPPED, VMState.ERROR):
+            raise UnsupportedError(
+                f"the {core.backend.name} backend cannot restore one snapshot into several "
+                "running VMs at once (its saved state is tied to one machine identity)",
+                backend=core.backend.name,
+                feature=Feature.SNAPSHOT_FANOUT.value,
+            )
+
+
+async def restore(
+    store: SnapshotStore, core: VMCore, name: str, *, clock_step: bool = True
+) -> SnapshotMeta:
+    """The seed's ``Restore``: a stopped VM with a compatible config ends PAUSED.
+    ``clock_step=False``: do not ask the core to step the guest clock at the next resume
+    (otherwise it does so when the agent was connected at save time)."""
+    check_snapshot_name(name)
+    core.require_feature(Feature.SNAPSHOTS)
+    if core.state not in (VMState.STOPPED, VMState.ERROR):
+        raise StateError(f"restoring a snapshot needs a stopped VM (it is {core.state.value})")
+    meta, record = store.checked(name)
+    record = _check_record(name, record, meta, core)
+    diff = config_diff(record.machine, core.config)
+    if diff:
+        raise SnapshotError(f"snapshot {name!r} does not fit this VM's config: " + "; ".join(diff))
+    _check_fanout(core, meta.file_path)
+    try:
+        checked = await _in_thread(store.verify, record)
+    except OSError as err:  # an I/O error while reading; what is wrong is a SnapshotError
+        raise _as_snapshot_error(f"checking snapshot {name!r}", err, VMState.STOPPED) from err
+    machine = core.machine
+    await core.agent.close()  # the last run's agent connection, if one is left
+    try:
+        await machine.restore_state(checked.state_path, checked.disks)
+    except BaseException as err:
+        if isinstance(err, SnapshotError | StateError) or not isinstance(err, VzkitError | OSError):
+            raise
+        raise _as_snapshot_error(f"restoring snapshot {name!r}", err, VMState.STOPPED) from err
+    finally:
+        os.close(checked.state_fd)
+    await _check_hardware(name, record, machine)
+    core.restored(meta.file_path, clock_step=record.agent and clock_step)
+    _restored[core] = (meta.file_path, core.generation)
+    return meta
+
+
+async def _check_hardware(name: str, record: SnapshotRecord, machine: Machine) -> None:
+    """The restored machine must describe the same hardware as the saved one (a state saved
+    on one machine type must never run on another); else it is forced off."""
+    diff = record.info.mismatches(MachineInfo.from_items(machine.snapshot_info()))
+    if not diff:
+        return
+    with contextlib.suppress(VzkitError):
+        await machine.force_stop()
+    raise SnapshotError(
+        f"snapshot {name!r} was saved on other hardware than this VM's: "
+        + "; ".join(diff)
+        + " (start the VM with the settings the snapshot was saved with, or save it again)"
+    )
+
+
+def _check_record(
+    name: str, record: SnapshotRecord | None, meta: SnapshotMeta, core: VMCore
+) -> SnapshotRecord:
+    """The cheap refusals, before any file is read: format, backend, size, fingerprint."""
+    fmt = None if record is None else record.format
+    if record is None or fmt is None:
+        raise SnapshotError(
+            f"snapshot {name!r} has no machine description vzkit can check (format {fmt!r}); "
+            "it cannot be restored safely"
+        )
+    if fmt < min(READABLE_FORMATS):
+        raise SnapshotError(
+            f"snapshot {name!r} was saved by an older vzkit (metadata format {fmt}) that "
+            "recorded no checksums of its files, so it cannot be checked before a restore: "
+            "boot the VM, bring it back to that point and save it again"
+        )
+    if fmt not in READABLE_FORMATS:
+        raise SnapshotError(
+            f"snapshot {name!r} was saved by a newer vzkit (metadata format {fmt}; this one "
+            f"reads {', '.join(map(str, sorted(READABLE_FORMATS)))}): upgrade vzkit to restore it"
+        )
+    if record.backend != core.backend.name:
+        raise SnapshotError(
+            f"snapshot {name!r} was saved by the {record.backend} backend; this VM uses "
+            f"{core.backend.name}"
+        )
+    if record.size != meta.size:
+        raise SnapshotError(
+            f"snapshot {name!r} is incomplete: its state file has {meta.size} bytes, its "
+            f"metadata says {record.size} (an interrupted save?)"
+        )
+    if record.config_fingerprint != fingerprint(record.machine):
+        raise SnapshotError(
+            f"snapshot {name!r} has invalid metadata: field 'configFingerprint' does not match "
+            "field 'machine' (the file was altered: delete the snapshot and save it again)"
+        )
+    return record
+
+
+async def _in_thread(fn: Callable[..., _T], *args: object) -> _T:
+    """``fn(*args, abort)`` in a worker thread. Cancelling the caller sets ``abort`` and waits
+    for the thread to stop (it owns descriptors), so nothing runs on behind its back."""
+    abort = threading.Event()
+    work = asyncio.ensure_future(asyncio.to_thread(fn, *args, abort))
+    try:
+        return await asyncio.shield(work)
+    except asyncio.CancelledError:
+        abort.set()
+        with contextlib.suppress(Exception):
+            result = await work
+            if isinstance(result, Checked):  # it finished anyway: let go of its descriptor
+                os.close(result.state_fd)
+        raise
