@@ -554,10 +554,13 @@ def test_window_overrun_and_channel_reuse_are_protocol_errors(server: Path) -> N
         hello = raw.hello()
         raw.send(encode_frame(MsgType.EXEC, 1, sleeper))
         # sleep never reads and we ignore every grant: its pipe fills (what it takes is
-        # granted back), then the agent holds a window, and the next frame overruns it
+        # granted back), then the agent holds a window, and the next frame overruns it. The
+        # pipe takes at most a window (F_SETPIPE_SZ), so three windows overrun; what we write
+        # past the error must stay below what the agent drains before it closes (DRAIN_LIMIT,
+        # 4 MiB): unread input makes the close a reset, and we could not read the EOF.
         frame = encode_frame(MsgType.STDIN, 1, b"\0" * 65536)
         with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            for _ in range(8 * hello.window // 65536):
+            for _ in range(3 * hello.window // 65536):
                 raw.send(frame)
         raw.expect_session_error("channel 1 overran its window")
 
