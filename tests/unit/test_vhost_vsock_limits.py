@@ -44,7 +44,7 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(0.01)  # poll interval
 
 
 def answered(conn: GuestConn) -> bool:
