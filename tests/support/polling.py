@@ -8,8 +8,10 @@ import array
 import fcntl
 import socket
 import termios
+import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 POLL_S = 0.005
 
@@ -31,3 +33,14 @@ def unread_by_peer(sock: socket.socket) -> int:
     buf = array.array("i", [0])
     fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, buf)
     return buf[0]
+
+
+def blocked_in_poll(thread: threading.Thread) -> bool:
+    """Whether ``thread`` sleeps in ``select``/``poll`` (its kernel wait channel, Linux): the
+    positive signal that it reached a blocking wait, where a sleep only guessed it."""
+    tid = thread.native_id
+    try:
+        wchan = Path(f"/proc/self/task/{tid}/wchan").read_text()
+    except OSError:
+        return False
+    return "poll" in wchan or "select" in wchan

@@ -11,7 +11,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +19,8 @@ import vzkit
 from vzkit.backends.qemu import _vsock
 from vzkit.backends.qemu._vsock import VsockTransport, open_kernel_vhost
 from vzkit.backends.qemu.vhost_vsock._hybrid import peer_address
+
+from ..support.polling import blocked_in_poll, wait_until
 
 
 def test_no_vhost_device_means_the_user_space_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,7 +111,7 @@ def test_close_from_another_thread_wakes_accept(transport: VsockTransport) -> No
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.1)
+    wait_until(lambda: blocked_in_poll(thread), "the waiter to block in accept()")
     listener.close()
     thread.join(5)
     assert not thread.is_alive()

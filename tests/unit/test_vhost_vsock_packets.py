@@ -508,8 +508,8 @@ def test_guest_using_a_smaller_window_never_stalls(
     data = os.urandom(1 << 20)
     sender = threading.Thread(target=conn.send, args=(data, 20.0, 8192))
     sender.start()
-    if slow_host:  # (a slow host, not synchronisation: passes whatever the guest did meanwhile)
-        time.sleep(0.2)  # everything the guest may send waits in the device first
+    if slow_host:  # everything the guest may send waits in the device first
+        time.sleep(0.2)  # a slow host, not synchronisation: passes whatever the guest did
     assert recv_all(sock, len(data)) == data
     sender.join(20)
     assert not sender.is_alive()

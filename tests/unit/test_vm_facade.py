@@ -47,11 +47,13 @@ def hanging_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # A stand-in QEMU that speaks QMP (the greeting, capabilities negotiation, replies with the
 # caller's id, events) on the socket vzkit hands it (-chardev socket,id=qmp0,fd=N), then
 # misbehaves as $FAKE_QEMU_MODE says: "wedge" never answers "stop"; "panic" reports a guest
-# panic half a second after "cont" the way QEMU with -action panic=exit-failure does
-# (GUEST_PANICKED, STOP, SHUTDOWN, exit status 1).
+# panic, once running ("cont") and the test created the file "panic-now" beside the script,
+# the way QEMU with -action panic=exit-failure does (GUEST_PANICKED, STOP, SHUTDOWN, exit
+# status 1). The trigger is the test's, not a delay: a start still under way on a loaded
+# machine must not see the panic.
 FAKE_QEMU = textwrap.dedent(
     """\
-    import json, os, socket, sys, time
+    import json, os, socket, sys, threading, time
     if sys.argv[1:2] == ["-accel"]:
         print("Accelerators supported in QEMU binary:\\ntcg")
         sys.exit(0)
@@ -79,6 +81,16 @@ FAKE_QEMU = textwrap.dedent(
     def event(name, **data):
         send({"event": name, "data": data, "timestamp": {"seconds": 0, "microseconds": 0}})
 
+    def panic_when_told():
+        trigger = os.path.join(os.path.dirname(sys.argv[0]), "panic-now")
+        while not os.path.exists(trigger):
+            time.sleep(0.01)  # poll interval
+        os.unlink(trigger)
+        event("GUEST_PANICKED", action="poweroff")
+        event("STOP")
+        event("SHUTDOWN", guest=True, reason="guest-panic")
+        os._exit(1)
+
     send({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
                   "capabilities": []}})
     for request in requests():
@@ -89,11 +101,7 @@ FAKE_QEMU = textwrap.dedent(
         if command == "quit":
             sys.exit(0)
         if mode == "panic" and command == "cont":
-            time.sleep(0.5)
-            event("GUEST_PANICKED", action="poweroff")
-            event("STOP")
-            event("SHUTDOWN", guest=True, reason="guest-panic")
-            sys.exit(1)
+            threading.Thread(target=panic_when_told).start()
     """
 )
 
@@ -260,6 +268,7 @@ def test_a_guest_panic_ends_in_error_with_the_reason_on_both_facades(
     reason = "the guest kernel panicked (reported by the pvpanic device; QEMU exits)"
     with vzkit.VirtualMachine(_config(kernel, vsock=False), backend="qemu") as vm:
         vm.start(timeout=30)
+        (fake_qemu.parent / "panic-now").touch()
         assert vm.wait(timeout=30) is vzkit.VMState.ERROR
         assert isinstance(vm.last_error, vzkit.VMError)
         assert str(vm.last_error) == reason
@@ -268,6 +277,7 @@ def test_a_guest_panic_ends_in_error_with_the_reason_on_both_facades(
         cfg = _config(kernel, vsock=False)
         async with vzkit.aio.VirtualMachine(cfg, backend="qemu") as avm:
             await avm.start(timeout=30)
+            (fake_qemu.parent / "panic-now").touch()
             assert await avm.wait(timeout=30) is vzkit.VMState.ERROR
             assert str(avm.last_error) == reason
             assert avm.can_start
