@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice, helper_argv
-from vzkit.backends.qemu.vhost_vsock._fakedriver import FakeDriver
-from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._packet import Op
 
 from ..support.polling import wait_until
+from ..support.vhost_vsock.fakedriver import FakeDriver
+from ..support.vhost_vsock.fakeguest import GuestConn, attached
 
 
 def open_fds() -> int:

@@ -18,11 +18,11 @@ from vzkit.backends.qemu.vhost_vsock import (
     guest_port_path,
     parse_connect_line,
 )
-from vzkit.backends.qemu.vhost_vsock._fakedriver import FakeDriver
-from vzkit.backends.qemu.vhost_vsock._fakeguest import attached
 from vzkit.backends.qemu.vhost_vsock._packet import Op
 
 from ..support.polling import unread_by_peer, wait_until
+from ..support.vhost_vsock.fakedriver import FakeDriver
+from ..support.vhost_vsock.fakeguest import attached
 
 
 @pytest.fixture

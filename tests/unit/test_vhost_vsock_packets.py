@@ -21,8 +21,6 @@ from vzkit.backends.qemu.vhost_vsock import (
     peer_port_from_address,
 )
 from vzkit.backends.qemu.vhost_vsock._device import TX_CALL_BATCH
-from vzkit.backends.qemu.vhost_vsock._fakedriver import DriverQueue, FakeDriver
-from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._packet import (
     HOST_CID,
     SHUTDOWN_RCV,
@@ -33,6 +31,8 @@ from vzkit.backends.qemu.vhost_vsock._packet import (
 from vzkit.backends.qemu.vhost_vsock._vsock import BUF_ALLOC
 
 from ..support.polling import wait_until
+from ..support.vhost_vsock.fakedriver import DriverQueue, FakeDriver
+from ..support.vhost_vsock.fakeguest import GuestConn, attached
 
 BUF = BUF_ALLOC  # what the device advertises
 GUEST_BUF = 256 * 1024  # what a Linux guest advertises by default

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice, connect_hybrid
-from vzkit.backends.qemu.vhost_vsock._fakedriver import REGION_SIZE, FakeDriver
-from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._packet import Op
 from vzkit.backends.qemu.vhost_vsock._vhost_user import (
     F_PROTOCOL_FEATURES,
@@ -24,6 +22,9 @@ from vzkit.backends.qemu.vhost_vsock._vhost_user import (
     Request,
 )
 from vzkit.backends.qemu.vhost_vsock._virtqueue import F_EVENT_IDX, F_INDIRECT_DESC
+
+from ..support.vhost_vsock.fakedriver import REGION_SIZE, FakeDriver
+from ..support.vhost_vsock.fakeguest import GuestConn, attached
 
 U64 = struct.Struct("=Q")
 STATE = struct.Struct("=II")

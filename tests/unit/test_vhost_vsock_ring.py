@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice
-from vzkit.backends.qemu.vhost_vsock._fakedriver import REGION_SIZE, SLOT, FakeDriver
-from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._memory import GuestMemory, GuestMemoryError, RegionSpec
 from vzkit.backends.qemu.vhost_vsock._packet import HEADER, HEADER_SIZE, Op
 from vzkit.backends.qemu.vhost_vsock._virtqueue import (
@@ -27,6 +25,8 @@ from vzkit.backends.qemu.vhost_vsock._virtqueue import (
 )
 
 from ..support.polling import wait_until
+from ..support.vhost_vsock.fakedriver import REGION_SIZE, SLOT, FakeDriver
+from ..support.vhost_vsock.fakeguest import GuestConn, attached
 
 U16 = struct.Struct("<H")
 

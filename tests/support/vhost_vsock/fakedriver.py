@@ -1,4 +1,6 @@
-"""A fake front-end and guest driver for testing the device without QEMU (test harness).
+"""A fake front-end and guest driver for testing the vhost-user-vsock device without QEMU.
+
+Test support, not packaged (the wheel holds ``src/vzkit`` only).
 
 :class:`FakeDriver` plays QEMU and the guest's virtio-vsock driver at once, from the contracts
 the device implements (vhost-user as QEMU 7.2 speaks it, split virtqueues, virtio-vsock
@@ -24,8 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ._packet import HEADER, HEADER_SIZE, HOST_CID, TYPE_STREAM, Op
-from ._vhost_user import (
+from vzkit.backends.qemu.vhost_vsock._packet import HEADER, HEADER_SIZE, HOST_CID, TYPE_STREAM, Op
+from vzkit.backends.qemu.vhost_vsock._vhost_user import (
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     PF_CONFIG,
@@ -33,8 +35,14 @@ from ._vhost_user import (
     VERSION,
     Request,
 )
-from ._vhost_user import HEADER as VU_HEADER
-from ._virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, F_EVENT_IDX, F_INDIRECT_DESC
+from vzkit.backends.qemu.vhost_vsock._vhost_user import HEADER as VU_HEADER
+from vzkit.backends.qemu.vhost_vsock._virtqueue import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    F_EVENT_IDX,
+    F_INDIRECT_DESC,
+)
 
 __all__ = ["DriverQueue", "FakeDriver", "Packet", "PacketSink"]
 
