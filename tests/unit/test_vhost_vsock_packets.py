@@ -469,13 +469,20 @@ def test_host_not_reading_bounds_device_memory_and_updates_follow_reads(
     data = os.urandom(2 << 20)
     sender = threading.Thread(target=conn.send, args=(data, 30.0))
     sender.start()
-    wait_until(lambda: conn.credit() <= 0, "the guest to use up its credit")
-    stuck = conn.tx_cnt
+
+    def held_back() -> bool:  # out of credit, the host socket full, every packet taken in
+        return (
+            conn.credit() <= 0
+            and dev.buffered_bytes > 0
+            and used_idx(fake.tx) == fake.tx.avail_idx
+            and used_idx(fake.rx) == fake.rx.last_used
+        )
+
+    wait_until(held_back, "the guest to be held back by credit")
+    stuck, updates, rx = conn.tx_cnt, dev.stats.credit_updates_sent, used_idx(fake.rx)
     assert stuck < len(data)  # the guest is held back by credit
-    wait_until(lambda: used_idx(fake.tx) == fake.tx.avail_idx, "the device to take every packet")
-    updates = dev.stats.credit_updates_sent
     fake.settle()  # the device had the chance to forward and grant more: it may not
-    assert dev.stats.credit_updates_sent == updates
+    assert (dev.stats.credit_updates_sent, used_idx(fake.rx)) == (updates, rx)
     assert conn.tx_cnt == stuck  # and stays held back while the host does not read
     assert stuck - conn.peer_fwd_cnt <= BUF
     got = recv_all(sock, len(data))
