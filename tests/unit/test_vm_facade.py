@@ -93,12 +93,22 @@ FAKE_QEMU = textwrap.dedent(
 
     send({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
                   "capabilities": []}})
+    balloon = [256 << 20]  # what the guest holds ("actual", bytes), after the last "balloon"
     for request in requests():
         command = request["execute"]
         if mode == "wedge" and command == "stop":
             continue
-        send({"return": [] if command.startswith("query-") else {}, "id": request.get("id")})
+        if command == "balloon":  # a guest that gives back exactly what it is asked for
+            balloon[0] = request["arguments"]["value"]
+        reply = [] if command.startswith("query-") else {}
+        if command == "query-balloon":
+            reply = {"actual": balloon[0]}
+        send({"return": reply, "id": request.get("id")})
         if command == "quit":
+            sys.exit(0)
+        if command == "system_powerdown":  # the guest powers off, as ACPI asks it
+            event("POWERDOWN")
+            event("SHUTDOWN", guest=True, reason="guest-shutdown")
             sys.exit(0)
         if mode == "panic" and command == "cont":
             threading.Thread(target=panic_when_told).start()
@@ -281,6 +291,37 @@ def test_a_guest_panic_ends_in_error_with_the_reason_on_both_facades(
             assert await avm.wait(timeout=30) is vzkit.VMState.ERROR
             assert str(avm.last_error) == reason
             assert avm.can_start
+
+    asyncio.run(main())
+    assert not [p for p in live_children() if pid_alive(p)]
+
+
+def test_aio_request_stop_then_wait_and_the_balloon(
+    kernel: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vzkit.aio``: the balloon's target and what the guest holds, then a stop the guest is
+    asked for (ACPI power button) and ``wait`` for it, over QMP to a stand-in QEMU."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "obedient")
+
+    async def main() -> None:
+        async with vzkit.aio.VirtualMachine(_config(kernel, vsock=False), backend="qemu") as vm:
+            assert isinstance(vm.balloon, vzkit.aio.Balloon)
+            await vm.start(timeout=30)
+            before = await vm.balloon.info()
+            assert (before.has_balloon, before.target_gb, before.actual_gb) == (True, 0.25, 0.25)
+            await vm.balloon.set_target_gb(0.125)
+            after = await vm.balloon.info()
+            assert (after.target_gb, after.actual_gb) == (0.125, 0.125)
+            with pytest.raises(vzkit.ConfigError, match=r"outside 64 MiB\.\.256 MiB"):
+                await vm.balloon.set_target_gb(1)
+            with pytest.raises(vzkit.VMTimeoutError):
+                await vm.wait(timeout=0.2)  # running, and nobody asked it to stop
+            assert vm.state is vzkit.VMState.RUNNING
+            await vm.request_stop()
+            assert await vm.wait(timeout=30) is vzkit.VMState.STOPPED
+            assert vm.last_error is None
+            with pytest.raises(vzkit.StateError, match="balloon needs a running VM"):
+                await vm.balloon.set_target_gb(0.125)
 
     asyncio.run(main())
     assert not [p for p in live_children() if pid_alive(p)]
