@@ -351,6 +351,14 @@ def test_cli_save_then_run_from_the_snapshot(
         check=False,
     )
     assert (run.returncode, run.stdout) == (0, b"warm\n"), run.stderr.decode()
+    restore = subprocess.run(
+        [*cli, "snapshot", "restore", *opts, "--boot-timeout", "120", str(vm_dir), "warm",
+         "cat", "/tmp/m"],
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert (restore.returncode, restore.stdout) == (0, b"warm\n"), restore.stderr.decode()
     wrong = subprocess.run(
         [*cli, "run", *opts, "--memory", "2", "--from-snapshot", "warm", "--vm-dir", str(vm_dir),
          "true"],
