@@ -121,7 +121,7 @@ def test_ctrl_c_tears_the_vm_down() -> None:
         assert proc.wait(timeout=30) == 130
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll interval
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
 
 
