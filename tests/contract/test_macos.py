@@ -381,3 +381,31 @@ def test_cli_info_and_install_with_a_progress_line(
     too_small = CliRunner().invoke(main, [*args[:3], str(tmp_path / "vm2"), "--cpus", "1"])
     assert too_small.exit_code == 2
     assert "needs at least 2 CPUs; the config has 1" in too_small.output
+
+
+def test_cli_install_disk_size_force_and_timeout(
+    fake: FakeRuntime, ipsw: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from click.testing import CliRunner
+
+    from vzkit.cli import main
+
+    monkeypatch.setattr(sys, "platform", "darwin")
+    vm_dir = tmp_path / "vm"
+    args = ["macos", "install", str(ipsw), str(vm_dir), "--cpus", "2", "--memory", "4"]
+    result = CliRunner().invoke(main, [*args, "--disk-size", "80"])
+    assert result.exit_code == 0, result.output
+    cfg = vzkit.MacVMConfig(vm_dir=vm_dir)
+    assert cfg.disk_path.stat().st_size == 80 << 30
+    first_id = cfg.machine_identifier_path.read_bytes()
+    forced = CliRunner().invoke(main, [*args, "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert forced.output.endswith(f"installed macOS 14.4.1 (23E224) in {vm_dir}\n")
+    assert cfg.machine_identifier_path.read_bytes() != first_id  # a new Mac
+
+    fake.knobs.hang.add("installWithCompletionHandler:")
+    other = tmp_path / "vm2"
+    timed_out = CliRunner().invoke(main, [*args[:3], str(other), "--timeout", "0.1"])
+    assert timed_out.exit_code == 1
+    assert "installing macOS did not finish within 0.1 s" in timed_out.output
+    assert not other.exists() or list(other.iterdir()) == []

@@ -71,7 +71,7 @@ class GuestShell:
                 except OSError:  # the VMM went away
                     chunk = b""
                 if not chunk:
-                    time.sleep(0.05)
+                    time.sleep(0.05)  # poll interval (EOF for now: the VMM may reopen)
                 self.buffer += chunk
         head, _, self.buffer = self.buffer.partition(marker)
         return head
@@ -103,7 +103,7 @@ def wait_for_console(vm: vzkit.VirtualMachine, marker: bytes = READY, timeout: f
             return time.monotonic() - t0
         if vm.state in (vzkit.VMState.STOPPED, vzkit.VMState.ERROR):
             break
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval
     text = log.read_bytes()[-3000:].decode(errors="replace") if log.exists() else "(no log)"
     raise AssertionError(f"{marker!r} not seen on the console (state {vm.state}):\n{text}")
 

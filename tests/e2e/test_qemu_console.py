@@ -44,7 +44,7 @@ def test_stdio_console_carries_the_guest_shell(vms: VMFactory) -> None:
     for _ in range(60):
         proc.stdin.write(b"echo hello-$((40+2))\n")
         proc.stdin.flush()
-        time.sleep(0.5)
+        time.sleep(0.5)  # poll interval: say hello again until the shell answers
         chunk = proc.stdout.read1(65536)
         seen += chunk
         if b"hello-42" in seen:

@@ -82,7 +82,7 @@ def test_guest_output_and_file_reads_are_bounded(vms: VMFactory) -> None:
         left = vm.guest.run(["sh", "-c", ps]).stdout.split()
         if b"yes" not in left and b"head" not in left:
             break
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll interval
     assert b"yes" not in left, left
     assert b"head" not in left, left
     vm.guest.run(["sh", "-c", "head -c 3145728 /dev/zero > /tmp/big"], check=True)

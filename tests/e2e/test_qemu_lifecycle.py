@@ -34,7 +34,7 @@ def _wait_state(vm: vzkit.VirtualMachine, state: vzkit.VMState, timeout: float) 
     while vm.state is not state:
         if time.monotonic() - t0 > timeout:
             raise AssertionError(f"VM is {vm.state}, expected {state} within {timeout} s")
-        time.sleep(0.02)
+        time.sleep(0.02)  # poll interval
     return time.monotonic() - t0
 
 
@@ -146,12 +146,12 @@ def test_balloon_shrinks_guest_memory(vms: VMFactory) -> None:
         after = _mem_total_kb(shell)
         if after <= before - 200 * 1024:
             break
-        time.sleep(0.5)
+        time.sleep(0.5)  # poll interval
     assert after <= before - 200 * 1024, f"MemTotal {before} kB -> {after} kB"
     info = vm.balloon.info()
     assert info.target_gb == 0.25
     while info.actual_gb is not None and info.actual_gb > 0.26 and time.monotonic() < deadline:
-        time.sleep(0.2)
+        time.sleep(0.2)  # poll interval
         info = vm.balloon.info()
     assert info.actual_gb is not None
     assert info.actual_gb <= 0.26

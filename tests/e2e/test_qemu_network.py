@@ -73,14 +73,32 @@ class LoopbackServer:
         self.sock.close()
 
 
+def _start_publishing_a_free_port(vms: VMFactory) -> tuple[vzkit.VirtualMachine, int]:
+    """A VM with NAT that publishes a free host port on its port 8000, started.
+
+    A port found free can be taken before the VM binds it (anything else on the machine may
+    ask the kernel for a port meanwhile): vzkit refuses to start then, saying so, and we
+    try another port.
+    """
+    for _ in range(5):
+        published = _free_port()
+        vm = vms.create(
+            network=vzkit.NetworkConfig(vzkit.NetworkMode.NAT),
+            publish=(vzkit.parse_port_spec(f"{published}:8000"),),
+        )
+        try:
+            vm.start(timeout=60)
+        except vzkit.VMError as err:
+            if "cannot be bound on the host" not in str(err):
+                raise
+            continue
+        return vm, published
+    raise AssertionError("five free ports were taken before the VM could bind them")
+
+
 def test_nat_dhcp_published_port_and_no_host_loopback(vms: VMFactory) -> None:
     server = LoopbackServer()
-    published = _free_port()
-    vm = vms.create(
-        network=vzkit.NetworkConfig(vzkit.NetworkMode.NAT),
-        publish=(vzkit.parse_port_spec(f"{published}:8000"),),
-    )
-    vm.start(timeout=60)
+    vm, published = _start_publishing_a_free_port(vms)
     vm.guest.wait_ready(timeout=120)
     assert _listening_on(published) == {"127.0.0.1"}  # loopback only, by default
 
@@ -124,7 +142,7 @@ def test_nat_dhcp_published_port_and_no_host_loopback(vms: VMFactory) -> None:
         except (ConnectionResetError, ConnectionRefusedError, TimeoutError):
             pass
         if b"got ping" not in reply:
-            time.sleep(0.2)
+            time.sleep(0.2)  # poll interval
     assert reply == b"from guest\ngot ping\n"
 
 

@@ -67,7 +67,7 @@ def _vsock_echo(vm: vzkit.VirtualMachine, data: bytes, timeout: float = 30) -> b
         except ConnectionRefusedError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.1)
+            time.sleep(0.1)  # poll interval
     with sock:
         sock.sendall(data)
         sock.shutdown(socket.SHUT_WR)
@@ -155,7 +155,8 @@ def test_round_trip_memory_disk_and_clock(origin: Origin, vms: VMFactory) -> Non
     _sh(vm, "echo after-save > /tmp/after")
     _write_disk_mark(vm, "disk-after-save")
     vm.stop(timeout=20)
-    time.sleep(3)  # the guest clock must catch up with this after the restore
+    time.sleep(3)  # time passing on purpose, not synchronisation: the guest clock must catch
+    # up with these 3 s after the restore
     origin.manager.restore(vm, "rt")
     vm.resume()
     assert _sh(vm, "cat /tmp/marker2") == "before-save\n"
@@ -351,6 +352,14 @@ def test_cli_save_then_run_from_the_snapshot(
         check=False,
     )
     assert (run.returncode, run.stdout) == (0, b"warm\n"), run.stderr.decode()
+    restore = subprocess.run(
+        [*cli, "snapshot", "restore", *opts, "--boot-timeout", "120", str(vm_dir), "warm",
+         "cat", "/tmp/m"],
+        capture_output=True,
+        timeout=300,
+        check=False,
+    )  # fmt: skip
+    assert (restore.returncode, restore.stdout) == (0, b"warm\n"), restore.stderr.decode()
     wrong = subprocess.run(
         [*cli, "run", *opts, "--memory", "2", "--from-snapshot", "warm", "--vm-dir", str(vm_dir),
          "true"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import signal
 import subprocess
 import sys
@@ -40,6 +41,43 @@ def test_run_missing_command_is_127_with_the_guests_message() -> None:
     proc = vzkit_run("--", "no-such-command")
     assert proc.returncode == 127
     assert b"no-such-command" in proc.stderr
+
+
+def test_run_env_workdir_and_boot_timeout() -> None:
+    proc = vzkit_run(
+        "-e", "GREETING=hello there", "--env", "EMPTY=", "-w", "/tmp", "--boot-timeout", "120",
+        "--", "sh", "-c", 'echo "$GREETING|$EMPTY|$PATH"; pwd',
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().splitlines() == [
+        "hello there||/usr/sbin:/usr/bin:/sbin:/bin",  # with -e, a plain environment
+        "/tmp",
+    ]
+    too_short = vzkit_run("--boot-timeout", "0.01", "--", "true")
+    assert too_short.returncode == 125  # the VM did not come up in time: torn down
+    assert b"0.01 s" in too_short.stderr
+
+
+def test_run_interactive_forwards_a_terminals_input() -> None:
+    """Stdin that is a terminal goes to the command only with ``-i``."""
+    outputs, codes = [], []
+    for flags in (["-i"], []):
+        master, slave = os.openpty()
+        try:
+            os.write(master, b"typed line\n")
+            proc = vzkit_run(*flags, "--", "head", "-n", "1", stdin=slave)
+        finally:
+            os.close(slave)
+            os.close(master)
+        outputs.append(proc.stdout)
+        codes.append((proc.returncode, proc.stderr.decode()))
+    assert outputs == [b"typed line\n", b""]
+    if codes[0][0] == -signal.SIGABRT and "_enter_buffered_busy" in codes[0][1]:
+        # Known bug (reported): the stdin pump, a daemon thread, is still blocked reading the
+        # open terminal through sys.stdin.buffer when the command ends; at interpreter
+        # shutdown Python aborts on that reader's lock. Fixed, this test passes.
+        pytest.xfail("vzkit run -i aborts at exit while the terminal stays open")
+    assert [code for code, _ in codes] == [0, 0], codes
 
 
 def _vm_hwm_kb(pid: int) -> int:
@@ -83,7 +121,7 @@ def test_ctrl_c_tears_the_vm_down() -> None:
         assert proc.wait(timeout=30) == 130
     deadline = time.monotonic() + 10
     while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        time.sleep(0.1)  # poll interval
     assert not [pid for pid in children if Path(f"/proc/{pid}").exists()]
 
 

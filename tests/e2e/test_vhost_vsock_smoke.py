@@ -153,7 +153,7 @@ class VsockGuest:
             except ConnectionRefusedError:
                 if time.monotonic() > deadline:
                     raise
-                time.sleep(0.1)
+                time.sleep(0.1)  # poll interval
 
     def close(self) -> None:
         if self.qemu.poll() is None:
@@ -190,7 +190,7 @@ def test_guest_driver_binds_and_posts_rx_buffers(guest: VsockGuest) -> None:
     assert guest.device is not None
     deadline = time.monotonic() + 10
     while not guest.device.running and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval
     assert guest.device.running  # features negotiated, CID read, both rings started
     status, out = guest.run("ls /dev/vsock /sys/bus/virtio/drivers/vmw_vsock_virtio_transport")
     assert status == 0, out
@@ -222,7 +222,7 @@ def test_64_mib_host_to_guest_sha256(guest: VsockGuest) -> None:
         _status, out = guest.run("cat /tmp/h2g.sum")
         if out.strip() or time.monotonic() > deadline:
             break
-        time.sleep(0.5)
+        time.sleep(0.5)  # poll interval
     assert out.split()[0] == hashlib.sha256(data).hexdigest()
     print(f"host->guest 64 MiB: {64 / elapsed:.1f} MiB/s")
 
@@ -306,7 +306,7 @@ def test_echo_under_a_tight_byte_budget(
         deadline = time.monotonic() + 300
         while any(t.is_alive() for t in threads) and time.monotonic() < deadline:
             peak[0] = max(peak[0], vm.device.committed_bytes)
-            time.sleep(0.01)
+            time.sleep(0.01)  # sampling interval of the peak, not synchronisation
         for thread in threads:
             thread.join(10)
         assert all(results.get(i) == payloads[i] for i in range(24))
@@ -329,7 +329,12 @@ def test_vm_killed_mid_transfer(guest: VsockGuest) -> None:
 
     sender = threading.Thread(target=flood)
     sender.start()
-    time.sleep(1)
+    assert guest.device is not None
+    device = guest.device
+    deadline = time.monotonic() + 30
+    while device.stats.bytes_to_guest < 1 << 20:  # the transfer is under way
+        assert time.monotonic() < deadline, "no data reached the guest"
+        time.sleep(0.01)  # poll interval
     guest.qemu.kill()  # the vhost-user socket closes mid-transfer
     t0 = time.monotonic()
     with contextlib.suppress(ConnectionResetError):
@@ -341,7 +346,7 @@ def test_vm_killed_mid_transfer(guest: VsockGuest) -> None:
     assert guest.device is not None
     deadline = time.monotonic() + 5
     while guest.device.attached and time.monotonic() < deadline:
-        time.sleep(0.05)
+        time.sleep(0.05)  # poll interval
     assert not guest.device.attached
     with pytest.raises(ConnectionRefusedError):
         connect_hybrid(guest.uds, 5002, timeout=5)

@@ -79,7 +79,7 @@ def test_balloon_shrinks_guest_memory(macvms: MacVMs, backend: str) -> None:
     deadline = time.monotonic() + 60
     after = before
     while time.monotonic() < deadline and after > before - 200 * 1024:
-        time.sleep(0.5)
+        time.sleep(0.5)  # poll interval
         after = _mem_total_kb(vm)
     assert after <= before - 200 * 1024, f"MemTotal {before} kB -> {after} kB"
 
@@ -103,7 +103,7 @@ def test_vsock_host_to_guest_and_refused_port(macvms: MacVMs, backend: str) -> N
         except ConnectionRefusedError:
             if time.monotonic() > deadline:
                 raise
-            time.sleep(0.2)
+            time.sleep(0.2)  # poll interval
     with sock:
         payload = bytes(range(256)) * 4096  # 1 MiB
         sock.sendall(payload)

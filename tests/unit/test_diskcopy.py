@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import vzkit
+from vzkit import _diskcopy
 from vzkit._diskcopy import CopyAborted, copy_disk, copy_disk_sync
 from vzkit.backends.qemu import _migrate
 from vzkit.backends.qemu._machine import QemuMachine
@@ -48,15 +49,37 @@ def test_an_aborted_copy_leaves_nothing(tmp_path: Path) -> None:
     assert not dst.exists()
 
 
-def test_cancelling_the_coroutine_removes_the_partial_copy(tmp_path: Path) -> None:
+def test_cancelling_the_coroutine_removes_the_partial_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cancelled while the worker is between two chunks, with a partial copy on disk.
+
+    The copy is held there (fault injection) rather than raced with a sleep: a fast disk, or
+    a reflink (one ioctl), finished before the cancel, and the test then proved nothing.
+    """
     src, dst = tmp_path / "src.raw", tmp_path / "dst.raw"
     with open(src, "wb") as fh:
-        for _ in range(64):
+        for _ in range(4):
             fh.write(os.urandom(1 << 20))
+    copy_range = _diskcopy._copy_range
+    partial = threading.Event()
+
+    def held_after_one_chunk(
+        src_fd: int, dst_fd: int, start: int, end: int, abort: threading.Event | None
+    ) -> int:
+        assert abort is not None
+        written = copy_range(src_fd, dst_fd, start, min(end, start + (1 << 20)), abort)
+        partial.set()
+        assert abort.wait(30), "the cancellation never reached the worker"
+        return written + copy_range(src_fd, dst_fd, start + (1 << 20), end, abort)
+
+    monkeypatch.setattr(_diskcopy, "_reflink", lambda src_fd, dst_fd: False)
+    monkeypatch.setattr(_diskcopy, "_copy_range", held_after_one_chunk)
 
     async def main() -> None:
         task = asyncio.ensure_future(copy_disk(src, dst))
-        await asyncio.sleep(0.01)
+        assert await asyncio.to_thread(partial.wait, 30)
+        assert dst.stat().st_size == 1 << 20  # a partial copy
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -398,8 +398,11 @@ def test_shares_start_connect_and_reap_their_daemons(
             sock.sendall(device.tag.encode())
             assert sock.recv(100) == device.tag.encode()
             sock.close()
-        os.kill(shares.pids["c"], signal.SIGKILL)  # a daemon dies mid-run ...
-        await asyncio.sleep(0.2)
+        dead = shares.pids["c"]
+        os.kill(dead, signal.SIGKILL)  # a daemon dies mid-run ...
+        async with asyncio.timeout(10):
+            while dead in live_children():  # (reaped: vzkit saw it die)
+                await asyncio.sleep(0.02)  # poll interval
         await shares.close()  # ... and close() still reaps everything
         await shares.close()  # idempotent
         assert live_children() == {}
@@ -426,13 +429,12 @@ def test_a_daemon_that_dies_is_reported_with_its_status_and_log(
         os.kill(shares.pids["b"], signal.SIGKILL)
         async with asyncio.timeout(10):
             while not died:
-                await asyncio.sleep(0.02)
+                await asyncio.sleep(0.02)  # poll interval
         assert died == [("b", -9, "fake-virtiofsd: something broke")]
         shares.qemu_started()  # "QEMU" closes its end: "a" exits with 0, which is no failure
-        async with asyncio.timeout(10):
-            while live_children():
-                await asyncio.sleep(0.02)
-        await asyncio.sleep(0.1)
+        async with asyncio.timeout(10):  # every watch has acted on its daemon's exit
+            while live_children() or not all(task.done() for task in shares._watches):
+                await asyncio.sleep(0.02)  # poll interval
         await shares.close()
         assert died == [("b", -9, "fake-virtiofsd: something broke")]
 

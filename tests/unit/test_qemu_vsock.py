@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import fcntl
 import os
@@ -11,7 +12,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,8 @@ import vzkit
 from vzkit.backends.qemu import _vsock
 from vzkit.backends.qemu._vsock import VsockTransport, open_kernel_vhost
 from vzkit.backends.qemu.vhost_vsock._hybrid import peer_address
+
+from ..support.polling import blocked_in_poll, wait_until
 
 
 def test_no_vhost_device_means_the_user_space_device(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -110,7 +112,7 @@ def test_close_from_another_thread_wakes_accept(transport: VsockTransport) -> No
 
     thread = threading.Thread(target=waiter)
     thread.start()
-    time.sleep(0.1)
+    wait_until(lambda: blocked_in_poll(thread), "the waiter to block in accept()")
     listener.close()
     thread.join(5)
     assert not thread.is_alive()
@@ -244,6 +246,67 @@ def test_kernel_listener_follows_a_new_guest_cid(
         assert conn.recv(1) == b"n"
         conn.close()
     listener.close()
+
+
+class FakeKernelVsockClient(socket.socket):
+    """An ``AF_VSOCK`` client stand-in (this host has no ``vsock_loopback``): ``connect((cid,
+    port))`` reaches the unix socket ``guest-CID-PORT`` under ``root``, where a test plays that
+    guest; no listener there is refused the way the kernel refuses it (``ECONNRESET``: the
+    guest answered with a reset)."""
+
+    def __init__(self, root: Path) -> None:
+        super().__init__(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.root = root
+
+    @property  # type: ignore[override]
+    def family(self) -> socket.AddressFamily:
+        return socket.AF_VSOCK
+
+    def connect(self, address: object) -> None:
+        cid, port = address  # type: ignore[misc]
+        try:
+            super().connect(str(self.root / f"guest-{cid}-{port}"))
+        except FileNotFoundError:
+            raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer") from None
+
+
+def test_kernel_connect_reaches_the_guests_cid_and_port(
+    transport: VsockTransport, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    made: list[FakeKernelVsockClient] = []
+
+    def vsock_socket() -> socket.socket:
+        made.append(FakeKernelVsockClient(tmp_path))
+        return made[-1]
+
+    monkeypatch.setattr(_vsock, "_vsock_socket", vsock_socket)
+    transport.kernel, transport.guest_cid = True, 7
+    with socket.socket(socket.AF_UNIX) as guest, socket.socket(socket.AF_UNIX) as other_vm:
+        guest.bind(str(tmp_path / "guest-7-5000"))
+        guest.listen()
+        other_vm.bind(str(tmp_path / "guest-8-5000"))  # the same port on another VM
+        other_vm.listen()
+        sock = asyncio.run(transport.connect(5000, timeout=5))
+        conn, _ = guest.accept()
+        sock.sendall(b"to the guest")
+        assert conn.recv(100) == b"to the guest"
+        conn.sendall(b"from the guest")
+        assert sock.recv(100) == b"from the guest"
+        assert sock.gettimeout() is None  # blocking again after the connect timeout
+        other_vm.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            other_vm.accept()  # nothing reached CID 8
+        conn.close()
+        sock.close()
+
+        with pytest.raises(ConnectionRefusedError, match="vsock port 5001 refused"):
+            asyncio.run(transport.connect(5001, timeout=5))
+    assert len(made) == 2
+    assert made[1].fileno() == -1  # the refused socket was closed
+    transport.attached = False  # unplugged around a snapshot save: no connect at all
+    with pytest.raises(vzkit.VMError, match="the vsock device is unplugged"):
+        asyncio.run(transport.connect(5000, timeout=5))
+    assert len(made) == 2
 
 
 def test_unix_listener_accepts_only_the_device_helper(

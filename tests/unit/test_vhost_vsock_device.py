@@ -8,15 +8,16 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
 from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice, helper_argv
-from vzkit.backends.qemu.vhost_vsock._fakedriver import FakeDriver
-from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._packet import Op
+
+from ..support.polling import wait_until
+from ..support.vhost_vsock.fakedriver import FakeDriver
+from ..support.vhost_vsock.fakeguest import GuestConn, attached
 
 
 def open_fds() -> int:
@@ -118,7 +119,7 @@ def test_listen_mode_accepts_one_front_end_at_a_time(tmp_path: Path) -> None:
             assert second.recv(1) == b""  # turned away while the first is attached
             second.close()
             exchange(fake, uds)
-        time.sleep(0.05)
+        wait_until(lambda: not dev.attached, "the device to see the first front-end leave")
         third = socket.socket(socket.AF_UNIX)
         third.connect(str(vhost))  # after the first left, a new front-end attaches
         with FakeDriver(third) as fake:

@@ -18,9 +18,11 @@ from vzkit.backends.qemu.vhost_vsock import (
     guest_port_path,
     parse_connect_line,
 )
-from vzkit.backends.qemu.vhost_vsock._fakedriver import FakeDriver
-from vzkit.backends.qemu.vhost_vsock._fakeguest import attached
 from vzkit.backends.qemu.vhost_vsock._packet import Op
+
+from ..support.polling import unread_by_peer, wait_until
+from ..support.vhost_vsock.fakedriver import FakeDriver
+from ..support.vhost_vsock.fakeguest import attached
 
 
 @pytest.fixture
@@ -90,7 +92,7 @@ def wait_for(predicate: object, timeout: float = 3.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert time.monotonic() < deadline, "condition not met"
-        time.sleep(0.01)
+        time.sleep(0.01)  # poll interval
 
 
 def assert_rejected(sock: socket.socket, fake: FakeDriver) -> None:
@@ -100,7 +102,7 @@ def assert_rejected(sock: socket.socket, fake: FakeDriver) -> None:
     except ConnectionResetError:
         pass
     sock.close()
-    assert [p for p in fake.expect_silence(0.05) if p.op == Op.REQUEST] == []
+    assert [p for p in fake.expect_silence() if p.op == Op.REQUEST] == []
 
 
 @pytest.mark.parametrize(
@@ -137,7 +139,7 @@ def test_no_newline_then_close(uds: Path, pair: tuple[VhostUserVsockDevice, Fake
     dev, fake = pair
     sock = client(uds)
     sock.sendall(b"CONNECT 52")
-    time.sleep(0.05)
+    wait_until(lambda: unread_by_peer(sock) == 0, "the device to read the partial line")
     sock.shutdown(socket.SHUT_WR)
     assert_rejected(sock, fake)
     wait_for(lambda: dev.pending_handshakes == 0)
@@ -147,7 +149,7 @@ def test_split_write_is_accepted(uds: Path, pair: tuple[VhostUserVsockDevice, Fa
     dev, fake = pair
     sock = client(uds)
     sock.sendall(b"CONN")
-    time.sleep(0.05)
+    wait_until(lambda: unread_by_peer(sock) == 0, "the device to read the partial line")
     assert dev.pending_handshakes == 1
     sock.sendall(b"ECT 52\n")
     (req,) = fake.recv(ops=[Op.REQUEST])
@@ -164,7 +166,7 @@ def test_byte_by_byte_request_line(
     sock = client(uds)
     for byte in b"CONNECT 4294967295\n":
         sock.send(bytes([byte]))
-        time.sleep(0.002)
+        wait_until(lambda: unread_by_peer(sock) == 0, "the device to read the byte")
     try:
         (req,) = fake.recv(ops=[Op.REQUEST])
         assert req.dst_port == 2**32 - 1
@@ -177,7 +179,7 @@ def test_silent_client_is_dropped_after_the_handshake_timeout(uds: Path) -> None
         sock = client(uds)
         t0 = time.monotonic()
         assert sock.recv(1) == b""
-        assert 0.15 < time.monotonic() - t0 < 2
+        assert time.monotonic() - t0 > 0.15  # the timer, not at once (a timer never fires early)
         sock.close()
 
 

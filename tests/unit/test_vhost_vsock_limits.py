@@ -29,9 +29,10 @@ import pytest
 from vzkit.backends.qemu.vhost_vsock import _vsock as vsock_module
 from vzkit.backends.qemu.vhost_vsock import helper_argv, peer_port_from_address
 from vzkit.backends.qemu.vhost_vsock._device import FD_RESERVE
-from vzkit.backends.qemu.vhost_vsock._fakedriver import FakeDriver
-from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._packet import SHUTDOWN_RCV, SHUTDOWN_SEND, Op
+
+from ..support.vhost_vsock.fakedriver import FakeDriver
+from ..support.vhost_vsock.fakeguest import GuestConn, attached
 
 BOTH = SHUTDOWN_RCV | SHUTDOWN_SEND
 GUEST_BUF = 256 * 1024
@@ -44,7 +45,7 @@ def wait_for(predicate: Callable[[], bool], what: str, timeout: float = DEADLINE
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.01)
+        time.sleep(0.01)  # poll interval
 
 
 def answered(conn: GuestConn) -> bool:

@@ -12,8 +12,6 @@ from pathlib import Path
 import pytest
 
 from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice, connect_hybrid
-from vzkit.backends.qemu.vhost_vsock._fakedriver import REGION_SIZE, FakeDriver
-from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._packet import Op
 from vzkit.backends.qemu.vhost_vsock._vhost_user import (
     F_PROTOCOL_FEATURES,
@@ -24,6 +22,9 @@ from vzkit.backends.qemu.vhost_vsock._vhost_user import (
     Request,
 )
 from vzkit.backends.qemu.vhost_vsock._virtqueue import F_EVENT_IDX, F_INDIRECT_DESC
+
+from ..support.vhost_vsock.fakedriver import REGION_SIZE, FakeDriver
+from ..support.vhost_vsock.fakeguest import GuestConn, attached
 
 U64 = struct.Struct("=Q")
 STATE = struct.Struct("=II")
@@ -242,7 +243,7 @@ def test_rings_start_disabled_until_enabled(uds: Path) -> None:
             fake.start_ring(q)
         fake.post_rx()
         fake.send(Op.RW, 1024, 52, b"x")  # earns an RST once the rings run
-        time.sleep(0.1)
+        fake.settle()
         assert fake.tx.used_entries() == []  # started but not enabled: untouched
         for q in (fake.rx, fake.tx):
             fake.send_msg(Request.SET_VRING_ENABLE, STATE.pack(q.index, 1))
@@ -277,8 +278,8 @@ def test_get_vring_base_stops_the_ring_and_restart_resumes(uds: Path) -> None:
         assert rx_base == 3
         assert not dev.running
         fake.send(Op.RW, 1200, 52, b"x")  # posted while stopped: left alone
-        time.sleep(0.1)
-        assert 1200 not in [p.dst_port for p in fake.expect_silence(0.05)]
+        fake.settle()
+        assert fake.poll_rx() == []
         assert fake.tx.used_entries() == []
         fake.start_ring(fake.rx, rx_base)
         fake.start_ring(fake.tx, 3)
@@ -299,7 +300,7 @@ def test_pause_resume_keeps_connections(uds: Path) -> None:
         fake.tx.reclaimed += fake.tx.used_entries()
         bases = [fake.stop_ring(fake.rx), fake.stop_ring(fake.tx)]
         host.sendall(b"while paused")
-        time.sleep(0.1)
+        fake.settle()  # the device has seen the bytes while the rings were stopped
         fake.start_ring(fake.rx, bases[0])
         fake.start_ring(fake.tx, bases[1])
         assert conn.recv_exactly(12) == b"while paused"
@@ -344,7 +345,7 @@ def test_message_split_across_writes_is_reassembled(
     data = struct.pack("=III", Request.GET_CONFIG, 1, 20) + struct.pack("=III", 0, 8, 0) + bytes(8)
     for piece in (data[:5], data[5:12], data[12:13], data[13:]):
         fake.sock.sendall(piece)
-        time.sleep(0.02)
+        time.sleep(0.02)  # spacing, not synchronisation: lets the device read pieces apart
     request, _, body = fake.recv_reply()
     assert request == Request.GET_CONFIG
     assert struct.unpack_from("<Q", body, 12)[0] == 3
@@ -361,7 +362,8 @@ def test_oversized_message_drops_the_session(
 
 
 def test_front_end_disconnect_closes_connections_and_refuses_new_ones(uds: Path) -> None:
-    with attached(uds) as (dev, fake):
+    # no connect timeout in reach: a refusal can only come from the detached device
+    with attached(uds, connect_timeout_s=3600.0) as (dev, fake):
         lst = socket.socket(socket.AF_UNIX)
         lst.bind(f"{uds}_7000")
         lst.listen()
@@ -373,11 +375,9 @@ def test_front_end_disconnect_closes_connections_and_refuses_new_ones(uds: Path)
         assert host.recv(1) == b""
         deadline = time.monotonic() + 2
         while dev.attached and time.monotonic() < deadline:
-            time.sleep(0.01)
+            time.sleep(0.01)  # poll interval
         assert not dev.attached
-        t0 = time.monotonic()
-        with pytest.raises(ConnectionRefusedError):
+        with pytest.raises(ConnectionRefusedError):  # (waiting would raise TimeoutError)
             connect_hybrid(uds, 52, timeout=5)
-        assert time.monotonic() - t0 < 1
         host.close()
         lst.close()

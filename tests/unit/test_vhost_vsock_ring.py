@@ -15,8 +15,6 @@ from pathlib import Path
 import pytest
 
 from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice
-from vzkit.backends.qemu.vhost_vsock._fakedriver import REGION_SIZE, SLOT, FakeDriver
-from vzkit.backends.qemu.vhost_vsock._fakeguest import GuestConn, attached
 from vzkit.backends.qemu.vhost_vsock._memory import GuestMemory, GuestMemoryError, RegionSpec
 from vzkit.backends.qemu.vhost_vsock._packet import HEADER, HEADER_SIZE, Op
 from vzkit.backends.qemu.vhost_vsock._virtqueue import (
@@ -25,6 +23,10 @@ from vzkit.backends.qemu.vhost_vsock._virtqueue import (
     DESC_F_WRITE,
     Virtqueue,
 )
+
+from ..support.polling import wait_until
+from ..support.vhost_vsock.fakedriver import REGION_SIZE, SLOT, FakeDriver
+from ..support.vhost_vsock.fakeguest import GuestConn, attached
 
 U16 = struct.Struct("<H")
 
@@ -67,7 +69,7 @@ def assert_alive(fake: FakeDriver, port: int = 1999) -> None:
     deadline = time.monotonic() + 5
     while fake.tx.chains and time.monotonic() < deadline:
         fake.tx.reclaimed += fake.tx.used_entries()
-        time.sleep(0.01)
+        time.sleep(0.01)  # poll interval
 
 
 def bad_chain_case(
@@ -198,8 +200,7 @@ def test_available_index_jump_breaks_only_that_ring_until_restarted(
     fake.tx.avail_idx = fake.tx.kick_idx = 1000
     fake.write(fake.tx.avail + 2, U16.pack(1000))
     fake.tx.kick()
-    time.sleep(0.1)
-    assert "available index jumped" in caplog.text
+    wait_until(lambda: "available index jumped" in caplog.text, "the device to notice the jump")
     base = fake.stop_ring(fake.tx)
     assert base == 0
     fake.tx.avail_idx = fake.tx.kick_idx = 0
@@ -285,8 +286,8 @@ def test_used_event_suppresses_interrupts(pair: tuple[VhostUserVsockDevice, Fake
     fake.write(with_event, U16.pack((fake.tx.last_used + 5) & 0xFFFF))  # not before 6 more
     fake.send(Op.RW, 1100, 52, b"x")
     fake.recv(ops=[Op.RST])
-    time.sleep(0.05)
-    assert not fake.tx.wait_call(0.05)
+    fake.settle()  # the device has ended the iteration that used the packet
+    assert not fake.tx.wait_call(0)
     fake.tx.used_entries()  # catches up and sets used_event to "the next one"
     fake.send(Op.RW, 1101, 52, b"x")
     assert fake.tx.wait_call(2)

@@ -47,11 +47,13 @@ def hanging_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 # A stand-in QEMU that speaks QMP (the greeting, capabilities negotiation, replies with the
 # caller's id, events) on the socket vzkit hands it (-chardev socket,id=qmp0,fd=N), then
 # misbehaves as $FAKE_QEMU_MODE says: "wedge" never answers "stop"; "panic" reports a guest
-# panic half a second after "cont" the way QEMU with -action panic=exit-failure does
-# (GUEST_PANICKED, STOP, SHUTDOWN, exit status 1).
+# panic, once running ("cont") and the test created the file "panic-now" beside the script,
+# the way QEMU with -action panic=exit-failure does (GUEST_PANICKED, STOP, SHUTDOWN, exit
+# status 1). The trigger is the test's, not a delay: a start still under way on a loaded
+# machine must not see the panic.
 FAKE_QEMU = textwrap.dedent(
     """\
-    import json, os, socket, sys, time
+    import json, os, socket, sys, threading, time
     if sys.argv[1:2] == ["-accel"]:
         print("Accelerators supported in QEMU binary:\\ntcg")
         sys.exit(0)
@@ -79,21 +81,37 @@ FAKE_QEMU = textwrap.dedent(
     def event(name, **data):
         send({"event": name, "data": data, "timestamp": {"seconds": 0, "microseconds": 0}})
 
+    def panic_when_told():
+        trigger = os.path.join(os.path.dirname(sys.argv[0]), "panic-now")
+        while not os.path.exists(trigger):
+            time.sleep(0.01)  # poll interval
+        os.unlink(trigger)
+        event("GUEST_PANICKED", action="poweroff")
+        event("STOP")
+        event("SHUTDOWN", guest=True, reason="guest-panic")
+        os._exit(1)
+
     send({"QMP": {"version": {"qemu": {"major": 7, "minor": 2, "micro": 0}, "package": ""},
                   "capabilities": []}})
+    balloon = [256 << 20]  # what the guest holds ("actual", bytes), after the last "balloon"
     for request in requests():
         command = request["execute"]
         if mode == "wedge" and command == "stop":
             continue
-        send({"return": [] if command.startswith("query-") else {}, "id": request.get("id")})
+        if command == "balloon":  # a guest that gives back exactly what it is asked for
+            balloon[0] = request["arguments"]["value"]
+        reply = [] if command.startswith("query-") else {}
+        if command == "query-balloon":
+            reply = {"actual": balloon[0]}
+        send({"return": reply, "id": request.get("id")})
         if command == "quit":
             sys.exit(0)
+        if command == "system_powerdown":  # the guest powers off, as ACPI asks it
+            event("POWERDOWN")
+            event("SHUTDOWN", guest=True, reason="guest-shutdown")
+            sys.exit(0)
         if mode == "panic" and command == "cont":
-            time.sleep(0.5)
-            event("GUEST_PANICKED", action="poweroff")
-            event("STOP")
-            event("SHUTDOWN", guest=True, reason="guest-panic")
-            sys.exit(1)
+            threading.Thread(target=panic_when_told).start()
     """
 )
 
@@ -170,7 +188,7 @@ def test_start_timeout_kills_and_reaps_a_vmm_that_never_answers(
     t0 = time.monotonic()
     with pytest.raises(vzkit.VMTimeoutError, match=r"start did not finish within 1\.5 s"):
         vm.start(timeout=1.5)
-    assert time.monotonic() - t0 < 8
+    assert time.monotonic() - t0 < 300  # not waited for: the stand-in sleeps 600 s
     pid = int((hanging_qemu.parent / "pid").read_text())
     assert not pid_alive(pid)
     assert pid not in live_children()
@@ -260,6 +278,7 @@ def test_a_guest_panic_ends_in_error_with_the_reason_on_both_facades(
     reason = "the guest kernel panicked (reported by the pvpanic device; QEMU exits)"
     with vzkit.VirtualMachine(_config(kernel, vsock=False), backend="qemu") as vm:
         vm.start(timeout=30)
+        (fake_qemu.parent / "panic-now").touch()
         assert vm.wait(timeout=30) is vzkit.VMState.ERROR
         assert isinstance(vm.last_error, vzkit.VMError)
         assert str(vm.last_error) == reason
@@ -268,9 +287,41 @@ def test_a_guest_panic_ends_in_error_with_the_reason_on_both_facades(
         cfg = _config(kernel, vsock=False)
         async with vzkit.aio.VirtualMachine(cfg, backend="qemu") as avm:
             await avm.start(timeout=30)
+            (fake_qemu.parent / "panic-now").touch()
             assert await avm.wait(timeout=30) is vzkit.VMState.ERROR
             assert str(avm.last_error) == reason
             assert avm.can_start
+
+    asyncio.run(main())
+    assert not [p for p in live_children() if pid_alive(p)]
+
+
+def test_aio_request_stop_then_wait_and_the_balloon(
+    kernel: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vzkit.aio``: the balloon's target and what the guest holds, then a stop the guest is
+    asked for (ACPI power button) and ``wait`` for it, over QMP to a stand-in QEMU."""
+    monkeypatch.setenv("FAKE_QEMU_MODE", "obedient")
+
+    async def main() -> None:
+        async with vzkit.aio.VirtualMachine(_config(kernel, vsock=False), backend="qemu") as vm:
+            assert isinstance(vm.balloon, vzkit.aio.Balloon)
+            await vm.start(timeout=30)
+            before = await vm.balloon.info()
+            assert (before.has_balloon, before.target_gb, before.actual_gb) == (True, 0.25, 0.25)
+            await vm.balloon.set_target_gb(0.125)
+            after = await vm.balloon.info()
+            assert (after.target_gb, after.actual_gb) == (0.125, 0.125)
+            with pytest.raises(vzkit.ConfigError, match=r"outside 64 MiB\.\.256 MiB"):
+                await vm.balloon.set_target_gb(1)
+            with pytest.raises(vzkit.VMTimeoutError):
+                await vm.wait(timeout=0.2)  # running, and nobody asked it to stop
+            assert vm.state is vzkit.VMState.RUNNING
+            await vm.request_stop()
+            assert await vm.wait(timeout=30) is vzkit.VMState.STOPPED
+            assert vm.last_error is None
+            with pytest.raises(vzkit.StateError, match="balloon needs a running VM"):
+                await vm.balloon.set_target_gb(0.125)
 
     asyncio.run(main())
     assert not [p for p in live_children() if pid_alive(p)]

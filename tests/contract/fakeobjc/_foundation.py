@@ -268,7 +268,7 @@ def register(rt: FakeRuntime) -> None:
         if on_main and rt.main_queue.pending():
             rt.main_queue.drain(1 if once else None)
             return True
-        time.sleep(min(max(seconds, 0.0), 0.005))
+        time.sleep(min(max(seconds, 0.0), 0.005))  # a run loop idling, as the real one does
         return False
 
     def until(date: Any) -> float:
@@ -339,7 +339,7 @@ def make_module(rt: FakeRuntime) -> types.ModuleType:
         if rt.main_queue.pending():
             rt.main_queue.drain(1 if once else None)
             return int(rt.api.cf_enums.get("kCFRunLoopRunHandledSource", 4))
-        time.sleep(min(max(float(seconds), 0.0), 0.005))
+        time.sleep(min(max(float(seconds), 0.0), 0.005))  # a run loop idling, as the real one
         return int(rt.api.cf_enums.get("kCFRunLoopRunTimedOut", 3))
 
     def CFRunLoopGetMain(*args: Any) -> object:

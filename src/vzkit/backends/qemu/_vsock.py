@@ -326,7 +326,7 @@ class VsockTransport:
         return sock
 
     def _connect_kernel(self, port: int, timeout: float | None) -> socket.socket:
-        sock = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+        sock = _vsock_socket()
         try:
             sock.settimeout(timeout)
             sock.connect((self.guest_cid, port))

@@ -10,9 +10,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from ._device import VhostUserVsockDevice
-from ._fakedriver import FakeDriver, Packet
-from ._packet import Op
+from vzkit.backends.qemu.vhost_vsock._device import VhostUserVsockDevice
+from vzkit.backends.qemu.vhost_vsock._packet import Op
+
+from .fakedriver import FakeDriver, Packet
 
 __all__ = ["GuestConn", "attached"]
 

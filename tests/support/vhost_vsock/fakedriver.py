@@ -1,4 +1,6 @@
-"""A fake front-end and guest driver for testing the device without QEMU (test harness).
+"""A fake front-end and guest driver for testing the vhost-user-vsock device without QEMU.
+
+Test support, not packaged (the wheel holds ``src/vzkit`` only).
 
 :class:`FakeDriver` plays QEMU and the guest's virtio-vsock driver at once, from the contracts
 the device implements (vhost-user as QEMU 7.2 speaks it, split virtqueues, virtio-vsock
@@ -24,8 +26,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from ._packet import HEADER, HEADER_SIZE, HOST_CID, TYPE_STREAM, Op
-from ._vhost_user import (
+from vzkit.backends.qemu.vhost_vsock._packet import HEADER, HEADER_SIZE, HOST_CID, TYPE_STREAM, Op
+from vzkit.backends.qemu.vhost_vsock._vhost_user import (
     F_PROTOCOL_FEATURES,
     FLAG_NEED_REPLY,
     PF_CONFIG,
@@ -33,13 +35,20 @@ from ._vhost_user import (
     VERSION,
     Request,
 )
-from ._vhost_user import HEADER as VU_HEADER
-from ._virtqueue import DESC_F_INDIRECT, DESC_F_NEXT, DESC_F_WRITE, F_EVENT_IDX, F_INDIRECT_DESC
+from vzkit.backends.qemu.vhost_vsock._vhost_user import HEADER as VU_HEADER
+from vzkit.backends.qemu.vhost_vsock._virtqueue import (
+    DESC_F_INDIRECT,
+    DESC_F_NEXT,
+    DESC_F_WRITE,
+    F_EVENT_IDX,
+    F_INDIRECT_DESC,
+)
 
 __all__ = ["DriverQueue", "FakeDriver", "Packet", "PacketSink"]
 
 REGION_SIZE = 16 << 20
 USER_BASES = (0x7F00_0000_0000, 0x7E00_0000_0000)  # QEMU's addresses: not contiguous
+BARRIER_PORT = 0xFFFF_FFF0  # guest and host port of barrier probes: no test uses it
 SLOT = 72 * 1024  # one buffer per descriptor index: room for a 64 KiB payload and a header
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
@@ -368,6 +377,13 @@ class FakeDriver:
         """Round-trip a request so every earlier message has been processed."""
         self.get_u64(Request.GET_FEATURES)
 
+    def settle(self) -> None:
+        """Two vhost-user round trips: the device has had a reactor iteration to act on every
+        event pending before this call (a kick, a host socket's data), even on a stopped ring
+        where no packet can answer (:meth:`barrier` needs running rings)."""
+        self.sync()
+        self.sync()
+
     # -- vsock -----------------------------------------------------------------------------
 
     def post_rx(self, count: int | None = None, *, size: int | None = None) -> None:
@@ -472,9 +488,32 @@ class FakeDriver:
                 raise TimeoutError(f"got {len(matching)} of {count} packets; inbox {names}")
             self.rx.wait_call(min(left, 0.05))
 
-    def expect_silence(self, seconds: float = 0.2) -> list[Packet]:
-        """Whatever arrives within ``seconds`` (tests assert it is nothing)."""
-        time.sleep(seconds)
-        self.poll_rx()
+    def barrier(self, rounds: int = 2, timeout: float = 5.0) -> None:
+        """Return once the device has answered a probe sent after everything before it.
+
+        The probe is an ``RW`` packet for a connection that does not exist; the device
+        answers every such packet with an ``RST`` on the rx ring, in order with what it sent
+        before. Two rounds: the second probe's kick is seen in a later reactor iteration than
+        anything already pending when the first one was sent (a host socket event, a timer).
+        The answers to the probes are taken out of the inbox.
+        """
+        for _ in range(rounds):
+            self.send(Op.RW, BARRIER_PORT, BARRIER_PORT, b"?")
+            deadline = time.monotonic() + timeout
+            while True:
+                self.poll_rx()
+                probe = [p for p in self.inbox if p.op == Op.RST and p.dst_port == BARRIER_PORT]
+                if probe:
+                    self.inbox.remove(probe[0])
+                    break
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("the device did not answer the barrier probe")
+                self.rx.wait_call(min(left, 0.05))
+
+    def expect_silence(self) -> list[Packet]:
+        """What the device sent unasked so far, once it had the chance to act on everything
+        sent before (:meth:`barrier`); tests assert it is nothing."""
+        self.barrier()
         out, self.inbox = self.inbox, []
         return out

@@ -1,0 +1,1 @@
+"""A fake QEMU and guest virtio-vsock driver for the vhost-user-vsock device's tests."""

@@ -1,0 +1,187 @@
+"""CLI commands and options that need no VM, through ``vzkit.cli:main`` only: ``image build``
+(from local .debs), ``image list``, ``image rm``, the config options for boot media, and the
+checks ``run`` makes before it boots anything."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+import pytest
+from click.testing import CliRunner, Result
+
+from vzkit import LinuxVMConfig
+from vzkit.cli import main
+
+# the synthetic kernel/busybox .debs and a stand-in agent of the image builder's own tests
+from .test_guest_image import debs, fake_agent  # noqa: F401
+
+
+def run(*args: str | Path) -> Result:
+    return CliRunner().invoke(main, [str(a) for a in args], prog_name="vzkit")
+
+
+@pytest.fixture
+def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty vzkit cache of this test's own."""
+    path = tmp_path / "cache"
+    monkeypatch.setenv("VZKIT_CACHE_DIR", str(path))
+    return path
+
+
+def _fields(output: str) -> dict[str, str]:
+    return dict(line.split(None, 1) for line in output.splitlines())
+
+
+def test_image_build_list_and_rm(cache: Path, debs: Path, fake_agent: Path) -> None:  # noqa: F811
+    assert run("image", "list").stdout == "no images (vzkit image build makes one)\n"
+    assert json.loads(run("image", "list", "--json").stdout) == []
+
+    built = run("image", "build", "--arch", "x86_64", "--deb-dir", debs)
+    assert built.exit_code == 0, built.output
+    fields = _fields(built.stdout)
+    kernel, initrd = Path(fields["kernel"]), Path(fields["initrd"])
+    assert kernel.is_file()
+    assert initrd.is_file()
+    assert kernel.parent.parent == cache / "images"
+    assert fields["trust"] == "local"  # packages from --deb-dir
+
+    again = run("image", "build", "--arch", "x86_64", "--source", "deb-dir", "--deb-dir", debs)
+    assert again.exit_code == 0, again.output
+    assert again.stdout == built.stdout  # found in the cache, not built twice
+
+    listed = run("image", "list")
+    assert listed.exit_code == 0, listed.output
+    header, row = listed.stdout.splitlines()
+    assert header.split() == ["IMAGE", "ARCH", "KERNEL", "INITRD", "TRUST"]
+    assert row.split() == [
+        kernel.parent.name,
+        "x86_64",
+        fields["version"],
+        str(initrd.stat().st_size),
+        "local",
+    ]
+    [entry] = json.loads(run("image", "list", "--json").stdout)
+    assert entry == {
+        "image": kernel.parent.name,
+        "path": str(kernel.parent),
+        "arch": "x86_64",
+        "kernel_version": fields["version"],
+        "initrd_bytes": initrd.stat().st_size,
+        "trust": "local",
+    }
+
+    other = run("image", "rm", "--arch", "aarch64")
+    assert (other.exit_code, other.stdout) == (0, "")
+    assert kernel.is_file()  # another arch's images only
+    removed = run("image", "rm")
+    assert removed.exit_code == 0, removed.output
+    assert removed.stdout == f"removed {kernel.parent}\n"
+    assert not kernel.parent.exists()
+    assert run("image", "list").stdout == "no images (vzkit image build makes one)\n"
+
+
+def test_image_build_refresh_rebuilds_nothing_that_did_not_change(
+    cache: Path,
+    debs: Path,  # noqa: F811
+    fake_agent: Path,  # noqa: F811
+) -> None:
+    first = run("image", "build", "--arch", "x86_64", "--deb-dir", debs)
+    assert first.exit_code == 0, first.output
+    initrd = Path(_fields(first.stdout)["initrd"])
+    mtime = initrd.stat().st_mtime_ns
+    refreshed = run("image", "build", "--arch", "x86_64", "--deb-dir", debs, "--refresh")
+    assert refreshed.exit_code == 0, refreshed.output
+    assert refreshed.stdout == first.stdout  # the same packages: the same image
+    assert initrd.stat().st_mtime_ns == mtime
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--source", "deb-dir"], "--source deb-dir goes with --deb-dir DIR (and only with it)"),
+        (["--source", "apt", "--deb-dir", "."], "--source deb-dir goes with --deb-dir DIR"),
+        (["--source", "ftp"], "Invalid value for '--source'"),
+        (["--deb-dir", "/nonexistent/debs"], "'/nonexistent/debs' does not exist"),
+        (["--arch", "sparc"], "Invalid value for '--arch'"),
+    ],
+)
+def test_image_build_bad_options_exit_2_and_build_nothing(
+    cache: Path, args: list[str], message: str
+) -> None:
+    result = run("image", "build", *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert not (cache / "images").exists() or not list((cache / "images").iterdir())
+
+
+def test_image_rm_bad_arch_exits_2() -> None:
+    result = run("image", "rm", "--arch", "sparc")
+    assert result.exit_code == 2
+    assert "Invalid value for '--arch'" in result.stderr
+
+
+def test_config_initrd_and_iso(tmp_path: Path) -> None:
+    kernel, initrd, iso = tmp_path / "vmlinuz", tmp_path / "initrd.img", tmp_path / "boot.iso"
+    for path in (kernel, initrd, iso):
+        path.write_bytes(b"x")
+    result = run("config", "--kernel", kernel, "--initrd", initrd, "--iso", iso)
+    assert result.exit_code == 0, result.output
+    cfg = LinuxVMConfig.from_toml(result.stdout)
+    assert (cfg.kernel_path, cfg.initrd_path, cfg.iso_path) == (kernel, initrd, iso)
+    missing = run("config", "--kernel", kernel, "--initrd", tmp_path / "nope.img")
+    assert missing.exit_code == 2
+    assert f"initrd_path: '{tmp_path / 'nope.img'}' does not exist" in missing.stderr
+
+
+@pytest.mark.parametrize("bad", ["NOVALUE", "=value"])
+def test_run_env_without_name_and_value_is_a_usage_error_before_any_boot(
+    cache: Path, bad: str
+) -> None:
+    # (an empty cache: a boot would have to build the default image first, and fail otherwise)
+    result = run("run", "-e", "GOOD=1", "--env", bad, "--", "true")
+    assert result.exit_code == 2, result.output
+    assert f"vzkit: error: --env wants NAME=VALUE, got {bad!r}" in result.stderr
+    assert not cache.exists()
+
+
+@pytest.mark.parametrize("command", [["run"], ["snapshot", "save"], ["snapshot", "restore"]])
+def test_boot_timeout_must_be_a_number(command: list[str], tmp_path: Path) -> None:
+    args = [] if command == ["run"] else [tmp_path / "vm", "snap"]
+    result = run(*command, "--boot-timeout", "soon", *args, "--", "true")
+    assert result.exit_code == 2
+    assert "'soon' is not a valid float" in result.stderr
+
+
+def _declaration(option: click.Option) -> tuple[object, ...]:
+    return (
+        option.opts,
+        option.secondary_opts,
+        option.name,
+        option.type.to_info_dict(),
+        option.multiple,
+        option.is_flag,
+        option.default,
+    )
+
+
+@pytest.mark.parametrize("path", [["run"], ["snapshot", "save"], ["snapshot", "restore"]])
+def test_vm_making_commands_share_the_vm_options(path: list[str]) -> None:
+    """The commands that boot take exactly the VM options of ``config``, declared alike (so
+    ``config``'s tests of each option hold for them) and documented alike."""
+    ctx = click.Context(main)
+    config = main.get_command(ctx, "config")
+    command: click.Command | None = main
+    for name in path:
+        assert isinstance(command, click.Group)
+        command = command.get_command(ctx, name)
+    assert config is not None
+    assert command is not None
+    ours = {o.name: o for o in config.params if isinstance(o, click.Option)}
+    theirs = {o.name: o for o in command.params if isinstance(o, click.Option)}
+    vm_options = set(ours) - {"fmt", "save_to"}  # config's own: --format, --save
+    assert vm_options <= set(theirs)
+    for name in sorted(vm_options):
+        assert _declaration(theirs[name]) == _declaration(ours[name]), name
+        assert theirs[name].help == ours[name].help, name

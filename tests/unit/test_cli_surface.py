@@ -1,0 +1,210 @@
+"""Every CLI command and option has a test, and this table says which.
+
+The command tree is walked from ``vzkit.cli:main`` (the console script), so a new command or
+option fails here until it has a row in ``COVERED`` naming the tests that exercise it (or, with
+a reason, in ``GAPS``). Rows are checked too: each named test must exist, and rows for
+commands or options that are gone must go.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import click
+
+from vzkit.cli import main
+
+TESTS = Path(__file__).resolve().parents[1]
+
+# "command path" (the command itself) or "command path --option" -> the tests covering it,
+# as "<file under tests/>::<test function>".
+_CORE = "unit/test_cli_core.py"
+_CMDS = "unit/test_cli_commands.py"
+_MAC = "unit/test_cli_macos.py"
+_RUN = "e2e/test_run_cli.py"
+_SNAP = "e2e/test_qemu_snapshots.py"
+_ROUND_TRIP = f"{_CORE}::test_config_options_round_trip"
+# the options every VM-making command shares (one decorator, one parser): their parsing and
+# checks are tested through `config`; the commands that boot pass them on to the same config
+VM_OPTIONS: dict[str, list[str]] = {
+    "--cpus": [_ROUND_TRIP, f"{_CORE}::test_config_bad_options_exit_2"],
+    "--memory": [_ROUND_TRIP, f"{_CORE}::test_config_bad_options_exit_2"],
+    "--arch": [_ROUND_TRIP],
+    "--kernel": [_ROUND_TRIP],
+    "--initrd": [f"{_CMDS}::test_config_initrd_and_iso"],
+    "--cmdline": [_ROUND_TRIP],
+    "--disk": [f"{_CORE}::test_disk_format_option"],
+    "--disk-format": [f"{_CORE}::test_disk_format_option"],
+    "--iso": [f"{_CMDS}::test_config_initrd_and_iso"],
+    "--state-dir": [_ROUND_TRIP],
+    "--volume": [_ROUND_TRIP],
+    "--network": [_ROUND_TRIP],
+    "--publish": [f"{_CORE}::test_config_publish"],
+    "--display": [_ROUND_TRIP],
+    "--graphics": [
+        f"{_CORE}::test_config_file_with_overrides",
+        f"{_CORE}::test_config_json_and_save",
+    ],
+    "--console": [_ROUND_TRIP],
+    "--accel": [_ROUND_TRIP],
+    "--config": [f"{_CORE}::test_config_file_with_overrides"],
+}
+_SHARED = f"{_CMDS}::test_vm_making_commands_share_the_vm_options"
+_BOOT_TIMEOUT = f"{_CMDS}::test_boot_timeout_must_be_a_number"
+
+COVERED: dict[str, list[str]] = {
+    " --version": [f"{_CORE}::test_version"],
+    "codesign": [f"{_MAC}::test_codesign_output_signs_a_copy"],
+    "codesign --output": [f"{_MAC}::test_codesign_output_signs_a_copy"],
+    "codesign --venv": [f"{_MAC}::test_codesign_venv_replaces_the_symlinks"],
+    "config": [f"{_CORE}::test_config_defaults_print_toml_that_loads_back"],
+    **{f"config {option}": tests for option, tests in VM_OPTIONS.items()},
+    "config --format": [f"{_CORE}::test_config_json_and_save"],
+    "config --save": [f"{_CORE}::test_config_json_and_save"],
+    "disk": [f"{_CORE}::test_disk_create"],
+    "disk create": [f"{_CORE}::test_disk_create", f"{_CORE}::test_disk_create_bad_size"],
+    "disk create --format": [
+        f"{_CORE}::test_disk_create_qcow2",
+        f"{_CORE}::test_disk_create_qcow2_without_qemu_img",
+    ],
+    "doctor": [f"{_CORE}::test_doctor_names_the_vsock_transport_and_the_share_daemon"],
+    "image": [f"{_CMDS}::test_image_build_list_and_rm"],
+    "image build": [f"{_CMDS}::test_image_build_list_and_rm"],
+    "image build --arch": [
+        f"{_CMDS}::test_image_build_list_and_rm",
+        f"{_CMDS}::test_image_build_bad_options_exit_2_and_build_nothing",
+    ],
+    "image build --deb-dir": [
+        f"{_CMDS}::test_image_build_list_and_rm",
+        f"{_CMDS}::test_image_build_bad_options_exit_2_and_build_nothing",
+    ],
+    "image build --source": [
+        f"{_CMDS}::test_image_build_list_and_rm",
+        f"{_CMDS}::test_image_build_bad_options_exit_2_and_build_nothing",
+    ],
+    "image build --mirror": [
+        "e2e/test_guest_mirror.py::test_mirror_image_is_byte_identical_to_the_apt_image"
+    ],
+    "image build --refresh": [
+        f"{_CMDS}::test_image_build_refresh_rebuilds_nothing_that_did_not_change"
+    ],
+    "image list": [f"{_CMDS}::test_image_build_list_and_rm"],
+    "image list --json": [f"{_CMDS}::test_image_build_list_and_rm"],
+    "image rm": [f"{_CMDS}::test_image_build_list_and_rm"],
+    "image rm --arch": [
+        f"{_CMDS}::test_image_build_list_and_rm",
+        f"{_CMDS}::test_image_rm_bad_arch_exits_2",
+    ],
+    "macos": ["contract/test_macos.py::test_cli_info_and_install_with_a_progress_line"],
+    "macos info": ["contract/test_macos.py::test_cli_info_and_install_with_a_progress_line"],
+    "macos install": ["contract/test_macos.py::test_cli_info_and_install_with_a_progress_line"],
+    "macos install --cpus": [
+        "contract/test_macos.py::test_cli_info_and_install_with_a_progress_line"
+    ],
+    "macos install --memory": [
+        "contract/test_macos.py::test_cli_info_and_install_with_a_progress_line"
+    ],
+    "macos install --disk-size": [
+        "contract/test_macos.py::test_cli_install_disk_size_force_and_timeout"
+    ],
+    "macos install --force": [
+        "contract/test_macos.py::test_cli_install_disk_size_force_and_timeout"
+    ],
+    "macos install --timeout": [
+        "contract/test_macos.py::test_cli_install_disk_size_force_and_timeout"
+    ],
+    "run": [f"{_RUN}::test_run_prints_and_exits_with_the_commands_code"],
+    **{f"run {option}": [_SHARED, *tests] for option, tests in VM_OPTIONS.items()},
+    "run --arch": [_SHARED, f"{_RUN}::test_run_prints_and_exits_with_the_commands_code"],
+    "run --volume": [_SHARED, "e2e/test_qemu_shares.py::test_vzkit_run_volume"],
+    "run --backend": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
+    "run --env": [
+        f"{_CMDS}::test_run_env_without_name_and_value_is_a_usage_error_before_any_boot",
+        f"{_RUN}::test_run_env_workdir_and_boot_timeout",
+    ],
+    "run --workdir": [f"{_RUN}::test_run_env_workdir_and_boot_timeout"],
+    "run --interactive": [f"{_RUN}::test_run_interactive_forwards_a_terminals_input"],
+    "run --boot-timeout": [_BOOT_TIMEOUT, f"{_RUN}::test_run_env_workdir_and_boot_timeout"],
+    "run --from-snapshot": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
+    "run --vm-dir": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
+    "snapshot": [f"{_CORE}::test_snapshot_list_and_rm"],
+    "snapshot list": [f"{_CORE}::test_snapshot_list_and_rm"],
+    "snapshot list --json": [f"{_CORE}::test_snapshot_list_and_rm"],
+    "snapshot rm": [
+        f"{_CORE}::test_snapshot_list_and_rm",
+        f"{_CORE}::test_snapshot_rm_missing_and_bad_names",
+    ],
+    "snapshot save": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
+    **{f"snapshot save {option}": [_SHARED, *tests] for option, tests in VM_OPTIONS.items()},
+    "snapshot save --backend": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
+    "snapshot save --boot-timeout": [_BOOT_TIMEOUT],
+    "snapshot restore": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
+    **{f"snapshot restore {option}": [_SHARED, *tests] for option, tests in VM_OPTIONS.items()},
+    "snapshot restore --backend": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
+    "snapshot restore --boot-timeout": [_BOOT_TIMEOUT],
+}
+
+# Known holes, each with why; a row here that gets a test moves to COVERED.
+GAPS: dict[str, str] = {}
+
+
+def _surface(command: click.Command, path: tuple[str, ...] = ()) -> list[str]:
+    """Each command (by path) and each of its options (by its longest name)."""
+    rows = [" ".join(path)] if path else []
+    for param in command.params:
+        if isinstance(param, click.Option):
+            rows.append(f"{' '.join(path)} {max(param.opts, key=len)}")
+    if isinstance(command, click.Group):
+        for name, sub in sorted(command.commands.items()):
+            rows += _surface(sub, (*path, name))
+    return rows
+
+
+def _test_functions(file: Path) -> set[str]:
+    tree = ast.parse(file.read_text())
+    return {
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test")
+    }
+
+
+def test_every_command_and_option_has_a_test() -> None:
+    surface = _surface(main)
+    assert "run --env" in surface  # the walk is real
+    assert "image rm --arch" in surface
+    untested = [row for row in surface if row not in COVERED and row not in GAPS]
+    assert untested == [], "give these a test and a row in COVERED: " + ", ".join(untested)
+
+
+def test_every_row_names_a_live_command_and_existing_tests() -> None:
+    surface = set(_surface(main))
+    assert sorted(set(COVERED) - surface) == [], "rows for commands or options that are gone"
+    assert sorted(set(GAPS) - surface) == []
+    assert sorted(set(GAPS) & set(COVERED)) == [], "a gap with a test belongs in COVERED only"
+    cache: dict[str, set[str]] = {}
+    missing = []
+    for row, tests in COVERED.items():
+        assert tests, row
+        for test in tests:
+            file, _, name = test.partition("::")
+            if file not in cache:
+                cache[file] = _test_functions(TESTS / file) if (TESTS / file).is_file() else set()
+            if name not in cache[file]:
+                missing.append(f"{row}: {test}")
+    assert missing == []
+
+
+def test_the_walk_sees_nested_commands_and_short_options() -> None:
+    @click.group()
+    def root() -> None: ...
+
+    @root.group()
+    def sub() -> None: ...
+
+    @sub.command()
+    @click.option("-x", "--extra")
+    def leaf(extra: str) -> None: ...
+
+    assert _surface(root) == ["sub", "sub leaf", "sub leaf --extra"]
