@@ -14,14 +14,7 @@ from typing import IO, Any
 
 import click
 
-from vzkit import (
-    ConsoleMode,
-    LinuxVMConfig,
-    SnapshotManager,
-    VirtualMachine,
-    VMState,
-    default_guest_config,
-)
+from vzkit import ConsoleMode, LinuxVMConfig, SnapshotManager, VMState, default_guest_config
 from vzkit.errors import ConfigError, SpecError, VzkitError
 
 from ._app import main
@@ -173,6 +166,8 @@ def _run(
     opts: dict[str, Any],
     snap: tuple[Path, str] | None = None,
 ) -> int:
+    from vzkit import VirtualMachine  # on first use: 'vzkit --help' does not pay for it
+
     environment: dict[Any, Any] | None = None  # str -> str; typed for the client's Mapping
     if env:
         environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}

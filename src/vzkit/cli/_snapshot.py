@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from vzkit import SnapshotManager, VirtualMachine
+from vzkit import SnapshotManager
 from vzkit.errors import GuestError
 
 from ._app import main
@@ -75,6 +75,8 @@ def snapshot_save(
     The VM options must be given again to restore it ('vzkit run --from-snapshot NAME
     --vm-dir VM_DIR' or 'vzkit snapshot restore'); a mismatch is reported field by field.
     """
+    from vzkit import VirtualMachine  # on first use: 'vzkit --help' does not pay for it
+
     cfg = run_config(False, opts)
     with VirtualMachine(cfg, backend=backend) as vm:
         vm.start(timeout=boot_timeout)
