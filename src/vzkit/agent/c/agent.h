@@ -122,6 +122,8 @@ struct session {
     int64_t auth_by_ms; /* need_auth: the connection ends if no good AUTH came by then */
     bool resync;        /* skip bytes up to a HELLO (after RESET; always on the console) */
     bool closing;       /* fatal error sent: flush the queue, then end */
+    bool draining;      /* closing, flushed, write side shut: discard input until EOF */
+    size_t drained;     /* bytes discarded while draining (at most DRAIN_LIMIT) */
     bool poweroff;      /* POWEROFF acknowledged: flush, then power off */
     int64_t close_by_ms;
     size_t skipped;     /* bytes skipped while resyncing (for the log) */

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/reboot.h>
+#include <sys/socket.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -137,7 +138,7 @@ static int64_t build_pollset(void)
     for (struct session *s = g_serve.sessions; s; s = s->next) {
         bool room = s->out_bytes < OUT_LIMIT;
         bool up = s->kind != SESS_CONSOLE || g_serve.con_state == CON_UP;
-        if (up && !s->closing && !s->poweroff && room)
+        if ((up && !s->closing && !s->poweroff && room) || s->draining)
             add_pfd(s->rfd, POLLIN, P_SESS_IN, s, 0);
         if (up && s->out_head)
             add_pfd(s->wfd, POLLOUT, P_SESS_OUT, s, 0);
@@ -253,7 +254,11 @@ static void after_events(void)
             do_poweroff(s);
             return;
         }
-        if (s->closing && (!s->out_head || now >= s->close_by_ms)) {
+        if (s->closing && s->kind == SESS_SOCKET && !s->draining && !s->out_head &&
+            now < s->close_by_ms) {
+            shutdown(s->wfd, SHUT_WR); /* the peer reads all we sent, then EOF; we drain */
+            s->draining = true;
+        } else if (s->closing && (now >= s->close_by_ms || (!s->out_head && !s->draining))) {
             session_end(s);
         } else if (!s->closing && s->need_auth && !s->authed && now >= s->auth_by_ms) {
             logmsg("closing a connection that sent no AUTH within %d s", AUTH_TIMEOUT_MS / 1000);

@@ -43,6 +43,8 @@ static void session_reset(struct session *s)
     drop_output(s);
     s->hello = false;
     s->closing = false;
+    s->draining = false;
+    s->drained = 0;
     s->poweroff = false;
 }
 
@@ -464,6 +466,15 @@ static size_t read_room(const struct session *s)
 
 void on_session_readable(struct session *s)
 {
+    if (s->draining) { /* lingering close: until the peer's EOF, DRAIN_LIMIT or close_by_ms */
+        ssize_t d = recv(s->rfd, s->in, HDR_SIZE + MAX_PAYLOAD, MSG_DONTWAIT);
+        if (d < 0 && (errno == EINTR || errno == EAGAIN || errno == EWOULDBLOCK))
+            return;
+        if (d > 0 && (s->drained += (size_t)d) < DRAIN_LIMIT)
+            return;
+        session_end(s);
+        return;
+    }
     if (splice_stdin(s))
         return;
     ssize_t n = read(s->rfd, s->in + s->in_len, read_room(s));
