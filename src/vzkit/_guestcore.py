@@ -194,11 +194,11 @@ class AgentLink:
         """Where a session of this run is open and the VM runs, ask the agent to power the
         guest off; whether it acknowledged. Never connects anew and never raises a vzkit
         error: the stop ladder goes on with the power button and then force."""
-        from .agent._protocol import MsgType
-
         conn = self._conn
         if conn is None or not self.connected or self._core.state is not VMState.RUNNING:
             return False
+        from .agent._protocol import MsgType
+
         try:
             await conn.request(MsgType.POWEROFF, POWEROFF_ACK_TIMEOUT_S)
         except VzkitError as err:

@@ -15,6 +15,7 @@ import platform
 import socket
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -365,3 +366,34 @@ def test_agent_link_is_never_left_open_after_close(agent: Path, tmp_path: Path) 
     assert not vm.guest.connected
     with pytest.raises(vzkit.StateError, match=r"needs a running VM \(it is closed\)"):
         vm.guest.run(["true"])
+
+
+def test_calls_from_many_threads_share_one_connection(agent: Path, tmp_path: Path) -> None:
+    with vzkit.VirtualMachine(_config(tmp_path), backend=AgentBackend(agent)) as vm:
+        vm.start()
+        with ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda i: vm.guest.run(["echo", str(i)]).stdout, range(16)))
+        assert outs == [f"{i}\n".encode() for i in range(16)]
+        assert _machine(core_of(vm)).connections == 1
+        vm.stop(timeout=STOP_TIMEOUT)
+
+
+def test_an_agent_that_never_listens_times_out_or_ends_with_the_vm(
+    agent: Path, tmp_path: Path
+) -> None:
+    with vzkit.VirtualMachine(_config(tmp_path), backend=AgentBackend(agent)) as vm:
+        vm.start()
+        machine = _machine(core_of(vm))
+        taken, machine._ours = machine._ours, None  # every connection is refused now
+        assert taken is not None
+        t0 = time.monotonic()
+        with pytest.raises(vzkit.VMTimeoutError, match=r"did not answer within 0\.3 s"):
+            vm.guest.wait_ready(0.3)
+        assert time.monotonic() - t0 < 2
+        with ThreadPoolExecutor(1) as pool:
+            waiting = pool.submit(vm.guest.wait_ready, 30)
+            time.sleep(0.3)
+            taken.close()  # the guest ends: the VM stops while the call retries
+            with pytest.raises(vzkit.StateError, match="the VM stopped before its agent answered"):
+                waiting.result(10)
+        assert vm.state is VMState.STOPPED

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +219,42 @@ def test_both_facades_warn_when_dropped_unclosed(tmp_path: Path) -> None:
         with pytest.warns(ResourceWarning, match=f"unclosed VirtualMachine <.*{cls.__name__}"):
             vm.__del__()
         vm._core.closed = True  # nothing to release: the pid is made up
+
+
+LAZY_AGENT = """
+import asyncio, sys
+import vzkit, vzkit.aio
+from vzkit._state import VMState
+
+class Machine:
+    agent_on_console = False
+    pid = None
+    last_error = None
+    state = VMState.RUNNING
+    async def request_stop(self): self.state = VMState.STOPPED
+    async def wait_stopped(self): return self.state
+    async def close(self): pass
+
+class Backend:
+    name = "lazy"
+    features = frozenset()
+    def create_machine(self, config, on_state): return Machine()
+
+cfg = vzkit.LinuxVMConfig(kernel_path=sys.executable)  # any file: nothing boots it
+with vzkit.VirtualMachine(cfg, Backend()) as vm:
+    vm.stop()
+async def main():
+    async with vzkit.aio.VirtualMachine(cfg, Backend()) as avm:
+        await avm.stop()
+asyncio.run(main())
+print(sorted(m for m in sys.modules if m.startswith("vzkit.guest")))
+"""
+
+
+def test_a_vm_that_never_uses_its_agent_never_imports_the_agent_client() -> None:
+    """``vzkit.guest`` pulls in the image builder (urllib, ...): a stop must not load it."""
+    src = Path(vzkit.__file__).parent.parent
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    argv = [sys.executable, "-c", LAZY_AGENT]
+    out = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
