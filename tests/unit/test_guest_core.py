@@ -31,6 +31,8 @@ from vzkit.backends._protocol import StateListener, notify_state
 from vzkit.backends.qemu._discover import user_cache_dir
 from vzkit.image._agent_build import build_agent, zig_command
 
+from ..support.polling import wait_until
+
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() != "x86_64",
     reason="runs the x86_64 Linux agent binary on the host",
@@ -64,6 +66,7 @@ class AgentMachine:
         self.power_button_presses = 0
         self.forced = 0
         self.connections = 0
+        self.refusals = 0
 
     @property
     def state(self) -> VMState:
@@ -124,6 +127,7 @@ class AgentMachine:
 
     async def open_agent_socket(self) -> socket.socket:
         if self._ours is None:
+            self.refusals += 1
             raise ConnectionRefusedError("the agent of this run is taken or gone")
         sock, self._ours = self._ours, None
         self.connections += 1
@@ -391,8 +395,9 @@ def test_an_agent_that_never_listens_times_out_or_ends_with_the_vm(
             vm.guest.wait_ready(0.3)
         assert time.monotonic() - t0 < 2
         with ThreadPoolExecutor(1) as pool:
+            refused = machine.refusals
             waiting = pool.submit(vm.guest.wait_ready, 30)
-            time.sleep(0.3)
+            wait_until(lambda: machine.refusals > refused, "the call retrying a refused agent")
             taken.close()  # the guest ends: the VM stops while the call retries
             with pytest.raises(vzkit.StateError, match="the VM stopped before its agent answered"):
                 waiting.result(10)
