@@ -72,11 +72,6 @@ def test_run_interactive_forwards_a_terminals_input() -> None:
         outputs.append(proc.stdout)
         codes.append((proc.returncode, proc.stderr.decode()))
     assert outputs == [b"typed line\n", b""]
-    if codes[0][0] == -signal.SIGABRT and "_enter_buffered_busy" in codes[0][1]:
-        # Known bug (reported): the stdin pump, a daemon thread, is still blocked reading the
-        # open terminal through sys.stdin.buffer when the command ends; at interpreter
-        # shutdown Python aborts on that reader's lock. Fixed, this test passes.
-        pytest.xfail("vzkit run -i aborts at exit while the terminal stays open")
     assert [code for code, _ in codes] == [0, 0], codes
 
 

@@ -6,6 +6,7 @@ Also the runner ``vzkit snapshot restore`` shares (:func:`run_and_exit`).
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -27,18 +28,30 @@ __all__ = ["EXIT_RUN_FAILED", "run_and_exit", "run_cmd", "run_config"]
 EXIT_RUN_FAILED = 125
 
 
-def _pump(src: IO[bytes], dst: IO[bytes], close_dst: bool = False) -> None:
+def _pump(src: IO[bytes], dst: IO[bytes]) -> None:
     """Copy a stream until EOF, chunk by chunk (bounded memory)."""
-    try:
+    with contextlib.suppress(OSError, ValueError, VzkitError):
         while chunk := src.read1(65536) if hasattr(src, "read1") else src.read(65536):
+            dst.write(chunk)
+            dst.flush()
+
+
+def _pump_stdin(dst: IO[bytes]) -> None:
+    """Copy this process's stdin to the command until EOF, then close the command's stdin.
+
+    Reads the file descriptor itself, not ``sys.stdin.buffer``: the thread may still be
+    blocked reading a terminal that stays open when the command ends, and a daemon thread
+    inside a buffered reader makes the interpreter abort at exit (its lock is held)."""
+    fd = sys.stdin.fileno()
+    try:
+        while chunk := os.read(fd, 65536):
             dst.write(chunk)
             dst.flush()
     except (OSError, ValueError, VzkitError):
         pass
     finally:
-        if close_dst:
-            with contextlib.suppress(OSError, ValueError, VzkitError):
-                dst.close()
+        with contextlib.suppress(OSError, ValueError, VzkitError):
+            dst.close()
 
 
 def _exit_code(returncode: int) -> int:
@@ -194,11 +207,7 @@ def _run(
             threading.Thread(target=_pump, args=(proc.stderr, sys.stderr.buffer), daemon=True),
         ]
         if proc.stdin is not None:
-            pumps.append(
-                threading.Thread(
-                    target=_pump, args=(sys.stdin.buffer, proc.stdin, True), daemon=True
-                )
-            )
+            pumps.append(threading.Thread(target=_pump_stdin, args=(proc.stdin,), daemon=True))
         for pump in pumps:
             pump.start()
         try:
