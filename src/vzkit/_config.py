@@ -31,10 +31,12 @@ from .errors import ConfigError, SpecError
 __all__ = [
     "MAX_CPUS",
     "MAX_MEMORY_GB",
+    "MAX_VSOCK_PORT",
     "MIN_MEMORY_MB",
     "ConfigData",
     "ConsoleMode",
     "LinuxVMConfig",
+    "check_vsock_port",
 ]
 
 _NETWORK_KEYS = frozenset({"mode", "interface", "host_loopback"})
@@ -419,3 +421,13 @@ class LinuxVMConfig(ConfigData):
 
 def _absolute_volume(vol: VolumeMount) -> VolumeMount:
     return dataclasses.replace(vol, host_path=vol.host_path.expanduser().absolute())
+
+
+MAX_VSOCK_PORT = 0xFFFFFFFF
+
+
+def check_vsock_port(port: object) -> int:
+    """``port`` if it is a vsock port (an integer from 0 to 2**32-1), else ``ConfigError``."""
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= MAX_VSOCK_PORT:
+        raise ConfigError(f"vsock port must be an integer from 0 to {MAX_VSOCK_PORT}, got {port!r}")
+    return port

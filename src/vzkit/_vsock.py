@@ -17,23 +17,14 @@ import warnings
 from types import TracebackType
 from typing import TYPE_CHECKING
 
+from ._config import check_vsock_port
 from ._loop import run_sync, wrap
-from .errors import ConfigError
 
 if TYPE_CHECKING:
     from ._vmcore import VMCore
     from .backends import VsockListenerLike
 
-__all__ = ["AsyncVsock", "AsyncVsockListener", "Vsock", "VsockListener", "check_vsock_port"]
-
-MAX_VSOCK_PORT = 0xFFFFFFFF
-
-
-def check_vsock_port(port: object) -> int:
-    """``port`` if it is a vsock port (an integer from 0 to 2**32-1), else ``ConfigError``."""
-    if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= MAX_VSOCK_PORT:
-        raise ConfigError(f"vsock port must be an integer from 0 to {MAX_VSOCK_PORT}, got {port!r}")
-    return port
+__all__ = ["AsyncVsock", "AsyncVsockListener", "Vsock", "VsockListener"]
 
 
 class VsockListener:

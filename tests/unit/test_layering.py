@@ -192,3 +192,91 @@ def test_the_snapshots_package_imports_downward_only() -> None:
         if m.startswith("vzkit.backends."):
             used = {t for t in targets if t.startswith(prefix)}
             assert used <= {prefix + "_record"}, (m, used)
+
+
+# -- the layers of docs/architecture.md -------------------------------------------------------
+
+#: Module groups, lowest first (docs/architecture.md draws them); "?" marks a module no group
+#: names, which fails the test below: a new module gets a group here.
+_GROUP_OF_MODULE = {
+    **dict.fromkeys(
+        ["errors", "_state", "_loop", "_process", "_private", "_fsutil", "_cache", "_progress"],
+        "foundation",
+    ),
+    **dict.fromkeys(
+        ["_config", "_macconfig", "_network", "_volume", "_display", "_disk", "_diskcopy"], "data"
+    ),
+    **dict.fromkeys(["_vmcore", "_guestcore"], "core"),
+    **dict.fromkeys(["_vm", "aio", "_guest", "_vsock"], "facades"),
+    "doctor": "doctor",
+}
+_GROUP_OF_PACKAGE = [  # first match wins
+    ("vzkit.snapshots._record", "record"),
+    ("vzkit.snapshots._match", "record"),
+    ("vzkit.snapshots", "snapshots"),
+    ("vzkit.agent", "agent"),
+    ("vzkit.image", "image"),
+    ("vzkit.backends", "backends"),
+    ("vzkit.cli", "cli"),
+]
+#: What each group may import (besides itself). The CLI has its own test (public API only);
+#: ``vzkit`` itself re-exports public names lazily.
+LAYERS = {
+    "foundation": set(),
+    "data": {"foundation"},
+    "agent": {"foundation"},
+    "image": {"foundation", "data", "agent"},
+    "record": {"foundation", "data"},
+    # backends: the data they lower, the agent's constants, the snapshot record's helpers, and
+    # vzkit.doctor's Check type for their doctor_checks(); never the core, facades or the CLI
+    "backends": {"foundation", "data", "agent", "record", "doctor"},
+    "core": {"foundation", "data", "agent", "backends"},
+    "snapshots": {"foundation", "data", "record", "backends", "core"},
+    "facades": {"foundation", "data", "agent", "backends", "core", "snapshots"},
+    "doctor": {"foundation", "data", "backends"},  # load_backend(name); backends add checks
+}
+
+
+def _group(module: str) -> str:
+    if module == "vzkit":
+        return "top"
+    short = module.removeprefix("vzkit.")
+    if short in _GROUP_OF_MODULE:
+        return _GROUP_OF_MODULE[short]
+    for prefix, group in _GROUP_OF_PACKAGE:
+        if module == prefix or module.startswith(prefix + "."):
+            return group
+    return "?"
+
+
+@pytest.mark.parametrize("deferred", [False, True])
+def test_every_import_follows_the_layers(deferred: bool) -> None:
+    graph = import_graph(deferred=deferred)
+    unknown = sorted(m for m in graph if _group(m) == "?")
+    assert unknown == [], f"modules in no layer (add them to test_layering.py): {unknown}"
+    wrong = sorted(
+        f"{m} ({_group(m)}) -> {t} ({_group(t)})"
+        for m, targets in graph.items()
+        if _group(m) in LAYERS
+        for t in targets
+        if _group(t) != _group(m) and _group(t) not in LAYERS[_group(m)]
+    )
+    assert wrong == []
+
+
+def _backend(module: str) -> str | None:
+    parts = module.split(".")
+    if len(parts) > 2 and parts[1] == "backends" and parts[2] != "_protocol":
+        return parts[2]
+    return None
+
+
+def test_backends_never_import_each_other() -> None:
+    graph = import_graph(deferred=True)
+    crossing = sorted(
+        f"{m} -> {t}"
+        for m, targets in graph.items()
+        for t in targets
+        if _backend(m) and _backend(t) and _backend(m) != _backend(t)
+    )
+    assert crossing == []

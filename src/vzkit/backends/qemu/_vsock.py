@@ -43,8 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from ..._config import LinuxVMConfig
+from ..._config import check_vsock_port as check_port
 from ..._process import OwnedProcess, spawn
-from ..._vsock import check_vsock_port as check_port
 from ...agent import KEY_SIZE
 from ...errors import StateError, VMError, VMTimeoutError
 from .vhost_vsock import connect_hybrid, guest_port_path, helper_argv, peer_port_from_address
