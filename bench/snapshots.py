@@ -29,11 +29,9 @@ from unittest import mock
 
 import vzkit
 from vzkit._diskcopy import copy_disk_sync, nonzero_digest_fd, sha256_fd
-from vzkit.backends._protocol import CapturedDisk
 from vzkit.image import GuestImage
 from vzkit.image._image import default_image
-from vzkit.snapshots import _files
-from vzkit.snapshots._record import SnapshotRecord
+from vzkit.snapshots import _ops
 
 MIB = 1 << 20
 
@@ -69,17 +67,13 @@ def restore_agent_ready(cfg: vzkit.LinuxVMConfig, manager: vzkit.SnapshotManager
         return time.perf_counter() - t0
 
 
-def _verify_without_checksums(sdir: Path, record: SnapshotRecord, abort: threading.Event) -> Any:
+def _no_digests(opened: Any, name: str, abort: threading.Event) -> None:
     """Bench only: a restore's file check minus reading the files for their checksums."""
-    state = sdir / f"{record.name}.vmstate"
-    fd = os.open(state, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
-    disks = [CapturedDisk(d.role, Path(d.source), sdir / d.file, d.format) for d in record.disks]
-    return _files.Checked(fd, _files._fd_path(fd, state), disks)
 
 
 @contextlib.contextmanager
 def no_checksums() -> Iterator[None]:
-    with mock.patch.object(_files, "verify", _verify_without_checksums):
+    with mock.patch.object(_ops, "check_digests", _no_digests):
         yield
 
 

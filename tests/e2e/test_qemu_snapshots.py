@@ -296,11 +296,12 @@ def test_restore_into_an_incompatible_config_fails_before_anything_starts(
         origin.manager.save(vm, "nope")
 
 
-def test_an_altered_state_file_of_a_real_snapshot_is_refused_before_qemu_starts(
+def test_an_altered_state_file_of_a_real_snapshot_is_refused_before_qemu_reads_it(
     origin: Origin, vms: VMFactory
 ) -> None:
     """A copy of ``base`` under another name, one byte of its state file flipped: the restore
-    is refused by the checksum, before any process starts."""
+    is refused by the checksum, which runs while QEMU starts and before QEMU is handed the
+    state (``restore_state(verified=)``); QEMU and the overlay it got are gone after."""
     sdir = origin.manager.snapshot_dir
     data = json.loads(origin.manager.meta_path("base").read_text())
     (disk,) = data["disks"]

@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 import vzkit
 from vzkit._diskcopy import CopyAborted, nonzero_digest_fd, sha256_fd
 from vzkit._state import VMState
-from vzkit.snapshots import _files, _record
+from vzkit.snapshots import _files, _ops, _record
 
 from .test_snapshot_ops import machine, make_vms
 
@@ -240,6 +240,32 @@ def test_an_altered_state_file_is_refused(setup: Factory, tmp_path: Path) -> Non
     _replace_bytes(state, bytes(data))
     message = _refused(vm, manager, "is damaged: the checksum of")
     assert str(state) in message
+
+
+def test_the_checksums_run_while_the_vm_is_built_and_gate_the_load(
+    setup: Factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm, manager = _saved(setup, tmp_path)
+    fake = machine(vm)
+    check = _ops.check_digests
+
+    def check_while_building(opened: _files.Opened, name: str, abort: threading.Event) -> None:
+        # run one after the other, this would wait for a build that waits for it
+        assert fake.built.wait(10), "the checksums did not run while the VM was being built"
+        check(opened, name, abort)
+
+    monkeypatch.setattr(_ops, "check_digests", check_while_building)
+    manager.restore(vm, "s")
+    assert fake.restored
+    vm.stop()
+
+    state = manager.state_path("s")  # a damaged state file: built, never loaded
+    _replace_bytes(state, state.read_bytes()[:-1] + b"X")
+    fake.built.clear()
+    fake.restored.clear()
+    _refused(vm, manager, "is damaged: the checksum of")
+    assert fake.built.is_set()
+    assert fake.restored == []
 
 
 def test_a_truncated_state_file_is_refused_even_if_the_size_is_rewritten(

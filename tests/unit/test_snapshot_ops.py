@@ -8,7 +8,8 @@ import errno
 import json
 import os
 import socket
-from collections.abc import Callable, Iterator, Sequence
+import threading
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ class FakeMachine:
         self.hang_save = False
         self.fail_capture: BaseException | None = None
         self.restored: list[tuple[Path, list[CapturedDisk]]] = []
+        #: Set when a restore has built its VM and waits for the checksums (``verified``).
+        self.built = threading.Event()
         self.state_written = b""
         self.set_aside: list[tuple[str, VMState]] = []  # prepare/finish_save and the state then
         self.before_restore: Callable[[], None] | None = None
@@ -136,7 +139,15 @@ class FakeMachine:
         source = Path(os.path.realpath(self.config.disk_path))
         return [CapturedDisk("disk0", source, dst, vzkit.DiskFormat.RAW)]
 
-    async def restore_state(self, path: Path, disks: Sequence[CapturedDisk]) -> None:
+    async def restore_state(
+        self,
+        path: Path,
+        disks: Sequence[CapturedDisk],
+        verified: Awaitable[None] | None = None,
+    ) -> None:
+        self.built.set()
+        if verified is not None:
+            await verified
         if self.before_restore is not None:
             self.before_restore()
         self.state_read = path.read_bytes()

@@ -15,7 +15,7 @@ from __future__ import annotations
 import enum
 import logging
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -205,9 +205,19 @@ class Machine(Protocol):
         ``directory`` as new files named ``prefix + ...`` (fsynced). Read-only disks are not
         captured. The caller renames and removes them."""
 
-    async def restore_state(self, path: Path, disks: Sequence[CapturedDisk]) -> None:
+    async def restore_state(
+        self,
+        path: Path,
+        disks: Sequence[CapturedDisk],
+        verified: Awaitable[None] | None = None,
+    ) -> None:
         """STOPPED/ERROR → PAUSED: build the VM, load the state saved at ``path`` and run on
-        ``disks``. Cleans up everything it made if it fails or is cancelled."""
+        ``disks``. Cleans up everything it made if it fails or is cancelled.
+
+        ``verified`` (the snapshot's checksums, computed meanwhile) is awaited after the VM
+        is built and before anything reads the saved state or the captured disks; if it
+        raises, the machine cleans up and the error propagates. A backend that builds its VM
+        quickly may await it first."""
 
 
 class Backend(Protocol):

@@ -4,7 +4,9 @@ At save, after the fsyncs, :func:`seal` makes the new files owner-only and read-
 and checksums them. At restore, :func:`verify` opens every file the metadata names relative to
 the snapshot dir's descriptor (``O_NOFOLLOW``: no symlink; a regular file of the recorded
 size; never blocking on a FIFO), refuses a captured qcow2 whose header names a backing or
-data file, and compares the checksums recorded at save. The state file is handed on as
+data file, and compares the checksums recorded at save (:func:`open_members`, then
+:func:`check_digests`, which a restore runs while the backend loads the state: the VM stays
+paused until they match). The state file is handed on as
 ``/proc/self/fd/N`` of the descriptor that was checksummed (on Linux), so swapping the file
 after the check changes nothing. Both run in a worker thread and stop when ``abort`` is set.
 """
@@ -28,7 +30,7 @@ from ..backends._protocol import CapturedDisk
 from ..errors import ConfigError, SnapshotError
 from ._record import DISK_DIGEST_PREFIX, STATE_SUFFIX, SnapshotRecord
 
-__all__ = ["Checked", "seal", "verify"]
+__all__ = ["Checked", "Opened", "check_digests", "open_members", "seal", "verify"]
 
 log = logging.getLogger(__name__)
 
@@ -64,40 +66,77 @@ class Checked:
     disks: list[CapturedDisk]
 
 
-def verify(sdir: Path, record: SnapshotRecord, abort: threading.Event) -> Checked:
-    """Open each file the metadata names inside ``sdir`` (no symlink, a regular file of the
-    recorded size) and compare its checksum with the recorded one."""
+@dataclass(frozen=True, slots=True)
+class Opened:
+    """A snapshot's files opened and checked for everything but their checksums
+    (:func:`open_members`); :func:`check_digests` reads them through the same descriptors.
+    ``checked`` is what the backend gets; :meth:`close` lets go of every descriptor."""
+
+    checked: Checked
+    #: ``(descriptor, path, is the state file, recorded digest)`` of every file to checksum.
+    members: list[tuple[int, Path, bool, str]]
+
+    def close(self) -> None:
+        for fd, _, is_state, _ in self.members:
+            if not is_state:
+                os.close(fd)
+        os.close(self.checked.state_fd)
+
+
+def open_members(sdir: Path, record: SnapshotRecord, abort: threading.Event) -> Opened:
+    """Open each file the metadata names inside ``sdir``: no symlink, a regular file of the
+    recorded size, a captured qcow2 standalone. Cheap: no file is read beyond a header."""
     name = record.name
+    members: list[tuple[int, Path, bool, str]] = []
+    disks = []
     dir_fd = os.open(sdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        disks = []
         for disk in record.disks:
             fd = _open_member(dir_fd, sdir, name, disk.file, disk.size, "disk image")
-            try:
-                if disk.format is DiskFormat.QCOW2:
-                    _check_qcow2(fd, name, sdir / disk.file)
-                t0 = time.perf_counter()
-                digest, _ = nonzero_digest_fd(fd, abort)
-                _log_rate("verified", sdir / disk.file, disk.size, time.perf_counter() - t0)
-            finally:
-                os.close(fd)
-            if DISK_DIGEST_PREFIX + digest != disk.digest:
-                raise _altered(name, sdir / disk.file)
+            members.append((fd, sdir / disk.file, False, disk.digest))
+            if disk.format is DiskFormat.QCOW2:
+                _check_qcow2(fd, name, sdir / disk.file)
             disks.append(CapturedDisk(disk.role, Path(disk.source), sdir / disk.file, disk.format))
         state = sdir / (name + STATE_SUFFIX)
         fd = _open_member(dir_fd, sdir, name, state.name, record.size or 0, "state file")
-        try:
-            t0 = time.perf_counter()
-            digest, _ = sha256_fd(fd, abort)
-            _log_rate("verified", state, record.size or 0, time.perf_counter() - t0)
-            if digest != record.state_sha256:
-                raise _altered(name, state)
-        except BaseException:
-            os.close(fd)
-            raise
+    except BaseException:
+        for member_fd, *_ in members:
+            os.close(member_fd)
+        raise
     finally:
         os.close(dir_fd)
-    return Checked(fd, _fd_path(fd, state), disks)
+    members.append((fd, state, True, record.state_sha256 or ""))
+    return Opened(Checked(fd, _fd_path(fd, state), disks), members)
+
+
+def check_digests(opened: Opened, name: str, abort: threading.Event) -> None:
+    """Compare each opened file's checksum with the recorded one (SHA-256 of the state file,
+    :func:`nonzero_digest_fd` of each disk); ``SnapshotError`` names the first that differs."""
+    for fd, path, is_state, recorded in opened.members:
+        t0 = time.perf_counter()
+        if is_state:
+            digest, size = sha256_fd(fd, abort)
+        else:
+            digest, size = nonzero_digest_fd(fd, abort)
+            digest = DISK_DIGEST_PREFIX + digest
+        _log_rate("verified", path, size, time.perf_counter() - t0)
+        if digest != recorded:
+            raise _altered(name, path)
+
+
+def verify(sdir: Path, record: SnapshotRecord, abort: threading.Event) -> Checked:
+    """:func:`open_members` and :func:`check_digests` in one: the files, checked, with the
+    state file's descriptor left open for the caller."""
+    opened = open_members(sdir, record, abort)
+    try:
+        check_digests(opened, record.name, abort)
+    except BaseException:
+        opened.close()
+        raise
+    for fd, _, is_state, _ in opened.members:
+        if not is_state:
+            os.close(fd)
+    return opened.checked
 
 
 def _altered(name: str, path: Path) -> SnapshotError:

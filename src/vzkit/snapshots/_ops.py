@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -34,7 +33,7 @@ from .._state import VMState
 from ..backends import Feature
 from ..backends._protocol import Machine, ProgressFn
 from ..errors import SnapshotError, StateError, UnsupportedError, VzkitError
-from ._files import Checked
+from ._files import Opened, check_digests
 from ._match import config_diff, machine_fields
 from ._record import (
     DISK_DIGEST_PREFIX,
@@ -204,19 +203,19 @@ async def restore(
         raise SnapshotError(f"snapshot {name!r} does not fit this VM's config: " + "; ".join(diff))
     _check_fanout(core, meta.file_path)
     try:
-        checked = await _in_thread(store.verify, record)
-    except OSError as err:  # an I/O error while reading; what is wrong is a SnapshotError
+        opened = await _in_thread(store.open_members, record)
+    except OSError as err:  # an I/O error while opening; what is wrong is a SnapshotError
         raise _as_snapshot_error(f"checking snapshot {name!r}", err, VMState.STOPPED) from err
     machine = core.machine
     await core.agent.close()  # the last run's agent connection, if one is left
     try:
-        await machine.restore_state(checked.state_path, checked.disks)
+        await _load_while_checking(machine, opened, name)
     except BaseException as err:
         if isinstance(err, SnapshotError | StateError) or not isinstance(err, VzkitError | OSError):
             raise
         raise _as_snapshot_error(f"restoring snapshot {name!r}", err, VMState.STOPPED) from err
     finally:
-        os.close(checked.state_fd)
+        opened.close()
     await _check_hardware(name, record, machine)
     core.restored(meta.file_path, clock_step=record.agent and clock_step)
     _restored[core] = (meta.file_path, core.generation)
@@ -277,6 +276,23 @@ def _check_record(
     return record
 
 
+async def _load_while_checking(machine: Machine, opened: Opened, name: str) -> None:
+    """The backend builds the VM (QEMU starts) while a worker thread checksums the snapshot's
+    files; the backend reads the saved state and the captured disks only once the checksums
+    match (``restore_state(..., verified=)``), so the check costs the restore little and a
+    damaged file is never loaded. On a mismatch the backend cleans up and the checksum's
+    ``SnapshotError`` is raised."""
+    check = asyncio.ensure_future(_in_thread(check_digests, opened, name))
+    try:
+        checked = opened.checked
+        await machine.restore_state(checked.state_path, checked.disks, asyncio.shield(check))
+        await check  # a backend that did not await it
+    finally:
+        if not check.done():
+            check.cancel()
+        await asyncio.gather(check, return_exceptions=True)
+
+
 async def _in_thread(fn: Callable[..., _T], *args: object) -> _T:
     """``fn(*args, abort)`` in a worker thread. Cancelling the caller sets ``abort`` and waits
     for the thread to stop (it owns descriptors), so nothing runs on behind its back."""
@@ -288,6 +304,6 @@ async def _in_thread(fn: Callable[..., _T], *args: object) -> _T:
         abort.set()
         with contextlib.suppress(Exception):
             result = await work
-            if isinstance(result, Checked):  # it finished anyway: let go of its descriptor
-                os.close(result.state_fd)
+            if isinstance(result, Opened):  # it finished anyway: let go of its descriptors
+                result.close()
         raise

@@ -162,6 +162,10 @@ class SnapshotStore:
         """Open and checksum every file ``record`` names (blocking: run it in a thread)."""
         return _files.verify(self.snapshot_dir, record, abort)
 
+    def open_members(self, record: SnapshotRecord, abort: threading.Event) -> _files.Opened:
+        """Open every file ``record`` names and check all but the checksums (blocking)."""
+        return _files.open_members(self.snapshot_dir, record, abort)
+
     # -- writing -----------------------------------------------------------------------------
 
     def begin(self, name: str) -> str:

@@ -26,7 +26,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -827,8 +827,14 @@ class QemuMachine:
     async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
         return await _migrate.capture_disks(self, directory, prefix)
 
-    async def restore_state(self, path: Path, disks: Sequence[CapturedDisk]) -> None:
-        """STOPPED/ERROR → RESTORING → PAUSED: QEMU with ``-incoming defer`` loads ``path``."""
+    async def restore_state(
+        self,
+        path: Path,
+        disks: Sequence[CapturedDisk],
+        verified: Awaitable[None] | None = None,
+    ) -> None:
+        """STOPPED/ERROR → RESTORING → PAUSED: QEMU with ``-incoming defer`` loads ``path``,
+        once ``verified`` (the checksums, computed while QEMU starts) has succeeded."""
         if self._state not in (VMState.STOPPED, VMState.ERROR):
             raise VMError(f"cannot restore into a VM that is {self._state.value}")
         self.config.check_inputs()
@@ -842,11 +848,16 @@ class QemuMachine:
             self.disk_override = await _migrate.prepare_disks(self, disks)
             self._incoming = True
             await self._launch(vsock_device=False)  # the saved state has no vsock device
+            if verified is not None:
+                await verified  # QEMU reads no saved byte before the checksums match
             await _migrate.load_state(self, path)
             if self._vsock is not None:
                 await self.attach_vsock()
         except BaseException:
             await self._teardown()
+            overlay, self.disk_override, self.disk_backing = self.disk_override, None, None
+            if overlay is not None:  # made for this restore: a failed one leaves none behind
+                overlay.unlink(missing_ok=True)
             self._set_state(VMState.STOPPED)
             raise
         finally:

@@ -19,7 +19,7 @@ import shutil
 import socket
 import tempfile
 import tty
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -183,7 +183,10 @@ class VzMachine:
         self._set_state(VMState.RUNNING)
 
     async def restore_state(
-        self, path: str | os.PathLike[str], disks: Sequence[CapturedDisk] = ()
+        self,
+        path: str | os.PathLike[str],
+        disks: Sequence[CapturedDisk] = (),
+        verified: Awaitable[None] | None = None,
     ) -> None:
         """Build the VM from the config and restore its saved state; it ends PAUSED.
 
@@ -194,6 +197,8 @@ class VzMachine:
             raise StateError(f"cannot restore into a VM that is {self._state.value}")
         self._set_state(VMState.RESTORING)
         try:
+            if verified is not None:  # the disks are copied back only once they check out
+                await verified
             await _snapshots.copy_back_disks(self.config, disks)
             self._release()
             self._prepare()
