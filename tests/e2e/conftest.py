@@ -93,13 +93,16 @@ class GuestShell:
         return int(status.strip()), out.decode(errors="replace").replace("\r\n", "\n")
 
 
-def wait_for_console(vm: vzkit.VirtualMachine, marker: bytes = READY, timeout: float = 90) -> float:
-    """Wait until ``marker`` shows in the console log; return how long it took."""
+def wait_for_console(
+    vm: vzkit.VirtualMachine, marker: bytes = READY, timeout: float = 90, since: int = 0
+) -> float:
+    """Wait until ``marker`` shows in the console log after its first ``since`` bytes (the
+    log is appended to across boots of one state dir); return how long it took."""
     log = vm.console_log_path
     assert log is not None
     t0 = time.monotonic()
     while time.monotonic() - t0 < timeout:
-        if log.exists() and marker in log.read_bytes():
+        if log.exists() and marker in log.read_bytes()[since:]:
             return time.monotonic() - t0
         if vm.state in (vzkit.VMState.STOPPED, vzkit.VMState.ERROR):
             break

@@ -70,8 +70,11 @@ def test_efi_boot_keeps_its_variable_store(vms: VMFactory, tmp_path: Path) -> No
             state_dir=state_dir,
         )
         assert not vm.config.direct_boot
+        log = vm.console_log_path
+        assert log is not None
+        earlier = log.stat().st_size if log.exists() else 0  # the first boot's READY is there
         vm.start(timeout=60)
-        wait_for_console(vm)
+        wait_for_console(vm, since=earlier)
         shell = GuestShell(vm)
         vms.shells.append(shell)
         rc, out = shell.run("ls /sys/firmware/efi")
