@@ -204,3 +204,29 @@ def test_helper_tuning_from_the_environment() -> None:
     for bad in ("buf_alloc", "nope=1", "credit_step=big"):
         with pytest.raises(SystemExit, match="VZKIT_VSOCK_TUNE"):
             _apply_tune(args, bad)
+
+
+def test_the_device_package_imports_only_errors_from_vzkit() -> None:
+    """The helper process QEMU waits for at boot stays light: ``vzkit.errors`` and itself."""
+    import ast
+
+    package = "vzkit.backends.qemu.vhost_vsock"
+    src = Path(__file__).resolve().parents[2] / "src" / package.replace(".", "/")
+    outside = set()
+    for path in sorted(src.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                if node.level:
+                    base = package.rsplit(".", node.level - 1)[0] if node.level > 1 else package
+                    names = [f"{base}.{node.module}" if node.module else base]
+                else:
+                    names = [node.module or ""]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                if name.split(".")[0] == "vzkit" and not name.startswith(package):
+                    outside.add((path.name, name))
+    assert outside  # the walk sees the package's imports of vzkit.errors
+    assert {name for _, name in outside} == {"vzkit.errors"}, sorted(outside)

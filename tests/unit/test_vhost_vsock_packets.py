@@ -20,6 +20,7 @@ from vzkit.backends.qemu.vhost_vsock import (
     connect_hybrid,
     peer_port_from_address,
 )
+from vzkit.backends.qemu.vhost_vsock._credit import BUF_ALLOC
 from vzkit.backends.qemu.vhost_vsock._device import TX_CALL_BATCH
 from vzkit.backends.qemu.vhost_vsock._packet import (
     HOST_CID,
@@ -28,7 +29,6 @@ from vzkit.backends.qemu.vhost_vsock._packet import (
     TYPE_STREAM,
     Op,
 )
-from vzkit.backends.qemu.vhost_vsock._vsock import BUF_ALLOC
 
 from ..support.polling import wait_until
 from ..support.vhost_vsock.fakedriver import DriverQueue, FakeDriver
@@ -729,7 +729,7 @@ def test_control_packets_wait_for_rx_buffers(uds: Path) -> None:
 
 
 def test_tx_is_held_back_while_control_backlog_is_full(uds: Path) -> None:
-    from vzkit.backends.qemu.vhost_vsock._vsock import CTRL_LIMIT
+    from vzkit.backends.qemu.vhost_vsock._sender import CTRL_LIMIT
 
     with attached(uds, post_rx=False) as (_dev, fake):
         for i in range(CTRL_LIMIT + 60):

@@ -6,6 +6,9 @@ For each source (a mirror URL and a suite, component ``main``) :class:`DebianMir
 looks packages up in it. A package is downloaded from its ``Filename`` and checked against
 the ``Size`` and ``SHA256`` of its ``Packages`` stanza before it appears in the cache (see
 :mod:`vzkit.image._download`). The newest version across all sources wins, as in apt.
+Fetching and verifying the Release file (signature, dates, its SHA256 list) and the errors
+of the client live in :mod:`vzkit.image._release`; this module owns the ``Packages`` indexes,
+package records and .deb downloads.
 
 Trust: the chain Release -> Packages -> .deb is verified by SHA256 at every step, so the
 .debs are exactly what the Release file names. When ``gpgv`` and the Debian archive keyring
@@ -37,24 +40,33 @@ from __future__ import annotations
 import gzip
 import logging
 import lzma
-import math
 import os
 import re
-import shutil
-import subprocess
-import tempfile
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC
-from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Literal
 
 from .._progress import Progress
 from ..errors import GuestError
 from ._deb import compare_versions, is_package_name, is_version, parse_control
-from ._download import DownloadError, download, fetch_bytes
+from ._download import DownloadError, download
+from ._release import (
+    SHA256_HEX,
+    SIZE_DIGITS,
+    DebianSource,
+    ExpiredReleaseError,
+    Keyring,
+    MirrorError,
+    MirrorFieldError,
+    SignatureError,
+    fetch_release,
+    parse_hashes,
+    plain_path,
+    refuse,
+    resolve_keyring,
+    strip_clearsign,
+)
 
 __all__ = [
     "DEFAULT_MIRROR",
@@ -63,6 +75,7 @@ __all__ = [
     "DebianMirror",
     "DebianSource",
     "ExpiredReleaseError",
+    "Keyring",
     "MirrorError",
     "MirrorFieldError",
     "PackageRecord",
@@ -79,95 +92,18 @@ log = logging.getLogger(__name__)
 DEFAULT_MIRROR = "https://deb.debian.org/debian"
 DEFAULT_SECURITY_MIRROR = "https://deb.debian.org/debian-security"
 DEFAULT_SUITE = "bookworm"
-DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 _INDEXES = (("Packages.xz", lzma.decompress), ("Packages.gz", gzip.decompress))
-_GPGV_TIMEOUT = 60.0
 _RELATION = re.compile(
     r"^\s*([a-z0-9][a-z0-9+.\-]*)(?::\S+)?\s*(?:\(\s*([<>=]+)\s*([^)\s]+)\s*\))?"
 )
-_SHA256 = re.compile(r"[0-9a-fA-F]{64}")
-_SIZE = re.compile(r"[0-9]{1,15}")
 _POOL_PART = re.compile(r"[A-Za-z0-9+._~-]+")  # a component of a Filename: no %, no spaces
-_RELEASE_PART = re.compile(r"[A-Za-z0-9+._~@-]+")  # dep11 icon tarballs have an @
-_MAX_PATH = 1024
-_MAX_FUTURE_S = 3600.0
-"""How far a Release's ``Date`` may lie ahead of our clock (apt allows only seconds)."""
-
-Keyring = Path | Literal["auto"] | None
-
-
-class MirrorError(DownloadError):
-    """A Debian mirror lacks what we need or serves something malformed (``.url`` says where)."""
-
-
-class SignatureError(MirrorError):
-    """A Release file's OpenPGP signature is missing or does not verify with the keyring."""
-
-
-class ExpiredReleaseError(MirrorError):
-    """A Release file is past its ``Valid-Until`` or dated in the future (check the clock)."""
-
-
-class MirrorFieldError(MirrorError):
-    """A name, version, path, size or hash from the mirror is malformed or unsafe.
-
-    ``field`` names it (``Package``, ``Version``, ``Filename``, ``SHA256``...), ``value`` is
-    what the mirror sent. Nothing is downloaded or written on its account.
-    """
-
-    def __init__(
-        self,
-        message: str,
-        *,
-        url: str,
-        status: int | None = None,
-        field: str = "",
-        value: str = "",
-    ) -> None:
-        super().__init__(message, url=url, status=status)
-        self.field = field
-        self.value = value
-
-
-def _refuse(field: str, value: str, url: str, rule: str) -> MirrorFieldError:
-    shown = value if len(value) <= 120 else value[:120] + "..."
-    return MirrorFieldError(
-        f"{url}: refusing {field} {shown!r}: {rule}; the mirror serves malformed or tampered "
-        "data (try another mirror)",
-        url=url,
-        field=field,
-        value=value,
-    )
-
-
-def _plain_path(value: str, part: re.Pattern[str]) -> bool:
-    """A relative path of ``part`` components, none of them ``.`` or ``..``."""
-    if not value or len(value) > _MAX_PATH:
-        return False
-    return all(c not in (".", "..") and part.fullmatch(c) is not None for c in value.split("/"))
 
 
 def _check_filename(value: str, url: str) -> str:
     """A ``Filename`` of a Packages stanza: ``pool/.../NAME.deb``, else MirrorFieldError."""
-    if not (
-        value.startswith("pool/") and value.endswith(".deb") and _plain_path(value, _POOL_PART)
-    ):
-        raise _refuse("Filename", value, url, "not a relative pool/.../*.deb path of plain names")
+    if not (value.startswith("pool/") and value.endswith(".deb") and plain_path(value, _POOL_PART)):
+        raise refuse("Filename", value, url, "not a relative pool/.../*.deb path of plain names")
     return value
-
-
-@dataclass(frozen=True, slots=True, kw_only=True)
-class DebianSource:
-    """One ``deb URL SUITE COMPONENT`` line. An optional source may be absent from its mirror."""
-
-    url: str
-    suite: str
-    component: str = "main"
-    optional: bool = False
-
-    @property
-    def dists(self) -> str:
-        return f"{self.url.rstrip('/')}/dists/{self.suite}"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -200,7 +136,7 @@ def deb_file_name(name: str, version: str, arch: str) -> str:
 def _confined(directory: Path, name: str) -> Path:
     """``directory / name`` for a plain file name we built; anything else is a bug or an attack."""
     if not name or "/" in name or "\0" in name or "\n" in name or name.startswith("."):
-        raise _refuse("file name", name, str(directory), "not a plain file name")
+        raise refuse("file name", name, str(directory), "not a plain file name")
     return directory / name
 
 
@@ -226,138 +162,6 @@ def default_sources(
     if security.lower() not in ("none", "off", "no"):
         sources.append(DebianSource(url=security, suite=f"{name}-security", optional=True))
     return tuple(sources)
-
-
-def _resolve_keyring(keyring: Keyring) -> Path | None:
-    if keyring == "auto":
-        configured = os.environ.get("VZKIT_DEBIAN_KEYRING", "").strip()
-        if configured.lower() in ("none", "off", "no"):
-            return None
-        if configured:
-            return Path(configured)
-        return DEBIAN_KEYRING if DEBIAN_KEYRING.is_file() and shutil.which("gpgv") else None
-    return keyring
-
-
-def strip_clearsign(text: str, url: str) -> str:
-    """The signed text of an OpenPGP clearsigned message (``InRelease``), unverified."""
-    lines = text.lstrip("\n").splitlines()
-    if not lines or lines[0] != "-----BEGIN PGP SIGNED MESSAGE-----":
-        raise MirrorError(f"{url}: not an OpenPGP clearsigned message", url=url)
-    try:
-        start = lines.index("", 1) + 1
-        end = lines.index("-----BEGIN PGP SIGNATURE-----", start)
-    except ValueError:
-        raise MirrorError(f"{url}: truncated clearsigned message", url=url) from None
-    body = [line[2:] if line.startswith("- ") else line for line in lines[start:end]]
-    return "\n".join(body) + "\n"
-
-
-def _gpgv(keyring: Path, url: str, files: dict[str, bytes], args: list[str]) -> bytes:
-    if not keyring.is_file():
-        raise SignatureError(f"{url}: keyring {keyring} does not exist", url=url)
-    with tempfile.TemporaryDirectory(prefix="vzkit-gpgv-") as tmp:
-        for name, data in files.items():
-            (Path(tmp) / name).write_bytes(data)
-        try:
-            done = subprocess.run(
-                ["gpgv", "--keyring", str(keyring), *args],
-                cwd=tmp,
-                capture_output=True,
-                timeout=_GPGV_TIMEOUT,
-                check=False,
-            )
-        except (OSError, subprocess.TimeoutExpired) as err:
-            raise SignatureError(f"{url}: cannot run gpgv: {err}", url=url) from err
-    if done.returncode != 0:
-        detail = done.stderr.decode(errors="replace").strip()
-        raise SignatureError(f"{url}: bad or unknown signature (gpgv: {detail})", url=url)
-    return done.stdout
-
-
-def _parse_release(
-    raw: bytes, url: str, *, clearsigned: bool, check_valid_until: bool = True
-) -> dict[str, str]:
-    try:
-        text = raw.decode()
-        fields = parse_control(strip_clearsign(text, url) if clearsigned else text)
-    except (UnicodeDecodeError, GuestError) as err:
-        if isinstance(err, MirrorError):
-            raise
-        raise MirrorError(f"{url}: not a Debian Release file ({err})", url=url) from err
-    if "SHA256" not in fields:
-        raise MirrorError(f"{url}: not a Debian Release file (no SHA256 list)", url=url)
-    _check_dates(fields, url, time.time(), check_valid_until=check_valid_until)
-    return fields
-
-
-def _release_time(fields: dict[str, str], name: str, url: str) -> float | None:
-    value = fields.get(name)
-    if value is None:
-        return None
-    try:
-        when = parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        raise _refuse(name, value, url, "not an RFC 2822 date") from None
-    if when.tzinfo is None:  # Debian writes UTC; a date without a zone is read as UTC
-        when = when.replace(tzinfo=UTC)
-    return when.timestamp()
-
-
-def _check_dates(
-    fields: dict[str, str], url: str, now: float, *, check_valid_until: bool = True
-) -> None:
-    """Refuse a Release past its ``Valid-Until``, or dated more than an hour ahead."""
-    date = _release_time(fields, "Date", url)
-    if date is not None and date > now + _MAX_FUTURE_S:
-        hours = math.ceil((date - now) / 3600)
-        raise ExpiredReleaseError(
-            f"{url}: the Release file is dated {fields['Date']}, {hours} h ahead of this "
-            "machine's clock: check the system clock (date -u), or use another mirror",
-            url=url,
-        )
-    until = _release_time(fields, "Valid-Until", url)
-    if until is None or now <= until:
-        return
-    days = (now - until) / 86400
-    if not check_valid_until:
-        until_text = fields["Valid-Until"]
-        log.warning(
-            "%s: expired %.1f day(s) ago (Valid-Until: %s); accepted because "
-            "VZKIT_DEBIAN_CHECK_VALID_UNTIL=no",
-            url,
-            days,
-            until_text,
-        )
-        return
-    raise ExpiredReleaseError(
-        f"{url}: the Release file expired {days:.1f} day(s) ago (Valid-Until: "
-        f"{fields['Valid-Until']}): the mirror is out of date or serves an old, replayed "
-        "Release. Use another mirror (--mirror URL or VZKIT_DEBIAN_MIRROR), or check the "
-        "system clock (date -u); for an archived snapshot mirror set "
-        "VZKIT_DEBIAN_CHECK_VALID_UNTIL=no",
-        url=url,
-    )
-
-
-def _parse_hashes(release: dict[str, str], url: str) -> dict[str, tuple[str, int]]:
-    """The Release's SHA256 list, every line checked: ``HASH SIZE relative/path``."""
-    hashes = {}
-    for line in release.get("SHA256", "").splitlines():
-        if not line.strip():
-            continue
-        parts = line.split()
-        if len(parts) != 3:
-            raise _refuse("SHA256", line, url, "a line of the list is not 'HASH SIZE PATH'")
-        sha256, size, path = parts
-        if _SHA256.fullmatch(sha256) is None:
-            raise _refuse("SHA256", sha256, url, f"not a SHA-256 hex digest (for {path!r})")
-        if _SIZE.fullmatch(size) is None:
-            raise _refuse("SHA256", size, url, f"not a size in bytes (for {path!r})")
-        if not _plain_path(path, _RELEASE_PART):
-            raise _refuse("SHA256", path, url, "not a relative path of plain names")
-        hashes[path] = (sha256.lower(), int(size))
-    return hashes
 
 
 def parse_packages(text: str) -> dict[str, list[str]]:
@@ -390,13 +194,13 @@ def _record(name: str, fields: dict[str, str], base_url: str, where: str) -> Pac
             raise MirrorError(f"{where}: the stanza for {name} lacks its {key} field", url=where)
     version, size, sha256 = fields["Version"], fields["Size"], fields["SHA256"]
     if not is_version(version):
-        raise _refuse(
+        raise refuse(
             "Version", version, where, "not a Debian version ([epoch:]upstream[-revision])"
         )
-    if _SIZE.fullmatch(size) is None:
-        raise _refuse("Size", size, where, "not a size in bytes")
-    if _SHA256.fullmatch(sha256) is None:
-        raise _refuse("SHA256", sha256, where, "not a SHA-256 hex digest")
+    if SIZE_DIGITS.fullmatch(size) is None:
+        raise refuse("Size", size, where, "not a size in bytes")
+    if SHA256_HEX.fullmatch(sha256) is None:
+        raise refuse("SHA256", sha256, where, "not a SHA-256 hex digest")
     return PackageRecord(
         name=name,
         version=version,
@@ -433,7 +237,7 @@ class DebianMirror:
         self.sources = tuple(sources)
         self.debarch = debarch
         self.index_dir = Path(index_dir)
-        self.keyring = _resolve_keyring(keyring)
+        self.keyring = resolve_keyring(keyring)
         self.timeout = timeout
         if check_valid_until is None:
             setting = os.environ.get("VZKIT_DEBIAN_CHECK_VALID_UNTIL", "").strip().lower()
@@ -442,56 +246,8 @@ class DebianMirror:
         self._packages: list[tuple[DebianSource, dict[str, list[str]]]] | None = None
         self._used: set[str] = set()
 
-    def _release(self, source: DebianSource) -> dict[str, str] | None:
-        """The verified Release fields of ``source``; None if an optional suite is missing."""
-        inrelease = f"{source.dists}/InRelease"
-        try:
-            raw = fetch_bytes(inrelease, timeout=self.timeout)
-        except DownloadError as err:
-            if err.status != 404:
-                raise
-        else:
-            if self.keyring is not None:
-                signed = _gpgv(
-                    self.keyring, inrelease, {"InRelease": raw}, ["-o", "-", "InRelease"]
-                )
-                return self._parse(signed, inrelease, clearsigned=False)
-            return self._parse(raw, inrelease, clearsigned=True)
-        url = f"{source.dists}/Release"
-        try:
-            raw = fetch_bytes(url, timeout=self.timeout)
-        except DownloadError as err:
-            if err.status == 404 and source.optional:
-                log.info("%s: no such suite on this mirror; skipped", source.dists)
-                return None
-            if err.status == 404:
-                raise MirrorError(
-                    f"{source.dists}: no InRelease or Release file: not a Debian mirror, or "
-                    f"no suite {source.suite!r} there",
-                    url=url,
-                    status=404,
-                ) from None
-            raise
-        if self.keyring is not None:
-            try:
-                signature = fetch_bytes(f"{url}.gpg", timeout=self.timeout)
-            except DownloadError as err:
-                raise SignatureError(
-                    f"{url}: unsigned (no InRelease, no Release.gpg); set "
-                    "VZKIT_DEBIAN_KEYRING=none to trust it over HTTPS alone",
-                    url=url,
-                ) from err
-            _gpgv(self.keyring, url, {"Release": raw, "Release.gpg": signature},
-                  ["Release.gpg", "Release"])  # fmt: skip
-        return self._parse(raw, url, clearsigned=False)
-
-    def _parse(self, raw: bytes, url: str, *, clearsigned: bool) -> dict[str, str]:
-        return _parse_release(
-            raw, url, clearsigned=clearsigned, check_valid_until=self.check_valid_until
-        )
-
     def _index(self, source: DebianSource, release: dict[str, str]) -> dict[str, list[str]]:
-        hashes = _parse_hashes(release, f"{source.dists}/Release")
+        hashes = parse_hashes(release, f"{source.dists}/Release")
         directory = f"{source.component}/binary-{self.debarch}"
         for name, decompress in _INDEXES:
             entry = hashes.get(f"{directory}/{name}")
@@ -546,7 +302,8 @@ class DebianMirror:
             )
         loaded = []
         for source in self.sources:
-            release = self._release(source)
+            release = fetch_release(source, keyring=self.keyring, timeout=self.timeout,
+                                    check_valid_until=self.check_valid_until)  # fmt: skip
             if release is not None:
                 loaded.append((source, self._index(source, release)))
         self._packages = loaded
@@ -568,9 +325,7 @@ class DebianMirror:
         assert self._packages is not None
         if not is_package_name(name):
             where = f"{self.sources[0].dists}/{self.sources[0].component}"
-            raise _refuse(
-                "Package", name, where, "not a Debian package name ([a-z0-9][a-z0-9+.-]+)"
-            )
+            raise refuse("Package", name, where, "not a Debian package name ([a-z0-9][a-z0-9+.-]+)")
         found = []
         for source, stanzas in self._packages:
             where = f"{source.dists}/{source.component}/binary-{self.debarch}/Packages"

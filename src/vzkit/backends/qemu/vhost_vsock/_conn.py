@@ -1,17 +1,20 @@
-"""One vsock stream connection's state, and the device's counters."""
+"""One vsock stream connection's state, and the device's counters and warnings."""
 
 from __future__ import annotations
 
+import collections
 import enum
+import logging
 import socket
 from dataclasses import dataclass, fields
 
 from ._packet import SHUTDOWN_RCV
 from ._reactor import Timer
 
-__all__ = ["Conn", "ConnState", "VsockStats"]
+__all__ = ["U32", "Conn", "ConnState", "VsockStats", "Warnings"]
 
 U32 = 0xFFFFFFFF
+_WARN_FIRST = 10
 
 
 @dataclass(slots=True)
@@ -43,6 +46,21 @@ class VsockStats:
 
     def as_dict(self) -> dict[str, int]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+class Warnings:
+    """Logs what a guest did wrong: the first few of each kind at WARNING, the rest at DEBUG."""
+
+    __slots__ = ("_counts", "_log")
+
+    def __init__(self, log: logging.Logger) -> None:
+        self._log = log
+        self._counts: collections.Counter[str] = collections.Counter()
+
+    def __call__(self, kind: str, message: str, *args: object) -> None:
+        self._counts[kind] += 1
+        level = logging.WARNING if self._counts[kind] <= _WARN_FIRST else logging.DEBUG
+        self._log.log(level, "vsock: " + message, *args)
 
 
 class ConnState(enum.Enum):

@@ -28,6 +28,7 @@ from pathlib import Path
 from types import TracebackType
 
 from ._conn import VsockStats
+from ._credit import BUF_ALLOC, BYTE_BUDGET, CREDIT_STEP, UPDATE_DELAY_S
 from ._hybrid import HybridListener
 from ._reactor import EPOLLERR, EPOLLHUP, EPOLLIN, Reactor, Timer
 from ._vhost_user import (
@@ -38,7 +39,7 @@ from ._vhost_user import (
     VhostUserProtocolError,
 )
 from ._virtqueue import F_EVENT_IDX, F_INDIRECT_DESC, RingError, Virtqueue
-from ._vsock import BUF_ALLOC, BYTE_BUDGET, CREDIT_STEP, MAX_CONNECTIONS, UPDATE_DELAY_S, VsockMuxer
+from ._vsock import MAX_CONNECTIONS, VsockMuxer
 
 __all__ = ["FD_RESERVE", "VhostUserVsockDevice", "connection_cap"]
 

@@ -33,8 +33,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from ._credit import BUF_ALLOC, BYTE_BUDGET, CREDIT_STEP, UPDATE_DELAY_S
 from ._device import TX_CALL_DELAY_S, VhostUserVsockDevice
-from ._vsock import BUF_ALLOC, BYTE_BUDGET, CREDIT_STEP, UPDATE_DELAY_S
 
 __all__ = ["helper_argv", "main", "raise_fd_limit"]
 
