@@ -12,6 +12,7 @@ import enum
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -34,6 +35,8 @@ __all__ = [
     "ConfigData",
     "ConsoleMode",
     "LinuxVMConfig",
+    "default_accelerator",
+    "default_machine_type",
 ]
 
 _NETWORK_KEYS = frozenset({"mode", "interface", "host_loopback"})
@@ -48,6 +51,34 @@ MAX_CPUS = 255
 #: backend at start; 4 TiB is above any host vzkit runs on today and far below any overflow.
 MAX_MEMORY_GB = 4096
 _MIB_PER_GB = 1024
+
+
+#: The environment variables that feed config defaults (read here and nowhere else in the
+#: library; backends read only the config). Each is documented at its function below.
+ENV_ACCEL = "VZKIT_QEMU_ACCEL"
+ENV_MACHINE = "VZKIT_QEMU_MACHINE"
+#: A CPU model: QEMU's ``-cpu`` syntax, a model name and ``,prop=value`` options (e.g.
+#: ``max,pauth-impdef=on``). No paths and no spaces: nothing in it can name a file.
+_CPU_MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=,-]{0,199}")
+_MACHINE_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+
+
+def default_accelerator() -> str:
+    """The default of :attr:`LinuxVMConfig.accelerator`: ``$VZKIT_QEMU_ACCEL`` (e.g. ``tcg``
+    to keep KVM out of a benchmark), else ``""`` (the backend picks the best that works)."""
+    return os.environ.get(ENV_ACCEL, "")
+
+
+def default_machine_type(arch: Arch, direct_boot: bool, headless: bool) -> str:
+    """The default of :attr:`LinuxVMConfig.machine_type` when the config names none: ``""``
+    (the backend's default for the arch: ``q35``/``virt`` on qemu), or ``microvm`` when
+    ``$VZKIT_QEMU_MACHINE=microvm`` asks for it and it fits (an x86_64 guest booted directly
+    and headless: microvm has no firmware and no display). Elsewhere the variable is ignored,
+    as it always was."""
+    wanted = os.environ.get(ENV_MACHINE, "")
+    if wanted == "microvm" and arch is Arch.X86_64 and direct_boot and headless:
+        return "microvm"
+    return ""
 
 
 def memory_gb_value(value: object) -> float:
@@ -307,7 +338,18 @@ class LinuxVMConfig(ConfigData):
     console: ConsoleMode = ConsoleMode.LOG
     console_log_path: Path | None = None
 
-    accelerator: str = ""  # "" picks the best that works; e.g. "tcg", "kvm", "hvf"
+    #: e.g. "tcg", "kvm", "hvf"; "" takes :func:`default_accelerator` (``$VZKIT_QEMU_ACCEL``,
+    #: else the backend picks the best that works).
+    accelerator: str = ""
+    #: The guest CPU in QEMU's ``-cpu`` syntax; "" lets the backend choose per accelerator and
+    #: arch (qemu: ``host`` under KVM/HVF, ``max,pauth-impdef=on`` on aarch64 under TCG, else
+    #: ``max``; the vz backend ignores it: VZ offers no CPU model). Part of the guest's
+    #: hardware: a snapshot restores only with the CPU model it was saved with.
+    cpu_model: str = ""
+    #: The machine type (qemu: ``q35`` or ``microvm`` on x86_64, ``virt`` on aarch64); ""
+    #: takes the backend's default for the arch (see :func:`default_machine_type`); the vz
+    #: backend ignores it. Recorded with a snapshot like ``cpu_model``.
+    machine_type: str = ""
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -359,6 +401,30 @@ class LinuxVMConfig(ConfigData):
             )
         if not isinstance(self.accelerator, str):
             raise ConfigError(f"accelerator must be a string, got {self.accelerator!r}")
+        if not self.accelerator:
+            put("accelerator", default_accelerator())
+        self._check_hardware_names()
+
+    def _check_hardware_names(self) -> None:
+        """``cpu_model`` and ``machine_type``: strings in QEMU's syntax, or "" (the default)."""
+        if not isinstance(self.cpu_model, str):
+            raise ConfigError(f"cpu_model must be a string, got {self.cpu_model!r}")
+        if self.cpu_model and not _CPU_MODEL_RE.fullmatch(self.cpu_model):
+            raise ConfigError(
+                f"cpu_model {self.cpu_model!r} is not a CPU model: give a model name and "
+                "options as QEMU's -cpu takes them (letters, digits, '_.+=-', options after "
+                "commas, e.g. 'max,pauth-impdef=on' or 'cortex-a72'), or '' for the default"
+            )
+        if not isinstance(self.machine_type, str):
+            raise ConfigError(f"machine_type must be a string, got {self.machine_type!r}")
+        if not self.machine_type:
+            default = default_machine_type(self.arch, self.kernel_path is not None, self.headless)
+            object.__setattr__(self, "machine_type", default)
+        elif not _MACHINE_TYPE_RE.fullmatch(self.machine_type):
+            raise ConfigError(
+                f"machine_type {self.machine_type!r} is not a machine type name (e.g. 'q35', "
+                "'microvm', 'virt'), or '' for the default"
+            )
 
     def check_inputs(self) -> None:
         """Raise :class:`ConfigError` naming the first input that is missing: a file the VM

@@ -152,6 +152,7 @@ class SnapshotRecord:
     state_sha256: str = ""
     disks: tuple[SnapshotDisk, ...] = ()
     agent: bool = False
+    backend_info: dict[str, Any] = field(default_factory=dict)  # the backend's snapshot_info()
 
 
 class _Fields:
@@ -254,7 +255,7 @@ def parse_metadata(name: str, data: object) -> SnapshotRecord:
     if not ours:
         return SnapshotRecord(name, fmt, created, size, vm_state)
     token = f.get_str("id", pattern=_TOKEN_RE, what=f"{TOKEN_HEX} lower-case hex digits")
-    f.get_dict("backendInfo")
+    backend_info = f.get_dict("backendInfo")
     disks: list[SnapshotDisk] = []
     for i, entry in enumerate(f.get_list("disks")):
         if not isinstance(entry, dict):
@@ -276,6 +277,7 @@ def parse_metadata(name: str, data: object) -> SnapshotRecord:
         state_sha256=f.get_str("stateSha256", pattern=_SHA256_RE, what=_SHA256_WHAT),
         disks=tuple(disks),
         agent=f.get_bool("agent"),
+        backend_info=backend_info,
     )
 
 

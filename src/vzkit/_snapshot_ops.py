@@ -373,6 +373,9 @@ async def restore(manager: SnapshotManager, core: VMCore, name: str) -> Snapshot
         checked = await _in_thread(_verify_sync, manager.snapshot_dir, record)
     except OSError as err:  # an I/O error while reading; what is wrong is a SnapshotError
         raise _as_snapshot_error(f"checking snapshot {name!r}", err, VMState.STOPPED) from err
+    expect = getattr(core.machine, "expect_snapshot_info", None)
+    if expect is not None:  # the qemu machine refuses a CPU/machine type other than the saved
+        expect(record.backend_info)
     try:
         await core.machine.restore_state(checked.state_path, checked.disks)
     except BaseException as err:

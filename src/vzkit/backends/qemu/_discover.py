@@ -46,7 +46,6 @@ _INSTALL_HINT = {
     Arch.AARCH64: "Debian/Ubuntu: apt-get install qemu-system-arm; macOS: brew install qemu",
 }
 ENV_BINARY = "VZKIT_QEMU_{arch}"  # e.g. VZKIT_QEMU_X86_64=/opt/qemu/bin/qemu-system-x86_64
-ENV_ACCEL = "VZKIT_QEMU_ACCEL"
 
 
 def find_qemu(arch: Arch) -> Path:
@@ -283,7 +282,8 @@ def probe_kvm(binary: Path, arch: Arch, kernel: Path, timeout: float | None = No
 def select_accelerator(
     binary: Path, guest: Arch, requested: str = "", probe_kernel: Path | None = None
 ) -> str:
-    """Pick the accelerator: an explicit request (config, then ``$VZKIT_QEMU_ACCEL``), else
+    """Pick the accelerator: an explicit request (the config's, which ``$VZKIT_QEMU_ACCEL``
+    feeds: see :func:`~vzkit._config.default_accelerator`), else
     ``hvf`` on macOS, ``kvm`` where a probe boot proved it works, else ``tcg``.
 
     KVM is never trusted because ``/dev/kvm`` exists: a host can offer the node and still hang
@@ -291,7 +291,7 @@ def select_accelerator(
     QEMU binary and host kernel; without a kernel to probe with, ``tcg`` is used.
     """
     available = accelerators(binary)
-    choice = requested or os.environ.get(ENV_ACCEL, "")
+    choice = requested
     if choice:
         if choice not in available:
             raise ConfigError(

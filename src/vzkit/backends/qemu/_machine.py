@@ -27,7 +27,7 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ from ..._network import NetworkMode
 from ..._private import open_private, private_dir, private_file
 from ..._process import OwnedProcess, spawn
 from ..._state import VMState
-from ...errors import UnsupportedError, VMError, VMTimeoutError, VzkitError
+from ...errors import SnapshotError, UnsupportedError, VMError, VMTimeoutError, VzkitError
 from ...guest._client import authenticate
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _migrate
@@ -181,6 +181,10 @@ class QemuMachine:
         self.disk_override: Path | None = None
         self.disk_backing: DiskImage | None = None  # the overlay's (set with it)
         self.accel = ""
+        #: The CPU model and machine type of the current run (resolved at start: see _argv).
+        self.cpu = self.machine_type = ""
+        #: The backendInfo of the snapshot the next restore loads (see expect_snapshot_info).
+        self._expected_info: dict[str, Any] | None = None
 
     # -- properties ------------------------------------------------------------------------
 
@@ -296,7 +300,7 @@ class QemuMachine:
         vsock = self._require_vsock()
         if not vsock.attached:
             return
-        if _argv.machine_type(self.config) == "microvm":
+        if self.machine_type == "microvm":
             raise UnsupportedError(
                 "the vsock device cannot be unplugged on microvm (no PCI hot-plug)",
                 backend="qemu",
@@ -407,7 +411,7 @@ class QemuMachine:
         ):  # refused if its header names a data file (QEMU would open it; backing: null)
             await asyncio.to_thread(standalone_qcow2_size, cfg.disk_path)
         self.accel = accel
-        return _argv.Plan(
+        plan = _argv.Plan(
             config=cfg,
             binary=binary,
             accel=accel,
@@ -427,6 +431,8 @@ class QemuMachine:
             vsock_cid=vsock.guest_cid if vsock is not None else 0,
             sandbox=sandbox,
         )
+        self.cpu, self.machine_type = plan.cpu, plan.machine
+        return plan
 
     async def start(self) -> None:
         if self._state not in (VMState.STOPPED, VMState.ERROR):
@@ -836,7 +842,39 @@ class QemuMachine:
             await self.attach_vsock()
 
     def snapshot_info(self) -> dict[str, str]:
-        return {"accel": self.accel, "arch": self.config.arch.value}
+        """The resolved hardware a restore must match beyond the config: a config's "" picks
+        a CPU model per accelerator (and vzkit version), so the model itself is recorded."""
+        return {
+            "accel": self.accel,
+            "arch": self.config.arch.value,
+            "cpu": self.cpu,
+            "machine": self.machine_type,
+        }
+
+    def expect_snapshot_info(self, saved: Mapping[str, Any]) -> None:
+        """The ``backendInfo`` (see :meth:`snapshot_info`) of the snapshot the next
+        :meth:`restore_state` loads: it refuses, before QEMU starts, a run whose resolved
+        CPU model or machine type differ (QEMU may load such a state and the guest then
+        fails, e.g. on aarch64 every return signed under another pointer-auth algorithm)."""
+        self._expected_info = dict(saved)
+
+    async def _check_restore_fits(self) -> None:
+        """Refuse the expected snapshot (see :meth:`expect_snapshot_info`) when this VM would
+        run another CPU model or machine type, before any file is made or process started."""
+        saved, self._expected_info = self._expected_info, None
+        if saved is None:
+            return
+        cfg = self.config
+        binary = _discover.find_qemu(cfg.arch)
+        select = _discover.select_accelerator  # cached: the start asks again at once
+        accel = await asyncio.to_thread(select, binary, cfg.arch, cfg.accelerator, cfg.kernel_path)
+        problems = _migrate.hardware_diff(
+            saved, cpu=_argv.cpu_model(cfg, accel), machine=_argv.machine_type(cfg)
+        )
+        if problems:
+            raise SnapshotError(
+                "the snapshot does not fit this VM's hardware: " + "; ".join(problems)
+            )
 
     async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
         if self._state is not VMState.PAUSED:
@@ -857,6 +895,7 @@ class QemuMachine:
         self._guest_shutdown = False
         self.last_error = None
         try:
+            await self._check_restore_fits()
             self._private_state()
             self.disk_override = await _migrate.prepare_disks(self, disks)
             self._incoming = True
@@ -870,6 +909,7 @@ class QemuMachine:
             raise
         finally:
             self._incoming = False
+            self._expected_info = None
         self._set_state(VMState.PAUSED)
 
     # -- teardown --------------------------------------------------------------------------

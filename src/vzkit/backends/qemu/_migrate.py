@@ -26,7 +26,7 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,8 +66,32 @@ def blockers(m: QemuMachine) -> list[str]:
         f"vhost-user-fs (the VirtioFS share {vol.tag!r} of {str(vol.host_path)!r})"
         for vol in m.config.tagged_volumes()
     ]
-    if m.config.vsock and _argv.machine_type(m.config) == "microvm":
+    if m.config.vsock and m.config.machine_type == "microvm":
         out.append("the vsock device (microvm has no PCI hot-plug to unplug it around a save)")
+    return out
+
+
+def hardware_diff(saved: Mapping[str, Any], *, cpu: str, machine: str) -> list[str]:
+    """How a run's resolved CPU model and machine type differ from a snapshot's
+    ``backendInfo`` (:meth:`~._machine.QemuMachine.snapshot_info`), one sentence each.
+
+    Snapshots from before the CPU model was recorded ran ``host`` under KVM/HVF and ``max``
+    otherwise; one without a machine type is left to QEMU (its migration stream names the
+    machine, and a load into another is refused)."""
+    accel = str(saved.get("accel", ""))
+    saved_cpu = saved.get("cpu") or ("host" if accel in ("kvm", "hvf") else "max")
+    out = []
+    if saved_cpu != cpu:
+        out.append(
+            f"it was saved with CPU model {saved_cpu!r}, this VM would run {cpu!r} "
+            f"(set cpu_model={saved_cpu!r} in its config to restore it)"
+        )
+    saved_machine = saved.get("machine")
+    if saved_machine and saved_machine != machine:
+        out.append(
+            f"it was saved on machine type {saved_machine!r}, this VM would run {machine!r} "
+            f"(set machine_type={saved_machine!r} in its config to restore it)"
+        )
     return out
 
 
