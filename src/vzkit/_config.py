@@ -37,6 +37,8 @@ __all__ = [
     "LinuxVMConfig",
     "default_accelerator",
     "default_machine_type",
+    "default_share_device",
+    "default_vsock_device",
 ]
 
 _NETWORK_KEYS = frozenset({"mode", "interface", "host_loopback"})
@@ -53,14 +55,54 @@ MAX_MEMORY_GB = 4096
 _MIB_PER_GB = 1024
 
 
-#: The environment variables that feed config defaults (read here and nowhere else in the
-#: library; backends read only the config). Each is documented at its function below.
+# -- the environment ---------------------------------------------------------------------
+# The ``VZKIT_*`` variables that choose a VM's devices feed config defaults here and are read
+# nowhere else in the library: backends read the config. (Host tool locations are read by
+# the functions at the end of this block; the guest image builder, the cache and progress
+# output read their own.)
 ENV_ACCEL = "VZKIT_QEMU_ACCEL"
 ENV_MACHINE = "VZKIT_QEMU_MACHINE"
+ENV_SHARE_DEVICE = "VZKIT_SHARE_DEVICE"
+ENV_VSOCK_DEVICE = "VZKIT_VSOCK"
+ENV_QEMU_BINARY = "VZKIT_QEMU_{arch}"  # e.g. VZKIT_QEMU_X86_64=/opt/qemu/bin/qemu-system-x86_64
+ENV_EFI_CODE, ENV_EFI_VARS = "VZKIT_EFI_CODE", "VZKIT_EFI_VARS"
+ENV_VIRTIOFSD = "VZKIT_VIRTIOFSD"
 #: A CPU model: QEMU's ``-cpu`` syntax, a model name and ``,prop=value`` options (e.g.
 #: ``max,pauth-impdef=on``). No paths and no spaces: nothing in it can name a file.
 _CPU_MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=,-]{0,199}")
 _MACHINE_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+_SHARE_DEVICE_RE = re.compile(r"virtiofs|9p(:[^,:\s]+(,[^,:\s]+)*)?", re.IGNORECASE)
+_VSOCK_DEVICES = ("kernel", "user")
+
+
+def qemu_binary_override(arch: Arch) -> tuple[str, str]:
+    """``(variable, value)`` of ``$VZKIT_QEMU_<ARCH>``: the QEMU binary to use instead of
+    ``qemu-system-<arch>`` on ``PATH`` (value ``""`` when unset)."""
+    name = ENV_QEMU_BINARY.format(arch=arch.value.upper())
+    return name, os.environ.get(name, "")
+
+
+def efi_override() -> tuple[str, str]:
+    """``$VZKIT_EFI_CODE`` and ``$VZKIT_EFI_VARS``: UEFI firmware code and variable-store
+    template to use instead of the distribution's (both or neither; ``""`` when unset)."""
+    return os.environ.get(ENV_EFI_CODE, ""), os.environ.get(ENV_EFI_VARS, "")
+
+
+def virtiofsd_override() -> str:
+    """``$VZKIT_VIRTIOFSD``: the virtiofsd tried first (``""`` when unset)."""
+    return os.environ.get(ENV_VIRTIOFSD, "")
+
+
+def default_share_device() -> str:
+    """The default of :attr:`LinuxVMConfig.share_device`: ``$VZKIT_SHARE_DEVICE``, else
+    ``""``."""
+    return os.environ.get(ENV_SHARE_DEVICE, "").strip()
+
+
+def default_vsock_device() -> str:
+    """The default of :attr:`LinuxVMConfig.vsock_device`: ``$VZKIT_VSOCK`` (``user`` keeps
+    the kernel's vhost-vsock out, e.g. to measure the user-space device), else ``""``."""
+    return os.environ.get(ENV_VSOCK_DEVICE, "").strip()
 
 
 def default_accelerator() -> str:
@@ -350,6 +392,15 @@ class LinuxVMConfig(ConfigData):
     #: takes the backend's default for the arch (see :func:`default_machine_type`); the vz
     #: backend ignores it. Recorded with a snapshot like ``cpu_model``.
     machine_type: str = ""
+    #: How shares reach the guest: "virtiofs" (a sandboxed virtiofsd per share where one can
+    #: run, else virtio-9p), "9p" (virtio-9p for every share), "9p:TAG,TAG" (for those tags);
+    #: "" takes :func:`default_share_device` (``$VZKIT_SHARE_DEVICE``), else "virtiofs".
+    share_device: str = ""
+    #: The host side of the vsock device: "kernel" (vhost-vsock where ``/dev/vhost-vsock`` can
+    #: be had, else vzkit's user-space device) or "user" (always the user-space device); ""
+    #: takes :func:`default_vsock_device` (``$VZKIT_VSOCK``), else "kernel". The guest sees the
+    #: same virtio-vsock device either way.
+    vsock_device: str = ""
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -425,6 +476,20 @@ class LinuxVMConfig(ConfigData):
                 f"machine_type {self.machine_type!r} is not a machine type name (e.g. 'q35', "
                 "'microvm', 'virt'), or '' for the default"
             )
+        if not isinstance(self.share_device, str):
+            raise ConfigError(f"share_device must be a string, got {self.share_device!r}")
+        share = self.share_device or default_share_device() or "virtiofs"
+        if not _SHARE_DEVICE_RE.fullmatch(share):
+            raise ConfigError(
+                f"share_device {share!r} is not one of 'virtiofs', '9p' or '9p:TAG,TAG'"
+            )
+        object.__setattr__(self, "share_device", share.lower() if ":" not in share else share)
+        if not isinstance(self.vsock_device, str):
+            raise ConfigError(f"vsock_device must be a string, got {self.vsock_device!r}")
+        vsock = self.vsock_device or default_vsock_device() or "kernel"
+        if vsock not in _VSOCK_DEVICES:
+            raise ConfigError(f"vsock_device {vsock!r} is not one of 'kernel' or 'user'")
+        object.__setattr__(self, "vsock_device", vsock)
 
     def check_inputs(self) -> None:
         """Raise :class:`ConfigError` naming the first input that is missing: a file the VM

@@ -480,7 +480,10 @@ class QemuMachine:
             plan = dataclasses.replace(plan, agent_key_fd=key_fd)
             # -- shares: start the virtiofsds, hand their sockets to QEMU
             shares = await self._shares.start(
-                self.config.tagged_volumes(), self.runtime_dir, self.state_dir
+                self.config.tagged_volumes(),
+                self.runtime_dir,
+                self.state_dir,
+                self.config.share_device,
             )
             virtiofs = any(share.kind is ShareKind.VIRTIOFS for share in shares)
             plan = dataclasses.replace(
