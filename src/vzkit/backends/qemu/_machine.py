@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import secrets
@@ -29,7 +28,7 @@ import sys
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from qemu.qmp import QMPClient, QMPError, Runstate
 
@@ -45,7 +44,7 @@ from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, no
 from . import _argv, _discover, _migrate
 from ._bridge import find_bridge_helper, open_bridge_tap
 from ._passt import Passt, find_passt, uses_passt
-from ._virtiofs import ShareKind, Shares
+from ._virtiofs import ShareDevice, ShareKind, Shares
 from ._vsock import VsockListener, VsockTransport, agent_key_fd
 
 __all__ = ["AGENT_VSOCK_PORT", "QemuMachine"]
@@ -126,6 +125,27 @@ async def _sandbox(binary: Path) -> bool:
     if not probe.supported:
         log.warning("%s runs without its seccomp sandbox: %s", binary.name, probe.detail)
     return probe.supported
+
+
+class _Host(NamedTuple):
+    """What a start found out about the host (see ``QemuMachine._probe``)."""
+
+    binary: Path
+    accel: str
+    sandbox: bool
+    firmware_code: Path | None
+    nvram: Path | None
+
+
+class _RunFds(NamedTuple):
+    """The fds a run hands to QEMU, and whether its vsock device is on the command line."""
+
+    qmp: int
+    agent: int
+    vsock_device: bool
+    agent_key: int | None
+    passt: int | None
+    tap: int | None
 
 
 class GuestPanic(VMError):
@@ -384,10 +404,13 @@ class QemuMachine:
 
     # -- start -----------------------------------------------------------------------------
 
-    async def _plan(self, qmp_fd: int, agent_fd: int, vsock: VsockTransport | None) -> _argv.Plan:
+    async def _probe(self) -> _Host:
+        """The host side of a start, checked before anything is started: the binary, its
+        accelerator and sandbox (two probes side by side; one failing cancels the other),
+        the firmware and variable store for EFI boot, the network and a qcow2 disk."""
         cfg = self.config
         binary = _discover.find_qemu(cfg.arch)
-        try:  # two probes of the binary side by side; one failing cancels the other
+        try:
             async with asyncio.TaskGroup() as probes:
                 select = _discover.select_accelerator
                 accel_probe = probes.create_task(
@@ -396,13 +419,11 @@ class QemuMachine:
                 sandbox_probe = probes.create_task(_sandbox(binary))
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None
-        accel, sandbox = accel_probe.result(), sandbox_probe.result()
-        state_dir = self.state_dir
         firmware_code = nvram = None
         if cfg.kernel_path is None:
             firmware = _discover.find_firmware(cfg.arch)
             firmware_code = firmware.code
-            nvram = _nvram(state_dir, firmware.vars_template)
+            nvram = _nvram(self.state_dir, firmware.vars_template)
         _check_network(cfg)
         if (
             self.disk_override is None
@@ -410,28 +431,46 @@ class QemuMachine:
             and cfg.disk_format is DiskFormat.QCOW2
         ):  # refused if its header names a data file (QEMU would open it; backing: null)
             await asyncio.to_thread(standalone_qcow2_size, cfg.disk_path)
-        self.accel = accel
+        return _Host(binary, accel_probe.result(), sandbox_probe.result(), firmware_code, nvram)
+
+    def _plan(
+        self,
+        host: _Host,
+        fds: _RunFds,
+        vsock: VsockTransport | None,
+        shares: tuple[ShareDevice, ...],
+    ) -> _argv.Plan:
+        """The run's plan, decided once from what the start prepared. A ``vsock`` transport
+        without its device in this plan (a restore plugs it in later) still needs the RAM
+        shared when it is the user-space one; so do VirtioFS shares."""
+        cfg = self.config
+        plugged = vsock if vsock is not None and fds.vsock_device else None
+        virtiofs = any(share.kind is ShareKind.VIRTIOFS for share in shares)
         plan = _argv.Plan(
             config=cfg,
-            binary=binary,
-            accel=accel,
-            qmp_fd=qmp_fd,
-            agent_fd=agent_fd,
+            binary=host.binary,
+            accel=host.accel,
+            qmp_fd=fds.qmp,
+            agent_fd=fds.agent,
             console_log=self.console_log_path,
-            firmware_code=firmware_code,
-            nvram=nvram,
-            mac_address=_mac_address(None if self._own_state_dir else state_dir),
+            firmware_code=host.firmware_code,
+            nvram=host.nvram,
+            mac_address=_mac_address(None if self._own_state_dir else self.state_dir),
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
             incoming=self._incoming,
             disk_override=self.disk_override,
             disk_backing=self.disk_backing,
-            shared_memory=vsock is not None and not vsock.kernel,
-            vsock_fd=vsock.qemu_fd if vsock is not None else None,
-            vhost_vsock_fd=vsock.kernel_fd if vsock is not None else None,
-            vsock_cid=vsock.guest_cid if vsock is not None else 0,
-            sandbox=sandbox,
+            shared_memory=(vsock is not None and not vsock.kernel) or virtiofs,
+            vsock_fd=plugged.qemu_fd if plugged is not None else None,
+            vhost_vsock_fd=plugged.kernel_fd if plugged is not None else None,
+            vsock_cid=plugged.guest_cid if plugged is not None else 0,
+            sandbox=host.sandbox,
+            shares=shares,
+            agent_key_fd=fds.agent_key,
+            passt_fd=fds.passt,
+            tap_fd=fds.tap,
         )
-        self.cpu, self.machine_type = plan.cpu, plan.machine
+        self.accel, self.cpu, self.machine_type = plan.accel, plan.cpu, plan.machine
         return plan
 
     async def start(self) -> None:
@@ -472,30 +511,22 @@ class QemuMachine:
         try:
             if vsock is not None:  # a restore plugs this one in later: it starts meanwhile
                 await vsock.prepare()
-            plan = await self._plan(
-                theirs.fileno(), agent_theirs.fileno(), vsock if vsock_device else None
-            )
-            if vsock is not None and not vsock.kernel:  # vhost-user maps the guest's RAM
-                plan = dataclasses.replace(plan, shared_memory=True)
-            plan = dataclasses.replace(plan, agent_key_fd=key_fd)
-            # -- shares: start the virtiofsds, hand their sockets to QEMU
+            host = await self._probe()
             shares = await self._shares.start(
                 self.config.tagged_volumes(),
                 self.runtime_dir,
                 self.state_dir,
                 self.config.share_device,
             )
-            virtiofs = any(share.kind is ShareKind.VIRTIOFS for share in shares)
-            plan = dataclasses.replace(
-                plan, shares=shares, shared_memory=plan.shared_memory or virtiofs
-            )
-            # -- end shares
-            plan = dataclasses.replace(plan, passt_fd=await self._start_network())
+            passt_fd = await self._start_network()
             if cfg_net.mode is NetworkMode.BRIDGED and sys.platform == "linux":
                 tap_fd = await open_bridge_tap(
                     find_bridge_helper(), cfg_net.interface, self.state_dir / "bridge-helper.log"
                 )
-                plan = dataclasses.replace(plan, tap_fd=tap_fd)
+            fds = _RunFds(
+                theirs.fileno(), agent_theirs.fileno(), vsock_device, key_fd, passt_fd, tap_fd
+            )
+            plan = self._plan(host, fds, vsock, shares)
             self.argv = _argv.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
