@@ -12,7 +12,7 @@ import pytest
 
 import vzkit
 from vzkit._private import open_private, private_dir, private_file
-from vzkit.backends.qemu import _machine
+from vzkit.backends.qemu import _hostprep, _machine
 
 
 @pytest.fixture
@@ -84,17 +84,17 @@ def test_nvram_and_mac_address_are_0600_under_umask_0(tmp_path: Path, umask0: No
     template.write_bytes(b"\x00vars" * 100)
     template.chmod(0o644)
     state = private_dir(tmp_path / "state")
-    nvram = _machine._nvram(state, template)
+    nvram = _hostprep.nvram(state, template)
     assert (nvram.read_bytes(), _mode(nvram)) == (template.read_bytes(), 0o600)
     nvram.write_bytes(b"guest wrote this")
     nvram.chmod(0o644)  # as an older vzkit left it
-    assert _machine._nvram(state, template).read_bytes() == b"guest wrote this"  # kept
+    assert _hostprep.nvram(state, template).read_bytes() == b"guest wrote this"  # kept
     assert _mode(nvram) == 0o600
     assert sorted(p.name for p in state.iterdir()) == ["efi.nvram"]  # no temp file left
-    mac = _machine._mac_address(state)
+    mac = _hostprep.mac_address(state)
     assert (state / "mac-address").read_text() == f"{mac}\n"
     assert _mode(state / "mac-address") == 0o600
-    assert _machine._mac_address(state) == mac
+    assert _hostprep.mac_address(state) == mac
 
 
 def test_config_state_dir_is_created_0700_with_its_qemu_log(tmp_path: Path, umask0: None) -> None:

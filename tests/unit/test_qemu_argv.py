@@ -421,7 +421,7 @@ def test_machine_sandbox_policy(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The machine asks for the filter whenever the binary has it (bridged included)."""
-    from vzkit.backends.qemu import _discover, _machine
+    from vzkit.backends.qemu import _discover, _hostprep
 
     probe = _discover.SandboxProbe(True)
 
@@ -429,9 +429,9 @@ def test_machine_sandbox_policy(
         return probe
 
     monkeypatch.setattr(_discover, "sandbox_probe", sandbox_probe)
-    assert asyncio.run(_machine._sandbox(Path("q")))
+    assert asyncio.run(_hostprep.sandbox(Path("q")))
     probe = _discover.SandboxProbe(False, "-sandbox is not supported by this QEMU binary")
-    assert not asyncio.run(_machine._sandbox(Path("q")))
+    assert not asyncio.run(_hostprep.sandbox(Path("q")))
     assert "runs without its seccomp sandbox: -sandbox is not supported" in caplog.text
 
 

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import shutil
 import signal
 import socket
@@ -41,7 +40,7 @@ from ..._state import VMState
 from ...errors import SnapshotError, UnsupportedError, VMError, VMTimeoutError, VzkitError
 from ...guest._client import authenticate
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
-from . import _argv, _discover, _migrate
+from . import _argv, _discover, _hostprep, _migrate, _vsock_plug
 from ._bridge import find_bridge_helper, open_bridge_tap
 from ._passt import Passt, find_passt, uses_passt
 from ._virtiofs import ShareDevice, ShareKind, Shares
@@ -68,63 +67,6 @@ _EVENTS_DRAIN_S = 1.0
 _LIVE = frozenset({VMState.RUNNING, VMState.PAUSED, VMState.PAUSING, VMState.RESUMING})
 #: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
 _MAX_SOCKET_DIR = 80
-
-
-def _mac_address(state_dir: Path | None) -> str:
-    """A random locally administered unicast MAC, kept in ``state_dir`` so it stays stable."""
-    path = state_dir / "mac-address" if state_dir is not None else None
-    if path is not None:
-        with contextlib.suppress(OSError):
-            text = path.read_text().strip()
-            if len(text) == 17:
-                return text
-    octets = bytearray(secrets.token_bytes(6))
-    octets[0] = (octets[0] & 0xFC) | 0x02
-    mac = ":".join(f"{b:02x}" for b in octets)
-    if path is not None:
-        with contextlib.suppress(OSError), open_private(path, append=False) as fh:
-            fh.write(f"{mac}\n".encode())
-    return mac
-
-
-def _nvram(state_dir: Path, template: Path) -> Path:
-    """The VM's EFI variable store: a 0600 copy of the firmware's template, made once."""
-    nvram = state_dir / "efi.nvram"
-    if nvram.exists():
-        return private_file(nvram)  # also narrows one an older vzkit left 0644
-    tmp = nvram.with_name(f".efi.nvram.tmp-{os.getpid()}")
-    try:
-        with open(template, "rb") as src, open_private(tmp, append=False) as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, nvram)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return nvram
-
-
-def _check_network(cfg: LinuxVMConfig) -> None:
-    """What the argv cannot know: whether bridging is possible on this host."""
-    net = cfg.network
-    if net.mode is not NetworkMode.BRIDGED or sys.platform == "darwin":
-        return
-    if not Path(f"/sys/class/net/{net.interface}/bridge").is_dir():
-        raise UnsupportedError(
-            f"cannot bridge to {net.interface!r}: it is not a Linux bridge on this host "
-            "(create one, e.g. with 'ip link add br0 type bridge', and allow it in "
-            "/etc/qemu/bridge.conf)",
-            backend="qemu",
-            feature="network:bridged",
-        )
-    find_bridge_helper()
-
-
-async def _sandbox(binary: Path) -> bool:
-    """Whether this run gets QEMU's seccomp filter (``-sandbox``, see ``_argv.sandbox_args``):
-    when the binary can (else logged; ``vzkit doctor`` says so too)."""
-    probe = await _discover.sandbox_probe(binary)
-    if not probe.supported:
-        log.warning("%s runs without its seccomp sandbox: %s", binary.name, probe.detail)
-    return probe.supported
 
 
 class _Host(NamedTuple):
@@ -311,85 +253,20 @@ class QemuMachine:
         return self._require_vsock().listen(port)
 
     async def detach_vsock(self, timeout: float = _UNPLUG_TIMEOUT_S) -> None:
-        """Unplug the vsock device and stop it (QEMU cannot migrate vhost devices).
-
-        The guest must acknowledge the unplug: at once with ACPI hot-plug (x86_64 q35), about
-        5 s later with PCIe native hot-plug (aarch64 ``virt``: the attention-button delay).
-        Open connections end; listeners stay and serve the device plugged in next.
-        """
-        vsock = self._require_vsock()
-        if not vsock.attached:
-            return
-        if self.machine_type == "microvm":
-            raise UnsupportedError(
-                "the vsock device cannot be unplugged on microvm (no PCI hot-plug)",
-                backend="qemu",
-                feature="snapshots",
-            )
-        await self._execute("device_del", {"id": "vsock0"})
-        try:
-            await asyncio.wait_for(self._vsock_gone(vsock.kernel), timeout)
-        except TimeoutError:
-            raise VMError(
-                f"the guest did not release its vsock device within {timeout:g} s "
-                "(it must acknowledge the PCI unplug)"
-            ) from None
-        await vsock.stop_device()
-
-    async def _vsock_gone(self, kernel: bool) -> None:
-        """Wait until the unplugged device and its chardev are gone."""
-        while "vsock0" in await self._peripherals():
-            await asyncio.sleep(0.05)
-        while not kernel:  # the device lets go of its chardev a moment after it left
-            try:
-                await self._execute("chardev-remove", {"id": "vsock0-chr"})
-                return
-            except VMError as err:
-                if "busy" not in str(err):
-                    raise
-            await asyncio.sleep(0.05)
+        """Unplug the vsock device and stop it (QEMU cannot migrate vhost devices)."""
+        await _vsock_plug.unplug(self._require_vsock(), self, self.machine_type, timeout)
 
     async def attach_vsock(self) -> None:
         """Plug a fresh vsock device into its port (after a save, or into a restored VM)."""
         vsock = self._require_vsock()
-        qmp = self._qmp
-        if vsock.attached or qmp is None:
-            return
-        bus = {"bus": _argv.VSOCK_PORT}
-        try:
-            if not vsock.prepared:
-                await vsock.prepare()
-            if vsock.kernel:
-                assert vsock.kernel_fd is not None
-                qmp.send_fd_scm(vsock.kernel_fd)
-                await self._execute("getfd", {"fdname": "vsock0-vhostfd"})
-                await self._execute("device_add", {
-                    "driver": "vhost-vsock-pci", "id": "vsock0", "guest-cid": vsock.guest_cid,
-                    "vhostfd": "vsock0-vhostfd", **bus})  # fmt: skip
-            else:
-                assert vsock.qemu_fd is not None
-                qmp.send_fd_scm(vsock.qemu_fd)
-                await self._execute("getfd", {"fdname": "vsock0-fd"})
-                await self._execute("chardev-add", {
-                    "id": "vsock0-chr",
-                    "backend": {"type": "socket", "data": {
-                        "addr": {"type": "fd", "data": {"str": "vsock0-fd"}}, "server": False}},
-                })  # fmt: skip
-                await self._execute("device_add", {
-                    "driver": "vhost-user-vsock-pci", "id": "vsock0", "chardev": "vsock0-chr",
-                    **bus})  # fmt: skip
-            vsock.after_spawn()
-            await vsock.wait_ready()
-        except BaseException:
-            await vsock.stop_device()
-            raise
-        vsock.attached = True
+        if not vsock.attached and self._qmp is not None:
+            await _vsock_plug.plug(vsock, self)
 
-    async def _peripherals(self) -> set[str]:
-        devices: list[dict[str, Any]] = await self._execute(
-            "qom-list", {"path": "/machine/peripheral"}
-        )
-        return {str(d.get("name")) for d in devices}
+    def send_fd(self, fd: int) -> None:
+        """Pass ``fd`` to QEMU over QMP (``SCM_RIGHTS``), for a ``getfd`` that follows."""
+        if self._qmp is None:
+            raise VMError(f"QEMU is not running (state {self._state.value})")
+        self._qmp.send_fd_scm(fd)
 
     @property
     def stderr_path(self) -> Path:
@@ -416,15 +293,15 @@ class QemuMachine:
                 accel_probe = probes.create_task(
                     asyncio.to_thread(select, binary, cfg.arch, cfg.accelerator, cfg.kernel_path)
                 )
-                sandbox_probe = probes.create_task(_sandbox(binary))
+                sandbox_probe = probes.create_task(_hostprep.sandbox(binary))
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None
         firmware_code = nvram = None
         if cfg.kernel_path is None:
             firmware = _discover.find_firmware(cfg.arch)
             firmware_code = firmware.code
-            nvram = _nvram(self.state_dir, firmware.vars_template)
-        _check_network(cfg)
+            nvram = _hostprep.nvram(self.state_dir, firmware.vars_template)
+        _hostprep.check_network(cfg)
         if (
             self.disk_override is None
             and cfg.disk_path is not None
@@ -455,7 +332,7 @@ class QemuMachine:
             console_log=self.console_log_path,
             firmware_code=host.firmware_code,
             nvram=host.nvram,
-            mac_address=_mac_address(None if self._own_state_dir else self.state_dir),
+            mac_address=_hostprep.mac_address(None if self._own_state_dir else self.state_dir),
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
             incoming=self._incoming,
             disk_override=self.disk_override,

@@ -36,7 +36,7 @@ from ..._process import spawn
 from ..._state import VMState
 from ...errors import ConfigError, SnapshotError, VMError
 from .._protocol import CapturedDisk, ProgressFn
-from . import _argv
+from . import _argv, _vsock_plug
 
 if TYPE_CHECKING:
     from ._machine import QemuMachine
@@ -66,8 +66,9 @@ def blockers(m: QemuMachine) -> list[str]:
         f"vhost-user-fs (the VirtioFS share {vol.tag!r} of {str(vol.host_path)!r})"
         for vol in m.config.tagged_volumes()
     ]
-    if m.config.vsock and m.config.machine_type == "microvm":
-        out.append("the vsock device (microvm has no PCI hot-plug to unplug it around a save)")
+    vsock = _vsock_plug.migration_blocker(m.config.machine_type) if m.config.vsock else None
+    if vsock is not None:
+        out.append(vsock)
     return out
 
 
