@@ -34,15 +34,16 @@ from qemu.qmp import QMPClient, QMPError, Runstate
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
 from ..._network import NetworkMode
-from ..._private import open_private, private_dir, private_file
-from ..._process import OwnedProcess, spawn
+from ..._private import private_dir, private_file
+from ..._process import OwnedProcess
 from ..._state import VMState
-from ...errors import SnapshotError, UnsupportedError, VMError, VMTimeoutError, VzkitError
+from ...errors import SnapshotError, UnsupportedError, VMError, VzkitError
 from ...guest._client import authenticate
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _hostprep, _migrate, _vsock_plug
 from ._bridge import find_bridge_helper, open_bridge_tap
 from ._passt import Passt, find_passt, uses_passt
+from ._run import QemuRun, stderr_tail
 from ._virtiofs import ShareDevice, ShareKind, Shares
 from ._vsock import VsockListener, VsockTransport, agent_key_fd
 
@@ -54,13 +55,7 @@ MIN_BALLOON_MB = 64
 #: The vzkit guest agent's vsock port.
 AGENT_VSOCK_PORT = 1024
 _QUIT_GRACE_S = 2.0
-#: How long one QMP command may take before QEMU counts as wedged. Every command vzkit sends
-#: is quick (long work, like a migration, is started by one command and polled with others),
-#: so one bound fits them all; a wedged or stopped QEMU then fails the call instead of
-#: hanging pause(), stop(), the balloon or a snapshot. Read at each call (tests lower it).
-QMP_TIMEOUT_S = 30.0
 _UNPLUG_TIMEOUT_S = 20.0
-_STDERR_TAIL = 2000
 #: After QEMU exited: how long its QMP stream may take to deliver what QEMU sent last.
 _EVENTS_DRAIN_S = 1.0
 #: States in which a VM counts as running (a dead share helper then fails it).
@@ -116,10 +111,7 @@ class QemuMachine:
         self.config = config
         self._on_state = on_state
         self._state = VMState.STOPPED
-        self._proc: OwnedProcess | None = None
-        self._qmp: QMPClient | None = None
-        self._qmp_sock: socket.socket | None = None
-        self._agent_sock: socket.socket | None = None
+        self._run: QemuRun | None = None  # the current (or last) QEMU process and its QMP
         self._shares = Shares(self._share_died)  # virtiofsd per share (see _virtiofs)
         self._passt = Passt()  # the nat network on Linux (see _passt)
         self._tasks: list[asyncio.Task[Any]] = []  # event watcher
@@ -153,6 +145,18 @@ class QemuMachine:
     @property
     def state(self) -> VMState:
         return self._state
+
+    @property
+    def _proc(self) -> OwnedProcess | None:
+        return self._run.proc if self._run is not None else None
+
+    @property
+    def _qmp(self) -> QMPClient | None:
+        return self._run.qmp if self._run is not None else None
+
+    @property
+    def _agent_sock(self) -> socket.socket | None:
+        return self._run.agent_sock if self._run is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -374,10 +378,8 @@ class QemuMachine:
         self._private_state()
         cfg_net = self.config.network
         tap_fd: int | None = None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        agent_ours, agent_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._qmp_sock = ours
-        self._agent_sock = agent_ours
+        run = self._run = QemuRun(self.stderr_path)
+        run.incoming = self._incoming
         vsock = None
         key_fd: int | None = None  # the agent's key for QEMU's fw_cfg (a fresh one per run)
         if self.config.vsock and sys.platform == "linux":
@@ -400,9 +402,7 @@ class QemuMachine:
                 tap_fd = await open_bridge_tap(
                     find_bridge_helper(), cfg_net.interface, self.state_dir / "bridge-helper.log"
                 )
-            fds = _RunFds(
-                theirs.fileno(), agent_theirs.fileno(), vsock_device, key_fd, passt_fd, tap_fd
-            )
+            fds = _RunFds(run.qmp_fd, run.agent_fd, vsock_device, key_fd, passt_fd, tap_fd)
             plan = self._plan(host, fds, vsock, shares)
             self.argv = _argv.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
@@ -415,27 +415,19 @@ class QemuMachine:
                     raise VMError(
                         f"cannot open the console log {str(plan.console_log)!r}: {err}"
                     ) from err
-            with open_private(self.stderr_path) as stderr:
-                self._proc = await spawn(
-                    self.argv,
-                    name=f"qemu-system-{self.config.arch.value}",
-                    pass_fds=(
-                        theirs.fileno(),
-                        agent_theirs.fileno(),
-                        *(vsock.pass_fds() if vsock is not None and vsock_device else ()),
-                        *((key_fd,) if key_fd is not None else ()),
-                        *self._shares.qemu_fds,
-                        *((plan.passt_fd,) if plan.passt_fd is not None else ()),
-                        *((tap_fd,) if tap_fd is not None else ()),
-                    ),
-                    stdin=None if interactive else asyncio.subprocess.DEVNULL,
-                    stdout=None if interactive else asyncio.subprocess.DEVNULL,
-                    stderr=stderr,
-                    new_session=not interactive,
-                )
+            await run.spawn(
+                self.argv,
+                f"qemu-system-{self.config.arch.value}",
+                (
+                    *(vsock.pass_fds() if vsock is not None and vsock_device else ()),
+                    *((key_fd,) if key_fd is not None else ()),
+                    *self._shares.qemu_fds,
+                    *((plan.passt_fd,) if plan.passt_fd is not None else ()),
+                    *((tap_fd,) if tap_fd is not None else ()),
+                ),
+                interactive=interactive,
+            )
         finally:
-            theirs.close()
-            agent_theirs.close()
             if key_fd is not None:
                 os.close(key_fd)
             self._shares.qemu_started()
@@ -444,28 +436,9 @@ class QemuMachine:
                 os.close(tap_fd)
             if vsock is not None and vsock_device:
                 vsock.after_spawn()
-        self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
-        qmp = QMPClient(f"vzkit-{self._proc.pid}")
-        self._qmp = qmp
-        connect = asyncio.ensure_future(qmp.connect(ours))
-        exited = asyncio.ensure_future(self._proc.wait())
-        bound = QMP_TIMEOUT_S  # the greeting and qmp_capabilities are QMP traffic too
-        try:
-            done, _ = await asyncio.wait(
-                {connect, exited}, timeout=bound, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for task in (connect, exited):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(connect, exited, return_exceptions=True)
-        if not done:
-            raise VMTimeoutError(
-                f"QEMU (pid {self._proc.pid}) did not answer on QMP within {bound:g} s of "
-                f"starting; see its log {str(self.stderr_path)!r}"
-            )
-        if connect.cancelled() or connect.exception() is not None:
-            raise VMError(f"QEMU exited during start-up: {self._stderr_tail()}")
+        assert run.proc is not None
+        self._exit_watch = asyncio.ensure_future(self._watch_exit(run.proc))
+        qmp = await run.attach()
         self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
         if self.config.console is ConsoleMode.PTY:
             self._console_pty = await self._find_pty()
@@ -598,52 +571,18 @@ class QemuMachine:
             self._stopped.set()
 
     def _stderr_tail(self) -> str:
-        try:
-            with open(self.stderr_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - _STDERR_TAIL))
-                text = fh.read().decode(errors="replace").strip()
-        except OSError:
-            text = ""
-        return text or "(no output)"
+        return stderr_tail(self.stderr_path)
 
     async def _disconnect(self) -> None:
-        qmp, self._qmp = self._qmp, None
-        if qmp is not None:
-            with contextlib.suppress(Exception):
-                await qmp.disconnect()
-        for sock in (self._qmp_sock, self._agent_sock):
-            if sock is not None:
-                sock.close()
-        self._qmp_sock = self._agent_sock = None
+        if self._run is not None:
+            await self._run.disconnect()
 
     async def _execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
-        """Run one QMP command, bounded by :data:`QMP_TIMEOUT_S` (a late reply is dropped).
-
-        While an incoming state loads (a restore), QEMU's main loop reads the state file
-        without answering QMP (a regular file never blocks it), for as long as the file takes
-        to read: commands then wait without a bound of their own, under the restore's timeout.
-        """
-        qmp = self._qmp
-        if qmp is None:
+        """One QMP command of the current run (see :meth:`QemuRun.execute`)."""
+        run = self._run
+        if run is None:
             raise VMError(f"QEMU is not running (state {self._state.value})")
-        log.debug("QMP -> %s %s", cmd, args or "")
-        timeout = None if self._incoming else QMP_TIMEOUT_S
-        try:
-            async with asyncio.timeout(timeout):
-                result = await qmp.execute(cmd, args)
-        except TimeoutError:
-            if timeout is None:
-                raise
-            raise VMTimeoutError(
-                f"QEMU (pid {self.pid}) did not answer the QMP command {cmd!r} within "
-                f"{timeout:g} s: it is wedged or overloaded. Stop the VM (vm.stop() or "
-                f"vm.close() kills it) and see its log {str(self.stderr_path)!r}"
-            ) from None
-        except QMPError as err:
-            raise VMError(f"QMP {cmd} failed: {err}") from err
-        log.debug("QMP <- %s", result)
-        return result
+        return await run.execute(cmd, args, self._state.value)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -812,6 +751,8 @@ class QemuMachine:
             self._incoming = True
             await self._launch(vsock_device=False)  # the saved state has no vsock device
             await _migrate.load_state(self, path)
+            if self._run is not None:
+                self._run.incoming = False
             if self._vsock is not None:
                 await self.attach_vsock()
         except BaseException:
@@ -843,7 +784,7 @@ class QemuMachine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._proc = None
+        self._run = None
         self._console_pty = None
 
     async def _close_vsock(self) -> None:
