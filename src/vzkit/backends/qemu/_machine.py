@@ -37,13 +37,13 @@ from ..._network import NetworkMode
 from ..._private import private_dir, private_file
 from ..._process import OwnedProcess
 from ..._state import VMState
-from ...errors import SnapshotError, UnsupportedError, VMError, VzkitError
+from ...errors import UnsupportedError, VMError, VzkitError
 from ...guest._client import authenticate
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _argv, _discover, _hostprep, _migrate, _vsock_plug
 from ._bridge import find_bridge_helper, open_bridge_tap
-from ._passt import Passt, find_passt, uses_passt
-from ._run import QemuRun, stderr_tail
+from ._passt import Passt
+from ._run import GuestPanic, QemuRun, panic_line, stderr_tail
 from ._virtiofs import ShareDevice, ShareKind, Shares
 from ._vsock import VsockListener, VsockTransport, agent_key_fd
 
@@ -83,25 +83,6 @@ class _RunFds(NamedTuple):
     agent_key: int | None
     passt: int | None
     tap: int | None
-
-
-class GuestPanic(VMError):
-    """The guest kernel panicked (QEMU's pvpanic device reported it)."""
-
-
-def _panic_line(console_log: Path | None) -> str:
-    """The kernel's "Kernel panic - not syncing: ..." line from the end of the console log."""
-    if console_log is None:
-        return ""
-    try:
-        with open(console_log, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 16384))
-            text = fh.read().decode(errors="replace")
-    except OSError:
-        return ""
-    found = [line for line in text.splitlines() if "Kernel panic - not syncing" in line]
-    return found[-1].split("]", 1)[-1].strip()[:200] if found else ""
 
 
 class QemuMachine:
@@ -397,7 +378,7 @@ class QemuMachine:
                 self.state_dir,
                 self.config.share_device,
             )
-            passt_fd = await self._start_network()
+            passt_fd = await self._passt.start_nat(self.config, self.state_dir / "passt.log")
             if cfg_net.mode is NetworkMode.BRIDGED and sys.platform == "linux":
                 tap_fd = await open_bridge_tap(
                     find_bridge_helper(), cfg_net.interface, self.state_dir / "bridge-helper.log"
@@ -448,26 +429,6 @@ class QemuMachine:
         if not self._incoming:  # a restore stays paused (see restore_state)
             await self._execute("cont")
 
-    async def _start_network(self) -> int | None:
-        """Start passt for the ``nat`` network on Linux; its socket's fd for QEMU, else None.
-
-        Without passt, QEMU's user-mode network serves ``nat``, and there the guest reaches
-        the host's loopback services at 10.0.2.2: that is said once per start (and by doctor).
-        """
-        cfg = self.config
-        if not uses_passt(cfg, sys.platform):
-            return None
-        binary = find_passt()
-        if binary is None:
-            if not cfg.network.host_loopback:
-                log.warning(
-                    "passt is not installed: the nat network falls back to QEMU's user-mode "
-                    "network, where the guest reaches the host's loopback services at "
-                    "10.0.2.2 (install passt, e.g. apt-get install passt)"
-                )
-            return None
-        return await self._passt.start(binary, cfg, self.state_dir / "passt.log")
-
     def _private_state(self) -> None:
         """The state dir (and the runtime dir, when separate) exist as 0700 directories, and
         QEMU's log (which the restore's qemu-img appends to as well) as a 0600 file.
@@ -515,7 +476,7 @@ class QemuMachine:
     def _guest_panicked(self) -> None:
         if isinstance(self.last_error, GuestPanic):
             return
-        line = _panic_line(self.console_log_path)
+        line = panic_line(self.console_log_path)
         where = f"; its console log {str(self.console_log_path)!r} has the rest" if line else ""
         self.last_error = GuestPanic(
             f"the guest kernel panicked{': ' + line if line else ''} (reported by the "
@@ -670,21 +631,13 @@ class QemuMachine:
     def vsock_attached(self) -> bool:
         return self._vsock is not None and self._vsock.attached
 
+    @property
+    def vsock_transport(self) -> VsockTransport | None:
+        """This run's vsock device and host side (None without one, or between runs)."""
+        return self._vsock
+
     async def prepare_save(self) -> None:
-        """Unplug the vsock device (QEMU cannot migrate it) while the guest runs: it must
-        acknowledge the unplug, so a paused VM runs for that moment and is paused again."""
-        if not self.vsock_attached:
-            return
-        paused = self._state is VMState.PAUSED
-        if paused:
-            await self.resume()
-        try:
-            await self.detach_vsock()
-        finally:
-            if paused:
-                await self.pause()
-        if self._vsock is not None:  # the next device's helper starts while the state saves
-            await self._vsock.prepare()
+        await _migrate.unplug_vsock_for_save(self)
 
     async def finish_save(self) -> None:
         """Plug a fresh vsock device back in (connections open before the save have ended)."""
@@ -708,24 +661,6 @@ class QemuMachine:
         fails, e.g. on aarch64 every return signed under another pointer-auth algorithm)."""
         self._expected_info = dict(saved)
 
-    async def _check_restore_fits(self) -> None:
-        """Refuse the expected snapshot (see :meth:`expect_snapshot_info`) when this VM would
-        run another CPU model or machine type, before any file is made or process started."""
-        saved, self._expected_info = self._expected_info, None
-        if saved is None:
-            return
-        cfg = self.config
-        binary = _discover.find_qemu(cfg.arch)
-        select = _discover.select_accelerator  # cached: the start asks again at once
-        accel = await asyncio.to_thread(select, binary, cfg.arch, cfg.accelerator, cfg.kernel_path)
-        problems = _migrate.hardware_diff(
-            saved, cpu=_argv.cpu_model(cfg, accel), machine=_argv.machine_type(cfg)
-        )
-        if problems:
-            raise SnapshotError(
-                "the snapshot does not fit this VM's hardware: " + "; ".join(problems)
-            )
-
     async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
         if self._state is not VMState.PAUSED:
             raise VMError(f"only a paused VM can be saved (it is {self._state.value})")
@@ -745,7 +680,9 @@ class QemuMachine:
         self._guest_shutdown = False
         self.last_error = None
         try:
-            await self._check_restore_fits()
+            saved, self._expected_info = self._expected_info, None
+            if saved is not None:  # refused before any file is made or process started
+                await _migrate.check_hardware(self.config, saved)
             self._private_state()
             self.disk_override = await _migrate.prepare_disks(self, disks)
             self._incoming = True

@@ -30,13 +30,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..._config import LinuxVMConfig
 from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
 from ..._diskcopy import copy_disk
 from ..._process import spawn
 from ..._state import VMState
 from ...errors import ConfigError, SnapshotError, VMError
 from .._protocol import CapturedDisk, ProgressFn
-from . import _argv, _vsock_plug
+from . import _argv, _discover, _vsock_plug
 
 if TYPE_CHECKING:
     from ._machine import QemuMachine
@@ -94,6 +95,40 @@ def hardware_diff(saved: Mapping[str, Any], *, cpu: str, machine: str) -> list[s
             f"(set machine_type={saved_machine!r} in its config to restore it)"
         )
     return out
+
+
+async def check_hardware(config: LinuxVMConfig, saved: Mapping[str, Any]) -> None:
+    """Refuse a snapshot whose ``backendInfo`` (``saved``) names another CPU model or machine
+    type than a run of ``config`` would have (see :func:`hardware_diff`)."""
+    binary = _discover.find_qemu(config.arch)
+    select = _discover.select_accelerator  # cached: the start asks again at once
+    accel = await asyncio.to_thread(
+        select, binary, config.arch, config.accelerator, config.kernel_path
+    )
+    problems = hardware_diff(
+        saved, cpu=_argv.cpu_model(config, accel), machine=_argv.machine_type(config)
+    )
+    if problems:
+        raise SnapshotError("the snapshot does not fit this VM's hardware: " + "; ".join(problems))
+
+
+async def unplug_vsock_for_save(m: QemuMachine) -> None:
+    """Unplug the vsock device (QEMU cannot migrate it) while the guest runs: it must
+    acknowledge the unplug, so a paused VM runs for that moment and is paused again. The next
+    device's helper starts while the state saves."""
+    if not m.vsock_attached:
+        return
+    paused = m.state is VMState.PAUSED
+    if paused:
+        await m.resume()
+    try:
+        await m.detach_vsock()
+    finally:
+        if paused:
+            await m.pause()
+    vsock = m.vsock_transport
+    if vsock is not None:
+        await vsock.prepare()
 
 
 async def _pass_fd(m: QemuMachine, fd: int) -> None:

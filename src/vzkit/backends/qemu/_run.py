@@ -23,7 +23,7 @@ from ..._private import open_private
 from ..._process import OwnedProcess, spawn
 from ...errors import VMError, VMTimeoutError
 
-__all__ = ["QMP_TIMEOUT_S", "QemuRun", "stderr_tail"]
+__all__ = ["QMP_TIMEOUT_S", "GuestPanic", "QemuRun", "panic_line", "stderr_tail"]
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,25 @@ def stderr_tail(path: Path) -> str:
     except OSError:
         text = ""
     return text or "(no output)"
+
+
+class GuestPanic(VMError):
+    """The guest kernel panicked (QEMU's pvpanic device reported it)."""
+
+
+def panic_line(console_log: Path | None) -> str:
+    """The kernel's "Kernel panic - not syncing: ..." line from the end of the console log."""
+    if console_log is None:
+        return ""
+    try:
+        with open(console_log, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 16384))
+            text = fh.read().decode(errors="replace")
+    except OSError:
+        return ""
+    found = [line for line in text.splitlines() if "Kernel panic - not syncing" in line]
+    return found[-1].split("]", 1)[-1].strip()[:200] if found else ""
 
 
 class QemuRun:
