@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 import vzkit
 from vzkit._disk import DiskImage
 from vzkit.backends.qemu import _argv
-from vzkit.backends.qemu._argv import Plan, build_argv, esc
+from vzkit.backends.qemu._argv import Plan, esc
+from vzkit.backends.qemu._devices import build_argv
 
 
 @pytest.fixture
@@ -526,3 +528,44 @@ def test_a_snapshot_restores_only_with_its_cpu_model_and_machine_type() -> None:
         in hardware_diff(old, cpu=_argv.AARCH64_TCG_CPU, machine="virt")[0]
     )
     assert hardware_diff({"accel": "kvm", "arch": "x86_64"}, cpu="host", machine="q35") == []
+
+
+def test_the_device_table_gives_the_fds_qemu_inherits_and_the_migration_verdicts(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    from vzkit.backends.qemu import _devices
+    from vzkit.backends.qemu._virtiofs import ShareDevice, ShareKind
+
+    names = [d.name for d in _devices.DEVICES]
+    assert names == [
+        "disk", "iso", "nic", "rng", "balloon", "console", "agent-port", "vsock", "agent-key",
+        "shares", "display", "pvpanic",
+    ]  # fmt: skip
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"])
+    shares = (
+        ShareDevice("code", tmp_path, False, fd=21),
+        ShareDevice("docs", tmp_path, True, ShareKind.NINEP),
+    )
+    plan = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, agent_fd=4, console_log=Path("/l"),
+        vsock_fd=5, agent_key_fd=6, passt_fd=7, shares=shares, shared_memory=True,
+    )  # fmt: skip
+    assert _devices.pass_fds(plan) == (3, 7, 4, 5, 6, 21)  # QMP first, then device order
+    argv = build_argv(plan)
+    text = " ".join(argv)
+    for fd in (3, 4, 5, 21):  # each inherited fd is named on the command line
+        assert re.search(rf"\bfd={fd}\b", text), fd
+    assert "addr.str=7" in text  # passt's stream socket
+    assert "file=/proc/self/fd/6" in text  # the agent key's fw_cfg item
+    assert _devices.migration_blockers(plan) == [
+        f"vhost-user-fs (the VirtioFS share 'code' of {str(tmp_path)!r})"
+    ]
+    micro = Plan(
+        config=cfg.replace(machine_type="microvm"), binary=Path("q"), accel="tcg", qmp_fd=3,
+        console_log=Path("/l"),
+    )  # fmt: skip
+    assert _devices.migration_blockers(micro) == [
+        "the vsock device (microvm has no PCI hot-plug to unplug it around a save)"
+    ]
+    vsock = next(d for d in _devices.DEVICES if d.name == "vsock")
+    assert "_vsock_plug" in vsock.hotplug

@@ -18,7 +18,8 @@ import vzkit
 from vzkit._disk import DiskImage
 from vzkit.backends._protocol import CapturedDisk
 from vzkit.backends.qemu import _argv, _discover, _machine, _migrate
-from vzkit.backends.qemu._argv import Plan, build_argv
+from vzkit.backends.qemu._argv import Plan
+from vzkit.backends.qemu._devices import build_argv
 from vzkit.backends.qemu._machine import QemuMachine
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")

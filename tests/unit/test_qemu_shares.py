@@ -15,7 +15,8 @@ import pytest
 import vzkit
 from vzkit._process import live_children
 from vzkit.backends.qemu import _argv, _virtiofs
-from vzkit.backends.qemu._argv import Plan, build_argv
+from vzkit.backends.qemu._argv import Plan
+from vzkit.backends.qemu._devices import build_argv
 from vzkit.backends.qemu._virtiofs import (
     ShareDevice,
     ShareKind,

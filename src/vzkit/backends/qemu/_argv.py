@@ -1,6 +1,6 @@
 """Lowering a ``LinuxVMConfig`` to a QEMU command line: one small function per device.
 
-:func:`build_argv` only concatenates the pieces. Every option value that may hold a path or
+``_devices.build_argv`` only concatenates the pieces. Every option value that may hold a path or
 user text goes through :func:`esc` (QEMU's option syntax doubles commas), or is a JSON string
 (the disk's ``-blockdev``, see :func:`disk_args`), and nothing here
 touches the file system or spawns a process, so the argv is a pure function of the
@@ -23,7 +23,7 @@ from ..._volume import VolumeMount, share_cmdline
 from ...errors import UnsupportedError
 from ._virtiofs import ShareDevice, ShareKind
 
-__all__ = ["Plan", "build_argv", "default_cmdline", "esc"]
+__all__ = ["Plan", "default_cmdline", "esc"]
 
 
 def esc(value: str | Path) -> str:
@@ -536,32 +536,3 @@ def panic_args(plan: Plan) -> list[str]:
         *(["-device", f"{device},id=panic0"] if device else []),
         "-action", "panic=exit-failure",
     ]  # fmt: skip
-
-
-_PIECES = (
-    base_args,
-    sandbox_args,
-    machine_args,
-    boot_args,
-    disk_args,
-    iso_args,
-    network_args,
-    rng_args,
-    balloon_args,
-    console_args,
-    agent_port_args,
-    vsock_args,
-    agent_key_args,
-    share_args,
-    display_args,
-    panic_args,
-    incoming_args,
-)
-
-
-def build_argv(plan: Plan) -> list[str]:
-    """The full QEMU command line for ``plan``."""
-    argv = [str(plan.binary)]
-    for piece in _PIECES:
-        argv += piece(plan)
-    return argv

@@ -40,7 +40,7 @@ from ..._state import VMState
 from ...errors import UnsupportedError, VMError, VzkitError
 from ...guest._client import authenticate
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
-from . import _argv, _discover, _hostprep, _migrate, _vsock_plug
+from . import _argv, _devices, _discover, _hostprep, _migrate, _vsock_plug
 from ._bridge import find_bridge_helper, open_bridge_tap
 from ._passt import Passt
 from ._run import GuestPanic, QemuRun, panic_line, stderr_tail
@@ -385,7 +385,7 @@ class QemuMachine:
                 )
             fds = _RunFds(run.qmp_fd, run.agent_fd, vsock_device, key_fd, passt_fd, tap_fd)
             plan = self._plan(host, fds, vsock, shares)
-            self.argv = _argv.build_argv(plan)
+            self.argv = _devices.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
             cfg_log = self.config.console_log_path
@@ -399,13 +399,7 @@ class QemuMachine:
             await run.spawn(
                 self.argv,
                 f"qemu-system-{self.config.arch.value}",
-                (
-                    *(vsock.pass_fds() if vsock is not None and vsock_device else ()),
-                    *((key_fd,) if key_fd is not None else ()),
-                    *self._shares.qemu_fds,
-                    *((plan.passt_fd,) if plan.passt_fd is not None else ()),
-                    *((tap_fd,) if tap_fd is not None else ()),
-                ),
+                _devices.pass_fds(plan),
                 interactive=interactive,
             )
         finally:

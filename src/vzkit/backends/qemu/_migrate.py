@@ -37,7 +37,8 @@ from ..._process import spawn
 from ..._state import VMState
 from ...errors import ConfigError, SnapshotError, VMError
 from .._protocol import CapturedDisk, ProgressFn
-from . import _argv, _discover, _vsock_plug
+from . import _argv, _devices, _discover
+from ._virtiofs import ShareDevice
 
 if TYPE_CHECKING:
     from ._machine import QemuMachine
@@ -62,15 +63,15 @@ OVERLAY_NAME = "restored-disk0.qcow2"
 
 
 def blockers(m: QemuMachine) -> list[str]:
-    """The devices of ``m`` whose state QEMU cannot save, named for an error message."""
-    out = [
-        f"vhost-user-fs (the VirtioFS share {vol.tag!r} of {str(vol.host_path)!r})"
-        for vol in m.config.tagged_volumes()
-    ]
-    vsock = _vsock_plug.migration_blocker(m.config.machine_type) if m.config.vsock else None
-    if vsock is not None:
-        out.append(vsock)
-    return out
+    """The devices of ``m`` whose state QEMU cannot save, named for an error message: the
+    device table's verdicts (``_devices``) for the config, every share counted as VirtioFS
+    (a mounted 9p export cannot be migrated either)."""
+    cfg = m.config
+    shares = tuple(ShareDevice(v.tag, v.host_path, v.read_only) for v in cfg.tagged_volumes())
+    plan = _argv.Plan(
+        config=cfg, binary=Path("qemu"), accel=m.accel or "tcg", qmp_fd=-1, shares=shares
+    )
+    return _devices.migration_blockers(plan)
 
 
 def hardware_diff(saved: Mapping[str, Any], *, cpu: str, machine: str) -> list[str]:

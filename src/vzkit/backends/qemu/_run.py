@@ -92,14 +92,15 @@ class QemuRun:
     async def spawn(
         self, argv: list[str], name: str, pass_fds: Sequence[int], *, interactive: bool
     ) -> OwnedProcess:
-        """Start QEMU with our socketpair ends and ``pass_fds``; its stderr goes to the log.
-        Our copies of QEMU's ends are closed whatever happens."""
+        """Start QEMU inheriting ``pass_fds`` (``_devices.pass_fds``: QMP's end and every
+        device's); its stderr goes to the log. Our copies of QEMU's ends are closed whatever
+        happens."""
         try:
             with open_private(self.stderr_path) as stderr:
                 self.proc = await spawn(
                     argv,
                     name=name,
-                    pass_fds=(self.qmp_fd, self.agent_fd, *pass_fds),
+                    pass_fds=tuple(pass_fds),
                     stdin=None if interactive else asyncio.subprocess.DEVNULL,
                     stdout=None if interactive else asyncio.subprocess.DEVNULL,
                     stderr=stderr,
