@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from qemu.qmp import QMPClient, QMPError, Runstate
+from qemu.qmp import QMPClient
 
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
@@ -56,8 +56,6 @@ MIN_BALLOON_MB = 64
 AGENT_VSOCK_PORT = 1024
 _QUIT_GRACE_S = 2.0
 _UNPLUG_TIMEOUT_S = 20.0
-#: After QEMU exited: how long its QMP stream may take to deliver what QEMU sent last.
-_EVENTS_DRAIN_S = 1.0
 #: States in which a VM counts as running (a dead share helper then fails it).
 _LIVE = frozenset({VMState.RUNNING, VMState.PAUSED, VMState.PAUSING, VMState.RESUMING})
 #: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
@@ -413,8 +411,8 @@ class QemuMachine:
                 vsock.after_spawn()
         assert run.proc is not None
         self._exit_watch = asyncio.ensure_future(self._watch_exit(run.proc))
-        qmp = await run.attach()
-        self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
+        await run.attach()
+        self._tasks.append(asyncio.ensure_future(run.watch_events(self._on_event)))
         if self.config.console is ConsoleMode.PTY:
             self._console_pty = await self._find_pty()
         if vsock is not None and vsock_device:
@@ -444,11 +442,6 @@ class QemuMachine:
         return None
 
     # -- monitoring ------------------------------------------------------------------------
-
-    async def _watch_events(self, qmp: QMPClient) -> None:
-        with contextlib.suppress(asyncio.CancelledError, QMPError):
-            async for event in qmp.events:
-                self._on_event(event)
 
     def _on_event(self, event: Any) -> None:
         name = event.get("event")
@@ -492,21 +485,10 @@ class QemuMachine:
         log.error("VM failed: %s", self.last_error)
         proc.send_signal(signal.SIGKILL)  # _watch_exit reaps it and sets ERROR
 
-    async def _drain_events(self, qmp: QMPClient | None) -> None:
-        """QEMU has exited: handle the events it sent last (GUEST_PANICKED, SHUTDOWN) before
-        the stream is closed; its reader reaches the end of the stream within a moment."""
-        if qmp is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_EVENTS_DRAIN_S):
-                while qmp.runstate is Runstate.RUNNING:
-                    await qmp.runstate_changed()
-        for event in qmp.events.clear():  # what the watcher has not taken yet
-            self._on_event(event)
-
     async def _watch_exit(self, proc: OwnedProcess) -> None:
         rc = await proc.wait()
-        await self._drain_events(self._qmp)
+        if self._run is not None:
+            await self._run.drain_events(self._on_event)
         clean = rc == 0 and (self._expect_exit or self._guest_shutdown)
         if self._expect_exit:
             clean = True

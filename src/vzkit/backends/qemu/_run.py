@@ -13,11 +13,11 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import QMPClient, QMPError
+from qemu.qmp import QMPClient, QMPError, Runstate
 
 from ..._private import open_private
 from ..._process import OwnedProcess, spawn
@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 #: so one bound fits them all; a wedged or stopped QEMU then fails the call instead of
 #: hanging pause(), stop(), the balloon or a snapshot. Read at each call (tests lower it).
 QMP_TIMEOUT_S = 30.0
+#: After QEMU exited: how long its QMP stream may take to deliver what QEMU sent last.
+_EVENTS_DRAIN_S = 1.0
 _STDERR_TAIL = 2000
 
 
@@ -137,6 +139,29 @@ class QemuRun:
         if connect.cancelled() or connect.exception() is not None:
             raise VMError(f"QEMU exited during start-up: {stderr_tail(self.stderr_path)}")
         return qmp
+
+    async def watch_events(self, on_event: Callable[[Any], None]) -> None:
+        """Hand every QMP event to ``on_event`` until the stream ends (a task of the run)."""
+        qmp = self.qmp
+        if qmp is None:
+            return
+        with contextlib.suppress(asyncio.CancelledError, QMPError):
+            async for event in qmp.events:
+                on_event(event)
+
+    async def drain_events(self, on_event: Callable[[Any], None]) -> None:
+        """QEMU has exited: hand over the events it sent last (GUEST_PANICKED, SHUTDOWN)
+        before the stream is closed; its reader reaches the end of the stream within a
+        moment."""
+        qmp = self.qmp
+        if qmp is None:
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_EVENTS_DRAIN_S):
+                while qmp.runstate is Runstate.RUNNING:
+                    await qmp.runstate_changed()
+        for event in qmp.events.clear():  # what the watcher has not taken yet
+            on_event(event)
 
     async def execute(self, cmd: str, args: dict[str, object] | None, state: str) -> Any:
         """Run one QMP command, bounded by :data:`QMP_TIMEOUT_S` (a late reply is dropped).
