@@ -7,6 +7,7 @@ ratio holds even on a shared, noisy machine. Figures are medians.
     ./dev bench --arch x86_64 -n 3  # fewer rounds
     ./dev bench --suite snapshots   # only the snapshot figures (bench/snapshots.py)
     ./dev bench --suite vsock       # vsock against the console port (bench/vsock.py)
+    ./dev bench --suite cpu         # guest CPU models side by side (bench/cpu_models.py)
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import vzkit
-from vzkit.backends.qemu._argv import default_cmdline
+from vzkit.backends.qemu._argv import cpu_model, default_cmdline
 from vzkit.backends.qemu._discover import find_qemu
 from vzkit.image import GuestImage
 from vzkit.image._image import default_image
@@ -66,8 +67,9 @@ def raw_qemu_boot(image: GuestImage, workdir: Path) -> tuple[float, float]:
     log = workdir / "raw-console.log"
     log.unlink(missing_ok=True)
     machine = ["-M", "q35"] if arch is vzkit.Arch.X86_64 else ["-M", "virt"]
+    cpu = cpu_model(guest_config(image), "tcg")  # vzkit's default: the same guest CPU
     argv = [
-        str(find_qemu(arch)), *machine, "-accel", "tcg", "-cpu", "max",
+        str(find_qemu(arch)), *machine, "-accel", "tcg", "-cpu", cpu,
         "-smp", "1", "-m", "512M", "-nodefaults", "-no-user-config", "-display", "none",
         "-serial", f"file:{log}",
         "-kernel", str(image.kernel), "-initrd", str(image.initrd),
@@ -196,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", action="append", choices=["x86_64", "aarch64"])
     parser.add_argument("-n", "--rounds", type=int, default=5)
     parser.add_argument(
-        "--suite", choices=["all", "boot", "snapshots", "shares", "vsock"], default="all"
+        "--suite", choices=["all", "boot", "snapshots", "shares", "vsock", "cpu"], default="all"
     )
     args = parser.parse_args(argv)
     arches = args.arch or ["x86_64", "aarch64"]
@@ -218,6 +220,14 @@ def main(argv: list[str] | None = None) -> int:
         report["shares"] = bench_shares(min(args.rounds, 3))
         print()
         print_table(report["shares"])
+    if args.suite in ("all", "cpu"):
+        sys.path.insert(0, str(Path(__file__).parent))
+        from cpu_models import bench_cpu_models, print_cpu_models
+
+        report["cpu_models"] = [bench_cpu_models(arch, args.rounds) for arch in arches]
+        print()
+        for row in report["cpu_models"]:
+            print_cpu_models(row)
     if args.suite in ("all", "vsock"):
         sys.path.insert(0, str(Path(__file__).parent))
         import vsock  # bench/vsock.py, next to this file (writes its own JSON)

@@ -5,7 +5,7 @@ bench-only variant of the default guest from Debian's *generic* kernel (``linux-
 / ``-arm64``, whose modules include ``9p`` and ``9pnet_virtio``): same init, same agent,
 same module list, only the kernel package differs. It is cached under
 ``<cache>/bench-images``. The VM gets the same directory twice: tag ``vfs`` as VirtioFS (an
-owned virtiofsd) and tag ``p9`` as virtio-9p (``$VZKIT_SHARE_DEVICE=9p:p9``); the guest's init
+owned virtiofsd) and tag ``p9`` as virtio-9p (``share_device="9p:p9"``); the guest's init
 mounts both (9p with ``msize=262144``). Each round runs, for both mounts in turn
 (interleaved): a sequential write of ``--mib`` MiB with ``conv=fsync``, a sequential read of
 it after dropping the guest's caches, and creating ``--files`` small files. Times are taken
@@ -130,26 +130,19 @@ def bench_shares(rounds: int, mib: int = 64, files: int = 500) -> dict[str, Any]
             cmdline=image.cmdline(),
             network=vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
             volumes=(vzkit.VolumeMount(shared, TAGS["virtiofs"]), vzkit.VolumeMount(shared, "p9")),
+            share_device=f"9p:{TAGS['9p']}",
         )
-        old = os.environ.get("VZKIT_SHARE_DEVICE")
-        os.environ["VZKIT_SHARE_DEVICE"] = f"9p:{TAGS['9p']}"
-        try:
-            with vzkit.VirtualMachine(cfg, backend="qemu") as vm:
-                vm.start(timeout=120)
-                vm.guest.wait_ready(timeout=180)
-                mounts = vm.guest.read_file("/proc/mounts").decode()
-                kinds = {line.split()[1]: line.split()[2] for line in mounts.splitlines()}
-                if kinds.get("/mnt/vfs") != "virtiofs" or kinds.get("/mnt/p9") != "9p":
-                    return {"error": f"shares not mounted as expected: {kinds}"}
-                samples: dict[str, list[dict[str, float]]] = {k: [] for k in TAGS}
-                for n in range(rounds):
-                    for kind, tag in TAGS.items():
-                        samples[kind].append(_round(vm, f"/mnt/{tag}", mib, files, n))
-        finally:
-            if old is None:
-                os.environ.pop("VZKIT_SHARE_DEVICE", None)
-            else:
-                os.environ["VZKIT_SHARE_DEVICE"] = old
+        with vzkit.VirtualMachine(cfg, backend="qemu") as vm:
+            vm.start(timeout=120)
+            vm.guest.wait_ready(timeout=180)
+            mounts = vm.guest.read_file("/proc/mounts").decode()
+            kinds = {line.split()[1]: line.split()[2] for line in mounts.splitlines()}
+            if kinds.get("/mnt/vfs") != "virtiofs" or kinds.get("/mnt/p9") != "9p":
+                return {"error": f"shares not mounted as expected: {kinds}"}
+            samples: dict[str, list[dict[str, float]]] = {k: [] for k in TAGS}
+            for n in range(rounds):
+                for kind, tag in TAGS.items():
+                    samples[kind].append(_round(vm, f"/mnt/{tag}", mib, files, n))
     result: dict[str, Any] = {
         "arch": image.arch,
         "kernel": image.kernel_version,

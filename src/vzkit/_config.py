@@ -12,6 +12,7 @@ import enum
 import json
 import math
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -37,6 +38,10 @@ __all__ = [
     "ConsoleMode",
     "LinuxVMConfig",
     "check_vsock_port",
+    "default_accelerator",
+    "default_machine_type",
+    "default_share_device",
+    "default_vsock_device",
 ]
 
 _NETWORK_KEYS = frozenset({"mode", "interface", "host_loopback"})
@@ -51,6 +56,74 @@ MAX_CPUS = 255
 #: backend at start; 4 TiB is above any host vzkit runs on today and far below any overflow.
 MAX_MEMORY_GB = 4096
 _MIB_PER_GB = 1024
+
+
+# -- the environment ---------------------------------------------------------------------
+# The ``VZKIT_*`` variables that choose a VM's devices feed config defaults here and are read
+# nowhere else in the library: backends read the config. (Host tool locations are read by
+# the functions at the end of this block; the guest image builder, the cache and progress
+# output read their own.)
+ENV_ACCEL = "VZKIT_QEMU_ACCEL"
+ENV_MACHINE = "VZKIT_QEMU_MACHINE"
+ENV_SHARE_DEVICE = "VZKIT_SHARE_DEVICE"
+ENV_VSOCK_DEVICE = "VZKIT_VSOCK"
+ENV_QEMU_BINARY = "VZKIT_QEMU_{arch}"  # e.g. VZKIT_QEMU_X86_64=/opt/qemu/bin/qemu-system-x86_64
+ENV_EFI_CODE, ENV_EFI_VARS = "VZKIT_EFI_CODE", "VZKIT_EFI_VARS"
+ENV_VIRTIOFSD = "VZKIT_VIRTIOFSD"
+#: A CPU model: QEMU's ``-cpu`` syntax, a model name and ``,prop=value`` options (e.g.
+#: ``max,pauth-impdef=on``). No paths and no spaces: nothing in it can name a file.
+_CPU_MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=,-]{0,199}")
+_MACHINE_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,63}")
+_SHARE_DEVICE_RE = re.compile(r"virtiofs|9p(:[^,:\s]+(,[^,:\s]+)*)?", re.IGNORECASE)
+_VSOCK_DEVICES = ("kernel", "user")
+
+
+def qemu_binary_override(arch: Arch) -> tuple[str, str]:
+    """``(variable, value)`` of ``$VZKIT_QEMU_<ARCH>``: the QEMU binary to use instead of
+    ``qemu-system-<arch>`` on ``PATH`` (value ``""`` when unset)."""
+    name = ENV_QEMU_BINARY.format(arch=arch.value.upper())
+    return name, os.environ.get(name, "")
+
+
+def efi_override() -> tuple[str, str]:
+    """``$VZKIT_EFI_CODE`` and ``$VZKIT_EFI_VARS``: UEFI firmware code and variable-store
+    template to use instead of the distribution's (both or neither; ``""`` when unset)."""
+    return os.environ.get(ENV_EFI_CODE, ""), os.environ.get(ENV_EFI_VARS, "")
+
+
+def virtiofsd_override() -> str:
+    """``$VZKIT_VIRTIOFSD``: the virtiofsd tried first (``""`` when unset)."""
+    return os.environ.get(ENV_VIRTIOFSD, "")
+
+
+def default_share_device() -> str:
+    """The default of :attr:`LinuxVMConfig.share_device`: ``$VZKIT_SHARE_DEVICE``, else
+    ``""``."""
+    return os.environ.get(ENV_SHARE_DEVICE, "").strip()
+
+
+def default_vsock_device() -> str:
+    """The default of :attr:`LinuxVMConfig.vsock_device`: ``$VZKIT_VSOCK`` (``user`` keeps
+    the kernel's vhost-vsock out, e.g. to measure the user-space device), else ``""``."""
+    return os.environ.get(ENV_VSOCK_DEVICE, "").strip()
+
+
+def default_accelerator() -> str:
+    """The default of :attr:`LinuxVMConfig.accelerator`: ``$VZKIT_QEMU_ACCEL`` (e.g. ``tcg``
+    to keep KVM out of a benchmark), else ``""`` (the backend picks the best that works)."""
+    return os.environ.get(ENV_ACCEL, "")
+
+
+def default_machine_type(arch: Arch, direct_boot: bool, headless: bool) -> str:
+    """The default of :attr:`LinuxVMConfig.machine_type` when the config names none: ``""``
+    (the backend's default for the arch: ``q35``/``virt`` on qemu), or ``microvm`` when
+    ``$VZKIT_QEMU_MACHINE=microvm`` asks for it and it fits (an x86_64 guest booted directly
+    and headless: microvm has no firmware and no display). Elsewhere the variable is ignored,
+    as it always was."""
+    wanted = os.environ.get(ENV_MACHINE, "")
+    if wanted == "microvm" and arch is Arch.X86_64 and direct_boot and headless:
+        return "microvm"
+    return ""
 
 
 def memory_gb_value(value: object) -> float:
@@ -305,7 +378,27 @@ class LinuxVMConfig(ConfigData):
     console: ConsoleMode = ConsoleMode.LOG
     console_log_path: Path | None = None
 
-    accelerator: str = ""  # "" picks the best that works; e.g. "tcg", "kvm", "hvf"
+    #: e.g. "tcg", "kvm", "hvf"; "" takes :func:`default_accelerator` (``$VZKIT_QEMU_ACCEL``,
+    #: else the backend picks the best that works).
+    accelerator: str = ""
+    #: The guest CPU in QEMU's ``-cpu`` syntax; "" lets the backend choose per accelerator and
+    #: arch (qemu: ``host`` under KVM/HVF, ``max,pauth-impdef=on`` on aarch64 under TCG, else
+    #: ``max``; the vz backend ignores it: VZ offers no CPU model). Part of the guest's
+    #: hardware: a snapshot restores only with the CPU model it was saved with.
+    cpu_model: str = ""
+    #: The machine type (qemu: ``q35`` or ``microvm`` on x86_64, ``virt`` on aarch64); ""
+    #: takes the backend's default for the arch (see :func:`default_machine_type`); the vz
+    #: backend ignores it. Recorded with a snapshot like ``cpu_model``.
+    machine_type: str = ""
+    #: How shares reach the guest: "virtiofs" (a sandboxed virtiofsd per share where one can
+    #: run, else virtio-9p), "9p" (virtio-9p for every share), "9p:TAG,TAG" (for those tags);
+    #: "" takes :func:`default_share_device` (``$VZKIT_SHARE_DEVICE``), else "virtiofs".
+    share_device: str = ""
+    #: The host side of the vsock device: "kernel" (vhost-vsock where ``/dev/vhost-vsock`` can
+    #: be had, else vzkit's user-space device) or "user" (always the user-space device); ""
+    #: takes :func:`default_vsock_device` (``$VZKIT_VSOCK``), else "kernel". The guest sees the
+    #: same virtio-vsock device either way.
+    vsock_device: str = ""
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -357,6 +450,44 @@ class LinuxVMConfig(ConfigData):
             )
         if not isinstance(self.accelerator, str):
             raise ConfigError(f"accelerator must be a string, got {self.accelerator!r}")
+        if not self.accelerator:
+            put("accelerator", default_accelerator())
+        self._check_hardware_names()
+
+    def _check_hardware_names(self) -> None:
+        """``cpu_model`` and ``machine_type``: strings in QEMU's syntax, or "" (the default)."""
+        if not isinstance(self.cpu_model, str):
+            raise ConfigError(f"cpu_model must be a string, got {self.cpu_model!r}")
+        if self.cpu_model and not _CPU_MODEL_RE.fullmatch(self.cpu_model):
+            raise ConfigError(
+                f"cpu_model {self.cpu_model!r} is not a CPU model: give a model name and "
+                "options as QEMU's -cpu takes them (letters, digits, '_.+=-', options after "
+                "commas, e.g. 'max,pauth-impdef=on' or 'cortex-a72'), or '' for the default"
+            )
+        if not isinstance(self.machine_type, str):
+            raise ConfigError(f"machine_type must be a string, got {self.machine_type!r}")
+        if not self.machine_type:
+            default = default_machine_type(self.arch, self.kernel_path is not None, self.headless)
+            object.__setattr__(self, "machine_type", default)
+        elif not _MACHINE_TYPE_RE.fullmatch(self.machine_type):
+            raise ConfigError(
+                f"machine_type {self.machine_type!r} is not a machine type name (e.g. 'q35', "
+                "'microvm', 'virt'), or '' for the default"
+            )
+        if not isinstance(self.share_device, str):
+            raise ConfigError(f"share_device must be a string, got {self.share_device!r}")
+        share = self.share_device or default_share_device() or "virtiofs"
+        if not _SHARE_DEVICE_RE.fullmatch(share):
+            raise ConfigError(
+                f"share_device {share!r} is not one of 'virtiofs', '9p' or '9p:TAG,TAG'"
+            )
+        object.__setattr__(self, "share_device", share.lower() if ":" not in share else share)
+        if not isinstance(self.vsock_device, str):
+            raise ConfigError(f"vsock_device must be a string, got {self.vsock_device!r}")
+        vsock = self.vsock_device or default_vsock_device() or "kernel"
+        if vsock not in _VSOCK_DEVICES:
+            raise ConfigError(f"vsock_device {vsock!r} is not one of 'kernel' or 'user'")
+        object.__setattr__(self, "vsock_device", vsock)
 
     def check_inputs(self) -> None:
         """Raise :class:`ConfigError` naming the first input that is missing: a file the VM

@@ -16,7 +16,7 @@ import pytest
 import vzkit
 import vzkit.aio
 from vzkit._process import live_children, pid_alive
-from vzkit.backends.qemu import _machine
+from vzkit.backends.qemu import _run
 
 from .conftest import ARCHES, GuestShell, VMFactory, wait_for_console
 
@@ -228,7 +228,7 @@ def test_a_wedged_qemu_fails_qmp_calls_instead_of_hanging(
 ) -> None:
     """A QEMU that stops answering (here: SIGSTOP) makes each QMP call fail within the
     per-command bound, and stop() still gets rid of it."""
-    monkeypatch.setattr(_machine, "QMP_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(_run, "QMP_TIMEOUT_S", 1.0)
     vm = vms.create("x86_64", console=vzkit.ConsoleMode.LOG)
     vm.start(timeout=60)
     pid = vm.pid

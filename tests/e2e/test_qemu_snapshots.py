@@ -296,6 +296,34 @@ def test_restore_into_an_incompatible_config_fails_before_anything_starts(
         origin.manager.save(vm, "nope")
 
 
+def test_restore_with_another_cpu_model_is_refused_before_anything_starts(
+    origin: Origin, vms: VMFactory
+) -> None:
+    """Issue 20: the resolved CPU model is recorded (backendInfo) and checked; the config's
+    ``cpu_model`` names the saved one to restore."""
+    data = json.loads(origin.manager.meta_path("base").read_text())
+    saved_cpu = data["backendInfo"]["cpu"]
+    assert saved_cpu == ("host" if data["backendInfo"]["accel"] == "kvm" else "max")
+    assert data["backendInfo"]["machine"] == "q35"
+    other = "Nehalem"
+    vm = vms.create(**origin.settings("othercpu"), cpu_model=other)
+    before = dict(live_children())
+    with pytest.raises(vzkit.SnapshotError) as info:
+        origin.manager.restore(vm, "base")
+    assert str(info.value) == (
+        "the snapshot does not fit this VM's hardware: it was saved with CPU model "
+        f"{saved_cpu!r}, this VM would run {other!r} (set cpu_model={saved_cpu!r} in its "
+        "config to restore it)"
+    )
+    assert live_children() == before
+    assert vm.state is vzkit.VMState.STOPPED
+    assert not (origin.root / "othercpu" / "restored-disk0.qcow2").exists()
+    same = vms.create(**origin.settings("samecpu"), cpu_model=saved_cpu)  # named: it fits
+    origin.manager.restore(same, "base", timeout=120)
+    same.resume(timeout=30)
+    assert _sh(same, "cat /tmp/marker") == "from-origin\n"
+
+
 def test_an_altered_state_file_of_a_real_snapshot_is_refused_before_qemu_reads_it(
     origin: Origin, vms: VMFactory
 ) -> None:

@@ -78,6 +78,7 @@ def test_config_options_round_trip(tmp_path: Path) -> None:
         "--display", "800x600@96",
         "--console", "stdio",
         "--accel", "tcg",
+        "--cpu", "cortex-a72",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     cfg = LinuxVMConfig.from_toml(result.stdout)
@@ -94,6 +95,7 @@ def test_config_options_round_trip(tmp_path: Path) -> None:
         headless=False,  # --display implies graphics
         console=ConsoleMode.STDIO,
         accelerator="tcg",
+        cpu_model="cortex-a72",
     )
 
 

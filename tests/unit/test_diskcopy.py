@@ -104,9 +104,7 @@ def test_qemu_refuses_to_save_virtiofs_shares_by_name(tmp_path: Path) -> None:
     assert _migrate.blockers(plain) == []
     # vsock is unplugged around a save, except on microvm (no PCI hot-plug).
     assert _migrate.blockers(QemuMachine(cfg.replace(volumes=(), vsock=True), print)) == []
-    micro = QemuMachine(cfg.replace(volumes=(), vsock=True), print)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("VZKIT_QEMU_MACHINE", "microvm")
-        assert _migrate.blockers(micro) == [
-            "the vsock device (microvm has no PCI hot-plug to unplug it around a save)"
-        ]
+    micro = QemuMachine(cfg.replace(volumes=(), vsock=True, machine_type="microvm"), print)
+    assert _migrate.blockers(micro) == [
+        "the vsock device (microvm has no PCI hot-plug to unplug it around a save)"
+    ]

@@ -13,7 +13,7 @@ import pytest
 import vzkit
 from vzkit._network import stable_mac
 from vzkit._private import open_private, private_dir, private_file
-from vzkit.backends.qemu import _machine
+from vzkit.backends.qemu import _hostprep, _machine
 
 
 @pytest.fixture
@@ -85,11 +85,11 @@ def test_nvram_and_mac_address_are_0600_under_umask_0(tmp_path: Path, umask0: No
     template.write_bytes(b"\x00vars" * 100)
     template.chmod(0o644)
     state = private_dir(tmp_path / "state")
-    nvram = _machine._nvram(state, template)
+    nvram = _hostprep.nvram(state, template)
     assert (nvram.read_bytes(), _mode(nvram)) == (template.read_bytes(), 0o600)
     nvram.write_bytes(b"guest wrote this")
     nvram.chmod(0o644)  # as an older vzkit left it
-    assert _machine._nvram(state, template).read_bytes() == b"guest wrote this"  # kept
+    assert _hostprep.nvram(state, template).read_bytes() == b"guest wrote this"  # kept
     assert _mode(nvram) == 0o600
     assert sorted(p.name for p in state.iterdir()) == ["efi.nvram"]  # no temp file left
     mac = stable_mac(state)

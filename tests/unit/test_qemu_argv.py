@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import socket
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 import vzkit
 from vzkit._disk import DiskImage
 from vzkit.backends.qemu import _argv
-from vzkit.backends.qemu._argv import Plan, build_argv, esc
+from vzkit.backends.qemu._argv import Plan, esc
+from vzkit.backends.qemu._devices import build_argv
 
 
 @pytest.fixture
@@ -213,14 +215,28 @@ def test_machine_type_q35_by_default_microvm_on_request(
     files: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     direct = {"kernel_path": files["vmlinuz"]}
-    headless = vzkit.LinuxVMConfig(arch="x86_64", **direct)
+    monkeypatch.delenv("VZKIT_QEMU_MACHINE", raising=False)
+    assert _argv.machine_type(vzkit.LinuxVMConfig(arch="aarch64", **direct)) == "virt"
+    assert _argv.machine_type(vzkit.LinuxVMConfig(arch="x86_64", **direct)) == "q35"
+    headless = vzkit.LinuxVMConfig(arch="x86_64", machine_type="microvm", **direct)
+    assert _argv.machine_type(headless) == "microvm"
+    # $VZKIT_QEMU_MACHINE only feeds the config's default, where microvm fits
+    monkeypatch.setenv("VZKIT_QEMU_MACHINE", "microvm")
+    assert vzkit.LinuxVMConfig(arch="x86_64", **direct).machine_type == "microvm"
     graphics = vzkit.LinuxVMConfig(arch="x86_64", headless=False, **direct)
     efi = vzkit.LinuxVMConfig(arch="x86_64", disk_path=files["disk.img"])
-    assert _argv.machine_type(vzkit.LinuxVMConfig(arch="aarch64", **direct)) == "virt"
-    assert _argv.machine_type(headless) == "q35"
-    monkeypatch.setenv("VZKIT_QEMU_MACHINE", "microvm")
-    assert _argv.machine_type(headless) == "microvm"
+    arm = vzkit.LinuxVMConfig(arch="aarch64", **direct)
+    assert graphics.machine_type == efi.machine_type == arm.machine_type == ""
     assert _argv.machine_type(graphics) == _argv.machine_type(efi) == "q35"  # need PCI/firmware
+    monkeypatch.delenv("VZKIT_QEMU_MACHINE")
+    with pytest.raises(vzkit.UnsupportedError, match="'microvm' needs a directly booted"):
+        _argv.machine_type(efi.replace(machine_type="microvm"))
+    with pytest.raises(vzkit.UnsupportedError, match=r"'microvm' is not supported .* aarch64"):
+        _argv.machine_type(arm.replace(machine_type="microvm"))
+    with pytest.raises(vzkit.UnsupportedError, match=r"'pc' is not supported .*'q35' or"):
+        _argv.machine_type(efi.replace(machine_type="pc"))
+    with pytest.raises(vzkit.ConfigError, match="not a machine type name"):
+        efi.replace(machine_type="q35,accel=kvm")
     argv = build_argv(
         Plan(config=headless, binary=Path("q"), accel="tcg", qmp_fd=3, console_log=Path("/l"))
     )
@@ -407,7 +423,7 @@ def test_machine_sandbox_policy(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The machine asks for the filter whenever the binary has it (bridged included)."""
-    from vzkit.backends.qemu import _discover, _machine
+    from vzkit.backends.qemu import _discover, _hostprep
 
     probe = _discover.SandboxProbe(True)
 
@@ -415,9 +431,9 @@ def test_machine_sandbox_policy(
         return probe
 
     monkeypatch.setattr(_discover, "sandbox_probe", sandbox_probe)
-    assert asyncio.run(_machine._sandbox(Path("q")))
+    assert asyncio.run(_hostprep.sandbox(Path("q")))
     probe = _discover.SandboxProbe(False, "-sandbox is not supported by this QEMU binary")
-    assert not asyncio.run(_machine._sandbox(Path("q")))
+    assert not asyncio.run(_hostprep.sandbox(Path("q")))
     assert "runs without its seccomp sandbox: -sandbox is not supported" in caplog.text
 
 
@@ -460,3 +476,96 @@ def test_host_resolvers_skip_loopback_stubs(tmp_path: Path) -> None:
     assert host_resolvers([stub, upstream]) == ["192.0.2.53", "198.51.100.7"]
     assert host_resolvers([upstream, stub]) == ["192.0.2.53", "198.51.100.7"]
     assert host_resolvers([stub, tmp_path / "missing"]) == []
+
+
+def test_cpu_model_default_per_accelerator_and_arch(files: dict[str, Path]) -> None:
+    """Issue 20: aarch64 under TCG runs max with QEMU's cheap pointer-auth algorithm (about
+    3x faster to boot than max); KVM/HVF pass the host CPU; a config's model wins."""
+    kernel = files["vmlinuz"]
+    arm = vzkit.LinuxVMConfig(arch="aarch64", kernel_path=kernel)
+    x86 = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=kernel)
+    assert arm.cpu_model == x86.cpu_model == ""
+    assert _argv.cpu_model(arm, "tcg") == "max,pauth-impdef=on"
+    assert _argv.cpu_model(x86, "tcg") == "max"
+    assert _argv.cpu_model(arm, "kvm") == _argv.cpu_model(x86, "kvm") == "host"
+    assert _argv.cpu_model(arm, "hvf") == "host"
+    a72 = arm.replace(cpu_model="cortex-a72")
+    assert _argv.cpu_model(a72, "tcg") == "cortex-a72"
+    plan = Plan(config=arm, binary=Path("q"), accel="tcg", qmp_fd=3, console_log=Path("/l"))
+    assert plan.cpu == "max,pauth-impdef=on"
+    assert _opt(build_argv(plan), "-cpu") == ["max,pauth-impdef=on"]
+    plan = Plan(config=a72, binary=Path("q"), accel="tcg", qmp_fd=3, console_log=Path("/l"))
+    assert _opt(build_argv(plan), "-cpu") == ["cortex-a72"]
+    assert vzkit.LinuxVMConfig.from_json(a72.to_json()).cpu_model == "cortex-a72"
+
+
+@pytest.mark.parametrize("bad", ["max pauth", "max,file=/etc/passwd", "../x", ",max", "a\x00"])
+def test_cpu_model_is_refused_unless_a_cpu_option_string(bad: str) -> None:
+    with pytest.raises(vzkit.ConfigError, match="is not a CPU model"):
+        vzkit.LinuxVMConfig(arch="aarch64", cpu_model=bad)
+
+
+def test_a_snapshot_restores_only_with_its_cpu_model_and_machine_type() -> None:
+    from vzkit.backends.qemu._migrate import hardware_diff
+
+    saved = {"accel": "tcg", "arch": "aarch64", "cpu": "max,pauth-impdef=on", "machine": "virt"}
+    assert hardware_diff(saved, cpu="max,pauth-impdef=on", machine="virt") == []
+    assert hardware_diff(saved, cpu="max", machine="virt") == [
+        "it was saved with CPU model 'max,pauth-impdef=on', this VM would run 'max' "
+        "(set cpu_model='max,pauth-impdef=on' in its config to restore it)"
+    ]
+    x86 = {"accel": "tcg", "arch": "x86_64", "cpu": "max", "machine": "q35"}
+    assert hardware_diff(x86, cpu="max", machine="microvm") == [
+        "it was saved on machine type 'q35', this VM would run 'microvm' "
+        "(set machine_type='q35' in its config to restore it)"
+    ]
+    # Snapshots from before the CPU model was recorded ran max under TCG, host under KVM:
+    # an aarch64 one is refused by today's default (another pointer-auth algorithm).
+    old = {"accel": "tcg", "arch": "aarch64"}
+    assert hardware_diff(old, cpu="max", machine="virt") == []
+    assert (
+        "saved with CPU model 'max'"
+        in hardware_diff(old, cpu=_argv.AARCH64_TCG_CPU, machine="virt")[0]
+    )
+    assert hardware_diff({"accel": "kvm", "arch": "x86_64"}, cpu="host", machine="q35") == []
+
+
+def test_the_device_table_gives_the_fds_qemu_inherits_and_the_migration_verdicts(
+    files: dict[str, Path], tmp_path: Path
+) -> None:
+    from vzkit.backends.qemu import _devices
+    from vzkit.backends.qemu._virtiofs import ShareDevice, ShareKind
+
+    names = [d.name for d in _devices.DEVICES]
+    assert names == [
+        "disk", "iso", "nic", "rng", "balloon", "console", "agent-port", "vsock", "agent-key",
+        "shares", "display", "pvpanic",
+    ]  # fmt: skip
+    cfg = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"])
+    shares = (
+        ShareDevice("code", tmp_path, False, fd=21),
+        ShareDevice("docs", tmp_path, True, ShareKind.NINEP),
+    )
+    plan = Plan(
+        config=cfg, binary=Path("q"), accel="tcg", qmp_fd=3, agent_fd=4, console_log=Path("/l"),
+        vsock_fd=5, agent_key_fd=6, passt_fd=7, shares=shares, shared_memory=True,
+    )  # fmt: skip
+    assert _devices.pass_fds(plan) == (3, 7, 4, 5, 6, 21)  # QMP first, then device order
+    argv = build_argv(plan)
+    text = " ".join(argv)
+    for fd in (3, 4, 5, 21):  # each inherited fd is named on the command line
+        assert re.search(rf"\bfd={fd}\b", text), fd
+    assert "addr.str=7" in text  # passt's stream socket
+    assert "file=/proc/self/fd/6" in text  # the agent key's fw_cfg item
+    assert _devices.migration_blockers(plan) == [
+        f"vhost-user-fs (the VirtioFS share 'code' of {str(tmp_path)!r})"
+    ]
+    micro = Plan(
+        config=cfg.replace(machine_type="microvm"), binary=Path("q"), accel="tcg", qmp_fd=3,
+        console_log=Path("/l"),
+    )  # fmt: skip
+    assert _devices.migration_blockers(micro) == [
+        "the vsock device (microvm has no PCI hot-plug to unplug it around a save)"
+    ]
+    vsock = next(d for d in _devices.DEVICES if d.name == "vsock")
+    assert "_vsock_plug" in vsock.hotplug

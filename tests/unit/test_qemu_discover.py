@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vzkit import Arch, BackendUnavailableError, ConfigError
+from vzkit import Arch, BackendUnavailableError, ConfigError, LinuxVMConfig
 from vzkit._process import live_children, pid_alive
 from vzkit.backends.qemu import _discover
 
@@ -94,8 +94,9 @@ def test_explicit_accelerator_wins_and_is_checked(
     fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "kvm") == "kvm"
-    monkeypatch.setenv("VZKIT_QEMU_ACCEL", "tcg")
-    assert _discover.select_accelerator(fake_qemu, Arch.X86_64) == "tcg"
+    monkeypatch.setenv("VZKIT_QEMU_ACCEL", "tcg")  # feeds the config's default, read there only
+    assert LinuxVMConfig(arch="x86_64").accelerator == "tcg"
+    assert LinuxVMConfig(arch="x86_64", accelerator="kvm").accelerator == "kvm"
     with pytest.raises(ConfigError, match=r"accelerator 'hvf' is not offered .* kvm, tcg"):
         _discover.select_accelerator(fake_qemu, Arch.X86_64, "hvf")
 

@@ -17,8 +17,9 @@ import pytest
 import vzkit
 from vzkit._disk import DiskImage
 from vzkit.backends._protocol import CapturedDisk
-from vzkit.backends.qemu import _argv, _discover, _migrate
-from vzkit.backends.qemu._argv import Plan, build_argv
+from vzkit.backends.qemu import _argv, _discover, _machine, _migrate
+from vzkit.backends.qemu._argv import Plan
+from vzkit.backends.qemu._devices import build_argv
 from vzkit.backends.qemu._machine import QemuMachine
 
 pytestmark = pytest.mark.skipif(shutil.which("qemu-img") is None, reason="needs qemu-img")
@@ -73,8 +74,9 @@ def _no_qemu_probe(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def _plan_argv(cfg: vzkit.LinuxVMConfig) -> list[str]:
     machine = QemuMachine(cfg, lambda old, new: None)
-    plan = asyncio.run(machine._plan(3, 4, None))
-    return build_argv(plan)
+    host = asyncio.run(machine._probe())  # where a qcow2 naming another file is refused
+    fds = _machine._RunFds(3, 4, vsock_device=False, agent_key=None, passt=None, tap=None)
+    return build_argv(machine._plan(host, fds, None, ()))
 
 
 def _blockdev(argv: list[str]) -> dict[str, Any]:

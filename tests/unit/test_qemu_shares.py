@@ -15,7 +15,8 @@ import pytest
 import vzkit
 from vzkit._process import live_children
 from vzkit.backends.qemu import _argv, _virtiofs
-from vzkit.backends.qemu._argv import Plan, build_argv
+from vzkit.backends.qemu._argv import Plan
+from vzkit.backends.qemu._devices import build_argv
 from vzkit.backends.qemu._virtiofs import (
     ShareDevice,
     ShareKind,
@@ -167,19 +168,21 @@ def test_plan_share_can_be_forced_to_9p() -> None:
     assert plan_share(RW, C, root=True, force_9p=True).kind is ShareKind.NINEP
 
 
-def test_share_device_env(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_share_device_config_and_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VZKIT_SHARE_DEVICE", raising=False)
-    assert not _virtiofs.forced_9p("a")
+    assert vzkit.LinuxVMConfig().share_device == "virtiofs"
+    assert not _virtiofs.forced_9p("a", "virtiofs")
+    assert _virtiofs.forced_9p("a", "9P")
+    assert [_virtiofs.forced_9p(t, "9p:a,b") for t in "abc"] == [True, True, False]
+    # The variable feeds the config's default (read there only), an explicit value wins.
     monkeypatch.setenv("VZKIT_SHARE_DEVICE", "9P")
-    assert _virtiofs.forced_9p("a")
+    assert vzkit.LinuxVMConfig().share_device == "9p"
     monkeypatch.setenv("VZKIT_SHARE_DEVICE", "9p:a,b")
-    assert (_virtiofs.forced_9p("a"), _virtiofs.forced_9p("b"), _virtiofs.forced_9p("c")) == (
-        True,
-        True,
-        False,
-    )
-    monkeypatch.setenv("VZKIT_SHARE_DEVICE", "virtiofs")
-    assert not _virtiofs.forced_9p("a")
+    assert vzkit.LinuxVMConfig().share_device == "9p:a,b"
+    assert vzkit.LinuxVMConfig(share_device="virtiofs").share_device == "virtiofs"
+    for bad in ("nfs", "9p:", "9p:a,,b", "9p:a b"):
+        with pytest.raises(vzkit.ConfigError, match="is not one of 'virtiofs', '9p'"):
+            vzkit.LinuxVMConfig(share_device=bad)
 
 
 def test_c_virtiofsd_argv_escapes_commas_and_backslashes() -> None:
@@ -462,12 +465,11 @@ def test_shares_fall_back_to_9p_without_root(
 def test_shares_forced_to_9p_start_no_daemon(
     tmp_path: Path, fake_virtiofsd: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("VZKIT_SHARE_DEVICE", "9p")
     vols = vzkit.assign_volume_tags([vzkit.VolumeMount(tmp_path)])
 
     async def main() -> None:
         shares = Shares()
-        (device,) = await shares.start(vols, tmp_path, tmp_path)
+        (device,) = await shares.start(vols, tmp_path, tmp_path, "9p")
         assert device.kind is ShareKind.NINEP
         assert live_children() == {}
 

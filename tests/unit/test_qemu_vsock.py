@@ -151,7 +151,7 @@ def test_the_kernel_device_needs_no_shared_ram(
     which snapshots pay for); QEMU gets the claimed fd and CID."""
     import asyncio
 
-    from vzkit.backends.qemu import _discover, _machine
+    from vzkit.backends.qemu import _discover, _machine, _run
 
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"k")
@@ -165,7 +165,7 @@ def test_the_kernel_device_needs_no_shared_ram(
         seen.append(list(argv))
         raise OSError("not really starting QEMU")
 
-    monkeypatch.setattr(_machine, "spawn", spawn)
+    monkeypatch.setattr(_run, "spawn", spawn)
     cfg = vzkit.LinuxVMConfig(kernel_path=kernel, state_dir=tmp_path / "vm", console="none")
     machine = _machine.QemuMachine(cfg, lambda old, new: None)
     with pytest.raises(OSError, match="not really"):
@@ -380,7 +380,7 @@ def test_each_run_has_its_own_agent_key_in_fw_cfg_and_never_on_argv(
     where it is; every start (and restore: both launch a new QEMU) has a new key."""
     import asyncio
 
-    from vzkit.backends.qemu import _discover, _machine
+    from vzkit.backends.qemu import _discover, _machine, _run
 
     kernel = tmp_path / "vmlinuz"
     kernel.write_bytes(b"k")
@@ -401,7 +401,7 @@ def test_each_run_has_its_own_agent_key_in_fw_cfg_and_never_on_argv(
         seen.append((list(argv), os.pread(fd, 100, 0), machine._vsock.agent_key))
         raise OSError("not really starting QEMU")
 
-    monkeypatch.setattr(_machine, "spawn", spawn)
+    monkeypatch.setattr(_run, "spawn", spawn)
     monkeypatch.setattr(VsockTransport, "prepare", _no_device)
     cfg = vzkit.LinuxVMConfig(kernel_path=kernel, state_dir=tmp_path / "vm", console="none")
     machine = _machine.QemuMachine(cfg, lambda old, new: None)

@@ -18,7 +18,7 @@ import pytest
 import vzkit
 import vzkit.aio
 from vzkit._process import live_children, pid_alive
-from vzkit.backends.qemu import _machine
+from vzkit.backends.qemu import _run
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ def test_start_timeout_kills_and_reaps_a_vmm_that_never_answers(
 def test_a_qemu_that_never_greets_on_qmp_fails_start_within_the_qmp_bound(
     kernel: Path, hanging_qemu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(_machine, "QMP_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(_run, "QMP_TIMEOUT_S", 0.5)
     with vzkit.VirtualMachine(_config(kernel, vsock=False), backend="qemu") as vm:
         with pytest.raises(vzkit.VMTimeoutError, match=r"did not answer on QMP within 0\.5 s"):
             vm.start(timeout=60)  # no start bound of the caller's would have ended it sooner
@@ -253,7 +253,7 @@ def test_a_qemu_that_stops_answering_fails_the_call_within_the_qmp_bound(
     kernel: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FAKE_QEMU_MODE", "wedge")
-    monkeypatch.setattr(_machine, "QMP_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(_run, "QMP_TIMEOUT_S", 0.5)
     with vzkit.VirtualMachine(_config(kernel, vsock=False), backend="qemu") as vm:
         vm.start(timeout=30)
         pid = vm.pid

@@ -176,6 +176,13 @@ def vm_options(func: F) -> F:
             help="Accelerator: kvm, hvf, tcg (default: best that works).",
         ),
         click.option(
+            "--cpu",
+            "cpu_model",
+            metavar="MODEL",
+            help="Guest CPU as QEMU's -cpu takes it, e.g. max, cortex-a72 (default: host under "
+            "kvm/hvf, else max; max,pauth-impdef=on for aarch64).",
+        ),
+        click.option(
             "--config",
             "config_file",
             type=click.Path(path_type=Path, dir_okay=False),

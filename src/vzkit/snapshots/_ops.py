@@ -207,6 +207,9 @@ async def restore(
     except OSError as err:  # an I/O error while opening; what is wrong is a SnapshotError
         raise _as_snapshot_error(f"checking snapshot {name!r}", err, VMState.STOPPED) from err
     machine = core.machine
+    expect = getattr(machine, "expect_snapshot_info", None)
+    if expect is not None:  # qemu refuses another CPU model or machine type before it starts
+        expect(record.info.items())
     await core.agent.close()  # the last run's agent connection, if one is left
     try:
         await _load_while_checking(machine, opened, name)

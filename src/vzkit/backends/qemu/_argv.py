@@ -1,6 +1,6 @@
 """Lowering a ``LinuxVMConfig`` to a QEMU command line: one small function per device.
 
-:func:`build_argv` only concatenates the pieces. Every option value that may hold a path or
+``_devices.build_argv`` only concatenates the pieces. Every option value that may hold a path or
 user text goes through :func:`esc` (QEMU's option syntax doubles commas), or is a JSON string
 (the disk's ``-blockdev``, see :func:`disk_args`), and nothing here
 touches the file system or spawns a process, so the argv is a pure function of the
@@ -10,7 +10,6 @@ touches the file system or spawns a process, so the argv is a pure function of t
 from __future__ import annotations
 
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +24,7 @@ from ...agent import CONSOLE_PORT_NAME as AGENT_PORT_NAME
 from ...errors import UnsupportedError
 from ._virtiofs import ShareDevice, ShareKind
 
-__all__ = ["Plan", "build_argv", "default_cmdline", "esc"]
+__all__ = ["Plan", "default_cmdline", "esc"]
 
 
 def esc(value: str | Path) -> str:
@@ -52,6 +51,7 @@ class Plan:
     vnc_socket: Path | None = None
     host_os: str = sys.platform
     machine: str = ""  # derived from the config when empty (see machine_type)
+    cpu: str = ""  # derived from the config and accel when empty (see cpu_model)
     #: Guest RAM in a shareable memfd: vhost-user devices (vsock, VirtioFS) map it.
     shared_memory: bool = False
     #: The vhost-user-vsock device's socket (an inherited fd), or None for no vsock device.
@@ -80,6 +80,8 @@ class Plan:
     def __post_init__(self) -> None:
         if not self.machine:
             object.__setattr__(self, "machine", machine_type(self.config))
+        if not self.cpu:
+            object.__setattr__(self, "cpu", cpu_model(self.config, self.accel))
 
     @property
     def arch(self) -> Arch:
@@ -103,20 +105,57 @@ def kernel_cmdline(plan: Plan) -> str:
     return f"{cmdline} {shares}" if shares else cmdline
 
 
+#: The machine types vzkit lowers devices for, per guest arch; the first is the default.
+MACHINE_TYPES = {Arch.X86_64: ("q35", "microvm"), Arch.AARCH64: ("virt",)}
+
+
 def machine_type(config: LinuxVMConfig) -> str:
-    """The machine for a config: ``q35`` on x86_64, ``virt`` on aarch64.
+    """The machine for a config: its ``machine_type``, else ``q35`` on x86_64 and ``virt`` on
+    aarch64. :class:`UnsupportedError` for a type vzkit has no devices for, or microvm where
+    it cannot work.
 
     ``microvm`` (x86_64, no PCI, virtio-mmio devices found through ACPI) was measured against
     ``q35`` with the default guest under TCG here: about 2.1 s vs 2.3 s to the guest's ready
-    line, but one boot in four hung with an empty console, so ``q35`` is the default.
-    ``$VZKIT_QEMU_MACHINE=microvm`` selects it for headless, directly booted guests.
+    line, but one boot in four hung with an empty console, so ``q35`` is the default
+    (``$VZKIT_QEMU_MACHINE=microvm`` feeds the config's default: see
+    :func:`~vzkit._config.default_machine_type`).
     """
-    if config.arch is Arch.AARCH64:
-        return "virt"
-    wanted = os.environ.get("VZKIT_QEMU_MACHINE", "")
-    if wanted == "microvm" and config.direct_boot and config.headless:
-        return "microvm"
-    return "q35"
+    known = MACHINE_TYPES[config.arch]
+    wanted = config.machine_type or known[0]
+    if wanted not in known:
+        raise UnsupportedError(
+            f"machine type {wanted!r} is not supported for {config.arch.value} guests on the "
+            f"qemu backend (use {' or '.join(repr(k) for k in known)}, or '' for the default)",
+            backend="qemu",
+            feature=f"machine:{wanted}",
+        )
+    if wanted == "microvm" and not (config.direct_boot and config.headless):
+        raise UnsupportedError(
+            "machine type 'microvm' needs a directly booted (kernel_path), headless guest: "
+            "it has no firmware and no display (use 'q35')",
+            backend="qemu",
+            feature="machine:microvm",
+        )
+    return wanted
+
+
+#: The aarch64 CPU under TCG: ``max`` with QEMU's implementation-defined pointer
+#: authentication instead of the architected QARMA algorithm, which TCG computes in software
+#: on every signed return. Booting the default guest to the agent's ready line under QEMU 7.2
+#: took 9.5 s with ``max`` and 2.3-3.3 s with this one (issue 20; ``bench/cpu_models.py``
+#: measures it again); it keeps every feature ``max`` offers.
+AARCH64_TCG_CPU = "max,pauth-impdef=on"
+
+
+def cpu_model(config: LinuxVMConfig, accel: str) -> str:
+    """The ``-cpu`` value: the config's ``cpu_model``, else ``host`` under KVM/HVF, else (TCG)
+    :data:`AARCH64_TCG_CPU` on aarch64 and ``max`` on x86_64 (no model measured faster there:
+    ``max``, ``Nehalem`` and ``max,-la57`` were within noise)."""
+    if config.cpu_model:
+        return config.cpu_model
+    if accel in ("kvm", "hvf"):
+        return "host"
+    return AARCH64_TCG_CPU if config.arch is Arch.AARCH64 else "max"
 
 
 def virtio(plan: Plan, device: str) -> str:
@@ -129,7 +168,6 @@ def machine_args(plan: Plan) -> list[str]:
     machine = f"{plan.machine},accel={plan.accel}"
     if plan.machine == "virt":
         machine += ",gic-version=max"
-    cpu = "host" if plan.accel in ("kvm", "hvf") else "max"
     memory: list[str] = []
     if plan.shared_memory:
         machine += ",memory-backend=mem0"
@@ -142,7 +180,7 @@ def machine_args(plan: Plan) -> list[str]:
         memory = ["-object", backend]
     return [
         "-machine", machine,
-        "-cpu", cpu,
+        "-cpu", plan.cpu,
         "-smp", str(cfg.cpus),
         "-m", f"{cfg.memory_mb}M",
         *memory,
@@ -496,32 +534,3 @@ def panic_args(plan: Plan) -> list[str]:
         *(["-device", f"{device},id=panic0"] if device else []),
         "-action", "panic=exit-failure",
     ]  # fmt: skip
-
-
-_PIECES = (
-    base_args,
-    sandbox_args,
-    machine_args,
-    boot_args,
-    disk_args,
-    iso_args,
-    network_args,
-    rng_args,
-    balloon_args,
-    console_args,
-    agent_port_args,
-    vsock_args,
-    agent_key_args,
-    share_args,
-    display_args,
-    panic_args,
-    incoming_args,
-)
-
-
-def build_argv(plan: Plan) -> list[str]:
-    """The full QEMU command line for ``plan``."""
-    argv = [str(plan.binary)]
-    for piece in _PIECES:
-        argv += piece(plan)
-    return argv

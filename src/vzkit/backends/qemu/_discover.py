@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..._cache import user_cache_dir
+from ..._config import efi_override, qemu_binary_override
 from ..._fsutil import write_atomic
 from ..._process import PREEXEC, log_argv, spawn
 from ..._state import Arch, host_arch
@@ -46,19 +47,15 @@ _INSTALL_HINT = {
     Arch.X86_64: "Debian/Ubuntu: apt-get install qemu-system-x86; macOS: brew install qemu",
     Arch.AARCH64: "Debian/Ubuntu: apt-get install qemu-system-arm; macOS: brew install qemu",
 }
-ENV_BINARY = "VZKIT_QEMU_{arch}"  # e.g. VZKIT_QEMU_X86_64=/opt/qemu/bin/qemu-system-x86_64
-ENV_ACCEL = "VZKIT_QEMU_ACCEL"
 
 
 def find_qemu(arch: Arch) -> Path:
     """The ``qemu-system-<arch>`` binary (``$VZKIT_QEMU_<ARCH>`` overrides the PATH search)."""
-    override = os.environ.get(ENV_BINARY.format(arch=arch.value.upper()))
+    variable, override = qemu_binary_override(arch)
     if override:
         path = Path(override)
         if not (path.is_file() and os.access(path, os.X_OK)):
-            raise BackendUnavailableError(
-                f"{ENV_BINARY.format(arch=arch.value.upper())}={override!r} is not an executable"
-            )
+            raise BackendUnavailableError(f"{variable}={override!r} is not an executable")
         return path
     found = shutil.which(f"qemu-system-{arch.value}")
     if found is None:
@@ -279,7 +276,8 @@ def probe_kvm(binary: Path, arch: Arch, kernel: Path, timeout: float | None = No
 def select_accelerator(
     binary: Path, guest: Arch, requested: str = "", probe_kernel: Path | None = None
 ) -> str:
-    """Pick the accelerator: an explicit request (config, then ``$VZKIT_QEMU_ACCEL``), else
+    """Pick the accelerator: an explicit request (the config's, which ``$VZKIT_QEMU_ACCEL``
+    feeds: see :func:`~vzkit._config.default_accelerator`), else
     ``hvf`` on macOS, ``kvm`` where a probe boot proved it works, else ``tcg``.
 
     KVM is never trusted because ``/dev/kvm`` exists: a host can offer the node and still hang
@@ -287,7 +285,7 @@ def select_accelerator(
     QEMU binary and host kernel; without a kernel to probe with, ``tcg`` is used.
     """
     available = accelerators(binary)
-    choice = requested or os.environ.get(ENV_ACCEL, "")
+    choice = requested
     if choice:
         if choice not in available:
             raise ConfigError(
@@ -366,7 +364,7 @@ _FIRMWARE_HINT = {
 
 def find_firmware(arch: Arch) -> Firmware:
     """UEFI firmware for EFI boot (``$VZKIT_EFI_CODE``/``$VZKIT_EFI_VARS`` override)."""
-    code, template = os.environ.get("VZKIT_EFI_CODE"), os.environ.get("VZKIT_EFI_VARS")
+    code, template = efi_override()
     pairs = [(code, template)] if code and template else _FIRMWARE_CANDIDATES[arch]
     for code_path, vars_path in pairs:
         if os.path.isfile(code_path) and os.path.isfile(vars_path):

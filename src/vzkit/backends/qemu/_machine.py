@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import shutil
@@ -26,26 +25,26 @@ import signal
 import socket
 import sys
 import tempfile
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
-from qemu.qmp import QMPClient, QMPError, Runstate
+from qemu.qmp import QMPClient
 
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
-from ..._network import NetworkMode, stable_mac
-from ..._private import open_private, private_dir, private_file
-from ..._process import OwnedProcess, spawn
+from ..._network import NetworkMode
+from ..._private import private_dir, private_file
+from ..._process import OwnedProcess
 from ..._state import VMState
-from ...agent import DEFAULT_VSOCK_PORT as AGENT_VSOCK_PORT
-from ...agent import authenticate
-from ...errors import UnsupportedError, VMError, VMTimeoutError, VzkitError
+from ...agent import DEFAULT_VSOCK_PORT, authenticate
+from ...errors import UnsupportedError, VMError, VzkitError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
-from . import _argv, _discover, _migrate
+from . import _argv, _devices, _discover, _hostprep, _migrate, _vsock_plug
 from ._bridge import find_bridge_helper, open_bridge_tap
-from ._passt import Passt, find_passt, uses_passt
-from ._virtiofs import ShareKind, Shares
+from ._passt import Passt
+from ._run import GuestPanic, QemuRun, panic_line, stderr_tail
+from ._virtiofs import ShareDevice, ShareKind, Shares
 from ._vsock import VsockListener, VsockTransport, agent_key_fd
 
 __all__ = ["AGENT_VSOCK_PORT", "QemuMachine"]
@@ -53,79 +52,35 @@ __all__ = ["AGENT_VSOCK_PORT", "QemuMachine"]
 log = logging.getLogger(__name__)
 
 MIN_BALLOON_MB = 64
+#: The vzkit guest agent's vsock port.
+AGENT_VSOCK_PORT = DEFAULT_VSOCK_PORT  # the agent's, from vzkit.agent
 _QUIT_GRACE_S = 2.0
-#: How long one QMP command may take before QEMU counts as wedged. Every command vzkit sends
-#: is quick (long work, like a migration, is started by one command and polled with others),
-#: so one bound fits them all; a wedged or stopped QEMU then fails the call instead of
-#: hanging pause(), stop(), the balloon or a snapshot. Read at each call (tests lower it).
-QMP_TIMEOUT_S = 30.0
 _UNPLUG_TIMEOUT_S = 20.0
-_STDERR_TAIL = 2000
-#: After QEMU exited: how long its QMP stream may take to deliver what QEMU sent last.
-_EVENTS_DRAIN_S = 1.0
 #: States in which a VM counts as running (a dead share helper then fails it).
 _LIVE = frozenset({VMState.RUNNING, VMState.PAUSED, VMState.PAUSING, VMState.RESUMING})
 #: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
 _MAX_SOCKET_DIR = 80
 
 
-def _nvram(state_dir: Path, template: Path) -> Path:
-    """The VM's EFI variable store: a 0600 copy of the firmware's template, made once."""
-    nvram = state_dir / "efi.nvram"
-    if nvram.exists():
-        return private_file(nvram)  # also narrows one an older vzkit left 0644
-    tmp = nvram.with_name(f".efi.nvram.tmp-{os.getpid()}")
-    try:
-        with open(template, "rb") as src, open_private(tmp, append=False) as dst:
-            shutil.copyfileobj(src, dst)
-        os.replace(tmp, nvram)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return nvram
+class _Host(NamedTuple):
+    """What a start found out about the host (see ``QemuMachine._probe``)."""
+
+    binary: Path
+    accel: str
+    sandbox: bool
+    firmware_code: Path | None
+    nvram: Path | None
 
 
-def _check_network(cfg: LinuxVMConfig) -> None:
-    """What the argv cannot know: whether bridging is possible on this host."""
-    net = cfg.network
-    if net.mode is not NetworkMode.BRIDGED or sys.platform == "darwin":
-        return
-    if not Path(f"/sys/class/net/{net.interface}/bridge").is_dir():
-        raise UnsupportedError(
-            f"cannot bridge to {net.interface!r}: it is not a Linux bridge on this host "
-            "(create one, e.g. with 'ip link add br0 type bridge', and allow it in "
-            "/etc/qemu/bridge.conf)",
-            backend="qemu",
-            feature="network:bridged",
-        )
-    find_bridge_helper()
+class _RunFds(NamedTuple):
+    """The fds a run hands to QEMU, and whether its vsock device is on the command line."""
 
-
-async def _sandbox(binary: Path) -> bool:
-    """Whether this run gets QEMU's seccomp filter (``-sandbox``, see ``_argv.sandbox_args``):
-    when the binary can (else logged; ``vzkit doctor`` says so too)."""
-    probe = await _discover.sandbox_probe(binary)
-    if not probe.supported:
-        log.warning("%s runs without its seccomp sandbox: %s", binary.name, probe.detail)
-    return probe.supported
-
-
-class GuestPanic(VMError):
-    """The guest kernel panicked (QEMU's pvpanic device reported it)."""
-
-
-def _panic_line(console_log: Path | None) -> str:
-    """The kernel's "Kernel panic - not syncing: ..." line from the end of the console log."""
-    if console_log is None:
-        return ""
-    try:
-        with open(console_log, "rb") as fh:
-            fh.seek(0, os.SEEK_END)
-            fh.seek(max(0, fh.tell() - 16384))
-            text = fh.read().decode(errors="replace")
-    except OSError:
-        return ""
-    found = [line for line in text.splitlines() if "Kernel panic - not syncing" in line]
-    return found[-1].split("]", 1)[-1].strip()[:200] if found else ""
+    qmp: int
+    agent: int
+    vsock_device: bool
+    agent_key: int | None
+    passt: int | None
+    tap: int | None
 
 
 class QemuMachine:
@@ -135,10 +90,7 @@ class QemuMachine:
         self.config = config
         self._on_state = on_state
         self._state = VMState.STOPPED
-        self._proc: OwnedProcess | None = None
-        self._qmp: QMPClient | None = None
-        self._qmp_sock: socket.socket | None = None
-        self._agent_sock: socket.socket | None = None
+        self._run: QemuRun | None = None  # the current (or last) QEMU process and its QMP
         self._shares = Shares(self._share_died)  # virtiofsd per share (see _virtiofs)
         self._passt = Passt()  # the nat network on Linux (see _passt)
         self._tasks: list[asyncio.Task[Any]] = []  # event watcher
@@ -162,12 +114,28 @@ class QemuMachine:
         self.disk_override: Path | None = None
         self.disk_backing: DiskImage | None = None  # the overlay's (set with it)
         self.accel = ""
+        #: The CPU model and machine type of the current run (resolved at start: see _argv).
+        self.cpu = self.machine_type = ""
+        #: The backendInfo of the snapshot the next restore loads (see expect_snapshot_info).
+        self._expected_info: dict[str, Any] | None = None
 
     # -- properties ------------------------------------------------------------------------
 
     @property
     def state(self) -> VMState:
         return self._state
+
+    @property
+    def _proc(self) -> OwnedProcess | None:
+        return self._run.proc if self._run is not None else None
+
+    @property
+    def _qmp(self) -> QMPClient | None:
+        return self._run.qmp if self._run is not None else None
+
+    @property
+    def _agent_sock(self) -> socket.socket | None:
+        return self._run.agent_sock if self._run is not None else None
 
     @property
     def pid(self) -> int | None:
@@ -268,85 +236,20 @@ class QemuMachine:
         return self._require_vsock().listen(port)
 
     async def detach_vsock(self, timeout: float = _UNPLUG_TIMEOUT_S) -> None:
-        """Unplug the vsock device and stop it (QEMU cannot migrate vhost devices).
-
-        The guest must acknowledge the unplug: at once with ACPI hot-plug (x86_64 q35), about
-        5 s later with PCIe native hot-plug (aarch64 ``virt``: the attention-button delay).
-        Open connections end; listeners stay and serve the device plugged in next.
-        """
-        vsock = self._require_vsock()
-        if not vsock.attached:
-            return
-        if _argv.machine_type(self.config) == "microvm":
-            raise UnsupportedError(
-                "the vsock device cannot be unplugged on microvm (no PCI hot-plug)",
-                backend="qemu",
-                feature="snapshots",
-            )
-        await self._execute("device_del", {"id": "vsock0"})
-        try:
-            await asyncio.wait_for(self._vsock_gone(vsock.kernel), timeout)
-        except TimeoutError:
-            raise VMError(
-                f"the guest did not release its vsock device within {timeout:g} s "
-                "(it must acknowledge the PCI unplug)"
-            ) from None
-        await vsock.stop_device()
-
-    async def _vsock_gone(self, kernel: bool) -> None:
-        """Wait until the unplugged device and its chardev are gone."""
-        while "vsock0" in await self._peripherals():
-            await asyncio.sleep(0.05)
-        while not kernel:  # the device lets go of its chardev a moment after it left
-            try:
-                await self._execute("chardev-remove", {"id": "vsock0-chr"})
-                return
-            except VMError as err:
-                if "busy" not in str(err):
-                    raise
-            await asyncio.sleep(0.05)
+        """Unplug the vsock device and stop it (QEMU cannot migrate vhost devices)."""
+        await _vsock_plug.unplug(self._require_vsock(), self, self.machine_type, timeout)
 
     async def attach_vsock(self) -> None:
         """Plug a fresh vsock device into its port (after a save, or into a restored VM)."""
         vsock = self._require_vsock()
-        qmp = self._qmp
-        if vsock.attached or qmp is None:
-            return
-        bus = {"bus": _argv.VSOCK_PORT}
-        try:
-            if not vsock.prepared:
-                await vsock.prepare()
-            if vsock.kernel:
-                assert vsock.kernel_fd is not None
-                qmp.send_fd_scm(vsock.kernel_fd)
-                await self._execute("getfd", {"fdname": "vsock0-vhostfd"})
-                await self._execute("device_add", {
-                    "driver": "vhost-vsock-pci", "id": "vsock0", "guest-cid": vsock.guest_cid,
-                    "vhostfd": "vsock0-vhostfd", **bus})  # fmt: skip
-            else:
-                assert vsock.qemu_fd is not None
-                qmp.send_fd_scm(vsock.qemu_fd)
-                await self._execute("getfd", {"fdname": "vsock0-fd"})
-                await self._execute("chardev-add", {
-                    "id": "vsock0-chr",
-                    "backend": {"type": "socket", "data": {
-                        "addr": {"type": "fd", "data": {"str": "vsock0-fd"}}, "server": False}},
-                })  # fmt: skip
-                await self._execute("device_add", {
-                    "driver": "vhost-user-vsock-pci", "id": "vsock0", "chardev": "vsock0-chr",
-                    **bus})  # fmt: skip
-            vsock.after_spawn()
-            await vsock.wait_ready()
-        except BaseException:
-            await vsock.stop_device()
-            raise
-        vsock.attached = True
+        if not vsock.attached and self._qmp is not None:
+            await _vsock_plug.plug(vsock, self)
 
-    async def _peripherals(self) -> set[str]:
-        devices: list[dict[str, Any]] = await self._execute(
-            "qom-list", {"path": "/machine/peripheral"}
-        )
-        return {str(d.get("name")) for d in devices}
+    def send_fd(self, fd: int) -> None:
+        """Pass ``fd`` to QEMU over QMP (``SCM_RIGHTS``), for a ``getfd`` that follows."""
+        if self._qmp is None:
+            raise VMError(f"QEMU is not running (state {self._state.value})")
+        self._qmp.send_fd_scm(fd)
 
     @property
     def stderr_path(self) -> Path:
@@ -361,53 +264,74 @@ class QemuMachine:
 
     # -- start -----------------------------------------------------------------------------
 
-    async def _plan(self, qmp_fd: int, agent_fd: int, vsock: VsockTransport | None) -> _argv.Plan:
+    async def _probe(self) -> _Host:
+        """The host side of a start, checked before anything is started: the binary, its
+        accelerator and sandbox (two probes side by side; one failing cancels the other),
+        the firmware and variable store for EFI boot, the network and a qcow2 disk."""
         cfg = self.config
         binary = _discover.find_qemu(cfg.arch)
-        try:  # two probes of the binary side by side; one failing cancels the other
+        try:
             async with asyncio.TaskGroup() as probes:
                 select = _discover.select_accelerator
                 accel_probe = probes.create_task(
                     asyncio.to_thread(select, binary, cfg.arch, cfg.accelerator, cfg.kernel_path)
                 )
-                sandbox_probe = probes.create_task(_sandbox(binary))
+                sandbox_probe = probes.create_task(_hostprep.sandbox(binary))
         except BaseExceptionGroup as group:
             raise group.exceptions[0] from None
-        accel, sandbox = accel_probe.result(), sandbox_probe.result()
-        state_dir = self.state_dir
         firmware_code = nvram = None
         if cfg.kernel_path is None:
             firmware = _discover.find_firmware(cfg.arch)
             firmware_code = firmware.code
-            nvram = _nvram(state_dir, firmware.vars_template)
-        _check_network(cfg)
+            nvram = _hostprep.nvram(self.state_dir, firmware.vars_template)
+        _hostprep.check_network(cfg)
         if (
             self.disk_override is None
             and cfg.disk_path is not None
             and cfg.disk_format is DiskFormat.QCOW2
         ):  # refused if its header names a data file (QEMU would open it; backing: null)
             await asyncio.to_thread(standalone_qcow2_size, cfg.disk_path)
-        self.accel = accel
-        return _argv.Plan(
+        return _Host(binary, accel_probe.result(), sandbox_probe.result(), firmware_code, nvram)
+
+    def _plan(
+        self,
+        host: _Host,
+        fds: _RunFds,
+        vsock: VsockTransport | None,
+        shares: tuple[ShareDevice, ...],
+    ) -> _argv.Plan:
+        """The run's plan, decided once from what the start prepared. A ``vsock`` transport
+        without its device in this plan (a restore plugs it in later) still needs the RAM
+        shared when it is the user-space one; so do VirtioFS shares."""
+        cfg = self.config
+        plugged = vsock if vsock is not None and fds.vsock_device else None
+        virtiofs = any(share.kind is ShareKind.VIRTIOFS for share in shares)
+        plan = _argv.Plan(
             config=cfg,
-            binary=binary,
-            accel=accel,
-            qmp_fd=qmp_fd,
-            agent_fd=agent_fd,
+            binary=host.binary,
+            accel=host.accel,
+            qmp_fd=fds.qmp,
+            agent_fd=fds.agent,
             console_log=self.console_log_path,
-            firmware_code=firmware_code,
-            nvram=nvram,
-            mac_address=stable_mac(None if self._own_state_dir else state_dir),
+            firmware_code=host.firmware_code,
+            nvram=host.nvram,
+            mac_address=_hostprep.mac_address(None if self._own_state_dir else self.state_dir),
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
             incoming=self._incoming,
             disk_override=self.disk_override,
             disk_backing=self.disk_backing,
-            shared_memory=vsock is not None and not vsock.kernel,
-            vsock_fd=vsock.qemu_fd if vsock is not None else None,
-            vhost_vsock_fd=vsock.kernel_fd if vsock is not None else None,
-            vsock_cid=vsock.guest_cid if vsock is not None else 0,
-            sandbox=sandbox,
+            shared_memory=(vsock is not None and not vsock.kernel) or virtiofs,
+            vsock_fd=plugged.qemu_fd if plugged is not None else None,
+            vhost_vsock_fd=plugged.kernel_fd if plugged is not None else None,
+            vsock_cid=plugged.guest_cid if plugged is not None else 0,
+            sandbox=host.sandbox,
+            shares=shares,
+            agent_key_fd=fds.agent_key,
+            passt_fd=fds.passt,
+            tap_fd=fds.tap,
         )
+        self.accel, self.cpu, self.machine_type = plan.accel, plan.cpu, plan.machine
+        return plan
 
     async def start(self) -> None:
         if self._state not in (VMState.STOPPED, VMState.ERROR):
@@ -433,10 +357,8 @@ class QemuMachine:
         self._private_state()
         cfg_net = self.config.network
         tap_fd: int | None = None
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        agent_ours, agent_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._qmp_sock = ours
-        self._agent_sock = agent_ours
+        run = self._run = QemuRun(self.stderr_path)
+        run.incoming = self._incoming
         vsock = None
         key_fd: int | None = None  # the agent's key for QEMU's fw_cfg (a fresh one per run)
         if self.config.vsock and sys.platform == "linux":
@@ -447,28 +369,21 @@ class QemuMachine:
         try:
             if vsock is not None:  # a restore plugs this one in later: it starts meanwhile
                 await vsock.prepare()
-            plan = await self._plan(
-                theirs.fileno(), agent_theirs.fileno(), vsock if vsock_device else None
-            )
-            if vsock is not None and not vsock.kernel:  # vhost-user maps the guest's RAM
-                plan = dataclasses.replace(plan, shared_memory=True)
-            plan = dataclasses.replace(plan, agent_key_fd=key_fd)
-            # -- shares: start the virtiofsds, hand their sockets to QEMU
+            host = await self._probe()
             shares = await self._shares.start(
-                self.config.tagged_volumes(), self.runtime_dir, self.state_dir
+                self.config.tagged_volumes(),
+                self.runtime_dir,
+                self.state_dir,
+                self.config.share_device,
             )
-            virtiofs = any(share.kind is ShareKind.VIRTIOFS for share in shares)
-            plan = dataclasses.replace(
-                plan, shares=shares, shared_memory=plan.shared_memory or virtiofs
-            )
-            # -- end shares
-            plan = dataclasses.replace(plan, passt_fd=await self._start_network())
+            passt_fd = await self._passt.start_nat(self.config, self.state_dir / "passt.log")
             if cfg_net.mode is NetworkMode.BRIDGED and sys.platform == "linux":
                 tap_fd = await open_bridge_tap(
                     find_bridge_helper(), cfg_net.interface, self.state_dir / "bridge-helper.log"
                 )
-                plan = dataclasses.replace(plan, tap_fd=tap_fd)
-            self.argv = _argv.build_argv(plan)
+            fds = _RunFds(run.qmp_fd, run.agent_fd, vsock_device, key_fd, passt_fd, tap_fd)
+            plan = self._plan(host, fds, vsock, shares)
+            self.argv = _devices.build_argv(plan)
             log.info("starting QEMU (%s, accel=%s)", plan.binary.name, plan.accel)
             interactive = self.config.console is ConsoleMode.STDIO
             cfg_log = self.config.console_log_path
@@ -479,27 +394,13 @@ class QemuMachine:
                     raise VMError(
                         f"cannot open the console log {str(plan.console_log)!r}: {err}"
                     ) from err
-            with open_private(self.stderr_path) as stderr:
-                self._proc = await spawn(
-                    self.argv,
-                    name=f"qemu-system-{self.config.arch.value}",
-                    pass_fds=(
-                        theirs.fileno(),
-                        agent_theirs.fileno(),
-                        *(vsock.pass_fds() if vsock is not None and vsock_device else ()),
-                        *((key_fd,) if key_fd is not None else ()),
-                        *self._shares.qemu_fds,
-                        *((plan.passt_fd,) if plan.passt_fd is not None else ()),
-                        *((tap_fd,) if tap_fd is not None else ()),
-                    ),
-                    stdin=None if interactive else asyncio.subprocess.DEVNULL,
-                    stdout=None if interactive else asyncio.subprocess.DEVNULL,
-                    stderr=stderr,
-                    new_session=not interactive,
-                )
+            await run.spawn(
+                self.argv,
+                f"qemu-system-{self.config.arch.value}",
+                _devices.pass_fds(plan),
+                interactive=interactive,
+            )
         finally:
-            theirs.close()
-            agent_theirs.close()
             if key_fd is not None:
                 os.close(key_fd)
             self._shares.qemu_started()
@@ -508,29 +409,10 @@ class QemuMachine:
                 os.close(tap_fd)
             if vsock is not None and vsock_device:
                 vsock.after_spawn()
-        self._exit_watch = asyncio.ensure_future(self._watch_exit(self._proc))
-        qmp = QMPClient(f"vzkit-{self._proc.pid}")
-        self._qmp = qmp
-        connect = asyncio.ensure_future(qmp.connect(ours))
-        exited = asyncio.ensure_future(self._proc.wait())
-        bound = QMP_TIMEOUT_S  # the greeting and qmp_capabilities are QMP traffic too
-        try:
-            done, _ = await asyncio.wait(
-                {connect, exited}, timeout=bound, return_when=asyncio.FIRST_COMPLETED
-            )
-        finally:
-            for task in (connect, exited):
-                if not task.done():
-                    task.cancel()
-            await asyncio.gather(connect, exited, return_exceptions=True)
-        if not done:
-            raise VMTimeoutError(
-                f"QEMU (pid {self._proc.pid}) did not answer on QMP within {bound:g} s of "
-                f"starting; see its log {str(self.stderr_path)!r}"
-            )
-        if connect.cancelled() or connect.exception() is not None:
-            raise VMError(f"QEMU exited during start-up: {self._stderr_tail()}")
-        self._tasks.append(asyncio.ensure_future(self._watch_events(qmp)))
+        assert run.proc is not None
+        self._exit_watch = asyncio.ensure_future(self._watch_exit(run.proc))
+        await run.attach()
+        self._tasks.append(asyncio.ensure_future(run.watch_events(self._on_event)))
         if self.config.console is ConsoleMode.PTY:
             self._console_pty = await self._find_pty()
         if vsock is not None and vsock_device:
@@ -538,26 +420,6 @@ class QemuMachine:
             vsock.attached = True
         if not self._incoming:  # a restore stays paused (see restore_state)
             await self._execute("cont")
-
-    async def _start_network(self) -> int | None:
-        """Start passt for the ``nat`` network on Linux; its socket's fd for QEMU, else None.
-
-        Without passt, QEMU's user-mode network serves ``nat``, and there the guest reaches
-        the host's loopback services at 10.0.2.2: that is said once per start (and by doctor).
-        """
-        cfg = self.config
-        if not uses_passt(cfg, sys.platform):
-            return None
-        binary = find_passt()
-        if binary is None:
-            if not cfg.network.host_loopback:
-                log.warning(
-                    "passt is not installed: the nat network falls back to QEMU's user-mode "
-                    "network, where the guest reaches the host's loopback services at "
-                    "10.0.2.2 (install passt, e.g. apt-get install passt)"
-                )
-            return None
-        return await self._passt.start(binary, cfg, self.state_dir / "passt.log")
 
     def _private_state(self) -> None:
         """The state dir (and the runtime dir, when separate) exist as 0700 directories, and
@@ -581,11 +443,6 @@ class QemuMachine:
 
     # -- monitoring ------------------------------------------------------------------------
 
-    async def _watch_events(self, qmp: QMPClient) -> None:
-        with contextlib.suppress(asyncio.CancelledError, QMPError):
-            async for event in qmp.events:
-                self._on_event(event)
-
     def _on_event(self, event: Any) -> None:
         name = event.get("event")
         data = event.get("data")
@@ -606,7 +463,7 @@ class QemuMachine:
     def _guest_panicked(self) -> None:
         if isinstance(self.last_error, GuestPanic):
             return
-        line = _panic_line(self.console_log_path)
+        line = panic_line(self.console_log_path)
         where = f"; its console log {str(self.console_log_path)!r} has the rest" if line else ""
         self.last_error = GuestPanic(
             f"the guest kernel panicked{': ' + line if line else ''} (reported by the "
@@ -628,21 +485,10 @@ class QemuMachine:
         log.error("VM failed: %s", self.last_error)
         proc.send_signal(signal.SIGKILL)  # _watch_exit reaps it and sets ERROR
 
-    async def _drain_events(self, qmp: QMPClient | None) -> None:
-        """QEMU has exited: handle the events it sent last (GUEST_PANICKED, SHUTDOWN) before
-        the stream is closed; its reader reaches the end of the stream within a moment."""
-        if qmp is None:
-            return
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_EVENTS_DRAIN_S):
-                while qmp.runstate is Runstate.RUNNING:
-                    await qmp.runstate_changed()
-        for event in qmp.events.clear():  # what the watcher has not taken yet
-            self._on_event(event)
-
     async def _watch_exit(self, proc: OwnedProcess) -> None:
         rc = await proc.wait()
-        await self._drain_events(self._qmp)
+        if self._run is not None:
+            await self._run.drain_events(self._on_event)
         clean = rc == 0 and (self._expect_exit or self._guest_shutdown)
         if self._expect_exit:
             clean = True
@@ -662,52 +508,18 @@ class QemuMachine:
             self._stopped.set()
 
     def _stderr_tail(self) -> str:
-        try:
-            with open(self.stderr_path, "rb") as fh:
-                fh.seek(0, os.SEEK_END)
-                fh.seek(max(0, fh.tell() - _STDERR_TAIL))
-                text = fh.read().decode(errors="replace").strip()
-        except OSError:
-            text = ""
-        return text or "(no output)"
+        return stderr_tail(self.stderr_path)
 
     async def _disconnect(self) -> None:
-        qmp, self._qmp = self._qmp, None
-        if qmp is not None:
-            with contextlib.suppress(Exception):
-                await qmp.disconnect()
-        for sock in (self._qmp_sock, self._agent_sock):
-            if sock is not None:
-                sock.close()
-        self._qmp_sock = self._agent_sock = None
+        if self._run is not None:
+            await self._run.disconnect()
 
     async def _execute(self, cmd: str, args: dict[str, object] | None = None) -> Any:
-        """Run one QMP command, bounded by :data:`QMP_TIMEOUT_S` (a late reply is dropped).
-
-        While an incoming state loads (a restore), QEMU's main loop reads the state file
-        without answering QMP (a regular file never blocks it), for as long as the file takes
-        to read: commands then wait without a bound of their own, under the restore's timeout.
-        """
-        qmp = self._qmp
-        if qmp is None:
+        """One QMP command of the current run (see :meth:`QemuRun.execute`)."""
+        run = self._run
+        if run is None:
             raise VMError(f"QEMU is not running (state {self._state.value})")
-        log.debug("QMP -> %s %s", cmd, args or "")
-        timeout = None if self._incoming else QMP_TIMEOUT_S
-        try:
-            async with asyncio.timeout(timeout):
-                result = await qmp.execute(cmd, args)
-        except TimeoutError:
-            if timeout is None:
-                raise
-            raise VMTimeoutError(
-                f"QEMU (pid {self.pid}) did not answer the QMP command {cmd!r} within "
-                f"{timeout:g} s: it is wedged or overloaded. Stop the VM (vm.stop() or "
-                f"vm.close() kills it) and see its log {str(self.stderr_path)!r}"
-            ) from None
-        except QMPError as err:
-            raise VMError(f"QMP {cmd} failed: {err}") from err
-        log.debug("QMP <- %s", result)
-        return result
+        return await run.execute(cmd, args, self._state.value)
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -795,21 +607,13 @@ class QemuMachine:
     def vsock_attached(self) -> bool:
         return self._vsock is not None and self._vsock.attached
 
+    @property
+    def vsock_transport(self) -> VsockTransport | None:
+        """This run's vsock device and host side (None without one, or between runs)."""
+        return self._vsock
+
     async def prepare_save(self) -> None:
-        """Unplug the vsock device (QEMU cannot migrate it) while the guest runs: it must
-        acknowledge the unplug, so a paused VM runs for that moment and is paused again."""
-        if not self.vsock_attached:
-            return
-        paused = self._state is VMState.PAUSED
-        if paused:
-            await self.resume()
-        try:
-            await self.detach_vsock()
-        finally:
-            if paused:
-                await self.pause()
-        if self._vsock is not None:  # the next device's helper starts while the state saves
-            await self._vsock.prepare()
+        await _migrate.unplug_vsock_for_save(self)
 
     async def finish_save(self) -> None:
         """Plug a fresh vsock device back in (connections open before the save have ended)."""
@@ -817,7 +621,21 @@ class QemuMachine:
             await self.attach_vsock()
 
     def snapshot_info(self) -> dict[str, str]:
-        return {"accel": self.accel, "arch": self.config.arch.value}
+        """The resolved hardware a restore must match beyond the config: a config's "" picks
+        a CPU model per accelerator (and vzkit version), so the model itself is recorded."""
+        return {
+            "accel": self.accel,
+            "arch": self.config.arch.value,
+            "cpu": self.cpu,
+            "machine": self.machine_type,
+        }
+
+    def expect_snapshot_info(self, saved: Mapping[str, Any]) -> None:
+        """The ``backendInfo`` (see :meth:`snapshot_info`) of the snapshot the next
+        :meth:`restore_state` loads: it refuses, before QEMU starts, a run whose resolved
+        CPU model or machine type differ (QEMU may load such a state and the guest then
+        fails, e.g. on aarch64 every return signed under another pointer-auth algorithm)."""
+        self._expected_info = dict(saved)
 
     async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
         if self._state is not VMState.PAUSED:
@@ -844,6 +662,9 @@ class QemuMachine:
         self._guest_shutdown = False
         self.last_error = None
         try:
+            saved, self._expected_info = self._expected_info, None
+            if saved is not None:  # refused before any file is made or process started
+                await _migrate.check_hardware(self.config, saved)
             self._private_state()
             self.disk_override = await _migrate.prepare_disks(self, disks)
             self._incoming = True
@@ -851,6 +672,8 @@ class QemuMachine:
             if verified is not None:
                 await verified  # QEMU reads no saved byte before the checksums match
             await _migrate.load_state(self, path)
+            if self._run is not None:
+                self._run.incoming = False
             if self._vsock is not None:
                 await self.attach_vsock()
         except BaseException:
@@ -862,6 +685,7 @@ class QemuMachine:
             raise
         finally:
             self._incoming = False
+            self._expected_info = None
         self._set_state(VMState.PAUSED)
 
     # -- teardown --------------------------------------------------------------------------
@@ -884,7 +708,7 @@ class QemuMachine:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._proc = None
+        self._run = None
         self._console_pty = None
 
     async def _close_vsock(self) -> None:

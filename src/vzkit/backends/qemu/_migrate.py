@@ -26,17 +26,19 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..._config import LinuxVMConfig
 from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
 from ..._diskcopy import copy_disk
 from ..._process import spawn
 from ..._state import VMState
 from ...errors import ConfigError, SnapshotError, VMError
 from .._protocol import CapturedDisk, ProgressFn
-from . import _argv
+from . import _argv, _devices, _discover
+from ._virtiofs import ShareDevice
 
 if TYPE_CHECKING:
     from ._machine import QemuMachine
@@ -61,14 +63,73 @@ OVERLAY_NAME = "restored-disk0.qcow2"
 
 
 def blockers(m: QemuMachine) -> list[str]:
-    """The devices of ``m`` whose state QEMU cannot save, named for an error message."""
-    out = [
-        f"vhost-user-fs (the VirtioFS share {vol.tag!r} of {str(vol.host_path)!r})"
-        for vol in m.config.tagged_volumes()
-    ]
-    if m.config.vsock and _argv.machine_type(m.config) == "microvm":
-        out.append("the vsock device (microvm has no PCI hot-plug to unplug it around a save)")
+    """The devices of ``m`` whose state QEMU cannot save, named for an error message: the
+    device table's verdicts (``_devices``) for the config, every share counted as VirtioFS
+    (a mounted 9p export cannot be migrated either)."""
+    cfg = m.config
+    shares = tuple(ShareDevice(v.tag, v.host_path, v.read_only) for v in cfg.tagged_volumes())
+    plan = _argv.Plan(
+        config=cfg, binary=Path("qemu"), accel=m.accel or "tcg", qmp_fd=-1, shares=shares
+    )
+    return _devices.migration_blockers(plan)
+
+
+def hardware_diff(saved: Mapping[str, Any], *, cpu: str, machine: str) -> list[str]:
+    """How a run's resolved CPU model and machine type differ from a snapshot's
+    ``backendInfo`` (:meth:`~._machine.QemuMachine.snapshot_info`), one sentence each.
+
+    Snapshots from before the CPU model was recorded ran ``host`` under KVM/HVF and ``max``
+    otherwise; one without a machine type is left to QEMU (its migration stream names the
+    machine, and a load into another is refused)."""
+    accel = str(saved.get("accel", ""))
+    saved_cpu = saved.get("cpu") or ("host" if accel in ("kvm", "hvf") else "max")
+    out = []
+    if saved_cpu != cpu:
+        out.append(
+            f"it was saved with CPU model {saved_cpu!r}, this VM would run {cpu!r} "
+            f"(set cpu_model={saved_cpu!r} in its config to restore it)"
+        )
+    saved_machine = saved.get("machine")
+    if saved_machine and saved_machine != machine:
+        out.append(
+            f"it was saved on machine type {saved_machine!r}, this VM would run {machine!r} "
+            f"(set machine_type={saved_machine!r} in its config to restore it)"
+        )
     return out
+
+
+async def check_hardware(config: LinuxVMConfig, saved: Mapping[str, Any]) -> None:
+    """Refuse a snapshot whose ``backendInfo`` (``saved``) names another CPU model or machine
+    type than a run of ``config`` would have (see :func:`hardware_diff`)."""
+    binary = _discover.find_qemu(config.arch)
+    select = _discover.select_accelerator  # cached: the start asks again at once
+    accel = await asyncio.to_thread(
+        select, binary, config.arch, config.accelerator, config.kernel_path
+    )
+    problems = hardware_diff(
+        saved, cpu=_argv.cpu_model(config, accel), machine=_argv.machine_type(config)
+    )
+    if problems:
+        raise SnapshotError("the snapshot does not fit this VM's hardware: " + "; ".join(problems))
+
+
+async def unplug_vsock_for_save(m: QemuMachine) -> None:
+    """Unplug the vsock device (QEMU cannot migrate it) while the guest runs: it must
+    acknowledge the unplug, so a paused VM runs for that moment and is paused again. The next
+    device's helper starts while the state saves."""
+    if not m.vsock_attached:
+        return
+    paused = m.state is VMState.PAUSED
+    if paused:
+        await m.resume()
+    try:
+        await m.detach_vsock()
+    finally:
+        if paused:
+            await m.pause()
+    vsock = m.vsock_transport
+    if vsock is not None:
+        await vsock.prepare()
 
 
 async def _pass_fd(m: QemuMachine, fd: int) -> None:

@@ -28,6 +28,7 @@ import ipaddress
 import logging
 import shutil
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -147,6 +148,25 @@ class Passt:
     @property
     def pid(self) -> int | None:
         return self._proc.pid if self._proc is not None else None
+
+    async def start_nat(self, config: LinuxVMConfig, log_path: Path) -> int | None:
+        """Start passt for the ``nat`` network on Linux; its socket's fd for QEMU, else None.
+
+        Without passt, QEMU's user-mode network serves ``nat``, and there the guest reaches
+        the host's loopback services at 10.0.2.2: that is said once per start (and by doctor).
+        """
+        if not uses_passt(config, sys.platform):
+            return None
+        binary = find_passt()
+        if binary is None:
+            if not config.network.host_loopback:
+                log.warning(
+                    "passt is not installed: the nat network falls back to QEMU's user-mode "
+                    "network, where the guest reaches the host's loopback services at "
+                    "10.0.2.2 (install passt, e.g. apt-get install passt)"
+                )
+            return None
+        return await self.start(binary, config, log_path)
 
     async def start(self, binary: Path, config: LinuxVMConfig, log_path: Path) -> int:
         """Start passt; return the fd QEMU must inherit."""

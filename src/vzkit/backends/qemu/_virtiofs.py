@@ -22,8 +22,8 @@ gets ``--readonly``; the C one is started inside a private mount namespace (``un
 itself, so the daemon cannot write there whatever the guest asks (needs root, as the C daemon
 does anyway). Where neither is possible (no virtiofsd, as with QEMU on macOS; not root with
 only the C daemon), the share becomes a virtio-9p device with ``readonly=on``, which QEMU
-itself enforces. ``$VZKIT_SHARE_DEVICE=9p`` forces 9p for every share, ``9p:TAG,...`` for
-some (the bench serves one directory both ways).
+itself enforces. ``LinuxVMConfig.share_device="9p"`` forces 9p for every share, ``9p:TAG,...``
+for some (the bench serves one directory both ways; ``$VZKIT_SHARE_DEVICE`` feeds its default).
 
 Each virtiofsd gets a listening Unix socket as an inherited fd (``--fd``). vzkit connects to
 it before the daemon starts and hands the connected end to QEMU as an inherited fd too
@@ -53,13 +53,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..._config import virtiofsd_override
 from ..._private import open_private
 from ..._process import OwnedProcess, spawn
 from ..._volume import VolumeMount
 from ...errors import VMError
 
 __all__ = [
-    "DEVICE_ENV",
     "ShareDevice",
     "ShareKind",
     "Shares",
@@ -75,8 +75,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-DEVICE_ENV = "VZKIT_SHARE_DEVICE"
-VIRTIOFSD_ENV = "VZKIT_VIRTIOFSD"
 #: Where distributions install virtiofsd (``PATH`` is searched first).
 CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd")
 _PROBE_TIMEOUT_S = 10.0
@@ -163,7 +161,7 @@ def _probe_binary(path: Path, mtime_ns: int, size: int) -> Virtiofsd | None:
 def find_virtiofsd() -> Virtiofsd | None:
     """The first usable virtiofsd: ``$VZKIT_VIRTIOFSD``, ``PATH``, then :data:`CANDIDATES`."""
     seen: list[Path] = []
-    override = os.environ.get(VIRTIOFSD_ENV)
+    override = virtiofsd_override()
     if override:
         seen.append(Path(override))
     on_path = shutil.which("virtiofsd")
@@ -239,11 +237,10 @@ def plan_share(
     return ninep
 
 
-def forced_9p(tag: str) -> bool:
-    """Whether ``$VZKIT_SHARE_DEVICE`` asks for 9p for this share: ``9p`` (every share) or
-    ``9p:TAG,TAG`` (those tags; the bench compares both devices on one directory)."""
-    value = os.environ.get(DEVICE_ENV, "").strip()
-    kind, sep, tags = value.partition(":")
+def forced_9p(tag: str, share_device: str) -> bool:
+    """Whether the config's ``share_device`` asks for 9p for this share: ``9p`` (every share)
+    or ``9p:TAG,TAG`` (those tags; the bench compares both devices on one directory)."""
+    kind, sep, tags = share_device.strip().partition(":")
     if kind.lower() != "9p":
         return False
     return not sep or tag in tags.split(",")
@@ -323,13 +320,18 @@ class Shares:
         return {tag: proc.pid for tag, proc in self._procs}
 
     async def start(
-        self, volumes: Sequence[VolumeMount], runtime_dir: Path, log_dir: Path
+        self,
+        volumes: Sequence[VolumeMount],
+        runtime_dir: Path,
+        log_dir: Path,
+        share_device: str = "virtiofs",
     ) -> tuple[ShareDevice, ...]:
-        """Start a virtiofsd per virtiofs share; return every share's device."""
+        """Start a virtiofsd per virtiofs share; return every share's device.
+        ``share_device`` is the config's (see :func:`forced_9p`)."""
         await self.close()  # anything left from a previous run
         if not volumes:
             return self.devices
-        forced = [forced_9p(vol.tag) for vol in volumes]
+        forced = [forced_9p(vol.tag, share_device) for vol in volumes]
         daemon = None if all(forced) else await asyncio.to_thread(find_virtiofsd)
         root = os.geteuid() == 0
         sandbox = await asyncio.to_thread(sandbox_mode, root) if daemon is not None else None

@@ -244,7 +244,7 @@ class VsockTransport:
     async def prepare(self) -> None:
         """Claim a kernel CID, or start the user-space device; QEMU gets it after this
         (on its command line, or hot-plugged)."""
-        if os.environ.get("VZKIT_VSOCK", "") != "user":
+        if self.config.vsock_device != "user":
             claimed = await asyncio.to_thread(open_kernel_vhost, self.guest_cid)
             if claimed is not None:
                 self.kernel_fd, self.guest_cid = claimed
