@@ -48,6 +48,7 @@ VM_OPTIONS: dict[str, list[str]] = {
     ],
     "--console": [_ROUND_TRIP],
     "--accel": [_ROUND_TRIP],
+    "--cpu": [_ROUND_TRIP],
     "--config": [f"{_CORE}::test_config_file_with_overrides"],
 }
 _SHARED = f"{_CMDS}::test_vm_making_commands_share_the_vm_options"
