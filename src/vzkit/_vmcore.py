@@ -98,9 +98,15 @@ _GUARDS: dict[str, Guard] = {
     "vsock_listen": Guard(_RUNNING, "vsock listen needs a running VM (it is {state})"),
     "agent": Guard(_LIVE, "the guest agent needs a running VM (it is {state})"),
     "snapshot_save": Guard(
-        _LIVE, "cannot save a VM that is {state} (it must be running or paused)"
+        _LIVE,
+        "cannot save a VM that is {state} (it must be running or paused)",
+        "cannot save or restore a snapshot: the VM has been closed",
     ),
-    "snapshot_restore": Guard(_STOPPED, "restoring a snapshot needs a stopped VM (it is {state})"),
+    "snapshot_restore": Guard(
+        _STOPPED,
+        "restoring a snapshot needs a stopped VM (it is {state})",
+        "cannot save or restore a snapshot: the VM has been closed",
+    ),
 }
 #: Part of ``stop(timeout=)`` given to the guest before the VM is forced off.
 GRACEFUL_SHARE = 0.5
