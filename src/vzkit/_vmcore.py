@@ -189,9 +189,10 @@ class VMCore:
                 feature=feature.value,
             )
 
-    def _lacks(self, feature: str, protocol: type) -> UnsupportedError:
+    def _lacks(self, feature: str, protocol: type, what: str = "") -> UnsupportedError:
+        """A capability the machine does not implement (whatever the backend declares)."""
         return UnsupportedError(
-            f"the {self.backend.name} backend's machine does not implement {feature} "
+            f"the {self.backend.name} backend's machine does not implement {what or feature} "
             f"({protocol.__name__})",
             backend=self.backend.name,
             feature=feature,
@@ -225,7 +226,7 @@ class VMCore:
         """How the guest agent is reached (:mod:`vzkit._guestcore` connects through it)."""
         machine = self.machine
         if not isinstance(machine, AgentStream):
-            raise self._lacks("the guest agent", AgentStream)
+            raise self._lacks("agent", AgentStream, "the guest agent")
         return machine
 
     def restored(self, state_file: Path, *, clock_step: bool) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import inspect
 import platform
+import re
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,7 @@ def kernel(tmp_path: Path) -> Path:
 @pytest.fixture
 def qemu_stand_in(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     script = tmp_path / "qemu-system-x86_64"
-    script.write_text(f"#!{__import__('sys').executable}\n{FAKE_QEMU}")
+    script.write_text(f"#!{sys.executable}\n{FAKE_QEMU}")
     script.chmod(0o755)
     monkeypatch.setenv("VZKIT_QEMU_X86_64", str(script))
     monkeypatch.setenv("FAKE_QEMU_MODE", "obedient")
@@ -286,7 +288,8 @@ def test_a_declared_feature_the_machine_lacks_is_unsupported_not_an_attribute_er
         ]:
             with pytest.raises(vzkit.UnsupportedError) as info:
                 get()
-            assert str(info.value) == (f"the boasting backend's machine does not implement {what}")
+            assert str(info.value) == f"the boasting backend's machine does not implement {what}"
+            assert info.value.backend == "boasting"
         with pytest.raises(vzkit.UnsupportedError, match="does not implement balloon"):
             vm.balloon.info()
 
@@ -297,3 +300,41 @@ def test_macos_guests_need_a_backend_that_boots_them(tmp_path: Path) -> None:
         vzkit.VirtualMachine(mac, backend=QEMU)
     assert str(info.value) == "macOS guests need the vz backend; the qemu backend cannot boot them"
     assert (info.value.backend, info.value.feature) == ("qemu", "macos-guests")
+
+
+SRC = Path(vzkit.__file__).parent
+#: A capability method called on the lifecycle machine, past the core's isinstance check.
+_FAT_CALL = re.compile(
+    r"(?:\bcore|\bself|_core)\.machine\."
+    r"(vsock_connect|vsock_listen|set_balloon_target|balloon_info|snapshot_blockers"
+    r"|snapshot_info|prepare_save|finish_save|save_state|capture_disks|restore_state"
+    r"|open_agent_socket|agent_on_console)\b"
+)
+
+
+def fat_calls(root: Path) -> list[str]:
+    """``file:line`` of each capability call on the core's ``.machine`` outside the backends
+    (a local ``machine`` is the narrowed capability the core handed out)."""
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        if "backends" in path.relative_to(root).parts:
+            continue
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            if _FAT_CALL.search(line):
+                found.append(f"{path.relative_to(root)}:{number}")
+    return found
+
+
+def test_outside_the_backends_capabilities_are_reached_through_the_core_checks() -> None:
+    """``core.machine`` is the lifecycle only; vsock, balloon, snapshots and the agent stream
+    go through ``core.vsock_machine()`` & co., which check the feature and the protocol."""
+    assert fat_calls(SRC) == []
+
+
+def test_the_rule_sees_a_fat_call(tmp_path: Path) -> None:
+    (tmp_path / "x.py").write_text(
+        "await core.machine.save_state(p, None)\n"
+        "await core.snapshot_machine().save_state(p)\n"
+        "return self._core.machine.agent_on_console\n"
+    )
+    assert fat_calls(tmp_path) == ["x.py:1", "x.py:3"]

@@ -42,7 +42,8 @@ MIB = 1 << 20
 
 class VzMachine:
     """A :class:`~vzkit.backends.Machine` backed by Apple's Virtualization framework: a Linux
-    guest, or an installed macOS guest (:class:`~vzkit.MacVMConfig`)."""
+    guest, or an installed macOS guest (:class:`~vzkit.MacVMConfig`). It also implements
+    the vsock, balloon, snapshot and agent-stream capabilities (``backends/_protocol.py``)."""
 
     def __init__(self, config: LinuxVMConfig | MacVMConfig, on_state: StateListener) -> None:
         self.config = config
