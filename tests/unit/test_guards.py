@@ -338,3 +338,21 @@ def test_the_rule_sees_a_fat_call(tmp_path: Path) -> None:
         "return self._core.machine.agent_on_console\n"
     )
     assert fat_calls(tmp_path) == ["x.py:1", "x.py:3"]
+
+
+def test_a_backend_module_without_a_backend_object_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``load_backend`` checks ``BACKEND`` against the runtime-checkable protocol (no cast)."""
+    import importlib
+
+    from vzkit.backends import load_backend
+
+    unavailable = vzkit.BackendUnavailableError  # vzkit's names load lazily, by importlib
+    monkeypatch.setattr(importlib, "import_module", lambda *a: type("M", (), {"BACKEND": 1}))
+    with pytest.raises(unavailable) as info:
+        load_backend("qemu")
+    assert str(info.value) == (
+        "backend 'qemu' exports no BACKEND with name, features, check_available() and "
+        "create_machine()"
+    )
