@@ -8,7 +8,7 @@ aarch64 ``virt`` without firmware, still shuts down cleanly), and the clock step
 at the first resume after a restore. ``vm.guest`` of both facades (:mod:`vzkit._guest`)
 delegates here.
 
-The backend decides how the agent is reached (:meth:`vzkit.backends.Machine.open_agent_socket`:
+The backend decides how the agent is reached (:meth:`vzkit.backends.AgentStream.open_agent_socket`:
 vsock port 1024, or the virtio console port ``org.vzkit.agent.0``); the wire protocol is
 :mod:`vzkit.agent._connection`'s ``_Connection``, imported lazily so ``import vzkit`` stays light.
 """
@@ -80,9 +80,7 @@ class AgentLink:
             if conn is not None and self.connected:
                 return conn
             core = self._core
-            if core.closed or core.state not in _LIVE:
-                state = "closed" if core.closed else core.state.value
-                raise StateError(f"the guest agent needs a running VM (it is {state})")
+            core.require("agent")
             await self._drop()
             generation = core.generation
             try:
@@ -104,7 +102,7 @@ class AgentLink:
         from .agent._connection import DEFAULT_WINDOW, _Connection
 
         core = self._core
-        machine = core.machine
+        machine = core.agent_stream()
         while True:
             try:
                 sock = await machine.open_agent_socket()

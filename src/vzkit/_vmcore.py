@@ -1,12 +1,23 @@
 """The lifecycle core shared by ``vzkit.VirtualMachine`` and ``vzkit.aio.VirtualMachine``.
 
-It guards each operation by state (``StateError`` with a sentence), applies timeouts, and runs
-the stop ladder; the backend's :class:`~vzkit.backends.Machine` does the actual work. It owns
-the guest agent connection (``core.agent``, :mod:`vzkit._guestcore`): the stop ladder asks the
-agent to power off, and the first resume after a restore steps the guest clock and reseeds its
-RNG, whichever facade drives the VM. All coroutines here run on vzkit's shared loop
-(:mod:`vzkit._loop`); the facades only delegate (:func:`core_of` is the seam for code that
-acts on a facade's VM, like snapshots).
+It owns every guard: one table (:data:`_GUARDS`) says in which states each operation may run
+(start, pause, resume, stop, request_stop, the balloon, vsock, the guest agent, snapshot save
+and restore) and what the refusal says; every refusal is a :class:`~vzkit.errors.StateError`
+with the same sentence on every backend, raised before the backend is called. Features are
+guarded the same way: the backend declares them (:attr:`~vzkit.backends.Backend.features`)
+and its machine implements the matching optional protocol (:class:`~vzkit.backends.
+VsockCapable`, :class:`~vzkit.backends.BalloonCapable`, :class:`~vzkit.backends.
+SnapshotCapable`, :class:`~vzkit.backends.AgentStream`), tested with ``isinstance``; a
+missing one is an :class:`~vzkit.errors.UnsupportedError`. A backend's machine therefore
+implements the lifecycle (:class:`~vzkit.backends.Machine`) and any capabilities it offers,
+and no guards (see :mod:`vzkit.backends._protocol`).
+
+It also applies timeouts and runs the stop ladder, and owns the guest agent connection
+(``core.agent``, :mod:`vzkit._guestcore`): the stop ladder asks the agent to power off, and
+the first resume after a restore steps the guest clock and reseeds its RNG, whichever facade
+drives the VM. All coroutines here run on vzkit's shared loop (:mod:`vzkit._loop`); the
+facades only delegate (:func:`core_of` is the seam for code that acts on a facade's VM, like
+snapshots: it uses ``require``, ``require_feature`` and ``snapshot_machine``).
 """
 
 from __future__ import annotations
@@ -18,14 +29,26 @@ import math
 import socket
 import warnings
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TypeVar, cast
+from typing import TypeVar
 
 from ._config import LinuxVMConfig
 from ._guestcore import AgentLink
 from ._macconfig import MacVMConfig
 from ._state import VMState
-from .backends import Backend, BalloonInfo, Feature, Machine, VsockListenerLike, choose_backend
+from .backends import (
+    AgentStream,
+    Backend,
+    BalloonCapable,
+    BalloonInfo,
+    Feature,
+    Machine,
+    SnapshotCapable,
+    VsockCapable,
+    VsockListenerLike,
+    choose_backend,
+)
 from .backends._protocol import MacBackend
 from .errors import ConfigError, StateError, UnsupportedError, VMTimeoutError, VzkitError
 
@@ -34,19 +57,56 @@ __all__ = ["VMCore", "VMView", "core_of"]
 log = logging.getLogger("vzkit.vm")
 T = TypeVar("T")
 
-_CAN = {
-    "start": frozenset({VMState.STOPPED, VMState.ERROR}),
-    "pause": frozenset({VMState.RUNNING}),
-    "resume": frozenset({VMState.PAUSED}),
-    "stop": frozenset({VMState.RUNNING, VMState.PAUSED, VMState.STARTING, VMState.STOPPING}),
-    "request_stop": frozenset({VMState.RUNNING}),
-}
-_REFUSAL = {
-    "start": "VM is already {state}",
-    "pause": "cannot pause a VM that is {state}",
-    "resume": "cannot resume a VM that is {state} (only a paused VM resumes)",
-    "stop": "cannot stop a VM that is {state}",
-    "request_stop": "cannot ask a VM that is {state} to stop (it must be running)",
+
+@dataclass(frozen=True, slots=True)
+class Guard:
+    """When an operation may run, and the sentence that refuses it otherwise (``{state}`` is
+    the VM's state, or ``closed``). ``closed``: a sentence of its own for a closed VM."""
+
+    allowed: frozenset[VMState]
+    refusal: str
+    closed: str | None = None
+
+
+_S = VMState
+_STOPPED = frozenset({_S.STOPPED, _S.ERROR})
+_RUNNING = frozenset({_S.RUNNING})
+_LIVE = frozenset({_S.RUNNING, _S.PAUSED})
+#: Every state guard of every operation, for every backend (one error class: StateError).
+_GUARDS: dict[str, Guard] = {
+    "start": Guard(_STOPPED, "VM is already {state}", "cannot start: the VM has been closed"),
+    "pause": Guard(
+        _RUNNING, "cannot pause a VM that is {state}", "cannot pause: the VM has been closed"
+    ),
+    "resume": Guard(
+        frozenset({_S.PAUSED}),
+        "cannot resume a VM that is {state} (only a paused VM resumes)",
+        "cannot resume: the VM has been closed",
+    ),
+    "stop": Guard(
+        frozenset({_S.RUNNING, _S.PAUSED, _S.STARTING, _S.STOPPING}),
+        "cannot stop a VM that is {state}",
+        "cannot stop: the VM has been closed",
+    ),
+    "request_stop": Guard(
+        _RUNNING,
+        "cannot ask a VM that is {state} to stop (it must be running)",
+        "cannot request stop: the VM has been closed",
+    ),
+    "balloon": Guard(_LIVE, "the balloon needs a running VM (it is {state})"),
+    "vsock_connect": Guard(_RUNNING, "vsock connect needs a running VM (it is {state})"),
+    "vsock_listen": Guard(_RUNNING, "vsock listen needs a running VM (it is {state})"),
+    "agent": Guard(_LIVE, "the guest agent needs a running VM (it is {state})"),
+    "snapshot_save": Guard(
+        _LIVE,
+        "cannot save a VM that is {state} (it must be running or paused)",
+        "cannot save or restore a snapshot: the VM has been closed",
+    ),
+    "snapshot_restore": Guard(
+        _STOPPED,
+        "restoring a snapshot needs a stopped VM (it is {state})",
+        "cannot save or restore a snapshot: the VM has been closed",
+    ),
 }
 #: Part of ``stop(timeout=)`` given to the guest before the VM is forced off.
 GRACEFUL_SHARE = 0.5
@@ -83,14 +143,13 @@ class VMCore:
             if backend == "auto":
                 backend = "vz"  # the only one: say why it cannot run here, if it cannot
             self.backend = choose_backend(backend) if isinstance(backend, str) else backend
-            if Feature.MACOS_GUESTS not in self.backend.features:
+            mac = self.backend
+            if Feature.MACOS_GUESTS not in mac.features or not isinstance(mac, MacBackend):
                 raise UnsupportedError(
-                    f"macOS guests need the vz backend; the {self.backend.name} backend "
-                    "cannot boot them",
-                    backend=self.backend.name,
+                    f"macOS guests need the vz backend; the {mac.name} backend cannot boot them",
+                    backend=mac.name,
                     feature=Feature.MACOS_GUESTS.value,
                 )
-            mac = cast(MacBackend, self.backend)
             self.machine: Machine = mac.create_mac_machine(config, self._on_state)
         else:
             self.backend = choose_backend(backend) if isinstance(backend, str) else backend
@@ -111,24 +170,18 @@ class VMCore:
         return self.machine.state
 
     def can(self, op: str) -> bool:
-        return not self.closed and self.machine.state in _CAN[op]
+        return not self.closed and self.machine.state in _GUARDS[op].allowed
 
-    def _require(self, op: str) -> None:
+    def require(self, op: str) -> None:
+        """Refuse ``op`` (a key of :data:`_GUARDS`) unless the VM's state allows it."""
+        guard = _GUARDS[op]
         if self.closed:
-            raise StateError(f"cannot {op.replace('_', ' ')}: the VM has been closed")
-        if self.machine.state not in _CAN[op]:
-            raise StateError(_REFUSAL[op].format(state=self.machine.state.value))
+            raise StateError(guard.closed or guard.refusal.format(state="closed"))
+        if self.machine.state not in guard.allowed:
+            raise StateError(guard.refusal.format(state=self.machine.state.value))
 
     def require_feature(self, feature: Feature) -> None:
-        self._feature(feature)
-
-    def restored(self, state_file: Path, *, clock_step: bool) -> None:
-        """A snapshot was restored into the machine: a new run, paused."""
-        self.generation += 1
-        self.restored_from = state_file
-        self.clock_step_pending = clock_step
-
-    def _feature(self, feature: Feature) -> None:
+        """Refuse what the backend does not declare, whatever its machine has."""
         if feature not in self.backend.features:
             raise UnsupportedError(
                 f"the {self.backend.name} backend does not support {feature.value}",
@@ -136,23 +189,69 @@ class VMCore:
                 feature=feature.value,
             )
 
+    def _lacks(self, feature: str, protocol: type, what: str = "") -> UnsupportedError:
+        """A capability the machine does not implement (whatever the backend declares)."""
+        return UnsupportedError(
+            f"the {self.backend.name} backend's machine does not implement {what or feature} "
+            f"({protocol.__name__})",
+            backend=self.backend.name,
+            feature=feature,
+        )
+
+    # -- capabilities: declared as a feature, implemented as a protocol ----------------------
+
+    def snapshot_machine(self) -> SnapshotCapable:
+        """The machine's snapshot methods (:mod:`vzkit.snapshots` drives them)."""
+        self.require_feature(Feature.SNAPSHOTS)
+        machine = self.machine
+        if not isinstance(machine, SnapshotCapable):
+            raise self._lacks(Feature.SNAPSHOTS.value, SnapshotCapable)
+        return machine
+
+    def balloon_machine(self) -> BalloonCapable:
+        self.require_feature(Feature.BALLOON)
+        machine = self.machine
+        if not isinstance(machine, BalloonCapable):
+            raise self._lacks(Feature.BALLOON.value, BalloonCapable)
+        return machine
+
+    def vsock_machine(self) -> VsockCapable:
+        self.require_feature(Feature.VSOCK)
+        machine = self.machine
+        if not isinstance(machine, VsockCapable):
+            raise self._lacks(Feature.VSOCK.value, VsockCapable)
+        return machine
+
+    def agent_stream(self) -> AgentStream:
+        """How the guest agent is reached (:mod:`vzkit._guestcore` connects through it)."""
+        machine = self.machine
+        if not isinstance(machine, AgentStream):
+            raise self._lacks("agent", AgentStream, "the guest agent")
+        return machine
+
+    def restored(self, state_file: Path, *, clock_step: bool) -> None:
+        """A snapshot was restored into the machine: a new run, paused."""
+        self.generation += 1
+        self.restored_from = state_file
+        self.clock_step_pending = clock_step
+
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, timeout: float | None) -> None:
-        self._require("start")
+        self.require("start")
         await _within(timeout, "start", self.machine.start())
         self.generation += 1
         self.restored_from = None
         self.clock_step_pending = False
 
     async def pause(self, timeout: float | None) -> None:
-        self._require("pause")
+        self.require("pause")
         await _within(timeout, "pause", self.machine.pause())
 
     async def resume(self, timeout: float | None) -> None:
         """Run a paused VM. The first resume after a restore also brings the guest up to
         date through the agent (clock, RNG; bounded on its own, not by ``timeout``)."""
-        self._require("resume")
+        self.require("resume")
         await _within(timeout, "resume", self.machine.resume())
         if self.clock_step_pending:
             self.clock_step_pending = False
@@ -160,7 +259,7 @@ class VMCore:
 
     async def request_stop(self) -> None:
         """Press the power button, and ask the agent too where it is connected."""
-        self._require("request_stop")
+        self.require("request_stop")
         await self.machine.request_stop()
         await self.agent.ask_poweroff()
 
@@ -175,7 +274,7 @@ class VMCore:
     async def _stop(self, timeout: float | None) -> None:
         if self.machine.state in (VMState.STOPPED, VMState.ERROR):
             return
-        self._require("stop")
+        self.require("stop")
         budget = 30.0 if timeout is None else timeout
         if self.machine.state is VMState.RUNNING:
             try:  # asking is bounded too: a wedged VMM may not answer the request
@@ -212,11 +311,10 @@ class VMCore:
     # -- balloon ---------------------------------------------------------------------------
 
     async def set_balloon_target_gb(self, gb: float) -> None:
-        self._feature(Feature.BALLOON)
-        if self.machine.state not in (VMState.RUNNING, VMState.PAUSED):
-            raise StateError(f"the balloon needs a running VM (it is {self.machine.state.value})")
+        machine = self.balloon_machine()
+        self.require("balloon")
         target_mb = int(gb * 1024)  # rounded down to a 1 MiB boundary, as the seed does
-        info = await self.machine.balloon_info()
+        info = await machine.balloon_info()
         if not info.has_balloon:
             raise UnsupportedError(
                 "this VM has no memory balloon", backend=self.backend.name, feature="balloon"
@@ -226,36 +324,33 @@ class VMCore:
                 f"balloon target {gb:g} GB is outside {info.minimum_allowed_mb} MiB.."
                 f"{self.config.memory_mb} MiB"
             )
-        await self.machine.set_balloon_target(target_mb)
+        await machine.set_balloon_target(target_mb)
 
     async def balloon_info(self) -> BalloonInfo:
-        self._feature(Feature.BALLOON)
-        return await self.machine.balloon_info()
+        return await self.balloon_machine().balloon_info()
 
     # -- vsock -----------------------------------------------------------------------------
 
-    def _vsock_ready(self, what: str) -> None:
-        self._feature(Feature.VSOCK)
+    def _vsock_ready(self, op: str) -> VsockCapable:
+        machine = self.vsock_machine()
         if not self.config.vsock:
             raise UnsupportedError(
                 "this VM has no vsock device (config vsock=False)",
                 backend=self.backend.name,
                 feature="vsock",
             )
-        if self.closed or self.machine.state is not VMState.RUNNING:
-            state = "closed" if self.closed else self.machine.state.value
-            raise StateError(f"vsock {what} needs a running VM (it is {state})")
+        self.require(op)
+        return machine
 
     async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
-        self._vsock_ready("connect")
+        machine = self._vsock_ready("vsock_connect")
         # _within turns any TimeoutError (also the socket's own) into VMTimeoutError
         return await _within(
-            timeout, f"vsock connect to port {port}", self.machine.vsock_connect(port, timeout)
+            timeout, f"vsock connect to port {port}", machine.vsock_connect(port, timeout)
         )
 
     async def vsock_listen(self, port: int) -> VsockListenerLike:
-        self._vsock_ready("listen")
-        return await self.machine.vsock_listen(port)
+        return await self._vsock_ready("vsock_listen").vsock_listen(port)
 
     @property
     def console_log_path(self) -> Path | None:

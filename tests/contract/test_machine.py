@@ -213,8 +213,11 @@ def test_vsock_and_snapshots_on_the_machine(
         await machine.restore_state(tmp_path / "state.vzvm")
         assert machine.state is vzkit.VMState.PAUSED
         await machine.resume()
-        with pytest.raises(vzkit.StateError, match="only a paused VM"):
+        # The machine has no state guard of its own (the core's table refuses this first,
+        # see tests/unit/test_guards.py): VZ refuses, and the machine keeps VZ's state.
+        with pytest.raises(vzkit.StateError, match="Invalid virtual machine state transition"):
             await machine.save_state(tmp_path / "again.vzvm")
+        assert machine.state is vzkit.VMState.RUNNING
         await machine.close()
 
     run_sync(scenario())

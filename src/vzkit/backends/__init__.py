@@ -7,25 +7,32 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import cast
 
 from ..errors import BackendUnavailableError
 from ._protocol import (
+    AgentStream,
     Backend,
+    BalloonCapable,
     BalloonInfo,
     Feature,
     Machine,
+    SnapshotCapable,
     StateListener,
+    VsockCapable,
     VsockListenerLike,
 )
 
 __all__ = [
     "KNOWN_BACKENDS",
+    "AgentStream",
     "Backend",
+    "BalloonCapable",
     "BalloonInfo",
     "Feature",
     "Machine",
+    "SnapshotCapable",
     "StateListener",
+    "VsockCapable",
     "VsockListenerLike",
     "choose_backend",
     "load_backend",
@@ -45,7 +52,12 @@ def load_backend(name: str) -> Backend:
         module = importlib.import_module(f"{__name__}.{name}")
     except ImportError as err:
         raise BackendUnavailableError(f"backend {name!r} cannot be imported here: {err}") from err
-    backend = cast(Backend, module.BACKEND)
+    backend = getattr(module, "BACKEND", None)
+    if not isinstance(backend, Backend):
+        raise BackendUnavailableError(
+            f"backend {name!r} exports no BACKEND with name, features, check_available() and "
+            "create_machine()"
+        )
     backend.check_available()
     return backend
 

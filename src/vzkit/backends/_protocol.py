@@ -1,13 +1,34 @@
-"""The contract between the ``VirtualMachine`` facade and a backend.
+"""The contract between the core (:mod:`vzkit._vmcore`) and a backend: small capabilities.
 
 A backend module (``vzkit.backends.<name>``) exposes ``BACKEND``, an object satisfying
-:class:`Backend`. It turns a :class:`~vzkit.LinuxVMConfig` into a :class:`Machine`: one VM
-instance with an asynchronous lifecycle that runs on vzkit's shared event loop. The facade
-adds the state guards, timeouts and the stop ladder on top, the same for every backend
+:class:`Backend`. It turns a :class:`~vzkit.LinuxVMConfig` into a machine: one VM instance
+with an asynchronous lifecycle that runs on vzkit's shared event loop. The core adds every
+state and feature guard, the timeouts and the stop ladder on top, the same for every backend
 (like lima's driver interface lets vz and qemu share one lifecycle).
 
-Each backend declares what it supports as data (:attr:`Backend.features`); asking a machine
-for something it lacks raises :class:`~vzkit.errors.UnsupportedError`, never a silent no-op.
+What a new backend must implement:
+
+* :class:`Backend`: ``name``, ``features``, ``check_available()``, ``create_machine()``;
+* :class:`Machine`, the lifecycle: ``state``, ``pid``, ``console_log_path``,
+  ``console_pty``, ``state_dir``, ``last_error``, ``start``, ``pause``, ``resume``,
+  ``request_stop``, ``force_stop``, ``wait_stopped``, ``close``.
+
+What is optional, each a runtime-checkable protocol the core tests with ``isinstance`` (and,
+where a :class:`Feature` names it, only when the backend declares that feature):
+
+* :class:`VsockCapable` (:attr:`Feature.VSOCK`): ``vsock_connect``, ``vsock_listen``;
+* :class:`BalloonCapable` (:attr:`Feature.BALLOON`): ``set_balloon_target``,
+  ``balloon_info``;
+* :class:`SnapshotCapable` (:attr:`Feature.SNAPSHOTS`): the methods :mod:`vzkit.snapshots`
+  calls to save and load machine state and capture disks;
+* :class:`AgentStream`: ``open_agent_socket``, ``agent_on_console`` (``vm.guest``);
+* :class:`MacBackend` (:attr:`Feature.MACOS_GUESTS`), on the backend: ``create_mac_machine``.
+
+A machine writes no state guards: the core calls an operation only in a state its table
+allows, and refuses everything else itself with one error class and sentence for every
+backend. Asking for a capability the backend lacks raises
+:class:`~vzkit.errors.UnsupportedError` (from the core), never a silent no-op. Method names
+and signatures are the protocols'; machines satisfy them structurally (no base class).
 """
 
 from __future__ import annotations
@@ -18,7 +39,7 @@ import socket
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .._disk import DiskFormat
 from .._state import VMState
@@ -29,14 +50,18 @@ if TYPE_CHECKING:
     from ..errors import VzkitError
 
 __all__ = [
+    "AgentStream",
     "Backend",
+    "BalloonCapable",
     "BalloonInfo",
     "CapturedDisk",
     "Feature",
     "MacBackend",
     "Machine",
     "ProgressFn",
+    "SnapshotCapable",
     "StateListener",
+    "VsockCapable",
     "VsockListenerLike",
     "notify_state",
 ]
@@ -112,7 +137,12 @@ class VsockListenerLike(Protocol):
 
 
 class Machine(Protocol):
-    """One VM instance of a backend. Every coroutine runs on vzkit's shared loop."""
+    """The lifecycle every backend's machine implements: one VM instance, driven by the core.
+
+    Every coroutine runs on vzkit's shared loop. The core (:mod:`vzkit._vmcore`) calls each
+    operation only in a state its table allows (``start`` on STOPPED/ERROR, ``pause`` on
+    RUNNING, ...) and raises the refusal itself: a machine writes no state guards of its own.
+    """
 
     @property
     def state(self) -> VMState: ...
@@ -139,18 +169,31 @@ class Machine(Protocol):
     async def start(self) -> None:
         """STOPPED/ERROR → RUNNING. Cleans up everything it made if it fails or is cancelled."""
 
-    async def pause(self) -> None: ...
+    async def pause(self) -> None:
+        """RUNNING → PAUSED."""
 
-    async def resume(self) -> None: ...
+    async def resume(self) -> None:
+        """PAUSED → RUNNING."""
 
     async def request_stop(self) -> None:
         """Ask the guest to power off (ACPI power button or equivalent); returns at once."""
 
     async def force_stop(self) -> None:
-        """Stop the VM now, without the guest's cooperation. Ends in STOPPED."""
+        """Stop the VM now, without the guest's cooperation. Ends in STOPPED. Called in any
+        state (the stop ladder, a failed restore): a stopped machine returns at once."""
 
     async def wait_stopped(self) -> VMState:
         """Wait until the VM is STOPPED or ERROR and return which."""
+
+    async def close(self) -> None:
+        """Release every process, socket and temporary file. Idempotent."""
+
+
+@runtime_checkable
+class AgentStream(Protocol):
+    """Optional: the machine reaches the guest agent (``vm.guest``, the agent's power-off in
+    the stop ladder, the clock step after a restore). Without it those calls raise
+    :class:`~vzkit.errors.UnsupportedError`; the stop ladder uses the power button alone."""
 
     @property
     def agent_on_console(self) -> bool:
@@ -164,20 +207,39 @@ class Machine(Protocol):
         ``ConnectionRefusedError`` while the agent does not listen yet (the caller retries).
         """
 
+
+@runtime_checkable
+class VsockCapable(Protocol):
+    """Optional, with :attr:`Feature.VSOCK`: host ↔ guest vsock streams. The core calls
+    these only on a RUNNING machine whose config has ``vsock=True``."""
+
     async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
         """A stream to guest ``port``; ``ConnectionRefusedError`` if nobody listens there."""
 
     async def vsock_listen(self, port: int) -> VsockListenerLike:
         """Listen for guest connections to host ``port`` (closed when the VM stops)."""
 
+
+@runtime_checkable
+class BalloonCapable(Protocol):
+    """Optional, with :attr:`Feature.BALLOON`: the memory balloon. ``balloon_info`` works in
+    any state (the config's values while stopped); the core sets a target only on a RUNNING
+    or PAUSED machine that has a balloon, within ``minimum_allowed_mb..memory_mb``."""
+
     async def set_balloon_target(self, target_mb: int) -> None: ...
 
     async def balloon_info(self) -> BalloonInfo: ...
 
-    async def close(self) -> None:
-        """Release every process, socket and temporary file. Idempotent."""
 
-    # -- snapshots (Feature.SNAPSHOTS) -------------------------------------------------------
+@runtime_checkable
+class SnapshotCapable(Protocol):
+    """Optional, with :attr:`Feature.SNAPSHOTS`: what :mod:`vzkit.snapshots` asks of a machine.
+
+    The operations (:mod:`vzkit.snapshots._ops`) check the state through the core, pause and
+    resume, and write every file through the one store; the machine only saves/loads its
+    state and captures its disks. Order of a save: ``snapshot_blockers`` → ``prepare_save``
+    → (pause) → ``save_state`` → ``capture_disks`` → (resume) → ``finish_save``.
+    """
 
     def snapshot_blockers(self) -> list[str]:
         """Devices whose state cannot be saved (empty: a save may go ahead)."""
@@ -220,10 +282,13 @@ class Machine(Protocol):
         quickly may await it first."""
 
 
+@runtime_checkable
 class Backend(Protocol):
     """What a backend module exports as ``BACKEND``."""
 
     name: str
+    #: What its machines offer beyond the lifecycle; the core refuses the rest with
+    #: :class:`~vzkit.errors.UnsupportedError` before it calls the machine.
     features: frozenset[Feature]
 
     def check_available(self) -> None:
@@ -233,8 +298,10 @@ class Backend(Protocol):
         """A stopped machine for ``config``; nothing is started, no process spawned."""
 
 
-class MacBackend(Backend, Protocol):
-    """A backend with :attr:`Feature.MACOS_GUESTS`: it also boots installed macOS guests."""
+@runtime_checkable
+class MacBackend(Protocol):
+    """Optional, with :attr:`Feature.MACOS_GUESTS`: the backend also boots installed macOS
+    guests (:class:`~vzkit.MacVMConfig`)."""
 
     def create_mac_machine(self, config: MacVMConfig, on_state: StateListener) -> Machine:
         """A stopped machine for the macOS guest installed in ``config.vm_dir``."""

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING
 from .._loop import run_sync
 from .._progress import Progress
 from .._vmcore import _within
-from ..errors import StateError
 from ._ops import restore, save
 from ._record import SnapshotMeta
 from ._store import SnapshotStore
@@ -31,14 +30,12 @@ __all__ = ["CatalogueView", "SnapshotManager", "core_of"]
 def core_of(vm: VirtualMachine | AsyncVirtualMachine) -> VMCore:
     """The core behind a facade VM (through the core's seam, :func:`vzkit._vmcore.core_of`).
 
-    A closed VM is refused here, before any snapshot file is touched.
+    A closed VM is refused by the core's guard table (``snapshot_save``/``snapshot_restore``),
+    before any snapshot file is touched.
     """
     from .._vmcore import core_of as facade_core
 
-    core = facade_core(vm)
-    if core.closed:
-        raise StateError("cannot save or restore a snapshot: the VM has been closed")
-    return core
+    return facade_core(vm)
 
 
 class CatalogueView:

@@ -1,6 +1,6 @@
 """The operations layer: save, restore and the many-from-one rule, through the core's seam.
 
-The backend writes machine state and captures disks (the ``Machine`` snapshot methods:
+The backend writes machine state and captures disks (its ``SnapshotCapable`` methods:
 ``snapshot_blockers``, ``snapshot_info``, ``prepare_save``, ``finish_save``, ``save_state``,
 ``capture_disks``, ``restore_state``); the store (:mod:`._store`) makes the result atomic and
 checks it:
@@ -13,8 +13,9 @@ checks it:
   backend sees it; after the backend has loaded the state, the machine's hardware description
   (``snapshot_info()``: architecture, machine type, CPU model...) must match the recorded one.
 
-Only these names of the core are used: ``machine``, ``state``, ``config``, ``backend``,
-``generation``, ``require_feature`` and ``restored``.
+Only these names of the core are used: ``snapshot_machine`` (the feature check), ``require``
+(its state guards ``snapshot_save``/``snapshot_restore``), ``state``, ``config``, ``backend``,
+``generation``, ``agent`` and ``restored``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from .._state import VMState
 from ..backends import Feature
-from ..backends._protocol import Machine, ProgressFn
+from ..backends._protocol import Machine, ProgressFn, SnapshotCapable
 from ..errors import SnapshotError, StateError, UnsupportedError, VzkitError
 from ._files import Opened, check_digests
 from ._match import config_diff, machine_fields
@@ -83,12 +84,10 @@ async def save(
     paused. ``agent`` records that the guest agent was reachable (the clock is stepped
     through it after a restore)."""
     check_snapshot_name(name)
-    core.require_feature(Feature.SNAPSHOTS)
-    state = core.state
-    if state not in (VMState.RUNNING, VMState.PAUSED):
-        raise StateError(f"cannot save a VM that is {state.value} (it must be running or paused)")
-    machine = core.machine
-    blockers = machine.snapshot_blockers()
+    snap = core.snapshot_machine()  # the same object as core.machine, its snapshot side
+    core.require("snapshot_save")
+    machine, state = core.machine, core.state
+    blockers = snap.snapshot_blockers()
     if blockers:
         raise SnapshotError(
             f"cannot save snapshot {name!r}: the state of {', '.join(blockers)} cannot be saved "
@@ -101,11 +100,11 @@ async def save(
     tmp_state = store.temp_state(name, token)
     was_running = state is VMState.RUNNING
     try:
-        await machine.prepare_save()
+        await snap.prepare_save()
         if was_running:
             await machine.pause()
-        await machine.save_state(tmp_state, progress)
-        captured = await machine.capture_disks(store.snapshot_dir, store.temp_prefix(name, token))
+        await snap.save_state(tmp_state, progress)
+        captured = await snap.capture_disks(store.snapshot_dir, store.temp_prefix(name, token))
         (state_sum, state_size), *disk_sums = await _in_thread(
             store.seal, tmp_state, [d.path for d in captured]
         )
@@ -119,7 +118,7 @@ async def save(
             file_path=str(store.state_path(name)),
             token=token,
             backend=core.backend.name,
-            info=MachineInfo.from_items(machine.snapshot_info()),
+            info=MachineInfo.from_items(snap.snapshot_info()),
             machine=fields,
             config_fingerprint=fingerprint(fields),
             disks=tuple(
@@ -142,18 +141,18 @@ async def save(
         store.discard(name, token)
         if was_running:
             await _resume_after_failure(machine)
-        await _finish_save(machine)
+        await _finish_save(snap)
         if isinstance(err, SnapshotError) or not isinstance(err, VzkitError | OSError):
             raise
         raise _as_snapshot_error(f"saving snapshot {name!r}", err, machine.state) from err
     if was_running:
         await machine.resume()
-    await machine.finish_save()
+    await snap.finish_save()
     log.info("snapshot %r saved (%d bytes of machine state)", name, state_size)
     return store.get(name)
 
 
-async def _finish_save(machine: Machine) -> None:
+async def _finish_save(machine: SnapshotCapable) -> None:
     try:
         await machine.finish_save()
     except VzkitError as err:
@@ -193,9 +192,8 @@ async def restore(
     ``clock_step=False``: do not ask the core to step the guest clock at the next resume
     (otherwise it does so when the agent was connected at save time)."""
     check_snapshot_name(name)
-    core.require_feature(Feature.SNAPSHOTS)
-    if core.state not in (VMState.STOPPED, VMState.ERROR):
-        raise StateError(f"restoring a snapshot needs a stopped VM (it is {core.state.value})")
+    snap = core.snapshot_machine()
+    core.require("snapshot_restore")
     meta, record = store.checked(name)
     record = _check_record(name, record, meta, core)
     diff = config_diff(record.machine, core.config)
@@ -206,38 +204,33 @@ async def restore(
         opened = await _in_thread(store.open_members, record)
     except OSError as err:  # an I/O error while opening; what is wrong is a SnapshotError
         raise _as_snapshot_error(f"checking snapshot {name!r}", err, VMState.STOPPED) from err
-    machine = core.machine
-    expect = getattr(machine, "expect_snapshot_info", None)
+    expect = getattr(snap, "expect_snapshot_info", None)
     if expect is not None:  # qemu refuses another CPU model or machine type before it starts
         expect(record.info.items())
     await core.agent.close()  # the last run's agent connection, if one is left
     try:
-        await _load_while_checking(machine, opened, name)
+        await _load_while_checking(snap, opened, record)
     except BaseException as err:
         if isinstance(err, SnapshotError | StateError) or not isinstance(err, VzkitError | OSError):
             raise
         raise _as_snapshot_error(f"restoring snapshot {name!r}", err, VMState.STOPPED) from err
     finally:
         opened.close()
-    await _check_hardware(name, record, machine)
     core.restored(meta.file_path, clock_step=record.agent and clock_step)
     _restored[core] = (meta.file_path, core.generation)
     return meta
 
 
-async def _check_hardware(name: str, record: SnapshotRecord, machine: Machine) -> None:
-    """The restored machine must describe the same hardware as the saved one (a state saved
-    on one machine type must never run on another); else it is forced off."""
-    diff = record.info.mismatches(MachineInfo.from_items(machine.snapshot_info()))
-    if not diff:
-        return
-    with contextlib.suppress(VzkitError):
-        await machine.force_stop()
-    raise SnapshotError(
-        f"snapshot {name!r} was saved on other hardware than this VM's: "
-        + "; ".join(diff)
-        + " (start the VM with the settings the snapshot was saved with, or save it again)"
-    )
+def _check_hardware(record: SnapshotRecord, snap: SnapshotCapable) -> None:
+    """The machine built for the restore must describe the same hardware as the saved one (a
+    state saved on one machine type or CPU model must never load on another)."""
+    diff = record.info.mismatches(MachineInfo.from_items(snap.snapshot_info()))
+    if diff:
+        raise SnapshotError(
+            f"snapshot {record.name!r} was saved on other hardware than this VM's: "
+            + "; ".join(diff)
+            + " (start the VM with the settings the snapshot was saved with, or save it again)"
+        )
 
 
 def _check_record(
@@ -279,16 +272,24 @@ def _check_record(
     return record
 
 
-async def _load_while_checking(machine: Machine, opened: Opened, name: str) -> None:
+async def _load_while_checking(
+    snap: SnapshotCapable, opened: Opened, record: SnapshotRecord
+) -> None:
     """The backend builds the VM (QEMU starts) while a worker thread checksums the snapshot's
     files; the backend reads the saved state and the captured disks only once the checksums
-    match (``restore_state(..., verified=)``), so the check costs the restore little and a
-    damaged file is never loaded. On a mismatch the backend cleans up and the checksum's
-    ``SnapshotError`` is raised."""
-    check = asyncio.ensure_future(_in_thread(check_digests, opened, name))
+    match and the built machine describes the saved hardware (``restore_state(...,
+    verified=)``), so the check costs the restore little and neither a damaged file nor a
+    state for other hardware is ever loaded: the backend cleans up and the ``SnapshotError``
+    is raised."""
+    check = asyncio.ensure_future(_in_thread(check_digests, opened, record.name))
+
+    async def verified() -> None:
+        await asyncio.shield(check)
+        _check_hardware(record, snap)
+
     try:
         checked = opened.checked
-        await machine.restore_state(checked.state_path, checked.disks, asyncio.shield(check))
+        await snap.restore_state(checked.state_path, checked.disks, verified())
         await check  # a backend that did not await it
     finally:
         if not check.done():

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..._state import VMState
-from ...errors import StateError, UnsupportedError, VMTimeoutError
+from ...errors import UnsupportedError, VMTimeoutError
 from .._protocol import BalloonInfo
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, foundation, require_arm64, require_macos, vz
@@ -215,10 +215,3 @@ def wait_handler(handler: ErrorCompletionHandler, timeout: float | None) -> None
     error = handler_error(handler)
     if error is not None:
         raise error
-
-
-def require_state(queue: Queue, vm: Any, allowed: frozenset[VMState], what: str) -> VMState:
-    state = vm_state(queue, vm)
-    if state not in allowed:
-        raise StateError(f"cannot {what} a VM that is {state.value}")
-    return state

@@ -27,7 +27,7 @@ from ..._config import ConsoleMode, LinuxVMConfig
 from ..._macconfig import MacVMConfig
 from ..._state import VMState
 from ...agent import DEFAULT_VSOCK_PORT as AGENT_VSOCK_PORT
-from ...errors import StateError, VMError, VzkitError
+from ...errors import VMError, VzkitError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
 from . import _build, _lifecycle, _macos, _snapshots
 from ._nserror import nserror_to_exception
@@ -42,7 +42,8 @@ MIB = 1 << 20
 
 class VzMachine:
     """A :class:`~vzkit.backends.Machine` backed by Apple's Virtualization framework: a Linux
-    guest, or an installed macOS guest (:class:`~vzkit.MacVMConfig`)."""
+    guest, or an installed macOS guest (:class:`~vzkit.MacVMConfig`). It also implements
+    the vsock, balloon, snapshot and agent-stream capabilities (``backends/_protocol.py``)."""
 
     def __init__(self, config: LinuxVMConfig | MacVMConfig, on_state: StateListener) -> None:
         self.config = config
@@ -168,9 +169,10 @@ class VzMachine:
 
     # -- lifecycle -------------------------------------------------------------------------
 
+    # The core calls each operation only in a state its guard table allows (and refuses the
+    # rest itself, the same for every backend): the methods below check no states.
+
     async def start(self) -> None:
-        if self._state not in (VMState.STOPPED, VMState.ERROR):
-            raise StateError(f"cannot start a VM that is {self._state.value}")
         self._set_state(VMState.STARTING)
         try:
             self._release()
@@ -193,8 +195,6 @@ class VzMachine:
         VZ attaches the config's disk itself, so captured ``disks`` are copied back over it
         first (a new file renamed into place): this machine's disk is the snapshot's again.
         """
-        if self._state not in (VMState.STOPPED, VMState.ERROR):
-            raise StateError(f"cannot restore into a VM that is {self._state.value}")
         self._set_state(VMState.RESTORING)
         try:
             if verified is not None:  # the disks are copied back only once they check out
@@ -230,15 +230,13 @@ class VzMachine:
     ) -> None:
         """Write the paused VM's state to ``path`` (validated for save/restore first).
         VZ reports no progress; ``progress`` is called once when done."""
-        if self._state is not VMState.PAUSED:
-            raise StateError(f"only a paused VM can be saved (it is {self._state.value})")
         queue, vm = self._require_vm()
         _lifecycle.validate_save_restore_support(self._vz_config)
         self._set_state(VMState.SAVING)
         try:
             await self._await(_lifecycle.save_machine_state(queue, vm, path))
         finally:
-            self._set_state(VMState.PAUSED)
+            self._set_state(_lifecycle.vm_state(queue, vm))  # paused, whatever VZ said
         if progress is not None:
             size = os.stat(path).st_size
             progress(size, size)
