@@ -334,8 +334,7 @@ class QemuMachine:
         return plan
 
     async def start(self) -> None:
-        if self._state not in (VMState.STOPPED, VMState.ERROR):
-            raise VMError(f"cannot start a VM that is {self._state.value}")
+        """STOPPED/ERROR → RUNNING (the core's guard table refuses the other states)."""
         self.config.check_inputs()
         self._set_state(VMState.STARTING)
         self._stopped = asyncio.Event()
@@ -638,8 +637,6 @@ class QemuMachine:
         self._expected_info = dict(saved)
 
     async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
-        if self._state is not VMState.PAUSED:
-            raise VMError(f"only a paused VM can be saved (it is {self._state.value})")
         await _migrate.save_state(self, path, progress)
 
     async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
@@ -653,9 +650,7 @@ class QemuMachine:
     ) -> None:
         """STOPPED/ERROR → RESTORING → PAUSED: QEMU with ``-incoming defer`` loads ``path``,
         once ``verified`` (the checksums, computed while QEMU starts) has succeeded."""
-        if self._state not in (VMState.STOPPED, VMState.ERROR):
-            raise VMError(f"cannot restore into a VM that is {self._state.value}")
-        self.config.check_inputs()
+        self.config.check_inputs()  # the core's guard table allows STOPPED/ERROR only
         self._set_state(VMState.RESTORING)
         self._stopped = asyncio.Event()
         self._expect_exit = False
