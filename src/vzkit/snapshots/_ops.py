@@ -287,11 +287,13 @@ async def _load_while_checking(
         await asyncio.shield(check)
         _check_hardware(record, snap)
 
+    gate = verified()
     try:
         checked = opened.checked
-        await snap.restore_state(checked.state_path, checked.disks, verified())
+        await snap.restore_state(checked.state_path, checked.disks, gate)
         await check  # a backend that did not await it
     finally:
+        gate.close()  # a backend that failed before it awaited the gate
         if not check.done():
             check.cancel()
         await asyncio.gather(check, return_exceptions=True)
