@@ -3,7 +3,7 @@
     .venv/bin/python bench/ab_boot.py --old /tmp/old/src --new src --rounds 16
 
 Each run is a fresh Python process (as each ``vzkit run`` is) with the tree's ``src`` first on
-``PYTHONPATH``; it boots ``bench/run.py``'s benchmarked guest (the tree's own default image),
+``PYTHONPATH``; it boots the benchmarked guest of ``bench/run.py`` (the tree's own image),
 and prints how long ``start()`` took, when the agent answered, and the guest's own uptime at
 that point (the difference is host-side time). Alternating the trees keeps a machine that
 slows down or speeds up during the run from favouring one of them.
@@ -19,15 +19,18 @@ import subprocess
 import sys
 from pathlib import Path
 
-BENCH = Path(__file__).resolve().parent
-
 ONE_RUN = """
-import json, sys, time
-sys.path.insert(0, {bench!r})
+import json, time
 import vzkit
-from vzkit.image._image import default_image
-from run import guest_config
-cfg = guest_config(default_image({arch!r}))
+try:
+    from vzkit.image._image import default_image
+except ImportError:  # a tree from before vzkit.image (vzkit.guest)
+    from vzkit.guest._image import default_image
+image = default_image({arch!r})
+cfg = vzkit.LinuxVMConfig(  # bench/run.py's guest_config, which both trees can build
+    arch=image.arch, cpus=1, memory_gb=0.5, kernel_path=image.kernel, initrd_path=image.initrd,
+    cmdline=image.cmdline(), network=vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
+)
 VM = vzkit.VirtualMachine  # imported before the clock starts
 t = time.monotonic()
 with VM(cfg, backend="qemu") as vm:
@@ -43,7 +46,7 @@ print(json.dumps({{"start": started, "ready": ready, "uptime": uptime}}))
 
 def one_run(src: Path, arch: str) -> dict[str, float]:
     env = {**os.environ, "PYTHONPATH": str(src)}
-    code = ONE_RUN.format(bench=str(BENCH), arch=arch)
+    code = ONE_RUN.format(arch=arch)
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )

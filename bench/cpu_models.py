@@ -12,12 +12,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from vzkit.image import GuestImage
-from vzkit.image._image import default_image
-
 import vzkit
 from run import guest_config, interleaved
 from vzkit.backends.qemu._argv import cpu_model
+from vzkit.image import GuestImage
+from vzkit.image._image import default_image
 
 #: The models compared with the default, per guest arch: the issue's old default and the
 #: fastest named core it measured (aarch64); two models that were within noise (x86_64).
