@@ -382,7 +382,7 @@ class LinuxVMConfig(ConfigData):
     #: else the backend picks the best that works).
     accelerator: str = ""
     #: The guest CPU in QEMU's ``-cpu`` syntax; "" lets the backend choose per accelerator and
-    #: arch (qemu: ``host`` under KVM/HVF, ``max,pauth-impdef=on`` on aarch64 under TCG, else
+    #: arch (qemu: ``host`` under KVM/HVF, ``neoverse-n1`` on aarch64 under TCG, else
     #: ``max``; the vz backend ignores it: VZ offers no CPU model). Part of the guest's
     #: hardware: a snapshot restores only with the CPU model it was saved with.
     cpu_model: str = ""

@@ -485,15 +485,15 @@ def test_cpu_model_default_per_accelerator_and_arch(files: dict[str, Path]) -> N
     arm = vzkit.LinuxVMConfig(arch="aarch64", kernel_path=kernel)
     x86 = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=kernel)
     assert arm.cpu_model == x86.cpu_model == ""
-    assert _argv.cpu_model(arm, "tcg") == "max,pauth-impdef=on"
+    assert _argv.cpu_model(arm, "tcg") == "neoverse-n1"
     assert _argv.cpu_model(x86, "tcg") == "max"
     assert _argv.cpu_model(arm, "kvm") == _argv.cpu_model(x86, "kvm") == "host"
     assert _argv.cpu_model(arm, "hvf") == "host"
     a72 = arm.replace(cpu_model="cortex-a72")
     assert _argv.cpu_model(a72, "tcg") == "cortex-a72"
     plan = Plan(config=arm, binary=Path("q"), accel="tcg", qmp_fd=3, console_log=Path("/l"))
-    assert plan.cpu == "max,pauth-impdef=on"
-    assert _opt(build_argv(plan), "-cpu") == ["max,pauth-impdef=on"]
+    assert plan.cpu == "neoverse-n1"
+    assert _opt(build_argv(plan), "-cpu") == ["neoverse-n1"]
     plan = Plan(config=a72, binary=Path("q"), accel="tcg", qmp_fd=3, console_log=Path("/l"))
     assert _opt(build_argv(plan), "-cpu") == ["cortex-a72"]
     assert vzkit.LinuxVMConfig.from_json(a72.to_json()).cpu_model == "cortex-a72"

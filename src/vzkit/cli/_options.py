@@ -180,7 +180,7 @@ def vm_options(func: F) -> F:
             "cpu_model",
             metavar="MODEL",
             help="Guest CPU as QEMU's -cpu takes it, e.g. max, cortex-a72 (default: host under "
-            "kvm/hvf, else max; max,pauth-impdef=on for aarch64).",
+            "kvm/hvf, else max; neoverse-n1 for aarch64).",
         ),
         click.option(
             "--config",

@@ -139,12 +139,14 @@ def machine_type(config: LinuxVMConfig) -> str:
     return wanted
 
 
-#: The aarch64 CPU under TCG: ``max`` with QEMU's implementation-defined pointer
-#: authentication instead of the architected QARMA algorithm, which TCG computes in software
-#: on every signed return. Booting the default guest to the agent's ready line under QEMU 7.2
-#: took 9.5 s with ``max`` and 2.3-3.3 s with this one (issue 20; ``bench/cpu_models.py``
-#: measures it again); it keeps every feature ``max`` offers.
-AARCH64_TCG_CPU = "max,pauth-impdef=on"
+#: The aarch64 CPU under TCG: a named ARMv8.2 core (LSE atomics, no pointer authentication,
+#: whose architected QARMA algorithm TCG computes in software on every signed return; a
+#: userland built with pointer authentication or BTI runs, those instructions are hints). On
+#: a quiet host, default guest to the agent's ready line, QEMU 7.2 (``./dev bench --suite
+#: cpu``): 2.26 s, against 2.57 s for ``max,pauth=off``, 3.85 s for ``max,pauth-impdef=on``
+#: and 9.85 s for ``max``. A named model is also the same CPU in every QEMU version, which
+#: ``max`` is not: a snapshot records it (issue 20).
+AARCH64_TCG_CPU = "neoverse-n1"
 
 
 def cpu_model(config: LinuxVMConfig, accel: str) -> str:
