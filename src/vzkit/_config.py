@@ -70,6 +70,7 @@ ENV_VSOCK_DEVICE = "VZKIT_VSOCK"
 ENV_QEMU_BINARY = "VZKIT_QEMU_{arch}"  # e.g. VZKIT_QEMU_X86_64=/opt/qemu/bin/qemu-system-x86_64
 ENV_EFI_CODE, ENV_EFI_VARS = "VZKIT_EFI_CODE", "VZKIT_EFI_VARS"
 ENV_VIRTIOFSD = "VZKIT_VIRTIOFSD"
+ENV_AGENT_TRANSPORT = "VZKIT_AGENT_TRANSPORT"
 #: A CPU model: QEMU's ``-cpu`` syntax, a model name and ``,prop=value`` options (e.g.
 #: ``max,pauth-impdef=on``). No paths and no spaces: nothing in it can name a file.
 _CPU_MODEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+=,-]{0,199}")
@@ -94,6 +95,15 @@ def efi_override() -> tuple[str, str]:
 def virtiofsd_override() -> str:
     """``$VZKIT_VIRTIOFSD``: the virtiofsd tried first (``""`` when unset)."""
     return os.environ.get(ENV_VIRTIOFSD, "")
+
+
+def agent_transport_override() -> str:
+    """``$VZKIT_AGENT_TRANSPORT``: ``"vsock"`` or ``"console"`` forces how the core reaches the
+    guest agent (tests and benchmarks; read at each connect, so one VM can switch between
+    calls), ``""`` when unset or anything else (vsock when the machine offers it, else the
+    console port: :mod:`vzkit._guestcore`)."""
+    forced = os.environ.get(ENV_AGENT_TRANSPORT, "").strip()
+    return forced if forced in ("vsock", "console") else ""
 
 
 def default_share_device() -> str:

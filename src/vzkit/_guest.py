@@ -7,7 +7,8 @@ carries every call (the protocol multiplexes channels), so calls from several th
 at once are fine, and after a restart or a restore the next call reconnects.
 
 The agent listens on vsock port 1024 and on the virtio console port ``org.vzkit.agent.0``;
-the backend decides which it reaches (:meth:`vzkit.backends.Machine.open_agent_socket`).
+the core chooses from what the machine offers (:class:`vzkit.backends.AgentStream`): vsock
+when there is a device, else the console port.
 """
 
 from __future__ import annotations

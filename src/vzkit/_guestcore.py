@@ -8,9 +8,12 @@ aarch64 ``virt`` without firmware, still shuts down cleanly), and the clock step
 at the first resume after a restore. ``vm.guest`` of both facades (:mod:`vzkit._guest`)
 delegates here.
 
-The backend decides how the agent is reached (:meth:`vzkit.backends.AgentStream.open_agent_socket`:
-vsock port 1024, or the virtio console port ``org.vzkit.agent.0``); the wire protocol is
-:mod:`vzkit.agent._connection`'s ``_Connection``, imported lazily so ``import vzkit`` stays light.
+The machine offers what it has (:class:`vzkit.backends.AgentStream`: the host end of the
+virtio console port ``org.vzkit.agent.0``, and the vsock device with the run's key); the link
+chooses: vsock port :data:`vzkit.agent.DEFAULT_VSOCK_PORT` when offered (sending ``AUTH`` with
+the key first), else the console port; ``$VZKIT_AGENT_TRANSPORT`` forces one
+(:func:`vzkit._config.agent_transport_override`). The wire protocol is
+:mod:`vzkit.agent._connection`'s ``_Connection``.
 """
 
 from __future__ import annotations
@@ -23,14 +26,19 @@ import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from ._config import agent_transport_override
 from ._state import VMState
-from .agent._connection import DEFAULT_MAX_OUTPUT  # run()/read_file() bound, as the client's
-from .errors import StateError, VMTimeoutError, VzkitError
+from .agent import DEFAULT_VSOCK_PORT
+from .agent._connection import DEFAULT_MAX_OUTPUT, authenticate  # the client's output bound
+from .errors import StateError, UnsupportedError, VMTimeoutError, VzkitError
 
 if TYPE_CHECKING:
+    import socket
+
     from ._vmcore import VMCore
     from .agent._channel import Args, StrOrBytes, _ExecChannel
     from .agent._connection import _Connection
+    from .backends import AgentStream
 
 __all__ = ["DEFAULT_MAX_OUTPUT", "DEFAULT_READY_TIMEOUT", "AgentLink"]
 
@@ -47,6 +55,8 @@ AFTER_RESTORE_TIMEOUT_S = 10.0
 RESEED_BYTES = 64
 #: Where the reseed writes in the guest (a write to it mixes the bytes into the input pool).
 GUEST_URANDOM = "/dev/urandom"
+#: Bound of a vsock connect to the agent's port, and of its answer to ``AUTH``.
+VSOCK_CONNECT_TIMEOUT_S = AUTH_TIMEOUT_S = 10.0
 _RETRY_S = 0.05
 _LIVE = (VMState.RUNNING, VMState.PAUSED)
 
@@ -59,6 +69,7 @@ class AgentLink:
         self._core = core
         self._conn: _Connection | None = None
         self._generation = -1
+        self._transport: str | None = None  # "vsock" or "console", of self._conn
         self._lock: asyncio.Lock | None = None  # made on the loop, at first use
 
     @property
@@ -70,6 +81,11 @@ class AgentLink:
             and self._generation == self._core.generation
             and not conn.writer.is_closing()  # _Connection closes its writer when it fails
         )
+
+    @property
+    def transport(self) -> str | None:
+        """``"vsock"`` or ``"console"``: how the open session reaches the agent (None: none)."""
+        return self._transport if self.connected else None
 
     async def connection(self, timeout: float | None = DEFAULT_READY_TIMEOUT) -> _Connection:
         """The session of the current run, opened (after dropping an older one) if need be."""
@@ -105,7 +121,7 @@ class AgentLink:
         machine = core.agent_stream()
         while True:
             try:
-                sock = await machine.open_agent_socket()
+                sock, transport = await self._reach(machine)
                 break
             except ConnectionRefusedError:
                 if core.closed or core.state not in _LIVE:
@@ -115,12 +131,42 @@ class AgentLink:
                     ) from None
                 await asyncio.sleep(_RETRY_S)
         try:
-            return await _Connection.open(
-                sock, timeout=None, window=DEFAULT_WINDOW, resync=machine.agent_on_console
+            conn = await _Connection.open(
+                sock, timeout=None, window=DEFAULT_WINDOW, resync=transport == "console"
             )
         except BaseException:
             sock.close()
             raise
+        self._transport = transport
+        return conn
+
+    async def _reach(self, machine: AgentStream) -> tuple[socket.socket, str]:
+        """A new stream to the agent and its transport: vsock when the machine offers it
+        (with ``AUTH`` first when it has a key), else its console port; an override forces
+        one. ``ConnectionRefusedError`` while what is wanted is not offered or does not
+        listen yet (the caller retries)."""
+        forced = agent_transport_override()
+        if forced == "vsock" and not self._core.config.vsock:
+            raise UnsupportedError(
+                "VZKIT_AGENT_TRANSPORT=vsock, but this VM has no vsock device (config "
+                "vsock=False): unset the variable or give the VM one",
+                feature="vsock",
+            )
+        offer = machine.agent_vsock() if forced != "console" else None
+        if offer is not None:
+            vsock = self._core.vsock_machine()
+            sock = await vsock.vsock_connect(DEFAULT_VSOCK_PORT, VSOCK_CONNECT_TIMEOUT_S)
+            if offer.key is not None:  # the agent serves no vsock peer without the run's key
+                try:
+                    await asyncio.to_thread(authenticate, sock, offer.key, AUTH_TIMEOUT_S)
+                except BaseException:
+                    sock.close()
+                    raise
+            return sock, "vsock"
+        console = machine.agent_console() if forced != "vsock" else None
+        if console is None:
+            raise ConnectionRefusedError("the VM offers no stream to its agent yet")
+        return console, "console"
 
     async def _drop(self) -> None:
         conn, self._conn = self._conn, None

@@ -134,7 +134,7 @@ def test_round_trip_memory_disk_and_clock(origin: Origin, vms: VMFactory) -> Non
     assert _vsock_echo(origin.vm, b"origin after its save") == b"origin after its save"
     vm = _restore(origin, vms, "rt")
     assert _sh(vm, "cat /tmp/marker") == "from-origin\n"
-    assert not vm._core.machine.agent_on_console  # the agent over the fresh vsock device
+    assert vm._core.agent.transport == "vsock"  # the agent over the fresh vsock device
     assert _vsock_echo(vm, b"restored") == b"restored"
     assert _read_disk_mark(vm, drop_caches=True).strip() == "disk-at-base"
 

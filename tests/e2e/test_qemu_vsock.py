@@ -72,7 +72,7 @@ def test_64_mib_each_way_refused_port_and_half_close(vms: VMFactory, arch: str) 
     vm = vms.create(arch)
     vm.start(timeout=60)
     vm.guest.wait_ready(timeout=90)
-    assert not vm._core.machine.agent_on_console  # the agent answered over vsock port 1024
+    assert vm._core.agent.transport == "vsock"  # the agent answered over vsock port 1024
 
     # Nobody listens on 5999: refused at once.
     t0 = time.monotonic()
@@ -249,7 +249,7 @@ def test_bad_ports_and_vsock_off(vms: VMFactory) -> None:
         vm.vsock.connect(5000)
     vm.start(timeout=60)
     assert vm.guest.run(["true"]).returncode == 0  # the agent over its console port
-    assert vm._core.machine.agent_on_console
+    assert vm._core.agent.transport == "console"
     assert not any("vhost-user-vsock" in a for a in vm._core.machine.argv)  # type: ignore[attr-defined]
 
 
@@ -312,7 +312,7 @@ def test_the_agent_port_serves_only_the_runs_key(vms: VMFactory) -> None:
     vm = vms.create("x86_64")
     vm.start(timeout=60)
     vm.guest.wait_ready(timeout=90)
-    assert not vm._core.machine.agent_on_console  # the agent answered over vsock, keyed
+    assert vm._core.agent.transport == "vsock"  # the agent answered over vsock, keyed
     key = _agent_key(vm)
 
     with vm.vsock.connect(1024, timeout=10) as raw:  # no AUTH at all
@@ -379,7 +379,7 @@ def test_a_restored_guest_has_a_key_of_its_own(vms: VMFactory, tmp_path: Path) -
         manager.restore(vm, "base", timeout=120)
         vm.resume(timeout=30)
         assert vm.guest.run(["echo", name], timeout=60).stdout == f"{name}\n".encode()
-        assert not vm._core.machine.agent_on_console
+        assert vm._core.agent.transport == "vsock"
         for stale in keys:
             raw = vm.vsock.connect(1024, timeout=10)
             with raw, pytest.raises(AgentError, match="authentication failed"):

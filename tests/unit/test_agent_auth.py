@@ -136,7 +136,7 @@ class FakeVsockAgent:
         sock.settimeout(None)
         if key is not None:
             try:
-                authenticate(sock, key)  # what QemuMachine.open_agent_socket does
+                authenticate(sock, key)  # what the core (AgentLink) does on vsock
             except BaseException:
                 sock.close()
                 raise

@@ -308,7 +308,7 @@ _FAT_CALL = re.compile(
     r"(?:\bcore|\bself|_core)\.machine\."
     r"(vsock_connect|vsock_listen|set_balloon_target|balloon_info|snapshot_blockers"
     r"|snapshot_info|prepare_save|finish_save|save_state|capture_disks|restore_state"
-    r"|open_agent_socket|agent_on_console)\b"
+    r"|agent_console|agent_vsock)\b"
 )
 
 
@@ -335,7 +335,7 @@ def test_the_rule_sees_a_fat_call(tmp_path: Path) -> None:
     (tmp_path / "x.py").write_text(
         "await core.machine.save_state(p, None)\n"
         "await core.snapshot_machine().save_state(p)\n"
-        "return self._core.machine.agent_on_console\n"
+        "return self._core.machine.agent_vsock()\n"
     )
     assert fat_calls(tmp_path) == ["x.py:1", "x.py:3"]
 

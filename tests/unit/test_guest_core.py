@@ -26,7 +26,7 @@ from vzkit import _guestcore
 from vzkit._loop import run_sync
 from vzkit._state import VMState
 from vzkit._vmcore import VMCore, core_of
-from vzkit.backends import BalloonInfo, Feature
+from vzkit.backends import AgentVsock, BalloonInfo, Feature
 from vzkit.backends._protocol import StateListener, notify_state
 from vzkit.backends.qemu._discover import user_cache_dir
 from vzkit.image._agent_build import build_agent, zig_command
@@ -49,7 +49,6 @@ def agent() -> Path:
 class AgentMachine:
     """A machine whose guest is the host-run agent; one agent process per run."""
 
-    agent_on_console = False
     pid = None
     console_log_path = None
     console_pty = None
@@ -125,13 +124,17 @@ class AgentMachine:
             await self._stopped.wait()
         return self._state
 
-    async def open_agent_socket(self) -> socket.socket:
+    def agent_console(self) -> socket.socket | None:
+        """The run's one stream, handed out once (later asks count as refusals)."""
         if self._ours is None:
             self.refusals += 1
-            raise ConnectionRefusedError("the agent of this run is taken or gone")
+            return None
         sock, self._ours = self._ours, None
         self.connections += 1
         return sock
+
+    def agent_vsock(self) -> AgentVsock | None:
+        return None
 
     async def set_balloon_target(self, target_mb: int) -> None:
         raise AssertionError("not used")

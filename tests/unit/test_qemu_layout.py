@@ -1,5 +1,6 @@
 """Structure rules of the qemu backend (issue 14): the environment is read at the config edge
-only, and the backend's modules import each other without cycles."""
+only (``vzkit._config``; even the agent's transport: the core chooses it), and the backend's
+modules import each other without cycles."""
 
 from __future__ import annotations
 
@@ -10,16 +11,13 @@ from pathlib import Path
 import vzkit.backends.qemu
 
 QEMU = Path(vzkit.backends.qemu.__file__).parent
-#: The one read left in the backend: the agent's transport, forced per call by tests and
-#: benchmarks (bench/vsock.py switches it between calls on one VM); it moves with the agent.
-ALLOWED_ENV = {("_machine.py", "VZKIT_AGENT_TRANSPORT")}
 
 
 def _modules() -> list[Path]:
     return sorted(QEMU.glob("*.py"))  # vhost_vsock/ is the device's own package
 
 
-def test_the_qemu_backend_reads_no_environment_but_the_agent_transport() -> None:
+def test_the_qemu_backend_reads_no_environment() -> None:
     found = set()
     for path in _modules():
         text = path.read_text()
@@ -28,7 +26,7 @@ def test_the_qemu_backend_reads_no_environment_but_the_agent_transport() -> None
             source = text.splitlines()[line]
             names = re.findall(r"VZKIT_\w+", source) or ["?"]
             found |= {(path.name, name) for name in names}
-    assert found == ALLOWED_ENV
+    assert found == set()
 
 
 def test_the_qemu_backend_modules_import_without_cycles() -> None:
@@ -67,3 +65,16 @@ def test_the_qemu_backend_modules_import_without_cycles() -> None:
     assert graph["_argv"] <= {"_virtiofs"}  # the lowering stays pure: no process, no QMP
     importers = {name for name, deps in graph.items() if "_machine" in deps}
     assert importers == {"_backend"}  # the parts never import the machine back
+
+
+def test_backends_take_only_the_agents_constants() -> None:
+    """The agent's transport choice and its AUTH are the core's (``vzkit._guestcore``): a
+    backend imports nothing from ``vzkit.agent`` but its wire constants."""
+    constants = {"CONSOLE_PORT_NAME", "DEFAULT_VSOCK_PORT", "KEY_SIZE", "PROTOCOL_VERSION"}
+    found: dict[str, set[str]] = {}
+    for path in sorted(QEMU.parent.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 3 and node.module == "agent":
+                found.setdefault(path.name, set()).update(a.name for a in node.names)
+    assert found, "the rule sees no import at all: its pattern is out of date"
+    assert set().union(*found.values()) <= constants, found

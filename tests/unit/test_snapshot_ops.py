@@ -19,7 +19,7 @@ import vzkit
 import vzkit.aio
 from vzkit._diskcopy import copy_disk
 from vzkit._state import VMState
-from vzkit.backends import BalloonInfo, Feature
+from vzkit.backends import AgentVsock, BalloonInfo, Feature
 from vzkit.backends._protocol import CapturedDisk, ProgressFn, StateListener, notify_state
 from vzkit.snapshots import _record, _store
 
@@ -90,10 +90,11 @@ class FakeMachine:
     async def wait_stopped(self) -> VMState:
         return self._state
 
-    agent_on_console = False
+    def agent_console(self) -> socket.socket | None:
+        return None  # no agent here
 
-    async def open_agent_socket(self) -> socket.socket:
-        raise vzkit.VMError("no agent here")
+    def agent_vsock(self) -> AgentVsock | None:
+        return None
 
     async def set_balloon_target(self, target_mb: int) -> None:
         pass

@@ -22,7 +22,7 @@ import vzkit
 import vzkit.aio
 from vzkit._state import VMState
 from vzkit._vsock import AsyncVsockListener, VsockListener
-from vzkit.backends import BalloonInfo, Feature
+from vzkit.backends import AgentVsock, BalloonInfo, Feature
 from vzkit.backends._protocol import StateListener
 
 #: Methods that are plain functions on both sides (file handling, no VM involved).
@@ -34,7 +34,6 @@ PLAIN_ON_BOTH = {
 class IdleMachine:
     """Just enough of a machine to build the facades (nothing here ever runs)."""
 
-    agent_on_console = False
     pid = None
     console_log_path = None
     console_pty = None
@@ -47,8 +46,11 @@ class IdleMachine:
     async def close(self) -> None:
         pass
 
-    async def open_agent_socket(self) -> socket.socket:
-        raise ConnectionRefusedError
+    def agent_console(self) -> socket.socket | None:
+        return None
+
+    def agent_vsock(self) -> AgentVsock | None:
+        return None
 
     async def balloon_info(self) -> BalloonInfo:
         return BalloonInfo(False, 0.0, 0)
@@ -227,7 +229,6 @@ import vzkit, vzkit.aio
 from vzkit._state import VMState
 
 class Machine:
-    agent_on_console = False
     pid = None
     last_error = None
     state = VMState.RUNNING

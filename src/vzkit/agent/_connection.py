@@ -71,7 +71,7 @@ def authenticate(sock: socket.socket, key: bytes, timeout: float | None = 10.0) 
     """Open a vsock connection to the agent with the VM run's key: send AUTH, wait for its OK.
 
     The agent serves vsock connections only after this (``docs/agent-protocol.md``); the
-    machine does it in ``open_agent_socket``, before a client says HELLO. Raises
+    core does it (``vzkit._guestcore``) before a client says HELLO. Raises
     :class:`AgentError` when the agent refuses (a wrong key: it then hangs up), GuestError when
     the connection ends, VMTimeoutError after ``timeout`` seconds.
     """

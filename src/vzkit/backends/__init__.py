@@ -11,6 +11,7 @@ import sys
 from ..errors import BackendUnavailableError
 from ._protocol import (
     AgentStream,
+    AgentVsock,
     Backend,
     BalloonCapable,
     BalloonInfo,
@@ -25,6 +26,7 @@ from ._protocol import (
 __all__ = [
     "KNOWN_BACKENDS",
     "AgentStream",
+    "AgentVsock",
     "Backend",
     "BalloonCapable",
     "BalloonInfo",

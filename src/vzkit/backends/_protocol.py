@@ -21,7 +21,8 @@ where a :class:`Feature` names it, only when the backend declares that feature):
   ``balloon_info``;
 * :class:`SnapshotCapable` (:attr:`Feature.SNAPSHOTS`): the methods :mod:`vzkit.snapshots`
   calls to save and load machine state and capture disks;
-* :class:`AgentStream`: ``open_agent_socket``, ``agent_on_console`` (``vm.guest``);
+* :class:`AgentStream`: ``agent_console``, ``agent_vsock`` (``vm.guest``: the core chooses
+  the transport and authenticates);
 * :class:`MacBackend` (:attr:`Feature.MACOS_GUESTS`), on the backend: ``create_mac_machine``.
 
 A machine writes no state guards: the core calls an operation only in a state its table
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AgentStream",
+    "AgentVsock",
     "Backend",
     "BalloonCapable",
     "BalloonInfo",
@@ -189,23 +191,38 @@ class Machine(Protocol):
         """Release every process, socket and temporary file. Idempotent."""
 
 
+@dataclass(frozen=True, slots=True)
+class AgentVsock:
+    """The guest agent can be reached over the machine's vsock device now: the core connects
+    to the agent's port (:data:`vzkit.agent.DEFAULT_VSOCK_PORT`) with
+    :meth:`VsockCapable.vsock_connect` and, with a ``key``, opens with ``AUTH``."""
+
+    #: The run's agent key (``docs/agent-protocol.md``); ``None``: the agent asks for none
+    #: (vz: its vsock device is reachable from the vzkit process only).
+    key: bytes | None = None
+
+
 @runtime_checkable
 class AgentStream(Protocol):
-    """Optional: the machine reaches the guest agent (``vm.guest``, the agent's power-off in
-    the stop ladder, the clock step after a restore). Without it those calls raise
-    :class:`~vzkit.errors.UnsupportedError`; the stop ladder uses the power button alone."""
+    """Optional: what the machine offers to reach the guest agent (``vm.guest``, the agent's
+    power-off in the stop ladder, the clock step after a restore). The core
+    (:mod:`vzkit._guestcore`) chooses among the offers, authenticates and speaks the protocol;
+    the machine only says what it has. Without this capability those calls raise
+    :class:`~vzkit.errors.UnsupportedError`; the stop ladder uses the power button alone.
 
-    @property
-    def agent_on_console(self) -> bool:
-        """Whether the agent socket is the VM's one console stream (vs. a fresh vsock
-        connection): a new client must then resynchronise with the agent first."""
+    Offering nothing while the VM runs (a run that has not made its streams yet, a vsock
+    device unplugged for a save) makes the core retry until its timeout.
+    """
 
-    async def open_agent_socket(self) -> socket.socket:
-        """A new stream to the guest agent (vsock port 1024 or its console port), caller-owned.
+    def agent_console(self) -> socket.socket | None:
+        """The host end of the agent's console stream of this run (the virtio console port
+        ``org.vzkit.agent.0``) as a new socket the caller owns (closing it leaves the VM's end
+        open); ``None`` without one or while the VMM does not run. One stream per run: a new
+        client on it resynchronises first."""
 
-        Only one agent connection per run is expected to be open at a time. Raises
-        ``ConnectionRefusedError`` while the agent does not listen yet (the caller retries).
-        """
+    def agent_vsock(self) -> AgentVsock | None:
+        """Whether the agent can be reached over an attached vsock device now, and with
+        which key; ``None`` otherwise (no device, not running, unplugged for a save)."""
 
 
 @runtime_checkable

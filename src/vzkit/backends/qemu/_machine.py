@@ -37,9 +37,15 @@ from ..._network import NetworkMode
 from ..._private import private_dir, private_file
 from ..._process import OwnedProcess
 from ..._state import VMState
-from ...agent import DEFAULT_VSOCK_PORT, authenticate
 from ...errors import UnsupportedError, VMError, VzkitError
-from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
+from .._protocol import (
+    AgentVsock,
+    BalloonInfo,
+    CapturedDisk,
+    ProgressFn,
+    StateListener,
+    notify_state,
+)
 from . import _argv, _devices, _discover, _hostprep, _migrate, _vsock_plug
 from ._bridge import find_bridge_helper, open_bridge_tap
 from ._passt import Passt
@@ -47,13 +53,11 @@ from ._run import GuestPanic, QemuRun, panic_line, stderr_tail
 from ._virtiofs import ShareDevice, ShareKind, Shares
 from ._vsock import VsockListener, VsockTransport, agent_key_fd
 
-__all__ = ["AGENT_VSOCK_PORT", "QemuMachine"]
+__all__ = ["QemuMachine"]
 
 log = logging.getLogger(__name__)
 
 MIN_BALLOON_MB = 64
-#: The vzkit guest agent's vsock port.
-AGENT_VSOCK_PORT = DEFAULT_VSOCK_PORT  # the agent's, from vzkit.agent
 _QUIT_GRACE_S = 2.0
 _UNPLUG_TIMEOUT_S = 20.0
 #: States in which a VM counts as running (a dead share helper then fails it).
@@ -177,40 +181,20 @@ class QemuMachine:
     def console_pty(self) -> str | None:
         return self._console_pty
 
-    @property
-    def agent_channel(self) -> socket.socket | None:
-        """The host end of the guest agent's virtio console port (``org.vzkit.agent.0``)
-        while the VMM runs. One stream per run: the machine owns it, callers must not close it.
-        """
-        return self._agent_sock
+    def agent_console(self) -> socket.socket | None:
+        """A duplicate of the host end of the agent's virtio console port
+        (``org.vzkit.agent.0``) while QEMU runs; it is private to this process, so the agent
+        asks no key on it (docs/agent-protocol.md)."""
+        sock = self._agent_sock
+        return None if sock is None else sock.dup()
 
-    @property
-    def agent_on_console(self) -> bool:
-        return self._agent_transport() == "console"
-
-    def _agent_transport(self) -> str:
-        """vsock when the VM has a vsock device, else the console port; the environment
-        variable ``VZKIT_AGENT_TRANSPORT=console|vsock`` forces one (tests, benchmarks)."""
-        forced = os.environ.get("VZKIT_AGENT_TRANSPORT", "")
-        if forced in ("console", "vsock"):
-            return forced
-        return "vsock" if self._vsock is not None and self._vsock.attached else "console"
-
-    async def open_agent_socket(self) -> socket.socket:
-        """A new stream to the agent: vsock port 1024, or a duplicate of the console port's
-        socket (closing it leaves the VM's end open). ConnectionRefusedError while the agent
-        does not listen yet."""
-        if self._agent_sock is None:
-            raise VMError(f"the VM is not running (state {self._state.value})")
-        if self._agent_transport() == "vsock":
-            sock = await self.vsock_connect(AGENT_VSOCK_PORT, 10.0)
-            try:  # the run's key first: the agent serves no vsock peer without it
-                await asyncio.to_thread(authenticate, sock, self._require_vsock().agent_key, 10.0)
-            except BaseException:
-                sock.close()
-                raise
-            return sock
-        return self._agent_sock.dup()  # private to us: no key (docs/agent-protocol.md)
+    def agent_vsock(self) -> AgentVsock | None:
+        """The run's agent key while the vsock device is plugged in (fw_cfg gave the guest
+        the same key: see ``_vsock.agent_key_fd``)."""
+        vsock = self._vsock
+        if vsock is None or not vsock.attached:
+            return None
+        return AgentVsock(vsock.agent_key)
 
     # -- vsock -----------------------------------------------------------------------------
 

@@ -26,9 +26,15 @@ from typing import Any
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._macconfig import MacVMConfig
 from ..._state import VMState
-from ...agent import DEFAULT_VSOCK_PORT as AGENT_VSOCK_PORT
 from ...errors import VMError, VzkitError
-from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
+from .._protocol import (
+    AgentVsock,
+    BalloonInfo,
+    CapturedDisk,
+    ProgressFn,
+    StateListener,
+    notify_state,
+)
 from . import _build, _lifecycle, _macos, _snapshots
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, vm_delegate
@@ -324,17 +330,19 @@ class VzMachine:
             self._vsock = VsockManager(vm, queue)
         return self._vsock
 
-    agent_on_console = False
-
     async def vsock_connect(self, port: int, timeout: float | None) -> socket.socket:
         return await asyncio.to_thread(self.vsock.connect, port, timeout)
 
     async def vsock_listen(self, port: int) -> VsockListener:
         return self.vsock.listen(port)
 
-    async def open_agent_socket(self) -> socket.socket:
-        """A vsock connection to the guest agent (port 1024); the caller owns it."""
-        return await asyncio.to_thread(self.vsock.connect, AGENT_VSOCK_PORT)
+    def agent_console(self) -> socket.socket | None:
+        return None  # the agent of a vz guest listens on vsock only
+
+    def agent_vsock(self) -> AgentVsock | None:
+        """Keyless while the VM exists: its vsock device is reachable from this process only
+        (docs/agent-protocol.md)."""
+        return AgentVsock() if self._vm is not None else None
 
     # -- teardown --------------------------------------------------------------------------
 
