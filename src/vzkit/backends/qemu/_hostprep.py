@@ -1,23 +1,27 @@
-"""What a start prepares on the host before QEMU runs: the NIC's stable MAC address, the EFI
-variable store, the bridge check and the seccomp-sandbox decision. Files are 0600 (guest
+"""What a start prepares on the host before QEMU runs: the probes (:func:`probe`: binary,
+accelerator, firmware), the NIC's stable MAC address, the EFI variable store, the bridge
+check and the seccomp-sandbox decision. Files are 0600 (guest
 state), never followed through a planted link (see ``vzkit._private``)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 from ..._config import LinuxVMConfig
+from ..._disk import DiskFormat, standalone_qcow2_size
 from ..._network import NetworkMode, stable_mac
 from ..._private import open_private, private_file
 from ...errors import UnsupportedError
 from . import _discover
 from ._bridge import find_bridge_helper
 
-__all__ = ["check_network", "mac_address", "nvram", "sandbox"]
+__all__ = ["Host", "check_network", "mac_address", "nvram", "probe", "sandbox"]
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +70,40 @@ async def sandbox(binary: Path) -> bool:
     if not probe.supported:
         log.warning("%s runs without its seccomp sandbox: %s", binary.name, probe.detail)
     return probe.supported
+
+
+class Host(NamedTuple):
+    """What a start found out about the host (see :func:`probe`)."""
+
+    binary: Path
+    accel: str
+    sandbox: bool
+    firmware_code: Path | None
+    nvram: Path | None
+
+
+async def probe(cfg: LinuxVMConfig, state_dir: Path, config_disk: bool) -> Host:
+    """The host side of a start, checked before anything is started: the binary, its
+    accelerator and sandbox (two probes side by side; one failing cancels the other), the
+    firmware and variable store (in ``state_dir``) for EFI boot, the network and, when the
+    run uses the config's disk (``config_disk``), a qcow2 one."""
+    binary = _discover.find_qemu(cfg.arch)
+    try:
+        async with asyncio.TaskGroup() as probes:
+            select = _discover.select_accelerator
+            accel_probe = probes.create_task(
+                asyncio.to_thread(select, binary, cfg.arch, cfg.accelerator, cfg.kernel_path)
+            )
+            sandbox_probe = probes.create_task(sandbox(binary))
+    except BaseExceptionGroup as group:
+        raise group.exceptions[0] from None
+    firmware_code = vars_file = None
+    if cfg.kernel_path is None:
+        firmware = _discover.find_firmware(cfg.arch)
+        firmware_code = firmware.code
+        vars_file = nvram(state_dir, firmware.vars_template)
+    check_network(cfg)
+    if config_disk and cfg.disk_path is not None and cfg.disk_format is DiskFormat.QCOW2:
+        # refused if its header names a data file (QEMU would open it; backing: null)
+        await asyncio.to_thread(standalone_qcow2_size, cfg.disk_path)
+    return Host(binary, accel_probe.result(), sandbox_probe.result(), firmware_code, vars_file)

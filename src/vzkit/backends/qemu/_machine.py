@@ -8,10 +8,9 @@ process's exit drive the state machine:
     STOPPED/ERROR --start--> STARTING --cont--> RUNNING <--stop/cont--> PAUSED
     any running state --guest power-off, quit--> STOPPED;  --VMM dies otherwise--> ERROR
 
-Every way into ERROR leaves its reason in :attr:`QemuMachine.last_error`: a guest kernel
-panic (the pvpanic device's ``GUEST_PANICKED``; QEMU then exits by itself), a share's
-virtiofsd that died under a running VM (the guest would hang on that share: QEMU is stopped),
-or QEMU exiting on its own (its exit status and the tail of its log).
+Every way into ERROR leaves its reason in :attr:`QemuMachine.last_error` (a guest kernel
+panic, a share's virtiofsd that died under a running VM, QEMU exiting on its own): the events
+and the exit are read by ``_monitor.RunMonitor``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ import contextlib
 import logging
 import os
 import shutil
-import signal
 import socket
 import sys
 import tempfile
@@ -32,7 +30,7 @@ from typing import Any, NamedTuple
 from qemu.qmp import QMPClient
 
 from ..._config import ConsoleMode, LinuxVMConfig
-from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
+from ..._disk import DiskImage
 from ..._network import NetworkMode
 from ..._private import private_dir, private_file
 from ..._process import OwnedProcess
@@ -46,10 +44,12 @@ from .._protocol import (
     StateListener,
     notify_state,
 )
-from . import _argv, _devices, _discover, _hostprep, _migrate, _vsock_plug
+from . import _argv, _devices, _hostprep, _migrate, _vsock_plug
+from ._balloon import Balloon
 from ._bridge import find_bridge_helper, open_bridge_tap
+from ._monitor import RunMonitor
 from ._passt import Passt
-from ._run import GuestPanic, QemuRun, panic_line, stderr_tail
+from ._run import QemuRun
 from ._virtiofs import ShareDevice, ShareKind, Shares
 from ._vsock import VsockListener, VsockTransport, agent_key_fd
 
@@ -57,23 +57,10 @@ __all__ = ["QemuMachine"]
 
 log = logging.getLogger(__name__)
 
-MIN_BALLOON_MB = 64
 _QUIT_GRACE_S = 2.0
 _UNPLUG_TIMEOUT_S = 20.0
-#: States in which a VM counts as running (a dead share helper then fails it).
-_LIVE = frozenset({VMState.RUNNING, VMState.PAUSED, VMState.PAUSING, VMState.RESUMING})
 #: Longest socket directory that leaves room for "/<name>.sock" within 104 bytes (macOS).
 _MAX_SOCKET_DIR = 80
-
-
-class _Host(NamedTuple):
-    """What a start found out about the host (see ``QemuMachine._probe``)."""
-
-    binary: Path
-    accel: str
-    sandbox: bool
-    firmware_code: Path | None
-    nvram: Path | None
 
 
 class _RunFds(NamedTuple):
@@ -95,21 +82,17 @@ class QemuMachine:
         self._on_state = on_state
         self._state = VMState.STOPPED
         self._run: QemuRun | None = None  # the current (or last) QEMU process and its QMP
+        self._monitor = RunMonitor(lambda: self._state, self._set_state)  # events, exit
         self._shares = Shares(self._share_died)  # virtiofsd per share (see _virtiofs)
         self._passt = Passt()  # the nat network on Linux (see _passt)
         self._tasks: list[asyncio.Task[Any]] = []  # event watcher
         self._exit_watch: asyncio.Task[None] | None = None
-        self._stopped: asyncio.Event | None = None
         self._own_state_dir = config.state_dir is None
         self._state_dir: Path | None = config.state_dir
         self._runtime_dir: Path | None = None
         self._own_runtime_dir = False
-        self._expect_exit = False
-        self._guest_shutdown = False
-        #: Why the VM last ended in ERROR; cleared by the next start or restore.
-        self.last_error: VzkitError | None = None
         self._console_pty: str | None = None
-        self._balloon_target_mb = config.memory_mb
+        self._balloon = Balloon(config, self._execute)
         self._vsock: VsockTransport | None = None
         self.argv: list[str] = []
         # Snapshots (_migrate.py): a restore starts QEMU waiting for the state stream and
@@ -140,6 +123,11 @@ class QemuMachine:
     @property
     def _agent_sock(self) -> socket.socket | None:
         return self._run.agent_sock if self._run is not None else None
+
+    @property
+    def last_error(self) -> VzkitError | None:
+        """Why the VM last ended in ERROR; cleared by the next start or restore."""
+        return self._monitor.last_error
 
     @property
     def pid(self) -> int | None:
@@ -248,38 +236,14 @@ class QemuMachine:
 
     # -- start -----------------------------------------------------------------------------
 
-    async def _probe(self) -> _Host:
-        """The host side of a start, checked before anything is started: the binary, its
-        accelerator and sandbox (two probes side by side; one failing cancels the other),
-        the firmware and variable store for EFI boot, the network and a qcow2 disk."""
-        cfg = self.config
-        binary = _discover.find_qemu(cfg.arch)
-        try:
-            async with asyncio.TaskGroup() as probes:
-                select = _discover.select_accelerator
-                accel_probe = probes.create_task(
-                    asyncio.to_thread(select, binary, cfg.arch, cfg.accelerator, cfg.kernel_path)
-                )
-                sandbox_probe = probes.create_task(_hostprep.sandbox(binary))
-        except BaseExceptionGroup as group:
-            raise group.exceptions[0] from None
-        firmware_code = nvram = None
-        if cfg.kernel_path is None:
-            firmware = _discover.find_firmware(cfg.arch)
-            firmware_code = firmware.code
-            nvram = _hostprep.nvram(self.state_dir, firmware.vars_template)
-        _hostprep.check_network(cfg)
-        if (
-            self.disk_override is None
-            and cfg.disk_path is not None
-            and cfg.disk_format is DiskFormat.QCOW2
-        ):  # refused if its header names a data file (QEMU would open it; backing: null)
-            await asyncio.to_thread(standalone_qcow2_size, cfg.disk_path)
-        return _Host(binary, accel_probe.result(), sandbox_probe.result(), firmware_code, nvram)
+    async def _probe(self) -> _hostprep.Host:
+        """The host side of a start (see :func:`_hostprep.probe`); a restore's disk is the
+        overlay the restore made, the config's a fresh boot's."""
+        return await _hostprep.probe(self.config, self.state_dir, self.disk_override is None)
 
     def _plan(
         self,
-        host: _Host,
+        host: _hostprep.Host,
         fds: _RunFds,
         vsock: VsockTransport | None,
         shares: tuple[ShareDevice, ...],
@@ -321,10 +285,7 @@ class QemuMachine:
         """STOPPED/ERROR → RUNNING (the core's guard table refuses the other states)."""
         self.config.check_inputs()
         self._set_state(VMState.STARTING)
-        self._stopped = asyncio.Event()
-        self._expect_exit = False
-        self._guest_shutdown = False
-        self.last_error = None
+        self._monitor.new_run(self.console_log_path, self.stderr_path)
         self.disk_override = self.disk_backing = None  # a fresh boot runs on the config's disk
         try:
             await self._launch()
@@ -393,9 +354,10 @@ class QemuMachine:
             if vsock is not None and vsock_device:
                 vsock.after_spawn()
         assert run.proc is not None
-        self._exit_watch = asyncio.ensure_future(self._watch_exit(run.proc))
+        watch = self._monitor.watch_exit(run.proc, run, self._after_exit)
+        self._exit_watch = asyncio.ensure_future(watch)
         await run.attach()
-        self._tasks.append(asyncio.ensure_future(run.watch_events(self._on_event)))
+        self._tasks.append(asyncio.ensure_future(run.watch_events(self._monitor.on_event)))
         if self.config.console is ConsoleMode.PTY:
             self._console_pty = await self._find_pty()
         if vsock is not None and vsock_device:
@@ -426,72 +388,15 @@ class QemuMachine:
 
     # -- monitoring ------------------------------------------------------------------------
 
-    def _on_event(self, event: Any) -> None:
-        name = event.get("event")
-        data = event.get("data")
-        data = data if isinstance(data, dict) else {}
-        log.debug("QMP event %s %s", name, data)
-        if name == "GUEST_PANICKED":
-            self._guest_panicked()
-        elif name == "STOP" and self._state in (VMState.RUNNING, VMState.PAUSING):
-            if not isinstance(self.last_error, GuestPanic):  # QEMU stops a panicked guest
-                self._set_state(VMState.PAUSED)
-        elif name == "RESUME" and self._state in (VMState.PAUSED, VMState.RESUMING):
-            self._set_state(VMState.RUNNING)
-        elif name == "SHUTDOWN":
-            self._guest_shutdown = bool(data.get("guest")) and data.get("reason") != "guest-panic"
-            if self._state is not VMState.STOPPED:
-                self._set_state(VMState.STOPPING)
-
-    def _guest_panicked(self) -> None:
-        if isinstance(self.last_error, GuestPanic):
-            return
-        line = panic_line(self.console_log_path)
-        where = f"; its console log {str(self.console_log_path)!r} has the rest" if line else ""
-        self.last_error = GuestPanic(
-            f"the guest kernel panicked{': ' + line if line else ''} (reported by the "
-            f"pvpanic device; QEMU exits){where}"
-        )
-        log.error("VM failed: %s", self.last_error)
-
     def _share_died(self, tag: str, rc: int, tail: str) -> None:
-        """A share's virtiofsd exited under the VM (Shares' watch): the guest would hang on
-        that share, and vhost-user-fs cannot be reconnected, so the VM ends in ERROR."""
-        proc = self._proc
-        if self._state not in _LIVE or self._expect_exit or proc is None or not proc.running:
-            return
-        if self.last_error is None:
-            self.last_error = VMError(
-                f"virtiofsd for share {tag!r} exited with {rc}: {tail or '(no output)'}; "
-                "the VM was stopped (its guest would hang on that share)"
-            )
-        log.error("VM failed: %s", self.last_error)
-        proc.send_signal(signal.SIGKILL)  # _watch_exit reaps it and sets ERROR
+        self._monitor.share_died(self._proc, tag, rc, tail)
 
-    async def _watch_exit(self, proc: OwnedProcess) -> None:
-        rc = await proc.wait()
-        if self._run is not None:
-            await self._run.drain_events(self._on_event)
-        clean = rc == 0 and (self._expect_exit or self._guest_shutdown)
-        if self._expect_exit:
-            clean = True
-        if not clean:
-            log.warning("QEMU (pid %d) exited with %d: %s", proc.pid, rc, self._stderr_tail())
-            if self.last_error is None:
-                self.last_error = VMError(
-                    f"QEMU (pid {proc.pid}) exited with {rc}: {self._stderr_tail()}"
-                )
+    async def _after_exit(self) -> None:
+        """QEMU has exited: release what the run held (the monitor then sets the state)."""
         await self._disconnect()
         await self._close_vsock()
         for task in self._tasks:
             task.cancel()
-        if self._state not in (VMState.STARTING, VMState.RESTORING):
-            self._set_state(VMState.STOPPED if clean else VMState.ERROR)
-        if self._stopped is not None:
-            self._stopped.set()
-
-    def _stderr_tail(self) -> str:
-        return stderr_tail(self.stderr_path)
 
     async def _disconnect(self) -> None:
         if self._run is not None:
@@ -531,7 +436,7 @@ class QemuMachine:
         proc = self._proc
         if proc is None or not proc.running:
             return
-        self._expect_exit = True
+        self._monitor.expect_exit = True
         if self._state is not VMState.STOPPED:
             self._set_state(VMState.STOPPING)
         # QEMU may exit before it answers "quit": wait for the exit, not for the reply.
@@ -545,33 +450,16 @@ class QemuMachine:
         await self.wait_stopped()
 
     async def wait_stopped(self) -> VMState:
-        if self._stopped is not None:
-            await self._stopped.wait()
+        await self._monitor.wait_stopped()
         return self._state
 
     # -- balloon ---------------------------------------------------------------------------
 
-    def _check_balloon(self) -> None:
-        if not self.config.balloon:
-            raise UnsupportedError(
-                "this VM has no memory balloon (config balloon=False)",
-                backend="qemu",
-                feature="balloon",
-            )
-
     async def set_balloon_target(self, target_mb: int) -> None:
-        self._check_balloon()
-        await self._execute("balloon", {"value": target_mb * 1024 * 1024})
-        self._balloon_target_mb = target_mb
+        await self._balloon.set_target(target_mb)
 
     async def balloon_info(self) -> BalloonInfo:
-        if not self.config.balloon:
-            return BalloonInfo(False, 0.0, MIN_BALLOON_MB)
-        actual: float | None = None
-        if self._qmp is not None:
-            info = await self._execute("query-balloon")
-            actual = int(info["actual"]) / (1 << 30)
-        return BalloonInfo(True, self._balloon_target_mb / 1024, MIN_BALLOON_MB, actual)
+        return await self._balloon.info(running=self._qmp is not None)
 
     # -- snapshots (the work is in _migrate.py) ---------------------------------------------
 
@@ -636,10 +524,7 @@ class QemuMachine:
         once ``verified`` (the checksums, computed while QEMU starts) has succeeded."""
         self.config.check_inputs()  # the core's guard table allows STOPPED/ERROR only
         self._set_state(VMState.RESTORING)
-        self._stopped = asyncio.Event()
-        self._expect_exit = False
-        self._guest_shutdown = False
-        self.last_error = None
+        self._monitor.new_run(self.console_log_path, self.stderr_path)
         try:
             saved, self._expected_info = self._expected_info, None
             if saved is not None:  # refused before any file is made or process started
@@ -673,7 +558,7 @@ class QemuMachine:
         """Kill the VMM (if any) and reap it; close QMP; forget per-run state."""
         proc = self._proc
         if proc is not None:
-            self._expect_exit = True
+            self._monitor.expect_exit = True
             await proc.kill()
         watch, self._exit_watch = self._exit_watch, None
         if watch is not None:  # let it finish its bookkeeping (QMP disconnect, state)
