@@ -311,7 +311,7 @@ def test_restore_with_another_cpu_model_is_refused_before_anything_starts(
     with pytest.raises(vzkit.SnapshotError) as info:
         origin.manager.restore(vm, "base")
     assert str(info.value) == (
-        "the snapshot does not fit this VM's hardware: it was saved with CPU model "
+        "snapshot 'base' does not fit this VM's hardware: it was saved with CPU model "
         f"{saved_cpu!r}, this VM would run {other!r} (set cpu_model={saved_cpu!r} in its "
         "config to restore it)"
     )

@@ -530,6 +530,28 @@ def test_a_snapshot_restores_only_with_its_cpu_model_and_machine_type() -> None:
     assert hardware_diff({"accel": "kvm", "arch": "x86_64"}, cpu="host", machine="q35") == []
 
 
+def test_the_qemu_machine_describes_the_hardware_a_restore_would_build(tmp_path: Path) -> None:
+    """Before anything starts, the machine resolves the run a restore would make: the same
+    items ``snapshot_info()`` reports after it, compared by ``hardware_diff``."""
+    from vzkit.backends.qemu import _machine, _migrate
+
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    cfg = vzkit.LinuxVMConfig(kernel_path=kernel, accelerator="tcg", cpu_model="Nehalem")
+    machine = _machine.QemuMachine(cfg, lambda old, new: None)
+    planned = asyncio.run(_migrate.planned_info(cfg))
+    assert planned == {"accel": "tcg", "arch": "x86_64", "cpu": "Nehalem", "machine": "q35"}
+    assert planned.keys() == machine.snapshot_info().keys()
+    assert asyncio.run(machine.hardware_mismatches(planned)) == []
+    saved = {**planned, "cpu": "max", "accel": "kvm"}  # how it ran is not compared
+    assert asyncio.run(machine.hardware_mismatches(saved)) == [
+        "it was saved with CPU model 'max', this VM would run 'Nehalem' "
+        "(set cpu_model='max' in its config to restore it)"
+    ]
+    assert machine.state is vzkit.VMState.STOPPED  # nothing started
+    assert machine.pid is None
+
+
 def test_the_device_table_gives_the_fds_qemu_inherits_and_the_migration_verdicts(
     files: dict[str, Path], tmp_path: Path
 ) -> None:

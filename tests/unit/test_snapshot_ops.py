@@ -9,7 +9,7 @@ import json
 import os
 import socket
 import threading
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from vzkit._state import VMState
 from vzkit.backends import AgentVsock, BalloonInfo, Feature
 from vzkit.backends._protocol import CapturedDisk, ProgressFn, StateListener, notify_state
 from vzkit.snapshots import _record, _store
+from vzkit.snapshots._record import MachineInfo
 
 STATE_BYTES = b"machine-state:" + bytes(range(256)) * 64
 
@@ -45,6 +46,7 @@ class FakeMachine:
         self.before_restore: Callable[[], None] | None = None
         self.state_read = b""
         self.info = {"fake": "1", "accel": "fast"}
+        self.hardware_asked = 0
 
     # lifecycle
     @property
@@ -111,6 +113,10 @@ class FakeMachine:
 
     def snapshot_info(self) -> dict[str, str]:
         return dict(self.info)
+
+    async def hardware_mismatches(self, saved: Mapping[str, str]) -> list[str]:
+        self.hardware_asked += 1
+        return MachineInfo.from_items(dict(saved)).mismatches(MachineInfo.from_items(self.info))
 
     async def prepare_save(self) -> None:
         self.set_aside.append(("prepare", self._state))
@@ -525,9 +531,9 @@ def test_which_backends_restore_one_snapshot_into_many() -> None:
 def test_a_restore_onto_other_hardware_is_refused_before_the_state_loads(
     setup: Callable[..., vzkit.VirtualMachine], tmp_path: Path
 ) -> None:
-    """The machine's hardware description (``snapshot_info()``: machine type, CPU model...)
-    must be the saved one; how it ran (``accel``) may differ. The machine built for the
-    restore is asked before it reads the saved state (``restore_state(verified=)``)."""
+    """The hardware a restore would build (what ``snapshot_info()`` would report: machine
+    type, CPU model...) must be the saved one; how it ran (``accel``) may differ. The machine
+    is asked before it builds anything (``hardware_mismatches``, one seam on every backend)."""
     vm = setup()
     vm.start()
     manager = vzkit.SnapshotManager(tmp_path / "vm")
@@ -538,16 +544,16 @@ def test_a_restore_onto_other_hardware_is_refused_before_the_state_loads(
     assert vm.state is VMState.PAUSED
     vm.stop()
     machine(vm).info = {"fake": "2", "accel": "fast"}
+    machine(vm).built.clear()
     with pytest.raises(vzkit.SnapshotError) as info:
         manager.restore(vm, "s")
     assert str(info.value) == (
-        "snapshot 's' was saved on other hardware than this VM's: fake: snapshot '1', this "
-        "machine '2' (start the VM with the settings the snapshot was saved with, or save it "
-        "again)"
+        "snapshot 's' does not fit this VM's hardware: fake: snapshot '1', this machine '2'"
     )
     assert vm.state is VMState.STOPPED
-    assert machine(vm).built.is_set()
-    assert len(machine(vm).restored) == 1  # the first restore only: this one loaded nothing
+    assert machine(vm).hardware_asked == 2
+    assert not machine(vm).built.is_set()  # refused before the VM was built
+    assert len(machine(vm).restored) == 1  # the first restore only: this one built nothing
 
 
 def test_the_sync_and_async_managers_are_twins(tmp_path: Path) -> None:

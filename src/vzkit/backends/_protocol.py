@@ -37,7 +37,7 @@ from __future__ import annotations
 import enum
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -255,7 +255,8 @@ class SnapshotCapable(Protocol):
     The operations (:mod:`vzkit.snapshots._ops`) check the state through the core, pause and
     resume, and write every file through the one store; the machine only saves/loads its
     state and captures its disks. Order of a save: ``snapshot_blockers`` → ``prepare_save``
-    → (pause) → ``save_state`` → ``capture_disks`` → (resume) → ``finish_save``.
+    → (pause) → ``save_state`` → ``capture_disks`` → (resume) → ``finish_save``; of a
+    restore: ``hardware_mismatches`` → ``restore_state``.
     """
 
     def snapshot_blockers(self) -> list[str]:
@@ -263,6 +264,12 @@ class SnapshotCapable(Protocol):
 
     def snapshot_info(self) -> dict[str, str]:
         """What a restore must match beyond the config (e.g. the accelerator); JSON-able."""
+
+    async def hardware_mismatches(self, saved: Mapping[str, str]) -> list[str]:
+        """Before a restore, on the stopped machine: how the hardware a restore would build
+        (what :meth:`snapshot_info` would then report: machine type, CPU model...) differs
+        from ``saved``, a snapshot's record of it; one sentence each, empty when it fits.
+        Resolved without starting anything; the caller refuses the restore on a mismatch."""
 
     async def prepare_save(self) -> None:
         """Before the VM is paused for a save: set aside what cannot be saved (qemu unplugs

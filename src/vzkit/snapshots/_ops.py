@@ -9,9 +9,10 @@ checks it:
   running (the commit itself is atomic and leaves an older snapshot of the name whole);
 * a restore compares the VM's config with the one recorded at save time (canonical paths)
   and refuses with a :class:`~vzkit.errors.SnapshotError` naming every difference before any
-  process starts; every file is checked (schema, confinement, size, checksum) before the
-  backend sees it; after the backend has loaded the state, the machine's hardware description
-  (``snapshot_info()``: architecture, machine type, CPU model...) must match the recorded one.
+  process starts; so does the machine when the hardware a restore would build (what
+  ``snapshot_info()`` then reports: machine type, CPU model...) differs from the recorded one
+  (``hardware_mismatches``, asked while the checksums already run); every file is checked
+  (schema, confinement, size, checksum) before the backend reads it.
 
 Only these names of the core are used: ``snapshot_machine`` (the feature check), ``require``
 (its state guards ``snapshot_save``/``snapshot_restore``), ``state``, ``config``, ``backend``,
@@ -204,9 +205,6 @@ async def restore(
         opened = await _in_thread(store.open_members, record)
     except OSError as err:  # an I/O error while opening; what is wrong is a SnapshotError
         raise _as_snapshot_error(f"checking snapshot {name!r}", err, VMState.STOPPED) from err
-    expect = getattr(snap, "expect_snapshot_info", None)
-    if expect is not None:  # qemu refuses another CPU model or machine type before it starts
-        expect(record.info.items())
     await core.agent.close()  # the last run's agent connection, if one is left
     try:
         await _load_while_checking(snap, opened, record)
@@ -219,18 +217,6 @@ async def restore(
     core.restored(meta.file_path, clock_step=record.agent and clock_step)
     _restored[core] = (meta.file_path, core.generation)
     return meta
-
-
-def _check_hardware(record: SnapshotRecord, snap: SnapshotCapable) -> None:
-    """The machine built for the restore must describe the same hardware as the saved one (a
-    state saved on one machine type or CPU model must never load on another)."""
-    diff = record.info.mismatches(MachineInfo.from_items(snap.snapshot_info()))
-    if diff:
-        raise SnapshotError(
-            f"snapshot {record.name!r} was saved on other hardware than this VM's: "
-            + "; ".join(diff)
-            + " (start the VM with the settings the snapshot was saved with, or save it again)"
-        )
 
 
 def _check_record(
@@ -275,28 +261,28 @@ def _check_record(
 async def _load_while_checking(
     snap: SnapshotCapable, opened: Opened, record: SnapshotRecord
 ) -> None:
-    """The backend builds the VM (QEMU starts) while a worker thread checksums the snapshot's
-    files; the backend reads the saved state and the captured disks only once the checksums
-    match and the built machine describes the saved hardware (``restore_state(...,
-    verified=)``), so the check costs the restore little and neither a damaged file nor a
-    state for other hardware is ever loaded: the backend cleans up and the ``SnapshotError``
-    is raised."""
+    """A worker thread checksums the snapshot's files while the machine checks the hardware a
+    restore would build against the recorded one (a state saved on one machine type or CPU
+    model must never load on another: refused before anything starts) and then builds the VM
+    (QEMU starts); the backend reads the saved state and the captured disks only once the
+    checksums match (``restore_state(..., verified=)``), so the check costs the restore little
+    and a damaged file is never loaded: the backend cleans up and the ``SnapshotError`` is
+    raised."""
     check = asyncio.ensure_future(_in_thread(check_digests, opened, record.name))
-
-    async def verified() -> None:
-        await asyncio.shield(check)
-        _check_hardware(record, snap)
-
-    gate = verified()
+    gate = asyncio.shield(check)
     try:
+        diff = await snap.hardware_mismatches(record.info.items())
+        if diff:
+            raise SnapshotError(
+                f"snapshot {record.name!r} does not fit this VM's hardware: " + "; ".join(diff)
+            )
         checked = opened.checked
         await snap.restore_state(checked.state_path, checked.disks, gate)
         await check  # a backend that did not await it
     finally:
-        gate.close()  # a backend that failed before it awaited the gate
         if not check.done():
             check.cancel()
-        await asyncio.gather(check, return_exceptions=True)
+        await asyncio.gather(check, gate, return_exceptions=True)
 
 
 async def _in_thread(fn: Callable[..., _T], *args: object) -> _T:

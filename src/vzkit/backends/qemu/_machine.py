@@ -103,8 +103,6 @@ class QemuMachine:
         self.accel = ""
         #: The CPU model and machine type of the current run (resolved at start: see _argv).
         self.cpu = self.machine_type = ""
-        #: The backendInfo of the snapshot the next restore loads (see expect_snapshot_info).
-        self._expected_info: dict[str, Any] | None = None
 
     # -- properties ------------------------------------------------------------------------
 
@@ -494,19 +492,15 @@ class QemuMachine:
     def snapshot_info(self) -> dict[str, str]:
         """The resolved hardware a restore must match beyond the config: a config's "" picks
         a CPU model per accelerator (and vzkit version), so the model itself is recorded."""
-        return {
-            "accel": self.accel,
-            "arch": self.config.arch.value,
-            "cpu": self.cpu,
-            "machine": self.machine_type,
-        }
+        return _migrate.hardware_info(self.config, self.accel, self.cpu, self.machine_type)
 
-    def expect_snapshot_info(self, saved: Mapping[str, Any]) -> None:
-        """The ``backendInfo`` (see :meth:`snapshot_info`) of the snapshot the next
-        :meth:`restore_state` loads: it refuses, before QEMU starts, a run whose resolved
-        CPU model or machine type differ (QEMU may load such a state and the guest then
-        fails, e.g. on aarch64 every return signed under another pointer-auth algorithm)."""
-        self._expected_info = dict(saved)
+    async def hardware_mismatches(self, saved: Mapping[str, str]) -> list[str]:
+        """The run a restore would make (:func:`_migrate.planned_info`, before QEMU starts)
+        against a snapshot's ``backendInfo``: QEMU may load a state saved under another CPU
+        model or machine type and the guest then fails (e.g. on aarch64 every return signed
+        under another pointer-auth algorithm)."""
+        planned = await _migrate.planned_info(self.config)
+        return _migrate.hardware_diff(saved, cpu=planned["cpu"], machine=planned["machine"])
 
     async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
         await _migrate.save_state(self, path, progress)
@@ -526,9 +520,6 @@ class QemuMachine:
         self._set_state(VMState.RESTORING)
         self._monitor.new_run(self.console_log_path, self.stderr_path)
         try:
-            saved, self._expected_info = self._expected_info, None
-            if saved is not None:  # refused before any file is made or process started
-                await _migrate.check_hardware(self.config, saved)
             self._private_state()
             self.disk_override = await _migrate.prepare_disks(self, disks)
             self._incoming = True
@@ -549,7 +540,6 @@ class QemuMachine:
             raise
         finally:
             self._incoming = False
-            self._expected_info = None
         self._set_state(VMState.PAUSED)
 
     # -- teardown --------------------------------------------------------------------------

@@ -98,19 +98,23 @@ def hardware_diff(saved: Mapping[str, Any], *, cpu: str, machine: str) -> list[s
     return out
 
 
-async def check_hardware(config: LinuxVMConfig, saved: Mapping[str, Any]) -> None:
-    """Refuse a snapshot whose ``backendInfo`` (``saved``) names another CPU model or machine
-    type than a run of ``config`` would have (see :func:`hardware_diff`)."""
+def hardware_info(config: LinuxVMConfig, accel: str, cpu: str, machine: str) -> dict[str, str]:
+    """A run's ``backendInfo`` (:meth:`~._machine.QemuMachine.snapshot_info`): how it ran
+    (``accel``) and the hardware its guest sees."""
+    return {"accel": accel, "arch": config.arch.value, "cpu": cpu, "machine": machine}
+
+
+async def planned_info(config: LinuxVMConfig) -> dict[str, str]:
+    """The :func:`hardware_info` of the run a start (or restore) of ``config`` would make,
+    resolved without starting it: the accelerator it would pick (a cached probe: the start
+    asks again at once), and the CPU model and machine type the plan would lower."""
     binary = _discover.find_qemu(config.arch)
-    select = _discover.select_accelerator  # cached: the start asks again at once
+    select = _discover.select_accelerator
     accel = await asyncio.to_thread(
         select, binary, config.arch, config.accelerator, config.kernel_path
     )
-    problems = hardware_diff(
-        saved, cpu=_argv.cpu_model(config, accel), machine=_argv.machine_type(config)
-    )
-    if problems:
-        raise SnapshotError("the snapshot does not fit this VM's hardware: " + "; ".join(problems))
+    cpu, machine = _argv.cpu_model(config, accel), _argv.machine_type(config)
+    return hardware_info(config, accel, cpu, machine)
 
 
 async def unplug_vsock_for_save(m: QemuMachine) -> None:

@@ -19,7 +19,7 @@ import shutil
 import socket
 import tempfile
 import tty
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -226,6 +226,9 @@ class VzMachine:
 
     def snapshot_info(self) -> dict[str, str]:
         return _snapshots.snapshot_info(self.config)
+
+    async def hardware_mismatches(self, saved: Mapping[str, str]) -> list[str]:
+        return _snapshots.hardware_mismatches(self.config, saved)
 
     async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
         """A clone/sparse copy of the writable disk (the VM is paused, its writes are done)."""

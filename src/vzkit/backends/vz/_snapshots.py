@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ..._config import LinuxVMConfig
@@ -21,10 +21,17 @@ from ..._disk import DiskFormat
 from ..._diskcopy import copy_disk
 from ..._macconfig import MacVMConfig
 from ...errors import VMError
+from ...snapshots._record import MachineInfo
 from .._protocol import CapturedDisk
 from . import _build
 
-__all__ = ["capture_disks", "copy_back_disks", "snapshot_info", "writable_disks"]
+__all__ = [
+    "capture_disks",
+    "copy_back_disks",
+    "hardware_mismatches",
+    "snapshot_info",
+    "writable_disks",
+]
 
 
 def writable_disks(config: LinuxVMConfig | MacVMConfig) -> list[tuple[str, Path]]:
@@ -37,6 +44,15 @@ def snapshot_info(config: LinuxVMConfig | MacVMConfig) -> dict[str, str]:
     if isinstance(config, MacVMConfig):
         return {"arch": "aarch64", "machine": "macos"}
     return {"arch": config.arch.value, "machine": "linux"}
+
+
+def hardware_mismatches(config: LinuxVMConfig | MacVMConfig, saved: Mapping[str, str]) -> list[str]:
+    """How a VM of ``config`` (its :func:`snapshot_info`, which the config fixes) differs
+    from a snapshot's record of the hardware, and what to do about it (empty: it fits)."""
+    diff = MachineInfo.from_items(dict(saved)).mismatches(
+        MachineInfo.from_items(snapshot_info(config))
+    )
+    return [*diff, "restore it into a VM configured like the one that saved it"] if diff else []
 
 
 async def capture_disks(
