@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 import stat
 import threading
 from pathlib import Path
@@ -20,6 +19,7 @@ import pytest
 import vzkit
 from vzkit.backends import vz as vzb
 from vzkit.snapshots import SnapshotRecord, SnapshotStore
+from vzkit.snapshots._files import check_digests
 from vzkit.snapshots._record import FORMAT
 
 from ._support import FakeFactory
@@ -266,8 +266,11 @@ def test_snapshot_save_and_restore_with_the_catalogue(
         str(disk.resolve()),
     )
     assert (sdir / captured.file).read_bytes() == disk.read_bytes()
-    checked = SnapshotStore(sdir).verify(record, threading.Event())  # sizes and checksums
-    os.close(checked.state_fd)
+    opened = SnapshotStore(sdir).open_members(record, threading.Event())  # sizes
+    try:
+        check_digests(opened, "s1", threading.Event())  # and checksums
+    finally:
+        opened.close()
     assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in sdir.iterdir()} == {
         "s1.vmstate": 0o400,
         "s1.json": 0o600,

@@ -1,14 +1,14 @@
 """The store's file checks: sealing a new snapshot's files and verifying an existing one's.
 
 At save, after the fsyncs, :func:`seal` makes the new files owner-only and read-only (0400)
-and checksums them. At restore, :func:`verify` opens every file the metadata names relative to
-the snapshot dir's descriptor (``O_NOFOLLOW``: no symlink; a regular file of the recorded
-size; never blocking on a FIFO), refuses a captured qcow2 whose header names a backing or
-data file, and compares the checksums recorded at save (:func:`open_members`, then
-:func:`check_digests`, which a restore runs while the backend loads the state: the VM stays
-paused until they match). The state file is handed on as
-``/proc/self/fd/N`` of the descriptor that was checksummed (on Linux), so swapping the file
-after the check changes nothing. Both run in a worker thread and stop when ``abort`` is set.
+and checksums them. At restore, :func:`open_members` opens every file the metadata names
+relative to the snapshot dir's descriptor (``O_NOFOLLOW``: no symlink; a regular file of the
+recorded size; never blocking on a FIFO) and refuses a captured qcow2 whose header names a
+backing or data file; :func:`check_digests` then compares the checksums recorded at save (a
+restore runs it while the backend builds the VM, which reads nothing saved until they match).
+The state file is handed on as ``/proc/self/fd/N`` of the descriptor that was checksummed (on
+Linux), so swapping the file after the check changes nothing. Both run in a worker thread
+and stop when ``abort`` is set.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from ..backends._protocol import CapturedDisk
 from ..errors import ConfigError, SnapshotError
 from ._record import DISK_DIGEST_PREFIX, STATE_SUFFIX, SnapshotRecord
 
-__all__ = ["Checked", "Opened", "check_digests", "open_members", "seal", "verify"]
+__all__ = ["Checked", "Opened", "check_digests", "open_members", "seal"]
 
 log = logging.getLogger(__name__)
 
@@ -122,21 +122,6 @@ def check_digests(opened: Opened, name: str, abort: threading.Event) -> None:
         _log_rate("verified", path, size, time.perf_counter() - t0)
         if digest != recorded:
             raise _altered(name, path)
-
-
-def verify(sdir: Path, record: SnapshotRecord, abort: threading.Event) -> Checked:
-    """:func:`open_members` and :func:`check_digests` in one: the files, checked, with the
-    state file's descriptor left open for the caller."""
-    opened = open_members(sdir, record, abort)
-    try:
-        check_digests(opened, record.name, abort)
-    except BaseException:
-        opened.close()
-        raise
-    for fd, _, is_state, _ in opened.members:
-        if not is_state:
-            os.close(fd)
-    return opened.checked
 
 
 def _altered(name: str, path: Path) -> SnapshotError:

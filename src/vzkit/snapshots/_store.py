@@ -11,8 +11,8 @@ writes snapshot files of its own):
   the older state and metadata are kept as hard links until the new metadata is in place,
   so a failure at any step leaves the older snapshot whole;
 * reading (:meth:`SnapshotStore.checked`) parses the metadata with
-  :meth:`~._record.SnapshotRecord.from_json`; :meth:`SnapshotStore.verify` checks the files
-  themselves (:func:`._files.verify`);
+  :meth:`~._record.SnapshotRecord.from_json`; :meth:`SnapshotStore.open_members` opens and
+  checks the files themselves, :func:`._files.check_digests` their checksums;
 * the snapshot dir is 0700 and every file a save writes is owner-only (0400 or 0600).
 """
 
@@ -157,10 +157,6 @@ class SnapshotStore:
             extra=extra,
         )
         return meta, record
-
-    def verify(self, record: SnapshotRecord, abort: threading.Event) -> _files.Checked:
-        """Open and checksum every file ``record`` names (blocking: run it in a thread)."""
-        return _files.verify(self.snapshot_dir, record, abort)
 
     def open_members(self, record: SnapshotRecord, abort: threading.Event) -> _files.Opened:
         """Open every file ``record`` names and check all but the checksums (blocking)."""
