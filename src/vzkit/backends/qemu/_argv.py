@@ -142,10 +142,11 @@ def machine_type(config: LinuxVMConfig) -> str:
 #: The aarch64 CPU under TCG: a named ARMv8.2 core (LSE atomics, no pointer authentication,
 #: whose architected QARMA algorithm TCG computes in software on every signed return; a
 #: userland built with pointer authentication or BTI runs, those instructions are hints). On
-#: a quiet host, default guest to the agent's ready line, QEMU 7.2 (``./dev bench --suite
-#: cpu``): 2.26 s, against 2.57 s for ``max,pauth=off``, 3.85 s for ``max,pauth-impdef=on``
-#: and 9.85 s for ``max``. A named model is also the same CPU in every QEMU version, which
-#: ``max`` is not: a snapshot records it (issue 20).
+#: a quiet host, default guest to the agent's ready line, QEMU 7.2, median of 7 interleaved
+#: rounds (``./dev bench --suite cpu --arch aarch64 -n 7``; docs/qemu-backend.md): 2.60 s,
+#: against 3.01 s for ``max,pauth=off``, 3.09 s for ``cortex-a72``, 3.76 s for
+#: ``max,pauth-impdef=on`` and 10.87 s for ``max``. A named model is also the same CPU in
+#: every QEMU version, which ``max`` is not: a snapshot records it (issue 20).
 AARCH64_TCG_CPU = "neoverse-n1"
 
 
