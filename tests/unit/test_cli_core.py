@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner, Result
@@ -294,3 +295,65 @@ def test_doctor_names_the_vsock_transport_and_the_share_daemon(
     out = run("doctor").output
     assert f"vsock: kernel vhost-vsock ({device})" in out
     assert "shares: virtio-9p (no virtiofsd found)" in out
+
+
+class _FakeGuest:
+    def __init__(self, calls: list[list[str]]) -> None:
+        self.calls = calls
+
+    def wait_ready(self, timeout: float) -> None:
+        pass
+
+    def run(self, argv: list[str]) -> object:
+        self.calls.append(argv)
+        return type("Done", (), {"stdout": b"", "stderr": b"", "returncode": 0})()
+
+
+class _FakeVM:
+    calls: ClassVar[list[list[str]]] = []
+
+    def __init__(self, cfg: object, backend: str) -> None:
+        self.guest = _FakeGuest(self.calls)
+
+    def __enter__(self) -> _FakeVM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def start(self, timeout: float) -> None:
+        pass
+
+
+def test_snapshot_save_and_restore_do_not_pass_the_separator_to_the_guest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vzkit snapshot save DIR NAME -- CMD`` runs CMD, not ``-- CMD`` (click hands a ``--``
+    that follows positional arguments on as one)."""
+    import vzkit
+    from vzkit.cli import _snapshot
+
+    saved = type("Meta", (), {"size": 3, "file_path": tmp_path / "vm" / "s" / "x"})()
+    manager = type("Manager", (), {"save": lambda self, vm, name: saved})
+    monkeypatch.setattr(vzkit, "VirtualMachine", _FakeVM)
+    monkeypatch.setattr(_snapshot, "SnapshotManager", lambda vm_dir: manager())
+    monkeypatch.setattr(_snapshot, "run_config", lambda interactive, opts: object())
+    _FakeVM.calls = []
+    result = run("snapshot", "save", tmp_path / "vm", "warm", "--", "echo", "hi")
+    assert result.exit_code == 0, result.output
+    assert _FakeVM.calls == [["echo", "hi"]]
+
+    restored: list[tuple[str, ...]] = []
+    monkeypatch.setattr(_snapshot, "run_and_exit", lambda command, *rest: restored.append(command))
+    run("snapshot", "restore", tmp_path / "vm", "warm", "--", "cat", "--", "f")
+    assert restored == [("cat", "--", "f")]
+
+
+def test_python_dash_m_vzkit_is_the_cli() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "vzkit", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("vzkit")

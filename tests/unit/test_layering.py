@@ -209,6 +209,7 @@ _GROUP_OF_MODULE = {
     **dict.fromkeys(["_vmcore", "_guestcore"], "core"),
     **dict.fromkeys(["_vm", "aio", "_guest", "_vsock"], "facades"),
     "doctor": "doctor",
+    "__main__": "cli",  # python -m vzkit: the CLI's entry point
 }
 _GROUP_OF_PACKAGE = [  # first match wins
     ("vzkit.snapshots._record", "record"),
