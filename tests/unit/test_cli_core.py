@@ -144,14 +144,14 @@ def test_config_file_with_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--cpus", "0"], "vzkit: error: cpus must be between 1 and 255, got 0"),
+        (["--cpus", "0"], "'--cpus': 0 is not in the range 1<=x<=255"),
         (["--memory", "0.01"], "is below the minimum of 64 MiB"),
         (
             ["--memory", "1e30"],
             "vzkit: error: memory_gb must be at most 4096 GB (4 TiB), got 1e+30",
         ),
         (["--memory", "1e999"], "vzkit: error: memory_gb must be at most 4096 GB (4 TiB), got inf"),
-        (["--cpus", str(2**64)], f"vzkit: error: cpus must be between 1 and 255, got {2**64}"),
+        (["--cpus", str(2**64)], f"'--cpus': {2**64} is not in the range 1<=x<=255"),
         (
             ["--kernel", "/nonexistent/vmlinuz"],
             "kernel_path: '/nonexistent/vmlinuz' does not exist",
@@ -181,8 +181,12 @@ def test_config_help_shows_the_cpu_and_memory_ranges() -> None:
     result = run("config", "--help")
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    assert "Virtual CPUs, 1-255 (default 2)." in text
-    assert "Memory in GB, 0.0625-4096, e.g. 0.5 (default 1)." in text
+    assert "Virtual CPUs (default 1 for vzkit's guest, 2 with --kernel or --config)." in text
+    assert "[1<=x<=255]" in text  # 0 is refused by the option, not later by the config
+    assert (
+        "Memory in GB, 0.0625-4096, e.g. 0.5 (default 0.5 for vzkit's guest, 1 with --kernel"
+        " or --config)." in text
+    )
 
 
 def test_disk_create(tmp_path: Path) -> None:

@@ -93,13 +93,18 @@ def vm_options(func: F) -> F:
     """The options that describe a Linux VM, shared by ``config``, ``run`` and ``snapshot``."""
     options = [
         click.option(
-            "--cpus", type=click.IntRange(min=0), help=f"Virtual CPUs, 1-{MAX_CPUS} (default 2)."
+            "--cpus",
+            type=click.IntRange(1, MAX_CPUS),
+            help="Virtual CPUs (default 1 for vzkit's guest, 2 with --kernel or --config).",
         ),
         click.option(
             "--memory",
             "memory_gb",
             type=float,
-            help=f"Memory in GB, {MIN_MEMORY_MB / 1024:g}-{MAX_MEMORY_GB}, e.g. 0.5 (default 1).",
+            help=(
+                f"Memory in GB, {MIN_MEMORY_MB / 1024:g}-{MAX_MEMORY_GB}, e.g. 0.5 (default 0.5"
+                " for vzkit's guest, 1 with --kernel or --config)."
+            ),
         ),
         click.option(
             "--arch", type=click.Choice([a.value for a in Arch]), help="Guest architecture."
