@@ -219,3 +219,34 @@ def test_an_output_pump_blocked_on_its_terminal_does_not_hold_the_stream_lock() 
         dst.close()
     assert not blocked, "a write to the stream waited for the pump's lock"
     assert not pump.is_alive()
+
+
+def test_an_image_from_the_cache_leaves_no_progress_line(
+    cache: Path,
+    debs: Path,  # noqa: F811
+    fake_agent: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The image build's progress line is drawn on a terminal and ends with "done (N s)" when
+    it built something; found in the cache, it is erased (issue 18 item 8: "done (0.0 s)" on
+    every interactive run)."""
+    import io
+
+    from vzkit.image import default_image
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    default_image("x86_64", cache_dir=cache, deb_dir=debs)
+    built = terminal.getvalue()
+    assert built.endswith(")\n")
+    assert "guest image (x86_64): done (" in built
+    terminal.seek(0)
+    terminal.truncate()
+    default_image("x86_64", cache_dir=cache, deb_dir=debs)
+    again = terminal.getvalue()
+    assert "done" not in again
+    assert again.endswith("\r\033[K")  # the line is erased: the next output starts clean
