@@ -195,9 +195,15 @@ def test_disk_create(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert result.stdout == f"created {target}\n"
     assert target.stat().st_size == 2 * GIB
+    same = run("disk", "create", target, "2")
+    assert same.stdout == f"kept existing {target}\n"
     again = run("disk", "create", target, "5")
     assert again.exit_code == 0
-    assert again.stdout == f"kept existing {target}\n"
+    assert again.stdout == (
+        f"kept existing {target} (2 GiB, not the 5 GiB asked for: an existing disk is never"
+        " resized or overwritten; remove it or choose another path, or grow it with"
+        f" 'truncate -s 5G {target}' and then its file system in the guest)\n"
+    )
     assert target.stat().st_size == 2 * GIB
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -53,4 +54,16 @@ def disk_create(path: Path, size_gb: int, fmt: str) -> None:
     """Create a sparse disk image of SIZE_GB GiB (an existing file is left untouched)."""
     existed = path.exists()
     created = create_disk_image(path, size_gb, format=fmt)
-    click.echo(f"{'kept existing' if existed else 'created'} {created}")
+    if not existed:
+        click.echo(f"created {created}")
+        return
+    note = ""
+    if fmt == "raw":  # a raw image's size is its file's size; qcow2 keeps it in its header
+        have = created.stat().st_size
+        if have != size_gb << 30:
+            note = (
+                f" ({have / (1 << 30):g} GiB, not the {size_gb} GiB asked for: an existing disk"
+                " is never resized or overwritten; remove it or choose another path, or grow it"
+                f" with 'truncate -s {size_gb}G {shlex.quote(str(created))}' and then its file system in the guest)"
+            )
+    click.echo(f"kept existing {created}{note}")
