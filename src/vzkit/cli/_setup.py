@@ -64,6 +64,7 @@ def disk_create(path: Path, size_gb: int, fmt: str) -> None:
             note = (
                 f" ({have / (1 << 30):g} GiB, not the {size_gb} GiB asked for: an existing disk"
                 " is never resized or overwritten; remove it or choose another path, or grow it"
-                f" with 'truncate -s {size_gb}G {shlex.quote(str(created))}' and then its file system in the guest)"
+                f" with 'truncate -s {size_gb}G {shlex.quote(str(created))}' and then its file"
+                " system in the guest)"
             )
     click.echo(f"kept existing {created}{note}")
