@@ -6,9 +6,12 @@ render; library errors become exit codes here.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
+
+from vzkit.errors import UnsupportedError
 
 from ._app import main
 from ._errors import handle_errors as _handle_errors
@@ -16,7 +19,15 @@ from ._errors import handle_errors as _handle_errors
 __all__ = ["codesign_cmd", "macos_group"]
 
 
-@main.command("codesign")
+#: Listed everywhere (the docs name them), marked where they cannot run.
+_MACOS = sys.platform == "darwin"
+_ELSEWHERE = "" if _MACOS else "[macOS only] "
+
+
+@main.command(
+    "codesign",
+    short_help=f"{_ELSEWHERE}Ad-hoc sign the Python interpreter for the Virtualization framework.",
+)
 @click.option(
     "--output",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -32,6 +43,13 @@ def codesign_cmd(output: Path | None, venv: bool) -> None:
     """
     from vzkit.backends import vz
 
+    if not _MACOS:
+        raise UnsupportedError(
+            f"codesign is for macOS, where only entitled executables may create VMs; on"
+            f" {sys.platform} nothing needs signing (the qemu backend runs as is: 'vzkit doctor')",
+            backend="vz",
+            feature="codesign",
+        )
     if (output is None) == (not venv):
         raise click.UsageError("give exactly one of --output PATH or --venv")
     target = vz.venv_python() if venv else output
@@ -46,7 +64,7 @@ def codesign_cmd(output: Path | None, venv: bool) -> None:
         click.echo(f"run your VM scripts with: {signed} script.py")
 
 
-@main.group("macos")
+@main.group("macos", short_help=f"{_ELSEWHERE}macOS guests (Apple silicon, vz backend).")
 def macos_group() -> None:
     """macOS guests (Apple silicon, vz backend)."""
 
