@@ -101,6 +101,36 @@ def test_explicit_accelerator_wins_and_is_checked(
         _discover.select_accelerator(fake_qemu, Arch.X86_64, "hvf")
 
 
+def test_kvm_asked_for_by_name_is_refused_up_front_where_it_cannot_work(
+    fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--accel kvm`` on a host whose KVM hangs guests used to end in a QEMU assertion
+    (issue 18 item 6); now the probe the automatic choice uses decides, and says what to do."""
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    (fake_qemu.parent / "mode").write_text("hangs")
+    with pytest.raises(ConfigError, match=r"KVM does not work on this host.*--accel tcg"):
+        _discover.select_accelerator(fake_qemu, Arch.X86_64, "kvm", kernel)
+    assert _runs(fake_qemu) == 1
+    with pytest.raises(ConfigError, match="KVM does not work"):  # remembered: no second probe
+        _discover.select_accelerator(fake_qemu, Arch.X86_64, "kvm", kernel)
+    assert _runs(fake_qemu) == 1
+    with pytest.raises(ConfigError, match=r"runs only x86_64 guests on this host, not aarch64"):
+        _discover.select_accelerator(fake_qemu, Arch.AARCH64, "kvm", kernel)
+    monkeypatch.setattr(_discover, "_kvm_usable", lambda: False)
+    monkeypatch.setattr(_discover.os.path, "exists", lambda path: False)
+    with pytest.raises(ConfigError, match=r"/dev/kvm does not exist; use --accel tcg"):
+        _discover.select_accelerator(fake_qemu, Arch.X86_64, "kvm", kernel)
+
+
+def test_kvm_asked_for_by_name_where_the_probe_boots(fake_qemu: Path, tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    (fake_qemu.parent / "mode").write_text("works")
+    assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "kvm", kernel) == "kvm"
+    assert _runs(fake_qemu) == 1
+
+
 def test_binary_override_must_be_executable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

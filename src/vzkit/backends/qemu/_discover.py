@@ -292,6 +292,8 @@ def select_accelerator(
                 f"accelerator {choice!r} is not offered by {binary.name} "
                 f"(it has: {', '.join(sorted(available)) or 'none'})"
             )
+        if choice == "kvm" and sys.platform.startswith("linux"):
+            _check_requested_kvm(binary, guest, probe_kernel)
         return choice
     native = guest is host_arch()
     if native and sys.platform == "darwin" and "hvf" in available:
@@ -307,6 +309,31 @@ def select_accelerator(
 
 
 _probe_lock = threading.Lock()
+
+_NOT_KVM = (
+    "use --accel tcg (config accelerator='tcg'), or leave it out: vzkit then picks what works"
+)
+
+
+def _check_requested_kvm(binary: Path, guest: Arch, probe_kernel: Path | None) -> None:
+    """KVM asked for by name: refuse it up front where it cannot work, rather than let QEMU
+    fail with an assertion or hang the guest. The probe is the same one the automatic choice
+    uses (and shares its record)."""
+    if guest is not host_arch():
+        raise ConfigError(
+            f"accelerator 'kvm' runs only {host_arch().value} guests on this host, not "
+            f"{guest.value}; {_NOT_KVM}"
+        )
+    if not _kvm_usable():
+        why = "does not exist" if not os.path.exists("/dev/kvm") else "is not readable and writable"
+        raise ConfigError(f"accelerator 'kvm' was asked for but /dev/kvm {why}; {_NOT_KVM}")
+    with _probe_lock:
+        verdict = _probe_once(binary, guest, probe_kernel)
+    if verdict is False:
+        raise ConfigError(
+            "accelerator 'kvm' was asked for but KVM does not work on this host: a probe boot "
+            f"under KVM failed or hung (recorded in {_probe_cache_file()}); {_NOT_KVM}"
+        )
 
 
 def _probe_once(binary: Path, guest: Arch, probe_kernel: Path | None) -> bool | None:
