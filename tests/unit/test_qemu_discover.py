@@ -29,6 +29,9 @@ done
 if [ "$(cat "$(dirname "$0")/mode")" = works ]; then
   echo "Kernel panic - not syncing: VFS: Unable to mount root fs" > "$serial"; exit 0
 fi
+if [ "$(cat "$(dirname "$0")/mode")" = fails ]; then
+  echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69" >&2; exit 1
+fi
 exec sleep 60
 """
 
@@ -64,9 +67,38 @@ def test_kvm_that_hangs_falls_back_to_tcg_and_is_remembered(
     assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "", kernel) == "tcg"
     assert _runs(fake_qemu) == 1
     assert _discover.cached_kvm_probe(fake_qemu) is False
+    assert _discover.cached_kvm_detail(fake_qemu) == (
+        "a probe boot under KVM hung (no result in 1 s)"
+    )
     # The verdict is cached: no second probe.
     assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "", kernel) == "tcg"
     assert _runs(fake_qemu) == 1
+
+
+def test_kvm_that_fails_is_remembered_with_qemus_reason_and_doctor_shows_it(
+    fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vzkit.backends.qemu import _doctor
+
+    (fake_qemu.parent / "mode").write_text("fails")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "", kernel) == "tcg"
+    why = "QEMU under KVM failed (exit 1): qemu-system-x86_64: error: failed to set MSR 0x10a"
+    assert _discover.cached_kvm_detail(fake_qemu).startswith(why)
+    monkeypatch.setattr(_discover, "find_qemu", lambda guest: fake_qemu)
+    [kvm] = [c for c in _doctor._arch_checks(Arch.X86_64) if c.name == "x86_64 KVM"]
+    assert not kvm.ok
+    assert kvm.detail.startswith(f"does not work here: {why}")
+    assert "TCG" in kvm.hint
+
+
+def test_a_verdict_recorded_by_an_older_vzkit_still_counts(fake_qemu: Path) -> None:
+    _discover._write_json_map(
+        _discover._probe_cache_file(), {_discover._probe_cache_key(fake_qemu): False}
+    )
+    assert _discover.cached_kvm_probe(fake_qemu) is False
+    assert _discover.cached_kvm_detail(fake_qemu) == ""
 
 
 def test_kvm_that_boots_is_used(fake_qemu: Path, tmp_path: Path) -> None:
