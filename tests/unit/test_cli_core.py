@@ -307,6 +307,31 @@ def test_doctor_names_the_vsock_transport_and_the_share_daemon(
     assert "shares: virtio-9p (no virtiofsd found)" in out
 
 
+def test_doctor_json_and_the_guests_checks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``doctor`` also says what vzkit's guest needs (issue 18 item 9): the image cache per
+    arch, the agent's toolchain (with what to do when it is missing), the package source;
+    ``--json`` gives the same report as data."""
+    monkeypatch.setenv("VZKIT_CACHE_DIR", str(tmp_path / "empty cache"))
+    monkeypatch.setenv("VZKIT_ZIG", str(tmp_path / "no-zig"))
+    monkeypatch.setenv("VZKIT_DEB_SOURCE", "mirror")
+    monkeypatch.setenv("VZKIT_DEBIAN_MIRROR", "http://mirror.example/debian")
+    out = run("doctor").output.splitlines()
+    guest = out[out.index("guest") + 1 :]
+    assert guest[0] == (
+        "      x86_64 guest image: not built yet (the first VM builds it, or now: vzkit image"
+        " build --arch x86_64)"
+    )
+    assert guest[1].startswith("      aarch64 guest image: not built yet")
+    assert guest[2].startswith("    ! agent toolchain: VZKIT_ZIG=")
+    assert "is not an executable" in guest[2]
+    assert guest[3] == "      guest packages: http://mirror.example/debian"
+    data = json.loads(run("doctor", "--json").stdout)
+    assert [b["name"] for b in data["backends"]] == ["vz", "qemu"]
+    assert {"name", "available", "detail", "checks", "ok"} <= set(data["backends"][1])
+    [toolchain] = [c for c in data["guest"] if c["name"] == "agent toolchain"]
+    assert toolchain["ok"] is False
+
+
 class _FakeGuest:
     def __init__(self, calls: list[list[str]]) -> None:
         self.calls = calls

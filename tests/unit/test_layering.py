@@ -234,7 +234,8 @@ LAYERS = {
     "core": {"foundation", "data", "agent", "backends"},
     "snapshots": {"foundation", "data", "record", "backends", "core"},
     "facades": {"foundation", "data", "agent", "backends", "core", "snapshots"},
-    "doctor": {"foundation", "data", "backends"},  # load_backend(name); backends add checks
+    # load_backend(name), backends add checks; vzkit.image for the guest's checks
+    "doctor": {"foundation", "data", "backends", "image"},
 }
 
 
