@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
         parse_port_spec,
     )
     from ._state import Arch, VMState, host_arch
+    from ._units import format_size, parse_size
     from ._vm import Balloon, VirtualMachine
     from ._volume import VolumeMount, assign_volume_tags, parse_volume_spec
     from .backends import BalloonInfo
@@ -59,6 +60,8 @@ _LAZY = {
     "LinuxVMConfig": "._config",
     "DiskFormat": "._disk",
     "create_disk_image": "._disk",
+    "format_size": "._units",
+    "parse_size": "._units",
     "DisplayConfig": "._display",
     "DisplayList": "._display",
     "default_display_config": "._display",
@@ -137,10 +140,12 @@ __all__ = [
     "default_display_config",
     "default_guest_config",
     "default_linux_display_config",
+    "format_size",
     "host_arch",
     "parse_display_spec",
     "parse_network_mode",
     "parse_port_spec",
+    "parse_size",
     "parse_volume_spec",
 ]
 

@@ -502,7 +502,16 @@ class LinuxVMConfig(ConfigData):
     def check_inputs(self) -> None:
         """Raise :class:`ConfigError` naming the first input that is missing: a file the VM
         reads (kernel, initrd, disk, ISO; also checked at construction) or a shared
-        directory. Backends run it again at start: files and directories can vanish."""
+        directory. Backends run it again at start: files and directories can vanish. A config
+        with nothing to boot (no kernel, disk or ISO) is refused here too: its firmware would
+        wait forever."""
+        if self.kernel_path is None and self.disk_path is None and self.iso_path is None:
+            raise ConfigError(
+                "nothing to boot: the config has no kernel, disk or ISO; give a kernel "
+                "(kernel_path, --kernel) for direct boot or a disk or ISO (--disk, --iso) for EFI "
+                "boot, or use vzkit's guest (vzkit.default_guest_config(), or 'vzkit run' "
+                "without --config)"
+            )
         self._check_files()
         for vol in self.volumes:
             if not vol.host_path.is_dir():

@@ -23,6 +23,7 @@ from .errors import BackendUnavailableError, ConfigError, VzkitError
 __all__ = ["DiskFormat", "DiskImage", "create_disk_image", "standalone_qcow2_size"]
 
 _GIB = 1 << 30
+_MIB = 1 << 20
 #: Disk images hold guest data: only their owner reads them.
 _IMAGE_MODE = 0o600
 
@@ -41,16 +42,36 @@ class DiskImage:
 
 
 def create_disk_image(
-    path: str | os.PathLike[str], size_gb: int, *, format: DiskFormat | str = DiskFormat.RAW
+    path: str | os.PathLike[str],
+    size_gb: int | None = None,
+    *,
+    format: DiskFormat | str = DiskFormat.RAW,
+    size_bytes: int | None = None,
 ) -> Path:
-    """Create a disk image of exactly ``size_gb`` GiB at ``path`` and return its path.
+    """Create a disk image of exactly ``size_gb`` GiB (or ``size_bytes``, a multiple of 1 MiB)
+    at ``path`` and return its path.
 
     Raw images are sparse (no blocks allocated). An existing file is left untouched, as the
     seed does, whatever its size. ``qcow2`` needs ``qemu-img``. A new image is readable and
     writable by its owner only (0600), whatever the umask.
     """
-    if not isinstance(size_gb, int) or isinstance(size_gb, bool) or size_gb <= 0:
+    if size_bytes is not None and size_gb is None:
+        if (
+            not isinstance(size_bytes, int)
+            or isinstance(size_bytes, bool)
+            or size_bytes <= 0
+            or size_bytes % _MIB
+        ):
+            raise ConfigError(
+                f"size_bytes must be a positive multiple of 1 MiB, got {size_bytes!r}"
+            )
+        nbytes = size_bytes
+    elif not isinstance(size_gb, int) or isinstance(size_gb, bool) or size_gb <= 0:
         raise ConfigError(f"size_gb must be a positive integer, got {size_gb!r}")
+    elif size_bytes is not None:
+        raise ConfigError("give size_gb or size_bytes, not both")
+    else:
+        nbytes = size_gb * _GIB
     try:
         fmt = DiskFormat(format)
     except ValueError:
@@ -77,14 +98,14 @@ def create_disk_image(
     try:
         os.fchmod(fd, _IMAGE_MODE)  # the umask can only take bits away: make it exact
         if fmt is DiskFormat.RAW:
-            os.ftruncate(fd, size_gb * _GIB)
+            os.ftruncate(fd, nbytes)
     except OSError as err:
         os.close(fd)
         target.unlink(missing_ok=True)
         raise VzkitError(f"cannot size disk image {str(target)!r}: {err.strerror}") from err
     os.close(fd)
     if fmt is DiskFormat.QCOW2:
-        _create_qcow2(qemu_img, target, size_gb)
+        _create_qcow2(qemu_img, target, nbytes)
     return target
 
 
@@ -98,10 +119,10 @@ def _qemu_img() -> str:
     return qemu_img
 
 
-def _create_qcow2(qemu_img: str, target: Path, size_gb: int) -> None:
+def _create_qcow2(qemu_img: str, target: Path, nbytes: int) -> None:
     """Format the empty 0600 file ``target`` as qcow2 (qemu-img writes into it in place, so
     its mode stays; it is set again after, in case a qemu-img replaced the file)."""
-    argv = [qemu_img, "create", "-q", "-f", "qcow2", str(target), f"{size_gb}G"]
+    argv = [qemu_img, "create", "-q", "-f", "qcow2", str(target), str(nbytes)]
     try:
         proc = subprocess.run(
             argv, capture_output=True, text=True, check=False, stdin=subprocess.DEVNULL

@@ -41,6 +41,7 @@ class Progress:
         self._what = ""
         self._t0 = time.monotonic()
         self._last_draw = 0.0
+        self._dismissed = False
 
     def __enter__(self) -> Progress:
         log.info("%s ...", self.title)
@@ -56,9 +57,18 @@ class Progress:
         elapsed = time.monotonic() - self._t0
         outcome = "done" if exc is None else "failed"
         log.info("%s: %s in %.1f s", self.title, outcome, elapsed)
-        if self.enabled:
+        if not self.enabled:
+            return
+        if self._dismissed and exc is None:  # nothing was done: leave no line behind
+            self.stream.write("\r\033[K")
+        else:
             self.stream.write(f"\r\033[K{self.title}: {outcome} ({elapsed:.1f} s)\n")
-            self.stream.flush()
+        self.stream.flush()
+
+    def dismiss(self) -> None:
+        """There was nothing to do (e.g. found in a cache): the display is erased at the end
+        instead of leaving a "done" line (a failure is still reported)."""
+        self._dismissed = True
 
     def step(self, what: str) -> None:
         self._what = what

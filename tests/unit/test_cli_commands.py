@@ -185,3 +185,68 @@ def test_vm_making_commands_share_the_vm_options(path: list[str]) -> None:
     for name in sorted(vm_options):
         assert _declaration(theirs[name]) == _declaration(ours[name]), name
         assert theirs[name].help == ours[name].help, name
+
+
+def test_an_output_pump_blocked_on_its_terminal_does_not_hold_the_stream_lock() -> None:
+    """``vzkit run``'s daemon pumps may be blocked writing when it ends (Ctrl-C while the
+    command prints). A pump blocked inside a buffered writer holds its lock, so whatever else
+    writes to that stream waits, and the interpreter aborts at shutdown ("_enter_buffered_busy",
+    exit 134, issue 18 item 2). The pump writes the file descriptor, outside the lock."""
+    import contextlib
+    import io
+    import os
+    import threading
+    import time
+
+    from vzkit.cli._run import _pump
+
+    read_end, write_end = os.pipe()
+    dst = open(write_end, "wb")  # noqa: SIM115  # a BufferedWriter, as sys.stdout.buffer is
+    source = io.BytesIO(b"x" * (1 << 20))  # more than the unread pipe holds: the pump blocks
+    pump = threading.Thread(target=_pump, args=(source, dst), daemon=True)
+    pump.start()
+    deadline = time.monotonic() + 10
+    while source.tell() < 2 * 65536 and time.monotonic() < deadline:
+        time.sleep(0.01)  # poll: the pump has read its second chunk, the pipe holds one
+    time.sleep(0.2)  # and is now blocked writing it
+    other = threading.Thread(target=dst.write, args=(b"y",), daemon=True)
+    other.start()
+    other.join(timeout=5)
+    blocked = other.is_alive()
+    os.close(read_end)  # the pump's write fails (EPIPE) and it ends
+    pump.join(timeout=10)
+    with contextlib.suppress(OSError):  # the byte written above cannot reach a closed pipe
+        dst.close()
+    assert not blocked, "a write to the stream waited for the pump's lock"
+    assert not pump.is_alive()
+
+
+def test_an_image_from_the_cache_leaves_no_progress_line(
+    cache: Path,
+    debs: Path,  # noqa: F811
+    fake_agent: Path,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The image build's progress line is drawn on a terminal and ends with "done (N s)" when
+    it built something; found in the cache, it is erased (issue 18 item 8: "done (0.0 s)" on
+    every interactive run)."""
+    import io
+
+    from vzkit.image import default_image
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    terminal = Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    default_image("x86_64", cache_dir=cache, deb_dir=debs)
+    built = terminal.getvalue()
+    assert built.endswith(")\n")
+    assert "guest image (x86_64): done (" in built
+    terminal.seek(0)
+    terminal.truncate()
+    default_image("x86_64", cache_dir=cache, deb_dir=debs)
+    again = terminal.getvalue()
+    assert "done" not in again
+    assert again.endswith("\r\033[K")  # the line is erased: the next output starts clean

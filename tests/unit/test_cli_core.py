@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner, Result
@@ -143,14 +144,12 @@ def test_config_file_with_overrides(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--cpus", "0"], "vzkit: error: cpus must be between 1 and 255, got 0"),
+        (["--cpus", "0"], "'--cpus': 0 is not in the range 1<=x<=255"),
         (["--memory", "0.01"], "is below the minimum of 64 MiB"),
-        (
-            ["--memory", "1e30"],
-            "vzkit: error: memory_gb must be at most 4096 GB (4 TiB), got 1e+30",
-        ),
-        (["--memory", "1e999"], "vzkit: error: memory_gb must be at most 4096 GB (4 TiB), got inf"),
-        (["--cpus", str(2**64)], f"vzkit: error: cpus must be between 1 and 255, got {2**64}"),
+        (["--memory", "5000g"], "vzkit: error: memory_gb must be at most 4096 GB (4 TiB)"),
+        (["--memory", "1e999"], "--memory '1e999' is not a size: give a number with an optional"),
+        (["--memory", "0"], "--memory '0' must be more than zero"),
+        (["--cpus", str(2**64)], f"'--cpus': {2**64} is not in the range 1<=x<=255"),
         (
             ["--kernel", "/nonexistent/vmlinuz"],
             "kernel_path: '/nonexistent/vmlinuz' does not exist",
@@ -176,24 +175,48 @@ def test_config_bad_options_exit_2(args: list[str], message: str) -> None:
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize(("memory", "gb"), [("512m", 0.5), ("1G", 1.0), ("2.5", 2.5)])
+def test_memory_takes_units(memory: str, gb: float) -> None:
+    result = run("config", "--memory", memory, "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["memory_gb"] == gb
+
+
 def test_config_help_shows_the_cpu_and_memory_ranges() -> None:
     result = run("config", "--help")
     assert result.exit_code == 0
     text = " ".join(result.output.split())
-    assert "Virtual CPUs, 1-255 (default 2)." in text
-    assert "Memory in GB, 0.0625-4096, e.g. 0.5 (default 1)." in text
+    assert "Virtual CPUs (default 1 for vzkit's guest, 2 with --kernel or --config)." in text
+    assert "[1<=x<=255]" in text  # 0 is refused by the option, not later by the config
+    assert (
+        "Memory, 64m-4096g, e.g. 512m or 2g; a plain number is GiB (default 512m for vzkit's"
+        " guest, 1g with --kernel or --config)." in text
+    )
 
 
 def test_disk_create(tmp_path: Path) -> None:
     target = tmp_path / "disk.img"
     result = run("disk", "create", target, "2")
     assert result.exit_code == 0, result.output
-    assert result.stdout == f"created {target}\n"
+    assert result.stdout == f"created {target} (2.0 GiB)\n"
     assert target.stat().st_size == 2 * GIB
-    again = run("disk", "create", target, "5")
+    same = run("disk", "create", target, "2")
+    assert same.stdout == f"kept existing {target}\n"
+    again = run("disk", "create", target, "5G")
     assert again.exit_code == 0
-    assert again.stdout == f"kept existing {target}\n"
+    assert again.stdout == (
+        f"kept existing {target} (2.0 GiB, not the 5.0 GiB asked for: an existing disk is never"
+        " resized or overwritten; remove it or choose another path, or grow it with"
+        f" 'truncate -s {5 * GIB} {target}' and then its file system in the guest)\n"
+    )
     assert target.stat().st_size == 2 * GIB
+
+
+@pytest.mark.parametrize(("size", "nbytes"), [("512m", 512 << 20), ("1G", GIB), ("1.5g", 3 << 29)])
+def test_disk_create_takes_units(tmp_path: Path, size: str, nbytes: int) -> None:
+    target = tmp_path / "disk.img"
+    assert run("disk", "create", target, size).exit_code == 0
+    assert target.stat().st_size == nbytes
 
 
 def test_disk_create_qcow2(tmp_path: Path) -> None:
@@ -209,7 +232,11 @@ def test_disk_create_qcow2(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("size", "message"),
-    [("0", "size_gb must be a positive integer, got 0"), ("x", "'x' is not a valid integer")],
+    [
+        ("0", "size '0' must be more than zero"),
+        ("x", "size 'x' is not a size: give a number with an optional unit, e.g. 512m"),
+        ("1000k", "size_bytes must be a positive multiple of 1 MiB"),
+    ],
 )
 def test_disk_create_bad_size(tmp_path: Path, size: str, message: str) -> None:
     result = run("disk", "create", tmp_path / "disk.img", size)
@@ -294,3 +321,90 @@ def test_doctor_names_the_vsock_transport_and_the_share_daemon(
     out = run("doctor").output
     assert f"vsock: kernel vhost-vsock ({device})" in out
     assert "shares: virtio-9p (no virtiofsd found)" in out
+
+
+def test_doctor_json_and_the_guests_checks(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """``doctor`` also says what vzkit's guest needs (issue 18 item 9): the image cache per
+    arch, the agent's toolchain (with what to do when it is missing), the package source;
+    ``--json`` gives the same report as data."""
+    monkeypatch.setenv("VZKIT_CACHE_DIR", str(tmp_path / "empty cache"))
+    monkeypatch.setenv("VZKIT_ZIG", str(tmp_path / "no-zig"))
+    monkeypatch.setenv("VZKIT_DEB_SOURCE", "mirror")
+    monkeypatch.setenv("VZKIT_DEBIAN_MIRROR", "http://mirror.example/debian")
+    out = run("doctor").output.splitlines()
+    guest = out[out.index("guest") + 1 :]
+    assert guest[0] == (
+        "      x86_64 guest image: not built yet (the first VM builds it, or now: vzkit image"
+        " build --arch x86_64)"
+    )
+    assert guest[1].startswith("      aarch64 guest image: not built yet")
+    assert guest[2].startswith("    ! agent toolchain: VZKIT_ZIG=")
+    assert "is not an executable" in guest[2]
+    assert guest[3] == "      guest packages: http://mirror.example/debian"
+    data = json.loads(run("doctor", "--json").stdout)
+    assert [b["name"] for b in data["backends"]] == ["vz", "qemu"]
+    assert {"name", "available", "detail", "checks", "ok"} <= set(data["backends"][1])
+    [toolchain] = [c for c in data["guest"] if c["name"] == "agent toolchain"]
+    assert toolchain["ok"] is False
+
+
+class _FakeGuest:
+    def __init__(self, calls: list[list[str]]) -> None:
+        self.calls = calls
+
+    def wait_ready(self, timeout: float) -> None:
+        pass
+
+    def run(self, argv: list[str]) -> object:
+        self.calls.append(argv)
+        return type("Done", (), {"stdout": b"", "stderr": b"", "returncode": 0})()
+
+
+class _FakeVM:
+    calls: ClassVar[list[list[str]]] = []
+
+    def __init__(self, cfg: object, backend: str) -> None:
+        self.guest = _FakeGuest(self.calls)
+
+    def __enter__(self) -> _FakeVM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def start(self, timeout: float) -> None:
+        pass
+
+
+def test_snapshot_save_and_restore_do_not_pass_the_separator_to_the_guest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vzkit snapshot save DIR NAME -- CMD`` runs CMD, not ``-- CMD`` (click hands a ``--``
+    that follows positional arguments on as one)."""
+    import vzkit
+    from vzkit.cli import _snapshot
+
+    saved = type("Meta", (), {"size": 3, "file_path": tmp_path / "vm" / "s" / "x"})()
+    manager = type("Manager", (), {"save": lambda self, vm, name: saved})
+    monkeypatch.setattr(vzkit, "VirtualMachine", _FakeVM)
+    monkeypatch.setattr(_snapshot, "SnapshotManager", lambda vm_dir: manager())
+    monkeypatch.setattr(_snapshot, "run_config", lambda interactive, opts: object())
+    _FakeVM.calls = []
+    result = run("snapshot", "save", tmp_path / "vm", "warm", "--", "echo", "hi")
+    assert result.exit_code == 0, result.output
+    assert _FakeVM.calls == [["echo", "hi"]]
+
+    restored: list[tuple[str, ...]] = []
+    monkeypatch.setattr(_snapshot, "run_and_exit", lambda command, *rest: restored.append(command))
+    run("snapshot", "restore", tmp_path / "vm", "warm", "--", "cat", "--", "f")
+    assert restored == [("cat", "--", "f")]
+
+
+def test_python_dash_m_vzkit_is_the_cli() -> None:
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "vzkit", "--version"], capture_output=True, text=True, check=True
+    )
+    assert out.stdout.startswith("vzkit")

@@ -62,6 +62,32 @@ class FakeCodesign:
         raise AssertionError(f"unexpected codesign command: {argv}")
 
 
+@pytest.fixture(autouse=True)
+def on_macos(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The command is run as on a Mac; its codesign tool is faked below."""
+    from vzkit.cli import _macos
+
+    monkeypatch.setattr(_macos, "_MACOS", True)
+
+
+def test_off_macos_codesign_says_it_is_for_macos_and_help_marks_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from vzkit.cli import _macos
+
+    monkeypatch.setattr(_macos, "_MACOS", False)
+    result = CliRunner().invoke(main, ["codesign", "--venv"], prog_name="vzkit")
+    assert result.exit_code == 1
+    assert "codesign is for macOS" in result.stderr
+    assert "nothing needs signing" in result.stderr
+    if sys.platform != "darwin":  # the listing is decided when the CLI is imported
+        listing = CliRunner().invoke(main, ["--help"], prog_name="vzkit").output
+        lines = {line.split()[0]: line for line in listing.splitlines() if line[:2] == "  "}
+        assert "[macOS only]" in lines["codesign"]
+        assert "[macOS only]" in lines["macos"]
+        assert "[macOS only]" not in lines["run"]
+
+
 @pytest.fixture
 def interpreter(tmp_path: Path) -> Path:
     binary = tmp_path / "base" / "Python"

@@ -69,7 +69,11 @@ COVERED: dict[str, list[str]] = {
         f"{_CORE}::test_disk_create_qcow2",
         f"{_CORE}::test_disk_create_qcow2_without_qemu_img",
     ],
-    "doctor": [f"{_CORE}::test_doctor_names_the_vsock_transport_and_the_share_daemon"],
+    "doctor": [
+        f"{_CORE}::test_doctor_names_the_vsock_transport_and_the_share_daemon",
+        f"{_CORE}::test_doctor_json_and_the_guests_checks",
+    ],
+    "doctor --json": [f"{_CORE}::test_doctor_json_and_the_guests_checks"],
     "image": [f"{_CMDS}::test_image_build_list_and_rm"],
     "image build": [f"{_CMDS}::test_image_build_list_and_rm"],
     "image build --arch": [

@@ -634,7 +634,9 @@ def test_bad_publish_in_a_file() -> None:
 def test_share_that_disappears_before_start(tmp_path: Path) -> None:
     share = tmp_path / "a share"
     share.mkdir()
-    cfg = LinuxVMConfig(volumes=(VolumeMount(share, "s", True),))
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    cfg = LinuxVMConfig(kernel_path=kernel, volumes=(VolumeMount(share, "s", True),))
     cfg.check_inputs()
     share.rmdir()
     with pytest.raises(ConfigError) as err:
@@ -657,3 +659,13 @@ def test_network_host_loopback_in_config_files() -> None:
     assert LinuxVMConfig.from_json(cfg.to_json()) == cfg
     with pytest.raises(ConfigError, match="mode/interface/host_loopback"):
         LinuxVMConfig.from_toml('[network]\nmode = "nat"\nloopback = true\n')
+
+
+def test_a_config_with_nothing_to_boot_is_refused_at_start(tmp_path: Path) -> None:
+    """No kernel, disk or ISO: the firmware would wait forever and ``run`` would time out
+    after minutes (issue 18, item 1); ``check_inputs`` (every backend's start) says so."""
+    with pytest.raises(ConfigError, match=r"^nothing to boot: .* --kernel"):
+        LinuxVMConfig().check_inputs()
+    iso = tmp_path / "boot.iso"
+    iso.write_bytes(b"iso")
+    LinuxVMConfig(iso_path=iso).check_inputs()

@@ -48,10 +48,12 @@ EXPECTED_ALL = [
     "default_display_config",
     "default_guest_config",
     "default_linux_display_config",
+    "format_size",
     "host_arch",
     "parse_display_spec",
     "parse_network_mode",
     "parse_port_spec",
+    "parse_size",
     "parse_volume_spec",
 ]
 

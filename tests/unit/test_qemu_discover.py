@@ -29,6 +29,9 @@ done
 if [ "$(cat "$(dirname "$0")/mode")" = works ]; then
   echo "Kernel panic - not syncing: VFS: Unable to mount root fs" > "$serial"; exit 0
 fi
+if [ "$(cat "$(dirname "$0")/mode")" = fails ]; then
+  echo "qemu-system-x86_64: error: failed to set MSR 0x10a to 0x69" >&2; exit 1
+fi
 exec sleep 60
 """
 
@@ -64,9 +67,38 @@ def test_kvm_that_hangs_falls_back_to_tcg_and_is_remembered(
     assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "", kernel) == "tcg"
     assert _runs(fake_qemu) == 1
     assert _discover.cached_kvm_probe(fake_qemu) is False
+    assert _discover.cached_kvm_detail(fake_qemu) == (
+        "a probe boot under KVM hung (no result in 1 s)"
+    )
     # The verdict is cached: no second probe.
     assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "", kernel) == "tcg"
     assert _runs(fake_qemu) == 1
+
+
+def test_kvm_that_fails_is_remembered_with_qemus_reason_and_doctor_shows_it(
+    fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vzkit.backends.qemu import _doctor
+
+    (fake_qemu.parent / "mode").write_text("fails")
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "", kernel) == "tcg"
+    why = "QEMU under KVM failed (exit 1): qemu-system-x86_64: error: failed to set MSR 0x10a"
+    assert _discover.cached_kvm_detail(fake_qemu).startswith(why)
+    monkeypatch.setattr(_discover, "find_qemu", lambda guest: fake_qemu)
+    [kvm] = [c for c in _doctor._arch_checks(Arch.X86_64) if c.name == "x86_64 KVM"]
+    assert not kvm.ok
+    assert kvm.detail.startswith(f"does not work here: {why}")
+    assert "TCG" in kvm.hint
+
+
+def test_a_verdict_recorded_by_an_older_vzkit_still_counts(fake_qemu: Path) -> None:
+    _discover._write_json_map(
+        _discover._probe_cache_file(), {_discover._probe_cache_key(fake_qemu): False}
+    )
+    assert _discover.cached_kvm_probe(fake_qemu) is False
+    assert _discover.cached_kvm_detail(fake_qemu) == ""
 
 
 def test_kvm_that_boots_is_used(fake_qemu: Path, tmp_path: Path) -> None:
@@ -99,6 +131,36 @@ def test_explicit_accelerator_wins_and_is_checked(
     assert LinuxVMConfig(arch="x86_64", accelerator="kvm").accelerator == "kvm"
     with pytest.raises(ConfigError, match=r"accelerator 'hvf' is not offered .* kvm, tcg"):
         _discover.select_accelerator(fake_qemu, Arch.X86_64, "hvf")
+
+
+def test_kvm_asked_for_by_name_is_refused_up_front_where_it_cannot_work(
+    fake_qemu: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--accel kvm`` on a host whose KVM hangs guests used to end in a QEMU assertion
+    (issue 18 item 6); now the probe the automatic choice uses decides, and says what to do."""
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    (fake_qemu.parent / "mode").write_text("hangs")
+    with pytest.raises(ConfigError, match=r"KVM does not work on this host.*--accel tcg"):
+        _discover.select_accelerator(fake_qemu, Arch.X86_64, "kvm", kernel)
+    assert _runs(fake_qemu) == 1
+    with pytest.raises(ConfigError, match="KVM does not work"):  # remembered: no second probe
+        _discover.select_accelerator(fake_qemu, Arch.X86_64, "kvm", kernel)
+    assert _runs(fake_qemu) == 1
+    with pytest.raises(ConfigError, match=r"runs only x86_64 guests on this host, not aarch64"):
+        _discover.select_accelerator(fake_qemu, Arch.AARCH64, "kvm", kernel)
+    monkeypatch.setattr(_discover, "_kvm_usable", lambda: False)
+    monkeypatch.setattr(_discover.os.path, "exists", lambda path: False)
+    with pytest.raises(ConfigError, match=r"/dev/kvm does not exist; use --accel tcg"):
+        _discover.select_accelerator(fake_qemu, Arch.X86_64, "kvm", kernel)
+
+
+def test_kvm_asked_for_by_name_where_the_probe_boots(fake_qemu: Path, tmp_path: Path) -> None:
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    (fake_qemu.parent / "mode").write_text("works")
+    assert _discover.select_accelerator(fake_qemu, Arch.X86_64, "kvm", kernel) == "kvm"
+    assert _runs(fake_qemu) == 1
 
 
 def test_binary_override_must_be_executable(

@@ -6,17 +6,29 @@ render; library errors become exit codes here.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
+from vzkit.errors import UnsupportedError
+
 from ._app import main
 from ._errors import handle_errors as _handle_errors
+from ._options import SizeType
 
 __all__ = ["codesign_cmd", "macos_group"]
 
 
-@main.command("codesign")
+#: Listed everywhere (the docs name them), marked where they cannot run.
+_MACOS = sys.platform == "darwin"
+_ELSEWHERE = "" if _MACOS else "[macOS only] "
+
+
+@main.command(
+    "codesign",
+    short_help=f"{_ELSEWHERE}Ad-hoc sign the Python interpreter for the Virtualization framework.",
+)
 @click.option(
     "--output",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -32,6 +44,13 @@ def codesign_cmd(output: Path | None, venv: bool) -> None:
     """
     from vzkit.backends import vz
 
+    if not _MACOS:
+        raise UnsupportedError(
+            f"codesign is for macOS, where only entitled executables may create VMs; on"
+            f" {sys.platform} nothing needs signing (the qemu backend runs as is: 'vzkit doctor')",
+            backend="vz",
+            feature="codesign",
+        )
     if (output is None) == (not venv):
         raise click.UsageError("give exactly one of --output PATH or --venv")
     target = vz.venv_python() if venv else output
@@ -46,7 +65,7 @@ def codesign_cmd(output: Path | None, venv: bool) -> None:
         click.echo(f"run your VM scripts with: {signed} script.py")
 
 
-@main.group("macos")
+@main.group("macos", short_help=f"{_ELSEWHERE}macOS guests (Apple silicon, vz backend).")
 def macos_group() -> None:
     """macOS guests (Apple silicon, vz backend)."""
 
@@ -69,8 +88,22 @@ def macos_info(ipsw: Path) -> None:
 @click.argument("ipsw", type=click.Path(path_type=Path, dir_okay=False))
 @click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.option("--cpus", type=click.IntRange(min=1), default=4, show_default=True)
-@click.option("--memory", "memory_gb", type=float, default=8.0, show_default=True, help="GB.")
-@click.option("--disk-size", "disk_size_gb", type=int, default=64, show_default=True, help="GB.")
+@click.option(
+    "--memory",
+    "memory_gb",
+    type=SizeType(in_gb=True),
+    default="8g",
+    show_default=True,
+    help="e.g. 8g, 6144m.",
+)
+@click.option(
+    "--disk-size",
+    "disk_size_gb",
+    type=SizeType(in_gb=True),
+    default="64g",
+    show_default=True,
+    help="Whole GiB, e.g. 64g.",
+)
 @click.option("--force", is_flag=True, help="Replace an existing install in VM_DIR.")
 @click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
 @_handle_errors
@@ -79,7 +112,7 @@ def macos_install(
     vm_dir: Path,
     cpus: int,
     memory_gb: float,
-    disk_size_gb: int,
+    disk_size_gb: float,
     force: bool,
     timeout: float | None,
 ) -> None:
@@ -91,7 +124,9 @@ def macos_install(
     from vzkit.backends.vz import install_macos
 
     load_backend("vz")
-    cfg = MacVMConfig(vm_dir=vm_dir, cpus=cpus, memory_gb=memory_gb, disk_size_gb=disk_size_gb)
+    if not float(disk_size_gb).is_integer():
+        raise click.BadParameter("the disk is a whole number of GiB", param_hint="--disk-size")
+    cfg = MacVMConfig(vm_dir=vm_dir, cpus=cpus, memory_gb=memory_gb, disk_size_gb=int(disk_size_gb))
     steps = 1000
     with Progress("installing macOS", total=steps) as bar:
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -23,6 +23,7 @@ from vzkit import (
     LinuxVMConfig,
     parse_network_mode,
     parse_port_spec,
+    parse_size,
     parse_volume_spec,
 )
 from vzkit._config import MAX_CPUS, MAX_MEMORY_GB  # the bounds in --help (a known exception)
@@ -30,7 +31,37 @@ from vzkit.errors import SpecError
 
 from ._errors import F
 
-__all__ = ["DisplayAction", "build_config", "display_callback", "vm_options"]
+__all__ = ["SIZE", "DisplayAction", "SizeType", "build_config", "display_callback", "vm_options"]
+
+
+if TYPE_CHECKING:  # generic from click 8.2; subscripting it at run time needs 8.2
+    _ParamType = click.ParamType[float]
+else:
+    _ParamType = click.ParamType
+
+
+class SizeType(_ParamType):
+    """A size with an optional unit (``512m``, ``2g``, ``1G``; a plain number is GiB), as
+    bytes (``in_gb``: as GiB, a float)."""
+
+    name = "size"
+
+    def __init__(self, *, in_gb: bool = False) -> None:
+        self.in_gb = in_gb
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # a default given as a number of GiB
+        if not isinstance(value, str):
+            return value
+        try:
+            nbytes = parse_size(value, what=param.opts[0] if param and param.opts else "size")
+        except ValueError as err:  # ConfigError: the library's sentence
+            self.fail(str(err), param, ctx)
+        return nbytes / (1 << 30) if self.in_gb else nbytes
+
+
+SIZE = SizeType()
 
 
 def _spec_callback(
@@ -93,13 +124,18 @@ def vm_options(func: F) -> F:
     """The options that describe a Linux VM, shared by ``config``, ``run`` and ``snapshot``."""
     options = [
         click.option(
-            "--cpus", type=click.IntRange(min=0), help=f"Virtual CPUs, 1-{MAX_CPUS} (default 2)."
+            "--cpus",
+            type=click.IntRange(1, MAX_CPUS),
+            help="Virtual CPUs (default 1 for vzkit's guest, 2 with --kernel or --config).",
         ),
         click.option(
             "--memory",
             "memory_gb",
-            type=float,
-            help=f"Memory in GB, {MIN_MEMORY_MB / 1024:g}-{MAX_MEMORY_GB}, e.g. 0.5 (default 1).",
+            type=SizeType(in_gb=True),
+            help=(
+                f"Memory, {MIN_MEMORY_MB}m-{MAX_MEMORY_GB}g, e.g. 512m or 2g; a plain number is"
+                " GiB (default 512m for vzkit's guest, 1g with --kernel or --config)."
+            ),
         ),
         click.option(
             "--arch", type=click.Choice([a.value for a in Arch]), help="Guest architecture."

@@ -29,11 +29,18 @@ EXIT_RUN_FAILED = 125
 
 
 def _pump(src: IO[bytes], dst: IO[bytes]) -> None:
-    """Copy a stream until EOF, chunk by chunk (bounded memory)."""
+    """Copy a stream to ``dst``'s file descriptor until EOF, chunk by chunk (bounded memory).
+
+    Writes the descriptor itself, not ``dst``: these are daemon threads, and one caught inside
+    a buffered writer's lock when the interpreter exits (Ctrl-C while the command prints) makes
+    it abort with "_enter_buffered_busy"."""
     with contextlib.suppress(OSError, ValueError, VzkitError):
+        dst.flush()  # what this process printed before goes first
+        fd = dst.fileno()
         while chunk := src.read1(65536) if hasattr(src, "read1") else src.read(65536):
-            dst.write(chunk)
-            dst.flush()
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
 
 
 def _pump_stdin(dst: IO[bytes]) -> None:

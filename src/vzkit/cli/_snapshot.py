@@ -20,6 +20,12 @@ from ._run import run_and_exit, run_config
 __all__ = ["snapshot", "snapshot_list", "snapshot_restore", "snapshot_rm", "snapshot_save"]
 
 
+def _guest_command(command: tuple[str, ...]) -> tuple[str, ...]:
+    """COMMAND without the ``--`` that separates it from VM_DIR NAME: once the positional
+    arguments have started, click passes a ``--`` on as an argument."""
+    return command[1:] if command[:1] == ("--",) else command
+
+
 @main.group()
 def snapshot() -> None:
     """VM state snapshots."""
@@ -77,6 +83,7 @@ def snapshot_save(
     """
     from vzkit import VirtualMachine  # on first use: 'vzkit --help' does not pay for it
 
+    command = _guest_command(command)
     cfg = run_config(False, opts)
     with VirtualMachine(cfg, backend=backend) as vm:
         vm.start(timeout=boot_timeout)
@@ -106,4 +113,5 @@ def snapshot_restore(
 ) -> None:  # fmt: skip
     """Restore snapshot NAME of VM_DIR into a new VM and run COMMAND in it (like 'vzkit run
     --from-snapshot'); without COMMAND the console is attached to this terminal."""
+    command = _guest_command(command)
     run_and_exit(command, backend, (), None, False, boot_timeout, opts, (vm_dir, name))

@@ -175,6 +175,7 @@ def default_image(
         existing = _load(target)
         if existing is not None:
             progress.step("cached")
+            progress.dismiss()  # nothing built: no "done" line on every run from the cache
             _upgrade_trust(target, debs.trust)
             return existing
         progress.step("packing the initramfs")

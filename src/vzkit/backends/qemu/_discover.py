@@ -22,6 +22,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ..._cache import user_cache_dir
 from ..._config import efi_override, qemu_binary_override
@@ -210,27 +211,50 @@ def _probe_cache_file() -> Path:
     return user_cache_dir() / "kvm-probe.json"
 
 
-def cached_kvm_probe(binary: Path) -> bool | None:
-    """A recorded KVM probe result for this binary and host kernel, if any."""
+def _kvm_record(binary: Path) -> dict[str, object] | None:
     try:
         data = json.loads(_probe_cache_file().read_text())
     except (OSError, ValueError):
         return None
     value = data.get(_probe_cache_key(binary)) if isinstance(data, dict) else None
-    return value if isinstance(value, bool) else None
+    if isinstance(value, bool):  # written by vzkit before the verdict carried its reason
+        return {"works": value, "detail": ""}
+    if isinstance(value, dict) and isinstance(value.get("works"), bool):
+        return value
+    return None
 
 
-def record_kvm_probe(binary: Path, works: bool) -> None:
+def cached_kvm_probe(binary: Path) -> bool | None:
+    """A recorded KVM probe result for this binary and host kernel, if any."""
+    record = _kvm_record(binary)
+    return None if record is None else bool(record["works"])
+
+
+def cached_kvm_detail(binary: Path) -> str:
+    """What the recorded KVM probe saw (why KVM does not work), or ``""``."""
+    record = _kvm_record(binary)
+    detail = record.get("detail") if record is not None else None
+    return detail if isinstance(detail, str) else ""
+
+
+def record_kvm_probe(binary: Path, works: bool, detail: str = "") -> None:
     path = _probe_cache_file()
     data = _read_json_map(path)
-    data[_probe_cache_key(binary)] = works
+    data[_probe_cache_key(binary)] = {"works": works, "detail": detail}
     _write_json_map(path, data)
+
+
+class KvmProbe(NamedTuple):
+    """A probe boot's verdict, and what it saw when KVM did not work."""
+
+    works: bool
+    detail: str = ""
 
 
 PROBE_TIMEOUT_S = 10.0
 
 
-def probe_kvm(binary: Path, arch: Arch, kernel: Path, timeout: float | None = None) -> bool:
+def probe_kvm(binary: Path, arch: Arch, kernel: Path, timeout: float | None = None) -> KvmProbe:
     """Boot ``kernel`` under KVM with no root file system and see it through to its panic.
 
     With ``panic=-1`` and ``-no-reboot`` a kernel that boots ends QEMU within a second or two;
@@ -260,17 +284,20 @@ def probe_kvm(binary: Path, arch: Arch, kernel: Path, timeout: float | None = No
             )
         except subprocess.TimeoutExpired:
             log.debug("KVM probe boot hung for %.0f s", timeout)
-            return False
+            return KvmProbe(False, f"a probe boot under KVM hung (no result in {timeout:g} s)")
         except OSError as err:
             log.debug("KVM probe could not run: %s", err)
-            return False
+            return KvmProbe(False, f"the probe could not run QEMU: {err.strerror or err}")
         output = console_log.read_bytes() if console_log.exists() else b""
-        works = proc.returncode == 0 and b"Kernel panic" in output
-        if not works:
-            log.debug(
-                "KVM probe failed (exit %d): %s", proc.returncode, proc.stderr.decode()[-500:]
-            )
-        return works
+        if proc.returncode == 0 and b"Kernel panic" in output:
+            return KvmProbe(True)
+        stderr = proc.stderr.decode(errors="replace")
+        log.debug("KVM probe failed (exit %d): %s", proc.returncode, stderr[-500:])
+        lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+        if proc.returncode != 0:
+            said = f": {lines[0][:200]}" if lines else ""
+            return KvmProbe(False, f"QEMU under KVM failed (exit {proc.returncode}){said}")
+        return KvmProbe(False, "a probe boot under KVM ended without the kernel's output")
 
 
 def select_accelerator(
@@ -292,6 +319,8 @@ def select_accelerator(
                 f"accelerator {choice!r} is not offered by {binary.name} "
                 f"(it has: {', '.join(sorted(available)) or 'none'})"
             )
+        if choice == "kvm" and sys.platform.startswith("linux"):
+            _check_requested_kvm(binary, guest, probe_kernel)
         return choice
     native = guest is host_arch()
     if native and sys.platform == "darwin" and "hvf" in available:
@@ -308,19 +337,46 @@ def select_accelerator(
 
 _probe_lock = threading.Lock()
 
+_NOT_KVM = (
+    "use --accel tcg (config accelerator='tcg'), or leave it out: vzkit then picks what works"
+)
+
+
+def _check_requested_kvm(binary: Path, guest: Arch, probe_kernel: Path | None) -> None:
+    """KVM asked for by name: refuse it up front where it cannot work, rather than let QEMU
+    fail with an assertion or hang the guest. The probe is the same one the automatic choice
+    uses (and shares its record)."""
+    if guest is not host_arch():
+        raise ConfigError(
+            f"accelerator 'kvm' runs only {host_arch().value} guests on this host, not "
+            f"{guest.value}; {_NOT_KVM}"
+        )
+    if not _kvm_usable():
+        why = "does not exist" if not os.path.exists("/dev/kvm") else "is not readable and writable"
+        raise ConfigError(f"accelerator 'kvm' was asked for but /dev/kvm {why}; {_NOT_KVM}")
+    with _probe_lock:
+        verdict = _probe_once(binary, guest, probe_kernel)
+    if verdict is False:
+        raise ConfigError(
+            "accelerator 'kvm' was asked for but KVM does not work on this host: "
+            f"{cached_kvm_detail(binary) or 'a probe boot under KVM failed'} (recorded in "
+            f"{_probe_cache_file()}); {_NOT_KVM}"
+        )
+
 
 def _probe_once(binary: Path, guest: Arch, probe_kernel: Path | None) -> bool | None:
     verdict = cached_kvm_probe(binary)
     if verdict is None and probe_kernel is not None:
         t0 = time.monotonic()
-        verdict = probe_kvm(binary, guest, probe_kernel)
+        probe = probe_kvm(binary, guest, probe_kernel)
+        verdict = probe.works
         log.info(
             "KVM probe boot %s in %.1f s; %s from now on on this host",
-            "succeeded" if verdict else "failed",
+            "succeeded" if verdict else f"failed ({probe.detail})",
             time.monotonic() - t0,
             "using KVM" if verdict else "using TCG",
         )
-        record_kvm_probe(binary, verdict)
+        record_kvm_probe(binary, verdict, probe.detail)
     return verdict
 
 

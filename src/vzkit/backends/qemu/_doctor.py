@@ -42,7 +42,14 @@ def _arch_checks(guest: Arch) -> list[Check]:
     ]
     if "kvm" in offered:
         verdict = _discover.cached_kvm_probe(binary)
-        checks.append(Check(name=f"{arch} KVM", ok=verdict is not False, detail=_KVM[verdict]))
+        detail, hint = _KVM[verdict], ""
+        if verdict is False:
+            why = _discover.cached_kvm_detail(binary)
+            detail = f"{detail}: {why}" if why else detail
+            hint = "guests run under TCG, slower; vzkit re-probes when QEMU or the kernel changes"
+        elif verdict is None:
+            hint = "the first VM started probes it (a boot of a few seconds)"
+        checks.append(Check(name=f"{arch} KVM", ok=verdict is not False, detail=detail, hint=hint))
     sandbox = asyncio.run(_discover.sandbox_probe(binary))
     if sandbox.supported:
         detail = "QEMU runs under its seccomp sandbox (-sandbox on)"
