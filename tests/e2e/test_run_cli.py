@@ -20,8 +20,10 @@ from .conftest import ARCHES
 VZKIT = [sys.executable, "-m", "vzkit.cli"]
 
 
-def vzkit_run(*args: str, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([*VZKIT, "run", *args], capture_output=True, timeout=300, **kwargs)  # type: ignore[call-overload, no-any-return]
+def vzkit_run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [*VZKIT, "run", *map(str, args)], capture_output=True, timeout=300, **kwargs
+    )  # type: ignore[call-overload, no-any-return]
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -43,14 +45,20 @@ def test_run_missing_command_is_127_with_the_guests_message() -> None:
     assert b"no-such-command" in proc.stderr
 
 
-def test_run_env_workdir_and_boot_timeout() -> None:
+def test_run_env_workdir_and_boot_timeout(tmp_path: Path) -> None:
+    env_file = tmp_path / "job.env"
+    env_file.write_text("# from a file\nFROM_FILE=file value\nHOST_ONLY\n")
     proc = vzkit_run(
-        "-e", "GREETING=hello there", "--env", "EMPTY=", "-w", "/tmp", "--boot-timeout", "120",
-        "--", "sh", "-c", 'echo "$GREETING|$EMPTY|$PATH"; pwd',
+        "-e", "GREETING=hello there", "--env", "EMPTY=", "-e", "FROM_SHELL", "-e", "UNSET_HERE",
+        "--env-file", env_file, "-w", "/tmp", "--boot-timeout", "120",
+        "--", "sh", "-c",
+        'echo "$GREETING|$EMPTY|$PATH|$FROM_SHELL|$FROM_FILE|$HOST_ONLY|${UNSET_HERE-unset}"; pwd',
+        env={**os.environ, "FROM_SHELL": "shell value", "HOST_ONLY": "h"},
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().splitlines() == [
-        "hello there||/usr/sbin:/usr/bin:/sbin:/bin",  # with -e, a plain environment
+        # with -e, a plain environment; NAME alone passes this shell's value, or nothing
+        "hello there||/usr/sbin:/usr/bin:/sbin:/bin|shell value|file value|h|unset",
         "/tmp",
     ]
     too_short = vzkit_run("--boot-timeout", "0.01", "--", "true")

@@ -135,14 +135,50 @@ def test_config_initrd_and_iso(tmp_path: Path) -> None:
     assert f"initrd_path: '{tmp_path / 'nope.img'}' does not exist" in missing.stderr
 
 
-@pytest.mark.parametrize("bad", ["NOVALUE", "=value"])
-def test_run_env_without_name_and_value_is_a_usage_error_before_any_boot(
-    cache: Path, bad: str
-) -> None:
+@pytest.mark.parametrize("bad", ["=value", " SPACED=1"])
+def test_run_env_without_a_name_is_a_usage_error_before_any_boot(cache: Path, bad: str) -> None:
     # (an empty cache: a boot would have to build the default image first, and fail otherwise)
     result = run("run", "-e", "GOOD=1", "--env", bad, "--", "true")
     assert result.exit_code == 2, result.output
-    assert f"vzkit: error: --env wants NAME=VALUE, got {bad!r}" in result.stderr
+    assert f"vzkit: error: --env wants NAME=VALUE or NAME, got {bad!r}" in result.stderr
+    assert not cache.exists()
+
+
+def test_env_and_env_files_as_docker_reads_them(tmp_path: Path) -> None:
+    """``-e NAME`` passes the host's value (left out when the host has none), ``--env-file``
+    lines are NAME=VALUE or NAME with # comments and no quote removal; -e wins over files
+    (issue 18 item 7)."""
+    from vzkit.cli._run import expand_env
+
+    first = tmp_path / "a.env"
+    first.write_text("# settings\nA=1\n\nB='quoted'\nFROM_HOST\nMISSING\nC=x=y\n")
+    second = tmp_path / "b.env"
+    second.write_text("A=2\n")
+    host = {"FROM_HOST": "host value", "HOME": "/home/me", "A": "host"}
+    assert expand_env(("HOME", "NOPE", "A=3", "E="), (first, second), host) == (
+        "A=1",
+        "B='quoted'",
+        "FROM_HOST=host value",
+        "C=x=y",
+        "A=2",
+        "HOME=/home/me",
+        "A=3",
+        "E=",
+    )
+    bad = tmp_path / "bad.env"
+    bad.write_text("OK=1\n=oops\n")
+    with pytest.raises(ValueError, match=r"bad.env:2 wants NAME=VALUE or NAME, got '=oops'"):
+        expand_env((), (bad,), host)
+    with pytest.raises(ValueError, match=r"--env-file .*missing.env' cannot be read"):
+        expand_env((), (tmp_path / "missing.env",), host)
+
+
+def test_run_env_file_that_cannot_be_read_exits_2_before_any_boot(
+    cache: Path, tmp_path: Path
+) -> None:
+    result = run("run", "--env-file", tmp_path / "missing.env", "--", "true")
+    assert result.exit_code == 2, result.output
+    assert "cannot be read" in result.stderr
     assert not cache.exists()
 
 

@@ -125,7 +125,13 @@ COVERED: dict[str, list[str]] = {
     "run --volume": [_SHARED, "e2e/test_qemu_shares.py::test_vzkit_run_volume"],
     "run --backend": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
     "run --env": [
-        f"{_CMDS}::test_run_env_without_name_and_value_is_a_usage_error_before_any_boot",
+        f"{_CMDS}::test_run_env_without_a_name_is_a_usage_error_before_any_boot",
+        f"{_CMDS}::test_env_and_env_files_as_docker_reads_them",
+        f"{_RUN}::test_run_env_workdir_and_boot_timeout",
+    ],
+    "run --env-file": [
+        f"{_CMDS}::test_env_and_env_files_as_docker_reads_them",
+        f"{_CMDS}::test_run_env_file_that_cannot_be_read_exits_2_before_any_boot",
         f"{_RUN}::test_run_env_workdir_and_boot_timeout",
     ],
     "run --workdir": [f"{_RUN}::test_run_env_workdir_and_boot_timeout"],

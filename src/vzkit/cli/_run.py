@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,7 +23,7 @@ from ._app import main
 from ._errors import EXIT_USAGE
 from ._options import build_config, vm_options
 
-__all__ = ["EXIT_RUN_FAILED", "run_and_exit", "run_cmd", "run_config"]
+__all__ = ["EXIT_RUN_FAILED", "expand_env", "run_and_exit", "run_cmd", "run_config"]
 
 #: ``vzkit run``'s own failures (the VM could not boot, ...), as ``docker run`` uses 125.
 EXIT_RUN_FAILED = 125
@@ -77,7 +78,21 @@ def _exit_code(returncode: int) -> int:
     show_default=True,
     help="Which hypervisor backend runs the VM.",
 )
-@click.option("-e", "--env", "env", multiple=True, metavar="NAME=VALUE", help="Set a variable.")
+@click.option(
+    "-e",
+    "--env",
+    "env",
+    multiple=True,
+    metavar="NAME[=VALUE]",
+    help="Set a variable; NAME alone passes this shell's value (as docker does).",
+)
+@click.option(
+    "--env-file",
+    "env_files",
+    multiple=True,
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Read variables from a file: NAME=VALUE or NAME per line, # comments (docker's format).",
+)
 @click.option("-w", "--workdir", metavar="DIR", help="Working directory in the guest.")
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin even when it is a terminal.")
 @click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
@@ -98,6 +113,7 @@ def run_cmd(
     command: tuple[str, ...],
     backend: str,
     env: tuple[str, ...],
+    env_files: tuple[Path, ...],
     workdir: str | None,
     interactive: bool,
     boot_timeout: float,
@@ -118,7 +134,41 @@ def run_cmd(
       vzkit run --from-snapshot warm --vm-dir ./vm -- python3 job.py
     """
     snap = (vm_dir, from_snapshot) if from_snapshot is not None else None
+    try:
+        env = expand_env(env, env_files, os.environ)
+    except SpecError as err:
+        click.echo(f"vzkit: error: {err}", err=True)
+        sys.exit(EXIT_USAGE)
     run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap)
+
+
+def expand_env(
+    items: tuple[str, ...], files: tuple[Path, ...], host: Mapping[str, str]
+) -> tuple[str, ...]:
+    """``-e``/``--env-file`` as docker reads them, as ``NAME=VALUE`` items: the files first
+    (a line is ``NAME=VALUE`` or ``NAME``; blank lines and ``#`` comments are skipped; no
+    quotes are removed), then ``-e``, later ones winning. ``NAME`` alone takes the value in
+    ``host`` and is left out when ``host`` has none."""
+    lines: list[tuple[str, str]] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SpecError(f"--env-file {str(path)!r} cannot be read: {err}") from err
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                lines.append((line, f"{path}:{number}"))
+    lines += [(item, "--env") for item in items]
+    out = []
+    for item, where in lines:
+        name, sep, value = item.partition("=")
+        if not name or name != name.strip() or "\0" in item:
+            raise SpecError(f"{where} wants NAME=VALUE or NAME, got {item!r}")
+        if sep:
+            out.append(f"{name}={value}")
+        elif name in host:
+            out.append(f"{name}={host[name]}")
+    return tuple(out)
 
 
 def run_and_exit(
