@@ -40,7 +40,7 @@ from ..._state import VMState
 from ...agent import DEFAULT_VSOCK_PORT, authenticate
 from ...errors import UnsupportedError, VMError, VzkitError
 from .._protocol import BalloonInfo, CapturedDisk, ProgressFn, StateListener, notify_state
-from . import _argv, _devices, _discover, _hostprep, _migrate, _vsock_plug
+from . import _argv, _devices, _discover, _hostprep, _migrate, _rootlayer, _vsock_plug
 from ._bridge import find_bridge_helper, open_bridge_tap
 from ._passt import Passt
 from ._run import GuestPanic, QemuRun, panic_line, stderr_tail
@@ -113,6 +113,7 @@ class QemuMachine:
         self._incoming = False
         self.disk_override: Path | None = None
         self.disk_backing: DiskImage | None = None  # the overlay's (set with it)
+        self._root_layer: Path | None = None  # the root disk's layer: first start to close
         self.accel = ""
         #: The CPU model and machine type of the current run (resolved at start: see _argv).
         self.cpu = self.machine_type = ""
@@ -329,6 +330,7 @@ class QemuMachine:
             agent_key_fd=fds.agent_key,
             passt_fd=fds.passt,
             tap_fd=fds.tap,
+            root_layer=self._root_layer,
         )
         self.accel, self.cpu, self.machine_type = plan.accel, plan.cpu, plan.machine
         return plan
@@ -369,6 +371,10 @@ class QemuMachine:
             if vsock is not None:  # a restore plugs this one in later: it starts meanwhile
                 await vsock.prepare()
             host = await self._probe()
+            if self.config.root_disk is not None and self._root_layer is None:
+                self._root_layer = await _rootlayer.create_layer(
+                    self.state_dir, self.config.root_disk, self.stderr_path
+                )
             shares = await self._shares.start(
                 self.config.tagged_volumes(),
                 self.runtime_dir,
@@ -720,6 +726,8 @@ class QemuMachine:
             if self._own_runtime_dir and self._runtime_dir is not None:
                 shutil.rmtree(self._runtime_dir, ignore_errors=True)
             self._runtime_dir, self._own_runtime_dir = None, False
+            _rootlayer.remove_layer(self._root_layer)
+            self._root_layer = None
             if self._own_state_dir and self._state_dir is not None:
                 shutil.rmtree(self._state_dir, ignore_errors=True)
                 self._state_dir = None
