@@ -203,13 +203,17 @@ def run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig
 
 #: How much of a guest's console a failed boot shows (its last lines, at most this many).
 _CONSOLE_TAIL_LINES = 12
+#: How long a failed boot waits for the VM to be seen stopped before reporting.
+_SETTLE_S = 3.0
 
 
-def _with_console(vm: Any, err: VzkitError) -> VzkitError:
+def _with_console(vm: Any, err: VzkitError | OSError) -> VzkitError:
     """``err`` with the end of the guest's console when the guest has stopped: its own
     reason (a root that cannot be mounted, a kernel that cannot boot) is there."""
+    with contextlib.suppress(VzkitError):  # a stopping VM's sockets may go before its state
+        vm.wait(timeout=_SETTLE_S)
     if vm.state not in (VMState.STOPPED, VMState.ERROR):
-        return err
+        return err if isinstance(err, VzkitError) else VMError(f"cannot reach the agent: {err}")
     path = vm.console_log_path
     try:
         text = path.read_bytes()[-8192:].decode(errors="replace") if path is not None else ""
@@ -217,9 +221,9 @@ def _with_console(vm: Any, err: VzkitError) -> VzkitError:
         text = ""
     lines = [line.rstrip() for line in text.replace("\r", "").splitlines() if line.strip()]
     if not lines:
-        return err
+        return VMError(f"the guest stopped before its agent answered ({err})")
     tail = "\n".join("  " + line for line in lines[-_CONSOLE_TAIL_LINES:])
-    return VMError(f"{err}; the guest stopped, its console ended with:\n{tail}")
+    return VMError(f"the guest stopped before its agent answered; its console ended with:\n{tail}")
 
 
 def _run(
@@ -254,7 +258,7 @@ def _run(
             return 0 if state is VMState.STOPPED else 1
         try:
             vm.guest.wait_ready(timeout=boot_timeout)
-        except VzkitError as err:
+        except (VzkitError, OSError) as err:  # OSError: the VM's sockets went with it
             raise _with_console(vm, err) from err
         forward_stdin = interactive or not sys.stdin.isatty()
         proc = vm.guest.popen(list(command), stdin=forward_stdin, env=environment, cwd=workdir)

@@ -59,7 +59,7 @@ fi
 set +f
 
 # The root disk (root=, rootfstype=, rootflags=, vzkit.rootwait=, vzkit.init=).
-root= rootfstype= rootflags= rootwait=10
+root= rootfstype= rootflags= rootwait=5
 for arg in $cmdline; do
     case "$arg" in
         root=*) root=${arg#root=} ;;
