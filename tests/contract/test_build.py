@@ -344,6 +344,13 @@ def test_foreign_arch_and_custom_cid_are_unsupported(
     assert info.value.feature == "network:publish"
 
 
+def test_a_root_disk_is_refused_not_ignored(fake: FakeRuntime, files: dict[str, Path]) -> None:
+    root = vzkit.RootDisk(base=files["disk.img"])
+    with pytest.raises(vzkit.UnsupportedError, match="not lowered on the vz backend yet") as info:
+        vzb.build_linux_vm_config(direct(files, root_disk=root, arch="aarch64"))
+    assert info.value.feature == "root_disk"
+
+
 def test_state_dir_is_required(fake: FakeRuntime, files: dict[str, Path]) -> None:
     cfg = vzkit.LinuxVMConfig(kernel_path=files["vmlinuz"])
     with pytest.raises(vzkit.ConfigError, match="needs a state_dir"):

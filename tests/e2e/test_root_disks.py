@@ -156,3 +156,19 @@ def test_a_bad_root_fails_fast_with_the_guests_message(
     assert "the guest stopped before its agent answered" in err, err
     assert message in err, err
     assert elapsed < 90, elapsed  # not the 180 s boot timeout
+
+
+def test_init_image_runs_the_images_init_beside_the_agent(vms: VMFactory, tmp_path: Path) -> None:
+    """``--init image``: the image's /sbin/init becomes PID 1; the agent still answers."""
+    tree = make_tree(tmp_path / "tree", vms.images["x86_64"])
+    (tree / "sbin").mkdir()
+    (tree / "sbin/init").write_text(
+        "#!/bin/busybox sh\necho IMAGE-INIT-RAN >/dev/console\nexec /bin/busybox sleep 600\n"
+    )
+    (tree / "sbin/init").chmod(0o755)
+    proc = vzkit_run(
+        "--rootfs", str(tree), "--init", "image", "--network", "none", "--",
+        BUSYBOX_ONLY, "sh", "-c", "cat /proc/1/cmdline | busybox tr '\\0' ' '",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode() == "/bin/busybox sleep 600 "  # /sbin/init exec'd into sleep

@@ -266,6 +266,13 @@ def build_linux_vm_config(
             backend="vz",
             feature="network:publish",
         )
+    if cfg.root_disk is not None:  # docs/images.md: the vz side is the next step
+        raise UnsupportedError(
+            "root disks (root_disk, vzkit run --rootfs) are not lowered on the vz backend yet "
+            "(each VM needs its own APFS clone of the raw base); use the qemu backend",
+            backend="vz",
+            feature="root_disk",
+        )
     require_raw_disk(cfg)
     cpus, memory = check_sizes(cfg)
     config = vz().VZVirtualMachineConfiguration.alloc().init()
