@@ -176,3 +176,22 @@ def test_default_guest_config_with_a_rootfs(
     assert cfg.root_disk.base.is_relative_to(tmp_path / "cache")
     with pytest.raises(ConfigError, match="init must be"):
         vzkit.default_guest_config("x86_64", rootfs=tree, init="x", kernel_path=files["vmlinuz"])
+
+
+def test_the_vz_layer_is_a_private_writable_copy(files: dict[str, Path], tmp_path: Path) -> None:
+    from vzkit.backends.vz import _rootclone  # no PyObjC: a plain file copy
+
+    base = files["base.img"]
+    with open(base, "r+b") as fh:
+        fh.seek(1 << 20)
+        fh.write(b"data")
+    base.chmod(0o600)
+    dest = tmp_path / "state" / _rootclone.LAYER_NAME
+    dest.parent.mkdir()
+    dest.write_bytes(b"stale")
+    assert _rootclone.clone_base(base, dest) in ("reflink", "sparse")  # clonefile on macOS
+    assert stat.S_IMODE(dest.stat().st_mode) == 0o600
+    assert dest.read_bytes() == base.read_bytes()
+    assert sorted(p.name for p in dest.parent.iterdir()) == [_rootclone.LAYER_NAME]
+    _rootclone.remove_layer(dest)
+    assert not dest.exists()
