@@ -62,7 +62,14 @@ def test_rootfs_keeps_metadata_and_the_agent_runs_in_it(vms: VMFactory, tmp_path
     }
     base = rootfs_base(tree, cache_dir=tmp_path / "cache", meta=meta)
     before = sha256(base.path)
-    vm = vms.create(root_disk=vzkit.RootDisk(base=base.path), console=vzkit.ConsoleMode.LOG)
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "from-host").write_text("shared\n")
+    vm = vms.create(
+        root_disk=vzkit.RootDisk(base=base.path),
+        console=vzkit.ConsoleMode.LOG,
+        volumes=(vzkit.VolumeMount(share, "data", read_only=True),),
+    )
     vm.start(timeout=60)
     vm.guest.wait_ready(timeout=120)
 
@@ -88,6 +95,7 @@ def test_rootfs_keeps_metadata_and_the_agent_runs_in_it(vms: VMFactory, tmp_path
     assert stats[3] == stats[4]  # one inode: the hard link survived
     assert stats[5] == f"{256 << 20} 0"  # no blocks: still sparse
     assert stats[6:] == ["1", "/run/systemd/resolve/stub-resolv.conf"]  # no network: kept
+    assert sh("cat /mnt/data/from-host") == "shared\n"  # shares land in the image's /mnt
     assert sh("cat /proc/1/cmdline | tr '\\0' ' '") == "/run/vzkit/busybox sh /run/vzkit/stage2.sh "
     # The VM writes into its own layer, never into the shared base.
     sh("echo written >/root/new; sync")

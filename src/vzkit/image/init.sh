@@ -100,6 +100,10 @@ mount_root() {
         fatal "cannot mount root $root ($dev, type ${rootfstype:-auto}): $out"
     # The tools this guest needs live on a tmpfs over the image's /run (a directory every
     # Linux image has; created in the VM's layer when missing): nothing of the image changes.
+    # A symlink there would resolve in the initramfs, not in the image: refused.
+    for dir in run proc sys dev; do
+        [ -L "/newroot/$dir" ] && fatal "/$dir in root $root is a symlink; it must be a directory"
+    done
     [ -d /newroot/run ] || mkdir -p /newroot/run ||
         fatal "root $root has no /run and it cannot be created"
     mount -t tmpfs -o mode=755,nodev,nosuid tmpfs /newroot/run
@@ -137,6 +141,11 @@ if [ -n "$share_tags" ]; then
         tag=$(printf "$(echo "$enc" | sed 's/%/\\x/g')")
         opts=nodev,nosuid
         case "$ro_tags" in *",$enc,"*) opts=$opts,ro ;; esac
+        if [ -L "$R/mnt" ]; then  # it would resolve in the initramfs, not in the image
+            echo "vzkit-init: cannot mount share $tag: /mnt is a symlink" >/dev/console
+            IFS=,
+            continue
+        fi
         mkdir -p "$R/mnt/$tag"
         mount -t virtiofs -o "$opts" "$tag" "$R/mnt/$tag" 2>/dev/null ||
             mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$opts" \
