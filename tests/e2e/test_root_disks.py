@@ -16,7 +16,7 @@ import pytest
 import vzkit
 from vzkit.image import FileMeta, GuestImage, read_cpio, rootfs_base
 
-from .conftest import VMFactory
+from .conftest import ARCHES, VMFactory
 from .test_run_cli import vzkit_run
 
 BUSYBOX_ONLY = "/bin/busybox"  # the trees have no /bin/sh: the image's userland is this only
@@ -104,10 +104,11 @@ def test_rootfs_keeps_metadata_and_the_agent_runs_in_it(vms: VMFactory, tmp_path
     assert sha256(base.path) == before
 
 
-def test_vzkit_run_rootfs_with_network_and_dns(vms: VMFactory, tmp_path: Path) -> None:
-    tree = make_tree(tmp_path / "tree", vms.images["x86_64"])
+@pytest.mark.parametrize("arch", ARCHES)
+def test_vzkit_run_rootfs_with_network_and_dns(vms: VMFactory, tmp_path: Path, arch: str) -> None:
+    tree = make_tree(tmp_path / "tree", vms.images[arch])
     proc = vzkit_run(
-        "--rootfs", str(tree), "--", BUSYBOX_ONLY, "sh", "-c",
+        "--arch", arch, "--rootfs", str(tree), "--", BUSYBOX_ONLY, "sh", "-c",
         "readlink /etc/resolv.conf; busybox grep -c nameserver /etc/resolv.conf; exit 7",
     )  # fmt: skip
     assert proc.returncode == 7, proc.stderr.decode()
