@@ -7,6 +7,7 @@ import os
 import re
 import stat
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -170,7 +171,8 @@ def test_base_images_are_cached_by_content(tree: Path, tmp_path: Path) -> None:
     assert changed.path != first.path
     with_meta = rootfs_base(tree, cache_dir=cache, meta=META)
     assert with_meta.digest not in (first.digest, changed.digest)
-    assert sorted(p.name for p in disks.iterdir() if p.name.startswith(".")) == []
+    leftovers = sorted(p.name for p in disks.iterdir() if p.name.startswith("."))
+    assert leftovers == [".lock"]  # no temporary directory
 
 
 def test_a_failed_build_leaves_nothing_in_the_cache(tree: Path, tmp_path: Path) -> None:
@@ -178,4 +180,13 @@ def test_a_failed_build_leaves_nothing_in_the_cache(tree: Path, tmp_path: Path) 
     (tree / "big").write_bytes(os.urandom(20 * _MIB))  # does not fit in 16 MiB
     with pytest.raises(GuestError, match="mke2fs -d"):
         rootfs_base(tree, cache_dir=cache, size=16 * _MIB)
-    assert list((cache / "images" / "disks").iterdir()) == []
+    assert [p.name for p in (cache / "images" / "disks").iterdir()] == [".lock"]
+
+
+def test_concurrent_builds_of_one_tree_make_one_entry(tree: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        bases = list(pool.map(lambda _: rootfs_base(tree, cache_dir=cache), range(3)))
+    assert bases[0] == bases[1] == bases[2]
+    entries = [p.name for p in (cache / "images" / "disks").iterdir()]
+    assert sorted(entries) == sorted([".lock", bases[0].path.parent.name])

@@ -11,6 +11,7 @@ content-addressed under the image cache (``<cache>/images/disks/<key>/``, see
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -20,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -45,6 +47,7 @@ DISK_FORMAT = 1
 _IMAGE_NAME = "root.img"
 _META_NAME = "disk.json"
 _NO_META: Mapping[str, FileMeta] = MappingProxyType({})
+_LABEL = "vzkit-root"  # the file system label of cached root disks (root=LABEL=vzkit-root)
 #: Where e2fsprogs lives when it is not on PATH: sbin (a user's PATH often lacks it), and
 #: Homebrew's keg-only e2fsprogs on macOS.
 _E2FS_DIRS = (
@@ -321,18 +324,42 @@ def rootfs_base(
     """The cached base image of ``tree`` (built on first use; the same tree and meta give the
     same image, found by digest). A build happens in a temporary directory beside the cache
     entry and is renamed into place complete (image, then ``disk.json``): an interrupted
-    build leaves nothing in the cache."""
+    build leaves nothing in the cache. One build per cache at a time (``flock`` on
+    ``disks/.lock``): a second process building the same tree waits and finds it."""
     source = Path(tree).expanduser().absolute()
     if not source.is_dir():
         raise ConfigError(f"--rootfs {str(source)!r} is not a directory")
-    label = "vzkit-root"
-    key = _tree_key(source, meta, size, label)
+    key = _tree_key(source, meta, size, _LABEL)
     disks = (cache_dir or user_cache_dir()) / "images" / "disks"  # in image_cache_dir
     disks.mkdir(parents=True, exist_ok=True, mode=0o700)
     final = disks / key[:32]
-    existing = _load_base(final)
-    if existing is not None and existing.digest == f"sha256:{key}":
-        return existing
+    with _locked(disks / ".lock"):  # one builder per cache: a second waits, then finds it
+        existing = _load_base(final)
+        if existing is not None and existing.digest == f"sha256:{key}":
+            return existing
+        return _build_entry(source, disks, final, key, meta, size)
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _build_entry(
+    source: Path,
+    disks: Path,
+    final: Path,
+    key: str,
+    meta: Mapping[str, FileMeta],
+    size: int | None,
+) -> BaseImage:
+    """Build the cache entry ``final`` for ``source`` (the caller holds the cache's lock)."""
+    label = _LABEL
     work = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=disks))  # 0700
     try:
         image = build_root_disk(source, work / _IMAGE_NAME, meta=meta, size=size, label=label)
@@ -353,11 +380,7 @@ def rootfs_base(
         _fsync_dir(work)
         if final.exists():  # a stale or foreign entry: rebuilt
             shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(work, final)
-        except OSError:
-            if _load_base(final) is None:  # else another build won the race: theirs stays
-                raise
+        os.rename(work, final)
         _fsync_dir(disks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
