@@ -181,3 +181,24 @@ def test_init_image_runs_the_images_init_beside_the_agent(vms: VMFactory, tmp_pa
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode() == "/bin/busybox sleep 600 "  # /sbin/init exec'd into sleep
+
+
+def test_a_disk_booted_twice_keeps_working_dns(vms: VMFactory, tmp_path: Path) -> None:
+    """A dangling /etc/resolv.conf outside /run is replaced once (on the disk: --disk is
+    written in place) by a link to vzkit's tmpfs; the next boot finds that link and keeps it."""
+    tree = make_tree(tmp_path / "tree", vms.images["x86_64"])
+    (tree / "etc/resolv.conf").unlink()
+    os.symlink("../etc/resolvconf/run/resolv.conf", tree / "etc/resolv.conf")
+    disk = tmp_path / "disk.img"
+    subprocess.run(
+        ["mke2fs", "-q", "-F", "-t", "ext4", "-d", str(tree), str(disk), "128M"], check=True
+    )
+    script = "readlink /etc/resolv.conf; busybox grep -c nameserver /etc/resolv.conf"
+    for boot in (1, 2):
+        proc = vzkit_run(
+            "--disk", str(disk), "--root", "/dev/vda", "--", BUSYBOX_ONLY, "sh", "-c", script
+        )
+        assert proc.returncode == 0, (boot, proc.stderr.decode())
+        lines = proc.stdout.decode().splitlines()
+        assert lines[0] == "/run/vzkit/resolv.conf", (boot, lines)
+        assert int(lines[1]) >= 1, (boot, lines)

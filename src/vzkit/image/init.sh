@@ -58,8 +58,9 @@ if [ -f /etc/vzkit/modules ]; then
 fi
 set +f
 
-# The root disk (root=, rootfstype=, rootflags=, vzkit.rootwait=, vzkit.init=).
+# The root disk (root=, rootfstype=, rootflags=, vzkit.rootwait=; stage2.sh reads vzkit.init=).
 root= rootfstype= rootflags= rootwait=5
+set -f
 for arg in $cmdline; do
     case "$arg" in
         root=*) root=${arg#root=} ;;
@@ -68,6 +69,8 @@ for arg in $cmdline; do
         vzkit.rootwait=*) rootwait=${arg#vzkit.rootwait=} ;;
     esac
 done
+set +f
+case "$rootwait" in '' | *[!0-9]*) rootwait=5 ;; esac
 
 fatal() {
     echo "vzkit-init: FATAL: $*" >/dev/console

@@ -15,13 +15,13 @@ HOME=/root
 export PATH HOME
 cd /
 
-set -f
+set -f  # the command line is split into words below: no globbing
 cmdline=$(cat /proc/cmdline)
-set +f
 init_mode=agent
 for arg in $cmdline; do
     case "$arg" in vzkit.init=*) init_mode=${arg#vzkit.init=} ;; esac
 done
+set +f
 
 # DNS: the DHCP client writes $V/resolv.conf (our tmpfs) and /etc/resolv.conf leads there
 # without writing into the image: a regular file gets our file bind-mounted over it (after
@@ -39,6 +39,7 @@ resolv_setup() {
         esac
         target=$(echo "$target" | sed -e 's#/\./#/#g' -e 's#^/etc/\.\./#/#')
         case "$target" in
+            "$V/resolv.conf") return ;;  # made so at an earlier boot of this disk or layer
             /run/*)
                 case "$target" in *..*) ;; *)
                     mkdir -p "${target%/*}" && ln -sf "$V/resolv.conf" "$target" && return ;;
