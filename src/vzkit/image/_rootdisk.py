@@ -27,6 +27,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .._cache import user_cache_dir
+from .._progress import Progress
 from ..errors import ConfigError, GuestError
 
 __all__ = [
@@ -329,15 +330,19 @@ def rootfs_base(
     source = Path(tree).expanduser().absolute()
     if not source.is_dir():
         raise ConfigError(f"--rootfs {str(source)!r} is not a directory")
-    key = _tree_key(source, meta, size, _LABEL)
     disks = (cache_dir or user_cache_dir()) / "images" / "disks"  # in image_cache_dir
     disks.mkdir(parents=True, exist_ok=True, mode=0o700)
-    final = disks / key[:32]
-    with _locked(disks / ".lock"):  # one builder per cache: a second waits, then finds it
-        existing = _load_base(final)
-        if existing is not None and existing.digest == f"sha256:{key}":
-            return existing
-        return _build_entry(source, disks, final, key, meta, size)
+    with Progress(f"root disk from {source}") as progress:
+        progress.step("hashing the tree")
+        key = _tree_key(source, meta, size, _LABEL)
+        final = disks / key[:32]
+        with _locked(disks / ".lock"):  # one builder per cache: a second waits, then finds it
+            existing = _load_base(final)
+            if existing is not None and existing.digest == f"sha256:{key}":
+                progress.step("cached")
+                return existing
+            progress.step("building (mke2fs -d)")
+            return _build_entry(source, disks, final, key, meta, size)
 
 
 @contextmanager
