@@ -50,7 +50,7 @@ def test_run_env_workdir_and_boot_timeout() -> None:
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().splitlines() == [
-        "hello there||/usr/sbin:/usr/bin:/sbin:/bin",  # with -e, a plain environment
+        "hello there||/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",  # plain
         "/tmp",
     ]
     too_short = vzkit_run("--boot-timeout", "0.01", "--", "true")

@@ -24,6 +24,10 @@ from ._options import build_config, vm_options
 
 __all__ = ["EXIT_RUN_FAILED", "run_and_exit", "run_cmd", "run_config"]
 
+#: The guest PATH of a command run with ``--env`` (a plain environment): the agent's default,
+#: which a root disk's userland (``/usr/local/bin``) needs as well.
+_GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
 #: ``vzkit run``'s own failures (the VM could not boot, ...), as ``docker run`` uses 125.
 EXIT_RUN_FAILED = 125
 
@@ -240,7 +244,7 @@ def _run(
 
     environment: dict[Any, Any] | None = None  # str -> str; typed for the client's Mapping
     if env:
-        environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+        environment = {"PATH": _GUEST_PATH, "HOME": "/root"}
         for item in env:
             name, sep, value = item.partition("=")
             if not sep or not name:
