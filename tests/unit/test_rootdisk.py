@@ -54,10 +54,13 @@ def tree(tmp_path: Path) -> Path:
     (root / "with space").write_text("s")
     (root / "new\nline").write_text("n")
     (Path(os.fsdecode(os.fsencode(root) + b"/" + NON_UTF8))).write_text("u")
+    (Path(os.fsdecode(os.fsencode(root) + b"/etc/" + NON_UTF8))).write_text("owned")
     return root
 
 
 META = {
+    '/dev/a "quoted" fifo': FileMeta(0, 0, stat.S_IFIFO | 0o600),
+    os.fsdecode(b"/etc/" + NON_UTF8): FileMeta(7, 8, stat.S_IFREG | 0o600),
     "/dev/console": FileMeta(0, 5, stat.S_IFCHR | 0o620, os.makedev(5, 1)),
     "/dev/null": FileMeta(0, 0, stat.S_IFCHR | 0o666, os.makedev(1, 3)),
     "/dev/initctl": FileMeta(0, 0, stat.S_IFIFO | 0o600),
@@ -79,6 +82,9 @@ def test_tree_and_meta_survive_into_the_image(tree: Path, tmp_path: Path) -> Non
     assert re.search(r"User:\s+0\s+Group:\s+5", console)
     assert re.search(r"Device major/minor number: 0*5:0*1\b", console), console
     assert "Type: FIFO" in debugfs(image, "stat /dev/initctl")
+    assert "Type: FIFO" in debugfs(image, 'stat "/dev/a ""quoted"" fifo"')
+    latin = debugfs(image, 'stat "/etc/caf\udce9"')  # the name's raw bytes, as mke2fs wrote it
+    assert re.search(r"User:\s+7\s+Group:\s+8", latin), latin
     tool = debugfs(image, "stat /bin/tool")
     assert "Mode:  02750" in tool
     assert re.search(r"User:\s+0\s+Group:\s+50", tool)
@@ -125,7 +131,7 @@ def test_the_image_is_replaced_atomically_and_sized_by_the_rule(tree: Path, tmp_
     ("meta", "message"),
     [
         ({"bin/tool": FileMeta(0, 0, stat.S_IFREG | 0o755)}, "must be absolute"),
-        ({'/bin/"q': FileMeta(0, 0, stat.S_IFCHR, 0)}, "double quotes"),
+        ({"/bin/new\nline": FileMeta(0, 0, stat.S_IFCHR, 0)}, "free of newlines"),
         ({"/../x": FileMeta(0, 0, stat.S_IFCHR, 0)}, "'..'"),
         ({"/etc/missing": FileMeta(0, 0, stat.S_IFREG | 0o644)}, "not in the tree"),
         ({"/nodir/null": FileMeta(0, 0, stat.S_IFCHR, 0)}, "directory is not in the tree"),

@@ -138,16 +138,20 @@ def _tree_usage(tree: Path) -> tuple[int, int]:
     return used, inodes
 
 
-def _debugfs_path(path: str) -> str:
-    """``path`` as one debugfs argument: absolute, normalised, quoted."""
-    if not path.startswith("/") or any(c in path for c in '"\n\r\x00'):
-        raise ConfigError(
-            f"meta path {path!r} must be absolute and free of double quotes and newlines"
-        )
+def _normal_path(path: str) -> str:
+    """``path`` absolute and normalised, or :class:`ConfigError`: no ``..``, and no newline
+    (debugfs reads its script line by line; a NUL cannot be in a name at all)."""
+    if not path.startswith("/") or any(c in path for c in "\n\r\x00"):
+        raise ConfigError(f"meta path {path!r} must be absolute and free of newlines")
     parts = [p for p in path.split("/") if p not in ("", ".")]
     if ".." in parts:
         raise ConfigError(f"meta path {path!r} must not contain '..'")
-    return '"/' + "/".join(parts) + '"'
+    return "/" + "/".join(parts)
+
+
+def _q(text: str) -> str:
+    """One debugfs argument: double-quoted, a double quote in it doubled (its parser's rule)."""
+    return '"' + text.replace('"', '""') + '"'
 
 
 def _meta_script(tree: Path, meta: Mapping[str, FileMeta]) -> str:
@@ -157,7 +161,8 @@ def _meta_script(tree: Path, meta: Mapping[str, FileMeta]) -> str:
         item = meta[path]
         if not isinstance(item, FileMeta):
             raise ConfigError(f"meta[{path!r}] must be a FileMeta, got {item!r}")
-        quoted = _debugfs_path(path)
+        normal = _normal_path(path)
+        quoted = _q(normal)
         kind = stat.S_IFMT(item.mode)
         host = tree / path.lstrip("/")
         if not os.path.lexists(host):
@@ -167,15 +172,15 @@ def _meta_script(tree: Path, meta: Mapping[str, FileMeta]) -> str:
                     "FIFOs can be created from meta alone"
                 )
             # debugfs links a new node by its name in the current directory: cd there first.
-            parent, name = quoted[1:-1].rsplit("/", 1)
+            parent, name = normal.rsplit("/", 1)
             if not (tree / parent.lstrip("/")).is_dir():
                 raise ConfigError(f"meta names {path!r}, whose directory is not in the tree")
-            lines.append(f'cd "{parent or "/"}"')
+            lines.append(f"cd {_q(parent or '/')}")
             if kind == stat.S_IFIFO:
-                lines.append(f'mknod "{name}" p')
+                lines.append(f"mknod {_q(name)} p")
             else:
                 major, minor = os.major(item.rdev), os.minor(item.rdev)
-                lines.append(f'mknod "{name}" {_TYPES[kind]} {major} {minor}')
+                lines.append(f"mknod {_q(name)} {_TYPES[kind]} {major} {minor}")
             lines.append("cd /")
         elif kind and kind != stat.S_IFMT(host.lstat().st_mode):
             raise ConfigError(f"meta gives {path!r} another file type than the tree's")
@@ -243,7 +248,8 @@ def build_root_disk(
         )  # fmt: skip
         if script:
             script_path = work / "meta.debugfs"
-            script_path.write_text(script, encoding="utf-8")
+            # names are the tree's bytes: str from os.fsdecode round-trips with surrogateescape
+            script_path.write_bytes(script.encode("utf-8", "surrogateescape"))
             errors = _run([debugfs, "-w", "-f", str(script_path), str(image)], "debugfs")
             bad = [line for line in errors.splitlines() if line and not _debugfs_banner(line)]
             if bad:
@@ -294,7 +300,8 @@ def _tree_key(tree: Path, meta: Mapping[str, FileMeta], size: int | None, label:
                     digest.update(block)
     for name in sorted(meta):
         item = meta[name]
-        digest.update(f"\0M{name}\0{item.uid} {item.gid} {item.mode:o} {item.rdev}".encode())
+        text = f"\0M{name}\0{item.uid} {item.gid} {item.mode:o} {item.rdev}"
+        digest.update(text.encode("utf-8", "surrogateescape"))  # names: the tree's bytes
     return digest.hexdigest()
 
 
