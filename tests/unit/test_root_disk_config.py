@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import re
 import stat
+import subprocess
 import time
 from pathlib import Path
 
@@ -195,3 +198,30 @@ def test_the_vz_layer_is_a_private_writable_copy(files: dict[str, Path], tmp_pat
     assert sorted(p.name for p in dest.parent.iterdir()) == [_rootclone.LAYER_NAME]
     _rootclone.remove_layer(dest)
     assert not dest.exists()
+
+
+def test_a_users_rootfs_is_roots_in_the_guest(
+    files: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``default_guest_config(rootfs=...)`` run by a user (uid 1234 here, as if) squashes
+    that user's files to root; run by root, owners stay."""
+    from vzkit.image import _rootdisk
+
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc/passwd").write_text("root:x:0:0::/root:/bin/sh\n")
+    os.lchown(tree / "etc/passwd", 1234, 4321)
+    monkeypatch.setenv("VZKIT_CACHE_DIR", str(tmp_path / "cache"))
+    owners = {}
+    for uid in (0, 1234):
+        monkeypatch.setattr(os, "getuid", lambda uid=uid: uid)
+        monkeypatch.setattr(os, "getgid", lambda uid=uid: 4321 if uid else 0)
+        cfg = vzkit.default_guest_config("x86_64", rootfs=tree, kernel_path=files["vmlinuz"])
+        assert cfg.root_disk is not None
+        debugfs = _rootdisk.find_e2fsprogs()[1]
+        out = subprocess.run(
+            [debugfs, "-R", "stat /etc/passwd", str(cfg.root_disk.base)],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        owners[uid] = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", out).groups()  # type: ignore[union-attr]
+    assert owners == {0: ("1234", "4321"), 1234: ("0", "0")}

@@ -196,3 +196,28 @@ def test_concurrent_builds_of_one_tree_make_one_entry(tree: Path, tmp_path: Path
     assert bases[0] == bases[1] == bases[2]
     entries = [p.name for p in (cache / "images" / "disks").iterdir()]
     assert sorted(entries) == sorted([".lock", bases[0].path.parent.name])
+
+
+def test_squash_owner_gives_the_builders_files_to_root(tree: Path, tmp_path: Path) -> None:
+    """As a user's tree looks to rootless podman: the user's files are root's (meta wins)."""
+    for path in (tree / "etc/hosts", tree / "bin/suid", tree / "with space"):
+        os.lchown(path, 1234, 4321)
+    os.lchown(tree / "usr/bin/abs-link", 1234, 99)  # the link itself
+    os.lchown(tree / "bin/tool", 55, 4321)  # someone else's file in the user's group
+    (tree / "bin/suid").chmod(0o4755)  # chown cleared the set-id bit on the host
+    meta = {"/with space": FileMeta(9, 9, stat.S_IFREG | 0o644)}
+    image = build_root_disk(tree, tmp_path / "r.img", meta=meta, squash_owner=(1234, 4321))
+
+    def owner(path: str) -> str:
+        found = re.search(r"User:\s+(\d+)\s+Group:\s+(\d+)", debugfs(image, f'stat "{path}"'))
+        assert found
+        return f"{found.group(1)}:{found.group(2)}"
+
+    assert owner("/etc/hosts") == "0:0"
+    assert owner("/bin/suid") == "0:0"
+    assert "Mode:  04755" in debugfs(image, "stat /bin/suid")  # modes untouched
+    assert owner("/usr/bin/abs-link") == "0:99"
+    assert owner("/bin/tool") == "55:0"
+    assert owner("/with space") == "9:9"
+    key = _rootdisk._tree_key
+    assert key(tree, {}, None, "l", (1234, 4321)) != key(tree, {}, None, "l")

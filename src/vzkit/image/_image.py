@@ -260,7 +260,9 @@ def default_guest_config(
     :func:`~vzkit.image.rootfs_base`) that the VM boots with its own copy-on-write layer;
     ``root`` is the root device on the config's ``disk_path`` (e.g. ``/dev/vda1``), which is
     booted and written in place. Either way vzkit's initramfs mounts the root and starts the
-    agent in it; ``init="image"`` runs the image's own ``/sbin/init`` beside the agent.
+    agent in it; ``init="image"`` runs the image's own ``/sbin/init`` beside the agent. Run by
+    a user other than root, ``rootfs`` files owned by that user (and group) are root's in the
+    guest.
     """
     guest = Arch.parse(str(arch)) if arch is not None else host_arch()
     if rootfs is not None and root is not None:
@@ -272,7 +274,9 @@ def default_guest_config(
         image = default_image(guest)
         settings.update(kernel_path=image.kernel, initrd_path=image.initrd, cmdline=image.cmdline())
     if rootfs is not None:
-        base = rootfs_base(rootfs)
+        # Run by a user, their files become root's in the guest (as rootless podman shows them).
+        squash = None if os.getuid() == 0 else (os.getuid(), os.getgid())
+        base = rootfs_base(rootfs, squash_owner=squash)
         settings["root_disk"] = RootDisk(base=base.path, init=_init_mode(init))
     elif root is not None:
         if overrides.get("disk_path") is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import stat
@@ -39,6 +40,7 @@ __all__ = [
     "rootfs_base",
 ]
 
+log = logging.getLogger(__name__)
 _MIB = 1 << 20
 _GIB = 1 << 30
 #: The free space a root disk gets beyond its tree (see :func:`disk_size_for`).
@@ -192,6 +194,33 @@ def _meta_script(tree: Path, meta: Mapping[str, FileMeta]) -> str:
     return "".join(line + "\n" for line in lines)
 
 
+def _squash_script(tree: Path, owner: tuple[int, int], meta: Mapping[str, FileMeta]) -> str:
+    """``sif`` lines giving root (0) the uid and gid ``owner`` has in the tree, for each entry
+    ``meta`` does not name. A name with a newline cannot be named to debugfs: it keeps its
+    owner, with a warning."""
+    uid, gid = owner
+    named = {_normal_path(path) for path in meta}
+    lines, skipped = [], []
+    for path, st in _walk(tree):
+        rel = path.relative_to(tree)
+        guest = "/" if rel == Path(".") else f"/{rel}"
+        if guest in named or (st.st_uid != uid and st.st_gid != gid):
+            continue
+        if "\n" in guest or "\r" in guest:
+            skipped.append(guest)
+            continue
+        if st.st_uid == uid:
+            lines.append(f"sif {_q(guest)} uid 0")
+        if st.st_gid == gid:
+            lines.append(f"sif {_q(guest)} gid 0")
+    if skipped:
+        log.warning(
+            "%d file(s) keep their host owner %d:%d in the root disk (a newline in the name): %r",
+            len(skipped), uid, gid, skipped[:5],
+        )  # fmt: skip
+    return "".join(line + "\n" for line in lines)
+
+
 def _run(argv: list[str], what: str) -> str:
     try:
         proc = subprocess.run(
@@ -212,6 +241,7 @@ def build_root_disk(
     meta: Mapping[str, FileMeta] = _NO_META,
     size: int | None = None,
     label: str = "vzkit-root",
+    squash_owner: tuple[int, int] | None = None,
 ) -> Path:
     """Make the directory ``tree`` into an ext4 raw image at ``dest`` (created 0600; replaced
     atomically if it exists) and return its path.
@@ -219,14 +249,18 @@ def build_root_disk(
     ``meta`` overrides owner and mode per absolute guest path and creates device nodes and
     FIFOs the tree lacks (see :class:`FileMeta`). ``size`` in bytes, else
     :func:`disk_size_for` the tree. Files keep their host owners unless ``meta`` says
-    otherwise (the root directory is owned by root). :class:`GuestError` when e2fsprogs is
-    missing or fails, :class:`ConfigError` for a bad tree or meta.
+    otherwise (the root directory is owned by root); ``squash_owner=(uid, gid)`` records
+    that host user's and group's files as root's (what rootless podman shows of a user's own
+    files; ``meta`` still wins). :class:`GuestError` when e2fsprogs is missing or fails,
+    :class:`ConfigError` for a bad tree or meta.
     """
     source, target = Path(tree), Path(dest)
     if not source.is_dir():
         raise ConfigError(f"root file system tree {str(source)!r} is not a directory")
     mke2fs, debugfs = find_e2fsprogs()
     script = _meta_script(source, meta)
+    if squash_owner is not None:
+        script = _squash_script(source, squash_owner, meta) + script
     if size is None:
         size = disk_size_for(*_tree_usage(source))
     elif not isinstance(size, int) or isinstance(size, bool) or size < 16 * _MIB:
@@ -276,13 +310,20 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def _tree_key(tree: Path, meta: Mapping[str, FileMeta], size: int | None, label: str) -> str:
+def _tree_key(
+    tree: Path,
+    meta: Mapping[str, FileMeta],
+    size: int | None,
+    label: str,
+    squash_owner: tuple[int, int] | None = None,
+) -> str:
     """The digest of everything the disk is made of: each entry's relative path (bytes), type,
     mode, owner, size, symlink target, hard-link identity and content; the meta, the size
     asked for, the label and :data:`DISK_FORMAT`. Times are left out: mke2fs copies them,
     but a tree unpacked twice should not make two images."""
     digest = hashlib.sha256()
-    digest.update(json.dumps([DISK_FORMAT, size, label]).encode())
+    squash = list(squash_owner) if squash_owner is not None else None
+    digest.update(json.dumps([DISK_FORMAT, size, label, squash]).encode())
     links: dict[tuple[int, int], bytes] = {}
     for path, st in _walk(tree):
         rel = os.fsencode(path.relative_to(tree))
@@ -328,9 +369,11 @@ def rootfs_base(
     cache_dir: Path | None = None,
     meta: Mapping[str, FileMeta] = _NO_META,
     size: int | None = None,
+    squash_owner: tuple[int, int] | None = None,
 ) -> BaseImage:
     """The cached base image of ``tree`` (built on first use; the same tree and meta give the
-    same image, found by digest). A build happens in a temporary directory beside the cache
+    same image, found by digest). ``meta``, ``size`` and ``squash_owner`` as for
+    :func:`build_root_disk`. A build happens in a temporary directory beside the cache
     entry and is renamed into place complete (image, then ``disk.json``): an interrupted
     build leaves nothing in the cache. One build per cache at a time (``flock`` on
     ``disks/.lock``): a second process building the same tree waits and finds it."""
@@ -341,7 +384,7 @@ def rootfs_base(
     disks.mkdir(parents=True, exist_ok=True, mode=0o700)
     with Progress(f"root disk from {source}") as progress:
         progress.step("hashing the tree")
-        key = _tree_key(source, meta, size, _LABEL)
+        key = _tree_key(source, meta, size, _LABEL, squash_owner)
         final = disks / key[:32]
         with _locked(disks / ".lock"):  # one builder per cache: a second waits, then finds it
             existing = _load_base(final)
@@ -349,7 +392,7 @@ def rootfs_base(
                 progress.step("cached")
                 return existing
             progress.step("building (mke2fs -d)")
-            return _build_entry(source, disks, final, key, meta, size)
+            return _build_entry(source, disks, final, key, meta, size, squash_owner)
 
 
 @contextmanager
@@ -369,12 +412,16 @@ def _build_entry(
     key: str,
     meta: Mapping[str, FileMeta],
     size: int | None,
+    squash_owner: tuple[int, int] | None,
 ) -> BaseImage:
     """Build the cache entry ``final`` for ``source`` (the caller holds the cache's lock)."""
     label = _LABEL
     work = Path(tempfile.mkdtemp(prefix=f".{key[:16]}-", dir=disks))  # 0700
     try:
-        image = build_root_disk(source, work / _IMAGE_NAME, meta=meta, size=size, label=label)
+        image = build_root_disk(
+            source, work / _IMAGE_NAME, meta=meta, size=size, label=label,
+            squash_owner=squash_owner,
+        )  # fmt: skip
         info = {
             "digest": f"sha256:{key}",
             "size": image.stat().st_size,
