@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
     from ._config import MIN_MEMORY_MB, ConsoleMode, LinuxVMConfig
-    from ._disk import DiskFormat, create_disk_image
+    from ._disk import DiskFormat, RootDisk, RootInit, create_disk_image
     from ._display import (
         DisplayConfig,
         DisplayList,
@@ -59,6 +59,8 @@ _LAZY = {
     "ConsoleMode": "._config",
     "LinuxVMConfig": "._config",
     "DiskFormat": "._disk",
+    "RootDisk": "._disk",
+    "RootInit": "._disk",
     "create_disk_image": "._disk",
     "format_size": "._units",
     "parse_size": "._units",
@@ -122,6 +124,8 @@ __all__ = [
     "NetworkMode",
     "PortForward",
     "PortProtocol",
+    "RootDisk",
+    "RootInit",
     "SnapshotError",
     "SnapshotManager",
     "SnapshotMeta",

@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Self, cast
 
 import tomli_w
 
-from ._disk import DiskFormat
+from ._disk import DiskFormat, RootDisk
 from ._display import DisplayConfig, parse_display_spec
 from ._fsutil import write_atomic
 from ._network import NetworkConfig, NetworkMode, PortForward, parse_port_spec
@@ -260,6 +260,8 @@ class ConfigData:
                 ]
             elif f.name in ("displays", "publish"):
                 value = [str(d) for d in value]
+            elif f.name == "root_disk":
+                value = value.to_dict()
             out[f.name] = value
         return out
 
@@ -297,6 +299,8 @@ class ConfigData:
                 kwargs["displays"] = tuple(parse_display_spec(s) for s in kwargs["displays"])
             if "publish" in kwargs:
                 kwargs["publish"] = tuple(parse_port_spec(s) for s in kwargs["publish"])
+            if isinstance(kwargs.get("root_disk"), Mapping):
+                kwargs["root_disk"] = RootDisk(**kwargs["root_disk"])
             return cls(**kwargs)
         except ConfigError:
             raise
@@ -367,6 +371,9 @@ class LinuxVMConfig(ConfigData):
     disk_path: Path | None = None
     disk_format: DiskFormat = DiskFormat.RAW
     iso_path: Path | None = None
+    #: The root file system's disk (a read-only base with a per-VM layer; the first disk,
+    #: ``disk_path`` then comes second): booted by vzkit's initramfs, see :class:`RootDisk`.
+    root_disk: RootDisk | None = None
 
     kernel_path: Path | None = None
     initrd_path: Path | None = None
@@ -448,6 +455,14 @@ class LinuxVMConfig(ConfigData):
                 )
         if "\x00" in self.cmdline:
             raise ConfigError("cmdline contains a NUL byte")
+        if self.root_disk is not None:
+            if not isinstance(self.root_disk, RootDisk):
+                raise ConfigError(f"root_disk must be a RootDisk, got {self.root_disk!r}")
+            if self.kernel_path is None:
+                raise ConfigError(
+                    "root_disk needs direct boot (kernel_path and vzkit's initramfs, which "
+                    "mount the root and start the agent)"
+                )
 
         self._check_devices(
             ("volumes", "displays", "publish"),
@@ -521,8 +536,10 @@ class LinuxVMConfig(ConfigData):
                 )
 
     def _check_files(self) -> None:
-        for name in _INPUT_FILES:
-            path: Path | None = getattr(self, name)
+        named = [(name, getattr(self, name)) for name in _INPUT_FILES]
+        if isinstance(self.root_disk, RootDisk):
+            named.append(("root_disk.base", self.root_disk.base))
+        for name, path in named:
             if path is not None and not path.is_file():
                 what = "does not exist" if not path.exists() else "is not a regular file"
                 raise ConfigError(f"{name}: {str(path)!r} {what}")

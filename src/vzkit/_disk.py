@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import os
+import re
 import shlex
 import shutil
 import struct
@@ -20,7 +21,15 @@ from pathlib import Path
 
 from .errors import BackendUnavailableError, ConfigError, VzkitError
 
-__all__ = ["DiskFormat", "DiskImage", "create_disk_image", "standalone_qcow2_size"]
+__all__ = [
+    "DiskFormat",
+    "DiskImage",
+    "RootDisk",
+    "RootInit",
+    "create_disk_image",
+    "root_cmdline",
+    "standalone_qcow2_size",
+]
 
 _GIB = 1 << 30
 _MIB = 1 << 20
@@ -39,6 +48,77 @@ class DiskImage:
 
     path: Path
     format: DiskFormat
+
+
+class RootInit(enum.StrEnum):
+    """What runs in a root disk's userland: vzkit's small init with the agent (``agent``, the
+    default, as ``docker run`` runs no init), or the image's own ``/sbin/init`` (``image``,
+    e.g. systemd) with the agent started beside it."""
+
+    AGENT = "agent"
+    IMAGE = "image"
+
+
+#: ``root=`` as vzkit's initramfs reads it: a device node, or a file system's LABEL or UUID.
+_ROOT_DEVICE_RE = re.compile(r"/dev/[A-Za-z0-9][A-Za-z0-9/_.-]{0,62}|LABEL=[A-Za-z0-9_.-]{1,64}"
+                             r"|UUID=[0-9A-Fa-f-]{1,64}")  # fmt: skip
+_FSTYPE_RE = re.compile(r"[a-z0-9]{1,16}")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RootDisk:
+    """The guest's root file system on a block device: ``base`` is an image that is never
+    written (each VM writes into its own copy-on-write layer, made by the backend at start
+    and deleted at close), in ``format`` (stated, never probed). It is the VM's first disk
+    (``/dev/vda``); ``device`` is what the guest mounts: ``/dev/vda``, a partition
+    ``/dev/vdaN``, ``LABEL=..`` or ``UUID=..``. Needs vzkit's kernel and initramfs (direct
+    boot), which mount it, inject the agent and ``switch_root`` (see ``docs/images.md``)."""
+
+    base: Path
+    format: DiskFormat = DiskFormat.RAW
+    device: str = "/dev/vda"
+    fstype: str = "ext4"
+    init: RootInit = RootInit.AGENT
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.base, str | os.PathLike) or "\x00" in os.fspath(self.base):
+            raise ConfigError(f"root disk base must be a path, got {self.base!r}")
+        object.__setattr__(self, "base", Path(self.base).expanduser().absolute())
+        try:
+            object.__setattr__(self, "format", DiskFormat(self.format))
+            object.__setattr__(self, "init", RootInit(self.init))
+        except ValueError as err:
+            raise ConfigError(f"root disk: {err}") from None
+        self.cmdline_words()  # checks device and fstype
+
+    def cmdline_words(self) -> str:
+        """The kernel command-line words that tell vzkit's initramfs to boot this root."""
+        return root_cmdline(self.device, self.fstype, self.init)
+
+    def to_dict(self) -> dict[str, str]:
+        return {
+            "base": str(self.base),
+            "format": self.format.value,
+            "device": self.device,
+            "fstype": self.fstype,
+            "init": self.init.value,
+        }
+
+
+def root_cmdline(device: str, fstype: str = "", init: RootInit | str = RootInit.AGENT) -> str:
+    """``root=DEVICE [rootfstype=FSTYPE] [vzkit.init=image]`` for vzkit's initramfs (no
+    ``fstype``: the guest tries the file systems its kernel has). :class:`ConfigError` for a
+    device that is not ``/dev/NAME``, ``LABEL=NAME`` or ``UUID=HEX``."""
+    if not isinstance(device, str) or not _ROOT_DEVICE_RE.fullmatch(device):
+        raise ConfigError(f"root device {device!r} is not /dev/NAME, LABEL=NAME or UUID=HEX")
+    if not isinstance(fstype, str) or (fstype and not _FSTYPE_RE.fullmatch(fstype)):
+        raise ConfigError(f"root file system type {fstype!r} is not a type name")
+    try:
+        mode = RootInit(init)
+    except ValueError:
+        raise ConfigError(f"init must be 'agent' or 'image', got {init!r}") from None
+    words = f"root={device}" + (f" rootfstype={fstype}" if fstype else "")
+    return words if mode is RootInit.AGENT else f"{words} vzkit.init={mode.value}"
 
 
 def create_disk_image(

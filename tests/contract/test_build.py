@@ -344,6 +344,31 @@ def test_foreign_arch_and_custom_cid_are_unsupported(
     assert info.value.feature == "network:publish"
 
 
+def test_a_root_disk_is_the_vms_own_copy_first(
+    fake: FakeRuntime, files: dict[str, Path], tmp_path: Path
+) -> None:
+    root = vzkit.RootDisk(base=files["disk.img"], device="/dev/vda1")
+    cfg = direct(files, root_disk=root, arch="aarch64", cmdline="console=hvc0")
+    layer = tmp_path / "state" / "root-layer.img"
+    layer.parent.mkdir(exist_ok=True)
+    layer.write_bytes(b"\0" * 512)
+    tree = render(fake, vzb.build_linux_vm_config(cfg, root_layer=layer))
+    disks = [d["attachment"] for d in tree["storageDevices"]]
+    assert [(d["URL"], d["readOnly"]) for d in disks] == [
+        (str(layer), False),  # /dev/vda: the copy; the base is never attached
+        (str(files["disk.img"]), False),  # the config's disk_path, second
+    ]
+    assert tree["bootLoader"]["commandLine"] == "console=hvc0 root=/dev/vda1 rootfstype=ext4"
+    with pytest.raises(ValueError, match="per-VM layer"):
+        vzb.build_linux_vm_config(cfg)
+    qcow2 = direct(
+        files, arch="aarch64", root_disk=vzkit.RootDisk(base=files["disk.img"], format="qcow2")
+    )
+    with pytest.raises(vzkit.UnsupportedError, match="raw images only") as info:
+        vzb.build_linux_vm_config(qcow2, root_layer=layer)
+    assert info.value.feature == "disk_format:qcow2"
+
+
 def test_state_dir_is_required(fake: FakeRuntime, files: dict[str, Path]) -> None:
     cfg = vzkit.LinuxVMConfig(kernel_path=files["vmlinuz"])
     with pytest.raises(vzkit.ConfigError, match="needs a state_dir"):

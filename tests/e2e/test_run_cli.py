@@ -58,7 +58,8 @@ def test_run_env_workdir_and_boot_timeout(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr.decode()
     assert proc.stdout.decode().splitlines() == [
         # with -e, a plain environment; NAME alone passes this shell's value, or nothing
-        "hello there||/usr/sbin:/usr/bin:/sbin:/bin|shell value|file value|h|unset",
+        "hello there||/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+        "|shell value|file value|h|unset",
         "/tmp",
     ]
     too_short = vzkit_run("--boot-timeout", "0.01", "--", "true")

@@ -25,6 +25,7 @@ ALLOWED = {
         "vzkit.errors",
         "vzkit._cache",
         "vzkit._config",
+        "vzkit._disk",  # data layer (docs/architecture.md): RootDisk for default_guest_config
         "vzkit._progress",
         "vzkit._state",
         "vzkit.agent",

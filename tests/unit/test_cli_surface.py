@@ -139,6 +139,19 @@ COVERED: dict[str, list[str]] = {
     "run --boot-timeout": [_BOOT_TIMEOUT, f"{_RUN}::test_run_env_workdir_and_boot_timeout"],
     "run --from-snapshot": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
     "run --vm-dir": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
+    "run --rootfs": [
+        "unit/test_cli_root.py::test_rootfs_becomes_a_cached_root_disk",
+        "e2e/test_root_disks.py::test_vzkit_run_rootfs_with_network_and_dns",
+    ],
+    "run --root": [
+        "unit/test_cli_root.py::test_root_and_init_reach_the_kernel_command_line",
+        "e2e/test_root_disks.py::test_partitioned_disk_boots_with_root_vda1",
+        "e2e/test_root_disks.py::test_a_bad_root_fails_fast_with_the_guests_message",
+    ],
+    "run --init": [
+        "unit/test_cli_root.py::test_bad_root_options_exit_2",
+        "e2e/test_root_disks.py::test_init_image_runs_the_images_init_beside_the_agent",
+    ],
     "snapshot": [f"{_CORE}::test_snapshot_list_and_rm"],
     "snapshot list": [f"{_CORE}::test_snapshot_list_and_rm"],
     "snapshot list --json": [f"{_CORE}::test_snapshot_list_and_rm"],

@@ -6,6 +6,7 @@ import gzip
 import io
 import lzma
 import struct
+import subprocess
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -20,6 +21,7 @@ from vzkit.image import (
     find_guest_debs,
     init_script,
     read_cpio,
+    stage2_script,
     uncompress_arm64_kernel,
 )
 
@@ -128,6 +130,8 @@ def test_build_guest_contents(debs: Path, tmp_path: Path) -> None:
     entries = {e.name: e for e in read_cpio(image.initrd.read_bytes())}
     assert entries["init"].data == init_script()
     assert entries["init"].permissions == 0o755
+    assert entries["etc/vzkit/stage2.sh"].data == stage2_script()  # PID 1 on a root disk
+    assert entries["etc/vzkit/stage2.sh"].permissions == 0o755
     assert entries["bin/busybox"].data == make_elf(62)
     assert entries["bin/sh"].linkname == "busybox"
     console = entries["dev/console"]
@@ -223,6 +227,19 @@ def test_init_script_announces_readiness() -> None:
     assert script.startswith("#!/bin/busybox sh\n")
     assert "\\nVZKIT-GUEST-READY\\n" in script
     assert "/etc/vzkit/modules" in script
+
+
+def test_both_stages_parse_as_shell_scripts(tmp_path: Path) -> None:
+    """``sh -n`` (POSIX syntax: busybox ash accepts it) on ``init.sh`` and ``stage2.sh``."""
+    for name, script in (("init.sh", init_script()), ("stage2.sh", stage2_script())):
+        path = tmp_path / name
+        path.write_bytes(script)
+        proc = subprocess.run(["sh", "-n", str(path)], capture_output=True, text=True)
+        assert proc.returncode == 0, f"{name}: {proc.stderr}"
+    stage2 = stage2_script().decode()
+    assert stage2.startswith("#!/run/vzkit/busybox sh\n")
+    assert "\\nVZKIT-GUEST-READY\\n" in stage2
+    assert "IMAGE_PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin" in stage2
 
 
 def _arm64_image() -> bytes:

@@ -30,6 +30,8 @@ EXPECTED_ALL = [
     "NetworkMode",
     "PortForward",
     "PortProtocol",
+    "RootDisk",
+    "RootInit",
     "SnapshotError",
     "SnapshotManager",
     "SnapshotMeta",

@@ -17,13 +17,17 @@ from typing import IO, Any
 import click
 
 from vzkit import ConsoleMode, LinuxVMConfig, SnapshotManager, VMState, default_guest_config
-from vzkit.errors import ConfigError, SpecError, VzkitError
+from vzkit.errors import ConfigError, SpecError, VMError, VzkitError
 
 from ._app import main
 from ._errors import EXIT_USAGE
 from ._options import build_config, vm_options
 
 __all__ = ["EXIT_RUN_FAILED", "expand_env", "run_and_exit", "run_cmd", "run_config"]
+
+#: The guest PATH of a command run with ``--env`` (a plain environment): the agent's default,
+#: which a root disk's userland (``/usr/local/bin``) needs as well.
+_GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: ``vzkit run``'s own failures (the VM could not boot, ...), as ``docker run`` uses 125.
 EXIT_RUN_FAILED = 125
@@ -108,6 +112,24 @@ def _exit_code(returncode: int) -> int:
     show_default=True,
     help="The directory whose snapshots/ holds --from-snapshot.",
 )
+@click.option(
+    "--rootfs",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Boot this directory tree as the root file system (made into a cached ext4 image; "
+    "each VM writes into its own layer).",
+)
+@click.option(
+    "--root",
+    metavar="DEVICE",
+    help="Boot the root file system on --disk, e.g. /dev/vda1, LABEL=root or UUID=...",
+)
+@click.option(
+    "--init",
+    "init_mode",
+    type=click.Choice(["agent", "image"]),
+    help="With --rootfs/--root: 'agent' (default) runs no init of the image; 'image' runs "
+    "its /sbin/init beside the agent.",
+)
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def run_cmd(
     command: tuple[str, ...],
@@ -119,6 +141,9 @@ def run_cmd(
     boot_timeout: float,
     from_snapshot: str | None,
     vm_dir: Path,
+    rootfs: Path | None,
+    root: str | None,
+    init_mode: str | None,
     **opts: Any,
 ) -> None:
     """Boot a fresh VM, run COMMAND in it and exit with its exit code.
@@ -132,6 +157,8 @@ def run_cmd(
       vzkit run --memory 1 -v .:src:ro -- sh -c 'ls /mnt/src'
       vzkit run -p 8080:80 -- busybox httpd -f -p 80
       vzkit run --from-snapshot warm --vm-dir ./vm -- python3 job.py
+      vzkit run --rootfs ./tree -- cat /etc/os-release
+      vzkit run --disk disk.img --root /dev/vda1 -- ls /
     """
     snap = (vm_dir, from_snapshot) if from_snapshot is not None else None
     try:
@@ -139,6 +166,8 @@ def run_cmd(
     except SpecError as err:
         click.echo(f"vzkit: error: {err}", err=True)
         sys.exit(EXIT_USAGE)
+    if rootfs is not None or root is not None or init_mode is not None:
+        opts = {**opts, "rootfs": rootfs, "root": root, "init": init_mode}
     run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap)
 
 
@@ -217,13 +246,45 @@ def run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig
     changes = {k: v for k, v in opts.items() if v is not None and v != ()}
     if interactive_console:
         changes.setdefault("console", ConsoleMode.STDIO)
-    if changes.get("kernel_path") is not None or changes.get("config_file") is not None:
+    rooted = any(changes.get(name) is not None for name in ("rootfs", "root", "init"))
+    if rooted and changes.get("config_file") is not None:
+        raise ConfigError("--rootfs, --root and --init do not combine with --config")
+    if rooted and changes.get("rootfs") is None and changes.get("root") is None:
+        raise ConfigError("--init needs --rootfs or --root")
+    if not rooted and (
+        changes.get("kernel_path") is not None or changes.get("config_file") is not None
+    ):
         return build_config(**{**dict.fromkeys(opts), **changes})
     graphics = changes.pop("graphics", None)
     changes.pop("config_file", None)
     if graphics is not None:
         changes["headless"] = not graphics
     return default_guest_config(changes.pop("arch", None), **changes)
+
+
+#: How much of a guest's console a failed boot shows (its last lines, at most this many).
+_CONSOLE_TAIL_LINES = 12
+#: How long a failed boot waits for the VM to be seen stopped before reporting.
+_SETTLE_S = 3.0
+
+
+def _with_console(vm: Any, err: VzkitError | OSError) -> VzkitError:
+    """``err`` with the end of the guest's console when the guest has stopped: its own
+    reason (a root that cannot be mounted, a kernel that cannot boot) is there."""
+    with contextlib.suppress(VzkitError):  # a stopping VM's sockets may go before its state
+        vm.wait(timeout=_SETTLE_S)
+    if vm.state not in (VMState.STOPPED, VMState.ERROR):
+        return err if isinstance(err, VzkitError) else VMError(f"cannot reach the agent: {err}")
+    path = vm.console_log_path
+    try:
+        text = path.read_bytes()[-8192:].decode(errors="replace") if path is not None else ""
+    except OSError:
+        text = ""
+    lines = [line.rstrip() for line in text.replace("\r", "").splitlines() if line.strip()]
+    if not lines:
+        return VMError(f"the guest stopped before its agent answered ({err})")
+    tail = "\n".join("  " + line for line in lines[-_CONSOLE_TAIL_LINES:])
+    return VMError(f"the guest stopped before its agent answered; its console ended with:\n{tail}")
 
 
 def _run(
@@ -240,7 +301,7 @@ def _run(
 
     environment: dict[Any, Any] | None = None  # str -> str; typed for the client's Mapping
     if env:
-        environment = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "HOME": "/root"}
+        environment = {"PATH": _GUEST_PATH, "HOME": "/root"}
         for item in env:
             name, sep, value = item.partition("=")
             if not sep or not name:
@@ -256,7 +317,10 @@ def _run(
         if not command:  # the console is this terminal; run until the guest powers off
             state = vm.wait()
             return 0 if state is VMState.STOPPED else 1
-        vm.guest.wait_ready(timeout=boot_timeout)
+        try:
+            vm.guest.wait_ready(timeout=boot_timeout)
+        except (VzkitError, OSError) as err:  # OSError: the VM's sockets went with it
+            raise _with_console(vm, err) from err
         forward_stdin = interactive or not sys.stdin.isatty()
         proc = vm.guest.popen(list(command), stdin=forward_stdin, env=environment, cwd=workdir)
         pumps = [

@@ -40,6 +40,7 @@ from ._initramfs import (
     GuestImage,
     build_guest,
     init_script,
+    stage2_script,
     uncompress_arm64_kernel,
 )
 from ._modules import (
@@ -52,16 +53,19 @@ from ._modules import (
     read_modinfo,
     resolve_modules,
 )
+from ._rootdisk import BaseImage, FileMeta, build_root_disk, disk_size_for, rootfs_base
 
 __all__ = [
     "AGENT_TARGETS",
     "CONSOLES",
     "DEB_ARCHES",
     "GUEST_MODULES",
+    "BaseImage",
     "CpioEntry",
     "CpioWriter",
     "DebEntry",
     "DebPackage",
+    "FileMeta",
     "GuestDebs",
     "GuestImage",
     "ModInfo",
@@ -69,11 +73,13 @@ __all__ = [
     "apt_download",
     "build_agent",
     "build_guest",
+    "build_root_disk",
     "compare_versions",
     "deb_arch",
     "decompress_module",
     "default_guest_config",
     "default_image",
+    "disk_size_for",
     "elf_section",
     "fetch_guest_debs",
     "find_guest_debs",
@@ -89,5 +95,7 @@ __all__ = [
     "read_modinfo",
     "remove_images",
     "resolve_modules",
+    "rootfs_base",
+    "stage2_script",
     "uncompress_arm64_kernel",
 ]

@@ -27,11 +27,13 @@ from typing import Any
 
 from .._cache import user_cache_dir
 from .._config import LinuxVMConfig
+from .._disk import RootDisk, RootInit, root_cmdline
 from .._progress import Progress
 from .._state import Arch, host_arch
-from ..errors import GuestError
+from ..errors import ConfigError, GuestError
 from ._fetch import TRUST_LEVELS, GuestDebs, Trust, fetch_guest_debs, find_guest_debs
-from ._initramfs import GUEST_MODULES, GuestImage, build_guest, init_script
+from ._initramfs import GUEST_MODULES, GuestImage, build_guest, init_script, stage2_script
+from ._rootdisk import rootfs_base
 
 __all__ = [
     "AGENT_GUEST_PATH",
@@ -68,6 +70,7 @@ def _image_key(debs: GuestDebs, agent: Path) -> str:
         "busybox": _sha256(debs.busybox),
         "agent": _sha256(agent),
         "init": hashlib.sha256(init_script()).hexdigest(),
+        "stage2": hashlib.sha256(stage2_script()).hexdigest(),
         "modules": list(GUEST_MODULES),
     }
     return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
@@ -233,16 +236,54 @@ def remove_images(cache_dir: Path | None = None, *, arch: str | None = None) -> 
     return removed
 
 
-def default_guest_config(arch: Arch | str | None = None, **overrides: Any) -> LinuxVMConfig:
+def _init_mode(init: RootInit | str) -> RootInit:
+    try:
+        return RootInit(init)
+    except ValueError:
+        raise ConfigError(f"init must be 'agent' or 'image', got {init!r}") from None
+
+
+def default_guest_config(
+    arch: Arch | str | None = None,
+    *,
+    rootfs: str | os.PathLike[str] | None = None,
+    root: str | None = None,
+    init: RootInit | str = RootInit.AGENT,
+    **overrides: Any,
+) -> LinuxVMConfig:
     """A config for the default guest on ``arch`` (the host's by default).
 
     The image is built on first use (see :func:`default_image`) unless ``kernel_path`` is
     overridden. Defaults: 1 CPU, 0.5 GB, NAT networking, headless, console to a log file.
+
+    A userland from a root disk instead of the initramfs's busybox (``docs/images.md``):
+    ``rootfs`` is a directory tree, made into a cached ext4 base image (see
+    :func:`~vzkit.image.rootfs_base`) that the VM boots with its own copy-on-write layer;
+    ``root`` is the root device on the config's ``disk_path`` (e.g. ``/dev/vda1``), which is
+    booted and written in place. Either way vzkit's initramfs mounts the root and starts the
+    agent in it; ``init="image"`` runs the image's own ``/sbin/init`` beside the agent. Run by
+    a user other than root, ``rootfs`` files owned by that user (and group) are root's in the
+    guest.
     """
     guest = Arch.parse(str(arch)) if arch is not None else host_arch()
+    if rootfs is not None and root is not None:
+        raise ConfigError(
+            "give rootfs (a directory tree) or root (a device of disk_path), not both"
+        )
     settings: dict[str, Any] = {"arch": guest, "cpus": 1, "memory_gb": 0.5}
     if "kernel_path" not in overrides:
         image = default_image(guest)
         settings.update(kernel_path=image.kernel, initrd_path=image.initrd, cmdline=image.cmdline())
+    if rootfs is not None:
+        # Run by a user, their files become root's in the guest (as rootless podman shows them).
+        squash = None if os.getuid() == 0 else (os.getuid(), os.getgid())
+        base = rootfs_base(rootfs, squash_owner=squash)
+        settings["root_disk"] = RootDisk(base=base.path, init=_init_mode(init))
+    elif root is not None:
+        if overrides.get("disk_path") is None:
+            raise ConfigError(f"root={root!r} names a device of disk_path, but no disk_path is set")
+        words = root_cmdline(root, "", init)
+        cmdline = str(overrides.pop("cmdline", settings.get("cmdline", "")))
+        settings["cmdline"] = f"{cmdline} {words}".strip()
     settings.update(overrides)
     return LinuxVMConfig(**settings)

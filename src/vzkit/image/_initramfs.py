@@ -40,6 +40,7 @@ __all__ = [
     "GuestImage",
     "build_guest",
     "init_script",
+    "stage2_script",
     "uncompress_arm64_kernel",
 ]
 
@@ -119,6 +120,14 @@ class GuestImage:
 def init_script() -> bytes:
     """The guest's ``/init`` (a busybox sh script shipped as package data)."""
     return importlib.resources.files(__package__ or "vzkit.image").joinpath("init.sh").read_bytes()
+
+
+def stage2_script() -> bytes:
+    """The guest's second stage on a root disk, PID 1 after ``switch_root``
+    (``/etc/vzkit/stage2.sh`` in the initramfs, copied to ``/run/vzkit`` of the root)."""
+    return (
+        importlib.resources.files(__package__ or "vzkit.image").joinpath("stage2.sh").read_bytes()
+    )
 
 
 def _check_arch(arch: str) -> None:
@@ -253,6 +262,7 @@ def build_guest(
     cpio.add_file("bin/busybox", busybox, 0o755)
     cpio.add_symlink("bin/sh", "busybox")
     cpio.add_file("init", init_script(), 0o755)
+    cpio.add_file("etc/vzkit/stage2.sh", stage2_script(), 0o755)
     cpio.add_file("etc/hostname", f"{hostname}\n".encode())
     cpio.add_file("etc/profile", _PROFILE.encode())
     load_lines = []

@@ -5,6 +5,12 @@
 # ("NAME PATH" per line; module parameters come from the kernel command line as NAME.PARAM=V),
 # prints VZKIT-GUEST-READY on the console, then runs a shell on the console. When that shell
 # exits the guest powers off.
+#
+# With root=DEV on the kernel command line (/dev/vdaN, LABEL=.. or UUID=..; rootfstype=,
+# rootflags=, vzkit.rootwait=SECONDS) it mounts that root instead, puts the agent and this
+# busybox on a tmpfs at /run/vzkit of the new root (the image is not changed), moves /proc,
+# /sys and /dev there and switch_roots to /run/vzkit/stage2.sh (docs/images.md). A root that
+# does not appear or cannot be mounted is reported on the console and the guest powers off.
 
 /bin/busybox mkdir -p /proc /sys /dev /run /tmp
 /bin/busybox mount -t proc proc /proc
@@ -52,6 +58,71 @@ if [ -f /etc/vzkit/modules ]; then
 fi
 set +f
 
+# The root disk (root=, rootfstype=, rootflags=, vzkit.rootwait=; stage2.sh reads vzkit.init=).
+root= rootfstype= rootflags= rootwait=5
+set -f
+for arg in $cmdline; do
+    case "$arg" in
+        root=*) root=${arg#root=} ;;
+        rootfstype=*) rootfstype=${arg#rootfstype=} ;;
+        rootflags=*) rootflags=${arg#rootflags=} ;;
+        vzkit.rootwait=*) rootwait=${arg#vzkit.rootwait=} ;;
+    esac
+done
+set +f
+case "$rootwait" in '' | *[!0-9]*) rootwait=5 ;; esac
+
+fatal() {
+    echo "vzkit-init: FATAL: $*" >/dev/console
+    echo "vzkit-init: powering off" >/dev/console
+    sync
+    poweroff -f
+    sleep 10  # poweroff -f does not return; this only waits for it
+}
+
+# Mount root= at /newroot, read-write, or power off with the reason on the console.
+mount_root() {
+    dev=$root
+    tries=$((rootwait * 10))
+    while :; do
+        case "$root" in
+            LABEL=* | UUID=*) dev=$(findfs "$root" 2>/dev/null) || dev= ;;
+        esac
+        [ -n "$dev" ] && [ -b "$dev" ] && break
+        tries=$((tries - 1))
+        if [ "$tries" -le 0 ]; then
+            fatal "root device $root did not appear within ${rootwait} s" \
+                "(block devices: $(ls /sys/class/block 2>/dev/null | tr '\n' ' '))"
+        fi
+        sleep 0.1
+    done
+    mkdir -p /newroot
+    # shellcheck disable=SC2086  # -t TYPE only when given
+    out=$(mount ${rootfstype:+-t "$rootfstype"} -o "rw${rootflags:+,$rootflags}" \
+        "$dev" /newroot 2>&1) ||
+        fatal "cannot mount root $root ($dev, type ${rootfstype:-auto}): $out"
+    # The tools this guest needs live on a tmpfs over the image's /run (a directory every
+    # Linux image has; created in the VM's layer when missing): nothing of the image changes.
+    # A symlink there would resolve in the initramfs, not in the image: refused.
+    for dir in run proc sys dev; do
+        [ -L "/newroot/$dir" ] && fatal "/$dir in root $root is a symlink; it must be a directory"
+    done
+    [ -d /newroot/run ] || mkdir -p /newroot/run ||
+        fatal "root $root has no /run and it cannot be created"
+    mount -t tmpfs -o mode=755,nodev,nosuid tmpfs /newroot/run
+    mkdir -p /newroot/run/vzkit/bin
+    cp /bin/busybox /newroot/run/vzkit/busybox
+    cp /etc/vzkit/stage2.sh /newroot/run/vzkit/stage2.sh
+    [ -x /bin/vzkit-agent ] && cp /bin/vzkit-agent /newroot/run/vzkit/vzkit-agent
+    chmod 755 /newroot/run/vzkit/busybox /newroot/run/vzkit/stage2.sh
+}
+
+R=  # where the guest's root is mounted now ('' or /newroot)
+if [ -n "$root" ]; then
+    mount_root
+    R=/newroot
+fi
+
 # Shared folders: the host lists every share's tag in vzkit.shares= and the read-only ones in
 # vzkit.ro= (comma-separated, percent-encoded). Each is mounted at /mnt/<tag>: VirtioFS first,
 # else virtio-9p (the qemu backend's fallback), nodev,nosuid: a host file is never a device
@@ -73,10 +144,15 @@ if [ -n "$share_tags" ]; then
         tag=$(printf "$(echo "$enc" | sed 's/%/\\x/g')")
         opts=nodev,nosuid
         case "$ro_tags" in *",$enc,"*) opts=$opts,ro ;; esac
-        mkdir -p "/mnt/$tag"
-        mount -t virtiofs -o "$opts" "$tag" "/mnt/$tag" 2>/dev/null ||
+        if [ -L "$R/mnt" ]; then  # it would resolve in the initramfs, not in the image
+            echo "vzkit-init: cannot mount share $tag: /mnt is a symlink" >/dev/console
+            IFS=,
+            continue
+        fi
+        mkdir -p "$R/mnt/$tag"
+        mount -t virtiofs -o "$opts" "$tag" "$R/mnt/$tag" 2>/dev/null ||
             mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$opts" \
-                "$tag" "/mnt/$tag" 2>/dev/null ||
+                "$tag" "$R/mnt/$tag" 2>/dev/null ||
             echo "vzkit-init: cannot mount share $tag" >/dev/console
         IFS=,
     done
@@ -85,6 +161,19 @@ fi
 
 [ -f /etc/hostname ] && hostname -F /etc/hostname
 ip link set lo up 2>/dev/null
+
+if [ -n "$root" ]; then
+    # The kernel file systems move into the new root (with /dev/pts and /dev/shm); the
+    # initramfs's own /run and /tmp go. stage2.sh runs as PID 1 in the new root.
+    for dir in proc sys dev; do
+        [ -d "/newroot/$dir" ] || mkdir -p "/newroot/$dir"
+        mount --move "/$dir" "/newroot/$dir" || fatal "cannot move /$dir into the root"
+    done
+    umount /run /tmp 2>/dev/null
+    exec switch_root /newroot /run/vzkit/busybox sh /run/vzkit/stage2.sh
+    echo "vzkit-init: FATAL: switch_root to $root failed; powering off" >&2
+    poweroff -f
+fi
 
 # Networking when a NIC exists: DHCP in the background (QEMU's user-mode network and VZ's NAT
 # both serve DHCP), so a guest without a network does not wait for one.

@@ -76,6 +76,9 @@ class Plan:
     passt_fd: int | None = None
     #: Bridged on Linux: the tap device vzkit got from qemu-bridge-helper (see ``_bridge``).
     tap_fd: int | None = None
+    #: The root disk's copy-on-write layer for this VM (``_rootlayer``), over
+    #: ``config.root_disk.base``; set exactly when the config has a root disk.
+    root_layer: Path | None = None
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -102,6 +105,8 @@ def kernel_cmdline(plan: Plan) -> str:
     )
     if plan.agent_key_fd is not None:  # where the key is, not the key: cmdlines are public
         cmdline += f" {AGENT_KEY_CMDLINE}"
+    if plan.config.root_disk is not None:
+        cmdline += f" {plan.config.root_disk.cmdline_words()}"
     return f"{cmdline} {shares}" if shares else cmdline
 
 
@@ -252,6 +257,25 @@ def disk_node(plan: Plan) -> dict[str, object] | None:
     out["cache"] = {"direct": False}
     out.update(node)
     return out
+
+
+def root_disk_args(plan: Plan) -> list[str]:
+    """The root disk, the first disk (``/dev/vda``): this VM's qcow2 layer with the base given
+    as its backing, in the base's stated format and read-only (the layer's header names no
+    backing file: QEMU follows nothing it would read from a header)."""
+    root = plan.config.root_disk
+    if root is None:
+        return []
+    if plan.root_layer is None:
+        raise ValueError("a root disk needs its copy-on-write layer in the plan")
+    layer = image_node(DiskImage(plan.root_layer, DiskFormat.QCOW2))
+    layer["backing"] = image_node(DiskImage(root.base, root.format), read_only=True)
+    node: dict[str, object] = {"driver": "qcow2", "node-name": "root0", "cache": {"direct": False}}
+    node.update(layer)
+    return [
+        "-blockdev", json.dumps(node, separators=(",", ":"), ensure_ascii=False),
+        "-device", f"{virtio(plan, 'blk')},drive=root0,id=root0-dev",
+    ]  # fmt: skip
 
 
 def disk_args(plan: Plan) -> list[str]:

@@ -44,7 +44,7 @@ from .._protocol import (
     StateListener,
     notify_state,
 )
-from . import _argv, _devices, _hostprep, _migrate, _vsock_plug
+from . import _argv, _devices, _hostprep, _migrate, _rootlayer, _vsock_plug
 from ._balloon import Balloon
 from ._bridge import find_bridge_helper, open_bridge_tap
 from ._monitor import RunMonitor
@@ -100,6 +100,7 @@ class QemuMachine:
         self._incoming = False
         self.disk_override: Path | None = None
         self.disk_backing: DiskImage | None = None  # the overlay's (set with it)
+        self._root_layer: Path | None = None  # the root disk's layer: first start to close
         self.accel = ""
         #: The CPU model and machine type of the current run (resolved at start: see _argv).
         self.cpu = self.machine_type = ""
@@ -275,6 +276,7 @@ class QemuMachine:
             agent_key_fd=fds.agent_key,
             passt_fd=fds.passt,
             tap_fd=fds.tap,
+            root_layer=self._root_layer,
         )
         self.accel, self.cpu, self.machine_type = plan.accel, plan.cpu, plan.machine
         return plan
@@ -312,6 +314,10 @@ class QemuMachine:
             if vsock is not None:  # a restore plugs this one in later: it starts meanwhile
                 await vsock.prepare()
             host = await self._probe()
+            if self.config.root_disk is not None and self._root_layer is None:
+                self._root_layer = await _rootlayer.create_layer(
+                    self.state_dir, self.config.root_disk, self.stderr_path
+                )
             shares = await self._shares.start(
                 self.config.tagged_volumes(),
                 self.runtime_dir,
@@ -579,6 +585,8 @@ class QemuMachine:
             if self._own_runtime_dir and self._runtime_dir is not None:
                 shutil.rmtree(self._runtime_dir, ignore_errors=True)
             self._runtime_dir, self._own_runtime_dir = None, False
+            _rootlayer.remove_layer(self._root_layer)
+            self._root_layer = None
             if self._own_state_dir and self._state_dir is not None:
                 shutil.rmtree(self._state_dir, ignore_errors=True)
                 self._state_dir = None

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from ..._config import ConsoleMode, LinuxVMConfig
+from ..._disk import DiskFormat
 from ..._fsutil import write_atomic
 from ..._macconfig import MacVMConfig
 from ..._state import host_arch
@@ -170,6 +171,8 @@ def vz_cmdline(cfg: LinuxVMConfig) -> str:
     default guest's ``console=ttyS0``/``ttyAMA0``) gets ``console=hvc0`` appended, so kernel
     messages and the guest's console shell reach the VM's console."""
     cmdline = cfg.cmdline or DEFAULT_CMDLINE
+    if cfg.root_disk is not None:  # vzkit's initramfs mounts it (docs/images.md)
+        cmdline += f" {cfg.root_disk.cmdline_words()}"
     if cfg.console is not ConsoleMode.NONE and "console=hvc0" not in cmdline.split():
         cmdline += " console=hvc0"
     return cmdline
@@ -217,6 +220,22 @@ def boot_loader_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
 # -- the machine -------------------------------------------------------------------------------
 
 
+def require_root_disk(cfg: LinuxVMConfig, root_layer: Path | None) -> None:
+    """A root disk needs a raw base (Virtualization attaches raw only) and this VM's layer."""
+    root = cfg.root_disk
+    if root is None:
+        return
+    if root.format is not DiskFormat.RAW:
+        raise UnsupportedError(
+            f"the vz backend attaches raw images only; the root disk {str(root.base)!r} is "
+            f"{root.format.value} (convert it: qemu-img convert -f {root.format.value} -O raw)",
+            backend="vz",
+            feature=f"disk_format:{root.format.value}",
+        )
+    if root_layer is None:
+        raise ValueError("a root disk needs its per-VM layer (see _rootclone)")
+
+
 def check_sizes(cfg: LinuxVMConfig | MacVMConfig) -> tuple[int, int]:
     """The CPU count and memory size in bytes, inside what this Mac allows."""
     cls = vz().VZVirtualMachineConfiguration
@@ -240,8 +259,12 @@ def build_linux_vm_config(
     *,
     state_dir: str | os.PathLike[str] | None = None,
     console_fds: tuple[int, int] | None = None,
+    root_layer: Path | None = None,
 ) -> Any:
     """The ``VZVirtualMachineConfiguration`` for ``cfg`` (not yet validated).
+
+    ``root_layer`` is the VM's writable copy of ``cfg.root_disk``'s base (``_rootclone``),
+    attached as the first disk; required exactly when the config has a root disk.
 
     ``state_dir`` (default ``cfg.state_dir``) keeps ``linux-machine.id``, ``efi.nvram``, the
     MAC address and the console log. ``console_fds`` wires the console to a pair of
@@ -266,6 +289,7 @@ def build_linux_vm_config(
             backend="vz",
             feature="network:publish",
         )
+    require_root_disk(cfg, root_layer)
     require_raw_disk(cfg)
     cpus, memory = check_sizes(cfg)
     config = vz().VZVirtualMachineConfiguration.alloc().init()
@@ -273,7 +297,7 @@ def build_linux_vm_config(
     config.setMemorySize_(memory)
     config.setPlatform_(platform_to_vz(cfg, sdir))
     config.setBootLoader_(boot_loader_to_vz(cfg, sdir))
-    config.setStorageDevices_(storage_to_vz(cfg))
+    config.setStorageDevices_(storage_to_vz(cfg, root_layer))
     config.setNetworkDevices_(network_to_vz(cfg, sdir))
     config.setEntropyDevices_(entropy_to_vz(cfg))
     config.setMemoryBalloonDevices_(balloon_to_vz(cfg))

@@ -143,11 +143,14 @@ def require_raw_disk(cfg: LinuxVMConfig | MacVMConfig) -> None:
     )
 
 
-def storage_to_vz(cfg: LinuxVMConfig) -> list[Any]:
-    """The main disk (raw only: :func:`require_raw_disk`), then the ISO read-only (the seed's
-    order)."""
+def storage_to_vz(cfg: LinuxVMConfig, root_layer: Path | None = None) -> list[Any]:
+    """The root disk's layer (the VM's own copy of the base: ``/dev/vda``) when the config has
+    one, the main disk (raw only: :func:`require_raw_disk`), then the ISO read-only (the
+    seed's order)."""
     require_raw_disk(cfg)
     devices = []
+    if cfg.root_disk is not None and root_layer is not None:
+        devices.append(create_block_device(create_disk_attachment(root_layer, False)))
     if cfg.disk_path is not None:
         devices.append(create_block_device(create_disk_attachment(cfg.disk_path, False)))
     if cfg.iso_path is not None:
