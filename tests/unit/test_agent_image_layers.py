@@ -25,6 +25,7 @@ ALLOWED = {
         "vzkit.errors",
         "vzkit._cache",
         "vzkit._config",
+        "vzkit._private",
         "vzkit._progress",
         "vzkit._state",
         "vzkit.agent",
