@@ -61,7 +61,7 @@ for ``vzkit run -- python3 ...``, and the CA certificates for HTTPS."""
 _PRIORITY_RANK = {"required": 0, "important": 1, "standard": 2, "optional": 3, "extra": 4}
 _ALTERNATIVE = re.compile(
     r"\s*(?P<name>[a-z0-9][a-z0-9+.\-]*)(?::(?P<arch>[a-z0-9\-]+))?\s*"
-    r"(?:\(\s*(?P<op><<|<=|>=|>>|=|<|>)\s*(?P<version>[^()\s]+)\s*\))?\s*"
+    r"(?:\(\s*(?P<op><<|<=|>=|>>|=|<|>)\s*(?P<version>[0-9][^()\s]*)\s*\))?\s*"
     r"(?:\[[^\]]*\])?\s*(?:<[^<>]*>\s*)*"
 )
 _OPS = {
