@@ -14,8 +14,9 @@ import pytest
 from vzkit.errors import SpecError
 from vzkit.image._debian import debian_deb_dir, parse_debian_ref, prepare_debian_tree
 from vzkit.image._debian_resolve import PackageNotFoundError
-from vzkit.image._debian_stage2 import STAGE2_PATH, layers
+from vzkit.image._debian_stage2 import STAGE2_PATH, layers, sources_list
 from vzkit.image._download import DownloadError
+from vzkit.image._mirror import DEFAULT_MIRROR, DebianSource, default_sources
 
 from .test_guest_deb import make_deb
 from .test_guest_mirror import FakeMirror, Pkg, publish, serve_mirror, sources
@@ -193,3 +194,13 @@ def test_layers_put_each_package_after_what_it_pre_depends_on() -> None:
         ["bb", "dd", "xx"],
         ["aa"],
     ]
+
+
+def test_the_guest_reaches_debians_own_mirrors_over_http_and_others_as_given() -> None:
+    assert sources_list(default_sources(suite="bookworm", mirror=DEFAULT_MIRROR)) == (
+        "deb http://deb.debian.org/debian bookworm main\n"
+        "deb http://deb.debian.org/debian bookworm-updates main\n"
+        "deb http://deb.debian.org/debian-security bookworm-security main\n"
+    )
+    own = DebianSource(url="https://mirror.example/debian/", suite="bookworm")
+    assert sources_list([own]) == "deb https://mirror.example/debian bookworm main\n"

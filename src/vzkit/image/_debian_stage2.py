@@ -7,8 +7,9 @@ tree, as debootstrap's ``--second-stage`` does. :func:`lay_down_second_stage` wr
 - ``/var/lib/dpkg/`` with an empty ``status`` and ``available`` and ``info/``, ``updates/``
   (dpkg's database, which the second stage fills by installing each package again);
 - the .debs in ``/var/cache/apt/archives/`` (``apt-get clean`` removes them at the end);
-- ``/etc/apt/sources.list`` naming the sources the packages came from, so ``apt-get install``
-  works in the guest later; ``/etc/hostname`` and ``/etc/hosts``;
+- ``/etc/apt/sources.list`` naming the sources the packages came from (Debian's own mirrors
+  as ``http://``, see :func:`sources_list`), so ``apt-get install`` works in the guest later;
+  ``/etc/hostname`` and ``/etc/hosts``;
 - ``/usr/sbin/policy-rc.d`` answering 101, so no maintainer script starts a daemon while the
   image is built (removed at the end); ``/usr/bin/awk`` -> ``mawk`` until mawk is configured
   (debootstrap does the same);
@@ -29,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from ._debian_unpack import TreeWriter
-from ._mirror import DebianSource
+from ._mirror import DEFAULT_MIRROR, DEFAULT_SECURITY_MIRROR, DebianSource
 
 __all__ = [
     "ARCHIVES",
@@ -146,9 +147,20 @@ def stage2_script(
     return "\n".join(lines)
 
 
+def _guest_url(url: str) -> str:
+    """Debian's own mirrors over plain HTTP, as Debian's installer writes them: apt checks the
+    Release signatures itself, and TLS in a fresh guest depends on its clock and on the
+    network not re-signing certificates (a proxy's CA is the host's, not the guest's). Other
+    mirrors stay as given (one may serve HTTPS only)."""
+    url = url.rstrip("/")
+    if url in (DEFAULT_MIRROR, DEFAULT_SECURITY_MIRROR):
+        return "http://" + url.removeprefix("https://")
+    return url
+
+
 def sources_list(sources: Sequence[DebianSource]) -> str:
-    """``deb URL SUITE COMPONENT`` for each source, in order."""
-    return "".join(f"deb {s.url.rstrip('/')} {s.suite} {s.component}\n" for s in sources)
+    """``deb URL SUITE COMPONENT`` for each source, in order (see :func:`_guest_url`)."""
+    return "".join(f"deb {_guest_url(s.url)} {s.suite} {s.component}\n" for s in sources)
 
 
 def lay_down_second_stage(

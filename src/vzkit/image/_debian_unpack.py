@@ -75,6 +75,15 @@ class FileMeta:
     rdev: int = 0
 
 
+def _chmod(path: Path, mode: int) -> None:
+    """chmod, dropping setuid/setgid where the host refuses them (e.g. the setgid bit on
+    macOS for a group the user is not in): ``meta`` then records the guest's mode."""
+    try:
+        os.chmod(path, mode)  # a path this writer just made: no symlink
+    except PermissionError:
+        os.chmod(path, mode & ~(stat.S_ISUID | stat.S_ISGID))
+
+
 @dataclass
 class _Dir:
     mode: int
@@ -212,7 +221,7 @@ class TreeWriter:
                 out.write(data)
             else:
                 shutil.copyfileobj(data, out, 1 << 20)
-        os.chmod(host, (mode & 0o7777) | 0o600, follow_symlinks=False)
+        _chmod(host, (mode & 0o7777) | 0o600)
         self._finish(path, uid, gid, stat.S_IFREG | (mode & 0o7777), mtime)
         return path
 
@@ -240,7 +249,7 @@ class TreeWriter:
         full = _TYPE_BITS[kind] | (mode & 0o7777)
         if kind == "fifo":
             os.mkfifo(self.host(path), 0o600)
-            os.chmod(self.host(path), (mode & 0o7777) | 0o600)
+            _chmod(self.host(path), (mode & 0o7777) | 0o600)
             self._finish(path, uid, gid, full, mtime)
         else:
             self.meta[path] = FileMeta(uid, gid, full, rdev)
@@ -295,7 +304,7 @@ class TreeWriter:
             host = self.host(path)
             when = epoch_ns if info.mtime is None else info.mtime * 10**9
             if path != "/":
-                os.chmod(host, (info.mode & 0o7777) | 0o700)
+                _chmod(host, (info.mode & 0o7777) | 0o700)
             os.utime(host, ns=(when, when))
             if path != "/":
                 self._record(path, info.uid, info.gid, stat.S_IFDIR | (info.mode & 0o7777))
