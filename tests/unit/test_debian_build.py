@@ -15,6 +15,7 @@ from vzkit.errors import SpecError
 from vzkit.image._debian import debian_deb_dir, parse_debian_ref, prepare_debian_tree
 from vzkit.image._debian_resolve import PackageNotFoundError
 from vzkit.image._debian_stage2 import STAGE2_PATH, layers, sources_list
+from vzkit.image._debian_unpack import UnpackError
 from vzkit.image._download import DownloadError
 from vzkit.image._mirror import DEFAULT_MIRROR, DebianSource, default_sources
 
@@ -167,6 +168,17 @@ def test_an_interrupted_build_leaves_no_tree_and_the_next_one_resumes(
     again = _deb_requests(repo)[before:]
     assert len(again) == 12 - len(kept)
     assert not any(name in path for name in kept for path in again)
+
+
+def test_a_tree_that_is_not_empty_is_refused_and_left_alone(
+    repo: FakeMirror, tmp_path: Path
+) -> None:
+    old = tmp_path / "out" / "tree" / "precious"
+    old.parent.mkdir(parents=True)
+    old.write_text("keep me")
+    with pytest.raises(UnpackError, match="is not empty: unpack into a fresh directory"):
+        _build(repo, tmp_path / "out", tmp_path / "cache")
+    assert old.read_text() == "keep me"
 
 
 def test_an_unknown_package_fails_before_anything_is_downloaded(

@@ -192,8 +192,8 @@ def prepare_debian_tree(
     debs = {record.name: path for record, path in zip(records, paths, strict=True)}
     t2 = time.monotonic()
     tree = private_dir(dest) / "tree"
+    writer = TreeWriter(tree, epoch=_epoch())  # refuses a tree that holds anything
     try:
-        writer = TreeWriter(tree, epoch=_epoch())
         _unpack(writer, debarch, debs)
         script = lay_down_second_stage(writer, debs, sorted(resolution.core), chosen,
                                        _pre_depends(resolution))  # fmt: skip
