@@ -85,9 +85,9 @@ def test_a_tree_with_every_package_its_metadata_and_the_second_stage(
     libc6 = next(p for p in manifest.packages if p.name == "libc6")
     assert libc6.version == "2.36-9+deb12u4"  # the newest, from -security
     for pkg in manifest.packages:
-        served = next(v for k, v in repo.files.items() if k.endswith(pkg.deb.rsplit("/")[-1]))
+        served = next(v for k, v in repo.files.items() if k.endswith(pkg.deb))
         assert pkg.sha256 == hashlib.sha256(served).hexdigest()
-        assert (tree / pkg.deb.lstrip("/")).read_bytes() == served  # for the second stage
+        assert (tree / "var/cache/apt/archives" / pkg.deb).read_bytes() == served  # for stage 2
     assert manifest.core == ("apt", "base-passwd", "dash", "dpkg", "libc6", "usr-is-merged")
     assert manifest.trust == "unsigned"
     # unpacked, merged /usr
@@ -168,6 +168,22 @@ def test_an_interrupted_build_leaves_no_tree_and_the_next_one_resumes(
     again = _deb_requests(repo)[before:]
     assert len(again) == 12 - len(kept)
     assert not any(name in path for name in kept for path in again)
+
+
+def test_the_debs_can_stay_out_of_the_tree_for_a_share(repo: FakeMirror, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    inside = _build(repo, tmp_path / "one", cache)
+    tree, _, manifest = prepare_debian_tree(
+        tmp_path / "two", arch="x86_64", packages=("jq",), sources=sources(repo), keyring=None,
+        cache_dir=cache, copy_debs=False,
+    )  # fmt: skip
+    assert not list((tree / "var/cache/apt/archives").glob("*.deb"))
+    for pkg in manifest.packages:  # the script's names are the cache's names
+        assert (debian_deb_dir("amd64", cache) / pkg.deb).is_file()
+    script = (tree / STAGE2_PATH.lstrip("/")).read_text()
+    assert 'cd "${1:-/var/cache/apt/archives}"' in script
+    assert manifest.digest != inside.manifest.digest
+    assert not manifest.debs_in_tree
 
 
 def test_a_tree_that_is_not_empty_is_refused_and_left_alone(

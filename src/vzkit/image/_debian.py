@@ -40,7 +40,7 @@ from .._progress import Progress
 from ..errors import SpecError
 from ._deb import DebPackage
 from ._debian_resolve import PackageIndex, Resolution, resolve
-from ._debian_stage2 import ARCHIVES, STAGE2_PATH, lay_down_second_stage
+from ._debian_stage2 import STAGE2_PATH, lay_down_second_stage
 from ._debian_unpack import FileMeta, TreeWriter
 from ._fetch import deb_arch, record_trust
 from ._mirror import (
@@ -83,7 +83,8 @@ def parse_debian_ref(ref: str) -> str:
 
 @dataclass(frozen=True, kw_only=True)
 class ManifestPackage:
-    """One package of the image: what was resolved and exactly which file was unpacked."""
+    """One package of the image: what was resolved and exactly which file was unpacked
+    (``deb``: its file name in the cache, and in :data:`ARCHIVES` of the tree)."""
 
     name: str
     version: str
@@ -104,6 +105,7 @@ class DebianManifest:
     core: tuple[str, ...]
     packages: tuple[ManifestPackage, ...]
     stage2_sha256: str
+    debs_in_tree: bool
     trust: str
     format: int = DEBIAN_FORMAT
 
@@ -167,12 +169,15 @@ def prepare_debian_tree(
     sources: Sequence[DebianSource] | None = None,
     keyring: Keyring = "auto",
     cache_dir: Path | None = None,
+    copy_debs: bool = True,
 ) -> PreparedTree:
     """Resolve, download and unpack a Debian ``suite`` for ``arch`` into ``DEST/tree``.
 
     ``packages`` are added to the required set and :data:`BASE_PACKAGES`; ``mirror`` (or
     ``sources``) as for the default guest. Writes ``DEST/manifest.json``; ``DEST/tree`` must
-    not exist or be empty, and is removed again when the build fails. Raises
+    not exist or be empty, and is removed again when the build fails. ``copy_debs=False``
+    leaves the .debs out of the tree (the second stage is then given their directory, see
+    :func:`~vzkit.image._debian_stage2.lay_down_second_stage`). Raises
     PackageNotFoundError / UnsatisfiableError (resolution), DownloadError (network, checksums),
     UnpackError, all :class:`~vzkit.errors.GuestError`.
     """
@@ -196,14 +201,14 @@ def prepare_debian_tree(
     try:
         _unpack(writer, debarch, debs)
         script = lay_down_second_stage(writer, debs, sorted(resolution.core), chosen,
-                                       _pre_depends(resolution))  # fmt: skip
+                                       _pre_depends(resolution), copy_debs=copy_debs)  # fmt: skip
         meta = writer.finish()
     except BaseException:
         shutil.rmtree(tree, ignore_errors=True)
         raise
     t3 = time.monotonic()
     manifest = _manifest(suite, debarch, chosen, writer.epoch, resolution, records, script,
-                         client.trust)  # fmt: skip
+                         client.trust, copy_debs)  # fmt: skip
     with open_private(dest / "manifest.json", append=False) as out:
         out.write(manifest.to_json().encode())
     log.info(
@@ -223,6 +228,7 @@ def _manifest(
     records: Sequence[PackageRecord],
     script: str,
     trust: str,
+    debs_in_tree: bool,
 ) -> DebianManifest:
     return DebianManifest(
         suite=suite,
@@ -237,10 +243,11 @@ def _manifest(
                 architecture=r.architecture,
                 sha256=r.sha256,
                 size=r.size,
-                deb=f"{ARCHIVES}/{r.file_name}",
+                deb=r.file_name,
             )
             for r in records
         ),
         stage2_sha256=hashlib.sha256(script.encode()).hexdigest(),
+        debs_in_tree=debs_in_tree,
         trust=trust,
     )

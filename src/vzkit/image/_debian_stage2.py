@@ -13,7 +13,8 @@ tree, as debootstrap's ``--second-stage`` does. :func:`lay_down_second_stage` wr
 - ``/usr/sbin/policy-rc.d`` answering 101, so no maintainer script starts a daemon while the
   image is built (removed at the end); ``/usr/bin/awk`` -> ``mawk`` until mawk is configured
   (debootstrap does the same);
-- :data:`STAGE2_PATH`, the script (:func:`stage2_script`), run as root in the guest:
+- :data:`STAGE2_PATH`, the script (:func:`stage2_script`), run as root in the guest as
+  ``/bin/sh /var/lib/vzkit/stage2 [DEBDIR]`` (DEBDIR defaults to :data:`ARCHIVES`):
   debootstrap's order: ``base-passwd``, ``base-files``, ``dpkg``, ``libc6``, ``perl-base``,
   ``mawk`` installed one by one with ``--force-depends``; the rest of the required set
   unpacked and configured with ``--force-depends`` (its dependency cycles have no order); then
@@ -101,7 +102,9 @@ def stage2_script(
         "export DEBIAN_FRONTEND=noninteractive DEBCONF_NONINTERACTIVE_SEEN=true",
         "export LC_ALL=C.UTF-8 LANG=C.UTF-8 LANGUAGE=",
         f"export SOURCE_DATE_EPOCH={epoch}",
-        f"cd {ARCHIVES}",
+        f'cd "${{1:-{ARCHIVES}}}"  # where the .debs are: in the tree, or a share',
+        "[ -e /var/lib/dpkg/status ] && [ ! -s /var/lib/dpkg/status ] || "
+        "{ echo 'vzkit stage2: dpkg status is not empty: already run?' >&2; exit 1; }",
         'step() { echo "vzkit stage2: $*"; }',
         'core() { dpkg --force-depends --force-confold --install "$1"; }',
     ]
@@ -169,9 +172,15 @@ def lay_down_second_stage(
     core: Sequence[str],
     sources: Sequence[DebianSource],
     pre_depends: Mapping[str, Sequence[str]] | None = None,
+    *,
+    copy_debs: bool = True,
 ) -> str:
     """Write the dpkg database, the .debs, apt's sources and the script (see the module docs)
-    into ``writer``'s tree; returns the script's text. ``debs``: package name -> .deb file."""
+    into ``writer``'s tree; returns the script's text. ``debs``: package name -> .deb file.
+
+    ``copy_debs=False`` leaves the .debs out of the tree (43 MB for bookworm that the disk
+    would otherwise hold as freed blocks after ``apt-get clean``): the guest then runs the
+    script with the directory holding them, e.g. a share of the cache, as its argument."""
     for path in ("/var/lib/dpkg/info", "/var/lib/dpkg/updates", "/var/lib/vzkit"):
         writer.directory(path, 0o755)
     writer.file("/var/lib/dpkg/status", b"", 0o644)
@@ -180,9 +189,10 @@ def lay_down_second_stage(
     writer.directory(ARCHIVES, 0o755)
     names: dict[str, str] = {}
     for name in sorted(debs):
-        with debs[name].open("rb") as fh:
-            names[name] = debs[name].name
-            writer.file(f"{ARCHIVES}/{debs[name].name}", fh, 0o644)
+        names[name] = debs[name].name
+        if copy_debs:
+            with debs[name].open("rb") as fh:
+                writer.file(f"{ARCHIVES}/{debs[name].name}", fh, 0o644)
     writer.directory("/etc/apt", 0o755)
     writer.file("/etc/apt/sources.list", sources_list(sources).encode(), 0o644)
     writer.file("/etc/hostname", f"{HOSTNAME}\n".encode(), 0o644)
