@@ -15,6 +15,10 @@ are re-exported by ``vzkit``; the others belong to the module named on their lin
     ├── GuestError                        the guest (image, agent, command) failed
     │   ├── AgentError                    vzkit.agent: the agent refused or failed a request
     │   ├── ProtocolError                 vzkit.agent: the agent's peer broke the agent protocol
+    │   ├── ResolveError                  vzkit.image: a Debian package set cannot be resolved
+    │   │   ├── PackageNotFoundError (also ValueError)  no such package (.suggestions)
+    │   │   └── UnsatisfiableError        a dependency or conflict cannot be met (.chain)
+    │   ├── UnpackError                   vzkit.image: package files clash in a root tree
     │   └── DownloadError                 vzkit.image: a package download failed (.url, .status)
     │       ├── ChecksumError             size or SHA256 differs from the repository's index
     │       └── MirrorError               a Debian mirror lacks or garbles what is needed

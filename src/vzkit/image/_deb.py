@@ -61,6 +61,8 @@ class DebEntry:
 
     ``path`` is absolute and normalised (``./usr/bin/x`` becomes ``/usr/bin/x``); ``mode``
     holds the permission bits only; ``linkname`` is the target of a symlink or hard link.
+    ``uid``/``gid`` are the numeric owner, ``mtime`` the modification time and
+    ``devmajor``/``devminor`` the device numbers of a device node, as the tarball records them.
     """
 
     path: str
@@ -68,6 +70,11 @@ class DebEntry:
     mode: int
     size: int
     linkname: str = ""
+    uid: int = 0
+    gid: int = 0
+    mtime: int = 0
+    devmajor: int = 0
+    devminor: int = 0
 
 
 @dataclass(frozen=True)
@@ -272,7 +279,18 @@ def _entry(info: tarfile.TarInfo) -> DebEntry | None:
     linkname = info.linkname
     if kind == "hardlink":
         linkname = _normal(linkname)
-    return DebEntry(path, kind, info.mode & 0o7777, info.size if kind == "file" else 0, linkname)
+    return DebEntry(
+        path,
+        kind,
+        info.mode & 0o7777,
+        info.size if kind == "file" else 0,
+        linkname,
+        uid=info.uid,
+        gid=info.gid,
+        mtime=int(info.mtime),
+        devmajor=info.devmajor if kind in ("chardev", "blockdev") else 0,
+        devminor=info.devminor if kind in ("chardev", "blockdev") else 0,
+    )
 
 
 class DebPackage:
@@ -368,6 +386,13 @@ class DebPackage:
     def entries(self) -> list[DebEntry]:
         """Every member of the data tarball, in archive order."""
         return [entry for entry, _ in self._tar_entries(self._data_member)]
+
+    def members(self) -> Iterator[tuple[DebEntry, IO[bytes] | None]]:
+        """Stream every member of the data tarball with a reader for regular files' content.
+
+        One pass in archive order; read each stream before advancing (it is invalid after).
+        """
+        return self._tar_entries(self._data_member)
 
     def iter_files(self, select: Callable[[DebEntry], bool]) -> Iterator[tuple[DebEntry, bytes]]:
         """Stream ``(entry, content)`` for the regular files ``select`` accepts.

@@ -42,7 +42,7 @@ import logging
 import lzma
 import os
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -314,6 +314,19 @@ class DebianMirror:
         for path in self.index_dir.glob("*"):
             if path.suffix in (".xz", ".gz", ".part") and path.name not in self._used:
                 path.unlink(missing_ok=True)
+
+    def stanzas(self) -> Iterator[tuple[DebianSource, str]]:
+        """Every raw ``Packages`` stanza of every source, in source order, then index order.
+
+        Unchecked text (for a resolver that must see every package's ``Provides`` and
+        ``Priority``): take what it picks through :meth:`lookup`, which checks the fields.
+        """
+        self.load()
+        assert self._packages is not None
+        for source, stanzas in self._packages:
+            for texts in stanzas.values():
+                for text in texts:
+                    yield source, text
 
     def candidates(self, name: str) -> list[PackageRecord]:
         """Every version of ``name`` for our architecture (or ``all``) in the sources.
