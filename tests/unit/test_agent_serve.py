@@ -98,9 +98,19 @@ def server(agent_server: subprocess.Popen[bytes], server_path: Path) -> Path:
 
 
 def _connect(path: Path) -> socket.socket:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(str(path))
-    return sock
+    """Connect, retrying while the socket is bound but not yet listening: its path appears at
+    bind(), a moment before listen() (refused in between; seen on a loaded CI machine)."""
+    deadline = time.monotonic() + 5
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(str(path))
+            return sock
+        except ConnectionRefusedError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)  # poll interval
 
 
 @pytest.fixture
