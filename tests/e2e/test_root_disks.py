@@ -158,13 +158,22 @@ def test_a_bad_root_fails_fast_with_the_guests_message(
     with open(empty, "wb") as fh:
         fh.truncate(64 << 20)  # no file system
     t0 = time.monotonic()
-    proc = vzkit_run("--disk", str(empty), "--root", root, "--network", "none", "--", "true")
+    home = tmp_path / "vzkit home"
+    proc = vzkit_run(
+        "--disk", str(empty), "--root", root, "--network", "none", "--", "true",
+        env={**os.environ, "VZKIT_HOME": str(home)},
+    )  # fmt: skip
     elapsed = time.monotonic() - t0
     err = proc.stderr.decode()
     assert proc.returncode == 125, err
     assert "the guest stopped before its agent answered" in err, err
     assert message in err, err
     assert elapsed < 90, elapsed  # not the 180 s boot timeout
+    # the whole console log outlives the VM's temporary state directory, private to the user
+    [kept] = (home / "logs").glob("console-*.log")
+    assert f"the whole console log: {kept}" in err
+    assert message.encode() in kept.read_bytes()
+    assert (kept.stat().st_mode & 0o777, kept.parent.stat().st_mode & 0o777) == (0o600, 0o700)
 
 
 def test_init_image_runs_the_images_init_beside_the_agent(vms: VMFactory, tmp_path: Path) -> None:

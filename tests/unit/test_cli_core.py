@@ -408,3 +408,77 @@ def test_python_dash_m_vzkit_is_the_cli() -> None:
         [sys.executable, "-m", "vzkit", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.startswith("vzkit")
+
+
+def test_errors_are_red_on_a_terminal_unless_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    from vzkit.cli._errors import echo_error
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    for no_color, want in (("", "\x1b[31m\x1b[1mvzkit: error:\x1b[0m boom\n"), ("1", None)):
+        terminal = Terminal()
+        monkeypatch.setattr("sys.stderr", terminal)
+        monkeypatch.setenv("NO_COLOR", no_color)
+        echo_error("boom")
+        assert terminal.getvalue() == (want or "vzkit: error: boom\n")
+    pipe = io.StringIO()  # not a terminal: plain
+    monkeypatch.setattr("sys.stderr", pipe)
+    monkeypatch.setenv("NO_COLOR", "")
+    echo_error("boom")
+    assert pipe.getvalue() == "vzkit: error: boom\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "level"), [([], None), (["-v"], "INFO"), (["-vv"], "DEBUG"), (["--debug"], "DEBUG")]
+)
+def test_verbose_and_debug_log_to_stderr(args: list[str], level: str | None) -> None:
+    """``vzkit -v`` logs what vzkit does, ``--debug`` (or ``-vv``) everything; without them
+    vzkit's log stays quiet (issue 18 item 5)."""
+    import logging
+
+    from vzkit.cli import _app
+
+    logger = logging.getLogger("vzkit")
+    saved = (logger.level, list(logger.handlers))
+    try:
+        result = run(*args, "config", "--format", "json")
+        assert result.exit_code == 0, result.output
+        handlers = [h for h in logger.handlers if isinstance(h, _app._Verbose)]
+        if level is None:
+            assert handlers == []
+            return
+        assert logging.getLevelName(logger.level) == level
+        [handler] = handlers
+        record = logger.makeRecord(
+            "vzkit.test", logging.DEBUG, __file__, 1, "argv %s", ("x",), None
+        )
+        assert handler.format(record).endswith(" DEBUG vzkit.test: argv x")
+    finally:
+        logger.setLevel(saved[0])
+        logger.handlers = saved[1]
+
+
+def test_an_agent_that_times_out_shows_the_console_and_keeps_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A guest still booting when the boot timeout ends: the error shows the end of its
+    console and where the whole log is kept (the VM's own goes with its state directory)."""
+    from vzkit import VMState, VMTimeoutError
+    from vzkit.cli._run import _with_console
+
+    console = tmp_path / "console.log"
+    console.write_bytes(b"".join(b"[ %d.0] line %d\r\n" % (i, i) for i in range(40)))
+    vm = type("VM", (), {"state": VMState.RUNNING, "console_log_path": console})()
+    monkeypatch.setenv("VZKIT_HOME", str(tmp_path / "home"))
+    err = _with_console(vm, VMTimeoutError("the guest agent did not answer within 180 s"))
+    text = str(err)
+    assert text.startswith("the guest agent did not answer within 180 s; its console ended with:")
+    assert "  [ 39.0] line 39" in text
+    assert "line 27" not in text  # the last lines only
+    [kept] = (tmp_path / "home" / "logs").glob("console-*.log")
+    assert text.endswith(f"the whole console log: {kept}")
+    assert kept.read_bytes() == console.read_bytes()

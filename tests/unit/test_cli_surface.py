@@ -56,6 +56,8 @@ _BOOT_TIMEOUT = f"{_CMDS}::test_boot_timeout_must_be_a_number"
 
 COVERED: dict[str, list[str]] = {
     " --version": [f"{_CORE}::test_version"],
+    " --verbose": [f"{_CORE}::test_verbose_and_debug_log_to_stderr"],
+    " --debug": [f"{_CORE}::test_verbose_and_debug_log_to_stderr"],
     "codesign": [f"{_MAC}::test_codesign_output_signs_a_copy"],
     "codesign --output": [f"{_MAC}::test_codesign_output_signs_a_copy"],
     "codesign --venv": [f"{_MAC}::test_codesign_venv_replaces_the_symlinks"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -11,13 +12,25 @@ import click
 
 from vzkit.errors import ConfigError, SpecError, VzkitError
 
-__all__ = ["EXIT_FAILURE", "EXIT_USAGE", "F", "handle_errors"]
+__all__ = ["EXIT_FAILURE", "EXIT_USAGE", "F", "echo_error", "handle_errors"]
 
 F = TypeVar("F", bound=Callable[..., Any])
 
 #: Exit codes at the edge: usage-like errors share click's 2, everything else is 1.
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
+
+
+def _color() -> bool:
+    """Color on a terminal unless ``NO_COLOR`` is set to anything (https://no-color.org)."""
+    return not os.environ.get("NO_COLOR") and sys.stderr.isatty()
+
+
+def echo_error(message: object, *, kind: str = "error") -> None:
+    """``vzkit: error: MESSAGE`` on stderr, the prefix in bold red on a terminal."""
+    color = _color()
+    prefix = click.style(f"vzkit: {kind}:", fg="red" if kind == "error" else "yellow", bold=True)
+    click.echo(f"{prefix if color else f'vzkit: {kind}:'} {message}", err=True, color=color)
 
 
 def handle_errors(func: F) -> F:
@@ -28,10 +41,10 @@ def handle_errors(func: F) -> F:
         try:
             return func(*args, **kwargs)
         except (SpecError, ConfigError) as err:
-            click.echo(f"vzkit: error: {err}", err=True)
+            echo_error(err)
             sys.exit(EXIT_USAGE)
         except VzkitError as err:
-            click.echo(f"vzkit: error: {err}", err=True)
+            echo_error(err)
             sys.exit(EXIT_FAILURE)
 
     return wrapper  # type: ignore[return-value]

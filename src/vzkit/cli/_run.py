@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
@@ -20,7 +21,7 @@ from vzkit import ConsoleMode, LinuxVMConfig, SnapshotManager, VMState, default_
 from vzkit.errors import ConfigError, SpecError, VMError, VzkitError
 
 from ._app import main
-from ._errors import EXIT_USAGE
+from ._errors import EXIT_USAGE, echo_error
 from ._options import build_config, vm_options
 
 __all__ = ["EXIT_RUN_FAILED", "expand_env", "run_and_exit", "run_cmd", "run_config"]
@@ -164,7 +165,7 @@ def run_cmd(
     try:
         env = expand_env(env, env_files, os.environ)
     except SpecError as err:
-        click.echo(f"vzkit: error: {err}", err=True)
+        echo_error(err)
         sys.exit(EXIT_USAGE)
     if rootfs is not None or root is not None or init_mode is not None:
         opts = {**opts, "rootfs": rootfs, "root": root, "init": init_mode}
@@ -219,10 +220,10 @@ def run_and_exit(
     try:
         code = _run(command, backend, env, workdir, interactive, boot_timeout, opts, snap)
     except (SpecError, ConfigError) as err:
-        click.echo(f"vzkit: error: {err}", err=True)
+        echo_error(err)
         sys.exit(EXIT_USAGE)
     except VzkitError as err:
-        click.echo(f"vzkit: error: {err}", err=True)
+        echo_error(err)
         sys.exit(EXIT_RUN_FAILED)
     except KeyboardInterrupt:
         click.echo("vzkit: interrupted; the VM was torn down", err=True)
@@ -268,23 +269,69 @@ _CONSOLE_TAIL_LINES = 12
 _SETTLE_S = 3.0
 
 
+def logs_dir() -> Path:
+    """Where a failed boot's console log is kept: ``$VZKIT_HOME/logs``, else the per-user
+    state directory (``$XDG_STATE_HOME/vzkit/logs`` or ``~/.local/state/vzkit/logs``;
+    ``~/Library/Logs/vzkit`` on macOS)."""
+    home = os.environ.get("VZKIT_HOME")
+    if home:
+        return Path(home).expanduser() / "logs"
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Logs" / "vzkit"
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(state) / "vzkit" / "logs"
+
+
+#: Failed boots' console logs kept (the newest; older ones are removed).
+_KEPT_LOGS = 20
+
+
+def _keep_console_log(source: Path | None) -> Path | None:
+    """A private copy (0600 in a 0700 directory: it is guest output) of a failed VM's console
+    log, which goes with the VM's temporary state directory; the newest few are kept."""
+    if source is None:
+        return None
+    try:
+        data = source.read_bytes()
+        directory = logs_dir()
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        directory.chmod(0o700)
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        kept = directory / f"console-{stamp}-{os.getpid()}.log"
+        fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+        for old in sorted(directory.glob("console-*.log"))[:-_KEPT_LOGS]:
+            old.unlink(missing_ok=True)
+    except OSError:
+        return None
+    return kept
+
+
 def _with_console(vm: Any, err: VzkitError | OSError) -> VzkitError:
-    """``err`` with the end of the guest's console when the guest has stopped: its own
-    reason (a root that cannot be mounted, a kernel that cannot boot) is there."""
-    with contextlib.suppress(VzkitError):  # a stopping VM's sockets may go before its state
-        vm.wait(timeout=_SETTLE_S)
-    if vm.state not in (VMState.STOPPED, VMState.ERROR):
+    """``err`` with the end of the guest's console, which says why (a root that cannot be
+    mounted, a kernel that cannot boot, a guest still booting at the timeout), and where the
+    whole console log is kept."""
+    if not isinstance(err, TimeoutError):  # a stopping VM's sockets may go before its state
+        with contextlib.suppress(VzkitError):
+            vm.wait(timeout=_SETTLE_S)
+    stopped = vm.state in (VMState.STOPPED, VMState.ERROR)
+    if not stopped and not isinstance(err, TimeoutError):
         return err if isinstance(err, VzkitError) else VMError(f"cannot reach the agent: {err}")
     path = vm.console_log_path
     try:
         text = path.read_bytes()[-8192:].decode(errors="replace") if path is not None else ""
     except OSError:
         text = ""
+    kept = _keep_console_log(path)
+    where = f"\nthe whole console log: {kept}" if kept is not None else ""
     lines = [line.rstrip() for line in text.replace("\r", "").splitlines() if line.strip()]
+    what = "the guest stopped before its agent answered" if stopped else str(err)
     if not lines:
-        return VMError(f"the guest stopped before its agent answered ({err})")
+        detail = f" ({err})" if stopped else ""
+        return VMError(f"{what}{detail}; its console is empty{where}")
     tail = "\n".join("  " + line for line in lines[-_CONSOLE_TAIL_LINES:])
-    return VMError(f"the guest stopped before its agent answered; its console ended with:\n{tail}")
+    return VMError(f"{what}; its console ended with:\n{tail}{where}")
 
 
 def _run(
