@@ -286,3 +286,33 @@ def test_an_image_from_the_cache_leaves_no_progress_line(
     again = terminal.getvalue()
     assert "done" not in again
     assert again.endswith("\r\033[K")  # the line is erased: the next output starts clean
+
+
+def test_run_config_file_with_nothing_to_boot_boots_vzkits_guest_with_its_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """'vzkit config --save vm.toml' writes no kernel; 'vzkit run --config vm.toml' used to
+    start a VM with nothing to boot and time out after minutes (issue 18 item 1). It now
+    boots vzkit's guest with the file's settings."""
+    from vzkit.cli import _run
+
+    saved = tmp_path / "vm.toml"
+    assert run("config", "--cpus", "3", "--memory", "768m", "--save", saved).exit_code == 0
+    calls: list[tuple[object, dict[str, object]]] = []
+    monkeypatch.setattr(
+        _run, "default_guest_config", lambda arch, **kw: calls.append((arch, kw)) or "guest"
+    )
+    config = main.get_command(click.Context(main), "config")
+    assert config is not None
+    opts = {o.name: None for o in config.params if o.name not in ("fmt", "save_to")}
+    assert _run.run_config(False, {**opts, "config_file": saved}) == "guest"
+    [(_, settings)] = calls
+    assert (settings["cpus"], settings["memory_gb"]) == (3, 0.75)
+    assert "kernel_path" not in settings
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    calls.clear()
+    cfg = _run.run_config(False, {**opts, "config_file": saved, "kernel_path": kernel})
+    assert isinstance(cfg, LinuxVMConfig)  # something to boot: the file's config as it is
+    assert cfg.kernel_path == kernel
+    assert calls == []

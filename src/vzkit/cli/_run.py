@@ -6,6 +6,7 @@ Also the runner ``vzkit snapshot restore`` shares (:func:`run_and_exit`).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import signal
 import sys
@@ -255,7 +256,15 @@ def run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig
     if not rooted and (
         changes.get("kernel_path") is not None or changes.get("config_file") is not None
     ):
-        return build_config(**{**dict.fromkeys(opts), **changes})
+        cfg = build_config(**{**dict.fromkeys(opts), **changes})
+        if (cfg.kernel_path, cfg.disk_path, cfg.iso_path, cfg.root_disk) == (None,) * 4:
+            # a config file with nothing to boot ('vzkit config --save'): vzkit's guest with
+            # the file's settings, as 'vzkit run' without --config would boot
+            keep = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)}
+            for name in ("kernel_path", "initrd_path", "cmdline", "arch"):
+                keep.pop(name)
+            return default_guest_config(cfg.arch, **keep)
+        return cfg
     graphics = changes.pop("graphics", None)
     changes.pop("config_file", None)
     if graphics is not None:
