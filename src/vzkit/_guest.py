@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ._guestcore import DEFAULT_MAX_OUTPUT, DEFAULT_READY_TIMEOUT
 from ._loop import run_sync, wrap
@@ -37,6 +37,48 @@ class Guest:
         """Wait until the agent answers; returns its version."""
         return run_sync(self._core.agent.wait_ready(timeout))
 
+    @overload
+    def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: Literal[False] = False,
+    ) -> subprocess.CompletedProcess[bytes]: ...
+    @overload
+    def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: Literal[True],
+    ) -> subprocess.CompletedProcess[str]: ...
+    @overload
+    def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]: ...
     def run(
         self,
         args: Args,
@@ -127,6 +169,48 @@ class AsyncGuest:
         """Wait until the agent answers; returns its version."""
         return await wrap(self._core.agent.wait_ready(timeout))
 
+    @overload
+    async def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: Literal[False] = False,
+    ) -> subprocess.CompletedProcess[bytes]: ...
+    @overload
+    async def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: Literal[True],
+    ) -> subprocess.CompletedProcess[str]: ...
+    @overload
+    async def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]: ...
     async def run(
         self,
         args: Args,

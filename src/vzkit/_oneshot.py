@@ -24,7 +24,7 @@ import math
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from . import aio
 from ._guestcore import DEFAULT_READY_TIMEOUT
@@ -153,6 +153,60 @@ def _started(
         vm.stop(timeout=STOP_TIMEOUT)
 
 
+@overload
+def run(
+    args: Args,
+    *,
+    image: str | None = None,
+    volumes: Iterable[VolumeSpec] = (),
+    env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+    cwd: StrOrBytes | None = None,
+    input: bytes | None = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: Literal[False] = False,
+    shell: bool = False,
+    backend: str | Backend = "auto",
+    **config_overrides: Any,
+) -> subprocess.CompletedProcess[bytes]: ...
+
+
+@overload
+def run(
+    args: Args,
+    *,
+    image: str | None = None,
+    volumes: Iterable[VolumeSpec] = (),
+    env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+    cwd: StrOrBytes | None = None,
+    input: bytes | str | None = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: Literal[True],
+    shell: bool = False,
+    backend: str | Backend = "auto",
+    **config_overrides: Any,
+) -> subprocess.CompletedProcess[str]: ...
+
+
+@overload
+def run(
+    args: Args,
+    *,
+    image: str | None = None,
+    volumes: Iterable[VolumeSpec] = (),
+    env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+    cwd: StrOrBytes | None = None,
+    input: bytes | str | None = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: bool = False,
+    shell: bool = False,
+    backend: str | Backend = "auto",
+    **config_overrides: Any,
+) -> subprocess.CompletedProcess[Any]: ...
+
+
 def run(
     args: Args,
     *,
@@ -210,6 +264,60 @@ async def start_async(
     config = await _guest_config_async(image, volumes, overrides)
     async with _started_async(config, _Deadline(timeout, _BOOT), backend) as vm:
         yield vm
+
+
+@overload
+async def run_async(
+    args: Args,
+    *,
+    image: str | None = None,
+    volumes: Iterable[VolumeSpec] = (),
+    env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+    cwd: StrOrBytes | None = None,
+    input: bytes | None = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: Literal[False] = False,
+    shell: bool = False,
+    backend: str | Backend = "auto",
+    **config_overrides: Any,
+) -> subprocess.CompletedProcess[bytes]: ...
+
+
+@overload
+async def run_async(
+    args: Args,
+    *,
+    image: str | None = None,
+    volumes: Iterable[VolumeSpec] = (),
+    env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+    cwd: StrOrBytes | None = None,
+    input: bytes | str | None = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: Literal[True],
+    shell: bool = False,
+    backend: str | Backend = "auto",
+    **config_overrides: Any,
+) -> subprocess.CompletedProcess[str]: ...
+
+
+@overload
+async def run_async(
+    args: Args,
+    *,
+    image: str | None = None,
+    volumes: Iterable[VolumeSpec] = (),
+    env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+    cwd: StrOrBytes | None = None,
+    input: bytes | str | None = None,
+    timeout: float | None = None,
+    check: bool = False,
+    text: bool = False,
+    shell: bool = False,
+    backend: str | Backend = "auto",
+    **config_overrides: Any,
+) -> subprocess.CompletedProcess[Any]: ...
 
 
 async def run_async(
