@@ -31,12 +31,14 @@ if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
         parse_network_mode,
         parse_port_spec,
     )
+    from ._oneshot import run, start
     from ._state import Arch, VMState, host_arch
     from ._units import format_size, parse_size
     from ._vm import Balloon, VirtualMachine
     from ._volume import VolumeMount, assign_volume_tags, parse_volume_spec
     from .backends import BalloonInfo
     from .errors import (
+        ArgumentError,
         BackendUnavailableError,
         ConfigError,
         GuestError,
@@ -78,6 +80,8 @@ _LAZY = {
     "PortProtocol": "._network",
     "parse_network_mode": "._network",
     "parse_port_spec": "._network",
+    "run": "._oneshot",
+    "start": "._oneshot",
     "SnapshotManager": ".snapshots._facade",
     "SnapshotMeta": ".snapshots._record",
     "Arch": "._state",
@@ -89,6 +93,7 @@ _LAZY = {
     "assign_volume_tags": "._volume",
     "parse_volume_spec": "._volume",
     "BalloonInfo": ".backends",
+    "ArgumentError": ".errors",
     "BackendUnavailableError": ".errors",
     "ConfigError": ".errors",
     "GuestError": ".errors",
@@ -107,6 +112,7 @@ __version__ = "0.1.0.dev0"
 __all__ = [
     "MIN_MEMORY_MB",
     "Arch",
+    "ArgumentError",
     "BackendUnavailableError",
     "Balloon",
     "BalloonInfo",
@@ -151,6 +157,8 @@ __all__ = [
     "parse_port_spec",
     "parse_size",
     "parse_volume_spec",
+    "run",
+    "start",
 ]
 
 

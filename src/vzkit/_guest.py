@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import subprocess
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Literal, overload
 
 from ._guestcore import DEFAULT_MAX_OUTPUT, DEFAULT_READY_TIMEOUT
 from ._loop import run_sync, wrap
@@ -37,6 +37,7 @@ class Guest:
         """Wait until the agent answers; returns its version."""
         return run_sync(self._core.agent.wait_ready(timeout))
 
+    @overload
     def run(
         self,
         args: Args,
@@ -47,18 +48,68 @@ class Guest:
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
-    ) -> subprocess.CompletedProcess[bytes]:
+        shell: bool = False,
+        text: Literal[False] = False,
+    ) -> subprocess.CompletedProcess[bytes]: ...
+    @overload
+    def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: Literal[True],
+    ) -> subprocess.CompletedProcess[str]: ...
+    @overload
+    def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]: ...
+    def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]:
         """Run a command in the guest like :func:`subprocess.run` (output captured).
 
-        A string is one program name, not a shell line: use ``["sh", "-c", "..."]`` for that.
-        More than ``max_output`` bytes of output (stdout and stderr together, default 256 MiB;
-        ``None``: no limit) kill the command and raise :class:`~vzkit.GuestError`: a guest
-        cannot make the host buffer without bound. Stream large output with :meth:`popen`.
+        ``args`` is a list: the program and its arguments. A string is a shell line and needs
+        ``shell=True`` (it runs as ``/bin/sh -c LINE``); without it, a string raises
+        :class:`~vzkit.errors.ArgumentError`. ``text=True`` takes a ``str`` input and returns
+        ``str`` outputs (UTF-8, the guest's encoding; undecodable bytes become U+FFFD).
+        ``check=True`` raises :class:`subprocess.CalledProcessError` on a non-zero exit, and
+        a command that outlives ``timeout`` is killed in the guest and raises
+        :class:`subprocess.TimeoutExpired`, as :func:`subprocess.run` does.
+
+        More than ``max_output`` bytes of output (stdout and stderr together, default
+        256 MiB; ``None``: no limit) kill the command and raise :class:`~vzkit.GuestError`: a
+        guest cannot make the host buffer without bound. Stream large output with :meth:`popen`.
         """
         return run_sync(
             self._core.agent.run(
                 args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
-                max_output=max_output,
+                max_output=max_output, shell=shell, text=text,
             )
         )  # fmt: skip
 
@@ -70,11 +121,15 @@ class Guest:
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
         timeout: float | None = None,
+        shell: bool = False,
     ) -> GuestProcess:
-        """Start a command and stream its stdin/stdout/stderr (a :class:`GuestProcess`)."""
+        """Start a command and stream its stdin/stdout/stderr (a :class:`GuestProcess`);
+        ``args`` and ``shell`` as for :meth:`run`."""
         from .agent import GuestProcess
 
-        started = self._core.agent.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+        started = self._core.agent.exec(
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell
+        )
         return GuestProcess(run_sync(started), stdin=stdin)
 
     def read_file(self, path: StrOrBytes, *, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
@@ -114,6 +169,7 @@ class AsyncGuest:
         """Wait until the agent answers; returns its version."""
         return await wrap(self._core.agent.wait_ready(timeout))
 
+    @overload
     async def run(
         self,
         args: Args,
@@ -124,12 +180,55 @@ class AsyncGuest:
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
-    ) -> subprocess.CompletedProcess[bytes]:
+        shell: bool = False,
+        text: Literal[False] = False,
+    ) -> subprocess.CompletedProcess[bytes]: ...
+    @overload
+    async def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: Literal[True],
+    ) -> subprocess.CompletedProcess[str]: ...
+    @overload
+    async def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]: ...
+    async def run(
+        self,
+        args: Args,
+        *,
+        input: bytes | str | None = None,
+        timeout: float | None = None,
+        check: bool = False,
+        env: Mapping[StrOrBytes, StrOrBytes] | None = None,
+        cwd: StrOrBytes | None = None,
+        max_output: int | None = DEFAULT_MAX_OUTPUT,
+        shell: bool = False,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]:
         """Run a command in the guest and collect its output (see :meth:`Guest.run`)."""
         return await wrap(
             self._core.agent.run(
                 args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
-                max_output=max_output,
+                max_output=max_output, shell=shell, text=text,
             )
         )  # fmt: skip
 
@@ -141,11 +240,14 @@ class AsyncGuest:
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
         timeout: float | None = None,
+        shell: bool = False,
     ) -> AsyncGuestProcess:
         """Start a command and stream it (an :class:`AsyncGuestProcess`)."""
         from .agent import AsyncGuestProcess
 
-        started = self._core.agent.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+        started = self._core.agent.exec(
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell
+        )
         return AsyncGuestProcess(await wrap(started), stdin=stdin)
 
     async def read_file(

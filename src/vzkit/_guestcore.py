@@ -24,7 +24,7 @@ import os
 import subprocess
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ._config import agent_transport_override
 from ._state import VMState
@@ -189,17 +189,19 @@ class AgentLink:
         self,
         args: Args,
         *,
-        input: bytes | None = None,
+        input: bytes | str | None = None,
         timeout: float | None = None,
         check: bool = False,
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
-    ) -> subprocess.CompletedProcess[bytes]:
+        shell: bool = False,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]:
         conn = await self.connection()
         return await conn.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
-            max_output=max_output,
+            max_output=max_output, shell=shell, text=text,
         )  # fmt: skip
 
     async def exec(
@@ -210,11 +212,12 @@ class AgentLink:
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
         timeout: float | None = None,
+        shell: bool = False,
     ) -> _ExecChannel:
         """A started process's channel (the facades wrap it in ``GuestProcess`` or
         ``AsyncGuestProcess``)."""
         conn = await self.connection()
-        return await conn.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+        return await conn.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell)
 
     async def read_file(self, path: StrOrBytes, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
         return await (await self.connection()).read_file(path, max_size)

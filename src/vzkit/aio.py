@@ -4,12 +4,16 @@ Both facades drive one core (:class:`vzkit._vmcore.VMCore`) on vzkit's shared lo
 behaves the same whichever surface controls it: ``guest``, ``vsock`` and ``balloon`` exist on
 both, the stop ladder asks the guest agent to power off, and the first resume after a restore
 steps the guest clock and reseeds its RNG. ``tests/unit/test_twins.py`` holds the two surfaces
-to the same names and parameters.
+to the same names and parameters, and ``vzkit.aio.run``/``vzkit.aio.start`` to those of
+:func:`vzkit.run`/:func:`vzkit.start` (all four live in :mod:`vzkit._oneshot`, loaded on first
+use: it builds on this module).
 """
 
 from __future__ import annotations
 
+import importlib
 from types import TracebackType
+from typing import TYPE_CHECKING, Any
 
 from ._config import LinuxVMConfig
 from ._guest import AsyncGuest
@@ -21,7 +25,11 @@ from ._vsock import AsyncVsock
 from .backends import Backend, BalloonInfo
 from .snapshots._aio import SnapshotManager
 
-__all__ = ["AsyncGuest", "Balloon", "SnapshotManager", "VirtualMachine"]
+if TYPE_CHECKING:  # imported on first use (see __getattr__)
+    from ._oneshot import run_async as run
+    from ._oneshot import start_async as start
+
+__all__ = ["AsyncGuest", "Balloon", "SnapshotManager", "VirtualMachine", "run", "start"]
 
 
 class Balloon:
@@ -88,3 +96,20 @@ class VirtualMachine(VMView):
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+#: The one-line API's asyncio twins (:mod:`vzkit._oneshot`), imported on first use.
+_LAZY = {"run": "run_async", "start": "start_async"}
+
+
+def __getattr__(name: str) -> Any:
+    target = _LAZY.get(name)
+    if target is None:
+        raise AttributeError(f"module 'vzkit.aio' has no attribute {name!r}")
+    value = getattr(importlib.import_module("._oneshot", "vzkit"), target)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -6,6 +6,7 @@ are re-exported by ``vzkit``; the others belong to the module named on their lin
     VzkitError
     ├── SpecError (also ValueError)       a display/volume/network spec string is malformed
     ├── ConfigError (also ValueError)     a VM configuration is invalid or inconsistent
+    ├── ArgumentError (also TypeError)    a call got an argument in a form it does not take
     ├── StateError                        an operation is not allowed in the VM's current state
     ├── UnsupportedError                  a backend cannot do what was asked (.backend, .feature)
     │   └── MacOSVersionError             vzkit.backends.vz: the API needs a newer macOS
@@ -45,6 +46,7 @@ the boundary with ``raise ... from err`` so the original stays reachable as ``__
 from __future__ import annotations
 
 __all__ = [
+    "ArgumentError",
     "BackendUnavailableError",
     "ConfigError",
     "GuestError",
@@ -68,6 +70,11 @@ class SpecError(VzkitError, ValueError):
 
 class ConfigError(VzkitError, ValueError):
     """A VM configuration is invalid: bad values, missing files, conflicting options."""
+
+
+class ArgumentError(VzkitError, TypeError):
+    """An argument has a form the call does not take, e.g. a command string for
+    ``guest.run`` without ``shell=True`` (a list is one program and its arguments)."""
 
 
 class StateError(VzkitError):

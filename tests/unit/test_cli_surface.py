@@ -61,6 +61,11 @@ COVERED: dict[str, list[str]] = {
     "codesign": [f"{_MAC}::test_codesign_output_signs_a_copy"],
     "codesign --output": [f"{_MAC}::test_codesign_output_signs_a_copy"],
     "codesign --venv": [f"{_MAC}::test_codesign_venv_replaces_the_symlinks"],
+    "completion": [
+        "unit/test_cli_completion.py::test_completion_prints_the_shells_script",
+        "unit/test_cli_completion.py::test_completion_refuses_other_shells_and_says_how_to_install",
+        "unit/test_cli_completion.py::test_the_bash_script_defines_the_function_and_completes_vzkit",
+    ],
     "config": [f"{_CORE}::test_config_defaults_print_toml_that_loads_back"],
     **{f"config {option}": tests for option, tests in VM_OPTIONS.items()},
     "config --format": [f"{_CORE}::test_config_json_and_save"],

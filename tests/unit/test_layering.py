@@ -218,6 +218,7 @@ _GROUP_OF_MODULE = {
     ),
     **dict.fromkeys(["_vmcore", "_guestcore"], "core"),
     **dict.fromkeys(["_vm", "aio", "_guest", "_vsock"], "facades"),
+    "_oneshot": "oneshot",  # vzkit.run/start and their vzkit.aio twins (re-exported lazily)
     "doctor": "doctor",
     "__main__": "cli",  # python -m vzkit: the CLI's entry point
 }
@@ -244,6 +245,8 @@ LAYERS = {
     "core": {"foundation", "data", "agent", "backends"},
     "snapshots": {"foundation", "data", "record", "backends", "core"},
     "facades": {"foundation", "data", "agent", "backends", "core", "snapshots"},
+    # the default guest's config (vzkit.image) booted through the facades
+    "oneshot": {"foundation", "data", "agent", "backends", "core", "facades", "image"},
     # load_backend(name), backends add checks; vzkit.image for the guest's checks
     "doctor": {"foundation", "data", "backends", "image"},
 }

@@ -13,6 +13,7 @@ import vzkit
 EXPECTED_ALL = [
     "MIN_MEMORY_MB",
     "Arch",
+    "ArgumentError",
     "BackendUnavailableError",
     "Balloon",
     "BalloonInfo",
@@ -57,6 +58,8 @@ EXPECTED_ALL = [
     "parse_port_spec",
     "parse_size",
     "parse_volume_spec",
+    "run",
+    "start",
 ]
 
 

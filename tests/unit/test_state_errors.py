@@ -75,6 +75,7 @@ ALL_ERRORS = [
     errors.VzkitError,
     errors.SpecError,
     errors.ConfigError,
+    errors.ArgumentError,
     errors.StateError,
     errors.UnsupportedError,
     errors.BackendUnavailableError,
@@ -109,6 +110,7 @@ def test_tree() -> None:
         assert not issubclass(cls, ValueError)
     assert issubclass(errors.VMTimeoutError, errors.VMError)
     assert issubclass(errors.VMTimeoutError, TimeoutError)
+    assert errors.ArgumentError.__bases__ == (errors.VzkitError, TypeError)
 
 
 def test_errors_all() -> None:

@@ -259,3 +259,21 @@ def test_a_vm_that_never_uses_its_agent_never_imports_the_agent_client() -> None
     argv = [sys.executable, "-c", LAZY_AGENT]
     out = subprocess.run(argv, env=env, capture_output=True, text=True)
     assert (out.returncode, out.stdout.strip()) == (0, "[]"), out.stderr
+
+
+def test_the_one_line_api_has_twins() -> None:
+    """``vzkit.run``/``vzkit.start`` and ``vzkit.aio.run``/``vzkit.aio.start``: the same
+    parameters; the asyncio run is awaitable and its start an async context manager."""
+    for name in ("run", "start"):
+        sync, aio = getattr(vzkit, name), getattr(vzkit.aio, name)
+        assert _params(sync) == _params(aio), name
+        assert name in vzkit.__all__
+        assert name in vzkit.aio.__all__
+    assert inspect.iscoroutinefunction(vzkit.aio.run)
+    assert not inspect.iscoroutinefunction(vzkit.run)
+    for cm, enter in ((vzkit.start(), "__enter__"), (vzkit.aio.start(), "__aenter__")):
+        assert hasattr(cm, enter), cm  # built lazily: nothing boots before the block
+    assert _params(vzkit.run)[:1] == [("args", inspect.Parameter.POSITIONAL_OR_KEYWORD, _EMPTY)]
+
+
+_EMPTY = inspect.Parameter.empty

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import warnings
 from collections.abc import Mapping
+from typing import Any
 
 from vzkit._loop import run_sync, wrap
 from vzkit.errors import GuestError
@@ -76,25 +77,29 @@ class AgentClient:
         self,
         args: Args,
         *,
-        input: bytes | None = None,
+        input: bytes | str | None = None,
         timeout: float | None = None,
         check: bool = False,
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
-    ) -> subprocess.CompletedProcess[bytes]:
+        shell: bool = False,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]:
         """Run ``args`` in the guest and collect its output, like :func:`subprocess.run`.
 
         ``env`` replaces the agent's environment; ``timeout`` (seconds) is enforced by the
         agent, which kills the process group and makes this raise
         :class:`subprocess.TimeoutExpired`. A missing command exits with 127 and the guest's
         message on stderr; ``check=True`` raises :class:`subprocess.CalledProcessError`.
+        A string command needs ``shell=True`` (``/bin/sh -c``); ``text=True`` sends a ``str``
+        input and returns ``str`` outputs (UTF-8), as :func:`subprocess.run` does.
         More than ``max_output`` bytes of output (stdout and stderr together; ``None``: no
         limit) kill the process group and raise :class:`GuestError`.
         """
         coro = self._c.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
-            max_output=max_output,
+            max_output=max_output, shell=shell, text=text,
         )  # fmt: skip
         return run_sync(coro)
 
@@ -106,9 +111,10 @@ class AgentClient:
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
         timeout: float | None = None,
+        shell: bool = False,
     ) -> GuestProcess:
         """Start ``args`` and return a streaming :class:`GuestProcess`."""
-        coro = self._c.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+        coro = self._c.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell)
         return GuestProcess(run_sync(coro), stdin=stdin)
 
     def read_file(self, path: StrOrBytes, *, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
@@ -189,16 +195,18 @@ class AsyncAgentClient:
         self,
         args: Args,
         *,
-        input: bytes | None = None,
+        input: bytes | str | None = None,
         timeout: float | None = None,
         check: bool = False,
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
         max_output: int | None = DEFAULT_MAX_OUTPUT,
-    ) -> subprocess.CompletedProcess[bytes]:
+        shell: bool = False,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]:
         coro = self._c.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
-            max_output=max_output,
+            max_output=max_output, shell=shell, text=text,
         )  # fmt: skip
         return await wrap(coro)
 
@@ -210,8 +218,9 @@ class AsyncAgentClient:
         env: Mapping[StrOrBytes, StrOrBytes] | None = None,
         cwd: StrOrBytes | None = None,
         timeout: float | None = None,
+        shell: bool = False,
     ) -> AsyncGuestProcess:
-        coro = self._c.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout)
+        coro = self._c.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell)
         return AsyncGuestProcess(await wrap(coro), stdin=stdin)
 
     async def read_file(

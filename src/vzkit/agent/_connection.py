@@ -21,10 +21,12 @@ import os
 import socket
 import subprocess
 from collections.abc import Mapping
+from typing import Any
 
 from vzkit.errors import GuestError, VMTimeoutError
 
 from ._channel import AgentError, Args, StrOrBytes, _Channel, _ChannelClosed, _ExecChannel
+from ._command import command_argv, completed, decode_output, encode_input
 from ._protocol import (
     HEADER,
     HEADER_SIZE,
@@ -256,8 +258,9 @@ class _Connection:
         env: Mapping[StrOrBytes, StrOrBytes] | None,
         cwd: StrOrBytes | None,
         timeout: float | None,
+        shell: bool = False,
     ) -> _ExecChannel:
-        argv = _argv(args)
+        argv = command_argv(args, shell)
         entries = env_entries(list((env or {}).items()))
         flags = ExecFlag.STDIN if stdin else ExecFlag.NONE
         if env is not None:
@@ -286,28 +289,39 @@ class _Connection:
         self,
         args: Args,
         *,
-        input: bytes | None,
+        input: bytes | str | None,
         timeout: float | None,
         check: bool,
         env: Mapping[StrOrBytes, StrOrBytes] | None,
         cwd: StrOrBytes | None,
         max_output: int | None,
-    ) -> subprocess.CompletedProcess[bytes]:
+        shell: bool = False,
+        text: bool = False,
+    ) -> subprocess.CompletedProcess[Any]:
+        """Run a command to its end (:mod:`._command` says what ``shell`` and ``text`` do)."""
         _check_limit("max_output", max_output)
-        channel = await self.exec(args, stdin=input is not None, env=env, cwd=cwd, timeout=timeout)
+        data = encode_input(input, text)
+        channel = await self.exec(
+            args, stdin=data is not None, env=env, cwd=cwd, timeout=timeout, shell=shell
+        )
         out, err = bytearray(), bytearray()
+
+        def expired() -> subprocess.TimeoutExpired:
+            outputs = decode_output(bytes(out), text), decode_output(bytes(err), text)
+            return subprocess.TimeoutExpired(args, timeout or 0, *outputs)
+
         try:
             async with asyncio.timeout(None if timeout is None else timeout + _TIMEOUT_GRACE_S):
-                status = await channel.communicate(input, out, err, max_output)
+                status = await channel.communicate(data, out, err, max_output)
         except TimeoutError:
             channel.cancel()
-            raise subprocess.TimeoutExpired(args, timeout or 0, bytes(out), bytes(err)) from None
+            raise expired() from None
         except BaseException:
             channel.cancel()
             raise
         if status.timed_out:
-            raise subprocess.TimeoutExpired(args, timeout or 0, bytes(out), bytes(err))
-        result = subprocess.CompletedProcess(args, status.returncode, bytes(out), bytes(err))
+            raise expired()
+        result = completed(args, status.returncode, bytes(out), bytes(err), text)
         if check:
             result.check_returncode()
         return result
@@ -393,12 +407,3 @@ async def _find_hello(reader: asyncio.StreamReader, nonce: bytes) -> Frame:
             _log.debug("skipped %d bytes of a previous session", skipped - len(data))
         return Frame(MsgType.HELLO, 0, MAGIC + fixed + rest)
     raise ProtocolError(f"no HELLO from the agent in the first {_RESYNC_LIMIT} bytes")
-
-
-def _argv(args: Args) -> tuple[bytes, ...]:
-    if isinstance(args, str | bytes | os.PathLike):
-        return (os.fsencode(args),)
-    argv = tuple(os.fsencode(a) for a in args)
-    if not argv:
-        raise ValueError("args must not be empty")
-    return argv

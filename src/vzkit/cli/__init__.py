@@ -3,8 +3,9 @@
 One module per command group, each registering its commands on :data:`main`
 (:mod:`._app`): ``config``/``disk`` (:mod:`._setup`), ``run`` (:mod:`._run`), ``snapshot``
 (:mod:`._snapshot`), ``image`` (:mod:`._image`), ``doctor`` (:mod:`._doctor`), ``codesign`` and
-``macos`` (:mod:`._macos`). Shared options and parameter callbacks live in :mod:`._options`;
-library errors become exit codes at this edge only (:mod:`._errors`).
+``macos`` (:mod:`._macos`), ``completion`` (:mod:`._completion`). Shared options and parameter
+callbacks live in :mod:`._options`; library errors become exit codes at this edge only
+(:mod:`._errors`).
 
 The CLI uses the library's public API only (``vzkit``, ``vzkit.errors``, ``vzkit.doctor``,
 ``vzkit.image``, ``vzkit.agent``, ``vzkit.backends`` and its backends' public names), never a
@@ -14,7 +15,7 @@ backend's private module; ``tests/unit/test_layering_cli.py`` checks that.
 from __future__ import annotations
 
 # Importing a command module registers its commands on ``main``.
-from . import _doctor, _image, _macos, _run, _setup, _snapshot  # noqa: F401
+from . import _completion, _doctor, _image, _macos, _run, _setup, _snapshot  # noqa: F401
 from ._app import main
 from ._options import DisplayAction, display_callback
 

@@ -1,0 +1,74 @@
+"""What a guest command is, as :func:`subprocess.run` has it: the argv, ``shell``, ``text``.
+
+A list (or tuple) is one program and its arguments; a string is a shell line and needs
+``shell=True``, which runs it as ``/bin/sh -c LINE`` (as :mod:`subprocess` does, further list
+items become ``$0``, ``$1``, ...). A string without ``shell=True`` is refused with
+:class:`~vzkit.errors.ArgumentError`: run as one program name, ``"echo hi"`` would exit 127
+("not found"), which is never what was meant. A path object (:class:`os.PathLike`) is one
+program, without arguments.
+
+``text=True`` encodes a ``str`` input and decodes both outputs as UTF-8, the guest's encoding
+(the host's locale says nothing about the guest's bytes); bytes that are not UTF-8 become
+U+FFFD, so a command's result is never lost to a decoding error. Newlines are left as the
+guest wrote them (a Linux guest writes ``\\n``).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from typing import Any
+
+from vzkit.errors import ArgumentError
+
+from ._channel import Args
+
+__all__ = ["GUEST_SHELL", "command_argv", "completed", "decode_output", "encode_input"]
+
+#: The shell of ``shell=True``, as :mod:`subprocess` uses ``/bin/sh`` on POSIX.
+GUEST_SHELL = "/bin/sh"
+ENCODING = "utf-8"
+
+
+def command_argv(args: Args, shell: bool) -> tuple[bytes, ...]:
+    """The argv that runs ``args`` in the guest (see the module docstring)."""
+    if shell:
+        items = [args] if isinstance(args, str | bytes | os.PathLike) else list(args)
+        if not items:
+            raise ValueError("args must not be empty")
+        return (os.fsencode(GUEST_SHELL), b"-c", *(os.fsencode(a) for a in items))
+    if isinstance(args, str | bytes):
+        shown = args if isinstance(args, str) else args.decode(errors="replace")
+        raise ArgumentError(
+            f"the command {shown!r} is a string: pass a list of the program and its arguments "
+            f"(e.g. {shown.split()!r}), or shell=True to run it with {GUEST_SHELL} -c"
+        )
+    if isinstance(args, os.PathLike):
+        return (os.fsencode(args),)
+    argv = tuple(os.fsencode(a) for a in args)
+    if not argv:
+        raise ValueError("args must not be empty")
+    return argv
+
+
+def encode_input(data: bytes | str | None, text: bool) -> bytes | None:
+    """The bytes to send to the command's stdin."""
+    if isinstance(data, str):
+        if not text:
+            raise ArgumentError("input is a str: pass text=True to send it as UTF-8, or bytes")
+        return data.encode(ENCODING)
+    return data
+
+
+def decode_output(data: bytes, text: bool) -> Any:
+    """``data`` as the caller asked for it: bytes, or (``text=True``) a str."""
+    return data.decode(ENCODING, errors="replace") if text else data
+
+
+def completed(
+    args: Args, returncode: int, out: bytes, err: bytes, text: bool
+) -> subprocess.CompletedProcess[Any]:
+    """The result of a finished command, its outputs decoded when ``text``."""
+    return subprocess.CompletedProcess(
+        args, returncode, decode_output(out, text), decode_output(err, text)
+    )
