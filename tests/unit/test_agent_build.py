@@ -21,7 +21,7 @@ PT_DYNAMIC, PT_INTERP = 2, 3
 
 
 def _build(arch: str, out: Path | None = None, cache: Path | None = None) -> Path:
-    zig_command()  # ziglang is a dependency: a missing zig fails the test, never skips it
+    zig_command()  # ziglang is a dev dependency: a missing zig fails the test, never skips it
     root = user_cache_dir()
     return build_agent(arch, out or root / "agent-build", cache_dir=cache or root / "zig")
 
