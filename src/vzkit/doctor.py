@@ -90,7 +90,7 @@ def guest_checks(cache_dir: Path | None = None) -> list[Check]:
     """The guest image per architecture (cached or not yet built), the agent's toolchain,
     and where the guest's Debian packages come from."""
     from .image import list_images
-    from .image._agent_build import _zig_version, zig_command
+    from .image._agent_build import _zig_version, shipped_arches, zig_command
     from .image._fetch import choose_source
     from .image._mirror import DEFAULT_MIRROR
 
@@ -113,8 +113,13 @@ def guest_checks(cache_dir: Path | None = None) -> list[Check]:
                 )
             )
     try:
-        version = _zig_version(zig_command())
-        checks.append(Check(name="agent toolchain", ok=True, detail=f"zig {version}"))
+        shipped = shipped_arches()
+        if len(shipped) == len(Arch):  # an installed wheel: zig is only for rebuilding
+            detail = f"not needed: vzkit ships the agent prebuilt ({', '.join(shipped)})"
+            checks.append(Check(name="agent toolchain", ok=True, detail=detail))
+        else:
+            version = _zig_version(zig_command())
+            checks.append(Check(name="agent toolchain", ok=True, detail=f"zig {version}"))
     except VzkitError as err:
         checks.append(
             Check(

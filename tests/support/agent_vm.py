@@ -26,7 +26,7 @@ __all__ = ["AgentBackend", "AgentMachine", "host_agent"]
 
 def host_agent() -> Path:
     """The x86_64 agent binary (built once per cache, with the zig the project depends on)."""
-    zig_command()  # ziglang is a dependency: a missing zig fails, never skips
+    zig_command()  # ziglang is a dev dependency: a missing zig fails, never skips
     root = user_cache_dir()
     return build_agent("x86_64", root / "agent-build", cache_dir=root / "zig")
 

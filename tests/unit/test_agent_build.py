@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import shutil
 import struct
 import subprocess
@@ -19,7 +21,7 @@ PT_DYNAMIC, PT_INTERP = 2, 3
 
 
 def _build(arch: str, out: Path | None = None, cache: Path | None = None) -> Path:
-    zig_command()  # ziglang is a dependency: a missing zig fails the test, never skips it
+    zig_command()  # ziglang is a dev dependency: a missing zig fails the test, never skips it
     root = user_cache_dir()
     return build_agent(arch, out or root / "agent-build", cache_dir=cache or root / "zig")
 
@@ -109,3 +111,128 @@ def test_missing_zig_is_a_clear_error(monkeypatch: pytest.MonkeyPatch, tmp_path:
 def test_unknown_arch(tmp_path: Path) -> None:
     with pytest.raises(GuestError, match="unsupported guest architecture 'riscv64'"):
         build_agent("riscv64", tmp_path, cache_dir=tmp_path)
+
+
+# --- the agents a wheel ships (vzkit/agent/bin/, see hatch_build.py) ---------------------------
+
+
+@pytest.fixture(scope="session")
+def shipped(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Both agents and the manifest, built as the wheel's build hook builds them."""
+    out = tmp_path_factory.mktemp("shipped")
+    _agent_build.build_shipped_agents(out, cache_dir=user_cache_dir() / "zig")
+    return out
+
+
+def _no_zig(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Any attempt to find zig now fails (as on a machine without it)."""
+    monkeypatch.setenv("VZKIT_ZIG", str(tmp_path / "no-zig"))
+
+
+def _ship(monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+    monkeypatch.setattr(_agent_build, "_shipped_dir", lambda: directory)
+
+
+def test_shipped_agents_are_the_local_builds_with_their_hashes_and_keys(shipped: Path) -> None:
+    manifest = json.loads((shipped / "manifest.json").read_text())
+    assert sorted(p.name for p in shipped.iterdir()) == [
+        "manifest.json", "vzkit-agent-aarch64", "vzkit-agent-x86_64",
+    ]  # fmt: skip
+    zig_version = manifest["zig_version"]
+    for arch, machine in (("x86_64", 62), ("aarch64", 183)):
+        entry = manifest["agents"][arch]
+        data = (shipped / entry["file"]).read_bytes()
+        assert elf_summary(data)[0] == machine
+        assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+        assert entry["size"] == len(data)
+        assert entry["key"] == agent_key(arch, zig_version)
+        # the prebuilt agent and a local build from the same sources are the same bytes, so
+        # the image key (which hashes the agent) is the same either way
+        assert data == _build(arch).read_bytes()
+
+
+def test_a_shipped_agent_is_used_without_zig(
+    shipped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local_name = _build("x86_64").name
+    _ship(monkeypatch, shipped)
+    _no_zig(monkeypatch, tmp_path)
+    agent = _agent_build.agent_binary("x86_64", tmp_path / "cache")
+    assert agent.read_bytes() == (shipped / "vzkit-agent-x86_64").read_bytes()
+    assert agent.stat().st_mode & 0o777 == 0o755
+    assert agent.name == local_name  # named as a local build of the same key
+    assert agent.parent == tmp_path / "cache" / "agent"
+    assert not (tmp_path / "cache" / "zig").exists()
+    mtime = agent.stat().st_mtime_ns
+    assert _agent_build.agent_binary("x86_64", tmp_path / "cache") == agent
+    assert agent.stat().st_mtime_ns == mtime, "an identical copy is not rewritten"
+    assert _agent_build.shipped_arches() == ["x86_64", "aarch64"]
+
+
+def _fake_shipped(directory: Path, data: bytes, **entry: object) -> Path:
+    directory.mkdir()
+    (directory / "vzkit-agent-x86_64").write_bytes(data)
+    record = {
+        "file": "vzkit-agent-x86_64",
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "key": agent_key("x86_64", "0.17.1"),
+        **entry,
+    }
+    manifest = {"format": 1, "zig_version": "0.17.1", "agents": {"x86_64": record}}
+    (directory / "manifest.json").write_text(json.dumps(manifest))
+    return directory
+
+
+def test_a_shipped_agent_that_fails_its_hash_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bin_dir = _fake_shipped(tmp_path / "bin", b"\x7fELF agent")
+    (bin_dir / "vzkit-agent-x86_64").write_bytes(b"\x7fELF tampered")
+    _ship(monkeypatch, bin_dir)
+    with pytest.raises(GuestError, match=r"x86_64 fails its SHA-256 check: reinstall vzkit"):
+        _agent_build.agent_binary("x86_64", tmp_path / "cache")
+    assert not (tmp_path / "cache" / "agent").exists(), "nothing copied"
+
+
+def test_a_manifest_naming_a_path_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "secret").write_bytes(b"x")
+    _ship(monkeypatch, _fake_shipped(tmp_path / "bin", b"x", file="../secret"))
+    with pytest.raises(GuestError, match=r"names '../secret': reinstall vzkit"):
+        _agent_build.shipped_agent("x86_64", tmp_path / "cache")
+
+
+def test_changed_sources_or_no_shipped_agent_build_with_zig(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    built: list[str] = []
+
+    def build_agent(arch: str, out_dir: Path, *, cache_dir: Path) -> Path:
+        built.append(arch)
+        return Path(out_dir) / "built"
+
+    monkeypatch.setattr(_agent_build, "build_agent", build_agent)
+    _ship(monkeypatch, tmp_path / "no-bin")  # a source checkout: nothing shipped
+    assert _agent_build.shipped_arches() == []
+    assert _agent_build.agent_binary("x86_64", tmp_path) == tmp_path / "agent" / "built"
+    # a wheel whose agent was built from other sources than those installed beside it
+    _ship(monkeypatch, _fake_shipped(tmp_path / "bin", b"agent", key="0" * 64))
+    assert _agent_build.shipped_arches() == []
+    assert _agent_build.agent_binary("x86_64", tmp_path) == tmp_path / "agent" / "built"
+    assert built == ["x86_64", "x86_64"]
+
+
+def test_doctor_says_zig_is_not_needed_when_agents_ship(
+    shipped: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vzkit.doctor import guest_checks
+
+    _no_zig(monkeypatch, tmp_path)
+    _ship(monkeypatch, shipped)
+    [toolchain] = [c for c in guest_checks(tmp_path) if c.name == "agent toolchain"]
+    assert toolchain.ok
+    assert toolchain.detail == "not needed: vzkit ships the agent prebuilt (x86_64, aarch64)"
+    _ship(monkeypatch, tmp_path / "no-bin")
+    [toolchain] = [c for c in guest_checks(tmp_path) if c.name == "agent toolchain"]
+    assert not toolchain.ok  # a source checkout needs zig

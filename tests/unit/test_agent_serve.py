@@ -52,7 +52,7 @@ MB = 1024 * 1024
 
 @pytest.fixture(scope="session")
 def agent() -> Path:
-    zig_command()  # ziglang is a dependency: a missing zig fails, never skips
+    zig_command()  # ziglang is a dev dependency: a missing zig fails, never skips
     root = user_cache_dir()
     return build_agent("x86_64", root / "agent-build", cache_dir=root / "zig")
 

@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def agent() -> Path:
-    zig_command()  # ziglang is a dependency: a missing zig fails, never skips
+    zig_command()  # ziglang is a dev dependency: a missing zig fails, never skips
     root = user_cache_dir()
     return build_agent("x86_64", root / "agent-build", cache_dir=root / "zig")
 

@@ -5,6 +5,12 @@ executable). It cross-compiles for both guest architectures from Linux and macOS
 are content-addressed — the file name carries a hash of the sources, the zig version, the target
 and the flags — so an unchanged agent is never rebuilt, and reproducible: the same inputs give
 byte-identical binaries.
+
+A wheel ships both agents prebuilt (``hatch_build.py`` calls :func:`build_shipped_agents`):
+``vzkit/agent/bin/vzkit-agent-<arch>`` and ``manifest.json`` with each one's SHA-256 and
+:func:`agent_key`. :func:`agent_binary` uses a shipped agent when its key matches the sources
+installed beside it and its SHA-256 checks out, so an installed vzkit never needs zig; a source
+checkout (no ``bin/``) builds with zig.
 """
 
 from __future__ import annotations
@@ -12,16 +18,30 @@ from __future__ import annotations
 import hashlib
 import importlib.resources
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from importlib.resources.abc import Traversable
 from pathlib import Path
 
 from vzkit.errors import GuestError
 
-__all__ = ["AGENT_TARGETS", "agent_key", "agent_sources", "build_agent", "zig_command"]
+__all__ = [
+    "AGENT_TARGETS",
+    "MANIFEST_NAME",
+    "SHIPPED_DIR",
+    "agent_binary",
+    "agent_key",
+    "agent_sources",
+    "build_agent",
+    "build_shipped_agents",
+    "shipped_agent",
+    "shipped_arches",
+    "zig_command",
+]
 
 AGENT_TARGETS = {"x86_64": "x86_64-linux-musl", "aarch64": "aarch64-linux-musl"}
 _CFLAGS = (
@@ -142,3 +162,138 @@ def build_agent(arch: str, out_dir: Path | str, *, cache_dir: Path | str) -> Pat
         built.chmod(0o755)
         os.replace(built, target)
     return target
+
+
+#: Where a wheel's prebuilt agents live, inside the :mod:`vzkit.agent` package.
+SHIPPED_DIR = "bin"
+MANIFEST_NAME = "manifest.json"
+_MANIFEST_FORMAT = 1
+_REINSTALL = "reinstall vzkit (pip install --force-reinstall vzkit)"
+
+
+def shipped_name(arch: str) -> str:
+    """The file name of ``arch``'s prebuilt agent in :data:`SHIPPED_DIR`."""
+    return f"vzkit-agent-{arch}"
+
+
+def build_shipped_agents(out_dir: Path | str, *, cache_dir: Path | str) -> list[Path]:
+    """Build the agent for every target into ``out_dir`` as a wheel ships them.
+
+    Writes ``vzkit-agent-<arch>`` per target and ``manifest.json`` (the zig version and, per
+    arch, the file, its size, SHA-256 and :func:`agent_key`); returns those paths. The output
+    depends only on the sources, the zig version and the flags. ``cache_dir`` holds zig's
+    caches (they never change the output). Raises GuestError when zig is missing or fails.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sources = agent_sources()
+    zig_version = _zig_version(zig_command())
+    agents: dict[str, dict[str, object]] = {}
+    written = []
+    with tempfile.TemporaryDirectory(prefix=".shipped-", dir=out) as tmp:
+        for arch in AGENT_TARGETS:
+            built = build_agent(arch, tmp, cache_dir=cache_dir)
+            data = built.read_bytes()
+            target = out / shipped_name(arch)
+            os.replace(built, target)
+            agents[arch] = {
+                "file": target.name,
+                "size": len(data),
+                "sha256": hashlib.sha256(data).hexdigest(),
+                "key": agent_key(arch, zig_version, sources),
+            }
+            written.append(target)
+    manifest = {"format": _MANIFEST_FORMAT, "zig_version": zig_version, "agents": agents}
+    path = out / MANIFEST_NAME
+    path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return [*written, path]
+
+
+def _shipped_dir() -> Traversable:
+    return importlib.resources.files("vzkit.agent").joinpath(SHIPPED_DIR)
+
+
+def _manifest() -> dict[str, object] | None:
+    """The shipped manifest, or None when nothing is shipped (a source checkout)."""
+    path = _shipped_dir().joinpath(MANIFEST_NAME)
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_bytes())
+    except (OSError, ValueError) as err:
+        raise GuestError(f"the shipped agent manifest is unreadable ({err}): {_REINSTALL}") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("agents"), dict):
+        raise GuestError(f"the shipped agent manifest is malformed: {_REINSTALL}")
+    if manifest.get("format") != _MANIFEST_FORMAT:
+        return None  # written by another vzkit: not ours to trust; build instead
+    return manifest
+
+
+def _matching_entry(arch: str, manifest: dict[str, object]) -> dict[str, object] | None:
+    """``arch``'s manifest entry when it was built from exactly the installed sources."""
+    agents = manifest["agents"]
+    assert isinstance(agents, dict)
+    entry = agents.get(arch)
+    zig_version = manifest.get("zig_version")
+    if not isinstance(entry, dict) or not isinstance(zig_version, str):
+        return None
+    if entry.get("key") != agent_key(arch, zig_version):
+        return None  # the sources (or flags) changed since the wheel was built
+    return entry
+
+
+def shipped_arches() -> list[str]:
+    """The architectures whose shipped agent matches the installed sources (no file check)."""
+    manifest = _manifest()
+    if manifest is None:
+        return []
+    return [arch for arch in AGENT_TARGETS if _matching_entry(arch, manifest) is not None]
+
+
+def shipped_agent(arch: str, out_dir: Path | str) -> Path | None:
+    """``arch``'s prebuilt agent, verified and copied into ``out_dir``; None when vzkit ships
+    none for the installed sources (a source checkout, or sources changed since the build).
+
+    The copy is named like :func:`build_agent`'s output for the same key. Raises GuestError
+    when the shipped file does not match its recorded SHA-256.
+    """
+    manifest = _manifest()
+    entry = _matching_entry(arch, manifest) if manifest is not None else None
+    if entry is None:
+        return None
+    name, sha256 = entry.get("file"), entry.get("sha256")
+    if not (isinstance(name, str) and name == Path(name).name and name not in ("", ".", "..")):
+        raise GuestError(f"the shipped agent manifest names {name!r}: {_REINSTALL}")
+    try:
+        data = _shipped_dir().joinpath(name).read_bytes()
+    except OSError as err:
+        raise GuestError(f"the shipped agent for {arch} is missing ({err}): {_REINSTALL}") from err
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise GuestError(f"the shipped agent for {arch} fails its SHA-256 check: {_REINSTALL}")
+    out = Path(out_dir)
+    target = out / f"vzkit-agent-{arch}-{str(entry['key'])[:16]}"
+    if target.is_file() and target.read_bytes() == data:
+        return target
+    out.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".agent-", dir=out)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)  # the bytes just verified, not a second read of the file
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+def agent_binary(arch: str, cache_dir: Path | str) -> Path:
+    """The agent for ``arch``: the shipped one when it matches the sources, else built with
+    zig (``cache_dir/agent``, zig's caches in ``cache_dir/zig``)."""
+    if arch not in AGENT_TARGETS:
+        raise GuestError(f"unsupported guest architecture {arch!r} (use x86_64 or aarch64)")
+    cache = Path(cache_dir)
+    shipped = shipped_agent(arch, cache / "agent")
+    if shipped is not None:
+        return shipped
+    return build_agent(arch, cache / "agent", cache_dir=cache / "zig")

@@ -154,7 +154,7 @@ def default_image(
     :class:`GuestError` with what went wrong. How the packages were verified is recorded
     with the image (:func:`image_trust`).
     """
-    from ._agent_build import build_agent  # the agent toolchain is only needed to build
+    from ._agent_build import agent_binary  # shipped, or built (the toolchain loads then)
 
     guest = Arch.parse(str(arch)) if arch is not None else host_arch()
     cache = cache_dir or user_cache_dir()
@@ -171,8 +171,8 @@ def default_image(
                 source=source,
                 mirror=mirror,
             )
-        progress.step("building the agent")
-        agent = build_agent(guest.value, cache / "agent", cache_dir=cache / "zig")
+        progress.step("preparing the agent")
+        agent = agent_binary(guest.value, cache)
         key = _image_key(debs, agent)
         target = images / f"{guest.value}-{key}"
         existing = _load(target)
