@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import sys
 import tarfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -154,17 +155,42 @@ def test_read_missing_file_names_it(tmp_path: Path) -> None:
         pkg.read("/nope")
 
 
-def test_zstd_member_is_a_clear_error(tmp_path: Path) -> None:
+def _zstd_deb(tmp_path: Path, data: bytes) -> DebPackage:
     blob = make_ar(
         [
             ("debian-binary", b"2.0\n"),
             ("control.tar.xz", make_tar({"./control": CONTROL.encode()})),
-            ("data.tar.zst", b"\x28\xb5\x2f\xfd not really zstd"),
+            ("data.tar.zst", data),
         ]
     )
-    pkg = DebPackage(write(tmp_path, blob))
-    with pytest.raises(GuestError, match="zst"):
-        pkg.read("/usr/bin/tool")
+    return DebPackage(write(tmp_path, blob))
+
+
+def test_zstd_members_are_read_with_zstandard(tmp_path: Path) -> None:
+    """Ubuntu's packages have zstd members; before Python 3.14 the optional zstandard
+    package reads them (issue 18), in two frames here as a streaming compressor may write."""
+    import zstandard
+
+    tar = make_tar(DATA, "")
+    half = len(tar) // 2
+    frames = b"".join(
+        zstandard.ZstdCompressor().compress(part) for part in (tar[:half], tar[half:])
+    )
+    pkg = _zstd_deb(tmp_path, frames)
+    assert pkg.read("/usr/bin/tool") == DATA["./usr/bin/tool"]
+    with pytest.raises(GuestError, match=r"corrupt data.tar.zst"):
+        _zstd_deb(tmp_path, b"\x28\xb5\x2f\xfd not really zstd").read("/usr/bin/tool")
+
+
+@pytest.mark.skipif(sys.version_info >= (3, 14), reason="3.14 reads zstd itself")
+def test_zstd_member_without_zstandard_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vzkit.image import _deb
+
+    monkeypatch.setattr(_deb, "_zstandard", lambda: None)
+    with pytest.raises(GuestError, match=r"install the zstandard package"):
+        _zstd_deb(tmp_path, b"\x28\xb5\x2f\xfd").read("/usr/bin/tool")
 
 
 @pytest.mark.parametrize(

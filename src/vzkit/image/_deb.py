@@ -23,7 +23,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
+from typing import IO, Any, Literal
 
 from vzkit.errors import GuestError
 
@@ -251,6 +251,15 @@ def compare_versions(a: str, b: str) -> int:
     return _compare_part(ua, ub) or _compare_part(ra, rb)
 
 
+def _zstandard() -> Any:
+    """The optional ``zstandard`` module (zstd members before Python 3.14), or None."""
+    try:
+        import zstandard  # type: ignore[import-not-found, unused-ignore]
+    except ImportError:
+        return None
+    return zstandard
+
+
 def _normal(name: str) -> str:
     """``./usr/bin/x``, ``usr/bin/x`` and ``/usr/bin/x`` all become ``/usr/bin/x``."""
     path = posixpath.normpath("/" + name)
@@ -358,20 +367,32 @@ class DebPackage:
 
     def _tar_entries(self, member: _ArMember) -> Iterator[tuple[DebEntry, IO[bytes] | None]]:
         suffix = member.name[member.name.index(".tar") + 4 :]
-        if suffix == ".zst" and sys.version_info < (3, 14):
-            raise GuestError(
-                f"{self.path}: {member.name} is zstd-compressed, which this Python cannot "
-                "decompress (needs 3.14+); use a package from a release with xz members"
-            )
+        mode = _TAR_SUFFIXES[suffix]
+        zstd = None
+        if suffix == ".zst" and sys.version_info < (3, 14):  # 3.14 has compression.zstd
+            zstd = _zstandard()
+            if zstd is None:
+                raise GuestError(
+                    f"{self.path}: {member.name} is zstd-compressed (Ubuntu's packages are), "
+                    "which this Python cannot decompress before 3.14: install the zstandard "
+                    "package (pip install 'vzkit[zstd]')"
+                )
+            mode = "r|"
         try:
             with self.path.open("rb") as fh:
-                raw = io.BufferedReader(_Slice(fh, member.offset, member.size))
-                with tarfile.open(fileobj=raw, mode=_TAR_SUFFIXES[suffix]) as tar:
+                raw: IO[bytes] = io.BufferedReader(_Slice(fh, member.offset, member.size))
+                if zstd is not None:
+                    raw = zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+                with tarfile.open(fileobj=raw, mode=mode) as tar:
                     for info in tar:
                         entry = _entry(info)
                         if entry is not None:
                             yield entry, tar.extractfile(info) if info.isreg() else None
         except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError) as err:
+            raise GuestError(f"{self.path}: corrupt {member.name}: {err}") from err
+        except Exception as err:  # zstandard.ZstdError is not an OSError
+            if zstd is None or not isinstance(err, zstd.ZstdError):
+                raise
             raise GuestError(f"{self.path}: corrupt {member.name}: {err}") from err
 
     def _tar_files(self, member: _ArMember, select: Callable[[str], bool]) -> dict[str, bytes]:
