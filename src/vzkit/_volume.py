@@ -171,6 +171,12 @@ def parse_volume_spec(spec: str) -> VolumeMount:
     read_only = False
     if rest and rest[-1].strip().lower() in _READ_ONLY:
         read_only = _READ_ONLY[rest.pop().strip().lower()]
+    if len(rest) > 1 and any("/" in part for part in rest):
+        raise SpecError(
+            f"volume {spec!r}: a spec names a guest path or a tag, not both, and a guest path "
+            "holds no ':'; expected path:/guest/path[:ro|rw], or VolumeMount(host_path, tag, "
+            "read_only, guest_path) for both"
+        )
     if len(rest) > 1:
         raise SpecError(
             f"volume {spec!r} names more than one tag ({', '.join(map(repr, rest))}); "

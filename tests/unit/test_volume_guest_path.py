@@ -76,6 +76,12 @@ def test_bad_guest_paths_say_what_to_do(share: Path, guest: str, message: str) -
         VolumeMount(share, guest_path=guest)
 
 
+@pytest.mark.parametrize("suffix", [":/data:tag", ":tag:/data:ro", ":/a:/b"])
+def test_a_guest_path_and_a_tag_in_one_spec_are_refused(share: Path, suffix: str) -> None:
+    with pytest.raises(SpecError, match="names a guest path or a tag, not both"):
+        parse_volume_spec(f"{share}{suffix}")
+
+
 def test_neighbours_of_reserved_directories_are_fine(share: Path) -> None:
     assert parse_volume_spec(f"{share}:/procfs").guest_path == "/procfs"
     assert parse_volume_spec(f"{share}:/srv/run").guest_path == "/srv/run"
