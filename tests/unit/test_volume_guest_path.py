@@ -3,10 +3,14 @@ line that carries them to the guest, config files and snapshots."""
 
 from __future__ import annotations
 
+import re
+import urllib.parse
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import vzkit
 from vzkit import ConfigError, LinuxVMConfig, SpecError, VolumeMount, parse_volume_spec
@@ -264,3 +268,44 @@ def test_cli_bad_guest_path_is_a_usage_error(share: Path) -> None:
     code, _, err = _cli("config", "-v", f"{share}:/data", "-v", f"{share}:/data")
     assert code != 0
     assert "both mounted at /data in the guest; give each its own guest path" in err
+
+
+# -- what the guest's init reads back ---------------------------------------------------------
+
+_GUEST_CHARS = re.compile(r"[A-Za-z0-9@+._~/%-]+")  # init.sh's decode() refuses anything else
+
+
+def _as_the_guest_reads(cmdline: str) -> dict[str, str]:
+    """init.sh's parsing, in Python: words split at spaces, lists at ',', entries at the first
+    '=', each part only of the encoder's characters, then percent-decoded."""
+    words = dict(word.split("=", 1) for word in cmdline.split())
+    placed = {}
+    entries = words["vzkit.mounts"].split(",") if "vzkit.mounts" in words else []
+    for entry in entries:
+        tag, path = entry.split("=", 1)
+        assert _GUEST_CHARS.fullmatch(tag), entry
+        assert _GUEST_CHARS.fullmatch(path), entry
+        placed[urllib.parse.unquote(tag)] = urllib.parse.unquote(path)
+    for tag in words["vzkit.shares"].split(","):
+        assert _GUEST_CHARS.fullmatch(tag), tag
+        placed.setdefault(urllib.parse.unquote(tag), "/mnt/" + urllib.parse.unquote(tag))
+    return placed
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=12), min_size=1, max_size=4))
+def test_any_accepted_guest_path_reaches_the_guest_intact(parts: list[str]) -> None:
+    path = "/" + "/".join(parts)
+    try:
+        vol = VolumeMount("/srv/share", "t", guest_path=path)
+    except SpecError:
+        return
+    assert vol.guest_path.startswith("/")
+    components = vol.guest_path.split("/")[1:]
+    assert all(c not in ("", ".", "..") for c in components)
+    assert components[0] not in ("proc", "sys", "dev", "run")
+    other = VolumeMount("/srv/other", "u-v")
+    assert _as_the_guest_reads(share_cmdline([vol, other])) == {
+        "t": vol.guest_path,
+        "u-v": "/mnt/u-v",
+    }
