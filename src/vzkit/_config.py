@@ -26,7 +26,7 @@ from ._display import DisplayConfig, parse_display_spec
 from ._fsutil import write_atomic
 from ._network import NetworkConfig, NetworkMode, PortForward, parse_port_spec
 from ._state import Arch, host_arch
-from ._volume import VolumeMount, assign_volume_tags
+from ._volume import VolumeMount, assign_volume_tags, volume_from_dict
 from .errors import ConfigError, SpecError
 
 __all__ = [
@@ -254,10 +254,7 @@ class ConfigData:
                 if net.host_loopback:  # written only when set: older files stay as they were
                     value["host_loopback"] = True
             elif f.name == "volumes":
-                value = [
-                    {"host_path": str(v.host_path), "tag": v.tag, "read_only": v.read_only}
-                    for v in value
-                ]
+                value = [v.to_dict() for v in value]
             elif f.name in ("displays", "publish"):
                 value = [str(d) for d in value]
             elif f.name == "root_disk":
@@ -287,14 +284,7 @@ class ConfigData:
                     net.get("host_loopback", False),
                 )
             if "volumes" in kwargs:
-                vols = []
-                for v in kwargs["volumes"]:
-                    if not isinstance(v, Mapping) or set(v) - {"host_path", "tag", "read_only"}:
-                        raise ConfigError(f"each volume needs host_path[, tag, read_only]: {v!r}")
-                    vols.append(
-                        VolumeMount(v["host_path"], v.get("tag", ""), v.get("read_only", False))
-                    )
-                kwargs["volumes"] = tuple(vols)
+                kwargs["volumes"] = tuple(volume_from_dict(v) for v in kwargs["volumes"])
             if "displays" in kwargs:
                 kwargs["displays"] = tuple(parse_display_spec(s) for s in kwargs["displays"])
             if "publish" in kwargs:

@@ -132,6 +132,12 @@ class MacVMConfig(ConfigData):
         except ValueError as err:
             raise ConfigError(str(err)) from err
         self._check_devices(("volumes", "displays"), ("headless", "vsock", "balloon", "entropy"))
+        for vol in self.volumes:
+            if vol.guest_path:
+                raise ConfigError(
+                    f"volume {str(vol)!r}: a macOS guest mounts shares itself (by tag, or under "
+                    "/Volumes/My Shared Files); drop the guest path and give a tag instead"
+                )
         if not self.headless and not self.displays:
             raise ConfigError("a macOS guest with graphics needs at least one display")
 

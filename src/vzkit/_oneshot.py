@@ -130,8 +130,9 @@ def start(
     """``with vzkit.start() as vm:`` a running default guest whose agent answers.
 
     ``image``: ``None`` or ``"default"`` (vzkit's default guest). ``volumes``: host
-    directories to share, as :class:`~vzkit.VolumeMount` objects or ``"path[:tag][:ro]"``
-    specs. ``timeout`` bounds the boot up to the agent's answer (default: the agent's
+    directories to share, as :class:`~vzkit.VolumeMount` objects or specs, ``"path:/data"``
+    (mounted at ``/data``) or ``"path[:tag]"`` (at ``/mnt/<tag>``), ``:ro`` for read-only.
+    ``timeout`` bounds the boot up to the agent's answer (default: the agent's
     120 s). ``overrides`` are :class:`~vzkit.LinuxVMConfig` fields (``cpus=2``,
     ``memory_gb=1``, ``arch="aarch64"``, ...). On leaving the block the guest is asked to
     power off (forced after a few seconds); when the block raises, the VM is forced off at

@@ -215,6 +215,20 @@ def test_volumes_get_unique_tags_and_their_modes(
     assert tree["bootLoader"]["commandLine"].endswith(" vzkit.shares=src,src-1,data vzkit.ro=src-1")
 
 
+def test_volumes_at_guest_paths_reach_the_guest_on_the_cmdline(
+    fake: FakeRuntime, files: dict[str, Path], tmp_path: Path
+) -> None:
+    volumes = (
+        vzkit.parse_volume_spec(f"{files['share']}:/work/src:ro"),
+        vzkit.VolumeMount(tmp_path, "data"),
+    )
+    tree = render(fake, vzb.build_linux_vm_config(direct(files, volumes=volumes)))
+    assert [d["tag"] for d in tree["directorySharingDevices"]] == ["src", "data"]
+    assert tree["bootLoader"]["commandLine"].endswith(
+        " vzkit.shares=src,data vzkit.ro=src vzkit.mounts=src=/work/src"
+    )
+
+
 def test_bridged_network_uses_the_named_interface(
     fake: FakeRuntime, files: dict[str, Path]
 ) -> None:

@@ -38,7 +38,7 @@ VM_OPTIONS: dict[str, list[str]] = {
     "--disk-format": [f"{_CORE}::test_disk_format_option"],
     "--iso": [f"{_CMDS}::test_config_initrd_and_iso"],
     "--state-dir": [_ROUND_TRIP],
-    "--volume": [_ROUND_TRIP],
+    "--volume": [_ROUND_TRIP, "unit/test_volume_guest_path.py::test_cli_volume_with_a_guest_path"],
     "--network": [_ROUND_TRIP],
     "--publish": [f"{_CORE}::test_config_publish"],
     "--display": [_ROUND_TRIP],
@@ -129,7 +129,12 @@ COVERED: dict[str, list[str]] = {
     "run": [f"{_RUN}::test_run_prints_and_exits_with_the_commands_code"],
     **{f"run {option}": [_SHARED, *tests] for option, tests in VM_OPTIONS.items()},
     "run --arch": [_SHARED, f"{_RUN}::test_run_prints_and_exits_with_the_commands_code"],
-    "run --volume": [_SHARED, "e2e/test_qemu_shares.py::test_vzkit_run_volume"],
+    "run --volume": [
+        _SHARED,
+        "e2e/test_qemu_shares.py::test_vzkit_run_volume",
+        "e2e/test_share_paths.py::test_vzkit_run_mounts_at_guest_paths_and_tags_still_at_mnt",
+        "unit/test_volume_guest_path.py::test_volume_help_shows_both_forms",
+    ],
     "run --backend": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
     "run --env": [
         f"{_CMDS}::test_run_env_without_a_name_is_a_usage_error_before_any_boot",

@@ -93,7 +93,10 @@ def test_file_is_not_a_directory(tmp_path: Path) -> None:
 def test_empty_spec(spec: str) -> None:
     with pytest.raises(SpecError) as info:
         parse_volume_spec(spec)
-    assert str(info.value) == "empty volume spec; expected path[:tag][:ro|rw]"
+    assert (
+        str(info.value)
+        == "empty volume spec; expected path[:tag][:ro|rw] or path:/guest/path[:ro|rw]"
+    )
 
 
 def test_no_host_path() -> None:

@@ -169,9 +169,10 @@ def vm_options(func: F) -> F:
             "-v",
             "volumes",
             multiple=True,
-            metavar="PATH[:TAG][:ro|rw]",
+            metavar="HOST[:GUEST_PATH|:TAG][:ro|rw]",
             callback=_spec_callback(parse_volume_spec),
-            help="Share a host directory (repeatable).",
+            help="Share a host directory (repeatable): HOST:/data[:ro] mounts it at /data in "
+            "the guest; HOST[:TAG][:ro] at /mnt/TAG (TAG defaults to the directory's name).",
         ),
         click.option(
             "--network",

@@ -123,41 +123,76 @@ if [ -n "$root" ]; then
     R=/newroot
 fi
 
-# Shared folders: the host lists every share's tag in vzkit.shares= and the read-only ones in
-# vzkit.ro= (comma-separated, percent-encoded). Each is mounted at /mnt/<tag>: VirtioFS first,
-# else virtio-9p (the qemu backend's fallback), nodev,nosuid: a host file is never a device
-# node or a set-id program inside the guest. Read-only shares are mounted ro, but the host
-# enforces read-only whatever the guest does.
-share_tags=
-ro_tags=,
+# Shared folders: the host lists every share's tag in vzkit.shares=, the read-only ones in
+# vzkit.ro= and, in vzkit.mounts=TAG=PATH, where a share goes when not at /mnt/<tag>
+# (comma-separated, percent-encoded: _volume.share_cmdline). Each is mounted in the guest's
+# root ($R): VirtioFS first, else virtio-9p (the qemu backend's fallback), nodev,nosuid: a host
+# file is never a device node or a set-id program inside the guest. Read-only shares are
+# mounted ro, but the host enforces read-only whatever the guest does. Missing directories on
+# the way are made; a symlink on the way is refused (in an image it would resolve here, in the
+# initramfs, not in the image).
+
+# decode ENCODED: print the percent-decoded text, or fail when ENCODED holds anything but
+# what the host's encoder leaves (so printf sees no '\' and no '%' of its own).
+decode() {
+    case "$1" in '' | *[!A-Za-z0-9@+._~/%-]*) return 1 ;; esac
+    # shellcheck disable=SC2059  # the format is the text with each %XX made \xXX
+    printf "$(printf '%s' "$1" | sed 's/%/\\x/g')"
+}
+
+# share_dir PATH: make $R$PATH a directory, one component at a time; no symlink on the way.
+share_dir() {
+    dir=$R rest=$1/
+    while [ -n "$rest" ]; do
+        part=${rest%%/*} rest=${rest#*/}
+        [ -n "$part" ] || continue
+        dir=$dir/$part
+        [ -L "$dir" ] && { echo "${dir#"$R"} is a symlink"; return 1; }
+        [ -d "$dir" ] || mkdir "$dir" 2>/dev/null || { echo "cannot make ${dir#"$R"}"; return 1; }
+    done
+}
+
+share_tags= ro_tags=, share_paths=,
+set -f
 for arg in $cmdline; do
     case "$arg" in
         vzkit.shares=*) share_tags=${arg#vzkit.shares=} ;;
         vzkit.ro=*) ro_tags=",${arg#vzkit.ro=}," ;;
+        vzkit.mounts=*) share_paths=",${arg#vzkit.mounts=}," ;;
     esac
 done
-if [ -n "$share_tags" ]; then
-    IFS=,
-    for enc in $share_tags; do
-        unset IFS
-        # shellcheck disable=SC2059  # the format is the decoded tag: no % is left in it
-        tag=$(printf "$(echo "$enc" | sed 's/%/\\x/g')")
-        opts=nodev,nosuid
-        case "$ro_tags" in *",$enc,"*) opts=$opts,ro ;; esac
-        if [ -L "$R/mnt" ]; then  # it would resolve in the initramfs, not in the image
-            echo "vzkit-init: cannot mount share $tag: /mnt is a symlink" >/dev/console
-            IFS=,
-            continue
-        fi
-        mkdir -p "$R/mnt/$tag"
-        mount -t virtiofs -o "$opts" "$tag" "$R/mnt/$tag" 2>/dev/null ||
-            mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$opts" \
-                "$tag" "$R/mnt/$tag" 2>/dev/null ||
-            echo "vzkit-init: cannot mount share $tag" >/dev/console
-        IFS=,
-    done
-    unset IFS
-fi
+IFS=,  # splits the tag list only: every other expansion below is quoted
+for enc in $share_tags; do
+    if ! tag=$(decode "$enc"); then
+        echo "vzkit-init: cannot mount share $enc: the tag is not percent-encoded" >/dev/console
+        continue
+    fi
+    where=/mnt/$tag
+    case "$share_paths" in
+        *",$enc="*)
+            enc_path=${share_paths#*",$enc="}
+            where=$(decode "${enc_path%%,*}") || where=
+            ;;
+    esac
+    opts=nodev,nosuid
+    case "$ro_tags" in *",$enc,"*) opts=$opts,ro ;; esac
+    case "$where/" in
+        / | // | [!/]* | */../* | */./*)
+            echo "vzkit-init: cannot mount share $tag: bad guest path '$where'" >/dev/console ;;
+        *)
+            if ! out=$(share_dir "$where"); then
+                echo "vzkit-init: cannot mount share $tag at $where: $out" >/dev/console
+            else
+                mount -t virtiofs -o "$opts" "$tag" "$R$where" 2>/dev/null ||
+                    mount -t 9p -o "trans=virtio,version=9p2000.L,msize=262144,$opts" \
+                        "$tag" "$R$where" 2>/dev/null ||
+                    echo "vzkit-init: cannot mount share $tag at $where" >/dev/console
+            fi
+            ;;
+    esac
+done
+unset IFS
+set +f
 
 [ -f /etc/hostname ] && hostname -F /etc/hostname
 ip link set lo up 2>/dev/null

@@ -27,7 +27,13 @@ def machine_fields(cfg: LinuxVMConfig | MacVMConfig) -> dict[str, Any]:
     ``disk_format`` is recorded when it is not raw (the default), so snapshots from before
     the field existed still fit a raw disk."""
     volumes = [
-        {"host_path": _canon(v.host_path), "tag": v.tag, "read_only": v.read_only}
+        {
+            "host_path": _canon(v.host_path),
+            "tag": v.tag,
+            "read_only": v.read_only,
+            # only when set, so snapshots from before guest paths existed still match
+            **({"guest_path": v.guest_path} if v.guest_path else {}),
+        }
         for v in assign_volume_tags(cfg.volumes)
     ]
     if isinstance(cfg, MacVMConfig):

@@ -97,11 +97,13 @@ def default_cmdline(arch: Arch) -> str:
 
 
 def kernel_cmdline(plan: Plan) -> str:
-    """The config's command line plus, with shares, the words naming them for the default
-    guest's init (:func:`~vzkit._volume.share_cmdline`)."""
+    """The config's command line plus, with shares, the words naming them (and where each
+    goes) for the default guest's init (:func:`~vzkit._volume.share_cmdline`)."""
     cmdline = plan.config.cmdline or default_cmdline(plan.arch)
+    guest_paths = {v.tag: v.guest_path for v in plan.config.tagged_volumes()}
     shares = share_cmdline(
-        VolumeMount(share.path, share.tag, share.read_only) for share in plan.shares
+        VolumeMount(share.path, share.tag, share.read_only, guest_paths.get(share.tag, ""))
+        for share in plan.shares
     )
     if plan.agent_key_fd is not None:  # where the key is, not the key: cmdlines are public
         cmdline += f" {AGENT_KEY_CMDLINE}"

@@ -186,7 +186,7 @@ def linux_boot_loader_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
     loader = vz().VZLinuxBootLoader.alloc().initWithKernelURL_(file_url(kernel))
     if cfg.initrd_path is not None:
         loader.setInitialRamdiskURL_(file_url(cfg.initrd_path))
-    shares = share_cmdline(cfg.volumes)  # the default guest mounts them at /mnt/<tag>
+    shares = share_cmdline(cfg.volumes)  # where vzkit's guests mount them
     cmdline = vz_cmdline(cfg)
     loader.setCommandLine_(f"{cmdline} {shares}" if shares else cmdline)
     return loader
