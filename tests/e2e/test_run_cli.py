@@ -84,6 +84,30 @@ def test_run_interactive_forwards_a_terminals_input() -> None:
     assert [code for code, _ in codes] == [0, 0], codes
 
 
+def test_run_without_a_command_is_the_guests_console_without_vzkits_marker() -> None:
+    """``vzkit run`` without COMMAND: this terminal is the guest's console, the shell on it
+    answers, and vzkit's readiness marker does not show on it (issue 18 item 8)."""
+    with subprocess.Popen(
+        [*VZKIT, "run"], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    ) as proc:
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        os.set_blocking(proc.stdout.fileno(), False)
+        seen = b""
+        deadline = time.monotonic() + 120
+        while b"hello-42" not in seen and time.monotonic() < deadline:
+            proc.stdin.write(b"echo hello-$((40+2))\n")
+            proc.stdin.flush()
+            time.sleep(0.5)  # poll interval: say hello again until the shell answers
+            seen += proc.stdout.read() or b""
+        assert b"hello-42" in seen, seen[-2000:]
+        proc.stdin.write(b"poweroff -f\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=60) == 0
+        seen += proc.stdout.read() or b""
+    assert b"VZKIT-GUEST-READY" not in seen
+
+
 def _vm_hwm_kb(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):

@@ -316,3 +316,21 @@ def test_run_config_file_with_nothing_to_boot_boots_vzkits_guest_with_its_settin
     assert isinstance(cfg, LinuxVMConfig)  # something to boot: the file's config as it is
     assert cfg.kernel_path == kernel
     assert calls == []
+
+
+def test_an_interactive_console_gets_no_readiness_marker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``vzkit run`` without a command makes this terminal the console: the guest is told
+    (``vzkit.ready=quiet``) to keep its VZKIT-GUEST-READY line, meant for programs, off it."""
+    from vzkit.cli import _run
+
+    kernel = tmp_path / "vmlinuz"
+    kernel.write_bytes(b"k")
+    plain = LinuxVMConfig(kernel_path=kernel, cmdline="console=ttyS0")
+    monkeypatch.setattr(_run, "default_guest_config", lambda arch, **kw: plain)
+    config = main.get_command(click.Context(main), "config")
+    assert config is not None
+    opts = {o.name: None for o in config.params if o.name not in ("fmt", "save_to")}
+    assert _run.run_config(True, opts).cmdline == "console=ttyS0 vzkit.ready=quiet"
+    assert _run.run_config(False, opts).cmdline == "console=ttyS0"

@@ -269,7 +269,10 @@ def run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig
     changes.pop("config_file", None)
     if graphics is not None:
         changes["headless"] = not graphics
-    return default_guest_config(changes.pop("arch", None), **changes)
+    cfg = default_guest_config(changes.pop("arch", None), **changes)
+    if interactive_console:  # the console is this terminal: no readiness marker on it
+        cfg = cfg.replace(cmdline=f"{cfg.cmdline} vzkit.ready=quiet")
+    return cfg
 
 
 #: How much of a guest's console a failed boot shows (its last lines, at most this many).
