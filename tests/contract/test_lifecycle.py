@@ -266,7 +266,7 @@ def test_snapshot_save_and_restore_with_the_catalogue(
         str(disk.resolve()),
     )
     assert (sdir / captured.file).read_bytes() == disk.read_bytes()
-    opened = SnapshotStore(sdir).open_members(record, threading.Event())  # sizes
+    opened = SnapshotStore(sdir).open_members(record, None, threading.Event())  # sizes
     try:
         check_digests(opened, "s1", threading.Event())  # and checksums
     finally:

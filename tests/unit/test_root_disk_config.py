@@ -112,9 +112,7 @@ def test_root_disk_lowering(files: dict[str, Path]) -> None:
         "virtio-blk-pci,drive=disk0,id=disk0-dev",
     ]
     assert kernel_cmdline(plan) == "console=ttyS0 root=/dev/vda rootfstype=ext4"
-    assert migration_blockers(plan) == [
-        f"the root disk's copy-on-write layer (over {str(files['base.img'])!r}; not captured yet)"
-    ]
+    assert migration_blockers(plan) == []  # a save captures its layer (_rootlayer.capture)
     with pytest.raises(ValueError, match="copy-on-write layer"):
         build_argv(_plan(cfg, None))
 
@@ -177,6 +175,8 @@ def test_default_guest_config_with_a_rootfs(
     assert cfg.root_disk is not None
     assert cfg.root_disk.base.name == "root.img"
     assert cfg.root_disk.base.is_relative_to(tmp_path / "cache")
+    digest = json.loads((cfg.root_disk.base.parent / "disk.json").read_text())["digest"]
+    assert cfg.root_disk.digest == digest  # the cache's: a snapshot records it
     with pytest.raises(ConfigError, match="init must be"):
         vzkit.default_guest_config("x86_64", rootfs=tree, init="x", kernel_path=files["vmlinuz"])
 
