@@ -64,6 +64,8 @@ def test_root_cmdline_words() -> None:
         ({"fstype": "ext4,x"}, "not a type name"),
         ({"init": "systemd"}, "root disk:"),
         ({"format": "vmdk"}, "root disk:"),
+        ({"digest": "sha256:" + "A" * 64}, "root disk digest must be"),
+        ({"digest": "md5:00"}, "root disk digest must be"),
     ],
 )
 def test_bad_root_disks_are_refused(changes: dict[str, str], message: str) -> None:
@@ -75,6 +77,11 @@ def test_config_checks_and_round_trips(files: dict[str, Path]) -> None:
     cfg = _config(files, disk_path=files["data.img"])
     assert LinuxVMConfig.from_toml(cfg.to_toml()) == cfg
     assert LinuxVMConfig.from_json(cfg.to_json()) == cfg
+    assert "digest" not in cfg.to_dict()["root_disk"]  # written only when known
+    digest = "sha256:" + "0f" * 32
+    known = cfg.replace(root_disk=RootDisk(base=files["base.img"], digest=digest))
+    assert known.to_dict()["root_disk"]["digest"] == digest
+    assert LinuxVMConfig.from_toml(known.to_toml()) == known
     with pytest.raises(ConfigError, match="root_disk needs direct boot"):
         LinuxVMConfig(arch="x86_64", root_disk=RootDisk(base=files["base.img"]))
     with pytest.raises(ConfigError, match=r"root_disk.base: .* does not exist"):
