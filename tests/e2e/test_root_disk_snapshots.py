@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import stat
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -169,3 +172,35 @@ def test_a_changed_base_is_refused_before_qemu_starts(origin: Origin, vms: VMFac
     assert vm.state is vzkit.VMState.STOPPED
     assert vm.pid is None
     assert not (origin.root / "changed" / "root-layer.qcow2").exists()
+
+
+def test_cli_save_and_run_from_the_snapshot_with_rootfs(origin: Origin, tmp_path: Path) -> None:
+    """``vzkit snapshot save --rootfs`` then ``vzkit run --rootfs --from-snapshot`` and
+    ``vzkit snapshot restore --rootfs``: the tree gives the same cached base, by digest."""
+    cli = [sys.executable, "-m", "vzkit.cli"]
+    opts = ["--rootfs", str(origin.root / "tree"), "--network", "none", "--backend", "qemu"]
+    vm_dir = tmp_path / "vm"
+
+    def vzkit(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run([*cli, *args], capture_output=True, timeout=300, check=False)
+
+    script = "echo warm > /root/m; sync"
+    save = vzkit("snapshot", "save", *opts, str(vm_dir), "warm", BUSYBOX_ONLY, "sh", "-c", script)
+    assert save.returncode == 0, save.stderr.decode()
+    assert b"saved warm" in save.stdout
+    run = vzkit(
+        "run", *opts, "--from-snapshot", "warm", "--vm-dir", str(vm_dir), "--",
+        BUSYBOX_ONLY, "cat", "/root/m",
+    )  # fmt: skip
+    assert (run.returncode, run.stdout) == (0, b"warm\n"), run.stderr.decode()
+    restore = vzkit(
+        "snapshot", "restore", *opts, str(vm_dir), "warm", BUSYBOX_ONLY, "cat", "/root/m"
+    )
+    assert (restore.returncode, restore.stdout) == (0, b"warm\n"), restore.stderr.decode()
+    other = origin.root / "other-tree"
+    shutil.copytree(origin.root / "tree", other, symlinks=True)
+    (other / "etc/marker").write_text("another image\n")
+    opts[1] = str(other)
+    wrong = vzkit("run", *opts, "--from-snapshot", "warm", "--vm-dir", str(vm_dir), "true")
+    assert wrong.returncode == 125
+    assert b"saved on the root disk base" in wrong.stderr
