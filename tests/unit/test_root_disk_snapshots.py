@@ -328,3 +328,34 @@ def test_capturing_a_restored_runs_layer_commits_both_layers(base: Path, tmp_pat
     )
     assert how in ("reflink", "sparse")
     assert again.read_bytes() == layer.read_bytes()
+
+
+def test_a_restore_refuses_root_layers_that_do_not_fit(base: Path, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from vzkit.backends.qemu import _migrate
+
+    layer = tmp_path / "s.0123456789ab.root.qcow2"
+    create_disk_image(layer, size_bytes=1 << 20, format="qcow2")  # not the base's 4 MiB
+    state = tmp_path / "state"
+    state.mkdir()
+    m: Any = SimpleNamespace(
+        config=SimpleNamespace(root_disk=RootDisk(base=base)),
+        root_layer=None, root_backing=None, state_dir=state, stderr_path=tmp_path / "log",
+    )  # fmt: skip
+
+    def prepare(*disks: CapturedDisk) -> None:
+        asyncio.run(_migrate.prepare_root(m, disks))
+
+    as_raw = CapturedDisk("root", base, layer, DiskFormat.RAW)
+    with pytest.raises(vzkit.SnapshotError, match="root disk layer is raw; the qemu backend"):
+        prepare(as_raw)
+    with pytest.raises(vzkit.SnapshotError, match=r"\(0 in the snapshot, a root disk here\)"):
+        prepare()
+    captured = CapturedDisk("root", base, layer, DiskFormat.QCOW2)
+    with pytest.raises(vzkit.SnapshotError, match="does not have the size of the base"):
+        prepare(captured)
+    assert list(state.iterdir()) == []  # no layer made
+    m.config = SimpleNamespace(root_disk=None)
+    with pytest.raises(vzkit.SnapshotError, match=r"\(1 in the snapshot, no root disk here\)"):
+        prepare(captured)

@@ -370,6 +370,11 @@ async def prepare_root(m: QemuMachine, disks: Sequence[CapturedDisk]) -> None:
             "the snapshot's root disk layers do not fit this VM "
             f"({len(layers)} in the snapshot, {'no' if root is None else 'a'} root disk here)"
         )
+    if layers and layers[0].format is not DiskFormat.QCOW2:
+        raise SnapshotError(
+            f"the snapshot's root disk layer is {layers[0].format.value}; the qemu backend "
+            "saves it as qcow2 (the snapshot was not saved by this backend)"
+        )
     _rootlayer.remove_layer(m.root_layer)  # a restore replaces what an earlier run wrote
     m.root_layer = m.root_backing = None
     if root is None:
