@@ -100,8 +100,7 @@ class QemuMachine:
         self._incoming = False
         self.disk_override: Path | None = None
         self.disk_backing: DiskImage | None = None  # the overlay's (set with it)
-        #: The root disk's layer (first start to close), and the snapshot's captured layer it
-        #: lies over after a restore (then kept across starts: the VM keeps what it wrote).
+        #: The root disk's layer (first start to close); after a restore, the captured one below.
         self.root_layer: Path | None = None
         self.root_backing: DiskImage | None = None
         self.accel = ""
@@ -547,9 +546,7 @@ class QemuMachine:
             overlay, self.disk_override, self.disk_backing = self.disk_override, None, None
             if overlay is not None:  # made for this restore: a failed one leaves none behind
                 overlay.unlink(missing_ok=True)
-            if self.root_backing is not None:  # the same for the root disk's layer
-                _rootlayer.remove_layer(self.root_layer)
-                self.root_layer = self.root_backing = None
+            _migrate.drop_restored_root(self)  # the same for the root disk's layer
             self._set_state(VMState.STOPPED)
             raise
         finally:

@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "blockers",
     "capture_disks",
+    "drop_restored_root",
     "load_state",
     "prepare_disks",
     "prepare_root",
@@ -388,6 +389,13 @@ async def prepare_root(m: QemuMachine, disks: Sequence[CapturedDisk]) -> None:
         )
     m.root_layer = await _rootlayer.create_layer(m.state_dir, root, m.stderr_path)
     m.root_backing = captured
+
+
+def drop_restored_root(m: QemuMachine) -> None:
+    """After a failed restore: the layer :func:`prepare_root` made goes (none is left)."""
+    if m.root_backing is not None:
+        _rootlayer.remove_layer(m.root_layer)
+        m.root_layer = m.root_backing = None
 
 
 async def load_state(m: QemuMachine, path: Path) -> None:
