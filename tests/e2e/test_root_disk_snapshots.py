@@ -132,6 +132,10 @@ def test_two_vms_from_one_snapshot_write_their_own_layers(origin: Origin, vms: V
         out = _sh(vm, "echo 3 > /proc/sys/vm/drop_caches; cat /root/own /root/marker")
         assert out == f"vm{i}\nchanged-by-{i}\n"
         vm.stop(timeout=30)
+    pair[0].start(timeout=60)  # a cold boot of a restored VM keeps its chain: what it wrote
+    pair[0].guest.wait_ready(120)
+    assert _sh(pair[0], "cat /root/own /root/marker") == "vm0\nchanged-by-0\n"
+    pair[0].stop(timeout=30)
     assert hashlib.sha256(captured.read_bytes()).hexdigest() == before  # opened read-only
     assert hashlib.sha256(origin.base.path.read_bytes()).hexdigest() == base_before
     # The origin never saw any of it, nor the restored VMs the origin's later writes.
