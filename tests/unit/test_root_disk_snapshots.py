@@ -64,9 +64,11 @@ def setup(tmp_path: Path, base: Path) -> Iterator[Factory]:
     vms = make_vms(tmp_path)
     make = next(vms)
 
-    def rooted(digest: str = CACHE_DIGEST, **overrides: Any) -> vzkit.VirtualMachine:
+    def rooted(
+        digest: str = CACHE_DIGEST, backend: FakeBackend | None = None, **overrides: Any
+    ) -> vzkit.VirtualMachine:
         overrides.setdefault("root_disk", RootDisk(base=base, digest=digest))
-        return make(RootBackend(), **overrides)
+        return make(backend or RootBackend(), **overrides)
 
     yield rooted
     next(vms, None)  # closes them
@@ -359,3 +361,15 @@ def test_a_restore_refuses_root_layers_that_do_not_fit(base: Path, tmp_path: Pat
     m.config = SimpleNamespace(root_disk=None)
     with pytest.raises(vzkit.SnapshotError, match=r"\(1 in the snapshot, no root disk here\)"):
         prepare(captured)
+
+
+def test_a_backend_that_captures_no_root_layer_saves_nothing(
+    setup: Factory, tmp_path: Path, base: Path
+) -> None:
+    vm = setup(backend=FakeBackend())  # the plain fake: it captures disk0 only
+    vm.start()
+    manager = vzkit.SnapshotManager(tmp_path / "vm")
+    with pytest.raises(vzkit.SnapshotError, match="the backend captured no root disk layer"):
+        manager.save(vm, "s")
+    assert vm.state is vzkit.VMState.RUNNING  # resumed
+    assert list(manager.snapshot_dir.iterdir()) == []  # nothing left behind

@@ -114,7 +114,11 @@ async def save(
         if (root is not None) != any(d.role == ROOT_ROLE for d in captured):
             raise SnapshotError(
                 f"saving snapshot {name!r} failed: the backend captured "
-                + ("no root disk layer" if root is not None else "a root disk layer it has not")
+                + (
+                    "no root disk layer"
+                    if root is not None
+                    else "a root disk layer, but the VM has no root disk"
+                )
             )
         (state_sum, state_size), *disk_sums = await _in_thread(
             store.seal, tmp_state, [d.path for d in captured]
