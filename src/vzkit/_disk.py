@@ -63,6 +63,8 @@ class RootInit(enum.StrEnum):
 _ROOT_DEVICE_RE = re.compile(r"/dev/[A-Za-z0-9][A-Za-z0-9/_.-]{0,62}|LABEL=[A-Za-z0-9_.-]{1,64}"
                              r"|UUID=[0-9A-Fa-f-]{1,64}")  # fmt: skip
 _FSTYPE_RE = re.compile(r"[a-z0-9]{1,16}")
+#: A base's digest as the root-disk cache records it (``disk.json``): ``sha256:`` + 64 hex.
+BASE_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -72,13 +74,19 @@ class RootDisk:
     and deleted at close), in ``format`` (stated, never probed). It is the VM's first disk
     (``/dev/vda``); ``device`` is what the guest mounts: ``/dev/vda``, a partition
     ``/dev/vdaN``, ``LABEL=..`` or ``UUID=..``. Needs vzkit's kernel and initramfs (direct
-    boot), which mount it, inject the agent and ``switch_root`` (see ``docs/images.md``)."""
+    boot), which mount it, inject the agent and ``switch_root`` (see ``docs/images.md``).
+
+    ``digest`` names the base's content when it is known (``sha256:`` + hex: the root-disk
+    cache's digest of what the image was built from, ``BaseImage.digest``): a snapshot records
+    it, and a restore onto a base with another digest is refused. Empty: a snapshot hashes the
+    base's content itself (the time of its data, at save and at restore)."""
 
     base: Path
     format: DiskFormat = DiskFormat.RAW
     device: str = "/dev/vda"
     fstype: str = "ext4"
     init: RootInit = RootInit.AGENT
+    digest: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str | os.PathLike) or "\x00" in os.fspath(self.base):
@@ -89,6 +97,13 @@ class RootDisk:
             object.__setattr__(self, "init", RootInit(self.init))
         except ValueError as err:
             raise ConfigError(f"root disk: {err}") from None
+        if not isinstance(self.digest, str) or (
+            self.digest and not BASE_DIGEST_RE.fullmatch(self.digest)
+        ):
+            raise ConfigError(
+                f"root disk digest must be 'sha256:' and 64 lower-case hex digits, got "
+                f"{self.digest!r}"
+            )
         self.cmdline_words()  # checks device and fstype
 
     def cmdline_words(self) -> str:
@@ -102,6 +117,7 @@ class RootDisk:
             "device": self.device,
             "fstype": self.fstype,
             "init": self.init.value,
+            **({"digest": self.digest} if self.digest else {}),
         }
 
 

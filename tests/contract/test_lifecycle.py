@@ -266,7 +266,7 @@ def test_snapshot_save_and_restore_with_the_catalogue(
         str(disk.resolve()),
     )
     assert (sdir / captured.file).read_bytes() == disk.read_bytes()
-    opened = SnapshotStore(sdir).open_members(record, threading.Event())  # sizes
+    opened = SnapshotStore(sdir).open_members(record, None, threading.Event())  # sizes
     try:
         check_digests(opened, "s1", threading.Event())  # and checksums
     finally:
@@ -462,3 +462,52 @@ def test_state_names_match_vmstate(fake: FakeRuntime, tmp_path: Path, kernel: Pa
     guest_power_off(fake, vm)
     fake.settle()
     assert vzb.vm_state(queue, vm) is vzkit.VMState.STOPPED
+
+
+def test_a_root_disk_snapshot_captures_the_vms_own_layer(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path
+) -> None:
+    """vz: the root disk's layer (the VM's own copy of the base) is captured as a whole raw
+    image (role ``root``), the base recorded by digest, and a restore copies it back as the
+    restored VM's layer; the base is never written, and another base is refused."""
+    base = _disk(tmp_path)
+    base_bytes = base.read_bytes()
+    digest = "sha256:" + "12" * 32
+    root = vzkit.RootDisk(base=base, digest=digest)
+    cfg = vzkit.LinuxVMConfig(kernel_path=kernel, root_disk=root, state_dir=tmp_path / "state")
+    manager = vzkit.SnapshotManager(tmp_path / "vmdir")
+    with vzkit.VirtualMachine(cfg, backend=vzb.BACKEND) as vm:
+        vm.start(timeout=TIMEOUT)
+        layer = tmp_path / "state" / "root-layer.img"
+        with open(layer, "r+b") as fh:  # what the guest wrote into its own layer
+            fh.seek(2 << 20)
+            fh.write(b"written-by-the-guest")
+        manager.save(vm, "r", timeout=TIMEOUT)
+        written = layer.read_bytes()
+    record = SnapshotRecord.from_json("r", json.loads(manager.meta_path("r").read_text()))
+    assert record.format == 4
+    assert record.root is not None
+    assert (record.root.base, record.root.digest) == (str(base.resolve()), digest)
+    (captured,) = record.disks
+    assert (captured.role, captured.format) == ("root", vzkit.DiskFormat.RAW)
+    image = manager.snapshot_dir / captured.file
+    assert image.read_bytes() == written
+    assert stat.S_IMODE(image.stat().st_mode) == 0o400
+    assert not layer.exists()  # deleted at close
+    # The same state dir: VZ ties a saved state to its disks' paths (the stand-in refuses
+    # another), and the layer's path is in the state dir.
+    with vzkit.VirtualMachine(cfg, backend=vzb.BACKEND) as vm2:
+        manager.restore(vm2, "r", timeout=TIMEOUT)
+        assert vm2.state is vzkit.VMState.PAUSED
+        assert layer.read_bytes() == written  # the snapshot's layer, not a fresh clone
+        assert stat.S_IMODE(layer.stat().st_mode) == 0o600
+        vm2.resume(timeout=TIMEOUT)
+    assert base.read_bytes() == base_bytes
+    other = cfg.replace(
+        root_disk=vzkit.RootDisk(base=base, digest="sha256:" + "34" * 32),
+        state_dir=tmp_path / "other",
+    )
+    with vzkit.VirtualMachine(other, backend=vzb.BACKEND) as vm3:
+        with pytest.raises(vzkit.SnapshotError, match="saved on the root disk base"):
+            manager.restore(vm3, "r", timeout=TIMEOUT)
+        assert not (tmp_path / "other" / "root-layer.img").exists()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import click
 import pytest
 from click.testing import CliRunner
 
 from vzkit.cli import main
 from vzkit.cli._run import run_config
+from vzkit.cli._snapshot import _root_opts
 
 
 @pytest.fixture
@@ -66,6 +68,45 @@ def test_bad_root_options_exit_2(
     cfg.write_text("")
     values = {"cfg": cfg, "kernel": files["vmlinuz"], "disk": files["disk.img"]}
     argv = ["run", *(a.format(**values) for a in args), "--", "true"]
+    result = CliRunner().invoke(main, argv, prog_name="vzkit")
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+
+
+def test_the_snapshot_commands_take_runs_root_options(files: dict[str, Path]) -> None:
+    """``snapshot save``/``restore`` take ``run``'s very ``--rootfs/--root/--init``, and they
+    reach the config the same way."""
+    ctx = click.Context(main)
+    run = main.get_command(ctx, "run")
+    group = main.get_command(ctx, "snapshot")
+    assert run is not None
+    assert isinstance(group, click.Group)
+    shared = {p.name: p for p in run.params if p.name in ("rootfs", "root", "init_mode")}
+    assert len(shared) == 3
+    for name in ("save", "restore"):
+        command = group.get_command(ctx, name)
+        assert command is not None
+        theirs = {p.name: p for p in command.params}
+        assert all(theirs[key] is option for key, option in shared.items()), name
+    given = {"kernel_path": files["vmlinuz"], "cmdline": "console=ttyS0"}
+    given |= {"disk_path": files["disk.img"], "rootfs": None, "root": "/dev/vda1"}
+    opts = _root_opts({**given, "init_mode": "image"})
+    cfg = run_config(False, {**_opts(), **opts})
+    assert cfg.cmdline == "console=ttyS0 root=/dev/vda1 vzkit.init=image"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["save", "--init", "image"], "--init needs --rootfs or --root"),
+        (["restore", "--root", "vda1", "--kernel", "{kernel}", "--disk", "{disk}"], "/dev/NAME"),
+    ],
+)
+def test_bad_root_options_of_the_snapshot_commands_exit_2(
+    files: dict[str, Path], tmp_path: Path, args: list[str], message: str
+) -> None:
+    values = {"kernel": files["vmlinuz"], "disk": files["disk.img"]}
+    argv = ["snapshot", *(a.format(**values) for a in args), str(tmp_path / "vm"), "s", "true"]
     result = CliRunner().invoke(main, argv, prog_name="vzkit")
     assert result.exit_code == 2, result.output
     assert message in result.stderr

@@ -179,6 +179,15 @@ COVERED: dict[str, list[str]] = {
     **{f"snapshot restore {option}": [_SHARED, *tests] for option, tests in VM_OPTIONS.items()},
     "snapshot restore --backend": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
     "snapshot restore --boot-timeout": [_BOOT_TIMEOUT],
+    **{
+        f"snapshot {command} {option}": [
+            "unit/test_cli_root.py::test_the_snapshot_commands_take_runs_root_options",
+            "unit/test_cli_root.py::test_bad_root_options_of_the_snapshot_commands_exit_2",
+            "e2e/test_root_disk_snapshots.py::test_cli_save_and_run_from_the_snapshot_with_rootfs",
+        ]
+        for command in ("save", "restore")
+        for option in ("--rootfs", "--root", "--init")
+    },
 }
 
 # Known holes, each with why; a row here that gets a test moves to COVERED.

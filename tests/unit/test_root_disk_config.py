@@ -64,6 +64,8 @@ def test_root_cmdline_words() -> None:
         ({"fstype": "ext4,x"}, "not a type name"),
         ({"init": "systemd"}, "root disk:"),
         ({"format": "vmdk"}, "root disk:"),
+        ({"digest": "sha256:" + "A" * 64}, "root disk digest must be"),
+        ({"digest": "md5:00"}, "root disk digest must be"),
     ],
 )
 def test_bad_root_disks_are_refused(changes: dict[str, str], message: str) -> None:
@@ -75,6 +77,11 @@ def test_config_checks_and_round_trips(files: dict[str, Path]) -> None:
     cfg = _config(files, disk_path=files["data.img"])
     assert LinuxVMConfig.from_toml(cfg.to_toml()) == cfg
     assert LinuxVMConfig.from_json(cfg.to_json()) == cfg
+    assert "digest" not in cfg.to_dict()["root_disk"]  # written only when known
+    digest = "sha256:" + "0f" * 32
+    known = cfg.replace(root_disk=RootDisk(base=files["base.img"], digest=digest))
+    assert known.to_dict()["root_disk"]["digest"] == digest
+    assert LinuxVMConfig.from_toml(known.to_toml()) == known
     with pytest.raises(ConfigError, match="root_disk needs direct boot"):
         LinuxVMConfig(arch="x86_64", root_disk=RootDisk(base=files["base.img"]))
     with pytest.raises(ConfigError, match=r"root_disk.base: .* does not exist"):
@@ -112,9 +119,7 @@ def test_root_disk_lowering(files: dict[str, Path]) -> None:
         "virtio-blk-pci,drive=disk0,id=disk0-dev",
     ]
     assert kernel_cmdline(plan) == "console=ttyS0 root=/dev/vda rootfstype=ext4"
-    assert migration_blockers(plan) == [
-        f"the root disk's copy-on-write layer (over {str(files['base.img'])!r}; not captured yet)"
-    ]
+    assert migration_blockers(plan) == []  # a save captures its layer (_rootlayer.capture)
     with pytest.raises(ValueError, match="copy-on-write layer"):
         build_argv(_plan(cfg, None))
 
@@ -177,6 +182,8 @@ def test_default_guest_config_with_a_rootfs(
     assert cfg.root_disk is not None
     assert cfg.root_disk.base.name == "root.img"
     assert cfg.root_disk.base.is_relative_to(tmp_path / "cache")
+    digest = json.loads((cfg.root_disk.base.parent / "disk.json").read_text())["digest"]
+    assert cfg.root_disk.digest == digest  # the cache's: a snapshot records it
     with pytest.raises(ConfigError, match="init must be"):
         vzkit.default_guest_config("x86_64", rootfs=tree, init="x", kernel_path=files["vmlinuz"])
 

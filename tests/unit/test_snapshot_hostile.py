@@ -346,9 +346,9 @@ def test_a_snapshot_of_the_previous_format_asks_to_be_saved_again(
     _write_meta(manager, data)
     assert manager.get("s").name == "s"  # lists and loads
     _refused(vm, manager, r"older vzkit \(metadata format 1\).*save it again")
-    data["format"] = 4
+    data["format"] = 5
     _write_meta(manager, data)
-    _refused(vm, manager, r"newer vzkit \(metadata format 4; this one reads 2, 3\)")
+    _refused(vm, manager, r"newer vzkit \(metadata format 5; this one reads 2, 3, 4\)")
 
 
 def test_a_format_2_snapshot_still_restores(setup: Factory, tmp_path: Path) -> None:

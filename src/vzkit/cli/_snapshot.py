@@ -15,7 +15,7 @@ from vzkit.errors import GuestError
 from ._app import main
 from ._errors import handle_errors
 from ._options import vm_options
-from ._run import run_and_exit, run_config
+from ._run import run_and_exit, run_cmd, run_config
 
 __all__ = ["snapshot", "snapshot_list", "snapshot_restore", "snapshot_rm", "snapshot_save"]
 
@@ -24,6 +24,28 @@ def _guest_command(command: tuple[str, ...]) -> tuple[str, ...]:
     """COMMAND without the ``--`` that separates it from VM_DIR NAME: once the positional
     arguments have started, click passes a ``--`` on as an argument."""
     return command[1:] if command[:1] == ("--",) else command
+
+
+#: ``vzkit run``'s root file system options, the same click options (defined once, there).
+_ROOT_PARAMS = ("rootfs", "root", "init_mode")
+
+
+def _root_options(command: click.Command) -> click.Command:
+    """Give ``command`` ``vzkit run``'s ``--rootfs``, ``--root`` and ``--init``: a snapshot
+    of a VM on a root disk is saved and restored with the options it booted with."""
+    shared = [p for p in run_cmd.params if p.name in _ROOT_PARAMS]
+    assert len(shared) == len(_ROOT_PARAMS)
+    first_argument = next(i for i, p in enumerate(command.params) if isinstance(p, click.Argument))
+    command.params[first_argument:first_argument] = shared
+    return command
+
+
+def _root_opts(opts: dict[str, Any]) -> dict[str, Any]:
+    """The options as ``run_config`` takes them (``--init`` is ``init``)."""
+    rootfs, root, init = opts.pop("rootfs"), opts.pop("root"), opts.pop("init_mode")
+    if rootfs is not None or root is not None or init is not None:
+        opts = {**opts, "rootfs": rootfs, "root": root, "init": init}
+    return opts
 
 
 @main.group()
@@ -62,6 +84,7 @@ def snapshot_rm(vm_dir: Path, names: tuple[str, ...]) -> None:
         click.echo(f"deleted {name}")
 
 
+@_root_options
 @snapshot.command("save", context_settings={"allow_interspersed_args": False})
 @vm_options
 @click.option(
@@ -84,7 +107,7 @@ def snapshot_save(
     from vzkit import VirtualMachine  # on first use: 'vzkit --help' does not pay for it
 
     command = _guest_command(command)
-    cfg = run_config(False, opts)
+    cfg = run_config(False, _root_opts(opts))
     with VirtualMachine(cfg, backend=backend) as vm:
         vm.start(timeout=boot_timeout)
         vm.guest.wait_ready(timeout=boot_timeout)
@@ -98,6 +121,7 @@ def snapshot_save(
     click.echo(f"saved {name} ({meta.size} bytes of machine state) in {meta.file_path.parent}")
 
 
+@_root_options
 @snapshot.command("restore", context_settings={"allow_interspersed_args": False})
 @vm_options
 @click.option(
@@ -114,4 +138,5 @@ def snapshot_restore(
     """Restore snapshot NAME of VM_DIR into a new VM and run COMMAND in it (like 'vzkit run
     --from-snapshot'); without COMMAND the console is attached to this terminal."""
     command = _guest_command(command)
-    run_and_exit(command, backend, (), None, False, boot_timeout, opts, (vm_dir, name))
+    snap = (vm_dir, name)
+    run_and_exit(command, backend, (), None, False, boot_timeout, _root_opts(opts), snap)

@@ -278,7 +278,7 @@ def default_guest_config(
         # Run by a user, their files become root's in the guest (as rootless podman shows them).
         squash = None if os.getuid() == 0 else (os.getuid(), os.getgid())
         base = rootfs_base(rootfs, squash_owner=squash)
-        settings["root_disk"] = RootDisk(base=base.path, init=_init_mode(init))
+        settings["root_disk"] = RootDisk(base=base.path, digest=base.digest, init=_init_mode(init))
     elif root is not None:
         if overrides.get("disk_path") is None:
             raise ConfigError(f"root={root!r} names a device of disk_path, but no disk_path is set")

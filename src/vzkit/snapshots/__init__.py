@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._facade import SnapshotManager
-    from ._record import MachineInfo, SnapshotDisk, SnapshotMeta, SnapshotRecord
+    from ._record import MachineInfo, SnapshotDisk, SnapshotMeta, SnapshotRecord, SnapshotRoot
     from ._store import SnapshotStore
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "SnapshotManager",
     "SnapshotMeta",
     "SnapshotRecord",
+    "SnapshotRoot",
     "SnapshotStore",
 ]
 
@@ -39,6 +40,7 @@ _WHERE = {
     "SnapshotDisk": "._record",
     "SnapshotMeta": "._record",
     "SnapshotRecord": "._record",
+    "SnapshotRoot": "._record",
     "SnapshotStore": "._store",
     "SnapshotManager": "._facade",
 }

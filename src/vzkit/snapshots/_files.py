@@ -28,9 +28,9 @@ from .._disk import DiskFormat, standalone_qcow2_size
 from .._diskcopy import nonzero_digest_fd, sha256_fd
 from ..backends._protocol import CapturedDisk
 from ..errors import ConfigError, SnapshotError
-from ._record import DISK_DIGEST_PREFIX, STATE_SUFFIX, SnapshotRecord
+from ._record import DISK_DIGEST_PREFIX, STATE_SUFFIX, SnapshotRecord, SnapshotRoot
 
-__all__ = ["Checked", "Opened", "check_digests", "open_members", "seal"]
+__all__ = ["Checked", "Opened", "base_digest", "check_digests", "open_members", "seal"]
 
 log = logging.getLogger(__name__)
 
@@ -73,30 +73,41 @@ class Opened:
     ``checked`` is what the backend gets; :meth:`close` lets go of every descriptor."""
 
     checked: Checked
-    #: ``(descriptor, path, is the state file, recorded digest)`` of every file to checksum.
-    members: list[tuple[int, Path, bool, str]]
+    #: ``(descriptor, path, kind, recorded digest)`` of every file to checksum; ``kind`` is
+    #: ``state`` (the state file, whose descriptor ``checked`` holds), ``disk`` or ``base``
+    #: (the restoring VM's root disk base, when the snapshot recorded its content checksum).
+    members: list[tuple[int, Path, str, str]]
+    #: The root disk's base as the snapshot recorded it (messages only).
+    root: SnapshotRoot | None = None
 
     def close(self) -> None:
-        for fd, _, is_state, _ in self.members:
-            if not is_state:
+        for fd, _, kind, _ in self.members:
+            if kind != "state":
                 os.close(fd)
         os.close(self.checked.state_fd)
 
 
-def open_members(sdir: Path, record: SnapshotRecord, abort: threading.Event) -> Opened:
+def open_members(
+    sdir: Path, record: SnapshotRecord, base: Path | None, abort: threading.Event
+) -> Opened:
     """Open each file the metadata names inside ``sdir``: no symlink, a regular file of the
-    recorded size, a captured qcow2 standalone. Cheap: no file is read beyond a header."""
+    recorded size, a captured qcow2 standalone; and ``base`` (the restoring VM's root disk
+    base) when the snapshot recorded a content checksum of its base. Cheap: no file is read
+    beyond a header."""
     name = record.name
-    members: list[tuple[int, Path, bool, str]] = []
+    members: list[tuple[int, Path, str, str]] = []
     disks = []
     dir_fd = os.open(sdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         for disk in record.disks:
             fd = _open_member(dir_fd, sdir, name, disk.file, disk.size, "disk image")
-            members.append((fd, sdir / disk.file, False, disk.digest))
+            members.append((fd, sdir / disk.file, "disk", disk.digest))
             if disk.format is DiskFormat.QCOW2:
                 _check_qcow2(fd, name, sdir / disk.file)
             disks.append(CapturedDisk(disk.role, Path(disk.source), sdir / disk.file, disk.format))
+        root = record.root
+        if root is not None and base is not None and root.digest.startswith(DISK_DIGEST_PREFIX):
+            members.append((_open_base(base, name, root), base, "base", root.digest))
         state = sdir / (name + STATE_SUFFIX)
         fd = _open_member(dir_fd, sdir, name, state.name, record.size or 0, "state file")
     except BaseException:
@@ -105,23 +116,67 @@ def open_members(sdir: Path, record: SnapshotRecord, abort: threading.Event) -> 
         raise
     finally:
         os.close(dir_fd)
-    members.append((fd, state, True, record.state_sha256 or ""))
-    return Opened(Checked(fd, _fd_path(fd, state), disks), members)
+    members.append((fd, state, "state", record.state_sha256 or ""))
+    return Opened(Checked(fd, _fd_path(fd, state), disks), members, record.root)
 
 
 def check_digests(opened: Opened, name: str, abort: threading.Event) -> None:
     """Compare each opened file's checksum with the recorded one (SHA-256 of the state file,
-    :func:`nonzero_digest_fd` of each disk); ``SnapshotError`` names the first that differs."""
-    for fd, path, is_state, recorded in opened.members:
+    :func:`nonzero_digest_fd` of each disk and of a root disk's base); ``SnapshotError``
+    names the first that differs."""
+    for fd, path, kind, recorded in opened.members:
         t0 = time.perf_counter()
-        if is_state:
+        if kind == "state":
             digest, size = sha256_fd(fd, abort)
         else:
             digest, size = nonzero_digest_fd(fd, abort)
             digest = DISK_DIGEST_PREFIX + digest
         _log_rate("verified", path, size, time.perf_counter() - t0)
         if digest != recorded:
+            if kind == "base" and opened.root is not None:
+                raise base_changed(name, opened.root, path, digest)
             raise _altered(name, path)
+
+
+def base_digest(path: Path, abort: threading.Event) -> str:
+    """The content checksum (:data:`DISK_DIGEST_PREFIX`) of a root disk's base that has no
+    digest of its own (a save records it; blocking)."""
+    fd = _open_base(path, "", None)
+    try:
+        digest, _ = nonzero_digest_fd(fd, abort)
+    finally:
+        os.close(fd)
+    return DISK_DIGEST_PREFIX + digest
+
+
+def base_changed(name: str, saved: SnapshotRoot, base: Path, digest: str) -> SnapshotError:
+    """The refusal of a restore onto a base other than the one the snapshot's root layer lies
+    over: which base, and what to do."""
+    gone = "" if os.path.exists(saved.base) else "; that file no longer exists"
+    return SnapshotError(
+        f"snapshot {name!r} was saved on the root disk base {saved.base!r} ({saved.digest}"
+        f"{gone}), but this VM's base {str(base)!r} is {digest or 'a base without a digest'}: "
+        "its root disk layer only fits the base it was saved on. Restore with that base (the "
+        "same --rootfs tree or image, unchanged), or boot on this one and save the snapshot "
+        "again"
+    )
+
+
+def _open_base(base: Path, name: str, root: SnapshotRoot | None) -> int:
+    """The root disk base the restoring (or saving) VM's config names, opened read-only: a
+    regular file, never blocking on a FIFO."""
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as err:
+        if root is not None and err.errno == errno.ENOENT:
+            raise base_changed(name, root, base, "missing") from None
+        raise SnapshotError(
+            f"cannot open the root disk base {str(base)!r}: {err.strerror}"
+        ) from err
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError(f"the root disk base {str(base)!r} is not a regular file")
+    return fd
 
 
 def _altered(name: str, path: Path) -> SnapshotError:

@@ -25,7 +25,8 @@ def machine_fields(cfg: LinuxVMConfig | MacVMConfig) -> dict[str, Any]:
     """What a restore must match: the guest-visible hardware and every file it refers to
     (canonical paths). The state dir, console log and console kind are per VM and free.
     ``disk_format`` is recorded when it is not raw (the default), so snapshots from before
-    the field existed still fit a raw disk."""
+    the field existed still fit a raw disk; ``root_disk`` only when there is one (its base is
+    compared by digest: see ``_ops``)."""
     volumes = [
         {
             "host_path": _canon(v.host_path),
@@ -74,6 +75,14 @@ def machine_fields(cfg: LinuxVMConfig | MacVMConfig) -> dict[str, Any]:
     }
     if cfg.disk_format is not DiskFormat.RAW:
         out["disk_format"] = cfg.disk_format.value
+    root = cfg.root_disk
+    if root is not None:  # its base is matched by digest (the record's rootDisk), not by path
+        out["root_disk"] = {
+            "format": root.format.value,
+            "device": root.device,
+            "fstype": root.fstype,
+            "init": root.init.value,
+        }
     return out
 
 

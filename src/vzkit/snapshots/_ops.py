@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
@@ -35,16 +36,19 @@ from .._state import VMState
 from ..backends import Feature
 from ..backends._protocol import Machine, ProgressFn, SnapshotCapable
 from ..errors import SnapshotError, StateError, UnsupportedError, VzkitError
-from ._files import Opened, check_digests
+from ._files import Opened, base_changed, base_digest, check_digests
 from ._match import config_diff, machine_fields
 from ._record import (
     DISK_DIGEST_PREFIX,
     FORMAT,
     READABLE_FORMATS,
+    ROOT_DISK_FORMAT,
+    ROOT_ROLE,
     MachineInfo,
     SnapshotDisk,
     SnapshotMeta,
     SnapshotRecord,
+    SnapshotRoot,
     check_snapshot_name,
     fingerprint,
 )
@@ -94,6 +98,7 @@ async def save(
             f"cannot save snapshot {name!r}: the state of {', '.join(blockers)} cannot be saved "
             "(remove the device from the config, or stop the VM and save without it)"
         )
+    root = await _root_of(core)
     try:
         token = store.begin(name)
     except OSError as err:
@@ -106,13 +111,22 @@ async def save(
             await machine.pause()
         await snap.save_state(tmp_state, progress)
         captured = await snap.capture_disks(store.snapshot_dir, store.temp_prefix(name, token))
+        if (root is not None) != any(d.role == ROOT_ROLE for d in captured):
+            raise SnapshotError(
+                f"saving snapshot {name!r} failed: the backend captured "
+                + (
+                    "no root disk layer"
+                    if root is not None
+                    else "a root disk layer, but the VM has no root disk"
+                )
+            )
         (state_sum, state_size), *disk_sums = await _in_thread(
             store.seal, tmp_state, [d.path for d in captured]
         )
         fields = machine_fields(core.config)
         record = SnapshotRecord(
             name=name,
-            format=FORMAT,
+            format=FORMAT if root is None else ROOT_DISK_FORMAT,
             created=datetime.now(UTC),
             size=state_size,
             vm_state=state.value,
@@ -135,6 +149,7 @@ async def save(
             ),
             state_sha256=state_sum,
             agent=agent,
+            root=root,
         )
         store.commit(record, tmp_state, captured)
     except BaseException as err:
@@ -151,6 +166,42 @@ async def save(
     await snap.finish_save()
     log.info("snapshot %r saved (%d bytes of machine state)", name, state_size)
     return store.get(name)
+
+
+async def _root_of(core: VMCore) -> SnapshotRoot | None:
+    """What a save records of the VM's root disk base: its path, format and digest (the
+    config's, i.e. the root-disk cache's; else the content checksum of the file, hashed here
+    while the VM still runs: the base is never written)."""
+    root_disk = getattr(core.config, "root_disk", None)
+    if root_disk is None:
+        return None
+    digest = root_disk.digest
+    if not digest:
+        try:
+            digest = await _in_thread(base_digest, root_disk.base)
+        except OSError as err:
+            raise _as_snapshot_error("hashing the root disk base", err, core.state) from err
+    return SnapshotRoot(os.path.realpath(root_disk.base), root_disk.format, digest)
+
+
+def _check_root(name: str, record: SnapshotRecord, core: VMCore) -> Path | None:
+    """The restoring VM's root disk base, once it fits the snapshot's: the snapshot has a root
+    layer exactly when the VM has a root disk, and the cache's digest (when recorded) is the
+    base's. A recorded content checksum is compared by the checksum thread (the base is
+    returned so it opens it); the base is always the config's, never a path from the record."""
+    root, root_disk = record.root, getattr(core.config, "root_disk", None)
+    if root is None and root_disk is None:
+        return None
+    if root is None or root_disk is None:
+        has = "has no root disk" if root is None else f"has one over {root.base!r}"
+        this = "this VM has one" if root_disk is not None else "this VM has none"
+        raise SnapshotError(
+            f"snapshot {name!r} does not fit this VM's config: the snapshot {has}, {this} "
+            "(restore it into a VM with the same root disk setting)"
+        )
+    if not root.digest.startswith(DISK_DIGEST_PREFIX) and root_disk.digest != root.digest:
+        raise base_changed(name, root, root_disk.base, root_disk.digest)
+    return Path(root_disk.base)
 
 
 async def _finish_save(machine: SnapshotCapable) -> None:
@@ -200,9 +251,10 @@ async def restore(
     diff = config_diff(record.machine, core.config)
     if diff:
         raise SnapshotError(f"snapshot {name!r} does not fit this VM's config: " + "; ".join(diff))
+    base = _check_root(name, record, core)
     _check_fanout(core, meta.file_path)
     try:
-        opened = await _in_thread(store.open_members, record)
+        opened = await _in_thread(store.open_members, record, base)
     except OSError as err:  # an I/O error while opening; what is wrong is a SnapshotError
         raise _as_snapshot_error(f"checking snapshot {name!r}", err, VMState.STOPPED) from err
     await core.agent.close()  # the last run's agent connection, if one is left

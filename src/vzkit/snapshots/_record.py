@@ -36,6 +36,7 @@ __all__ = [
     "SnapshotDisk",
     "SnapshotMeta",
     "SnapshotRecord",
+    "SnapshotRoot",
     "check_snapshot_name",
     "fingerprint",
     "parse_metadata",
@@ -51,9 +52,14 @@ META_SUFFIX = ".json"
 #: with the restored machine's; a vzkit that reads only 2 would skip that comparison, so it
 #: refuses 3 ("upgrade vzkit").
 FORMAT = 3
+#: 4: format 3 plus ``rootDisk`` (the root disk's base: path, format, digest) and a captured
+#: disk of role ``root`` (the root disk's layer over that base). Written only by saves of VMs
+#: with a root disk, so a vzkit that reads only 3 refuses those ("upgrade vzkit") and still
+#: reads the others.
+ROOT_DISK_FORMAT = 4
 #: Formats a restore accepts: 2 has the same files and checksums, and its ``backendInfo`` is
 #: compared the same way (it recorded fewer keys).
-READABLE_FORMATS = frozenset({2, 3})
+READABLE_FORMATS = frozenset({2, 3, 4})
 #: Hex digits of a save's token (``id``), which is part of its disks' file names.
 TOKEN_HEX = 12
 #: A metadata file larger than this is not one vzkit wrote.
@@ -61,9 +67,12 @@ MAX_META_BYTES = 1 << 20
 _SEED_KEYS = frozenset({"name", "created", "size", "vmState", "filePath"})
 _TOKEN_RE = re.compile(rf"[0-9a-f]{{{TOKEN_HEX}}}")
 _SHA256_RE = re.compile(r"[0-9a-f]{64}")
-_ROLE_RE = re.compile(r"disk[0-9]{1,3}")
+#: ``disk<N>``: the config's disks; ``root``: the root disk's layer over its base.
+ROOT_ROLE = "root"
+_ROLE_RE = re.compile(r"disk[0-9]{1,3}|root")
 _INFO_KEY_RE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 _INFO_VALUE_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f]{0,200}")
+_PATH_RE = re.compile(r"[^\x00-\x1f\x7f-\x9f]{1,4096}")
 #: Captured disks are checksummed over their non-zero 1 MiB blocks (see ``docs/snapshots.md``).
 DISK_DIGEST_PREFIX = "sha256-nonzero-1m:"
 _RFC3339 = re.compile(
@@ -126,9 +135,11 @@ def format_rfc3339(when: datetime) -> str:
 
 def disk_file_re(name: str) -> re.Pattern[str]:
     """The file names a save gives the captured disks of snapshot ``name``:
-    ``<name>.<12 hex>.disk<N>.<format>`` (a :class:`~vzkit.DiskFormat` value)."""
+    ``<name>.<12 hex>.<role>.<format>`` (role ``disk<N>`` or ``root``, format a
+    :class:`~vzkit.DiskFormat` value)."""
     formats = "|".join(re.escape(f.value) for f in DiskFormat)
-    return re.compile(re.escape(name) + rf"\.[0-9a-f]{{{TOKEN_HEX}}}\.disk[0-9]+\.(?:{formats})")
+    roles = rf"(?:disk[0-9]+|{ROOT_ROLE})"
+    return re.compile(re.escape(name) + rf"\.[0-9a-f]{{{TOKEN_HEX}}}\.{roles}\.(?:{formats})")
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +164,23 @@ class SnapshotDisk:
             "size": self.size,
             "digest": self.digest,
         }
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotRoot:
+    """The root disk's base a snapshot's ``root`` layer lies over (JSON ``rootDisk``): its
+    canonical path at save time (shown in messages only: a restore runs on the base its own
+    config names, never on a path from the metadata), its format, and its digest: the
+    root-disk cache's ``sha256:`` (``RootDisk.digest``) or, for a base without one, the
+    content checksum of the file (:data:`DISK_DIGEST_PREFIX`). A restore onto a base with
+    another digest is refused."""
+
+    base: str
+    format: DiskFormat
+    digest: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"base": self.base, "format": self.format.value, "digest": self.digest}
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,6 +251,7 @@ class SnapshotRecord:
     agent: bool = False
     info: MachineInfo = MachineInfo()
     file_path: str = ""  # the seed's ``filePath``: written for the Go vzkit, never read as a path
+    root: SnapshotRoot | None = None  # format 4: the root disk's base
 
     @classmethod
     def from_json(cls, name: str, data: object) -> SnapshotRecord:
@@ -244,6 +273,8 @@ class SnapshotRecord:
             data["filePath"] = self.file_path
         if self.format is None:
             return data
+        if self.root is not None:
+            data["rootDisk"] = self.root.to_json()
         return data | {
             "format": self.format,
             "id": self.token,
@@ -370,6 +401,7 @@ def parse_metadata(name: str, data: object) -> SnapshotRecord:
         if any(d.role == disk.role for d in disks):
             raise f.error(f"disks[{i}].role", f"repeats {disk.role!r}")
         disks.append(disk)
+    root = _parse_root(f, fmt, disks)
     return SnapshotRecord(
         name=name,
         format=fmt,
@@ -385,7 +417,41 @@ def parse_metadata(name: str, data: object) -> SnapshotRecord:
         agent=f.get_bool("agent"),
         info=info,
         file_path=file_path,
+        root=root,
     )
+
+
+def _parse_root(f: _Fields, fmt: int | None, disks: list[SnapshotDisk]) -> SnapshotRoot | None:
+    """``rootDisk``: required by format 4 (with exactly one disk of role ``root``), absent
+    before it (and then no ``root`` disk either)."""
+    has_layer = any(d.role == ROOT_ROLE for d in disks)
+    if fmt != ROOT_DISK_FORMAT:
+        if "rootDisk" in f.data:
+            raise f.error("rootDisk", f"needs metadata format {ROOT_DISK_FORMAT}, not {fmt}")
+        if has_layer:
+            raise f.error("disks", f"has a {ROOT_ROLE!r} disk, which needs format 4, not {fmt}")
+        return None
+    entry = f.get_dict("rootDisk")
+    if not has_layer:
+        raise f.error("disks", f"has no {ROOT_ROLE!r} disk (the root disk's layer)")
+    g = _Fields(f.name, entry, "rootDisk.")
+    base = g.get_str("base")
+    if (
+        not os.path.isabs(base)
+        or os.path.normpath(base) != base
+        or base.startswith("//")
+        or not _PATH_RE.fullmatch(base)
+    ):
+        raise g.error("base", f"must be a canonical absolute path, not {_clip(base)!r}")
+    fmt_text = g.get_str("format")
+    try:
+        disk_format = DiskFormat(fmt_text)
+    except ValueError:
+        known = ", ".join(repr(v.value) for v in DiskFormat)
+        raise g.error("format", f"must be one of {known}, not {_clip(fmt_text)!r}") from None
+    what = f"'sha256:' or {DISK_DIGEST_PREFIX!r} and {_SHA256_WHAT}"
+    digest = g.get_str("digest", pattern=_BASE_DIGEST_RE, what=what)
+    return SnapshotRoot(base, disk_format, digest)
 
 
 def _parse_info(f: _Fields, items: dict[str, Any]) -> MachineInfo:
@@ -405,6 +471,8 @@ def _parse_info(f: _Fields, items: dict[str, Any]) -> MachineInfo:
 
 _SHA256_WHAT = "64 lower-case hex digits"
 _DISK_DIGEST_RE = re.compile(re.escape(DISK_DIGEST_PREFIX) + "[0-9a-f]{64}")
+#: A base's digest: the root-disk cache's (``sha256:``) or the content checksum of the file.
+_BASE_DIGEST_RE = re.compile(rf"(?:sha256:|{re.escape(DISK_DIGEST_PREFIX)})[0-9a-f]{{64}}")
 
 
 def _parse_disk(name: str, token: str, f: _Fields) -> SnapshotDisk:

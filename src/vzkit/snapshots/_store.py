@@ -158,9 +158,13 @@ class SnapshotStore:
         )
         return meta, record
 
-    def open_members(self, record: SnapshotRecord, abort: threading.Event) -> _files.Opened:
-        """Open every file ``record`` names and check all but the checksums (blocking)."""
-        return _files.open_members(self.snapshot_dir, record, abort)
+    def open_members(
+        self, record: SnapshotRecord, base: Path | None, abort: threading.Event
+    ) -> _files.Opened:
+        """Open every file ``record`` names (and ``base``, the restoring VM's root disk base,
+        when the record holds its content checksum) and check all but the checksums
+        (blocking)."""
+        return _files.open_members(self.snapshot_dir, record, base, abort)
 
     # -- writing -----------------------------------------------------------------------------
 

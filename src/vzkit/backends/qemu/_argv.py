@@ -79,6 +79,9 @@ class Plan:
     #: The root disk's copy-on-write layer for this VM (``_rootlayer``), over
     #: ``config.root_disk.base``; set exactly when the config has a root disk.
     root_layer: Path | None = None
+    #: A restored run: the snapshot's captured root layer (a standalone qcow2, read-only)
+    #: between ``root_layer`` and the base, which QEMU is given here, never from a header.
+    root_backing: DiskImage | None = None
 
     def __post_init__(self) -> None:
         if not self.machine:
@@ -261,17 +264,31 @@ def disk_node(plan: Plan) -> dict[str, object] | None:
     return out
 
 
+def root_chain(layer: Path, base: DiskImage, middle: DiskImage | None) -> dict[str, object]:
+    """A root disk's chain as one ``-blockdev`` definition, node by node with every format
+    stated: ``layer`` (qcow2) over ``middle`` (a restored run's captured layer, read-only) over
+    ``base`` (read-only). No header's backing name is followed (see :func:`image_node`)."""
+    below = image_node(base, read_only=True)
+    if middle is not None:
+        captured = image_node(middle, read_only=True)
+        captured["backing"] = below
+        below = captured
+    node = image_node(DiskImage(layer, DiskFormat.QCOW2))
+    node["backing"] = below
+    return node
+
+
 def root_disk_args(plan: Plan) -> list[str]:
     """The root disk, the first disk (``/dev/vda``): this VM's qcow2 layer with the base given
     as its backing, in the base's stated format and read-only (the layer's header names no
-    backing file: QEMU follows nothing it would read from a header)."""
+    backing file: QEMU follows nothing it would read from a header); a restored run's layer
+    lies over the snapshot's captured layer, which lies over the base."""
     root = plan.config.root_disk
     if root is None:
         return []
     if plan.root_layer is None:
         raise ValueError("a root disk needs its copy-on-write layer in the plan")
-    layer = image_node(DiskImage(plan.root_layer, DiskFormat.QCOW2))
-    layer["backing"] = image_node(DiskImage(root.base, root.format), read_only=True)
+    layer = root_chain(plan.root_layer, DiskImage(root.base, root.format), plan.root_backing)
     node: dict[str, object] = {"driver": "qcow2", "node-name": "root0", "cache": {"direct": False}}
     node.update(layer)
     return [

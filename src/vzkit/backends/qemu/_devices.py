@@ -69,18 +69,10 @@ def _vsock_blocker(plan: Plan) -> str | None:
     return _vsock_plug.migration_blocker(plan.machine) if plan.config.vsock else None
 
 
-def _root_disk_blocker(plan: Plan) -> str | None:
-    """A save does not capture the root disk's layer yet (docs/images.md, "Snapshots")."""
-    root = plan.config.root_disk
-    if root is None:
-        return None
-    return f"the root disk's copy-on-write layer (over {str(root.base)!r}; not captured yet)"
-
-
 #: The devices in command-line order (the order keeps PCI addresses stable: pvpanic last).
 #: The root disk comes first: it is the guest's /dev/vda.
 DEVICES: tuple[Device, ...] = (
-    Device("root-disk", _argv.root_disk_args, blocker=_root_disk_blocker),
+    Device("root-disk", _argv.root_disk_args),  # its layer is captured (_rootlayer.capture)
     Device("disk", _argv.disk_args),
     Device("iso", _argv.iso_args),
     Device("nic", _argv.network_args, lambda plan: _fds(plan.passt_fd, plan.tap_fd)),

@@ -100,7 +100,9 @@ class QemuMachine:
         self._incoming = False
         self.disk_override: Path | None = None
         self.disk_backing: DiskImage | None = None  # the overlay's (set with it)
-        self._root_layer: Path | None = None  # the root disk's layer: first start to close
+        #: The root disk's layer (first start to close); after a restore, the captured one below.
+        self.root_layer: Path | None = None
+        self.root_backing: DiskImage | None = None
         self.accel = ""
         #: The CPU model and machine type of the current run (resolved at start: see _argv).
         self.cpu = self.machine_type = ""
@@ -276,7 +278,8 @@ class QemuMachine:
             agent_key_fd=fds.agent_key,
             passt_fd=fds.passt,
             tap_fd=fds.tap,
-            root_layer=self._root_layer,
+            root_layer=self.root_layer,
+            root_backing=self.root_backing,
         )
         self.accel, self.cpu, self.machine_type = plan.accel, plan.cpu, plan.machine
         return plan
@@ -314,8 +317,8 @@ class QemuMachine:
             if vsock is not None:  # a restore plugs this one in later: it starts meanwhile
                 await vsock.prepare()
             host = await self._probe()
-            if self.config.root_disk is not None and self._root_layer is None:
-                self._root_layer = await _rootlayer.create_layer(
+            if self.config.root_disk is not None and self.root_layer is None:
+                self.root_layer = await _rootlayer.create_layer(
                     self.state_dir, self.config.root_disk, self.stderr_path
                 )
             shares = await self._shares.start(
@@ -528,6 +531,7 @@ class QemuMachine:
         try:
             self._private_state()
             self.disk_override = await _migrate.prepare_disks(self, disks)
+            await _migrate.prepare_root(self, disks)
             self._incoming = True
             await self._launch(vsock_device=False)  # the saved state has no vsock device
             if verified is not None:
@@ -542,6 +546,7 @@ class QemuMachine:
             overlay, self.disk_override, self.disk_backing = self.disk_override, None, None
             if overlay is not None:  # made for this restore: a failed one leaves none behind
                 overlay.unlink(missing_ok=True)
+            _migrate.drop_restored_root(self)  # the same for the root disk's layer
             self._set_state(VMState.STOPPED)
             raise
         finally:
@@ -585,8 +590,8 @@ class QemuMachine:
             if self._own_runtime_dir and self._runtime_dir is not None:
                 shutil.rmtree(self._runtime_dir, ignore_errors=True)
             self._runtime_dir, self._own_runtime_dir = None, False
-            _rootlayer.remove_layer(self._root_layer)
-            self._root_layer = None
+            _rootlayer.remove_layer(self.root_layer)
+            self.root_layer = self.root_backing = None
             if self._own_state_dir and self._state_dir is not None:
                 shutil.rmtree(self._state_dir, ignore_errors=True)
                 self._state_dir = None

@@ -36,8 +36,9 @@ from ..._diskcopy import copy_disk
 from ..._process import spawn
 from ..._state import VMState
 from ...errors import ConfigError, SnapshotError, VMError
+from ...snapshots._record import ROOT_ROLE
 from .._protocol import CapturedDisk, ProgressFn
-from . import _argv, _devices, _discover
+from . import _argv, _devices, _discover, _rootlayer
 from ._virtiofs import ShareDevice
 
 if TYPE_CHECKING:
@@ -46,8 +47,10 @@ if TYPE_CHECKING:
 __all__ = [
     "blockers",
     "capture_disks",
+    "drop_restored_root",
     "load_state",
     "prepare_disks",
+    "prepare_root",
     "save_state",
 ]
 
@@ -263,12 +266,30 @@ async def _flatten(src: Path, backing: DiskImage, dst: Path) -> None:
     os.chmod(dst, 0o400)  # guest data, owner-only; never written again
 
 
+async def _capture_root(m: QemuMachine, directory: Path, prefix: str) -> list[CapturedDisk]:
+    """The root disk's layer (role ``root``): what the guest wrote over the base, as one
+    standalone qcow2 (the base itself is referenced by the snapshot's record, not copied)."""
+    root = m.config.root_disk
+    if root is None:
+        return []
+    if m.root_layer is None:
+        raise SnapshotError("the root disk's layer is missing (the VM was never started)")
+    dst = directory / f"{prefix}{ROOT_ROLE}.{DiskFormat.QCOW2.value}"
+    base = DiskImage(root.base, root.format)
+    method = await _rootlayer.capture(m.root_layer, base, m.root_backing, dst, m.stderr_path)
+    log.info("root disk layer %s captured (%s) as %s", m.root_layer, method, dst.name)
+    source = Path(os.path.realpath(root.base))
+    return [CapturedDisk(role=ROOT_ROLE, source=source, path=dst, format=DiskFormat.QCOW2)]
+
+
 async def capture_disks(m: QemuMachine, directory: Path, prefix: str) -> list[CapturedDisk]:
-    """Capture the writable disk: a reflink/sparse copy of a standalone image, or a flattened
-    copy of a restored run's overlay chain. The ISO is read-only: referenced, not copied."""
+    """Capture the writable disks: the root disk's layer, and the config's disk: a
+    reflink/sparse copy of a standalone image, or a flattened copy of a restored run's overlay
+    chain. The ISO is read-only: referenced, not copied."""
+    captured = await _capture_root(m, directory, prefix)
     disk = _writable_disk(m)
     if disk is None:
-        return []
+        return captured
     source = Path(os.path.realpath(m.config.disk_path or disk.path))
     dst = directory / f"{prefix}disk0.{disk.format.value}"
     if m.disk_override is not None:
@@ -279,7 +300,7 @@ async def capture_disks(m: QemuMachine, directory: Path, prefix: str) -> list[Ca
     else:
         method = await copy_disk(disk.path, dst)
     log.info("disk %s captured (%s) as %s", disk.path, method, dst.name)
-    return [CapturedDisk(role="disk0", source=source, path=dst, format=disk.format)]
+    return [*captured, CapturedDisk(role="disk0", source=source, path=dst, format=disk.format)]
 
 
 def _virtual_size(image: DiskImage) -> int:
@@ -303,6 +324,7 @@ async def prepare_disks(m: QemuMachine, disks: Sequence[CapturedDisk]) -> Path |
     """A fresh copy-on-write overlay in the state dir over the snapshot's disk image (which
     becomes ``m.disk_backing``). The overlay's header names no backing file."""
     m.disk_backing = None
+    disks = [d for d in disks if d.role != ROOT_ROLE]  # see prepare_root
     if not disks:
         return None
     if len(disks) != 1 or disks[0].role != "disk0":
@@ -335,6 +357,45 @@ async def prepare_disks(m: QemuMachine, disks: Sequence[CapturedDisk]) -> Path |
         raise
     m.disk_backing = backing
     return overlay
+
+
+async def prepare_root(m: QemuMachine, disks: Sequence[CapturedDisk]) -> None:
+    """A restore's root disk: the machine's layer is replaced by a fresh one over the
+    snapshot's captured layer (``m.root_backing``, opened read-only, so any number of VMs run
+    from one snapshot), which lies over the config's base: never a path from the snapshot.
+    The snapshot has a root layer exactly when the config has a root disk."""
+    root = m.config.root_disk
+    layers = [d for d in disks if d.role == ROOT_ROLE]
+    if (root is None) != (not layers) or len(layers) > 1:
+        raise SnapshotError(
+            "the snapshot's root disk layers do not fit this VM "
+            f"({len(layers)} in the snapshot, {'no' if root is None else 'a'} root disk here)"
+        )
+    if layers and layers[0].format is not DiskFormat.QCOW2:
+        raise SnapshotError(
+            f"the snapshot's root disk layer is {layers[0].format.value}; the qemu backend "
+            "saves it as qcow2 (the snapshot was not saved by this backend)"
+        )
+    _rootlayer.remove_layer(m.root_layer)  # a restore replaces what an earlier run wrote
+    m.root_layer = m.root_backing = None
+    if root is None:
+        return
+    captured = DiskImage(layers[0].path.absolute(), DiskFormat.QCOW2)
+    base_size = await asyncio.to_thread(_virtual_size, DiskImage(root.base, root.format))
+    if await asyncio.to_thread(_virtual_size, captured) != base_size:
+        raise SnapshotError(
+            f"the snapshot's root disk layer does not have the size of the base "
+            f"{str(root.base)!r} ({base_size} bytes): it was saved on another base"
+        )
+    m.root_layer = await _rootlayer.create_layer(m.state_dir, root, m.stderr_path)
+    m.root_backing = captured
+
+
+def drop_restored_root(m: QemuMachine) -> None:
+    """After a failed restore: the layer :func:`prepare_root` made goes (none is left)."""
+    if m.root_backing is not None:
+        _rootlayer.remove_layer(m.root_layer)
+        m.root_layer = m.root_backing = None
 
 
 async def load_state(m: QemuMachine, path: Path) -> None:

@@ -6,21 +6,30 @@ backing file: QEMU is given the base on the command line, in its stated format a
 follows a name in a header. The machine makes the layer at its first start (a stale one left
 in a named state dir by a crashed process is replaced) and deletes it at close; a VM started
 again keeps what it wrote. Made with ``qemu-img create``: 15 ms here (``docs/images.md``).
+
+Snapshots (``_migrate``): a save captures the layer (:func:`capture`: a copy, a standalone
+qcow2 that holds what the guest wrote over the base); a restore runs on a fresh layer
+over the captured one, read-only, over the base. Saving a restored VM
+commits its layer into a copy of the captured one (``qemu-img commit``, the chain spelled out
+node by node), so every snapshot's layer lies over the base alone.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
 from pathlib import Path
 
-from ..._disk import DiskFormat, RootDisk, standalone_qcow2_size
+from ..._disk import DiskFormat, DiskImage, RootDisk, standalone_qcow2_size
+from ..._diskcopy import copy_disk
 from ..._process import spawn
-from ...errors import BackendUnavailableError, ConfigError, VMError
+from ...errors import BackendUnavailableError, ConfigError, SnapshotError, VMError
+from ._argv import image_node
 
-__all__ = ["LAYER_NAME", "create_layer", "remove_layer"]
+__all__ = ["LAYER_NAME", "capture", "create_layer", "remove_layer"]
 
 LAYER_NAME = "root-layer.qcow2"
 
@@ -42,8 +51,8 @@ def _base_size(root: RootDisk) -> int:
 
 
 async def create_layer(state_dir: Path, root: RootDisk, log_path: Path) -> Path:
-    """A fresh, empty 0600 layer over ``root``'s base in ``state_dir`` (qemu-img's messages go
-    to ``log_path``)."""
+    """A fresh, empty 0600 layer over ``root``'s base (of its size) in ``state_dir``
+    (qemu-img's messages go to ``log_path``)."""
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise BackendUnavailableError(
@@ -77,3 +86,58 @@ def remove_layer(layer: Path | None) -> None:
     if layer is not None:
         with contextlib.suppress(OSError):
             layer.unlink()
+
+
+async def capture(
+    layer: Path, base: DiskImage, middle: DiskImage | None, dst: Path, log_path: Path
+) -> str:
+    """Capture a paused VM's root layer into the new file ``dst`` (0400, fsynced): one
+    standalone qcow2 holding everything the guest wrote over ``base``. A copy of ``layer``
+    (reflink or sparse); for a restored run (``middle``: the snapshot's captured layer its own
+    lies over), a copy of ``middle`` with a copy of ``layer`` committed into it. Returns how."""
+    if middle is None:
+        return await copy_disk(layer, dst)
+    qemu_img = shutil.which("qemu-img")
+    if qemu_img is None:
+        raise SnapshotError("saving a restored VM's root disk needs qemu-img (package qemu-utils)")
+    top = dst.with_name(dst.name + ".top")  # the layer, copied: QEMU holds the live one's lock
+    try:
+        await copy_disk(middle.path, dst)
+        os.chmod(dst, 0o600)
+        await copy_disk(layer, top)
+        node = image_node(DiskImage(top, DiskFormat.QCOW2))
+        into = image_node(DiskImage(dst, DiskFormat.QCOW2))
+        into["backing"] = image_node(base, read_only=True)
+        node["backing"] = into
+        spec = "json:" + json.dumps(node, separators=(",", ":"), ensure_ascii=False)
+        with open(log_path, "ab") as err:
+            proc = await spawn([qemu_img, "commit", "-q", "-d", spec], name="qemu-img", stderr=err)
+        try:
+            rc = await proc.wait()
+        except BaseException:
+            await proc.kill()
+            raise
+        if rc != 0:
+            raise SnapshotError(
+                f"qemu-img commit failed for the root disk's layer (exit {rc}; see "
+                f"{str(log_path)!r})"
+            )
+        standalone_qcow2_size(dst)  # the commit wrote no file name into its header
+        await asyncio.to_thread(_fsync, dst)
+        os.chmod(dst, 0o400)  # guest data, owner-only; never written again
+    except BaseException:
+        with contextlib.suppress(OSError):
+            dst.unlink()
+        raise
+    finally:
+        with contextlib.suppress(OSError):
+            top.unlink()
+    return "committed"
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -213,7 +213,12 @@ class VzMachine:
         try:
             if verified is not None:  # the disks are copied back only once they check out
                 await verified
-            await _snapshots.copy_back_disks(self.config, disks)
+            layer = None
+            if getattr(self.config, "root_disk", None) is not None:  # the snapshot's, copied
+                self.state_dir.mkdir(parents=True, exist_ok=True)
+                layer = self.state_dir / _rootclone.LAYER_NAME
+            await _snapshots.copy_back_disks(self.config, disks, layer)
+            self._root_layer = layer
             self._release()
             self._prepare()
             assert self._queue is not None
@@ -224,11 +229,8 @@ class VzMachine:
         self._set_state(VMState.PAUSED)
 
     def snapshot_blockers(self) -> list[str]:
-        # VZ validates the rest itself (validate_save_restore_support); a root disk's layer
-        # is not captured yet (docs/images.md, "Snapshots").
-        root = getattr(self.config, "root_disk", None)
-        if root is not None:
-            return [f"the root disk's layer (over {str(root.base)!r}; not captured yet)"]
+        # VZ validates the devices itself (validate_save_restore_support); a root disk's
+        # layer is captured like a disk (_snapshots.capture_disks).
         return []
 
     async def prepare_save(self) -> None:
@@ -245,7 +247,7 @@ class VzMachine:
 
     async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
         """A clone/sparse copy of the writable disk (the VM is paused, its writes are done)."""
-        return await _snapshots.capture_disks(self.config, directory, prefix)
+        return await _snapshots.capture_disks(self.config, directory, prefix, self._root_layer)
 
     async def save_state(
         self, path: str | os.PathLike[str], progress: ProgressFn | None = None

@@ -7,6 +7,8 @@ VZ saves and loads the machine state itself (``_lifecycle.save_machine_state`` /
 ``restore_machine_state``) and attaches the config's disk itself, so a captured disk is
 copied back over the config's disk before a restore (there is no copy-on-write overlay:
 one snapshot cannot back several live VMs, ``Feature.SNAPSHOT_FANOUT`` is not declared).
+A root disk's layer (the VM's own clone of the base, ``_rootclone``) is captured the same way
+(role ``root``, a whole raw image) and copied back as the restored VM's layer.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from ..._disk import DiskFormat
 from ..._diskcopy import copy_disk
 from ..._macconfig import MacVMConfig
 from ...errors import VMError
-from ...snapshots._record import MachineInfo
+from ...snapshots._record import ROOT_ROLE, MachineInfo
 from .._protocol import CapturedDisk
 from . import _build
 
@@ -56,11 +58,20 @@ def hardware_mismatches(config: LinuxVMConfig | MacVMConfig, saved: Mapping[str,
 
 
 async def capture_disks(
-    config: LinuxVMConfig | MacVMConfig, directory: Path, prefix: str
+    config: LinuxVMConfig | MacVMConfig, directory: Path, prefix: str, root_layer: Path | None
 ) -> list[CapturedDisk]:
-    """A clone/sparse copy of each writable disk (the VM is paused, its writes are done)."""
+    """A clone/sparse copy of each writable disk (the VM is paused, its writes are done),
+    the root disk's layer ``root_layer`` first (its source: the base)."""
     _build.require_raw_disk(config)
     out = []
+    root = getattr(config, "root_disk", None)
+    if root is not None:
+        if root_layer is None:
+            raise VMError("the root disk's layer is missing (the VM was never started)")
+        dst = directory / f"{prefix}{ROOT_ROLE}.{DiskFormat.RAW.value}"
+        await copy_disk(root_layer, dst)
+        source = Path(os.path.realpath(root.base))
+        out.append(CapturedDisk(ROOT_ROLE, source, dst, DiskFormat.RAW))
     for role, disk in writable_disks(config):
         dst = directory / f"{prefix}{role}.{DiskFormat.RAW.value}"
         await copy_disk(disk, dst)
@@ -69,13 +80,16 @@ async def capture_disks(
 
 
 async def copy_back_disks(
-    config: LinuxVMConfig | MacVMConfig, disks: Sequence[CapturedDisk]
+    config: LinuxVMConfig | MacVMConfig, disks: Sequence[CapturedDisk], root_layer: Path | None
 ) -> None:
     """Copy each captured disk back over the config's disk of its role (a new file renamed
-    into place), so the machine's disks are the snapshot's again. Every disk is checked
-    before any is written."""
+    into place), the root disk's layer to ``root_layer`` (the machine's, in its state dir),
+    so the machine's disks are the snapshot's again. Every disk is checked before any is
+    written."""
     _build.require_raw_disk(config)
     targets = dict(writable_disks(config))
+    if getattr(config, "root_disk", None) is not None and root_layer is not None:
+        targets[ROOT_ROLE] = root_layer
     for disk in disks:
         if disk.role not in targets:
             raise VMError(f"this VM has no disk for the snapshot's {disk.role}")
