@@ -5,7 +5,9 @@ The page is written by hand (examples and prose per command); these tests keep i
 true: every command has a section and an example, every option of every command is named in a
 row of its section's table (or of "VM options", which a section pulls in by linking it), every
 row names an option the command has, and every ``vzkit ...`` example line uses only commands
-and options that exist. A new option fails here until it is documented.
+and options that exist. A new option fails here until it is documented. The ``vzkit ...``
+examples of the README, the guide and the troubleshooting page are checked the same way, and
+the Python examples of the user docs must at least compile.
 """
 
 from __future__ import annotations
@@ -199,3 +201,25 @@ def test_the_example_check_catches_a_wrong_option() -> None:
         _check_example("vzkit image nope")
     with pytest.raises(AssertionError, match="no option --json"):
         _check_example("vzkit image rm --json")
+
+
+USER_DOCS = [
+    DOC.parents[1] / "README.md",
+    *(DOC.parent / n for n in ("guide.md", "troubleshooting.md")),
+]
+
+
+@pytest.mark.parametrize("doc", USER_DOCS, ids=lambda p: p.name)
+def test_the_examples_of_the_other_user_docs_are_real_too(doc: Path) -> None:
+    examples = _examples(doc.read_text(encoding="utf-8"))
+    assert examples
+    for line in examples:
+        _check_example(line)
+
+
+@pytest.mark.parametrize("doc", [*USER_DOCS, DOC.parent / "config.md"], ids=lambda p: p.name)
+def test_the_python_examples_of_the_user_docs_parse(doc: Path) -> None:
+    blocks = re.findall(r"^```python\n(.*?)^```", doc.read_text(encoding="utf-8"), re.M | re.S)
+    assert blocks
+    for block in blocks:
+        compile(block, str(doc), "exec", flags=0x2000)  # PyCF_ALLOW_TOP_LEVEL_AWAIT
