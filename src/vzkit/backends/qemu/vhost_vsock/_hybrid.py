@@ -251,8 +251,8 @@ class HybridListener:
 
     def _reject(self, hs: _Handshake, why: str) -> None:
         log.info("vsock: rejected host connection: %s", why)
+        self._drop(hs)  # first: a reader that sees the rejection counted sees it not pending
         self.rejected += 1
-        self._drop(hs)
 
     def _on_data(self, hs: _Handshake, mask: int) -> None:
         try:
