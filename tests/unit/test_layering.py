@@ -219,6 +219,7 @@ _GROUP_OF_MODULE = {
     **dict.fromkeys(["_vmcore", "_guestcore"], "core"),
     **dict.fromkeys(["_vm", "aio", "_guest", "_vsock"], "facades"),
     "doctor": "doctor",
+    "_imagebuild": "builders",  # images built in a VM (the Debian image): above the facades
     "__main__": "cli",  # python -m vzkit: the CLI's entry point
 }
 _GROUP_OF_PACKAGE = [  # first match wins
@@ -244,6 +245,7 @@ LAYERS = {
     "core": {"foundation", "data", "agent", "backends"},
     "snapshots": {"foundation", "data", "record", "backends", "core"},
     "facades": {"foundation", "data", "agent", "backends", "core", "snapshots"},
+    "builders": {"foundation", "data", "agent", "image", "facades"},
     # load_backend(name), backends add checks; vzkit.image for the guest's checks
     "doctor": {"foundation", "data", "backends", "image"},
 }

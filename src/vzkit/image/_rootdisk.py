@@ -242,6 +242,7 @@ def build_root_disk(
     size: int | None = None,
     label: str = "vzkit-root",
     squash_owner: tuple[int, int] | None = None,
+    uuid: str | None = None,
 ) -> Path:
     """Make the directory ``tree`` into an ext4 raw image at ``dest`` (created 0600; replaced
     atomically if it exists) and return its path.
@@ -251,7 +252,9 @@ def build_root_disk(
     :func:`disk_size_for` the tree. Files keep their host owners unless ``meta`` says
     otherwise (the root directory is owned by root); ``squash_owner=(uid, gid)`` records
     that host user's and group's files as root's (what rootless podman shows of a user's own
-    files; ``meta`` still wins). :class:`GuestError` when e2fsprogs is missing or fails,
+    files; ``meta`` still wins). ``uuid`` fixes the file system's UUID and its directory
+    hash seed (else mke2fs picks random ones), for images built twice alike.
+    :class:`GuestError` when e2fsprogs is missing or fails,
     :class:`ConfigError` for a bad tree or meta.
     """
     source, target = Path(tree), Path(dest)
@@ -266,6 +269,9 @@ def build_root_disk(
     elif not isinstance(size, int) or isinstance(size, bool) or size < 16 * _MIB:
         raise ConfigError(f"root disk size must be an integer of at least 16 MiB, got {size!r}")
     size = -(-size // 4096) * 4096
+    # one -E (mke2fs keeps only the last): the seed of directory hashes goes with the UUID
+    extended = "root_owner=0:0" + (f",hash_seed={uuid}" if uuid is not None else "")
+    fixed = ["-U", uuid] if uuid is not None else []
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -277,7 +283,7 @@ def build_root_disk(
             os.close(fd)
         _run(
             [mke2fs, "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", label,
-             "-E", "root_owner=0:0", "-d", str(source), str(image), f"{size // 1024}k"],
+             "-E", extended, *fixed, "-d", str(source), str(image), f"{size // 1024}k"],
             f"mke2fs -d {source}",
         )  # fmt: skip
         if script:
