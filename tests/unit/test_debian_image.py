@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from click.testing import CliRunner, Result
@@ -340,3 +340,85 @@ def test_run_image_boots_the_cached_image_on_a_layer(cache: Path, tmp_path: Path
         run_config(False, {**opts, "kernel_path": kernel, "image": "abcdef12", "arch": "x86_64"})
     plain = run_config(False, {**opts, "kernel_path": kernel, "image": "default"})
     assert plain.root_disk is None
+
+
+class _FakeProcess:
+    def __init__(self, lines: list[bytes], code: int) -> None:
+        import io
+
+        self.stdout = io.BufferedReader(io.BytesIO(b"".join(lines)))  # type: ignore[arg-type]
+        self.code = code
+
+    def __enter__(self) -> _FakeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+    def wait(self) -> int:
+        return self.code
+
+
+class _FakeVM:
+    """What the second stage uses of a VirtualMachine; records what it was asked."""
+
+    made: ClassVar[list[_FakeVM]] = []
+
+    def __init__(self, config: Any, backend: str) -> None:
+        self.config = config
+        self.calls: list[str] = []
+        self.guest = self
+        _FakeVM.made.append(self)
+
+    def __enter__(self) -> _FakeVM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.calls.append("closed")
+
+    def start(self, timeout: float) -> None:
+        self.calls.append("start")
+
+    def wait_ready(self, timeout: float) -> None:
+        self.calls.append("ready")
+
+    def popen(self, argv: list[str], **kw: Any) -> _FakeProcess:
+        self.calls.append(" ".join(argv[-2:]))
+        lines = [b"vzkit stage2: installing base-passwd\n"]
+        lines += [f"line {n}\n".encode() for n in range(100)]
+        lines += [b"dpkg: error processing package foo (--configure):\n"]
+        return _FakeProcess(lines, 1)
+
+    def run(self, argv: list[str], **kw: Any) -> None:
+        self.calls.append("run")
+
+    def stop(self, timeout: float) -> None:
+        self.calls.append("stop")
+
+
+def test_a_failed_second_stage_shows_the_end_of_dpkgs_output(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vzkit._vm
+    from vzkit._progress import Progress
+    from vzkit._state import Arch
+
+    monkeypatch.setattr(vzkit._vm, "VirtualMachine", _FakeVM)
+    monkeypatch.setattr(imagebuild, "_plain_guest_config", lambda arch, **kw: kw)
+    disk = tmp_path / "root.img"
+    with pytest.raises(GuestError) as caught, Progress("test") as progress:
+        imagebuild._second_stage(disk, Arch.X86_64, tmp_path / "debs", progress, "qemu")
+    message = str(caught.value)
+    assert "failed in the build VM (exit 1)" in message
+    assert "  dpkg: error processing package foo (--configure):" in message
+    assert "line 99" in message
+    assert "line 60" not in message  # the tail only (40 lines)
+    assert "The downloaded packages are kept" in message
+    [vm] = _FakeVM.made
+    assert vm.calls == ["start", "ready", "sh /mnt/debs", "closed"]  # no stop: closed
+    config = vm.config
+    assert config["disk_path"] == disk  # booted read-write, not through a layer
+    assert config["root"] == "/dev/vda"
+    assert config["network"].mode.value == "none"
+    [share] = config["volumes"]
+    assert (share.tag, share.read_only) == ("debs", True)
