@@ -28,6 +28,7 @@ package (below them) stays free of VMs; ``vzkit.default_guest_config`` comes thr
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import shutil
@@ -45,7 +46,7 @@ from ._network import NetworkConfig, NetworkMode
 from ._progress import Progress
 from ._state import Arch, host_arch
 from ._volume import VolumeMount
-from .errors import ConfigError, GuestError
+from .errors import ConfigError, GuestError, VzkitError
 from .image._debian import (
     STAGE2_PATH,
     debian_deb_dir,
@@ -177,7 +178,8 @@ def _second_stage(disk: Path, guest: Arch, debs: Path, progress: Progress, backe
         vm.start(timeout=120)
         vm.guest.wait_ready(timeout=300)
         argv = ["/bin/sh", "-c", f'exec /bin/sh {STAGE2_PATH} "$1" 2>&1', "sh", f"/mnt/{_DEBS_TAG}"]
-        with vm.guest.popen(argv, stdin=False, timeout=_STAGE2_TIMEOUT_S) as proc:
+        proc = vm.guest.popen(argv, stdin=False, timeout=_STAGE2_TIMEOUT_S)
+        try:
             for raw in iter(proc.stdout.readline, b""):
                 line = raw.decode(errors="replace").rstrip()
                 tail.append(line)
@@ -185,6 +187,12 @@ def _second_stage(disk: Path, guest: Arch, debs: Path, progress: Progress, backe
                 if line.startswith("vzkit stage2: "):
                     progress.step(line.removeprefix("vzkit stage2: "))
             code = proc.wait()
+        except BaseException:
+            # Ctrl-C: end dpkg now (waiting for it, as leaving a popen block does, would take
+            # minutes); closing the VM then stops QEMU and its helpers.
+            with contextlib.suppress(VzkitError, OSError):
+                proc.kill()
+            raise
         if code != 0:
             shown = "\n".join("  " + line for line in tail)
             raise GuestError(

@@ -5,7 +5,12 @@ userland through the agent, and ``apt-get install`` over NAT. Needs the network.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +64,75 @@ def test_apt_get_install_jq_over_nat(debian_image: DebianImage) -> None:
     assert proc.returncode == 0, proc.stderr.decode()[-3000:]
     assert proc.stdout.decode().splitlines() == ["jq-1.6", "3"]
     assert debian_image.path.stat().st_mtime_ns == before
+
+
+def _children(pid: int) -> dict[int, str]:
+    """The processes whose parent is ``pid``: their pid and command line."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _alive(pid: int, cmdline: str) -> bool:
+    try:
+        now = (Path("/proc") / str(pid) / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return False
+    return now == cmdline
+
+
+BUILD = """
+import logging, sys
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+import vzkit
+vzkit.build_debian_image("debian", arch="x86_64", packages=["jq"], cache_dir=None)
+"""
+
+
+def test_ctrl_c_in_the_second_stage_leaves_no_vm_and_nothing_in_the_cache(
+    debian_image: DebianImage, tmp_path: Path
+) -> None:
+    """A build of ``debian+jq`` interrupted while dpkg runs in the VM: QEMU and its helpers
+    are gone, the cache holds no new image and no build directory, the .debs stay."""
+    images = debian_image.directory.parent
+    before = sorted(p.name for p in images.iterdir())
+    proc = subprocess.Popen(
+        [sys.executable, "-c", BUILD], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
+        env={**os.environ, "VZKIT_PROGRESS": "0"},
+    )  # fmt: skip
+    assert proc.stderr is not None
+    seen, vm = [], {}
+    try:
+        for raw in proc.stderr:
+            seen.append(raw.decode(errors="replace"))
+            if "installing base-passwd" in seen[-1]:  # the second stage is running
+                vm = _children(proc.pid)
+                break
+        assert vm, "".join(seen[-20:])
+        assert any("qemu-system" in cmd for cmd in vm.values()), vm
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        stopped_s = time.monotonic() - t0
+        rest = err.decode(errors="replace")
+        assert proc.returncode != 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "KeyboardInterrupt" in rest, rest[-2000:]
+    assert stopped_s < 60, stopped_s  # dpkg is not waited for
+    left = {pid: cmd for pid, cmd in vm.items() if _alive(pid, cmd)}
+    assert left == {}  # QEMU, virtiofsd, the vsock device: all gone
+    assert sorted(p.name for p in images.iterdir()) == before
+    assert find_debian_image("debian", packages=["jq"], arch="x86_64") is None
+    debs = Path(debian_image.directory).parents[2] / "debs" / "x86_64" / "debian"
+    assert list(debs.glob("jq_*.deb"))  # downloaded once, kept for the next build

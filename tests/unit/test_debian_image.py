@@ -358,11 +358,28 @@ class _FakeProcess:
     def wait(self) -> int:
         return self.code
 
+    def kill(self) -> None:
+        _FakeVM.made[-1].calls.append("kill")
+
+
+class _Interrupted:
+    def readline(self) -> bytes:
+        raise KeyboardInterrupt
+
+
+class _InterruptedProcess(_FakeProcess):
+    def __init__(self) -> None:
+        self.stdout = _Interrupted()  # type: ignore[assignment]
+
+    def wait(self) -> int:
+        raise AssertionError("a Ctrl-C must not wait for dpkg")
+
 
 class _FakeVM:
     """What the second stage uses of a VirtualMachine; records what it was asked."""
 
     made: ClassVar[list[_FakeVM]] = []
+    interrupt: ClassVar[bool] = False
 
     def __init__(self, config: Any, backend: str) -> None:
         self.config = config
@@ -384,6 +401,8 @@ class _FakeVM:
 
     def popen(self, argv: list[str], **kw: Any) -> _FakeProcess:
         self.calls.append(" ".join(argv[-2:]))
+        if _FakeVM.interrupt:
+            return _InterruptedProcess()
         lines = [b"vzkit stage2: installing base-passwd\n"]
         lines += [f"line {n}\n".encode() for n in range(100)]
         lines += [b"dpkg: error processing package foo (--configure):\n"]
@@ -404,6 +423,7 @@ def test_a_failed_second_stage_shows_the_end_of_dpkgs_output(
     from vzkit._state import Arch
 
     monkeypatch.setattr(vzkit._vm, "VirtualMachine", _FakeVM)
+    monkeypatch.setattr(_FakeVM, "made", [])
     monkeypatch.setattr(imagebuild, "_plain_guest_config", lambda arch, **kw: kw)
     disk = tmp_path / "root.img"
     with pytest.raises(GuestError) as caught, Progress("test") as progress:
@@ -422,3 +442,20 @@ def test_a_failed_second_stage_shows_the_end_of_dpkgs_output(
     assert config["network"].mode.value == "none"
     [share] = config["volumes"]
     assert (share.tag, share.read_only) == ("debs", True)
+
+
+def test_ctrl_c_in_the_second_stage_kills_dpkg_and_closes_the_vm(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import vzkit._vm
+    from vzkit._progress import Progress
+    from vzkit._state import Arch
+
+    monkeypatch.setattr(vzkit._vm, "VirtualMachine", _FakeVM)
+    monkeypatch.setattr(_FakeVM, "interrupt", True)
+    monkeypatch.setattr(_FakeVM, "made", [])
+    monkeypatch.setattr(imagebuild, "_plain_guest_config", lambda arch, **kw: kw)
+    with pytest.raises(KeyboardInterrupt), Progress("test") as progress:
+        imagebuild._second_stage(tmp_path / "d.img", Arch.X86_64, tmp_path, progress, "qemu")
+    [vm] = _FakeVM.made
+    assert vm.calls == ["start", "ready", "sh /mnt/debs", "kill", "closed"]
