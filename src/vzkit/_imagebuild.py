@@ -66,6 +66,7 @@ from .image._debian_image import (
     inputs_key,
     mark_used,
     normal_packages,
+    split_image_ref,
 )
 from .image._image import _init_mode
 from .image._image import default_guest_config as _plain_guest_config
@@ -229,8 +230,8 @@ def _fsck(disk: Path) -> None:
 def resolve_image(
     image: str, arch: Arch | str | None = None, *, cache_dir: Path | None = None
 ) -> DebianImage:
-    """The cached image ``image`` names (``debian[:SUITE]``: built on first use; a digest:
-    must be cached), marked as used now."""
+    """The cached image ``image`` names (``debian[:SUITE][+P1,P2]``: built on first use; a
+    digest: must be cached), marked as used now."""
     guest = Arch.parse(str(arch)) if arch is not None else host_arch()
     found = find_debian_image(image, arch=guest.value, cache_dir=cache_dir)
     if found is None:
@@ -239,7 +240,8 @@ def resolve_image(
                 f"no cached image {image!r} for {guest.value} (see 'vzkit image list'; "
                 "'vzkit image build debian' builds one)"
             )
-        found = build_debian_image(image, arch=guest, cache_dir=cache_dir)
+        name, extra = split_image_ref(image)
+        found = build_debian_image(name, arch=guest, packages=extra, cache_dir=cache_dir)
     elif found.arch != guest.value:
         raise ConfigError(f"image {image!r} is for {found.arch}, not {guest.value}")
     mark_used(found)
@@ -255,8 +257,8 @@ def default_guest_config(
 ) -> LinuxVMConfig:
     """:func:`vzkit.image.default_guest_config`, plus ``image``: ``None`` or ``"default"``
     (the busybox guest), ``"debian"``/``"debian:bookworm"`` (the cached Debian image, built
-    on first use) or a cached image's digest. The image is the VM's read-only root disk; the
-    VM writes into its own layer."""
+    on first use; ``"debian+jq,curl"`` with those packages) or a cached image's digest. The
+    image is the VM's read-only root disk; the VM writes into its own layer."""
     if image in (None, "default"):
         return _plain_guest_config(arch, init=init, **overrides)
     if overrides.get("rootfs") is not None or overrides.get("root") is not None:

@@ -122,6 +122,9 @@ def test_an_entry_is_found_by_reference_packages_arch_and_digest(cache: Path) ->
     assert jq.directory == with_jq
     assert jq.name == "debian:bookworm+jq"
     assert find_debian_image("debian", packages=["curl"], cache_dir=cache) is None
+    named = find_debian_image("debian:bookworm+jq", arch="x86_64", cache_dir=cache)
+    assert named is not None
+    assert named.directory == with_jq  # the name image list shows
     by_digest = find_debian_image("sha256:b1b1b1", cache_dir=cache)
     assert by_digest is not None
     assert by_digest.directory == with_jq
@@ -338,6 +341,10 @@ def test_run_image_boots_the_cached_image_on_a_layer(cache: Path, tmp_path: Path
         run_config(False, {**opts, "kernel_path": kernel, "image": "debian", "rootfs": tmp_path})
     with pytest.raises(ConfigError, match="no cached image 'abcdef12' for x86_64"):
         run_config(False, {**opts, "kernel_path": kernel, "image": "abcdef12", "arch": "x86_64"})
+    jq = fake_image(cache, "b1" * 32, packages=("jq",))
+    with_jq = run_config(False, {**opts, "kernel_path": kernel, "image": "debian+jq"})
+    assert with_jq.root_disk is not None
+    assert with_jq.root_disk.base == jq / "root.img"
     plain = run_config(False, {**opts, "kernel_path": kernel, "image": "default"})
     assert plain.root_disk is None
 

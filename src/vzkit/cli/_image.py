@@ -177,8 +177,7 @@ def image_list(as_json: bool) -> None:
 def _find(ref: str, arch: str | None) -> Any:
     from vzkit.image import find_debian_image
 
-    name, plus, extra = ref.partition("+")
-    found = find_debian_image(name, arch=arch, packages=extra.split(",") if plus else ())
+    found = find_debian_image(ref, arch=arch)
     if found is None:
         raise click.UsageError(f"no cached image {ref!r} (see 'vzkit image list')")
     return found

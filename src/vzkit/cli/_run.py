@@ -115,9 +115,9 @@ def _exit_code(returncode: int) -> int:
 @click.option(
     "--image",
     metavar="REF",
-    help="Boot a cached image as the root file system: debian[:bookworm] (built on first use; "
-    "'vzkit image build debian' looks for newer packages), a digest from 'vzkit image list', "
-    "or 'default' (busybox).",
+    help="Boot a cached image as the root file system: debian[:bookworm][+P1,P2] (built on "
+    "first use; 'vzkit image build debian' looks for newer packages), a digest from "
+    "'vzkit image list', or 'default' (busybox).",
 )
 @click.option(
     "--rootfs",

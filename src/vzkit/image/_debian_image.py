@@ -56,6 +56,7 @@ __all__ = [
     "normal_packages",
     "prune_debian_images",
     "remove_debian_image",
+    "split_image_ref",
 ]
 
 #: Bump when the steps after the tree (disk layout, the VM run, finalising) change.
@@ -120,6 +121,13 @@ def normal_packages(packages: Sequence[str]) -> tuple[str, ...]:
     if bad:
         raise ConfigError(f"not a Debian package name: {', '.join(map(repr, bad))}")
     return tuple(sorted(names))
+
+
+def split_image_ref(ref: str) -> tuple[str, tuple[str, ...]]:
+    """``debian:bookworm+jq,curl`` -> ``("debian:bookworm", ("curl", "jq"))`` (the name an
+    image with extra packages is listed under)."""
+    name, plus, extra = ref.partition("+")
+    return name, normal_packages(extra.split(",")) if plus else ()
 
 
 def inputs_key(resolved: ResolvedDebian, packages: Sequence[str]) -> str:
@@ -192,8 +200,9 @@ def find_debian_image(
     packages: Sequence[str] = (),
     cache_dir: Path | None = None,
 ) -> DebianImage | None:
-    """The cached image ``ref`` names: ``debian[:SUITE]`` (with exactly ``packages`` as its
-    extra packages; the newest such build for ``arch``, any arch when None), or a digest (at
+    """The cached image ``ref`` names: ``debian[:SUITE][+P1,P2]`` (with exactly ``packages``,
+    or the ones after ``+``, as its extra packages; the newest such build for ``arch``, any
+    arch when None), or a digest (at
     least 6 hex digits, ``sha256:`` optional: the one image it starts; ConfigError when it
     names several). None when there is none."""
     images = list_debian_images(cache_dir)
@@ -204,8 +213,9 @@ def find_debian_image(
         if len(hits) > 1:
             raise ConfigError(f"image digest {ref!r} names {len(hits)} images: give more digits")
         return hits[0] if hits else None
-    suite = parse_debian_ref(ref)
-    wanted = normal_packages(packages)
+    name, extra = split_image_ref(ref)
+    suite = parse_debian_ref(name)
+    wanted = extra or normal_packages(packages)
     hits = [
         i
         for i in images
