@@ -96,16 +96,17 @@ def build_debian_image(
     cache_dir: Path | None = None,
     backend: str = "auto",
 ) -> DebianImage:
-    """The Debian image ``ref`` (``debian`` or ``debian:bookworm``) with ``packages`` added,
-    for ``arch`` (the host's by default): found in the cache when it was built from the same
-    packages, else built (see the module docs; minutes under emulation). Needs the network
-    for the signed indexes and any .deb not yet downloaded. Raises
+    """The Debian image ``ref`` (``debian``, ``debian:bookworm``, ``debian+jq,curl``) with
+    ``packages`` added, for ``arch`` (the host's by default): found in the cache when it was
+    built from the same packages, else built (see the module docs; minutes under emulation).
+    Needs the network for the signed indexes and any .deb not yet downloaded. Raises
     :class:`~vzkit.errors.GuestError` (a package that does not exist, a failed maintainer
     script with its output, e2fsprogs missing), :class:`~vzkit.errors.SpecError` (a bad ref).
     """
-    suite = parse_debian_ref(ref)
+    name, named = split_image_ref(ref)
+    suite = parse_debian_ref(name)
     guest = Arch.parse(str(arch)) if arch is not None else host_arch()
-    extra = normal_packages(packages)
+    extra = normal_packages([*named, *packages])
     title = f"debian:{suite} image ({guest.value})"
     with Progress(title) as progress, debian_images_lock(cache_dir) as root:
         progress.step("resolving packages")

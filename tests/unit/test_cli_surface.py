@@ -88,6 +88,15 @@ COVERED: dict[str, list[str]] = {
         f"{_CMDS}::test_image_build_list_and_rm",
         f"{_CMDS}::test_image_build_bad_options_exit_2_and_build_nothing",
     ],
+    "image build --json": [
+        "unit/test_debian_image.py::test_image_build_debian_reports_the_cached_image"
+    ],
+    "image rm --json": [
+        "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
+    ],
+    "image prune --json": [
+        "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
+    ],
     "image build --packages": [
         "unit/test_debian_image.py::test_image_build_debian_reports_the_cached_image",
         "unit/test_debian_image.py::test_image_build_refuses_bad_combinations",

@@ -269,6 +269,8 @@ def test_cli_lists_inspects_removes_and_prunes_debian_images(cache: Path) -> Non
     missing = run("image", "inspect", "debian+curl")
     assert missing.exit_code == 2
     assert "no cached image 'debian+curl'" in missing.stderr
+    dry = json.loads(run("image", "prune", "--json", "--unused-days", "36500").stdout)
+    assert dry == {"removed": [], "freed_bytes": 0}
     pruned = run("image", "prune")
     assert (
         pruned.stdout
@@ -279,7 +281,11 @@ def test_cli_lists_inspects_removes_and_prunes_debian_images(cache: Path) -> Non
     assert removed.exit_code == 0, removed.output
     assert removed.stdout == f"removed debian:bookworm+jq (x86_64, {'b1' * 6})\n"
     assert [i.name for i in list_debian_images(cache)] == ["debian:bookworm"]
-    assert run("image", "prune", "--unused-days", "0").stdout.startswith("removed debian:bookworm")
+    pruned_json = json.loads(run("image", "prune", "--unused-days", "0", "--json").stdout)
+    assert [i["name"] for i in pruned_json["removed"]] == ["debian:bookworm"]
+    fake_image(cache, "c1" * 32)
+    removed_json = json.loads(run("image", "rm", "c1c1c1", "--json").stdout)
+    assert removed_json == {"removed": [f"debian:bookworm (x86_64, {'c1' * 6})"]}
     assert run("image", "list").stdout == "no images (vzkit image build makes one)\n"
 
 
@@ -325,6 +331,11 @@ def test_image_build_debian_reports_the_cached_image(
     assert fields["image"] == "debian:bookworm+curl,jq"
     assert fields["digest"] == "sha256:" + "f1" * 32
     assert fields["size"].startswith("64.0 MiB")
+    as_json = run("image", "build", "debian+jq,curl", "--arch", "x86_64", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    info = json.loads(as_json.stdout)
+    assert (info["name"], info["digest"]) == ("debian:bookworm+curl,jq", "sha256:" + "f1" * 32)
+    assert info["path"].endswith("/root.img")
 
 
 def test_run_image_boots_the_cached_image_on_a_layer(cache: Path, tmp_path: Path) -> None:

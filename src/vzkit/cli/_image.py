@@ -55,6 +55,7 @@ def _is_default(ref: str | None) -> bool:
     "Default: $VZKIT_DEBIAN_MIRROR, else https://deb.debian.org/debian.",
 )
 @click.option("--refresh", is_flag=True, help="Default guest: look for newer packages first.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def image_build(
     ref: str | None,
@@ -64,6 +65,7 @@ def image_build(
     source: str | None,
     mirror: str | None,
     refresh: bool,
+    as_json: bool,
 ) -> None:
     """Build (or find in the cache) an image: REF is 'default' (the default guest, when REF
     is left out) or debian[:bookworm].
@@ -75,7 +77,7 @@ def image_build(
     if not _is_default(ref):
         if deb_dir is not None or source is not None or refresh:
             raise click.UsageError("--deb-dir, --source and --refresh are for the default guest")
-        _build_debian(str(ref), arch, packages, mirror)
+        _build_debian(str(ref), arch, packages, mirror, as_json)
         return
     if packages:
         raise click.UsageError("--packages is for Debian images (vzkit image build debian)")
@@ -86,17 +88,29 @@ def image_build(
     if source == "deb-dir":
         source = None
     built = default_image(arch, deb_dir=deb_dir, refresh=refresh, source=source, mirror=mirror)
+    if as_json:
+        info = {
+            "kernel": str(built.kernel),
+            "initrd": str(built.initrd),
+            "version": built.kernel_version,
+            "trust": image_trust(built.kernel.parent),
+        }
+        click.echo(json.dumps(info, indent=2))
+        return
     click.echo(f"kernel  {built.kernel}\ninitrd  {built.initrd}\nversion {built.kernel_version}")
     click.echo(f"trust   {image_trust(built.kernel.parent)}")
 
 
 def _build_debian(
-    ref: str, arch: str | None, packages: tuple[str, ...], mirror: str | None
+    ref: str, arch: str | None, packages: tuple[str, ...], mirror: str | None, as_json: bool
 ) -> None:
     from vzkit import build_debian_image
 
     names = [name for item in packages for name in item.split(",")]
     built = build_debian_image(ref, arch=arch, packages=names, mirror=mirror)
+    if as_json:
+        click.echo(json.dumps(built.to_dict(), indent=2))
+        return
     click.echo(f"image   {built.name}\narch    {built.arch}\ndigest  {built.digest}")
     click.echo(f"path    {built.path}\nsize    {format_size(built.size)} "
                f"({format_size(built.allocated)} on disk)")  # fmt: skip
@@ -210,24 +224,28 @@ def image_inspect(ref: str, arch: str | None, as_json: bool) -> None:
 @image.command("rm")
 @click.argument("refs", nargs=-1, metavar="[REF]...")
 @click.option("--arch", type=click.Choice([a.value for a in Arch]), help="Only this arch.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def image_rm(refs: tuple[str, ...], arch: str | None) -> None:
+def image_rm(refs: tuple[str, ...], arch: str | None, as_json: bool) -> None:
     """Delete cached images: each REF (debian[:SUITE][+P1,P2], a digest prefix, or 'default'
     for the default guest's); without REF, every cached image (of --arch)."""
     from vzkit.image import remove_debian_image, remove_images
 
+    removed: list[str] = []
     if not refs:
-        for path in remove_images(arch=arch):
-            click.echo(f"removed {path}")
-        return
+        removed += [str(path) for path in remove_images(arch=arch)]
     for ref in refs:
         if ref == "default":
-            for path in remove_images(arch=arch, default_only=True):
-                click.echo(f"removed {path}")
+            removed += [str(path) for path in remove_images(arch=arch, default_only=True)]
             continue
         found = _find(ref, arch)
         remove_debian_image(found)
-        click.echo(f"removed {found.name} ({found.arch}, {found.short_digest})")
+        removed.append(f"{found.name} ({found.arch}, {found.short_digest})")
+    if as_json:
+        click.echo(json.dumps({"removed": removed}, indent=2))
+        return
+    for item in removed:
+        click.echo(f"removed {item}")
 
 
 @image.command("prune")
@@ -238,14 +256,19 @@ def image_rm(refs: tuple[str, ...], arch: str | None) -> None:
     help="Delete the Debian images no VM booted for N days (default: only those a newer "
     "build of the same image replaced).",
 )
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def image_prune(unused_days: float | None) -> None:
+def image_prune(unused_days: float | None, as_json: bool) -> None:
     """Delete Debian images that are not needed: replaced by a newer build of the same
     image (default), or not used for --unused-days N; and leftovers of interrupted builds."""
     from vzkit.image import prune_debian_images
 
     removed = prune_debian_images(unused_days=unused_days)
+    freed = sum(found.allocated for found in removed)
+    if as_json:
+        info = {"removed": [found.to_dict() for found in removed], "freed_bytes": freed}
+        click.echo(json.dumps(info, indent=2))
+        return
     for found in removed:
         click.echo(f"removed {found.name} ({found.arch}, {found.short_digest})")
-    freed = sum(found.allocated for found in removed)
     click.echo(f"{len(removed)} image(s) removed, {format_size(freed)} freed")
