@@ -70,7 +70,7 @@ from .image._debian_image import (
 )
 from .image._image import _init_mode
 from .image._image import default_guest_config as _plain_guest_config
-from .image._rootdisk import build_root_disk, disk_size_for, find_e2fsprogs
+from .image._rootdisk import build_root_disk, disk_size_for, find_e2fsprogs, tree_usage
 
 __all__ = ["build_debian_image", "default_guest_config", "resolve_image"]
 
@@ -128,7 +128,7 @@ def build_debian_image(
             os.replace(work / "src" / MANIFEST_NAME, work / MANIFEST_NAME)
             progress.step("making the ext4 disk")
             disk = work / IMAGE_NAME
-            size = max(MIN_DEBIAN_DISK, disk_size_for(*_usage(prepared.tree)))
+            size = max(MIN_DEBIAN_DISK, disk_size_for(*tree_usage(prepared.tree)))
             build_root_disk(prepared.tree, disk, meta=prepared.meta, size=size, label=_LABEL,
                             uuid=str(uuid.UUID(digest[:32])))  # fmt: skip
             shutil.rmtree(work / "src")
@@ -153,16 +153,6 @@ def build_debian_image(
             return commit_debian_image(work, root, info)
         finally:
             shutil.rmtree(work, ignore_errors=True)  # gone once committed (renamed)
-
-
-def _usage(tree: Path) -> tuple[int, int]:
-    used = inodes = 0
-    for directory, dirs, files in os.walk(tree):
-        for name in (*dirs, *files):
-            st = os.lstat(os.path.join(directory, name))
-            used += st.st_blocks * 512
-            inodes += 1
-    return used, inodes
 
 
 def _second_stage(disk: Path, guest: Arch, debs: Path, progress: Progress, backend: str) -> None:

@@ -477,3 +477,31 @@ def test_ctrl_c_in_the_second_stage_kills_dpkg_and_closes_the_vm(
         imagebuild._second_stage(tmp_path / "d.img", Arch.X86_64, tmp_path, progress, "qemu")
     [vm] = _FakeVM.made
     assert vm.calls == ["start", "ready", "sh /mnt/debs", "kill", "closed"]
+
+
+def test_a_fixed_uuid_sets_the_file_systems_uuid_and_hash_seed(tmp_path: Path) -> None:
+    """What the Debian build passes (derived from the manifest's digest): mke2fs keeps one
+    -E only, so the hash seed and root_owner must share it."""
+    import shutil
+    import subprocess
+
+    from vzkit.image._rootdisk import build_root_disk, find_e2fsprogs
+
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    if os.geteuid() == 0:  # the root directory must not be root's already in the tree
+        os.chown(tree, 1234, 1234)
+    fixed = "144301a0-8020-69e0-563f-b0e3659010ee"
+    disk = build_root_disk(tree, tmp_path / "d.img", size=32 << 20, uuid=fixed)
+    mke2fs, _ = find_e2fsprogs()
+    dumpe2fs = shutil.which("dumpe2fs", path=str(Path(mke2fs).parent))
+    assert dumpe2fs is not None
+    header = subprocess.run([dumpe2fs, "-h", str(disk)], capture_output=True, text=True).stdout
+    fields = {k.strip(): v.strip() for k, _, v in (ln.partition(":") for ln in header.splitlines())}
+    assert fields["Filesystem UUID"] == fixed
+    assert fields["Directory Hash Seed"] == fixed
+    listing = subprocess.run(
+        [str(Path(mke2fs).with_name("debugfs")), "-R", "stat /", str(disk)],
+        capture_output=True, text=True,
+    ).stdout  # fmt: skip
+    assert "User:     0   Group:     0" in listing  # root_owner=0:0 still applied

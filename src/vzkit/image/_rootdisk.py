@@ -38,6 +38,7 @@ __all__ = [
     "disk_size_for",
     "find_e2fsprogs",
     "rootfs_base",
+    "tree_usage",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,9 @@ def disk_size_for(used_bytes: int, inodes: int) -> int:
     return -(-total // _MIB) * _MIB
 
 
-def _tree_usage(tree: Path) -> tuple[int, int]:
+def tree_usage(tree: Path) -> tuple[int, int]:
+    """``(allocated bytes, entries)`` of ``tree`` (hard links counted once): what
+    :func:`disk_size_for` takes."""
     used = inodes = 0
     seen: set[tuple[int, int]] = set()
     for _, st in _walk(tree):
@@ -265,7 +268,7 @@ def build_root_disk(
     if squash_owner is not None:
         script = _squash_script(source, squash_owner, meta) + script
     if size is None:
-        size = disk_size_for(*_tree_usage(source))
+        size = disk_size_for(*tree_usage(source))
     elif not isinstance(size, int) or isinstance(size, bool) or size < 16 * _MIB:
         raise ConfigError(f"root disk size must be an integer of at least 16 MiB, got {size!r}")
     size = -(-size // 4096) * 4096
