@@ -104,6 +104,7 @@ _LAZY = {
     "VMError": ".errors",
     "VMTimeoutError": ".errors",
     "VzkitError": ".errors",
+    "build_debian_image": "._imagebuild",
 }
 
 __version__ = "0.1.0.dev0"
@@ -146,6 +147,7 @@ __all__ = [
     "VzkitError",
     "__version__",
     "assign_volume_tags",
+    "build_debian_image",
     "create_disk_image",
     "default_display_config",
     "default_guest_config",
@@ -166,9 +168,11 @@ def default_guest_config(arch: Arch | str | None = None, **overrides: Any) -> Li
     """A config for vzkit's default guest on ``arch`` (the host's by default).
 
     The guest image (a Debian cloud kernel, a busybox initramfs and the vzkit agent) is built
-    and cached on first use. ``overrides`` are any :class:`LinuxVMConfig` fields.
+    and cached on first use. ``overrides`` are any :class:`LinuxVMConfig` fields, and
+    ``image="debian"`` boots the cached Debian image (built on first use), ``rootfs=`` a
+    tree, ``root=`` a device of ``disk_path`` (``docs/images.md``).
     """
-    from .image._image import default_guest_config as build
+    from ._imagebuild import default_guest_config as build
 
     return build(arch, **overrides)
 

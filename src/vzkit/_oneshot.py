@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import math
 import subprocess
 import time
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
 
 __all__ = ["DEFAULT_IMAGE", "STOP_TIMEOUT", "run", "run_async", "start", "start_async"]
 
-#: The one image :func:`vzkit.default_guest_config` builds today: busybox in an initramfs.
+#: The busybox guest in an initramfs (``image=None`` is the same).
 DEFAULT_IMAGE = "default"
 #: The bound of the clean power-off at the end (half to the guest, then the VM is forced off).
 STOP_TIMEOUT = 10.0
@@ -53,24 +52,16 @@ _RUN = "boot and run the command"
 def _guest_config(
     image: str | None, volumes: Iterable[VolumeSpec], overrides: dict[str, Any]
 ) -> LinuxVMConfig:
-    """The default guest's config with ``volumes`` (specs or mounts) and ``overrides``."""
-    from .image import default_guest_config
+    """vzkit's guest (``image``: the default, ``"debian"``, ...: see
+    :func:`vzkit.default_guest_config`) with ``volumes`` (specs or mounts) and ``overrides``."""
+    from ._imagebuild import default_guest_config  # building an image on first use: lazily
 
     if isinstance(volumes, str | VolumeMount):
         raise ConfigError(f"volumes must be a list of volumes, got {volumes!r}")
     mounts = tuple(parse_volume_spec(v) if isinstance(v, str) else v for v in volumes)
     if mounts:
         overrides = {**overrides, "volumes": (*overrides.get("volumes", ()), *mounts)}
-    if "image" in inspect.signature(default_guest_config).parameters:
-        # the root-disk images are landing there: it says which names it knows
-        return default_guest_config(image=image, **overrides)
-    if image not in (None, DEFAULT_IMAGE):
-        raise ConfigError(
-            f"image={image!r}: this vzkit knows only the default guest (image=None or "
-            f"{DEFAULT_IMAGE!r}); for another userland pass kernel_path=/initrd_path= (and "
-            "disk_path=) overrides"
-        )
-    return default_guest_config(**overrides)
+    return default_guest_config(image=image, **overrides)
 
 
 def _check_command(args: Args, shell: bool, input: bytes | str | None, text: bool) -> None:

@@ -11,7 +11,7 @@ import click
 import pytest
 from click.testing import CliRunner, Result
 
-from vzkit import LinuxVMConfig
+from vzkit import LinuxVMConfig, format_size
 from vzkit.cli import main
 
 # the synthetic kernel/busybox .debs and a stand-in agent of the image builder's own tests
@@ -59,11 +59,12 @@ def test_image_build_list_and_rm(cache: Path, debs: Path, fake_agent: Path) -> N
         kernel.parent.name,
         "x86_64",
         fields["version"],
-        str(initrd.stat().st_size),
+        format_size(initrd.stat().st_size).replace(" ", ""),  # human, one word
         "local",
     ]
     [entry] = json.loads(run("image", "list", "--json").stdout)
     assert entry == {
+        "kind": "default",
         "image": kernel.parent.name,
         "path": str(kernel.parent),
         "arch": "x86_64",

@@ -55,7 +55,7 @@ def test_rootfs_becomes_a_cached_root_disk(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--init", "image"], "--init needs --rootfs or --root"),
+        (["--init", "image"], "--init needs --image, --rootfs or --root"),
         (["--root", "/dev/vda1", "--config", "{cfg}"], "do not combine with --config"),
         (["--root", "vda1", "--kernel", "{kernel}", "--disk", "{disk}"], "is not /dev/NAME"),
         (["--init", "systemd"], "'systemd' is not one of 'agent', 'image'"),

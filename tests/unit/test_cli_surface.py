@@ -95,6 +95,34 @@ COVERED: dict[str, list[str]] = {
         f"{_CMDS}::test_image_build_list_and_rm",
         f"{_CMDS}::test_image_build_bad_options_exit_2_and_build_nothing",
     ],
+    "image build --json": [
+        "unit/test_debian_image.py::test_image_build_debian_reports_the_cached_image"
+    ],
+    "image rm --json": [
+        "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
+    ],
+    "image prune --json": [
+        "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
+    ],
+    "image build --packages": [
+        "unit/test_debian_image.py::test_image_build_debian_reports_the_cached_image",
+        "unit/test_debian_image.py::test_image_build_refuses_bad_combinations",
+    ],
+    "image inspect": [
+        "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
+    ],
+    "image inspect --arch": [
+        "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
+    ],
+    "image inspect --json": [
+        "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
+    ],
+    "image prune": [
+        "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
+    ],
+    "image prune --unused-days": [
+        "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
+    ],
     "image build --mirror": [
         "e2e/test_guest_mirror.py::test_mirror_image_is_byte_identical_to_the_apt_image"
     ],
@@ -151,6 +179,10 @@ COVERED: dict[str, list[str]] = {
     "run --boot-timeout": [_BOOT_TIMEOUT, f"{_RUN}::test_run_env_workdir_and_boot_timeout"],
     "run --from-snapshot": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
     "run --vm-dir": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
+    "run --image": [
+        "unit/test_debian_image.py::test_run_image_boots_the_cached_image_on_a_layer",
+        "e2e/test_debian_image.py::test_vzkit_run_image_debian_runs_python_and_a_second_build_is_cached",
+    ],
     "run --rootfs": [
         "unit/test_cli_root.py::test_rootfs_becomes_a_cached_root_disk",
         "e2e/test_root_disks.py::test_vzkit_run_rootfs_with_network_and_dns",

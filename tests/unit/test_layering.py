@@ -220,6 +220,7 @@ _GROUP_OF_MODULE = {
     **dict.fromkeys(["_vm", "aio", "_guest", "_vsock"], "facades"),
     "_oneshot": "oneshot",  # vzkit.run/start and their vzkit.aio twins (re-exported lazily)
     "doctor": "doctor",
+    "_imagebuild": "builders",  # images built in a VM (the Debian image): above the facades
     "__main__": "cli",  # python -m vzkit: the CLI's entry point
 }
 _GROUP_OF_PACKAGE = [  # first match wins
@@ -246,7 +247,8 @@ LAYERS = {
     "snapshots": {"foundation", "data", "record", "backends", "core"},
     "facades": {"foundation", "data", "agent", "backends", "core", "snapshots"},
     # the default guest's config (vzkit.image) booted through the facades
-    "oneshot": {"foundation", "data", "agent", "backends", "core", "facades", "image"},
+    "oneshot": {"foundation", "data", "agent", "backends", "core", "facades", "image", "builders"},
+    "builders": {"foundation", "data", "agent", "image", "facades"},
     # load_backend(name), backends add checks; vzkit.image for the guest's checks
     "doctor": {"foundation", "data", "backends", "image"},
 }

@@ -8,7 +8,6 @@ is the default guest's all the same (its CPUs, memory, console).
 from __future__ import annotations
 
 import asyncio
-import inspect
 import platform
 import subprocess
 import sys
@@ -153,40 +152,36 @@ def test_run_refuses_a_bad_command_before_booting(
 # -- image= -------------------------------------------------------------------------------------
 
 
-def test_image_is_the_default_guest_only_while_the_builder_knows_no_other(
+def test_image_goes_to_the_builder_as_given(
     backend: AgentBackend, kernel: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """``image`` is :func:`vzkit.default_guest_config`'s: the default guest, ``"debian"``, a
+    digest; the one-liners pass it on as given."""
+    from vzkit import _imagebuild
+
     seen: list[dict[str, Any]] = []
-    real = vzkit.image.default_guest_config
+    real = _imagebuild.default_guest_config
 
-    def without_image(arch: Any = None, **overrides: Any) -> vzkit.LinuxVMConfig:
-        seen.append(overrides)
-        return real(arch, **overrides)
-
-    monkeypatch.setattr(vzkit.image, "default_guest_config", without_image)
-    for image in (None, "default"):
-        vzkit.run(["true"], image=image, backend=backend, kernel_path=kernel)
-    assert seen == [{"kernel_path": kernel}] * 2
-    with pytest.raises(vzkit.ConfigError, match=r"image='debian': this vzkit knows only"):
-        vzkit.run(["true"], image="debian", backend=backend, kernel_path=kernel)
-    assert len(backend.machines) == 2
-
-    def with_image(
-        arch: Any = None, *, image: str | None = None, **overrides: Any
-    ) -> vzkit.LinuxVMConfig:
+    def recording(arch: Any = None, *, image: str | None = None, **overrides: Any) -> Any:
         seen.append({"image": image, **overrides})
-        return real(arch, **overrides)
+        return real(arch, **overrides)  # the default guest, whatever was asked
 
-    monkeypatch.setattr(vzkit.image, "default_guest_config", with_image)
-    vzkit.run(["true"], image="debian", backend=backend, kernel_path=kernel)
-    assert seen[-1] == {"image": "debian", "kernel_path": kernel}  # passed through as given
+    monkeypatch.setattr(_imagebuild, "default_guest_config", recording)
+    for image in (None, "default", "debian:bookworm+jq"):
+        vzkit.run(["true"], image=image, backend=backend, kernel_path=kernel)
+    assert seen == [
+        {"image": image, "kernel_path": kernel} for image in (None, "default", "debian:bookworm+jq")
+    ]
+    assert len(backend.machines) == 3
 
 
-def test_the_real_builder_keeps_its_signature_seam() -> None:
-    """``image`` goes to vzkit.image.default_guest_config once it takes one (see _oneshot)."""
-    params = inspect.signature(vzkit.image.default_guest_config).parameters
-    assert "arch" in params
-    assert any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+def test_an_unknown_image_is_refused_before_any_boot(
+    backend: AgentBackend, kernel: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("VZKIT_CACHE_DIR", str(tmp_path / "cache"))
+    with pytest.raises(vzkit.VzkitError, match="no-such-image"):
+        vzkit.run(["true"], image="no-such-image", backend=backend, kernel_path=kernel)
+    assert backend.machines == []
 
 
 # -- vzkit.start ----------------------------------------------------------------------------------

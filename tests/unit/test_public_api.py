@@ -47,6 +47,7 @@ EXPECTED_ALL = [
     "VzkitError",
     "__version__",
     "assign_volume_tags",
+    "build_debian_image",
     "create_disk_image",
     "default_display_config",
     "default_guest_config",

@@ -118,7 +118,7 @@ def test_the_image_is_replaced_atomically_and_sized_by_the_rule(tree: Path, tmp_
     dest = tmp_path / "root.img"
     dest.write_bytes(b"old")
     build_root_disk(tree, dest)
-    used, inodes = _rootdisk._tree_usage(tree)
+    used, inodes = _rootdisk.tree_usage(tree)
     assert dest.stat().st_size == disk_size_for(used, inodes)
     assert disk_size_for(used, inodes) >= used + (1 << 30)  # at least 1 GiB free
     assert disk_size_for(8 << 30, 10) >= (8 << 30) * 3 // 2  # big trees: half again

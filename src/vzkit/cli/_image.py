@@ -1,37 +1,52 @@
-"""``vzkit image build/list/rm``: the default guest image (kernel + initramfs with the agent)."""
+"""``vzkit image build/list/inspect/rm/prune``: the default guest (kernel + initramfs with the
+agent) and Debian images (root disks, ``docs/images.md``)."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import click
 
-from vzkit import Arch
+from vzkit import Arch, format_size
 
 from ._app import main
 from ._errors import handle_errors
 
-__all__ = ["image", "image_build", "image_list", "image_rm"]
+__all__ = ["image", "image_build", "image_inspect", "image_list", "image_prune", "image_rm"]
 
 
 @main.group()
 def image() -> None:
-    """The default guest image (kernel + initramfs with the vzkit agent)."""
+    """Guest images: the default guest (kernel + initramfs with the vzkit agent) and Debian
+    root disks (vzkit image build debian)."""
+
+
+def _is_default(ref: str | None) -> bool:
+    return ref in (None, "default")
 
 
 @image.command("build")
+@click.argument("ref", required=False, metavar="[REF]")
 @click.option("--arch", type=click.Choice([a.value for a in Arch]), help="Default: the host's.")
+@click.option(
+    "--packages",
+    metavar="P1,P2",
+    multiple=True,
+    help="Debian images: packages to add, with their dependencies (comma-separated, repeatable).",
+)
 @click.option(
     "--deb-dir",
     type=click.Path(path_type=Path, file_okay=False, exists=True),
-    help="Use pre-downloaded .deb files instead of downloading them.",
+    help="Default guest: use pre-downloaded .deb files instead of downloading them.",
 )
 @click.option(
     "--source",
     type=click.Choice(["auto", "apt", "mirror", "deb-dir"]),
-    help="Where packages come from: apt-get download, a Debian mirror, or --deb-dir. "
-    "Default: $VZKIT_DEB_SOURCE, else apt when available, else the mirror.",
+    help="Default guest: where packages come from: apt-get download, a Debian mirror, or "
+    "--deb-dir. Default: $VZKIT_DEB_SOURCE, else apt when available, else the mirror.",
 )
 @click.option(
     "--mirror",
@@ -39,12 +54,33 @@ def image() -> None:
     help="Debian mirror to download from (implies --source mirror). "
     "Default: $VZKIT_DEBIAN_MIRROR, else https://deb.debian.org/debian.",
 )
-@click.option("--refresh", is_flag=True, help="Look for newer packages first.")
+@click.option("--refresh", is_flag=True, help="Default guest: look for newer packages first.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
 def image_build(
-    arch: str | None, deb_dir: Path | None, source: str | None, mirror: str | None, refresh: bool
+    ref: str | None,
+    arch: str | None,
+    packages: tuple[str, ...],
+    deb_dir: Path | None,
+    source: str | None,
+    mirror: str | None,
+    refresh: bool,
+    as_json: bool,
 ) -> None:
-    """Build (or find in the cache) the default guest image."""
+    """Build (or find in the cache) an image: REF is 'default' (the default guest, when REF
+    is left out) or debian[:bookworm].
+
+    \b
+      vzkit image build
+      vzkit image build debian --packages jq,curl
+    """
+    if not _is_default(ref):
+        if deb_dir is not None or source is not None or refresh:
+            raise click.UsageError("--deb-dir, --source and --refresh are for the default guest")
+        _build_debian(str(ref), arch, packages, mirror, as_json)
+        return
+    if packages:
+        raise click.UsageError("--packages is for Debian images (vzkit image build debian)")
     from vzkit.image import default_image, image_trust
 
     if (source == "deb-dir") != (deb_dir is not None) and source is not None:
@@ -52,24 +88,53 @@ def image_build(
     if source == "deb-dir":
         source = None
     built = default_image(arch, deb_dir=deb_dir, refresh=refresh, source=source, mirror=mirror)
+    if as_json:
+        info = {
+            "kernel": str(built.kernel),
+            "initrd": str(built.initrd),
+            "version": built.kernel_version,
+            "trust": image_trust(built.kernel.parent),
+        }
+        click.echo(json.dumps(info, indent=2))
+        return
     click.echo(f"kernel  {built.kernel}\ninitrd  {built.initrd}\nversion {built.kernel_version}")
     click.echo(f"trust   {image_trust(built.kernel.parent)}")
 
 
-@image.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@handle_errors
-def image_list(as_json: bool) -> None:
-    """List cached guest images, newest first.
+def _build_debian(
+    ref: str, arch: str | None, packages: tuple[str, ...], mirror: str | None, as_json: bool
+) -> None:
+    from vzkit import build_debian_image
 
-    TRUST says how the packages were verified: verified (mirror, signed Release checked),
-    apt (apt-get download), unsigned (mirror, no signature check), local (--deb-dir) or
-    unknown.
-    """
-    from vzkit.image import image_trust, list_images
+    names = [name for item in packages for name in item.split(",")]
+    built = build_debian_image(ref, arch=arch, packages=names, mirror=mirror)
+    if as_json:
+        click.echo(json.dumps(built.to_dict(), indent=2))
+        return
+    click.echo(f"image   {built.name}\narch    {built.arch}\ndigest  {built.digest}")
+    click.echo(f"path    {built.path}\nsize    {format_size(built.size)} "
+               f"({format_size(built.allocated)} on disk)")  # fmt: skip
 
-    rows = [
+
+def _human(nbytes: int) -> str:
+    """A size for a table column: ``5.7KiB`` (one word, so the columns split on spaces)."""
+    return format_size(nbytes).replace(" ", "")
+
+
+def _ago(when: float) -> str:
+    seconds = max(0.0, time.time() - when)
+    for unit, span in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= span:
+            return f"{seconds / span:.0f}{unit} ago"
+    return "just now"
+
+
+def _rows() -> list[dict[str, Any]]:
+    from vzkit.image import image_trust, list_debian_images, list_images
+
+    rows: list[dict[str, Any]] = [
         {
+            "kind": "default",
             "image": directory.name,
             "path": str(directory),
             "arch": img.arch,
@@ -79,26 +144,131 @@ def image_list(as_json: bool) -> None:
         }
         for directory, img in list_images()
     ]
+    for deb in list_debian_images():
+        rows.append({"kind": "debian", "image": deb.name, **deb.to_dict()})
+    return rows
+
+
+@image.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def image_list(as_json: bool) -> None:
+    """List cached images: the default guest's (newest first), then Debian images (most
+    recently used first).
+
+    TRUST says how the default guest's packages were verified: verified (mirror, signed
+    Release checked), apt (apt-get download), unsigned (mirror, no signature check), local
+    (--deb-dir) or unknown.
+    """
+    rows = _rows()
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     if not rows:
         click.echo("no images (vzkit image build makes one)")
         return
-    click.echo(f"{'IMAGE':<28} {'ARCH':<8} {'KERNEL':<22} {'INITRD':>10}  TRUST")
-    for r in rows:
-        click.echo(
-            f"{r['image']:<28} {r['arch']:<8} {r['kernel_version']:<22} "
-            f"{r['initrd_bytes']:>10}  {r['trust']}"
-        )
+    defaults = [r for r in rows if r["kind"] == "default"]
+    debians = [r for r in rows if r["kind"] == "debian"]
+    if defaults:
+        click.echo(f"{'IMAGE':<28} {'ARCH':<8} {'KERNEL':<22} {'INITRD':>10}  TRUST")
+        for r in defaults:
+            click.echo(
+                f"{r['image']:<28} {r['arch']:<8} {r['kernel_version']:<22} "
+                f"{_human(r['initrd_bytes']):>10}  {r['trust']}"
+            )
+    if debians:
+        if defaults:
+            click.echo()
+        click.echo(f"{'IMAGE':<28} {'ARCH':<8} {'DIGEST':<14} {'SIZE':>10} {'ON DISK':>10}  USED")
+        for r in debians:
+            click.echo(
+                f"{r['name']:<28} {r['arch']:<8} {r['digest'][7:19]:<14} "
+                f"{_human(r['size']):>10} {_human(r['allocated']):>10}  "
+                f"{_ago(r['last_used'])}"
+            )
+
+
+def _find(ref: str, arch: str | None) -> Any:
+    from vzkit.image import find_debian_image
+
+    found = find_debian_image(ref, arch=arch)
+    if found is None:
+        raise click.UsageError(f"no cached image {ref!r} (see 'vzkit image list')")
+    return found
+
+
+@image.command("inspect")
+@click.argument("ref")
+@click.option("--arch", type=click.Choice([a.value for a in Arch]), help="Default: any.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def image_inspect(ref: str, arch: str | None, as_json: bool) -> None:
+    """Show a cached Debian image: REF is debian[:SUITE][+P1,P2] (the newest such build) or
+    a digest prefix."""
+    found = _find(ref, arch)
+    info = found.to_dict()
+    manifest = found.directory / "manifest.json"
+    info["installed"] = [
+        f"{p['name']}={p['version']}" for p in json.loads(manifest.read_text())["packages"]
+    ]
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    for key in ("name", "arch", "digest", "path", "package_count", "build_s"):
+        click.echo(f"{key:<14}{info[key]}")
+    click.echo(f"{'size':<14}{format_size(found.size)} ({format_size(found.allocated)} on disk)")
+    created = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(found.created))
+    click.echo(f"{'created':<14}{created}\n{'last used':<14}{_ago(found.last_used)}")
 
 
 @image.command("rm")
+@click.argument("refs", nargs=-1, metavar="[REF]...")
 @click.option("--arch", type=click.Choice([a.value for a in Arch]), help="Only this arch.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @handle_errors
-def image_rm(arch: str | None) -> None:
-    """Delete cached guest images."""
-    from vzkit.image import remove_images
+def image_rm(refs: tuple[str, ...], arch: str | None, as_json: bool) -> None:
+    """Delete cached images: each REF (debian[:SUITE][+P1,P2], a digest prefix, or 'default'
+    for the default guest's); without REF, every cached image (of --arch)."""
+    from vzkit.image import remove_debian_image, remove_images
 
-    for path in remove_images(arch=arch):
-        click.echo(f"removed {path}")
+    removed: list[str] = []
+    if not refs:
+        removed += [str(path) for path in remove_images(arch=arch)]
+    for ref in refs:
+        if ref == "default":
+            removed += [str(path) for path in remove_images(arch=arch, default_only=True)]
+            continue
+        found = _find(ref, arch)
+        remove_debian_image(found)
+        removed.append(f"{found.name} ({found.arch}, {found.short_digest})")
+    if as_json:
+        click.echo(json.dumps({"removed": removed}, indent=2))
+        return
+    for item in removed:
+        click.echo(f"removed {item}")
+
+
+@image.command("prune")
+@click.option(
+    "--unused-days",
+    type=click.FloatRange(min=0),
+    metavar="N",
+    help="Delete the Debian images no VM booted for N days (default: only those a newer "
+    "build of the same image replaced).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@handle_errors
+def image_prune(unused_days: float | None, as_json: bool) -> None:
+    """Delete Debian images that are not needed: replaced by a newer build of the same
+    image (default), or not used for --unused-days N; and leftovers of interrupted builds."""
+    from vzkit.image import prune_debian_images
+
+    removed = prune_debian_images(unused_days=unused_days)
+    freed = sum(found.allocated for found in removed)
+    if as_json:
+        info = {"removed": [found.to_dict() for found in removed], "freed_bytes": freed}
+        click.echo(json.dumps(info, indent=2))
+        return
+    for found in removed:
+        click.echo(f"removed {found.name} ({found.arch}, {found.short_digest})")
+    click.echo(f"{len(removed)} image(s) removed, {format_size(freed)} freed")

@@ -115,6 +115,13 @@ def _exit_code(returncode: int) -> int:
     help="The directory whose snapshots/ holds --from-snapshot.",
 )
 @click.option(
+    "--image",
+    metavar="REF",
+    help="Boot a cached image as the root file system: debian[:bookworm][+P1,P2] (built on "
+    "first use; 'vzkit image build debian' looks for newer packages), a digest from "
+    "'vzkit image list', or 'default' (busybox).",
+)
+@click.option(
     "--rootfs",
     type=click.Path(path_type=Path, file_okay=False),
     help="Boot this directory tree as the root file system (made into a cached ext4 image; "
@@ -129,7 +136,7 @@ def _exit_code(returncode: int) -> int:
     "--init",
     "init_mode",
     type=click.Choice(["agent", "image"]),
-    help="With --rootfs/--root: 'agent' (default) runs no init of the image; 'image' runs "
+    help="With --image/--rootfs/--root: 'agent' (default) runs no init of the image; 'image' runs "
     "its /sbin/init beside the agent.",
 )
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
@@ -143,6 +150,7 @@ def run_cmd(
     boot_timeout: float,
     from_snapshot: str | None,
     vm_dir: Path,
+    image: str | None,
     rootfs: Path | None,
     root: str | None,
     init_mode: str | None,
@@ -159,6 +167,7 @@ def run_cmd(
       vzkit run --memory 1 -v .:src:ro -- sh -c 'ls /mnt/src'
       vzkit run -p 8080:80 -- busybox httpd -f -p 80
       vzkit run --from-snapshot warm --vm-dir ./vm -- python3 job.py
+      vzkit run --image debian -- python3 -c 'print(1)'
       vzkit run --rootfs ./tree -- cat /etc/os-release
       vzkit run --disk disk.img --root /dev/vda1 -- ls /
     """
@@ -168,8 +177,8 @@ def run_cmd(
     except SpecError as err:
         echo_error(err)
         sys.exit(EXIT_USAGE)
-    if rootfs is not None or root is not None or init_mode is not None:
-        opts = {**opts, "rootfs": rootfs, "root": root, "init": init_mode}
+    if rootfs is not None or root is not None or init_mode is not None or image is not None:
+        opts = {**opts, "rootfs": rootfs, "root": root, "init": init_mode, "image": image}
     run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap)
 
 
@@ -248,11 +257,16 @@ def run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig
     changes = {k: v for k, v in opts.items() if v is not None and v != ()}
     if interactive_console:
         changes.setdefault("console", ConsoleMode.STDIO)
-    rooted = any(changes.get(name) is not None for name in ("rootfs", "root", "init"))
+    if changes.get("image") == "default":  # the busybox guest: what no --image boots
+        del changes["image"]
+    roots = ("image", "rootfs", "root")
+    rooted = any(changes.get(name) is not None for name in (*roots, "init"))
     if rooted and changes.get("config_file") is not None:
-        raise ConfigError("--rootfs, --root and --init do not combine with --config")
-    if rooted and changes.get("rootfs") is None and changes.get("root") is None:
-        raise ConfigError("--init needs --rootfs or --root")
+        raise ConfigError("--image, --rootfs, --root and --init do not combine with --config")
+    if rooted and all(changes.get(name) is None for name in roots):
+        raise ConfigError("--init needs --image, --rootfs or --root")
+    if sum(changes.get(name) is not None for name in roots) > 1:
+        raise ConfigError("give one of --image, --rootfs and --root")
     if not rooted and (
         changes.get("kernel_path") is not None or changes.get("config_file") is not None
     ):

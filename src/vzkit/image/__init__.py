@@ -18,6 +18,13 @@ from __future__ import annotations
 from ._agent_build import AGENT_TARGETS, build_agent
 from ._cpio import CpioEntry, CpioWriter, read_cpio
 from ._deb import DebEntry, DebPackage, compare_versions, parse_control, parse_depends
+from ._debian_image import (
+    DebianImage,
+    find_debian_image,
+    list_debian_images,
+    prune_debian_images,
+    remove_debian_image,
+)
 from ._fetch import (
     DEB_ARCHES,
     GuestDebs,
@@ -65,6 +72,7 @@ __all__ = [
     "CpioWriter",
     "DebEntry",
     "DebPackage",
+    "DebianImage",
     "FileMeta",
     "GuestDebs",
     "GuestImage",
@@ -82,17 +90,21 @@ __all__ = [
     "disk_size_for",
     "elf_section",
     "fetch_guest_debs",
+    "find_debian_image",
     "find_guest_debs",
     "image_trust",
     "init_script",
     "kernel_metapackage",
+    "list_debian_images",
     "list_images",
     "normalize_module_name",
     "parse_control",
     "parse_depends",
     "parse_modules_builtin",
+    "prune_debian_images",
     "read_cpio",
     "read_modinfo",
+    "remove_debian_image",
     "remove_images",
     "resolve_modules",
     "rootfs_base",

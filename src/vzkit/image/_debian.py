@@ -58,9 +58,11 @@ __all__ = [
     "DebianManifest",
     "ManifestPackage",
     "PreparedTree",
+    "ResolvedDebian",
     "debian_deb_dir",
     "parse_debian_ref",
     "prepare_debian_tree",
+    "resolve_debian",
 ]
 
 log = logging.getLogger(__name__)
@@ -159,6 +161,41 @@ def _pre_depends(resolution: Resolution) -> dict[str, list[str]]:
     }
 
 
+class ResolvedDebian(NamedTuple):
+    """What :func:`resolve_debian` chose: the packages, exactly (no .deb downloaded yet)."""
+
+    suite: str
+    debarch: str
+    sources: tuple[DebianSource, ...]
+    client: DebianMirror
+    resolution: Resolution
+    records: tuple[PackageRecord, ...]
+
+
+def resolve_debian(
+    *,
+    arch: str,
+    suite: str = DEFAULT_SUITE,
+    packages: Sequence[str] = (),
+    mirror: str | None = None,
+    sources: Sequence[DebianSource] | None = None,
+    keyring: Keyring = "auto",
+    cache_dir: Path | None = None,
+) -> ResolvedDebian:
+    """Step 1 of :func:`prepare_debian_tree`: fetch the signed indexes and resolve the package
+    set (each package's version and SHA256 from the index). Cheap next to the rest, so a
+    caller can look for a finished image of exactly these packages before anything else."""
+    debarch = deb_arch(arch)
+    debs_dir = debian_deb_dir(debarch, cache_dir)
+    chosen = tuple(sources or default_sources(mirror, suite=suite))
+    client = DebianMirror(chosen, debarch, index_dir=debs_dir / f".mirror-{suite}",
+                          keyring=keyring)  # fmt: skip
+    index = PackageIndex.from_mirror(client)
+    resolution = resolve(index, packages)
+    records = tuple(client.lookup(p.name, p.version) for p in resolution.packages)
+    return ResolvedDebian(suite, debarch, chosen, client, resolution, records)
+
+
 def prepare_debian_tree(
     dest_dir: Path | str,
     *,
@@ -170,28 +207,30 @@ def prepare_debian_tree(
     keyring: Keyring = "auto",
     cache_dir: Path | None = None,
     copy_debs: bool = True,
+    resolved: ResolvedDebian | None = None,
 ) -> PreparedTree:
     """Resolve, download and unpack a Debian ``suite`` for ``arch`` into ``DEST/tree``.
 
     ``packages`` are added to the required set and :data:`BASE_PACKAGES`; ``mirror`` (or
-    ``sources``) as for the default guest. Writes ``DEST/manifest.json``; ``DEST/tree`` must
+    ``sources``) as for the default guest. ``resolved`` (from :func:`resolve_debian`) skips
+    the resolution (the other arguments but ``dest_dir``, ``cache_dir`` and ``copy_debs`` are
+    then unused). Writes ``DEST/manifest.json``; ``DEST/tree`` must
     not exist or be empty, and is removed again when the build fails. ``copy_debs=False``
     leaves the .debs out of the tree (the second stage is then given their directory, see
     :func:`~vzkit.image._debian_stage2.lay_down_second_stage`). Raises
     PackageNotFoundError / UnsatisfiableError (resolution), DownloadError (network, checksums),
     UnpackError, all :class:`~vzkit.errors.GuestError`.
     """
-    debarch = deb_arch(arch)
     dest = Path(dest_dir)
-    debs_dir = debian_deb_dir(debarch, cache_dir)
-    chosen = tuple(sources or default_sources(mirror, suite=suite))
-    client = DebianMirror(chosen, debarch, index_dir=debs_dir / f".mirror-{suite}",
-                          keyring=keyring)  # fmt: skip
     t0 = time.monotonic()
-    index = PackageIndex.from_mirror(client)
-    resolution = resolve(index, packages)
+    if resolved is None:
+        resolved = resolve_debian(
+            arch=arch, suite=suite, packages=packages, mirror=mirror, sources=sources,
+            keyring=keyring, cache_dir=cache_dir,
+        )  # fmt: skip
+    suite, debarch, chosen, client, resolution, records = resolved
+    debs_dir = debian_deb_dir(debarch, cache_dir)
     t1 = time.monotonic()
-    records = [client.lookup(p.name, p.version) for p in resolution.packages]
     paths = client.download(records, debs_dir)
     record_trust(debs_dir, paths, client.trust)
     debs = {record.name: path for record, path in zip(records, paths, strict=True)}

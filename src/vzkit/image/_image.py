@@ -220,8 +220,11 @@ def list_images(cache_dir: Path | None = None) -> list[tuple[Path, GuestImage]]:
     return found
 
 
-def remove_images(cache_dir: Path | None = None, *, arch: str | None = None) -> list[Path]:
-    """Delete cached images (of one arch, or all) and leftovers of interrupted builds."""
+def remove_images(
+    cache_dir: Path | None = None, *, arch: str | None = None, default_only: bool = False
+) -> list[Path]:
+    """Delete cached images (of one arch, or all: root disks and Debian images too) and
+    leftovers of interrupted builds. ``default_only``: the default guest's images only."""
     images = image_cache_dir(cache_dir)
     removed = []
     with _locked(images):
@@ -229,6 +232,8 @@ def remove_images(cache_dir: Path | None = None, *, arch: str | None = None) -> 
             if not directory.is_dir():
                 continue
             name = directory.name.lstrip(".")
+            if default_only and directory.name in ("debian", "disks"):
+                continue
             if arch is not None and not name.startswith(f"{arch}-"):
                 continue
             shutil.rmtree(directory, ignore_errors=True)

@@ -38,6 +38,7 @@ __all__ = [
     "disk_size_for",
     "find_e2fsprogs",
     "rootfs_base",
+    "tree_usage",
 ]
 
 log = logging.getLogger(__name__)
@@ -127,7 +128,9 @@ def disk_size_for(used_bytes: int, inodes: int) -> int:
     return -(-total // _MIB) * _MIB
 
 
-def _tree_usage(tree: Path) -> tuple[int, int]:
+def tree_usage(tree: Path) -> tuple[int, int]:
+    """``(allocated bytes, entries)`` of ``tree`` (hard links counted once): what
+    :func:`disk_size_for` takes."""
     used = inodes = 0
     seen: set[tuple[int, int]] = set()
     for _, st in _walk(tree):
@@ -242,6 +245,7 @@ def build_root_disk(
     size: int | None = None,
     label: str = "vzkit-root",
     squash_owner: tuple[int, int] | None = None,
+    uuid: str | None = None,
 ) -> Path:
     """Make the directory ``tree`` into an ext4 raw image at ``dest`` (created 0600; replaced
     atomically if it exists) and return its path.
@@ -251,7 +255,9 @@ def build_root_disk(
     :func:`disk_size_for` the tree. Files keep their host owners unless ``meta`` says
     otherwise (the root directory is owned by root); ``squash_owner=(uid, gid)`` records
     that host user's and group's files as root's (what rootless podman shows of a user's own
-    files; ``meta`` still wins). :class:`GuestError` when e2fsprogs is missing or fails,
+    files; ``meta`` still wins). ``uuid`` fixes the file system's UUID and its directory
+    hash seed (else mke2fs picks random ones), for images built twice alike.
+    :class:`GuestError` when e2fsprogs is missing or fails,
     :class:`ConfigError` for a bad tree or meta.
     """
     source, target = Path(tree), Path(dest)
@@ -262,10 +268,13 @@ def build_root_disk(
     if squash_owner is not None:
         script = _squash_script(source, squash_owner, meta) + script
     if size is None:
-        size = disk_size_for(*_tree_usage(source))
+        size = disk_size_for(*tree_usage(source))
     elif not isinstance(size, int) or isinstance(size, bool) or size < 16 * _MIB:
         raise ConfigError(f"root disk size must be an integer of at least 16 MiB, got {size!r}")
     size = -(-size // 4096) * 4096
+    # one -E (mke2fs keeps only the last): the seed of directory hashes goes with the UUID
+    extended = "root_owner=0:0" + (f",hash_seed={uuid}" if uuid is not None else "")
+    fixed = ["-U", uuid] if uuid is not None else []
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -277,7 +286,7 @@ def build_root_disk(
             os.close(fd)
         _run(
             [mke2fs, "-q", "-F", "-t", "ext4", "-b", "4096", "-m", "0", "-L", label,
-             "-E", "root_owner=0:0", "-d", str(source), str(image), f"{size // 1024}k"],
+             "-E", extended, *fixed, "-d", str(source), str(image), f"{size // 1024}k"],
             f"mke2fs -d {source}",
         )  # fmt: skip
         if script:
