@@ -74,22 +74,23 @@ def test_bad_root_options_exit_2(
 
 
 def test_the_snapshot_commands_take_runs_root_options(files: dict[str, Path]) -> None:
-    """``snapshot save``/``restore`` take ``run``'s very ``--rootfs/--root/--init``, and they
-    reach the config the same way."""
+    """``snapshot save``/``restore`` take ``run``'s very ``--image/--rootfs/--root/--init``,
+    and reach the config the same way."""
     ctx = click.Context(main)
     run = main.get_command(ctx, "run")
     group = main.get_command(ctx, "snapshot")
     assert run is not None
     assert isinstance(group, click.Group)
-    shared = {p.name: p for p in run.params if p.name in ("rootfs", "root", "init_mode")}
-    assert len(shared) == 3
+    wanted = ("image", "rootfs", "root", "init_mode")
+    shared = {p.name: p for p in run.params if p.name in wanted}
+    assert len(shared) == 4
     for name in ("save", "restore"):
         command = group.get_command(ctx, name)
         assert command is not None
         theirs = {p.name: p for p in command.params}
         assert all(theirs[key] is option for key, option in shared.items()), name
     given = {"kernel_path": files["vmlinuz"], "cmdline": "console=ttyS0"}
-    given |= {"disk_path": files["disk.img"], "rootfs": None, "root": "/dev/vda1"}
+    given |= {"disk_path": files["disk.img"], "image": None, "rootfs": None, "root": "/dev/vda1"}
     opts = _root_opts({**given, "init_mode": "image"})
     cfg = run_config(False, {**_opts(), **opts})
     assert cfg.cmdline == "console=ttyS0 root=/dev/vda1 vzkit.init=image"
@@ -98,7 +99,7 @@ def test_the_snapshot_commands_take_runs_root_options(files: dict[str, Path]) ->
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["save", "--init", "image"], "--init needs --rootfs or --root"),
+        (["save", "--init", "image"], "--init needs --image, --rootfs or --root"),
         (["restore", "--root", "vda1", "--kernel", "{kernel}", "--disk", "{disk}"], "/dev/NAME"),
     ],
 )

@@ -200,7 +200,7 @@ def test_the_example_check_catches_a_wrong_option() -> None:
     with pytest.raises(AssertionError, match="no command 'nope'"):
         _check_example("vzkit image nope")
     with pytest.raises(AssertionError, match="no option --json"):
-        _check_example("vzkit image rm --json")
+        _check_example("vzkit disk create --json x.img 1g")
 
 
 USER_DOCS = [

@@ -27,12 +27,12 @@ def _guest_command(command: tuple[str, ...]) -> tuple[str, ...]:
 
 
 #: ``vzkit run``'s root file system options, the same click options (defined once, there).
-_ROOT_PARAMS = ("rootfs", "root", "init_mode")
+_ROOT_PARAMS = ("image", "rootfs", "root", "init_mode")
 
 
 def _root_options(command: click.Command) -> click.Command:
-    """Give ``command`` ``vzkit run``'s ``--rootfs``, ``--root`` and ``--init``: a snapshot
-    of a VM on a root disk is saved and restored with the options it booted with."""
+    """Give ``command`` ``vzkit run``'s ``--image``, ``--rootfs``, ``--root`` and ``--init``: a
+    snapshot of a VM on a root disk is saved and restored with the options it booted with."""
     shared = [p for p in run_cmd.params if p.name in _ROOT_PARAMS]
     assert len(shared) == len(_ROOT_PARAMS)
     first_argument = next(i for i, p in enumerate(command.params) if isinstance(p, click.Argument))
@@ -42,9 +42,10 @@ def _root_options(command: click.Command) -> click.Command:
 
 def _root_opts(opts: dict[str, Any]) -> dict[str, Any]:
     """The options as ``run_config`` takes them (``--init`` is ``init``)."""
-    rootfs, root, init = opts.pop("rootfs"), opts.pop("root"), opts.pop("init_mode")
-    if rootfs is not None or root is not None or init is not None:
-        opts = {**opts, "rootfs": rootfs, "root": root, "init": init}
+    image, rootfs, root = opts.pop("image"), opts.pop("rootfs"), opts.pop("root")
+    init = opts.pop("init_mode")
+    if image is not None or rootfs is not None or root is not None or init is not None:
+        opts = {**opts, "image": image, "rootfs": rootfs, "root": root, "init": init}
     return opts
 
 
