@@ -272,8 +272,9 @@ def test_snapshot_list_and_rm(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0].split() == ["NAME", "CREATED", "SIZE", "STATE"]
-    assert lines[1].split() == ["new", "2026-03-21T10:15:30.123456-07:00", "5", "paused"]
-    assert lines[2].split() == ["old", "2025-01-01T00:00:00.000000Z", "3", "paused"]
+    # sizes for people (issue 18 item 9); --json below has the bytes
+    assert lines[1].split() == ["new", "2026-03-21T10:15:30.123456-07:00", "5", "B", "paused"]
+    assert lines[2].split() == ["old", "2025-01-01T00:00:00.000000Z", "3", "B", "paused"]
 
     as_json = json.loads(run("snapshot", "list", "--json", vm_dir).stdout)
     assert [m["name"] for m in as_json] == ["new", "old"]

@@ -9,7 +9,7 @@ from typing import Any
 
 import click
 
-from vzkit import SnapshotManager
+from vzkit import SnapshotManager, format_size
 from vzkit.errors import GuestError
 
 from ._app import main
@@ -67,10 +67,11 @@ def snapshot_list(vm_dir: Path, as_json: bool) -> None:
     if not metas:
         click.echo("no snapshots")
         return
-    click.echo(f"{'NAME':<24} {'CREATED':<28} {'SIZE':>12}  STATE")
+    click.echo(f"{'NAME':<24} {'CREATED':<28} {'SIZE':>10}  STATE")
     for m in metas:
         created = m.to_json_dict()["created"]  # RFC 3339, as in the metadata file
-        click.echo(f"{m.name:<24} {created:<28} {m.size:>12}  {m.vm_state}")
+        size = format_size(m.size)  # --json has the bytes
+        click.echo(f"{m.name:<24} {created:<28} {size:>10}  {m.vm_state}")
 
 
 @snapshot.command("rm")
