@@ -92,9 +92,10 @@ def _alive(pid: int, cmdline: str) -> bool:
 
 BUILD = """
 import logging, sys
+from pathlib import Path
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 import vzkit
-vzkit.build_debian_image("debian", arch="x86_64", packages=["jq"], cache_dir=None)
+vzkit.build_debian_image("debian", arch="x86_64", packages=["jq"], cache_dir=Path(sys.argv[1]))
 """
 
 
@@ -102,12 +103,18 @@ def test_ctrl_c_in_the_second_stage_leaves_no_vm_and_nothing_in_the_cache(
     debian_image: DebianImage, tmp_path: Path
 ) -> None:
     """A build of ``debian+jq`` interrupted while dpkg runs in the VM: QEMU and its helpers
-    are gone, the cache holds no new image and no build directory, the .debs stay."""
-    images = debian_image.directory.parent
-    before = sorted(p.name for p in images.iterdir())
+    are gone, the cache holds no new image and no build directory, the .debs stay. The build
+    uses a cache of its own (the downloads shared with the user's), so an image of the same
+    packages built earlier on this machine cannot make it a cache hit."""
+    from vzkit._cache import user_cache_dir
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "debs").symlink_to(user_cache_dir() / "debs")  # nothing downloaded twice
+    images = cache / "images" / "debian"
     proc = subprocess.Popen(
-        [sys.executable, "-c", BUILD], stderr=subprocess.PIPE, stdout=subprocess.DEVNULL,
-        env={**os.environ, "VZKIT_PROGRESS": "0"},
+        [sys.executable, "-c", BUILD, str(cache)], stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL, env={**os.environ, "VZKIT_PROGRESS": "0"},
     )  # fmt: skip
     assert proc.stderr is not None
     seen, vm = [], {}
@@ -128,11 +135,12 @@ def test_ctrl_c_in_the_second_stage_leaves_no_vm_and_nothing_in_the_cache(
     finally:
         proc.kill()
         proc.wait()
+        proc.stderr.close()
     assert "KeyboardInterrupt" in rest, rest[-2000:]
     assert stopped_s < 60, stopped_s  # dpkg is not waited for
     left = {pid: cmd for pid, cmd in vm.items() if _alive(pid, cmd)}
     assert left == {}  # QEMU, virtiofsd, the vsock device: all gone
-    assert sorted(p.name for p in images.iterdir()) == before
-    assert find_debian_image("debian", packages=["jq"], arch="x86_64") is None
-    debs = Path(debian_image.directory).parents[2] / "debs" / "x86_64" / "debian"
+    assert [p.name for p in images.iterdir() if p.is_dir()] == []  # no image, no build dir
+    assert find_debian_image("debian", packages=["jq"], arch="x86_64", cache_dir=cache) is None
+    debs = user_cache_dir() / "debs" / "x86_64" / "debian"
     assert list(debs.glob("jq_*.deb"))  # downloaded once, kept for the next build
