@@ -122,21 +122,24 @@ class AgentLink:
         while True:
             try:
                 sock, transport = await self._reach(machine)
+                try:
+                    conn = await _Connection.open(
+                        sock, timeout=None, window=DEFAULT_WINDOW, resync=transport == "console"
+                    )
+                except BaseException:
+                    sock.close()
+                    raise
                 break
-            except ConnectionRefusedError:
+            except (ConnectionError, FileNotFoundError):
+                # refused: the agent does not listen yet; reset, or a vsock socket gone: the
+                # VM is stopping (its streams may go before its state says so). Retry until
+                # the agent answers or the VM is seen stopped.
                 if core.closed or core.state not in _LIVE:
                     state = "closed" if core.closed else core.state.value
                     raise StateError(
                         f"the VM stopped before its agent answered (it is {state})"
                     ) from None
                 await asyncio.sleep(_RETRY_S)
-        try:
-            conn = await _Connection.open(
-                sock, timeout=None, window=DEFAULT_WINDOW, resync=transport == "console"
-            )
-        except BaseException:
-            sock.close()
-            raise
         self._transport = transport
         return conn
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import platform
+import socket
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -251,6 +252,28 @@ def test_agent_link_is_never_left_open_after_close(agent: Path, tmp_path: Path) 
     assert not vm.guest.connected
     with pytest.raises(vzkit.StateError, match=r"needs a running VM \(it is closed\)"):
         vm.guest.run(["true"])
+
+
+def test_a_stream_gone_with_a_stopping_vm_is_a_state_error_not_a_raw_oserror(
+    agent: Path, tmp_path: Path
+) -> None:
+    """A VM that stops while its agent is reached: its vsock socket file may be gone (or the
+    console reset) before its state says STOPPED. The caller gets vzkit's StateError, not a
+    raw FileNotFoundError."""
+    with vzkit.VirtualMachine(_config(tmp_path), backend=AgentBackend(agent)) as vm:
+        vm.start()
+        machine = _machine(core_of(vm))
+        taken, machine._ours = machine._ours, None
+        assert taken is not None
+
+        def gone() -> socket.socket | None:
+            taken.close()  # the guest ends: the VM stops
+            raise FileNotFoundError(2, "No such file or directory", "vsock.sock")
+
+        machine.agent_console = gone  # type: ignore[method-assign]
+        with pytest.raises(vzkit.StateError, match="the VM stopped before its agent answered"):
+            vm.guest.wait_ready(30)
+        assert vm.state is VMState.STOPPED
 
 
 def test_calls_from_many_threads_share_one_connection(agent: Path, tmp_path: Path) -> None:
