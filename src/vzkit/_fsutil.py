@@ -3,7 +3,8 @@
 :func:`write_atomic` replaces a file so that a reader (or a crash) sees the old content or the
 new, never a mix: a fresh temporary file beside the target (created exclusively, never through
 a symlink), written, fsynced, then renamed over the target. :func:`fsync_dir` makes renames and
-creations in a directory durable (call it after the renames that must survive a power cut).
+creations in a directory durable (call it after the renames that must survive a power cut),
+:func:`fsync_file` a file another process wrote.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["fsync_dir", "write_atomic"]
+__all__ = ["fsync_dir", "fsync_file", "write_atomic"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -29,6 +30,16 @@ def fsync_dir(path: str | os.PathLike[str]) -> None:
     except OSError as err:
         if err.errno != errno.EINVAL:
             raise
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """Make the content of the file ``path`` durable (written by someone else: a child
+    process, QEMU)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)
 

@@ -24,8 +24,8 @@ from vzkit._vmcore import core_of
 from vzkit.agent import DEFAULT_VSOCK_PORT, KEY_SIZE, AgentError
 from vzkit.backends import AgentVsock, BalloonInfo, Feature, VsockListenerLike
 from vzkit.backends._protocol import StateListener, notify_state
-from vzkit.backends.qemu._discover import user_cache_dir
-from vzkit.image._agent_build import build_agent, zig_command
+
+from ..support.agent_vm import host_agent
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() != "x86_64",
@@ -35,9 +35,7 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def agent() -> Path:
-    zig_command()  # ziglang is a dev dependency: a missing zig fails, never skips
-    root = user_cache_dir()
-    return build_agent("x86_64", root / "agent-build", cache_dir=root / "zig")
+    return host_agent()
 
 
 class TwoWayMachine:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from vzkit._fsutil import fsync_dir, write_atomic
+from vzkit._fsutil import fsync_dir, fsync_file, write_atomic
 from vzkit._network import MAC_FILE, random_mac, read_mac, save_mac, stable_mac
 
 
@@ -68,6 +68,15 @@ def test_fsync_dir(tmp_path: Path) -> None:
     (tmp_path / "file").write_bytes(b"")
     with pytest.raises(NotADirectoryError):
         fsync_dir(tmp_path / "file")
+
+
+def test_fsync_file_reads_nothing_and_refuses_what_is_missing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    data.write_bytes(b"x" * 4096)
+    fsync_file(data)  # opened read-only: the content and the mode stay as they are
+    assert data.read_bytes() == b"x" * 4096
+    with pytest.raises(FileNotFoundError):
+        fsync_file(tmp_path / "missing")
 
 
 def test_random_mac_is_locally_administered_unicast() -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -312,21 +313,27 @@ def logs_dir() -> Path:
 _KEPT_LOGS = 20
 
 
+def _tail(path: Path, size: int) -> bytes:
+    """The last ``size`` bytes of ``path`` (read from there, not the whole file)."""
+    with path.open("rb") as fh:
+        fh.seek(max(0, fh.seek(0, os.SEEK_END) - size))
+        return fh.read()
+
+
 def _keep_console_log(source: Path | None) -> Path | None:
     """A private copy (0600 in a 0700 directory: it is guest output) of a failed VM's console
     log, which goes with the VM's temporary state directory; the newest few are kept."""
     if source is None:
         return None
     try:
-        data = source.read_bytes()
         directory = logs_dir()
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         directory.chmod(0o700)
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         kept = directory / f"console-{stamp}-{os.getpid()}.log"
         fd = os.open(kept, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            out.write(data)
+        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)  # streamed: a console log can be long
         for old in sorted(directory.glob("console-*.log"))[:-_KEPT_LOGS]:
             old.unlink(missing_ok=True)
     except OSError:
@@ -346,7 +353,7 @@ def _with_console(vm: Any, err: VzkitError | OSError) -> VzkitError:
         return err if isinstance(err, VzkitError) else VMError(f"cannot reach the agent: {err}")
     path = vm.console_log_path
     try:
-        text = path.read_bytes()[-8192:].decode(errors="replace") if path is not None else ""
+        text = _tail(path, 8192).decode(errors="replace") if path is not None else ""
     except OSError:
         text = ""
     kept = _keep_console_log(path)

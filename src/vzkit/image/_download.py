@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
+from vzkit._fsutil import fsync_dir
 from vzkit.errors import GuestError
 
 __all__ = ["ChecksumError", "DownloadError", "download", "fetch_bytes", "open_url"]
@@ -100,16 +101,6 @@ def _sha256_file(path: Path) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some filesystems refuse fsync on directories
-        pass
-    finally:
-        os.close(fd)
 
 
 @contextlib.contextmanager
@@ -286,7 +277,7 @@ def download(
                     part.unlink()
                 raise
             os.replace(part, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
             log.debug("%s: stored as %s after %d attempt(s)", url, target, attempt + 1)
             return target
         raise DownloadError(f"{url}: gave up after {_MAX_ATTEMPTS} attempts", url=url)

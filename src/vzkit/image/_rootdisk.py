@@ -28,6 +28,7 @@ from pathlib import Path
 from types import MappingProxyType
 
 from .._cache import user_cache_dir
+from .._fsutil import fsync_dir, fsync_file
 from .._progress import Progress
 from ..errors import ConfigError, GuestError
 
@@ -297,11 +298,10 @@ def build_root_disk(
             bad = [line for line in errors.splitlines() if line and not _debugfs_banner(line)]
             if bad:
                 raise GuestError(f"debugfs could not apply the file metadata: {bad[0]}")
-        with open(image, "rb+") as fh:
-            os.fsync(fh.fileno())
+        fsync_file(image)
         os.chmod(image, 0o600)
         os.replace(image, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return target
@@ -309,14 +309,6 @@ def build_root_disk(
 
 def _debugfs_banner(line: str) -> bool:
     return line.startswith("debugfs ") and "(" in line  # "debugfs 1.47.0 (5-Feb-2023)"
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _tree_key(
@@ -445,11 +437,11 @@ def _build_entry(
             json.dump(info, fh, indent=2)
             fh.flush()
             os.fsync(fh.fileno())
-        _fsync_dir(work)
+        fsync_dir(work)
         if final.exists():  # a stale or foreign entry: rebuilt
             shutil.rmtree(final, ignore_errors=True)
         os.rename(work, final)
-        _fsync_dir(disks)
+        fsync_dir(disks)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     loaded = _load_base(final)

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from ..._config import LinuxVMConfig
 from ..._disk import DiskFormat, DiskImage, standalone_qcow2_size
 from ..._diskcopy import copy_disk
+from ..._fsutil import fsync_file
 from ..._process import spawn
 from ..._state import VMState
 from ...errors import ConfigError, SnapshotError, VMError
@@ -192,14 +193,6 @@ async def _cancel(m: QemuMachine) -> None:
         await m.execute("closefd", {"fdname": FD_NAME})
 
 
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 async def save_state(m: QemuMachine, path: Path, progress: ProgressFn | None) -> None:
     """Migrate the paused machine into the new file ``path`` and fsync it."""
     if m.vsock_attached:
@@ -222,7 +215,7 @@ async def save_state(m: QemuMachine, path: Path, progress: ProgressFn | None) ->
     except BaseException:
         await _cancel(m)
         raise
-    await asyncio.to_thread(_fsync_path, path)
+    await asyncio.to_thread(fsync_file, path)
     log.info("machine state saved: %d bytes in %s ms", path.stat().st_size, info.get("total-time"))
 
 
@@ -262,7 +255,7 @@ async def _flatten(src: Path, backing: DiskImage, dst: Path) -> None:
         with contextlib.suppress(OSError):
             dst.unlink()
         raise SnapshotError(f"qemu-img convert failed for {str(src)!r}: {message or rc}")
-    await asyncio.to_thread(_fsync_path, dst)
+    await asyncio.to_thread(fsync_file, dst)
     os.chmod(dst, 0o400)  # guest data, owner-only; never written again
 
 
@@ -330,31 +323,11 @@ async def prepare_disks(m: QemuMachine, disks: Sequence[CapturedDisk]) -> Path |
     if len(disks) != 1 or disks[0].role != "disk0":
         raise SnapshotError(f"unexpected disks in the snapshot: {[d.role for d in disks]}")
     (disk,) = disks
-    qemu_img = shutil.which("qemu-img")
-    if qemu_img is None:
-        raise SnapshotError("restoring a VM with a disk needs qemu-img (package qemu-utils)")
     m.state_dir.mkdir(parents=True, exist_ok=True)
     overlay = m.state_dir / OVERLAY_NAME
-    tmp = overlay.with_name(f".{OVERLAY_NAME}.tmp-{os.getpid()}")
     backing = DiskImage(disk.path.absolute(), disk.format)
     size = await asyncio.to_thread(_virtual_size, backing)
-    argv = [qemu_img, "create", "-q", "-f", "qcow2", str(tmp), str(size)]
-    with open(m.stderr_path, "ab") as err:
-        proc = await spawn(argv, name="qemu-img", stderr=err)
-    try:
-        rc = await proc.wait()
-        if rc != 0:
-            raise SnapshotError(
-                f"cannot create the disk overlay {str(tmp)!r} (qemu-img exit {rc}; "
-                f"see {str(m.stderr_path)!r})"
-            )
-        os.chmod(tmp, 0o600)  # the guest's writes land here: qemu-img honours the umask
-        os.replace(tmp, overlay)
-    except BaseException:
-        await proc.kill()
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    await _rootlayer.create_qcow2(overlay, size, m.stderr_path, "the disk overlay", SnapshotError)
     m.disk_backing = backing
     return overlay
 

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from ..._disk import DiskFormat, DiskImage, RootDisk, standalone_qcow2_size
 from ..._diskcopy import copy_disk
+from ..._fsutil import fsync_file
 from ..._process import spawn
-from ...errors import BackendUnavailableError, ConfigError, SnapshotError, VMError
+from ...errors import BackendUnavailableError, ConfigError, SnapshotError, VMError, VzkitError
 from ._argv import image_node
 
 __all__ = ["LAYER_NAME", "capture", "create_layer", "remove_layer"]
@@ -53,33 +54,43 @@ def _base_size(root: RootDisk) -> int:
 async def create_layer(state_dir: Path, root: RootDisk, log_path: Path) -> Path:
     """A fresh, empty 0600 layer over ``root``'s base (of its size) in ``state_dir``
     (qemu-img's messages go to ``log_path``)."""
+    size = await asyncio.to_thread(_base_size, root)
+    layer = state_dir / LAYER_NAME
+    await create_qcow2(layer, size, log_path, "the root disk's layer")
+    return layer
+
+
+async def create_qcow2(
+    dest: Path, size: int, log_path: Path, what: str, error: type[VzkitError] = VMError
+) -> None:
+    """An empty 0600 qcow2 of ``size`` bytes at ``dest`` whose header names no backing file
+    (QEMU is given the backing on its command line): made beside ``dest`` and renamed into
+    place, so a failure or a kill leaves no half file under that name. ``what`` names it in
+    errors (``error``, or BackendUnavailableError without qemu-img); qemu-img's messages go to
+    ``log_path``."""
     qemu_img = shutil.which("qemu-img")
     if qemu_img is None:
         raise BackendUnavailableError(
-            "a root disk needs qemu-img for its copy-on-write layer (Debian/Ubuntu: apt-get "
-            "install qemu-utils; macOS: brew install qemu)"
+            f"{what} needs qemu-img (Debian/Ubuntu: apt-get install qemu-utils; macOS: "
+            "brew install qemu)"
         )
-    size = await asyncio.to_thread(_base_size, root)
-    layer = state_dir / LAYER_NAME
-    tmp = state_dir / f".{LAYER_NAME}.tmp-{os.getpid()}"
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
     argv = [qemu_img, "create", "-q", "-f", "qcow2", str(tmp), str(size)]
     with open(log_path, "ab") as err:
         proc = await spawn(argv, name="qemu-img", stderr=err)
     try:
         rc = await proc.wait()
         if rc != 0:
-            raise VMError(
-                f"cannot create the root disk's layer {str(tmp)!r} (qemu-img exit {rc}; see "
-                f"{str(log_path)!r})"
+            raise error(
+                f"cannot create {what} {str(tmp)!r} (qemu-img exit {rc}; see {str(log_path)!r})"
             )
         os.chmod(tmp, 0o600)  # the guest's writes land here: qemu-img honours the umask
-        os.replace(tmp, layer)
+        os.replace(tmp, dest)
     except BaseException:
         await proc.kill()
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    return layer
 
 
 def remove_layer(layer: Path | None) -> None:
@@ -123,7 +134,7 @@ async def capture(
                 f"{str(log_path)!r})"
             )
         standalone_qcow2_size(dst)  # the commit wrote no file name into its header
-        await asyncio.to_thread(_fsync, dst)
+        await asyncio.to_thread(fsync_file, dst)
         os.chmod(dst, 0o400)  # guest data, owner-only; never written again
     except BaseException:
         with contextlib.suppress(OSError):
@@ -133,11 +144,3 @@ async def capture(
         with contextlib.suppress(OSError):
             top.unlink()
     return "committed"
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
