@@ -20,8 +20,12 @@ are re-exported by ``vzkit``; the others belong to the module named on their lin
     │   │   ├── PackageNotFoundError (also ValueError)  no such package (.suggestions)
     │   │   └── UnsatisfiableError        a dependency or conflict cannot be met (.chain)
     │   ├── UnpackError                   vzkit.image: package files clash in a root tree
+    │   ├── ImageFormatError (also ValueError)  vzkit.image.oci: an image, archive or layer is bad
+    │   │   └── PlatformError             no manifest for the guest's arch (.available)
     │   └── DownloadError                 vzkit.image: a package download failed (.url, .status)
     │       ├── ChecksumError             size or SHA256 differs from the repository's index
+    │       ├── RegistryError             vzkit.image.oci: a registry refused or failed (.code)
+    │       │   └── RegistryAuthError     credentials refused, or wanted and none found
     │       └── MirrorError               a Debian mirror lacks or garbles what is needed
     │           ├── SignatureError        a Release file's signature is missing or wrong
     │           ├── ExpiredReleaseError   a Release file is stale or from the future
