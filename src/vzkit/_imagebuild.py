@@ -108,7 +108,7 @@ def build_debian_image(
     guest = Arch.parse(str(arch)) if arch is not None else host_arch()
     extra = normal_packages([*named, *packages])
     title = f"debian:{suite} image ({guest.value})"
-    with Progress(title) as progress, debian_images_lock(cache_dir) as root:
+    with Progress(title) as progress, debian_images_lock(cache_dir, arch=guest.value) as root:
         progress.step("resolving packages")
         resolved = resolve_debian(arch=guest.value, suite=suite, packages=extra, mirror=mirror,
                                   cache_dir=cache_dir)  # fmt: skip

@@ -118,10 +118,11 @@ def test_vzkit_run_rootfs_with_network_and_dns(vms: VMFactory, tmp_path: Path, a
     assert int(lines[1]) >= 1, lines
 
 
-def test_partitioned_disk_boots_with_root_vda1(vms: VMFactory, tmp_path: Path) -> None:
+@pytest.mark.parametrize("arch", ARCHES)
+def test_partitioned_disk_boots_with_root_vda1(vms: VMFactory, tmp_path: Path, arch: str) -> None:
     """A disk vzkit did not write: an MBR by sfdisk, ext4 by mke2fs -d at the partition's
     offset."""
-    tree = make_tree(tmp_path / "tree", vms.images["x86_64"])
+    tree = make_tree(tmp_path / "tree", vms.images[arch])
     disk = tmp_path / "disk.img"
     with open(disk, "wb") as fh:
         fh.truncate(256 << 20)
@@ -135,7 +136,7 @@ def test_partitioned_disk_boots_with_root_vda1(vms: VMFactory, tmp_path: Path) -
         check=True,
     )  # fmt: skip
     proc = vzkit_run(
-        "--disk", str(disk), "--root", "/dev/vda1", "--network", "none", "--",
+        "--arch", arch, "--disk", str(disk), "--root", "/dev/vda1", "--network", "none", "--",
         BUSYBOX_ONLY, "sh", "-c", "cat /etc/marker; busybox df / | busybox tail -1",
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr.decode()

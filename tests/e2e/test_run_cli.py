@@ -21,9 +21,9 @@ VZKIT = [sys.executable, "-m", "vzkit.cli"]
 
 
 def vzkit_run(*args: str | Path, **kwargs: object) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run(
-        [*VZKIT, "run", *map(str, args)], capture_output=True, timeout=300, **kwargs
-    )  # type: ignore[call-overload, no-any-return]
+    kwargs.setdefault("timeout", 300)
+    argv = [*VZKIT, "run", *map(str, args)]
+    return subprocess.run(argv, capture_output=True, **kwargs)  # type: ignore[call-overload, no-any-return]
 
 
 @pytest.mark.parametrize("arch", ARCHES)

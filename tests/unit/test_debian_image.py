@@ -20,6 +20,7 @@ from vzkit.image._debian import ResolvedDebian
 from vzkit.image._debian_image import (
     commit_debian_image,
     debian_images_dir,
+    debian_images_lock,
     find_debian_image,
     inputs_key,
     list_debian_images,
@@ -229,8 +230,39 @@ def test_a_failed_or_interrupted_build_leaves_nothing_in_the_cache(
     with pytest.raises(type(fault)):
         imagebuild.build_debian_image("debian", arch="x86_64")
     assert tree_made
-    assert sorted(p.name for p in debian_images_dir(cache).iterdir()) == [".lock"]
+    assert sorted(p.name for p in debian_images_dir(cache).iterdir()) == [".lock", ".lock-x86_64"]
     assert list_debian_images(cache) == []
+
+
+def test_builders_of_two_arches_run_beside_each_other_and_a_remover_waits_for_both(
+    tmp_path: Path,
+) -> None:
+    """While an x86_64 build holds its lock, an aarch64 builder gets in; a second x86_64
+    builder and a remover (which deletes build directories) wait until it is released."""
+    import threading
+
+    entered = {name: threading.Event() for name in ("aarch64", "x86_64 again", "remover")}
+
+    def take(name: str, arch: str | None) -> None:
+        with debian_images_lock(tmp_path, arch=arch):
+            entered[name].set()
+
+    threads = [
+        threading.Thread(target=take, args=("aarch64", "aarch64")),
+        threading.Thread(target=take, args=("x86_64 again", "x86_64")),
+        threading.Thread(target=take, args=("remover", None)),
+    ]
+    with debian_images_lock(tmp_path, arch="x86_64"):
+        for t in threads:
+            t.start()
+        assert entered["aarch64"].wait(10)
+        # The two that must wait: given time to get in wrongly (0.3 s is ample for a lock
+        # that is free), they have not.
+        assert not entered["x86_64 again"].wait(0.3)
+        assert not entered["remover"].is_set()
+    for t in threads:
+        t.join(10)
+    assert all(e.is_set() for e in entered.values())
 
 
 def run(*args: str) -> Result:

@@ -241,17 +241,31 @@ def mark_used(image: DebianImage) -> None:
 
 
 @contextmanager
-def debian_images_lock(cache_dir: Path | None = None) -> Iterator[Path]:
-    """One builder or remover of Debian images per cache at a time (across processes);
-    yields the images' directory (made 0700)."""
-    root = debian_images_dir(cache_dir)
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(root / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def _flock(path: Path, operation: int) -> Iterator[None]:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield root
+        fcntl.flock(fd, operation)
+        yield
     finally:
         os.close(fd)  # releases the lock
+
+
+@contextmanager
+def debian_images_lock(cache_dir: Path | None = None, *, arch: str | None = None) -> Iterator[Path]:
+    """Yields the images' directory (made 0700), locked across processes and threads: with
+    ``arch``, for a builder (one per arch at a time; builders of other arches run beside it);
+    without, for a remover or pruner (alone: no builder runs, so no build directory is in use).
+    """
+    root = debian_images_dir(cache_dir)
+    root.mkdir(parents=True, exist_ok=True, mode=0o700)
+    if arch is None:
+        with _flock(root / ".lock", fcntl.LOCK_EX):
+            yield root
+        return
+    if not arch.isidentifier():
+        raise ConfigError(f"bad architecture name {arch!r}")  # pragma: no cover - an Arch value
+    with _flock(root / ".lock", fcntl.LOCK_SH), _flock(root / f".lock-{arch}", fcntl.LOCK_EX):
+        yield root
 
 
 def commit_debian_image(work: Path, root: Path, info: dict[str, Any]) -> DebianImage:
