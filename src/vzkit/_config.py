@@ -25,6 +25,7 @@ from ._disk import DiskFormat, RootDisk
 from ._display import DisplayConfig, parse_display_spec
 from ._fsutil import write_atomic
 from ._network import NetworkConfig, NetworkMode, PortForward, parse_port_spec
+from ._process_defaults import ProcessDefaults
 from ._state import Arch, host_arch
 from ._volume import VolumeMount, assign_volume_tags, volume_from_dict
 from .errors import ConfigError, SpecError
@@ -259,6 +260,10 @@ class ConfigData:
                 value = [str(d) for d in value]
             elif f.name == "root_disk":
                 value = value.to_dict()
+            elif f.name == "process":
+                value = value.to_dict()
+                if not value:
+                    continue  # written only when set: older files stay as they were
             out[f.name] = value
         return out
 
@@ -291,6 +296,8 @@ class ConfigData:
                 kwargs["publish"] = tuple(parse_port_spec(s) for s in kwargs["publish"])
             if isinstance(kwargs.get("root_disk"), Mapping):
                 kwargs["root_disk"] = RootDisk(**kwargs["root_disk"])
+            if isinstance(kwargs.get("process"), Mapping):
+                kwargs["process"] = ProcessDefaults.from_dict(kwargs["process"])
             return cls(**kwargs)
         except ConfigError:
             raise
@@ -364,6 +371,9 @@ class LinuxVMConfig(ConfigData):
     #: The root file system's disk (a read-only base with a per-VM layer; the first disk,
     #: ``disk_path`` then comes second): booted by vzkit's initramfs, see :class:`RootDisk`.
     root_disk: RootDisk | None = None
+    #: What every guest command starts from (an image's env, working directory, user and
+    #: default command): see :class:`ProcessDefaults`.
+    process: ProcessDefaults = field(default_factory=ProcessDefaults)
 
     kernel_path: Path | None = None
     initrd_path: Path | None = None
@@ -445,6 +455,8 @@ class LinuxVMConfig(ConfigData):
                 )
         if "\x00" in self.cmdline:
             raise ConfigError("cmdline contains a NUL byte")
+        if not isinstance(self.process, ProcessDefaults):
+            raise ConfigError(f"process must be a ProcessDefaults, got {self.process!r}")
         if self.root_disk is not None:
             if not isinstance(self.root_disk, RootDisk):
                 raise ConfigError(f"root_disk must be a RootDisk, got {self.root_disk!r}")
