@@ -50,6 +50,7 @@ class Guest:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: Literal[False] = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[bytes]: ...
     @overload
     def run(
@@ -64,6 +65,7 @@ class Guest:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: Literal[True],
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[str]: ...
     @overload
     def run(
@@ -78,6 +80,7 @@ class Guest:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: bool = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[Any]: ...
     def run(
         self,
@@ -91,6 +94,7 @@ class Guest:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: bool = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run a command in the guest like :func:`subprocess.run` (output captured).
 
@@ -105,11 +109,18 @@ class Guest:
         More than ``max_output`` bytes of output (stdout and stderr together, default
         256 MiB; ``None``: no limit) kill the command and raise :class:`~vzkit.GuestError`: a
         guest cannot make the host buffer without bound. Stream large output with :meth:`popen`.
+
+        ``user="USER[:GROUP]"`` runs the command as that guest user instead of root: names are
+        resolved in the guest (``/etc/passwd``, ``/etc/group``), numeric ids need no entry
+        (``"1000:1000"``; a uid alone without one gets group 0 and ``HOME=/``). It gets its
+        supplementary groups (only ``GROUP`` when given) and ``HOME``, ``USER`` and ``LOGNAME``
+        from its entry unless ``env`` sets them. A name the guest does not know raises
+        :class:`~vzkit.agent.AgentError`; a malformed spec :class:`~vzkit.errors.SpecError`.
         """
         return run_sync(
             self._core.agent.run(
                 args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
-                max_output=max_output, shell=shell, text=text,
+                max_output=max_output, shell=shell, text=text, user=user,
             )
         )  # fmt: skip
 
@@ -122,13 +133,14 @@ class Guest:
         cwd: StrOrBytes | None = None,
         timeout: float | None = None,
         shell: bool = False,
+        user: str | None = None,
     ) -> GuestProcess:
         """Start a command and stream its stdin/stdout/stderr (a :class:`GuestProcess`);
-        ``args`` and ``shell`` as for :meth:`run`."""
+        ``args``, ``shell`` and ``user`` as for :meth:`run`."""
         from .agent import GuestProcess
 
         started = self._core.agent.exec(
-            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
         )
         return GuestProcess(run_sync(started), stdin=stdin)
 
@@ -182,6 +194,7 @@ class AsyncGuest:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: Literal[False] = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[bytes]: ...
     @overload
     async def run(
@@ -196,6 +209,7 @@ class AsyncGuest:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: Literal[True],
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[str]: ...
     @overload
     async def run(
@@ -210,6 +224,7 @@ class AsyncGuest:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: bool = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[Any]: ...
     async def run(
         self,
@@ -223,12 +238,13 @@ class AsyncGuest:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: bool = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run a command in the guest and collect its output (see :meth:`Guest.run`)."""
         return await wrap(
             self._core.agent.run(
                 args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
-                max_output=max_output, shell=shell, text=text,
+                max_output=max_output, shell=shell, text=text, user=user,
             )
         )  # fmt: skip
 
@@ -241,12 +257,13 @@ class AsyncGuest:
         cwd: StrOrBytes | None = None,
         timeout: float | None = None,
         shell: bool = False,
+        user: str | None = None,
     ) -> AsyncGuestProcess:
         """Start a command and stream it (an :class:`AsyncGuestProcess`)."""
         from .agent import AsyncGuestProcess
 
         started = self._core.agent.exec(
-            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
         )
         return AsyncGuestProcess(await wrap(started), stdin=stdin)
 

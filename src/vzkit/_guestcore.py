@@ -200,11 +200,12 @@ class AgentLink:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: bool = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         conn = await self.connection()
         return await conn.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
-            max_output=max_output, shell=shell, text=text,
+            max_output=max_output, shell=shell, text=text, user=user,
         )  # fmt: skip
 
     async def exec(
@@ -216,11 +217,14 @@ class AgentLink:
         cwd: StrOrBytes | None = None,
         timeout: float | None = None,
         shell: bool = False,
+        user: str | None = None,
     ) -> _ExecChannel:
         """A started process's channel (the facades wrap it in ``GuestProcess`` or
         ``AsyncGuestProcess``)."""
         conn = await self.connection()
-        return await conn.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell)
+        return await conn.exec(
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
+        )
 
     async def read_file(self, path: StrOrBytes, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
         return await (await self.connection()).read_file(path, max_size)

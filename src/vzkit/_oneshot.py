@@ -29,7 +29,7 @@ from . import aio
 from ._guestcore import DEFAULT_READY_TIMEOUT
 from ._vm import VirtualMachine
 from ._volume import VolumeMount, parse_volume_spec
-from .agent._command import command_argv, encode_input
+from .agent._command import command_argv, encode_input, user_spec
 from .errors import ConfigError, VMTimeoutError
 
 if TYPE_CHECKING:
@@ -64,10 +64,13 @@ def _guest_config(
     return default_guest_config(image=image, **overrides)
 
 
-def _check_command(args: Args, shell: bool, input: bytes | str | None, text: bool) -> None:
+def _check_command(
+    args: Args, shell: bool, input: bytes | str | None, text: bool, user: str | None
+) -> None:
     """Refuse a command ``guest.run`` would refuse before a VM boots for it."""
     command_argv(args, shell)
     encode_input(input, text)
+    user_spec(user)
 
 
 class _Deadline:
@@ -158,6 +161,7 @@ def run(
     check: bool = False,
     text: Literal[False] = False,
     shell: bool = False,
+    user: str | None = None,
     backend: str | Backend = "auto",
     **config_overrides: Any,
 ) -> subprocess.CompletedProcess[bytes]: ...
@@ -176,6 +180,7 @@ def run(
     check: bool = False,
     text: Literal[True],
     shell: bool = False,
+    user: str | None = None,
     backend: str | Backend = "auto",
     **config_overrides: Any,
 ) -> subprocess.CompletedProcess[str]: ...
@@ -194,6 +199,7 @@ def run(
     check: bool = False,
     text: bool = False,
     shell: bool = False,
+    user: str | None = None,
     backend: str | Backend = "auto",
     **config_overrides: Any,
 ) -> subprocess.CompletedProcess[Any]: ...
@@ -211,6 +217,7 @@ def run(
     check: bool = False,
     text: bool = False,
     shell: bool = False,
+    user: str | None = None,
     backend: str | Backend = "auto",
     **config_overrides: Any,
 ) -> subprocess.CompletedProcess[Any]:
@@ -219,19 +226,19 @@ def run(
 
     ``vzkit.run(["uname", "-a"], text=True).stdout``. The VM boots, runs ``args`` through
     its agent and is torn down, also on errors. ``args``, ``env`` (replaces the guest's
-    environment), ``cwd``, ``input``, ``check``, ``text`` and ``shell`` are those of
+    environment), ``cwd``, ``input``, ``check``, ``text``, ``shell`` and ``user`` are those of
     :meth:`vzkit.Guest.run`; ``image``, ``volumes``, ``backend`` and ``config_overrides`` those
     of :func:`start`. ``timeout`` covers boot and command together and raises
     :class:`~vzkit.VMTimeoutError` (building the guest image on first use is not counted).
     """
-    _check_command(args, shell, input, text)
+    _check_command(args, shell, input, text, user)
     config = _guest_config(image, volumes, config_overrides)
     deadline = _Deadline(timeout, _RUN)
     try:
         with _started(config, deadline, backend) as vm:
             return vm.guest.run(
                 args, input=input, timeout=deadline.left(), check=check, env=env, cwd=cwd,
-                shell=shell, text=text,
+                shell=shell, text=text, user=user,
             )  # fmt: skip
     except (VMTimeoutError, subprocess.TimeoutExpired) as err:
         if (late := _timed_out(deadline, err)) is None:
@@ -271,6 +278,7 @@ async def run_async(
     check: bool = False,
     text: Literal[False] = False,
     shell: bool = False,
+    user: str | None = None,
     backend: str | Backend = "auto",
     **config_overrides: Any,
 ) -> subprocess.CompletedProcess[bytes]: ...
@@ -289,6 +297,7 @@ async def run_async(
     check: bool = False,
     text: Literal[True],
     shell: bool = False,
+    user: str | None = None,
     backend: str | Backend = "auto",
     **config_overrides: Any,
 ) -> subprocess.CompletedProcess[str]: ...
@@ -307,6 +316,7 @@ async def run_async(
     check: bool = False,
     text: bool = False,
     shell: bool = False,
+    user: str | None = None,
     backend: str | Backend = "auto",
     **config_overrides: Any,
 ) -> subprocess.CompletedProcess[Any]: ...
@@ -324,19 +334,20 @@ async def run_async(
     check: bool = False,
     text: bool = False,
     shell: bool = False,
+    user: str | None = None,
     backend: str | Backend = "auto",
     **config_overrides: Any,
 ) -> subprocess.CompletedProcess[Any]:
     """``await vzkit.aio.run(argv)``: one command in a fresh default guest (see
     :func:`vzkit.run`)."""
-    _check_command(args, shell, input, text)
+    _check_command(args, shell, input, text, user)
     config = await _guest_config_async(image, volumes, config_overrides)
     deadline = _Deadline(timeout, _RUN)
     try:
         async with _started_async(config, deadline, backend) as vm:
             return await vm.guest.run(
                 args, input=input, timeout=deadline.left(), check=check, env=env, cwd=cwd,
-                shell=shell, text=text,
+                shell=shell, text=text, user=user,
             )  # fmt: skip
     except (VMTimeoutError, subprocess.TimeoutExpired) as err:
         if (late := _timed_out(deadline, err)) is None:

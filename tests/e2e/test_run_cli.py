@@ -67,6 +67,19 @@ def test_run_env_workdir_and_boot_timeout(tmp_path: Path) -> None:
     assert b"0.01 s" in too_short.stderr
 
 
+def test_run_user_runs_the_command_as_that_guest_user() -> None:
+    """``-u UID:GID`` on the busybox guest, which has no /etc/passwd: numeric ids need no
+    entry, HOME is /, and what the command makes in -w is the user's."""
+    script = 'id -u; id -g; id -G; echo "$HOME|$USER"; pwd; touch mine; stat -c %u:%g mine'
+    proc = vzkit_run("-u", "1000:1000", "-w", "/tmp", "--", "sh", "-c", script)
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = proc.stdout.decode().splitlines()
+    assert lines == ["1000", "1000", "1000", "/|1000", "/tmp", "1000:1000"]
+    unknown = vzkit_run("-u", "nobody", "--", "id")
+    assert unknown.returncode == 125  # the guest has no such user: vzkit's failure, not id's
+    assert b'no user "nobody" in the guest\'s /etc/passwd' in unknown.stderr
+
+
 def test_run_interactive_forwards_a_terminals_input() -> None:
     """Stdin that is a terminal goes to the command only with ``-i``."""
     outputs, codes = [], []

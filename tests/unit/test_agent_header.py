@@ -151,7 +151,7 @@ def test_agent_h_and_the_python_protocol_agree() -> None:
 
 
 def test_the_parser_reads_every_message_type() -> None:
-    """Not vacuous: the header's enum is there, with the 22 types of protocol 2.0."""
+    """Not vacuous: the header's enum is there, with the 22 types of protocol 2.x."""
     _, enums = parse_header(HEADER_TEXT)
     assert enums["msg_type"]["T_HELLO"] == 0x01
     assert enums["msg_type"]["T_POWEROFF"] == 0x31
@@ -170,7 +170,7 @@ def test_the_parser_reads_every_message_type() -> None:
         ("KILL_GROUP = 1", "KILL_GROUP = 2", "KILL flags"),
         ('#define PROTO_MAGIC "VZKAGENT"', '#define PROTO_MAGIC "VZKAGEN2"', "magic"),
         ("#define PROTO_MAJOR 2", "#define PROTO_MAJOR 3", "protocol version"),
-        ("#define PROTO_MINOR 0", "#define PROTO_MINOR 1", "protocol version"),
+        ("#define PROTO_MINOR 1", "#define PROTO_MINOR 2", "protocol version"),
         ("#define PROTO_NONCE_LEN 16", "#define PROTO_NONCE_LEN 32", "nonce size"),
         ("#define HDR_SIZE 12", "#define HDR_SIZE 16", "header size"),
         ("#define MAX_PAYLOAD 65536u", "#define MAX_PAYLOAD 65536u * 2", "resync preamble"),
@@ -189,7 +189,7 @@ def test_a_change_on_one_side_alone_fails(old: str, new: str, complaint: str) ->
 
 def test_a_change_on_the_python_side_alone_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(proto, "DEFAULT_VSOCK_PORT", 2048)
-    monkeypatch.setattr(proto, "PROTOCOL_VERSION", (2, 1))
+    monkeypatch.setattr(proto, "PROTOCOL_VERSION", (2, 2))
     found = mismatches(HEADER_TEXT)
     assert [line.split(":")[0] for line in found] == ["protocol version", "vsock port"]
 

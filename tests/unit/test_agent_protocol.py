@@ -102,7 +102,7 @@ def test_decoder_holds_back_a_partial_frame() -> None:
 
 def test_hello_both_ways() -> None:
     nonce = bytes(range(16))
-    assert encode_hello_request(nonce=nonce) == MAGIC + b"\x02\0\0\0" + nonce
+    assert encode_hello_request(nonce=nonce) == MAGIC + b"\x02\0\x01\0" + nonce
     assert decode_hello_request(encode_hello_request((1, 3), nonce)) == (1, 3, nonce)
     with pytest.raises(ValueError, match="16 bytes"):
         encode_hello_request(nonce=b"short")
@@ -124,11 +124,18 @@ names = st.binary(min_size=1, max_size=20).filter(lambda b: b"\0" not in b)
     st.sampled_from(list(ExecFlag)),
     st.integers(0, 2**32 - 1),
     st.integers(0, 2**32 - 1),
+    st.binary(max_size=20),
 )
 def test_exec_round_trip(
-    argv: list[bytes], env: list[bytes], cwd: bytes, flags: ExecFlag, timeout: int, window: int
+    argv: list[bytes],
+    env: list[bytes],
+    cwd: bytes,
+    flags: ExecFlag,
+    timeout: int,
+    window: int,
+    user: bytes,
 ) -> None:
-    request = ExecRequest(tuple(argv), tuple(env), cwd, flags, timeout, window)
+    request = ExecRequest(tuple(argv), tuple(env), cwd, flags, timeout, window, user)
     assert ExecRequest.decode(request.encode()) == request
 
 
@@ -143,8 +150,14 @@ def test_exec_layout() -> None:
     )
     with pytest.raises(ProtocolError, match="truncated EXEC payload"):
         ExecRequest.decode(payload[:-1])
+    with pytest.raises(ProtocolError, match="truncated EXEC payload"):
+        ExecRequest.decode(payload + b"x")  # the start of a user string (2.1)
+    # 2.1: the user is a trailing string, sent only when set (a 2.0 agent reads the rest)
+    as_user = ExecRequest((b"ls", b"-l"), (b"A=1",), b"/tmp", ExecFlag.STDIN, 500, 4096, b"a:b")
+    assert as_user.encode() == payload + b"\3\0\0\0a:b"
+    assert ExecRequest.decode(payload).user == b""
     with pytest.raises(ProtocolError, match="1 trailing bytes in EXEC"):
-        ExecRequest.decode(payload + b"x")
+        ExecRequest.decode(as_user.encode() + b"x")
 
 
 def test_exit_status() -> None:

@@ -145,6 +145,15 @@ def test_run_env_without_a_name_is_a_usage_error_before_any_boot(cache: Path, ba
     assert not cache.exists()
 
 
+@pytest.mark.parametrize("bad", [":0", "nobody:", "a:b:c", "no body"])
+def test_run_malformed_user_is_a_usage_error_before_any_boot(cache: Path, bad: str) -> None:
+    result = run("run", "-u", bad, "--", "id")
+    assert result.exit_code == 2, result.output
+    assert "vzkit: error: user must be USER or USER:GROUP" in result.stderr
+    assert repr(bad) in result.stderr
+    assert not cache.exists()  # nothing was built or booted
+
+
 def test_env_and_env_files_as_docker_reads_them(tmp_path: Path) -> None:
     """``-e NAME`` passes the host's value (left out when the host has none), ``--env-file``
     lines are NAME=VALUE or NAME with # comments and no quote removal; -e wins over files

@@ -174,7 +174,14 @@ COVERED: dict[str, list[str]] = {
         f"{_CMDS}::test_run_env_file_that_cannot_be_read_exits_2_before_any_boot",
         f"{_RUN}::test_run_env_workdir_and_boot_timeout",
     ],
-    "run --workdir": [f"{_RUN}::test_run_env_workdir_and_boot_timeout"],
+    "run --workdir": [
+        f"{_RUN}::test_run_env_workdir_and_boot_timeout",
+        f"{_RUN}::test_run_user_runs_the_command_as_that_guest_user",
+    ],
+    "run --user": [
+        f"{_CMDS}::test_run_malformed_user_is_a_usage_error_before_any_boot",
+        f"{_RUN}::test_run_user_runs_the_command_as_that_guest_user",
+    ],
     "run --interactive": [f"{_RUN}::test_run_interactive_forwards_a_terminals_input"],
     "run --boot-timeout": [_BOOT_TIMEOUT, f"{_RUN}::test_run_env_workdir_and_boot_timeout"],
     "run --from-snapshot": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],

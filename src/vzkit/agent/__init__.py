@@ -10,6 +10,8 @@ default guest by :mod:`vzkit.image`) that runs commands and moves files for the 
   place every Python module takes them from; a unit test checks them against ``c/agent.h``.
 - ``_connection``: one session over one stream socket (channels, flow control, HELLO and
   AUTH) on vzkit's shared loop.
+- ``_command``: what a command is (argv, ``shell``, ``text``, ``user``); :func:`check_user`
+  refuses a malformed ``USER[:GROUP]`` before anything is sent.
 - ``_process``: :class:`GuestProcess` and :class:`AsyncGuestProcess`, the streaming processes.
 - ``_client``: :class:`AgentClient` (blocking) and :class:`AsyncAgentClient` (asyncio).
 
@@ -27,6 +29,7 @@ from ._protocol import CONSOLE_PORT_NAME, DEFAULT_VSOCK_PORT, KEY_SIZE, PROTOCOL
 if TYPE_CHECKING:  # imported on first use (see __getattr__)
     from ._channel import AgentError, Args, StrOrBytes
     from ._client import AgentClient, AsyncAgentClient
+    from ._command import check_user
     from ._connection import DEFAULT_MAX_OUTPUT, DEFAULT_WINDOW, authenticate
     from ._process import AsyncGuestProcess, GuestProcess
 
@@ -36,6 +39,7 @@ _LAZY = {
     "StrOrBytes": "._channel",
     "AgentClient": "._client",
     "AsyncAgentClient": "._client",
+    "check_user": "._command",
     "DEFAULT_MAX_OUTPUT": "._connection",
     "DEFAULT_WINDOW": "._connection",
     "authenticate": "._connection",
@@ -58,6 +62,7 @@ __all__ = [
     "GuestProcess",
     "StrOrBytes",
     "authenticate",
+    "check_user",
 ]
 
 

@@ -85,6 +85,7 @@ class AgentClient:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: bool = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run ``args`` in the guest and collect its output, like :func:`subprocess.run`.
 
@@ -94,12 +95,14 @@ class AgentClient:
         message on stderr; ``check=True`` raises :class:`subprocess.CalledProcessError`.
         A string command needs ``shell=True`` (``/bin/sh -c``); ``text=True`` sends a ``str``
         input and returns ``str`` outputs (UTF-8), as :func:`subprocess.run` does.
+        ``user="USER[:GROUP]"`` runs it as that guest user (names resolved in the guest, or
+        numeric ids), with its groups and ``HOME``; an unknown name raises :class:`AgentError`.
         More than ``max_output`` bytes of output (stdout and stderr together; ``None``: no
         limit) kill the process group and raise :class:`GuestError`.
         """
         coro = self._c.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
-            max_output=max_output, shell=shell, text=text,
+            max_output=max_output, shell=shell, text=text, user=user,
         )  # fmt: skip
         return run_sync(coro)
 
@@ -112,9 +115,12 @@ class AgentClient:
         cwd: StrOrBytes | None = None,
         timeout: float | None = None,
         shell: bool = False,
+        user: str | None = None,
     ) -> GuestProcess:
         """Start ``args`` and return a streaming :class:`GuestProcess`."""
-        coro = self._c.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell)
+        coro = self._c.exec(
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
+        )
         return GuestProcess(run_sync(coro), stdin=stdin)
 
     def read_file(self, path: StrOrBytes, *, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
@@ -203,10 +209,11 @@ class AsyncAgentClient:
         max_output: int | None = DEFAULT_MAX_OUTPUT,
         shell: bool = False,
         text: bool = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         coro = self._c.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
-            max_output=max_output, shell=shell, text=text,
+            max_output=max_output, shell=shell, text=text, user=user,
         )  # fmt: skip
         return await wrap(coro)
 
@@ -219,8 +226,11 @@ class AsyncAgentClient:
         cwd: StrOrBytes | None = None,
         timeout: float | None = None,
         shell: bool = False,
+        user: str | None = None,
     ) -> AsyncGuestProcess:
-        coro = self._c.exec(args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell)
+        coro = self._c.exec(
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
+        )
         return AsyncGuestProcess(await wrap(coro), stdin=stdin)
 
     async def read_file(

@@ -7,6 +7,12 @@ items become ``$0``, ``$1``, ...). A string without ``shell=True`` is refused wi
 ("not found"), which is never what was meant. A path object (:class:`os.PathLike`) is one
 program, without arguments.
 
+``user="USER[:GROUP]"`` (names, resolved in the guest, or numeric ids) runs the command as
+that user: with its groups from the guest's ``/etc/group``, or only ``GROUP`` when one is given,
+and its ``HOME``, ``USER`` and ``LOGNAME`` unless ``env`` sets them. A malformed spec is refused
+here with :class:`~vzkit.errors.SpecError`; a name the guest does not know fails the request
+with :class:`~vzkit.agent.AgentError`.
+
 ``text=True`` encodes a ``str`` input and decodes both outputs as UTF-8, the guest's encoding
 (the host's locale says nothing about the guest's bytes); bytes that are not UTF-8 become
 U+FFFD, so a command's result is never lost to a decoding error. Newlines are left as the
@@ -19,11 +25,19 @@ import os
 import subprocess
 from typing import Any
 
-from vzkit.errors import ArgumentError
+from vzkit.errors import ArgumentError, SpecError
 
 from ._channel import Args
 
-__all__ = ["GUEST_SHELL", "command_argv", "completed", "decode_output", "encode_input"]
+__all__ = [
+    "GUEST_SHELL",
+    "check_user",
+    "command_argv",
+    "completed",
+    "decode_output",
+    "encode_input",
+    "user_spec",
+]
 
 #: The shell of ``shell=True``, as :mod:`subprocess` uses ``/bin/sh`` on POSIX.
 GUEST_SHELL = "/bin/sh"
@@ -49,6 +63,29 @@ def command_argv(args: Args, shell: bool) -> tuple[bytes, ...]:
     if not argv:
         raise ValueError("args must not be empty")
     return argv
+
+
+def check_user(user: str | None) -> None:
+    """Refuse a ``user`` that is not ``USER[:GROUP]`` (names or numeric ids) or None:
+    :class:`~vzkit.errors.SpecError` (ArgumentError for a non-str). Whether the guest knows
+    the names only the guest can tell."""
+    if user is None:
+        return
+    if not isinstance(user, str):
+        raise ArgumentError(f"user must be a str, USER or USER:GROUP, not {user!r}")
+    name, sep, group = user.partition(":")
+    blank = any(c.isspace() or c == "\0" for c in user)
+    if blank or not name or (sep and not group) or ":" in group:
+        raise SpecError(
+            f"user must be USER or USER:GROUP (names or numeric ids, e.g. 'nobody' or "
+            f"'1000:1000'), got {user!r}"
+        )
+
+
+def user_spec(user: str | None) -> bytes:
+    """``user`` as EXEC carries it; ``b""`` (the agent's own user) for None."""
+    check_user(user)
+    return b"" if user is None else user.encode(ENCODING)
 
 
 def encode_input(data: bytes | str | None, text: bool) -> bytes | None:

@@ -26,7 +26,7 @@ from typing import Any
 from vzkit.errors import GuestError, VMTimeoutError
 
 from ._channel import AgentError, Args, StrOrBytes, _Channel, _ChannelClosed, _ExecChannel
-from ._command import command_argv, completed, decode_output, encode_input
+from ._command import command_argv, completed, decode_output, encode_input, user_spec
 from ._protocol import (
     HEADER,
     HEADER_SIZE,
@@ -35,6 +35,7 @@ from ._protocol import (
     NONCE_SIZE,
     PROTOCOL_VERSION,
     RESYNC_PREAMBLE,
+    USER_MINOR,
     ErrorInfo,
     ExecFlag,
     ExecRequest,
@@ -259,8 +260,18 @@ class _Connection:
         cwd: StrOrBytes | None,
         timeout: float | None,
         shell: bool = False,
+        user: str | None = None,
     ) -> _ExecChannel:
         argv = command_argv(args, shell)
+        spec = user_spec(user)
+        if spec and self.hello.minor < USER_MINOR:
+            raise AgentError(
+                f"the guest's agent (vzkit-agent {self.hello.agent_version}, protocol "
+                f"{self.hello.major}.{self.hello.minor}) cannot run commands as another user "
+                f"(user={user!r}): that needs protocol {PROTOCOL_VERSION[0]}.{USER_MINOR}; boot "
+                "a guest whose agent is this vzkit's (a snapshot keeps the agent it was saved "
+                "with), or run the command without user="
+            )
         entries = env_entries(list((env or {}).items()))
         flags = ExecFlag.STDIN if stdin else ExecFlag.NONE
         if env is not None:
@@ -273,6 +284,7 @@ class _Connection:
             flags,
             timeout_ms,
             self.window,
+            spec,
         )
         channel = _ExecChannel(self, next(self._ids), args, timeout)
         if self._error is not None:
@@ -297,13 +309,16 @@ class _Connection:
         max_output: int | None,
         shell: bool = False,
         text: bool = False,
+        user: str | None = None,
     ) -> subprocess.CompletedProcess[Any]:
-        """Run a command to its end (:mod:`._command` says what ``shell`` and ``text`` do)."""
+        """Run a command to its end (:mod:`._command` says what ``shell``, ``text`` and
+        ``user`` do)."""
         _check_limit("max_output", max_output)
         data = encode_input(input, text)
         channel = await self.exec(
-            args, stdin=data is not None, env=env, cwd=cwd, timeout=timeout, shell=shell
-        )
+            args, stdin=data is not None, env=env, cwd=cwd, timeout=timeout, shell=shell,
+            user=user,
+        )  # fmt: skip
         out, err = bytearray(), bytearray()
 
         def expired() -> subprocess.TimeoutExpired:

@@ -1,4 +1,4 @@
-"""The vzkit agent wire protocol (version 2.0), host side: frames and message payloads.
+"""The vzkit agent wire protocol (version 2.1), host side: frames and message payloads.
 
 ``docs/agent-protocol.md`` is the specification; ``c/agent.h`` is the guest's copy of the
 constants. Every frame is a 12-byte little-endian header — ``u32`` payload length, ``u8``
@@ -27,6 +27,7 @@ __all__ = [
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "RESYNC_PREAMBLE",
+    "USER_MINOR",
     "ErrorInfo",
     "ExecFlag",
     "ExecRequest",
@@ -52,7 +53,9 @@ __all__ = [
     "env_entries",
 ]
 
-PROTOCOL_VERSION = (2, 0)
+PROTOCOL_VERSION = (2, 1)
+USER_MINOR = 1
+"""The minor version from which an agent takes EXEC's user (protocol 2.1)."""
 MAGIC = b"VZKAGENT"
 HEADER = struct.Struct("<IB3sI")
 HEADER_SIZE = HEADER.size
@@ -217,6 +220,9 @@ class _Reader:
         self._pos = len(self._data)
         return out
 
+    def more(self) -> bool:
+        return self._pos < len(self._data)
+
     def end(self) -> None:
         if self._pos != len(self._data):
             raise ProtocolError(f"{len(self._data) - self._pos} trailing bytes in {self._what}")
@@ -288,7 +294,11 @@ class Hello:
 
 @dataclass(frozen=True, slots=True)
 class ExecRequest:
-    """EXEC: ``argv`` run with ``env`` (merged or replacing, see ExecFlag) in ``cwd``."""
+    """EXEC: ``argv`` run with ``env`` (merged or replacing, see ExecFlag) in ``cwd``, as
+    ``user`` (``b"USER[:GROUP]"``; empty: the agent's own, root).
+
+    The user is a trailing field of protocol 2.1, sent only when set: a request without one is
+    what a 2.0 agent reads."""
 
     argv: tuple[bytes, ...]
     env: tuple[bytes, ...] = ()  # b"KEY=VALUE"
@@ -296,12 +306,14 @@ class ExecRequest:
     flags: ExecFlag = ExecFlag.NONE
     timeout_ms: int = 0  # 0: none
     window: int = 0  # initial credit for each of stdout and stderr
+    user: bytes = b""  # 2.1; empty: the agent's
 
     def encode(self) -> bytes:
         head = struct.pack(
             "<IIIII", self.flags, self.timeout_ms, self.window, len(self.argv), len(self.env)
         )
-        return head + b"".join(_string(s) for s in (*self.argv, *self.env, self.cwd))
+        tail = _string(self.user) if self.user else b""
+        return head + b"".join(_string(s) for s in (*self.argv, *self.env, self.cwd)) + tail
 
     @classmethod
     def decode(cls, payload: bytes) -> ExecRequest:
@@ -310,8 +322,9 @@ class ExecRequest:
         argv = tuple(r.string() for _ in range(argc))
         env = tuple(r.string() for _ in range(envc))
         cwd = r.string()
+        user = r.string() if r.more() else b""
         r.end()
-        return cls(argv, env, cwd, ExecFlag(flags), timeout_ms, window)
+        return cls(argv, env, cwd, ExecFlag(flags), timeout_ms, window, user)
 
 
 @dataclass(frozen=True, slots=True)

@@ -101,6 +101,13 @@ def _exit_code(returncode: int) -> int:
     help="Read variables from a file: NAME=VALUE or NAME per line, # comments (docker's format).",
 )
 @click.option("-w", "--workdir", metavar="DIR", help="Working directory in the guest.")
+@click.option(
+    "-u",
+    "--user",
+    metavar="USER[:GROUP]",
+    help="Run the command as this guest user (names resolved in the guest, or numeric ids), "
+    "with its groups and HOME.",
+)
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin even when it is a terminal.")
 @click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
 @click.option(
@@ -147,6 +154,7 @@ def run_cmd(
     env: tuple[str, ...],
     env_files: tuple[Path, ...],
     workdir: str | None,
+    user: str | None,
     interactive: bool,
     boot_timeout: float,
     from_snapshot: str | None,
@@ -167,20 +175,24 @@ def run_cmd(
       vzkit run -- uname -a
       vzkit run --memory 1 -v .:src:ro -- sh -c 'ls /mnt/src'
       vzkit run -p 8080:80 -- busybox httpd -f -p 80
+      vzkit run -u 1000:1000 -w /tmp -- id
       vzkit run --from-snapshot warm --vm-dir ./vm -- python3 job.py
       vzkit run --image debian -- python3 -c 'print(1)'
       vzkit run --rootfs ./tree -- cat /etc/os-release
       vzkit run --disk disk.img --root /dev/vda1 -- ls /
     """
+    from vzkit.agent import check_user
+
     snap = (vm_dir, from_snapshot) if from_snapshot is not None else None
     try:
         env = expand_env(env, env_files, os.environ)
+        check_user(user)
     except SpecError as err:
         echo_error(err)
         sys.exit(EXIT_USAGE)
     if rootfs is not None or root is not None or init_mode is not None or image is not None:
         opts = {**opts, "rootfs": rootfs, "root": root, "init": init_mode, "image": image}
-    run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap)
+    run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user)
 
 
 def expand_env(
@@ -221,15 +233,20 @@ def run_and_exit(
     boot_timeout: float,
     opts: dict[str, Any],
     snap: tuple[Path, str] | None,
+    *,
+    user: str | None = None,
 ) -> None:
-    """Run, then exit: with the command's code, 2 for bad options, 125 when the VM failed,
-    130 on Ctrl-C and 143 on SIGTERM (the VM torn down in every case)."""
+    """Run, then exit: with the command's code, 2 for bad options, 125 when the VM failed
+    (or the guest does not know ``user``), 130 on Ctrl-C and 143 on SIGTERM (the VM torn down
+    in every case)."""
     # Ctrl-C and SIGTERM tear the VM down even when this process was started with SIGINT
     # ignored (as shells do for background jobs).
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, _terminated)
     try:
-        code = _run(command, backend, env, workdir, interactive, boot_timeout, opts, snap)
+        code = _run(
+            command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user
+        )
     except (SpecError, ConfigError) as err:
         echo_error(err)
         sys.exit(EXIT_USAGE)
@@ -376,12 +393,15 @@ def _run(
     boot_timeout: float,
     opts: dict[str, Any],
     snap: tuple[Path, str] | None = None,
+    *,
+    user: str | None = None,
 ) -> int:
     from vzkit import VirtualMachine  # on first use: 'vzkit --help' does not pay for it
 
     environment: dict[Any, Any] | None = None  # str -> str; typed for the client's Mapping
     if env:
-        environment = {"PATH": _GUEST_PATH, "HOME": "/root"}
+        # HOME: root's, or (with --user) what the guest's passwd entry says
+        environment = {"PATH": _GUEST_PATH} if user else {"PATH": _GUEST_PATH, "HOME": "/root"}
         for item in env:
             name, sep, value = item.partition("=")
             if not sep or not name:
@@ -402,7 +422,9 @@ def _run(
         except (VzkitError, OSError) as err:  # OSError: the VM's sockets went with it
             raise _with_console(vm, err) from err
         forward_stdin = interactive or not sys.stdin.isatty()
-        proc = vm.guest.popen(list(command), stdin=forward_stdin, env=environment, cwd=workdir)
+        proc = vm.guest.popen(
+            list(command), stdin=forward_stdin, env=environment, cwd=workdir, user=user
+        )
         pumps = [
             threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer), daemon=True),
             threading.Thread(target=_pump, args=(proc.stderr, sys.stderr.buffer), daemon=True),

@@ -6,7 +6,7 @@
  * Files: main.c (command line, helpers), wire.c (frames out, payload parsing), session.c (a
  * session: HELLO, AUTH, dispatch), transport.c (vsock, unix, the virtio console port), serve.c
  * (the poll loop; serve.h is what these four share), chan.c (channels, data, files), exec.c
- * (exec'd processes), relay.c (the relay command).
+ * (exec'd processes), user.c (who they run as), relay.c (the relay command).
  */
 #ifndef VZKIT_AGENT_H
 #define VZKIT_AGENT_H
@@ -25,7 +25,7 @@
 #define PROTO_MAGIC "VZKAGENT"
 #define PROTO_MAGIC_LEN 8
 #define PROTO_MAJOR 2
-#define PROTO_MINOR 0
+#define PROTO_MINOR 1 /* 2.1: EXEC's optional user */
 #define PROTO_NONCE_LEN 16 /* echoed in the HELLO reply so the host can find it in a stream */
 #define HDR_SIZE 12              /* u32 payload length, u8 type, 3 reserved bytes, u32 channel */
 #define MAX_PAYLOAD 65536u
@@ -220,6 +220,25 @@ void chan_on_stdin_writable(struct chan *c);
 void chan_on_reaped(struct chan *c, int status);
 void chan_check_done(struct chan *c);
 void chan_on_deadline(struct chan *c, int64_t now);
+
+/* ---- user.c ------------------------------------------------------------------------------- */
+
+/* Who an exec'd process runs as: EXEC's "USER[:GROUP]", resolved in the agent. */
+#define USER_ENV_N 3
+struct exec_user {
+    bool set; /* false: the agent's own user (root) */
+    uid_t uid;
+    gid_t gid;
+    gid_t *groups; /* the supplementary groups setgroups gets */
+    size_t ngroups;
+    char *env[USER_ENV_N]; /* HOME, USER, LOGNAME ("K=V") from the passwd entry */
+};
+
+/* Resolve `spec`: 0, or -1 with an errno in *errnum and what went wrong in msg[n]. */
+int user_resolve(const char *spec, struct exec_user *u, int *errnum, char *msg, size_t n);
+void user_free(struct exec_user *u);
+/* In the child: setgroups, setgid, setuid; -1 (reason on stderr) when one fails. */
+int user_apply(const struct exec_user *u);
 
 /* ---- relay.c ------------------------------------------------------------------------------ */
 

@@ -1,5 +1,5 @@
-/* vzkit-agent: exec channels — a process spawned in its own session, its exit reported,
- * killed on CANCEL, KILL or its timeout. */
+/* vzkit-agent: exec channels — a process spawned in its own session (as the request's user,
+ * user.c), its exit reported, killed on CANCEL, KILL or its timeout. */
 #include "agent.h"
 
 #include <errno.h>
@@ -108,8 +108,30 @@ static char **merge_env(char **add, size_t nadd)
     return out;
 }
 
+/* The request's env with the user's HOME, USER and LOGNAME before it where it has none: a new
+ * array of borrowed strings (*n updated), or NULL when out of memory. */
+static char **with_user_env(char **env, size_t *n, const struct exec_user *u)
+{
+    char **out = calloc(*n + USER_ENV_N + 1, sizeof *out);
+    if (!out)
+        return NULL;
+    size_t k = 0;
+    for (size_t i = 0; i < USER_ENV_N; i++) {
+        size_t kl = (size_t)(strchr(u->env[i], '=') - u->env[i]) + 1; /* "KEY=" */
+        bool given = false;
+        for (size_t j = 0; j < *n && !given; j++)
+            given = !strncmp(env[j], u->env[i], kl);
+        if (!given)
+            out[k++] = u->env[i];
+    }
+    for (size_t j = 0; j < *n; j++)
+        out[k++] = env[j];
+    *n = k;
+    return out;
+}
+
 static void spawn(struct session *s, struct chan *c, uint32_t flags, char **argv, char **envp,
-                  const char *cwd)
+                  const char *cwd, const struct exec_user *user)
 {
     int in[2] = {-1, -1}, out[2] = {-1, -1}, err[2] = {-1, -1};
     bool merge = flags & EXEC_MERGE_STDERR;
@@ -145,6 +167,8 @@ static void spawn(struct session *s, struct chan *c, uint32_t flags, char **argv
         }
         dup2(out[1], 1);
         dup2(merge ? out[1] : err[1], 2);
+        if (user_apply(user) < 0) /* before chdir: the directory is entered as the user */
+            _exit(126);
         if (*cwd && chdir(cwd) < 0) {
             dprintf(2, "vzkit-agent: chdir %s: %s\n", cwd, strerror(errno));
             _exit(126);
@@ -189,8 +213,10 @@ int chan_exec(struct session *s, uint32_t id, const unsigned char *p, size_t n)
         return -1;
     char **argv = calloc((size_t)argc + 1, sizeof *argv);
     char **env = calloc((size_t)envc + 1, sizeof *env);
-    char *cwd = NULL;
-    char **envp = NULL;
+    char *cwd = NULL, *spec = NULL;
+    char **req = env, **envp = NULL;
+    size_t reqc = envc;
+    struct exec_user user = {0};
     bool nul = false;
     int rc = 0;
     if (!argv || !env) {
@@ -202,6 +228,8 @@ int chan_exec(struct session *s, uint32_t id, const unsigned char *p, size_t n)
     for (uint32_t i = 0; i < envc && !r.bad; i++)
         env[i] = rd_str(&r, &nul);
     cwd = rd_str(&r, &nul);
+    if (!r.bad && r.n > 0) /* 2.1: the user to run as (absent or empty: the agent's) */
+        spec = rd_str(&r, &nul);
     if (r.bad || r.n != 0) {
         rc = -1;
         goto out;
@@ -220,7 +248,19 @@ int chan_exec(struct session *s, uint32_t id, const unsigned char *p, size_t n)
             goto out;
         }
     }
-    envp = (flags & EXEC_ENV_REPLACE) ? env : merge_env(env, envc);
+    if (spec && *spec) {
+        char msg[400];
+        int err = 0;
+        if (user_resolve(spec, &user, &err, msg, sizeof msg) < 0) {
+            send_error(s, id, err, "exec %s: %s", argv[0], msg);
+            goto out;
+        }
+        if (!(req = with_user_env(env, &reqc, &user))) {
+            send_error(s, id, ENOMEM, "exec: out of memory");
+            goto out;
+        }
+    }
+    envp = (flags & EXEC_ENV_REPLACE) ? req : merge_env(req, reqc);
     struct chan *c = envp ? chan_new(s, id, CH_EXEC) : NULL;
     if (!c) {
         send_error(s, id, ENOMEM, "exec: out of memory");
@@ -229,13 +269,18 @@ int chan_exec(struct session *s, uint32_t id, const unsigned char *p, size_t n)
     c->window[0] = c->window[1] = window;
     if (timeout_ms)
         c->deadline_ms = now_ms() + timeout_ms;
-    spawn(s, c, flags, argv, envp, cwd);
+    spawn(s, c, flags, argv, envp, cwd, &user);
 out:
-    if (envp != env)
-        free(envp); /* the array only: its strings belong to environ and env */
+    /* the arrays only: their strings belong to environ, env and user */
+    if (envp != req)
+        free(envp);
+    if (req != env)
+        free(req);
+    user_free(&user);
     free_strv(argv);
     free_strv(env);
     free(cwd);
+    free(spec);
     return rc;
 }
 
