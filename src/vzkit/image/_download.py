@@ -31,7 +31,14 @@ from typing import IO
 from vzkit._fsutil import fsync_dir
 from vzkit.errors import GuestError
 
-__all__ = ["ChecksumError", "DownloadError", "download", "fetch_bytes", "open_url"]
+__all__ = [
+    "ChecksumError",
+    "DownloadError",
+    "download",
+    "fetch_bytes",
+    "open_url",
+    "read_limited",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,16 +95,24 @@ def _open_plain(url: str, offset: int, *, timeout: float) -> http.client.HTTPRes
     return open_url(url, offset=offset, timeout=timeout)
 
 
+def read_limited(
+    response: IO[bytes], url: str, limit: int, *, error: type[DownloadError] = DownloadError
+) -> bytes:
+    """A whole response body of at most ``limit`` bytes; ``error`` naming ``url`` when the
+    transfer fails or the body is larger."""
+    try:
+        data = response.read(limit + 1)
+    except (OSError, http.client.HTTPException) as err:
+        raise error(f"{url}: transfer failed: {err}", url=url) from err
+    if len(data) > limit:
+        raise error(f"{url}: larger than {limit} bytes", url=url)
+    return data
+
+
 def fetch_bytes(url: str, *, timeout: float = 30.0, limit: int = 64 << 20) -> bytes:
     """The whole body of a small file (a ``Release``); DownloadError naming ``url`` on failure."""
     with open_url(url, timeout=timeout) as response:
-        try:
-            data = response.read(limit + 1)
-        except (OSError, http.client.HTTPException) as err:
-            raise DownloadError(f"{url}: transfer failed: {err}", url=url) from err
-    if len(data) > limit:
-        raise DownloadError(f"{url}: larger than {limit} bytes", url=url)
-    return data
+        return read_limited(response, url, limit)
 
 
 def _sha256_file(path: Path) -> str:

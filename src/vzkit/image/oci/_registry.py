@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import BinaryIO, cast
 
 from ...errors import SpecError
-from .._download import USER_AGENT, ChecksumError, download
+from .._download import USER_AGENT, ChecksumError, download, read_limited
 from ._auth import (
     basic_authorization,
     check_transport,
@@ -214,7 +214,7 @@ class RegistryClient:
         accept = ", ".join(MANIFEST_MEDIA_TYPES)
         with self._open(repository, path, accept=accept) as response:
             url = response.geturl()
-            body = self._read(response, MANIFEST_LIMIT, url, "manifest")
+            body = read_limited(response, url, MANIFEST_LIMIT, error=RegistryError)
             announced = response.headers.get("Docker-Content-Digest", "")
             content_type = response.headers.get_content_type()
         digest = "sha256:" + hashlib.sha256(body).hexdigest()
@@ -356,15 +356,6 @@ class RegistryClient:
             self._sleep(wait)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _read(self, response: http.client.HTTPResponse, limit: int, url: str, what: str) -> bytes:
-        try:
-            body = response.read(limit + 1)
-        except (OSError, http.client.HTTPException) as err:
-            raise RegistryError(f"{url}: the {what} transfer broke off: {err}", url=url) from err
-        if len(body) > limit:
-            raise RegistryError(f"{url}: the {what} is larger than {limit} bytes", url=url)
-        return body
-
     def _media_type(self, body: bytes, content_type: str, url: str) -> str:
         if content_type in MANIFEST_MEDIA_TYPES:
             return content_type
@@ -410,7 +401,8 @@ class RegistryClient:
             if not isinstance(answer, http.client.HTTPResponse):
                 raise self._error(answer, where, repository, attempts, token=True)
             with answer:
-                token = token_from_body(self._read(answer, _SMALL_LIMIT, where, "token"), url=where)
+                body = read_limited(answer, where, _SMALL_LIMIT, error=RegistryError)
+                token = token_from_body(body, url=where)
             with self._lock:
                 self._tokens[scope] = token
         elif challenge is not None and challenge.scheme == "basic":
