@@ -421,6 +421,16 @@ def test_wrong_credentials_are_refused_naming_their_source(
         client(fake, credentials=CredentialStore(files=[auth])).get_manifest("r", "1")
 
 
+def test_401_without_a_challenge_is_basic_auth(fake: FakeRegistry) -> None:
+    fake.script = [Reply(401), Reply(401)]
+    with pytest.raises(RegistryAuthError, match="wants credentials and none were found"):
+        client(fake).get_manifest("r", "1")
+    reg = client(fake, credentials=CredentialStore(files=[], explicit={fake.host: ("u", "p")}))
+    fake.push("r", "1", b"{}")
+    assert reg.get_manifest("r", "1")[0] == b"{}"
+    assert fake.requests[-1][1]["Authorization"] == "Basic " + base64.b64encode(b"u:p").decode()
+
+
 def test_403_is_an_auth_error(fake: FakeRegistry) -> None:
     fake.script = [Reply(403, body=b'{"errors":[{"code":"DENIED","message":"no"}]}')]
     with pytest.raises(RegistryAuthError) as caught:

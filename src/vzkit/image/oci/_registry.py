@@ -278,17 +278,17 @@ class RegistryClient:
                 url, dest, size=size, sha256=hex_digest, timeout=self._timeout,
                 on_bytes=progress, opener=opener, lock=lock,
             )  # fmt: skip
-            lock.unlink(missing_ok=True)
         except _GiveUp as stop:
             raise stop.error from stop.error.__cause__
         except ChecksumError as err:
-            lock.unlink(missing_ok=True)
             raise ChecksumError(
                 f"blob {digest} of {self.host}/{repository} does not match its digest or "
                 f"size ({err}); nothing was kept. The registry or something between serves "
                 "altered content: try again, or another mirror",
                 url=url,
             ) from err
+        finally:
+            lock.unlink(missing_ok=True)
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -405,7 +405,7 @@ class RegistryClient:
                 token = token_from_body(body, url=where)
             with self._lock:
                 self._tokens[scope] = token
-        elif challenge is not None and challenge.scheme == "basic":
+        elif challenge is None or challenge.scheme == "basic":
             if credential is None:
                 raise self._auth_error(url, repository, None, 401)
             with self._lock:
