@@ -61,6 +61,7 @@ class FakeRegistry:
     ignore_range: bool = False
     redirect_blobs_to: str | None = None
     served_digest: dict[str, str] = field(default_factory=dict)  # a lying Docker-Content-Digest
+    barrier: threading.Barrier | None = None  # blob responses wait for each other
 
     @property
     def host(self) -> str:
@@ -142,6 +143,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(307, b"", {"Location": fake.redirect_blobs_to + self.path})
         if digest not in fake.blobs:
             return self._error(404, "BLOB_UNKNOWN", "blob unknown to registry")
+        if fake.barrier is not None:
+            fake.barrier.wait(timeout=10)
         data = fake.blobs[digest]
         start = 0
         ranged = self.headers.get("Range", "")
@@ -516,6 +519,30 @@ def test_blob_that_does_not_match_its_digest_leaves_nothing(
     with pytest.raises(ChecksumError, match=f"blob {digest} of {fake.host}/r does not match"):
         client(fake).fetch_blob("r", digest, dest, size=14)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_blobs_download_in_parallel_into_one_directory(fake: FakeRegistry, tmp_path: Path) -> None:
+    blobs = [os.urandom(10_000), os.urandom(20_000)]
+    for data in blobs:
+        fake.blobs[digest_of(data)] = data
+    fake.barrier = threading.Barrier(2)  # neither answer goes out before both were asked
+    reg = client(fake)
+    errors: list[BaseException] = []
+
+    def fetch(n: int) -> None:
+        try:
+            reg.fetch_blob("r", digest_of(blobs[n]), tmp_path / f"b{n}")
+        except BaseException as err:
+            errors.append(err)
+
+    threads = [threading.Thread(target=fetch, args=(n,)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert [(tmp_path / f"b{n}").read_bytes() for n in range(2)] == blobs
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["b0", "b1"]
 
 
 def test_blob_404(fake: FakeRegistry, tmp_path: Path) -> None:
