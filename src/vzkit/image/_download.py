@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import http.client
 import logging
@@ -30,7 +31,14 @@ from typing import IO
 from vzkit._fsutil import fsync_dir
 from vzkit.errors import GuestError
 
-__all__ = ["ChecksumError", "DownloadError", "download", "fetch_bytes", "open_url"]
+__all__ = [
+    "ChecksumError",
+    "DownloadError",
+    "download",
+    "fetch_bytes",
+    "open_url",
+    "read_limited",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,16 +91,28 @@ def open_url(url: str, *, offset: int = 0, timeout: float = 30.0) -> http.client
     return response
 
 
+def _open_plain(url: str, offset: int, *, timeout: float) -> http.client.HTTPResponse:
+    return open_url(url, offset=offset, timeout=timeout)
+
+
+def read_limited(
+    response: IO[bytes], url: str, limit: int, *, error: type[DownloadError] = DownloadError
+) -> bytes:
+    """A whole response body of at most ``limit`` bytes; ``error`` naming ``url`` when the
+    transfer fails or the body is larger."""
+    try:
+        data = response.read(limit + 1)
+    except (OSError, http.client.HTTPException) as err:
+        raise error(f"{url}: transfer failed: {err}", url=url) from err
+    if len(data) > limit:
+        raise error(f"{url}: larger than {limit} bytes", url=url)
+    return data
+
+
 def fetch_bytes(url: str, *, timeout: float = 30.0, limit: int = 64 << 20) -> bytes:
     """The whole body of a small file (a ``Release``); DownloadError naming ``url`` on failure."""
     with open_url(url, timeout=timeout) as response:
-        try:
-            data = response.read(limit + 1)
-        except (OSError, http.client.HTTPException) as err:
-            raise DownloadError(f"{url}: transfer failed: {err}", url=url) from err
-    if len(data) > limit:
-        raise DownloadError(f"{url}: larger than {limit} bytes", url=url)
-    return data
+        return read_limited(response, url, limit)
 
 
 def _sha256_file(path: Path) -> str:
@@ -104,9 +124,9 @@ def _sha256_file(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def _dir_lock(directory: Path) -> Iterator[None]:
-    """One downloader per cache directory across processes (a second one waits its turn)."""
-    with open(directory / ".download.lock", "w") as lock:
+def _lock(path: Path) -> Iterator[None]:
+    """One downloader per lock file across processes (a second one waits its turn)."""
+    with open(path, "w", opener=_private_opener) as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -124,11 +144,15 @@ def _content_total(response: http.client.HTTPResponse, offset: int) -> int | Non
     return offset + int(length) if length and length.isdigit() else None
 
 
+Opener = Callable[[int], http.client.HTTPResponse]
+"""Opens the file from a byte offset (:func:`open_url` with auth, retries, ... around it)."""
+
+
 def _transfer(
     url: str,
     part: Path,
     size: int | None,
-    timeout: float,
+    opener: Opener,
     on_bytes: Callable[[int], None] | None,
 ) -> None:
     """Bring ``part`` up to the end of the file once, continuing from what it already holds.
@@ -140,7 +164,7 @@ def _transfer(
     if size is not None and offset >= size:
         return
     try:
-        response = open_url(url, offset=offset, timeout=timeout)
+        response = opener(offset)
     except DownloadError as err:
         if err.status == 416 and offset:  # our .part is no prefix of the file: start over
             part.unlink()
@@ -161,7 +185,7 @@ def _transfer(
                 f"{url}: size mismatch: the index says {size} bytes, the server has {total}",
                 url=url,
             )
-        with open(part, "r+b" if offset else "wb") as out:
+        with open(part, "r+b" if offset else "wb", opener=_private_opener) as out:
             out.seek(offset)
             out.truncate()
             _copy(response, out, url, size, on_bytes)
@@ -171,6 +195,10 @@ def _transfer(
         got, end = part.stat().st_size, total if total is not None else size
         if end is not None and got < end:
             raise _Interrupted(f"{url}: connection closed at byte {got} of {end}")
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags, 0o600)  # what a download holds may be a guest's data
 
 
 def _copy(
@@ -222,18 +250,26 @@ def download(
     sha256: str | None = None,
     timeout: float = 30.0,
     on_bytes: Callable[[int], None] | None = None,
+    opener: Opener | None = None,
+    lock: Path | None = None,
 ) -> Path:
     """Download ``url`` to ``dest`` unless ``dest`` already holds the verified file.
 
     ``size`` and ``sha256`` (hex) are checked before ``dest`` appears; ``on_bytes(n)`` is
     called as bytes arrive (negative when a restart discards some). Interruptions are retried
     with ``Range`` requests while they make progress; a mismatch is retried once from
-    scratch. Raises DownloadError / ChecksumError naming ``url``; on a mismatch no file is left.
+    scratch. ``opener(offset)`` opens the transfer when plain :func:`open_url` will not do
+    (a registry's blob with its auth; it raises DownloadError like open_url). ``lock`` is the
+    file held while downloading (default ``.download.lock`` beside ``dest``: one download at
+    a time per directory, across processes). Raises
+    DownloadError / ChecksumError naming ``url``; on a mismatch no file is left.
     """
+    if opener is None:
+        opener = functools.partial(_open_plain, url, timeout=timeout)
     target = Path(dest)
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + ".part")
-    with _dir_lock(target.parent):
+    with _lock(lock or target.parent / ".download.lock"):
         if target.exists():
             try:
                 _verify(url, target, size, sha256)
@@ -248,7 +284,7 @@ def download(
         for attempt in range(_MAX_ATTEMPTS):
             before = part.stat().st_size if part.exists() else 0
             try:
-                _transfer(url, part, size, timeout, on_bytes)
+                _transfer(url, part, size, opener, on_bytes)
                 _verify(url, part, size, sha256)
             except _Interrupted as err:
                 after = part.stat().st_size if part.exists() else 0
