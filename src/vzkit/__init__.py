@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
         parse_port_spec,
     )
     from ._oneshot import run, start
+    from ._process_defaults import ProcessDefaults
     from ._state import Arch, VMState, host_arch
     from ._units import format_size, parse_size
     from ._vm import Balloon, VirtualMachine
@@ -62,6 +63,7 @@ _LAZY = {
     "LinuxVMConfig": "._config",
     "DiskFormat": "._disk",
     "RootDisk": "._disk",
+    "ProcessDefaults": "._process_defaults",
     "RootInit": "._disk",
     "create_disk_image": "._disk",
     "format_size": "._units",
@@ -131,6 +133,7 @@ __all__ = [
     "NetworkMode",
     "PortForward",
     "PortProtocol",
+    "ProcessDefaults",
     "RootDisk",
     "RootInit",
     "SnapshotError",

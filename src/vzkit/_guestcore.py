@@ -203,6 +203,7 @@ class AgentLink:
         user: str | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         conn = await self.connection()
+        env, cwd, user = self._defaults(env, cwd, user)
         return await conn.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
             max_output=max_output, shell=shell, text=text, user=user,
@@ -222,9 +223,28 @@ class AgentLink:
         """A started process's channel (the facades wrap it in ``GuestProcess`` or
         ``AsyncGuestProcess``)."""
         conn = await self.connection()
+        env, cwd, user = self._defaults(env, cwd, user)
         return await conn.exec(
             args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
         )
+
+    def _defaults(
+        self,
+        env: Mapping[StrOrBytes, StrOrBytes] | None,
+        cwd: StrOrBytes | None,
+        user: str | None,
+    ) -> tuple[Mapping[StrOrBytes, StrOrBytes] | None, StrOrBytes | None, str | None]:
+        """A user's command starts from the config's :class:`ProcessDefaults` (an image's
+        env, working directory and user); what the call gives wins. vzkit's own commands
+        (the clock step after a restore) go to the connection directly, as root."""
+        process = getattr(self._core.config, "process", None)
+        if not process:
+            return env, cwd, user
+        if process.env:
+            merged: dict[StrOrBytes, StrOrBytes] = dict(process.env)
+            merged.update(env or {})  # the agent takes the later of two equal names
+            env = merged
+        return env, cwd if cwd is not None else (process.cwd or None), user or process.user or None
 
     async def read_file(self, path: StrOrBytes, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
         return await (await self.connection()).read_file(path, max_size)
@@ -289,9 +309,11 @@ class AgentLink:
 
     async def _fix(self, what: str, args: list[str], input: bytes | None = None) -> None:
         try:
-            proc = await self.run(
-                args, input=input, timeout=AFTER_RESTORE_TIMEOUT_S, max_output=64 * 1024
-            )
+            conn = await self.connection()  # not self.run: as root, whatever the image's user
+            proc = await conn.run(
+                args, input=input, timeout=AFTER_RESTORE_TIMEOUT_S, check=False, env=None,
+                cwd=None, max_output=64 * 1024,
+            )  # fmt: skip
         except (VzkitError, OSError, subprocess.SubprocessError) as err:
             log.warning("could not %s after the restore: %s", what, err)
             return

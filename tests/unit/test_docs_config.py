@@ -27,6 +27,7 @@ CLASSES = {
         vzkit.PortForward,
         vzkit.DisplayConfig,
         vzkit.RootDisk,
+        vzkit.ProcessDefaults,
     )
 }
 HEADING = re.compile(r"^## `(\w+)`$")

@@ -214,7 +214,17 @@ _GROUP_OF_MODULE = {
         "foundation",
     ),
     **dict.fromkeys(
-        ["_config", "_macconfig", "_network", "_volume", "_display", "_disk", "_diskcopy"], "data"
+        [
+            "_config",
+            "_macconfig",
+            "_network",
+            "_volume",
+            "_display",
+            "_disk",
+            "_diskcopy",
+            "_process_defaults",
+        ],
+        "data",
     ),
     **dict.fromkeys(["_vmcore", "_guestcore"], "core"),
     **dict.fromkeys(["_vm", "aio", "_guest", "_vsock"], "facades"),

@@ -31,6 +31,7 @@ EXPECTED_ALL = [
     "NetworkMode",
     "PortForward",
     "PortProtocol",
+    "ProcessDefaults",
     "RootDisk",
     "RootInit",
     "SnapshotError",
