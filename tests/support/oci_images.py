@@ -14,7 +14,7 @@ tests: built once per session under a temporary directory.
   (linux/amd64) and ``arm`` (linux/arm64/v8), plus an attestation-like ``unknown/unknown``
   entry, as buildx writes them.
 
-The ``oci_images`` fixture (session scope) is importable into any test module.
+``session_oci_images(tmp_path_factory)`` gives them to any test module, built once per session.
 """
 
 from __future__ import annotations
@@ -172,7 +172,17 @@ def build_oci_images(root: Path) -> OciImages:
     )
 
 
-@pytest.fixture(scope="session")
-def oci_images(tmp_path_factory: pytest.TempPathFactory) -> OciImages:
-    """The images above, made once per test session."""
-    return build_oci_images(tmp_path_factory.mktemp("oci-images"))
+_BUILT: dict[str, OciImages] = {}
+
+
+def session_oci_images(tmp_path_factory: pytest.TempPathFactory) -> OciImages:
+    """The images above, made once per test session whichever module asks first; a module
+    uses them through a fixture of its own::
+
+        @pytest.fixture(scope="session")
+        def oci_images(tmp_path_factory: pytest.TempPathFactory) -> OciImages:
+            return session_oci_images(tmp_path_factory)
+    """
+    if "images" not in _BUILT:
+        _BUILT["images"] = build_oci_images(tmp_path_factory.mktemp("oci-images"))
+    return _BUILT["images"]

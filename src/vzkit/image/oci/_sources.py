@@ -98,12 +98,12 @@ class ImageSource(Protocol):
 def read_verified(reader: BinaryIO, descriptor: Descriptor, limit: int, what: str) -> bytes:
     """A small blob (manifest, config) read whole, at most ``limit`` bytes, and checked
     against the descriptor's size and digest before anyone parses it."""
-    if descriptor.size > limit:
-        raise ImageFormatError(
-            f"{what} {descriptor.digest} is {descriptor.size} bytes, over the {limit} bytes "
-            "vzkit reads; refusing it"
-        )
     with reader:
+        if descriptor.size > limit:
+            raise ImageFormatError(
+                f"{what} {descriptor.digest} is {descriptor.size} bytes, over the {limit} bytes "
+                "vzkit reads; refusing it"
+            )
         data = reader.read(descriptor.size + 1)
     got = "sha256:" + hashlib.sha256(data).hexdigest()
     if len(data) != descriptor.size or got != descriptor.digest:
