@@ -33,10 +33,10 @@ from ._manifest import (
     OCI_MANIFEST,
     Descriptor,
     ImageManifest,
-    Platform,
     check_layers,
     parse_config,
 )
+from ._platform import Platform
 from ._ref import ImageReference, parse_reference
 from ._sources import BlobSource, ResolvedImage, check_platform, pick_from_layout_index
 from ._sources import read_layout_index as _read_layout_index

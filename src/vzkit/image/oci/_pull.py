@@ -23,7 +23,8 @@ from typing import BinaryIO, cast
 
 from ._blobs import BlobStore
 from ._errors import ImageFormatError
-from ._manifest import Descriptor, ImageConfig, Platform, parse_platform
+from ._manifest import Descriptor, ImageConfig
+from ._platform import Platform, parse_platform
 from ._ref import ImageReference, Transport, parse_reference
 from ._sources import ImageSource, LayoutSource, RegistryClientLike, RegistrySource
 

@@ -34,13 +34,13 @@ from ._manifest import (
     ImageConfig,
     ImageIndex,
     ImageManifest,
-    Platform,
     check_layers,
     choose_manifest,
     load_json,
     parse_config,
     parse_manifest,
 )
+from ._platform import Platform
 from ._ref import ImageReference
 
 __all__ = [
