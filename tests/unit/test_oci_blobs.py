@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from vzkit.errors import GuestError
 from vzkit.image._download import ChecksumError
-from vzkit.image.oci._blobs import BlobMissingError, BlobStore
+from vzkit.image.oci._blobs import BlobStore
 from vzkit.image.oci._errors import ImageFormatError
 
 DATA = b"layer bytes " * 1000
@@ -111,9 +112,9 @@ def test_bad_digests_and_missing_blobs(tmp_path: Path) -> None:
     for bad in ("sha256:../../etc/passwd", "md5:abc", "sha256:" + "A" * 64):
         with pytest.raises(ImageFormatError, match="not a sha256 digest"):
             store.path(bad)
-    with pytest.raises(BlobMissingError, match="pull the image again"):
+    with pytest.raises(GuestError, match="pull the image again"):
         store.open(DIGEST)
-    with pytest.raises(BlobMissingError):
+    with pytest.raises(GuestError):
         store.size(DIGEST)
     store.remove(DIGEST)  # nothing there: no error
 

@@ -514,3 +514,117 @@ def test_platform_defaults_to_the_host(oci_images: OciImages, tmp_path: Path) ->
         assert pull(f"oci:{oci_images.layout}:v1", cache_dir=tmp_path).platform == AMD64
     else:
         assert pull(f"oci:{oci_images.layout}:arm", cache_dir=tmp_path).platform == ARM64
+
+
+# --- docker save archives in their other shapes, made by hand from umoci's blobs -------------
+
+
+def _v1_parts(oci_images: OciImages) -> tuple[bytes, list[bytes]]:
+    """v1's config and its gzip layers, as umoci wrote them."""
+    manifest = _manifest_of(oci_images.layout, oci_images.v1_manifest)
+    config = _blob(oci_images.layout, manifest["config"]["digest"]).read_bytes()  # type: ignore[index]
+    layers = [_blob(oci_images.layout, d["digest"]).read_bytes() for d in manifest["layers"]]  # type: ignore[attr-defined]
+    return config, layers
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _docker_tar(
+    path: Path, entries: list[dict[str, object]], members: list[tuple[str, bytes | str]]
+) -> Path:
+    return _tar(path, [("manifest.json", json.dumps(entries).encode()), *members])
+
+
+def test_a_docker_25_archive_with_gzip_layers_under_blobs(
+    oci_images: OciImages, tmp_path: Path
+) -> None:
+    config, layers = _v1_parts(oci_images)
+    names = [f"blobs/sha256/{_sha(layer)}" for layer in layers]
+    path = _docker_tar(
+        tmp_path / "d25.tar",
+        [{"Config": f"blobs/sha256/{_sha(config)}", "RepoTags": ["x:1"], "Layers": names}],
+        [(f"blobs/sha256/{_sha(config)}", config), *zip(names, layers, strict=True)],
+    )
+    image = pull(f"docker-archive:{path}", platform=AMD64, cache_dir=tmp_path / "cache")
+    _check_v1(image)
+    assert image.layer_digests == tuple(f"sha256:{_sha(layer)}" for layer in layers)
+    assert [layer.media_type for layer in image.layers] == [GZ, GZ]
+
+
+def test_a_legacy_archive_with_layer_links_and_unnamed_gzip(
+    oci_images: OciImages, tmp_path: Path
+) -> None:
+    config, layers = _v1_parts(oci_images)
+    plain = gzip.decompress(layers[0])
+    path = _docker_tar(
+        tmp_path / "legacy.tar",
+        [
+            {
+                "Config": f"{_sha(config)}.json",
+                "RepoTags": None,
+                "Layers": ["0123/layer.tar", "second.tgz"],
+            }
+        ],
+        [
+            (f"{_sha(config)}.json", config),
+            (f"{_sha(plain)}.tar", plain),
+            ("0123/layer.tar", f"../{_sha(plain)}.tar"),  # as docker save and skopeo link it
+            ("second.tgz", layers[1]),
+        ],
+    )
+    image = pull(f"docker-archive:{path}", platform=AMD64, cache_dir=tmp_path / "cache")
+    _check_v1(image)
+    assert image.layer_digests == (image.config.diff_ids[0], f"sha256:{_sha(layers[1])}")
+    assert [layer.media_type for layer in image.layers] == [TAR, GZ]
+
+
+def test_a_tampered_docker_archive_is_refused(oci_images: OciImages, tmp_path: Path) -> None:
+    config, layers = _v1_parts(oci_images)
+    plain = [gzip.decompress(layer) for layer in layers]
+    bad_config = config.replace(b"GREETING=hello", b"GREETING=hallo")
+    path = _docker_tar(
+        tmp_path / "config.tar",
+        [{"Config": f"{_sha(config)}.json", "Layers": ["a.tar", "b.tar"]}],
+        [(f"{_sha(config)}.json", bad_config), ("a.tar", plain[0]), ("b.tar", plain[1])],
+    )
+    with pytest.raises(ImageFormatError, match=r"hashes to sha256:.*tampered"):
+        pull(f"docker-archive:{path}", platform=AMD64, cache_dir=tmp_path / "cache")
+    changed = plain[1].replace(b"from layer 2", b"from layer X")
+    path = _docker_tar(
+        tmp_path / "layer.tar",
+        [{"Config": "c.json", "Layers": ["a.tar", "b.tar"]}],
+        [("c.json", config), ("a.tar", plain[0]), ("b.tar", changed)],
+    )
+    cache = tmp_path / "cache"
+    with pytest.raises(ChecksumError, match="does not verify"):
+        pull(f"docker-archive:{path}", platform=AMD64, cache_dir=cache)
+    assert not BlobStore(cache).has(f"sha256:{_sha(plain[1])}")  # the layer's digest: its diff id
+    assert not BlobStore(cache).has(f"sha256:{_sha(changed)}")
+
+
+@pytest.mark.parametrize(
+    ("manifest", "says"),
+    [
+        (b"{not json", "manifest.json is not valid JSON"),
+        (b'{"Config": "c"}', "manifest.json is not a list of images"),
+        (b"[]", "manifest.json is not a list of images"),
+        (b'[{"Layers": []}]', "manifest.json names no Config"),
+        (b'[{"Config": "c.json", "Layers": "x"}]', "Layers is not a list of strings"),
+        (b'[{"Config": "missing.json", "Layers": []}]', "the archive has no 'missing.json'"),
+        (
+            b'[{"Config": "c.json", "RepoTags": ["a:1"]},'
+            b' {"Config": "c.json", "RepoTags": ["b:2"]}]',
+            "holds 2 images; it has: a:1, b:2",
+        ),
+    ],
+)
+def test_a_bad_docker_manifest_json_is_refused(
+    oci_images: OciImages, tmp_path: Path, manifest: bytes, says: str
+) -> None:
+    config, _ = _v1_parts(oci_images)
+    path = _tar(tmp_path / "m.tar", [("manifest.json", manifest), ("c.json", config)])
+    with pytest.raises(ImageFormatError) as info:
+        pull(f"docker-archive:{path}", platform=AMD64, cache_dir=tmp_path / "cache")
+    assert says in str(info.value)

@@ -31,7 +31,7 @@ from ...errors import GuestError
 from .._download import ChecksumError
 from ._manifest import check_digest
 
-__all__ = ["BlobMissingError", "BlobStore", "ByteProgress"]
+__all__ = ["BlobStore", "ByteProgress"]
 
 log = logging.getLogger(__name__)
 
@@ -39,10 +39,6 @@ ByteProgress = Callable[[int], None]
 """Called with the number of bytes just added (from whichever thread moves them)."""
 
 _CHUNK = 1 << 20
-
-
-class BlobMissingError(GuestError):
-    """A blob was asked of the store and is not there (pull the image again)."""
 
 
 class BlobStore:
@@ -94,8 +90,8 @@ class BlobStore:
         with contextlib.suppress(FileNotFoundError):
             self.path(digest).unlink()
 
-    def _missing(self, digest: str) -> BlobMissingError:
-        return BlobMissingError(
+    def _missing(self, digest: str) -> GuestError:
+        return GuestError(
             f"blob {digest} is not in the image store {self.blob_dir}; pull the image again"
         )
 
