@@ -10,6 +10,7 @@ import json
 import shutil
 import tarfile
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -628,3 +629,46 @@ def test_a_bad_docker_manifest_json_is_refused(
     with pytest.raises(ImageFormatError) as info:
         pull(f"docker-archive:{path}", platform=AMD64, cache_dir=tmp_path / "cache")
     assert says in str(info.value)
+
+
+def test_a_failed_fetch_stops_the_others_which_keep_their_partial(
+    oci_images: OciImages, tmp_path: Path
+) -> None:
+    manifest = _manifest_of(oci_images.layout, oci_images.v1_manifest)
+    good, bad = (layer["digest"] for layer in manifest["layers"])  # type: ignore[attr-defined]
+    stopped: list[str] = []
+
+    class Slow(FakeRegistry):
+        def fetch_blob(
+            self,
+            repository: str,
+            digest: str,
+            dest: Path,
+            *,
+            size: int | None,
+            progress: Callable[[int], None] | None,
+        ) -> None:
+            if digest == bad:
+                raise RegistryError("boom", url=f"https://r/{digest}", status=500)
+            assert progress is not None
+            dest.write_bytes(b"some bytes")
+            deadline = time.monotonic() + 10
+            try:
+                while time.monotonic() < deadline:  # until the pull tells this fetch to stop
+                    progress(0)
+                    time.sleep(0.005)  # poll interval
+            except BaseException:
+                stopped.append(digest)
+                raise
+
+    store = BlobStore(tmp_path)
+    with pytest.raises(RegistryError, match="boom"):
+        pull_from(
+            RegistrySource(Slow(oci_images.layout), parse_reference("h.io/team/img:v1")),
+            AMD64,
+            store,
+            jobs=2,
+        )
+    assert stopped == [good]
+    assert not store.has(good)
+    assert (store.partial_dir / good[7:]).read_bytes() == b"some bytes"  # for the next pull

@@ -117,8 +117,9 @@ def pull(
         source.close()
 
 
-class _Stopped(Exception):
-    """Another fetch failed: this one stops at its next chunk."""
+class _Stopped(BaseException):
+    """Another fetch failed (or Ctrl-C): this one stops at its next chunk. A BaseException,
+    like ``KeyboardInterrupt``, so that no retry loop's ``except Exception`` swallows it."""
 
 
 class _Tally:
