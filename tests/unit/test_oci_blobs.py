@@ -6,6 +6,7 @@ import hashlib
 import io
 import stat
 import threading
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -191,3 +192,32 @@ def test_concurrent_ingests_of_one_digest_store_one_blob(tmp_path: Path) -> None
     assert fetches == [1]
     assert store.path(DIGEST).read_bytes() == DATA
     assert _leftovers(store) == [f"blobs/sha256/{DIGEST[7:]}"]
+
+
+def test_a_big_blob_is_streamed_in_bounded_memory(tmp_path: Path) -> None:
+    size = 96 << 20
+    block = bytes(range(256)) * 4096  # 1 MiB
+    digest = hashlib.sha256()
+    for _ in range(size // len(block)):
+        digest.update(block)
+
+    class Stream(io.RawIOBase):
+        left = size
+
+        def readable(self) -> bool:
+            return True
+
+        def read(self, n: int = -1) -> bytes:
+            n = self.left if n < 0 else min(n, self.left)
+            assert n <= 2 << 20, "the store asked for more than a chunk at once"
+            out = (block * (n // len(block) + 1))[:n] if n else b""
+            self.left -= n
+            return out
+
+    tracemalloc.start()
+    try:
+        BlobStore(tmp_path).ingest("sha256:" + digest.hexdigest(), size, Stream())  # type: ignore[arg-type]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak} bytes for a {size}-byte blob"
