@@ -3,10 +3,12 @@ registry through a fake client built on the client's API, and hostile hand-made 
 
 from __future__ import annotations
 
+import fcntl
 import gzip
 import hashlib
 import io
 import json
+import os
 import shutil
 import tarfile
 import threading
@@ -442,17 +444,27 @@ class FakeRegistry:
         size: int | None,
         progress: Callable[[int], None] | None,
     ) -> None:
-        have = dest.stat().st_size if dest.exists() else 0
-        with self.lock:
-            self.fetched.append((digest, have))
-        if digest == self.fail:
-            raise RegistryError("boom", url=f"https://r/{digest}", status=500)
-        data = self._blob(digest)[have:]
-        with open(dest, "ab") as fh:
-            for start in range(0, len(data), 64):
-                fh.write(data[start : start + 64])
-                if progress is not None:
-                    progress(len(data[start : start + 64]))
+        # As RegistryClient.fetch_blob does: bytes in DEST.part (continued), DEST when whole,
+        # DEST.lock held meanwhile (the store must not hold that lock itself).
+        part = dest.with_name(dest.name + ".part")
+        lock = os.open(dest.with_name(dest.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            have = part.stat().st_size if part.exists() else 0
+            with self.lock:
+                self.fetched.append((digest, have))
+            if digest == self.fail:
+                raise RegistryError("boom", url=f"https://r/{digest}", status=500)
+            data = self._blob(digest)[have:]
+            with open(part, "ab") as fh:
+                for start in range(0, len(data), 64):
+                    fh.write(data[start : start + 64])
+                    if progress is not None:
+                        progress(len(data[start : start + 64]))
+            part.rename(dest)
+        finally:
+            os.close(lock)
+            dest.with_name(dest.name + ".lock").unlink(missing_ok=True)
 
 
 def test_a_registry_image_is_pulled_through_the_client(
@@ -481,7 +493,7 @@ def test_a_registry_pull_continues_a_partial_blob(oci_images: OciImages, tmp_pat
     store = BlobStore(tmp_path)
     store.partial_dir.mkdir(parents=True)
     whole = _blob(oci_images.layout, layer).read_bytes()
-    (store.partial_dir / layer[7:]).write_bytes(whole[:50])
+    (store.partial_dir / f"{layer[7:]}.part").write_bytes(whole[:50])
     pull_from(RegistrySource(client, parse_reference("h.io/team/img:v1")), AMD64, store)
     assert (layer, 50) in client.fetched
     assert store.path(layer).read_bytes() == whole
@@ -651,7 +663,7 @@ def test_a_failed_fetch_stops_the_others_which_keep_their_partial(
             if digest == bad:
                 raise RegistryError("boom", url=f"https://r/{digest}", status=500)
             assert progress is not None
-            dest.write_bytes(b"some bytes")
+            dest.with_name(dest.name + ".part").write_bytes(b"some bytes")
             deadline = time.monotonic() + 10
             try:
                 while time.monotonic() < deadline:  # until the pull tells this fetch to stop
@@ -671,4 +683,4 @@ def test_a_failed_fetch_stops_the_others_which_keep_their_partial(
         )
     assert stopped == [good]
     assert not store.has(good)
-    assert (store.partial_dir / good[7:]).read_bytes() == b"some bytes"  # for the next pull
+    assert (store.partial_dir / f"{good[7:]}.part").read_bytes() == b"some bytes"  # next pull

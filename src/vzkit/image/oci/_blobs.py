@@ -7,8 +7,9 @@ checked against the expected digest and size, fsynced and renamed into place. A 
 more bytes than the descriptor's size is cut off there (the bytes beyond are never written).
 
 Registry downloads are resumable: :meth:`BlobStore.ingest_file` hands the fetcher a stable
-partial file (``<cache>/oci/partial/<hex>``) that a cut-off pull continues next time; one
-process at a time works on a digest's partial (an ``flock`` beside it). Files are 0600 in 0700
+destination (``<cache>/oci/partial/<hex>``; the registry client keeps its bytes in
+``<hex>.part`` until they verify, and a cut-off pull continues that file next time); one
+process at a time ingests a digest (an ``flock`` on ``<hex>.ingest-lock``). Files are 0600 in 0700
 directories: an image's layers are the guest's data.
 """
 
@@ -185,7 +186,8 @@ class BlobStore:
 
     @contextlib.contextmanager
     def _partial_lock(self, partial: Path) -> Iterator[None]:
-        lock_path = partial.with_name(partial.name + ".lock")
+        # Not ``<hex>.lock``: the registry client locks that one itself while it downloads.
+        lock_path = partial.with_name(partial.name + ".ingest-lock")
         while True:
             fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
