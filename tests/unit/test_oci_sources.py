@@ -684,3 +684,32 @@ def test_a_failed_fetch_stops_the_others_which_keep_their_partial(
     assert stopped == [good]
     assert not store.has(good)
     assert (store.partial_dir / f"{good[7:]}.part").read_bytes() == b"some bytes"  # next pull
+
+
+def test_indexes_nested_too_deep_or_pointing_at_a_non_manifest(
+    oci_images: OciImages, tmp_path: Path
+) -> None:
+    layout = _copy_layout(oci_images, tmp_path)
+    index_type = "application/vnd.oci.image.index.v1+json"
+    manifest = _blob(layout, oci_images.v1_manifest).read_bytes()
+    entry = {
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "digest": oci_images.v1_manifest,
+        "size": len(manifest),
+        "platform": {"architecture": "amd64", "os": "linux"},
+    }
+    for _ in range(6):  # six indexes, each the only entry of the next
+        data = json.dumps({"schemaVersion": 2, "mediaType": index_type, "manifests": [entry]})
+        digest = "sha256:" + _sha(data.encode())
+        _blob(layout, digest).write_text(data)
+        entry = {**entry, "mediaType": index_type, "digest": digest, "size": len(data)}
+    entry["annotations"] = {"org.opencontainers.image.ref.name": "deep"}
+    del entry["platform"]
+    top = {"schemaVersion": 2, "manifests": [entry]}
+    (layout / "index.json").write_text(json.dumps(top))
+    with pytest.raises(ImageFormatError, match="indexes nested deeper than 4"):
+        pull(f"oci:{layout}:deep", platform=AMD64, cache_dir=tmp_path / "cache")
+    entry["mediaType"] = "application/vnd.example.thing"
+    (layout / "index.json").write_text(json.dumps(top))
+    with pytest.raises(ImageFormatError, match="neither an image index nor an image manifest"):
+        pull(f"oci:{layout}:deep", platform=AMD64, cache_dir=tmp_path / "cache")
