@@ -11,7 +11,6 @@ so the next pull continues it).
 
 from __future__ import annotations
 
-import importlib
 import io
 import logging
 import threading
@@ -19,7 +18,7 @@ from collections.abc import Callable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO, cast
+from typing import BinaryIO
 
 from ._blobs import BlobStore
 from ._errors import ImageFormatError
@@ -90,10 +89,12 @@ def open_source(
     if reference.transport is Transport.DOCKER_ARCHIVE:
         return DockerArchiveSource(reference)
     if client is None:
-        # The HTTP client, loaded only for a registry (its module is written beside this one).
-        registry = importlib.import_module(f"{__package__}._registry")
-        client = registry.RegistryClient(reference.registry, insecure=insecure)
-    return RegistrySource(cast(RegistryClientLike, client), reference)
+        from ._registry import RegistryClient  # the HTTP client: loaded only for a registry
+
+        if reference.registry is None:  # pragma: no cover - parse_reference sets it
+            raise ImageFormatError(f"{reference}: no registry named")
+        client = RegistryClient(reference.registry, insecure=insecure)
+    return RegistrySource(client, reference)
 
 
 def pull(
