@@ -23,7 +23,6 @@ Everything here is plain file work; building needs a VM and lives above the faca
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -36,9 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .._fsutil import fsync_dir, write_atomic
 from ..errors import ConfigError, GuestError
+from . import _entries
 from ._debian import DEBIAN_FORMAT, ResolvedDebian, parse_debian_ref
+from ._entries import DIGEST_PREFIX_RE, pick_by_digest, store_lock
 from ._image import image_cache_dir
 
 __all__ = [
@@ -64,9 +64,7 @@ DEBIAN_PIPELINE = 1
 IMAGE_NAME = "root.img"
 META_NAME = "image.json"
 MANIFEST_NAME = "manifest.json"
-_USED = "last-used"
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
-_DIGEST_RE = re.compile(r"(sha256:)?([0-9a-f]{6,64})")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,10 +154,7 @@ def load_debian_image(directory: Path) -> DebianImage | None:
         info = json.loads((directory / META_NAME).read_text())
         image = directory / IMAGE_NAME
         st = image.stat()
-        try:
-            used = (directory / _USED).stat().st_mtime
-        except FileNotFoundError:
-            used = float(info["created"])
+        used = _entries.last_used(directory, float(info["created"]))
         return DebianImage(
             directory=directory,
             ref=str(info["ref"]),
@@ -206,13 +201,8 @@ def find_debian_image(
     least 6 hex digits, ``sha256:`` optional: the one image it starts; ConfigError when it
     names several). None when there is none."""
     images = list_debian_images(cache_dir)
-    match = _DIGEST_RE.fullmatch(ref)
-    if match is not None and not ref.startswith("debian"):
-        prefix = match.group(2)
-        hits = [i for i in images if i.digest.removeprefix("sha256:").startswith(prefix)]
-        if len(hits) > 1:
-            raise ConfigError(f"image digest {ref!r} names {len(hits)} images: give more digits")
-        return hits[0] if hits else None
+    if DIGEST_PREFIX_RE.fullmatch(ref) and not ref.startswith("debian"):
+        return pick_by_digest(images, ref, lambda image: image.digest)
     name, extra = split_image_ref(ref)
     suite = parse_debian_ref(name)
     wanted = extra or normal_packages(packages)
@@ -231,27 +221,15 @@ def find_by_inputs(inputs: str, cache_dir: Path | None = None) -> DebianImage | 
 
 def mark_used(image: DebianImage) -> None:
     """Record that a VM uses ``image`` now (the ``last-used`` file's mtime)."""
-    path = image.directory / _USED
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)
-        os.utime(path)
-    except OSError:  # a read-only cache still boots
-        pass
+    _entries.mark_used(image.directory)
 
 
 @contextmanager
 def debian_images_lock(cache_dir: Path | None = None) -> Iterator[Path]:
     """One builder or remover of Debian images per cache at a time (across processes);
     yields the images' directory (made 0700)."""
-    root = debian_images_dir(cache_dir)
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd = os.open(root / ".lock", os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with store_lock(debian_images_dir(cache_dir)) as root:
         yield root
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def commit_debian_image(work: Path, root: Path, info: dict[str, Any]) -> DebianImage:
@@ -266,14 +244,11 @@ def commit_debian_image(work: Path, root: Path, info: dict[str, Any]) -> DebianI
                "build_s", "created"} - set(info)  # fmt: skip
     if missing:
         raise GuestError(f"image metadata lacks {sorted(missing)}")  # pragma: no cover
-    write_atomic(work / META_NAME, json.dumps(info, indent=2, sort_keys=True).encode())
     os.chmod(work / IMAGE_NAME, 0o600)
-    fsync_dir(work)
-    final = root / str(info["digest"]).removeprefix("sha256:")[:32]
-    if final.exists():  # the same image again (a lost inputs key): the new one replaces it
-        shutil.rmtree(final)
-    os.rename(work, final)
-    fsync_dir(root)
+    name = str(info["digest"]).removeprefix("sha256:")[:32]
+    # the same image again (a lost inputs key): the new one replaces it
+    meta = json.dumps(info, indent=2, sort_keys=True).encode()
+    final = _entries.commit_entry(work, root, name, META_NAME, meta)
     image = load_debian_image(final)
     if image is None:  # pragma: no cover - just written
         raise GuestError(f"Debian image {str(final)!r} is incomplete")
@@ -283,9 +258,7 @@ def commit_debian_image(work: Path, root: Path, info: dict[str, Any]) -> DebianI
 def remove_debian_image(image: DebianImage, cache_dir: Path | None = None) -> None:
     """Delete one cached image (a VM running on it keeps its open file until it stops)."""
     with debian_images_lock(cache_dir) as root:
-        if image.directory.parent != root:
-            raise ConfigError(f"{str(image.directory)!r} is not in the image cache")
-        shutil.rmtree(image.directory, ignore_errors=True)
+        _entries.remove_entry(image.directory, root)
 
 
 def prune_debian_images(
@@ -312,7 +285,6 @@ def prune_debian_images(
         doomed = [i for i in images if clock - i.last_used > unused_days * 86400]
     with debian_images_lock(cache_dir) as root:
         for image in doomed:
-            shutil.rmtree(image.directory, ignore_errors=True)
-        for leftover in root.glob(".build-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            _entries.remove_entry(image.directory, root)
+        _entries.clear_leftovers(root)
     return doomed

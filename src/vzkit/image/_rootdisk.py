@@ -12,7 +12,6 @@ content-addressed under the image cache (``<cache>/images/disks/<key>/``, see
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -23,7 +22,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +30,7 @@ from .._cache import user_cache_dir
 from .._fsutil import fsync_dir, fsync_file
 from .._progress import Progress
 from ..errors import ConfigError, GuestError
+from ._entries import flock
 
 __all__ = [
     "BaseImage",
@@ -357,8 +356,8 @@ def _tree_key(
         text = f"\0M{name}\0{item.uid} {item.gid} {item.mode:o} {item.rdev}"
         digest.update(text.encode("utf-8", "surrogateescape"))  # names: the tree's bytes
         for attr, value in item.xattrs:
-            head = f"\0X{attr}\0{len(value)}\0".encode("utf-8", "surrogateescape")
-            digest.update(head + value)
+            attr_head = f"\0X{attr}\0{len(value)}\0".encode("utf-8", "surrogateescape")
+            digest.update(attr_head + value)
     return digest.hexdigest()
 
 
@@ -402,23 +401,13 @@ def rootfs_base(
         progress.step("hashing the tree")
         key = _tree_key(source, meta, size, _LABEL, squash_owner)
         final = disks / key[:32]
-        with _locked(disks / ".lock"):  # one builder per cache: a second waits, then finds it
+        with flock(disks / ".lock"):  # one builder per cache: a second waits, then finds it
             existing = _load_base(final)
             if existing is not None and existing.digest == f"sha256:{key}":
                 progress.step("cached")
                 return existing
             progress.step("building (mke2fs -d)")
             return _build_entry(source, disks, final, key, meta, size, squash_owner)
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _build_entry(
