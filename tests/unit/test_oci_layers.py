@@ -14,7 +14,6 @@ import subprocess
 import tarfile
 import tracemalloc
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -26,54 +25,15 @@ from vzkit.image.oci import _layers
 from vzkit.image.oci._errors import ImageFormatError
 from vzkit.image.oci._layers import LayerInput, apply_layers, open_layer
 
-MTIME = 1_700_000_000
+from .test_debian_unpack import M, write_members
+
 CAP = b"\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
-
-
-@dataclass
-class M:
-    """One member: ``kind`` file/dir/sym/link/chr/fifo; ``data`` content or link target."""
-
-    name: str
-    kind: str = "file"
-    data: bytes | str = b""
-    mode: int = 0o644
-    uid: int = 0
-    gid: int = 0
-    dev: tuple[int, int] = (0, 0)
-    xattrs: dict[str, bytes] = field(default_factory=dict)
-
-
-_TYPES = {
-    "file": tarfile.REGTYPE,
-    "dir": tarfile.DIRTYPE,
-    "sym": tarfile.SYMTYPE,
-    "link": tarfile.LNKTYPE,
-    "chr": tarfile.CHRTYPE,
-    "fifo": tarfile.FIFOTYPE,
-}
 
 
 def tar_of(members: list[M]) -> bytes:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for m in members:
-            info = tarfile.TarInfo(m.name)
-            info.type, info.mode, info.uid, info.gid = _TYPES[m.kind], m.mode, m.uid, m.gid
-            info.mtime = MTIME
-            info.devmajor, info.devminor = m.dev
-            info.pax_headers = {
-                f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
-                for k, v in m.xattrs.items()
-            }
-            body = None
-            if m.kind in ("sym", "link"):
-                assert isinstance(m.data, str)
-                info.linkname = m.data
-            elif m.kind == "file":
-                assert isinstance(m.data, bytes)
-                info.size, body = len(m.data), io.BytesIO(m.data)
-            tar.addfile(info, body)
+        write_members(tar, members)
     return out.getvalue()
 
 

@@ -38,7 +38,7 @@ from typing import Any
 from ..errors import ConfigError, GuestError
 from . import _entries
 from ._debian import DEBIAN_FORMAT, ResolvedDebian, parse_debian_ref
-from ._entries import DIGEST_PREFIX_RE, pick_by_digest, store_lock
+from ._entries import DIGEST_PREFIX_RE, StoredImage, pick_by_digest, store_lock
 from ._image import image_cache_dir
 
 __all__ = [
@@ -61,14 +61,14 @@ __all__ = [
 
 #: Bump when the steps after the tree (disk layout, the VM run, finalising) change.
 DEBIAN_PIPELINE = 1
-IMAGE_NAME = "root.img"
+IMAGE_NAME = _entries.IMAGE_NAME
 META_NAME = "image.json"
 MANIFEST_NAME = "manifest.json"
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
 
 
 @dataclass(frozen=True, kw_only=True)
-class DebianImage:
+class DebianImage(StoredImage):
     """A finished Debian image in the cache. ``size`` is the disk's size in bytes (the file is
     sparse: ``allocated`` is what it takes on the host); times are seconds since the epoch."""
 
@@ -85,15 +85,6 @@ class DebianImage:
     build_s: float
     created: float
     last_used: float
-
-    @property
-    def path(self) -> Path:
-        """The raw ext4 image (a VM boots it read-only, with its own layer)."""
-        return self.directory / IMAGE_NAME
-
-    @property
-    def short_digest(self) -> str:
-        return self.digest.removeprefix("sha256:")[:12]
 
     @property
     def name(self) -> str:
@@ -176,16 +167,7 @@ def load_debian_image(directory: Path) -> DebianImage | None:
 
 def list_debian_images(cache_dir: Path | None = None) -> list[DebianImage]:
     """Complete Debian images in the cache, the most recently used first."""
-    root = debian_images_dir(cache_dir)
-    found = []
-    for directory in sorted(root.iterdir()) if root.is_dir() else ():
-        if directory.name.startswith(".") or not directory.is_dir():
-            continue
-        image = load_debian_image(directory)
-        if image is not None:
-            found.append(image)
-    found.sort(key=lambda image: (image.last_used, image.created), reverse=True)
-    return found
+    return _entries.list_entries(debian_images_dir(cache_dir), load_debian_image)
 
 
 def find_debian_image(
@@ -247,8 +229,7 @@ def commit_debian_image(work: Path, root: Path, info: dict[str, Any]) -> DebianI
     os.chmod(work / IMAGE_NAME, 0o600)
     name = str(info["digest"]).removeprefix("sha256:")[:32]
     # the same image again (a lost inputs key): the new one replaces it
-    meta = json.dumps(info, indent=2, sort_keys=True).encode()
-    final = _entries.commit_entry(work, root, name, META_NAME, meta)
+    final = _entries.commit_entry(work, root, name, META_NAME, info)
     image = load_debian_image(final)
     if image is None:  # pragma: no cover - just written
         raise GuestError(f"Debian image {str(final)!r} is incomplete")

@@ -10,34 +10,59 @@ or none. One writer per store at a time (:func:`store_lock`, an ``flock`` across
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from .._fsutil import fsync_dir, write_atomic
 from ..errors import ConfigError
 
 __all__ = [
     "DIGEST_PREFIX_RE",
+    "IMAGE_NAME",
     "LAST_USED",
+    "StoredImage",
     "clear_leftovers",
     "commit_entry",
     "flock",
     "last_used",
+    "list_entries",
     "mark_used",
     "pick_by_digest",
     "remove_entry",
     "store_lock",
+    "write_meta",
 ]
 
 LAST_USED = "last-used"
+IMAGE_NAME = "root.img"
 #: A digest as users type it: at least 6 hex digits, ``sha256:`` optional.
 DIGEST_PREFIX_RE = re.compile(r"(sha256:)?([0-9a-f]{6,64})")
 _T = TypeVar("_T")
+
+
+class StoredImage:
+    """What the images of a store share (mixed into their dataclasses): the entry's
+    ``directory`` holding ``root.img``, and the image's ``digest`` (``sha256:...``)."""
+
+    directory: Path
+    digest: str
+    created: float
+    last_used: float
+
+    @property
+    def path(self) -> Path:
+        """The raw ext4 image (a VM boots it read-only, with its own layer)."""
+        return self.directory / IMAGE_NAME
+
+    @property
+    def short_digest(self) -> str:
+        return self.digest.removeprefix("sha256:")[:12]
 
 
 @contextmanager
@@ -71,6 +96,23 @@ def mark_used(directory: Path) -> None:
         pass
 
 
+_I = TypeVar("_I", bound=StoredImage)
+
+
+def list_entries(root: Path, load: Callable[[Path], _I | None]) -> list[_I]:
+    """The complete entries of the store ``root`` (``load`` gives None for the rest), the most
+    recently used first."""
+    found = []
+    for directory in sorted(root.iterdir()) if root.is_dir() else ():
+        if directory.name.startswith(".") or not directory.is_dir():
+            continue
+        image = load(directory)
+        if image is not None:
+            found.append(image)
+    found.sort(key=lambda image: (image.last_used, image.created), reverse=True)
+    return found
+
+
 def last_used(directory: Path, default: float) -> float:
     """When a VM last booted the entry, ``default`` (its creation) if none ever did."""
     try:
@@ -79,11 +121,18 @@ def last_used(directory: Path, default: float) -> float:
         return default
 
 
-def commit_entry(work: Path, root: Path, name: str, meta_name: str, meta: bytes) -> Path:
+def write_meta(path: Path, info: Mapping[str, Any]) -> None:
+    """Replace an entry's metadata file ``path`` with ``info`` as JSON (atomic, 0600)."""
+    write_atomic(path, json.dumps(info, indent=2, sort_keys=True).encode())
+
+
+def commit_entry(
+    work: Path, root: Path, name: str, meta_name: str, info: Mapping[str, Any]
+) -> Path:
     """Make the build directory ``work`` the entry ``root/name``: ``meta_name`` written with
-    ``meta`` and fsynced, then one rename (an entry of that name is replaced). The caller
-    holds :func:`store_lock`. Returns the entry's path."""
-    write_atomic(work / meta_name, meta)
+    ``info`` (:func:`write_meta`) and fsynced, then one rename (an entry of that name is
+    replaced). The caller holds :func:`store_lock`. Returns the entry's path."""
+    write_meta(work / meta_name, info)
     fsync_dir(work)
     final = root / name
     if final.exists():
