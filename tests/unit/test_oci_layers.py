@@ -19,11 +19,11 @@ from typing import IO, Any
 
 import pytest
 
-from vzkit.image._debian_unpack import FileMeta
+from vzkit.image._debian_unpack import FileMeta, TreeWriter
 from vzkit.image._download import ChecksumError
 from vzkit.image.oci import _layers
 from vzkit.image.oci._errors import ImageFormatError
-from vzkit.image.oci._layers import LayerInput, apply_layers, open_layer
+from vzkit.image.oci._layers import LayerInput, apply_layer, apply_layers, open_layer
 
 from .test_debian_unpack import M, write_members
 
@@ -261,6 +261,23 @@ def test_a_big_layer_streams_in_bounded_memory(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert (root / "big").stat().st_size == size
     assert peak < 16 << 20, peak  # a few 1 MiB buffers, not the layer
+    assert (root / "big").stat().st_blocks == 0  # zeros stay holes
+
+
+def test_a_2_gib_layer_passes_through_without_being_held(tmp_path: Path) -> None:
+    """A plain layer streamed as it is made (nothing of it on disk or in memory whole)."""
+    size = 2 << 30
+    writer = TreeWriter(tmp_path / "root")
+    tracemalloc.start()
+    try:
+        result = apply_layer(writer, LayerInput(lambda: _Zeros(size), None, None, "2g"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert result.size == size + 512 + 1024  # the header, the content, the end blocks
+    assert peak < 16 << 20, peak
+    st = (tmp_path / "root/big").stat()
+    assert (st.st_size, st.st_blocks) == (size, 0)
 
 
 def test_a_layer_made_by_umoci_with_a_deletion(tmp_path: Path) -> None:

@@ -54,6 +54,7 @@ __all__ = ["MERGED_USR", "FileMeta", "TreeWriter", "UnpackError"]
 MERGED_USR = {"amd64": ("bin", "sbin", "lib", "lib64"), "arm64": ("bin", "sbin", "lib")}
 """The top-level directories that are symlinks into ``/usr`` per architecture (debootstrap)."""
 
+_SPARSE_BLOCK = 1 << 16
 _MAX_LINKS = 40  # like the kernel's limit on symlinks followed while resolving one path
 _TYPE_BITS = {
     "file": stat.S_IFREG,
@@ -77,6 +78,18 @@ def _chmod(path: Path, mode: int) -> None:
         os.chmod(path, mode)  # a path this writer just made: no symlink
     except PermissionError:
         os.chmod(path, mode & ~(stat.S_ISUID | stat.S_ISGID))
+
+
+def _copy_sparse(data: IO[bytes], out: IO[bytes]) -> None:
+    """Copy ``data`` into ``out`` in 64 KiB blocks, seeking over blocks of zeros."""
+    size = 0
+    for block in iter(lambda: data.read(_SPARSE_BLOCK), b""):
+        size += len(block)
+        if block.count(0) == len(block):
+            out.seek(len(block), os.SEEK_CUR)
+        else:
+            out.write(block)
+    out.truncate(size)  # a hole at the end
 
 
 @dataclass
@@ -210,7 +223,8 @@ class TreeWriter:
 
     def file(self, guest: str, data: IO[bytes] | bytes, mode: int, uid: int = 0, gid: int = 0,
              mtime: int | None = None) -> str:  # fmt: skip
-        """Write a regular file; returns its resolved guest path."""
+        """Write a regular file (runs of zeros a block long left as holes: a sparse file
+        stays sparse); returns its resolved guest path."""
         path = self._place(guest)
         host = self.host(path)
         fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -218,7 +232,7 @@ class TreeWriter:
             if isinstance(data, bytes):
                 out.write(data)
             else:
-                shutil.copyfileobj(data, out, 1 << 20)
+                _copy_sparse(data, out)
         _chmod(host, (mode & 0o7777) | 0o600)
         self._finish(path, uid, gid, stat.S_IFREG | (mode & 0o7777), mtime)
         return path
