@@ -152,10 +152,13 @@ def test_owners_modes_devices_fifos_and_xattrs_go_to_meta(tmp_path: Path) -> Non
         M("run", "dir", mode=0o1777), M("run/fifo", "fifo", mode=0o620, uid=3),
         M("bin", "dir"), M("bin/ping", data=b"p", mode=0o755, xattrs={
             "security.capability": CAP, "trusted.overlay.origin": b"x", "user.note": b"n"}),
-        M("home", "dir", uid=1000, gid=1000, mode=0o750),
+        M("home", "dir", uid=1000, gid=1000, mode=0o750, xattrs={"user.old": b"1"}),
         M("bin/su", data=b"s", mode=0o4755),
     ])  # fmt: skip
-    upper = layer([M("bin/ping-hard", "link", "bin/ping")])
+    upper = layer([
+        M("bin/ping-hard", "link", "bin/ping"),
+        M("home", "dir", uid=1000, gid=1000, mode=0o750),  # restated: its xattrs go
+    ])  # fmt: skip
     root, meta = build(tmp_path, lower, upper)
     assert meta["/dev/sda"] == FileMeta(0, 6, stat.S_IFCHR | 0o660, os.makedev(8, 0))
     assert not (root / "dev/sda").exists()  # users cannot mknod: meta makes it

@@ -247,9 +247,8 @@ class _Layer:
             if kind is not None and (kind == "dir") != (entry.kind == "dir"):
                 writer.remove(here)  # a file over a directory, or a directory over a file
             path = writer.add(entry, stream)
-            xattrs = _xattrs(info)
-            if xattrs:
-                writer.set_xattrs(path, xattrs)
+            if entry.kind != "hardlink":  # a link shares its target's; others are the member's
+                writer.set_xattrs(path, _xattrs(info))
             self._mark(path)
             self.members += 1
 
