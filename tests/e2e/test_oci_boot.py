@@ -14,6 +14,7 @@ from typing import Any
 import vzkit
 from vzkit.image.oci._store import OciLayer, PulledLayers, convert
 
+from ..support.oci_layout import layout_image, umoci_image
 from .conftest import VMFactory
 from .test_root_disks import BUSYBOX_ONLY, busybox_of
 
@@ -111,4 +112,36 @@ def test_an_oci_image_boots_with_whiteouts_applied(vms: VMFactory, tmp_path: Pat
     ]
     # whiteout files never appear in the result
     assert sh("busybox find / -xdev -name '.wh.*' -o -name upper") == ["/opt/o/upper"]
+    vm.stop(timeout=30)
+
+
+def test_an_image_made_by_umoci_boots(vms: VMFactory, tmp_path: Path) -> None:
+    """Layers written by a real tool (umoci): the second one deletes a file (a whiteout)."""
+    busybox = busybox_of(vms.images["x86_64"])
+
+    def base(rootfs: Path) -> None:
+        (rootfs / "bin").mkdir()
+        (rootfs / "bin/busybox").write_bytes(busybox)
+        (rootfs / "bin/busybox").chmod(0o755)
+        (rootfs / "etc").mkdir()
+        (rootfs / "etc/doomed").write_text("lower\n")
+        (rootfs / "etc/kept").write_text("kept\n")
+
+    def top(rootfs: Path) -> None:
+        (rootfs / "etc/doomed").unlink()
+        (rootfs / "etc/added").write_text("top\n")
+        (rootfs / "etc/kept").chmod(0o600)
+
+    layout = umoci_image(tmp_path, base, top)
+    image = convert(layout_image(layout, ("oci:layout:t",)), cache_dir=tmp_path / "cache")
+    assert len(image.layers) == 2
+    vm = vms.create(root_disk=vzkit.RootDisk(base=image.path), console=vzkit.ConsoleMode.LOG)
+    vm.start(timeout=60)
+    vm.guest.wait_ready(timeout=120)
+    proc = vm.guest.run(
+        [BUSYBOX_ONLY, "sh", "-c", "ls /etc; cat /etc/added; busybox stat -c %a /etc/kept"],
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().split() == ["added", "kept", "top", "600"]
     vm.stop(timeout=30)

@@ -7,10 +7,8 @@ import gzip
 import hashlib
 import importlib
 import io
-import json
 import os
 import stat
-import subprocess
 import tarfile
 import tracemalloc
 from collections.abc import Callable
@@ -25,6 +23,7 @@ from vzkit.image.oci import _layers
 from vzkit.image.oci._errors import ImageFormatError
 from vzkit.image.oci._layers import LayerInput, apply_layer, apply_layers, open_layer
 
+from ..support.oci_layout import blob_path, layout_image, umoci_image
 from .test_debian_unpack import M, write_members
 
 CAP = b"\x01\x00\x00\x02\x00\x04\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
@@ -285,40 +284,27 @@ def test_a_2_gib_layer_passes_through_without_being_held(tmp_path: Path) -> None
 
 def test_a_layer_made_by_umoci_with_a_deletion(tmp_path: Path) -> None:
     """umoci (a real tool) writes the layers; its second layer whites out a file."""
-    layout, bundle = tmp_path / "layout", tmp_path / "bundle"
 
-    def umoci(*args: str) -> None:
-        subprocess.run(["umoci", *args], check=True, capture_output=True)
+    def base(rootfs: Path) -> None:
+        (rootfs / "etc").mkdir()
+        (rootfs / "etc/doomed").write_text("bye\n")
+        (rootfs / "etc/kept").write_text("kept\n")
+        (rootfs / "tool").write_text("#!/bin/sh\n")
+        (rootfs / "tool").chmod(0o4755)
 
-    umoci("init", "--layout", str(layout))
-    umoci("new", "--image", f"{layout}:t")
-    umoci("unpack", "--rootless", "--image", f"{layout}:t", str(bundle))
-    rootfs = bundle / "rootfs"
-    (rootfs / "etc").mkdir()
-    (rootfs / "etc/doomed").write_text("bye\n")
-    (rootfs / "etc/kept").write_text("kept\n")
-    (rootfs / "tool").write_text("#!/bin/sh\n")
-    (rootfs / "tool").chmod(0o4755)
-    umoci("repack", "--image", f"{layout}:t", str(bundle))
-    bundle = tmp_path / "bundle2"  # unpacked again: the next repack diffs against layer 1
-    umoci("unpack", "--rootless", "--image", f"{layout}:t", str(bundle))
-    rootfs = bundle / "rootfs"
-    (rootfs / "etc/doomed").unlink()
-    (rootfs / "etc/new").write_text("new\n")
-    umoci("repack", "--image", f"{layout}:t", str(bundle))
+    def top(rootfs: Path) -> None:
+        (rootfs / "etc/doomed").unlink()
+        (rootfs / "etc/new").write_text("new\n")
 
-    def blob(digest: str) -> Path:
-        return layout / "blobs" / digest.replace(":", "/")
-
-    index = json.loads((layout / "index.json").read_text())
-    manifest = json.loads(blob(index["manifests"][0]["digest"]).read_text())
-    config = json.loads(blob(manifest["config"]["digest"]).read_text())
+    layout = umoci_image(tmp_path, base, top)
+    pulled = layout_image(layout)
+    diff_ids = pulled.config["rootfs"]["diff_ids"]
     layers = [
-        LayerInput(lambda d=d: blob(d["digest"]).open("rb"), d["mediaType"], diff, d["digest"])
-        for d, diff in zip(manifest["layers"], config["rootfs"]["diff_ids"], strict=True)
+        LayerInput(layer.open, layer.media_type, diff_id, layer.digest)
+        for layer, diff_id in zip(pulled.layers, diff_ids, strict=True)
     ]
     assert len(layers) == 2
-    with tarfile.open(blob(manifest["layers"][1]["digest"])) as tar:
+    with tarfile.open(blob_path(layout, pulled.layers[1].digest)) as tar:
         assert "etc/.wh.doomed" in tar.getnames()  # umoci wrote a whiteout
     root, meta = build(tmp_path, *layers)
     assert sorted(p.name for p in (root / "etc").iterdir()) == ["kept", "new"]
