@@ -77,6 +77,7 @@ def test_whiteouts_hide_lower_entries_and_never_appear(tmp_path: Path) -> None:
         M("opt/o/.wh..wh..opq"),
         M("opt/o/after", data=b"a"),
         M("etc/.wh..wh.plnk"), M(".wh.never-there"),
+        M("etc/.wh."), M("etc/.wh.."), M("opt/o/sub/.wh..."),  # name nothing: no harm
     ])  # fmt: skip
     root, meta = build(tmp_path, lower, upper)
     assert listing(root) == [

@@ -239,7 +239,11 @@ class _Layer:
         elif base.startswith(_WHITEOUT + _WHITEOUT):
             log.debug("layer member %s (aufs bookkeeping) skipped", entry.path)
         elif base.startswith(_WHITEOUT):
-            self._whiteout(posixpath.join(parent, base[len(_WHITEOUT) :]))
+            name = base[len(_WHITEOUT) :]
+            if name in ("", ".", ".."):  # names no entry of the directory: nothing to hide
+                log.debug("layer member %s whites out nothing", entry.path)
+            else:
+                self._whiteout(posixpath.join(parent, name))
         else:
             writer = self.writer
             here = writer.resolve(entry.path)
