@@ -91,6 +91,14 @@ def test_whiteouts_hide_lower_entries_and_never_appear(tmp_path: Path) -> None:
     assert (root2 / "a").read_bytes() == b"1"
 
 
+def test_a_link_replaced_by_a_file_no_longer_leads_anywhere(tmp_path: Path) -> None:
+    lower = layer([M("real", "dir"), M("d", "sym", "real"), M("d/x", data=b"1")])
+    upper = layer([M("d", data=b"now a file"), M("d/y", data=b"2")])
+    with pytest.raises(ImageFormatError, match="/d is not a directory"):
+        build(tmp_path, lower, upper)
+    assert not (tmp_path / "root/real/y").exists()
+
+
 def test_later_entries_replace_earlier_ones_of_any_kind(tmp_path: Path) -> None:
     lower = layer([
         M("f2d", data=b"file"), M("d2f", "dir"), M("d2f/inside", data=b"i"),

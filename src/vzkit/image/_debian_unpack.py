@@ -182,6 +182,8 @@ class TreeWriter:
         if host.is_symlink() or host.exists():
             if host.is_dir() and not host.is_symlink():
                 raise UnpackError(f"cannot replace the directory {guest} with a non-directory")
+            if host.is_symlink():
+                self._resolved.clear()  # paths through the old link lead elsewhere now
             host.unlink()
         self.meta.pop(guest, None)
         self._dirs.pop(guest, None)
