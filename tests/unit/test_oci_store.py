@@ -117,6 +117,13 @@ def test_layers_become_a_root_disk_with_the_config_kept(tmp_path: Path) -> None:
     assert mtime(image.path, "/var/lib") == 1_796_040_000  # 2026-11-30T12:00:00Z
 
 
+def test_a_name_with_a_newline_keeps_root_as_owner(tmp_path: Path) -> None:
+    odd = [M("etc", "dir"), M("etc/odd\nname", data=b"x", uid=5), M("etc/plain", data=b"y", uid=5)]
+    image = convert(pulled(odd), cache_dir=tmp_path)
+    assert re.search(r"User:\s+5\s", debugfs(image.path, "stat /etc/plain"))
+    assert "odd\\x0aname" in debugfs(image.path, "ls /etc")
+
+
 def test_the_second_conversion_converts_nothing(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

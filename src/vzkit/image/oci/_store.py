@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -37,7 +38,7 @@ from ...errors import ConfigError, GuestError
 from .. import _entries
 from .._entries import DIGEST_PREFIX_RE, IMAGE_NAME, StoredImage, pick_by_digest, store_lock
 from .._image import image_cache_dir
-from .._rootdisk import DISK_FORMAT, build_root_disk
+from .._rootdisk import DISK_FORMAT, FileMeta, build_root_disk
 from ._errors import ImageFormatError
 from ._layers import LayerInput, LayerResult, apply_layers
 
@@ -55,6 +56,8 @@ __all__ = [
     "prune_oci_images",
     "remove_oci_image",
 ]
+
+log = logging.getLogger(__name__)
 
 #: Bump when the conversion (layers to tree to disk) changes in a way the config does not show.
 OCI_PIPELINE = 1
@@ -261,6 +264,17 @@ def mark_used(image: OciImage) -> None:
     _entries.mark_used(image.directory)
 
 
+def _nameable(meta: Mapping[str, FileMeta]) -> Mapping[str, FileMeta]:
+    """``meta`` without the paths debugfs cannot be told (a newline in the name): those keep
+    what the tree shows (root's, lstat's mode), with a warning."""
+    odd = [path for path in meta if "\n" in path or "\r" in path]
+    if not odd:
+        return meta
+    log.warning("%d path(s) with a newline keep root's owner and the tree's mode: %r",
+                len(odd), odd[:5])  # fmt: skip
+    return {path: item for path, item in meta.items() if path not in odd}
+
+
 def _write_info(directory: Path, info: Mapping[str, Any]) -> None:
     _entries.write_meta(directory / META_NAME, info)
 
@@ -324,6 +338,7 @@ def convert(
             tree = work / "tree"
             meta = apply_layers(tree, inputs, epoch=_epoch(runtime["image_created"]),
                                 progress=done)  # fmt: skip
+            meta = _nameable(meta)
             say("making the ext4 disk")
             squash = (os.getuid(), os.getgid()) if os.getuid() != 0 else None
             build_root_disk(tree, work / IMAGE_NAME, meta=meta, squash_owner=squash,
