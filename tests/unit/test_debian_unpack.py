@@ -6,7 +6,7 @@ import io
 import os
 import stat
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -31,6 +31,7 @@ class M:
     gid: int = 0
     mtime: int = MTIME
     dev: tuple[int, int] = (0, 0)
+    xattrs: dict[str, bytes] = field(default_factory=dict)  # PAX SCHILY.xattr records
 
 
 _TYPES = {
@@ -43,22 +44,29 @@ _TYPES = {
 }
 
 
+def write_members(tar: tarfile.TarFile, members: list[M]) -> None:
+    for m in members:
+        info = tarfile.TarInfo(m.name)
+        info.type, info.mode, info.uid, info.gid = _TYPES[m.kind], m.mode, m.uid, m.gid
+        info.mtime = m.mtime
+        info.devmajor, info.devminor = m.dev
+        info.pax_headers = {
+            f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape") for k, v in m.xattrs.items()
+        }
+        body = None
+        if m.kind in ("sym", "link"):
+            assert isinstance(m.data, str)
+            info.linkname = m.data
+        elif m.kind == "file":
+            assert isinstance(m.data, bytes)
+            info.size, body = len(m.data), io.BytesIO(m.data)
+        tar.addfile(info, body)
+
+
 def deb(tmp_path: Path, name: str, members: list[M]) -> DebPackage:
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w:xz") as tar:
-        for m in members:
-            info = tarfile.TarInfo(m.name)
-            info.type, info.mode, info.uid, info.gid = _TYPES[m.kind], m.mode, m.uid, m.gid
-            info.mtime = m.mtime
-            info.devmajor, info.devminor = m.dev
-            body = None
-            if m.kind in ("sym", "link"):
-                assert isinstance(m.data, str)
-                info.linkname = m.data
-            elif m.kind == "file":
-                assert isinstance(m.data, bytes)
-                info.size, body = len(m.data), io.BytesIO(m.data)
-            tar.addfile(info, body)
+        write_members(tar, members)
     control = io.BytesIO()
     with tarfile.open(fileobj=control, mode="w:gz") as tar:
         text = f"Package: {name}\nVersion: 1.0\nArchitecture: amd64\n".encode()

@@ -221,3 +221,25 @@ def test_squash_owner_gives_the_builders_files_to_root(tree: Path, tmp_path: Pat
     assert owner("/with space") == "9:9"
     key = _rootdisk._tree_key
     assert key(tree, {}, None, "l", (1234, 4321)) != key(tree, {}, None, "l")
+
+
+def test_extended_attributes_are_set_byte_for_byte(tree: Path, tmp_path: Path) -> None:
+    """``security.capability`` (binary, a tree unpacked without root cannot carry it) and a
+    value with quotes and a newline reach the disk as given."""
+    cap = b"\x01\x00\x00\x02\x00\x20\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00"
+    meta = {
+        "/bin/tool": FileMeta(0, 0, stat.S_IFREG | 0o755, xattrs=(
+            ("security.capability", cap), ("user.note", b'a "quoted"\nvalue'))),
+        "/dev/null": FileMeta(0, 0, stat.S_IFCHR | 0o666, os.makedev(1, 3),
+                              xattrs=(("user.dev", b"node"),)),
+    }  # fmt: skip
+    image = build_root_disk(tree, tmp_path / "root.img", meta=meta)
+    caps = debugfs(image, "ea_get -x /bin/tool security.capability")
+    assert caps.split("=", 1)[1].split() == [f"{b:02x}" for b in cap]
+    dump = tmp_path / "note"
+    debugfs(image, f"ea_get -f {dump} /bin/tool user.note")
+    assert dump.read_bytes() == b'a "quoted"\nvalue'
+    assert "user.dev" in debugfs(image, "ea_list /dev/null")
+    bad = {"/bin/tool": FileMeta(0, 0, stat.S_IFREG | 0o755, xattrs=(("a\nb", b""),))}
+    with pytest.raises(ConfigError, match="bad extended attribute name"):
+        build_root_disk(tree, tmp_path / "bad.img", meta=bad)

@@ -35,6 +35,7 @@ __all__ = [
     "is_version",
     "parse_control",
     "parse_depends",
+    "tar_entry",
 ]
 
 _AR_MAGIC = b"!<arch>\n"
@@ -266,7 +267,9 @@ def _normal(name: str) -> str:
     return "/" + path.lstrip("/")
 
 
-def _entry(info: tarfile.TarInfo) -> DebEntry | None:
+def tar_entry(info: tarfile.TarInfo) -> DebEntry | None:
+    """A tar member as a :class:`DebEntry` (its name and a hard link's target absolute and
+    normalised, ``..`` stopping at ``/``); None for a member type a tree cannot hold."""
     path = _normal(info.name)
     kind: EntryKind
     if info.isreg():
@@ -385,7 +388,7 @@ class DebPackage:
                     raw = zstd.ZstdDecompressor().stream_reader(raw, read_across_frames=True)
                 with tarfile.open(fileobj=raw, mode=mode) as tar:
                     for info in tar:
-                        entry = _entry(info)
+                        entry = tar_entry(info)
                         if entry is not None:
                             yield entry, tar.extractfile(info) if info.isreg() else None
         except (tarfile.TarError, EOFError, lzma.LZMAError, zlib.error, OSError) as err:

@@ -23,7 +23,6 @@ Everything here is plain file work; building needs a VM and lives above the faca
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -36,9 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .._fsutil import fsync_dir, write_atomic
 from ..errors import ConfigError, GuestError
+from . import _entries
 from ._debian import DEBIAN_FORMAT, ResolvedDebian, parse_debian_ref
+from ._entries import DIGEST_PREFIX_RE, StoredImage, pick_by_digest, store_lock
 from ._image import image_cache_dir
 
 __all__ = [
@@ -61,16 +61,14 @@ __all__ = [
 
 #: Bump when the steps after the tree (disk layout, the VM run, finalising) change.
 DEBIAN_PIPELINE = 1
-IMAGE_NAME = "root.img"
+IMAGE_NAME = _entries.IMAGE_NAME
 META_NAME = "image.json"
 MANIFEST_NAME = "manifest.json"
-_USED = "last-used"
 _PACKAGE_RE = re.compile(r"[a-z0-9][a-z0-9+.-]+")
-_DIGEST_RE = re.compile(r"(sha256:)?([0-9a-f]{6,64})")
 
 
 @dataclass(frozen=True, kw_only=True)
-class DebianImage:
+class DebianImage(StoredImage):
     """A finished Debian image in the cache. ``size`` is the disk's size in bytes (the file is
     sparse: ``allocated`` is what it takes on the host); times are seconds since the epoch."""
 
@@ -87,15 +85,6 @@ class DebianImage:
     build_s: float
     created: float
     last_used: float
-
-    @property
-    def path(self) -> Path:
-        """The raw ext4 image (a VM boots it read-only, with its own layer)."""
-        return self.directory / IMAGE_NAME
-
-    @property
-    def short_digest(self) -> str:
-        return self.digest.removeprefix("sha256:")[:12]
 
     @property
     def name(self) -> str:
@@ -156,10 +145,7 @@ def load_debian_image(directory: Path) -> DebianImage | None:
         info = json.loads((directory / META_NAME).read_text())
         image = directory / IMAGE_NAME
         st = image.stat()
-        try:
-            used = (directory / _USED).stat().st_mtime
-        except FileNotFoundError:
-            used = float(info["created"])
+        used = _entries.last_used(directory, float(info["created"]))
         return DebianImage(
             directory=directory,
             ref=str(info["ref"]),
@@ -181,16 +167,7 @@ def load_debian_image(directory: Path) -> DebianImage | None:
 
 def list_debian_images(cache_dir: Path | None = None) -> list[DebianImage]:
     """Complete Debian images in the cache, the most recently used first."""
-    root = debian_images_dir(cache_dir)
-    found = []
-    for directory in sorted(root.iterdir()) if root.is_dir() else ():
-        if directory.name.startswith(".") or not directory.is_dir():
-            continue
-        image = load_debian_image(directory)
-        if image is not None:
-            found.append(image)
-    found.sort(key=lambda image: (image.last_used, image.created), reverse=True)
-    return found
+    return _entries.list_entries(debian_images_dir(cache_dir), load_debian_image)
 
 
 def find_debian_image(
@@ -206,13 +183,8 @@ def find_debian_image(
     least 6 hex digits, ``sha256:`` optional: the one image it starts; ConfigError when it
     names several). None when there is none."""
     images = list_debian_images(cache_dir)
-    match = _DIGEST_RE.fullmatch(ref)
-    if match is not None and not ref.startswith("debian"):
-        prefix = match.group(2)
-        hits = [i for i in images if i.digest.removeprefix("sha256:").startswith(prefix)]
-        if len(hits) > 1:
-            raise ConfigError(f"image digest {ref!r} names {len(hits)} images: give more digits")
-        return hits[0] if hits else None
+    if DIGEST_PREFIX_RE.fullmatch(ref) and not ref.startswith("debian"):
+        return pick_by_digest(images, ref, lambda image: image.digest)
     name, extra = split_image_ref(ref)
     suite = parse_debian_ref(name)
     wanted = extra or normal_packages(packages)
@@ -231,40 +203,14 @@ def find_by_inputs(inputs: str, cache_dir: Path | None = None) -> DebianImage | 
 
 def mark_used(image: DebianImage) -> None:
     """Record that a VM uses ``image`` now (the ``last-used`` file's mtime)."""
-    path = image.directory / _USED
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        os.close(fd)
-        os.utime(path)
-    except OSError:  # a read-only cache still boots
-        pass
-
-
-@contextmanager
-def _flock(path: Path, operation: int) -> Iterator[None]:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, operation)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+    _entries.mark_used(image.directory)
 
 
 @contextmanager
 def debian_images_lock(cache_dir: Path | None = None, *, arch: str | None = None) -> Iterator[Path]:
-    """Yields the images' directory (made 0700), locked across processes and threads: with
-    ``arch``, for a builder (one per arch at a time; builders of other arches run beside it);
-    without, for a remover or pruner (alone: no builder runs, so no build directory is in use).
-    """
-    root = debian_images_dir(cache_dir)
-    root.mkdir(parents=True, exist_ok=True, mode=0o700)
-    if arch is None:
-        with _flock(root / ".lock", fcntl.LOCK_EX):
-            yield root
-        return
-    if not arch.isidentifier():
-        raise ConfigError(f"bad architecture name {arch!r}")  # pragma: no cover - an Arch value
-    with _flock(root / ".lock", fcntl.LOCK_SH), _flock(root / f".lock-{arch}", fcntl.LOCK_EX):
+    """The Debian store's lock (:func:`~vzkit.image._entries.store_lock`): with ``arch``, a
+    builder's (builders of other arches run beside it); without, a remover's or pruner's."""
+    with store_lock(debian_images_dir(cache_dir), builder=arch) as root:
         yield root
 
 
@@ -280,14 +226,10 @@ def commit_debian_image(work: Path, root: Path, info: dict[str, Any]) -> DebianI
                "build_s", "created"} - set(info)  # fmt: skip
     if missing:
         raise GuestError(f"image metadata lacks {sorted(missing)}")  # pragma: no cover
-    write_atomic(work / META_NAME, json.dumps(info, indent=2, sort_keys=True).encode())
     os.chmod(work / IMAGE_NAME, 0o600)
-    fsync_dir(work)
-    final = root / str(info["digest"]).removeprefix("sha256:")[:32]
-    if final.exists():  # the same image again (a lost inputs key): the new one replaces it
-        shutil.rmtree(final)
-    os.rename(work, final)
-    fsync_dir(root)
+    name = str(info["digest"]).removeprefix("sha256:")[:32]
+    # the same image again (a lost inputs key): the new one replaces it
+    final = _entries.commit_entry(work, root, name, META_NAME, info)
     image = load_debian_image(final)
     if image is None:  # pragma: no cover - just written
         raise GuestError(f"Debian image {str(final)!r} is incomplete")
@@ -297,9 +239,7 @@ def commit_debian_image(work: Path, root: Path, info: dict[str, Any]) -> DebianI
 def remove_debian_image(image: DebianImage, cache_dir: Path | None = None) -> None:
     """Delete one cached image (a VM running on it keeps its open file until it stops)."""
     with debian_images_lock(cache_dir) as root:
-        if image.directory.parent != root:
-            raise ConfigError(f"{str(image.directory)!r} is not in the image cache")
-        shutil.rmtree(image.directory, ignore_errors=True)
+        _entries.remove_entry(image.directory, root)
 
 
 def prune_debian_images(
@@ -326,7 +266,6 @@ def prune_debian_images(
         doomed = [i for i in images if clock - i.last_used > unused_days * 86400]
     with debian_images_lock(cache_dir) as root:
         for image in doomed:
-            shutil.rmtree(image.directory, ignore_errors=True)
-        for leftover in root.glob(".build-*"):
-            shutil.rmtree(leftover, ignore_errors=True)
+            _entries.remove_entry(image.directory, root)
+        _entries.clear_leftovers(root)
     return doomed

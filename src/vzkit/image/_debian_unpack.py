@@ -23,6 +23,11 @@ for bookworm: its packages still ship files under ``/bin`` and ``/lib``, its bas
 not ship the links (trixie's does), and ``usr-is-merged`` (which ``init-system-helpers``
 needs, or the ``usrmerge`` converter instead) refuses to install on a tree that is not merged.
 
+Layers (OCI images, :mod:`vzkit.image.oci._layers`) also take things away and replace what
+is there: :meth:`TreeWriter.remove` deletes an entry and all below it (a whiteout), and
+:meth:`TreeWriter.set_xattrs` keeps extended attributes (``security.capability``) in ``meta``.
+Every writing method returns the resolved guest path it wrote.
+
 Times: entries keep the mtime their tarball records; what the writer creates itself (parent
 directories no tarball names, the merged-/usr links, the second stage's files) gets the
 ``epoch``: the one given (``SOURCE_DATE_EPOCH``), else the newest mtime of any package member,
@@ -36,7 +41,7 @@ import os
 import shutil
 import stat
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import IO
 
@@ -49,6 +54,7 @@ __all__ = ["MERGED_USR", "FileMeta", "TreeWriter", "UnpackError"]
 MERGED_USR = {"amd64": ("bin", "sbin", "lib", "lib64"), "arm64": ("bin", "sbin", "lib")}
 """The top-level directories that are symlinks into ``/usr`` per architecture (debootstrap)."""
 
+_SPARSE_BLOCK = 1 << 16
 _MAX_LINKS = 40  # like the kernel's limit on symlinks followed while resolving one path
 _TYPE_BITS = {
     "file": stat.S_IFREG,
@@ -72,6 +78,18 @@ def _chmod(path: Path, mode: int) -> None:
         os.chmod(path, mode)  # a path this writer just made: no symlink
     except PermissionError:
         os.chmod(path, mode & ~(stat.S_ISUID | stat.S_ISGID))
+
+
+def _copy_sparse(data: IO[bytes], out: IO[bytes]) -> None:
+    """Copy ``data`` into ``out`` in 64 KiB blocks, seeking over blocks of zeros."""
+    size = 0
+    for block in iter(lambda: data.read(_SPARSE_BLOCK), b""):
+        size += len(block)
+        if block.count(0) == len(block):
+            out.seek(len(block), os.SEEK_CUR)
+        else:
+            out.write(block)
+    out.truncate(size)  # a hole at the end
 
 
 @dataclass
@@ -100,6 +118,7 @@ class TreeWriter:
         self.meta: dict[str, FileMeta] = {"/": FileMeta(0, 0, stat.S_IFDIR | 0o755)}
         self._dirs: dict[str, _Dir] = {"/": _Dir(0o755, 0, 0, None)}
         self._resolved: dict[str, str] = {}
+        self._xattrs: dict[str, tuple[tuple[str, bytes], ...]] = {}
 
     @property
     def epoch(self) -> int:
@@ -163,10 +182,13 @@ class TreeWriter:
         if host.is_symlink() or host.exists():
             if host.is_dir() and not host.is_symlink():
                 raise UnpackError(f"cannot replace the directory {guest} with a non-directory")
+            if host.is_symlink():
+                self._resolved.clear()  # paths through the old link lead elsewhere now
             host.unlink()
         self.meta.pop(guest, None)
         self._dirs.pop(guest, None)
         self._pending.discard(guest)
+        self._xattrs.pop(guest, None)
 
     def _record(self, guest: str, uid: int, gid: int, mode: int, rdev: int = 0) -> None:
         """Keep ``(uid, gid, mode)`` in meta when lstat of the host file will not show it."""
@@ -185,7 +207,7 @@ class TreeWriter:
             self.symlink(f"/{name}", f"usr/{name}")
 
     def directory(self, guest: str, mode: int, uid: int = 0, gid: int = 0,
-                  mtime: int | None = None) -> None:  # fmt: skip
+                  mtime: int | None = None) -> str:  # fmt: skip
         parent = self._parent(guest)
         name = guest.rsplit("/", 1)[1]
         path = f"{parent.rstrip('/')}/{name}" if name else parent
@@ -193,16 +215,18 @@ class TreeWriter:
         if host.is_symlink():
             target = self.resolve(path, follow_last=True)
             if self.host(target).is_dir():
-                return  # dpkg keeps a symlink to a directory where a package has a directory
+                return path  # dpkg keeps a symlink to a directory where a package has a directory
             raise UnpackError(f"{guest}: a symlink to a non-directory is in the way")
         if host.exists() and not host.is_dir():
             raise UnpackError(f"cannot make the directory {guest}: a file is in the way")
         host.mkdir(mode=0o700, exist_ok=True)
         self._dirs[path] = _Dir(mode, uid, gid, mtime)
+        return path
 
     def file(self, guest: str, data: IO[bytes] | bytes, mode: int, uid: int = 0, gid: int = 0,
              mtime: int | None = None) -> str:  # fmt: skip
-        """Write a regular file; returns its resolved guest path."""
+        """Write a regular file (runs of zeros a block long left as holes: a sparse file
+        stays sparse); returns its resolved guest path."""
         path = self._place(guest)
         host = self.host(path)
         fd = os.open(host, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
@@ -210,19 +234,20 @@ class TreeWriter:
             if isinstance(data, bytes):
                 out.write(data)
             else:
-                shutil.copyfileobj(data, out, 1 << 20)
+                _copy_sparse(data, out)
         _chmod(host, (mode & 0o7777) | 0o600)
         self._finish(path, uid, gid, stat.S_IFREG | (mode & 0o7777), mtime)
         return path
 
     def symlink(self, guest: str, target: str, uid: int = 0, gid: int = 0,
-                mtime: int | None = None) -> None:  # fmt: skip
+                mtime: int | None = None) -> str:  # fmt: skip
         path = self._place(guest)
         os.symlink(target, self.host(path))
         self._resolved.clear()  # a directory path may now lead elsewhere
         self._finish(path, uid, gid, stat.S_IFLNK | 0o777, mtime)
+        return path
 
-    def hardlink(self, guest: str, target: str, mtime: int | None = None) -> None:
+    def hardlink(self, guest: str, target: str, mtime: int | None = None) -> str:
         source = self.resolve(target)
         source_host = self.host(source)
         if not source_host.is_file() or source_host.is_symlink():
@@ -231,9 +256,12 @@ class TreeWriter:
         os.link(source_host, self.host(path), follow_symlinks=False)
         if source in self.meta:
             self.meta[path] = self.meta[source]
+        if source in self._xattrs:
+            self._xattrs[path] = self._xattrs[source]
+        return path
 
     def node(self, guest: str, kind: str, mode: int, uid: int, gid: int, rdev: int,
-             mtime: int | None = None) -> None:  # fmt: skip
+             mtime: int | None = None) -> str:  # fmt: skip
         """A fifo (made on disk) or a device node (only in meta: users cannot mknod)."""
         path = self._place(guest)
         full = _TYPE_BITS[kind] | (mode & 0o7777)
@@ -243,6 +271,7 @@ class TreeWriter:
             self._finish(path, uid, gid, full, mtime)
         else:
             self.meta[path] = FileMeta(uid, gid, full, rdev)
+        return path
 
     def _place(self, guest: str) -> str:
         parent = self._parent(guest)
@@ -257,31 +286,80 @@ class TreeWriter:
             os.utime(self.host(path), ns=(mtime * 10**9, mtime * 10**9), follow_symlinks=False)
         self._record(path, uid, gid, mode)
 
-    def add(self, entry: DebEntry, stream: IO[bytes] | None) -> None:
-        """One member of a package's data tarball."""
+    def add(self, entry: DebEntry, stream: IO[bytes] | None) -> str:
+        """One member of a tarball (its mtime counts for the epoch); returns the resolved
+        guest path written."""
+        self._newest = max(self._newest, entry.mtime)
         if entry.kind == "dir":
-            self.directory(entry.path, entry.mode, entry.uid, entry.gid, entry.mtime)
-        elif entry.kind == "file":
+            return self.directory(entry.path, entry.mode, entry.uid, entry.gid, entry.mtime)
+        if entry.kind == "file":
             assert stream is not None
-            self.file(entry.path, stream, entry.mode, entry.uid, entry.gid, entry.mtime)
-        elif entry.kind == "symlink":
-            self.symlink(entry.path, entry.linkname, entry.uid, entry.gid, entry.mtime)
-        elif entry.kind == "hardlink":
-            self.hardlink(entry.path, entry.linkname, entry.mtime)
-        else:
-            rdev = os.makedev(entry.devmajor, entry.devminor)
-            self.node(entry.path, entry.kind, entry.mode, entry.uid, entry.gid, rdev, entry.mtime)
+            return self.file(entry.path, stream, entry.mode, entry.uid, entry.gid, entry.mtime)
+        if entry.kind == "symlink":
+            return self.symlink(entry.path, entry.linkname, entry.uid, entry.gid, entry.mtime)
+        if entry.kind == "hardlink":
+            return self.hardlink(entry.path, entry.linkname, entry.mtime)
+        rdev = os.makedev(entry.devmajor, entry.devminor)
+        return self.node(entry.path, entry.kind, entry.mode, entry.uid, entry.gid, rdev,
+                         entry.mtime)  # fmt: skip
 
     def unpack(self, package: DebPackage) -> int:
         """Every member of ``package``'s data tarball; returns how many."""
         count = 0
         for entry, stream in package.members():
-            self._newest = max(self._newest, entry.mtime)
             if entry.path == "/":
+                self._newest = max(self._newest, entry.mtime)
                 continue  # the tree's root keeps the mode meta["/"] records
             self.add(entry, stream)
             count += 1
         return count
+
+    # -- taking away (layers) ----------------------------------------------------------------
+
+    def kind(self, path: str) -> str | None:
+        """``"dir"``, ``"other"`` or None (nothing there) for a resolved guest path; a device
+        node that lives only in ``meta`` counts."""
+        host = self.host(path)
+        if host.is_symlink():
+            return "other"
+        if host.exists():
+            return "dir" if host.is_dir() else "other"
+        return "other" if path in self.meta else None
+
+    def children(self, path: str) -> list[str]:
+        """The names in the resolved guest directory ``path`` (meta-only nodes too), sorted."""
+        host = self.host(path)
+        names = set(os.listdir(host)) if host.is_dir() and not host.is_symlink() else set()
+        prefix = path.rstrip("/") + "/"
+        for key in self.meta:
+            if key.startswith(prefix) and "/" not in key[len(prefix) :]:
+                names.add(key[len(prefix) :])
+        return sorted(names)
+
+    def remove(self, path: str) -> None:
+        """Delete the entry at the resolved guest path ``path`` and everything below it (a
+        symlink is removed, never followed); nothing there is not an error."""
+        if path == "/":
+            raise UnpackError("cannot remove the tree's root")
+        host = self.host(path)
+        if host.is_dir() and not host.is_symlink():
+            shutil.rmtree(host)
+        elif host.is_symlink() or host.exists():
+            host.unlink()
+        prefix = path + "/"
+        for table in (self.meta, self._dirs, self._xattrs):
+            for key in [k for k in table if k == path or k.startswith(prefix)]:
+                del table[key]
+        self._pending = {p for p in self._pending if p != path and not p.startswith(prefix)}
+        self._resolved.clear()
+
+    def set_xattrs(self, path: str, xattrs: tuple[tuple[str, bytes], ...]) -> None:
+        """The extended attributes of the resolved guest path ``path`` (put in its ``meta``
+        by :meth:`finish`); an empty tuple clears them."""
+        if xattrs:
+            self._xattrs[path] = xattrs
+        else:
+            self._xattrs.pop(path, None)
 
     def finish(self) -> Mapping[str, FileMeta]:
         """Apply the epoch's times, then directory modes and times (deepest first); returns the
@@ -299,4 +377,7 @@ class TreeWriter:
             if path != "/":
                 self._record(path, info.uid, info.gid, stat.S_IFDIR | (info.mode & 0o7777))
         self.meta["/"] = FileMeta(0, 0, stat.S_IFDIR | 0o755)
+        for path, xattrs in self._xattrs.items():
+            item = self.meta.get(path) or FileMeta(0, 0, self.host(path).lstat().st_mode)
+            self.meta[path] = replace(item, xattrs=xattrs)
         return dict(sorted(self.meta.items()))

@@ -4,14 +4,14 @@
 without root and without mounting anything: regular, sparse and hard-linked files, symlinks,
 special files, set-id bits, odd names), then applies :class:`FileMeta` overrides with one
 ``debugfs -w -f SCRIPT`` run: owners and modes a tree unpacked without root could not keep,
-and device nodes and FIFOs it could not create at all. :func:`rootfs_base` caches the result
+device nodes and FIFOs it could not create at all, and extended attributes (``ea_set -f``:
+each value from a file, byte for byte). :func:`rootfs_base` caches the result
 content-addressed under the image cache (``<cache>/images/disks/<key>/``, see
 ``docs/images.md``); a VM boots it read-only with its own copy-on-write layer.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
@@ -22,7 +22,6 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -31,6 +30,7 @@ from .._cache import user_cache_dir
 from .._fsutil import fsync_dir, fsync_file
 from .._progress import Progress
 from ..errors import ConfigError, GuestError
+from ._entries import flock
 
 __all__ = [
     "BaseImage",
@@ -69,12 +69,15 @@ class FileMeta:
     """The owner, mode and device number a guest path gets on the disk, whatever the host
     tree says. ``mode`` is a full ``st_mode`` (file type and permission bits, e.g.
     ``stat.S_IFCHR | 0o666``); ``rdev`` an ``os.makedev`` device number for device nodes.
-    A device node or FIFO named here need not exist in the tree: it is created."""
+    A device node or FIFO named here need not exist in the tree: it is created.
+    ``xattrs``: extended attributes set on the disk, ``(name, value)`` pairs (e.g.
+    ``security.capability``, which a tree unpacked without root cannot carry)."""
 
     uid: int
     gid: int
     mode: int
     rdev: int = 0
+    xattrs: tuple[tuple[str, bytes], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,8 +163,10 @@ def _q(text: str) -> str:
     return '"' + text.replace('"', '""') + '"'
 
 
-def _meta_script(tree: Path, meta: Mapping[str, FileMeta]) -> str:
-    """The debugfs commands that apply ``meta`` (paths sorted: parents before children)."""
+def _meta_script(tree: Path, meta: Mapping[str, FileMeta], values: Path) -> str:
+    """The debugfs commands that apply ``meta`` (paths sorted: parents before children);
+    extended attributes' values are written as files into the directory ``values`` (debugfs
+    reads a value byte for byte only from a file)."""
     lines = []
     for path in sorted(meta):
         item = meta[path]
@@ -195,6 +200,12 @@ def _meta_script(tree: Path, meta: Mapping[str, FileMeta]) -> str:
             f"sif {quoted} gid {item.gid}",
             f"sif {quoted} mode 0{item.mode:o}",
         ]
+        for name, value in item.xattrs:
+            if not name or any(c in name for c in '\n\r\x00"'):
+                raise ConfigError(f"meta[{path!r}] has a bad extended attribute name {name!r}")
+            value_file = values / f"xattr-{len(lines)}"
+            value_file.write_bytes(value)
+            lines.append(f"ea_set -f {_q(str(value_file))} {quoted} {_q(name)}")
     return "".join(line + "\n" for line in lines)
 
 
@@ -265,9 +276,6 @@ def build_root_disk(
     if not source.is_dir():
         raise ConfigError(f"root file system tree {str(source)!r} is not a directory")
     mke2fs, debugfs = find_e2fsprogs()
-    script = _meta_script(source, meta)
-    if squash_owner is not None:
-        script = _squash_script(source, squash_owner, meta) + script
     if size is None:
         size = disk_size_for(*tree_usage(source))
     elif not isinstance(size, int) or isinstance(size, bool) or size < 16 * _MIB:
@@ -279,6 +287,9 @@ def build_root_disk(
     target.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
+        script = _meta_script(source, meta, work)
+        if squash_owner is not None:
+            script = _squash_script(source, squash_owner, meta) + script
         image = work / "disk.img"
         fd = os.open(image, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
@@ -344,6 +355,9 @@ def _tree_key(
         item = meta[name]
         text = f"\0M{name}\0{item.uid} {item.gid} {item.mode:o} {item.rdev}"
         digest.update(text.encode("utf-8", "surrogateescape"))  # names: the tree's bytes
+        for attr, value in item.xattrs:
+            attr_head = f"\0X{attr}\0{len(value)}\0".encode("utf-8", "surrogateescape")
+            digest.update(attr_head + value)
     return digest.hexdigest()
 
 
@@ -387,23 +401,13 @@ def rootfs_base(
         progress.step("hashing the tree")
         key = _tree_key(source, meta, size, _LABEL, squash_owner)
         final = disks / key[:32]
-        with _locked(disks / ".lock"):  # one builder per cache: a second waits, then finds it
+        with flock(disks / ".lock"):  # one builder per cache: a second waits, then finds it
             existing = _load_base(final)
             if existing is not None and existing.digest == f"sha256:{key}":
                 progress.step("cached")
                 return existing
             progress.step("building (mke2fs -d)")
             return _build_entry(source, disks, final, key, meta, size, squash_owner)
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
 
 
 def _build_entry(
