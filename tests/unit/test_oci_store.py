@@ -156,6 +156,7 @@ def test_references_move_and_prune_removes_what_none_names(tmp_path: Path) -> No
 def test_lookup_by_reference_or_digest_and_removal(tmp_path: Path) -> None:
     image = convert(pulled(LOWER), cache_dir=tmp_path)
     assert find_oci_image(image.digest, cache_dir=tmp_path) == image
+    assert len({image, image}) == 1  # hashable, labels and all
     assert find_oci_image(image.short_digest[:8], cache_dir=tmp_path) == image
     assert find_oci_image("docker.io/library/t:1", cache_dir=tmp_path) == image
     assert find_oci_image("t:2", cache_dir=tmp_path) is None

@@ -30,7 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -109,7 +109,7 @@ class OciImage(StoredImage):
     entrypoint: tuple[str, ...] | None
     cmd: tuple[str, ...] | None
     exposed_ports: tuple[str, ...]
-    labels: Mapping[str, str]
+    labels: Mapping[str, str] = field(hash=False)  # a dict: left out of the hash
     layers: tuple[str, ...]  # the layers' digests, lowest first
     image_created: str
     size: int
