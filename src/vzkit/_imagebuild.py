@@ -68,9 +68,13 @@ from .image._debian_image import (
     normal_packages,
     split_image_ref,
 )
+from .image._entries import DIGEST_PREFIX_RE
 from .image._image import _init_mode
 from .image._image import default_guest_config as _plain_guest_config
 from .image._rootdisk import build_root_disk, disk_size_for, find_e2fsprogs, tree_usage
+from .image.oci._resolve import process_defaults, resolve_oci_image
+from .image.oci._store import OciImage, find_oci_image
+from .image.oci._store import mark_used as oci_mark_used
 
 __all__ = ["build_debian_image", "default_guest_config", "resolve_image"]
 
@@ -218,24 +222,48 @@ def _fsck(disk: Path) -> None:
         log.warning("e2fsck fixed the built image: %s", proc.stdout.strip()[-2000:])
 
 
+def _is_debian_ref(image: str) -> bool:
+    """vzkit's own Debian image: ``debian``, ``debian:SUITE``, ``debian+P1,P2`` (Docker Hub's
+    is ``docker://debian:TAG``)."""
+    name = image.partition("+")[0]
+    return name == "debian" or name.startswith("debian:")
+
+
 def resolve_image(
-    image: str, arch: Arch | str | None = None, *, cache_dir: Path | None = None
-) -> DebianImage:
-    """The cached image ``image`` names (``debian[:SUITE][+P1,P2]``: built on first use; a
-    digest: must be cached), marked as used now."""
+    image: str,
+    arch: Arch | str | None = None,
+    *,
+    cache_dir: Path | None = None,
+    insecure_registry: bool = False,
+) -> DebianImage | OciImage:
+    """The cached image ``image`` names, marked as used now: ``debian[:SUITE][+P1,P2]``
+    (built on first use), a digest prefix of a cached image (Debian or OCI), or an OCI image
+    reference (``docker://HOST/REPO:TAG``, ``NAME[:TAG]``, ``oci:DIR``, ``oci-archive:FILE``,
+    ``docker-archive:FILE``: pulled and converted on first use, see
+    :func:`vzkit.image.oci.resolve_oci_image`)."""
     guest = Arch.parse(str(arch)) if arch is not None else host_arch()
-    found = find_debian_image(image, arch=guest.value, cache_dir=cache_dir)
+    if not _is_debian_ref(image) and not DIGEST_PREFIX_RE.fullmatch(image):
+        return resolve_oci_image(image, arch=guest, insecure=insecure_registry,
+                                 cache_dir=cache_dir)  # fmt: skip
+    found: DebianImage | OciImage | None = find_debian_image(
+        image, arch=guest.value, cache_dir=cache_dir
+    )
+    if found is None and not _is_debian_ref(image):
+        found = find_oci_image(image, cache_dir=cache_dir)
+        if found is not None:
+            oci_mark_used(found)
     if found is None:
-        if not image.startswith("debian"):
+        if not _is_debian_ref(image):
             raise ConfigError(
                 f"no cached image {image!r} for {guest.value} (see 'vzkit image list'; "
-                "'vzkit image build debian' builds one)"
+                "'vzkit image build debian' builds one, 'vzkit image pull REF' pulls one)"
             )
         name, extra = split_image_ref(image)
         found = build_debian_image(name, arch=guest, packages=extra, cache_dir=cache_dir)
-    elif found.arch != guest.value:
+    if found.arch != guest.value:
         raise ConfigError(f"image {image!r} is for {found.arch}, not {guest.value}")
-    mark_used(found)
+    if isinstance(found, DebianImage):
+        mark_used(found)
     return found
 
 
@@ -244,16 +272,27 @@ def default_guest_config(
     *,
     image: str | None = None,
     init: RootInit | str = RootInit.AGENT,
+    insecure_registry: bool = False,
     **overrides: Any,
 ) -> LinuxVMConfig:
     """:func:`vzkit.image.default_guest_config`, plus ``image``: ``None`` or ``"default"``
     (the busybox guest), ``"debian"``/``"debian:bookworm"`` (the cached Debian image, built
-    on first use; ``"debian+jq,curl"`` with those packages) or a cached image's digest. The
-    image is the VM's read-only root disk; the VM writes into its own layer."""
+    on first use; ``"debian+jq,curl"`` with those packages), an OCI image reference
+    (``"python:3.12-slim"``, ``"docker://HOST/REPO:TAG"``, ``"oci:DIR"``, ...; pulled and
+    converted on first use; its config's env, working directory, user and command become the
+    config's ``process`` unless given; ``insecure_registry``: plain HTTP to the registry) or a
+    cached image's digest. The image is the VM's read-only root disk; the VM writes into its
+    own layer."""
     if image in (None, "default"):
+        if insecure_registry:
+            raise ConfigError("insecure_registry is for an image from a registry")
         return _plain_guest_config(arch, init=init, **overrides)
     if overrides.get("rootfs") is not None or overrides.get("root") is not None:
         raise ConfigError("give image, rootfs or root, not more than one")
-    found = resolve_image(str(image), arch)
-    disk = RootDisk(base=found.path, init=_init_mode(init))
+    found = resolve_image(str(image), arch, insecure_registry=insecure_registry)
+    if isinstance(found, OciImage):
+        disk = RootDisk(base=found.path, init=_init_mode(init), digest=found.disk_digest)
+        overrides.setdefault("process", process_defaults(found))
+    else:
+        disk = RootDisk(base=found.path, init=_init_mode(init))
     return _plain_guest_config(found.arch, root_disk=disk, **overrides)

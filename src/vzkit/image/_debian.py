@@ -79,7 +79,10 @@ def parse_debian_ref(ref: str) -> str:
         raise SpecError(f"not a Debian image reference: {ref!r} (use debian or debian:bookworm)")
     suite = suite or DEFAULT_SUITE
     if suite not in _SUITES:
-        raise SpecError(f"unsupported Debian suite {suite!r} (supported: {', '.join(_SUITES)})")
+        raise SpecError(
+            f"unsupported Debian suite {suite!r} (supported: {', '.join(_SUITES)}; Docker "
+            f"Hub's image of that name is docker://debian:{suite})"
+        )
     return suite
 
 

@@ -38,7 +38,7 @@ import logging
 import posixpath
 import tarfile
 import zlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -317,14 +317,27 @@ def apply_layers(
     *,
     epoch: int | None = None,
     progress: Callable[[LayerResult], None] | None = None,
+    make_dirs: Sequence[str] = (),
 ) -> Mapping[str, FileMeta]:
     """Build the tree ``root`` (a fresh directory, made 0700) from ``layers``, lowest first,
     and return its ``meta`` for :func:`~vzkit.image._rootdisk.build_root_disk`. ``epoch``:
     the time of directories no layer names (None: the newest member's). ``progress`` is
-    called after each layer."""
+    called after each layer. ``make_dirs``: absolute guest paths made (0755, root's, with
+    their parents) when the layers left them out, as a runtime makes an image's
+    ``WorkingDir``; one that a file is in the way of is left out, with a warning."""
     writer = TreeWriter(root, epoch=epoch)
     for layer in layers:
         result = apply_layer(writer, layer)
         if progress is not None:
             progress(result)
+    for wanted in make_dirs:
+        path = ""
+        for part in (p for p in wanted.split("/") if p):
+            path = f"{path}/{part}"
+            try:
+                if writer.kind(writer.resolve(path, follow_last=True)) is None:
+                    writer.directory(path, 0o755)
+            except UnpackError as err:
+                log.warning("cannot make %s: %s", wanted, err)
+                break
     return writer.finish()

@@ -22,6 +22,7 @@ from pathlib import Path
 from ..._process_defaults import ProcessDefaults
 from ..._progress import Progress
 from ..._state import Arch
+from ...errors import ConfigError
 from ._platform import Platform, parse_platform
 from ._pull import pull
 from ._ref import ImageReference, Transport, parse_reference
@@ -84,9 +85,13 @@ def resolve_oci_image(
     Marks the image used (for ``vzkit image prune --unused-days``)."""
     reference = parse_reference(ref) if isinstance(ref, str) else ref
     wanted = _platform(arch, platform)
+    if wanted.arch is None:
+        raise ConfigError(
+            f"vzkit boots x86_64 and aarch64 guests (linux/amd64, linux/arm64), not {wanted}"
+        )
     found = None
     if reference.transport is Transport.DOCKER:
-        found = find_oci_image(str(reference), arch=wanted.arch, cache_dir=cache_dir)
+        found = find_oci_image(str(reference), arch=wanted.arch.value, cache_dir=cache_dir)
     if found is None:
         found = pull_image(reference, platform=str(wanted), insecure=insecure,
                            cache_dir=cache_dir)  # fmt: skip
@@ -96,10 +101,14 @@ def resolve_oci_image(
 
 def process_defaults(image: OciImage) -> ProcessDefaults:
     """What the image's config says every command in it gets (``docker run``'s rules: a user
-    given as ``""`` is root, a missing ``WorkingDir`` is ``/``)."""
+    given as ``""`` is root, a missing ``WorkingDir`` is ``/``, a relative one is under
+    ``/``; an ``Env`` item that is not ``NAME=VALUE`` is left out)."""
     return ProcessDefaults(
-        env=tuple(item for item in image.env if "=" in item),  # type: ignore[arg-type]
-        cwd=image.working_dir if image.working_dir.startswith("/") else "",
+        env=tuple(
+            (name, value)
+            for name, _, value in (i.partition("=") for i in image.env if "=" in i[1:])
+        ),
+        cwd="/" + image.working_dir.lstrip("/") if image.working_dir else "",
         user=image.user,
         entrypoint=tuple(image.entrypoint or ()),
         cmd=tuple(image.cmd or ()),

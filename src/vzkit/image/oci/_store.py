@@ -248,11 +248,14 @@ def list_oci_images(cache_dir: Path | None = None) -> list[OciImage]:
     return _entries.list_entries(oci_images_dir(cache_dir), load_oci_image)
 
 
-def find_oci_image(text: str, *, cache_dir: Path | None = None) -> OciImage | None:
+def find_oci_image(
+    text: str, *, arch: str | None = None, cache_dir: Path | None = None
+) -> OciImage | None:
     """The cached image a reference names (as :func:`convert` recorded it: the canonical
-    form), else the one whose config digest starts with ``text`` (at least 6 hex digits,
-    ``sha256:`` optional; ConfigError when several do); None when there is none."""
-    images = list_oci_images(cache_dir)
+    form) for ``arch`` (any when None: the most recently used), else the one whose config
+    digest starts with ``text`` (at least 6 hex digits, ``sha256:`` optional; ConfigError when
+    several do); None when there is none."""
+    images = [i for i in list_oci_images(cache_dir) if arch is None or i.arch == arch]
     named = next((i for i in images if text in i.refs), None)
     if named is not None or not DIGEST_PREFIX_RE.fullmatch(text):
         return named
@@ -279,8 +282,9 @@ def _write_info(directory: Path, info: Mapping[str, Any]) -> None:
     _entries.write_meta(directory / META_NAME, info)
 
 
-def _take_refs(root: Path, refs: Sequence[str], keep: Path) -> None:
-    """Move ``refs`` to the image in ``keep``: every other image drops them (under the lock)."""
+def _take_refs(root: Path, refs: Sequence[str], keep: Path, arch: str) -> None:
+    """Move ``refs`` to the image in ``keep``: every other image of its arch drops them (under
+    the lock; a multi-arch reference names one image per arch)."""
     for directory in sorted(root.iterdir()):
         if directory == keep or directory.name.startswith(".") or not directory.is_dir():
             continue
@@ -288,7 +292,9 @@ def _take_refs(root: Path, refs: Sequence[str], keep: Path) -> None:
             info = json.loads((directory / META_NAME).read_text())
         except (OSError, ValueError):
             continue
-        if isinstance(info, dict) and any(r in info.get("refs", ()) for r in refs):
+        if not isinstance(info, dict) or info.get("arch") != arch:
+            continue
+        if any(r in info.get("refs", ()) for r in refs):
             info["refs"] = [r for r in info["refs"] if r not in refs]
             _write_info(directory, info)
 
@@ -316,7 +322,7 @@ def convert(
         if found is not None:
             missing = [r for r in refs if r not in found.refs]
             if missing:
-                _take_refs(root, missing, final)
+                _take_refs(root, missing, final, found.arch)
                 info = json.loads((final / META_NAME).read_text())
                 info["refs"] = [*info["refs"], *missing]
                 _write_info(final, info)
@@ -336,8 +342,9 @@ def convert(
                     f"{result.whiteouts} whiteouts")  # fmt: skip
 
             tree = work / "tree"
+            workdir = runtime["working_dir"]
             meta = apply_layers(tree, inputs, epoch=_epoch(runtime["image_created"]),
-                                progress=done)  # fmt: skip
+                                progress=done, make_dirs=[workdir] if workdir else [])  # fmt: skip
             meta = _nameable(meta)
             say("making the ext4 disk")
             squash = (os.getuid(), os.getgid()) if os.getuid() != 0 else None
@@ -358,7 +365,7 @@ def convert(
             }
             os.chmod(work / IMAGE_NAME, 0o600)
             final = _entries.commit_entry(work, root, hexdigest, META_NAME, info)
-            _take_refs(root, refs, final)
+            _take_refs(root, refs, final, str(info["arch"]))
         finally:
             shutil.rmtree(work, ignore_errors=True)
         image = load_oci_image(final)
