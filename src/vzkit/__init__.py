@@ -107,6 +107,7 @@ _LAZY = {
     "VMTimeoutError": ".errors",
     "VzkitError": ".errors",
     "build_debian_image": "._imagebuild",
+    "pull_image": ".image.oci._resolve",
 }
 
 __version__ = "0.1.0.dev0"
@@ -162,6 +163,7 @@ __all__ = [
     "parse_port_spec",
     "parse_size",
     "parse_volume_spec",
+    "pull_image",
     "run",
     "start",
 ]
@@ -172,8 +174,11 @@ def default_guest_config(arch: Arch | str | None = None, **overrides: Any) -> Li
 
     The guest image (a Debian cloud kernel, a busybox initramfs and the vzkit agent) is built
     and cached on first use. ``overrides`` are any :class:`LinuxVMConfig` fields, and
-    ``image="debian"`` boots the cached Debian image (built on first use), ``rootfs=`` a
-    tree, ``root=`` a device of ``disk_path`` (``docs/images.md``).
+    ``image="debian"`` boots the cached Debian image (built on first use), ``image=REF`` an
+    OCI image (``"python:3.12-slim"``, ``"docker://HOST/REPO:TAG"``, ``"oci:DIR"``, ...;
+    pulled and converted on first use, its config's env, working directory, user and command
+    in ``process``; ``docs/oci.md``), ``rootfs=`` a tree, ``root=`` a device of ``disk_path``
+    (``docs/images.md``).
     """
     from ._imagebuild import default_guest_config as build
 

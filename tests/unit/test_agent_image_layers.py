@@ -26,6 +26,7 @@ ALLOWED = {
         "vzkit._cache",
         "vzkit._config",
         "vzkit._disk",  # data layer (docs/architecture.md): RootDisk for default_guest_config
+        "vzkit._process_defaults",  # data layer: an OCI image config as ProcessDefaults
         "vzkit._fsutil",  # foundation: the Debian image cache's atomic metadata
         "vzkit._private",
         "vzkit._progress",

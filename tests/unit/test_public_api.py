@@ -60,6 +60,7 @@ EXPECTED_ALL = [
     "parse_port_spec",
     "parse_size",
     "parse_volume_spec",
+    "pull_image",
     "run",
     "start",
 ]
