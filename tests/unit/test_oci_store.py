@@ -137,7 +137,7 @@ def test_the_second_conversion_converts_nothing(
     assert again.directory == first.directory
     assert again.path.stat().st_mtime_ns == first.path.stat().st_mtime_ns
     both = convert(pulled(LOWER, refs=("localhost:5000/t:2",)), cache_dir=tmp_path)
-    assert both.refs == ("docker.io/library/t:1", "localhost:5000/t:2")
+    assert both.refs == ("localhost:5000/t:2", "docker.io/library/t:1")  # the newest first
 
 
 def test_references_move_and_prune_removes_what_none_names(tmp_path: Path) -> None:

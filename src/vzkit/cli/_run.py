@@ -125,9 +125,23 @@ def _exit_code(returncode: int) -> int:
 @click.option(
     "--image",
     metavar="REF",
-    help="Boot a cached image as the root file system: debian[:bookworm][+P1,P2] (built on "
-    "first use; 'vzkit image build debian' looks for newer packages), a digest from "
-    "'vzkit image list', or 'default' (busybox).",
+    help="Boot an image as the root file system: debian[:bookworm][+P1,P2] (built on first "
+    "use; 'vzkit image build debian' looks for newer packages); an OCI image: NAME[:TAG], "
+    "docker://HOST/REPO:TAG, oci:DIR, oci-archive:FILE, docker-archive:FILE (pulled on first "
+    "use; 'vzkit image pull' looks for a newer one; its Env, WorkingDir, User and command "
+    "apply); a digest from 'vzkit image list'; or 'default' (busybox).",
+)
+@click.option(
+    "--insecure-registry",
+    is_flag=True,
+    help="With --image: the image's registry may be reached over plain HTTP (e.g. a registry "
+    "on 127.0.0.1 for tests).",
+)
+@click.option(
+    "--entrypoint",
+    metavar="CMD",
+    help="Run CMD instead of the image's entrypoint (its default command is dropped too; "
+    "COMMAND becomes CMD's arguments), as docker run --entrypoint does.",
 )
 @click.option(
     "--rootfs",
@@ -160,6 +174,8 @@ def run_cmd(
     from_snapshot: str | None,
     vm_dir: Path,
     image: str | None,
+    insecure_registry: bool,
+    entrypoint: str | None,
     rootfs: Path | None,
     root: str | None,
     init_mode: str | None,
@@ -168,8 +184,9 @@ def run_cmd(
     """Boot a fresh VM, run COMMAND in it and exit with its exit code.
 
     Uses vzkit's default guest (a Debian kernel, busybox and the vzkit agent; built on first
-    use) unless --kernel is given. Without COMMAND, the guest's console is attached to this
-    terminal. The VM is torn down afterwards, also on Ctrl-C.
+    use) unless --kernel is given. Without COMMAND, an OCI image's own command runs (its
+    entrypoint and Cmd), else the guest's console is attached to this terminal. The VM is torn
+    down afterwards, also on Ctrl-C.
 
     \b
       vzkit run -- uname -a
@@ -178,6 +195,8 @@ def run_cmd(
       vzkit run -u 1000:1000 -w /tmp -- id
       vzkit run --from-snapshot warm --vm-dir ./vm -- python3 job.py
       vzkit run --image debian -- python3 -c 'print(1)'
+      vzkit run --image python:3.12-slim -- python3 -c 'print(1)'
+      vzkit run --image oci-archive:app.tar
       vzkit run --rootfs ./tree -- cat /etc/os-release
       vzkit run --disk disk.img --root /dev/vda1 -- ls /
     """
@@ -192,7 +211,10 @@ def run_cmd(
         sys.exit(EXIT_USAGE)
     if rootfs is not None or root is not None or init_mode is not None or image is not None:
         opts = {**opts, "rootfs": rootfs, "root": root, "init": init_mode, "image": image}
-    run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user)
+    if insecure_registry:
+        opts["insecure_registry"] = True
+    run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user,
+                 entrypoint=entrypoint)  # fmt: skip
 
 
 def expand_env(
@@ -235,6 +257,7 @@ def run_and_exit(
     snap: tuple[Path, str] | None,
     *,
     user: str | None = None,
+    entrypoint: str | None = None,
 ) -> None:
     """Run, then exit: with the command's code, 2 for bad options, 125 when the VM failed
     (or the guest does not know ``user``), 130 on Ctrl-C and 143 on SIGTERM (the VM torn down
@@ -245,8 +268,9 @@ def run_and_exit(
     signal.signal(signal.SIGTERM, _terminated)
     try:
         code = _run(
-            command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user
-        )
+            command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user,
+            entrypoint=entrypoint,
+        )  # fmt: skip
     except (SpecError, ConfigError) as err:
         echo_error(err)
         sys.exit(EXIT_USAGE)
@@ -273,6 +297,10 @@ def _terminated(signum: int, frame: object) -> None:
 def run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig:
     """The VM's config: from ``--kernel``/``--config`` if given, else vzkit's default guest."""
     changes = {k: v for k, v in opts.items() if v is not None and v != ()}
+    if changes.pop("insecure_registry", False):
+        if changes.get("image") in (None, "default"):
+            raise ConfigError("--insecure-registry goes with --image REF (an image's registry)")
+        changes["insecure_registry"] = True
     if interactive_console:
         changes.setdefault("console", ConsoleMode.STDIO)
     if changes.get("image") == "default":  # the busybox guest: what no --image boots
@@ -395,19 +423,27 @@ def _run(
     snap: tuple[Path, str] | None = None,
     *,
     user: str | None = None,
+    entrypoint: str | None = None,
 ) -> int:
     from vzkit import VirtualMachine  # on first use: 'vzkit --help' does not pay for it
 
+    cfg = run_config(False, opts)
+    # An OCI image's entrypoint and Cmd, as docker run combines them with COMMAND.
+    override = None if entrypoint is None else ([entrypoint] if entrypoint else [])
+    command = tuple(cfg.process.command(command, entrypoint=override))
+    if not command:  # nothing to run: the console is this terminal
+        cfg = run_config(True, opts)
     environment: dict[Any, Any] | None = None  # str -> str; typed for the client's Mapping
     if env:
-        # HOME: root's, or (with --user) what the guest's passwd entry says
-        environment = {"PATH": _GUEST_PATH} if user else {"PATH": _GUEST_PATH, "HOME": "/root"}
+        image = dict(cfg.process.env)
+        environment = {} if "PATH" in image else {"PATH": _GUEST_PATH}
+        if not (user or cfg.process.user or "HOME" in image):
+            environment["HOME"] = "/root"  # else what the guest's passwd entry says
         for item in env:
             name, sep, value = item.partition("=")
             if not sep or not name:
                 raise SpecError(f"--env wants NAME=VALUE, got {item!r}")
             environment[name] = value
-    cfg = run_config(not command, opts)
     with VirtualMachine(cfg, backend=backend) as vm:
         if snap is not None:  # paused at the saved instant; resume steps the guest clock
             SnapshotManager(snap[0]).restore(vm, snap[1], timeout=boot_timeout)

@@ -27,7 +27,7 @@ def _guest_command(command: tuple[str, ...]) -> tuple[str, ...]:
 
 
 #: ``vzkit run``'s root file system options, the same click options (defined once, there).
-_ROOT_PARAMS = ("image", "rootfs", "root", "init_mode")
+_ROOT_PARAMS = ("image", "insecure_registry", "rootfs", "root", "init_mode")
 
 
 def _root_options(command: click.Command) -> click.Command:
@@ -46,6 +46,8 @@ def _root_opts(opts: dict[str, Any]) -> dict[str, Any]:
     init = opts.pop("init_mode")
     if image is not None or rootfs is not None or root is not None or init is not None:
         opts = {**opts, "image": image, "rootfs": rootfs, "root": root, "init": init}
+    if opts.pop("insecure_registry", False):
+        opts["insecure_registry"] = True
     return opts
 
 

@@ -232,7 +232,7 @@ def remove_images(
             if not directory.is_dir():
                 continue
             name = directory.name.lstrip(".")
-            if default_only and directory.name in ("debian", "disks"):
+            if default_only and directory.name in ("debian", "disks", "oci"):
                 continue
             if arch is not None and not name.startswith(f"{arch}-"):
                 continue

@@ -30,6 +30,7 @@ import http.client
 import json
 import logging
 import re
+import ssl
 import threading
 import time
 import urllib.error
@@ -346,6 +347,16 @@ class RegistryClient:
                 err.close()
             except (urllib.error.URLError, OSError, http.client.HTTPException) as err:
                 reason = getattr(err, "reason", err)
+                if isinstance(reason, ssl.SSLError) and not isinstance(
+                    reason, ssl.SSLCertVerificationError
+                ):  # not a passing fault: the server does not speak TLS here
+                    raise RegistryError(
+                        f"the registry {self.host} does not answer over TLS ({url}: "
+                        f"{reason}); if it serves plain HTTP and the way to it is trusted "
+                        "(e.g. a registry on 127.0.0.1), pass --insecure-registry "
+                        "(insecure=True in Python)",
+                        url=url,
+                    ) from err
                 if attempt > self._retries:
                     raise RegistryError(
                         f"cannot reach the registry {self.host} ({url}): {reason}; check the "

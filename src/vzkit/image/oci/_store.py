@@ -120,8 +120,15 @@ class OciImage(StoredImage):
 
     @property
     def name(self) -> str:
-        """The first reference, else the short digest."""
-        return self.refs[0] if self.refs else self.short_digest
+        """The first reference (a registry's in its familiar form: ``python:3.12``,
+        ``127.0.0.1:5000/app:1``), else the short digest."""
+        if not self.refs:
+            return self.short_digest
+        ref = self.refs[0]
+        if ref.startswith("docker://"):
+            ref = ref.removeprefix("docker://").removeprefix("docker.io/")
+            ref = ref.removeprefix("library/") if ref.count("/") == 1 else ref
+        return ref
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -324,7 +331,7 @@ def convert(
             if missing:
                 _take_refs(root, missing, final, found.arch)
                 info = json.loads((final / META_NAME).read_text())
-                info["refs"] = [*info["refs"], *missing]
+                info["refs"] = [*missing, *info["refs"]]  # the newest name first
                 _write_info(final, info)
                 found = load_oci_image(final) or found
             say("cached")
