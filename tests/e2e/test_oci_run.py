@@ -159,3 +159,24 @@ def test_docker_transport_runs_with_insecure_registry(registry: LocalRegistry) -
         "--insecure-registry", "--image", ref, "--", "sh", "-c", "cat /etc/top; id -un"
     )
     assert lines(proc) == ["from layer 2", "app"]
+
+
+def test_pull_picks_the_arch_and_names_what_an_image_has(images: Images) -> None:
+    ref = f"oci:{images.layout}:1"
+    for option in (["--arch", "aarch64"], ["--platform", "linux/arm64"]):
+        proc = subprocess.run([*VZKIT, "image", "pull", *option, ref], capture_output=True,
+                              timeout=120)  # fmt: skip
+        assert proc.returncode == 1, proc.stderr.decode()
+        assert b"it has only linux/amd64" in proc.stderr
+    proc = subprocess.run([*VZKIT, "image", "pull", "--platform", "linux/s390x", ref],
+                          capture_output=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 2
+    assert b"vzkit boots linux/amd64 and linux/arm64" in proc.stderr
+    both = subprocess.run([*VZKIT, "image", "pull", "--arch", "x86_64", "--platform",
+                           "linux/amd64", ref], capture_output=True, timeout=120)  # fmt: skip
+    assert both.returncode == 2
+    assert b"not both" in both.stderr
+    pulled = subprocess.run([*VZKIT, "image", "pull", "--platform", "linux/amd64", ref],
+                            capture_output=True, timeout=120)  # fmt: skip
+    assert pulled.returncode == 0, pulled.stderr.decode()
+    assert b"arch    x86_64" in pulled.stdout

@@ -59,6 +59,8 @@ def test_rootfs_becomes_a_cached_root_disk(
         (["--root", "/dev/vda1", "--config", "{cfg}"], "do not combine with --config"),
         (["--root", "vda1", "--kernel", "{kernel}", "--disk", "{disk}"], "is not /dev/NAME"),
         (["--init", "systemd"], "'systemd' is not one of 'agent', 'image'"),
+        (["--insecure-registry"], "--insecure-registry goes with --image REF"),
+        (["--insecure-registry", "--image", "default"], "--insecure-registry goes with --image"),
     ],
 )
 def test_bad_root_options_exit_2(
@@ -81,9 +83,9 @@ def test_the_snapshot_commands_take_runs_root_options(files: dict[str, Path]) ->
     group = main.get_command(ctx, "snapshot")
     assert run is not None
     assert isinstance(group, click.Group)
-    wanted = ("image", "rootfs", "root", "init_mode")
+    wanted = ("image", "insecure_registry", "rootfs", "root", "init_mode")
     shared = {p.name: p for p in run.params if p.name in wanted}
-    assert len(shared) == 4
+    assert len(shared) == 5
     for name in ("save", "restore"):
         command = group.get_command(ctx, name)
         assert command is not None
@@ -101,6 +103,8 @@ def test_the_snapshot_commands_take_runs_root_options(files: dict[str, Path]) ->
     [
         (["save", "--init", "image"], "--init needs --image, --rootfs or --root"),
         (["restore", "--root", "vda1", "--kernel", "{kernel}", "--disk", "{disk}"], "/dev/NAME"),
+        (["save", "--insecure-registry"], "--insecure-registry goes with --image REF"),
+        (["restore", "--insecure-registry"], "--insecure-registry goes with --image REF"),
     ],
 )
 def test_bad_root_options_of_the_snapshot_commands_exit_2(

@@ -120,6 +120,21 @@ COVERED: dict[str, list[str]] = {
     "image prune": [
         "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
     ],
+    "image pull": [
+        "e2e/test_oci_run.py::test_a_registry_image_is_pulled_listed_and_runs_again_without_the_registry"
+    ],
+    "image pull --arch": [
+        "e2e/test_oci_run.py::test_pull_picks_the_arch_and_names_what_an_image_has"
+    ],
+    "image pull --platform": [
+        "e2e/test_oci_run.py::test_pull_picks_the_arch_and_names_what_an_image_has"
+    ],
+    "image pull --insecure-registry": [
+        "e2e/test_oci_run.py::test_a_registry_image_is_pulled_listed_and_runs_again_without_the_registry"
+    ],
+    "image pull --json": [
+        "e2e/test_oci_run.py::test_a_registry_image_is_pulled_listed_and_runs_again_without_the_registry"
+    ],
     "image prune --unused-days": [
         "unit/test_debian_image.py::test_cli_lists_inspects_removes_and_prunes_debian_images"
     ],
@@ -190,6 +205,13 @@ COVERED: dict[str, list[str]] = {
         "unit/test_debian_image.py::test_run_image_boots_the_cached_image_on_a_layer",
         "e2e/test_debian_image.py::test_vzkit_run_image_debian_runs_python_and_a_second_build_is_cached",
     ],
+    "run --insecure-registry": [
+        "unit/test_cli_root.py::test_bad_root_options_exit_2",
+        "e2e/test_oci_run.py::test_docker_transport_runs_with_insecure_registry",
+    ],
+    "run --entrypoint": [
+        "e2e/test_oci_run.py::test_the_images_cmd_env_workdir_and_user_take_effect"
+    ],
     "run --rootfs": [
         "unit/test_cli_root.py::test_rootfs_becomes_a_cached_root_disk",
         "e2e/test_root_disks.py::test_vzkit_run_rootfs_with_network_and_dns",
@@ -214,6 +236,12 @@ COVERED: dict[str, list[str]] = {
     **{f"snapshot save {option}": [_SHARED, *tests] for option, tests in VM_OPTIONS.items()},
     "snapshot save --backend": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
     "snapshot save --boot-timeout": [_BOOT_TIMEOUT],
+    "snapshot save --insecure-registry": [
+        "unit/test_cli_root.py::test_bad_root_options_of_the_snapshot_commands_exit_2"
+    ],
+    "snapshot restore --insecure-registry": [
+        "unit/test_cli_root.py::test_bad_root_options_of_the_snapshot_commands_exit_2"
+    ],
     "snapshot restore": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
     **{f"snapshot restore {option}": [_SHARED, *tests] for option, tests in VM_OPTIONS.items()},
     "snapshot restore --backend": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],

@@ -34,8 +34,14 @@ log = logging.getLogger(__name__)
 
 
 def _platform(arch: Arch | str | None, platform: str | None) -> Platform:
+    """The platform asked for; ConfigError for one vzkit cannot boot."""
     if platform is not None:
-        return parse_platform(platform)
+        wanted = parse_platform(platform)
+        if wanted.arch is None or wanted.os != "linux":
+            raise ConfigError(
+                f"vzkit boots linux/amd64 and linux/arm64 guests (x86_64, aarch64), not {wanted}"
+            )
+        return wanted
     return Platform.for_arch(Arch.parse(str(arch))) if arch is not None else Platform.host()
 
 
@@ -85,12 +91,8 @@ def resolve_oci_image(
     Marks the image used (for ``vzkit image prune --unused-days``)."""
     reference = parse_reference(ref) if isinstance(ref, str) else ref
     wanted = _platform(arch, platform)
-    if wanted.arch is None:
-        raise ConfigError(
-            f"vzkit boots x86_64 and aarch64 guests (linux/amd64, linux/arm64), not {wanted}"
-        )
     found = None
-    if reference.transport is Transport.DOCKER:
+    if reference.transport is Transport.DOCKER and wanted.arch is not None:
         found = find_oci_image(str(reference), arch=wanted.arch.value, cache_dir=cache_dir)
     if found is None:
         found = pull_image(reference, platform=str(wanted), insecure=insecure,
