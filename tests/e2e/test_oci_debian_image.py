@@ -137,6 +137,21 @@ def test_umoci_unpacks_it_and_the_cmd_prints_what_the_boot_tests_expect(
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert (done.returncode, done.stdout, done.stderr) == (0, deb.CMD_OUTPUT, "")
+    check = subprocess.run(
+        ["env", "-i", *config["Env"], "chroot", f"--userspec={deb.UID}:{deb.UID}", str(rootfs),
+         "sh", "-c", deb.GUEST_CHECK],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert (check.returncode, check.stdout, check.stderr) == (0, deb.GUEST_CHECK_OUTPUT, "")
+
+
+def test_the_cache_key_follows_the_tools_and_the_recipe() -> None:
+    tools = {"mmdebstrap": "mmdebstrap 1.3.5", "umoci": "umoci 0.4.7", "skopeo": "skopeo 1.9.3"}
+    assert deb.cache_key(tools) == deb.cache_key(dict(tools))
+    assert deb.cache_key(tools) != deb.cache_key({**tools, "umoci": "umoci 0.4.8"})
+    # the recipe is this module's text: the key of a session is the one of its build.json
+    built = deb.session_debian_image()
+    assert built.build["key"] == deb.cache_key(deb.tool_versions()) == built.root.name
 
 
 def test_the_archives_hold_the_same_image(debian_oci: deb.DebianOciImage) -> None:

@@ -36,8 +36,15 @@ and entries of older keys are removed by the next build.
 Tests use it through :func:`session_debian_image` (once per session)::
 
     @pytest.fixture(scope="session")
-    def debian_oci(tmp_path_factory: pytest.TempPathFactory) -> DebianOciImage:
+    def debian_oci() -> DebianOciImage:
         return session_debian_image()
+
+    def test_x(debian_oci: DebianOciImage) -> None:
+        with local_registry() as reg:
+            debian_oci.push(reg, "deb:1")  # docker://{reg.host}/deb:1, plain HTTP
+            ...  # run CMD, expect CMD_OUTPUT; run GUEST_CHECK, expect GUEST_CHECK_OUTPUT
+
+``deb-1.docker.tar`` holds uncompressed layers, named ``docker.io/library/deb:1`` by skopeo.
 """
 
 from __future__ import annotations
@@ -82,6 +89,13 @@ WHITED_OUT = ("/etc/issue.net", "/usr/share/lintian")  # in layer 1, whited out 
 OPAQUE_DIR = "/etc/cron.daily"  # made opaque by layer 3
 OPAQUE_KEEPS = ("only-this",)  # all that is left in it
 LAYERS = 3
+# A command for a booted guest (any user) that shows what the layers left: nothing of
+# WHITED_OUT, only OPAQUE_KEEPS in OPAQUE_DIR, layer 2's file, Debian's codename.
+GUEST_CHECK = (
+    f"for p in {' '.join(WHITED_OUT)}; do test -e $p && echo still-there $p; done; "
+    f"ls -A {OPAQUE_DIR}; cat {HELLO}; . /etc/os-release; echo $VERSION_CODENAME"
+)
+GUEST_CHECK_OUTPUT = "".join(f"{name}\n" for name in OPAQUE_KEEPS) + HELLO_TEXT + "bookworm\n"
 
 MMDEBSTRAP_TIMEOUT_S = 900
 TOOL_TIMEOUT_S = 300
