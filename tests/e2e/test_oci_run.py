@@ -19,6 +19,7 @@ import pytest
 
 from vzkit.image import GuestImage
 
+from ..support import oci_debian as deb
 from ..support.registry import LocalRegistry, local_registry
 from .test_root_disks import busybox_of
 from .test_run_cli import VZKIT, vzkit_run
@@ -180,3 +181,34 @@ def test_pull_picks_the_arch_and_names_what_an_image_has(images: Images) -> None
                             capture_output=True, timeout=120)  # fmt: skip
     assert pulled.returncode == 0, pulled.stderr.decode()
     assert b"arch    x86_64" in pulled.stdout
+
+
+@pytest.fixture(scope="module")
+def debian_oci() -> deb.DebianOciImage:
+    """A Debian image made by mmdebstrap + umoci (three layers: whiteouts, an opaque
+    directory, a user ``app``), built once per machine (tests/support/oci_debian.py)."""
+    return deb.session_debian_image()
+
+
+def test_a_debian_image_from_the_registry_runs_with_its_config(
+    debian_oci: deb.DebianOciImage,
+) -> None:
+    """The issue's own check: ``vzkit run --image docker://127.0.0.1:PORT/deb:1 -- sh -c
+    'cat /etc/os-release; id -u'``, the image's Cmd with no command, its whiteouts and opaque
+    directory; then the archive and layout transports of the same image boot."""
+    with local_registry() as reg:
+        debian_oci.push(reg, "deb:1")
+        ref = f"docker://{reg.host}/deb:1"
+        proc = vzkit_run("--insecure-registry", "--image", ref, "--",
+                         "sh", "-c", "cat /etc/os-release; id -u")  # fmt: skip
+        out = lines(proc)
+        assert 'PRETTY_NAME="Debian GNU/Linux 12 (bookworm)"' in out
+        assert out[-1] == str(deb.UID)  # the image's User
+        own = vzkit_run("--insecure-registry", "--image", ref)  # no command: Cmd
+        assert own.returncode == 0, own.stderr.decode()[-3000:]
+        assert own.stdout.decode() == deb.CMD_OUTPUT  # Env, WorkingDir, User
+    check = ["--", "sh", "-c", deb.GUEST_CHECK]
+    for image in (f"docker-archive:{debian_oci.docker_archive}", f"oci:{debian_oci.layout}:1"):
+        proc = vzkit_run("--image", image, *check)
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        assert proc.stdout.decode() == deb.GUEST_CHECK_OUTPUT, image
