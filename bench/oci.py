@@ -46,31 +46,20 @@ from tests.support.oci_debian import DebianOciImage, debian_oci_image
 from tests.support.registry import LocalRegistry, local_registry
 
 import vzkit
+from vzkit.image.oci import find_oci_image, pull_image, remove_oci_image, resolve_oci_image
 
 TAG = "bench"
 
 
 def pull_and_convert(ref: str, cache_dir: Path | None) -> str:
-    """vzkit's pull + convert of ``ref`` into ``cache_dir`` (vzkit's own when ``None``); what
-    ran. Until ``pull_image`` lands, only the pull (``oci._pull.pull``) runs."""
-    try:
-        from vzkit.image.oci import pull_image
-    except ImportError:
-        from vzkit.image.oci._pull import pull
-
-        pull(ref, platform="linux/amd64", cache_dir=cache_dir, insecure=True)
-        return "pull only (no pull_image in vzkit yet)"
+    """vzkit's pull + convert of ``ref`` into ``cache_dir`` (vzkit's own when ``None``)."""
     image = pull_image(ref, arch="x86_64", insecure=True, cache_dir=cache_dir)
-    return f"pull + convert ({type(image).__name__} {image.digest[:19]})"
+    return f"pull + convert ({image.digest[:19]})"
 
 
-def resolve_cached(ref: str, cache_dir: Path | None) -> str | None:
+def resolve_cached(ref: str, cache_dir: Path | None) -> str:
     """What ``vzkit run --image REF`` does to find the image (a cached registry image: no
-    registry asked); ``None`` while vzkit has no such call."""
-    try:
-        from vzkit.image.oci import resolve_oci_image
-    except ImportError:
-        return None
+    registry asked)."""
     resolve_oci_image(ref, arch="x86_64", insecure=True, cache_dir=cache_dir)
     return "resolve_oci_image"
 
@@ -84,12 +73,9 @@ def image_config(ref: str | None) -> Any:
 
 def forget(ref: str) -> None:
     """Remove the root disk :func:`image_config` left in vzkit's own cache (its blobs stay)."""
-    with contextlib.suppress(ImportError):
-        from vzkit.image.oci import find_oci_image, remove_oci_image
-
-        found = find_oci_image(ref, arch="x86_64")
-        if found is not None:
-            remove_oci_image(found)
+    found = find_oci_image(ref, arch="x86_64")
+    if found is not None:
+        remove_oci_image(found)
 
 
 def bench_image(base: DebianOciImage, work: Path, mib: int) -> Path:
@@ -200,10 +186,9 @@ def warm(reg: LocalRegistry, work: Path, count: int, *, guest_config: bool) -> N
     values = [timed(lambda: pull_and_convert(ref, cache))[0] for _ in range(count)]
     print(f"cached {what}: median {statistics.median(values) * 1000:.1f} ms "
           f"(first, cold: {first:.2f} s)")  # fmt: skip
-    if resolve_cached(ref, cache) is not None:
-        values = [timed(lambda: resolve_cached(ref, cache))[0] for _ in range(count)]
-        print(f"cached resolve_oci_image (run --image): median "
-              f"{statistics.median(values) * 1000:.1f} ms (goal <= 50 ms)")  # fmt: skip
+    values = [timed(lambda: resolve_cached(ref, cache))[0] for _ in range(count)]
+    print(f"cached resolve_oci_image (run --image): median "
+          f"{statistics.median(values) * 1000:.1f} ms (goal <= 50 ms)")  # fmt: skip
     if not guest_config:
         return
     try:
