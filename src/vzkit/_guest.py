@@ -134,14 +134,25 @@ class Guest:
         timeout: float | None = None,
         shell: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> GuestProcess:
         """Start a command and stream its stdin/stdout/stderr (a :class:`GuestProcess`);
-        ``args``, ``shell`` and ``user`` as for :meth:`run`."""
+        ``args``, ``shell`` and ``user`` as for :meth:`run`.
+
+        ``tty=True`` runs it on a pseudo-terminal in the guest, its controlling terminal:
+        ``stdout`` carries everything it shows (``stderr`` stays empty), ``stdin`` is what is
+        typed (``b"\\x03"`` is Ctrl-C), ``size=(rows, cols)`` the first window size (default
+        24x80; :meth:`GuestProcess.resize` changes it), ``term=`` its ``TERM`` (default the
+        host's ``$TERM``, else ``xterm-256color``; a ``TERM`` in ``env`` wins). Closing stdin
+        is no end of file on a terminal: send its EOF character (``b"\\x04"``) instead."""
         from .agent import GuestProcess
 
         started = self._core.agent.exec(
-            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
-        )
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user,
+            tty=tty, term=term, size=size,
+        )  # fmt: skip
         return GuestProcess(run_sync(started), stdin=stdin)
 
     def read_file(self, path: StrOrBytes, *, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
@@ -258,13 +269,18 @@ class AsyncGuest:
         timeout: float | None = None,
         shell: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> AsyncGuestProcess:
-        """Start a command and stream it (an :class:`AsyncGuestProcess`)."""
+        """Start a command and stream it (an :class:`AsyncGuestProcess`; ``tty``, ``term`` and
+        ``size`` as for :meth:`Guest.popen`)."""
         from .agent import AsyncGuestProcess
 
         started = self._core.agent.exec(
-            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
-        )
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user,
+            tty=tty, term=term, size=size,
+        )  # fmt: skip
         return AsyncGuestProcess(await wrap(started), stdin=stdin)
 
     async def read_file(
