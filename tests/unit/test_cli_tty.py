@@ -8,22 +8,19 @@ terminal's settings restored afterwards.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import platform
-import select
 import signal
-import struct
 import subprocess
 import sys
 import termios
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from ..support.agent_vm import host_agent
+from ..support.terminal import Terminal
 
 pytestmark = pytest.mark.skipif(
     sys.platform != "linux" or platform.machine() != "x86_64",
@@ -31,66 +28,14 @@ pytestmark = pytest.mark.skipif(
 )
 
 ROOT = Path(__file__).resolve().parents[2]
+CLI = [sys.executable, "-m", "tests.support.tty_cli"]
+ENV = {"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
 
 
-class Terminal:
-    """A pty whose slave runs ``vzkit``; the test reads and types on the master."""
-
-    def __init__(self, rows: int, cols: int) -> None:
-        self.master, self.slave = os.openpty()
-        self.resize(rows, cols)
-        self.cooked = termios.tcgetattr(self.slave)
-        self.seen = b""
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    def resize(self, rows: int, cols: int) -> None:
-        fcntl.ioctl(self.master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
-
-    def start(self, *args: str, **env: str) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.support.tty_cli", "run", *args],
-            stdin=self.slave, stdout=self.slave, stderr=self.slave, cwd=ROOT,
-            env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}", **env},
-            start_new_session=True,
-        )  # fmt: skip
-
-    def expect(self, marker: bytes, timeout: float = 60) -> bytes:
-        """Read until ``marker`` shows; everything read so far."""
-        deadline = time.monotonic() + timeout
-        while marker not in self.seen:
-            left = deadline - time.monotonic()
-            assert left > 0, f"no {marker!r} in {self.seen!r}"
-            ready, _, _ = select.select([self.master], [], [], left)
-            if ready:
-                try:
-                    self.seen += os.read(self.master, 4096)
-                except OSError:  # EIO: the slave is closed everywhere
-                    break
-        assert marker in self.seen, self.seen
-        return self.seen
-
-    def type(self, data: bytes) -> None:
-        os.write(self.master, data)
-
-    def wait(self) -> int:
-        assert self.proc is not None
-        code = self.proc.wait(timeout=60)
-        while select.select([self.master], [], [], 0)[0]:  # what it printed last
-            try:
-                chunk = os.read(self.master, 4096)
-            except OSError:
-                break
-            if not chunk:
-                break
-            self.seen += chunk
-        return code
-
-    def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        os.close(self.master)
-        os.close(self.slave)
+def run_t(term: Terminal, kernel: Path, script: str, **env: str) -> None:
+    """``vzkit run --kernel KERNEL -t -- sh -c SCRIPT`` on the terminal's slave."""
+    term.start(*CLI, "run", "--kernel", str(kernel), "-t", "--", "sh", "-c", script,
+               env={**ENV, **env})  # fmt: skip
 
 
 @pytest.fixture
@@ -108,7 +53,18 @@ def terminal(tmp_path: Path) -> Iterator[tuple[Terminal, Path]]:
 def test_the_guest_sees_the_size_term_and_a_resize(terminal: tuple[Terminal, Path]) -> None:
     term, kernel = terminal
     script = 'stty size; echo "$TERM"; tty; trap "stty size; exit 3" WINCH; echo ready; read x'
-    term.start("--kernel", str(kernel), "-t", "--", "sh", "-c", script, TERM="vt220")
+    term.start(
+        *CLI,
+        "run",
+        "--kernel",
+        str(kernel),
+        "-t",
+        "--",
+        "sh",
+        "-c",
+        script,
+        env={**ENV, "TERM": "vt220"},
+    )
     seen = term.expect(b"ready\r\n")
     assert b"33 111\r\nvt220\r\n/dev/pts/" in seen
     term.resize(40, 120)
@@ -121,7 +77,18 @@ def test_the_guest_sees_the_size_term_and_a_resize(terminal: tuple[Terminal, Pat
 
 def test_ctrl_c_is_a_byte_for_the_guest(terminal: tuple[Terminal, Path]) -> None:
     term, kernel = terminal
-    term.start("--kernel", str(kernel), "-t", "--", "sh", "-c", "echo ready; exec sleep 100")
+    term.start(
+        *CLI,
+        "run",
+        "--kernel",
+        str(kernel),
+        "-t",
+        "--",
+        "sh",
+        "-c",
+        "echo ready; exec sleep 100",
+        env=ENV,
+    )
     term.expect(b"ready\r\n")
     term.type(b"\x03")
     assert term.wait() == 128 + signal.SIGINT  # the guest's sleep got SIGINT, not vzkit
@@ -131,7 +98,18 @@ def test_ctrl_c_is_a_byte_for_the_guest(terminal: tuple[Terminal, Path]) -> None
 
 def test_the_escape_ends_the_session(terminal: tuple[Terminal, Path]) -> None:
     term, kernel = terminal
-    term.start("--kernel", str(kernel), "-t", "--", "sh", "-c", "echo ready; exec cat")
+    term.start(
+        *CLI,
+        "run",
+        "--kernel",
+        str(kernel),
+        "-t",
+        "--",
+        "sh",
+        "-c",
+        "echo ready; exec cat",
+        env=ENV,
+    )
     term.expect(b"ready\r\n")
     term.type(b"a\x1d\x1db\x1d")  # Ctrl-] twice is one Ctrl-]; one at a read's end waits
     term.type(b"c\r")
@@ -144,7 +122,18 @@ def test_the_escape_ends_the_session(terminal: tuple[Terminal, Path]) -> None:
 
 def test_sigterm_restores_the_terminal(terminal: tuple[Terminal, Path]) -> None:
     term, kernel = terminal
-    term.start("--kernel", str(kernel), "-t", "--", "sh", "-c", "echo ready; exec sleep 100")
+    term.start(
+        *CLI,
+        "run",
+        "--kernel",
+        str(kernel),
+        "-t",
+        "--",
+        "sh",
+        "-c",
+        "echo ready; exec sleep 100",
+        env=ENV,
+    )
     term.expect(b"ready\r\n")
     assert termios.tcgetattr(term.slave) != term.cooked  # raw while it runs
     assert term.proc is not None
@@ -155,9 +144,9 @@ def test_sigterm_restores_the_terminal(terminal: tuple[Terminal, Path]) -> None:
 
 def test_tty_without_a_terminal_is_a_usage_error(tmp_path: Path) -> None:
     done = subprocess.run(
-        [sys.executable, "-m", "tests.support.tty_cli", "run", "-t", "--", "true"],
+        [*CLI, "run", "-t", "--", "true"],
         stdin=subprocess.DEVNULL, capture_output=True, cwd=ROOT, timeout=60,
-        env={**os.environ, "PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"},
+        env={**os.environ, **ENV},
     )  # fmt: skip
     assert done.returncode == 2, done.stderr
     assert b"vzkit: error: the input device is not a TTY: -t needs a terminal" in done.stderr
