@@ -202,7 +202,7 @@ COVERED: dict[str, list[str]] = {
         "unit/test_cli_tty.py::test_the_guest_sees_the_size_term_and_a_resize",
         "unit/test_cli_tty.py::test_ctrl_c_is_a_byte_for_the_guest",
         "unit/test_cli_tty.py::test_the_escape_ends_the_session",
-        "unit/test_cli_tty.py::test_sigterm_restores_the_terminal",
+        "unit/test_cli_tty.py::test_sigterm_and_sighup_restore_the_terminal",
         "unit/test_cli_tty.py::test_tty_without_a_terminal_is_a_usage_error",
         f"{_RUN}::test_run_tty_sees_the_terminals_size_and_a_resize",
     ],

@@ -34,8 +34,8 @@ ENV = {"PYTHONPATH": f"{ROOT / 'src'}:{ROOT}"}
 
 def run_t(term: Terminal, kernel: Path, script: str, **env: str) -> None:
     """``vzkit run --kernel KERNEL -t -- sh -c SCRIPT`` on the terminal's slave."""
-    term.start(*CLI, "run", "--kernel", str(kernel), "-t", "--", "sh", "-c", script,
-               env={**ENV, **env})  # fmt: skip
+    argv = [*CLI, "run", "--kernel", str(kernel), "-t", "--", "sh", "-c", script]
+    term.start(*argv, env={**ENV, **env})
 
 
 @pytest.fixture
@@ -53,18 +53,7 @@ def terminal(tmp_path: Path) -> Iterator[tuple[Terminal, Path]]:
 def test_the_guest_sees_the_size_term_and_a_resize(terminal: tuple[Terminal, Path]) -> None:
     term, kernel = terminal
     script = 'stty size; echo "$TERM"; tty; trap "stty size; exit 3" WINCH; echo ready; read x'
-    term.start(
-        *CLI,
-        "run",
-        "--kernel",
-        str(kernel),
-        "-t",
-        "--",
-        "sh",
-        "-c",
-        script,
-        env={**ENV, "TERM": "vt220"},
-    )
+    run_t(term, kernel, script, TERM="vt220")
     seen = term.expect(b"ready\r\n")
     assert b"33 111\r\nvt220\r\n/dev/pts/" in seen
     term.resize(40, 120)
@@ -77,18 +66,7 @@ def test_the_guest_sees_the_size_term_and_a_resize(terminal: tuple[Terminal, Pat
 
 def test_ctrl_c_is_a_byte_for_the_guest(terminal: tuple[Terminal, Path]) -> None:
     term, kernel = terminal
-    term.start(
-        *CLI,
-        "run",
-        "--kernel",
-        str(kernel),
-        "-t",
-        "--",
-        "sh",
-        "-c",
-        "echo ready; exec sleep 100",
-        env=ENV,
-    )
+    run_t(term, kernel, "echo ready; exec sleep 100")
     term.expect(b"ready\r\n")
     term.type(b"\x03")
     assert term.wait() == 128 + signal.SIGINT  # the guest's sleep got SIGINT, not vzkit
@@ -98,18 +76,7 @@ def test_ctrl_c_is_a_byte_for_the_guest(terminal: tuple[Terminal, Path]) -> None
 
 def test_the_escape_ends_the_session(terminal: tuple[Terminal, Path]) -> None:
     term, kernel = terminal
-    term.start(
-        *CLI,
-        "run",
-        "--kernel",
-        str(kernel),
-        "-t",
-        "--",
-        "sh",
-        "-c",
-        "echo ready; exec cat",
-        env=ENV,
-    )
+    run_t(term, kernel, "echo ready; exec cat")
     term.expect(b"ready\r\n")
     term.type(b"a\x1d\x1db\x1d")  # Ctrl-] twice is one Ctrl-]; one at a read's end waits
     term.type(b"c\r")
@@ -120,25 +87,18 @@ def test_the_escape_ends_the_session(terminal: tuple[Terminal, Path]) -> None:
     assert termios.tcgetattr(term.slave) == term.cooked
 
 
-def test_sigterm_restores_the_terminal(terminal: tuple[Terminal, Path]) -> None:
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_and_sighup_restore_the_terminal(
+    terminal: tuple[Terminal, Path], sig: signal.Signals
+) -> None:
     term, kernel = terminal
-    term.start(
-        *CLI,
-        "run",
-        "--kernel",
-        str(kernel),
-        "-t",
-        "--",
-        "sh",
-        "-c",
-        "echo ready; exec sleep 100",
-        env=ENV,
-    )
+    run_t(term, kernel, "echo ready; exec sleep 100")
     term.expect(b"ready\r\n")
     assert termios.tcgetattr(term.slave) != term.cooked  # raw while it runs
     assert term.proc is not None
-    term.proc.terminate()
-    assert term.wait() == 128 + signal.SIGTERM
+    term.proc.send_signal(sig)
+    assert term.wait() == 128 + signal.SIGTERM  # both end it as a termination
+    assert b"terminated; the VM was torn down" in term.seen
     assert termios.tcgetattr(term.slave) == term.cooked
 
 
