@@ -120,6 +120,25 @@ def test_run_tty_sees_the_terminals_size_and_a_resize() -> None:
         term.close()
 
 
+def test_run_tty_ctrl_c_reaches_the_guest_program_and_the_escape_ends_it() -> None:
+    """Under ``-t`` Ctrl-C is a byte for the guest: its terminal makes it SIGINT for the
+    foreground program (exit 130, the VM torn down as after any command); ``Ctrl-]`` ``.``
+    ends a session whose program ignores it (exit 255)."""
+    for keys, script, code in [
+        (b"\x03", "echo ready; exec sleep 100", 128 + signal.SIGINT),
+        (b"\x1d.", "trap '' INT; echo ready; exec sleep 100", 255),
+    ]:
+        term = Terminal(24, 80)
+        try:
+            term.start(*VZKIT, "run", "-t", "--", "sh", "-c", script)
+            term.expect(b"ready\r\n", timeout=300)
+            term.type(keys)
+            assert term.wait() == code, term.seen
+            assert termios.tcgetattr(term.slave) == term.cooked
+        finally:
+            term.close()
+
+
 def test_run_without_a_command_is_the_guests_console_without_vzkits_marker() -> None:
     """``vzkit run`` without COMMAND: this terminal is the guest's console, the shell on it
     answers, and vzkit's readiness marker does not show on it (issue 18 item 8)."""

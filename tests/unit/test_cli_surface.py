@@ -205,6 +205,7 @@ COVERED: dict[str, list[str]] = {
         "unit/test_cli_tty.py::test_sigterm_and_sighup_restore_the_terminal",
         "unit/test_cli_tty.py::test_tty_without_a_terminal_is_a_usage_error",
         f"{_RUN}::test_run_tty_sees_the_terminals_size_and_a_resize",
+        f"{_RUN}::test_run_tty_ctrl_c_reaches_the_guest_program_and_the_escape_ends_it",
     ],
     "run --boot-timeout": [_BOOT_TIMEOUT, f"{_RUN}::test_run_env_workdir_and_boot_timeout"],
     "run --from-snapshot": [f"{_SNAP}::test_cli_save_then_run_from_the_snapshot"],
