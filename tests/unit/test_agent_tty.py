@@ -279,3 +279,14 @@ def test_tty_through_the_asyncio_facade(agent: Path, kernel: Path) -> None:
             return first + rest
 
     assert asyncio.run(main()) == b"33 111\r\n\r\n40 120\r\n"
+
+
+def test_a_command_that_cannot_start_says_why_on_the_terminal(client: AgentClient) -> None:
+    with client.popen(["no-such-command"], tty=True, stdin=False) as proc:
+        out = proc.stdout.read()
+        assert proc.wait() == 127
+    assert out == b"vzkit-agent: exec no-such-command: No such file or directory\r\n"
+    with client.popen(["true"], tty=True, stdin=False, cwd="/no/such/dir") as proc:
+        out = proc.stdout.read()
+        assert proc.wait() == 126
+    assert out == b"vzkit-agent: chdir /no/such/dir: No such file or directory\r\n"

@@ -139,7 +139,7 @@ static void child_tty(int slave)
 {
     setsid();
     if (ioctl(slave, TIOCSCTTY, 0) < 0) {
-        dprintf(slave, "vzkit-agent: TIOCSCTTY: %s\r\n", strerror(errno));
+        dprintf(slave, "vzkit-agent: TIOCSCTTY: %s\n", strerror(errno));
         _exit(126);
     }
     for (int fd = 0; fd < 3; fd++)
@@ -181,7 +181,7 @@ static void spawn_tty(struct session *s, struct chan *c, uint32_t flags, char **
         if (user_apply(user) < 0)
             _exit(126);
         if (*cwd && chdir(cwd) < 0) {
-            dprintf(2, "vzkit-agent: chdir %s: %s\r\n", cwd, strerror(errno));
+            dprintf(2, "vzkit-agent: chdir %s: %s\n", cwd, strerror(errno)); /* ONLCR adds the CR */
             _exit(126);
         }
         child_exec(argv, envp);
