@@ -51,6 +51,9 @@ class Guest:
         shell: bool = False,
         text: Literal[False] = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[bytes]: ...
     @overload
     def run(
@@ -66,6 +69,9 @@ class Guest:
         shell: bool = False,
         text: Literal[True],
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[str]: ...
     @overload
     def run(
@@ -81,6 +87,9 @@ class Guest:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]: ...
     def run(
         self,
@@ -95,6 +104,9 @@ class Guest:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run a command in the guest like :func:`subprocess.run` (output captured).
 
@@ -116,11 +128,16 @@ class Guest:
         supplementary groups (only ``GROUP`` when given) and ``HOME``, ``USER`` and ``LOGNAME``
         from its entry unless ``env`` sets them. A name the guest does not know raises
         :class:`~vzkit.agent.AgentError`; a malformed spec :class:`~vzkit.errors.SpecError`.
+
+        ``tty=True`` (with ``term=`` and ``size=``) runs it on a pseudo-terminal, as
+        :meth:`popen` does: ``stdout`` is what the terminal shows, ``stderr`` is empty, and an
+        ``input`` is typed on it (echoed; no end of file follows: end it with ``b"\\x04"``).
         """
         return run_sync(
             self._core.agent.run(
                 args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
                 max_output=max_output, shell=shell, text=text, user=user,
+                tty=tty, term=term, size=size,
             )
         )  # fmt: skip
 
@@ -206,6 +223,9 @@ class AsyncGuest:
         shell: bool = False,
         text: Literal[False] = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[bytes]: ...
     @overload
     async def run(
@@ -221,6 +241,9 @@ class AsyncGuest:
         shell: bool = False,
         text: Literal[True],
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[str]: ...
     @overload
     async def run(
@@ -236,6 +259,9 @@ class AsyncGuest:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]: ...
     async def run(
         self,
@@ -250,12 +276,16 @@ class AsyncGuest:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run a command in the guest and collect its output (see :meth:`Guest.run`)."""
         return await wrap(
             self._core.agent.run(
                 args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
                 max_output=max_output, shell=shell, text=text, user=user,
+                tty=tty, term=term, size=size,
             )
         )  # fmt: skip
 

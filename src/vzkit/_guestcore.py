@@ -201,12 +201,16 @@ class AgentLink:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         conn = await self.connection()
         env, cwd, user = self._defaults(env, cwd, user)
         return await conn.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
             max_output=max_output, shell=shell, text=text, user=user,
+            tty=tty, term=term, size=size,
         )  # fmt: skip
 
     async def exec(

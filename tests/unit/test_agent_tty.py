@@ -132,6 +132,16 @@ def test_term_is_passed_and_defaults_to_the_hosts(
         assert plain.stdout.read() == b"agents-own\n"
 
 
+def test_run_on_a_terminal_collects_what_it_shows(client: AgentClient) -> None:
+    script = "stty size; test -t 0 && echo T; echo err >&2"
+    done = client.run(["sh", "-c", script], tty=True, size=(33, 111))
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"33 111\r\nT\r\nerr\r\n", b"")
+    typed = client.run(["sh", "-c", 'read x; echo "got $x"'], tty=True, input="hi\n", text=True)
+    assert typed.stdout == "hi\r\ngot hi\r\n"  # the terminal echoes what is typed
+    ended = client.run(["cat"], tty=True, input=b"line\n\x04", timeout=30)  # ^D: end of file
+    assert (ended.returncode, ended.stdout) == (0, b"line\r\nline\r\n")
+
+
 def test_the_default_size_is_24x80(client: AgentClient) -> None:
     with client.popen(["stty", "size"], tty=True, stdin=False) as proc:
         assert proc.stdout.read() == b"24 80\r\n"
@@ -261,6 +271,7 @@ def test_tty_through_the_blocking_facade(agent: Path, kernel: Path) -> None:
         proc.stdin.write(b"\n")
         proc.stdin.flush()
         assert proc.stdout.read() == b"\r\n40 120\r\n"
+        assert vm.guest.run(["stty", "size"], tty=True, size=(5, 6)).stdout == b"5 6\r\n"
 
 
 def test_tty_through_the_asyncio_facade(agent: Path, kernel: Path) -> None:
@@ -276,6 +287,8 @@ def test_tty_through_the_asyncio_facade(agent: Path, kernel: Path) -> None:
             while chunk := await proc.stdout.read(100):
                 rest += chunk
             await proc.wait()
+            ran = await vm.guest.run(["stty", "size"], tty=True, size=(5, 6))
+            assert ran.stdout == b"5 6\r\n"
             return first + rest
 
     assert asyncio.run(main()) == b"33 111\r\n\r\n40 120\r\n"

@@ -86,6 +86,9 @@ class AgentClient:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run ``args`` in the guest and collect its output, like :func:`subprocess.run`.
 
@@ -103,6 +106,7 @@ class AgentClient:
         coro = self._c.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
             max_output=max_output, shell=shell, text=text, user=user,
+            tty=tty, term=term, size=size,
         )  # fmt: skip
         return run_sync(coro)
 
@@ -216,10 +220,14 @@ class AsyncAgentClient:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         coro = self._c.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
             max_output=max_output, shell=shell, text=text, user=user,
+            tty=tty, term=term, size=size,
         )  # fmt: skip
         return await wrap(coro)
 

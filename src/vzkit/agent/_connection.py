@@ -336,6 +336,9 @@ class _Connection:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run a command to its end (:mod:`._command` says what ``shell``, ``text`` and
         ``user`` do)."""
@@ -343,7 +346,7 @@ class _Connection:
         data = encode_input(input, text)
         channel = await self.exec(
             args, stdin=data is not None, env=env, cwd=cwd, timeout=timeout, shell=shell,
-            user=user,
+            user=user, tty=tty, term=term, size=size,
         )  # fmt: skip
         out, err = bytearray(), bytearray()
 
