@@ -51,6 +51,9 @@ class Guest:
         shell: bool = False,
         text: Literal[False] = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[bytes]: ...
     @overload
     def run(
@@ -66,6 +69,9 @@ class Guest:
         shell: bool = False,
         text: Literal[True],
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[str]: ...
     @overload
     def run(
@@ -81,6 +87,9 @@ class Guest:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]: ...
     def run(
         self,
@@ -95,6 +104,9 @@ class Guest:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run a command in the guest like :func:`subprocess.run` (output captured).
 
@@ -116,11 +128,16 @@ class Guest:
         supplementary groups (only ``GROUP`` when given) and ``HOME``, ``USER`` and ``LOGNAME``
         from its entry unless ``env`` sets them. A name the guest does not know raises
         :class:`~vzkit.agent.AgentError`; a malformed spec :class:`~vzkit.errors.SpecError`.
+
+        ``tty=True`` (with ``term=`` and ``size=``) runs it on a pseudo-terminal, as
+        :meth:`popen` does: ``stdout`` is what the terminal shows, ``stderr`` is empty, and an
+        ``input`` is typed on it (echoed; no end of file follows: end it with ``b"\\x04"``).
         """
         return run_sync(
             self._core.agent.run(
                 args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
                 max_output=max_output, shell=shell, text=text, user=user,
+                tty=tty, term=term, size=size,
             )
         )  # fmt: skip
 
@@ -134,14 +151,25 @@ class Guest:
         timeout: float | None = None,
         shell: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> GuestProcess:
         """Start a command and stream its stdin/stdout/stderr (a :class:`GuestProcess`);
-        ``args``, ``shell`` and ``user`` as for :meth:`run`."""
+        ``args``, ``shell`` and ``user`` as for :meth:`run`.
+
+        ``tty=True`` runs it on a pseudo-terminal in the guest, its controlling terminal:
+        ``stdout`` carries everything it shows (``stderr`` stays empty), ``stdin`` is what is
+        typed (``b"\\x03"`` is Ctrl-C), ``size=(rows, cols)`` the first window size (default
+        24x80; :meth:`GuestProcess.resize` changes it), ``term=`` its ``TERM`` (default the
+        host's ``$TERM``, else ``xterm-256color``; a ``TERM`` in ``env`` wins). Closing stdin
+        is no end of file on a terminal: send its EOF character (``b"\\x04"``) instead."""
         from .agent import GuestProcess
 
         started = self._core.agent.exec(
-            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
-        )
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user,
+            tty=tty, term=term, size=size,
+        )  # fmt: skip
         return GuestProcess(run_sync(started), stdin=stdin)
 
     def read_file(self, path: StrOrBytes, *, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
@@ -195,6 +223,9 @@ class AsyncGuest:
         shell: bool = False,
         text: Literal[False] = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[bytes]: ...
     @overload
     async def run(
@@ -210,6 +241,9 @@ class AsyncGuest:
         shell: bool = False,
         text: Literal[True],
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[str]: ...
     @overload
     async def run(
@@ -225,6 +259,9 @@ class AsyncGuest:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]: ...
     async def run(
         self,
@@ -239,12 +276,16 @@ class AsyncGuest:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run a command in the guest and collect its output (see :meth:`Guest.run`)."""
         return await wrap(
             self._core.agent.run(
                 args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
                 max_output=max_output, shell=shell, text=text, user=user,
+                tty=tty, term=term, size=size,
             )
         )  # fmt: skip
 
@@ -258,13 +299,18 @@ class AsyncGuest:
         timeout: float | None = None,
         shell: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> AsyncGuestProcess:
-        """Start a command and stream it (an :class:`AsyncGuestProcess`)."""
+        """Start a command and stream it (an :class:`AsyncGuestProcess`; ``tty``, ``term`` and
+        ``size`` as for :meth:`Guest.popen`)."""
         from .agent import AsyncGuestProcess
 
         started = self._core.agent.exec(
-            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
-        )
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user,
+            tty=tty, term=term, size=size,
+        )  # fmt: skip
         return AsyncGuestProcess(await wrap(started), stdin=stdin)
 
     async def read_file(

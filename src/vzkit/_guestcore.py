@@ -201,12 +201,16 @@ class AgentLink:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         conn = await self.connection()
         env, cwd, user = self._defaults(env, cwd, user)
         return await conn.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
             max_output=max_output, shell=shell, text=text, user=user,
+            tty=tty, term=term, size=size,
         )  # fmt: skip
 
     async def exec(
@@ -219,14 +223,18 @@ class AgentLink:
         timeout: float | None = None,
         shell: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> _ExecChannel:
         """A started process's channel (the facades wrap it in ``GuestProcess`` or
         ``AsyncGuestProcess``)."""
         conn = await self.connection()
         env, cwd, user = self._defaults(env, cwd, user)
         return await conn.exec(
-            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
-        )
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user,
+            tty=tty, term=term, size=size,
+        )  # fmt: skip
 
     def _defaults(
         self,

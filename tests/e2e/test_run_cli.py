@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import pytest
 from vzkit._cache import user_cache_dir
 from vzkit.image import _image
 
+from ..support.terminal import Terminal
 from .conftest import ARCHES
 
 VZKIT = [sys.executable, "-m", "vzkit.cli"]
@@ -95,6 +97,46 @@ def test_run_interactive_forwards_a_terminals_input() -> None:
         codes.append((proc.returncode, proc.stderr.decode()))
     assert outputs == [b"typed line\n", b""]
     assert [code for code, _ in codes] == [0, 0], codes
+
+
+def test_run_tty_sees_the_terminals_size_and_a_resize() -> None:
+    """``vzkit run -t`` under a real pty (the test holds its master): the guest's ``stty size``
+    prints the size set on it, its TERM is this one's, and a resize (TIOCSWINSZ, then the
+    SIGWINCH a terminal's kernel sends) reaches the guest's foreground program as SIGWINCH with
+    the new size."""
+    script = 'stty size; echo "$TERM"; tty; trap "stty size; exit 3" WINCH; echo ready; read x'
+    term = Terminal(33, 111)
+    try:
+        term.start(*VZKIT, "run", "-t", "--", "sh", "-c", script, env={"TERM": "vt220"})
+        seen = term.expect(b"ready\r\n", timeout=300)
+        assert b"33 111\r\nvt220\r\n/dev/pts/" in seen
+        term.resize(40, 120)
+        assert term.proc is not None
+        term.proc.send_signal(signal.SIGWINCH)
+        term.expect(b"40 120\r\n", timeout=60)
+        assert term.wait() == 3, term.seen
+        assert termios.tcgetattr(term.slave) == term.cooked  # this terminal is itself again
+    finally:
+        term.close()
+
+
+def test_run_tty_ctrl_c_reaches_the_guest_program_and_the_escape_ends_it() -> None:
+    """Under ``-t`` Ctrl-C is a byte for the guest: its terminal makes it SIGINT for the
+    foreground program (exit 130, the VM torn down as after any command); ``Ctrl-]`` ``.``
+    ends a session whose program ignores it (exit 255)."""
+    for keys, script, code in [
+        (b"\x03", "echo ready; exec sleep 100", 128 + signal.SIGINT),
+        (b"\x1d.", "trap '' INT; echo ready; exec sleep 100", 255),
+    ]:
+        term = Terminal(24, 80)
+        try:
+            term.start(*VZKIT, "run", "-t", "--", "sh", "-c", script)
+            term.expect(b"ready\r\n", timeout=300)
+            term.type(keys)
+            assert term.wait() == code, term.seen
+            assert termios.tcgetattr(term.slave) == term.cooked
+        finally:
+            term.close()
 
 
 def test_run_without_a_command_is_the_guests_console_without_vzkits_marker() -> None:

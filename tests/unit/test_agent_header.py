@@ -151,11 +151,12 @@ def test_agent_h_and_the_python_protocol_agree() -> None:
 
 
 def test_the_parser_reads_every_message_type() -> None:
-    """Not vacuous: the header's enum is there, with the 22 types of protocol 2.x."""
+    """Not vacuous: the header's enum is there, with the 23 types of protocol 2.2."""
     _, enums = parse_header(HEADER_TEXT)
     assert enums["msg_type"]["T_HELLO"] == 0x01
     assert enums["msg_type"]["T_POWEROFF"] == 0x31
-    assert len(enums["msg_type"]) == len(proto.MsgType) == 22
+    assert enums["msg_type"]["T_RESIZE"] == 0x17
+    assert len(enums["msg_type"]) == len(proto.MsgType) == 23
 
 
 @pytest.mark.parametrize(
@@ -170,7 +171,9 @@ def test_the_parser_reads_every_message_type() -> None:
         ("KILL_GROUP = 1", "KILL_GROUP = 2", "KILL flags"),
         ('#define PROTO_MAGIC "VZKAGENT"', '#define PROTO_MAGIC "VZKAGEN2"', "magic"),
         ("#define PROTO_MAJOR 2", "#define PROTO_MAJOR 3", "protocol version"),
-        ("#define PROTO_MINOR 1", "#define PROTO_MINOR 2", "protocol version"),
+        ("#define PROTO_MINOR 2", "#define PROTO_MINOR 3", "protocol version"),
+        ("T_RESIZE = 0x17,", "T_RESIZE = 0x18,", "message types"),
+        ("EXEC_TTY = 8", "EXEC_TTY = 16", "EXEC flags"),
         ("#define PROTO_NONCE_LEN 16", "#define PROTO_NONCE_LEN 32", "nonce size"),
         ("#define HDR_SIZE 12", "#define HDR_SIZE 16", "header size"),
         ("#define MAX_PAYLOAD 65536u", "#define MAX_PAYLOAD 65536u * 2", "resync preamble"),
@@ -189,7 +192,7 @@ def test_a_change_on_one_side_alone_fails(old: str, new: str, complaint: str) ->
 
 def test_a_change_on_the_python_side_alone_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(proto, "DEFAULT_VSOCK_PORT", 2048)
-    monkeypatch.setattr(proto, "PROTOCOL_VERSION", (2, 2))
+    monkeypatch.setattr(proto, "PROTOCOL_VERSION", (2, 3))
     found = mismatches(HEADER_TEXT)
     assert [line.split(":")[0] for line in found] == ["protocol version", "vsock port"]
 

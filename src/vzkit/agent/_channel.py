@@ -15,7 +15,7 @@ import os
 from collections.abc import Awaitable, Sequence
 from typing import Protocol, TypeAlias
 
-from vzkit.errors import GuestError
+from vzkit.errors import ArgumentError, GuestError
 
 from ._protocol import (
     MAX_PAYLOAD,
@@ -26,6 +26,7 @@ from ._protocol import (
     KillRequest,
     MsgType,
     ProtocolError,
+    ResizeRequest,
     Stream,
     Window,
 )
@@ -232,9 +233,11 @@ class _Channel:
 class _ExecChannel(_Channel):
     """An exec'd process: stdout/stderr streams, stdin, exit status."""
 
-    def __init__(self, conn: _Link, channel: int, args: Args, timeout: float | None) -> None:
+    def __init__(
+        self, conn: _Link, channel: int, args: Args, timeout: float | None, *, tty: bool = False
+    ) -> None:
         super().__init__(conn, channel)
-        self.args, self.timeout = args, timeout
+        self.args, self.timeout, self.tty = args, timeout, tty
         self.stdout = self.add_stream(MsgType.STDOUT, Stream.OUT, conn.window)
         self.stderr = self.add_stream(MsgType.STDERR, Stream.ERR, conn.window)
         self.stdin_closed = False
@@ -293,3 +296,17 @@ class _ExecChannel(_Channel):
     def signal(self, sig: int, *, group: bool) -> None:
         if not self.done:
             self.conn.send_nowait(MsgType.KILL, self.id, KillRequest(sig, group).encode())
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the window size of the process's pty (the guest's kernel sends SIGWINCH)."""
+        if not self.tty:
+            raise ArgumentError(
+                f"{self.args!r} runs without a terminal: only a process started with tty=True "
+                "has a window size"
+            )
+        try:
+            request = ResizeRequest(rows, cols)
+        except ValueError as err:
+            raise ArgumentError(str(err)) from None
+        if not self.done:
+            self.conn.send_nowait(MsgType.RESIZE, self.id, request.encode())

@@ -86,6 +86,9 @@ class AgentClient:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run ``args`` in the guest and collect its output, like :func:`subprocess.run`.
 
@@ -103,6 +106,7 @@ class AgentClient:
         coro = self._c.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
             max_output=max_output, shell=shell, text=text, user=user,
+            tty=tty, term=term, size=size,
         )  # fmt: skip
         return run_sync(coro)
 
@@ -116,11 +120,17 @@ class AgentClient:
         timeout: float | None = None,
         shell: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> GuestProcess:
-        """Start ``args`` and return a streaming :class:`GuestProcess`."""
+        """Start ``args`` and return a streaming :class:`GuestProcess`; ``tty=True`` runs it
+        on a pseudo-terminal of ``size=(rows, cols)`` with ``TERM=term`` (see
+        :mod:`vzkit.agent._command`)."""
         coro = self._c.exec(
-            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
-        )
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user,
+            tty=tty, term=term, size=size,
+        )  # fmt: skip
         return GuestProcess(run_sync(coro), stdin=stdin)
 
     def read_file(self, path: StrOrBytes, *, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
@@ -210,10 +220,14 @@ class AsyncAgentClient:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         coro = self._c.run(
             args, input=input, timeout=timeout, check=check, env=env, cwd=cwd,
             max_output=max_output, shell=shell, text=text, user=user,
+            tty=tty, term=term, size=size,
         )  # fmt: skip
         return await wrap(coro)
 
@@ -227,10 +241,14 @@ class AsyncAgentClient:
         timeout: float | None = None,
         shell: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> AsyncGuestProcess:
         coro = self._c.exec(
-            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user
-        )
+            args, stdin=stdin, env=env, cwd=cwd, timeout=timeout, shell=shell, user=user,
+            tty=tty, term=term, size=size,
+        )  # fmt: skip
         return AsyncGuestProcess(await wrap(coro), stdin=stdin)
 
     async def read_file(

@@ -13,6 +13,12 @@ and its ``HOME``, ``USER`` and ``LOGNAME`` unless ``env`` sets them. A malformed
 here with :class:`~vzkit.errors.SpecError`; a name the guest does not know fails the request
 with :class:`~vzkit.agent.AgentError`.
 
+``tty=True`` runs the command on a pseudo-terminal in the guest (protocol 2.2): its stdin,
+stdout and stderr are the pty's slave, its controlling terminal; stdout carries the merged
+output as a terminal shows it (``\\r\\n`` line ends, echoed input) and stderr stays empty.
+``size=(rows, cols)`` is the pty's first window size (default 24x80), ``term=`` its ``TERM``
+(default: the host's ``$TERM``, else ``xterm-256color``) unless ``env`` sets ``TERM``.
+
 ``text=True`` encodes a ``str`` input and decodes both outputs as UTF-8, the guest's encoding
 (the host's locale says nothing about the guest's bytes); bytes that are not UTF-8 become
 U+FFFD, so a command's result is never lost to a decoding error. Newlines are left as the
@@ -30,18 +36,25 @@ from vzkit.errors import ArgumentError, SpecError
 from ._channel import Args
 
 __all__ = [
+    "DEFAULT_TERM",
+    "DEFAULT_TTY_SIZE",
     "GUEST_SHELL",
     "check_user",
     "command_argv",
     "completed",
     "decode_output",
     "encode_input",
+    "tty_options",
     "user_spec",
 ]
 
 #: The shell of ``shell=True``, as :mod:`subprocess` uses ``/bin/sh`` on POSIX.
 GUEST_SHELL = "/bin/sh"
 ENCODING = "utf-8"
+#: ``TERM`` of a tty command when neither ``term=`` nor the host's ``$TERM`` says one.
+DEFAULT_TERM = "xterm-256color"
+#: A tty command's window size (rows, columns) when ``size=`` says none: a terminal's classic.
+DEFAULT_TTY_SIZE = (24, 80)
 
 
 def command_argv(args: Args, shell: bool) -> tuple[bytes, ...]:
@@ -109,3 +122,31 @@ def completed(
     return subprocess.CompletedProcess(
         args, returncode, decode_output(out, text), decode_output(err, text)
     )
+
+
+def tty_options(
+    tty: bool, term: str | None, size: tuple[int, int] | None
+) -> tuple[bytes, tuple[int, int]] | None:
+    """``(b"TERM=...", (rows, cols))`` for a tty command, None without ``tty``; ``term`` and
+    ``size`` without ``tty=True`` are refused (:class:`~vzkit.errors.ArgumentError`), as are
+    a ``term`` that is not a word and a size that is not two integers 0 to 65535."""
+    if not tty:
+        if term is not None or size is not None:
+            raise ArgumentError("term= and size= go with tty=True (a command on a terminal)")
+        return None
+    if term is None:
+        term = os.environ.get("TERM") or DEFAULT_TERM
+    if not isinstance(term, str) or not term or any(c.isspace() or c in "=\0" for c in term):
+        raise ArgumentError(f"term must be a terminal type such as {DEFAULT_TERM!r}, not {term!r}")
+    rows, cols = DEFAULT_TTY_SIZE if size is None else _size(size)
+    return b"TERM=" + term.encode(ENCODING), (rows, cols)
+
+
+def _size(size: object) -> tuple[int, int]:
+    """``size`` as ``(rows, cols)``, each 0 to 65535 (a pty's ``struct winsize``)."""
+    if isinstance(size, tuple | list) and len(size) == 2:
+        rows, cols = size
+        ints = all(isinstance(n, int) and not isinstance(n, bool) for n in (rows, cols))
+        if ints and 0 <= rows <= 65535 and 0 <= cols <= 65535:
+            return rows, cols
+    raise ArgumentError(f"size must be (rows, cols), each 0 to 65535, not {size!r}")

@@ -26,7 +26,14 @@ from typing import Any
 from vzkit.errors import GuestError, VMTimeoutError
 
 from ._channel import AgentError, Args, StrOrBytes, _Channel, _ChannelClosed, _ExecChannel
-from ._command import command_argv, completed, decode_output, encode_input, user_spec
+from ._command import (
+    command_argv,
+    completed,
+    decode_output,
+    encode_input,
+    tty_options,
+    user_spec,
+)
 from ._protocol import (
     HEADER,
     HEADER_SIZE,
@@ -35,6 +42,7 @@ from ._protocol import (
     NONCE_SIZE,
     PROTOCOL_VERSION,
     RESYNC_PREAMBLE,
+    TTY_MINOR,
     USER_MINOR,
     ErrorInfo,
     ExecFlag,
@@ -261,21 +269,28 @@ class _Connection:
         timeout: float | None,
         shell: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> _ExecChannel:
         argv = command_argv(args, shell)
         spec = user_spec(user)
+        pty = tty_options(tty, term, size)
         if spec and self.hello.minor < USER_MINOR:
-            raise AgentError(
-                f"the guest's agent (vzkit-agent {self.hello.agent_version}, protocol "
-                f"{self.hello.major}.{self.hello.minor}) cannot run commands as another user "
-                f"(user={user!r}): that needs protocol {PROTOCOL_VERSION[0]}.{USER_MINOR}; boot "
-                "a guest whose agent is this vzkit's (a snapshot keeps the agent it was saved "
-                "with), or run the command without user="
-            )
+            raise self._too_old(f"cannot run commands as another user (user={user!r})", USER_MINOR,
+                                "user=")  # fmt: skip
+        if pty is not None and self.hello.minor < TTY_MINOR:
+            raise self._too_old("cannot run commands on a terminal (tty=True)", TTY_MINOR, "tty=")
         entries = env_entries(list((env or {}).items()))
         flags = ExecFlag.STDIN if stdin else ExecFlag.NONE
         if env is not None:
             flags |= ExecFlag.ENV_REPLACE
+        tty_size = (0, 0)
+        if pty is not None:
+            flags |= ExecFlag.TTY
+            term_entry, tty_size = pty
+            if not any(entry.startswith(b"TERM=") for entry in entries):  # env's TERM wins
+                entries = (term_entry, *entries)
         timeout_ms = 0 if timeout is None else max(1, int(timeout * 1000))
         request = ExecRequest(
             argv,
@@ -285,8 +300,9 @@ class _Connection:
             timeout_ms,
             self.window,
             spec,
+            tty_size,
         )
-        channel = _ExecChannel(self, next(self._ids), args, timeout)
+        channel = _ExecChannel(self, next(self._ids), args, timeout, tty=pty is not None)
         if self._error is not None:
             raise self._error
         self._channels[channel.id] = channel
@@ -296,6 +312,16 @@ class _Connection:
             channel.cancel()
             raise
         return channel
+
+    def _too_old(self, what: str, minor: int, option: str) -> AgentError:
+        """The error for a request an agent of an older protocol minor cannot read."""
+        hello = self.hello
+        return AgentError(
+            f"the guest's agent (vzkit-agent {hello.agent_version}, protocol {hello.major}."
+            f"{hello.minor}) {what}: that needs protocol {PROTOCOL_VERSION[0]}.{minor}; boot a "
+            "guest whose agent is this vzkit's (a snapshot keeps the agent it was saved with), "
+            f"or run the command without {option}"
+        )
 
     async def run(
         self,
@@ -310,6 +336,9 @@ class _Connection:
         shell: bool = False,
         text: bool = False,
         user: str | None = None,
+        tty: bool = False,
+        term: str | None = None,
+        size: tuple[int, int] | None = None,
     ) -> subprocess.CompletedProcess[Any]:
         """Run a command to its end (:mod:`._command` says what ``shell``, ``text`` and
         ``user`` do)."""
@@ -317,7 +346,7 @@ class _Connection:
         data = encode_input(input, text)
         channel = await self.exec(
             args, stdin=data is not None, env=env, cwd=cwd, timeout=timeout, shell=shell,
-            user=user,
+            user=user, tty=tty, term=term, size=size,
         )  # fmt: skip
         out, err = bytearray(), bytearray()
 

@@ -108,8 +108,9 @@ class GuestProcess(_ProcessBase):
     """A process running in the guest, like :class:`subprocess.Popen` with pipes.
 
     ``stdin`` (unless ``stdin=False``), ``stdout`` and ``stderr`` are binary buffered file
-    objects. Read the outputs while the process runs: as with pipes, a stream nobody reads
-    stops the process once its window is full. Closing a reader discards the rest of it.
+    objects (with ``tty=True`` the terminal's output is all on ``stdout``). Read the outputs
+    while the process runs: as with pipes, a stream nobody reads stops the process once its
+    window is full. Closing a reader discards the rest of it.
     """
 
     def __init__(self, channel: _ExecChannel, *, stdin: bool) -> None:
@@ -155,6 +156,12 @@ class GuestProcess(_ProcessBase):
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
+
+    def resize(self, rows: int, cols: int) -> None:
+        """Set the window size of a ``tty=True`` process's terminal (the guest's kernel sends
+        SIGWINCH to its foreground process group); :class:`~vzkit.errors.ArgumentError`
+        without a terminal or for a size out of 0 to 65535."""
+        run_sync(_call(lambda: self._channel.resize(rows, cols)))
 
     def kill(self) -> None:
         """SIGKILL the process and its whole process group."""
@@ -236,6 +243,11 @@ class AsyncGuestProcess(_ProcessBase):
 
     async def kill(self) -> None:
         await wrap(_call(lambda: self._channel.signal(signal.SIGKILL, group=True)))
+
+    async def resize(self, rows: int, cols: int) -> None:
+        """Set the window size of a ``tty=True`` process's terminal (see
+        :meth:`GuestProcess.resize`)."""
+        await wrap(_call(lambda: self._channel.resize(rows, cols)))
 
     async def __aenter__(self) -> AsyncGuestProcess:
         return self

@@ -1,4 +1,4 @@
-"""The vzkit agent wire protocol (version 2.1), host side: frames and message payloads.
+"""The vzkit agent wire protocol (version 2.2), host side: frames and message payloads.
 
 ``docs/agent-protocol.md`` is the specification; ``c/agent.h`` is the guest's copy of the
 constants. Every frame is a 12-byte little-endian header — ``u32`` payload length, ``u8``
@@ -27,6 +27,8 @@ __all__ = [
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "RESYNC_PREAMBLE",
+    "TTY_MINOR",
+    "TTY_SIZE_MAX",
     "USER_MINOR",
     "ErrorInfo",
     "ExecFlag",
@@ -40,6 +42,7 @@ __all__ = [
     "MsgType",
     "ProtocolError",
     "ReadFileRequest",
+    "ResizeRequest",
     "Stream",
     "Window",
     "WriteFileRequest",
@@ -53,9 +56,13 @@ __all__ = [
     "env_entries",
 ]
 
-PROTOCOL_VERSION = (2, 1)
+PROTOCOL_VERSION = (2, 2)
 USER_MINOR = 1
 """The minor version from which an agent takes EXEC's user (protocol 2.1)."""
+TTY_MINOR = 2
+"""The minor version from which an agent runs EXEC on a pty and takes RESIZE (protocol 2.2)."""
+TTY_SIZE_MAX = 65535
+"""The most rows or columns a pty has (the kernel's ``struct winsize`` holds shorts)."""
 MAGIC = b"VZKAGENT"
 HEADER = struct.Struct("<IB3sI")
 HEADER_SIZE = HEADER.size
@@ -92,6 +99,7 @@ class MsgType(enum.IntEnum):
     STDERR = 0x14  # A
     EXIT = 0x15  # A
     KILL = 0x16  # H
+    RESIZE = 0x17  # H: a tty channel's window size (2.2)
     READ_FILE = 0x20  # H
     WRITE_FILE = 0x21  # H
     FILE_DATA = 0x22  # both
@@ -105,6 +113,7 @@ class ExecFlag(enum.IntFlag):
     STDIN = 1  # the process's stdin is a pipe fed by STDIN frames (else /dev/null)
     ENV_REPLACE = 2  # env replaces the agent's environment (else it is merged into it)
     MERGE_STDERR = 4  # stderr goes to the stdout stream
+    TTY = 8  # 2.2: on a new pty (stdin, stdout and stderr; its size follows the user field)
 
 
 class ExitFlag(enum.IntFlag):
@@ -298,7 +307,8 @@ class ExecRequest:
     ``user`` (``b"USER[:GROUP]"``; empty: the agent's own, root).
 
     The user is a trailing field of protocol 2.1, sent only when set: a request without one is
-    what a 2.0 agent reads."""
+    what a 2.0 agent reads. With :attr:`ExecFlag.TTY` (2.2) the user field is always there
+    (empty: the agent's) and the pty's ``size`` (rows, columns) follows it."""
 
     argv: tuple[bytes, ...]
     env: tuple[bytes, ...] = ()  # b"KEY=VALUE"
@@ -307,12 +317,15 @@ class ExecRequest:
     timeout_ms: int = 0  # 0: none
     window: int = 0  # initial credit for each of stdout and stderr
     user: bytes = b""  # 2.1; empty: the agent's
+    size: tuple[int, int] = (0, 0)  # 2.2, with ExecFlag.TTY: rows, columns
 
     def encode(self) -> bytes:
         head = struct.pack(
             "<IIIII", self.flags, self.timeout_ms, self.window, len(self.argv), len(self.env)
         )
         tail = _string(self.user) if self.user else b""
+        if self.flags & ExecFlag.TTY:
+            tail = _string(self.user) + ResizeRequest(*self.size).encode()
         return head + b"".join(_string(s) for s in (*self.argv, *self.env, self.cwd)) + tail
 
     @classmethod
@@ -323,8 +336,37 @@ class ExecRequest:
         env = tuple(r.string() for _ in range(envc))
         cwd = r.string()
         user = r.string() if r.more() else b""
+        size = (r.u32(), r.u32()) if flags & ExecFlag.TTY else (0, 0)
         r.end()
-        return cls(argv, env, cwd, ExecFlag(flags), timeout_ms, window, user)
+        return cls(argv, env, cwd, ExecFlag(flags), timeout_ms, window, user, size)
+
+
+@dataclass(frozen=True, slots=True)
+class ResizeRequest:
+    """RESIZE (2.2): a tty channel's new window size; also the size field of a tty EXEC.
+
+    ValueError for a size the kernel's ``struct winsize`` cannot hold."""
+
+    rows: int
+    cols: int
+
+    def __post_init__(self) -> None:
+        for name, value in (("rows", self.rows), ("cols", self.cols)):
+            if not isinstance(value, int) or not 0 <= value <= TTY_SIZE_MAX:
+                raise ValueError(f"a terminal's {name} are 0 to {TTY_SIZE_MAX}, not {value!r}")
+
+    def encode(self) -> bytes:
+        return struct.pack("<II", self.rows, self.cols)
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ResizeRequest:
+        r = _Reader(payload, "RESIZE")
+        rows, cols = r.u32(), r.u32()
+        r.end()
+        try:
+            return cls(rows, cols)
+        except ValueError as err:
+            raise ProtocolError(str(err)) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -109,6 +109,13 @@ def _exit_code(returncode: int) -> int:
     "with its groups and HOME.",
 )
 @click.option("-i", "--interactive", is_flag=True, help="Forward stdin even when it is a terminal.")
+@click.option(
+    "-t",
+    "--tty",
+    is_flag=True,
+    help="Run the command on a terminal in the guest: this one goes raw (keys, Ctrl-C "
+    "included, go to the guest), its size follows; Ctrl-] then . ends the session.",
+)
 @click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
 @click.option(
     "--from-snapshot",
@@ -170,6 +177,7 @@ def run_cmd(
     workdir: str | None,
     user: str | None,
     interactive: bool,
+    tty: bool,
     boot_timeout: float,
     from_snapshot: str | None,
     vm_dir: Path,
@@ -193,6 +201,7 @@ def run_cmd(
       vzkit run --memory 1 -v .:src:ro -- sh -c 'ls /mnt/src'
       vzkit run -p 8080:80 -- busybox httpd -f -p 80
       vzkit run -u 1000:1000 -w /tmp -- id
+      vzkit run -t -- vi /etc/hosts
       vzkit run --from-snapshot warm --vm-dir ./vm -- python3 job.py
       vzkit run --image debian -- python3 -c 'print(1)'
       vzkit run --image python:3.12-slim -- python3 -c 'print(1)'
@@ -202,10 +211,14 @@ def run_cmd(
     """
     from vzkit.agent import check_user
 
+    from ._tty import not_a_tty
+
     snap = (vm_dir, from_snapshot) if from_snapshot is not None else None
     try:
         env = expand_env(env, env_files, os.environ)
         check_user(user)
+        if tty and not sys.stdin.isatty():
+            raise not_a_tty()
     except SpecError as err:
         echo_error(err)
         sys.exit(EXIT_USAGE)
@@ -214,7 +227,7 @@ def run_cmd(
     if insecure_registry:
         opts["insecure_registry"] = True
     run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user,
-                 entrypoint=entrypoint)  # fmt: skip
+                 entrypoint=entrypoint, tty=tty)  # fmt: skip
 
 
 def expand_env(
@@ -258,10 +271,11 @@ def run_and_exit(
     *,
     user: str | None = None,
     entrypoint: str | None = None,
+    tty: bool = False,
 ) -> None:
     """Run, then exit: with the command's code, 2 for bad options, 125 when the VM failed
-    (or the guest does not know ``user``), 130 on Ctrl-C and 143 on SIGTERM (the VM torn down
-    in every case)."""
+    (or the guest does not know ``user``), 130 on Ctrl-C and 143 on SIGTERM, 255 when the
+    ``tty`` session was ended with its escape (the VM torn down in every case)."""
     # Ctrl-C and SIGTERM tear the VM down even when this process was started with SIGINT
     # ignored (as shells do for background jobs).
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -269,7 +283,7 @@ def run_and_exit(
     try:
         code = _run(
             command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user,
-            entrypoint=entrypoint,
+            entrypoint=entrypoint, tty=tty,
         )  # fmt: skip
     except (SpecError, ConfigError) as err:
         echo_error(err)
@@ -424,6 +438,7 @@ def _run(
     *,
     user: str | None = None,
     entrypoint: str | None = None,
+    tty: bool = False,
 ) -> int:
     from vzkit import VirtualMachine  # on first use: 'vzkit --help' does not pay for it
 
@@ -457,6 +472,11 @@ def _run(
             vm.guest.wait_ready(timeout=boot_timeout)
         except (VzkitError, OSError) as err:  # OSError: the VM's sockets went with it
             raise _with_console(vm, err) from err
+        if tty:
+            code = _run_on_terminal(vm, list(command), environment, workdir, user)
+            if cfg.disk_path is not None:  # let the guest flush its disk before it goes
+                vm.stop(timeout=20)
+            return code
         forward_stdin = interactive or not sys.stdin.isatty()
         proc = vm.guest.popen(
             list(command), stdin=forward_stdin, env=environment, cwd=workdir, user=user
@@ -480,3 +500,21 @@ def _run(
         if cfg.disk_path is not None:  # let the guest flush its disk before it goes
             vm.stop(timeout=20)
         return _exit_code(returncode)
+
+
+def _run_on_terminal(
+    vm: Any, command: list[str], env: dict[Any, Any] | None, cwd: str | None, user: str | None
+) -> int:
+    """``-t``: the command on a pty in the guest, attached to this terminal (``_tty``)."""
+    from ._tty import EXIT_DETACHED, attach, terminal_size
+
+    proc = vm.guest.popen(
+        command, env=env, cwd=cwd, user=user, tty=True, size=terminal_size(sys.stdin.fileno())
+    )
+    returncode, detached = attach(
+        proc, lambda: _pump(proc.stdout, sys.stdout.buffer), _terminated, sys.stdin.fileno()
+    )
+    if detached:
+        click.echo("\nvzkit: the session was ended (Ctrl-] .); tearing the VM down", err=True)
+        return EXIT_DETACHED
+    return _exit_code(returncode)

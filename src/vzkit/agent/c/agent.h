@@ -25,7 +25,7 @@
 #define PROTO_MAGIC "VZKAGENT"
 #define PROTO_MAGIC_LEN 8
 #define PROTO_MAJOR 2
-#define PROTO_MINOR 1 /* 2.1: EXEC's optional user */
+#define PROTO_MINOR 2 /* 2.1: EXEC's optional user; 2.2: EXEC on a pty, RESIZE */
 #define PROTO_NONCE_LEN 16 /* echoed in the HELLO reply so the host can find it in a stream */
 #define HDR_SIZE 12              /* u32 payload length, u8 type, 3 reserved bytes, u32 channel */
 #define MAX_PAYLOAD 65536u
@@ -51,6 +51,7 @@ enum msg_type {
     T_STDERR = 0x14,
     T_EXIT = 0x15,
     T_KILL = 0x16,
+    T_RESIZE = 0x17, /* 2.2: a tty channel's window size */
     T_READ_FILE = 0x20,
     T_WRITE_FILE = 0x21,
     T_FILE_DATA = 0x22,
@@ -59,7 +60,8 @@ enum msg_type {
     T_POWEROFF = 0x31,
 };
 
-enum { EXEC_STDIN = 1, EXEC_ENV_REPLACE = 2, EXEC_MERGE_STDERR = 4 };
+enum { EXEC_STDIN = 1, EXEC_ENV_REPLACE = 2, EXEC_MERGE_STDERR = 4, EXEC_TTY = 8 };
+#define TTY_SIZE_MAX 65535 /* rows and columns of a pty (struct winsize has shorts) */
 enum { EXIT_TIMED_OUT = 1, EXIT_CORE_DUMPED = 2 };
 enum { KILL_GROUP = 1 };
 enum { STREAM_OUT = 0, STREAM_ERR = 1 };
@@ -100,6 +102,7 @@ struct chan {
     uint64_t window[2];  /* credit granted by the host, per stream */
     uint64_t total;      /* bytes of file data sent (read) */
     int in_fd;           /* child's stdin (write end), -1 once closed */
+    int pty_fd;          /* tty channels: the pty master (fd[0] and in_fd are dups of it) */
     struct buf *in_head, *in_tail;
     bool in_eof;            /* the host sent STDIN_EOF */
     uint64_t in_outstanding; /* host -> agent bytes received and not yet granted back */
@@ -211,6 +214,8 @@ int chan_stdin_eof(struct session *s, struct chan *c);
 bool chan_stdin_direct(const struct chan *c, size_t n);
 void chan_stdin_spliced(struct chan *c, size_t n);
 void chan_kill(struct chan *c, int sig, bool group);
+/* RESIZE: the window size of a tty channel's pty (ignored on other channels). */
+void chan_resize(struct chan *c, uint32_t rows, uint32_t cols);
 void chan_cancel(struct chan *c);
 struct chan *chan_find(struct session *s, uint32_t id);
 void chan_free(struct chan *c);

@@ -22,7 +22,7 @@ struct chan *chan_new(struct session *s, uint32_t id, enum chan_kind kind)
     c->sess = s;
     c->id = id;
     c->kind = kind;
-    c->fd[0] = c->fd[1] = c->in_fd = c->wfd = -1;
+    c->fd[0] = c->fd[1] = c->in_fd = c->pty_fd = c->wfd = -1;
     c->next = s->chans;
     s->chans = c;
     return c;
@@ -63,6 +63,7 @@ void chan_free(struct chan *c)
     close_fd(&c->fd[0]);
     close_fd(&c->fd[1]);
     close_fd(&c->in_fd);
+    close_fd(&c->pty_fd);
     close_fd(&c->wfd);
     drop_stdin(c);
     free(c->tmp_path);
@@ -129,6 +130,8 @@ void chan_on_readable(struct chan *c, int stream)
         return;
     if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR))
         return;
+    if (n < 0 && errno == EIO && c->pty_fd >= 0)
+        n = 0; /* a pty master reads EIO once every slave is closed: its end of file */
     if (c->kind == CH_READ) {
         if (n < 0) {
             send_error(s, c->id, errno, "read_file %s: %s", c->path, strerror(errno));
@@ -186,12 +189,12 @@ void chan_on_stdin_writable(struct chan *c)
 }
 
 /* Whether `n` bytes of stdin may go straight into the child's pipe (splice, see session.c): an
- * exec channel with an open stdin, nothing queued before them, within the window, and a pipe
+ * exec channel with an open stdin that is a pipe (splice cannot write a socket into a pty), nothing queued before them, within the window, and a pipe
  * that holds less than a window (one fed from a socket can take more than its size). */
 bool chan_stdin_direct(const struct chan *c, size_t n)
 {
     int piped = 0;
-    return c->kind == CH_EXEC && c->in_fd >= 0 && !c->in_eof && !c->in_head &&
+    return c->kind == CH_EXEC && c->pty_fd < 0 && c->in_fd >= 0 && !c->in_eof && !c->in_head &&
            c->in_outstanding + n <= IN_WINDOW && ioctl(c->in_fd, FIONREAD, &piped) == 0 &&
            (size_t)piped + n <= IN_WINDOW;
 }

@@ -1,14 +1,17 @@
 /* vzkit-agent: exec channels — a process spawned in its own session (as the request's user,
- * user.c), its exit reported, killed on CANCEL, KILL or its timeout. */
+ * user.c) on pipes or on a pseudo-terminal, its exit reported, killed on CANCEL, KILL or its
+ * timeout. */
 #include "agent.h"
 
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pty.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -130,6 +133,75 @@ static char **with_user_env(char **env, size_t *n, const struct exec_user *u)
     return out;
 }
 
+/* In the child: become the session leader, the pty slave its controlling terminal and its
+ * stdin, stdout and stderr. */
+static void child_tty(int slave)
+{
+    setsid();
+    if (ioctl(slave, TIOCSCTTY, 0) < 0) {
+        dprintf(slave, "vzkit-agent: TIOCSCTTY: %s\n", strerror(errno));
+        _exit(126);
+    }
+    for (int fd = 0; fd < 3; fd++)
+        dup2(slave, fd);
+    if (slave > 2)
+        close(slave);
+}
+
+/* A tty channel: the child on a new pty of size `ws` (its merged output and its input are the
+ * master's; the agent keeps one descriptor of it for RESIZE). */
+static void spawn_tty(struct session *s, struct chan *c, uint32_t flags, char **argv,
+                      char **envp, const char *cwd, const struct exec_user *user,
+                      const struct winsize *ws)
+{
+    int master = -1, slave = -1, out = -1, in = -1;
+    if (openpty(&master, &slave, NULL, NULL, ws) < 0) {
+        send_error(s, c->id, errno, "exec %s: openpty: %s", argv[0], strerror(errno));
+        goto fail;
+    }
+    /* the agent is single-threaded: no fork can come between openpty and these */
+    if (fcntl(master, F_SETFD, FD_CLOEXEC) < 0 || fcntl(slave, F_SETFD, FD_CLOEXEC) < 0 ||
+        (out = fcntl(master, F_DUPFD_CLOEXEC, 3)) < 0 ||
+        ((flags & EXEC_STDIN) && (in = fcntl(master, F_DUPFD_CLOEXEC, 3)) < 0)) {
+        send_error(s, c->id, errno, "exec %s: pty: %s", argv[0], strerror(errno));
+        goto fail;
+    }
+    /* the terminal is the user's, as login and sshd leave it (best effort: root's still works
+     * through the descriptors the child holds) */
+    if (user->set)
+        (void)fchown(slave, user->uid, (gid_t)-1);
+    pid_t pid = fork();
+    if (pid < 0) {
+        send_error(s, c->id, errno, "exec %s: fork: %s", argv[0], strerror(errno));
+        goto fail;
+    }
+    if (pid == 0) {
+        child_tty(slave);
+        reset_child_signals();
+        if (user_apply(user) < 0)
+            _exit(126);
+        if (*cwd && chdir(cwd) < 0) {
+            dprintf(2, "vzkit-agent: chdir %s: %s\n", cwd, strerror(errno)); /* ONLCR adds the CR */
+            _exit(126);
+        }
+        child_exec(argv, envp);
+    }
+    close(slave);
+    set_nonblock(master); /* one open file: its dups are non-blocking too */
+    c->pid = pid;
+    c->pty_fd = master;
+    c->fd[STREAM_OUT] = out;
+    c->fd[STREAM_ERR] = -1;
+    c->in_fd = in;
+    debugmsg("channel %u: exec %s on a pty (pid %d)", c->id, argv[0], (int)pid);
+    return;
+fail:
+    for (int *fd = (int[]){master, slave, out, in}, i = 0; i < 4; i++)
+        if (fd[i] >= 0)
+            close(fd[i]);
+    chan_free(c);
+}
+
 static void spawn(struct session *s, struct chan *c, uint32_t flags, char **argv, char **envp,
                   const char *cwd, const struct exec_user *user)
 {
@@ -230,11 +302,21 @@ int chan_exec(struct session *s, uint32_t id, const unsigned char *p, size_t n)
     cwd = rd_str(&r, &nul);
     if (!r.bad && r.n > 0) /* 2.1: the user to run as (absent or empty: the agent's) */
         spec = rd_str(&r, &nul);
+    struct winsize ws = {0};
+    if (flags & EXEC_TTY) { /* 2.2: the pty's size follows the user (then always there) */
+        uint32_t rows = rd_u32(&r), cols = rd_u32(&r);
+        if (rows > TTY_SIZE_MAX || cols > TTY_SIZE_MAX) {
+            rc = -1;
+            goto out;
+        }
+        ws.ws_row = (unsigned short)rows;
+        ws.ws_col = (unsigned short)cols;
+    }
     if (r.bad || r.n != 0) {
         rc = -1;
         goto out;
     }
-    if (flags & ~(uint32_t)(EXEC_STDIN | EXEC_ENV_REPLACE | EXEC_MERGE_STDERR)) {
+    if (flags & ~(uint32_t)(EXEC_STDIN | EXEC_ENV_REPLACE | EXEC_MERGE_STDERR | EXEC_TTY)) {
         send_error(s, id, EINVAL, "exec: unknown flags 0x%x", flags);
         goto out;
     }
@@ -269,7 +351,10 @@ int chan_exec(struct session *s, uint32_t id, const unsigned char *p, size_t n)
     c->window[0] = c->window[1] = window;
     if (timeout_ms)
         c->deadline_ms = now_ms() + timeout_ms;
-    spawn(s, c, flags, argv, envp, cwd, &user);
+    if (flags & EXEC_TTY)
+        spawn_tty(s, c, flags, argv, envp, cwd, &user, &ws);
+    else
+        spawn(s, c, flags, argv, envp, cwd, &user);
 out:
     /* the arrays only: their strings belong to environ, env and user */
     if (envp != req)
@@ -293,6 +378,16 @@ void chan_kill(struct chan *c, int sig, bool group)
         return;
     if (c->pid > 0)
         kill(c->pid, sig);
+}
+
+void chan_resize(struct chan *c, uint32_t rows, uint32_t cols)
+{
+    if (c->kind != CH_EXEC || c->pty_fd < 0)
+        return;
+    struct winsize ws = {.ws_row = (unsigned short)rows, .ws_col = (unsigned short)cols};
+    /* the kernel sends SIGWINCH to the terminal's foreground process group */
+    if (ioctl(c->pty_fd, TIOCSWINSZ, &ws) < 0)
+        logmsg("channel %u: TIOCSWINSZ: %s", c->id, strerror(errno));
 }
 
 void chan_on_reaped(struct chan *c, int status)

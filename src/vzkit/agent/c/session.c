@@ -318,6 +318,15 @@ static void handle_frame(struct session *s, uint8_t type, uint32_t id, const uns
         if (c)
             chan_kill(c, (int)get_u32(p), get_u32(p + 4) & KILL_GROUP);
         return;
+    case T_RESIZE:
+        if (n != 8 || get_u32(p) > TTY_SIZE_MAX || get_u32(p + 4) > TTY_SIZE_MAX) {
+            session_fatal(s, EPROTO, "malformed RESIZE (%zu bytes)", n);
+            return;
+        }
+        c = chan_find(s, id);
+        if (c)
+            chan_resize(c, get_u32(p), get_u32(p + 4));
+        return;
     case T_CANCEL:
         c = chan_find(s, id);
         if (c)
