@@ -161,10 +161,10 @@ class Guest:
         directory goes inside it, a directory onto a missing path becomes that path,
         ``src`` ending in ``/.`` copies a directory's contents; modes, symbolic links and
         numeric owners are kept (the guest's tar runs as root). The guest's ``tar`` is vzkit's
-        busybox (``docs/guest-files.md``). A missing parent of ``dest`` raises
-        :class:`~vzkit.agent.GuestFileNotFoundError` (a :class:`FileNotFoundError`); a missing
-        ``src``, :class:`FileNotFoundError`; over ``timeout`` seconds,
-        :class:`~vzkit.errors.VMTimeoutError`."""
+        busybox (``docs/guide.md``, *Files in and out of the guest*). A missing parent of
+        ``dest`` raises :class:`~vzkit.agent.GuestFileNotFoundError` (a
+        :class:`FileNotFoundError`); a missing ``src``, :class:`FileNotFoundError`; over
+        ``timeout`` seconds, :class:`~vzkit.errors.VMTimeoutError`."""
         run_sync(_guestcopy.copy_in(self._core, src, dest, timeout))
 
     def copy_out(self, src: StrOrBytes, dest: StrOrBytes, *, timeout: float | None = None) -> None:

@@ -1,5 +1,5 @@
 """``guest.copy_in``/``copy_out``: files and directory trees between the host and the guest,
-streamed as tar through one agent exec (``docs/guest-files.md``).
+streamed as tar through one agent exec (``docs/guide.md``, *Files in and out of the guest*).
 
 The host side is Python's :mod:`tarfile` in stream mode (:mod:`vzkit._hosttar`: a host tree
 written one member at a time; the guest's tar read without trusting it); the guest side is
