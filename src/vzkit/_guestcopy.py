@@ -133,11 +133,13 @@ def _cwd(core: VMCore) -> str | None:
     return (process.cwd or None) if process else None
 
 
-async def _run(core: VMCore, script: str, *args: str, timeout: float | None) -> _ExecChannel:
+async def _run(
+    core: VMCore, script: str, *args: str, timeout: float | None, stdin: bool = False
+) -> _ExecChannel:
     conn = await core.agent.connection()
     # conn.exec, not core.agent.exec: as root, whatever the image's user (as docker cp)
     return await conn.exec(
-        ["sh", "-c", script, "sh", *args], stdin=script == _UNTAR, env=_ENV, cwd=_cwd(core),
+        ["sh", "-c", script, "sh", *args], stdin=stdin, env=_ENV, cwd=_cwd(core),
         timeout=timeout,
     )  # fmt: skip
 
@@ -195,7 +197,7 @@ async def _copy_in(core: VMCore, given: str, dest: str, timeout: float | None) -
             f"e.g. guest.run(['mkdir', '-p', {parent!r}]))",
             errno=errno.ENOENT,
         )
-    channel = await _run(core, _UNTAR, target, timeout=timeout)
+    channel = await _run(core, _UNTAR, target, timeout=timeout, stdin=True)
     out, err = bytearray(), bytearray()
     drains = asyncio.gather(_drain(channel.stdout, out), _drain(channel.stderr, err))
     try:

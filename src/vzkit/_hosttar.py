@@ -17,7 +17,7 @@ guest can send any bytes) and writes it under one host directory, ``root``, neve
 - a symbolic link must stay inside the copy: a relative target whose leading ``..`` do not
   climb above the copy's top, and no ``..`` after a name (which a link could turn into a
   climb); an absolute target is refused;
-- a hard link must name a regular file the stream already wrote;
+- a hard link must name a regular file in the copy (reached through real directories);
 - device nodes, FIFOs and other special files are refused;
 - modes are kept as ``docker cp`` keeps them, less the set-id and sticky bits and group and
   other write (as :func:`tarfile.data_filter` does); owners are not restored (the files are the
@@ -57,13 +57,18 @@ def _walk(path: Path, arcname: str) -> Iterator[tuple[Path, str]]:
     stack = [(path, arcname)]
     while stack:
         directory, name = stack.pop()
-        with os.scandir(directory) as entries:
-            children = sorted(entries, key=lambda e: e.name)
-        for entry in children:
-            child = Path(entry.path), f"{name}/{entry.name}" if name else entry.name
-            yield child
-            if entry.is_dir(follow_symlinks=False):
-                stack.append(child)
+        with os.scandir(directory) as entries:  # read as it goes: no listing in memory
+            for entry in entries:
+                child = Path(entry.path), f"{name}/{entry.name}" if name else entry.name
+                yield child
+                if entry.is_dir(follow_symlinks=False):
+                    stack.append(child)  # entered once this directory is done
+
+
+def _forget_members(tar: tarfile.TarFile) -> None:
+    """Drop what :class:`tarfile.TarFile` keeps of every member (its ``TarInfo``, for random
+    access a stream never has), so memory does not grow with the number of files."""
+    vars(tar)["members"].clear()
 
 
 def write_tree(out: IO[bytes], src: Path, arcname: str) -> None:
@@ -71,6 +76,7 @@ def write_tree(out: IO[bytes], src: Path, arcname: str) -> None:
     is ``arcname`` (``""``: the directory's entries are the top members); sockets are left
     out, as tar does."""
     with tarfile.open(fileobj=out, mode="w|", format=tarfile.GNU_FORMAT, bufsize=CHUNK) as tar:
+        inodes = vars(tar)["inodes"]  # tarfile's hard-link table: every file's inode, by name
         for path, name in _walk(src, arcname):
             if not name:
                 continue  # the directory whose contents are copied: its entries are the top
@@ -80,10 +86,14 @@ def write_tree(out: IO[bytes], src: Path, arcname: str) -> None:
             info.uname = info.gname = ""  # numeric owners: names would resolve in the guest
             info.mtime = int(info.mtime)
             if info.isreg():
+                st = os.lstat(path)
+                if st.st_nlink == 1:  # only files with other names can be linked to later
+                    inodes.pop((st.st_ino, st.st_dev), None)
                 with open(path, "rb") as data:
                     tar.addfile(info, data)
             else:
                 tar.addfile(info)
+            _forget_members(tar)
 
 
 # ---- guest tar → host tree ------------------------------------------------------------------
@@ -121,7 +131,6 @@ class _Extractor:
         self.strip = _parts(strip, strip)
         self.dir_expected = dir_expected
         self.dirs: list[tuple[Path, int, float]] = []  # modes and times set at the end
-        self.files: set[tuple[str, ...]] = set()  # regular files written (hard link targets)
 
     def target(self, name: str) -> list[str]:
         parts = _parts(name, name)
@@ -163,12 +172,10 @@ class _Extractor:
             self._directory(path, info, mode)
         elif info.isreg():
             self._file(tar, path, info, mode)
-            self.files.add(tuple(rel))
         elif info.issym():
             self._symlink(path, rel, info)
         elif info.islnk():
             self._hardlink(path, info)
-            self.files.add(tuple(rel))
         else:
             raise _refuse(info.name, "a device node, FIFO or other special file")
 
@@ -230,11 +237,13 @@ class _Extractor:
             pass  # a link's own time is a nicety
 
     def _hardlink(self, path: Path, info: tarfile.TarInfo) -> None:
-        rel = self.target(info.linkname)
-        if tuple(rel) not in self.files:
-            raise _refuse(info.name, f"a hard link to {info.linkname!r}, not a file it sent")
-        source = self.parent(rel, info.name, create=False)
-        if not stat.S_ISREG(os.lstat(source).st_mode):
+        rel = self.target(info.linkname)  # in the copy, as every name of the stream
+        source = self.parent(rel, info.name, create=False)  # through real directories only
+        try:
+            mode = os.lstat(source).st_mode
+        except FileNotFoundError:
+            mode = 0
+        if not stat.S_ISREG(mode):
             raise _refuse(info.name, f"a hard link to {info.linkname!r}, not a regular file")
         self._clear(path, info.name)
         os.link(source, path, follow_symlinks=False)
@@ -256,8 +265,9 @@ def extract_confined(
     count = 0
     try:
         with tarfile.open(fileobj=stream, mode="r|", bufsize=CHUNK) as tar:
-            for info in tar:
+            while (info := tar.next()) is not None:
                 extractor.extract(tar, info)
+                _forget_members(tar)
                 count += 1
     except tarfile.TarError as err:
         raise GuestError(f"the guest's tar stream is not a valid tar: {err}") from err

@@ -18,6 +18,7 @@ import platform
 import stat
 import sys
 import tarfile
+import time
 import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,7 +30,7 @@ import vzkit.aio
 from vzkit import _guestcopy
 from vzkit._hosttar import CopyRefusedError, extract_confined
 from vzkit.agent import GuestFileNotFoundError
-from vzkit.errors import GuestError
+from vzkit.errors import GuestError, VMTimeoutError
 
 from ..support.agent_vm import AgentBackend, host_agent
 
@@ -41,6 +42,7 @@ pytestmark = [
 ]
 
 BIG = 20 * 1024 * 1024
+FILES = 4000  # tarfile keeps a TarInfo per member unless told not to: 5 MB for these
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +253,7 @@ HOSTILE = {
         (_member("x/b", tarfile.SYMTYPE, "a/a/../../.."), b""),
     ],
     "hard link out": [(_member("x/passwd", tarfile.LNKTYPE, "/etc/passwd"), b"")],
-    "hard link to what it did not send": [(_member("x/h", tarfile.LNKTYPE, "x/nothing"), b"")],
+    "hard link to what is not there": [(_member("x/h", tarfile.LNKTYPE, "x/nothing"), b"")],
     "device node": [(_member("x/dev", tarfile.CHRTYPE), b"")],
     "fifo": [(_member("x/fifo", tarfile.FIFOTYPE), b"")],
 }
@@ -300,12 +302,7 @@ def test_a_hostile_guest_tar_through_copy_out(
     crafted.write_bytes(
         _tar((_member("./src", tarfile.DIRTYPE), b""), (_member("../escaped"), b"evil"))
     )
-    fake = bin_dir / "tar"
-    fake.write_text(f"#!/bin/sh\ncat {crafted}\n")
-    fake.chmod(0o755)
-    env = dict(_guestcopy._ENV)
-    env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
-    monkeypatch.setattr(_guestcopy, "_ENV", env)
+    _fake_tar(tmp_path, monkeypatch, f"cat {crafted}")
     (tmp_path / "src").mkdir()
     dest = tmp_path / "box" / "out"
     dest.mkdir(parents=True)
@@ -313,3 +310,57 @@ def test_a_hostile_guest_tar_through_copy_out(
         vm.guest.copy_out(str(tmp_path / "src"), dest)
     assert not list(tmp_path.rglob("escaped"))
     assert vm.guest.run(["true"]).returncode == 0  # the connection is fine afterwards
+
+
+def _fake_tar(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    """Make the guest's ``tar`` (first on the copy's PATH) the shell ``script``."""
+    bin_dir = tmp_path / "fakebin"
+    bin_dir.mkdir(exist_ok=True)
+    fake = bin_dir / "tar"
+    fake.write_text(f"#!/bin/sh\n{script}\n")
+    fake.chmod(0o755)
+    env = dict(_guestcopy._ENV)
+    env["PATH"] = f"{bin_dir}:/usr/bin:/bin"
+    monkeypatch.setattr(_guestcopy, "_ENV", env)
+
+
+def test_a_guest_tar_that_fails_midway_is_reported(
+    vm: vzkit.VirtualMachine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    big = tmp_path / "big"
+    big.write_bytes(b"\0" * (8 * 1024 * 1024))  # more than the agent's window: it must block
+    _fake_tar(tmp_path, monkeypatch, "head -c 100000 >/dev/null; echo 'tar: disk full' >&2; exit 1")
+    (tmp_path / "g").mkdir()
+    with pytest.raises(GuestError, match="tar: disk full"):
+        vm.guest.copy_in(big, str(tmp_path / "g"), timeout=60)
+    assert vm.guest.run(["true"]).returncode == 0
+
+
+def test_a_copy_over_its_timeout_stops(
+    vm: vzkit.VirtualMachine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _fake_tar(tmp_path, monkeypatch, "exec sleep 60")  # a guest tar that never writes
+    (tmp_path / "src").mkdir()
+    started = time.monotonic()
+    with pytest.raises(VMTimeoutError, match=r"over 0\.5 s"):
+        vm.guest.copy_out(str(tmp_path / "src"), tmp_path / "out", timeout=0.5)
+    assert time.monotonic() - started < 10
+    assert vm.guest.run(["true"]).returncode == 0
+
+
+def test_memory_does_not_grow_with_the_number_of_files(
+    vm: vzkit.VirtualMachine, tmp_path: Path
+) -> None:
+    tree = tmp_path / "many"
+    tree.mkdir()
+    for i in range(FILES):
+        (tree / f"file-{i:05d}").write_bytes(b"x")
+    tracemalloc.start()
+    try:
+        vm.guest.copy_in(tree, str(tmp_path / "in"), timeout=120)
+        vm.guest.copy_out(str(tmp_path / "in"), tmp_path / "out", timeout=120)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(list((tmp_path / "out").iterdir())) == FILES
+    assert peak < 3_000_000, f"{peak} bytes traced at the peak for {FILES} files"
