@@ -147,10 +147,20 @@ async def _run(
 async def _probe(core: VMCore, path: str, parent: str, timeout: float | None) -> str:
     channel = await _run(core, _PROBE, path, parent, timeout=timeout)
     out, err = bytearray(), bytearray()
-    status = await channel.communicate(None, out, err, _STDERR_KEPT)
+    try:
+        status = await channel.communicate(None, out, err, _STDERR_KEPT)
+    finally:
+        channel.cancel()  # a no-op once it exited; else the agent kills it
+    _check_timeout(status, timeout)
     if status.returncode != 0:
         raise _guest_failed(f"looking at {path!r}", status, bytes(err))
     return out.decode(errors="replace").strip()
+
+
+def _check_timeout(status: ExitStatus, timeout: float | None) -> None:
+    """The agent killed the guest's command at ``timeout``: the copy's timeout error."""
+    if status.timed_out:
+        raise TimeoutError(f"the guest's command outlived {timeout} s")
 
 
 async def copy_in(
@@ -161,9 +171,9 @@ async def copy_in(
     try:
         async with bound:
             await _copy_in(core, os.fsdecode(src), os.fsdecode(dest), timeout)
-    except TimeoutError:
-        if not bound.expired():
-            raise
+    except TimeoutError as err:
+        if not bound.expired() and isinstance(err, VMTimeoutError):
+            raise  # not ours: e.g. the agent did not answer
         raise VMTimeoutError(f"copying {src!r} into the guest took over {timeout} s") from None
 
 
@@ -214,7 +224,8 @@ async def _copy_in(core: VMCore, given: str, dest: str, timeout: float | None) -
         with contextlib.suppress(BaseException):
             await drains
         raise
-    if status.returncode != 0 or status.timed_out:
+    _check_timeout(status, timeout)
+    if status.returncode != 0:
         raise _guest_failed(f"copying {src} to {path!r}", status, bytes(err))
 
 
@@ -232,9 +243,9 @@ async def copy_out(
     try:
         async with bound:
             await _copy_out(core, os.fsdecode(src), os.fsdecode(dest), timeout)
-    except TimeoutError:
-        if not bound.expired():
-            raise
+    except TimeoutError as err:
+        if not bound.expired() and isinstance(err, VMTimeoutError):
+            raise  # not ours: e.g. the agent did not answer
         raise VMTimeoutError(f"copying {src!r} out of the guest took over {timeout} s") from None
 
 
@@ -271,6 +282,7 @@ async def _copy_out(core: VMCore, src: str, given: str, timeout: float | None) -
         except GuestError as error:  # no valid tar: the guest's status may say why
             status = await channel.wait()
             await drain
+            _check_timeout(status, timeout)
             if status.returncode != 0:
                 raise _out_failed(src, status, bytes(err)) from error
             raise
@@ -282,7 +294,8 @@ async def _copy_out(core: VMCore, src: str, given: str, timeout: float | None) -
         with contextlib.suppress(BaseException):
             await drain
         raise
-    if status.returncode != 0 or status.timed_out:
+    _check_timeout(status, timeout)
+    if status.returncode != 0:
         raise _out_failed(src, status, bytes(err))
 
 
