@@ -17,6 +17,7 @@ import subprocess
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
+from . import _guestcopy
 from ._guestcore import DEFAULT_MAX_OUTPUT, DEFAULT_READY_TIMEOUT
 from ._loop import run_sync, wrap
 
@@ -173,13 +174,35 @@ class Guest:
         return GuestProcess(run_sync(started), stdin=stdin)
 
     def read_file(self, path: StrOrBytes, *, max_size: int | None = DEFAULT_MAX_OUTPUT) -> bytes:
-        """The content of ``path`` in the guest; :class:`~vzkit.GuestError` if it is larger
-        than ``max_size`` bytes (default 256 MiB; ``None``: no limit)."""
+        """The content of ``path`` in the guest; :class:`~vzkit.agent.GuestFileNotFoundError`
+        (a :class:`FileNotFoundError`) if there is no such file, :class:`~vzkit.GuestError`
+        if it is larger than ``max_size`` bytes (default 256 MiB; ``None``: no limit)."""
         return run_sync(self._core.agent.read_file(path, max_size))
 
     def write_file(self, path: StrOrBytes, data: bytes, mode: int = 0o644) -> None:
         """Write ``data`` to ``path`` in the guest (atomically: a temporary name, then rename)."""
         run_sync(self._core.agent.write_file(path, data, mode))
+
+    def copy_in(self, src: StrOrBytes, dest: StrOrBytes, *, timeout: float | None = None) -> None:
+        """Copy the host file or directory tree ``src`` to ``dest`` in the guest, streamed as a
+        tar (memory stays bounded), with ``docker cp``'s semantics: a file onto an existing
+        directory goes inside it, a directory onto a missing path becomes that path,
+        ``src`` ending in ``/.`` copies a directory's contents; modes, symbolic links and
+        numeric owners are kept (the guest's tar runs as root). The guest's ``tar`` is vzkit's
+        busybox (``docs/guide.md``, *Files in and out of the guest*). A missing parent of
+        ``dest`` raises :class:`~vzkit.agent.GuestFileNotFoundError` (a
+        :class:`FileNotFoundError`); a missing ``src``, :class:`FileNotFoundError`; over
+        ``timeout`` seconds, :class:`~vzkit.errors.VMTimeoutError`."""
+        run_sync(_guestcopy.copy_in(self._core, src, dest, timeout))
+
+    def copy_out(self, src: StrOrBytes, dest: StrOrBytes, *, timeout: float | None = None) -> None:
+        """Copy the guest file or directory tree ``src`` to ``dest`` on the host, streamed,
+        with :meth:`copy_in`'s semantics the other way. The guest's stream is untrusted:
+        nothing is written outside ``dest`` (names with ``..`` or absolute, links out of the
+        copy, device nodes raise :class:`~vzkit._hosttar.CopyRefusedError`); modes are kept
+        less set-id, sticky and group/other write bits; files belong to the caller. A missing
+        ``src`` raises :class:`~vzkit.agent.GuestFileNotFoundError`."""
+        run_sync(_guestcopy.copy_out(self._core, src, dest, timeout))
 
     def sync(self) -> None:
         """Flush the guest's file systems (sync(2))."""
@@ -322,6 +345,18 @@ class AsyncGuest:
     async def write_file(self, path: StrOrBytes, data: bytes, mode: int = 0o644) -> None:
         """Write ``data`` to ``path`` in the guest (atomically: a temporary name, then rename)."""
         await wrap(self._core.agent.write_file(path, data, mode))
+
+    async def copy_in(
+        self, src: StrOrBytes, dest: StrOrBytes, *, timeout: float | None = None
+    ) -> None:
+        """Copy a host file or tree into the guest (see :meth:`Guest.copy_in`)."""
+        await wrap(_guestcopy.copy_in(self._core, src, dest, timeout))
+
+    async def copy_out(
+        self, src: StrOrBytes, dest: StrOrBytes, *, timeout: float | None = None
+    ) -> None:
+        """Copy a guest file or tree to the host (see :meth:`Guest.copy_out`)."""
+        await wrap(_guestcopy.copy_out(self._core, src, dest, timeout))
 
     async def sync(self) -> None:
         """Flush the guest's file systems (sync(2))."""

@@ -15,6 +15,8 @@ are re-exported by ``vzkit``; the others belong to the module named on their lin
     │   └── CopyAborted                   vzkit._diskcopy: a disk copy or checksum was cancelled
     ├── GuestError                        the guest (image, agent, command) failed
     │   ├── AgentError                    vzkit.agent: the agent refused or failed a request
+    │   │   └── GuestFileNotFoundError (also FileNotFoundError)  the guest has no such path
+    │   ├── CopyRefusedError              vzkit._hosttar: copy_out refused the guest's tar stream
     │   ├── ProtocolError                 vzkit.agent: the agent's peer broke the agent protocol
     │   ├── ResolveError                  vzkit.image: a Debian package set cannot be resolved
     │   │   ├── PackageNotFoundError (also ValueError)  no such package (.suggestions)

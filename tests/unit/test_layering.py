@@ -210,6 +210,7 @@ _GROUP_OF_MODULE = {
             "_cache",
             "_progress",
             "_units",
+            "_hosttar",
         ],
         "foundation",
     ),
@@ -226,7 +227,7 @@ _GROUP_OF_MODULE = {
         ],
         "data",
     ),
-    **dict.fromkeys(["_vmcore", "_guestcore"], "core"),
+    **dict.fromkeys(["_vmcore", "_guestcore", "_guestcopy"], "core"),
     **dict.fromkeys(["_vm", "aio", "_guest", "_vsock"], "facades"),
     "_oneshot": "oneshot",  # vzkit.run/start and their vzkit.aio twins (re-exported lazily)
     "doctor": "doctor",

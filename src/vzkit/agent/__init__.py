@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ._protocol import CONSOLE_PORT_NAME, DEFAULT_VSOCK_PORT, KEY_SIZE, PROTOCOL_VERSION
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__)
-    from ._channel import AgentError, Args, StrOrBytes
+    from ._channel import AgentError, Args, GuestFileNotFoundError, StrOrBytes
     from ._client import AgentClient, AsyncAgentClient
     from ._command import check_user
     from ._connection import DEFAULT_MAX_OUTPUT, DEFAULT_WINDOW, authenticate
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__)
 _LAZY = {
     "AgentError": "._channel",
     "Args": "._channel",
+    "GuestFileNotFoundError": "._channel",
     "StrOrBytes": "._channel",
     "AgentClient": "._client",
     "AsyncAgentClient": "._client",
@@ -59,6 +60,7 @@ __all__ = [
     "Args",
     "AsyncAgentClient",
     "AsyncGuestProcess",
+    "GuestFileNotFoundError",
     "GuestProcess",
     "StrOrBytes",
     "authenticate",

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import errno as _errno
 import os
 from collections.abc import Awaitable, Sequence
 from typing import Protocol, TypeAlias
@@ -31,7 +32,7 @@ from ._protocol import (
     Window,
 )
 
-__all__ = ["AgentError", "Args", "StrOrBytes"]
+__all__ = ["AgentError", "Args", "GuestFileNotFoundError", "StrOrBytes"]
 
 StrOrBytes: TypeAlias = str | bytes | os.PathLike[str] | os.PathLike[bytes]
 Args: TypeAlias = StrOrBytes | Sequence[StrOrBytes]
@@ -43,6 +44,24 @@ class AgentError(GuestError):
     def __init__(self, message: str, *, errno: int = 0) -> None:
         super().__init__(message)
         self.errno = errno
+
+
+class GuestFileNotFoundError(AgentError, FileNotFoundError):
+    """The agent answered ENOENT: the guest has no such file or directory (e.g. ``read_file``
+    of a missing path). Also a :class:`FileNotFoundError`, so ``except FileNotFoundError``
+    works as for a host file; ``errno`` is ``errno.ENOENT``."""
+
+    errno: int
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+def agent_error(message: str, errno: int) -> AgentError:
+    """The error for the agent's ERROR frame: :class:`GuestFileNotFoundError` for ENOENT."""
+    if errno == _errno.ENOENT:  # Linux's 2, the guest's; the same number on macOS hosts
+        return GuestFileNotFoundError(message, errno=errno)
+    return AgentError(message, errno=errno)
 
 
 class _ChannelClosed(Exception):
@@ -179,7 +198,7 @@ class _Channel:
             self._wake_writer()
         elif kind == MsgType.ERROR:
             info = ErrorInfo.decode(frame.payload)
-            self.finish(exc=AgentError(info.message, errno=info.errno))
+            self.finish(exc=agent_error(info.message, info.errno))
         elif kind in (MsgType.OK, MsgType.PONG, MsgType.EXIT, MsgType.FILE_END):
             self.finish(frame)
         else:
