@@ -136,8 +136,11 @@ def _alive(pid: int, cmdline: str) -> bool:
 
 
 BUILD = """
-import logging, sys
+import logging, signal, sys
 from pathlib import Path
+# Ctrl-C as a terminal delivers it: a test run started in the background by a shell without
+# job control inherits SIGINT ignored, which Python would keep
+signal.signal(signal.SIGINT, signal.default_int_handler)
 logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
 import vzkit
 vzkit.build_debian_image("debian", arch="x86_64", packages=["jq"], cache_dir=Path(sys.argv[1]))
