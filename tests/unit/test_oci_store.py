@@ -188,7 +188,8 @@ def test_a_failed_conversion_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(ChecksumError, match="its uncompressed content has digest"):
         convert(PulledLayers(config_digest=good.config_digest, config=config,
                              layers=good.layers), cache_dir=tmp_path)  # fmt: skip
-    assert list(oci_images_dir(tmp_path).iterdir()) == [oci_images_dir(tmp_path) / ".lock"]
+    left = sorted(p.name for p in oci_images_dir(tmp_path).iterdir())
+    assert left == [".lock", ".lock-x86_64"]  # the store's and the arch's lock files only
 
 
 @pytest.mark.parametrize(
@@ -213,3 +214,31 @@ def test_bad_configs_are_format_errors(tmp_path: Path, change: Any, message: str
     with pytest.raises(ImageFormatError, match="is not sha256:<64 hex>"):
         convert(PulledLayers(config_digest="sha256:12", config=good.config, layers=good.layers),
                 cache_dir=tmp_path)  # fmt: skip
+
+
+def test_a_tag_names_one_image_per_arch_and_arches_convert_beside_each_other(
+    tmp_path: Path,
+) -> None:
+    """The same tag pulled for amd64 and arm64: two images, each keeping the tag; an arm64
+    conversion goes ahead while an x86_64 converter holds its lock."""
+    import threading
+
+    from vzkit.image._entries import store_lock
+
+    amd = pulled(LOWER, refs=("docker://r/t:1",))
+    arm_config = json.loads(json.dumps(amd.config))
+    arm_config["architecture"] = "arm64"
+    arm = PulledLayers(config_digest=sha(json.dumps(arm_config, sort_keys=True).encode()),
+                       config=arm_config, layers=amd.layers, refs=("docker://r/t:1",))  # fmt: skip
+    done: list[Any] = []
+    with store_lock(oci_images_dir(tmp_path), builder="x86_64"):
+        worker = threading.Thread(target=lambda: done.append(convert(arm, cache_dir=tmp_path)))
+        worker.start()
+        worker.join(20)
+    assert done, "the arm64 conversion waited for the x86_64 converter's lock"
+    convert(amd, cache_dir=tmp_path)
+    for arch in ("x86_64", "aarch64"):
+        image = find_oci_image("docker://r/t:1", arch=arch, cache_dir=tmp_path)
+        assert image is not None
+        assert image.arch == arch
+        assert image.refs == ("docker://r/t:1",)

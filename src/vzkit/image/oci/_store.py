@@ -323,7 +323,11 @@ def convert(
     refs = list(dict.fromkeys(pulled.refs))
     say = progress or (lambda line: None)
     hexdigest = pulled.config_digest.removeprefix("sha256:")
-    with store_lock(oci_images_dir(cache_dir)) as root:
+    # A converter's lock is its arch's (tags move within an arch): conversions for other
+    # arches run beside it; a remover or pruner waits for them all.
+    arch = str(runtime["arch"])
+    builder = arch if arch in _ARCHES.values() else "other"
+    with store_lock(oci_images_dir(cache_dir), builder=builder) as root:
         final = root / hexdigest
         found = load_oci_image(final)
         if found is not None:
