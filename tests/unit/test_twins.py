@@ -28,6 +28,7 @@ from vzkit.backends._protocol import StateListener
 #: Methods that are plain functions on both sides (file handling, no VM involved).
 PLAIN_ON_BOTH = {
     "SnapshotManager": {"list", "get", "delete", "state_path", "meta_path", "checked"},
+    "GuestProcess": {"poll"},  # never waits: subprocess.Popen.poll, on both sides
 }
 
 
@@ -277,3 +278,21 @@ def test_the_one_line_api_has_twins() -> None:
 
 
 _EMPTY = inspect.Parameter.empty
+
+
+class IdleChannel:
+    """Just enough of an exec's channel to build the process objects (nothing runs)."""
+
+    args = ("true",)
+    stdout = stderr = None
+    status = None
+
+
+def test_guest_processes_are_twins() -> None:
+    from vzkit.agent import AsyncGuestProcess, GuestProcess
+
+    channel: Any = IdleChannel()
+    sync, aio = GuestProcess(channel, stdin=False), AsyncGuestProcess(channel, stdin=False)
+    assert twin_differences(sync, aio, "GuestProcess") == []
+    assert {"poll", "wait", "communicate", "terminate", "kill", "resize"} <= _public(aio)
+    assert aio.poll() is None  # still running: poll never waits

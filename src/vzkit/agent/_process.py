@@ -229,17 +229,43 @@ class AsyncGuestProcess(_ProcessBase):
         self.stdout = AsyncStreamReader(channel.stdout)
         self.stderr = AsyncStreamReader(channel.stderr)
 
-    async def wait(self) -> int:
-        return self._set_status(await wrap(self._channel.wait()))
+    def poll(self) -> int | None:
+        """The exit status when the process has ended, else None (never waits)."""
+        status = self._channel.status
+        if self.returncode is None and status is not None:
+            self._set_status(status)
+        return self.returncode
 
-    async def communicate(self, input: bytes | None = None) -> tuple[bytes, bytes]:
+    async def wait(self, timeout: float | None = None) -> int:
+        """Wait for the exit status; ``subprocess.TimeoutExpired`` after ``timeout`` s (the
+        process keeps running), as :meth:`GuestProcess.wait`."""
+        if self.returncode is not None:
+            return self.returncode
+        try:
+            return self._set_status(await wrap(_wait_for(self._channel.wait(), timeout)))
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0) from None
+
+    async def communicate(
+        self, input: bytes | None = None, timeout: float | None = None
+    ) -> tuple[bytes, bytes]:
+        """Send ``input``, close stdin, read both outputs to the end and wait;
+        ``subprocess.TimeoutExpired`` (with what was read) after ``timeout`` s."""
         out, err = bytearray(), bytearray()
         coro = self._channel.communicate(input if self.stdin is not None else None, out, err)
-        self._set_status(await wrap(coro))
+        try:
+            self._set_status(await wrap(_wait_for(coro, timeout)))
+        except TimeoutError:
+            raise subprocess.TimeoutExpired(
+                self.args, timeout or 0, bytes(out), bytes(err)
+            ) from None
         return bytes(out), bytes(err)
 
     async def send_signal(self, sig: int) -> None:
         await wrap(_call(lambda: self._channel.signal(sig, group=False)))
+
+    async def terminate(self) -> None:
+        await self.send_signal(signal.SIGTERM)
 
     async def kill(self) -> None:
         await wrap(_call(lambda: self._channel.signal(signal.SIGKILL, group=True)))
