@@ -34,8 +34,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._hosttar import CHUNK, CopyRefusedError, extract_confined, write_tree
-from ._loop import run_sync
 from .agent import GuestFileNotFoundError
+from .agent._process import RawStreamReader, RawStreamWriter
 from .errors import GuestError, VMTimeoutError
 
 if TYPE_CHECKING:
@@ -65,35 +65,6 @@ _TAR = (
     '{ echo "$3: No such file or directory" >&2; exit 3; }; exec tar -c -f - "./$2"'
 )
 _MISSING = 3  # _TAR's exit status for a missing source
-
-
-class _Writer(io.RawIOBase):
-    """A worker thread's view of an exec's stdin (each write waits for the agent's credit)."""
-
-    def __init__(self, channel: _ExecChannel) -> None:
-        self._channel = channel
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data: Any, /) -> int:
-        run_sync(self._channel.write(bytes(data)))
-        return len(data)
-
-
-class _Reader(io.RawIOBase):
-    """A worker thread's view of an exec's stdout."""
-
-    def __init__(self, stream: _InStream) -> None:
-        self._stream = stream
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buffer: Any, /) -> int:
-        data = run_sync(self._stream.read(len(buffer)))
-        buffer[: len(data)] = data
-        return len(data)
 
 
 async def _drain(stream: _InStream, keep: bytearray) -> None:
@@ -230,7 +201,7 @@ async def _copy_in(core: VMCore, given: str, dest: str, timeout: float | None) -
 
 
 def _send_tree(channel: _ExecChannel, src: Path, name: str) -> None:
-    out = io.BufferedWriter(_Writer(channel), CHUNK)
+    out = io.BufferedWriter(RawStreamWriter(channel), CHUNK)
     write_tree(out, src, name)
     out.flush()
 
@@ -272,7 +243,7 @@ async def _copy_out(core: VMCore, src: str, given: str, timeout: float | None) -
     err = bytearray()
     drain = asyncio.ensure_future(_drain(channel.stderr, err))
     try:
-        reader = io.BufferedReader(_Reader(channel.stdout), CHUNK)
+        reader = io.BufferedReader(RawStreamReader(channel.stdout), CHUNK)
         strip = "" if name == "." else name
         try:
             extract = functools.partial(extract_confined, dir_expected=dir_expected)

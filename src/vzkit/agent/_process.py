@@ -24,7 +24,9 @@ from ._protocol import MAX_PAYLOAD, ExitStatus
 __all__ = ["AsyncGuestProcess", "AsyncStreamReader", "AsyncStreamWriter", "GuestProcess"]
 
 
-class _RawReader(io.RawIOBase):
+class RawStreamReader(io.RawIOBase):
+    """A blocking thread's view of an exec's output stream (closing it discards the rest)."""
+
     def __init__(self, stream: _InStream) -> None:
         self._stream = stream
 
@@ -45,7 +47,10 @@ class _RawReader(io.RawIOBase):
         super().close()
 
 
-class _RawWriter(io.RawIOBase):
+class RawStreamWriter(io.RawIOBase):
+    """A blocking thread's view of an exec's stdin: each write waits for the agent's credit;
+    closing it sends the end of input."""
+
     def __init__(self, channel: _ExecChannel) -> None:
         self._channel = channel
 
@@ -116,10 +121,10 @@ class GuestProcess(_ProcessBase):
     def __init__(self, channel: _ExecChannel, *, stdin: bool) -> None:
         super().__init__(channel)
         self.stdin: io.BufferedWriter | None = (
-            io.BufferedWriter(_RawWriter(channel), MAX_PAYLOAD) if stdin else None
+            io.BufferedWriter(RawStreamWriter(channel), MAX_PAYLOAD) if stdin else None
         )
-        self.stdout = io.BufferedReader(_RawReader(channel.stdout), MAX_PAYLOAD)
-        self.stderr = io.BufferedReader(_RawReader(channel.stderr), MAX_PAYLOAD)
+        self.stdout = io.BufferedReader(RawStreamReader(channel.stdout), MAX_PAYLOAD)
+        self.stderr = io.BufferedReader(RawStreamReader(channel.stderr), MAX_PAYLOAD)
 
     def poll(self) -> int | None:
         if self.returncode is None and self._channel.result.done():
