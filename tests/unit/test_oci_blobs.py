@@ -8,6 +8,7 @@ import stat
 import threading
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -159,6 +160,30 @@ def test_ingest_file_refuses_what_the_fetcher_got_wrong(tmp_path: Path) -> None:
     with pytest.raises(ChecksumError, match="docker://x/y"):
         store.ingest_file(DIGEST, len(DATA), fetch, origin="docker://x/y")
     assert _leftovers(store) == []
+
+
+def test_a_fetcher_that_verifies_is_not_hashed_again_but_its_size_is_checked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = BlobStore(tmp_path)
+    hashed: list[Path] = []
+    real = BlobStore._verify_file
+
+    def counting(self: BlobStore, path: Path, *args: Any) -> None:
+        hashed.append(path)
+        real(self, path, *args)
+
+    monkeypatch.setattr(BlobStore, "_verify_file", counting)
+    path = store.ingest_file(DIGEST, len(DATA), lambda p: p.write_bytes(DATA),
+                             fetch_verifies=True)  # fmt: skip
+    assert path.read_bytes() == DATA
+    assert hashed == []  # the fetcher's own check stands
+    other = "sha256:" + hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(ChecksumError):  # a short file is still refused
+        store.ingest_file(other, 5, lambda p: p.write_bytes(b"oth"), fetch_verifies=True)
+    assert not store.has(other)
+    store.ingest_file(other, 5, lambda p: p.write_bytes(b"other"))
+    assert len(hashed) == 1  # the default: the store hashes what it was given
 
 
 def test_concurrent_ingests_of_one_digest_store_one_blob(tmp_path: Path) -> None:

@@ -299,7 +299,8 @@ class LayoutSource(BlobSource):
 
 
 class RegistryClientLike(Protocol):
-    """What :class:`RegistrySource` needs of ``_registry.RegistryClient``."""
+    """What :class:`RegistrySource` needs of ``_registry.RegistryClient``; ``fetch_blob`` must
+    verify the blob's SHA256 before ``dest`` exists (the store trusts it for that)."""
 
     def get_manifest(self, repository: str, reference: str) -> tuple[bytes, str, str]: ...
 
@@ -369,4 +370,7 @@ class RegistrySource(BlobSource):
                 self.repository, descriptor.digest, partial, size=descriptor.size, progress=progress
             )
 
-        store.ingest_file(descriptor.digest, descriptor.size, download, origin=self.where)
+        # RegistryClient.fetch_blob verifies the digest before DEST exists (a mismatch is its
+        # ChecksumError, nothing kept): the store need not hash the blob again.
+        store.ingest_file(descriptor.digest, descriptor.size, download, origin=self.where,
+                          fetch_verifies=True)  # fmt: skip
