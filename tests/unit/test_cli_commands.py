@@ -244,7 +244,7 @@ def test_an_output_pump_blocked_on_its_terminal_does_not_hold_the_stream_lock() 
     import threading
     import time
 
-    from vzkit.cli._run import _pump
+    from vzkit.cli._attach import pump as _pump
 
     read_end, write_end = os.pipe()
     dst = open(write_end, "wb")  # noqa: SIM115  # a BufferedWriter, as sys.stdout.buffer is

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from vzkit.cli import main
 from vzkit.cli._run import run_config
-from vzkit.cli._snapshot import _root_opts
+from vzkit.cli._snapshot import root_opts
 
 
 @pytest.fixture
@@ -93,7 +93,7 @@ def test_the_snapshot_commands_take_runs_root_options(files: dict[str, Path]) ->
         assert all(theirs[key] is option for key, option in shared.items()), name
     given = {"kernel_path": files["vmlinuz"], "cmdline": "console=ttyS0"}
     given |= {"disk_path": files["disk.img"], "image": None, "rootfs": None, "root": "/dev/vda1"}
-    opts = _root_opts({**given, "init_mode": "image"})
+    opts = root_opts({**given, "init_mode": "image"})
     cfg = run_config(False, {**_opts(), **opts})
     assert cfg.cmdline == "console=ttyS0 root=/dev/vda1 vzkit.init=image"
 

@@ -1,11 +1,13 @@
 """The ``vzkit`` command line: parse, build a config, call the library, render.
 
 One module per command group, each registering its commands on :data:`main`
-(:mod:`._app`): ``config``/``disk`` (:mod:`._setup`), ``run`` (:mod:`._run`), ``snapshot``
-(:mod:`._snapshot`), ``image`` (:mod:`._image`), ``doctor`` (:mod:`._doctor`), ``codesign`` and
-``macos`` (:mod:`._macos`), ``completion`` (:mod:`._completion`). Shared options and parameter
-callbacks live in :mod:`._options`; library errors become exit codes at this edge only
-(:mod:`._errors`).
+(:mod:`._app`): ``config``/``disk`` (:mod:`._setup`), ``run`` (:mod:`._run`; a guest command
+attached to this process: :mod:`._attach`, :mod:`._tty`), named VMs (``create``, ``start``,
+``ls``, ``stop``, ``rm``, ``cp``, ``logs``, ``inspect``: :mod:`._vms`; ``exec``, ``shell``:
+:mod:`._exec`), ``snapshot`` (:mod:`._snapshot`), ``image`` (:mod:`._image`), ``doctor``
+(:mod:`._doctor`), ``codesign`` and ``macos`` (:mod:`._macos`), ``completion``
+(:mod:`._completion`). Shared options and parameter callbacks live in :mod:`._options`;
+library errors become exit codes at this edge only (:mod:`._errors`).
 
 The CLI uses the library's public API only (``vzkit``, ``vzkit.errors``, ``vzkit.doctor``,
 ``vzkit.image``, ``vzkit.agent``, ``vzkit.backends`` and its backends' public names), never a
@@ -15,7 +17,17 @@ backend's private module; ``tests/unit/test_layering_cli.py`` checks that.
 from __future__ import annotations
 
 # Importing a command module registers its commands on ``main``.
-from . import _completion, _doctor, _image, _macos, _run, _setup, _snapshot  # noqa: F401
+from . import (  # noqa: F401
+    _completion,
+    _doctor,
+    _exec,
+    _image,
+    _macos,
+    _run,
+    _setup,
+    _snapshot,
+    _vms,
+)
 from ._app import main
 from ._options import DisplayAction, display_callback
 

@@ -8,14 +8,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
+import secrets
 import shutil
 import signal
 import sys
-import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import click
 
@@ -23,55 +23,20 @@ from vzkit import ConsoleMode, LinuxVMConfig, SnapshotManager, VMState, default_
 from vzkit.errors import ConfigError, SpecError, VMError, VzkitError
 
 from ._app import main
+from ._attach import (
+    Terminated,
+    attach_terminal,
+    catch_signals,
+    guest_environment,
+    stream_command,
+)
 from ._errors import EXIT_USAGE, echo_error
 from ._options import build_config, vm_options
 
 __all__ = ["EXIT_RUN_FAILED", "expand_env", "run_and_exit", "run_cmd", "run_config"]
 
-#: The guest PATH of a command run with ``--env`` (a plain environment): the agent's default,
-#: which a root disk's userland (``/usr/local/bin``) needs as well.
-_GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
 #: ``vzkit run``'s own failures (the VM could not boot, ...), as ``docker run`` uses 125.
 EXIT_RUN_FAILED = 125
-
-
-def _pump(src: IO[bytes], dst: IO[bytes]) -> None:
-    """Copy a stream to ``dst``'s file descriptor until EOF, chunk by chunk (bounded memory).
-
-    Writes the descriptor itself, not ``dst``: these are daemon threads, and one caught inside
-    a buffered writer's lock when the interpreter exits (Ctrl-C while the command prints) makes
-    it abort with "_enter_buffered_busy"."""
-    with contextlib.suppress(OSError, ValueError, VzkitError):
-        dst.flush()  # what this process printed before goes first
-        fd = dst.fileno()
-        while chunk := src.read1(65536) if hasattr(src, "read1") else src.read(65536):
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(fd, view) :]
-
-
-def _pump_stdin(dst: IO[bytes]) -> None:
-    """Copy this process's stdin to the command until EOF, then close the command's stdin.
-
-    Reads the file descriptor itself, not ``sys.stdin.buffer``: the thread may still be
-    blocked reading a terminal that stays open when the command ends, and a daemon thread
-    inside a buffered reader makes the interpreter abort at exit (its lock is held)."""
-    fd = sys.stdin.fileno()
-    try:
-        while chunk := os.read(fd, 65536):
-            dst.write(chunk)
-            dst.flush()
-    except (OSError, ValueError, VzkitError):
-        pass
-    finally:
-        with contextlib.suppress(OSError, ValueError, VzkitError):
-            dst.close()
-
-
-def _exit_code(returncode: int) -> int:
-    """The command's exit code, or 128+N when a signal N ended it (as shells report it)."""
-    return 128 - returncode if returncode < 0 else returncode
 
 
 @main.command(
@@ -115,6 +80,26 @@ def _exit_code(returncode: int) -> int:
     is_flag=True,
     help="Run the command on a terminal in the guest: this one goes raw (keys, Ctrl-C "
     "included, go to the guest), its size follows; Ctrl-] then . ends the session.",
+)
+@click.option(
+    "-d",
+    "--detach",
+    is_flag=True,
+    help="Make a named VM that lives on: boot it, wait for its agent, print its name and "
+    "exit; COMMAND (if any) is its main command, run in the background (its output in "
+    "'vzkit logs'), and the VM stops when it ends. 'vzkit exec NAME -- CMD' runs more.",
+)
+@click.option(
+    "--name",
+    metavar="NAME",
+    help="With -d: the VM's name (letters, digits, '_', '.', '-'; at most 64 bytes); "
+    "default: a new random one.",
+)
+@click.option(
+    "--rm",
+    "remove",
+    is_flag=True,
+    help="Accepted for docker's habit: without -d the VM is always removed at the end.",
 )
 @click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
 @click.option(
@@ -178,6 +163,9 @@ def run_cmd(
     user: str | None,
     interactive: bool,
     tty: bool,
+    detach: bool,
+    name: str | None,
+    remove: bool,
     boot_timeout: float,
     from_snapshot: str | None,
     vm_dir: Path,
@@ -208,6 +196,7 @@ def run_cmd(
       vzkit run --image oci-archive:app.tar
       vzkit run --rootfs ./tree -- cat /etc/os-release
       vzkit run --disk disk.img --root /dev/vda1 -- ls /
+      vzkit run -d --name t1 --image debian
     """
     from vzkit.agent import check_user
 
@@ -217,6 +206,13 @@ def run_cmd(
     try:
         env = expand_env(env, env_files, os.environ)
         check_user(user)
+        if detach:
+            _check_detached(interactive, tty, remove, from_snapshot)
+        elif name is not None:
+            raise SpecError(
+                "--name names a VM that lives on: add -d ('vzkit run -d --name NAME'), then "
+                "'vzkit exec NAME -- CMD'"
+            )
         if tty and not sys.stdin.isatty():
             raise not_a_tty()
     except SpecError as err:
@@ -226,8 +222,29 @@ def run_cmd(
         opts = {**opts, "rootfs": rootfs, "root": root, "init": init_mode, "image": image}
     if insecure_registry:
         opts["insecure_registry"] = True
+    if detach:
+        detached_and_exit(
+            name, command, backend, env, workdir, boot_timeout, opts, user=user,
+            entrypoint=entrypoint,
+        )  # fmt: skip
     run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user,
                  entrypoint=entrypoint, tty=tty)  # fmt: skip
+
+
+def _check_detached(interactive: bool, tty: bool, remove: bool, from_snapshot: str | None) -> None:
+    """What ``-d`` does not combine with (a ``SpecError`` that says what to do instead)."""
+    if interactive or tty:
+        raise SpecError(
+            "-d does not combine with -i or -t: the VM runs on without this terminal; "
+            "'vzkit exec -it NAME -- CMD' attaches one to a command in it"
+        )
+    if remove:
+        raise SpecError(
+            "-d --rm: a detached VM is kept until it is removed; drop --rm and "
+            "'vzkit rm -f NAME' when done"
+        )
+    if from_snapshot is not None:
+        raise SpecError("-d does not combine with --from-snapshot yet: boot it without one")
 
 
 def expand_env(
@@ -276,10 +293,7 @@ def run_and_exit(
     """Run, then exit: with the command's code, 2 for bad options, 125 when the VM failed
     (or the guest does not know ``user``), 130 on Ctrl-C and 143 on SIGTERM, 255 when the
     ``tty`` session was ended with its escape (the VM torn down in every case)."""
-    # Ctrl-C and SIGTERM tear the VM down even when this process was started with SIGINT
-    # ignored (as shells do for background jobs).
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _terminated)
+    catch_signals()  # Ctrl-C and SIGTERM tear the VM down
     try:
         code = _run(
             command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user,
@@ -294,18 +308,63 @@ def run_and_exit(
     except KeyboardInterrupt:
         click.echo("vzkit: interrupted; the VM was torn down", err=True)
         sys.exit(130)
-    except _Terminated:
+    except Terminated:
         click.echo("vzkit: terminated; the VM was torn down", err=True)
         sys.exit(128 + signal.SIGTERM)
     sys.exit(code)
 
 
-class _Terminated(BaseException):
-    """SIGTERM, raised in the main thread like KeyboardInterrupt so clean-up runs."""
+def detached_and_exit(
+    name: str | None,
+    command: tuple[str, ...],
+    backend: str,
+    env: tuple[str, ...],
+    workdir: str | None,
+    boot_timeout: float,
+    opts: dict[str, Any],
+    *,
+    user: str | None = None,
+    entrypoint: str | None = None,
+) -> None:
+    """``run -d``: a named VM made through ``vzkit.create`` (its supervisor owns it), its agent
+    awaited, its name printed; exit 0, 2 for bad options, 125 when it could not be made or
+    did not come up (it is left for 'vzkit logs' and 'vzkit rm -f')."""
+    import vzkit  # on first use: 'vzkit --help' does not pay for it
 
-
-def _terminated(signum: int, frame: object) -> None:
-    raise _Terminated()
+    catch_signals()
+    name = name if name is not None else f"vm-{secrets.token_hex(4)}"
+    try:
+        cfg = run_config(False, opts)
+        override = None if entrypoint is None else ([entrypoint] if entrypoint else [])
+        argv = tuple(cfg.process.command(command, entrypoint=override))
+        environment = guest_environment(cfg.process, env, user) or {}
+        main_command = None
+        if argv:
+            main_command = vzkit.GuestCommand(
+                argv=argv, env=tuple(f"{k}={v}" for k, v in environment.items()), cwd=workdir,
+                user=user,
+            )  # fmt: skip
+        vm = vzkit.create(cfg, name, backend=backend, command=main_command, timeout=boot_timeout)
+        try:
+            vm.guest.wait_ready(timeout=boot_timeout)
+        except (VzkitError, OSError) as err:  # OSError: the VM's sockets went with it
+            raise _with_console(vm, err) from err
+        finally:
+            vm.close()  # disconnects only: the VM runs on
+    except (SpecError, ConfigError) as err:
+        echo_error(err)
+        sys.exit(EXIT_USAGE)
+    except VzkitError as err:
+        echo_error(err)
+        sys.exit(EXIT_RUN_FAILED)
+    except (KeyboardInterrupt, Terminated):
+        click.echo(
+            f"vzkit: interrupted; the VM {name!r} may be running: 'vzkit rm -f {name}' removes it",
+            err=True,
+        )
+        sys.exit(130)
+    click.echo(name)
+    sys.exit(0)
 
 
 def run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig:
@@ -448,17 +507,7 @@ def _run(
     command = tuple(cfg.process.command(command, entrypoint=override))
     if not command:  # nothing to run: the console is this terminal
         cfg = run_config(True, opts)
-    environment: dict[Any, Any] | None = None  # str -> str; typed for the client's Mapping
-    if env:
-        image = dict(cfg.process.env)
-        environment = {} if "PATH" in image else {"PATH": _GUEST_PATH}
-        if not (user or cfg.process.user or "HOME" in image):
-            environment["HOME"] = "/root"  # else what the guest's passwd entry says
-        for item in env:
-            name, sep, value = item.partition("=")
-            if not sep or not name:
-                raise SpecError(f"--env wants NAME=VALUE, got {item!r}")
-            environment[name] = value
+    environment = guest_environment(cfg.process, env, user)
     with VirtualMachine(cfg, backend=backend) as vm:
         if snap is not None:  # paused at the saved instant; resume steps the guest clock
             SnapshotManager(snap[0]).restore(vm, snap[1], timeout=boot_timeout)
@@ -473,48 +522,17 @@ def _run(
         except (VzkitError, OSError) as err:  # OSError: the VM's sockets went with it
             raise _with_console(vm, err) from err
         if tty:
-            code = _run_on_terminal(vm, list(command), environment, workdir, user)
-            if cfg.disk_path is not None:  # let the guest flush its disk before it goes
-                vm.stop(timeout=20)
-            return code
-        forward_stdin = interactive or not sys.stdin.isatty()
-        proc = vm.guest.popen(
-            list(command), stdin=forward_stdin, env=environment, cwd=workdir, user=user
-        )
-        pumps = [
-            threading.Thread(target=_pump, args=(proc.stdout, sys.stdout.buffer), daemon=True),
-            threading.Thread(target=_pump, args=(proc.stderr, sys.stderr.buffer), daemon=True),
-        ]
-        if proc.stdin is not None:
-            pumps.append(threading.Thread(target=_pump_stdin, args=(proc.stdin,), daemon=True))
-        for pump in pumps:
-            pump.start()
-        try:
-            returncode = proc.wait()
-        except BaseException:  # Ctrl-C, SIGTERM: end the command, then the VM goes
-            with contextlib.suppress(VzkitError):
-                proc.kill()
-            raise
-        for pump in pumps[:2]:
-            pump.join(timeout=30)
+            from ._tty import EXIT_DETACHED
+
+            code, detached = attach_terminal(vm, list(command), environment, workdir, user)
+            if detached:
+                click.echo(
+                    "\nvzkit: the session was ended (Ctrl-] .); tearing the VM down", err=True
+                )
+                code = EXIT_DETACHED
+        else:
+            forward_stdin = interactive or not sys.stdin.isatty()
+            code = stream_command(vm, list(command), environment, workdir, user, forward_stdin)
         if cfg.disk_path is not None:  # let the guest flush its disk before it goes
             vm.stop(timeout=20)
-        return _exit_code(returncode)
-
-
-def _run_on_terminal(
-    vm: Any, command: list[str], env: dict[Any, Any] | None, cwd: str | None, user: str | None
-) -> int:
-    """``-t``: the command on a pty in the guest, attached to this terminal (``_tty``)."""
-    from ._tty import EXIT_DETACHED, attach, terminal_size
-
-    proc = vm.guest.popen(
-        command, env=env, cwd=cwd, user=user, tty=True, size=terminal_size(sys.stdin.fileno())
-    )
-    returncode, detached = attach(
-        proc, lambda: _pump(proc.stdout, sys.stdout.buffer), _terminated, sys.stdin.fileno()
-    )
-    if detached:
-        click.echo("\nvzkit: the session was ended (Ctrl-] .); tearing the VM down", err=True)
-        return EXIT_DETACHED
-    return _exit_code(returncode)
+        return code

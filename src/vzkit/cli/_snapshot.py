@@ -17,7 +17,15 @@ from ._errors import handle_errors
 from ._options import vm_options
 from ._run import run_and_exit, run_cmd, run_config
 
-__all__ = ["snapshot", "snapshot_list", "snapshot_restore", "snapshot_rm", "snapshot_save"]
+__all__ = [
+    "root_options",
+    "root_opts",
+    "snapshot",
+    "snapshot_list",
+    "snapshot_restore",
+    "snapshot_rm",
+    "snapshot_save",
+]
 
 
 def _guest_command(command: tuple[str, ...]) -> tuple[str, ...]:
@@ -30,7 +38,7 @@ def _guest_command(command: tuple[str, ...]) -> tuple[str, ...]:
 _ROOT_PARAMS = ("image", "insecure_registry", "rootfs", "root", "init_mode")
 
 
-def _root_options(command: click.Command) -> click.Command:
+def root_options(command: click.Command) -> click.Command:
     """Give ``command`` ``vzkit run``'s ``--image``, ``--rootfs``, ``--root`` and ``--init``: a
     snapshot of a VM on a root disk is saved and restored with the options it booted with."""
     shared = [p for p in run_cmd.params if p.name in _ROOT_PARAMS]
@@ -40,7 +48,7 @@ def _root_options(command: click.Command) -> click.Command:
     return command
 
 
-def _root_opts(opts: dict[str, Any]) -> dict[str, Any]:
+def root_opts(opts: dict[str, Any]) -> dict[str, Any]:
     """The options as ``run_config`` takes them (``--init`` is ``init``)."""
     image, rootfs, root = opts.pop("image"), opts.pop("rootfs"), opts.pop("root")
     init = opts.pop("init_mode")
@@ -88,7 +96,7 @@ def snapshot_rm(vm_dir: Path, names: tuple[str, ...]) -> None:
         click.echo(f"deleted {name}")
 
 
-@_root_options
+@root_options
 @snapshot.command("save", context_settings={"allow_interspersed_args": False})
 @vm_options
 @click.option(
@@ -111,7 +119,7 @@ def snapshot_save(
     from vzkit import VirtualMachine  # on first use: 'vzkit --help' does not pay for it
 
     command = _guest_command(command)
-    cfg = run_config(False, _root_opts(opts))
+    cfg = run_config(False, root_opts(opts))
     with VirtualMachine(cfg, backend=backend) as vm:
         vm.start(timeout=boot_timeout)
         vm.guest.wait_ready(timeout=boot_timeout)
@@ -125,7 +133,7 @@ def snapshot_save(
     click.echo(f"saved {name} ({meta.size} bytes of machine state) in {meta.file_path.parent}")
 
 
-@_root_options
+@root_options
 @snapshot.command("restore", context_settings={"allow_interspersed_args": False})
 @vm_options
 @click.option(
@@ -143,4 +151,4 @@ def snapshot_restore(
     --from-snapshot'); without COMMAND the console is attached to this terminal."""
     command = _guest_command(command)
     snap = (vm_dir, name)
-    run_and_exit(command, backend, (), None, False, boot_timeout, _root_opts(opts), snap)
+    run_and_exit(command, backend, (), None, False, boot_timeout, root_opts(opts), snap)

@@ -1,0 +1,163 @@
+"""A guest command attached to this process, as ``vzkit run`` and ``vzkit exec`` both run one:
+its output copied to stdout and stderr, stdin forwarded (pipes), or this terminal attached to
+a pty in the guest (``-t``, :mod:`._tty`); its exit code as a shell reports it.
+
+SIGTERM (and, on a terminal, SIGHUP) is raised in the main thread as :class:`Terminated`,
+as Ctrl-C raises ``KeyboardInterrupt``, so each command's clean-up runs on the way out.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+from collections.abc import Mapping
+from typing import IO, TYPE_CHECKING, Any
+
+from vzkit.errors import SpecError, VzkitError
+
+if TYPE_CHECKING:
+    from vzkit import ProcessDefaults
+
+__all__ = [
+    "GUEST_PATH",
+    "Terminated",
+    "attach_terminal",
+    "catch_signals",
+    "exit_code",
+    "guest_environment",
+    "pump",
+    "pump_stdin",
+    "stream_command",
+    "terminated",
+]
+
+#: The guest PATH of a command run with ``--env`` (a plain environment): the agent's default,
+#: which a root disk's userland (``/usr/local/bin``) needs as well.
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+class Terminated(BaseException):
+    """SIGTERM (or SIGHUP on a terminal), raised in the main thread like KeyboardInterrupt so
+    clean-up runs."""
+
+
+def terminated(signum: int, frame: object) -> None:
+    raise Terminated()
+
+
+def catch_signals() -> None:
+    """Ctrl-C and SIGTERM end the command with its clean-up, even when this process was
+    started with SIGINT ignored (as shells do for background jobs)."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, terminated)
+
+
+def pump(src: IO[bytes], dst: IO[bytes]) -> None:
+    """Copy a stream to ``dst``'s file descriptor until EOF, chunk by chunk (bounded memory).
+
+    Writes the descriptor itself, not ``dst``: these are daemon threads, and one caught inside
+    a buffered writer's lock when the interpreter exits (Ctrl-C while the command prints) makes
+    it abort with "_enter_buffered_busy"."""
+    with contextlib.suppress(OSError, ValueError, VzkitError):
+        dst.flush()  # what this process printed before goes first
+        fd = dst.fileno()
+        while chunk := src.read1(65536) if hasattr(src, "read1") else src.read(65536):
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(fd, view) :]
+
+
+def pump_stdin(dst: IO[bytes]) -> None:
+    """Copy this process's stdin to the command until EOF, then close the command's stdin.
+
+    Reads the file descriptor itself, not ``sys.stdin.buffer``: the thread may still be
+    blocked reading a terminal that stays open when the command ends, and a daemon thread
+    inside a buffered reader makes the interpreter abort at exit (its lock is held)."""
+    fd = sys.stdin.fileno()
+    try:
+        while chunk := os.read(fd, 65536):
+            dst.write(chunk)
+            dst.flush()
+    except (OSError, ValueError, VzkitError):
+        pass
+    finally:
+        with contextlib.suppress(OSError, ValueError, VzkitError):
+            dst.close()
+
+
+def exit_code(returncode: int) -> int:
+    """The command's exit code, or 128+N when a signal N ended it (as shells report it)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def guest_environment(
+    process: ProcessDefaults, env: tuple[str, ...], user: str | None
+) -> dict[Any, Any] | None:
+    """The environment of a command run with ``-e NAME=VALUE`` items (``None`` without: the
+    guest's default), str -> str (typed for the client's Mapping): a plain one, with the
+    agent's ``PATH`` unless the image sets one and ``HOME=/root`` for root unless the image
+    sets one (else the guest's passwd entry says)."""
+    if not env:
+        return None
+    image = dict(process.env)
+    environment: dict[Any, Any] = {} if "PATH" in image else {"PATH": GUEST_PATH}
+    if not (user or process.user or "HOME" in image):
+        environment["HOME"] = "/root"
+    for item in env:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise SpecError(f"--env wants NAME=VALUE, got {item!r}")
+        environment[name] = value
+    return environment
+
+
+def stream_command(
+    vm: Any,
+    command: list[str],
+    env: Mapping[Any, Any] | None,
+    cwd: str | None,
+    user: str | None,
+    forward_stdin: bool,
+) -> int:
+    """Run ``command`` in ``vm``'s guest on pipes: its output to this process's stdout and
+    stderr, this stdin to it if ``forward_stdin``; its exit code (killed on Ctrl-C/SIGTERM)."""
+    proc = vm.guest.popen(command, stdin=forward_stdin, env=env, cwd=cwd, user=user)
+    pumps = [
+        threading.Thread(target=pump, args=(proc.stdout, sys.stdout.buffer), daemon=True),
+        threading.Thread(target=pump, args=(proc.stderr, sys.stderr.buffer), daemon=True),
+    ]
+    if proc.stdin is not None:
+        pumps.append(threading.Thread(target=pump_stdin, args=(proc.stdin,), daemon=True))
+    for thread in pumps:
+        thread.start()
+    try:
+        returncode = proc.wait()
+    except BaseException:  # Ctrl-C, SIGTERM: end the command, then the caller cleans up
+        with contextlib.suppress(VzkitError):
+            proc.kill()
+        raise
+    for thread in pumps[:2]:
+        thread.join(timeout=30)
+    return exit_code(returncode)
+
+
+def attach_terminal(
+    vm: Any,
+    command: list[str],
+    env: Mapping[Any, Any] | None,
+    cwd: str | None,
+    user: str | None,
+) -> tuple[int, bool]:
+    """``-t``: ``command`` on a pty in ``vm``'s guest, attached to this terminal (:mod:`._tty`).
+    Its exit code, and whether the escape (``Ctrl-]`` ``.``) ended the session."""
+    from ._tty import attach, terminal_size
+
+    fd = sys.stdin.fileno()
+    proc = vm.guest.popen(command, env=env, cwd=cwd, user=user, tty=True, size=terminal_size(fd))
+    returncode, detached = attach(
+        proc, lambda: pump(proc.stdout, sys.stdout.buffer), terminated, fd
+    )
+    return exit_code(returncode), detached
