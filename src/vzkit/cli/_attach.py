@@ -76,8 +76,8 @@ def pump_stdin(dst: IO[bytes]) -> None:
     Reads the file descriptor itself, not ``sys.stdin.buffer``: the thread may still be
     blocked reading a terminal that stays open when the command ends, and a daemon thread
     inside a buffered reader makes the interpreter abort at exit (its lock is held)."""
-    fd = sys.stdin.fileno()
     try:
+        fd = sys.stdin.fileno()  # none (a test's pseudo-file): an empty stdin
         while chunk := os.read(fd, 65536):
             dst.write(chunk)
             dst.flush()

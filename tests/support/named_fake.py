@@ -1,0 +1,188 @@
+"""A stand-in for vzkit's named-VM API (``vzkit.create``, ``connect``, ``list_vms``,
+``remove_vm``) in one process, for the CLI's unit tests: each VM is a real
+:class:`vzkit.VirtualMachine` whose guest is the host-run agent (:class:`AgentBackend`), so
+``vzkit exec``, ``cp`` and ``-t`` run real agent sessions; what a supervisor would keep on
+disk is kept in memory. ``connect`` hands out a view whose ``close()`` only disconnects, as a
+named VM's does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import vzkit
+import vzkit.errors
+
+from .agent_vm import AgentBackend, host_agent
+
+__all__ = ["FakeInfo", "Named", "install"]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GuestCommandStandIn:
+    """``vzkit.GuestCommand`` as the plan has it, until the core's is there."""
+
+    argv: tuple[str, ...]
+    env: tuple[str, ...] = ()
+    cwd: str | None = None
+    user: str | None = None
+
+
+class NotFoundStandIn(vzkit.errors.VzkitError, LookupError):
+    """``vzkit.errors.VMNotFoundError`` as the plan has it, until the core's is there."""
+
+
+class ExistsStandIn(vzkit.errors.VzkitError):
+    """``vzkit.errors.VMExistsError`` as the plan has it, until the core's is there."""
+
+
+def _error(name: str, stand_in: type[Exception]) -> type[Exception]:
+    found: type[Exception] = getattr(vzkit.errors, name, stand_in)
+    return found
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FakeInfo:
+    """What ``vzkit.VMInfo`` carries, and its ``to_json``."""
+
+    name: str
+    state: vzkit.VMState
+    backend: str
+    created: float
+    started: float | None
+    config: vzkit.LinuxVMConfig
+    command: tuple[str, ...] | None
+    directory: Path
+    console_log: Path | None
+    supervisor_pid: int | None = None
+    vmm_pid: int | None = None
+    error: str | None = None
+    exit_code: int | None = None
+    image: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "state": self.state.value, "backend": self.backend,
+            "created": self.created, "started": self.started, "pid": self.supervisor_pid,
+            "vmm_pid": self.vmm_pid, "error": self.error, "exit_code": self.exit_code,
+            "image": self.image, "command": list(self.command) if self.command else None,
+            "cpus": self.config.cpus, "memory_mb": int(self.config.memory_gb * 1024),
+            "arch": str(self.config.arch), "console_log": str(self.console_log),
+            "directory": str(self.directory),
+        }  # fmt: skip
+
+
+class View:
+    """What ``connect`` returns: the VM, but ``close()`` only disconnects."""
+
+    def __init__(self, vm: vzkit.VirtualMachine, named: Named) -> None:
+        self._vm, self._named = vm, named
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._vm, name)
+
+    def close(self) -> None:
+        self._named.disconnects += 1
+
+
+@dataclasses.dataclass
+class Entry:
+    vm: vzkit.VirtualMachine
+    created: float
+    command: Any
+    directory: Path
+    backend_name: str
+
+
+class Named:
+    """The fake registry; its methods have the public functions' signatures."""
+
+    def __init__(self, home: Path) -> None:
+        self.home = home
+        self.backend = AgentBackend(host_agent())
+        self.vms: dict[str, Entry] = {}
+        self.calls: list[tuple[str, Any]] = []
+        self.disconnects = 0
+
+    def _get(self, name: str) -> Entry:
+        try:
+            return self.vms[name]
+        except KeyError:
+            raise _error("VMNotFoundError", NotFoundStandIn)(
+                f"no VM named {name!r}: 'vzkit ls -a' lists them"
+            ) from None
+
+    def create(
+        self, config: vzkit.LinuxVMConfig, name: str, *, backend: str = "auto",
+        start: bool = True, command: Any = None, timeout: float | None = None,
+    ) -> View:  # fmt: skip
+        self.calls.append(("create", (config, name, backend, start, command, timeout)))
+        if name in self.vms:
+            raise _error("VMExistsError", ExistsStandIn)(
+                f"a VM named {name!r} exists: pick another name or 'vzkit rm {name}'"
+            )
+        directory = self.home / "vms" / name
+        (directory / "run").mkdir(parents=True, exist_ok=True)
+        (directory / "run" / "console.log").write_bytes(b"")
+        config = config.replace(state_dir=directory / "run")
+        vm = vzkit.VirtualMachine(config, backend=self.backend)  # type: ignore[arg-type]
+        self.vms[name] = Entry(vm, time.time(), command, directory, backend)
+        if start:
+            vm.start(timeout=timeout)
+        return View(vm, self)
+
+    def connect(self, name: str, *, timeout: float | None = None) -> View:
+        self.calls.append(("connect", name))
+        return View(self._get(name).vm, self)
+
+    def info(self, name: str) -> FakeInfo:
+        entry = self._get(name)
+        command = entry.command
+        return FakeInfo(
+            name=name, state=entry.vm.state, backend="qemu", created=entry.created,
+            started=None, config=entry.vm.config,  # type: ignore[arg-type]
+            command=tuple(command.argv) if command is not None else None,
+            directory=entry.directory, console_log=entry.directory / "run" / "console.log",
+        )  # fmt: skip
+
+    def list_vms(self) -> list[FakeInfo]:
+        return [self.info(name) for name in sorted(self.vms)]
+
+    def remove_vm(self, name: str, *, force: bool = False, timeout: float | None = None) -> None:
+        self.calls.append(("remove_vm", (name, force)))
+        entry = self._get(name)
+        if entry.vm.state is vzkit.VMState.RUNNING and not force:
+            raise vzkit.errors.StateError(
+                f"the VM {name!r} is running: 'vzkit stop {name}' first, or 'vzkit rm -f {name}'"
+            )
+        entry.vm.close()
+        del self.vms[name]
+
+    def close(self) -> None:
+        for entry in self.vms.values():
+            entry.vm.close()
+
+
+def install(named: Named, monkeypatch: pytest.MonkeyPatch | None = None) -> None:
+    """Put ``named``'s functions in the ``vzkit`` namespace (and the plan's names that the core
+    does not have yet)."""
+
+    def put(obj: Any, name: str, value: Any) -> None:
+        if monkeypatch is not None:
+            monkeypatch.setattr(obj, name, value, raising=False)
+        else:
+            setattr(obj, name, value)
+
+    for name in ("create", "connect", "list_vms", "remove_vm"):
+        put(vzkit, name, getattr(named, name))
+    if not hasattr(vzkit, "GuestCommand"):
+        put(vzkit, "GuestCommand", GuestCommandStandIn)
+    if not hasattr(vzkit.errors, "VMNotFoundError"):
+        put(vzkit.errors, "VMNotFoundError", NotFoundStandIn)
+    if not hasattr(vzkit.errors, "VMExistsError"):
+        put(vzkit.errors, "VMExistsError", ExistsStandIn)
