@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
+from typing import Self
 
 from ._config import LinuxVMConfig
 from ._guest import Guest
@@ -40,12 +41,33 @@ class VirtualMachine(VMView):
     """
 
     def __init__(
-        self, config: LinuxVMConfig | MacVMConfig, backend: str | Backend = "auto"
+        self,
+        config: LinuxVMConfig | MacVMConfig,
+        backend: str | Backend = "auto",
+        *,
+        name: str | None = None,
     ) -> None:
-        self._core = VMCore(config, backend)
-        self.balloon = Balloon(self._core)
-        self.guest = Guest(self._core)
-        self.vsock = Vsock(self._core)
+        if name is None:
+            self._attach(VMCore(config, backend))
+        else:  # a named VM: recorded now (stopped), started by start(), lives on after close()
+            from .named._remote import new_named_core
+
+            if not isinstance(config, LinuxVMConfig):
+                raise TypeError("a named VM takes a LinuxVMConfig")
+            self._attach(new_named_core(config, name, backend))
+
+    def _attach(self, core: VMCore) -> None:
+        self._core = core
+        self.balloon = Balloon(core)
+        self.guest = Guest(core)
+        self.vsock = Vsock(core)
+
+    @classmethod
+    def _of(cls, core: VMCore) -> Self:
+        """A facade over an existing core (a named VM made or reached by :mod:`vzkit.named`)."""
+        vm = cls.__new__(cls)
+        vm._attach(core)
+        return vm
 
     def __repr__(self) -> str:
         return f"<VirtualMachine {self.backend} {self.state.value} pid={self.pid}>"

@@ -45,11 +45,12 @@ from .backends import (
     Feature,
     Machine,
     SnapshotCapable,
+    StateListener,
     VsockCapable,
     VsockListenerLike,
     choose_backend,
 )
-from .backends._protocol import MacBackend
+from .backends._protocol import MacBackend, notify_state
 from .errors import ConfigError, StateError, UnsupportedError, VMTimeoutError, VzkitError
 
 __all__ = ["VMCore", "VMView", "core_of"]
@@ -132,13 +133,19 @@ class VMCore:
     """State guards, timeouts and the stop ladder over one backend machine."""
 
     def __init__(
-        self, config: LinuxVMConfig | MacVMConfig, backend: str | Backend = "auto"
+        self,
+        config: LinuxVMConfig | MacVMConfig,
+        backend: str | Backend = "auto",
+        listener: StateListener | None = None,
     ) -> None:
         if not isinstance(config, LinuxVMConfig | MacVMConfig):
             raise TypeError(
                 f"config must be a LinuxVMConfig or MacVMConfig, got {type(config).__name__}"
             )
         self.config = config
+        self.listener = listener  # told of every transition (a named VM's supervisor)
+        #: A named VM's name (``vzkit.named``); ``None`` for a VM of this process alone.
+        self.name: str | None = None
         if isinstance(config, MacVMConfig):
             if backend == "auto":
                 backend = "vz"  # the only one: say why it cannot run here, if it cannot
@@ -162,6 +169,8 @@ class VMCore:
 
     def _on_state(self, old: VMState, new: VMState) -> None:
         log.info("VM %s: %s -> %s", self.backend.name, old.value, new.value)
+        if self.listener is not None:
+            notify_state(self.listener, old, new)
 
     # -- predicates ------------------------------------------------------------------------
 
@@ -377,6 +386,12 @@ class VMView:
     @property
     def backend(self) -> str:
         return self._core.backend.name
+
+    @property
+    def name(self) -> str | None:
+        """A named VM's name (``vzkit.create``, ``vzkit.connect``); ``None`` for a VM that
+        lives and dies with this process."""
+        return self._core.name
 
     @property
     def state(self) -> VMState:

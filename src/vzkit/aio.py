@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import importlib
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 from ._config import LinuxVMConfig
 from ._guest import AsyncGuest
@@ -28,8 +28,23 @@ from .snapshots._aio import SnapshotManager
 if TYPE_CHECKING:  # imported on first use (see __getattr__)
     from ._oneshot import run_async as run
     from ._oneshot import start_async as start
+    from .named._api import connect_async as connect
+    from .named._api import create_async as create
+    from .named._api import list_vms_async as list_vms
+    from .named._api import remove_vm_async as remove_vm
 
-__all__ = ["AsyncGuest", "Balloon", "SnapshotManager", "VirtualMachine", "run", "start"]
+__all__ = [
+    "AsyncGuest",
+    "Balloon",
+    "SnapshotManager",
+    "VirtualMachine",
+    "connect",
+    "create",
+    "list_vms",
+    "remove_vm",
+    "run",
+    "start",
+]
 
 
 class Balloon:
@@ -51,12 +66,33 @@ class VirtualMachine(VMView):
     """``async with vzkit.aio.VirtualMachine(cfg) as vm: await vm.start()``."""
 
     def __init__(
-        self, config: LinuxVMConfig | MacVMConfig, backend: str | Backend = "auto"
+        self,
+        config: LinuxVMConfig | MacVMConfig,
+        backend: str | Backend = "auto",
+        *,
+        name: str | None = None,
     ) -> None:
-        self._core = VMCore(config, backend)
-        self.balloon = Balloon(self._core)
-        self.guest = AsyncGuest(self._core)
-        self.vsock = AsyncVsock(self._core)
+        if name is None:
+            self._attach(VMCore(config, backend))
+        else:  # a named VM: recorded now (stopped), started by start(), lives on after close()
+            from .named._remote import new_named_core
+
+            if not isinstance(config, LinuxVMConfig):
+                raise TypeError("a named VM takes a LinuxVMConfig")
+            self._attach(new_named_core(config, name, backend))
+
+    def _attach(self, core: VMCore) -> None:
+        self._core = core
+        self.balloon = Balloon(core)
+        self.guest = AsyncGuest(core)
+        self.vsock = AsyncVsock(core)
+
+    @classmethod
+    def _of(cls, core: VMCore) -> Self:
+        """A facade over an existing core (a named VM made or reached by :mod:`vzkit.named`)."""
+        vm = cls.__new__(cls)
+        vm._attach(core)
+        return vm
 
     def __repr__(self) -> str:
         return f"<vzkit.aio.VirtualMachine {self.backend} {self.state.value} pid={self.pid}>"
@@ -98,15 +134,24 @@ class VirtualMachine(VMView):
         await self.close()
 
 
-#: The one-line API's asyncio twins (:mod:`vzkit._oneshot`), imported on first use.
-_LAZY = {"run": "run_async", "start": "start_async"}
+#: The asyncio twins of the one-line API (:mod:`vzkit._oneshot`) and of the named VMs'
+#: functions (:mod:`vzkit.named._api`), imported on first use.
+_LAZY = {
+    "run": ("._oneshot", "run_async"),
+    "start": ("._oneshot", "start_async"),
+    "connect": (".named._api", "connect_async"),
+    "create": (".named._api", "create_async"),
+    "list_vms": (".named._api", "list_vms_async"),
+    "remove_vm": (".named._api", "remove_vm_async"),
+}
 
 
 def __getattr__(name: str) -> Any:
-    target = _LAZY.get(name)
-    if target is None:
+    found = _LAZY.get(name)
+    if found is None:
         raise AttributeError(f"module 'vzkit.aio' has no attribute {name!r}")
-    value = getattr(importlib.import_module("._oneshot", "vzkit"), target)
+    module, target = found
+    value = getattr(importlib.import_module(module, "vzkit"), target)
     globals()[name] = value
     return value
 

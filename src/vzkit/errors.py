@@ -8,6 +8,8 @@ are re-exported by ``vzkit``; the others belong to the module named on their lin
     ├── ConfigError (also ValueError)     a VM configuration is invalid or inconsistent
     ├── ArgumentError (also TypeError)    a call got an argument in a form it does not take
     ├── StateError                        an operation is not allowed in the VM's current state
+    ├── VMNotFoundError (also LookupError)  no named VM of that name (vzkit.connect, rm, ...)
+    ├── VMExistsError                     a named VM of that name exists already (create)
     ├── UnsupportedError                  a backend cannot do what was asked (.backend, .feature)
     │   └── MacOSVersionError             vzkit.backends.vz: the API needs a newer macOS
     ├── BackendUnavailableError           a backend cannot run here (missing QEMU, no PyObjC, ...)
@@ -61,6 +63,8 @@ __all__ = [
     "StateError",
     "UnsupportedError",
     "VMError",
+    "VMExistsError",
+    "VMNotFoundError",
     "VMTimeoutError",
     "VzkitError",
 ]
@@ -85,6 +89,14 @@ class ArgumentError(VzkitError, TypeError):
 
 class StateError(VzkitError):
     """The VM is not in a state that allows the requested operation."""
+
+
+class VMNotFoundError(VzkitError, LookupError):
+    """No named VM has that name (``vzkit ls -a`` lists them)."""
+
+
+class VMExistsError(VzkitError):
+    """A named VM of that name exists already: pick another name or remove it first."""
 
 
 class UnsupportedError(VzkitError):

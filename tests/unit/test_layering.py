@@ -242,6 +242,8 @@ _GROUP_OF_PACKAGE = [  # first match wins
     ("vzkit.image", "image"),
     ("vzkit.backends", "backends"),
     ("vzkit.cli", "cli"),
+    ("vzkit.named._api", "named-api"),  # vzkit.create/connect/...: returns the facades
+    ("vzkit.named", "named"),  # supervisor, control socket, the remote machine under a core
 ]
 #: What each group may import (besides itself). The CLI has its own test (public API only);
 #: ``vzkit`` itself re-exports public names lazily.
@@ -256,7 +258,9 @@ LAYERS = {
     "backends": {"foundation", "data", "agent", "record", "doctor"},
     "core": {"foundation", "data", "agent", "backends"},
     "snapshots": {"foundation", "data", "record", "backends", "core"},
-    "facades": {"foundation", "data", "agent", "backends", "core", "snapshots"},
+    "named": {"foundation", "data", "agent", "backends", "core"},
+    "facades": {"foundation", "data", "agent", "backends", "core", "snapshots", "named"},
+    "named-api": {"foundation", "data", "backends", "core", "facades", "named"},
     # the default guest's config (vzkit.image) booted through the facades
     "oneshot": {"foundation", "data", "agent", "backends", "core", "facades", "image", "builders"},
     "builders": {"foundation", "data", "agent", "image", "facades"},

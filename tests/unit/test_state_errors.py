@@ -83,6 +83,8 @@ ALL_ERRORS = [
     errors.GuestError,
     errors.VMError,
     errors.VMTimeoutError,
+    errors.VMNotFoundError,
+    errors.VMExistsError,
 ]
 
 
@@ -109,6 +111,8 @@ def test_tree() -> None:
         assert cls.__bases__ == (errors.VzkitError,)
         assert not issubclass(cls, ValueError)
     assert issubclass(errors.VMTimeoutError, errors.VMError)
+    assert issubclass(errors.VMNotFoundError, LookupError)
+    assert errors.VMExistsError.__bases__ == (errors.VzkitError,)
     assert issubclass(errors.VMTimeoutError, TimeoutError)
     assert errors.ArgumentError.__bases__ == (errors.VzkitError, TypeError)
 

@@ -277,6 +277,16 @@ def test_the_one_line_api_has_twins() -> None:
     assert _params(vzkit.run)[:1] == [("args", inspect.Parameter.POSITIONAL_OR_KEYWORD, _EMPTY)]
 
 
+def test_the_named_vm_functions_have_twins() -> None:
+    """``vzkit.create/connect/list_vms/remove_vm`` and their ``vzkit.aio`` twins: the same
+    parameters, coroutines on the asyncio side."""
+    for name in ("create", "connect", "list_vms", "remove_vm"):
+        sync, aio = getattr(vzkit, name), getattr(vzkit.aio, name)
+        assert _params(sync) == _params(aio), name
+        assert inspect.iscoroutinefunction(aio) and not inspect.iscoroutinefunction(sync)
+        assert name in vzkit.__all__ and name in vzkit.aio.__all__
+
+
 _EMPTY = inspect.Parameter.empty
 
 
