@@ -20,61 +20,7 @@ import vzkit.errors
 
 from .agent_vm import AgentBackend, host_agent
 
-__all__ = ["FakeInfo", "Named", "install"]
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GuestCommandStandIn:
-    """``vzkit.GuestCommand`` as the plan has it, until the core's is there."""
-
-    argv: tuple[str, ...]
-    env: tuple[str, ...] = ()
-    cwd: str | None = None
-    user: str | None = None
-
-
-class NotFoundStandIn(vzkit.errors.VzkitError, LookupError):
-    """``vzkit.errors.VMNotFoundError`` as the plan has it, until the core's is there."""
-
-
-class ExistsStandIn(vzkit.errors.VzkitError):
-    """``vzkit.errors.VMExistsError`` as the plan has it, until the core's is there."""
-
-
-def _error(name: str, stand_in: type[Exception]) -> type[Exception]:
-    found: type[Exception] = getattr(vzkit.errors, name, stand_in)
-    return found
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class FakeInfo:
-    """What ``vzkit.VMInfo`` carries, and its ``to_json``."""
-
-    name: str
-    state: vzkit.VMState
-    backend: str
-    created: float
-    started: float | None
-    config: vzkit.LinuxVMConfig
-    command: tuple[str, ...] | None
-    directory: Path
-    console_log: Path | None
-    supervisor_pid: int | None = None
-    vmm_pid: int | None = None
-    error: str | None = None
-    exit_code: int | None = None
-    image: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name, "state": self.state.value, "backend": self.backend,
-            "created": self.created, "started": self.started, "pid": self.supervisor_pid,
-            "vmm_pid": self.vmm_pid, "error": self.error, "exit_code": self.exit_code,
-            "image": self.image, "command": list(self.command) if self.command else None,
-            "cpus": self.config.cpus, "memory_mb": int(self.config.memory_gb * 1024),
-            "arch": str(self.config.arch), "console_log": str(self.console_log),
-            "directory": str(self.directory),
-        }  # fmt: skip
+__all__ = ["Named", "install"]
 
 
 class View:
@@ -113,9 +59,7 @@ class Named:
         try:
             return self.vms[name]
         except KeyError:
-            raise _error("VMNotFoundError", NotFoundStandIn)(
-                f"no VM named {name!r}: 'vzkit ls -a' lists them"
-            ) from None
+            raise vzkit.VMNotFoundError(f"no VM named {name!r}: 'vzkit ls -a' lists them") from None
 
     def create(
         self, config: vzkit.LinuxVMConfig, name: str, *, backend: str = "auto",
@@ -123,7 +67,7 @@ class Named:
     ) -> View:  # fmt: skip
         self.calls.append(("create", (config, name, backend, start, command, timeout)))
         if name in self.vms:
-            raise _error("VMExistsError", ExistsStandIn)(
+            raise vzkit.VMExistsError(
                 f"a VM named {name!r} exists: pick another name or 'vzkit rm {name}'"
             )
         directory = self.home / "vms" / name
@@ -140,17 +84,18 @@ class Named:
         self.calls.append(("connect", name))
         return View(self._get(name).vm, self)
 
-    def info(self, name: str) -> FakeInfo:
+    def info(self, name: str) -> vzkit.VMInfo:
         entry = self._get(name)
         command = entry.command
-        return FakeInfo(
+        return vzkit.VMInfo(
             name=name, state=entry.vm.state, backend="qemu", created=entry.created,
-            started=None, config=entry.vm.config,  # type: ignore[arg-type]
-            command=tuple(command.argv) if command is not None else None,
+            started=None, supervisor_pid=None, vmm_pid=None, error=None, exit_code=None,
+            image=None, command=tuple(command.argv) if command is not None else None,
             directory=entry.directory, console_log=entry.directory / "run" / "console.log",
+            config=entry.vm.config,  # type: ignore[arg-type]
         )  # fmt: skip
 
-    def list_vms(self) -> list[FakeInfo]:
+    def list_vms(self) -> list[vzkit.VMInfo]:
         return [self.info(name) for name in sorted(self.vms)]
 
     def remove_vm(self, name: str, *, force: bool = False, timeout: float | None = None) -> None:
@@ -169,8 +114,7 @@ class Named:
 
 
 def install(named: Named, monkeypatch: pytest.MonkeyPatch | None = None) -> None:
-    """Put ``named``'s functions in the ``vzkit`` namespace (and the plan's names that the core
-    does not have yet)."""
+    """Put ``named``'s functions in the ``vzkit`` namespace."""
 
     def put(obj: Any, name: str, value: Any) -> None:
         if monkeypatch is not None:
@@ -180,9 +124,3 @@ def install(named: Named, monkeypatch: pytest.MonkeyPatch | None = None) -> None
 
     for name in ("create", "connect", "list_vms", "remove_vm"):
         put(vzkit, name, getattr(named, name))
-    if not hasattr(vzkit, "GuestCommand"):
-        put(vzkit, "GuestCommand", GuestCommandStandIn)
-    if not hasattr(vzkit.errors, "VMNotFoundError"):
-        put(vzkit.errors, "VMNotFoundError", NotFoundStandIn)
-    if not hasattr(vzkit.errors, "VMExistsError"):
-        put(vzkit.errors, "VMExistsError", ExistsStandIn)

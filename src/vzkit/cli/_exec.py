@@ -191,7 +191,9 @@ def _exec(
     vm = vzkit.connect(name)
     try:
         require_running(vm, name)
-        environment = guest_environment(vm.config.process, env, user)
+        config = vm.config
+        assert isinstance(config, vzkit.LinuxVMConfig)  # a named VM is a Linux VM
+        environment = guest_environment(config.process, env, user)
         if tty:
             from ._tty import EXIT_DETACHED
 

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from vzkit import VMState, format_size
-from vzkit.errors import SpecError, StateError, VzkitError
+from vzkit.errors import SpecError, StateError, VMNotFoundError, VzkitError
 
 from ._app import main
 from ._errors import EXIT_FAILURE, EXIT_USAGE, echo_error, handle_errors
@@ -56,7 +56,6 @@ _FOLLOW_POLL_S = 0.25
 def find_vm(name: str) -> VMInfo:
     """The :class:`~vzkit.VMInfo` of the VM ``name``; ``VMNotFoundError`` if there is none."""
     import vzkit
-    from vzkit.errors import VMNotFoundError
 
     for info in vzkit.list_vms():
         if info.name == name:
