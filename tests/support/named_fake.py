@@ -54,6 +54,7 @@ class Named:
         self.vms: dict[str, Entry] = {}
         self.calls: list[tuple[str, Any]] = []
         self.disconnects = 0
+        self.listings = 0  # list_vms calls: what 'vzkit logs -f' polls
 
     def _get(self, name: str) -> Entry:
         try:
@@ -96,6 +97,7 @@ class Named:
         )  # fmt: skip
 
     def list_vms(self) -> list[vzkit.VMInfo]:
+        self.listings += 1
         return [self.info(name) for name in sorted(self.vms)]
 
     def remove_vm(self, name: str, *, force: bool = False, timeout: float | None = None) -> None:

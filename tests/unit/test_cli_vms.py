@@ -15,7 +15,6 @@ import subprocess
 import sys
 import termios
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from vzkit.cli._vms import parse_copy_path
 
 from ..support.agent_vm import host_agent
 from ..support.named_fake import Named, install
+from ..support.polling import wait_until
 from ..support.terminal import Terminal
 
 pytestmark = pytest.mark.skipif(
@@ -323,11 +323,13 @@ def test_logs_prints_and_follows_the_console(named: Named, kernel: Path) -> None
     log.write_bytes(b"boot line 1\r\n")
     assert run("logs", "t1").stdout_bytes == b"boot line 1\r\n"
 
-    def later() -> None:
-        time.sleep(0.5)  # while logs -f waits for more
+    def later() -> None:  # while 'logs -f' follows: it polls list_vms for the VM's state
+        seen = named.listings
+        wait_until(lambda: named.listings >= seen + 2, "logs -f to poll", timeout=30)
         with log.open("ab") as fh:
             fh.write(b"boot line 2\r\n")
-        time.sleep(0.5)  # logs -f prints it, still following
+        seen = named.listings
+        wait_until(lambda: named.listings >= seen + 2, "logs -f to poll again", timeout=30)
         named.vms["t1"].vm.stop(timeout=5)
 
     writer = threading.Thread(target=later)
