@@ -80,6 +80,8 @@ def test_exec_prints_and_passes_the_exit_code(home: Path, t1: str) -> None:
     assert (proc.returncode, proc.stdout, proc.stderr) == (7, b"y /tmp\n", b"err\n")
     piped = vzkit(home, "exec", t1, "--", "tr", "a-z", "A-Z", input=b"piped\n")
     assert (piped.returncode, piped.stdout) == (0, b"PIPED\n")
+    other = vzkit(home, "exec", "-u", "1000:1000", t1, "--", "id", "-u")
+    assert (other.returncode, other.stdout) == (0, b"1000\n"), other.stderr.decode()
 
 
 def test_a_file_written_by_one_exec_is_read_by_the_next(home: Path, t1: str) -> None:
@@ -159,6 +161,18 @@ def test_exec_t_under_a_pty_sees_the_size_and_a_resize(home: Path, t1: str) -> N
         term.expect(b"40 120\r\n", timeout=60)
         assert term.wait() == 3, term.seen
         assert termios.tcgetattr(term.slave) == term.cooked  # this terminal is itself again
+    finally:
+        term.close()
+
+
+def test_shell_is_a_login_shell_of_the_user_on_a_pty(home: Path, t1: str) -> None:
+    term = Terminal(24, 80)
+    try:
+        term.start(*VZKIT, "shell", "-u", "1000:1000", "-w", "/tmp", t1,
+                   env={"VZKIT_HOME": str(home)})  # fmt: skip
+        term.type(b"echo $(id -u)X $(pwd)Y; exit 4\r")
+        term.expect(b"1000X /tmpY", timeout=120)
+        assert term.wait() == 4, term.seen
     finally:
         term.close()
 

@@ -212,7 +212,9 @@ def _declaration(option: click.Option) -> tuple[object, ...]:
     )
 
 
-@pytest.mark.parametrize("path", [["run"], ["snapshot", "save"], ["snapshot", "restore"]])
+@pytest.mark.parametrize(
+    "path", [["run"], ["create"], ["snapshot", "save"], ["snapshot", "restore"]]
+)
 def test_vm_making_commands_share_the_vm_options(path: list[str]) -> None:
     """The commands that boot take exactly the VM options of ``config``, declared alike (so
     ``config``'s tests of each option hold for them) and documented alike."""

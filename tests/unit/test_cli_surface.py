@@ -24,6 +24,8 @@ _CMDS = "unit/test_cli_commands.py"
 _MAC = "unit/test_cli_macos.py"
 _RUN = "e2e/test_run_cli.py"
 _SNAP = "e2e/test_qemu_snapshots.py"
+_VMS = "unit/test_cli_vms.py"
+_NAMED = "e2e/test_named_cli.py"
 _ROUND_TRIP = f"{_CORE}::test_config_options_round_trip"
 # the options every VM-making command shares (one decorator, one parser): their parsing and
 # checks are tested through `config`; the commands that boot pass them on to the same config
@@ -271,6 +273,63 @@ COVERED: dict[str, list[str]] = {
         for command in ("save", "restore")
     },
 }
+
+# -- named VMs ------------------------------------------------------------------------------
+_VMS_LIFE = f"{_VMS}::test_create_ls_start_stop_and_rm"
+_E2E_LIFE = f"{_NAMED}::test_stop_start_and_rm_leave_nothing_behind"
+_E2E_EXEC = f"{_NAMED}::test_exec_prints_and_passes_the_exit_code"
+_EXEC = f"{_VMS}::test_exec_passes_output_and_exit_code_through"
+_EXEC_STDIN = f"{_VMS}::test_exec_forwards_piped_stdin_and_a_terminals_with_i"
+_EXEC_TTY = f"{_VMS}::test_exec_t_sees_the_size_and_a_resize_and_shell_is_a_login_shell"
+_CREATE_OPTS = f"{_VMS}::test_create_takes_runs_backend_and_image_options"
+_DETACH = f"{_VMS}::test_run_detached_makes_a_named_vm_and_prints_its_name"
+_DETACH_REFUSED = f"{_VMS}::test_run_detached_refuses_what_it_cannot_do"
+COVERED.update({
+    "run --detach": [_DETACH, _DETACH_REFUSED, _E2E_EXEC],
+    "run --name": [_DETACH, _DETACH_REFUSED, _E2E_LIFE],
+    "run --rm": [f"{_VMS}::test_run_rm_without_d_is_accepted", _DETACH_REFUSED],
+    "create": [_VMS_LIFE, _CREATE_OPTS],
+    **{f"create {option}": [_SHARED, *tests] for option, tests in VM_OPTIONS.items()},
+    "create --memory": [_SHARED, _VMS_LIFE],
+    "create --kernel": [_SHARED, _VMS_LIFE, _CREATE_OPTS],
+    "create --cmdline": [_SHARED, _CREATE_OPTS],
+    "create --backend": [_CREATE_OPTS],
+    **{f"create {option}": [_CREATE_OPTS] for option in
+       ("--image", "--insecure-registry", "--rootfs", "--root", "--init")},
+    "start": [_VMS_LIFE, _E2E_LIFE],
+    "start --boot-timeout": [_VMS_LIFE],
+    "stop": [_VMS_LIFE, _E2E_LIFE],
+    "stop --time": [_VMS_LIFE],
+    "rm": [_VMS_LIFE, _E2E_LIFE],
+    "rm --force": [f"{_VMS}::test_rm_force_stops_first"],
+    "ls": [_VMS_LIFE, f"{_NAMED}::test_ls_and_inspect_show_t1_running"],
+    "ls --all": [_VMS_LIFE, _E2E_LIFE],
+    "ls --json": [_VMS_LIFE, f"{_NAMED}::test_ls_and_inspect_show_t1_running"],
+    "inspect": [f"{_VMS}::test_inspect_shows_the_vm"],
+    "inspect --json": [
+        f"{_VMS}::test_inspect_shows_the_vm", f"{_NAMED}::test_ls_and_inspect_show_t1_running"
+    ],
+    "logs": [
+        f"{_VMS}::test_logs_prints_and_follows_the_console",
+        f"{_NAMED}::test_ls_and_inspect_show_t1_running",
+    ],
+    "logs --follow": [f"{_VMS}::test_logs_prints_and_follows_the_console"],
+    "cp": [
+        f"{_VMS}::test_cp_in_and_out_keeps_the_tree",
+        f"{_VMS}::test_cp_paths",
+        f"{_NAMED}::test_cp_a_20_mib_tree_in_and_back_out_byte_identical",
+    ],
+    "exec": [_EXEC, f"{_VMS}::test_exec_on_an_unknown_or_stopped_vm_is_125", _E2E_EXEC, _E2E_LIFE],
+    "exec --interactive": [_EXEC_STDIN],
+    "exec --tty": [_EXEC_TTY, f"{_NAMED}::test_exec_t_under_a_pty_sees_the_size_and_a_resize"],
+    "exec --env": [_EXEC, _E2E_EXEC],
+    "exec --env-file": [_EXEC_STDIN],
+    "exec --workdir": [_EXEC, _E2E_EXEC],
+    "exec --user": [_E2E_EXEC],
+    "shell": [_EXEC_TTY, f"{_NAMED}::test_shell_is_a_login_shell_of_the_user_on_a_pty"],
+    "shell --workdir": [_EXEC_TTY, f"{_NAMED}::test_shell_is_a_login_shell_of_the_user_on_a_pty"],
+    "shell --user": [f"{_NAMED}::test_shell_is_a_login_shell_of_the_user_on_a_pty"],
+})  # fmt: skip
 
 # Known holes, each with why; a row here that gets a test moves to COVERED.
 GAPS: dict[str, str] = {}

@@ -150,7 +150,7 @@ def test_create_ls_start_stop_and_rm(named: Named, kernel: Path) -> None:
     [entry] = json.loads(run("ls", "-a", "--json").stdout)
     assert entry == named.info("t2").to_json()
 
-    started = run("start", "t2")
+    started = run("start", "--boot-timeout", "30", "t2")
     assert (started.exit_code, started.stdout) == (0, "t2\n"), started.output
     assert named.vms["t2"].vm.state is vzkit.VMState.RUNNING
     [entry] = json.loads(run("ls", "--json").stdout)
@@ -171,6 +171,32 @@ def test_create_ls_start_stop_and_rm(named: Named, kernel: Path) -> None:
     assert run("rm", "t2").stdout == "t2\n"
     assert named.vms == {}
     assert json.loads(run("ls", "-a", "--json").stdout) == []
+
+
+def test_create_takes_runs_backend_and_image_options(named: Named, kernel: Path) -> None:
+    import click
+
+    ctx = click.Context(main)
+    run_cmd, create = main.get_command(ctx, "run"), main.get_command(ctx, "create")
+    assert run_cmd is not None
+    assert create is not None
+    wanted = ("image", "insecure_registry", "rootfs", "root", "init_mode")
+    theirs = {p.name: p for p in create.params}
+    assert all(theirs[p.name] is p for p in run_cmd.params if p.name in wanted)  # the very same
+    made = run("create", "--backend", "qemu", "--kernel", kernel, "--cmdline", "quiet", "t4")
+    assert made.exit_code == 0, made.output
+    [(_, (config, name, backend, start, _command, _timeout))] = named.calls
+    assert (name, backend, start, config.cmdline) == ("t4", "qemu", False, "quiet")
+    bad = run("create", "--init", "image", "--kernel", kernel, "t5")
+    assert bad.exit_code == 2
+    assert "--init needs --image, --rootfs or --root" in bad.stderr
+    bad = run("create", "--insecure-registry", "t5")
+    assert bad.exit_code == 2
+    assert "--insecure-registry goes with --image REF" in bad.stderr
+    taken = run("create", "--kernel", kernel, "t4")
+    assert taken.exit_code == 1
+    assert "a VM named 't4' exists" in taken.stderr
+    assert list(named.vms) == ["t4"]
 
 
 def test_rm_force_stops_first(named: Named, kernel: Path) -> None:
@@ -211,14 +237,35 @@ def test_exec_on_an_unknown_or_stopped_vm_is_125(
     assert run("shell", "t2").exit_code == 2
 
 
-def test_exec_forwards_piped_stdin(named: Named, kernel: Path, tmp_path: Path) -> None:
-    """In a subprocess: stdin is a pipe (the fake VM made there, ``tests.support.named_cli``)."""
+def test_exec_forwards_piped_stdin_and_a_terminals_with_i(tmp_path: Path) -> None:
+    """In a subprocess (the fake VM made there, ``tests.support.named_cli``): a pipe's input
+    always goes to the command, a terminal's only with ``-i``; ``--env-file`` sets variables."""
+    host_agent()
+    cli = [sys.executable, "-m", "tests.support.named_cli"]
+    env = {**os.environ, **_env(tmp_path)}
+    env_file = tmp_path / "vars.env"
+    env_file.write_text("# a comment\nFROM_FILE=file value\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "tests.support.named_cli", "exec", "t1", "--", "tr", "a-z", "A-Z"],
-        input=b"piped\n", capture_output=True, cwd=ROOT, timeout=60,
-        env={**os.environ, **_env(tmp_path)},
+        [*cli, "exec", "--env-file", env_file, "t1", "--",
+         "sh", "-c", 'tr a-z A-Z; echo "$FROM_FILE"'],
+        input=b"piped\n", capture_output=True, cwd=ROOT, timeout=60, env=env,
     )  # fmt: skip
-    assert (proc.returncode, proc.stdout) == (0, b"PIPED\n"), proc.stderr
+    assert (proc.returncode, proc.stdout) == (0, b"PIPED\nfile value\n"), proc.stderr
+    outputs = []
+    for flags in (["-i"], []):
+        master, slave = os.openpty()
+        try:
+            os.write(master, b"typed line\n")
+            proc = subprocess.run(
+                [*cli, "exec", *flags, "t1", "--", "head", "-n", "1"],
+                stdin=slave, capture_output=True, cwd=ROOT, timeout=60, env=env,
+            )  # fmt: skip
+        finally:
+            os.close(slave)
+            os.close(master)
+        assert proc.returncode == 0, proc.stderr
+        outputs.append(proc.stdout)
+    assert outputs == [b"typed line\n", b""]
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -247,9 +294,9 @@ def test_exec_t_sees_the_size_and_a_resize_and_shell_is_a_login_shell(tmp_path: 
         term.close()
     term = Terminal(24, 80)
     try:
-        term.start(*cli, "shell", "t1", env=_env(tmp_path))
-        term.type(b"echo $((6*7))X; exit 5\r")
-        term.expect(b"42X")
+        term.start(*cli, "shell", "-w", "/tmp", "t1", env=_env(tmp_path))
+        term.type(b"echo $((6*7))X $(pwd)Y; exit 5\r")
+        term.expect(b"42X /tmpY")
         assert term.wait() == 5, term.seen
     finally:
         term.close()
