@@ -2,7 +2,7 @@
 its output copied to stdout and stderr, stdin forwarded (pipes), or this terminal attached to
 a pty in the guest (``-t``, :mod:`._tty`); its exit code as a shell reports it.
 
-SIGTERM (and, on a terminal, SIGHUP) is raised in the main thread as :class:`Terminated`,
+SIGTERM (and, on a terminal, SIGHUP) is raised in the main thread as :class:`_Terminated`,
 as Ctrl-C raises ``KeyboardInterrupt``, so each command's clean-up runs on the way out.
 """
 
@@ -23,7 +23,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "GUEST_PATH",
-    "Terminated",
     "attach_terminal",
     "catch_signals",
     "exit_code",
@@ -39,13 +38,14 @@ __all__ = [
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
-class Terminated(BaseException):
+class _Terminated(BaseException):
     """SIGTERM (or SIGHUP on a terminal), raised in the main thread like KeyboardInterrupt so
-    clean-up runs."""
+    clean-up runs. Control flow, not an error of vzkit's tree: private to the CLI (``_run``
+    and ``_exec`` catch it)."""
 
 
 def terminated(signum: int, frame: object) -> None:
-    raise Terminated()
+    raise _Terminated()
 
 
 def catch_signals() -> None:

@@ -18,7 +18,7 @@ import click
 from vzkit.errors import SpecError, VzkitError
 
 from ._app import main
-from ._attach import Terminated, attach_terminal, catch_signals, guest_environment, stream_command
+from ._attach import _Terminated, attach_terminal, catch_signals, guest_environment, stream_command
 from ._errors import EXIT_USAGE, echo_error
 from ._run import EXIT_RUN_FAILED, expand_env
 from ._vms import require_running
@@ -170,7 +170,7 @@ def exec_and_exit(
     except KeyboardInterrupt:
         click.echo("vzkit: interrupted; the command was killed, the VM runs on", err=True)
         sys.exit(130)
-    except Terminated:
+    except _Terminated:
         click.echo("vzkit: terminated; the command was killed, the VM runs on", err=True)
         sys.exit(143)
     sys.exit(code)

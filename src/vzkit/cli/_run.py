@@ -24,7 +24,7 @@ from vzkit.errors import ConfigError, SpecError, VMError, VzkitError
 
 from ._app import main
 from ._attach import (
-    Terminated,
+    _Terminated,
     attach_terminal,
     catch_signals,
     guest_environment,
@@ -308,7 +308,7 @@ def run_and_exit(
     except KeyboardInterrupt:
         click.echo("vzkit: interrupted; the VM was torn down", err=True)
         sys.exit(130)
-    except Terminated:
+    except _Terminated:
         click.echo("vzkit: terminated; the VM was torn down", err=True)
         sys.exit(128 + signal.SIGTERM)
     sys.exit(code)
@@ -357,7 +357,7 @@ def detached_and_exit(
     except VzkitError as err:
         echo_error(err)
         sys.exit(EXIT_RUN_FAILED)
-    except (KeyboardInterrupt, Terminated):
+    except (KeyboardInterrupt, _Terminated):
         click.echo(
             f"vzkit: interrupted; the VM {name!r} may be running: 'vzkit rm -f {name}' removes it",
             err=True,
