@@ -43,6 +43,7 @@ class Entry:
     command: Any
     directory: Path
     backend_name: str
+    exit_code: int | None = None  # the main command's, once it ended
 
 
 class Named:
@@ -90,7 +91,7 @@ class Named:
         command = entry.command
         return vzkit.VMInfo(
             name=name, state=entry.vm.state, backend="qemu", created=entry.created,
-            started=None, supervisor_pid=None, vmm_pid=None, error=None, exit_code=None,
+            started=None, supervisor_pid=None, vmm_pid=None, error=None, exit_code=entry.exit_code,
             image=None, command=tuple(command.argv) if command is not None else None,
             directory=entry.directory, console_log=entry.directory / "run" / "console.log",
             config=entry.vm.config,  # type: ignore[arg-type]

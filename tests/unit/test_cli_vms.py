@@ -98,6 +98,31 @@ def test_run_detached_makes_a_named_vm_and_prints_its_name(named: Named, kernel:
     assert named.calls[-1][1][4] is None  # no command: the VM just runs
 
 
+@pytest.mark.parametrize("ended", [True, False])
+def test_run_detached_when_the_agent_does_not_answer(
+    named: Named, kernel: Path, monkeypatch: pytest.MonkeyPatch, ended: bool
+) -> None:
+    """A main command that is over before the agent is asked is fine (its VM stopped, as it
+    should); a VM whose agent does not answer otherwise is 125, with its console."""
+    real_create = named.create
+
+    def create(*args: object, **kwargs: object) -> object:
+        view = real_create(*args, **kwargs)  # type: ignore[arg-type]
+        entry = named.vms["t1"]
+        entry.vm.stop(timeout=5)
+        entry.exit_code = 0 if ended else None
+        return view
+
+    monkeypatch.setattr(vzkit, "create", create)
+    result = run("run", "-d", "--name", "t1", "--kernel", kernel, "--boot-timeout", "2",
+                 "--", "true")  # fmt: skip
+    if ended:
+        assert (result.exit_code, result.stdout) == (0, "t1\n"), result.output
+    else:
+        assert result.exit_code == 125
+        assert "the guest stopped before its agent answered" in result.stderr
+
+
 @pytest.mark.parametrize(
     ("flags", "message"),
     [

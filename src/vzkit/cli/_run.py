@@ -348,7 +348,8 @@ def detached_and_exit(
         try:
             vm.guest.wait_ready(timeout=boot_timeout)
         except (VzkitError, OSError) as err:  # OSError: the VM's sockets went with it
-            raise _with_console(vm, err) from err
+            if not _main_command_ended(name):  # a short one may be over before we ask
+                raise _with_console(vm, err) from err
         finally:
             vm.close()  # disconnects only: the VM runs on
     except (SpecError, ConfigError) as err:
@@ -365,6 +366,13 @@ def detached_and_exit(
         sys.exit(130)
     click.echo(name)
     sys.exit(0)
+
+
+def _main_command_ended(name: str) -> bool:
+    """The named VM's main command ran and ended (so its VM stopped, as it should)."""
+    import vzkit
+
+    return any(i.name == name and i.exit_code is not None for i in vzkit.list_vms())
 
 
 def run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig:
