@@ -423,10 +423,8 @@ def main(argv: list[str]) -> int:
         vmdir.write_state(state=VMState.ERROR.value, error=str(err), supervisor_pid=None)
         _report(ready, {"ok": False, "error": _error_json(err)})
         return 1
-    try:
-        return supervisor.run(ready)
-    finally:
-        os.close(lock)
+    del lock  # held until the process has exited: its release says "no supervisor" truly
+    return supervisor.run(ready)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,259 @@
+"""Named VMs across processes, on the real default guest under QEMU (TCG here): a supervisor
+owns each VM; other processes reach it by name (``vzkit.connect``), and it leaves nothing
+behind when stopped, killed or removed."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import vzkit
+from tests.support.polling import wait_until
+from vzkit.image import GuestImage
+
+BOOT_S = 180.0
+
+
+@pytest.fixture(autouse=True)
+def home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, guest_images: dict[str, GuestImage]
+) -> Iterator[Path]:
+    """A private VZKIT_HOME per test; every VM left in it is removed (forced) at the end."""
+    path = tmp_path / "home"
+    monkeypatch.setenv("VZKIT_HOME", str(path))
+    yield path
+    for info in vzkit.list_vms():
+        vzkit.remove_vm(info.name, force=True)
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _other_process(code: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """``code`` run by a new Python process (it did not make the VM)."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout,
+        env={**os.environ}, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def _connect_as(uid: int, path: Path) -> str:
+    """Try to connect to ``path`` from a child process running as ``uid``."""
+    pid = os.fork()
+    if pid == 0:  # the child: only system calls, then _exit
+        code = 2
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            sock = socket.socket(socket.AF_UNIX)
+            try:
+                sock.connect(str(path))
+                code = 0
+            except PermissionError:
+                code = 13
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    return {0: "connected", 13: "refused"}.get(os.waitstatus_to_exitcode(status), "error")
+
+
+def _info(name: str) -> vzkit.VMInfo:
+    (info,) = [i for i in vzkit.list_vms() if i.name == name]
+    return info
+
+
+def test_a_named_vm_lives_on_and_another_process_runs_commands_in_it(home: Path) -> None:
+    vm = vzkit.create(vzkit.default_guest_config(), "t1", timeout=BOOT_S)
+    assert (vm.name, vm.state) == ("t1", vzkit.VMState.RUNNING)
+    vm.guest.wait_ready(timeout=BOOT_S)
+    vm.guest.write_file("/root/note", b"from the maker\n")
+    vm.close()  # disconnects: the VM runs on
+    info = _info("t1")
+    assert info.state is vzkit.VMState.RUNNING
+    assert _alive(info.supervisor_pid)
+    assert _alive(info.vmm_pid)
+
+    other = _other_process(
+        "import vzkit\n"
+        "with vzkit.connect('t1') as vm:\n"
+        "    print(vm.name, vm.state.value, vm.backend)\n"
+        "    print(vm.guest.run(['sh', '-c', 'echo $((6*7)); cat /root/note'], text=True).stdout)\n"
+        "    vm.guest.write_file('/root/reply', b'from another process')\n"
+    )
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.split("\n")[:3] == ["t1 running qemu", "42", "from the maker"]
+    assert _info("t1").state is vzkit.VMState.RUNNING  # the other process's close left it up
+
+    with vzkit.connect("t1") as again:
+        assert again.guest.read_file("/root/reply") == b"from another process"
+        assert again.balloon.info().has_balloon
+        again.stop(timeout=60)
+        assert again.state is vzkit.VMState.STOPPED
+    # stopped: every process of the VM is gone, the record says so, the socket too
+    assert not _alive(info.supervisor_pid)
+    assert not _alive(info.vmm_pid)
+    stopped = _info("t1")
+    assert (stopped.state, stopped.supervisor_pid, stopped.error) == (
+        vzkit.VMState.STOPPED,
+        None,
+        None,
+    )
+    assert not (home / "vms" / "t1" / "control.sock").exists()
+    with vzkit.connect("t1") as cold, pytest.raises(vzkit.StateError, match="needs a running VM"):
+        cold.guest.run(["true"])
+    vzkit.remove_vm("t1")
+    assert not (home / "vms" / "t1").exists()
+    assert vzkit.list_vms() == []
+
+
+def test_names_files_and_sockets_are_checked_and_private(home: Path) -> None:
+    cfg = vzkit.default_guest_config()
+    for bad in ("a/b", "has space", "x" * 65, "", ".hidden", "-x"):
+        with pytest.raises(vzkit.SpecError):
+            vzkit.create(cfg, bad, start=False)
+    with pytest.raises(vzkit.VMNotFoundError, match="no VM named 'nope'"):
+        vzkit.connect("nope")
+    vm = vzkit.create(cfg, "p1", timeout=BOOT_S)
+    with pytest.raises(vzkit.VMExistsError, match="a VM named 'p1' exists"):
+        vzkit.create(cfg, "p1", start=False)
+    with pytest.raises(vzkit.StateError, match="is running"):
+        vzkit.remove_vm("p1")
+    directory = home / "vms" / "p1"
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE((home / "vms").stat().st_mode) == 0o700
+    for name in ("control.sock", "vm.json", "state.json", "supervisor.log"):
+        assert stat.S_IMODE((directory / name).stat().st_mode) == 0o600, name
+    # another user cannot reach the control socket (the directory is 0700): refused
+    assert _connect_as(65534, directory / "control.sock") == "refused"
+    vm.close()
+    vzkit.remove_vm("p1", force=True)
+    assert not directory.exists()
+
+
+def test_a_killed_supervisor_leaves_no_orphan_and_the_vm_comes_back(home: Path) -> None:
+    vm = vzkit.create(vzkit.default_guest_config(), "k1", timeout=BOOT_S)
+    vm.guest.wait_ready(timeout=BOOT_S)
+    info = _info("k1")
+    proc = vm.guest.popen(["sleep", "600"])
+    os.kill(info.supervisor_pid, signal.SIGKILL)  # type: ignore[arg-type]
+    wait_until(lambda: not _alive(info.vmm_pid), "QEMU to die with its supervisor", 30)
+    with pytest.raises(vzkit.VzkitError):  # the client's command had its VM taken away
+        proc.wait(timeout=60)
+    wait_until(lambda: vm.state is vzkit.VMState.ERROR, "the client to see the VM gone", 30)
+    vm.close()
+    dead = _info("k1")
+    assert dead.state is vzkit.VMState.ERROR
+    assert "supervisor" in (dead.error or "")
+    assert "vzkit start" in (dead.error or "")
+    with vzkit.connect("k1") as again:  # start recovers it
+        again.start(timeout=BOOT_S)
+        assert again.guest.run(["echo", "back"], text=True).stdout == "back\n"
+    vzkit.remove_vm("k1", force=True)
+    assert not _alive(_pid_or_none(dead))
+    assert not (home / "vms" / "k1").exists()
+
+
+def _pid_or_none(info: vzkit.VMInfo) -> int | None:
+    return info.vmm_pid
+
+
+def test_qemu_killed_under_its_supervisor_is_an_error_with_the_reason(home: Path) -> None:
+    vm = vzkit.create(vzkit.default_guest_config(), "q1", timeout=BOOT_S)
+    info = _info("q1")
+    os.kill(info.vmm_pid, signal.SIGKILL)  # type: ignore[arg-type]
+    assert vm.wait(timeout=60) is vzkit.VMState.ERROR
+    vm.close()
+    wait_until(lambda: not _alive(info.supervisor_pid), "the supervisor to exit", 30)
+    after = _info("q1")
+    assert after.state is vzkit.VMState.ERROR, after
+    assert after.error
+    assert "QEMU" in after.error or "qemu" in after.error, after.error
+    assert not (home / "vms" / "q1" / "control.sock").exists()
+
+
+def test_two_racing_starts_one_wins_the_other_is_told(home: Path) -> None:
+    vzkit.create(vzkit.default_guest_config(), "r1", start=False).close()
+    results: list[object] = []
+
+    def start() -> None:
+        try:
+            with vzkit.connect("r1") as vm:
+                vm.start(timeout=BOOT_S)
+                results.append("started")
+        except vzkit.StateError as err:
+            results.append(err)
+
+    threads = [threading.Thread(target=start) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(BOOT_S)
+    assert sorted(map(str, results))[-1] == "started"
+    told = [r for r in results if isinstance(r, vzkit.StateError)]
+    assert len(told) == 1, results
+    assert "already running" in str(told[0])
+    assert _info("r1").state is vzkit.VMState.RUNNING
+
+
+def test_the_main_command_runs_logs_and_stops_the_vm(home: Path) -> None:
+    vm = vzkit.create(
+        vzkit.default_guest_config(), "c1", timeout=BOOT_S,
+        command=vzkit.GuestCommand(("sh", "-c", "echo out; echo err >&2; echo $GREETING; exit 3"),
+                                   env=("GREETING=hello",)),
+    )  # fmt: skip
+    assert vm.wait(timeout=BOOT_S) is vzkit.VMState.STOPPED
+    vm.close()
+    info = _info("c1")
+    assert (info.state, info.exit_code, info.command) == (
+        vzkit.VMState.STOPPED, 3, ("sh", "-c", "echo out; echo err >&2; echo $GREETING; exit 3"),
+    )  # fmt: skip
+    log = (home / "vms" / "c1" / "command.log").read_text()
+    assert {"out", "err", "hello"} <= set(log.split())
+    assert json.loads(json.dumps(info.to_json()))["exit_code"] == 3
+
+
+def test_vsock_both_ways_through_the_supervisor(home: Path) -> None:
+    """Streams the supervisor opens or accepts reach the client as descriptors."""
+    relay = "/bin/vzkit-agent relay"
+    vzkit.create(vzkit.default_guest_config(), "v1", timeout=BOOT_S).close()
+    with vzkit.connect("v1") as vm:
+        with vm.vsock.listen(7000) as listener:
+            proc = vm.guest.popen(
+                ["sh", "-c", f"{relay} --connect-vsock 2:7000 --exec 'echo hello-host'"],
+                stdin=False,
+            )
+            stream, peer = listener.accept(timeout=60)
+            with stream:
+                assert isinstance(stream, socket.socket)
+                assert stream.makefile("rb").readline() == b"hello-host\n"
+            assert peer >= 1024
+            assert proc.wait(timeout=60) == 0
+        vm.guest.popen(["sh", "-c", f"{relay} --listen-vsock 5000 --exec cat"], stdin=False)
+        wait_until(lambda: _echoes(vm), "the guest relay to listen and echo", 60)
+
+
+def _echoes(vm: vzkit.VirtualMachine) -> bool:
+    try:
+        sock = vm.vsock.connect(5000, timeout=10)
+    except ConnectionRefusedError:
+        return False
+    with sock:
+        sock.sendall(b"ping\n")
+        return sock.makefile("rb").readline() == b"ping\n"
