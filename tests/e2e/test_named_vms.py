@@ -4,6 +4,7 @@ behind when stopped, killed or removed."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -257,3 +258,48 @@ def _echoes(vm: vzkit.VirtualMachine) -> bool:
     with sock:
         sock.sendall(b"ping\n")
         return sock.makefile("rb").readline() == b"ping\n"
+
+
+def test_two_clients_at_once_and_eight_vms_on_two_cores(home: Path, tmp_path: Path) -> None:
+    """Eight named VMs run at once; on one of them a tree is copied out by one client while
+    another runs commands."""
+    names = [f"n{i}" for i in range(8)]
+    cfg = vzkit.default_guest_config(memory_gb=0.25)
+    for name in names:
+        vzkit.create(cfg, name, timeout=BOOT_S).close()
+    assert [i.name for i in vzkit.list_vms() if i.state is vzkit.VMState.RUNNING] == names
+    answers: dict[str, str] = {}
+
+    def ask(name: str) -> None:
+        with vzkit.connect(name) as vm:
+            vm.guest.wait_ready(timeout=BOOT_S * 2)
+            answers[name] = vm.guest.run(["sh", "-c", f"echo {name}"], text=True).stdout.strip()
+
+    threads = [threading.Thread(target=ask, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(BOOT_S * 3)
+    assert answers == {name: name for name in names}
+
+    with vzkit.connect("n0") as writer, vzkit.connect("n0") as reader:
+        writer.guest.run(
+            ["sh", "-c", "mkdir -p /tmp/t && head -c 20971520 /dev/urandom > /tmp/t/blob"],
+            check=True,
+        )
+        want = writer.guest.run(["sha256sum", "/tmp/t/blob"], text=True).stdout.split()[0]
+        copied: list[object] = []
+        copy = threading.Thread(
+            target=lambda: copied.append(reader.guest.copy_out("/tmp/t", tmp_path / "out"))
+        )
+        copy.start()
+        seen = [writer.guest.run(["echo", str(i)], text=True).stdout for i in range(5)]
+        copy.join(120)
+        assert seen == [f"{i}\n" for i in range(5)]
+        assert copied, "the copy did not finish"
+        got = hashlib.sha256((tmp_path / "out" / "blob").read_bytes()).hexdigest()
+        assert got == want
+    for name in names:
+        with vzkit.connect(name) as vm:
+            vm.stop(timeout=60)
+    assert all(i.state is vzkit.VMState.STOPPED for i in vzkit.list_vms())
