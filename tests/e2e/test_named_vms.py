@@ -303,3 +303,37 @@ def test_two_clients_at_once_and_eight_vms_on_two_cores(home: Path, tmp_path: Pa
         with vzkit.connect(name) as vm:
             vm.stop(timeout=60)
     assert all(i.state is vzkit.VMState.STOPPED for i in vzkit.list_vms())
+
+
+def test_snapshots_of_a_named_vm_save_and_restore_through_its_supervisor(
+    home: Path, tmp_path: Path
+) -> None:
+    snaps = vzkit.SnapshotManager(tmp_path / "snaps")
+    vzkit.create(vzkit.default_guest_config(), "s1", timeout=BOOT_S).close()
+    with vzkit.connect("s1") as vm:
+        vm.guest.run(["sh", "-c", "echo before > /tmp/mark"], check=True)
+        meta = snaps.save(vm, "warm", timeout=120)
+        assert meta.name == "warm"
+        assert vm.state is vzkit.VMState.RUNNING  # resumed after the save
+        vm.guest.run(["sh", "-c", "echo after > /tmp/mark"], check=True)
+        vm.stop(timeout=60)
+    supervisor = _info("s1").supervisor_pid
+    assert supervisor is None
+    # another process restores it: a new supervisor loads the files this one checked
+    other = _other_process(
+        "import sys, vzkit\n"
+        f"snaps = vzkit.SnapshotManager({str(tmp_path / 'snaps')!r})\n"
+        "vm = vzkit.connect('s1')\n"
+        "snaps.restore(vm, 'warm', timeout=120)\n"
+        "print(vm.state.value)\n"
+        "vm.resume(timeout=60)\n"
+        "print(vm.guest.read_file('/tmp/mark').decode().strip())\n"
+        "vm.close()\n"
+    )
+    assert other.returncode == 0, other.stderr
+    assert other.stdout.split() == ["paused", "before"]
+    info = _info("s1")
+    assert info.state is vzkit.VMState.RUNNING
+    assert _alive(info.supervisor_pid)
+    with vzkit.connect("s1") as vm:  # the restored VM is an ordinary named VM
+        assert vm.guest.run(["cat", "/tmp/mark"], text=True).stdout == "before\n"

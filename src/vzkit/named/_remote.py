@@ -23,11 +23,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .._config import ConsoleMode, LinuxVMConfig
+from .._disk import DiskFormat
 from .._loop import get_loop
 from .._private import open_private
 from .._state import VMState
@@ -38,10 +39,12 @@ from ..backends import (
     BalloonInfo,
     Feature,
     Machine,
+    SnapshotCapable,
     StateListener,
     choose_backend,
+    load_backend,
 )
-from ..backends._protocol import notify_state
+from ..backends._protocol import CapturedDisk, ProgressFn, notify_state
 from ..errors import (
     ConfigError,
     StateError,
@@ -56,7 +59,9 @@ from ._home import VMDir, make_vm_dir, wait_supervisor_gone
 __all__ = ["RemoteBackend", "RemoteMachine", "named_core", "new_named_core", "start_supervisor"]
 
 #: What a VM reached through its supervisor offers (snapshots and graphics stay with it).
-REMOTE_FEATURES = frozenset({Feature.LIFECYCLE, Feature.BALLOON, Feature.VSOCK, Feature.SHARES})
+REMOTE_FEATURES = frozenset(
+    {Feature.LIFECYCLE, Feature.BALLOON, Feature.VSOCK, Feature.SHARES, Feature.SNAPSHOTS}
+)
 #: How long a new supervisor may take to report that its VM runs (or why it does not).
 SUPERVISOR_START_S = 180.0
 
@@ -81,10 +86,16 @@ def _remote_error(name: str, error: dict[str, Any]) -> BaseException:
     return VMError(f"VM {name!r}: {message}")
 
 
-def start_supervisor(vmdir: VMDir, timeout: float = SUPERVISOR_START_S) -> None:
-    """Launch the VM's supervisor and return once the VM runs; raise why it did not. Holds
-    the VM's operation lock meanwhile, so of two racing starts one wins and the other is told
-    the VM is running."""
+def start_supervisor(
+    vmdir: VMDir,
+    timeout: float = SUPERVISOR_START_S,
+    restore: dict[str, Any] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> None:
+    """Launch the VM's supervisor and return once the VM runs (or, with ``restore``, is
+    restored from a snapshot's files, paused; ``pass_fds``: descriptors it names); raise why
+    it did not. Holds the VM's operation lock meanwhile, so of two racing starts one wins and
+    the other is told the VM is running."""
     with vmdir.locked("start"):
         if vmdir.supervisor_alive():
             raise StateError(f"VM {vmdir.name!r} is already running")
@@ -93,8 +104,9 @@ def start_supervisor(vmdir: VMDir, timeout: float = SUPERVISOR_START_S) -> None:
             with open_private(vmdir.log) as log:
                 proc = subprocess.Popen(  # detaches at once (forks); reaped right below
                     [sys.executable, "-m", "vzkit.named._supervisor", str(vmdir.path),
-                     str(write_end)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
+                     str(write_end), json.dumps(restore)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    pass_fds=(write_end, *pass_fds),
                     start_new_session=True, close_fds=True,
                 )  # fmt: skip
             os.close(write_end)
@@ -179,9 +191,12 @@ class _Listener:
 class RemoteMachine:
     """The machine of a named VM, driven through its supervisor (see the module's doc)."""
 
-    def __init__(self, vmdir: VMDir, config: LinuxVMConfig, on_state: StateListener) -> None:
+    def __init__(
+        self, vmdir: VMDir, config: LinuxVMConfig, backend: str, on_state: StateListener
+    ) -> None:
         self.vmdir = vmdir
         self._config = config
+        self._backend = backend
         self._on_state = on_state
         record = vmdir.read_state()
         self._state = VMState(record.get("state", "stopped"))
@@ -415,6 +430,71 @@ class RemoteMachine:
         self._listeners[ident] = listener
         return listener
 
+    # -- SnapshotCapable: the supervisor's machine saves; a restore starts a supervisor ------
+
+    def snapshot_blockers(self) -> list[str]:
+        return list(self._hello.get("snapshot_blockers") or [])
+
+    def snapshot_info(self) -> dict[str, str]:
+        return dict(self._hello.get("snapshot_info") or {})
+
+    async def hardware_mismatches(self, saved: Mapping[str, str]) -> list[str]:
+        """Asked of a machine of the VM's backend made here and never started (the answer
+        needs no running VM, and a stopped named VM has no supervisor)."""
+        machine = load_backend(self._backend).create_machine(self._config, _ignore)
+        try:
+            if not isinstance(machine, SnapshotCapable):
+                raise UnsupportedError(f"the {self._backend} backend cannot restore snapshots")
+            return await machine.hardware_mismatches(saved)
+        finally:
+            await machine.close()
+
+    async def prepare_save(self) -> None:
+        await self._ask("prepare_save")
+
+    async def finish_save(self) -> None:
+        with contextlib.suppress(VzkitError):  # never raises for a VMM that is gone
+            await self._ask("finish_save")
+
+    async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
+        await self._ask("save_state", path=str(path))
+
+    async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
+        found = await self._ask("capture_disks", directory=str(directory), prefix=prefix)
+        return [
+            CapturedDisk(d["role"], Path(d["source"]), Path(d["path"]), DiskFormat(d["format"]))
+            for d in found
+        ]
+
+    async def restore_state(
+        self,
+        path: Path,
+        disks: Sequence[CapturedDisk],
+        verified: Awaitable[None] | None = None,
+    ) -> None:
+        """The snapshot's files are checked here (``verified``), then a new supervisor loads
+        them: the state file by the very descriptor that was checksummed, passed on."""
+        if verified is not None:
+            await verified
+        fds: tuple[int, ...] = ()
+        state: dict[str, Any] = {"path": str(path)}
+        if str(path).startswith("/proc/self/fd/"):
+            fd = int(path.name)
+            fds, state = (fd,), {"fd": fd}
+        spec = {
+            "state": state,
+            "disks": [
+                {"role": d.role, "source": str(d.source), "path": str(d.path),
+                 "format": d.format.value}
+                for d in disks
+            ],
+        }  # fmt: skip
+        await asyncio.to_thread(start_supervisor, self.vmdir, SUPERVISOR_START_S, spec, fds)
+        await self.attach()
+        if self._sock is None:
+            self._apply(self.vmdir.read_state())
+            raise VMError(f"VM {self.vmdir.name!r} ended right after its restore: {self._error}")
+
     # -- BalloonCapable --------------------------------------------------------------------
 
     async def set_balloon_target(self, target_mb: int) -> None:
@@ -438,7 +518,11 @@ class RemoteBackend:
         return None
 
     def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> Machine:
-        return RemoteMachine(self._vmdir, config, on_state)
+        return RemoteMachine(self._vmdir, config, self.name, on_state)
+
+
+def _ignore(old: VMState, new: VMState) -> None:
+    return None
 
 
 def named_core(vmdir: VMDir, record: dict[str, Any]) -> VMCore:
