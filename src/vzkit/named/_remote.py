@@ -64,6 +64,8 @@ REMOTE_FEATURES = frozenset(
 )
 #: How long a new supervisor may take to report that its VM runs (or why it does not).
 SUPERVISOR_START_S = 180.0
+#: How often a client looks for the control socket of a supervisor that is still starting.
+_ATTACH_POLL_S = 0.05
 
 _ERRORS: dict[str, Callable[[str], BaseException]] = {
     "StateError": StateError,
@@ -215,15 +217,20 @@ class RemoteMachine:
 
     async def attach(self) -> None:
         """Connect to the supervisor if there is one (a stopped VM has none)."""
-        if self._sock is not None or not self.vmdir.supervisor_alive():
-            return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with short_path(self.vmdir.control) as name:
-                await asyncio.to_thread(sock.connect, name)
-        except OSError:
-            sock.close()
-            return  # started but not serving yet, or gone meanwhile: the record says which
+        while True:
+            if self._sock is not None or not self.vmdir.supervisor_alive():
+                return
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with short_path(self.vmdir.control) as name:
+                    await asyncio.to_thread(sock.connect, name)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()  # a supervisor still starting its VM: it serves once it runs
+                await asyncio.sleep(_ATTACH_POLL_S)
+            except OSError:
+                sock.close()
+                raise
         self._sock = sock
         self._ended = asyncio.Event()
         loop = get_loop()

@@ -99,7 +99,11 @@ class _Client:
                 message, fds = frame
                 for fd in fds:  # a client sends none
                     os.close(fd)
-                self._answer(message)
+                # each request on its own thread: a long one (a save, a vsock connect that
+                # waits) does not hold up the client's others
+                threading.Thread(
+                    target=self._answer, args=(message,), name="vzkit-ctl-op", daemon=True
+                ).start()
         except (OSError, VzkitError) as err:
             log.debug("control client dropped: %s", err)
         finally:
