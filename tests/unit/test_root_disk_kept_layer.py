@@ -17,6 +17,7 @@ import pytest
 
 from vzkit import LinuxVMConfig, RootDisk
 from vzkit._disk import DiskFormat, create_disk_image, kept_layer_exists, standalone_qcow2_size
+from vzkit._fsutil import link_new
 from vzkit.backends._protocol import CapturedDisk
 from vzkit.backends.qemu import _migrate, _rootlayer
 from vzkit.backends.vz import _rootclone  # no PyObjC: plain file copies
@@ -167,25 +168,31 @@ def test_qemu_makes_a_kept_layer_once_and_reuses_it(base: Path, tmp_path: Path) 
 
 
 @pytest.mark.parametrize(
-    ("make", "message"),
+    ("make", "message", "cause"),
     [
-        (lambda p, b: p.write_bytes(bytes(BASE_SIZE)), "is not a standalone qcow2 image"),
+        (
+            lambda p, b: p.write_bytes(bytes(BASE_SIZE)),
+            "is not a standalone qcow2 image",
+            "no qcow2 header",
+        ),
         (
             lambda p, b: create_disk_image(p, size_bytes=1 << 20, format="qcow2"),
             f"has a virtual size of {1 << 20} bytes, the base {BASE_SIZE}",
+            "",
         ),
         (
             lambda p, b: subprocess.run(
                 ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(b), str(p)],
                 check=True,
             ),
-            "is not a standalone qcow2 image .*names the backing file",
+            "is not a standalone qcow2 image",
+            "names the backing file",
         ),
     ],
     ids=["raw", "other-size", "backing-file"],
 )
 def test_qemu_refuses_a_kept_layer_it_did_not_make_for_this_base(
-    base: Path, tmp_path: Path, make: Any, message: str
+    base: Path, tmp_path: Path, make: Any, message: str, cause: str
 ) -> None:
     kept = tmp_path / "layer.qcow2"
     make(kept, base)
@@ -194,6 +201,8 @@ def test_qemu_refuses_a_kept_layer_it_did_not_make_for_this_base(
     with pytest.raises(ConfigError, match=message) as info:
         asyncio.run(_rootlayer.open_layer(tmp_path, root, tmp_path / "log"))
     assert "point layer at another file" in str(info.value)
+    assert "disk_format" not in str(info.value)  # advice for a disk, not for a layer
+    assert cause in str(info.value.__cause__ or "")
     assert kept.read_bytes() == before  # left as it was
 
 
@@ -297,3 +306,20 @@ def test_vz_makes_a_kept_layer_once_and_reuses_it(base: Path, tmp_path: Path) ->
         _rootclone.clone_base(base, kept, exclusive=True)
     assert kept.read_bytes() == written
     assert sorted(p.name for p in kept.parent.iterdir()) == ["from-qemu.qcow2", kept.name]
+
+
+def test_link_new_on_a_file_system_without_hard_links(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_links(src: object, dst: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "link", no_links)
+    first, second, dest = tmp_path / "first", tmp_path / "second", tmp_path / "dest"
+    first.write_bytes(b"first")
+    link_new(first, dest)
+    assert (dest.read_bytes(), first.exists()) == (b"first", False)
+    second.write_bytes(b"second")
+    with pytest.raises(FileExistsError):
+        link_new(second, dest)
+    assert (dest.read_bytes(), second.exists()) == (b"first", True)  # the caller's to delete

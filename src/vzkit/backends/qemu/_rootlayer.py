@@ -102,8 +102,9 @@ def _check_kept(layer: Path, size: int) -> None:
     """A kept layer is reused only as what vzkit made: a standalone qcow2 of ``size``."""
     try:
         got = standalone_qcow2_size(layer)
-    except ConfigError as err:
-        raise wrong_layer(layer, f"is not a standalone qcow2 image ({err})") from err
+    except ConfigError as err:  # its own advice is for a disk's format: the cause says why
+        what = "is not a standalone qcow2 image (a raw file, or its header names another file)"
+        raise wrong_layer(layer, what) from err
     if got != size:
         raise wrong_layer(layer, f"has a virtual size of {got} bytes, the base {size}")
 
