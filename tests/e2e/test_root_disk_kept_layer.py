@@ -101,6 +101,11 @@ def test_a_restore_into_a_kept_layer_keeps_on_from_the_snapshot(
     _sh(vm, "echo in-the-snapshot > /root/marker; sync")
     manager.save(vm, "s", timeout=120)
     _sh(vm, "echo after-the-save > /root/later; sync")  # kept in the layer, not in "s"
+    busy = vms.create(**settings)
+    with pytest.raises(vzkit.SnapshotError, match="a VM is running on it"):
+        manager.restore(busy, "s", timeout=120)  # the layer would be replaced under vm
+    busy.close()
+    assert _sh(vm, "cat /root/later") == "after-the-save\n"
     vm.stop(timeout=30)
     vm.close()
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+import vzkit
 from vzkit import LinuxVMConfig, RootDisk
 from vzkit._disk import DiskFormat, create_disk_image, kept_layer_exists, standalone_qcow2_size
 from vzkit._fsutil import link_new
@@ -44,9 +45,9 @@ def kernel(tmp_path: Path) -> Path:
     return path
 
 
-def _qemu_io(layer: Path, base: Path, *commands: str) -> str:
-    """Run qemu-io on ``layer`` over the raw ``base``, every format stated."""
-    spec = {
+def _chain(layer: Path, base: Path) -> dict[str, object]:
+    """``layer`` over the raw ``base`` as QEMU's machine opens it, every format stated."""
+    return {
         "driver": "qcow2",
         "file": {"driver": "file", "filename": str(layer)},
         "backing": {
@@ -55,6 +56,11 @@ def _qemu_io(layer: Path, base: Path, *commands: str) -> str:
             "read-only": True,
         },
     }
+
+
+def _qemu_io(layer: Path, base: Path, *commands: str) -> str:
+    """Run qemu-io on ``layer`` over the raw ``base``."""
+    spec = _chain(layer, base)
     argv = ["qemu-io"]
     for command in commands:
         argv += ["-c", command]
@@ -270,6 +276,43 @@ def test_a_failed_qemu_restore_leaves_the_kept_layer_as_it_was(base: Path, tmp_p
     m.root_layer = kept  # a failure after the copy took its place keeps it
     _migrate.drop_restored_root(m)
     assert kept.exists()
+
+
+def test_a_qemu_restore_refuses_a_kept_layer_a_running_vm_writes(
+    base: Path, tmp_path: Path
+) -> None:
+    """Putting the restore's copy in place under a running VM would lose what it writes next:
+    the layer QEMU (here qemu-io, the same block layer) holds is refused before any copy."""
+    kept, captured = tmp_path / "root.qcow2", tmp_path / "snap.root.qcow2"
+    for path in (kept, captured):
+        create_disk_image(path, size_bytes=BASE_SIZE, format="qcow2")
+    holder = subprocess.Popen(
+        ["qemu-io", "-f", "qcow2", f"json:{json.dumps(_chain(kept, base))}"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert holder.stdin is not None
+        assert holder.stdout is not None
+        holder.stdin.write("length\n")  # answered once the image is open, and locked
+        holder.stdin.flush()
+        assert "4 MiB" in holder.stdout.readline()
+        m = _restoring_machine(base, kept, tmp_path, tmp_path / "log")
+        disk = CapturedDisk("root", base, captured, DiskFormat.QCOW2)
+        busy = r"a VM is running on it \(QEMU holds its lock\)\. Stop the VM"
+        with pytest.raises(vzkit.SnapshotError, match=busy) as info:
+            asyncio.run(_migrate.prepare_root(m, [disk]))
+        assert str(kept) in str(info.value)
+        assert m.root_layer is None
+        names = sorted(p.name for p in tmp_path.iterdir())
+        assert names == ["base.img", kept.name, captured.name]  # no copy made
+    finally:
+        holder.communicate("quit\n", timeout=30)
+    asyncio.run(_migrate.prepare_root(m, [disk]))  # free again: the restore goes on
+    assert m.root_layer is not None
+    assert m.root_layer.exists()
 
 
 # -- vz ------------------------------------------------------------------------------------------

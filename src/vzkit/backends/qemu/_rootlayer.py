@@ -28,6 +28,7 @@ import contextlib
 import json
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 from ..._disk import (
@@ -165,7 +166,8 @@ async def restore_copy(root: RootDisk, captured: DiskImage) -> Path:
     layer = root.layer
     if layer is None:
         raise ValueError("the root disk keeps no layer")
-    await asyncio.to_thread(kept_layer_exists, root)  # its directory is there, it is a file
+    if await asyncio.to_thread(kept_layer_exists, root):  # a file, in a directory that is there
+        await _check_unused(layer)
     tmp = layer.with_name(f".{layer.name}.restore-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     try:
@@ -176,6 +178,43 @@ async def restore_copy(root: RootDisk, captured: DiskImage) -> Path:
             tmp.unlink()
         raise
     return tmp
+
+
+async def _check_unused(layer: Path) -> None:
+    """A :class:`SnapshotError` when a running VM writes ``layer``: the restore would put
+    another file in its place under it, and what that VM wrote next would be lost. QEMU locks
+    the images it writes, and ``qemu-img info`` of a qcow2 fails on a held lock (a raw
+    open shares the file with writers). Only a standalone qcow2, the one kind of kept layer a
+    QEMU runs on, is opened, its backing and format spelled out. No qemu-img: no check."""
+    qemu_img = shutil.which("qemu-img")
+    try:
+        await asyncio.to_thread(standalone_qcow2_size, layer)
+    except ConfigError:
+        return  # not a layer any VM runs on: the restore replaces it
+    if qemu_img is None:
+        return
+    node = image_node(DiskImage(layer, DiskFormat.QCOW2), read_only=True)
+    spec = "json:" + json.dumps(node, separators=(",", ":"), ensure_ascii=False)
+    with tempfile.TemporaryFile() as err:
+        proc = await spawn([qemu_img, "info", spec], name="qemu-img", stderr=err)
+        try:
+            rc = await proc.wait()
+        except BaseException:
+            await proc.kill()
+            raise
+        err.seek(0)
+        message = err.read(4096).decode(errors="replace").strip()
+    if rc != 0:
+        why = (
+            "a VM is running on it (QEMU holds its lock)"
+            if "lock" in message
+            else f"qemu-img cannot open it ({message.splitlines()[-1] if message else rc})"
+        )
+        raise SnapshotError(
+            f"cannot restore into the root disk's layer {str(layer)!r}: {why}. Stop the VM "
+            "that runs on it first, or restore into a config whose root disk keeps its "
+            "layer in another file"
+        )
 
 
 def keep_restored(root: RootDisk | None, layer: Path | None) -> Path | None:
