@@ -144,7 +144,7 @@ def _layer_path(layer: object, base: Path) -> Path:
     if not isinstance(text, str) or "\x00" in text:
         raise ConfigError(f"root disk layer must be a path or None, got {layer!r}")
     path = Path(text).expanduser().absolute()
-    if text.endswith(("/", "/.", "/..")) or path.name in ("", ".", ".."):
+    if os.path.basename(text) in ("", ".", "..") or not path.name:
         raise ConfigError(f"root disk layer {text!r} must name a file, not a directory")
     if os.path.normpath(path) == os.path.normpath(base):
         raise ConfigError(

@@ -84,7 +84,7 @@ def test_the_layer_is_an_absolute_path_of_its_own(
     for bad in (3, "a\x00b", b"/bytes"):
         with pytest.raises(ConfigError, match="root disk layer must be a path or None"):
             RootDisk(base=Path("/b"), layer=bad)  # type: ignore[arg-type]
-    for directory in ("/", "/var/", "/var/.", "/var/.."):
+    for directory in ("", ".", "/", "/var/", "/var/.", "/var/.."):
         with pytest.raises(ConfigError, match="must name a file, not a directory"):
             RootDisk(base=Path("/b"), layer=directory)  # type: ignore[arg-type]
     for same in ("/d/base.img", "/d/./base.img", "/d/x/../base.img"):
