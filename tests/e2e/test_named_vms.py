@@ -337,3 +337,24 @@ def test_snapshots_of_a_named_vm_save_and_restore_through_its_supervisor(
     assert _alive(info.supervisor_pid)
     with vzkit.connect("s1") as vm:  # the restored VM is an ordinary named VM
         assert vm.guest.run(["cat", "/tmp/mark"], text=True).stdout == "before\n"
+
+
+def test_a_named_vm_on_a_root_disk_keeps_its_writes_across_stop_and_start(
+    home: Path, tmp_path: Path, guest_images: dict[str, GuestImage]
+) -> None:
+    from tests.e2e.test_root_disks import make_tree
+
+    tree = make_tree(tmp_path / "tree", guest_images["x86_64"])
+    vm = vzkit.create(vzkit.default_guest_config(rootfs=tree), "d1", timeout=BOOT_S)
+    layer = home / "vms" / "d1" / "root-layer.qcow2"
+    vm.guest.run(["/bin/busybox", "sh", "-c", "echo kept > /root/kept; sync"], check=True)
+    vm.stop(timeout=60)
+    assert layer.is_file()
+    assert stat.S_IMODE(layer.stat().st_mode) == 0o600
+    vm.start(timeout=BOOT_S)  # a new supervisor, the same layer
+    assert vm.guest.read_file("/root/kept") == b"kept\n"
+    assert vm.guest.read_file("/etc/marker") == b"from the image\n"
+    vm.stop(timeout=60)
+    vm.close()
+    vzkit.remove_vm("d1")
+    assert not layer.exists()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -551,7 +552,8 @@ def new_named_core(
 
     Its console goes to its log (``vzkit logs``): a VM that outlives this process has no
     terminal. Its machine state lives in the VM's directory (``run/``) unless the config
-    names a ``state_dir``."""
+    names a ``state_dir``; a root disk's layer is kept there too (``root-layer.*``), so what
+    the VM writes survives a stop and a start, until the VM is removed."""
     if not isinstance(config, LinuxVMConfig):
         raise ConfigError(
             f"a named VM takes a LinuxVMConfig, got {type(config).__name__} (macOS guests "
@@ -566,6 +568,12 @@ def new_named_core(
     chosen = choose_backend(backend) if isinstance(backend, str) else backend
     if config.state_dir is None:
         config = config.replace(state_dir=vmdir.run_dir)
+    root = config.root_disk
+    if root is not None and root.layer is None:  # what it writes outlives a stop, until rm
+        suffix = "qcow2" if chosen.name == "qemu" else "img"  # the backend's layer format
+        config = config.replace(
+            root_disk=dataclasses.replace(root, layer=vmdir.path / f"root-layer.{suffix}")
+        )
     record = {
         "name": vmdir.name,
         "backend": chosen.name,
