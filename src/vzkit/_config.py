@@ -465,6 +465,8 @@ class LinuxVMConfig(ConfigData):
                     "root_disk needs direct boot (kernel_path and vzkit's initramfs, which "
                     "mount the root and start the agent)"
                 )
+            if self.root_disk.layer is not None and self.root_disk.layer == self.disk_path:
+                raise ConfigError("root_disk.layer is disk_path: give each its own file")
 
         self._check_devices(
             ("volumes", "displays", "publish"),

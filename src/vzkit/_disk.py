@@ -9,11 +9,13 @@ and refused if its header names another file; backends open it with no backing f
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import os
 import re
 import shlex
 import shutil
+import stat
 import struct
 import subprocess
 from dataclasses import dataclass
@@ -27,8 +29,10 @@ __all__ = [
     "RootDisk",
     "RootInit",
     "create_disk_image",
+    "kept_layer_exists",
     "root_cmdline",
     "standalone_qcow2_size",
+    "wrong_layer",
 ]
 
 _GIB = 1 << 30
@@ -70,8 +74,8 @@ BASE_DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RootDisk:
     """The guest's root file system on a block device: ``base`` is an image that is never
-    written (each VM writes into its own copy-on-write layer, made by the backend at start
-    and deleted at close), in ``format`` (stated, never probed). It is the VM's first disk
+    written (each VM writes into its own copy-on-write layer), in ``format`` (stated, never
+    probed). It is the VM's first disk
     (``/dev/vda``); ``device`` is what the guest mounts: ``/dev/vda``, a partition
     ``/dev/vdaN``, ``LABEL=..`` or ``UUID=..``. Needs vzkit's kernel and initramfs (direct
     boot), which mount it, inject the agent and ``switch_root`` (see ``docs/images.md``).
@@ -79,7 +83,15 @@ class RootDisk:
     ``digest`` names the base's content when it is known (``sha256:`` + hex: the root-disk
     cache's digest of what the image was built from, ``BaseImage.digest``): a snapshot records
     it, and a restore onto a base with another digest is refused. Empty: a snapshot hashes the
-    base's content itself (the time of its data, at save and at restore)."""
+    base's content itself (the time of its data, at save and at restore).
+
+    ``layer`` is where the VM's writes go. ``None`` (the default): a layer of the run in the
+    machine's state dir, made at its first start and deleted at close. A path: a layer that
+    is kept: made at the first start if the file is missing, reused by every later start (in
+    this process or another) and never deleted by vzkit, so the VM keeps what it wrote across
+    stop, start and processes. Its format is the backend's (a standalone qcow2 on qemu, a
+    raw copy of the base on vz); a restore of a snapshot replaces its content with the
+    snapshot's (see ``docs/images.md``)."""
 
     base: Path
     format: DiskFormat = DiskFormat.RAW
@@ -87,11 +99,14 @@ class RootDisk:
     fstype: str = "ext4"
     init: RootInit = RootInit.AGENT
     digest: str = ""
+    layer: Path | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str | os.PathLike) or "\x00" in os.fspath(self.base):
             raise ConfigError(f"root disk base must be a path, got {self.base!r}")
         object.__setattr__(self, "base", Path(self.base).expanduser().absolute())
+        if self.layer is not None:
+            object.__setattr__(self, "layer", _layer_path(self.layer, self.base))
         try:
             object.__setattr__(self, "format", DiskFormat(self.format))
             object.__setattr__(self, "init", RootInit(self.init))
@@ -118,7 +133,72 @@ class RootDisk:
             "fstype": self.fstype,
             "init": self.init.value,
             **({"digest": self.digest} if self.digest else {}),
+            **({"layer": str(self.layer)} if self.layer is not None else {}),
         }
+
+
+def _layer_path(layer: object, base: Path) -> Path:
+    """``layer`` as an absolute path (``~`` expanded); a :class:`ConfigError` for a value
+    that is not a path, names a directory, or is the base (which is never written)."""
+    text = os.fspath(layer) if isinstance(layer, str | os.PathLike) else None
+    if not isinstance(text, str) or "\x00" in text:
+        raise ConfigError(f"root disk layer must be a path or None, got {layer!r}")
+    path = Path(text).expanduser().absolute()
+    if os.path.basename(text) in ("", ".", "..") or not path.name:
+        raise ConfigError(f"root disk layer {text!r} must name a file, not a directory")
+    if os.path.normpath(path) == os.path.normpath(base):
+        raise ConfigError(
+            f"root disk layer {text!r} is the base itself, which is never written: name "
+            "another file for the VM's writes (a new file: vzkit makes it at the first start)"
+        )
+    return path
+
+
+def kept_layer_exists(root: RootDisk) -> bool:
+    """Whether ``root``'s kept layer (``root.layer``) is there to be reused (its mode made
+    0600 if it was wider); ``False``: the start makes it. A :class:`ConfigError` saying what to
+    do when it is a directory or another non-regular file, is the base under another name, or
+    its directory is missing. Its format and size are the backend's to check."""
+    layer = root.layer
+    if layer is None:
+        raise ValueError("the root disk keeps no layer")
+    try:
+        st = os.stat(layer)
+    except FileNotFoundError:
+        if not layer.parent.is_dir():
+            raise ConfigError(
+                f"the directory of the root disk's layer {str(layer)!r} does not exist: create "
+                "it (vzkit makes the layer at the first start, not its directory)"
+            ) from None
+        return False
+    except OSError as err:
+        raise ConfigError(
+            f"cannot read the root disk's layer {str(layer)!r}: {err.strerror}"
+        ) from err
+    if not stat.S_ISREG(st.st_mode):
+        raise ConfigError(
+            f"the root disk's layer {str(layer)!r} is not a regular file: point layer at a "
+            "file (a new one is made at the first start)"
+        )
+    with contextlib.suppress(OSError):
+        if os.path.samefile(layer, root.base):
+            raise ConfigError(
+                f"the root disk's layer {str(layer)!r} is the base {str(root.base)!r} under "
+                "another name, and the base is never written: name another file for the layer"
+            )
+    if st.st_mode & 0o077:
+        os.chmod(layer, _IMAGE_MODE)  # the guest's data: its owner's only
+    return True
+
+
+def wrong_layer(layer: Path, what: str) -> ConfigError:
+    """The error for a kept layer that is not this base's layer on this backend: ``what``
+    says how it differs."""
+    return ConfigError(
+        f"the root disk's layer {str(layer)!r} {what}, so it is not the layer this VM wrote "
+        "over its base on this backend; point layer at another file (a new one starts from "
+        "the base), or move this one away if its writes are not wanted"
+    )
 
 
 def root_cmdline(device: str, fstype: str = "", init: RootInit | str = RootInit.AGENT) -> str:

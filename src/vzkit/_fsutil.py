@@ -15,7 +15,7 @@ import os
 import secrets
 from pathlib import Path
 
-__all__ = ["fsync_dir", "fsync_file", "write_atomic"]
+__all__ = ["fsync_dir", "fsync_file", "link_new", "write_atomic"]
 
 
 def fsync_dir(path: str | os.PathLike[str]) -> None:
@@ -67,3 +67,19 @@ def write_atomic(
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def link_new(tmp: Path, dest: Path) -> None:
+    """``tmp`` (a finished file) becomes ``dest`` unless a file is there already: then
+    ``FileExistsError`` and ``tmp`` stays for the caller to delete; else ``tmp`` goes. On a
+    file system without hard links: a rename after a look (a narrow race, no worse)."""
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(dest):
+            raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(dest)) from None
+        os.replace(tmp, dest)
+        return
+    tmp.unlink()

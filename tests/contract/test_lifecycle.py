@@ -511,3 +511,58 @@ def test_a_root_disk_snapshot_captures_the_vms_own_layer(
         with pytest.raises(vzkit.SnapshotError, match="saved on the root disk base"):
             manager.restore(vm3, "r", timeout=TIMEOUT)
         assert not (tmp_path / "other" / "root-layer.img").exists()
+
+
+def test_a_kept_root_layer_outlives_the_vm_and_takes_a_snapshots_content(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path
+) -> None:
+    """vz, ``RootDisk.layer``: the VM's copy of the base is made at the kept path at the
+    first start and attached there, left at close, reused (not cloned again) by the next VM
+    of the same config, captured by a save, and given the snapshot's content by a restore."""
+    base = _disk(tmp_path)
+    base_bytes = base.read_bytes()
+    kept = tmp_path / "vm" / "root.img"
+    kept.parent.mkdir()
+    root = vzkit.RootDisk(base=base, digest="sha256:" + "12" * 32, layer=kept)
+    cfg = vzkit.LinuxVMConfig(kernel_path=kernel, root_disk=root, state_dir=tmp_path / "state")
+    manager = vzkit.SnapshotManager(tmp_path / "vmdir")
+
+    def write(data: bytes) -> None:  # what the guest writes into its layer
+        with open(kept, "r+b") as fh:
+            fh.seek(3 << 20)
+            fh.write(data)
+
+    with vzkit.VirtualMachine(cfg, backend=vzb.BACKEND) as vm:
+        vm.start(timeout=TIMEOUT)
+        machine: Any = vm._core.machine
+        disks = machine._vz_config.storageDevices()
+        assert str(disks[0].attachment().URL().path()) == str(kept)
+        assert kept.read_bytes() == base_bytes
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        assert not (tmp_path / "state" / "root-layer.img").exists()
+        write(b"first-run")
+        vm.stop(timeout=TIMEOUT)
+    assert kept.exists()  # never deleted by vzkit
+    with vzkit.VirtualMachine(cfg, backend=vzb.BACKEND) as vm:
+        vm.start(timeout=TIMEOUT)
+        assert kept.read_bytes()[3 << 20 : (3 << 20) + 9] == b"first-run"  # not cloned again
+        write(b"saved-run")
+        manager.save(vm, "k", timeout=TIMEOUT)
+        saved = kept.read_bytes()
+        write(b"later-run")
+    record = SnapshotRecord.from_json("k", json.loads(manager.meta_path("k").read_text()))
+    (captured,) = record.disks
+    assert (manager.snapshot_dir / captured.file).read_bytes() == saved
+    with vzkit.VirtualMachine(cfg, backend=vzb.BACKEND) as vm:
+        manager.restore(vm, "k", timeout=TIMEOUT)
+        assert kept.read_bytes() == saved  # the snapshot's content, at the kept path
+        assert stat.S_IMODE(kept.stat().st_mode) == 0o600
+        vm.resume(timeout=TIMEOUT)
+    assert kept.read_bytes() == saved
+    assert base.read_bytes() == base_bytes
+    gone = cfg.replace(root_disk=vzkit.RootDisk(base=base, layer=tmp_path / "no-dir" / "r.img"))
+    with (
+        vzkit.VirtualMachine(gone, backend=vzb.BACKEND) as vm,
+        pytest.raises(vzkit.ConfigError, match="does not exist: create it"),
+    ):
+        vm.start(timeout=TIMEOUT)

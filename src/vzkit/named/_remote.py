@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -23,11 +24,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from .._config import ConsoleMode, LinuxVMConfig
+from .._disk import DiskFormat
 from .._loop import get_loop
 from .._private import open_private
 from .._state import VMState
@@ -38,10 +40,12 @@ from ..backends import (
     BalloonInfo,
     Feature,
     Machine,
+    SnapshotCapable,
     StateListener,
     choose_backend,
+    load_backend,
 )
-from ..backends._protocol import notify_state
+from ..backends._protocol import CapturedDisk, ProgressFn, notify_state
 from ..errors import (
     ConfigError,
     StateError,
@@ -56,9 +60,13 @@ from ._home import VMDir, make_vm_dir, wait_supervisor_gone
 __all__ = ["RemoteBackend", "RemoteMachine", "named_core", "new_named_core", "start_supervisor"]
 
 #: What a VM reached through its supervisor offers (snapshots and graphics stay with it).
-REMOTE_FEATURES = frozenset({Feature.LIFECYCLE, Feature.BALLOON, Feature.VSOCK, Feature.SHARES})
+REMOTE_FEATURES = frozenset(
+    {Feature.LIFECYCLE, Feature.BALLOON, Feature.VSOCK, Feature.SHARES, Feature.SNAPSHOTS}
+)
 #: How long a new supervisor may take to report that its VM runs (or why it does not).
 SUPERVISOR_START_S = 180.0
+#: How often a client looks for the control socket of a supervisor that is still starting.
+_ATTACH_POLL_S = 0.05
 
 _ERRORS: dict[str, Callable[[str], BaseException]] = {
     "StateError": StateError,
@@ -81,10 +89,16 @@ def _remote_error(name: str, error: dict[str, Any]) -> BaseException:
     return VMError(f"VM {name!r}: {message}")
 
 
-def start_supervisor(vmdir: VMDir, timeout: float = SUPERVISOR_START_S) -> None:
-    """Launch the VM's supervisor and return once the VM runs; raise why it did not. Holds
-    the VM's operation lock meanwhile, so of two racing starts one wins and the other is told
-    the VM is running."""
+def start_supervisor(
+    vmdir: VMDir,
+    timeout: float = SUPERVISOR_START_S,
+    restore: dict[str, Any] | None = None,
+    pass_fds: tuple[int, ...] = (),
+) -> None:
+    """Launch the VM's supervisor and return once the VM runs (or, with ``restore``, is
+    restored from a snapshot's files, paused; ``pass_fds``: descriptors it names); raise why
+    it did not. Holds the VM's operation lock meanwhile, so of two racing starts one wins and
+    the other is told the VM is running."""
     with vmdir.locked("start"):
         if vmdir.supervisor_alive():
             raise StateError(f"VM {vmdir.name!r} is already running")
@@ -93,8 +107,9 @@ def start_supervisor(vmdir: VMDir, timeout: float = SUPERVISOR_START_S) -> None:
             with open_private(vmdir.log) as log:
                 proc = subprocess.Popen(  # detaches at once (forks); reaped right below
                     [sys.executable, "-m", "vzkit.named._supervisor", str(vmdir.path),
-                     str(write_end)],
-                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, pass_fds=(write_end,),
+                     str(write_end), json.dumps(restore)],
+                    stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                    pass_fds=(write_end, *pass_fds),
                     start_new_session=True, close_fds=True,
                 )  # fmt: skip
             os.close(write_end)
@@ -179,9 +194,12 @@ class _Listener:
 class RemoteMachine:
     """The machine of a named VM, driven through its supervisor (see the module's doc)."""
 
-    def __init__(self, vmdir: VMDir, config: LinuxVMConfig, on_state: StateListener) -> None:
+    def __init__(
+        self, vmdir: VMDir, config: LinuxVMConfig, backend: str, on_state: StateListener
+    ) -> None:
         self.vmdir = vmdir
         self._config = config
+        self._backend = backend
         self._on_state = on_state
         record = vmdir.read_state()
         self._state = VMState(record.get("state", "stopped"))
@@ -200,15 +218,20 @@ class RemoteMachine:
 
     async def attach(self) -> None:
         """Connect to the supervisor if there is one (a stopped VM has none)."""
-        if self._sock is not None or not self.vmdir.supervisor_alive():
-            return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            with short_path(self.vmdir.control) as name:
-                await asyncio.to_thread(sock.connect, name)
-        except OSError:
-            sock.close()
-            return  # started but not serving yet, or gone meanwhile: the record says which
+        while True:
+            if self._sock is not None or not self.vmdir.supervisor_alive():
+                return
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                with short_path(self.vmdir.control) as name:
+                    await asyncio.to_thread(sock.connect, name)
+                break
+            except (FileNotFoundError, ConnectionRefusedError):
+                sock.close()  # a supervisor still starting its VM: it serves once it runs
+                await asyncio.sleep(_ATTACH_POLL_S)
+            except OSError:
+                sock.close()
+                raise
         self._sock = sock
         self._ended = asyncio.Event()
         loop = get_loop()
@@ -415,6 +438,71 @@ class RemoteMachine:
         self._listeners[ident] = listener
         return listener
 
+    # -- SnapshotCapable: the supervisor's machine saves; a restore starts a supervisor ------
+
+    def snapshot_blockers(self) -> list[str]:
+        return list(self._hello.get("snapshot_blockers") or [])
+
+    def snapshot_info(self) -> dict[str, str]:
+        return dict(self._hello.get("snapshot_info") or {})
+
+    async def hardware_mismatches(self, saved: Mapping[str, str]) -> list[str]:
+        """Asked of a machine of the VM's backend made here and never started (the answer
+        needs no running VM, and a stopped named VM has no supervisor)."""
+        machine = load_backend(self._backend).create_machine(self._config, _ignore)
+        try:
+            if not isinstance(machine, SnapshotCapable):
+                raise UnsupportedError(f"the {self._backend} backend cannot restore snapshots")
+            return await machine.hardware_mismatches(saved)
+        finally:
+            await machine.close()
+
+    async def prepare_save(self) -> None:
+        await self._ask("prepare_save")
+
+    async def finish_save(self) -> None:
+        with contextlib.suppress(VzkitError):  # never raises for a VMM that is gone
+            await self._ask("finish_save")
+
+    async def save_state(self, path: Path, progress: ProgressFn | None) -> None:
+        await self._ask("save_state", path=str(path))
+
+    async def capture_disks(self, directory: Path, prefix: str) -> list[CapturedDisk]:
+        found = await self._ask("capture_disks", directory=str(directory), prefix=prefix)
+        return [
+            CapturedDisk(d["role"], Path(d["source"]), Path(d["path"]), DiskFormat(d["format"]))
+            for d in found
+        ]
+
+    async def restore_state(
+        self,
+        path: Path,
+        disks: Sequence[CapturedDisk],
+        verified: Awaitable[None] | None = None,
+    ) -> None:
+        """The snapshot's files are checked here (``verified``), then a new supervisor loads
+        them: the state file by the very descriptor that was checksummed, passed on."""
+        if verified is not None:
+            await verified
+        fds: tuple[int, ...] = ()
+        state: dict[str, Any] = {"path": str(path)}
+        if str(path).startswith("/proc/self/fd/"):
+            fd = int(path.name)
+            fds, state = (fd,), {"fd": fd}
+        spec = {
+            "state": state,
+            "disks": [
+                {"role": d.role, "source": str(d.source), "path": str(d.path),
+                 "format": d.format.value}
+                for d in disks
+            ],
+        }  # fmt: skip
+        await asyncio.to_thread(start_supervisor, self.vmdir, SUPERVISOR_START_S, spec, fds)
+        await self.attach()
+        if self._sock is None:
+            self._apply(self.vmdir.read_state())
+            raise VMError(f"VM {self.vmdir.name!r} ended right after its restore: {self._error}")
+
     # -- BalloonCapable --------------------------------------------------------------------
 
     async def set_balloon_target(self, target_mb: int) -> None:
@@ -438,7 +526,11 @@ class RemoteBackend:
         return None
 
     def create_machine(self, config: LinuxVMConfig, on_state: StateListener) -> Machine:
-        return RemoteMachine(self._vmdir, config, on_state)
+        return RemoteMachine(self._vmdir, config, self.name, on_state)
+
+
+def _ignore(old: VMState, new: VMState) -> None:
+    return None
 
 
 def named_core(vmdir: VMDir, record: dict[str, Any]) -> VMCore:
@@ -460,7 +552,8 @@ def new_named_core(
 
     Its console goes to its log (``vzkit logs``): a VM that outlives this process has no
     terminal. Its machine state lives in the VM's directory (``run/``) unless the config
-    names a ``state_dir``."""
+    names a ``state_dir``; a root disk's layer is kept there too (``root-layer.*``), so what
+    the VM writes survives a stop and a start, until the VM is removed."""
     if not isinstance(config, LinuxVMConfig):
         raise ConfigError(
             f"a named VM takes a LinuxVMConfig, got {type(config).__name__} (macOS guests "
@@ -475,6 +568,12 @@ def new_named_core(
     chosen = choose_backend(backend) if isinstance(backend, str) else backend
     if config.state_dir is None:
         config = config.replace(state_dir=vmdir.run_dir)
+    root = config.root_disk
+    if root is not None and root.layer is None:  # what it writes outlives a stop, until rm
+        suffix = "qcow2" if chosen.name == "qemu" else "img"  # the backend's layer format
+        config = config.replace(
+            root_disk=dataclasses.replace(root, layer=vmdir.path / f"root-layer.{suffix}")
+        )
     record = {
         "name": vmdir.name,
         "backend": chosen.name,

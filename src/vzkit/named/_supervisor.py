@@ -36,11 +36,13 @@ from pathlib import Path
 from typing import Any
 
 from .._config import LinuxVMConfig
+from .._disk import DiskFormat
 from .._loop import get_loop, run_sync
 from .._state import VMState
 from .._vmcore import VMCore
 from ..agent._channel import StrOrBytes
 from ..backends import VsockListenerLike
+from ..backends._protocol import CapturedDisk
 from ..errors import StateError, VzkitError
 from ._control import FrameReader, peer_uid, send_frame, short_path
 from ._home import VMDir
@@ -97,7 +99,11 @@ class _Client:
                 message, fds = frame
                 for fd in fds:  # a client sends none
                     os.close(fd)
-                self._answer(message)
+                # each request on its own thread: a long one (a save, a vsock connect that
+                # waits) does not hold up the client's others
+                threading.Thread(
+                    target=self._answer, args=(message,), name="vzkit-ctl-op", daemon=True
+                ).start()
         except (OSError, VzkitError) as err:
             log.debug("control client dropped: %s", err)
         finally:
@@ -123,9 +129,12 @@ def _error_json(err: BaseException) -> dict[str, Any]:
 
 
 class Supervisor:
-    def __init__(self, vmdir: VMDir, record: dict[str, Any]) -> None:
+    def __init__(
+        self, vmdir: VMDir, record: dict[str, Any], restore: dict[str, Any] | None = None
+    ) -> None:
         self.vmdir = vmdir
         self.record = record
+        self.restore = restore
         self.config = LinuxVMConfig.from_dict(record["config"])
         self.core = VMCore(self.config, record["backend"], listener=self._on_state)
         self.core.name = vmdir.name
@@ -207,6 +216,27 @@ class Supervisor:
             if listener is not None:
                 listener.close()
             return None, []
+        if op in ("prepare_save", "finish_save"):
+            snap = core.snapshot_machine()
+            step = snap.prepare_save() if op == "prepare_save" else snap.finish_save()
+            try:
+                return self._run(step), []
+            finally:  # the agent's vsock offer changed (set aside, brought back): say so
+                self.broadcast(self._state_event())
+        if op == "save_state":
+            core.require("snapshot_save")
+            return self._run(core.snapshot_machine().save_state(Path(message["path"]), None)), []
+        if op == "capture_disks":
+            disks = self._run(
+                core.snapshot_machine().capture_disks(
+                    Path(message["directory"]), str(message["prefix"])
+                )
+            )
+            return [
+                {"role": d.role, "source": str(d.source), "path": str(d.path),
+                 "format": d.format.value}
+                for d in disks
+            ], []  # fmt: skip
         if op == "balloon_info":
             return dataclasses.asdict(self._run(core.balloon_info())), []
         if op == "set_balloon_target":
@@ -229,6 +259,17 @@ class Supervisor:
             "console_pty": machine.console_pty,
             "state_dir": str(machine.state_dir),
             "supervisor_pid": os.getpid(),
+            **self._snapshot_facts(),
+        }
+
+    def _snapshot_facts(self) -> dict[str, Any]:
+        try:
+            snap = self.core.snapshot_machine()
+        except VzkitError:
+            return {}
+        return {
+            "snapshot_blockers": snap.snapshot_blockers(),
+            "snapshot_info": snap.snapshot_info(),
         }
 
     def _listen(self, client: _Client, port: int) -> int:
@@ -280,7 +321,10 @@ class Supervisor:
         with contextlib.suppress(FileNotFoundError):
             vmdir.control.unlink()  # a killed supervisor's
         try:
-            run_sync(self.core.start(START_TIMEOUT_S))
+            if self.restore is None:
+                run_sync(self.core.start(START_TIMEOUT_S))
+            else:
+                run_sync(self._restore(self.restore))
         except Exception as err:
             with contextlib.suppress(Exception):
                 run_sync(self.core.close())
@@ -348,6 +392,24 @@ class Supervisor:
             client.close()
         return 0
 
+    async def _restore(self, spec: dict[str, Any]) -> None:
+        """Load a snapshot's files, checked by the client that started this supervisor (the
+        state file by the descriptor it checksummed, inherited): the VM ends PAUSED."""
+        core = self.core
+        core.require("snapshot_restore")
+        state = spec["state"]
+        path = Path(f"/proc/self/fd/{int(state['fd'])}") if "fd" in state else Path(state["path"])
+        disks = [
+            CapturedDisk(d["role"], Path(d["source"]), Path(d["path"]), DiskFormat(d["format"]))
+            for d in spec["disks"]
+        ]
+        await asyncio.wait_for(
+            core.snapshot_machine().restore_state(path, disks, None), START_TIMEOUT_S
+        )
+        core.restored(path, clock_step=False)  # the client's core steps the clock at resume
+        if "fd" in state:
+            os.close(int(state["fd"]))
+
     async def _main_command(self) -> None:
         """``run -d -- CMD``: run the main command once the agent answers, its output into
         command.log, its exit code recorded; the VM is stopped when it ends."""
@@ -404,6 +466,7 @@ def _on_signals(action: Callable[[], object]) -> None:
 
 def main(argv: list[str]) -> int:
     directory, ready = Path(argv[0]), int(argv[1])
+    restore = json.loads(argv[2]) if len(argv) > 2 else None
     if os.fork() > 0:  # detach: the starter reaps this parent at once; the child lives on
         os._exit(0)
     logging.basicConfig(
@@ -418,15 +481,13 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         record = vmdir.read_vm()
-        supervisor = Supervisor(vmdir, record)
+        supervisor = Supervisor(vmdir, record, restore)
     except Exception as err:
         vmdir.write_state(state=VMState.ERROR.value, error=str(err), supervisor_pid=None)
         _report(ready, {"ok": False, "error": _error_json(err)})
         return 1
-    try:
-        return supervisor.run(ready)
-    finally:
-        os.close(lock)
+    del lock  # held until the process has exited: its release says "no supervisor" truly
+    return supervisor.run(ready)
 
 
 if __name__ == "__main__":

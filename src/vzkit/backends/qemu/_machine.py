@@ -100,7 +100,7 @@ class QemuMachine:
         self._incoming = False
         self.disk_override: Path | None = None
         self.disk_backing: DiskImage | None = None  # the overlay's (set with it)
-        #: The root disk's layer (first start to close); after a restore, the captured one below.
+        #: The root disk's layer (a run's, or the kept one); after a restore: _migrate.prepare_root.
         self.root_layer: Path | None = None
         self.root_backing: DiskImage | None = None
         self.accel = ""
@@ -318,7 +318,7 @@ class QemuMachine:
                 await vsock.prepare()
             host = await self._probe()
             if self.config.root_disk is not None and self.root_layer is None:
-                self.root_layer = await _rootlayer.create_layer(
+                self.root_layer = await _rootlayer.open_layer(
                     self.state_dir, self.config.root_disk, self.stderr_path
                 )
             shares = await self._shares.start(
@@ -537,6 +537,7 @@ class QemuMachine:
             if verified is not None:
                 await verified  # QEMU reads no saved byte before the checksums match
             await _migrate.load_state(self, path)
+            _migrate.keep_restored_root(self)  # a kept root layer is the snapshot's now
             if self._run is not None:
                 self._run.incoming = False
             if self._vsock is not None:
@@ -590,7 +591,7 @@ class QemuMachine:
             if self._own_runtime_dir and self._runtime_dir is not None:
                 shutil.rmtree(self._runtime_dir, ignore_errors=True)
             self._runtime_dir, self._own_runtime_dir = None, False
-            _rootlayer.remove_layer(self.root_layer)
+            _rootlayer.remove_layer(self.root_layer, self.config.root_disk)  # never a kept one
             self.root_layer = self.root_backing = None
             if self._own_state_dir and self._state_dir is not None:
                 shutil.rmtree(self._state_dir, ignore_errors=True)

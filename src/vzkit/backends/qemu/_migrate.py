@@ -49,6 +49,7 @@ __all__ = [
     "blockers",
     "capture_disks",
     "drop_restored_root",
+    "keep_restored_root",
     "load_state",
     "prepare_disks",
     "prepare_root",
@@ -336,7 +337,10 @@ async def prepare_root(m: QemuMachine, disks: Sequence[CapturedDisk]) -> None:
     """A restore's root disk: the machine's layer is replaced by a fresh one over the
     snapshot's captured layer (``m.root_backing``, opened read-only, so any number of VMs run
     from one snapshot), which lies over the config's base: never a path from the snapshot.
-    The snapshot has a root layer exactly when the config has a root disk."""
+    The snapshot has a root layer exactly when the config has a root disk. A config with a
+    kept layer runs on a copy of the captured layer instead, which takes the kept layer's
+    place once the state has loaded (:func:`keep_restored_root`): what the VM writes after
+    the restore is kept, over the snapshot's disk."""
     root = m.config.root_disk
     layers = [d for d in disks if d.role == ROOT_ROLE]
     if (root is None) != (not layers) or len(layers) > 1:
@@ -349,7 +353,7 @@ async def prepare_root(m: QemuMachine, disks: Sequence[CapturedDisk]) -> None:
             f"the snapshot's root disk layer is {layers[0].format.value}; the qemu backend "
             "saves it as qcow2 (the snapshot was not saved by this backend)"
         )
-    _rootlayer.remove_layer(m.root_layer)  # a restore replaces what an earlier run wrote
+    _rootlayer.remove_layer(m.root_layer, root)  # a restore replaces what a run wrote
     m.root_layer = m.root_backing = None
     if root is None:
         return
@@ -360,14 +364,24 @@ async def prepare_root(m: QemuMachine, disks: Sequence[CapturedDisk]) -> None:
             f"the snapshot's root disk layer does not have the size of the base "
             f"{str(root.base)!r} ({base_size} bytes): it was saved on another base"
         )
+    if root.layer is not None:
+        m.root_layer = await _rootlayer.restore_copy(root, captured)
+        return
     m.root_layer = await _rootlayer.create_layer(m.state_dir, root, m.stderr_path)
     m.root_backing = captured
 
 
+def keep_restored_root(m: QemuMachine) -> None:
+    """After a restore's state has loaded: a kept layer's copy becomes the kept layer."""
+    m.root_layer = _rootlayer.keep_restored(m.config.root_disk, m.root_layer)
+
+
 def drop_restored_root(m: QemuMachine) -> None:
-    """After a failed restore: the layer :func:`prepare_root` made goes (none is left)."""
-    if m.root_backing is not None:
-        _rootlayer.remove_layer(m.root_layer)
+    """After a failed restore: the layer :func:`prepare_root` made goes (none is left); a
+    kept layer stays as it was before the restore."""
+    root = m.config.root_disk
+    if m.root_backing is not None or (root is not None and root.layer is not None):
+        _rootlayer.remove_layer(m.root_layer, root)
         m.root_layer = m.root_backing = None
 
 

@@ -56,7 +56,7 @@ class VzMachine:
         self._on_state = on_state
         self._state = VMState.STOPPED
         self._own_state_dir = config.state_dir is None
-        self._root_layer: Path | None = None  # the root disk's copy: first start to close
+        self._root_layer: Path | None = None  # the root disk's copy (a run's, or kept)
         self._state_dir: Path | None = config.state_dir
         self._queue: Queue | None = None
         self._vm: Any = None
@@ -153,8 +153,7 @@ class VzMachine:
         else:
             root = self.config.root_disk
             if root is not None and self._root_layer is None:
-                self._root_layer = self.state_dir / _rootclone.LAYER_NAME
-                _rootclone.clone_base(root.base, self._root_layer)
+                self._root_layer = _rootclone.open_layer(root, self.state_dir)
             console_fds = self._open_pty() if self.config.console is ConsoleMode.PTY else None
             vz_config = _build.build_linux_vm_config(
                 self.config,
@@ -213,10 +212,8 @@ class VzMachine:
         try:
             if verified is not None:  # the disks are copied back only once they check out
                 await verified
-            layer = None
-            if getattr(self.config, "root_disk", None) is not None:  # the snapshot's, copied
-                self.state_dir.mkdir(parents=True, exist_ok=True)
-                layer = self.state_dir / _rootclone.LAYER_NAME
+            root = getattr(self.config, "root_disk", None)  # its layer: the snapshot's, copied
+            layer = None if root is None else _rootclone.restore_target(root, self.state_dir)
             await _snapshots.copy_back_disks(self.config, disks, layer)
             self._root_layer = layer
             self._release()
@@ -389,7 +386,7 @@ class VzMachine:
                 self._set_state(VMState.STOPPED)
             if self._stopped is not None:
                 self._stopped.set()
-            _rootclone.remove_layer(self._root_layer)
+            _rootclone.remove_layer(self._root_layer, getattr(self.config, "root_disk", None))
             self._root_layer = None
             if self._own_state_dir and self._state_dir is not None:
                 shutil.rmtree(self._state_dir, ignore_errors=True)
