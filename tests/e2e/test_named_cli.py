@@ -84,6 +84,33 @@ def test_exec_prints_and_passes_the_exit_code(home: Path, t1: str) -> None:
     assert (other.returncode, other.stdout) == (0, b"1000\n"), other.stderr.decode()
 
 
+def test_sigterm_ends_the_exec_and_its_command_not_the_vm(home: Path, t1: str) -> None:
+    env = {**os.environ, "VZKIT_HOME": str(home)}
+    count = "ps | grep -c '[s]leep 4242'"
+    proc = subprocess.Popen(
+        [*VZKIT, "exec", t1, "--", "sh", "-c", "echo started; exec sleep 4242"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"started\n"
+        running = vzkit(home, "exec", t1, "--", "sh", "-c", count)
+        assert running.stdout == b"1\n"  # seen from another exec while it runs
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert b"terminated; the command was killed, the VM runs on" in err
+    wait_until(  # the guest command went with it (killed through the agent); the VM answers
+        lambda: vzkit(home, "exec", t1, "--", "sh", "-c", count).stdout == b"0\n",
+        "the guest's sleep to end",
+        timeout=30,
+    )
+
+
 def test_a_file_written_by_one_exec_is_read_by_the_next(home: Path, t1: str) -> None:
     wrote = vzkit(home, "exec", t1, "--", "sh", "-c", "echo kept > /root/note")
     assert wrote.returncode == 0, wrote.stderr.decode()

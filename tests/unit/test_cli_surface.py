@@ -321,7 +321,11 @@ COVERED.update({
     ],
     "exec": [_EXEC, f"{_VMS}::test_exec_on_an_unknown_or_stopped_vm_is_125", _E2E_EXEC, _E2E_LIFE],
     "exec --interactive": [_EXEC_STDIN],
-    "exec --tty": [_EXEC_TTY, f"{_NAMED}::test_exec_t_under_a_pty_sees_the_size_and_a_resize"],
+    "exec --tty": [
+        _EXEC_TTY,
+        f"{_VMS}::test_exec_t_escape_ends_the_session_and_says_the_vm_runs_on",
+        f"{_NAMED}::test_exec_t_under_a_pty_sees_the_size_and_a_resize",
+    ],
     "exec --env": [_EXEC, _E2E_EXEC],
     "exec --env-file": [_EXEC_STDIN],
     "exec --workdir": [_EXEC, _E2E_EXEC],

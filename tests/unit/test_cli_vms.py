@@ -327,6 +327,21 @@ def test_exec_t_sees_the_size_and_a_resize_and_shell_is_a_login_shell(tmp_path: 
         term.close()
 
 
+def test_exec_t_escape_ends_the_session_and_says_the_vm_runs_on(tmp_path: Path) -> None:
+    host_agent()
+    term = Terminal(24, 80)
+    try:
+        term.start(sys.executable, "-m", "tests.support.named_cli", "exec", "-t", "t1", "--",
+                   "sh", "-c", "echo ready; read x", env=_env(tmp_path))  # fmt: skip
+        term.expect(b"ready")
+        term.type(b"\x1d.")
+        assert term.wait() == 255, term.seen
+        assert b"the session was ended (Ctrl-] .); the VM runs on" in term.seen
+        assert termios.tcgetattr(term.slave) == term.cooked
+    finally:
+        term.close()
+
+
 def _tree(root: Path) -> dict[str, tuple[int, bytes]]:
     out = {}
     for path in sorted(root.rglob("*")):
