@@ -182,7 +182,7 @@ def test_create_ls_start_stop_and_rm(named: Named, kernel: Path) -> None:
     assert (entry["name"], entry["state"]) == ("t2", "running")
     twice = run("start", "t2")
     assert twice.exit_code == 1  # the core's StateError, with the name
-    assert "already running" in twice.stderr
+    assert "t2: VM is already running" in twice.stderr  # the core's sentence, and which VM
 
     refused = run("rm", "t2")
     assert refused.exit_code == 1

@@ -75,13 +75,14 @@ def require_running(vm: VirtualMachine, name: str) -> None:
 
 def _each(names: tuple[str, ...], action: Callable[[str], None]) -> None:
     """``action`` for each name, printing the name when it is done (docker's habit) and the
-    error when it fails; the others still go. Exit 1 when one failed."""
+    error when it fails, with the name when the error does not say it; the others still go.
+    Exit 1 when one failed."""
     failed = False
     for name in names:
         try:
             action(name)
         except (VzkitError, OSError) as err:
-            echo_error(err)
+            echo_error(err if repr(name) in str(err) else f"{name}: {err}")
             failed = True
         else:
             click.echo(name)
