@@ -83,7 +83,8 @@ def main() -> None:
             for name in order:
                 times[name].append(timed(contenders[name]))
         (info,) = [i for i in vzkit.list_vms() if i.name == "bench"]
-        assert info.supervisor_pid is not None and info.vmm_pid is not None
+        assert info.supervisor_pid is not None
+        assert info.vmm_pid is not None
         sup, qemu = pss_kib(info.supervisor_pid), pss_kib(info.vmm_pid)
     finally:
         vm.stop(timeout=60)
@@ -110,10 +111,15 @@ def main() -> None:
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     (out / f"named-{stamp}.json").write_text(
         json.dumps(
-            {"rounds": args.rounds, "times_ms": times, "rows": rows, "cli_added_ms": added,
-             "pss_kib": {"supervisor": sup, "qemu": qemu}},
+            {
+                "rounds": args.rounds,
+                "times_ms": times,
+                "rows": rows,
+                "cli_added_ms": added,
+                "pss_kib": {"supervisor": sup, "qemu": qemu},
+            },
             indent=1,
-        )  # fmt: skip
+        )
     )
 
 

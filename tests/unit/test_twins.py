@@ -283,8 +283,10 @@ def test_the_named_vm_functions_have_twins() -> None:
     for name in ("create", "connect", "list_vms", "remove_vm"):
         sync, aio = getattr(vzkit, name), getattr(vzkit.aio, name)
         assert _params(sync) == _params(aio), name
-        assert inspect.iscoroutinefunction(aio) and not inspect.iscoroutinefunction(sync)
-        assert name in vzkit.__all__ and name in vzkit.aio.__all__
+        assert inspect.iscoroutinefunction(aio)
+        assert not inspect.iscoroutinefunction(sync)
+        assert name in vzkit.__all__
+        assert name in vzkit.aio.__all__
 
 
 _EMPTY = inspect.Parameter.empty
