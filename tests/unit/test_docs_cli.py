@@ -168,8 +168,9 @@ def _check_example(line: str) -> str:
                 tokens.pop(0)
             continue
         if isinstance(command, click.Group):
-            assert token in command.commands, f"{line}: no command {token!r}"
-            command = command.commands[token]
+            found = command.get_command(click.Context(command), token)
+            assert found is not None, f"{line}: no command {token!r}"
+            command = found
             path.append(token)
             continue
         if not command.context_settings.get("allow_interspersed_args", True):

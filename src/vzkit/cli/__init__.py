@@ -7,7 +7,9 @@ attached to this process: :mod:`._attach`, :mod:`._tty`), named VMs (``create``,
 :mod:`._exec`), ``snapshot`` (:mod:`._snapshot`), ``image`` (:mod:`._image`), ``doctor``
 (:mod:`._doctor`), ``codesign`` and ``macos`` (:mod:`._macos`), ``completion``
 (:mod:`._completion`). Shared options and parameter callbacks live in :mod:`._options`;
-library errors become exit codes at this edge only (:mod:`._errors`).
+library errors become exit codes at this edge only (:mod:`._errors`). A command's module is
+imported when the command is asked for (``_app.COMMAND_MODULES``); :func:`load_all` imports
+them all.
 
 The CLI uses the library's public API only (``vzkit``, ``vzkit.errors``, ``vzkit.doctor``,
 ``vzkit.image``, ``vzkit.agent``, ``vzkit.backends`` and its backends' public names), never a
@@ -16,19 +18,7 @@ backend's private module; ``tests/unit/test_layering_cli.py`` checks that.
 
 from __future__ import annotations
 
-# Importing a command module registers its commands on ``main``.
-from . import (  # noqa: F401
-    _completion,
-    _doctor,
-    _exec,
-    _image,
-    _macos,
-    _run,
-    _setup,
-    _snapshot,
-    _vms,
-)
-from ._app import main
+from ._app import load_all, main
 from ._options import DisplayAction, display_callback
 
-__all__ = ["DisplayAction", "display_callback", "main"]
+__all__ = ["DisplayAction", "display_callback", "load_all", "main"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 
 import click
@@ -10,7 +11,7 @@ from vzkit import __version__
 
 from ._errors import echo_error
 
-__all__ = ["main"]
+__all__ = ["COMMAND_MODULES", "load_all", "main"]
 
 
 class _EchoWarnings(logging.Handler):
@@ -52,7 +53,51 @@ def _show_guest_warnings() -> None:
         logger.addHandler(_EchoWarnings(logging.WARNING))
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+#: Which module registers each command: imported when the command is asked for, so
+#: ``vzkit exec`` does not pay for ``doctor``'s or ``image``'s imports (``vzkit.cli``'s doc).
+COMMAND_MODULES = {
+    "completion": "_completion",
+    "config": "_setup",
+    "disk": "_setup",
+    "doctor": "_doctor",
+    "run": "_run",
+    "snapshot": "_snapshot",
+    "create": "_vms",
+    "start": "_vms",
+    "stop": "_vms",
+    "rm": "_vms",
+    "ls": "_vms",
+    "inspect": "_vms",
+    "cp": "_vms",
+    "logs": "_vms",
+    "exec": "_exec",
+    "shell": "_exec",
+    "image": "_image",
+    "codesign": "_macos",
+    "macos": "_macos",
+}
+
+
+class _LazyGroup(click.Group):
+    """A group whose commands' modules are imported on first use (click's lazy group)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*self.commands, *COMMAND_MODULES})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        module = COMMAND_MODULES.get(cmd_name)
+        if cmd_name not in self.commands and module is not None:
+            importlib.import_module(f"vzkit.cli.{module}")  # registers it on main
+        return super().get_command(ctx, cmd_name)
+
+
+def load_all() -> None:
+    """Import every command module (for tools that walk ``main.commands``)."""
+    for module in sorted(set(COMMAND_MODULES.values())):
+        importlib.import_module(f"vzkit.cli.{module}")
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="vzkit")
 @click.option(
     "-v", "--verbose", count=True, help="Log what vzkit does to stderr (-vv: everything)."
