@@ -13,7 +13,9 @@ from pathlib import Path
 
 import click
 
-from vzkit.cli import main
+from vzkit.cli import load_all, main
+
+load_all()  # every command registered, as --help lists them
 
 TESTS = Path(__file__).resolve().parents[1]
 

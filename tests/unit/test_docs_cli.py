@@ -20,7 +20,9 @@ from pathlib import Path
 import click
 import pytest
 
-from vzkit.cli import main
+from vzkit.cli import load_all, main
+
+load_all()  # every command registered, as --help lists them
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "cli.md"
 #: A command's section: "## `vzkit`", "## `vzkit run`", "### `vzkit image build`".
