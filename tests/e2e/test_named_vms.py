@@ -228,6 +228,8 @@ def test_the_main_command_runs_logs_and_stops_the_vm(home: Path) -> None:
     log = (home / "vms" / "c1" / "command.log").read_text()
     assert {"out", "err", "hello"} <= set(log.split())
     assert json.loads(json.dumps(info.to_json()))["exit_code"] == 3
+    assert info.command_log == home / "vms" / "c1" / "command.log"
+    assert info.auto_remove is False
 
 
 def test_vsock_both_ways_through_the_supervisor(home: Path) -> None:
@@ -358,3 +360,14 @@ def test_a_named_vm_on_a_root_disk_keeps_its_writes_across_stop_and_start(
     vm.close()
     vzkit.remove_vm("d1")
     assert not layer.exists()
+
+
+def test_auto_remove_leaves_nothing_once_the_main_command_ends(home: Path) -> None:
+    vm = vzkit.create(
+        vzkit.default_guest_config(), "a1", timeout=BOOT_S, auto_remove=True,
+        command=["sh", "-c", "echo bye"],
+    )  # fmt: skip
+    assert vm.wait(timeout=BOOT_S) is vzkit.VMState.STOPPED
+    vm.close()
+    assert not (home / "vms" / "a1").exists()
+    assert vzkit.list_vms() == []

@@ -54,6 +54,7 @@ class Named:
         self.backend = AgentBackend(host_agent())
         self.vms: dict[str, Entry] = {}
         self.calls: list[tuple[str, Any]] = []
+        self.auto_remove: dict[str, bool] = {}
         self.disconnects = 0
         self.listings = 0  # list_vms calls: what 'vzkit logs -f' polls
 
@@ -66,8 +67,10 @@ class Named:
     def create(
         self, config: vzkit.LinuxVMConfig, name: str, *, backend: str = "auto",
         start: bool = True, command: Any = None, timeout: float | None = None,
+        auto_remove: bool = False,
     ) -> View:  # fmt: skip
         self.calls.append(("create", (config, name, backend, start, command, timeout)))
+        self.auto_remove[name] = auto_remove
         if name in self.vms:
             raise vzkit.VMExistsError(
                 f"a VM named {name!r} exists: pick another name or 'vzkit rm {name}'"

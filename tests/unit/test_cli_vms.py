@@ -129,7 +129,6 @@ def test_run_detached_when_the_agent_does_not_answer(
         (["--name", "t1"], "--name names a VM that lives on: add -d"),
         (["-d", "-t"], "-d does not combine with -i or -t"),
         (["-d", "-i"], "-d does not combine with -i or -t"),
-        (["-d", "--rm"], "a detached VM is kept until it is removed"),
         (["-d", "--from-snapshot", "s"], "-d does not combine with --from-snapshot"),
         (["-d", "--name", "a/b"], ""),
     ],
@@ -148,6 +147,14 @@ def test_run_detached_refuses_what_it_cannot_do(
 
 def _refuse_name(config: object, name: str, **kwargs: object) -> None:
     raise vzkit.SpecError(f"a VM name is letters, digits, '_', '.' and '-': not {name!r}")
+
+
+def test_run_detached_with_rm_asks_for_auto_removal(named: Named, kernel: Path) -> None:
+    result = run("run", "-d", "--rm", "--name", "t1", "--kernel", kernel, "--", "true")
+    assert result.exit_code == 0, result.output
+    assert named.auto_remove == {"t1": True}
+    assert run("run", "-d", "--name", "t2", "--kernel", kernel).exit_code == 0
+    assert named.auto_remove["t2"] is False
 
 
 def test_run_rm_without_d_is_accepted(kernel: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -99,7 +99,8 @@ EXIT_RUN_FAILED = 125
     "--rm",
     "remove",
     is_flag=True,
-    help="Accepted for docker's habit: without -d the VM is always removed at the end.",
+    help="With -d: the VM is removed once it stops (its main command ended, 'vzkit stop', "
+    "its guest powered off); without -d the VM is always removed at the end.",
 )
 @click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
 @click.option(
@@ -207,7 +208,7 @@ def run_cmd(
         env = expand_env(env, env_files, os.environ)
         check_user(user)
         if detach:
-            _check_detached(interactive, tty, remove, from_snapshot)
+            _check_detached(interactive, tty, from_snapshot)
         elif name is not None:
             raise SpecError(
                 "--name names a VM that lives on: add -d ('vzkit run -d --name NAME'), then "
@@ -225,23 +226,18 @@ def run_cmd(
     if detach:
         detached_and_exit(
             name, command, backend, env, workdir, boot_timeout, opts, user=user,
-            entrypoint=entrypoint,
+            entrypoint=entrypoint, auto_remove=remove,
         )  # fmt: skip
     run_and_exit(command, backend, env, workdir, interactive, boot_timeout, opts, snap, user=user,
                  entrypoint=entrypoint, tty=tty)  # fmt: skip
 
 
-def _check_detached(interactive: bool, tty: bool, remove: bool, from_snapshot: str | None) -> None:
+def _check_detached(interactive: bool, tty: bool, from_snapshot: str | None) -> None:
     """What ``-d`` does not combine with (a ``SpecError`` that says what to do instead)."""
     if interactive or tty:
         raise SpecError(
             "-d does not combine with -i or -t: the VM runs on without this terminal; "
             "'vzkit exec -it NAME -- CMD' attaches one to a command in it"
-        )
-    if remove:
-        raise SpecError(
-            "-d --rm: a detached VM is kept until it is removed; drop --rm and "
-            "'vzkit rm -f NAME' when done"
         )
     if from_snapshot is not None:
         raise SpecError("-d does not combine with --from-snapshot yet: boot it without one")
@@ -325,6 +321,7 @@ def detached_and_exit(
     *,
     user: str | None = None,
     entrypoint: str | None = None,
+    auto_remove: bool = False,
 ) -> None:
     """``run -d``: a named VM made through ``vzkit.create`` (its supervisor owns it), its agent
     awaited, its name printed; exit 0, 2 for bad options, 125 when it could not be made or
@@ -344,7 +341,10 @@ def detached_and_exit(
                 argv=argv, env=tuple(f"{k}={v}" for k, v in environment.items()), cwd=workdir,
                 user=user,
             )  # fmt: skip
-        vm = vzkit.create(cfg, name, backend=backend, command=main_command, timeout=boot_timeout)
+        vm = vzkit.create(
+            cfg, name, backend=backend, command=main_command, timeout=boot_timeout,
+            auto_remove=auto_remove,
+        )  # fmt: skip
         try:
             vm.guest.wait_ready(timeout=boot_timeout)
         except (VzkitError, OSError) as err:  # OSError: the VM's sockets went with it
@@ -369,10 +369,12 @@ def detached_and_exit(
 
 
 def _main_command_ended(name: str) -> bool:
-    """The named VM's main command ran and ended (so its VM stopped, as it should)."""
+    """The named VM's main command ran and ended (so its VM stopped, as it should; with
+    ``--rm`` it may be gone already)."""
     import vzkit
 
-    return any(i.name == name and i.exit_code is not None for i in vzkit.list_vms())
+    found = [i for i in vzkit.list_vms() if i.name == name]
+    return not found or found[0].exit_code is not None
 
 
 def run_config(interactive_console: bool, opts: dict[str, Any]) -> LinuxVMConfig:

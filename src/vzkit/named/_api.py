@@ -88,6 +88,10 @@ class VMInfo:
     directory: Path
     console_log: Path | None
     config: LinuxVMConfig
+    #: The main command's output (``None`` without a main command).
+    command_log: Path | None = None
+    #: Removed by its supervisor once it has stopped (``run -d --rm``).
+    auto_remove: bool = False
 
     @classmethod
     def read(cls, vmdir: VMDir) -> VMInfo:
@@ -111,6 +115,8 @@ class VMInfo:
             directory=vmdir.path,
             console_log=config.console_log_path or (vmdir.run_dir / "console.log"),
             config=config,
+            command_log=vmdir.command_log if command else None,
+            auto_remove=bool(record.get("auto_remove")),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -131,6 +137,8 @@ class VMInfo:
             "image": self.image,
             "command": None if self.command is None else list(self.command),
             "console_log": None if self.console_log is None else str(self.console_log),
+            "command_log": None if self.command_log is None else str(self.command_log),
+            "auto_remove": self.auto_remove,
             "directory": str(self.directory),
         }
 
@@ -157,8 +165,11 @@ async def _create(
     start: bool,
     command: GuestCommand | Sequence[str] | None,
     timeout: float | None,
+    auto_remove: bool,
 ) -> VMCore:
-    core = await asyncio.to_thread(new_named_core, config, name, backend, _command(command))
+    core = await asyncio.to_thread(
+        new_named_core, config, name, backend, _command(command), auto_remove
+    )
     if start:
         await core.start(timeout)
     return core
@@ -172,11 +183,14 @@ def create(
     start: bool = True,
     command: GuestCommand | Sequence[str] | None = None,
     timeout: float | None = None,
+    auto_remove: bool = False,
 ) -> VirtualMachine:
     """Make the named VM ``name`` from ``config`` (refused with :class:`~vzkit.VMExistsError`
     if the name is taken) and, unless ``start=False``, start it; it runs on after this
-    process ends, until ``stop`` (``vzkit stop NAME``). Returns it connected."""
-    return VirtualMachine._of(run_sync(_create(config, name, backend, start, command, timeout)))
+    process ends, until ``stop`` (``vzkit stop NAME``). Returns it connected.
+    ``auto_remove``: its supervisor removes it once it has stopped (``run -d --rm``)."""
+    created = _create(config, name, backend, start, command, timeout, auto_remove)
+    return VirtualMachine._of(run_sync(created))
 
 
 async def create_async(
@@ -187,9 +201,10 @@ async def create_async(
     start: bool = True,
     command: GuestCommand | Sequence[str] | None = None,
     timeout: float | None = None,
+    auto_remove: bool = False,
 ) -> AsyncVirtualMachine:
     """The asyncio twin of :func:`create`."""
-    core = await wrap(_create(config, name, backend, start, command, timeout))
+    core = await wrap(_create(config, name, backend, start, command, timeout, auto_remove))
     return AsyncVirtualMachine._of(core)
 
 

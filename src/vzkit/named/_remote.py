@@ -547,6 +547,7 @@ def new_named_core(
     name: str,
     backend: str | Backend = "auto",
     command: dict[str, Any] | None = None,
+    auto_remove: bool = False,
 ) -> VMCore:
     """Record a new named VM (stopped; nothing started) and return a core over it.
 
@@ -581,6 +582,7 @@ def new_named_core(
         "config": config.to_dict(),
         "created": time.time(),
         "command": command,
+        "auto_remove": auto_remove,
     }
     make_vm_dir(vmdir, record)
     return named_core(vmdir, record)

@@ -26,6 +26,7 @@ import json
 import logging
 import os
 import queue
+import shutil
 import signal
 import socket
 import sys
@@ -390,6 +391,8 @@ class Supervisor:
         for client in clients:
             client.send(last)
             client.close()
+        if self.record.get("auto_remove"):  # run -d --rm: nothing of it stays
+            shutil.rmtree(vmdir.path, ignore_errors=True)
         return 0
 
     async def _restore(self, spec: dict[str, Any]) -> None:
