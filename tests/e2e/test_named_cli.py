@@ -258,3 +258,29 @@ def test_a_python_process_that_did_not_make_t1_runs_commands_in_it(home: Path, t
     hostname = vzkit(home, "exec", t1, "--", "cat", "/proc/sys/kernel/hostname").stdout
     assert proc.stdout == hostname
     assert json.loads(vzkit(home, "inspect", "--json", t1).stdout)["state"] == "running"
+
+
+def test_snapshot_save_and_restore_of_a_named_vm_and_run_d_rm(home: Path, tmp_path: Path) -> None:
+    made = vzkit(home, "run", "-d", "--name", "s1")
+    assert made.returncode == 0, made.stderr.decode()
+    assert vzkit(home, "exec", "s1", "--", "sh", "-c", "echo one > /root/v").returncode == 0
+    saved = vzkit(home, "snapshot", "save", "--vm", "s1", tmp_path / "snaps", "one")
+    assert saved.returncode == 0, saved.stderr.decode()
+    assert saved.stdout.startswith(b"saved one of s1")
+    assert vzkit(home, "exec", "s1", "--", "sh", "-c", "echo two > /root/v").returncode == 0
+    running = vzkit(home, "snapshot", "restore", "--vm", "s1", tmp_path / "snaps", "one")
+    assert running.returncode == 1  # the VM runs: a restore needs it stopped
+    assert b"stopped" in running.stderr
+    refused = vzkit(home, "snapshot", "save", "--vm", "s1", "--cpus", "2", tmp_path / "s", "x")
+    assert refused.returncode == 2
+    assert b"drop --cpus" in refused.stderr
+    assert vzkit(home, "stop", "s1").returncode == 0
+    restored = vzkit(home, "snapshot", "restore", "--vm", "s1", tmp_path / "snaps", "one")
+    assert restored.returncode == 0, restored.stderr.decode()
+    assert vzkit(home, "exec", "s1", "--", "cat", "/root/v").stdout == b"one\n"
+    assert vzkit(home, "rm", "-f", "s1").returncode == 0
+    # run -d --rm: gone once its main command ends
+    gone = vzkit(home, "run", "-d", "--rm", "--name", "r1", "--", "true")
+    assert gone.returncode == 0, gone.stderr.decode()
+    wait_until(lambda: not (home / "vms" / "r1").exists(), "r1 to remove itself", timeout=60)
+    assert b"r1" not in vzkit(home, "ls", "-a").stdout

@@ -286,10 +286,17 @@ _EXEC_TTY = f"{_VMS}::test_exec_t_sees_the_size_and_a_resize_and_shell_is_a_logi
 _CREATE_OPTS = f"{_VMS}::test_create_takes_runs_backend_and_image_options"
 _DETACH = f"{_VMS}::test_run_detached_makes_a_named_vm_and_prints_its_name"
 _DETACH_REFUSED = f"{_VMS}::test_run_detached_refuses_what_it_cannot_do"
+_NAMED_SNAP = f"{_NAMED}::test_snapshot_save_and_restore_of_a_named_vm_and_run_d_rm"
 COVERED.update({
     "run --detach": [_DETACH, _DETACH_REFUSED, _E2E_EXEC],
     "run --name": [_DETACH, _DETACH_REFUSED, _E2E_LIFE],
-    "run --rm": [f"{_VMS}::test_run_rm_without_d_is_accepted", _DETACH_REFUSED],
+    "run --rm": [
+        f"{_VMS}::test_run_rm_without_d_is_accepted",
+        f"{_VMS}::test_run_detached_with_rm_asks_for_auto_removal",
+        _NAMED_SNAP,
+    ],
+    "snapshot save --vm": [_NAMED_SNAP],
+    "snapshot restore --vm": [_NAMED_SNAP],
     "create": [_VMS_LIFE, _CREATE_OPTS],
     **{f"create {option}": [_SHARED, *tests] for option, tests in VM_OPTIONS.items()},
     "create --memory": [_SHARED, _VMS_LIFE],

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -16,6 +18,9 @@ from ._app import main
 from ._errors import handle_errors
 from ._options import vm_options
 from ._run import run_and_exit, run_cmd, run_config
+
+if TYPE_CHECKING:
+    from vzkit import VirtualMachine
 
 __all__ = [
     "root_options",
@@ -103,34 +108,76 @@ def snapshot_rm(vm_dir: Path, names: tuple[str, ...]) -> None:
     "--backend", type=click.Choice(["auto", "qemu", "vz"]), default="auto", show_default=True
 )
 @click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
+@click.option(
+    "--vm",
+    "vm_name",
+    metavar="VM",
+    help="Save the running named VM VM (see 'vzkit ls') instead of booting one; no VM options.",
+)
 @click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 @handle_errors
 def snapshot_save(
     vm_dir: Path, name: str, command: tuple[str, ...], backend: str, boot_timeout: float,
-    **opts: Any,
+    vm_name: str | None, **opts: Any,
 ) -> None:  # fmt: skip
     """Boot a VM, run COMMAND in it (optional set-up), then save it as snapshot NAME of VM_DIR.
 
     The VM options must be given again to restore it ('vzkit run --from-snapshot NAME
     --vm-dir VM_DIR' or 'vzkit snapshot restore'); a mismatch is reported field by field.
+    With --vm, the named VM VM is saved as it runs (COMMAND, if any, runs in it first) and
+    goes on running; 'vzkit snapshot restore --vm VM' brings it back to that point.
+
+    \b
+      vzkit snapshot save ./vm warm -- sh -c 'echo ready > /root/state'
+      vzkit snapshot save --vm t1 ./snaps before-upgrade
     """
     from vzkit import VirtualMachine  # on first use: 'vzkit --help' does not pay for it
 
     command = _guest_command(command)
+    if vm_name is not None:
+        _no_vm_options(opts, backend)
+        with _named_vm(vm_name) as vm:
+            _set_up(vm, command)
+            meta = SnapshotManager(vm_dir).save(vm, name)
+        click.echo(f"saved {name} of {vm_name} ({meta.size} bytes of machine state) in "
+                   f"{meta.file_path.parent}")  # fmt: skip
+        return
     cfg = run_config(False, root_opts(opts))
     with VirtualMachine(cfg, backend=backend) as vm:
         vm.start(timeout=boot_timeout)
         vm.guest.wait_ready(timeout=boot_timeout)
-        if command:
-            proc = vm.guest.run(list(command))
-            sys.stdout.buffer.write(proc.stdout)
-            sys.stderr.buffer.write(proc.stderr)
-            if proc.returncode != 0:
-                raise GuestError(f"the set-up command exited with {proc.returncode}; not saved")
+        _set_up(vm, command)
         meta = SnapshotManager(vm_dir).save(vm, name)
     click.echo(f"saved {name} ({meta.size} bytes of machine state) in {meta.file_path.parent}")
+
+
+def _set_up(vm: VirtualMachine, command: tuple[str, ...]) -> None:
+    if command:
+        proc = vm.guest.run(list(command))
+        sys.stdout.buffer.write(proc.stdout)
+        sys.stderr.buffer.write(proc.stderr)
+        if proc.returncode != 0:
+            raise GuestError(f"the set-up command exited with {proc.returncode}; not saved")
+
+
+def _no_vm_options(opts: dict[str, Any], backend: str) -> None:
+    given = sorted(k for k, v in opts.items() if v not in (None, (), False))
+    if given or backend != "auto":
+        names = ", ".join("--" + k.replace("_", "-") for k in given) or "--backend"
+        raise click.UsageError(f"--vm takes the named VM as it is: drop {names}")
+
+
+@contextlib.contextmanager
+def _named_vm(name: str) -> Iterator[VirtualMachine]:
+    import vzkit
+
+    vm = vzkit.connect(name)
+    try:
+        yield vm
+    finally:
+        vm.close()  # disconnects only
 
 
 @root_options
@@ -140,15 +187,47 @@ def snapshot_save(
     "--backend", type=click.Choice(["auto", "qemu", "vz"]), default="auto", show_default=True
 )
 @click.option("--boot-timeout", type=float, default=180.0, show_default=True, help="Seconds.")
+@click.option(
+    "--vm",
+    "vm_name",
+    metavar="VM",
+    help="Restore into the stopped named VM VM, which runs on from the snapshot (its config "
+    "must match the one saved); no VM options, no COMMAND ('vzkit exec' runs commands).",
+)
 @click.argument("vm_dir", type=click.Path(path_type=Path, file_okay=False))
 @click.argument("name")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def snapshot_restore(
     vm_dir: Path, name: str, command: tuple[str, ...], backend: str, boot_timeout: float,
-    **opts: Any,
+    vm_name: str | None, **opts: Any,
 ) -> None:  # fmt: skip
     """Restore snapshot NAME of VM_DIR into a new VM and run COMMAND in it (like 'vzkit run
-    --from-snapshot'); without COMMAND the console is attached to this terminal."""
+    --from-snapshot'); without COMMAND the console is attached to this terminal.
+
+    \b
+      vzkit snapshot restore ./vm warm -- cat /root/state
+      vzkit snapshot restore --vm t1 ./snaps before-upgrade
+    """
     command = _guest_command(command)
+    if vm_name is not None:
+        _restore_named(vm_dir, name, vm_name, command, backend, boot_timeout, opts)
+        return
     snap = (vm_dir, name)
     run_and_exit(command, backend, (), None, False, boot_timeout, root_opts(opts), snap)
+
+
+@handle_errors
+def _restore_named(
+    vm_dir: Path, name: str, vm_name: str, command: tuple[str, ...], backend: str,
+    boot_timeout: float, opts: dict[str, Any],
+) -> None:  # fmt: skip
+    _no_vm_options(opts, backend)
+    if command:
+        raise click.UsageError(
+            f"--vm restores the VM and leaves it running: run commands with 'vzkit exec "
+            f"{vm_name} -- ...'"
+        )
+    with _named_vm(vm_name) as vm:
+        SnapshotManager(vm_dir).restore(vm, name, timeout=boot_timeout)
+        vm.resume(timeout=boot_timeout)
+    click.echo(f"restored {name} into {vm_name}, running")
