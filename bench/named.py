@@ -5,8 +5,9 @@
 One named default-image guest (``vzkit.create``, in a private ``VZKIT_HOME``), then, in
 each round and interleaved (the order alternates between rounds):
 
-* ``cli exec``: ``vzkit exec bench -- true`` as a new process (``python -m vzkit``): the
-  interpreter's start, the CLI's imports, the connect to the supervisor, the agent session
+* ``cli exec``: ``vzkit exec bench -- true`` as a new process (``python -m vzkit``, from
+  compiled bytecode as an installed vzkit runs): the interpreter's start, the CLI's imports,
+  the connect to the supervisor, the agent session
   (vsock stream passed as a descriptor, AUTH, HELLO), the command, the exit;
 * ``connect + run``: ``vzkit.connect("bench")`` then ``vm.guest.run(["true"])`` in this
   process (a new session each time, no interpreter start);
@@ -60,8 +61,11 @@ def main() -> None:
     try:
         vm.guest.wait_ready(timeout=180)
 
+        # as an installed vzkit runs: from compiled bytecode (the warm-up round writes it)
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
         def cli_exec() -> None:
-            subprocess.run(cli, check=True, stdin=subprocess.DEVNULL)
+            subprocess.run(cli, check=True, stdin=subprocess.DEVNULL, env=env)
 
         def connect_run() -> None:
             with vzkit.connect("bench") as other:
@@ -82,6 +86,10 @@ def main() -> None:
             order = list(contenders) if i % 2 == 0 else list(reversed(contenders))
             for name in order:
                 times[name].append(timed(contenders[name]))
+        starts = []
+        for _ in range(args.rounds):
+            starts.append(timed(lambda: subprocess.run([sys.executable, "-c", "pass"], env=env)))
+        bare = statistics.median(starts)
         (info,) = [i for i in vzkit.list_vms() if i.name == "bench"]
         assert info.supervisor_pid is not None
         assert info.vmm_pid is not None
@@ -102,6 +110,7 @@ def main() -> None:
     for name, row in rows.items():
         print(f"{name:16} {row['median_ms']:10.1f} {row['p90_ms']:10.1f}")
     print(f"the CLI adds {added:.1f} ms to a connected run (goal <= 100 ms)")
+    print(f"bare interpreter start: {bare:.1f} ms")
     print(
         f"PSS: supervisor {sup / 1024:.1f} MiB, QEMU {qemu / 1024:.1f} MiB, "
         f"ratio {sup / qemu:.3f} (goal <= 0.10)"
@@ -116,6 +125,7 @@ def main() -> None:
                 "times_ms": times,
                 "rows": rows,
                 "cli_added_ms": added,
+                "bare_python_ms": bare,
                 "pss_kib": {"supervisor": sup, "qemu": qemu},
             },
             indent=1,

@@ -13,13 +13,10 @@ import json
 import math
 import os
 import re
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar, Self, cast
-
-import tomli_w
 
 from ._disk import DiskFormat, RootDisk
 from ._display import DisplayConfig, parse_display_spec
@@ -316,13 +313,15 @@ class ConfigData:
         return cls.from_dict(data)
 
     def to_toml(self) -> str:
+        import tomli_w  # on first use: most processes never write TOML
+
         return tomli_w.dumps(self.to_dict())
 
     @classmethod
     def from_toml(cls, text: str) -> Self:
         try:
-            data = tomllib.loads(text)
-        except tomllib.TOMLDecodeError as err:
+            data = _tomllib().loads(text)
+        except _tomllib().TOMLDecodeError as err:
             raise ConfigError(f"invalid TOML {cls.WHAT}: {err}") from err
         return cls.from_dict(data)
 
@@ -341,6 +340,12 @@ class ConfigData:
         except OSError as err:
             raise ConfigError(f"cannot read VM config {str(source)!r}: {err.strerror}") from err
         return cls.from_toml(text) if source.suffix == ".toml" else cls.from_json(text)
+
+
+def _tomllib() -> Any:
+    import tomllib  # on first use: most processes never read TOML
+
+    return tomllib
 
 
 def _dc(obj: object) -> Any:

@@ -17,7 +17,6 @@ import subprocess
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
 
-from . import _guestcopy
 from ._guestcore import DEFAULT_MAX_OUTPUT, DEFAULT_READY_TIMEOUT
 from ._loop import run_sync, wrap
 
@@ -193,6 +192,8 @@ class Guest:
         ``dest`` raises :class:`~vzkit.agent.GuestFileNotFoundError` (a
         :class:`FileNotFoundError`); a missing ``src``, :class:`FileNotFoundError`; over
         ``timeout`` seconds, :class:`~vzkit.errors.VMTimeoutError`."""
+        from . import _guestcopy  # tarfile & co. on first use: 'vzkit exec' needs none
+
         run_sync(_guestcopy.copy_in(self._core, src, dest, timeout))
 
     def copy_out(self, src: StrOrBytes, dest: StrOrBytes, *, timeout: float | None = None) -> None:
@@ -202,6 +203,8 @@ class Guest:
         copy, device nodes raise :class:`~vzkit._hosttar.CopyRefusedError`); modes are kept
         less set-id, sticky and group/other write bits; files belong to the caller. A missing
         ``src`` raises :class:`~vzkit.agent.GuestFileNotFoundError`."""
+        from . import _guestcopy
+
         run_sync(_guestcopy.copy_out(self._core, src, dest, timeout))
 
     def sync(self) -> None:
@@ -350,12 +353,16 @@ class AsyncGuest:
         self, src: StrOrBytes, dest: StrOrBytes, *, timeout: float | None = None
     ) -> None:
         """Copy a host file or tree into the guest (see :meth:`Guest.copy_in`)."""
+        from . import _guestcopy
+
         await wrap(_guestcopy.copy_in(self._core, src, dest, timeout))
 
     async def copy_out(
         self, src: StrOrBytes, dest: StrOrBytes, *, timeout: float | None = None
     ) -> None:
         """Copy a guest file or tree to the host (see :meth:`Guest.copy_out`)."""
+        from . import _guestcopy
+
         await wrap(_guestcopy.copy_out(self._core, src, dest, timeout))
 
     async def sync(self) -> None:

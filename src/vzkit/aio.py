@@ -23,7 +23,6 @@ from ._state import VMState
 from ._vmcore import VMCore, VMView
 from ._vsock import AsyncVsock
 from .backends import Backend, BalloonInfo
-from .snapshots._aio import SnapshotManager
 
 if TYPE_CHECKING:  # imported on first use (see __getattr__)
     from ._oneshot import run_async as run
@@ -32,6 +31,7 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__)
     from .named._api import create_async as create
     from .named._api import list_vms_async as list_vms
     from .named._api import remove_vm_async as remove_vm
+    from .snapshots._aio import SnapshotManager
 
 __all__ = [
     "AsyncGuest",
@@ -134,9 +134,10 @@ class VirtualMachine(VMView):
         await self.close()
 
 
-#: The asyncio twins of the one-line API (:mod:`vzkit._oneshot`) and of the named VMs'
-#: functions (:mod:`vzkit.named._api`), imported on first use.
+#: The asyncio twins of the one-line API (:mod:`vzkit._oneshot`), of the named VMs'
+#: functions (:mod:`vzkit.named._api`) and of ``SnapshotManager``, imported on first use.
 _LAZY = {
+    "SnapshotManager": (".snapshots._aio", "SnapshotManager"),
     "run": ("._oneshot", "run_async"),
     "start": ("._oneshot", "start_async"),
     "connect": (".named._api", "connect_async"),

@@ -18,7 +18,22 @@ backend's private module; ``tests/unit/test_layering_cli.py`` checks that.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._app import load_all, main
-from ._options import DisplayAction, display_callback
+
+if TYPE_CHECKING:
+    from ._options import DisplayAction, display_callback
+
+
+def __getattr__(name: str) -> Any:
+    """``DisplayAction``/``display_callback``, imported on first use (``vzkit exec`` does not
+    need the VM options' parsers)."""
+    if name in ("DisplayAction", "display_callback"):
+        from . import _options
+
+        return getattr(_options, name)
+    raise AttributeError(f"module 'vzkit.cli' has no attribute {name!r}")
+
 
 __all__ = ["DisplayAction", "display_callback", "load_all", "main"]

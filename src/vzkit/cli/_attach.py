@@ -14,21 +14,27 @@ import signal
 import sys
 import threading
 from collections.abc import Mapping
+from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from vzkit.errors import SpecError, VzkitError
+from vzkit import VMState
+from vzkit.errors import SpecError, StateError, VzkitError
 
 if TYPE_CHECKING:
-    from vzkit import ProcessDefaults
+    from vzkit import ProcessDefaults, VirtualMachine
 
 __all__ = [
+    "DOWN",
+    "EXIT_RUN_FAILED",
     "GUEST_PATH",
     "attach_terminal",
     "catch_signals",
     "exit_code",
+    "expand_env",
     "guest_environment",
     "pump",
     "pump_stdin",
+    "require_running",
     "stream_command",
     "terminated",
 ]
@@ -36,6 +42,12 @@ __all__ = [
 #: The guest PATH of a command run with ``--env`` (a plain environment): the agent's default,
 #: which a root disk's userland (``/usr/local/bin``) needs as well.
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+#: ``vzkit run``'s and ``vzkit exec``'s own failures (the VM could not boot or does not run,
+#: ...), as ``docker run`` uses 125.
+EXIT_RUN_FAILED = 125
+#: States of a VM that is down (``vzkit start`` brings it back).
+DOWN = frozenset({VMState.STOPPED, VMState.ERROR})
 
 
 class _Terminated(BaseException):
@@ -161,3 +173,42 @@ def attach_terminal(
         proc, lambda: pump(proc.stdout, sys.stdout.buffer), terminated, fd
     )
     return exit_code(returncode), detached
+
+
+def expand_env(
+    items: tuple[str, ...], files: tuple[Path, ...], host: Mapping[str, str]
+) -> tuple[str, ...]:
+    """``-e``/``--env-file`` as docker reads them, as ``NAME=VALUE`` items: the files first
+    (a line is ``NAME=VALUE`` or ``NAME``; blank lines and ``#`` comments are skipped; no
+    quotes are removed), then ``-e``, later ones winning. ``NAME`` alone takes the value in
+    ``host`` and is left out when ``host`` has none."""
+    lines: list[tuple[str, str]] = []
+    for path in files:
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SpecError(f"--env-file {str(path)!r} cannot be read: {err}") from err
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip() and not line.lstrip().startswith("#"):
+                lines.append((line, f"{path}:{number}"))
+    lines += [(item, "--env") for item in items]
+    out = []
+    for item, where in lines:
+        name, sep, value = item.partition("=")
+        if not name or name != name.strip() or "\0" in item:
+            raise SpecError(f"{where} wants NAME=VALUE or NAME, got {item!r}")
+        if sep:
+            out.append(f"{name}={value}")
+        elif name in host:
+            out.append(f"{name}={host[name]}")
+    return tuple(out)
+
+
+def require_running(vm: VirtualMachine, name: str) -> None:
+    """A ``StateError`` that says what to do unless ``vm`` runs."""
+    state = vm.state
+    if state is VMState.RUNNING:
+        return
+    if state in DOWN:
+        raise StateError(f"the VM {name!r} is {state.value}: 'vzkit start {name}' starts it")
+    raise StateError(f"the VM {name!r} is {state.value}, not running: try again when it runs")

@@ -18,10 +18,17 @@ import click
 from vzkit.errors import SpecError, VzkitError
 
 from ._app import main
-from ._attach import _Terminated, attach_terminal, catch_signals, guest_environment, stream_command
+from ._attach import (
+    EXIT_RUN_FAILED,
+    _Terminated,
+    attach_terminal,
+    catch_signals,
+    expand_env,
+    guest_environment,
+    require_running,
+    stream_command,
+)
 from ._errors import EXIT_USAGE, echo_error
-from ._run import EXIT_RUN_FAILED, expand_env
-from ._vms import require_running
 
 __all__ = ["LOGIN_SHELL", "exec_cmd", "shell_cmd"]
 

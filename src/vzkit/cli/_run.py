@@ -13,7 +13,6 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +23,11 @@ from vzkit.errors import ConfigError, SpecError, VMError, VzkitError
 
 from ._app import main
 from ._attach import (
+    EXIT_RUN_FAILED,
     _Terminated,
     attach_terminal,
     catch_signals,
+    expand_env,
     guest_environment,
     stream_command,
 )
@@ -34,9 +35,6 @@ from ._errors import EXIT_USAGE, echo_error
 from ._options import build_config, vm_options
 
 __all__ = ["EXIT_RUN_FAILED", "expand_env", "run_and_exit", "run_cmd", "run_config"]
-
-#: ``vzkit run``'s own failures (the VM could not boot, ...), as ``docker run`` uses 125.
-EXIT_RUN_FAILED = 125
 
 
 @main.command(
@@ -241,35 +239,6 @@ def _check_detached(interactive: bool, tty: bool, from_snapshot: str | None) -> 
         )
     if from_snapshot is not None:
         raise SpecError("-d does not combine with --from-snapshot yet: boot it without one")
-
-
-def expand_env(
-    items: tuple[str, ...], files: tuple[Path, ...], host: Mapping[str, str]
-) -> tuple[str, ...]:
-    """``-e``/``--env-file`` as docker reads them, as ``NAME=VALUE`` items: the files first
-    (a line is ``NAME=VALUE`` or ``NAME``; blank lines and ``#`` comments are skipped; no
-    quotes are removed), then ``-e``, later ones winning. ``NAME`` alone takes the value in
-    ``host`` and is left out when ``host`` has none."""
-    lines: list[tuple[str, str]] = []
-    for path in files:
-        try:
-            text = path.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise SpecError(f"--env-file {str(path)!r} cannot be read: {err}") from err
-        for number, line in enumerate(text.splitlines(), 1):
-            if line.strip() and not line.lstrip().startswith("#"):
-                lines.append((line, f"{path}:{number}"))
-    lines += [(item, "--env") for item in items]
-    out = []
-    for item, where in lines:
-        name, sep, value = item.partition("=")
-        if not name or name != name.strip() or "\0" in item:
-            raise SpecError(f"{where} wants NAME=VALUE or NAME, got {item!r}")
-        if sep:
-            out.append(f"{name}={value}")
-        elif name in host:
-            out.append(f"{name}={host[name]}")
-    return tuple(out)
 
 
 def run_and_exit(

@@ -19,17 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from vzkit import VMState, format_size
+from vzkit import format_size
 from vzkit.errors import SpecError, StateError, VMNotFoundError, VzkitError
 
 from ._app import main
+from ._attach import DOWN, require_running
 from ._errors import EXIT_FAILURE, EXIT_USAGE, echo_error, handle_errors
 from ._options import vm_options
 from ._run import run_config
 from ._snapshot import root_options, root_opts
 
 if TYPE_CHECKING:
-    from vzkit import VirtualMachine, VMInfo
+    from vzkit import VMInfo
 
 __all__ = [
     "cp_cmd",
@@ -39,14 +40,12 @@ __all__ = [
     "logs_cmd",
     "ls_cmd",
     "parse_copy_path",
-    "require_running",
     "rm_cmd",
     "start_cmd",
     "stop_cmd",
 ]
 
 #: What ``vzkit ls`` shows without ``-a``: VMs that are not stopped (or failed).
-_DOWN = frozenset({VMState.STOPPED, VMState.ERROR})
 #: ``NAME:`` at the start of a ``vzkit cp`` path: a VM's name (the name syntax of the core).
 _VM_PATH = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]*):(.*)", re.S)
 #: How often ``vzkit logs -f`` looks for more of the console and at the VM's state (seconds).
@@ -61,16 +60,6 @@ def find_vm(name: str) -> VMInfo:
         if info.name == name:
             return info
     raise VMNotFoundError(f"no VM named {name!r}: 'vzkit ls -a' lists them")
-
-
-def require_running(vm: VirtualMachine, name: str) -> None:
-    """A ``StateError`` that says what to do unless ``vm`` runs."""
-    state = vm.state
-    if state is VMState.RUNNING:
-        return
-    if state in _DOWN:
-        raise StateError(f"the VM {name!r} is {state.value}: 'vzkit start {name}' starts it")
-    raise StateError(f"the VM {name!r} is {state.value}, not running: try again when it runs")
 
 
 def _each(names: tuple[str, ...], action: Callable[[str], None]) -> None:
@@ -172,7 +161,7 @@ def stop_cmd(names: tuple[str, ...], seconds: float) -> None:
     def stop(name: str) -> None:
         vm = vzkit.connect(name)
         try:
-            if vm.state not in _DOWN:
+            if vm.state not in DOWN:
                 vm.stop(timeout=seconds)
         finally:
             vm.close()
@@ -236,7 +225,7 @@ def ls_cmd(show_all: bool, as_json: bool) -> None:
     """
     import vzkit
 
-    infos = [i for i in vzkit.list_vms() if show_all or i.state not in _DOWN]
+    infos = [i for i in vzkit.list_vms() if show_all or i.state not in DOWN]
     if as_json:
         click.echo(json.dumps([info.to_json() for info in infos], indent=2))
         return
@@ -374,7 +363,7 @@ def logs_cmd(name: str, follow: bool) -> None:
         return
     try:
         while True:
-            down = find_vm(name).state in _DOWN
+            down = find_vm(name).state in DOWN
             offset = _copy_new(info.console_log, offset)
             if down:  # everything it wrote before it stopped is out
                 return
