@@ -121,6 +121,7 @@ _PROBE = textwrap.dedent(
 
     vzkit.LinuxVMConfig()  # the default config (host_arch) starts nothing either
     vzkit.parse_display_spec("4k")
+    vzkit.LinuxVMConfig().to_toml()  # a third-party module, imported on first use
     print(json.dumps({"file": vzkit.__file__, "new": sorted(set(sys.modules) - before)}))
     """
 )
