@@ -31,6 +31,7 @@ __all__ = [
     "catch_signals",
     "exit_code",
     "expand_env",
+    "guest_command_options",
     "guest_environment",
     "pump",
     "pump_stdin",
@@ -212,3 +213,47 @@ def require_running(vm: VirtualMachine, name: str) -> None:
     if state in DOWN:
         raise StateError(f"the VM {name!r} is {state.value}: 'vzkit start {name}' starts it")
     raise StateError(f"the VM {name!r} is {state.value}, not running: try again when it runs")
+
+
+def guest_command_options(func: Any) -> Any:
+    """The options of a guest command attached to this process, shared by ``vzkit run`` and
+    ``vzkit exec``: ``-e``, ``--env-file``, ``-w``, ``-u``, ``-i``, ``-t``."""
+    import click
+
+    func = click.option(
+        "-t",
+        "--tty",
+        is_flag=True,
+        help="Run the command on a terminal in the guest: this one goes raw (keys, Ctrl-C "
+        "included, go to the guest), its size follows; Ctrl-] then . ends the session.",
+    )(func)
+    func = click.option(
+        "-i", "--interactive", is_flag=True, help="Forward stdin even when it is a terminal."
+    )(func)
+    func = click.option(
+        "-u",
+        "--user",
+        metavar="USER[:GROUP]",
+        help="Run the command as this guest user (names resolved in the guest, or numeric ids), "
+        "with its groups and HOME.",
+    )(func)
+    func = click.option("-w", "--workdir", metavar="DIR", help="Working directory in the guest.")(
+        func
+    )
+    func = click.option(
+        "--env-file",
+        "env_files",
+        multiple=True,
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="Read variables from a file: NAME=VALUE or NAME per line, # comments "
+        "(docker's format).",
+    )(func)
+    func = click.option(
+        "-e",
+        "--env",
+        "env",
+        multiple=True,
+        metavar="NAME[=VALUE]",
+        help="Set a variable; NAME alone passes this shell's value (as docker does).",
+    )(func)
+    return func

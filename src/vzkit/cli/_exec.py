@@ -24,6 +24,7 @@ from ._attach import (
     attach_terminal,
     catch_signals,
     expand_env,
+    guest_command_options,
     guest_environment,
     require_running,
     stream_command,
@@ -59,31 +60,7 @@ def _workdir_option(func: Any) -> Any:
 @main.command(
     "exec", context_settings={"allow_interspersed_args": False, "ignore_unknown_options": False}
 )
-@click.option("-i", "--interactive", is_flag=True, help="Forward stdin even when it is a terminal.")
-@click.option(
-    "-t",
-    "--tty",
-    is_flag=True,
-    help="Run the command on a terminal in the guest: this one goes raw (keys, Ctrl-C "
-    "included, go to the guest), its size follows; Ctrl-] then . ends the session.",
-)
-@click.option(
-    "-e",
-    "--env",
-    "env",
-    multiple=True,
-    metavar="NAME[=VALUE]",
-    help="Set a variable; NAME alone passes this shell's value (as docker does).",
-)
-@click.option(
-    "--env-file",
-    "env_files",
-    multiple=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Read variables from a file: NAME=VALUE or NAME per line, # comments (docker's format).",
-)
-@_workdir_option
-@_user_option
+@guest_command_options
 @click.argument("name")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_cmd(

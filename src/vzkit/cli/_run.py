@@ -28,6 +28,7 @@ from ._attach import (
     attach_terminal,
     catch_signals,
     expand_env,
+    guest_command_options,
     guest_environment,
     stream_command,
 )
@@ -48,37 +49,7 @@ __all__ = ["EXIT_RUN_FAILED", "expand_env", "run_and_exit", "run_cmd", "run_conf
     show_default=True,
     help="Which hypervisor backend runs the VM.",
 )
-@click.option(
-    "-e",
-    "--env",
-    "env",
-    multiple=True,
-    metavar="NAME[=VALUE]",
-    help="Set a variable; NAME alone passes this shell's value (as docker does).",
-)
-@click.option(
-    "--env-file",
-    "env_files",
-    multiple=True,
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Read variables from a file: NAME=VALUE or NAME per line, # comments (docker's format).",
-)
-@click.option("-w", "--workdir", metavar="DIR", help="Working directory in the guest.")
-@click.option(
-    "-u",
-    "--user",
-    metavar="USER[:GROUP]",
-    help="Run the command as this guest user (names resolved in the guest, or numeric ids), "
-    "with its groups and HOME.",
-)
-@click.option("-i", "--interactive", is_flag=True, help="Forward stdin even when it is a terminal.")
-@click.option(
-    "-t",
-    "--tty",
-    is_flag=True,
-    help="Run the command on a terminal in the guest: this one goes raw (keys, Ctrl-C "
-    "included, go to the guest), its size follows; Ctrl-] then . ends the session.",
-)
+@guest_command_options
 @click.option(
     "-d",
     "--detach",
