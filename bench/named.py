@@ -5,10 +5,10 @@
 One named default-image guest (``vzkit.create``, in a private ``VZKIT_HOME``), then, in
 each round and interleaved (the order alternates between rounds):
 
-* ``cli exec``: ``vzkit exec bench -- true`` as a new process (``python -m vzkit``, from
-  compiled bytecode as an installed vzkit runs): the interpreter's start, the CLI's imports,
-  the connect to the supervisor, the agent session
-  (vsock stream passed as a descriptor, AUTH, HELLO), the command, the exit;
+* ``cli exec``: ``vzkit exec bench -- true`` as a new process (``python -m vzkit``): the
+  interpreter's start, the CLI's imports, one ``exec`` request to the supervisor with the
+  process's stdio as descriptors (``vzkit.exec_call``: the supervisor runs the command on its
+  own agent session and writes into them), the exit;
 * ``connect + run``: ``vzkit.connect("bench")`` then ``vm.guest.run(["true"])`` in this
   process (a new session each time, no interpreter start);
 * ``connected run``: ``vm.guest.run(["true"])`` on a VM already connected (the baseline the

@@ -54,6 +54,7 @@ if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
         VzkitError,
     )
     from .named._api import GuestCommand, VMInfo, connect, create, list_vms, remove_vm
+    from .named._exec import exec_call
     from .snapshots._facade import SnapshotManager
     from .snapshots._record import SnapshotMeta
 
@@ -114,6 +115,7 @@ _LAZY = {
     "connect": ".named._api",
     "create": ".named._api",
     "list_vms": ".named._api",
+    "exec_call": ".named._exec",
     "remove_vm": ".named._api",
     "VMTimeoutError": ".errors",
     "VzkitError": ".errors",
@@ -173,6 +175,7 @@ __all__ = [
     "default_display_config",
     "default_guest_config",
     "default_linux_display_config",
+    "exec_call",
     "format_size",
     "host_arch",
     "list_vms",

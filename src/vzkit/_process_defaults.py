@@ -13,9 +13,13 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, SpecError
 
-__all__ = ["ProcessDefaults"]
+__all__ = ["GUEST_PATH", "ProcessDefaults"]
+
+#: The guest ``PATH`` of a command given its own environment (``vzkit run``/``exec -e``): the
+#: agent's default, which a root disk's userland (``/usr/local/bin``) needs as well.
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 _KEYS = ("env", "cwd", "user", "entrypoint", "cmd")
 
@@ -81,6 +85,29 @@ class ProcessDefaults:
     def environment(self, extra: Mapping[str, str] | None = None) -> dict[str, str]:
         """``env`` with ``extra`` added (``extra`` wins)."""
         return {**dict(self.env), **(extra or {})}
+
+    def command_environment(
+        self, items: Sequence[str], user: str | None = None
+    ) -> dict[Any, Any] | None:
+        """The environment of a command given ``NAME=VALUE`` items (``vzkit run -e``, ``vzkit
+        exec -e``, :func:`vzkit.exec_call`'s ``env``), to pass as the call's ``env`` (str to
+        str): ``None`` without items (the guest's default); else a plain one with the agent's
+        ``PATH`` unless the image sets one and ``HOME=/root`` for root unless the image sets
+        one (else the guest's passwd entry says), the items last. The image's ``env`` still
+        applies beneath it, as for every call. A :class:`~vzkit.errors.SpecError` for an item
+        without ``=`` or a name."""
+        if not items:
+            return None
+        image = dict(self.env)
+        out: dict[Any, Any] = {} if "PATH" in image else {"PATH": GUEST_PATH}
+        if not (user or self.user or "HOME" in image):
+            out["HOME"] = "/root"
+        for item in items:
+            name, sep, value = item.partition("=")
+            if not sep or not name:
+                raise SpecError(f"--env wants NAME=VALUE, got {item!r}")
+            out[name] = value
+        return out
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data; empty fields left out."""

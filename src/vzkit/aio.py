@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # imported on first use (see __getattr__)
     from .named._api import create_async as create
     from .named._api import list_vms_async as list_vms
     from .named._api import remove_vm_async as remove_vm
+    from .named._exec import exec_call_async as exec_call
     from .snapshots._aio import SnapshotManager
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "VirtualMachine",
     "connect",
     "create",
+    "exec_call",
     "list_vms",
     "remove_vm",
     "run",
@@ -143,6 +145,7 @@ _LAZY = {
     "connect": (".named._api", "connect_async"),
     "create": (".named._api", "create_async"),
     "list_vms": (".named._api", "list_vms_async"),
+    "exec_call": (".named._exec", "exec_call_async"),
     "remove_vm": (".named._api", "remove_vm_async"),
 }
 

@@ -4,6 +4,7 @@ behind when stopped, killed or removed."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -371,3 +372,42 @@ def test_auto_remove_leaves_nothing_once_the_main_command_ends(home: Path) -> No
     vm.close()
     assert not (home / "vms" / "a1").exists()
     assert vzkit.list_vms() == []
+
+
+def test_exec_call_runs_a_command_on_this_process_descriptors(home: Path, tmp_path: Path) -> None:
+    """``vzkit.exec_call`` (what ``vzkit exec`` runs): the supervisor runs the command and
+    copies straight into the caller's descriptors; the caller going away kills it."""
+    vm = vzkit.create(vzkit.default_guest_config(), "x1", timeout=BOOT_S)
+    vm.guest.wait_ready(timeout=BOOT_S)
+    vm.close()
+    payload = os.urandom(1 << 20)
+    src, out, err = tmp_path / "in", tmp_path / "out", tmp_path / "err"
+    src.write_bytes(payload)
+    with src.open("rb") as i, out.open("wb") as o, err.open("wb") as e:
+        script = "cat; echo oops >&2; exit 3"
+        assert vzkit.exec_call("x1", ["sh", "-c", script], stdin=i, stdout=o, stderr=e) == 3
+    assert hashlib.sha256(out.read_bytes()).digest() == hashlib.sha256(payload).digest()
+    assert err.read_bytes() == b"oops\n"
+    with out.open("wb") as o:
+        code = vzkit.exec_call(
+            "x1", ["sh", "-c", 'echo "$X $HOME $(id -u) $(pwd)"'], env=["X=y"],
+            user="1000:1000", cwd="/tmp", stdout=o,
+        )  # fmt: skip
+    assert (code, out.read_bytes()) == (0, b"y / 1000 /tmp\n")
+    with out.open("wb") as o:
+        code = asyncio.run(vzkit.aio.exec_call("x1", ["sh", "-c", "kill -TERM $$"], stdout=o))
+    assert code == -signal.SIGTERM
+    with pytest.raises(vzkit.GuestError, match="nobody"):
+        vzkit.exec_call("x1", ["id"], user="nobody")  # the busybox guest has no passwd entry
+
+    count = ["sh", "-c", "ps | grep -c '[s]leep 4242'"]
+    caller = subprocess.Popen(
+        [sys.executable, "-c", "import vzkit; vzkit.exec_call('x1', ['sleep', '4242'])"],
+        env={**os.environ}, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    with vzkit.connect("x1") as again:
+        wait_until(lambda: again.guest.run(count).stdout == b"1\n", "sleep runs", timeout=60)
+        caller.kill()  # SIGKILL: only its connection's end tells the supervisor
+        caller.wait(timeout=30)
+        wait_until(lambda: again.guest.run(count).stdout == b"0\n", "sleep killed", timeout=60)
+        assert again.state is vzkit.VMState.RUNNING

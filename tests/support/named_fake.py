@@ -1,5 +1,5 @@
 """A stand-in for vzkit's named-VM API (``vzkit.create``, ``connect``, ``list_vms``,
-``remove_vm``) in one process, for the CLI's unit tests: each VM is a real
+``remove_vm``, ``exec_call``) in one process, for the CLI's unit tests: each VM is a real
 :class:`vzkit.VirtualMachine` whose guest is the host-run agent (:class:`AgentBackend`), so
 ``vzkit exec``, ``cp`` and ``-t`` run real agent sessions; what a supervisor would keep on
 disk is kept in memory. ``connect`` hands out a view whose ``close()`` only disconnects, as a
@@ -8,8 +8,10 @@ named VM's does.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ import pytest
 
 import vzkit
 import vzkit.errors
+from vzkit.named._exec import DEVNULL, _fd
 
 from .agent_vm import AgentBackend, host_agent
 
@@ -89,6 +92,31 @@ class Named:
         self.calls.append(("connect", name))
         return View(self._get(name).vm, self)
 
+    def exec_call(
+        self, name: str, args: Sequence[str], *, env: Sequence[str] = (), cwd: str | None = None,
+        user: str | None = None, stdin: Any = DEVNULL, stdout: Any = None, stderr: Any = None,
+        timeout: float | None = None,
+    ) -> int:  # fmt: skip
+        """What the supervisor does for an exec request, in this process."""
+        self.calls.append(("exec_call", (name, list(args))))
+        vm = self._get(name).vm
+        state = vm.state
+        if state is not vzkit.VMState.RUNNING:
+            raise vzkit.errors.StateError(
+                f"the VM {name!r} is {state.value}: 'vzkit start {name}' starts it"
+            )
+        with contextlib.ExitStack() as stack:
+            out, err = _fd(stdout, 1, stack), _fd(stderr, 2, stack)
+            forward = stdin != DEVNULL
+            infd = _fd(stdin, 0, stack) if forward else None
+            config = vm.config
+            assert isinstance(config, vzkit.LinuxVMConfig)
+            environment = config.process.command_environment(tuple(env), user)
+            proc = vm.guest.popen(
+                list(args), stdin=forward, env=environment, cwd=cwd, user=user, timeout=timeout
+            )
+            return proc.attach(infd, out, err)
+
     def info(self, name: str) -> vzkit.VMInfo:
         entry = self._get(name)
         command = entry.command
@@ -128,5 +156,5 @@ def install(named: Named, monkeypatch: pytest.MonkeyPatch | None = None) -> None
         else:
             setattr(obj, name, value)
 
-    for name in ("create", "connect", "list_vms", "remove_vm"):
+    for name in ("create", "connect", "list_vms", "remove_vm", "exec_call"):
         put(vzkit, name, getattr(named, name))

@@ -59,6 +59,7 @@ EXPECTED_ALL = [
     "default_display_config",
     "default_guest_config",
     "default_linux_display_config",
+    "exec_call",
     "format_size",
     "host_arch",
     "list_vms",

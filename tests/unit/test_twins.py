@@ -278,9 +278,9 @@ def test_the_one_line_api_has_twins() -> None:
 
 
 def test_the_named_vm_functions_have_twins() -> None:
-    """``vzkit.create/connect/list_vms/remove_vm`` and their ``vzkit.aio`` twins: the same
-    parameters, coroutines on the asyncio side."""
-    for name in ("create", "connect", "list_vms", "remove_vm"):
+    """``vzkit.create/connect/list_vms/remove_vm/exec_call`` and their ``vzkit.aio`` twins:
+    the same parameters, coroutines on the asyncio side."""
+    for name in ("create", "connect", "list_vms", "remove_vm", "exec_call"):
         sync, aio = getattr(vzkit, name), getattr(vzkit.aio, name)
         assert _params(sync) == _params(aio), name
         assert inspect.iscoroutinefunction(aio)

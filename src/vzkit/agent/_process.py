@@ -10,8 +10,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import io
+import os
+import select
 import signal
 import subprocess
+import threading
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -156,6 +159,44 @@ class GuestProcess(_ProcessBase):
             ) from None
         return bytes(out), bytes(err)
 
+    def attach(self, stdin: int | None, stdout: int, stderr: int) -> int:
+        """Copy the outputs to the file descriptors ``stdout`` and ``stderr`` and, with
+        ``stdin=`` a descriptor (for a process started with ``stdin=True``), that descriptor
+        to the process until its end of file; wait for the end and return the returncode.
+        Memory stays bounded: one chunk per stream; a descriptor nobody reads holds the
+        process back, as a pipe does. An exception while waiting (``KeyboardInterrupt``)
+        kills the process and is raised. The descriptors stay open (they are the caller's)."""
+        outs = [
+            threading.Thread(target=_copy_out, args=(self.stdout, stdout), daemon=True),
+            threading.Thread(target=_copy_out, args=(self.stderr, stderr), daemon=True),
+        ]
+        stop_r, stop_w = os.pipe()
+        feed = None
+        if stdin is not None and self.stdin is not None:
+            feed = threading.Thread(target=_copy_in, args=(stdin, self.stdin, stop_r), daemon=True)
+        elif self.stdin is not None:
+            with contextlib.suppress(OSError, GuestError):
+                self.stdin.close()  # nothing to forward: an empty stdin
+        for thread in [*outs, *([feed] if feed else [])]:
+            thread.start()
+        try:
+            try:
+                returncode = self.wait()
+            except BaseException:
+                with contextlib.suppress(GuestError):
+                    self.kill()
+                raise
+            for thread in outs:
+                thread.join(timeout=30)
+            return returncode
+        finally:
+            os.write(stop_w, b"x")  # a stdin that stays open (a terminal) stops being read
+            if feed is not None:
+                feed.join(timeout=5)
+            if feed is None or not feed.is_alive():
+                os.close(stop_r)
+            os.close(stop_w)
+
     def send_signal(self, sig: int) -> None:
         run_sync(_call(lambda: self._channel.signal(sig, group=False)))
 
@@ -187,6 +228,44 @@ class GuestProcess(_ProcessBase):
         except GuestError:
             if exc[0] is None:
                 raise
+
+
+def _copy_out(src: io.BufferedReader, fd: int) -> None:
+    """A process's output to ``fd`` until its end (or ``fd`` breaks: the rest is dropped)."""
+    with contextlib.suppress(OSError, ValueError, GuestError):
+        while chunk := src.read1(MAX_PAYLOAD):
+            _write_all(fd, chunk)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _read_chunk(fd: int, stop: int) -> bytes:
+    """The next chunk of ``fd`` (``b""`` at its end, or once ``stop`` is readable: the
+    process ended while ``fd``, a terminal, stays open)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.register(stop, select.POLLIN)
+    if any(ready == stop for ready, _ in poller.poll()):
+        return b""
+    return os.read(fd, MAX_PAYLOAD)
+
+
+def _copy_in(fd: int, dst: io.BufferedWriter, stop: int) -> None:
+    """``fd`` to the process's stdin until its end of file (or ``stop``), then close that
+    stdin."""
+    try:
+        while chunk := _read_chunk(fd, stop):
+            dst.write(chunk)
+            dst.flush()
+    except (OSError, ValueError, GuestError):
+        pass
+    finally:
+        with contextlib.suppress(OSError, ValueError, GuestError):
+            dst.close()
 
 
 async def _wait_for(coro: Any, timeout: float | None) -> Any:
@@ -271,6 +350,56 @@ class AsyncGuestProcess(_ProcessBase):
 
     async def terminate(self) -> None:
         await self.send_signal(signal.SIGTERM)
+
+    async def attach(self, stdin: int | None, stdout: int, stderr: int) -> int:
+        """The twin of :meth:`GuestProcess.attach`: the descriptors are read and written in
+        worker threads (they may be files, which do not poll), the process's streams here.
+        Cancelled, the process is killed."""
+        stop_r, stop_w = os.pipe()
+
+        async def copy_out(src: AsyncStreamReader, fd: int) -> None:
+            with contextlib.suppress(OSError, GuestError):
+                while chunk := await src.read(MAX_PAYLOAD):
+                    await asyncio.to_thread(_write_all, fd, chunk)
+
+        async def copy_in(fd: int, dst: AsyncStreamWriter) -> None:
+            try:
+                while chunk := await asyncio.to_thread(_read_chunk, fd, stop_r):
+                    await dst.write(chunk)
+            except (OSError, GuestError):
+                pass
+            finally:
+                with contextlib.suppress(OSError, GuestError):
+                    await dst.aclose()
+
+        outs = [
+            asyncio.ensure_future(copy_out(self.stdout, stdout)),
+            asyncio.ensure_future(copy_out(self.stderr, stderr)),
+        ]
+        feed = None
+        if stdin is not None and self.stdin is not None:
+            feed = asyncio.ensure_future(copy_in(stdin, self.stdin))
+        elif self.stdin is not None:
+            with contextlib.suppress(OSError, GuestError):
+                await self.stdin.aclose()
+        try:
+            try:
+                returncode = await self.wait()
+            except BaseException:
+                with contextlib.suppress(GuestError):
+                    await self.kill()
+                raise
+            await asyncio.wait(outs, timeout=30)
+            return returncode
+        finally:
+            for task in outs:
+                task.cancel()
+            os.write(stop_w, b"x")
+            if feed is not None:
+                await asyncio.wait([feed], timeout=5)
+            if feed is None or feed.done():
+                os.close(stop_r)
+            os.close(stop_w)
 
     async def kill(self) -> None:
         await wrap(_call(lambda: self._channel.signal(signal.SIGKILL, group=True)))

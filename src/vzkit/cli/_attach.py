@@ -12,7 +12,6 @@ import contextlib
 import os
 import signal
 import sys
-import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
@@ -21,28 +20,21 @@ from vzkit import VMState
 from vzkit.errors import SpecError, StateError, VzkitError
 
 if TYPE_CHECKING:
-    from vzkit import ProcessDefaults, VirtualMachine
+    from vzkit import VirtualMachine
 
 __all__ = [
     "DOWN",
     "EXIT_RUN_FAILED",
-    "GUEST_PATH",
     "attach_terminal",
     "catch_signals",
     "exit_code",
     "expand_env",
     "guest_command_options",
-    "guest_environment",
     "pump",
-    "pump_stdin",
     "require_running",
     "stream_command",
     "terminated",
 ]
-
-#: The guest PATH of a command run with ``--env`` (a plain environment): the agent's default,
-#: which a root disk's userland (``/usr/local/bin``) needs as well.
-GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 #: ``vzkit run``'s and ``vzkit exec``'s own failures (the VM could not boot or does not run,
 #: ...), as ``docker run`` uses 125.
@@ -83,48 +75,9 @@ def pump(src: IO[bytes], dst: IO[bytes]) -> None:
                 view = view[os.write(fd, view) :]
 
 
-def pump_stdin(dst: IO[bytes]) -> None:
-    """Copy this process's stdin to the command until EOF, then close the command's stdin.
-
-    Reads the file descriptor itself, not ``sys.stdin.buffer``: the thread may still be
-    blocked reading a terminal that stays open when the command ends, and a daemon thread
-    inside a buffered reader makes the interpreter abort at exit (its lock is held)."""
-    try:
-        fd = sys.stdin.fileno()  # none (a test's pseudo-file): an empty stdin
-        while chunk := os.read(fd, 65536):
-            dst.write(chunk)
-            dst.flush()
-    except (OSError, ValueError, VzkitError):
-        pass
-    finally:
-        with contextlib.suppress(OSError, ValueError, VzkitError):
-            dst.close()
-
-
 def exit_code(returncode: int) -> int:
     """The command's exit code, or 128+N when a signal N ended it (as shells report it)."""
     return 128 - returncode if returncode < 0 else returncode
-
-
-def guest_environment(
-    process: ProcessDefaults, env: tuple[str, ...], user: str | None
-) -> dict[Any, Any] | None:
-    """The environment of a command run with ``-e NAME=VALUE`` items (``None`` without: the
-    guest's default), str -> str (typed for the client's Mapping): a plain one, with the
-    agent's ``PATH`` unless the image sets one and ``HOME=/root`` for root unless the image
-    sets one (else the guest's passwd entry says)."""
-    if not env:
-        return None
-    image = dict(process.env)
-    environment: dict[Any, Any] = {} if "PATH" in image else {"PATH": GUEST_PATH}
-    if not (user or process.user or "HOME" in image):
-        environment["HOME"] = "/root"
-    for item in env:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise SpecError(f"--env wants NAME=VALUE, got {item!r}")
-        environment[name] = value
-    return environment
 
 
 def stream_command(
@@ -138,23 +91,22 @@ def stream_command(
     """Run ``command`` in ``vm``'s guest on pipes: its output to this process's stdout and
     stderr, this stdin to it if ``forward_stdin``; its exit code (killed on Ctrl-C/SIGTERM)."""
     proc = vm.guest.popen(command, stdin=forward_stdin, env=env, cwd=cwd, user=user)
-    pumps = [
-        threading.Thread(target=pump, args=(proc.stdout, sys.stdout.buffer), daemon=True),
-        threading.Thread(target=pump, args=(proc.stderr, sys.stderr.buffer), daemon=True),
-    ]
-    if proc.stdin is not None:
-        pumps.append(threading.Thread(target=pump_stdin, args=(proc.stdin,), daemon=True))
-    for thread in pumps:
-        thread.start()
+    with contextlib.ExitStack() as stack:
+        fds = [_fd(stream, stack) for stream in (sys.stdin, sys.stdout, sys.stderr)]
+        return exit_code(proc.attach(fds[0] if forward_stdin else None, fds[1], fds[2]))
+
+
+def _fd(stream: IO[Any], stack: contextlib.ExitStack) -> int:
+    """``stream``'s descriptor, flushed first; /dev/null for a stream without one (a test's
+    pseudo-file)."""
+    with contextlib.suppress(OSError, ValueError):
+        stream.flush()
     try:
-        returncode = proc.wait()
-    except BaseException:  # Ctrl-C, SIGTERM: end the command, then the caller cleans up
-        with contextlib.suppress(VzkitError):
-            proc.kill()
-        raise
-    for thread in pumps[:2]:
-        thread.join(timeout=30)
-    return exit_code(returncode)
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        fd = os.open(os.devnull, os.O_RDWR)
+        stack.callback(os.close, fd)
+        return fd
 
 
 def attach_terminal(

@@ -23,11 +23,10 @@ from ._attach import (
     _Terminated,
     attach_terminal,
     catch_signals,
+    exit_code,
     expand_env,
     guest_command_options,
-    guest_environment,
     require_running,
-    stream_command,
 )
 from ._errors import EXIT_USAGE, echo_error
 
@@ -120,12 +119,16 @@ def shell_cmd(name: str, workdir: str | None, user: str | None) -> None:
 
 
 def _check_tty(tty: bool, user: str | None) -> None:
+    """``-t``'s checks, before anything starts (without ``-t`` the supervisor checks the
+    user and answers a ``SpecError``, so this process imports no agent code)."""
+    if not tty:
+        return
     from vzkit.agent import check_user
 
     from ._tty import not_a_tty
 
     check_user(user)
-    if tty and not sys.stdin.isatty():
+    if not sys.stdin.isatty():
         raise not_a_tty()
 
 
@@ -172,21 +175,25 @@ def _exec(
 ) -> int:
     import vzkit  # on first use: 'vzkit --help' does not pay for it
 
+    if not tty:  # the supervisor runs it on this process's descriptors: no session here
+        forward_stdin = interactive or not sys.stdin.isatty()
+        stdin: dict[str, Any] = {"stdin": None} if forward_stdin else {}  # None: this one's
+        returncode = vzkit.exec_call(
+            name, command, env=env, cwd=workdir, user=user, **stdin
+        )  # fmt: skip
+        return exit_code(returncode)
     vm = vzkit.connect(name)
     try:
         require_running(vm, name)
         config = vm.config
         assert isinstance(config, vzkit.LinuxVMConfig)  # a named VM is a Linux VM
-        environment = guest_environment(config.process, env, user)
-        if tty:
-            from ._tty import EXIT_DETACHED
+        environment = config.process.command_environment(env, user)
+        from ._tty import EXIT_DETACHED
 
-            code, detached = attach_terminal(vm, command, environment, workdir, user)
-            if detached:
-                click.echo("\nvzkit: the session was ended (Ctrl-] .); the VM runs on", err=True)
-                return EXIT_DETACHED
-            return code
-        forward_stdin = interactive or not sys.stdin.isatty()
-        return stream_command(vm, command, environment, workdir, user, forward_stdin)
+        code, detached = attach_terminal(vm, command, environment, workdir, user)
+        if detached:
+            click.echo("\nvzkit: the session was ended (Ctrl-] .); the VM runs on", err=True)
+            return EXIT_DETACHED
+        return code
     finally:
         vm.close()  # disconnects only: the VM runs on

@@ -29,7 +29,6 @@ from ._attach import (
     catch_signals,
     expand_env,
     guest_command_options,
-    guest_environment,
     stream_command,
 )
 from ._errors import EXIT_USAGE, echo_error
@@ -274,7 +273,7 @@ def detached_and_exit(
         cfg = run_config(False, opts)
         override = None if entrypoint is None else ([entrypoint] if entrypoint else [])
         argv = tuple(cfg.process.command(command, entrypoint=override))
-        environment = guest_environment(cfg.process, env, user) or {}
+        environment = cfg.process.command_environment(env, user) or {}
         main_command = None
         if argv:
             main_command = vzkit.GuestCommand(
@@ -457,7 +456,7 @@ def _run(
     command = tuple(cfg.process.command(command, entrypoint=override))
     if not command:  # nothing to run: the console is this terminal
         cfg = run_config(True, opts)
-    environment = guest_environment(cfg.process, env, user)
+    environment = cfg.process.command_environment(env, user)
     with VirtualMachine(cfg, backend=backend) as vm:
         if snap is not None:  # paused at the saved instant; resume steps the guest clock
             SnapshotManager(snap[0]).restore(vm, snap[1], timeout=boot_timeout)

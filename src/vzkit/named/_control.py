@@ -26,9 +26,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from .. import errors
 from ..errors import VMError, VzkitError
 
-__all__ = ["FrameReader", "peer_uid", "send_frame", "short_path"]
+__all__ = [
+    "MAX_FRAME",
+    "FrameReader",
+    "decode_message",
+    "peer_uid",
+    "remote_error",
+    "send_frame",
+    "short_path",
+]
 
 _LEN = struct.Struct(">I")
 MAX_FRAME = 1 << 20
@@ -56,6 +65,17 @@ def send_frame(sock: socket.socket, message: dict[str, Any], fds: list[int] | No
         sock.sendall(frame)
 
 
+def decode_message(body: bytes) -> dict[str, Any]:
+    """A frame's JSON object (its body, after the length)."""
+    try:
+        message = json.loads(body)
+    except ValueError as err:
+        raise VMError(f"a control frame is not JSON: {err}") from err
+    if not isinstance(message, dict):
+        raise VMError("a control frame is not a JSON object")
+    return message
+
+
 class FrameReader:
     """Frames from a blocking socket, each with the descriptors sent with it."""
 
@@ -81,12 +101,7 @@ class FrameReader:
                 return None
 
     def _decode(self, body: bytes) -> tuple[dict[str, Any], list[int]]:
-        try:
-            message = json.loads(body)
-        except ValueError as err:
-            raise VMError(f"a control frame is not JSON: {err}") from err
-        if not isinstance(message, dict):
-            raise VMError("a control frame is not a JSON object")
+        message = decode_message(body)
         count = message.get("fds", 0)
         if not isinstance(count, int) or not 0 <= count <= _MAX_FDS or count > len(self._fds):
             raise VMError("a control frame names descriptors that did not come with it")
@@ -113,6 +128,33 @@ class FrameReader:
         while self._fds:
             with contextlib.suppress(OSError):
                 os.close(self._fds.popleft())
+
+
+#: Errors a supervisor answers with (by class name) that are not classes of vzkit's tree.
+_OTHER_ERRORS: dict[str, type[BaseException]] = {
+    "ConnectionRefusedError": ConnectionRefusedError,
+    "ConnectionResetError": ConnectionResetError,
+    "FileNotFoundError": FileNotFoundError,
+    "TimeoutError": errors.VMTimeoutError,
+    "ValueError": errors.ConfigError,
+    "AgentError": errors.GuestError,  # vzkit.agent's (the agent refused a request)
+    "ProtocolError": errors.GuestError,
+    "GuestFileNotFoundError": errors.GuestError,
+}
+
+
+def remote_error(name: str, error: dict[str, Any]) -> BaseException:
+    """The exception a supervisor's error answer (``{"type", "message"}``) stands for: the
+    class of vzkit's error tree it names, a few built-in ones, else a :class:`VMError` that
+    names the VM."""
+    kind, message = str(error.get("type")), str(error.get("message"))
+    found = getattr(errors, kind, None) if kind in errors.__all__ else None
+    if isinstance(found, type) and issubclass(found, VzkitError):
+        return found(message)
+    other = _OTHER_ERRORS.get(kind)
+    if other is not None:
+        return other(message)
+    return VMError(f"VM {name!r}: {message}")
 
 
 def peer_uid(sock: socket.socket) -> int | None:

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,7 @@ from ..errors import (
     VMTimeoutError,
     VzkitError,
 )
-from ._control import FrameReader, send_frame, short_path
+from ._control import FrameReader, remote_error, send_frame, short_path
 from ._home import VMDir, make_vm_dir, wait_supervisor_gone
 
 __all__ = ["RemoteBackend", "RemoteMachine", "named_core", "new_named_core", "start_supervisor"]
@@ -67,26 +67,6 @@ REMOTE_FEATURES = frozenset(
 SUPERVISOR_START_S = 180.0
 #: How often a client looks for the control socket of a supervisor that is still starting.
 _ATTACH_POLL_S = 0.05
-
-_ERRORS: dict[str, Callable[[str], BaseException]] = {
-    "StateError": StateError,
-    "UnsupportedError": lambda m: UnsupportedError(m),
-    "ConfigError": ConfigError,
-    "VMTimeoutError": VMTimeoutError,
-    "ConnectionRefusedError": ConnectionRefusedError,
-    "ConnectionResetError": ConnectionResetError,
-    "FileNotFoundError": FileNotFoundError,
-    "TimeoutError": VMTimeoutError,
-    "ValueError": ConfigError,
-}
-
-
-def _remote_error(name: str, error: dict[str, Any]) -> BaseException:
-    kind, message = str(error.get("type")), str(error.get("message"))
-    make = _ERRORS.get(kind)
-    if make is not None:
-        return make(message)
-    return VMError(f"VM {name!r}: {message}")
 
 
 def start_supervisor(
@@ -127,7 +107,7 @@ def start_supervisor(
         )
     report = json.loads(line)
     if not report.get("ok"):
-        err = _remote_error(vmdir.name, report.get("error") or {})
+        err = remote_error(vmdir.name, report.get("error") or {})
         if isinstance(err, VzkitError):
             raise err
         raise VMError(f"VM {vmdir.name!r} did not start: {err}")
@@ -272,7 +252,7 @@ class RemoteMachine:
             elif message.get("ok"):
                 future.set_result((message.get("result"), fds))
             else:
-                future.set_exception(_remote_error(self.vmdir.name, message.get("error") or {}))
+                future.set_exception(remote_error(self.vmdir.name, message.get("error") or {}))
 
     def _apply(self, message: dict[str, Any]) -> None:
         old = self._state

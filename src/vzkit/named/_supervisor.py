@@ -42,6 +42,7 @@ from .._loop import get_loop, run_sync
 from .._state import VMState
 from .._vmcore import VMCore
 from ..agent._channel import StrOrBytes
+from ..agent._process import GuestProcess
 from ..backends import VsockListenerLike
 from ..backends._protocol import CapturedDisk
 from ..errors import StateError, VzkitError
@@ -68,6 +69,7 @@ class _Client:
         self.sup = supervisor
         self.out: queue.Queue[tuple[dict[str, Any], list[int]] | None] = queue.Queue()
         self.listeners: dict[int, VsockListenerLike] = {}
+        self.processes: set[GuestProcess] = set()  # its exec requests' commands
         threading.Thread(target=self._write, name="vzkit-ctl-w", daemon=True).start()
         threading.Thread(target=self._read, name="vzkit-ctl-r", daemon=True).start()
 
@@ -97,13 +99,11 @@ class _Client:
         reader = FrameReader(self.sock)
         try:
             while (frame := reader.read()) is not None:
-                message, fds = frame
-                for fd in fds:  # a client sends none
-                    os.close(fd)
+                message, fds = frame  # an exec's stdio; closed once it is answered
                 # each request on its own thread: a long one (a save, a vsock connect that
-                # waits) does not hold up the client's others
+                # waits, an exec) does not hold up the client's others
                 threading.Thread(
-                    target=self._answer, args=(message,), name="vzkit-ctl-op", daemon=True
+                    target=self._answer, args=(message, fds), name="vzkit-ctl-op", daemon=True
                 ).start()
         except (OSError, VzkitError) as err:
             log.debug("control client dropped: %s", err)
@@ -111,17 +111,23 @@ class _Client:
             reader.close()
             for listener in self.listeners.values():
                 listener.close()
+            for process in list(self.processes):  # the client went (Ctrl-C, killed): so do they
+                with contextlib.suppress(VzkitError):
+                    process.kill()
             self.sup.forget(self)
 
-    def _answer(self, message: dict[str, Any]) -> None:
+    def _answer(self, message: dict[str, Any], given: list[int]) -> None:
         ident = message.get("id")
         try:
-            result, fds = self.sup.handle(self, message)
+            result, fds = self.sup.handle(self, message, given)
         except BaseException as err:
             if not isinstance(err, Exception):
                 raise
             self.send({"id": ident, "ok": False, "error": _error_json(err)})
             return
+        finally:
+            for fd in given:
+                os.close(fd)
         self.send({"id": ident, "ok": True, "result": result}, fds)
 
 
@@ -189,13 +195,17 @@ class Supervisor:
 
     # -- requests --------------------------------------------------------------------------
 
-    def handle(self, client: _Client, message: dict[str, Any]) -> tuple[Any, list[int]]:
+    def handle(
+        self, client: _Client, message: dict[str, Any], fds: list[int]
+    ) -> tuple[Any, list[int]]:
         op = message.get("op")
         core = self.core
         if op == "hello":
             return self._hello(), []
         if self.ended.is_set():
             raise StateError(f"VM {self.vmdir.name!r} has stopped")
+        if op == "exec":
+            return {"returncode": self._exec(client, message, fds)}, []
         if op == "pause":
             return self._run(core.pause(None)), []
         if op == "resume":
@@ -272,6 +282,36 @@ class Supervisor:
             "snapshot_blockers": snap.snapshot_blockers(),
             "snapshot_info": snap.snapshot_info(),
         }
+
+    def _exec(self, client: _Client, message: dict[str, Any], fds: list[int]) -> int:
+        """:func:`vzkit.exec_call`: a command with the client's descriptors as its stdio
+        (``[stdout, stderr]``, then stdin if it forwards one), pumped from here; its
+        returncode. Killed if the client goes before it ends."""
+        stdin = bool(message.get("stdin"))
+        if len(fds) != 2 + stdin:
+            raise StateError("an exec request comes with its stdout, stderr (and stdin)")
+        state = self.core.state
+        if state is not VMState.RUNNING:
+            name = self.vmdir.name
+            raise StateError(
+                f"the VM {name!r} is {state.value}, not running: try again when it runs"
+            )
+        argv = message.get("argv")
+        if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
+            raise StateError("an exec request's argv is a non-empty list of strings")
+        user, cwd, timeout = message.get("user"), message.get("cwd"), message.get("timeout")
+        env = self.config.process.command_environment(
+            tuple(str(item) for item in message.get("env") or ()), user
+        )
+        channel = run_sync(
+            self.core.agent.exec(argv, stdin=stdin, env=env, cwd=cwd, user=user, timeout=timeout)
+        )
+        process = GuestProcess(channel, stdin=stdin)
+        client.processes.add(process)
+        try:
+            return process.attach(fds[2] if stdin else None, fds[0], fds[1])
+        finally:
+            client.processes.discard(process)
 
     def _listen(self, client: _Client, port: int) -> int:
         listener = run_sync(self.core.vsock_listen(port))
