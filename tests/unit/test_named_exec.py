@@ -135,7 +135,7 @@ def test_the_request_carries_the_command_and_the_descriptors(
 def test_the_asyncio_twin_does_the_same(
     supervisor: Callable[[Answer], FakeSupervisor], tmp_path: Path
 ) -> None:
-    supervisor(_echo)
+    fake = supervisor(_echo)
     out = tmp_path / "out"
     read_end, write_end = os.pipe()
     os.write(write_end, b"piped\n")
@@ -145,6 +145,10 @@ def test_the_asyncio_twin_does_the_same(
     os.close(read_end)
     assert code == 7
     assert out.read_bytes() == b"out:cat\nerr\npiped\n"
+    (request,) = fake.requests
+    assert (request["op"], request["argv"], request["stdin"], request["fds"]) == (
+        "exec", ["cat"], True, 3,
+    )  # fmt: skip
 
 
 @pytest.mark.parametrize(

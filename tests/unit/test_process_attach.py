@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import platform
+import signal
 import sys
 import threading
 import time
@@ -74,9 +75,11 @@ def test_a_stdin_that_stays_open_is_let_go_when_the_process_ends(tmp_path: Path)
                     aproc = await avm.guest.popen(["head", "-n", "1"])
                     os.write(write_end, b"third\nfourth\n")
                     with out.open("wb") as o:
+                        started = time.monotonic()
                         code = await asyncio.wait_for(
                             aproc.attach(read_end, o.fileno(), o.fileno()), 30
                         )
+                        assert time.monotonic() - started < 4
                     assert code == 0
                     return out.read_bytes()
 
@@ -117,3 +120,39 @@ def test_an_interrupted_attach_kills_the_process(tmp_path: Path) -> None:
             assert await proc.wait(timeout=30) < 0  # killed, not left running
 
     asyncio.run(main())
+
+
+def test_a_reader_that_went_away_sends_sigpipe_and_a_non_blocking_one_gets_everything(
+    tmp_path: Path,
+) -> None:
+    """``vzkit exec VM -- yes | head -1``: the output's reader goes, the process gets SIGPIPE
+    (as in a shell pipeline) instead of stalling on a full window. A caller's stdout that is
+    non-blocking (a shared file description) still gets every byte."""
+    with vzkit.start(backend=AgentBackend(host_agent()), kernel_path=_kernel(tmp_path)) as vm:
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        proc = vm.guest.popen(["yes"], stdin=False)
+        try:
+            assert proc.attach(None, write_end, write_end) == -signal.SIGPIPE
+        finally:
+            os.close(write_end)
+
+        read_end, write_end = os.pipe()
+        os.set_blocking(write_end, False)
+        got = bytearray()
+
+        def drain() -> None:
+            while chunk := os.read(read_end, 4096):
+                got.extend(chunk)
+                time.sleep(0.001)  # a slow reader: the pipe fills, writes would block
+
+        reader = threading.Thread(target=drain)
+        reader.start()
+        proc = vm.guest.popen(["head", "-c", "3000000", "/dev/zero"], stdin=False)
+        try:
+            assert proc.attach(None, write_end, write_end) == 0
+        finally:
+            os.close(write_end)
+        reader.join(timeout=60)
+        os.close(read_end)
+        assert len(got) == 3_000_000

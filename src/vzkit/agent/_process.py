@@ -163,20 +163,27 @@ class GuestProcess(_ProcessBase):
         """Copy the outputs to the file descriptors ``stdout`` and ``stderr`` and, with
         ``stdin=`` a descriptor (for a process started with ``stdin=True``), that descriptor
         to the process until its end of file; wait for the end and return the returncode.
-        Memory stays bounded: one chunk per stream; a descriptor nobody reads holds the
-        process back, as a pipe does. An exception while waiting (``KeyboardInterrupt``)
-        kills the process and is raised. The descriptors stay open (they are the caller's)."""
+
+        Memory stays bounded (a chunk per stream); a descriptor that is not read holds the
+        process back, as a pipe does, and one whose reader has gone (EPIPE) sends the process
+        group SIGPIPE, as a shell pipeline would, the rest of its output dropped. A stdin that
+        stays open (a terminal) stops being read when the process ends. The copies use
+        duplicates of the descriptors, so the caller may close its own once this returns.
+        An exception while waiting (``KeyboardInterrupt``) kills the process and is raised."""
+        stop_r, stop_w = os.pipe()  # closing stop_w tells the stdin copy to stop
         outs = [
-            threading.Thread(target=_copy_out, args=(self.stdout, stdout), daemon=True),
-            threading.Thread(target=_copy_out, args=(self.stderr, stderr), daemon=True),
+            threading.Thread(target=self._copy_out, args=(src, os.dup(fd)), daemon=True)
+            for src, fd in ((self.stdout, stdout), (self.stderr, stderr))
         ]
-        stop_r, stop_w = os.pipe()
         feed = None
         if stdin is not None and self.stdin is not None:
-            feed = threading.Thread(target=_copy_in, args=(stdin, self.stdin, stop_r), daemon=True)
-        elif self.stdin is not None:
-            with contextlib.suppress(OSError, GuestError):
-                self.stdin.close()  # nothing to forward: an empty stdin
+            args = (os.dup(stdin), self.stdin, stop_r)
+            feed = threading.Thread(target=_copy_in, args=args, daemon=True)
+        else:
+            os.close(stop_r)
+            if self.stdin is not None:
+                with contextlib.suppress(OSError, GuestError):
+                    self.stdin.close()  # nothing to forward: an empty stdin
         for thread in [*outs, *([feed] if feed else [])]:
             thread.start()
         try:
@@ -190,12 +197,28 @@ class GuestProcess(_ProcessBase):
                 thread.join(timeout=30)
             return returncode
         finally:
-            os.write(stop_w, b"x")  # a stdin that stays open (a terminal) stops being read
-            if feed is not None:
-                feed.join(timeout=5)
-            if feed is None or not feed.is_alive():
-                os.close(stop_r)
             os.close(stop_w)
+            if feed is not None:  # stopped: no more is read from stdin once this returns
+                feed.join(timeout=5)
+
+    def _copy_out(self, src: io.BufferedReader, fd: int) -> None:
+        """One output to ``fd`` (owned: closed at the end) until the process closes it."""
+        try:
+            broken = False
+            while chunk := _read_quietly(src):
+                if broken:
+                    continue  # dropped: the guest must not stall on a full window
+                try:
+                    _write_all(fd, chunk)
+                except OSError as err:
+                    broken = True
+                    if isinstance(err, BrokenPipeError):
+                        with contextlib.suppress(GuestError):
+                            run_sync(
+                                _call(lambda: self._channel.signal(signal.SIGPIPE, group=True))
+                            )
+        finally:
+            os.close(fd)
 
     def send_signal(self, sig: int) -> None:
         run_sync(_call(lambda: self._channel.signal(sig, group=False)))
@@ -230,33 +253,48 @@ class GuestProcess(_ProcessBase):
                 raise
 
 
-def _copy_out(src: io.BufferedReader, fd: int) -> None:
-    """A process's output to ``fd`` until its end (or ``fd`` breaks: the rest is dropped)."""
-    with contextlib.suppress(OSError, ValueError, GuestError):
-        while chunk := src.read1(MAX_PAYLOAD):
-            _write_all(fd, chunk)
+def _read_quietly(src: io.BufferedReader) -> bytes:
+    """The next chunk of a process's output, ``b""`` at its end or if it broke."""
+    try:
+        return src.read1(MAX_PAYLOAD)
+    except (OSError, ValueError, GuestError):
+        return b""
 
 
 def _write_all(fd: int, data: bytes) -> None:
+    """All of ``data`` to ``fd``, also when ``fd`` is non-blocking (a caller's shared file
+    description): then it waits until ``fd`` takes more."""
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view) :]
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            select.select([], [fd], [])
 
 
 def _read_chunk(fd: int, stop: int) -> bytes:
     """The next chunk of ``fd`` (``b""`` at its end, or once ``stop`` is readable: the
-    process ended while ``fd``, a terminal, stays open)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    poller.register(stop, select.POLLIN)
-    if any(ready == stop for ready, _ in poller.poll()):
-        return b""
-    return os.read(fd, MAX_PAYLOAD)
+    process ended while ``fd``, a terminal, stays open). ``select``, not ``poll``: macOS's
+    poll does not take terminals."""
+    while True:
+        try:
+            ready, _, _ = select.select([fd, stop], [], [])
+        except ValueError:  # a descriptor beyond FD_SETSIZE: poll, which has no such bound
+            poller = select.poll()
+            poller.register(fd, select.POLLIN)
+            poller.register(stop, select.POLLIN)
+            ready = [ready_fd for ready_fd, _ in poller.poll()]
+        if stop in ready:
+            return b""
+        try:
+            return os.read(fd, MAX_PAYLOAD)
+        except BlockingIOError:  # a non-blocking descriptor that another reader emptied
+            continue
 
 
 def _copy_in(fd: int, dst: io.BufferedWriter, stop: int) -> None:
     """``fd`` to the process's stdin until its end of file (or ``stop``), then close that
-    stdin."""
+    stdin; ``fd`` and ``stop`` are owned (closed at the end)."""
     try:
         while chunk := _read_chunk(fd, stop):
             dst.write(chunk)
@@ -266,6 +304,8 @@ def _copy_in(fd: int, dst: io.BufferedWriter, stop: int) -> None:
     finally:
         with contextlib.suppress(OSError, ValueError, GuestError):
             dst.close()
+        os.close(fd)
+        os.close(stop)
 
 
 async def _wait_for(coro: Any, timeout: float | None) -> Any:
@@ -352,54 +392,18 @@ class AsyncGuestProcess(_ProcessBase):
         await self.send_signal(signal.SIGTERM)
 
     async def attach(self, stdin: int | None, stdout: int, stderr: int) -> int:
-        """The twin of :meth:`GuestProcess.attach`: the descriptors are read and written in
-        worker threads (they may be files, which do not poll), the process's streams here.
-        Cancelled, the process is killed."""
-        stop_r, stop_w = os.pipe()
-
-        async def copy_out(src: AsyncStreamReader, fd: int) -> None:
-            with contextlib.suppress(OSError, GuestError):
-                while chunk := await src.read(MAX_PAYLOAD):
-                    await asyncio.to_thread(_write_all, fd, chunk)
-
-        async def copy_in(fd: int, dst: AsyncStreamWriter) -> None:
-            try:
-                while chunk := await asyncio.to_thread(_read_chunk, fd, stop_r):
-                    await dst.write(chunk)
-            except (OSError, GuestError):
-                pass
-            finally:
-                with contextlib.suppress(OSError, GuestError):
-                    await dst.aclose()
-
-        outs = [
-            asyncio.ensure_future(copy_out(self.stdout, stdout)),
-            asyncio.ensure_future(copy_out(self.stderr, stderr)),
-        ]
-        feed = None
-        if stdin is not None and self.stdin is not None:
-            feed = asyncio.ensure_future(copy_in(stdin, self.stdin))
-        elif self.stdin is not None:
-            with contextlib.suppress(OSError, GuestError):
-                await self.stdin.aclose()
+        """The twin of :meth:`GuestProcess.attach` (which does the copying, in a worker
+        thread: descriptors may be files, which do not poll). Cancelled, the process is
+        killed; the copies end with it."""
+        view = GuestProcess(self._channel, stdin=self.stdin is not None)
+        copying = asyncio.ensure_future(asyncio.to_thread(view.attach, stdin, stdout, stderr))
         try:
-            try:
-                returncode = await self.wait()
-            except BaseException:
-                with contextlib.suppress(GuestError):
-                    await self.kill()
-                raise
-            await asyncio.wait(outs, timeout=30)
-            return returncode
-        finally:
-            for task in outs:
-                task.cancel()
-            os.write(stop_w, b"x")
-            if feed is not None:
-                await asyncio.wait([feed], timeout=5)
-            if feed is None or feed.done():
-                os.close(stop_r)
-            os.close(stop_w)
+            await asyncio.shield(copying)
+        except asyncio.CancelledError:
+            with contextlib.suppress(GuestError):
+                await self.kill()
+            raise
+        return await self.wait()
 
     async def kill(self) -> None:
         await wrap(_call(lambda: self._channel.signal(signal.SIGKILL, group=True)))

@@ -68,15 +68,18 @@ def exec_call(
         stack.callback(sock.close)
         request = {"id": 1, "op": "exec", "argv": argv, "env": items, "cwd": cwd,
                    "user": user, "timeout": timeout, "stdin": len(fds) == 3}  # fmt: skip
-        send_frame(sock, request, fds)
         reader = FrameReader(sock)
         stack.callback(reader.close)
-        while (frame := reader.read()) is not None:
-            message, received = frame
-            for fd in received:
-                os.close(fd)
-            if message.get("id") == 1:
-                return _returncode(vmdir.name, message)
+        try:
+            send_frame(sock, request, fds)
+            while (frame := reader.read()) is not None:
+                message, received = frame
+                for fd in received:
+                    os.close(fd)
+                if message.get("id") == 1:
+                    return _returncode(vmdir.name, message)
+        except OSError as err:
+            raise VMError(f"VM {vmdir.name!r}: its supervisor went away: {err}") from err
         raise VMError(f"VM {vmdir.name!r}: its supervisor ended before the command did")
     raise AssertionError("unreachable")  # pragma: no cover - mypy: the with returns or raises
 
@@ -107,7 +110,10 @@ async def exec_call_async(
         stack.callback(sock.close)
         request = {"id": 1, "op": "exec", "argv": argv, "env": items, "cwd": cwd,
                    "user": user, "timeout": timeout, "stdin": len(fds) == 3}  # fmt: skip
-        send_frame(sock, request, fds)  # one small frame: the socket takes it at once
+        try:
+            send_frame(sock, request, fds)  # one small frame: the socket takes it at once
+        except OSError as err:
+            raise VMError(f"VM {vmdir.name!r}: its supervisor went away: {err}") from err
         reader, writer = await asyncio.open_unix_connection(sock=sock)
         stack.callback(writer.close)
         while True:
@@ -117,7 +123,7 @@ async def exec_call_async(
                 if size > MAX_FRAME:
                     raise VMError(f"control frame of {size} bytes is too large")
                 body = await reader.readexactly(size)
-            except asyncio.IncompleteReadError:
+            except (asyncio.IncompleteReadError, OSError):
                 raise VMError(
                     f"VM {vmdir.name!r}: its supervisor ended before the command did"
                 ) from None
@@ -155,6 +161,12 @@ def _fd(stream: _Stream, default: int, stack: contextlib.ExitStack) -> int:
         except SpecError:
             return _fd(DEVNULL, default, stack)
     if isinstance(stream, int):
+        try:
+            os.fstat(stream)
+        except (OSError, OverflowError):
+            raise SpecError(
+                f"exec_call's stdio takes open file descriptors, files or DEVNULL, got {stream}"
+            ) from None
         return stream
     with contextlib.suppress(AttributeError, OSError, ValueError):
         stream.flush()  # what was written before goes first

@@ -45,7 +45,7 @@ from ..agent._channel import StrOrBytes
 from ..agent._process import GuestProcess
 from ..backends import VsockListenerLike
 from ..backends._protocol import CapturedDisk
-from ..errors import StateError, VzkitError
+from ..errors import SpecError, StateError, VzkitError
 from ._control import FrameReader, peer_uid, send_frame, short_path
 from ._home import VMDir
 
@@ -70,6 +70,7 @@ class _Client:
         self.out: queue.Queue[tuple[dict[str, Any], list[int]] | None] = queue.Queue()
         self.listeners: dict[int, VsockListenerLike] = {}
         self.processes: set[GuestProcess] = set()  # its exec requests' commands
+        self.gone = threading.Event()  # the client hung up: its commands are killed
         threading.Thread(target=self._write, name="vzkit-ctl-w", daemon=True).start()
         threading.Thread(target=self._read, name="vzkit-ctl-r", daemon=True).start()
 
@@ -111,10 +112,13 @@ class _Client:
             reader.close()
             for listener in self.listeners.values():
                 listener.close()
-            for process in list(self.processes):  # the client went (Ctrl-C, killed): so do they
-                with contextlib.suppress(VzkitError):
-                    process.kill()
-            self.sup.forget(self)
+            self.gone.set()
+            try:
+                for process in list(self.processes):  # the client went (Ctrl-C, killed)
+                    with contextlib.suppress(Exception):
+                        process.kill()
+            finally:
+                self.sup.forget(self)
 
     def _answer(self, message: dict[str, Any], given: list[int]) -> None:
         ident = message.get("id")
@@ -289,7 +293,7 @@ class Supervisor:
         returncode. Killed if the client goes before it ends."""
         stdin = bool(message.get("stdin"))
         if len(fds) != 2 + stdin:
-            raise StateError("an exec request comes with its stdout, stderr (and stdin)")
+            raise SpecError("an exec request comes with its stdout, stderr (and stdin)")
         state = self.core.state
         if state is not VMState.RUNNING:
             name = self.vmdir.name
@@ -298,8 +302,12 @@ class Supervisor:
             )
         argv = message.get("argv")
         if not isinstance(argv, list) or not argv or not all(isinstance(a, str) for a in argv):
-            raise StateError("an exec request's argv is a non-empty list of strings")
+            raise SpecError("an exec request's argv is a non-empty list of strings")
         user, cwd, timeout = message.get("user"), message.get("cwd"), message.get("timeout")
+        if not all(isinstance(v, str | None) for v in (user, cwd)) or not isinstance(
+            timeout, int | float | None
+        ):
+            raise SpecError("an exec request's user and cwd are strings, its timeout a number")
         env = self.config.process.command_environment(
             tuple(str(item) for item in message.get("env") or ()), user
         )
@@ -308,6 +316,9 @@ class Supervisor:
         )
         process = GuestProcess(channel, stdin=stdin)
         client.processes.add(process)
+        if client.gone.is_set():  # it hung up while the command started
+            with contextlib.suppress(VzkitError):
+                process.kill()
         try:
             return process.attach(fds[2] if stdin else None, fds[0], fds[1])
         finally:
