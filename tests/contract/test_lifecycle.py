@@ -18,6 +18,7 @@ import pytest
 
 import vzkit
 from vzkit.backends import vz as vzb
+from vzkit.backends.vz._objc import vm_delegate
 from vzkit.snapshots import SnapshotRecord, SnapshotStore
 from vzkit.snapshots._files import check_digests
 from vzkit.snapshots._record import FORMAT
@@ -333,6 +334,66 @@ def test_queue_sync_returns_raises_and_reenters(fake: FakeRuntime) -> None:
     assert not queue.is_current()
     wrapped = vzb.Queue.wrap(queue.queue)
     assert wrapped.queue is queue.queue
+
+
+def test_completion_handlers_run_by_the_framework_may_ask_the_vm(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path
+) -> None:
+    """A completion callback runs in the framework's block on the VM queue: asking the VM's
+    state there runs inline (a dispatch_sync onto the queue it runs on would trap)."""
+    queue, vm, _, _ = make_vm(tmp_path, kernel)
+    seen: list[object] = []
+
+    def on_started(error: Exception | None) -> None:
+        seen.append(queue.is_current())
+        seen.append(vzb.vm_state(queue, vm))
+        seen.append(vzb.can_stop(queue, vm))
+
+    assert finish(vzb.start_vm(queue, vm, on_started)) is None
+    fake.settle()
+    assert seen == [True, vzkit.VMState.RUNNING, True]
+    assert fake.violations == []
+
+
+def test_delegate_callbacks_run_by_the_framework_may_ask_the_vm(
+    fake: FakeRuntime, tmp_path: Path, kernel: Path
+) -> None:
+    queue, vm, _, _ = make_vm(tmp_path, kernel)
+    seen: list[object] = []
+    stopped = threading.Event()
+
+    def on_stop() -> None:
+        seen.append(vzb.vm_state(queue, vm))
+        seen.append(vzb.can_start(queue, vm))
+        stopped.set()
+
+    delegate = vzb.retain(vm_delegate(on_stop, lambda error: None))
+    queue.sync(lambda: vm.setDelegate_(delegate))
+    finish(vzb.start_vm(queue, vm))
+    guest_power_off(fake, vm)
+    assert stopped.wait(TIMEOUT)
+    assert seen == [vzkit.VMState.STOPPED, True]
+    assert fake.violations == []
+
+
+def test_is_current_only_on_its_own_queue(fake: FakeRuntime) -> None:
+    import dispatch  # the stand-in's
+
+    queue, other = vzb.Queue("test.own"), vzb.Queue("test.own")  # one label, two queues
+    wrapped = vzb.Queue.wrap(queue.queue)
+    seen: dict[str, bool] = {}
+    done = threading.Event()
+
+    def framework_block() -> None:  # not dispatched through a vzkit Queue
+        seen.update(own=queue.is_current(), wrapped=wrapped.is_current())
+        seen.update(other=other.is_current())
+        done.set()
+
+    dispatch.dispatch_async(queue.queue, framework_block)
+    assert done.wait(TIMEOUT)
+    assert seen == {"own": True, "wrapped": True, "other": False}
+    assert other.sync(lambda: queue.is_current()) is False
+    assert not queue.is_current()
 
 
 def test_queue_async_logs_failures(fake: FakeRuntime, caplog: pytest.LogCaptureFixture) -> None:

@@ -23,6 +23,17 @@ if TYPE_CHECKING:
 _tls = threading.local()
 _STOP = object()
 
+#: libdispatch functions the backend uses that the vendored API data does not list, with the
+#: facts the stand-in models (from PyObjC's ``pyobjc-framework-libdispatch`` tests,
+#: ``PyObjCTest/test_queueu.py``): extend the data here, deliberately, one function at a time.
+EXTRA_LIBDISPATCH = {
+    "dispatch_queue_get_label": (
+        "argument 0 is a dispatch_queue_t (_C_ID) or DISPATCH_CURRENT_QUEUE_LABEL (None, the "
+        "queue the caller runs on); the result is a NUL-terminated C string (bytes), '' for "
+        "a queue without a label"
+    ),
+}
+
 DISPATCH_TIME_NOW = 0
 DISPATCH_TIME_FOREVER = 18446744073709551615
 NSEC_PER_SEC = 1000000000
@@ -146,7 +157,7 @@ def make_module(rt: FakeRuntime) -> types.ModuleType:
     from ._runtime import StrictModule
 
     mod = StrictModule("dispatch", rt)
-    allowed = set(rt.api.libdispatch)
+    allowed = set(rt.api.libdispatch) | set(EXTRA_LIBDISPATCH)
 
     def export(fn: Callable[..., Any]) -> None:
         if fn.__name__ in allowed:  # only what the API data lists exists
@@ -181,6 +192,16 @@ def make_module(rt: FakeRuntime) -> types.ModuleType:
         _arity(rt, "dispatch_async", args, 2)
         q = queue_arg("dispatch_async", args[0])
         q.submit(_block(rt, "dispatch_async", args[1]), wait=False)
+
+    def dispatch_queue_get_label(*args: Any) -> bytes:
+        _arity(rt, "dispatch_queue_get_label", args, 1)
+        if args[0] is None:  # DISPATCH_CURRENT_QUEUE_LABEL
+            q = current_queue()
+            if q is None and threading.current_thread() is threading.main_thread():
+                q = rt.main_queue
+        else:
+            q = queue_arg("dispatch_queue_get_label", args[0])
+        return b"" if q is None or q.label is None else q.label
 
     def dispatch_get_main_queue(*args: Any) -> FakeQueue:
         _arity(rt, "dispatch_get_main_queue", args, 0)
@@ -232,6 +253,7 @@ def make_module(rt: FakeRuntime) -> types.ModuleType:
         dispatch_queue_create,
         dispatch_sync,
         dispatch_async,
+        dispatch_queue_get_label,
         dispatch_get_main_queue,
         dispatch_get_global_queue,
         dispatch_time,
@@ -243,6 +265,7 @@ def make_module(rt: FakeRuntime) -> types.ModuleType:
     ):
         export(fn)
     mod.DISPATCH_QUEUE_SERIAL = None
+    mod.DISPATCH_CURRENT_QUEUE_LABEL = None
     mod.DISPATCH_TIME_NOW = DISPATCH_TIME_NOW
     mod.DISPATCH_TIME_FOREVER = DISPATCH_TIME_FOREVER
     mod.NSEC_PER_SEC = NSEC_PER_SEC

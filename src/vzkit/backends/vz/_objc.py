@@ -23,10 +23,12 @@ from __future__ import annotations
 import asyncio
 import importlib
 import logging
+import os
 import platform
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -172,6 +174,11 @@ def require_arm64(api: str, version: str) -> None:
 
 _running = threading.local()
 
+#: Queues vzkit created, by their dispatch label (unique: a random suffix). The label of the
+#: queue a block runs on (``dispatch_queue_get_label(DISPATCH_CURRENT_QUEUE_LABEL)``) then
+#: names the :class:`Queue`, also inside blocks the framework runs there itself.
+_own_labels: weakref.WeakValueDictionary[bytes, Queue] = weakref.WeakValueDictionary()
+
 
 def _running_queues() -> list[Queue]:
     stack: list[Queue] | None = getattr(_running, "stack", None)
@@ -181,25 +188,47 @@ def _running_queues() -> list[Queue]:
     return stack
 
 
+def _label_bytes(label: Any) -> bytes | None:
+    if isinstance(label, bytes):
+        return label
+    if isinstance(label, str):
+        return label.encode()
+    return None
+
+
 class Queue:
     """A serial dispatch queue: every call on a ``VZVirtualMachine`` runs on its queue.
 
     ``sync`` runs ``work`` on the queue and returns its result; an exception raised by
     ``work`` is caught inside the block and re-raised in the caller, so it never crosses
-    into Objective-C. A ``sync`` from a block already running on this queue runs inline
-    (dispatching synchronously onto the current queue would deadlock).
+    into Objective-C. A ``sync`` from code already running on this queue runs inline
+    (dispatching synchronously onto the current queue would deadlock): a block this object
+    dispatched, and a completion handler or delegate callback the framework runs there.
     """
 
     def __init__(self, label: str = "vzkit.vm", *, _queue: Any = None) -> None:
         self.label = label
+        self._dispatch_label: bytes | None = None
         if _queue is None:
             d = libdispatch()
-            _queue = d.dispatch_queue_create(label.encode(), d.DISPATCH_QUEUE_SERIAL)
+            unique = f"{label}#{os.urandom(6).hex()}".encode()
+            _queue = d.dispatch_queue_create(unique, d.DISPATCH_QUEUE_SERIAL)
+            self._dispatch_label = unique
+            _own_labels[unique] = self
+        else:
+            known = _label_bytes(libdispatch().dispatch_queue_get_label(_queue))
+            if known is not None and known in _own_labels:
+                self._dispatch_label = known  # a queue vzkit made: its label is unique
         self._queue = _queue
 
     @classmethod
     def wrap(cls, queue: Any, label: str = "wrapped") -> Queue:
-        """A :class:`Queue` over an existing ``dispatch_queue_t`` (the seed's ``WrapQueue``)."""
+        """A :class:`Queue` over an existing ``dispatch_queue_t`` (the seed's ``WrapQueue``).
+
+        Blocks the framework runs on a queue vzkit did not create are not recognised by
+        :meth:`is_current` (its label need not be unique): only blocks dispatched through
+        a :class:`Queue` are.
+        """
         return cls(label, _queue=queue)
 
     def __repr__(self) -> str:
@@ -211,8 +240,16 @@ class Queue:
         return self._queue
 
     def is_current(self) -> bool:
-        """True inside a block this object dispatched onto the queue."""
-        return self in _running_queues()
+        """True when the calling code runs on this queue: inside a block a :class:`Queue`
+        dispatched onto it, or (for a queue vzkit created) a completion handler or delegate
+        callback the framework runs on it."""
+        if self in _running_queues():
+            return True
+        if self._dispatch_label is None:
+            return False
+        d = libdispatch()
+        current = _label_bytes(d.dispatch_queue_get_label(d.DISPATCH_CURRENT_QUEUE_LABEL))
+        return current == self._dispatch_label
 
     def _wrap(self, work: Callable[[], T], box: dict[str, Any]) -> Callable[[], None]:
         def block() -> None:
