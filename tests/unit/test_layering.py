@@ -211,6 +211,7 @@ _GROUP_OF_MODULE = {
             "_progress",
             "_units",
             "_hosttar",
+            "_terminal",
         ],
         "foundation",
     ),

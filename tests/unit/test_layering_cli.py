@@ -18,6 +18,9 @@ ALLOWED = {
     "vzkit._config.MAX_MEMORY_GB",
     # The library's progress line, drawn by ``vzkit macos install``.
     "vzkit._progress.Progress",
+    # The terminal escape (Ctrl-] .) of ``run -t``, shared with the vz backend's stdio console.
+    "vzkit._terminal.ESCAPE",
+    "vzkit._terminal.EscapeReader",
 }
 
 

@@ -21,6 +21,7 @@ import tty
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from vzkit._terminal import ESCAPE, EscapeReader  # the escape, shared with the vz console
 from vzkit.agent import GuestProcess
 from vzkit.errors import SpecError, VzkitError
 
@@ -33,9 +34,6 @@ __all__ = [
     "terminal_size",
 ]
 
-#: The escape key, Ctrl-] (telnet's): then ``.`` ends the session, a second one sends itself.
-ESCAPE = b"\x1d"
-_DETACH = b"."
 #: ``vzkit run -t``'s exit code when the escape ended the session (ssh's for ``~.``).
 EXIT_DETACHED = 255
 _FALLBACK_SIZE = (24, 80)
@@ -56,30 +54,6 @@ def terminal_size(fd: int) -> tuple[int, int]:
     except OSError:
         return _FALLBACK_SIZE
     return (size.lines, size.columns) if size.lines and size.columns else _FALLBACK_SIZE
-
-
-class EscapeReader:
-    """Finds ``Ctrl-]`` ``.`` in the typed bytes, across reads; what is not the escape passes."""
-
-    def __init__(self) -> None:
-        self._pending = False  # the last byte read was Ctrl-]
-        self.detached = False
-
-    def feed(self, data: bytes) -> bytes:
-        """The bytes to send on; sets :attr:`detached` (and drops the rest) at ``Ctrl-]`` ``.``."""
-        out = bytearray()
-        for byte in (data[i : i + 1] for i in range(len(data))):
-            if self._pending:
-                self._pending = False
-                if byte == _DETACH:
-                    self.detached = True
-                    return bytes(out)
-                out += ESCAPE if byte == ESCAPE else ESCAPE + byte
-            elif byte == ESCAPE:
-                self._pending = True
-            else:
-                out += byte
-        return bytes(out)
 
 
 @contextlib.contextmanager

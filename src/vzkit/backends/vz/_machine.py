@@ -26,6 +26,7 @@ from typing import Any
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._macconfig import MacVMConfig
 from ..._state import VMState
+from ..._terminal import RawConsoleInput
 from ...errors import VMError, VzkitError
 from .._protocol import (
     AgentVsock,
@@ -65,6 +66,8 @@ class VzMachine:
         self._vsock: VsockManager | None = None
         self._pty_fds: list[int] = []
         self._console_pty: str | None = None
+        self._console_input: RawConsoleInput | None = None  # a stdio console on a terminal
+        self._escape_task: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
         self.last_error: VzkitError | None = None
@@ -130,11 +133,32 @@ class VzMachine:
         self._finish(VMState.ERROR)
 
     def _finish(self, state: VMState) -> None:
+        self._stop_console_input()
         self._set_state(state)
         if self._stopped is not None:
             self._stopped.set()
 
+    def _console_escaped(self) -> None:
+        log.info("Ctrl-] . typed on the console: stopping the VM")
+        self._escape_task = asyncio.ensure_future(self.force_stop())
+
+    def _stop_console_input(self) -> None:
+        console, self._console_input = self._console_input, None
+        if console is not None:
+            console.stop()  # the terminal's settings are back
+
     # -- building the VM -------------------------------------------------------------------
+
+    def _stdio_console(self) -> tuple[int, int] | None:
+        """A ``stdio`` console on a terminal: raw, Ctrl-] . stops the VM (as vfkit and
+        ``qemu -nographic``, every key, Ctrl-C included, goes to the guest). ``None`` when
+        stdin is no terminal: the console reads it as it is."""
+        if not os.isatty(0):
+            return None
+        console = RawConsoleInput(0, lambda: self._from_queue(self._console_escaped))
+        console.start()
+        self._console_input = console
+        return (console.read_fd, 1)
 
     def _open_pty(self) -> tuple[int, int]:
         master, slave = os.openpty()
@@ -154,7 +178,12 @@ class VzMachine:
             root = self.config.root_disk
             if root is not None and self._root_layer is None:
                 self._root_layer = _rootclone.open_layer(root, self.state_dir)
-            console_fds = self._open_pty() if self.config.console is ConsoleMode.PTY else None
+            self._loop = asyncio.get_running_loop()
+            console_fds = None
+            if self.config.console is ConsoleMode.PTY:
+                console_fds = self._open_pty()
+            elif self.config.console is ConsoleMode.STDIO:
+                console_fds = self._stdio_console()
             vz_config = _build.build_linux_vm_config(
                 self.config,
                 state_dir=self.state_dir,
@@ -370,6 +399,7 @@ class VzMachine:
         self._vz_config = None
         self._delegate = None
         self._queue = None
+        self._stop_console_input()
         fds, self._pty_fds = self._pty_fds, []
         for fd in fds:
             with contextlib.suppress(OSError):
