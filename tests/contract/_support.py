@@ -16,3 +16,8 @@ def take_violations(rt: FakeRuntime) -> list[str]:
     found = list(rt.violations)
     rt.violations.clear()
     return found
+
+
+#: The smallest arm64 Linux ``Image`` the vz backend accepts as a kernel: its 64-byte header
+#: with the magic ``ARM\x64`` at offset 0x38 (the stand-in host is Apple silicon).
+ARM64_IMAGE = bytes(0x38) + b"ARM\x64" + bytes(4)

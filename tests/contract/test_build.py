@@ -16,7 +16,7 @@ from vzkit.backends import vz as vzb
 from vzkit.backends.vz import _build
 
 from ._graph import find, render
-from ._support import FakeFactory, take_violations
+from ._support import ARM64_IMAGE, FakeFactory, take_violations
 from .fakeobjc import FakeRuntime
 
 pytestmark = pytest.mark.contract
@@ -29,7 +29,7 @@ def files(tmp_path: Path) -> dict[str, Path]:
     out = {}
     for name in ("vmlinuz", "initrd", "disk.img", "install.iso"):
         out[name] = tmp_path / name
-        out[name].write_bytes(b"\0" * 512)
+        out[name].write_bytes(ARM64_IMAGE + b"\0" * 448)
     share = tmp_path / "src"
     share.mkdir()
     out["share"] = share
@@ -504,7 +504,7 @@ def test_a_gzip_kernel_is_decompressed_once_into_the_state_dir(
 ) -> None:
     import gzip
 
-    image = b"ARM64 Image \x00" * 1000
+    image = ARM64_IMAGE + b"ARM64 Image \x00" * 1000
     packed = files["vmlinuz"].with_name("vmlinuz-gz")
     packed.write_bytes(gzip.compress(image))
     cfg = direct(files, kernel_path=packed)

@@ -20,6 +20,7 @@ import vzkit
 from vzkit.backends import vz as vzb
 
 from ._graph import render
+from ._support import ARM64_IMAGE
 from .fakeobjc import FakeRuntime, guest_power_off
 
 pytestmark = pytest.mark.contract
@@ -43,7 +44,7 @@ def stdin_tty() -> Iterator[int]:
 @pytest.fixture
 def cfg(tmp_path: Path) -> vzkit.LinuxVMConfig:
     kernel = tmp_path / "vmlinuz"
-    kernel.write_bytes(b"\0")
+    kernel.write_bytes(ARM64_IMAGE)
     return vzkit.LinuxVMConfig(
         kernel_path=kernel, memory_gb=1, console="stdio", state_dir=tmp_path / "state"
     )

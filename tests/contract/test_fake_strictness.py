@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from ._support import FakeFactory, take_violations
+from ._support import ARM64_IMAGE, FakeFactory, take_violations
 from .fakeobjc import ContractViolation, FakeRuntime, UnknownSelector
 
 pytestmark = pytest.mark.contract
@@ -153,7 +153,7 @@ def test_blocks_must_match_their_signature(fake: FakeRuntime, tmp_path: Any) -> 
     import Virtualization as V
 
     kernel = tmp_path / "k"
-    kernel.write_bytes(b"k")
+    kernel.write_bytes(ARM64_IMAGE)
     config = V.VZVirtualMachineConfiguration.alloc().init()
     config.setCPUCount_(1)
     config.setMemorySize_(256 << 20)
@@ -207,7 +207,7 @@ def test_weak_delegates_must_be_kept_alive(fake: FakeRuntime, tmp_path: Any) -> 
             pass
 
     kernel = tmp_path / "k"
-    kernel.write_bytes(b"k")
+    kernel.write_bytes(ARM64_IMAGE)
     config = V.VZVirtualMachineConfiguration.alloc().init()
     config.setCPUCount_(1)
     config.setMemorySize_(256 << 20)

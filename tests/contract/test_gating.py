@@ -14,7 +14,7 @@ import vzkit
 from vzkit.backends import vz as vzb
 
 from ._graph import render
-from ._support import FakeFactory
+from ._support import ARM64_IMAGE, FakeFactory
 
 pytestmark = pytest.mark.contract
 
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.contract
 @pytest.fixture
 def kernel(tmp_path: Path) -> Path:
     path = tmp_path / "vmlinuz"
-    path.write_bytes(b"\0")
+    path.write_bytes(ARM64_IMAGE)
     return path
 
 

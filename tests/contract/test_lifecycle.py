@@ -23,7 +23,7 @@ from vzkit.snapshots import SnapshotRecord, SnapshotStore
 from vzkit.snapshots._files import check_digests
 from vzkit.snapshots._record import FORMAT
 
-from ._support import FakeFactory
+from ._support import ARM64_IMAGE, FakeFactory
 from .fakeobjc import FakeRuntime, guest_power_off, state_name
 
 pytestmark = pytest.mark.contract
@@ -33,7 +33,7 @@ TIMEOUT = 5.0
 @pytest.fixture
 def kernel(tmp_path: Path) -> Path:
     path = tmp_path / "vmlinuz"
-    path.write_bytes(b"\0" * 64)
+    path.write_bytes(ARM64_IMAGE)
     return path
 
 

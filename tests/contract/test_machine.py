@@ -18,7 +18,7 @@ import vzkit
 from vzkit._loop import run_sync
 from vzkit.backends import vz as vzb
 
-from ._support import take_violations
+from ._support import ARM64_IMAGE, take_violations
 from .fakeobjc import FakeRuntime, guest_power_off, vm_crash
 
 pytestmark = pytest.mark.contract
@@ -27,7 +27,7 @@ pytestmark = pytest.mark.contract
 @pytest.fixture
 def cfg(tmp_path: Path) -> vzkit.LinuxVMConfig:
     kernel = tmp_path / "vmlinuz"
-    kernel.write_bytes(b"\0")
+    kernel.write_bytes(ARM64_IMAGE)
     return vzkit.LinuxVMConfig(kernel_path=kernel, memory_gb=1, state_dir=tmp_path / "state")
 
 

@@ -22,6 +22,7 @@ import pytest
 import vzkit
 from vzkit.backends import vz as vzb
 
+from ._support import ARM64_IMAGE
 from .fakeobjc import FakeRuntime, guest_connect, installed, load_raw, write_fake_ipsw
 from .fakeobjc._spec import MethodSpec
 
@@ -34,7 +35,7 @@ CF_USED = ("CFRunLoopRunInMode",)
 def scenario(root: Path, rt: FakeRuntime) -> None:
     """Every seed function, once, the happy path (then the macOS-guest half)."""
     for name in ("vmlinuz", "initrd", "disk.img", "cd.iso"):
-        (root / name).write_bytes(b"\0" * 64)
+        (root / name).write_bytes(ARM64_IMAGE)
     (root / "share").mkdir(exist_ok=True)
     cfg = vzkit.LinuxVMConfig(
         kernel_path=root / "vmlinuz",

@@ -17,7 +17,7 @@ import pytest
 import vzkit
 from vzkit.backends import vz as vzb
 
-from ._support import take_violations
+from ._support import ARM64_IMAGE, take_violations
 from .fakeobjc import FakeRuntime, guest_connect
 
 pytestmark = pytest.mark.contract
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.contract
 @pytest.fixture
 def running(fake: FakeRuntime, tmp_path: Path) -> tuple[vzb.Queue, Any]:
     kernel = tmp_path / "vmlinuz"
-    kernel.write_bytes(b"\0")
+    kernel.write_bytes(ARM64_IMAGE)
     cfg = vzkit.LinuxVMConfig(kernel_path=kernel, state_dir=tmp_path / "state")
     queue = vzb.Queue("test.vsock")
     vm = vzb.create_vm(vzb.build_linux_vm_config(cfg), queue)

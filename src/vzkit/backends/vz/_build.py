@@ -15,12 +15,8 @@ Each API is gated by the macOS version that introduced it (:class:`MacOSVersionE
 from __future__ import annotations
 
 import contextlib
-import gzip
-import hashlib
 import logging
 import os
-import shutil
-import zlib
 from pathlib import Path
 from typing import Any
 
@@ -58,8 +54,9 @@ from ._devices import (
     storage_to_vz,
     vsock_to_vz,
 )
+from ._kernel import kernel_for_vz
 from ._nserror import NSErrorDetails, nserror_info, nserror_to_exception
-from ._objc import require_macos, vz
+from ._objc import is_arm64, require_macos, vz
 
 __all__ = [
     "DEFAULT_CMDLINE",
@@ -92,7 +89,6 @@ MACHINE_ID_FILE = "linux-machine.id"
 NVRAM_FILE = "efi.nvram"
 ENTITLEMENT = "com.apple.security.virtualization"
 MIB = 1 << 20
-GZIP_MAGIC = b"\x1f\x8b"
 
 
 # -- platform and boot -------------------------------------------------------------------------
@@ -136,34 +132,6 @@ def platform_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
     return platform
 
 
-def kernel_for_vz(kernel: Path, state_dir: Path) -> Path:
-    """The kernel ``VZLinuxBootLoader`` can boot. On Apple silicon it takes only an
-    uncompressed arm64 ``Image``; Debian and most distributions ship it gzip-compressed
-    (``vmlinuz``), so such a kernel is decompressed once into ``state_dir`` (reused while
-    the source is unchanged)."""
-    with open(kernel, "rb") as fh:
-        if fh.read(2) != GZIP_MAGIC:
-            return kernel
-    st = kernel.stat()
-    key = f"{kernel}\0{st.st_size}\0{st.st_mtime_ns}".encode()
-    target = state_dir / f"kernel-{hashlib.sha256(key).hexdigest()[:16]}.img"
-    if target.is_file():
-        return target
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        with gzip.open(kernel, "rb") as src, open(tmp, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-        os.replace(tmp, target)
-    except (OSError, EOFError, zlib.error) as err:
-        raise ConfigError(
-            f"kernel {str(kernel)!r} is gzip-compressed but cannot be decompressed: {err}"
-        ) from err
-    finally:
-        tmp.unlink(missing_ok=True)
-    log.info("decompressed %s into %s for the Virtualization framework", kernel, target)
-    return target
-
-
 def vz_cmdline(cfg: LinuxVMConfig) -> str:
     """The config's command line (or the seed's default) with the framework's console last.
 
@@ -182,7 +150,7 @@ def linux_boot_loader_to_vz(cfg: LinuxVMConfig, state_dir: Path) -> Any:
     """Direct kernel boot: kernel (decompressed if need be), optional initrd, the command
     line (or the seed's default)."""
     assert cfg.kernel_path is not None
-    kernel = kernel_for_vz(cfg.kernel_path, state_dir)
+    kernel = kernel_for_vz(cfg.kernel_path, state_dir, arm64=is_arm64())
     loader = vz().VZLinuxBootLoader.alloc().initWithKernelURL_(file_url(kernel))
     if cfg.initrd_path is not None:
         loader.setInitialRamdiskURL_(file_url(cfg.initrd_path))
