@@ -6,12 +6,15 @@ a contract violation, so a build that passes here never touches a missing select
 
 from __future__ import annotations
 
+import os
+import platform as platform_module
 from pathlib import Path
 
 import pytest
 
 import vzkit
 from vzkit.backends import vz as vzb
+from vzkit.backends.vz._gating import macos_version, require_macos
 
 from ._graph import render
 from ._support import ARM64_IMAGE, FakeFactory
@@ -96,3 +99,67 @@ def test_intel_mac_builds_x86_64_guests(
     assert tree["bootLoader"]["class"] == "VZLinuxBootLoader"
     with pytest.raises(vzkit.UnsupportedError, match="runs x86_64 guests"):
         vzb.build_linux_vm_config(cfg.replace(arch="aarch64"))
+
+
+@pytest.fixture
+def compat_interpreter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """A fresh version cache, and a directory alone on PATH, for a stand-in ``sw_vers``
+    (:func:`say_10_16` then makes ``platform.mac_ver()`` answer as an interpreter built
+    against a pre-11 SDK is answered)."""
+    from vzkit.backends.vz import _gating
+
+    monkeypatch.setattr(_gating, "_real_version", {})
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    return bin_dir
+
+
+def say_10_16(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(platform_module, "mac_ver", lambda *a, **k: ("10.16", ("", "", ""), ""))
+
+
+def test_an_old_sdk_interpreter_gets_the_real_version_from_sw_vers(
+    make_fake: FakeFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    kernel: Path,
+    compat_interpreter: Path,
+) -> None:
+    rt = make_fake(macos="14.6")  # the host really runs 14.6 ...
+    sw_vers = compat_interpreter / "sw_vers"
+    sw_vers.write_text(
+        '#!/bin/sh\n[ "$SYSTEM_VERSION_COMPAT" = 0 ] && [ "$1" = -productVersion ] '
+        "&& echo 14.6 || echo 10.16\n"
+    )
+    sw_vers.chmod(0o755)
+    say_10_16(monkeypatch)
+    assert macos_version() == (14, 6)
+    sw_vers.unlink()
+    assert macos_version() == (14, 6)  # asked once
+    cfg = vzkit.LinuxVMConfig(kernel_path=kernel, state_dir=tmp_path / "s")
+    assert "machineIdentifier" in render(rt, vzb.build_linux_vm_config(cfg))["platform"]
+
+
+def test_without_sw_vers_the_darwin_release_gives_the_major(
+    make_fake: FakeFactory, monkeypatch: pytest.MonkeyPatch, compat_interpreter: Path
+) -> None:
+    make_fake(macos="15.2")
+    say_10_16(monkeypatch)
+    real = os.uname()
+    fake_uname = os.uname_result((real[0], real[1], "24.2.0", real[3], real[4]))
+    monkeypatch.setattr(os, "uname", lambda: fake_uname)
+    assert macos_version() == (15, 0)
+    with pytest.raises(vzb.MacOSVersionError, match=r"needs macOS 15\.2 .*this is macOS 15\.0"):
+        require_macos("15.2", "a 15.2 API")  # a minor Darwin cannot vouch for: refused
+
+
+@pytest.mark.parametrize(
+    ("release", "version"),
+    [("20.6.0", (11, 0)), ("21.6.0", (12, 0)), ("24.0.0", (15, 0)), ("25.1.0", (26, 0))],
+)
+def test_darwin_releases_map_to_macos_majors(release: str, version: tuple[int, int]) -> None:
+    from vzkit.backends.vz._gating import _from_darwin
+
+    assert _from_darwin(release) == version
+    assert _from_darwin("19.6.0") is None  # Catalina: below anything the backend drives

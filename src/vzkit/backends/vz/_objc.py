@@ -4,8 +4,9 @@
 It provides what the rest of the backend builds on (the seed's plumbing):
 
 - the framework modules (:func:`vz`, :func:`foundation`, :func:`objc_module`,
-  :func:`libdispatch`) and macOS version gating (:func:`require_macos` raising
-  :class:`MacOSVersionError`, which names the version an API needs);
+  :func:`libdispatch`) and macOS version gating (re-exported from ``_gating``:
+  :func:`require_macos` raising :class:`MacOSVersionError`, which names the version an API
+  needs);
 - :class:`Queue`, a serial dispatch queue with ``sync``/``async_`` that never lets a Python
   exception cross into Objective-C and runs re-entrant ``sync`` calls inline instead of
   deadlocking;
@@ -24,7 +25,6 @@ import asyncio
 import importlib
 import logging
 import os
-import platform
 import sys
 import threading
 import time
@@ -32,7 +32,16 @@ import weakref
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from ...errors import BackendUnavailableError, UnsupportedError
+from ...errors import BackendUnavailableError
+from ._gating import (  # re-exported: the backend's modules take them from here
+    MIN_MACOS,
+    MacOSVersionError,
+    _fmt,
+    is_arm64,
+    macos_version,
+    require_arm64,
+    require_macos,
+)
 
 __all__ = [
     "MIN_MACOS",
@@ -62,8 +71,6 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
-#: The oldest macOS the backend drives (``VZGenericPlatformConfiguration``, VirtioFS).
-MIN_MACOS = (12, 0)
 _INSTALL_HINT = "install the PyObjC bindings with: pip install 'vzkit[vz]'"
 
 
@@ -97,77 +104,6 @@ def objc_module() -> Any:
 def libdispatch() -> Any:
     """PyObjC's ``dispatch`` (libdispatch) module."""
     return _module("dispatch")
-
-
-# -- macOS version gating ----------------------------------------------------------------------
-
-
-def _fmt(version: tuple[int, int]) -> str:
-    return f"{version[0]}.{version[1]}"
-
-
-def _parse(text: str) -> tuple[int, int]:
-    major, _, rest = text.partition(".")
-    minor = rest.partition(".")[0]
-    return (int(major), int(minor or 0))
-
-
-class MacOSVersionError(UnsupportedError):
-    """An API of the Virtualization framework needs a newer macOS (or Apple silicon).
-
-    ``required`` is the macOS version that introduced it, ``current`` this host's (``None``
-    off macOS). ``backend`` is ``"vz"`` and ``feature`` names the API.
-    """
-
-    def __init__(
-        self,
-        api: str,
-        required: tuple[int, int],
-        current: tuple[int, int] | None,
-        *,
-        reason: str = "",
-    ) -> None:
-        here = f"macOS {_fmt(current)}" if current is not None else "not macOS"
-        message = reason or f"{api} needs macOS {_fmt(required)} or later (this is {here})"
-        super().__init__(message, backend="vz", feature=api)
-        self.api = api
-        self.required = required
-        self.current = current
-
-
-def macos_version() -> tuple[int, int] | None:
-    """This host's macOS version as ``(major, minor)``, or ``None`` when it is not macOS."""
-    text = platform.mac_ver()[0]
-    if not text:
-        return None
-    try:
-        return _parse(text)
-    except ValueError:
-        return None
-
-
-def require_macos(version: str, api: str) -> None:
-    """Raise :class:`MacOSVersionError` unless this is macOS ``version`` or later."""
-    required = _parse(version)
-    current = macos_version()
-    if current is None or current < required:
-        raise MacOSVersionError(api, required, current)
-
-
-def is_arm64() -> bool:
-    return platform.machine() == "arm64"
-
-
-def require_arm64(api: str, version: str) -> None:
-    """Raise :class:`MacOSVersionError` unless this is Apple silicon on macOS ``version``+."""
-    require_macos(version, api)
-    if not is_arm64():
-        raise MacOSVersionError(
-            api,
-            _parse(version),
-            macos_version(),
-            reason=f"{api} needs Apple silicon (this Mac is {platform.machine()})",
-        )
 
 
 # -- dispatch queues ---------------------------------------------------------------------------
