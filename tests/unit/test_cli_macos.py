@@ -419,6 +419,7 @@ def test_codesign_venv_replaces_the_symlinks(
     assert os.readlink(venv / "bin" / minor) == "python"
     assert f"{minor} now runs python" in result.output
     assert codesign.of(interpreter) == BASE_ENTITLEMENTS  # base untouched
+    assert "'vzkit codesign --undo' puts the original python back" in result.output
 
 
 @pytest.mark.parametrize("args", [[], ["--venv", "--output", "x"]])
