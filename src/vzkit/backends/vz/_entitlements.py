@@ -41,6 +41,8 @@ from ...errors import BackendUnavailableError, ConfigError, VzkitError
 
 __all__ = [
     "ENTITLEMENT",
+    "TRIAL_CODE",
+    "TRIAL_TIMEOUT_S",
     "Link",
     "LinkRewrite",
     "display_argv",
@@ -440,6 +442,8 @@ def _signed_copy(src: Path, target: Path, codesign: str) -> Iterator[Path]:
         copy.chmod(0o755)
         copy_dir = Path(os.path.realpath(target.parent))
         unread = _keep_links(copy, original=original, copy_dir=copy_dir)
+        if unread is not None:
+            log.info("cannot read the links of %s (%s); its trial run decides", copy, unread)
         plist.write_bytes(entitlements_plist(existing))
         done = run_tool(sign_argv(codesign, copy, plist))
         if done.returncode != 0:
