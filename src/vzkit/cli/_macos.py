@@ -35,12 +35,16 @@ _ELSEWHERE = "" if _MACOS else "[macOS only] "
     help="Write a signed copy of this interpreter here.",
 )
 @click.option("--venv", is_flag=True, help="Sign this virtualenv's bin/python in place.")
+@click.option(
+    "--undo", is_flag=True, help="Put back the bin/python (and aliases) that --venv replaced."
+)
 @_handle_errors
-def codesign_cmd(output: Path | None, venv: bool) -> None:
+def codesign_cmd(output: Path | None, venv: bool, undo: bool) -> None:
     """Ad-hoc sign the Python interpreter with com.apple.security.virtualization.
 
     macOS lets only entitled executables create VMs. With --venv the virtualenv's python
-    (a symlink to the base interpreter) becomes a signed copy; the base stays untouched.
+    (a symlink to the base interpreter) becomes a signed copy, its library links kept; the
+    base stays untouched and the original python is kept for --undo.
     """
     from vzkit.backends import vz
 
@@ -51,18 +55,35 @@ def codesign_cmd(output: Path | None, venv: bool) -> None:
             backend="vz",
             feature="codesign",
         )
+    if undo:
+        if output is not None:
+            raise click.UsageError(
+                "--undo puts back a virtualenv's python; a copy made with --output is a plain"
+                " file: delete it"
+            )
+        _undo(vz.venv_python())
+        return
     if (output is None) == (not venv):
         raise click.UsageError("give exactly one of --output PATH or --venv")
     target = vz.venv_python() if venv else output
     assert target is not None
-    signed = vz.sign_interpreter(target)
+    signed = vz.sign_interpreter(target, keep_original=venv)
     click.echo(f"signed {signed} (ad hoc) with {vz.ENTITLEMENT}")
     if venv:
         for alias in vz.repoint_venv_aliases(signed):
             click.echo(f"{alias.name} now runs {signed.name}")
         click.echo("scripts of this virtualenv (vzkit included) can now create VMs")
+        click.echo("'vzkit codesign --undo' puts the original python back")
     else:
         click.echo(f"run your VM scripts with: {signed} script.py")
+
+
+def _undo(python: Path) -> None:
+    from vzkit.backends.vz._entitlements import restore_venv_python
+
+    for entry in restore_venv_python(python):
+        click.echo(f"restored {entry}")
+    click.echo("this virtualenv's python is the original again")
 
 
 @main.group("macos", short_help=f"{_ELSEWHERE}macOS guests (Apple silicon, vz backend).")
