@@ -79,9 +79,9 @@ def codesign_cmd(output: Path | None, venv: bool, undo: bool) -> None:
 
 
 def _undo(python: Path) -> None:
-    from vzkit.backends.vz._entitlements import restore_venv_python
+    from vzkit.backends import vz
 
-    for entry in restore_venv_python(python):
+    for entry in vz.restore_venv_python(python):
         click.echo(f"restored {entry}")
     click.echo("this virtualenv's python is the original again")
 

@@ -32,7 +32,13 @@ from ._build import (
     validate_config,
 )
 from ._doctor import doctor_checks
-from ._entitlements import ENTITLEMENT, repoint_venv_aliases, sign_interpreter, venv_python
+from ._entitlements import (
+    ENTITLEMENT,
+    repoint_venv_aliases,
+    restore_venv_python,
+    sign_interpreter,
+    venv_python,
+)
 from ._lifecycle import (
     can_pause,
     can_request_stop,
@@ -148,6 +154,7 @@ __all__ = [
     "request_stop_vm",
     "restore_image_info",
     "restore_machine_state",
+    "restore_venv_python",
     "resume_vm",
     "retain",
     "run_run_loop_aggressively",
