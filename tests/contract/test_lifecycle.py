@@ -156,6 +156,11 @@ def test_balloon_target_and_info(fake: FakeRuntime, tmp_path: Path, kernel: Path
     assert info.target_gb * 1024 == 1264  # 1.2345 GiB rounded down to a whole MiB
     with pytest.raises(ValueError, match="positive"):
         vzb.set_balloon_target(queue, vm, 0)
+    with pytest.raises(vzkit.ConfigError, match=r"127 MiB is below .* \(128 MiB\)"):
+        vzb.set_balloon_target(queue, vm, 127 / 1024)  # the seed refuses it too
+    assert vzb.get_balloon_info(queue, vm).target_gb * 1024 == 1264  # unchanged
+    vzb.set_balloon_target(queue, vm, 128 / 1024)
+    assert vzb.get_balloon_info(queue, vm).target_gb * 1024 == 128
 
 
 def test_no_balloon_device(fake: FakeRuntime, tmp_path: Path, kernel: Path) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..._state import VMState
-from ...errors import UnsupportedError, VMTimeoutError
+from ...errors import ConfigError, UnsupportedError, VMTimeoutError
 from .._protocol import BalloonInfo
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, foundation, require_arm64, require_macos, vz
@@ -138,10 +138,19 @@ def _balloon(vm: Any) -> Any:
 
 
 def set_balloon_target(queue: Queue, vm: Any, size_gb: float) -> None:
-    """Ask the guest to give memory back down to ``size_gb`` (rounded down to 1 MiB)."""
+    """Ask the guest to give memory back down to ``size_gb`` (rounded down to 1 MiB).
+
+    As the seed, a target below the framework's ``minimumAllowedMemorySize`` is refused
+    (:class:`~vzkit.ConfigError`, also a ``ValueError``) before the device is touched."""
     if size_gb <= 0:
         raise ValueError(f"balloon target must be positive, got {size_gb!r}")
     target = int(size_gb * GIB) // MIB * MIB
+    minimum = int(vz().VZVirtualMachineConfiguration.minimumAllowedMemorySize())
+    if target < minimum:
+        raise ConfigError(
+            f"balloon target {target // MIB} MiB is below the smallest memory size this Mac "
+            f"allows a VM ({minimum // MIB} MiB): ask for {minimum // MIB} MiB or more"
+        )
 
     def work() -> None:
         device = _balloon(vm)
