@@ -387,6 +387,10 @@ class LinuxVMConfig(ConfigData):
     state_dir: Path | None = None  # efi.nvram, machine id, sockets, console log; None: temporary
 
     nested_virtualization: bool = True  # enabled where the host and backend support it
+    #: x86_64 Linux programs in an aarch64 guest through Apple's Rosetta (the vz backend on
+    #: Apple silicon, macOS 13+): its directory is shared with the guest and vzkit's guests
+    #: register it with binfmt_misc. Other backends refuse it.
+    rosetta: bool = False
     volumes: tuple[VolumeMount, ...] = ()
     network: NetworkConfig = field(default_factory=NetworkConfig)
     publish: tuple[PortForward, ...] = ()  # host ports forwarded to the guest (nat only)
@@ -475,8 +479,13 @@ class LinuxVMConfig(ConfigData):
 
         self._check_devices(
             ("volumes", "displays", "publish"),
-            ("nested_virtualization", "headless", "vsock", "balloon", "entropy"),
+            ("nested_virtualization", "rosetta", "headless", "vsock", "balloon", "entropy"),
         )
+        if self.rosetta and self.arch is not Arch.AARCH64:
+            raise ConfigError(
+                f"rosetta runs x86_64 programs in an aarch64 guest; this guest is "
+                f"{self.arch.value}: set arch='aarch64' (--arch aarch64), or drop rosetta"
+            )
         self._check_publish()
         if not isinstance(self.vsock_cid, int) or not 3 <= self.vsock_cid < 0xFFFFFFFF:
             raise ConfigError(

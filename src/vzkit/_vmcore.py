@@ -160,6 +160,13 @@ class VMCore:
             self.machine: Machine = mac.create_mac_machine(config, self._on_state)
         else:
             self.backend = choose_backend(backend) if isinstance(backend, str) else backend
+            if config.rosetta and Feature.ROSETTA not in self.backend.features:
+                raise UnsupportedError(
+                    f"rosetta is Apple's (the vz backend on Apple silicon, macOS 13 and "
+                    f"later); the {self.backend.name} backend cannot offer it: drop rosetta",
+                    backend=self.backend.name,
+                    feature=Feature.ROSETTA.value,
+                )
             self.machine = self.backend.create_machine(config, self._on_state)
         self.closed = False
         self.generation = 0  # counts successful starts; the guest agent reconnects on change

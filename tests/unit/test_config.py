@@ -521,6 +521,7 @@ def configs(draw: st.DrawFn, files: dict[str, Any]) -> LinuxVMConfig:
     }
     for name in ("nested_virtualization", "headless", "vsock", "balloon", "entropy"):
         kwargs[name] = draw(st.booleans())
+    kwargs["rosetta"] = kwargs["arch"] is Arch.AARCH64 and draw(st.booleans())
     if draw(st.booleans()):
         kwargs["disk_path"] = files["disk.img"]
         kwargs["disk_format"] = draw(st.sampled_from(list(DiskFormat)))
@@ -669,3 +670,14 @@ def test_a_config_with_nothing_to_boot_is_refused_at_start(tmp_path: Path) -> No
     iso = tmp_path / "boot.iso"
     iso.write_bytes(b"iso")
     LinuxVMConfig(iso_path=iso).check_inputs()
+
+
+def test_rosetta_is_for_aarch64_guests() -> None:
+    assert LinuxVMConfig().rosetta is False
+    cfg = LinuxVMConfig(arch="aarch64", rosetta=True)
+    assert LinuxVMConfig.from_toml(cfg.to_toml()) == cfg
+    with pytest.raises(ConfigError, match=r"aarch64 guest; this guest is x86_64: set arch="):
+        LinuxVMConfig(arch="x86_64", rosetta=True)
+    with pytest.raises(ConfigError, match="rosetta"):
+        LinuxVMConfig(arch="aarch64", rosetta=1)  # type: ignore[arg-type]
+

@@ -81,6 +81,8 @@ class Feature(enum.StrEnum):
     SNAPSHOT_FANOUT = "snapshot-fanout"
     GRAPHICS = "graphics"
     MACOS_GUESTS = "macos-guests"  # MacVMConfig (the backend then also is a MacBackend)
+    #: Apple's Rosetta for x86_64 programs in aarch64 Linux guests (``LinuxVMConfig.rosetta``).
+    ROSETTA = "rosetta"
 
 
 @dataclass(frozen=True, slots=True)

@@ -192,6 +192,7 @@ class VzBackend:
             Feature.SNAPSHOTS,
             Feature.GRAPHICS,
             Feature.MACOS_GUESTS,
+            Feature.ROSETTA,
         }
     )
 
