@@ -65,7 +65,7 @@ def test_arity_and_kinds(fake: FakeRuntime) -> None:
     violates(
         fake, lambda: V.VZSharedDirectory.alloc().initWithURL_readOnly_(url, 1), "must be a bool"
     )
-    violates(fake, lambda: Foundation.NSURL.fileURLWithPath_(b"/tmp"), "expected a str")
+    violates(fake, lambda: Foundation.NSURL.fileURLWithPath_(b"/tmp"), "must be a str")
     attachment = V.VZDiskImageStorageDeviceAttachment.alloc()
     violates(
         fake,
@@ -171,7 +171,12 @@ def test_blocks_must_match_their_signature(fake: FakeRuntime, tmp_path: Any) -> 
         lambda: fake.run_on(q, lambda: vm.startWithCompletionHandler_(lambda: None)),
         r"signature 'v@'",
     )
-    violates(fake, lambda: fake.run_on(q, lambda: vm.startWithCompletionHandler_(None)), "callable")
+    violates(fake, lambda: fake.run_on(q, lambda: vm.startWithCompletionHandler_(42)), "callable")
+    violates(
+        fake,
+        lambda: fake.run_on(q, lambda: vm.startWithCompletionHandler_(None)),
+        r"argument 0 \(block\) is nonnull",
+    )
     violates(fake, lambda: vm.startWithCompletionHandler_(lambda err: None), "off the VM's queue")
     violates(fake, lambda: vm.state(), "off the VM's queue")
     done = threading.Event()
