@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import socket
 import threading
@@ -46,6 +47,7 @@ ERR_SAVE = 11
 ERR_RESTORE = 12
 ECONNRESET = 54
 MID_MAGIC = b"FAKEVZMID"
+MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
 
 
 def state_value(rt: FakeRuntime, name: str) -> int:
@@ -432,6 +434,16 @@ def register(rt: FakeRuntime) -> None:
         octets = bytearray(secrets.token_bytes(6))
         octets[0] = (octets[0] & 0xFC) | 0x02
         return rt.make("VZMACAddress", string=":".join(f"{o:02x}" for o in octets))
+
+    @on("VZMACAddress", "initWithString:")
+    def _mac_string(rt: FakeRuntime, obj: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        # VZMACAddress.h: six bytes in hexadecimal, colon separated, either case; nil if
+        # the string is not formatted so. -string is lower case.
+        if MAC_RE.fullmatch(args[0]) is None:
+            return None
+        default(obj, spec, args)
+        obj._fk.props["string"] = args[0].lower()
+        return obj
 
     @on("VZMACAddress", "isLocallyAdministeredAddress")
     def _mac_local(rt: FakeRuntime, obj: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:

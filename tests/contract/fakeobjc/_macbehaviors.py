@@ -210,8 +210,10 @@ def register(rt: FakeRuntime) -> None:
 
     @on("VZMultipleDirectoryShare", "canonicalizedNameFromName:")
     def _canonical(rt: FakeRuntime, cls: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        # The header: nil "when it cannot produce a valid name". Which names those are is not
+        # documented; here, a name with nothing left to canonicalize.
         name = str(args[0]).replace("/", ":").strip()
-        return name or "Shared"
+        return name if name.strip(".:") else None
 
     # -- the installer ---------------------------------------------------------------------
     @on("VZMacOSInstaller", "initWithVirtualMachine:restoreImageURL:")
