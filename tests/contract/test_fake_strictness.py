@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import gc
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -373,3 +374,10 @@ def test_every_foundation_selector_has_a_signature() -> None:
     }
     typed = {(name, sel) for name, table in SIGNATURES.items() for sel in table}
     assert typed == listed
+
+
+def test_an_automounted_share_the_framework_cannot_name(fake: FakeRuntime) -> None:
+    """``canonicalizedNameFromName:`` is nullable: the share of ``/`` (no name) still gets one."""
+    devices = vzb.create_mac_shares([vzkit.VolumeMount(Path("/"), "", True)])
+    share = devices[0].share()
+    assert list(fake.prop(share, "directories")) == ["share"]
