@@ -15,7 +15,6 @@ test swallows (say, in a completion handler) still fails the test at teardown.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import threading
 import types
@@ -245,13 +244,13 @@ class FakeRuntime:
         self._global: FakeQueue | None = None
         self.classes: dict[str, ObjCMeta] = {}
         self._build_classes()
-        from . import _behaviors, _dispatch, _foundation
+        from . import _behaviors, _dispatch, _foundation, _modules
 
         _behaviors.register(self)
         self.modules: dict[str, types.ModuleType] = {
-            "Virtualization": self._virtualization_module(),
+            "Virtualization": _modules.virtualization_module(self),
             "Foundation": _foundation.make_module(self),
-            "objc": self._objc_module(),
+            "objc": _modules.objc_module(self),
             "dispatch": _dispatch.make_module(self),
         }
 
@@ -557,52 +556,6 @@ class FakeRuntime:
         for q in list(self.queues):
             if not q.main and not q.closed:
                 q.submit(lambda: None, wait=True)
-
-    # -- modules -------------------------------------------------------------------------------
-
-    def _virtualization_module(self) -> types.ModuleType:
-        mod = StrictModule("Virtualization", self)
-        missing = mod.__dict__["_fk_missing"]
-        for name, spec in self.api.classes.items():
-            if spec.framework != "Virtualization":
-                continue
-            why = self.exists(spec)
-            if why is None:
-                setattr(mod, name, self.classes[name])
-            else:
-                missing[name] = why
-        for cases in self.api.enums.values():
-            for case, value in cases.items():
-                setattr(mod, case, value)
-        if "VZErrorDomain" in self.api.constants:
-            mod.VZErrorDomain = "VZErrorDomain"
-        return mod
-
-    def _objc_module(self) -> types.ModuleType:
-        mod = StrictModule("objc", self)
-        rt = self
-
-        def python_method(fn: Callable[..., Any]) -> Callable[..., Any]:
-            fn._fk_python_method = True  # type: ignore[attr-defined]
-            return fn
-
-        def lookUpClass(name: str) -> Any:
-            cls = rt.classes.get(name)
-            why = rt.exists(cls._fk_spec) if cls is not None else "does not exist"
-            if cls is None or why is not None:
-                raise ObjCError(f"class {name!r} {why}")
-            return cls
-
-        @contextlib.contextmanager
-        def autorelease_pool() -> Iterator[None]:
-            yield
-
-        mod.python_method = python_method
-        mod.lookUpClass = lookUpClass
-        mod.autorelease_pool = autorelease_pool
-        mod.error = ObjCError
-        mod.__version__ = "12.2"
-        return mod
 
     # -- lifetime ------------------------------------------------------------------------------
 
