@@ -405,8 +405,6 @@ def register(rt: FakeRuntime) -> None:
 
     @on("VZVirtioSocketDevice", "setSocketListener:forPort:")
     def _listen(rt: FakeRuntime, dev: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
-        if args[0] is None:
-            raise rt.violation("setSocketListener:forPort: needs a listener")
         dev._fk.extra["listeners"][args[1]] = args[0]
 
     @on("VZVirtioSocketDevice", "removeSocketListenerForPort:")
