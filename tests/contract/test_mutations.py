@@ -6,6 +6,11 @@ restore, run loops, NSError/NSData helpers) against the stand-in built from the 
 mutated — the selector renamed, its argument list changed, a property made read-only, or
 its availability raised — and the scenario must hit a contract violation. A stand-in that
 accepted anything would let these mutants survive.
+
+The backend's calls are mutated too (``FakeRuntime.rewrite``): one argument at a time, every
+nonnull argument the scenario passes becomes ``None``, every pointer argument a plain Python
+object (the opaque ``dispatch_queue_t`` among them), and every array or dictionary gains an
+element of the wrong class; the stand-in must name that argument each time.
 """
 
 from __future__ import annotations
@@ -23,11 +28,19 @@ import vzkit
 from vzkit.backends import vz as vzb
 
 from ._support import ARM64_IMAGE
-from .fakeobjc import FakeRuntime, guest_connect, installed, load_raw, write_fake_ipsw
+from .fakeobjc import (
+    FakeRuntime,
+    guest_connect,
+    installed,
+    load_raw,
+    load_raw_nullability,
+    write_fake_ipsw,
+)
 from .fakeobjc._spec import MethodSpec
 
 pytestmark = pytest.mark.contract
 Mutation = Callable[[dict[str, Any]], None]
+Rewrite = Callable[[MethodSpec, tuple[Any, ...]], tuple[Any, ...]]
 DISPATCH_USED = ("dispatch_queue_create", "dispatch_sync", "dispatch_async")
 CF_USED = ("CFRunLoopRunInMode",)
 
@@ -122,8 +135,11 @@ def simulated(data: dict[str, Any] | None) -> Iterator[FakeRuntime]:
         platform.mac_ver, platform.machine = saved
 
 
-def run(tmp: Path, data: dict[str, Any] | None) -> tuple[list[str], list[MethodSpec]]:
+def run(
+    tmp: Path, data: dict[str, Any] | None, *, rewrite: Rewrite | None = None
+) -> tuple[list[str], list[MethodSpec]]:
     with simulated(data) as rt:
+        rt.rewrite = rewrite
         try:
             scenario(tmp, rt)
         except Exception:
@@ -253,6 +269,97 @@ def test_an_error_out_parameter_dropped(tmp_path: Path) -> None:
     assert any("NSError**" in v for v in violations)
 
 
+# -- the backend's calls, mutated: nil, wrong elements, plain Python objects (issue 19) ------
+
+
+def _replacing(spec: MethodSpec, index: int, wrong: Callable[[Any], Any]) -> Rewrite:
+    """Every ``spec`` message the backend sends gets ``wrong(its argument)`` at ``index``."""
+
+    def rewrite(called: MethodSpec, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        if called.key != spec.key or called.is_class != spec.is_class:
+            return args
+        return (*args[:index], wrong(args[index]), *args[index + 1 :])
+
+    return rewrite
+
+
+def _survivors(
+    used: list[MethodSpec],
+    tmp_path: Path,
+    pick: Callable[[MethodSpec, int, str], bool],
+    wrong: Callable[[Any], Any],
+) -> tuple[int, list[str]]:
+    """Run the scenario once per picked argument, mutated; list those nobody noticed."""
+    tried, survivors = 0, []
+    for n, spec in enumerate(used):
+        for index, kind in enumerate(spec.args):
+            if not pick(spec, index, kind):
+                continue
+            tried += 1
+            workdir = tmp_path / f"{n}-{index}"
+            workdir.mkdir()
+            violations, _ = run(workdir, None, rewrite=_replacing(spec, index, wrong))
+            where = f"{spec.selector}: argument {index} "
+            if not any(where in v for v in violations):
+                survivors.append(f"{spec.owner} {spec.selector} argument {index} ({kind})")
+    return tried, survivors
+
+
+def test_none_for_every_nonnull_argument_is_caught(used: list[MethodSpec], tmp_path: Path) -> None:
+    def nonnull(spec: MethodSpec, index: int, kind: str) -> bool:
+        return bool(spec.nulls) and spec.nulls[index] is False
+
+    tried, survivors = _survivors(used, tmp_path, nonnull, lambda _: None)
+    assert tried > 40  # URLs, blocks, queues, devices, strings, Foundation arguments
+    assert survivors == []
+
+
+def test_a_plain_python_object_for_every_pointer_argument_is_caught(
+    used: list[MethodSpec], tmp_path: Path
+) -> None:
+    """Objects, strings, blocks, containers and the opaque ``dispatch_queue_t`` alike."""
+    kinds: set[str] = set()
+
+    def pointer(spec: MethodSpec, index: int, kind: str) -> bool:
+        if spec.nulls and spec.nulls[index] is not None:
+            kinds.add(kind)
+            return True
+        return False
+
+    tried, survivors = _survivors(used, tmp_path, pointer, lambda _: object())
+    assert "dispatch_queue_t" in kinds
+    assert tried > 40
+    assert survivors == []
+
+
+def _with_a_stranger(value: Any) -> Any:
+    """The container plus an element of another framework class (a MAC address)."""
+    import Virtualization
+
+    stranger = Virtualization.VZMACAddress.randomLocallyAdministeredAddress()
+    if isinstance(value, dict):
+        return {**value, "stranger": stranger}
+    return [*value, stranger]
+
+
+def test_a_wrong_element_type_in_every_container_is_caught(
+    used: list[MethodSpec], tmp_path: Path
+) -> None:
+    kinds: set[str] = set()
+
+    def container(spec: MethodSpec, index: int, kind: str) -> bool:
+        if kind.startswith(("NSArray<", "NSDictionary<")):
+            kinds.add(kind)
+            return True
+        return False
+
+    tried, survivors = _survivors(used, tmp_path, container, _with_a_stranger)
+    assert tried == len(kinds) > 10  # every device list of the configuration, and the shares
+    assert "NSArray<VZStorageDeviceConfiguration>" in kinds
+    assert "NSDictionary<NSString,VZSharedDirectory>" in kinds
+    assert survivors == []
+
+
 def test_the_vendored_data_is_the_shared_copy() -> None:
     data = load_raw()
     assert data["framework"] == "Virtualization"
@@ -260,6 +367,9 @@ def test_the_vendored_data_is_the_shared_copy() -> None:
     readme = Path(__file__).parents[1] / "data" / "apple-virtualization" / "README.md"
     import hashlib
 
-    digest = hashlib.sha256((readme.parent / "api.json").read_bytes()).hexdigest()
-    assert digest in readme.read_text()
+    for name in ("api.json", "nullability.json"):
+        digest = hashlib.sha256((readme.parent / name).read_bytes()).hexdigest()
+        assert digest in readme.read_text()
     assert os.path.getsize(readme.parent / "api.json") > 100_000
+    nulls = load_raw_nullability()
+    assert set(nulls["classes"]) == set(data["classes"])

@@ -680,4 +680,3 @@ def test_rosetta_is_for_aarch64_guests() -> None:
         LinuxVMConfig(arch="x86_64", rosetta=True)
     with pytest.raises(ConfigError, match="rosetta"):
         LinuxVMConfig(arch="aarch64", rosetta=1)  # type: ignore[arg-type]
-

@@ -1,11 +1,14 @@
 """A strict stand-in for PyObjC's ``Virtualization``, ``Foundation``, ``objc`` and ``dispatch``.
 
-Generated at import time from ``tests/data/apple-virtualization/api.json``: unknown
-selectors, wrong argument counts or kinds, APIs above the simulated macOS version or missing
-on the simulated architecture, ``NS_UNAVAILABLE`` initialisers, blocks of the wrong arity,
-non-``None`` ``NSError**`` arguments, VM calls off the VM's queue and Python exceptions
-escaping into "Objective-C" all raise :class:`ContractViolation` *and* are recorded, so
-the ``fake`` fixture fails the test even if the code under test swallowed the error.
+Generated at import time from ``tests/data/apple-virtualization/api.json`` and
+``nullability.json``: unknown selectors, wrong argument counts or kinds, ``None`` for a
+nonnull argument, containers holding the wrong element type, plain Python objects for opaque
+C types, APIs above the simulated macOS version or missing on the simulated architecture,
+``NS_UNAVAILABLE`` initialisers, blocks of the wrong arity, non-``None`` ``NSError**``
+arguments, VM calls off the VM's queue and Python exceptions escaping into "Objective-C" all
+raise :class:`ContractViolation` (argument problems as its ``TypeError`` subclass
+:class:`BadArgument`) *and* are recorded, so the ``fake`` fixture fails the test even if the
+code under test swallowed the error.
 """
 
 from __future__ import annotations
@@ -18,14 +21,23 @@ from typing import Any
 from ._behaviors import guest_connect, guest_power_off, state_name, vm_crash
 from ._dispatch import FakeQueue, current_queue
 from ._macbehaviors import write_fake_ipsw
-from ._runtime import ContractViolation, FakeRuntime, ObjCError, UnknownSelector
-from ._spec import load_api, load_raw
+from ._runtime import (
+    BadArgument,
+    ContractViolation,
+    FakeRuntime,
+    ForeignObject,
+    ObjCError,
+    UnknownSelector,
+)
+from ._spec import load_api, load_raw, load_raw_nullability
 
 __all__ = [
     "MODULE_NAMES",
+    "BadArgument",
     "ContractViolation",
     "FakeQueue",
     "FakeRuntime",
+    "ForeignObject",
     "ObjCError",
     "UnknownSelector",
     "current_queue",
@@ -34,6 +46,7 @@ __all__ = [
     "installed",
     "load_api",
     "load_raw",
+    "load_raw_nullability",
     "state_name",
     "vm_crash",
     "write_fake_ipsw",

@@ -1,9 +1,9 @@
 """The ``Foundation`` stand-in: the Foundation and CFRunLoop calls listed in the API data.
 
-Only the selectors ``foundation_used`` names exist (arity from the selector); behaviour is
-the small part of Foundation a VM client relies on: file URLs, NSData bytes, file handles
-that own (or do not own) their descriptors, NSError's fields, and run loops that drain the
-main queue on the main thread.
+Only the selectors ``foundation_used`` names exist, typed by their header signatures
+(:mod:`._foundation_api`); behaviour is the small part of Foundation a VM client relies on:
+file URLs, NSData bytes, file handles that own (or do not own) their descriptors, NSError's
+fields, and run loops that drain the main queue on the main thread.
 """
 
 from __future__ import annotations

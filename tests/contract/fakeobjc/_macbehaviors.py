@@ -196,8 +196,6 @@ def register(rt: FakeRuntime) -> None:
         path = _path(url)
         if os.path.exists(path) and not options & 1:
             return (None, rt.nserror(VZ, 2, "The auxiliary storage already exists."))
-        if model is None:
-            raise rt.violation("initCreatingStorageAtURL:hardwareModel:... needs a hardware model")
         try:
             with open(path, "wb") as fh:
                 fh.write(AUX_MAGIC + _props(_props(model)["dataRepresentation"])["bytes"])
@@ -210,14 +208,16 @@ def register(rt: FakeRuntime) -> None:
 
     @on("VZMultipleDirectoryShare", "canonicalizedNameFromName:")
     def _canonical(rt: FakeRuntime, cls: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        # The header: nil "when it cannot produce a valid name". Which names those are is not
+        # documented; here, a name with nothing left to canonicalize.
         name = str(args[0]).replace("/", ":").strip()
-        return name or "Shared"
+        return name if name.strip(".:") else None
 
     # -- the installer ---------------------------------------------------------------------
     @on("VZMacOSInstaller", "initWithVirtualMachine:restoreImageURL:")
     def _installer(rt: FakeRuntime, obj: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
         vm = args[0]
-        if vm is None or current_queue() is not vm._fk.queue:
+        if current_queue() is not vm._fk.queue:
             raise rt.violation(
                 "-[VZMacOSInstaller initWithVirtualMachine:restoreImageURL:] must run on the "
                 "virtual machine's queue"

@@ -2,10 +2,12 @@
 
 Every class is generated from the API data. A message is accepted only when the selector
 exists on the receiver's class chain, the simulated macOS version and architecture have it,
-the argument count and kinds match, blocks are callables of the block's arity, ``NSError**``
-out-parameters are passed as ``None`` (the result is then ``(value, error)``), the receiver
-was initialised by a designated initializer (``NS_UNAVAILABLE`` ``-init``/``+new`` refused),
-and objects owned by a ``VZVirtualMachine`` are used on that VM's queue.
+the argument count, kinds and nullability match (:mod:`._arguments`), blocks are callables
+of the block's arity, ``NSError**`` out-parameters are passed as ``None`` (the result is then
+``(value, error)``), the receiver was initialised by a designated initializer
+(``NS_UNAVAILABLE`` ``-init``/``+new`` refused), and objects owned by a ``VZVirtualMachine``
+are used on that VM's queue. A behaviour returning nil for a nonnull result is the stand-in's
+own bug, recorded like a violation.
 
 Every violation is recorded on the runtime *and* raised, so a violation that the code under
 test swallows (say, in a completion handler) still fails the test at teardown.
@@ -13,7 +15,6 @@ test swallows (say, in a completion handler) still fails the test at teardown.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import threading
 import types
@@ -22,35 +23,19 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._arguments import ForeignObject, check_arg, check_result, default_result
 from ._dispatch import FakeQueue, current_queue
+from ._errors import BadArgument, ContractViolation, ObjCError, UnknownSelector
 from ._spec import Api, ClassSpec, MethodSpec, Version, fmt_version, load_api, parse_version
 
-__all__ = ["ContractViolation", "FakeRuntime", "ObjCError", "UnknownSelector"]
-
-
-class ContractViolation(AssertionError):
-    """The code under test broke Apple's API contract (as PyObjC would enforce or crash on)."""
-
-
-class UnknownSelector(ContractViolation, AttributeError):
-    """No such selector / class / function here (wrong name, arity, OS version or arch)."""
-
-
-class ObjCError(Exception):
-    """``objc.error``: an Objective-C exception surfaced in Python."""
-
-
-_INT_BITS = {
-    "NSInteger": (True, 64),
-    "NSUInteger": (False, 64),
-    "uint64_t": (False, 64),
-    "uint32_t": (False, 32),
-    "uint16_t": (False, 16),
-    "uint8_t": (False, 8),
-    "int": (True, 32),
-    "size_t": (False, 64),
-}
-_FLOATS = frozenset({"NSTimeInterval", "double", "float", "CGFloat"})
+__all__ = [
+    "BadArgument",
+    "ContractViolation",
+    "FakeRuntime",
+    "ForeignObject",
+    "ObjCError",
+    "UnknownSelector",
+]
 
 
 @dataclass
@@ -234,8 +219,9 @@ class FakeRuntime:
         macos: str = "15.0",
         arch: str = "arm64",
         data: dict[str, Any] | None = None,
+        nulls: dict[str, Any] | None = None,
     ) -> None:
-        self.api = api if api is not None else load_api(data)
+        self.api = api if api is not None else load_api(data, nulls)
         self.macos: Version = parse_version(macos)
         self.arch = arch
         self.violations: list[str] = []
@@ -250,27 +236,32 @@ class FakeRuntime:
         self.guest_sockets: list[Any] = []
         self.guest_peers: dict[int, list[Any]] = {}  # port -> guest ends of host connects
         self.vms: list[Any] = []
+        # Mutation tests: rewrite the arguments of every message before it is checked (a
+        # backend that passes the wrong thing).
+        self.rewrite: Callable[[MethodSpec, tuple[Any, ...]], tuple[Any, ...]] | None = None
         self.lock = threading.RLock()
         self.main_queue = FakeQueue(self, b"com.apple.main-thread", main=True)
         self._global: FakeQueue | None = None
         self.classes: dict[str, ObjCMeta] = {}
         self._build_classes()
-        from . import _behaviors, _dispatch, _foundation
+        from . import _behaviors, _dispatch, _foundation, _modules
 
         _behaviors.register(self)
         self.modules: dict[str, types.ModuleType] = {
-            "Virtualization": self._virtualization_module(),
+            "Virtualization": _modules.virtualization_module(self),
             "Foundation": _foundation.make_module(self),
-            "objc": self._objc_module(),
+            "objc": _modules.objc_module(self),
             "dispatch": _dispatch.make_module(self),
         }
 
     # -- violations --------------------------------------------------------------------------
 
-    def violation(self, message: str) -> ContractViolation:
+    def violation(
+        self, message: str, kind: type[ContractViolation] = ContractViolation
+    ) -> ContractViolation:
         with self.lock:
             self.violations.append(message)
-        return ContractViolation(message)
+        return kind(message)
 
     def unknown(self, message: str) -> UnknownSelector:
         with self.lock:
@@ -369,6 +360,11 @@ class FakeRuntime:
         obj._fk.props.update(props)
         return obj
 
+    def foreign(self, kind: str) -> ForeignObject:
+        """A value of a C type or framework the stand-in does not model (``SecCertificateRef``,
+        ``vmnet_network_ref``, ``NSScreen``): the only thing accepted as an argument of it."""
+        return ForeignObject(kind)
+
     def prop(self, obj: Any, name: str, default: Any = None) -> Any:
         """Read a property's stored value without sending a message (for assertions)."""
         return obj._fk.props.get(name, default)
@@ -378,6 +374,8 @@ class FakeRuntime:
     def invoke(
         self, receiver: Any, spec: MethodSpec, args: tuple[Any, ...], kw: dict[str, Any]
     ) -> Any:
+        if self.rewrite is not None:
+            args = self.rewrite(spec, args)
         cls = receiver if spec.is_class else type(receiver)
         where = f"{cls.__name__} {'+' if spec.is_class else '-'}{spec.selector}"
         if kw:
@@ -420,115 +418,12 @@ class FakeRuntime:
                         f"(current: {here!r}, thread {threading.current_thread().name})"
                     )
         for index, (kind, value) in enumerate(zip(spec.args, args, strict=True)):
-            self.check_arg(where, spec, index, kind, value)
+            check_arg(self, where, spec, index, kind, value)
         with self.lock:
             self.calls.append(spec)
-        return self.dispatch(receiver, spec, args)
-
-    def check_arg(self, where: str, spec: MethodSpec, index: int, kind: str, value: Any) -> None:
-        def bad(expected: str) -> ContractViolation:
-            return self.violation(
-                f"{where}: argument {index} ({kind}) must be {expected}, got {value!r}"
-            )
-
-        blocks = dict(spec.blocks)
-        if index in blocks or kind == "block":
-            signature = blocks.get(index)
-            if signature is None:
-                raise self.violation(f"{where}: argument {index} is a block without a signature")
-            if not callable(value):
-                raise bad("a callable (block)")
-            want = len(signature) - 1
-            if not _accepts(value, want):
-                raise self.violation(
-                    f"{where}: block argument {index} has signature {signature!r} "
-                    f"(called with {want} argument(s)) but the callable takes {_describe(value)}"
-                )
-            return
-        if kind == "NSError**":
-            if index != len(spec.args) - 1 or not spec.error_out:
-                raise self.violation(f"{where}: unexpected NSError** at argument {index}")
-            if value is not None:
-                raise bad("None (PyObjC returns the NSError in a tuple)")
-            return
-        if not spec.typed or kind in ("id", "Class"):
-            return
-        if kind == "BOOL":
-            if not isinstance(value, bool):
-                raise bad("a bool")
-            return
-        if kind in _INT_BITS:
-            signed, bits = _INT_BITS[kind]
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise bad("an int")
-            lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
-            if not lo <= value <= hi:
-                raise bad(f"within {lo}..{hi}")
-            return
-        if kind in _FLOATS:
-            if not isinstance(value, int | float) or isinstance(value, bool):
-                raise bad("a number")
-            return
-        if kind in self.api.enums:
-            self.check_enum(where, kind, value, bad)
-            return
-        if kind == "NSString":
-            if value is not None and not isinstance(value, str):
-                raise bad("a str")
-            return
-        if kind == "dispatch_queue_t":
-            if not isinstance(value, FakeQueue):
-                raise bad("a dispatch queue")
-            return
-        if kind.startswith("NSArray<"):
-            if not isinstance(value, list | tuple):
-                raise bad("a list or tuple")
-            element = kind[len("NSArray<") : -1]
-            cls = self.classes.get(element)
-            for item in value:
-                if cls is not None and not isinstance(item, cls):
-                    raise bad(f"a sequence of {element}")
-            return
-        if kind.startswith("NSDictionary<"):
-            if not isinstance(value, dict):
-                raise bad("a dict")
-            return
-        if kind.startswith("id<"):
-            if value is not None and not isinstance(value, self.classes["NSObject"]):
-                raise bad("an NSObject (a Python subclass of NSObject for delegates)")
-            return
-        cls = self.classes.get(kind)
-        if cls is not None:
-            if value is not None and not isinstance(value, cls):
-                raise bad(f"a {kind}")
-            return
-        # Opaque C types (ether_addr_t, vmnet_network_ref, SecCertificateRef, ...).
-        if value is None:
-            raise bad(f"a {kind}")
-
-    def check_enum(
-        self, where: str, kind: str, value: Any, bad: Callable[[str], Exception]
-    ) -> None:
-        cases = self.api.enums[kind]
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise bad(f"a {kind} value")
-        if kind in self.api.option_enums:
-            mask = 0
-            for case, number in cases.items():
-                mask |= number
-                if value & number and self.api.enum_case_available.get(case, (0, 0)) > self.macos:
-                    raise self.unknown(f"{where}: {case} is newer than macOS {self.version}")
-            if value & ~mask:
-                raise bad(f"a combination of {sorted(cases)}")
-            return
-        names = [case for case, number in cases.items() if number == value]
-        if not names:
-            raise bad(f"one of {cases}")
-        avail = self.api.enum_case_available.get(names[0], (0, 0))
-        if avail > self.macos:
-            raise self.unknown(
-                f"{where}: {names[0]} is macOS {fmt_version(avail)}+ (simulated {self.version})"
-            )
+        result = self.dispatch(receiver, spec, args)
+        check_result(self, where, spec, result)
+        return result
 
     def dispatch(self, receiver: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
         cls = receiver if spec.is_class else type(receiver)
@@ -553,7 +448,7 @@ class FakeRuntime:
             return (receiver, None) if spec.error_out else receiver
         if spec.role == "getter":
             store = receiver._fk.props if not spec.is_class else {}
-            return store.get(spec.prop, _default(spec.returns))
+            return store.get(spec.prop, default_result(spec.returns))
         if spec.role == "setter":
             value = args[0]
             receiver._fk.props[spec.prop] = tuple(value) if isinstance(value, list) else value
@@ -566,7 +461,7 @@ class FakeRuntime:
             return receiver
         if spec.selector == "isKindOfClass:":
             return isinstance(receiver, args[0])
-        result = _default(spec.returns)
+        result = default_result(spec.returns)
         return (result, None) if spec.error_out else result
 
     def store_init_props(self, obj: Any, spec: MethodSpec, args: tuple[Any, ...]) -> None:
@@ -662,52 +557,6 @@ class FakeRuntime:
             if not q.main and not q.closed:
                 q.submit(lambda: None, wait=True)
 
-    # -- modules -------------------------------------------------------------------------------
-
-    def _virtualization_module(self) -> types.ModuleType:
-        mod = StrictModule("Virtualization", self)
-        missing = mod.__dict__["_fk_missing"]
-        for name, spec in self.api.classes.items():
-            if spec.framework != "Virtualization":
-                continue
-            why = self.exists(spec)
-            if why is None:
-                setattr(mod, name, self.classes[name])
-            else:
-                missing[name] = why
-        for cases in self.api.enums.values():
-            for case, value in cases.items():
-                setattr(mod, case, value)
-        if "VZErrorDomain" in self.api.constants:
-            mod.VZErrorDomain = "VZErrorDomain"
-        return mod
-
-    def _objc_module(self) -> types.ModuleType:
-        mod = StrictModule("objc", self)
-        rt = self
-
-        def python_method(fn: Callable[..., Any]) -> Callable[..., Any]:
-            fn._fk_python_method = True  # type: ignore[attr-defined]
-            return fn
-
-        def lookUpClass(name: str) -> Any:
-            cls = rt.classes.get(name)
-            why = rt.exists(cls._fk_spec) if cls is not None else "does not exist"
-            if cls is None or why is not None:
-                raise ObjCError(f"class {name!r} {why}")
-            return cls
-
-        @contextlib.contextmanager
-        def autorelease_pool() -> Iterator[None]:
-            yield
-
-        mod.python_method = python_method
-        mod.lookUpClass = lookUpClass
-        mod.autorelease_pool = autorelease_pool
-        mod.error = ObjCError
-        mod.__version__ = "12.2"
-        return mod
-
     # -- lifetime ------------------------------------------------------------------------------
 
     def close(self) -> None:
@@ -722,42 +571,6 @@ class FakeRuntime:
             for device in vm._fk.extra.get("socket_devices", ()):
                 device._fk.extra.get("listeners", {}).clear()
         self.vms.clear()
-
-
-def _default(returns: str) -> Any:
-    if returns == "BOOL":
-        return False
-    if returns in _INT_BITS or returns in _FLOATS:
-        return 0
-    if returns.startswith("NSArray<"):
-        return ()
-    return None
-
-
-def _accepts(fn: Callable[..., Any], n: int) -> bool:
-    try:
-        sig = inspect.signature(fn)
-    except (TypeError, ValueError):
-        return True
-    required = 0
-    maximum = 0
-    for p in sig.parameters.values():
-        if p.kind is p.VAR_POSITIONAL:
-            maximum = 1 << 30
-        elif p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-            maximum += 1
-            if p.default is p.empty:
-                required += 1
-        elif p.kind is p.KEYWORD_ONLY and p.default is p.empty:
-            return False
-    return required <= n <= maximum
-
-
-def _describe(fn: Callable[..., Any]) -> str:
-    try:
-        return str(inspect.signature(fn))
-    except (TypeError, ValueError):
-        return repr(fn)
 
 
 def weak(obj: Any) -> Callable[[], Any]:

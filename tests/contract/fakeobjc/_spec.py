@@ -1,8 +1,11 @@
-"""The Apple API surface (``api.json``) as typed specs the stand-in enforces.
+"""The Apple API surface (``api.json`` + ``nullability.json``) as typed specs the stand-in
+enforces.
 
-Nothing here is hand-written API: every class, selector, argument kind, availability and
-block signature comes from the data file. Property accessors become getter/setter method
-specs (a read-only property has no setter, so calling one is an unknown selector).
+Nothing here is hand-written Virtualization API: every class, selector, argument kind,
+availability, block signature and nullability comes from the data files. Property accessors
+become getter/setter method specs (a read-only property has no setter, so calling one is an
+unknown selector); a property's nullability covers both. The data lists Foundation selectors
+without types; their signatures come from :mod:`._foundation_api`.
 """
 
 from __future__ import annotations
@@ -13,9 +16,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ._foundation_api import signature
+
 Version = tuple[int, int]
 
-DATA_FILE = Path(__file__).resolve().parents[2] / "data" / "apple-virtualization" / "api.json"
+DATA_DIR = Path(__file__).resolve().parents[2] / "data" / "apple-virtualization"
+DATA_FILE = DATA_DIR / "api.json"
+NULLS_FILE = DATA_DIR / "nullability.json"
+Nullable = bool | None  # True: nil allowed; False: nonnull; None: not a pointer / not known
 
 
 def parse_version(text: str) -> Version:
@@ -45,7 +53,9 @@ class MethodSpec:
     error_out: bool = False
     prop: str | None = None  # the property this accessor belongs to
     role: str = ""  # "getter" | "setter" | ""
-    typed: bool = True  # False for Foundation entries (the data lists no argument types)
+    typed: bool = True  # False for Foundation entries without a known signature
+    nulls: tuple[Nullable, ...] = ()  # per argument; () when the data has no entry
+    nil_return: Nullable = None
 
     @property
     def key(self) -> tuple[str, str]:
@@ -88,21 +98,33 @@ class Api:
 _CASES_RE = re.compile(r"^enum (\w+) \(type available macOS ([0-9.]+).*?case availability: ([^;]*)")
 
 
-def _method(owner: str, selector: str, entry: dict[str, Any], *, is_class: bool) -> MethodSpec:
+def _method(
+    owner: str,
+    selector: str,
+    entry: dict[str, Any],
+    *,
+    is_class: bool,
+    nulls: dict[str, Any] | None = None,
+) -> MethodSpec:
+    args = tuple(entry["args"])
+    null_args = tuple(nulls["args"]) if nulls is not None else ()
     return MethodSpec(
         owner=owner,
         selector=selector,
         is_class=is_class,
-        args=tuple(entry["args"]),
+        args=args,
         returns=entry["returns"],
         available=parse_version(entry["available"]),
         arm64_only=bool(entry.get("arm64_only", False)),
         blocks=tuple((int(b["index"]), str(b["signature"])) for b in entry.get("block_args", ())),
         error_out=bool(entry.get("error_out", False)),
+        # an entry that no longer matches the (mutated) selector's arguments says nothing
+        nulls=null_args if len(null_args) == len(args) else (),
+        nil_return=nulls["returns"] if nulls is not None else None,
     )
 
 
-def _class_spec(name: str, entry: dict[str, Any]) -> ClassSpec:
+def _class_spec(name: str, entry: dict[str, Any], nulls: dict[str, Any]) -> ClassSpec:
     spec = ClassSpec(
         name=name,
         superclass=entry.get("superclass"),
@@ -111,12 +133,19 @@ def _class_spec(name: str, entry: dict[str, Any]) -> ClassSpec:
         protocols=tuple(entry.get("protocols", ())),
         unavailable_init="unavailable: +new -init" in entry.get("notes", ""),
     )
-    for selector, m in entry.get("class_methods", {}).items():
-        spec.klass[pyname(selector)] = _method(name, selector, m, is_class=True)
-    for selector, m in entry.get("instance_methods", {}).items():
-        spec.instance[pyname(selector)] = _method(name, selector, m, is_class=False)
+    for key, table, is_class in (
+        ("class_methods", spec.klass, True),
+        ("instance_methods", spec.instance, False),
+    ):
+        known = nulls.get(key, {})
+        for selector, m in entry.get(key, {}).items():
+            table[pyname(selector)] = _method(
+                name, selector, m, is_class=is_class, nulls=known.get(selector)
+            )
+    prop_nulls = nulls.get("properties", {})
     for prop, p in entry.get("properties", {}).items():
         table = spec.klass if p.get("class_property") else spec.instance
+        nullable: Nullable = prop_nulls.get(prop)
         avail = parse_version(p["available"])
         getter = p.get("getter") or prop
         table[pyname(getter)] = MethodSpec(
@@ -129,6 +158,7 @@ def _class_spec(name: str, entry: dict[str, Any]) -> ClassSpec:
             arm64_only=bool(p.get("arm64_only", False)),
             prop=prop,
             role="getter",
+            nil_return=nullable,
         )
         setter = p.get("setter")
         if setter and not p.get("readonly"):
@@ -142,6 +172,7 @@ def _class_spec(name: str, entry: dict[str, Any]) -> ClassSpec:
                 arm64_only=bool(p.get("arm64_only", False)),
                 prop=prop,
                 role="setter",
+                nulls=(nullable,),
             )
     return spec
 
@@ -162,26 +193,44 @@ def _foundation_spec(name: str, entry: dict[str, Any]) -> ClassSpec:
     ):
         for selector in selectors:
             n = selector.count(":")
-            error_out = selector.endswith(("Error:", "error:"))
             available = (11, 3) if selector == "underlyingErrors" else (10, 0)
+            known = signature(name, selector, is_class=is_class)
+            typed = known is not None and len(known[0]) == n
+            if known is None or not typed:
+                # a selector without a (matching) signature: arity and error-out only
+                error_out = selector.endswith(("Error:", "error:"))
+                tail = ("NSError**",) if error_out else ("id",) * min(n, 1)
+                args, nulls, result = ("id",) * (n - 1) + tail, (), ("id", None)
+            else:
+                args = tuple(kind for kind, _ in known[0])
+                nulls = tuple(nullable for _, nullable in known[0])
+                error_out, result = args[-1:] == ("NSError**",), known[1]
             table[pyname(selector)] = MethodSpec(
                 owner=name,
                 selector=selector,
                 is_class=is_class,
-                args=("id",) * (n - 1) + (("NSError**",) if error_out else ("id",) * min(n, 1)),
-                returns="id",
+                args=args,
+                returns=result[0],
                 available=available,
                 error_out=error_out,
-                typed=False,
+                typed=typed,
+                nulls=nulls,
+                nil_return=result[1],
             )
     return spec
 
 
-def load_api(data: dict[str, Any] | None = None) -> Api:
-    """Parse ``api.json`` (or an already loaded, possibly mutated, copy of it)."""
+def load_api(data: dict[str, Any] | None = None, nulls: dict[str, Any] | None = None) -> Api:
+    """Parse ``api.json`` and ``nullability.json`` (or loaded, possibly mutated, copies)."""
     if data is None:
-        data = json.loads(DATA_FILE.read_text(encoding="utf-8"))
-    classes = {name: _class_spec(name, entry) for name, entry in data["classes"].items()}
+        data = load_raw()
+    if nulls is None:
+        nulls = load_raw_nullability()
+    known = nulls["classes"]
+    classes = {
+        name: _class_spec(name, entry, known.get(name, {}))
+        for name, entry in data["classes"].items()
+    }
     foundation = data.get("foundation_used", {})
     for name, entry in foundation.items():
         if name == "CFRunLoop":
@@ -232,4 +281,10 @@ def load_api(data: dict[str, Any] | None = None) -> Api:
 def load_raw() -> dict[str, Any]:
     """A fresh, mutable copy of the vendored data (for mutation tests)."""
     result: dict[str, Any] = json.loads(DATA_FILE.read_text(encoding="utf-8"))
+    return result
+
+
+def load_raw_nullability() -> dict[str, Any]:
+    """A fresh, mutable copy of the vendored nullability data (for mutation tests)."""
+    result: dict[str, Any] = json.loads(NULLS_FILE.read_text(encoding="utf-8"))
     return result

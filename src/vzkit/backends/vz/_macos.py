@@ -292,7 +292,8 @@ def create_mac_shares(volumes: Sequence[VolumeMount]) -> list[Any]:
     directories: dict[str, Any] = {}
     for vol in auto:
         share = _build.create_directory_share(vol.host_path, vol.read_only)
-        base = str(v.VZMultipleDirectoryShare.canonicalizedNameFromName_(vol.host_path.name))
+        canonical = v.VZMultipleDirectoryShare.canonicalizedNameFromName_(vol.host_path.name)
+        base = "share" if canonical is None else str(canonical)  # nil: it found no valid name
         name, n = base, 0
         while name in directories:
             n += 1
