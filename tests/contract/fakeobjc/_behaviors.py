@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from ._configbehaviors import MIB, VZ, path_of, props, validate
 from ._configbehaviors import register as register_config
 from ._macbehaviors import register as register_mac
-from ._runtime import ObjCError, weak
+from ._runtime import ObjCError, declares_protocol, weak
 
 if TYPE_CHECKING:
     from ._runtime import FakeRuntime
@@ -227,6 +227,16 @@ def guest_connect(rt: FakeRuntime, vm: Any, port: int) -> socket.socket | None:
         result = rt.call_python(
             fn, delegate, listener, held[0], device, what="listener:shouldAcceptNewConnection:"
         )
+        if not declares_protocol(type(delegate), "VZVirtioSocketListenerDelegate"):
+            # PyObjC types a method from the protocols its class declares (or metadata that
+            # happens to be loaded): undeclared, it returns an object, and the framework
+            # reads a pointer's low byte as the BOOL.
+            rt.violation(
+                f"{type(delegate).__name__} does not declare VZVirtioSocketListenerDelegate "
+                "(protocols=[objc.protocolNamed(...)]): PyObjC cannot type "
+                "listener:shouldAcceptNewConnection:fromSocketDevice: as returning BOOL"
+            )
+            return
         if not isinstance(result, bool):
             rt.violation(f"listener:shouldAcceptNewConnection: must return a bool, got {result!r}")
             return

@@ -9,7 +9,7 @@ from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from ._errors import ObjCError
-from ._runtime import StrictModule
+from ._runtime import FakeProtocol, StrictModule
 
 if TYPE_CHECKING:
     from ._runtime import FakeRuntime
@@ -50,12 +50,18 @@ def objc_module(rt: FakeRuntime) -> types.ModuleType:
             raise ObjCError(f"class {name!r} {why}")
         return cls
 
+    def protocolNamed(name: str) -> FakeProtocol:
+        if name not in rt.api.protocols:
+            raise ObjCError(f"protocol {name!r} does not exist")
+        return FakeProtocol(name)
+
     @contextlib.contextmanager
     def autorelease_pool() -> Iterator[None]:
         yield
 
     mod.python_method = python_method
     mod.lookUpClass = lookUpClass
+    mod.protocolNamed = protocolNamed
     mod.autorelease_pool = autorelease_pool
     mod.error = ObjCError
     mod.__version__ = "12.2"

@@ -90,22 +90,55 @@ class StrictModule(types.ModuleType):
         raise rt.unknown(f"{self.__name__}.{name} {why}")
 
 
+class FakeProtocol:
+    """What ``objc.protocolNamed`` returns: a protocol of the API data, by name."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return f"<objc.formal_protocol {self.name}>"
+
+
+def declares_protocol(cls: type, name: str) -> bool:
+    """Whether Python class ``cls`` (or a Python base) declared protocol ``name``."""
+    return any(name in getattr(k, "_fk_protocols", ()) for k in cls.__mro__)
+
+
 class ObjCMeta(type):
     """Metaclass of every stand-in class: class methods and class properties by selector."""
 
     _fk_rt: FakeRuntime
     _fk_spec: ClassSpec
 
-    def __init__(cls, name: str, bases: tuple[type, ...], ns: dict[str, Any]) -> None:
+    def __new__(
+        mcs, name: str, bases: tuple[type, ...], ns: dict[str, Any], **kwargs: Any
+    ) -> ObjCMeta:
+        return super().__new__(mcs, name, bases, ns)
+
+    def __init__(
+        cls, name: str, bases: tuple[type, ...], ns: dict[str, Any], **kwargs: Any
+    ) -> None:
         super().__init__(name, bases, ns)
         if "_fk_spec" in ns:
             return
-        # A Python subclass (a delegate): PyObjC derives selectors from method names.
+        # A Python subclass (a delegate): PyObjC derives selectors from method names, and
+        # takes their types from the protocols the class declares (``protocols=[...]``);
+        # a method no declared protocol types returns an object, as PyObjC's default.
         rt = cls._fk_rt
         if name in rt.python_classes:
             raise ObjCError(f"{name!r} is overriding an existing Objective-C class")
         rt.python_classes.add(name)
         type.__setattr__(cls, "_fk_python", True)
+        unknown = set(kwargs) - {"protocols"}
+        if unknown:
+            raise TypeError(f"class {name}: unexpected keyword(s) {sorted(unknown)}")
+        declared: set[str] = set()
+        for proto in kwargs.get("protocols", ()):
+            if not isinstance(proto, FakeProtocol):
+                raise rt.violation(f"class {name}: protocols must be objc.protocolNamed(...)")
+            declared.add(proto.name)
+        type.__setattr__(cls, "_fk_protocols", frozenset(declared))
         for attr, value in ns.items():
             if attr.startswith("__") or not inspect.isfunction(value):
                 continue

@@ -414,10 +414,19 @@ def _python_method(objc: Any) -> Callable[[F], F]:
     return decorator
 
 
+def _protocols(objc: Any, name: str) -> list[Any]:
+    """``[objc.protocolNamed(name)]``, the framework loaded first (it registers its protocols):
+    PyObjC types a Python method from the protocols its class declares, so a delegate's
+    ``BOOL`` result does not depend on what happened to be imported before it."""
+    vz()
+    return [objc.protocolNamed(name)]
+
+
 def _define_vm_delegate(base: Any, objc: Any) -> Any:
     python_method = _python_method(objc)
+    protocols = _protocols(objc, "VZVirtualMachineDelegate")
 
-    class VzkitVirtualMachineDelegate(base):  # type: ignore[misc]
+    class VzkitVirtualMachineDelegate(base, protocols=protocols):  # type: ignore[misc]
         """``VZVirtualMachineDelegate``: forwards stops and errors to Python callbacks."""
 
         @python_method
@@ -461,8 +470,9 @@ def vm_delegate(on_stop: Callable[[], object], on_error: Callable[[Any], object]
 
 def _define_listener_delegate(base: Any, objc: Any) -> Any:
     python_method = _python_method(objc)
+    protocols = _protocols(objc, "VZVirtioSocketListenerDelegate")
 
-    class VzkitVsockListenerDelegate(base):  # type: ignore[misc]
+    class VzkitVsockListenerDelegate(base, protocols=protocols):  # type: ignore[misc]
         """``VZVirtioSocketListenerDelegate``: hands each new connection to Python."""
 
         @python_method
