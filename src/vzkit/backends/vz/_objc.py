@@ -426,7 +426,7 @@ def _define_vm_delegate(base: Any, objc: Any) -> Any:
     python_method = _python_method(objc)
     protocols = _protocols(objc, "VZVirtualMachineDelegate")
 
-    class VzkitVirtualMachineDelegate(base, protocols=protocols):  # type: ignore[misc]
+    class VzkitVirtualMachineDelegate(base, protocols=protocols):  # type: ignore[misc, call-arg]
         """``VZVirtualMachineDelegate``: forwards stops and errors to Python callbacks."""
 
         @python_method
@@ -472,7 +472,7 @@ def _define_listener_delegate(base: Any, objc: Any) -> Any:
     python_method = _python_method(objc)
     protocols = _protocols(objc, "VZVirtioSocketListenerDelegate")
 
-    class VzkitVsockListenerDelegate(base, protocols=protocols):  # type: ignore[misc]
+    class VzkitVsockListenerDelegate(base, protocols=protocols):  # type: ignore[misc, call-arg]
         """``VZVirtioSocketListenerDelegate``: hands each new connection to Python."""
 
         @python_method
