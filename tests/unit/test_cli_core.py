@@ -80,6 +80,7 @@ def test_config_options_round_trip(tmp_path: Path) -> None:
         "--console", "stdio",
         "--accel", "tcg",
         "--cpu", "cortex-a72",
+        "--rosetta",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     cfg = LinuxVMConfig.from_toml(result.stdout)
@@ -97,6 +98,7 @@ def test_config_options_round_trip(tmp_path: Path) -> None:
         console=ConsoleMode.STDIO,
         accelerator="tcg",
         cpu_model="cortex-a72",
+        rosetta=True,
     )
 
 
@@ -483,3 +485,14 @@ def test_an_agent_that_times_out_shows_the_console_and_keeps_it(
     [kept] = (tmp_path / "home" / "logs").glob("console-*.log")
     assert text.endswith(f"the whole console log: {kept}")
     assert kept.read_bytes() == console.read_bytes()
+
+
+def test_rosetta_needs_an_aarch64_guest_and_the_vz_backend(tmp_path: Path) -> None:
+    result = run("config", "--arch", "x86_64", "--rosetta")
+    assert result.exit_code == 2, result.output
+    assert "rosetta runs x86_64 programs in an aarch64 guest" in result.stderr
+    kernel = tmp_path / "Image"
+    kernel.write_bytes(b"k")
+    result = run("run", "--backend", "qemu", "--arch", "aarch64", "--kernel", kernel, "--rosetta")
+    assert result.exit_code != 0
+    assert "the qemu backend cannot offer it" in result.stderr

@@ -52,6 +52,7 @@ VM_OPTIONS: dict[str, list[str]] = {
     ],
     "--console": [_ROUND_TRIP],
     "--accel": [_ROUND_TRIP],
+    "--rosetta": [_ROUND_TRIP, f"{_CORE}::test_rosetta_needs_an_aarch64_guest_and_the_vz_backend"],
     "--cpu": [_ROUND_TRIP],
     "--config": [f"{_CORE}::test_config_file_with_overrides"],
 }
@@ -65,6 +66,7 @@ COVERED: dict[str, list[str]] = {
     "codesign": [f"{_MAC}::test_codesign_output_signs_a_copy"],
     "codesign --output": [f"{_MAC}::test_codesign_output_signs_a_copy"],
     "codesign --venv": [f"{_MAC}::test_codesign_venv_replaces_the_symlinks"],
+    "codesign --undo": ["unit/test_codesign_links.py::test_undo_puts_the_venv_back_exactly"],
     "completion": [
         "unit/test_cli_completion.py::test_completion_prints_the_shells_script",
         "unit/test_cli_completion.py::test_completion_refuses_other_shells_and_says_how_to_install",
@@ -173,6 +175,8 @@ COVERED: dict[str, list[str]] = {
     "macos install --timeout": [
         "contract/test_macos.py::test_cli_install_disk_size_force_and_timeout"
     ],
+    "macos install-rosetta": ["contract/test_rosetta.py::test_cli_install_rosetta"],
+    "macos install-rosetta --timeout": ["contract/test_rosetta.py::test_cli_install_rosetta"],
     "run": [f"{_RUN}::test_run_prints_and_exits_with_the_commands_code"],
     **{f"run {option}": [_SHARED, *tests] for option, tests in VM_OPTIONS.items()},
     "run --arch": [_SHARED, f"{_RUN}::test_run_prints_and_exits_with_the_commands_code"],

@@ -156,3 +156,19 @@ def macos_install(
 
         info = install_macos(cfg, ipsw, progress=progress, timeout=timeout, force=force)
     click.echo(f"installed macOS {info.macos_version} ({info.build_version}) in {cfg.vm_dir}")
+
+
+@macos_group.command("install-rosetta")
+@click.option("--timeout", type=float, default=None, help="Give up after this many seconds.")
+@_handle_errors
+def macos_install_rosetta(timeout: float | None) -> None:
+    """Install Rosetta for Linux guests (--rosetta): macOS asks you to agree to its license."""
+    from vzkit.backends import load_backend, vz
+
+    load_backend("vz")
+    if vz.rosetta_availability() is vz.RosettaAvailability.INSTALLED:
+        click.echo("Rosetta is installed")
+        return
+    click.echo("asking macOS to install Rosetta (answer its dialog)")
+    vz.install_rosetta(timeout=timeout)
+    click.echo("Rosetta is installed: aarch64 guests run x86_64 programs with --rosetta")

@@ -202,6 +202,11 @@ def vm_options(func: F) -> F:
             "--graphics/--headless", default=None, help="Attach a display (default headless)."
         ),
         click.option(
+            "--rosetta/--no-rosetta",
+            default=None,
+            help="Run x86_64 Linux programs in an aarch64 guest with Apple's Rosetta (vz).",
+        ),
+        click.option(
             "--console",
             type=click.Choice([c.value for c in ConsoleMode]),
             help="Serial console target.",

@@ -65,6 +65,7 @@ GUEST_MODULES: tuple[str, ...] = (
     "qemu_fw_cfg",  # the agent's per-boot key on the qemu backend (docs/agent-protocol.md)
     "pvpanic_mmio",  # reports a kernel panic to the VMM (QEMU's ISA pvpanic, found via ACPI)
     "pvpanic_pci",  # the same on a PCI device (QEMU's virt)
+    "binfmt_misc",  # Rosetta's x86_64 programs (vzkit.rosetta=, the vz backend's rosetta=True)
 )
 """Modules wanted in every guest, when the kernel has them (loaded in this order)."""
 

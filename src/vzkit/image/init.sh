@@ -161,17 +161,19 @@ share_dir() {
     done
 }
 
-share_tags= ro_tags=, share_paths=,
+share_tags= ro_tags=, share_paths=, rosetta_tag=
 set -f
 for arg in $cmdline; do
     case "$arg" in
         vzkit.shares=*) share_tags=${arg#vzkit.shares=} ;;
+        vzkit.rosetta=*) rosetta_tag=${arg#vzkit.rosetta=} ;;
         vzkit.ro=*) ro_tags=",${arg#vzkit.ro=}," ;;
         vzkit.mounts=*) share_paths=",${arg#vzkit.mounts=}," ;;
     esac
 done
 IFS=,  # splits the tag list only: every other expansion below is quoted
 for enc in $share_tags; do
+    [ "$enc" = "$rosetta_tag" ] && continue  # Rosetta's: registered below, not a share
     if ! tag=$(decode "$enc"); then
         echo "vzkit-init: cannot mount share $enc: the tag is not percent-encoded" >/dev/console
         continue
@@ -202,6 +204,33 @@ for enc in $share_tags; do
 done
 unset IFS
 set +f
+
+# Rosetta (the vz backend, rosetta=True): vzkit.rosetta=TAG names the share holding Apple's
+# rosetta. It is mounted read-only at /media/rosetta and registered with binfmt_misc for
+# x86_64 ELF executables and shared objects (the magic and mask Apple documents); flag F has
+# the kernel open the interpreter now, so it keeps working in a root disk's userland after
+# switch_root, C runs set-id programs with their own credentials. aarch64 guests only.
+if [ -n "$rosetta_tag" ]; then
+    if [ "$(uname -m)" != aarch64 ]; then
+        echo "vzkit-init: Rosetta is for aarch64 guests; not registered" >/dev/console
+    elif ! tag=$(decode "$rosetta_tag"); then
+        echo "vzkit-init: cannot mount Rosetta: the tag is not percent-encoded" >/dev/console
+    elif ! mkdir -p /media/rosetta ||
+        ! { mount -t virtiofs -o ro,nodev,nosuid "$tag" /media/rosetta 2>/dev/null ||
+            mount -t 9p -o trans=virtio,version=9p2000.L,ro,nodev,nosuid "$tag" \
+                /media/rosetta 2>/dev/null; }; then
+        echo "vzkit-init: cannot mount Rosetta's share $tag" >/dev/console
+    else
+        binfmt=/proc/sys/fs/binfmt_misc
+        [ -e $binfmt/register ] || mount -t binfmt_misc binfmt_misc $binfmt 2>/dev/null
+        magic='\x7fELF\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00'
+        mask='\xff\xff\xff\xff\xff\xfe\xfe\x00\xff\xff\xff\xff\xff\xff\xff\xff\xfe\xff\xff\xff'
+        [ -e $binfmt/rosetta ] ||
+            printf '%s' ":rosetta:M::$magic:$mask:/media/rosetta/rosetta:CF" \
+                >$binfmt/register 2>/dev/null ||
+            echo "vzkit-init: cannot register Rosetta with binfmt_misc" >/dev/console
+    fi
+fi
 
 [ -f /etc/hostname ] && hostname -F /etc/hostname
 ip link set lo up 2>/dev/null

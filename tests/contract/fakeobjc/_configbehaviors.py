@@ -120,6 +120,31 @@ def register(rt: FakeRuntime) -> None:
         "com.apple.virtio-fs.automount"
     )
 
+    b[("VZLinuxRosettaDirectoryShare", "availability")] = lambda *a: k.rosetta
+
+    @on("VZLinuxRosettaDirectoryShare", "initWithError:")
+    def _rosetta(rt: FakeRuntime, obj: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        if k.rosetta != 2:
+            return (None, rt.nserror(VZ, 10, "Rosetta is not installed on this Mac."))
+        return default(obj, spec, args)
+
+    @on("VZLinuxRosettaDirectoryShare", "installRosettaWithCompletionHandler:")
+    def _install(rt: FakeRuntime, cls: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        handler = args[0]
+
+        def finish() -> None:  # on a queue of the framework's own, later
+            error = None
+            if k.rosetta == 0:
+                error = rt.nserror(VZ, 10, "Rosetta is not supported on this Mac.")
+            elif not k.rosetta_install_ok:
+                error = rt.nserror(VZ, 9, "The Rosetta installation was cancelled.")
+            else:
+                k.rosetta = 2
+            rt.call_python(handler, error, what="the Rosetta install's completion handler")
+
+        rt.global_queue().submit(finish, wait=False)
+        return None
+
     @on("VZBridgedNetworkInterface", "networkInterfaces")
     def _ifaces(rt: FakeRuntime, cls: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
         return tuple(

@@ -68,6 +68,10 @@ class Knobs:
         self.mac_hardware_supported = True  # VZMacHardwareModel.isSupported
         self.install_steps = 4  # progress updates of a macOS install
         self.install_step_s = 0.01
+        #: VZLinuxRosettaDirectoryShare.availability: 0 not supported, 1 not installed,
+        #: 2 installed; an install either succeeds or the user declines it.
+        self.rosetta = 2
+        self.rosetta_install_ok = True
 
 
 def _lower_first(text: str) -> str:

@@ -91,6 +91,7 @@ from ._objc import (
     run_run_loop_once,
     run_run_loop_until_done,
 )
+from ._rosetta import RosettaAvailability, install_rosetta, rosetta_availability
 from ._vsock import VsockListener, VsockManager, socket_from_connection
 
 __all__ = [
@@ -110,6 +111,7 @@ __all__ = [
     "NSErrorInfo",
     "Queue",
     "RestoreImageInfo",
+    "RosettaAvailability",
     "VsockListener",
     "VsockManager",
     "VzBackend",
@@ -144,6 +146,7 @@ __all__ = [
     "format_nserror_detailed",
     "get_balloon_info",
     "install_macos",
+    "install_rosetta",
     "load_restore_image",
     "nsdata_from_bytes",
     "nsdata_to_bytes",
@@ -157,6 +160,7 @@ __all__ = [
     "restore_venv_python",
     "resume_vm",
     "retain",
+    "rosetta_availability",
     "run_run_loop_aggressively",
     "run_run_loop_once",
     "run_run_loop_until_done",

@@ -57,6 +57,7 @@ from ._devices import (
 from ._kernel import kernel_for_vz
 from ._nserror import NSErrorDetails, nserror_info, nserror_to_exception
 from ._objc import is_arm64, require_macos, vz
+from ._rosetta import create_rosetta_device, rosetta_cmdline
 
 __all__ = [
     "DEFAULT_CMDLINE",
@@ -141,6 +142,8 @@ def vz_cmdline(cfg: LinuxVMConfig) -> str:
     cmdline = cfg.cmdline or DEFAULT_CMDLINE
     if cfg.root_disk is not None:  # vzkit's initramfs mounts it (docs/images.md)
         cmdline += f" {cfg.root_disk.cmdline_words()}"
+    if cfg.rosetta:  # vzkit's initramfs registers it with binfmt_misc
+        cmdline += f" {rosetta_cmdline()}"
     if cfg.console is not ConsoleMode.NONE and "console=hvc0" not in cmdline.split():
         cmdline += " console=hvc0"
     return cmdline
@@ -271,7 +274,10 @@ def build_linux_vm_config(
     config.setMemoryBalloonDevices_(balloon_to_vz(cfg))
     config.setSocketDevices_(vsock_to_vz(cfg))
     config.setSerialPorts_(serial_to_vz(cfg, sdir, console_fds))
-    config.setDirectorySharingDevices_(create_virtiofs_devices(cfg.volumes))
+    shares = create_virtiofs_devices(cfg.volumes)
+    if cfg.rosetta:
+        shares.append(create_rosetta_device(cfg.volumes))
+    config.setDirectorySharingDevices_(shares)
     graphics, keyboards, pointers = graphics_to_vz(cfg)
     if graphics:
         config.setGraphicsDevices_(graphics)
