@@ -49,7 +49,7 @@ def test_not_installed_says_how_and_install_rosetta_installs_it(
 ) -> None:
     fake.knobs.rosetta = 1
     assert vzb.rosetta_availability() is vzb.RosettaAvailability.NOT_INSTALLED
-    with pytest.raises(vzkit.ConfigError, match="not installed.*vzkit macos install-rosetta"):
+    with pytest.raises(vzkit.ConfigError, match=r"not installed.*vzkit macos install-rosetta"):
         vzb.build_linux_vm_config(cfg)
     vzb.install_rosetta(timeout=5)
     assert vzb.rosetta_availability() is vzb.RosettaAvailability.INSTALLED
