@@ -370,7 +370,8 @@ def test_auto_remove_leaves_nothing_once_the_main_command_ends(home: Path) -> No
     )  # fmt: skip
     assert vm.wait(timeout=BOOT_S) is vzkit.VMState.STOPPED
     vm.close()
-    assert not (home / "vms" / "a1").exists()
+    # the supervisor removes the directory after it has said "stopped", on its way out
+    wait_until(lambda: not (home / "vms" / "a1").exists(), "a1's directory removed", 30)
     assert vzkit.list_vms() == []
 
 
