@@ -40,7 +40,7 @@ from vzkit.backends.qemu._machine import QemuMachine
 from vzkit.backends.vz import BACKEND as VZ
 from vzkit.backends.vz import VzMachine
 
-from ..contract._support import API
+from ..contract._support import API, ARM64_IMAGE
 from ..contract.fakeobjc import FakeRuntime, installed
 from .test_vm_facade import FAKE_QEMU
 
@@ -51,7 +51,7 @@ S = vzkit.VMState
 @pytest.fixture
 def kernel(tmp_path: Path) -> Path:
     path = tmp_path / "vmlinuz"
-    path.write_bytes(b"not really a kernel")
+    path.write_bytes(ARM64_IMAGE)  # the vz backend reads its header; qemu is faked
     return path
 
 
