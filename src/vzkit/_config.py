@@ -396,6 +396,10 @@ class LinuxVMConfig(ConfigData):
     publish: tuple[PortForward, ...] = ()  # host ports forwarded to the guest (nat only)
     headless: bool = True
     displays: tuple[DisplayConfig, ...] = ()
+    #: Show the display: a window on the vz backend (closing it stops the VM; the window
+    #: needs the main thread in vzkit's calls), the VNC endpoint reported on qemu. Implies a
+    #: display (``headless=False``).
+    gui: bool = False
 
     vsock: bool = True
     vsock_cid: int = 3
@@ -479,8 +483,10 @@ class LinuxVMConfig(ConfigData):
 
         self._check_devices(
             ("volumes", "displays", "publish"),
-            ("nested_virtualization", "rosetta", "headless", "vsock", "balloon", "entropy"),
+            ("nested_virtualization", "rosetta", "headless", "gui", "vsock", "balloon", "entropy"),
         )
+        if self.gui and self.headless:
+            put("headless", False)  # a shown display needs one
         if self.rosetta and self.arch is not Arch.AARCH64:
             raise ConfigError(
                 f"rosetta runs x86_64 programs in an aarch64 guest; this guest is "

@@ -11,14 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import sys
 import threading
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 __all__ = ["get_loop", "run_sync", "wrap"]
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
@@ -51,9 +53,44 @@ def in_loop_thread() -> bool:
     return _thread is not None and threading.current_thread() is _thread
 
 
+#: What a sync call on the main thread runs while it waits, when set (``pump(seconds)``): the
+#: vz backend's windows, whose events and main dispatch queue only the main thread serves.
+_main_pump: Callable[[float], object] | None = None
+_PUMP_S = 0.05
+
+
+def set_main_thread_pump(pump: Callable[[float], object] | None) -> None:
+    """Have sync calls made on the main thread run ``pump(seconds)`` while they wait (``None``:
+    block as usual). The one owner is the vz backend's window code."""
+    global _main_pump
+    _main_pump = pump
+
+
+def _wait(future: concurrent.futures.Future[T]) -> T:
+    if threading.current_thread() is not threading.main_thread():
+        return future.result()
+    while True:  # the main thread: a window may open (and need serving) while it waits
+        pump = _main_pump
+        if pump is None:
+            try:
+                return future.result(timeout=_PUMP_S)
+            except concurrent.futures.TimeoutError:
+                if future.done():  # the call's own TimeoutError (VMTimeoutError is one)
+                    raise
+                continue
+        if future.done():
+            return future.result()
+        try:
+            pump(_PUMP_S)
+        except Exception:  # a window's trouble must not lose the call's result
+            log.exception("the main thread's event pump failed; waiting without it")
+            return future.result()
+
+
 def run_sync(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` on the shared loop and block until it finishes.
 
+    On the main thread, while a pump is set (:func:`set_main_thread_pump`), the wait runs it.
     ``KeyboardInterrupt`` while waiting cancels the coroutine (so its cleanup runs) and then
     propagates.
     """
@@ -67,7 +104,7 @@ def run_sync(coro: Coroutine[Any, Any, T]) -> T:
         raise
     future = asyncio.run_coroutine_threadsafe(coro, loop)
     try:
-        return future.result()
+        return _wait(future)
     except KeyboardInterrupt:
         future.cancel()
         try:

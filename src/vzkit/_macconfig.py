@@ -96,6 +96,8 @@ class MacVMConfig(ConfigData):
 
     displays: tuple[DisplayConfig, ...] = (default_display_config(),)
     headless: bool = False
+    #: Show the display in a window (closing it stops the VM); see ``LinuxVMConfig.gui``.
+    gui: bool = False
     keyboard: MacKeyboard = MacKeyboard.AUTO
     pointer: MacPointer = MacPointer.AUTO
 
@@ -131,7 +133,11 @@ class MacVMConfig(ConfigData):
             put("pointer", MacPointer(self.pointer))
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        self._check_devices(("volumes", "displays"), ("headless", "vsock", "balloon", "entropy"))
+        self._check_devices(
+            ("volumes", "displays"), ("headless", "gui", "vsock", "balloon", "entropy")
+        )
+        if self.gui and self.headless:
+            put("headless", False)  # a shown display needs one
         for vol in self.volumes:
             if vol.guest_path:
                 raise ConfigError(

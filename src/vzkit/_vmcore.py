@@ -445,6 +445,13 @@ class VMView:
         return self._core.machine.console_pty
 
     @property
+    def display_address(self) -> str | None:
+        """Where the VM's display is shown while it runs: ``vnc+unix:///PATH`` (qemu: a VNC
+        server on a Unix socket, e.g. for ``gui=True``), ``window`` (vz, ``gui=True``), or
+        ``None`` (headless)."""
+        return self._core.machine.display_address
+
+    @property
     def state_dir(self) -> Path:
         return self._core.machine.state_dir
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -238,3 +239,15 @@ def test_vzkit_run_without_args_prints_help() -> None:
             [*VZKIT, "run", "--help"], capture_output=True, timeout=60, check=True
         ).stdout
     )
+
+
+def test_run_gui_on_qemu_reports_the_vnc_endpoint() -> None:
+    """``--gui`` on qemu: a display, QEMU's VNC server on a Unix socket, said on stderr (and
+    there while the command runs)."""
+    proc = vzkit_run("--backend", "qemu", "--gui", "--", "true")
+    assert proc.returncode == 0, proc.stderr.decode()
+    match = re.search(
+        rb"vzkit: the display: vnc\+unix://(\S+vnc\.sock) \(a VNC client\)", proc.stderr
+    )
+    assert match, proc.stderr.decode()
+    assert not Path(match[1].decode()).exists()  # gone with the VM

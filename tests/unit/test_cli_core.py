@@ -81,6 +81,7 @@ def test_config_options_round_trip(tmp_path: Path) -> None:
         "--accel", "tcg",
         "--cpu", "cortex-a72",
         "--rosetta",
+        "--gui",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     cfg = LinuxVMConfig.from_toml(result.stdout)
@@ -99,6 +100,7 @@ def test_config_options_round_trip(tmp_path: Path) -> None:
         accelerator="tcg",
         cpu_model="cortex-a72",
         rosetta=True,
+        gui=True,
     )
 
 

@@ -52,6 +52,7 @@ VM_OPTIONS: dict[str, list[str]] = {
     ],
     "--console": [_ROUND_TRIP],
     "--accel": [_ROUND_TRIP],
+    "--gui": [_ROUND_TRIP],
     "--rosetta": [_ROUND_TRIP, f"{_CORE}::test_rosetta_needs_an_aarch64_guest_and_the_vz_backend"],
     "--cpu": [_ROUND_TRIP],
     "--config": [f"{_CORE}::test_config_file_with_overrides"],

@@ -163,6 +163,11 @@ class Machine(Protocol):
         """The console's pseudo-terminal, when the console mode is ``pty``."""
 
     @property
+    def display_address(self) -> str | None:
+        """Where the running VM's display is shown: ``vnc+unix:///PATH`` (a VNC server on a
+        Unix socket), ``window`` (a window of this process), ``None`` (headless)."""
+
+    @property
     def state_dir(self) -> Path: ...
 
     @property

@@ -202,6 +202,12 @@ def vm_options(func: F) -> F:
             "--graphics/--headless", default=None, help="Attach a display (default headless)."
         ),
         click.option(
+            "--gui/--no-gui",
+            default=None,
+            help="Show the display: a window (vz; closing it stops the VM), or a VNC "
+            "endpoint (qemu); implies --graphics.",
+        ),
+        click.option(
             "--rosetta/--no-rosetta",
             default=None,
             help="Run x86_64 Linux programs in an aarch64 guest with Apple's Rosetta (vz).",

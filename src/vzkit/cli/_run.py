@@ -463,6 +463,8 @@ def _run(
             vm.resume(timeout=boot_timeout)
         else:
             vm.start(timeout=boot_timeout)
+        if cfg.gui and (vm.display_address or "").startswith("vnc"):
+            click.echo(f"vzkit: the display: {vm.display_address} (a VNC client)", err=True)
         if not command:  # the console is this terminal; run until the guest powers off
             state = vm.wait()
             return 0 if state is VMState.STOPPED else 1

@@ -92,6 +92,8 @@ class VMInfo:
     command_log: Path | None = None
     #: Removed by its supervisor once it has stopped (``run -d --rm``).
     auto_remove: bool = False
+    #: Where the running VM's display is shown (``vnc+unix:///PATH`` on qemu), else ``None``.
+    display: str | None = None
 
     @classmethod
     def read(cls, vmdir: VMDir) -> VMInfo:
@@ -117,6 +119,7 @@ class VMInfo:
             config=config,
             command_log=vmdir.command_log if command else None,
             auto_remove=bool(record.get("auto_remove")),
+            display=state.get("display"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -132,6 +135,7 @@ class VMInfo:
             "started": self.started,
             "pid": self.supervisor_pid,
             "vmm_pid": self.vmm_pid,
+            "display": self.display,
             "error": self.error,
             "exit_code": self.exit_code,
             "image": self.image,

@@ -336,6 +336,11 @@ class RemoteMachine:
         return str(value) if value else None
 
     @property
+    def display_address(self) -> str | None:
+        value = self._hello.get("display_address")
+        return str(value) if value else None
+
+    @property
     def state_dir(self) -> Path:
         return self.vmdir.run_dir
 
@@ -547,6 +552,11 @@ def new_named_core(
             f"{config.console.value} needs the process that made the VM: use console='log'"
         )
     chosen = choose_backend(backend) if isinstance(backend, str) else backend
+    if config.gui and chosen.name == "vz":
+        raise ConfigError(
+            "a named VM runs in its own process, which has no window to show: gui=True on "
+            "the vz backend needs the process that made the VM (drop the name, or gui)"
+        )
     if config.state_dir is None:
         config = config.replace(state_dir=vmdir.run_dir)
     root = config.root_disk

@@ -165,6 +165,7 @@ class Supervisor:
             "state": machine.state.value,
             "error": None if error is None else str(error),
             "vmm_pid": machine.pid,
+            "display": machine.display_address,
             "agent": self._agent_offer(),
         }
 
@@ -181,7 +182,9 @@ class Supervisor:
         event = self._state_event()
         if new not in _ENDED:
             with contextlib.suppress(OSError, VzkitError):
-                self.vmdir.write_state(state=new.value, vmm_pid=event["vmm_pid"])
+                self.vmdir.write_state(
+                    state=new.value, vmm_pid=event["vmm_pid"], display=event["display"]
+                )
         self.broadcast(event)
         if new in _ENDED:
             self.ended.set()
@@ -272,6 +275,7 @@ class Supervisor:
             "features": sorted(f.value for f in self.core.backend.features),
             "console_log_path": None if log_path is None else str(log_path),
             "console_pty": machine.console_pty,
+            "display_address": machine.display_address,
             "state_dir": str(machine.state_dir),
             "supervisor_pid": os.getpid(),
             **self._snapshot_facts(),
@@ -396,7 +400,10 @@ class Supervisor:
         os.chmod(vmdir.control, 0o600)
         server.listen(16)
         vmdir.write_state(
-            state=self.core.state.value, vmm_pid=self.core.machine.pid, started=time.time()
+            state=self.core.state.value,
+            vmm_pid=self.core.machine.pid,
+            display=self.core.machine.display_address,
+            started=time.time(),
         )
         threading.Thread(target=self.serve, args=(server,), name="vzkit-ctl", daemon=True).start()
         _report(ready, {"ok": True, "state": self.core.state.value})
@@ -430,12 +437,15 @@ class Supervisor:
             run_sync(self.core.close())
         fields: dict[str, Any] = {
             "state": final.value, "error": None if error is None else str(error),
-            "supervisor_pid": None, "vmm_pid": None, "stopped": time.time(),
+            "supervisor_pid": None, "vmm_pid": None, "display": None, "stopped": time.time(),
         }  # fmt: skip
         if self.exit_code is not None:
             fields["exit_code"] = self.exit_code
         vmdir.write_state(**fields)
-        last = {**self._state_event(), "state": final.value, "vmm_pid": None, "agent": None}
+        last = {
+            **self._state_event(), "state": final.value, "vmm_pid": None, "display": None,
+            "agent": None,
+        }  # fmt: skip
         with self.lock:
             clients = list(self.clients)
             self.clients.clear()

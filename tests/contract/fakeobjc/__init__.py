@@ -52,7 +52,7 @@ __all__ = [
     "write_fake_ipsw",
 ]
 
-MODULE_NAMES = ("Virtualization", "Foundation", "objc", "dispatch")
+MODULE_NAMES = ("AppKit", "Virtualization", "Foundation", "objc", "dispatch")
 
 
 @contextmanager

@@ -147,6 +147,13 @@ def check_arg(
                 f"an NSObject adopting {kind[3:-1]} (a Python subclass of NSObject for delegates)"
             )
         return
+    if kind == "NSRect":  # PyObjC: ((x, y), (width, height)), as NSMakeRect returns it
+        pairs = value if isinstance(value, tuple | list) else ()
+        if len(pairs) != 2 or not all(
+            isinstance(p, tuple | list) and len(p) == 2 and all(map(_is_number, p)) for p in pairs
+        ):
+            raise bad("an NSRect ((x, y), (width, height))")
+        return
     if kind in STRUCTS:
         n = STRUCTS[kind]
         fields = value if isinstance(value, tuple | list) else ()

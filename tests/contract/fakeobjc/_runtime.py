@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from ._appkit import check_main_thread
 from ._arguments import ForeignObject, check_arg, check_result, default_result
 from ._dispatch import FakeQueue, current_queue
 from ._errors import BadArgument, ContractViolation, ObjCError, UnknownSelector
@@ -281,10 +282,15 @@ class FakeRuntime:
         self._global: FakeQueue | None = None
         self.classes: dict[str, ObjCMeta] = {}
         self._build_classes()
-        from . import _behaviors, _dispatch, _foundation, _modules
+        self.appkit_events: list[tuple[str, Any]] = []  # what the user does (_appkit)
+        self.windows: list[Any] = []
+        self.application: Any = None
+        from . import _appkit, _behaviors, _dispatch, _foundation, _modules
 
         _behaviors.register(self)
+        _appkit.register(self)
         self.modules: dict[str, types.ModuleType] = {
+            "AppKit": _appkit.make_module(self),
             "Virtualization": _modules.virtualization_module(self),
             "Foundation": _foundation.make_module(self),
             "objc": _modules.objc_module(self),
@@ -454,6 +460,7 @@ class FakeRuntime:
                         f"{where} called off the VM's queue {fk.queue!r} "
                         f"(current: {here!r}, thread {threading.current_thread().name})"
                     )
+        check_main_thread(self, spec, where)
         for index, (kind, value) in enumerate(zip(spec.args, args, strict=True)):
             check_arg(self, where, spec, index, kind, value)
         with self.lock:

@@ -236,6 +236,9 @@ def load_api(data: dict[str, Any] | None = None, nulls: dict[str, Any] | None = 
         if name == "CFRunLoop":
             continue
         classes[name] = _foundation_spec(name, entry)
+    from ._appkit import appkit_specs  # the window a VM's display needs (not in the data)
+
+    classes.update(appkit_specs())
     case_available: dict[str, Version] = {}
     option_enums = set()
     for note in data.get("notes", ()):
@@ -258,6 +261,9 @@ def load_api(data: dict[str, Any] | None = None, nulls: dict[str, Any] | None = 
             pyname(sel): _method(pname, sel, m, is_class=False)
             for sel, m in pentry.get("methods", {}).items()
         }
+    from ._appkit import appkit_protocols
+
+    protocols.update(appkit_protocols())
     cf = foundation.get("CFRunLoop", {})
     fconst: list[str] = []
     for entry in foundation.values():

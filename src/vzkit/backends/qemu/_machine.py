@@ -170,6 +170,11 @@ class QemuMachine:
     def console_pty(self) -> str | None:
         return self._console_pty
 
+    @property
+    def display_address(self) -> str | None:
+        socket_path = self.vnc_socket
+        return None if socket_path is None else f"vnc+unix://{socket_path}"
+
     def agent_console(self) -> socket.socket | None:
         """A duplicate of the host end of the agent's virtio console port
         (``org.vzkit.agent.0``) while QEMU runs; it is private to this process, so the agent

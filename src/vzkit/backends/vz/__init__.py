@@ -39,6 +39,7 @@ from ._entitlements import (
     sign_interpreter,
     venv_python,
 )
+from ._gui import run_windows
 from ._lifecycle import (
     can_pause,
     can_request_stop,
@@ -164,6 +165,7 @@ __all__ = [
     "run_run_loop_aggressively",
     "run_run_loop_once",
     "run_run_loop_until_done",
+    "run_windows",
     "save_machine_state",
     "set_balloon_target",
     "sign_interpreter",

@@ -21,9 +21,10 @@ import tempfile
 import tty
 from collections.abc import Awaitable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..._config import ConsoleMode, LinuxVMConfig
+from ..._display import default_linux_display_config
 from ..._macconfig import MacVMConfig
 from ..._state import VMState
 from ..._terminal import RawConsoleInput
@@ -40,6 +41,9 @@ from . import _build, _lifecycle, _macos, _rootclone, _snapshots
 from ._nserror import nserror_to_exception
 from ._objc import ErrorCompletionHandler, Queue, vm_delegate
 from ._vsock import VsockListener, VsockManager
+
+if TYPE_CHECKING:
+    from ._gui import VMWindow
 
 __all__ = ["VzMachine"]
 
@@ -68,6 +72,7 @@ class VzMachine:
         self._console_pty: str | None = None
         self._console_input: RawConsoleInput | None = None  # a stdio console on a terminal
         self._escape_task: asyncio.Task[None] | None = None
+        self._window: VMWindow | None = None  # gui=True
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped: asyncio.Event | None = None
         self.last_error: VzkitError | None = None
@@ -97,6 +102,11 @@ class VzMachine:
     @property
     def console_pty(self) -> str | None:
         return self._console_pty
+
+    @property
+    def display_address(self) -> str | None:
+        """``window`` while the VM's window is open (``gui=True``); VZ serves no VNC."""
+        return "window" if self._window is not None and not self._window.closed else None
 
     @property
     def queue(self) -> Queue | None:
@@ -134,13 +144,35 @@ class VzMachine:
 
     def _finish(self, state: VMState) -> None:
         self._stop_console_input()
+        self._close_window()
         self._set_state(state)
         if self._stopped is not None:
             self._stopped.set()
 
-    def _console_escaped(self) -> None:
-        log.info("Ctrl-] . typed on the console: stopping the VM")
+    def _stop_for_user(self, why: str) -> None:
+        """The user ended the VM from its console or window: power it off (loop thread)."""
+        log.info("%s: stopping the VM", why)
         self._escape_task = asyncio.ensure_future(self.force_stop())
+
+    def _open_window(self) -> None:
+        """``gui=True``: the VM's display in a window; closing it stops the VM."""
+        from ._gui import VMWindow  # AppKit only for a VM that shows itself
+
+        cfg = self.config
+        display = cfg.displays[0] if cfg.displays else default_linux_display_config()
+        kind = "macOS" if isinstance(cfg, MacVMConfig) else "Linux"
+        self._window = VMWindow(
+            self._vm,
+            title=f"vzkit: {kind} VM",
+            display=display,
+            on_close=lambda: self._from_queue(self._stop_for_user, "its window was closed"),
+        )
+        self._window.open()
+
+    def _close_window(self) -> None:
+        window, self._window = self._window, None
+        if window is not None:
+            window.close()
 
     def _stop_console_input(self) -> None:
         console, self._console_input = self._console_input, None
@@ -155,7 +187,9 @@ class VzMachine:
         stdin is no terminal: the console reads it as it is."""
         if not os.isatty(0):
             return None
-        console = RawConsoleInput(0, lambda: self._from_queue(self._console_escaped))
+        console = RawConsoleInput(
+            0, lambda: self._from_queue(self._stop_for_user, "Ctrl-] . typed on the console")
+        )
         console.start()
         self._console_input = console
         return (console.read_fd, 1)
@@ -221,6 +255,8 @@ class VzMachine:
             self._prepare()
             assert self._queue is not None
             await self._await(_lifecycle.start_vm(self._queue, self._vm))
+            if self.config.gui:
+                self._open_window()
         except BaseException:
             await self._abandon()
             raise
@@ -249,6 +285,8 @@ class VzMachine:
             self._prepare()
             assert self._queue is not None
             await self._await(_lifecycle.restore_machine_state(self._queue, self._vm, path))
+            if self.config.gui:
+                self._open_window()
         except BaseException:
             await self._abandon()
             raise
@@ -400,6 +438,7 @@ class VzMachine:
         self._delegate = None
         self._queue = None
         self._stop_console_input()
+        self._close_window()
         fds, self._pty_fds = self._pty_fds, []
         for fd in fds:
             with contextlib.suppress(OSError):

@@ -48,6 +48,7 @@ __all__ = [
     "ErrorCompletionHandler",
     "MacOSVersionError",
     "Queue",
+    "appkit",
     "foundation",
     "is_arm64",
     "libdispatch",
@@ -65,6 +66,7 @@ __all__ = [
     "run_run_loop_until_done",
     "vm_delegate",
     "vz",
+    "window_delegate",
 ]
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,11 @@ def objc_module() -> Any:
 def libdispatch() -> Any:
     """PyObjC's ``dispatch`` (libdispatch) module."""
     return _module("dispatch")
+
+
+def appkit() -> Any:
+    """PyObjC's ``AppKit`` module (a VM's window: :mod:`._gui`)."""
+    return _module("AppKit")
 
 
 # -- dispatch queues ---------------------------------------------------------------------------
@@ -465,6 +472,36 @@ def vm_delegate(on_stop: Callable[[], object], on_error: Callable[[Any], object]
     delegate = _delegate_class("VzkitVirtualMachineDelegate", _define_vm_delegate)
     obj = delegate.alloc().init()
     obj.bind(on_stop, on_error)
+    return obj
+
+
+def _define_window_delegate(base: Any, objc: Any) -> Any:
+    python_method = _python_method(objc)
+    appkit()  # AppKit registers NSWindowDelegate
+    protocols = [objc.protocolNamed("NSWindowDelegate")]
+
+    class VzkitWindowDelegate(base, protocols=protocols):  # type: ignore[misc, call-arg]
+        """``NSWindowDelegate``: tells Python that the window is closing (main thread)."""
+
+        @python_method
+        def bind(self, on_close: Callable[[], object]) -> None:
+            self.on_close = on_close
+
+        def windowWillClose_(self, notification: Any) -> None:
+            try:
+                self.on_close()
+            except BaseException:
+                log.exception("window-close callback failed")
+
+    return VzkitWindowDelegate
+
+
+def window_delegate(on_close: Callable[[], object]) -> Any:
+    """An ``NSWindowDelegate`` calling ``on_close`` when the window closes; keep it alive
+    (a window holds its delegate weakly)."""
+    delegate = _delegate_class("VzkitWindowDelegate", _define_window_delegate)
+    obj = delegate.alloc().init()
+    obj.bind(on_close)
     return obj
 
 
