@@ -124,3 +124,19 @@ def test_stdin_not_a_terminal_is_read_as_it_is(fake: FakeRuntime, cfg: vzkit.Lin
         os.dup2(saved, 0)
         for fd in (saved, read_fd, write_fd):
             os.close(fd)
+
+
+def test_a_terminal_of_another_foreground_group_is_left_as_it_is(
+    fake: FakeRuntime,
+    cfg: vzkit.LinuxVMConfig,
+    stdin_tty: int,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A background job (``vzkit run ... &``) must not change the terminal (SIGTTOU would
+    stop it): its console reads the terminal as it is."""
+    saved = termios.tcgetattr(0)
+    monkeypatch.setattr(os, "tcgetpgrp", lambda fd: os.getpgrp() + 1)
+    with vzkit.VirtualMachine(cfg, backend=vzb.BACKEND) as vm:
+        vm.start(timeout=5)
+        assert console_input_fd(fake) == 0
+        assert termios.tcgetattr(0) == saved

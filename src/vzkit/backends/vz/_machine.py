@@ -51,6 +51,16 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 
 
+def _in_foreground(fd: int) -> bool:
+    """False when the terminal on ``fd`` is this process's controlling terminal and another
+    process group is in its foreground (changing its settings would stop this process with
+    SIGTTOU); a terminal that is not the controlling one has no job control."""
+    try:
+        return os.tcgetpgrp(fd) == os.getpgrp()
+    except OSError:
+        return True
+
+
 class VzMachine:
     """A :class:`~vzkit.backends.Machine` backed by Apple's Virtualization framework: a Linux
     guest, or an installed macOS guest (:class:`~vzkit.MacVMConfig`). It also implements
@@ -185,8 +195,8 @@ class VzMachine:
         """A ``stdio`` console on a terminal: raw, Ctrl-] . stops the VM (as vfkit and
         ``qemu -nographic``, every key, Ctrl-C included, goes to the guest). ``None`` when
         stdin is no terminal: the console reads it as it is."""
-        if not os.isatty(0):
-            return None
+        if not os.isatty(0) or not _in_foreground(0):
+            return None  # a pipe, a file, or a terminal this process may not change
         console = RawConsoleInput(
             0, lambda: self._from_queue(self._stop_for_user, "Ctrl-] . typed on the console")
         )
