@@ -60,6 +60,7 @@ from ._lifecycle import (
 )
 from ._machine import VzMachine
 from ._macos import (
+    LatestRestoreImage,
     RestoreImageInfo,
     build_macos_vm_config,
     create_mac_auxiliary_storage,
@@ -67,8 +68,10 @@ from ._macos import (
     create_mac_platform,
     create_mac_pointing_device,
     create_mac_shares,
+    fetch_latest_restore_image,
     install_macos,
     load_restore_image,
+    mac_start_options,
     restore_image_info,
 )
 from ._nserror import (
@@ -92,6 +95,7 @@ from ._objc import (
     run_run_loop_until_done,
 )
 from ._rosetta import RosettaAvailability, install_rosetta, rosetta_availability
+from ._storage import create_nbd_attachment, create_nvme_device, create_usb_mass_storage_device
 from ._vsock import VsockListener, VsockManager, socket_from_connection
 
 __all__ = [
@@ -106,6 +110,7 @@ __all__ = [
     "DiskCaching",
     "DiskSync",
     "ErrorCompletionHandler",
+    "LatestRestoreImage",
     "MacOSVersionError",
     "NSErrorDetails",
     "NSErrorInfo",
@@ -134,20 +139,25 @@ __all__ = [
     "create_mac_platform",
     "create_mac_pointing_device",
     "create_mac_shares",
+    "create_nbd_attachment",
     "create_network_attachment",
     "create_network_device",
+    "create_nvme_device",
     "create_serial_console",
     "create_stdio_serial_console",
+    "create_usb_mass_storage_device",
     "create_virtio_graphics_config",
     "create_virtiofs_devices",
     "create_vm",
     "doctor_checks",
     "extract_nserror_message",
+    "fetch_latest_restore_image",
     "format_nserror_detailed",
     "get_balloon_info",
     "install_macos",
     "install_rosetta",
     "load_restore_image",
+    "mac_start_options",
     "nsdata_from_bytes",
     "nsdata_to_bytes",
     "pause_vm",
