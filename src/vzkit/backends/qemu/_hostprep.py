@@ -21,7 +21,7 @@ from ...errors import UnsupportedError
 from . import _discover
 from ._bridge import find_bridge_helper
 
-__all__ = ["Host", "check_network", "mac_address", "nvram", "probe", "sandbox"]
+__all__ = ["Host", "check_network", "mac_address", "nic_macs", "nvram", "probe", "sandbox"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,12 @@ def mac_address(state_dir: Path | None) -> str:
     """A random locally administered unicast MAC, kept in ``state_dir`` so it stays stable
     (:func:`vzkit._network.stable_mac`)."""
     return stable_mac(state_dir)
+
+
+def nic_macs(cfg: LinuxVMConfig, state_dir: Path | None) -> tuple[str, ...]:
+    """The MACs of the NICs after the first (``cfg.networks``), each kept in ``state_dir``
+    (``mac-address-1``, ...) like the first one's."""
+    return tuple(stable_mac(state_dir, i) for i in range(1, len(cfg.networks) + 1))
 
 
 def nvram(state_dir: Path, template: Path) -> Path:
