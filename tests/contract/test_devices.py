@@ -320,3 +320,35 @@ def test_cli_macos_latest(fake: FakeRuntime, monkeypatch: pytest.MonkeyPatch) ->
     offline = CliRunner().invoke(main, ["macos", "latest"])
     assert offline.exit_code != 0
     assert "offline" in offline.output
+
+
+def test_snapshots_capture_the_writable_disk_files_and_refuse_a_written_nbd_export(
+    fake: FakeRuntime, files: dict[str, Path], tmp_path: Path
+) -> None:
+    import asyncio
+
+    from vzkit.backends.vz import _snapshots
+
+    cfg = linux(
+        files,
+        disk_path=files["a.img"],
+        disks=(
+            Disk(path=files["b.img"], bus="nvme"),
+            Disk(path=files["c.img"], read_only=True),  # never written: nothing to capture
+            Disk(url="nbd://h/e", read_only=True),
+        ),
+    )
+    assert _snapshots.writable_disks(cfg) == [("disk0", files["a.img"]), ("disk1", files["b.img"])]
+    snap = tmp_path / "snap"
+    snap.mkdir()
+    captured = asyncio.run(_snapshots.capture_disks(cfg, snap, "s.", None))
+    assert [(d.role, d.source) for d in captured] == [
+        ("disk0", files["a.img"]),
+        ("disk1", files["b.img"]),
+    ]
+    files["b.img"].write_bytes(b"moved on")
+    asyncio.run(_snapshots.copy_back_disks(cfg, captured, None))
+    assert files["b.img"].read_bytes() == ARM64_IMAGE + bytes(448)
+    written = cfg.replace(disks=(Disk(url="nbd://h/e"),))
+    with pytest.raises(vzkit.UnsupportedError, match=r"cannot capture the network block device"):
+        asyncio.run(_snapshots.capture_disks(written, snap, "t.", None))
