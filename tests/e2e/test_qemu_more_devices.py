@@ -64,3 +64,19 @@ def test_an_nvme_disk_an_nbd_disk_and_a_second_nic(
     assert kept[0] != kept[1]
     rc, out = shell.run("echo x > /dev/vda")  # the NBD export is attached read-only
     assert rc != 0
+
+
+def test_a_qcow2_disk_naming_a_data_file_never_starts(vms: VMFactory, tmp_path: Path) -> None:
+    """More disks get the main disk's check: a qcow2 header naming an external data file (a
+    host file QEMU would open read-write) is refused before QEMU runs."""
+    host_file, image = tmp_path / "host-file", tmp_path / "extra.qcow2"
+    host_file.write_bytes(b"")
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", f"data_file={host_file}", str(image),
+         "16M"],
+        check=True,
+    )  # fmt: skip
+    vm = vms.create("x86_64", disks=(vzkit.Disk(path=image, format="qcow2", bus="nvme"),))
+    with pytest.raises(vzkit.ConfigError, match="data file"):
+        vm.start(timeout=30)
+    assert vm.state is vzkit.VMState.STOPPED

@@ -92,7 +92,8 @@ async def probe(cfg: LinuxVMConfig, state_dir: Path, config_disk: bool) -> Host:
     """The host side of a start, checked before anything is started: the binary, its
     accelerator and sandbox (two probes side by side; one failing cancels the other), the
     firmware and variable store (in ``state_dir``) for EFI boot, the network and, when the
-    run uses the config's disk (``config_disk``), a qcow2 one."""
+    run uses the config's disk (``config_disk``), a qcow2 one; a qcow2 one of ``disks``
+    always (refused if its header names a data file)."""
     binary = _discover.find_qemu(cfg.arch)
     try:
         async with asyncio.TaskGroup() as probes:
@@ -112,4 +113,7 @@ async def probe(cfg: LinuxVMConfig, state_dir: Path, config_disk: bool) -> Host:
     if config_disk and cfg.disk_path is not None and cfg.disk_format is DiskFormat.QCOW2:
         # refused if its header names a data file (QEMU would open it; backing: null)
         await asyncio.to_thread(standalone_qcow2_size, cfg.disk_path)
+    for disk in cfg.disks:  # more disks: the same check (opened with backing: null too)
+        if disk.path is not None and disk.format is DiskFormat.QCOW2:
+            await asyncio.to_thread(standalone_qcow2_size, disk.path)
     return Host(binary, accel_probe.result(), sandbox_probe.result(), firmware_code, vars_file)
