@@ -270,12 +270,17 @@ def test_recovery_start_options(
         "class": "VZMacOSVirtualMachineStartOptions",
         "startUpFromMacOSRecovery": True,
     }
+    recovery = mac.replace(recovery=True)
     queue = vzb.Queue("recovery")
-    vm = vzb.create_vm(vzb.build_macos_vm_config(mac.replace(recovery=True)), queue)
-    handler = vzb.ErrorCompletionHandler("start")
-    queue.sync(lambda: vm.startWithOptions_completionHandler_(options, handler.block))
+    vm = vzb.create_vm(vzb.build_macos_vm_config(recovery), queue)
+    handler = vzb.start_mac_vm(queue, vm, recovery)
     assert handler.wait(5)
     assert handler.error is None
+    assert vzb.vm_state(queue, vm) is vzkit.VMState.RUNNING
+    assert vzb.stop_vm(queue, vm).wait(5)
+    assert vzb.start_mac_vm(queue, vm, mac).wait(5)  # not in Recovery: the plain start
+    starts = [c.selector for c in fake.calls if c.selector.startswith("startWith")]
+    assert starts == ["startWithOptions:completionHandler:", "startWithCompletionHandler:"]
     assert vzb.stop_vm(queue, vm).wait(5)
     make_fake(macos="12.6")
     with pytest.raises(vzb.MacOSVersionError, match=r"Recovery .* needs macOS 13\.0"):

@@ -73,6 +73,7 @@ from ._macos import (
     load_restore_image,
     mac_start_options,
     restore_image_info,
+    start_mac_vm,
 )
 from ._nserror import (
     NSErrorDetails,
@@ -178,6 +179,7 @@ __all__ = [
     "set_balloon_target",
     "sign_interpreter",
     "socket_from_connection",
+    "start_mac_vm",
     "start_vm",
     "stop_vm",
     "validate_config",

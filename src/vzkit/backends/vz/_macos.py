@@ -50,6 +50,7 @@ __all__ = [
     "load_restore_image",
     "mac_start_options",
     "restore_image_info",
+    "start_mac_vm",
 ]
 
 log = logging.getLogger(__name__)
@@ -405,6 +406,18 @@ def mac_start_options(cfg: MacVMConfig) -> Any | None:
     options = vz().VZMacOSVirtualMachineStartOptions.alloc().init()
     options.setStartUpFromMacOSRecovery_(True)
     return options
+
+
+def start_mac_vm(queue: Queue, vm: Any, cfg: MacVMConfig) -> _objc.ErrorCompletionHandler:
+    """Start a macOS guest as ``cfg`` says: in macOS Recovery (``startWithOptions:
+    completionHandler:`` with :func:`mac_start_options`) when ``cfg.recovery``, else as
+    :func:`~._lifecycle.start_vm` does. The handler fires once it runs or failed to."""
+    options = mac_start_options(cfg)
+    if options is None:
+        return _lifecycle.start_vm(queue, vm)
+    handler = _objc.ErrorCompletionHandler("start the VM in macOS Recovery")
+    queue.sync(lambda: vm.startWithOptions_completionHandler_(options, handler.block))
+    return handler
 
 
 # -- the installer -----------------------------------------------------------------------------
