@@ -21,10 +21,17 @@ from typing import Any, ClassVar, Self, cast
 from ._disk import DiskFormat, RootDisk
 from ._display import DisplayConfig, parse_display_spec
 from ._fsutil import write_atomic
-from ._network import NetworkConfig, NetworkMode, PortForward, parse_network_mode, parse_port_spec
+from ._network import (
+    NetworkConfig,
+    NetworkMode,
+    PortForward,
+    check_more_networks,
+    parse_network_mode,
+    parse_port_spec,
+)
 from ._process_defaults import ProcessDefaults
 from ._state import Arch, host_arch
-from ._storage import Disk, check_disk_files, disk_from_dict
+from ._storage import Disk, check_disk_files, check_disks, disk_from_dict
 from ._volume import VolumeMount, assign_volume_tags, volume_from_dict
 from .errors import ConfigError, SpecError
 
@@ -232,15 +239,8 @@ class ConfigData:
         for disp in getattr(self, "displays", ()):
             if not isinstance(disp, DisplayConfig):
                 raise ConfigError(f"displays must hold DisplayConfig objects, got {disp!r}")
-        for disk in getattr(self, "disks", ()):
-            if not isinstance(disk, Disk):
-                raise ConfigError(f"disks must hold Disk objects (parse_disk_spec), got {disk!r}")
-        for net in getattr(self, "networks", ()):
-            if not isinstance(net, NetworkConfig) or net.mode is NetworkMode.NONE:
-                raise ConfigError(
-                    "networks holds the NICs after the first (network): NetworkConfig objects "
-                    f"other than 'none' (parse_network_mode), got {net!r}"
-                )
+        check_disks(getattr(self, "disks", ()))
+        check_more_networks(getattr(self, "networks", ()))
         for name in bools:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")

@@ -8,11 +8,12 @@ import enum
 import ipaddress
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._fsutil import write_atomic
-from .errors import SpecError
+from .errors import ConfigError, SpecError
 
 __all__ = [
     "MAC_FILE",
@@ -20,6 +21,7 @@ __all__ = [
     "NetworkMode",
     "PortForward",
     "PortProtocol",
+    "check_more_networks",
     "mac_file",
     "parse_network_mode",
     "parse_port_spec",
@@ -87,6 +89,17 @@ class NetworkConfig:
         if self.host_loopback:
             return f"nat:{HOST_LOOPBACK}"
         return self.mode.value
+
+
+def check_more_networks(networks: Iterable[object]) -> None:
+    """:class:`ConfigError` unless each of a config's ``networks`` (the NICs after the first)
+    is a :class:`NetworkConfig` that adds a NIC (not ``none``)."""
+    for net in networks:
+        if not isinstance(net, NetworkConfig) or net.mode is NetworkMode.NONE:
+            raise ConfigError(
+                "networks holds the NICs after the first (network): NetworkConfig objects "
+                f"other than 'none' (parse_network_mode), got {net!r}"
+            )
 
 
 def parse_network_mode(spec: str) -> NetworkConfig:

@@ -25,6 +25,7 @@ __all__ = [
     "DiskBus",
     "NbdEndpoint",
     "check_disk_files",
+    "check_disks",
     "check_nbd_url",
     "disk_from_dict",
     "nbd_endpoint",
@@ -171,6 +172,13 @@ class Disk:
         if self.read_only:
             out["read_only"] = True
         return out
+
+
+def check_disks(disks: Iterable[object]) -> None:
+    """:class:`ConfigError` unless each of a config's ``disks`` is a :class:`Disk`."""
+    for disk in disks:
+        if not isinstance(disk, Disk):
+            raise ConfigError(f"disks must hold Disk objects (parse_disk_spec), got {disk!r}")
 
 
 def check_disk_files(disks: Iterable[Disk]) -> None:
