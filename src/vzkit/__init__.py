@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # the names below, imported on first use (see __getattr__)
     from ._oneshot import run, start
     from ._process_defaults import ProcessDefaults
     from ._state import Arch, VMState, host_arch
+    from ._storage import Disk, DiskBus, parse_disk_spec
     from ._units import format_size, parse_size
     from ._vm import Balloon, VirtualMachine
     from ._volume import VolumeMount, assign_volume_tags, parse_volume_spec
@@ -93,6 +94,9 @@ _LAZY = {
     "Arch": "._state",
     "VMState": "._state",
     "host_arch": "._state",
+    "Disk": "._storage",
+    "DiskBus": "._storage",
+    "parse_disk_spec": "._storage",
     "Balloon": "._vm",
     "VirtualMachine": "._vm",
     "VolumeMount": "._volume",
@@ -135,6 +139,8 @@ __all__ = [
     "BalloonInfo",
     "ConfigError",
     "ConsoleMode",
+    "Disk",
+    "DiskBus",
     "DiskFormat",
     "DisplayConfig",
     "DisplayList",
@@ -179,6 +185,7 @@ __all__ = [
     "format_size",
     "host_arch",
     "list_vms",
+    "parse_disk_spec",
     "parse_display_spec",
     "parse_network_mode",
     "parse_port_spec",

@@ -21,9 +21,17 @@ from typing import Any, ClassVar, Self, cast
 from ._disk import DiskFormat, RootDisk
 from ._display import DisplayConfig, parse_display_spec
 from ._fsutil import write_atomic
-from ._network import NetworkConfig, NetworkMode, PortForward, parse_port_spec
+from ._network import (
+    NetworkConfig,
+    NetworkMode,
+    PortForward,
+    check_more_networks,
+    parse_network_mode,
+    parse_port_spec,
+)
 from ._process_defaults import ProcessDefaults
 from ._state import Arch, host_arch
+from ._storage import Disk, check_disk_files, check_disks, disk_from_dict
 from ._volume import VolumeMount, assign_volume_tags, volume_from_dict
 from .errors import ConfigError, SpecError
 
@@ -43,6 +51,8 @@ __all__ = [
 ]
 
 _NETWORK_KEYS = frozenset({"mode", "interface", "host_loopback"})
+#: The bool fields of the devices both configs have.
+DEVICE_BOOLS = ("vsock", "balloon", "entropy", "sound")
 
 #: Below this a Linux guest cannot boot; backends may demand more.
 MIN_MEMORY_MB = 64
@@ -229,6 +239,8 @@ class ConfigData:
         for disp in getattr(self, "displays", ()):
             if not isinstance(disp, DisplayConfig):
                 raise ConfigError(f"displays must hold DisplayConfig objects, got {disp!r}")
+        check_disks(getattr(self, "disks", ()))
+        check_more_networks(getattr(self, "networks", ()))
         for name in bools:
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -253,8 +265,10 @@ class ConfigData:
                     value["host_loopback"] = True
             elif f.name == "volumes":
                 value = [v.to_dict() for v in value]
-            elif f.name in ("displays", "publish"):
+            elif f.name in ("displays", "publish", "networks"):
                 value = [str(d) for d in value]
+            elif f.name == "disks":
+                value = [d.to_dict() for d in value]
             elif f.name == "root_disk":
                 value = value.to_dict()
             elif f.name == "process":
@@ -291,6 +305,10 @@ class ConfigData:
                 kwargs["displays"] = tuple(parse_display_spec(s) for s in kwargs["displays"])
             if "publish" in kwargs:
                 kwargs["publish"] = tuple(parse_port_spec(s) for s in kwargs["publish"])
+            if "networks" in kwargs:
+                kwargs["networks"] = tuple(parse_network_mode(s) for s in kwargs["networks"])
+            if "disks" in kwargs:
+                kwargs["disks"] = tuple(disk_from_dict(d) for d in kwargs["disks"])
             if isinstance(kwargs.get("root_disk"), Mapping):
                 kwargs["root_disk"] = RootDisk(**kwargs["root_disk"])
             if isinstance(kwargs.get("process"), Mapping):
@@ -373,6 +391,9 @@ class LinuxVMConfig(ConfigData):
     disk_path: Path | None = None
     disk_format: DiskFormat = DiskFormat.RAW
     iso_path: Path | None = None
+    #: More disks, after the main disk and the ISO: files or NBD exports on a virtio, NVMe or
+    #: USB bus (see :class:`Disk`).
+    disks: tuple[Disk, ...] = ()
     #: The root file system's disk (a read-only base with a per-VM layer; the first disk,
     #: ``disk_path`` then comes second): booted by vzkit's initramfs, see :class:`RootDisk`.
     root_disk: RootDisk | None = None
@@ -393,6 +414,8 @@ class LinuxVMConfig(ConfigData):
     rosetta: bool = False
     volumes: tuple[VolumeMount, ...] = ()
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    #: More NICs after ``network`` (the first), each with its own MAC kept in ``state_dir``.
+    networks: tuple[NetworkConfig, ...] = ()
     publish: tuple[PortForward, ...] = ()  # host ports forwarded to the guest (nat only)
     headless: bool = True
     displays: tuple[DisplayConfig, ...] = ()
@@ -405,6 +428,7 @@ class LinuxVMConfig(ConfigData):
     vsock_cid: int = 3
     balloon: bool = True
     entropy: bool = True
+    sound: bool = False  # virtio sound output (vz; QEMU 7.2 has no virtio-sound)
     console: ConsoleMode = ConsoleMode.LOG
     console_log_path: Path | None = None
 
@@ -455,7 +479,6 @@ class LinuxVMConfig(ConfigData):
             raise ConfigError(f"cmdline must be a string, got {self.cmdline!r}")
         for name in _PATH_FIELDS:
             put(name, _as_path(name, getattr(self, name)))
-        self._check_files()
         self._check_disk_format()
         if self.kernel_path is None:
             if self.initrd_path is not None:
@@ -482,11 +505,12 @@ class LinuxVMConfig(ConfigData):
                 raise ConfigError("root_disk.layer is disk_path: give each its own file")
 
         self._check_devices(
-            ("volumes", "displays", "publish"),
-            ("nested_virtualization", "rosetta", "headless", "gui", "vsock", "balloon", "entropy"),
+            ("volumes", "displays", "publish", "disks", "networks"),
+            ("nested_virtualization", "rosetta", "headless", "gui", *DEVICE_BOOLS),
         )
         if self.gui and self.headless:
             put("headless", False)  # a shown display needs one
+        self._check_files()
         if self.rosetta and self.arch is not Arch.AARCH64:
             raise ConfigError(
                 f"rosetta runs x86_64 programs in an aarch64 guest; this guest is "
@@ -567,6 +591,7 @@ class LinuxVMConfig(ConfigData):
             if path is not None and not path.is_file():
                 what = "does not exist" if not path.exists() else "is not a regular file"
                 raise ConfigError(f"{name}: {str(path)!r} {what}")
+        check_disk_files(self.disks)
 
     def _check_disk_format(self) -> None:
         try:

@@ -8,7 +8,8 @@ A macOS VM lives in one directory (``vm_dir``) that the installer fills and ever
 ``hardware-model``          the ``VZMacHardwareModel`` chosen from the restore image (bytes)
 ``machine-identifier``      the ``VZMacMachineIdentifier`` (bytes): the same Mac every boot
 ``install.json``            written last by a completed install (build, macOS version)
-``mac-address``             the NIC's MAC address, kept across boots
+``mac-address``             the NIC's MAC address, kept across boots (``mac-address-N``: the
+                            NIC at index N of ``network`` then ``networks``)
 ==========================  ==================================================================
 
 Nothing here imports a backend; :mod:`vzkit.backends.vz` lowers it and refuses what the host
@@ -24,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from ._config import MAX_CPUS, ConfigData, memory_gb_value
+from ._config import DEVICE_BOOLS, MAX_CPUS, ConfigData, memory_gb_value
 from ._disk import DiskFormat
 from ._display import DisplayConfig, default_display_config
 from ._network import NetworkConfig
+from ._storage import Disk, check_disk_files
 from ._volume import VolumeMount
 from .errors import ConfigError
 
@@ -103,9 +105,18 @@ class MacVMConfig(ConfigData):
 
     volumes: tuple[VolumeMount, ...] = ()
     network: NetworkConfig = field(default_factory=NetworkConfig)
+    #: More NICs after ``network``, each with its own MAC address kept in ``vm_dir``.
+    networks: tuple[NetworkConfig, ...] = ()
+    #: More disks after the main one: image files or NBD exports on a virtio, NVMe (host
+    #: macOS 14+) or USB mass-storage (macOS 13+) bus (see :class:`~vzkit.Disk`).
+    disks: tuple[Disk, ...] = ()
     vsock: bool = True
     balloon: bool = True
     entropy: bool = True
+    sound: bool = False  # virtio sound output to the host's speakers
+    #: Start up in macOS Recovery (host macOS 13+) instead of the installed system, e.g. to
+    #: change the guest's security settings; the VM directory is unchanged.
+    recovery: bool = False
 
     def __post_init__(self) -> None:
         def put(name: str, value: object) -> None:
@@ -134,10 +145,12 @@ class MacVMConfig(ConfigData):
         except ValueError as err:
             raise ConfigError(str(err)) from err
         self._check_devices(
-            ("volumes", "displays"), ("headless", "gui", "vsock", "balloon", "entropy")
+            ("volumes", "displays", "disks", "networks"),
+            ("headless", "gui", "recovery", *DEVICE_BOOLS),
         )
         if self.gui and self.headless:
             put("headless", False)  # a shown display needs one
+        check_disk_files(self.disks)
         for vol in self.volumes:
             if vol.guest_path:
                 raise ConfigError(
@@ -224,3 +237,4 @@ class MacVMConfig(ConfigData):
                     f"{str(self.vm_dir)!r} holds no installed macOS ({path.name} is missing); "
                     "install one from a restore image first (vzkit.backends.vz.install_macos)"
                 )
+        check_disk_files(self.disks)

@@ -8,11 +8,12 @@ import enum
 import ipaddress
 import re
 import secrets
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ._fsutil import write_atomic
-from .errors import SpecError
+from .errors import ConfigError, SpecError
 
 __all__ = [
     "MAC_FILE",
@@ -20,6 +21,8 @@ __all__ = [
     "NetworkMode",
     "PortForward",
     "PortProtocol",
+    "check_more_networks",
+    "mac_file",
     "parse_network_mode",
     "parse_port_spec",
     "random_mac",
@@ -86,6 +89,17 @@ class NetworkConfig:
         if self.host_loopback:
             return f"nat:{HOST_LOOPBACK}"
         return self.mode.value
+
+
+def check_more_networks(networks: Iterable[object]) -> None:
+    """:class:`ConfigError` unless each of a config's ``networks`` (the NICs after the first)
+    is a :class:`NetworkConfig` that adds a NIC (not ``none``)."""
+    for net in networks:
+        if not isinstance(net, NetworkConfig) or net.mode is NetworkMode.NONE:
+            raise ConfigError(
+                "networks holds the NICs after the first (network): NetworkConfig objects "
+                f"other than 'none' (parse_network_mode), got {net!r}"
+            )
 
 
 def parse_network_mode(spec: str) -> NetworkConfig:
@@ -195,9 +209,16 @@ def parse_port_spec(spec: str) -> PortForward:
 
 # -- the NIC's MAC address ---------------------------------------------------------------------
 
-#: The file in a VM's state directory that keeps its NIC's MAC address across boots.
+#: The file in a VM's state directory that keeps its NIC's MAC address across boots (the first
+#: NIC's; the NIC at index N of ``network`` then ``networks`` keeps its own in
+#: ``mac-address-N``: :func:`mac_file`).
 MAC_FILE = "mac-address"
 _MAC_RE = re.compile(r"[0-9a-f]{2}(?::[0-9a-f]{2}){5}")
+
+
+def mac_file(index: int = 0) -> str:
+    """The name of the file keeping the MAC of the VM's NIC number ``index`` (0: the first)."""
+    return MAC_FILE if index == 0 else f"{MAC_FILE}-{index}"
 
 
 def random_mac() -> str:
@@ -207,30 +228,31 @@ def random_mac() -> str:
     return ":".join(f"{b:02x}" for b in octets)
 
 
-def read_mac(state_dir: Path | None) -> str | None:
-    """The MAC address kept in ``state_dir`` (lower case), or ``None`` if there is no usable
-    one (no directory, no file, or not a MAC address)."""
+def read_mac(state_dir: Path | None, index: int = 0) -> str | None:
+    """The MAC address kept in ``state_dir`` for NIC ``index`` (lower case), or ``None`` if
+    there is no usable one (no directory, no file, or not a MAC address)."""
     if state_dir is None:
         return None
     with contextlib.suppress(OSError, UnicodeDecodeError):
-        text = (state_dir / MAC_FILE).read_text().strip().lower()
+        text = (state_dir / mac_file(index)).read_text().strip().lower()
         if _MAC_RE.fullmatch(text):
             return text
     return None
 
 
-def save_mac(state_dir: Path, mac: str) -> None:
-    """Keep ``mac`` in ``state_dir`` (atomically, 0600); a directory that cannot be written
-    only costs the VM a new address next boot."""
+def save_mac(state_dir: Path, mac: str, index: int = 0) -> None:
+    """Keep ``mac`` for NIC ``index`` in ``state_dir`` (atomically, 0600); a directory that
+    cannot be written only costs the VM a new address next boot."""
     with contextlib.suppress(OSError):
-        write_atomic(state_dir / MAC_FILE, f"{mac}\n".encode())
+        write_atomic(state_dir / mac_file(index), f"{mac}\n".encode())
 
 
-def stable_mac(state_dir: Path | None) -> str:
-    """The MAC address kept in ``state_dir``, or a new random one kept there from now on."""
-    mac = read_mac(state_dir)
+def stable_mac(state_dir: Path | None, index: int = 0) -> str:
+    """The MAC address kept in ``state_dir`` for NIC ``index``, or a new random one kept there
+    from now on."""
+    mac = read_mac(state_dir, index)
     if mac is None:
         mac = random_mac()
         if state_dir is not None:
-            save_mac(state_dir, mac)
+            save_mac(state_dir, mac, index)
     return mac

@@ -409,3 +409,21 @@ def test_cli_install_disk_size_force_and_timeout(
     assert timed_out.exit_code == 1
     assert "installing macOS did not finish within 0.1 s" in timed_out.output
     assert not other.exists() or list(other.iterdir()) == []
+
+
+def test_a_mac_in_recovery_boots_through_the_facade(
+    fake: FakeRuntime, cfg: vzkit.MacVMConfig, ipsw: Path
+) -> None:
+    """``MacVMConfig(recovery=True)`` through ``VirtualMachine``: the machine starts with
+    ``startWithOptions:completionHandler:`` (Recovery); without it, a plain start."""
+    _install(cfg, ipsw)
+    for recovery in (True, False):
+        with vzkit.VirtualMachine(cfg.replace(recovery=recovery), backend=vzb.BACKEND) as vm:
+            vm.start(timeout=5)
+            assert vm.state is vzkit.VMState.RUNNING
+    starts = [
+        spec.selector
+        for spec in fake.calls
+        if spec.owner == "VZVirtualMachine" and spec.selector.startswith("start")
+    ]
+    assert starts == ["startWithOptions:completionHandler:", "startWithCompletionHandler:"]

@@ -29,6 +29,8 @@ _SNAP = "e2e/test_qemu_snapshots.py"
 _VMS = "unit/test_cli_vms.py"
 _NAMED = "e2e/test_named_cli.py"
 _ROUND_TRIP = f"{_CORE}::test_config_options_round_trip"
+_DEVICES = "unit/test_cli_devices.py::test_add_disk_add_network_and_sound"
+_BAD_DEVICES = "unit/test_cli_devices.py::test_bad_device_options_say_what_to_write"
 # the options every VM-making command shares (one decorator, one parser): their parsing and
 # checks are tested through `config`; the commands that boot pass them on to the same config
 VM_OPTIONS: dict[str, list[str]] = {
@@ -42,6 +44,9 @@ VM_OPTIONS: dict[str, list[str]] = {
     "--disk-format": [f"{_CORE}::test_disk_format_option"],
     "--iso": [f"{_CMDS}::test_config_initrd_and_iso"],
     "--state-dir": [_ROUND_TRIP],
+    "--add-disk": [_DEVICES, _BAD_DEVICES],
+    "--add-network": [_DEVICES, _BAD_DEVICES],
+    "--sound": [_DEVICES],
     "--volume": [_ROUND_TRIP, "unit/test_volume_guest_path.py::test_cli_volume_with_a_guest_path"],
     "--network": [_ROUND_TRIP],
     "--publish": [f"{_CORE}::test_config_publish"],
@@ -176,6 +181,8 @@ COVERED: dict[str, list[str]] = {
     "macos install --timeout": [
         "contract/test_macos.py::test_cli_install_disk_size_force_and_timeout"
     ],
+    "macos latest": ["contract/test_devices.py::test_cli_macos_latest"],
+    "macos latest --timeout": ["contract/test_devices.py::test_cli_macos_latest"],
     "macos install-rosetta": ["contract/test_rosetta.py::test_cli_install_rosetta"],
     "macos install-rosetta --timeout": ["contract/test_rosetta.py::test_cli_install_rosetta"],
     "run": [f"{_RUN}::test_run_prints_and_exits_with_the_commands_code"],

@@ -17,6 +17,8 @@ from vzkit import (
     Arch,
     ConfigError,
     ConsoleMode,
+    Disk,
+    DiskBus,
     DiskFormat,
     DisplayConfig,
     LinuxVMConfig,
@@ -506,6 +508,19 @@ _DISPLAY = st.builds(
 )
 
 
+def _disks(path: Path) -> st.SearchStrategy[Disk]:
+    """Disks of either source, on any bus, in any format a source takes."""
+    urls = st.sampled_from(
+        ["nbd://nas.local/vm", "nbd://[::1]:10810/a%2Cb", "nbd+unix:///e?socket=/run/nbd.sock"]
+    )
+    buses, flags = st.sampled_from(list(DiskBus)), st.booleans()
+    return st.one_of(
+        st.builds(Disk, path=st.just(path), format=st.sampled_from(list(DiskFormat)), bus=buses,
+                  read_only=flags),
+        st.builds(Disk, url=urls, bus=buses, read_only=flags),
+    )  # fmt: skip
+
+
 @st.composite
 def configs(draw: st.DrawFn, files: dict[str, Any]) -> LinuxVMConfig:
     root: Path = files["root"]
@@ -519,8 +534,11 @@ def configs(draw: st.DrawFn, files: dict[str, Any]) -> LinuxVMConfig:
         "console": draw(st.sampled_from(list(ConsoleMode))),
         "accelerator": draw(st.sampled_from(["", "kvm", "hvf", "tcg"]) | _TEXT),
     }
-    for name in ("nested_virtualization", "headless", "vsock", "balloon", "entropy"):
+    for name in ("nested_virtualization", "headless", "vsock", "balloon", "entropy", "sound"):
         kwargs[name] = draw(st.booleans())
+    extra_nets = st.lists(_NETWORK.filter(lambda n: n.mode is not NetworkMode.NONE), max_size=3)
+    kwargs["networks"] = tuple(draw(extra_nets))
+    kwargs["disks"] = tuple(draw(st.lists(_disks(files["disk.img"]), max_size=3)))
     kwargs["rosetta"] = kwargs["arch"] is Arch.AARCH64 and draw(st.booleans())
     if draw(st.booleans()):
         kwargs["disk_path"] = files["disk.img"]

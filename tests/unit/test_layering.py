@@ -224,6 +224,7 @@ _GROUP_OF_MODULE = {
             "_display",
             "_disk",
             "_diskcopy",
+            "_storage",
             "_process_defaults",
         ],
         "data",

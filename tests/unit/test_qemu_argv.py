@@ -560,8 +560,8 @@ def test_the_device_table_gives_the_fds_qemu_inherits_and_the_migration_verdicts
 
     names = [d.name for d in _devices.DEVICES]
     assert names == [
-        "root-disk", "disk", "iso", "nic", "rng", "balloon", "console", "agent-port", "vsock",
-        "agent-key", "shares", "display", "pvpanic",
+        "root-disk", "disk", "iso", "disks", "nic", "nics", "rng", "balloon", "sound", "console",
+        "agent-port", "vsock", "agent-key", "shares", "display", "pvpanic",
     ]  # fmt: skip
     cfg = vzkit.LinuxVMConfig(arch="x86_64", kernel_path=files["vmlinuz"])
     shares = (

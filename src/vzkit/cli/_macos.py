@@ -1,4 +1,4 @@
-"""The macOS-only commands of ``vzkit``: ``codesign`` and ``macos install``/``macos info``.
+"""The macOS-only commands of ``vzkit``: ``codesign`` and ``macos install``/``info``/``latest``.
 
 Like the rest of the CLI they parse, call the library (the vz backend's public names) and
 render; library errors become exit codes here.
@@ -172,3 +172,18 @@ def macos_install_rosetta(timeout: float | None) -> None:
     click.echo("asking macOS to install Rosetta (answer its dialog)")
     vz.install_rosetta(timeout=timeout)
     click.echo("Rosetta is installed: aarch64 guests run x86_64 programs with --rosetta")
+
+
+@macos_group.command("latest")
+@click.option("--timeout", type=float, default=60.0, show_default=True, help="Give up after this.")
+@_handle_errors
+def macos_latest(timeout: float) -> None:
+    """Show the newest macOS restore image this Mac supports (asks Apple's catalogue):
+    version, build, what it needs and where to download it. Nothing is downloaded."""
+    from vzkit.backends import load_backend, vz
+
+    load_backend("vz")
+    latest = vz.fetch_latest_restore_image(timeout=timeout)
+    click.echo(f"macOS {latest.macos_version} ({latest.build_version})")
+    click.echo(f"needs {latest.min_cpus} CPUs and {latest.min_memory_mb} MiB of memory")
+    click.echo(latest.url)

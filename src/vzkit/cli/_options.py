@@ -21,6 +21,7 @@ from vzkit import (
     DisplayConfig,
     DisplayList,
     LinuxVMConfig,
+    parse_disk_spec,
     parse_network_mode,
     parse_port_spec,
     parse_size,
@@ -162,6 +163,15 @@ def vm_options(func: F) -> F:
             "--iso", "iso_path", type=click.Path(path_type=Path), help="ISO attached read-only."
         ),
         click.option(
+            "--add-disk",
+            "disks",
+            multiple=True,
+            metavar="PATH|NBD_URL[,bus=virtio|nvme|usb][,format=F][,ro]",
+            callback=_spec_callback(parse_disk_spec),
+            help="Another disk after --disk and --iso (repeatable): an image file or an "
+            "nbd:// export, on a virtio (default), NVMe or USB mass-storage bus.",
+        ),
+        click.option(
             "--state-dir", type=click.Path(path_type=Path), help="Per-VM state directory."
         ),
         click.option(
@@ -180,6 +190,14 @@ def vm_options(func: F) -> F:
             callback=_spec_callback(parse_network_mode),
             help="nat (default; the guest cannot reach the host's loopback services), "
             "nat:host-loopback (it can, at 10.0.2.2), none, vmnet, host-only or bridged:IFACE.",
+        ),
+        click.option(
+            "--add-network",
+            "networks",
+            multiple=True,
+            metavar="MODE",
+            callback=_spec_callback(parse_network_mode),
+            help="Another NIC after --network's (repeatable), as --network takes it (not none).",
         ),
         click.option(
             "--publish",
@@ -211,6 +229,11 @@ def vm_options(func: F) -> F:
             "--rosetta/--no-rosetta",
             default=None,
             help="Run x86_64 Linux programs in an aarch64 guest with Apple's Rosetta (vz).",
+        ),
+        click.option(
+            "--sound/--no-sound",
+            default=None,
+            help="Virtio sound output to the host's speakers (vz; the qemu backend refuses it).",
         ),
         click.option(
             "--console",

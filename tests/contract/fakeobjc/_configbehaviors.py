@@ -27,6 +27,9 @@ MIB = 1 << 20
 ERR_INVALID_CONFIG = 2
 MID_MAGIC = b"FAKEVZMID"
 MAC_RE = re.compile(r"[0-9A-Fa-f]{2}(?::[0-9A-Fa-f]{2}){5}")
+NBD = "VZNetworkBlockDeviceStorageDeviceAttachment"
+#: What the framework's ``validateURL:error:`` takes here: the NBD URI schemes (TLS ones too).
+NBD_URL_RE = re.compile(r"nbds?://[^/?#\s]+(/[^?#\s]*)?|nbds?\+unix:///[^?#\s]*\?socket=/\S+")
 
 
 def props(obj: Any) -> dict[str, Any]:
@@ -88,6 +91,8 @@ def validate(rt: FakeRuntime, config: Any) -> Any:
         return invalid("Directory sharing device tags must be unique.")
     for device in p.get("storageDevices", ()):
         attachment = props(device).get("attachment")
+        if type(attachment).__name__ == NBD:
+            continue  # a server: reached when the VM starts, not when it is validated
         if attachment is not None and not os.path.exists(path_of(props(attachment).get("URL"))):
             return invalid("A disk image was not found.")
     return None
@@ -219,6 +224,24 @@ def register(rt: FakeRuntime) -> None:
             "initWithURL:readOnly:cachingMode:synchronizationMode:error:",
         )
     ] = disk_init
+
+    def nbd_url_ok(url: Any) -> bool:
+        return NBD_URL_RE.fullmatch(str(props(url).get("string", ""))) is not None
+
+    @on(NBD, "validateURL:error:")
+    def _nbd_validate(rt: FakeRuntime, cls: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        if nbd_url_ok(args[0]):
+            return (True, None)
+        return (False, rt.nserror(VZ, 2, "The URL is not a valid network block device URL."))
+
+    @on(NBD, "initWithURL:timeout:forcedReadOnly:synchronizationMode:error:")
+    def _nbd_init(rt: FakeRuntime, obj: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        failure = rt.take_failure(spec.selector)
+        if failure is not None:
+            return (None, rt.nserror(failure["domain"], failure["code"], failure["description"]))
+        if not nbd_url_ok(args[0]):
+            return (None, rt.nserror(VZ, 2, "The URL is not a valid network block device URL."))
+        return default(obj, spec, args)
 
     @on("VZFileSerialPortAttachment", "initWithURL:append:error:")
     def _file_serial(rt: FakeRuntime, obj: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:

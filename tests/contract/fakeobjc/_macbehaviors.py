@@ -140,31 +140,63 @@ def register(rt: FakeRuntime) -> None:
                 rt.call_python(handler, None, error, what=what)
                 return
             meta = json.loads(raw[len(IPSW_MAGIC) :])
-            flag = b"\x01" if meta["model_supported"] else b"\x00"
-            model = rt.make(
-                "VZMacHardwareModel",
-                dataRepresentation=data(HWM_MAGIC + flag + secrets.token_bytes(15)),
-                supported=bool(meta["model_supported"]) and k.mac_hardware_supported,
-            )
-            requirements = None
-            if meta["has_configuration"]:
-                requirements = rt.make(
-                    "VZMacOSConfigurationRequirements",
-                    hardwareModel=model,
-                    minimumSupportedCPUCount=meta["min_cpus"],
-                    minimumSupportedMemorySize=meta["min_memory"],
-                )
-            image = rt.make(
-                "VZMacOSRestoreImage",
-                URL=url,
-                buildVersion=meta["build"],
-                operatingSystemVersion=tuple(meta["version"]),
-                supported=bool(meta["supported"]),
-                mostFeaturefulSupportedConfiguration=requirements,
-            )
-            rt.call_python(handler, image, None, what=what)
+            rt.call_python(handler, restore_image(url, meta), None, what=what)
 
         # Apple: the handler runs on an arbitrary queue, later.
+        rt.global_queue().submit(finish, wait=False)
+
+    def restore_image(url: Any, meta: dict[str, Any]) -> Any:
+        flag = b"\x01" if meta["model_supported"] else b"\x00"
+        model = rt.make(
+            "VZMacHardwareModel",
+            dataRepresentation=data(HWM_MAGIC + flag + secrets.token_bytes(15)),
+            supported=bool(meta["model_supported"]) and k.mac_hardware_supported,
+        )
+        requirements = None
+        if meta["has_configuration"]:
+            requirements = rt.make(
+                "VZMacOSConfigurationRequirements",
+                hardwareModel=model,
+                minimumSupportedCPUCount=meta["min_cpus"],
+                minimumSupportedMemorySize=meta["min_memory"],
+            )
+        return rt.make(
+            "VZMacOSRestoreImage",
+            URL=url,
+            buildVersion=meta["build"],
+            operatingSystemVersion=tuple(meta["version"]),
+            supported=bool(meta["supported"]),
+            mostFeaturefulSupportedConfiguration=requirements,
+        )
+
+    @on("VZMacOSRestoreImage", "fetchLatestSupportedWithCompletionHandler:")
+    def _latest(rt: FakeRuntime, cls: Any, spec: MethodSpec, args: tuple[Any, ...]) -> Any:
+        handler = args[0]
+        what = (
+            "the completion handler of "
+            "+[VZMacOSRestoreImage fetchLatestSupportedWithCompletionHandler:]"
+        )
+
+        def finish() -> None:
+            found = k.latest_restore_image
+            if found is None:
+                error = rt.nserror(
+                    "NSURLErrorDomain", -1009, "The Internet connection appears to be offline."
+                )
+                rt.call_python(handler, None, error, what=what)
+                return
+            meta = {
+                "build": found["build"],
+                "version": list(found["version"]),
+                "min_cpus": found["min_cpus"],
+                "min_memory": found["min_memory_gb"] * GIB,
+                "supported": True,
+                "model_supported": True,
+                "has_configuration": True,
+            }
+            url = rt.make("NSURL", path=found["url"], string=found["url"])
+            rt.call_python(handler, restore_image(url, meta), None, what=what)
+
         rt.global_queue().submit(finish, wait=False)
 
     # -- the Mac platform ------------------------------------------------------------------

@@ -73,6 +73,16 @@ class Knobs:
         #: 2 installed; an install either succeeds or the user declines it.
         self.rosetta = 2
         self.rosetta_install_ok = True
+        #: What ``+[VZMacOSRestoreImage fetchLatestSupportedWithCompletionHandler:]`` finds in
+        #: Apple's catalogue (``write_fake_ipsw``'s keywords and a ``url``), or ``None``: the
+        #: fetch fails as it does offline.
+        self.latest_restore_image: dict[str, Any] | None = {
+            "url": "https://updates.cdn-apple.com/fake/UniversalMac_15.1_24B83_Restore.ipsw",
+            "build": "24B83",
+            "version": (15, 1, 0),
+            "min_cpus": 2,
+            "min_memory_gb": 4,
+        }
 
 
 def _lower_first(text: str) -> str:

@@ -48,6 +48,8 @@ class Plan:
     firmware_code: Path | None = None
     nvram: Path | None = None
     mac_address: str = ""
+    #: The MAC addresses of ``config.networks``' NICs, in order (kept in the state dir).
+    nic_macs: tuple[str, ...] = ()
     vnc_socket: Path | None = None
     host_os: str = sys.platform
     machine: str = ""  # derived from the config when empty (see machine_type)
@@ -344,7 +346,7 @@ def iso_args(plan: Plan) -> list[str]:
     ]  # fmt: skip
 
 
-def netdev(mode: NetworkMode, interface: str, host_os: str) -> str | None:
+def netdev(mode: NetworkMode, interface: str, host_os: str, ident: str = "net0") -> str | None:
     """The ``-netdev`` for a mode on this host OS (``None``: no NIC).
 
     nat is user-mode networking everywhere; on macOS bridged/vmnet/host-only use QEMU's vmnet
@@ -355,15 +357,15 @@ def netdev(mode: NetworkMode, interface: str, host_os: str) -> str | None:
     if mode is NetworkMode.NONE:
         return None
     if mode is NetworkMode.NAT:
-        return "user,id=net0"
+        return f"user,id={ident}"
     if mode is NetworkMode.BRIDGED:
         if darwin:
-            return f"vmnet-bridged,id=net0,ifname={esc(interface)}"
-        return f"bridge,id=net0,br={esc(interface)}"
+            return f"vmnet-bridged,id={ident},ifname={esc(interface)}"
+        return f"bridge,id={ident},br={esc(interface)}"
     if mode is NetworkMode.HOST_ONLY:
-        return "vmnet-host,id=net0" if darwin else "user,id=net0,restrict=on"
+        return f"vmnet-host,id={ident}" if darwin else f"user,id={ident},restrict=on"
     if darwin:
-        return "vmnet-shared,id=net0"
+        return f"vmnet-shared,id={ident}"
     raise UnsupportedError(
         "network mode 'vmnet' needs macOS (QEMU's vmnet-shared); on Linux use 'nat', "
         "'host-only' or 'bridged:IFACE'",
@@ -413,6 +415,19 @@ def network_args(plan: Plan) -> list[str]:
     if plan.mac_address:
         device += f",mac={plan.mac_address}"
     return ["-netdev", backend, "-device", device]
+
+
+def sound_args(plan: Plan) -> list[str]:
+    """No sound device: QEMU 7.2 has no virtio-sound (it came in 8.2), and an emulated HDA
+    card playing into ``-audiodev none`` would be no sound output at all."""
+    if not plan.config.sound:
+        return []
+    raise UnsupportedError(
+        "the qemu backend has no sound output: QEMU 7.2 has no virtio-sound device (it came "
+        "in QEMU 8.2); drop sound (--no-sound), or use the vz backend",
+        backend="qemu",
+        feature="sound",
+    )
 
 
 def rng_args(plan: Plan) -> list[str]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import _argv, _vsock_plug
+from . import _argv, _disks, _nics, _vsock_plug
 from ._argv import Plan
 from ._virtiofs import ShareKind
 
@@ -75,9 +75,12 @@ DEVICES: tuple[Device, ...] = (
     Device("root-disk", _argv.root_disk_args),  # its layer is captured (_rootlayer.capture)
     Device("disk", _argv.disk_args),
     Device("iso", _argv.iso_args),
+    Device("disks", _disks.more_disks_args, blocker=_disks.more_disks_blocker),
     Device("nic", _argv.network_args, lambda plan: _fds(plan.passt_fd, plan.tap_fd)),
+    Device("nics", _nics.more_networks_args),
     Device("rng", _argv.rng_args),
     Device("balloon", _argv.balloon_args),
+    Device("sound", _argv.sound_args),
     Device("console", _argv.console_args),
     Device("agent-port", _argv.agent_port_args, lambda plan: _fds(plan.agent_fd)),
     Device(

@@ -21,7 +21,7 @@ from ...errors import UnsupportedError
 from . import _discover
 from ._bridge import find_bridge_helper
 
-__all__ = ["Host", "check_network", "mac_address", "nvram", "probe", "sandbox"]
+__all__ = ["Host", "check_network", "mac_address", "nic_macs", "nvram", "probe", "sandbox"]
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +30,12 @@ def mac_address(state_dir: Path | None) -> str:
     """A random locally administered unicast MAC, kept in ``state_dir`` so it stays stable
     (:func:`vzkit._network.stable_mac`)."""
     return stable_mac(state_dir)
+
+
+def nic_macs(cfg: LinuxVMConfig, state_dir: Path | None) -> tuple[str, ...]:
+    """The MACs of the NICs after the first (``cfg.networks``), each kept in ``state_dir``
+    (``mac-address-1``, ...) like the first one's."""
+    return tuple(stable_mac(state_dir, i) for i in range(1, len(cfg.networks) + 1))
 
 
 def nvram(state_dir: Path, template: Path) -> Path:
@@ -86,7 +92,8 @@ async def probe(cfg: LinuxVMConfig, state_dir: Path, config_disk: bool) -> Host:
     """The host side of a start, checked before anything is started: the binary, its
     accelerator and sandbox (two probes side by side; one failing cancels the other), the
     firmware and variable store (in ``state_dir``) for EFI boot, the network and, when the
-    run uses the config's disk (``config_disk``), a qcow2 one."""
+    run uses the config's disk (``config_disk``), a qcow2 one; a qcow2 one of ``disks``
+    always (refused if its header names a data file)."""
     binary = _discover.find_qemu(cfg.arch)
     try:
         async with asyncio.TaskGroup() as probes:
@@ -106,4 +113,7 @@ async def probe(cfg: LinuxVMConfig, state_dir: Path, config_disk: bool) -> Host:
     if config_disk and cfg.disk_path is not None and cfg.disk_format is DiskFormat.QCOW2:
         # refused if its header names a data file (QEMU would open it; backing: null)
         await asyncio.to_thread(standalone_qcow2_size, cfg.disk_path)
+    for disk in cfg.disks:  # more disks: the same check (opened with backing: null too)
+        if disk.path is not None and disk.format is DiskFormat.QCOW2:
+            await asyncio.to_thread(standalone_qcow2_size, disk.path)
     return Host(binary, accel_probe.result(), sandbox_probe.result(), firmware_code, vars_file)

@@ -270,6 +270,7 @@ class QemuMachine:
             firmware_code=host.firmware_code,
             nvram=host.nvram,
             mac_address=_hostprep.mac_address(None if self._own_state_dir else self.state_dir),
+            nic_macs=_hostprep.nic_macs(cfg, None if self._own_state_dir else self.state_dir),
             vnc_socket=None if cfg.headless else self.runtime_dir / "vnc.sock",
             incoming=self._incoming,
             disk_override=self.disk_override,

@@ -61,6 +61,7 @@ from ._lifecycle import (
 )
 from ._machine import VzMachine
 from ._macos import (
+    LatestRestoreImage,
     RestoreImageInfo,
     build_macos_vm_config,
     create_mac_auxiliary_storage,
@@ -68,9 +69,12 @@ from ._macos import (
     create_mac_platform,
     create_mac_pointing_device,
     create_mac_shares,
+    fetch_latest_restore_image,
     install_macos,
     load_restore_image,
+    mac_start_options,
     restore_image_info,
+    start_mac_vm,
 )
 from ._nserror import (
     NSErrorDetails,
@@ -93,6 +97,7 @@ from ._objc import (
     run_run_loop_until_done,
 )
 from ._rosetta import RosettaAvailability, install_rosetta, rosetta_availability
+from ._storage import create_nbd_attachment, create_nvme_device, create_usb_mass_storage_device
 from ._vsock import VsockListener, VsockManager, socket_from_connection
 
 __all__ = [
@@ -107,6 +112,7 @@ __all__ = [
     "DiskCaching",
     "DiskSync",
     "ErrorCompletionHandler",
+    "LatestRestoreImage",
     "MacOSVersionError",
     "NSErrorDetails",
     "NSErrorInfo",
@@ -135,20 +141,25 @@ __all__ = [
     "create_mac_platform",
     "create_mac_pointing_device",
     "create_mac_shares",
+    "create_nbd_attachment",
     "create_network_attachment",
     "create_network_device",
+    "create_nvme_device",
     "create_serial_console",
     "create_stdio_serial_console",
+    "create_usb_mass_storage_device",
     "create_virtio_graphics_config",
     "create_virtiofs_devices",
     "create_vm",
     "doctor_checks",
     "extract_nserror_message",
+    "fetch_latest_restore_image",
     "format_nserror_detailed",
     "get_balloon_info",
     "install_macos",
     "install_rosetta",
     "load_restore_image",
+    "mac_start_options",
     "nsdata_from_bytes",
     "nsdata_to_bytes",
     "pause_vm",
@@ -170,6 +181,7 @@ __all__ = [
     "set_balloon_target",
     "sign_interpreter",
     "socket_from_connection",
+    "start_mac_vm",
     "start_vm",
     "stop_vm",
     "validate_config",

@@ -4,8 +4,9 @@ One small ``*_to_vz`` function per device (vfkit's ``toVz()``, in :mod:`._device
 :func:`build_linux_vm_config` only concatenates them, in the seed's order: CPUs and memory,
 platform (persisted machine identifier, nested virtualization when supported and enabled),
 boot loader (Linux kernel or EFI with a persisted variable store), storage (main disk,
-read-only ISO), network, entropy, memory balloon, vsock, serial console, VirtioFS shares, and
-Virtio graphics unless headless. This module owns the machine level: sizes, platform, boot
+read-only ISO, then the config's more disks: :mod:`._storage`), network (every NIC), entropy,
+sound output, memory balloon, vsock, serial console, VirtioFS shares, and Virtio graphics
+unless headless. This module owns the machine level: sizes, platform, boot
 loaders and validation. The seed's ``Create*`` helpers are public under snake_case names
 (defined in :mod:`._devices`, re-exported here).
 
@@ -51,6 +52,7 @@ from ._devices import (
     network_to_vz,
     require_raw_disk,
     serial_to_vz,
+    sound_to_vz,
     storage_to_vz,
     vsock_to_vz,
 )
@@ -58,6 +60,7 @@ from ._kernel import kernel_for_vz
 from ._nserror import NSErrorDetails, nserror_info, nserror_to_exception
 from ._objc import is_arm64, require_macos, vz
 from ._rosetta import create_rosetta_device, rosetta_cmdline
+from ._storage import disks_to_vz
 
 __all__ = [
     "DEFAULT_CMDLINE",
@@ -268,9 +271,12 @@ def build_linux_vm_config(
     config.setMemorySize_(memory)
     config.setPlatform_(platform_to_vz(cfg, sdir))
     config.setBootLoader_(boot_loader_to_vz(cfg, sdir))
-    config.setStorageDevices_(storage_to_vz(cfg, root_layer))
+    config.setStorageDevices_(storage_to_vz(cfg, root_layer) + disks_to_vz(cfg.disks))
     config.setNetworkDevices_(network_to_vz(cfg, sdir))
     config.setEntropyDevices_(entropy_to_vz(cfg))
+    audio = sound_to_vz(cfg)
+    if audio:  # the property is left alone without sound, as the seed does
+        config.setAudioDevices_(audio)
     config.setMemoryBalloonDevices_(balloon_to_vz(cfg))
     config.setSocketDevices_(vsock_to_vz(cfg))
     config.setSerialPorts_(serial_to_vz(cfg, sdir, console_fds))

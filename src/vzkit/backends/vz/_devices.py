@@ -1,7 +1,8 @@
 """Lowering devices to Virtualization's device configurations, one small function each.
 
 Storage (raw disk images with explicit caching and synchronization modes, the read-only ISO),
-network (NAT or bridged, a MAC address kept across boots), entropy, memory balloon, vsock,
+network (NAT or bridged, a MAC address per NIC kept across boots), entropy, sound output,
+memory balloon, vsock,
 the virtio serial console, VirtioFS shares and graphics (Virtio GPU for Linux guests, Mac
 graphics for macOS guests). Each ``*_to_vz`` function takes a :class:`~vzkit.LinuxVMConfig`
 and returns the framework objects for one device kind; :mod:`._build` puts them together
@@ -24,7 +25,7 @@ from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat
 from ..._display import DisplayConfig, default_display_config, default_linux_display_config
 from ..._macconfig import MacVMConfig
-from ..._network import MAC_FILE, NetworkConfig, NetworkMode, read_mac, save_mac
+from ..._network import NetworkConfig, NetworkMode, mac_file, read_mac, save_mac
 from ..._volume import VolumeMount, assign_volume_tags
 from ...errors import ConfigError, UnsupportedError
 from ._nserror import extract_nserror_message, nserror_to_exception
@@ -53,6 +54,7 @@ __all__ = [
     "network_to_vz",
     "require_raw_disk",
     "serial_to_vz",
+    "sound_to_vz",
     "storage_to_vz",
     "vsock_to_vz",
 ]
@@ -213,18 +215,24 @@ def create_network_device(config: NetworkConfig, *, mac_address: str | None = No
     return device
 
 
-def network_to_vz(cfg: LinuxVMConfig, state_dir: Path | None) -> list[Any]:
-    """No device for ``none``; else one NIC whose MAC is kept in ``state_dir`` across boots."""
-    return network_devices_to_vz(cfg.network, state_dir)
+def network_to_vz(cfg: LinuxVMConfig | MacVMConfig, state_dir: Path | None) -> list[Any]:
+    """The NICs: ``network`` (none for ``none``), then each of ``networks``, every one with its
+    MAC kept in ``state_dir`` across boots (``mac-address``, ``mac-address-1``, ...)."""
+    devices = network_devices_to_vz(cfg.network, state_dir)
+    for index, network in enumerate(cfg.networks, start=1):
+        devices += network_devices_to_vz(network, state_dir, index)
+    return devices
 
 
-def network_devices_to_vz(network: NetworkConfig, state_dir: Path | None) -> list[Any]:
-    """:func:`network_to_vz` for any guest's :class:`~vzkit.NetworkConfig`."""
+def network_devices_to_vz(
+    network: NetworkConfig, state_dir: Path | None, index: int = 0
+) -> list[Any]:
+    """The NIC number ``index`` (0: the first) for a :class:`~vzkit.NetworkConfig`."""
     if network.mode is NetworkMode.NONE:
         return []
-    device = create_network_device(network, mac_address=read_mac(state_dir))
-    if state_dir is not None and not (state_dir / MAC_FILE).exists():
-        save_mac(state_dir, str(device.MACAddress().string()))
+    device = create_network_device(network, mac_address=read_mac(state_dir, index))
+    if state_dir is not None and not (state_dir / mac_file(index)).exists():
+        save_mac(state_dir, str(device.MACAddress().string()), index)
     return [device]
 
 
@@ -233,6 +241,19 @@ def network_devices_to_vz(network: NetworkConfig, state_dir: Path | None) -> lis
 
 def entropy_to_vz(cfg: LinuxVMConfig) -> list[Any]:
     return [vz().VZVirtioEntropyDeviceConfiguration.alloc().init()] if cfg.entropy else []
+
+
+def sound_to_vz(cfg: LinuxVMConfig | MacVMConfig) -> list[Any]:
+    """Virtio sound with one output stream to the host's speakers (macOS 12+), if asked."""
+    if not cfg.sound:
+        return []
+    require_macos("12.0", "virtio sound (VZVirtioSoundDeviceConfiguration)")
+    v = vz()
+    stream = v.VZVirtioSoundDeviceOutputStreamConfiguration.alloc().init()
+    stream.setSink_(v.VZHostAudioOutputStreamSink.alloc().init())
+    device = v.VZVirtioSoundDeviceConfiguration.alloc().init()
+    device.setStreams_([stream])
+    return [device]
 
 
 def balloon_to_vz(cfg: LinuxVMConfig) -> list[Any]:

@@ -264,7 +264,11 @@ class VzMachine:
             self._release()
             self._prepare()
             assert self._queue is not None
-            await self._await(_lifecycle.start_vm(self._queue, self._vm))
+            if isinstance(self.config, MacVMConfig):  # into Recovery when it says so
+                handler = _macos.start_mac_vm(self._queue, self._vm, self.config)
+            else:
+                handler = _lifecycle.start_vm(self._queue, self._vm)
+            await self._await(handler)
             if self.config.gui:
                 self._open_window()
         except BaseException:

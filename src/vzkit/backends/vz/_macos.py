@@ -26,15 +26,18 @@ from typing import Any
 from ..._disk import create_disk_image
 from ..._fsutil import write_atomic
 from ..._macconfig import MacKeyboard, MacPointer, MacVMConfig
-from ..._network import MAC_FILE
+from ..._network import mac_file
 from ..._volume import VolumeMount
 from ...errors import ConfigError, StateError, UnsupportedError, VMTimeoutError
 from ...snapshots._record import format_rfc3339
 from . import _build, _lifecycle, _objc
+from ._devices import network_to_vz, sound_to_vz
 from ._nserror import nserror_to_exception
 from ._objc import Queue, foundation, macos_version, require_arm64, require_macos, vz
+from ._storage import disks_to_vz
 
 __all__ = [
+    "LatestRestoreImage",
     "RestoreImageInfo",
     "build_macos_vm_config",
     "create_mac_auxiliary_storage",
@@ -42,9 +45,12 @@ __all__ = [
     "create_mac_platform",
     "create_mac_pointing_device",
     "create_mac_shares",
+    "fetch_latest_restore_image",
     "install_macos",
     "load_restore_image",
+    "mac_start_options",
     "restore_image_info",
+    "start_mac_vm",
 ]
 
 log = logging.getLogger(__name__)
@@ -149,6 +155,52 @@ def restore_image_info(image: Any) -> RestoreImageInfo:
         min_cpus=int(found.minimumSupportedCPUCount()),
         min_memory_mb=int(found.minimumSupportedMemorySize()) // MIB,
         hardware_model=_objc.nsdata_to_bytes(found.hardwareModel().dataRepresentation()),
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class LatestRestoreImage:
+    """The newest restore image this Mac supports, as Apple's catalogue says: where to
+    download it (``url``, an ``.ipsw`` for :func:`install_macos` once downloaded) and what it
+    needs."""
+
+    url: str
+    build_version: str
+    macos_version: str
+    min_cpus: int
+    min_memory_mb: int
+
+
+def fetch_latest_restore_image(*, timeout: float | None = 60.0) -> LatestRestoreImage:
+    """Ask Apple's catalogue for the latest restore image this Mac supports
+    (``+[VZMacOSRestoreImage fetchLatestSupportedWithCompletionHandler:]``; needs the
+    network). Nothing is downloaded: fetch ``url`` yourself, then install from the file."""
+    require_arm64("macOS restore images (VZMacOSRestoreImage)", "12.0")
+    done = threading.Event()
+    box: dict[str, Any] = {}
+
+    def block(image: Any, error: Any) -> None:
+        try:
+            box["image"], box["error"] = image, error
+        except BaseException:  # never into Objective-C
+            log.exception("restore image completion failed")
+        finally:
+            done.set()
+
+    vz().VZMacOSRestoreImage.fetchLatestSupportedWithCompletionHandler_(block)
+    _wait(done, timeout, "fetching the latest restore image's details")
+    image = box.get("image")
+    if image is None:
+        raise nserror_to_exception(
+            box.get("error"), "cannot fetch the latest macOS restore image (is the Mac online?)"
+        )
+    found = requirements(image)
+    return LatestRestoreImage(
+        url=str(image.URL().absoluteString()),
+        build_version=str(image.buildVersion()),
+        macos_version=_version_text(image.operatingSystemVersion()),
+        min_cpus=int(found.minimumSupportedCPUCount()),
+        min_memory_mb=int(found.minimumSupportedMemorySize()) // MIB,
     )
 
 
@@ -325,10 +377,13 @@ def build_macos_vm_config(cfg: MacVMConfig, *, hardware_model: Any = None) -> An
     config.setPlatform_(create_mac_platform(cfg, hardware_model=hardware_model))
     config.setBootLoader_(v.VZMacOSBootLoader.alloc().init())
     disk = _build.create_disk_attachment(cfg.disk_path, False)
-    config.setStorageDevices_([_build.create_block_device(disk)])
-    config.setNetworkDevices_(_build.network_devices_to_vz(cfg.network, cfg.vm_dir))
+    config.setStorageDevices_([_build.create_block_device(disk), *disks_to_vz(cfg.disks)])
+    config.setNetworkDevices_(network_to_vz(cfg, cfg.vm_dir))
     entropy = [v.VZVirtioEntropyDeviceConfiguration.alloc().init()] if cfg.entropy else []
     config.setEntropyDevices_(entropy)
+    audio = sound_to_vz(cfg)
+    if audio:
+        config.setAudioDevices_(audio)
     balloon = v.VZVirtioTraditionalMemoryBalloonDeviceConfiguration
     config.setMemoryBalloonDevices_([balloon.alloc().init()] if cfg.balloon else [])
     vsock = [v.VZVirtioSocketDeviceConfiguration.alloc().init()] if cfg.vsock else []
@@ -339,6 +394,30 @@ def build_macos_vm_config(cfg: MacVMConfig, *, hardware_model: Any = None) -> An
         config.setKeyboards_([create_mac_keyboard(cfg.keyboard)])
         config.setPointingDevices_([create_mac_pointing_device(cfg.pointer)])
     return config
+
+
+def mac_start_options(cfg: MacVMConfig) -> Any | None:
+    """What ``startWithOptions:completionHandler:`` takes for ``cfg``: start options that
+    start up in macOS Recovery when ``cfg.recovery`` (macOS 13+), else ``None`` (a plain
+    ``startWithCompletionHandler:``)."""
+    if not cfg.recovery:
+        return None
+    require_arm64("starting up in macOS Recovery (VZMacOSVirtualMachineStartOptions)", "13.0")
+    options = vz().VZMacOSVirtualMachineStartOptions.alloc().init()
+    options.setStartUpFromMacOSRecovery_(True)
+    return options
+
+
+def start_mac_vm(queue: Queue, vm: Any, cfg: MacVMConfig) -> _objc.ErrorCompletionHandler:
+    """Start a macOS guest as ``cfg`` says: in macOS Recovery (``startWithOptions:
+    completionHandler:`` with :func:`mac_start_options`) when ``cfg.recovery``, else as
+    :func:`~._lifecycle.start_vm` does. The handler fires once it runs or failed to."""
+    options = mac_start_options(cfg)
+    if options is None:
+        return _lifecycle.start_vm(queue, vm)
+    handler = _objc.ErrorCompletionHandler("start the VM in macOS Recovery")
+    queue.sync(lambda: vm.startWithOptions_completionHandler_(options, handler.block))
+    return handler
 
 
 # -- the installer -----------------------------------------------------------------------------
@@ -364,7 +443,7 @@ def _vm_files(cfg: MacVMConfig) -> tuple[Path, ...]:
         cfg.auxiliary_storage_path,
         cfg.hardware_model_path,
         cfg.machine_identifier_path,
-        cfg.vm_dir / MAC_FILE,  # a new Mac gets a new NIC too
+        *(cfg.vm_dir / mac_file(i) for i in range(1 + len(cfg.networks))),  # new NICs too
     )
 
 

@@ -22,7 +22,7 @@ from ..._config import LinuxVMConfig
 from ..._disk import DiskFormat
 from ..._diskcopy import copy_disk
 from ..._macconfig import MacVMConfig
-from ...errors import VMError
+from ...errors import UnsupportedError, VMError
 from ...snapshots._record import ROOT_ROLE, MachineInfo
 from .._protocol import CapturedDisk
 from . import _build
@@ -37,8 +37,25 @@ __all__ = [
 
 
 def writable_disks(config: LinuxVMConfig | MacVMConfig) -> list[tuple[str, Path]]:
-    """``(role, path)`` of every disk a snapshot captures (today: ``disk_path`` as ``disk0``)."""
-    return [] if config.disk_path is None else [("disk0", config.disk_path)]
+    """``(role, path)`` of every disk a snapshot captures: ``disk_path`` as ``disk0``, and
+    each writable image file of ``disks`` as ``disk<N>`` (N: its index plus one)."""
+    out = [] if config.disk_path is None else [("disk0", config.disk_path)]
+    for index, disk in enumerate(config.disks):
+        if disk.path is not None and not disk.read_only:
+            out.append((f"disk{index + 1}", disk.path))
+    return out
+
+
+def _refuse_network_disks(config: LinuxVMConfig | MacVMConfig) -> None:
+    """A writable network block device's content is the server's: a snapshot cannot keep it."""
+    for disk in config.disks:
+        if disk.url and not disk.read_only:
+            raise UnsupportedError(
+                f"a snapshot cannot capture the network block device {disk.url!r}, which the "
+                "guest writes: attach it read-only (ro), or leave it out of VMs you snapshot",
+                backend="vz",
+                feature="snapshots:nbd",
+            )
 
 
 def snapshot_info(config: LinuxVMConfig | MacVMConfig) -> dict[str, str]:
@@ -63,6 +80,7 @@ async def capture_disks(
     """A clone/sparse copy of each writable disk (the VM is paused, its writes are done),
     the root disk's layer ``root_layer`` first (its source: the base)."""
     _build.require_raw_disk(config)
+    _refuse_network_disks(config)
     out = []
     root = getattr(config, "root_disk", None)
     if root is not None:
