@@ -389,7 +389,7 @@ class LinuxVMConfig(ConfigData):
     nested_virtualization: bool = True  # enabled where the host and backend support it
     volumes: tuple[VolumeMount, ...] = ()
     network: NetworkConfig = field(default_factory=NetworkConfig)
-    publish: tuple[PortForward, ...] = ()  # host ports forwarded to the guest (nat only)
+    publish: tuple[PortForward, ...] = ()  # host ports forwarded to the guest (any network)
     headless: bool = True
     displays: tuple[DisplayConfig, ...] = ()
 
@@ -573,11 +573,6 @@ class LinuxVMConfig(ConfigData):
             if key in seen:
                 raise ConfigError(f"host port {fwd.host_port}/{key[0]} is published twice")
             seen.add(key)
-        if self.publish and self.network.mode not in (NetworkMode.NAT, NetworkMode.HOST_ONLY):
-            raise ConfigError(
-                f"publishing ports needs the 'nat' network; network {str(self.network)!r} "
-                "has no host-side forwarder"
-            )
 
     # -- derived ------------------------------------------------------------------------
 

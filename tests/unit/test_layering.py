@@ -211,6 +211,7 @@ _GROUP_OF_MODULE = {
             "_progress",
             "_units",
             "_hosttar",
+            "_hostsleep",
         ],
         "foundation",
     ),
@@ -227,7 +228,7 @@ _GROUP_OF_MODULE = {
         ],
         "data",
     ),
-    **dict.fromkeys(["_vmcore", "_guestcore", "_guestcopy"], "core"),
+    **dict.fromkeys(["_vmcore", "_guestcore", "_guestcopy", "_portfwd"], "core"),
     **dict.fromkeys(["_vm", "aio", "_guest", "_vsock"], "facades"),
     "_oneshot": "oneshot",  # vzkit.run/start and their vzkit.aio twins (re-exported lazily)
     "doctor": "doctor",
