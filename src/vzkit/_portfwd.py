@@ -125,7 +125,9 @@ class PortForwarder:
                     writer: asyncio.StreamWriter,
                     fwd: PortForward = fwd,
                 ) -> None:
-                    await self._tracked(self._tcp(fwd, reader, writer))
+                    # the connection runs as a task of its own that close_now() cancels; this
+                    # one (asyncio's) ends normally then, which its done-callback expects
+                    await asyncio.wait([self.spawn(self._tcp(fwd, reader, writer))])
 
                 server = await asyncio.start_server(accepted, sock=sock, backlog=_BACKLOG)
                 self._servers.append(server)
@@ -157,17 +159,12 @@ class PortForwarder:
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
 
-    async def _tracked(self, coro: Coroutine[Any, Any, None]) -> None:
-        """Run ``coro`` as a connection :meth:`close_now` cancels."""
-        task: Any = asyncio.current_task()
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``coro`` as a connection's task, which :meth:`close_now` cancels."""
+        task = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(task)
-        try:
-            await coro
-        finally:
-            self._tasks.discard(task)
-
-    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        asyncio.get_running_loop().create_task(self._tracked(coro))
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     # -- a channel to the guest --------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import platform
 import socket
@@ -263,3 +264,34 @@ def test_async_facade_forwards_too(agent: Path, tmp_path: Path) -> None:
                 return answer
 
         assert asyncio.run(main()) == b"echo:async"
+
+
+def test_a_stop_with_connections_open_cleans_up_quietly(
+    agent: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Connections still open at the stop are cancelled; nothing is logged as an error (the
+    asyncio server's own task ends normally) and the host clients see the end."""
+    host = _free_port()
+
+    def hold(conn: socket.socket) -> None:
+        with conn:
+            conn.recv(1)  # until the forwarder goes
+
+    with _tcp_service(hold) as guest:
+        cfg = _config(tmp_path, f"{host}:{guest}")
+        with vzkit.VirtualMachine(cfg, backend=AgentBackend(agent)) as vm:
+            vm.start()
+            clients = [socket.create_connection(("127.0.0.1", host), timeout=30) for _ in range(3)]
+            for c in clients:
+                c.sendall(b"x")
+            core = core_of(vm)
+            wait_until(lambda: len(core.ports._tasks) == 3, timeout=10, what="3 connections")
+            vm.stop(timeout=STOP_TIMEOUT)
+            assert not core.ports._tasks
+            for c in clients:
+                with c:
+                    try:
+                        assert c.recv(10) == b""
+                    except ConnectionResetError:
+                        pass  # a reset is an end too
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
