@@ -177,16 +177,17 @@ class VMCore:
         self.ports = PortForwarder(self)  # -p where the machine's network does not publish
         self.sleep_watch = SleepWatch(self.host_woke)
         self._loop: asyncio.AbstractEventLoop | None = None  # the shared loop, seen at start
+        self._run_ports = 0  # counts open_ports(): an end seen late closes no newer run's
 
     def _on_state(self, old: VMState, new: VMState) -> None:
         log.info("VM %s: %s -> %s", self.backend.name, old.value, new.value)
         if new in _STOPPED and self._loop is not None:  # the run ended, however: its ports go
-            self._loop.call_soon_threadsafe(self._run_ended)
+            self._loop.call_soon_threadsafe(self._run_ended, self._run_ports)
         if self.listener is not None:
             notify_state(self.listener, old, new)
 
-    def _run_ended(self) -> None:
-        if self.machine.state in _STOPPED:
+    def _run_ended(self, run: int) -> None:
+        if run == self._run_ports and self.machine.state in _STOPPED:
             self.ports.close_now()
             self.sleep_watch.stop()
 
@@ -275,6 +276,7 @@ class VMCore:
     def open_ports(self) -> None:
         """Before a run: bind the ports the core forwards (a VMError names one in use)."""
         self._loop = asyncio.get_running_loop()
+        self._run_ports += 1
         self.ports.open(self.agent_forwards())
 
     async def run_began(self) -> None:

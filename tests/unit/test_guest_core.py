@@ -180,7 +180,8 @@ def test_resumes_step_the_clock_and_the_first_after_a_restore_reseeds(
         written_first = asyncio.run(main())
     steps = _clock_steps(caplog)
     assert len(steps) == 2, steps
-    assert steps[0].startswith("stepped the guest clock by +3600.")
+    for step in steps:  # the host's clock was read a moment before the agent's
+        assert abs(float(step.split()[5]) - 3600) < 5, step
     assert steps[0].endswith("after the restore (the agent's dry run: not applied)")
     assert steps[1].endswith("after a resume (the agent's dry run: not applied)")
     assert len(written_first) == _guestcore.RESEED_BYTES
