@@ -4,9 +4,10 @@
 every new run (a start or a snapshot restore bumps ``core.generation``), and offers the agent's
 requests as coroutines. The core uses it for what a VM needs of its guest whichever facade
 drives it: the power-off request in the stop ladder (a guest without a power button, like
-aarch64 ``virt`` without firmware, still shuts down cleanly), and the clock step and RNG reseed
-at the first resume after a restore. ``vm.guest`` of both facades (:mod:`vzkit._guest`)
-delegates here.
+aarch64 ``virt`` without firmware, still shuts down cleanly), the clock step (``SET_CLOCK``)
+after a resume, a restore or a host sleep, the RNG reseed at the first resume after a restore,
+and the socket channels of published ports (:mod:`vzkit._portfwd`). ``vm.guest`` of both
+facades (:mod:`vzkit._guest`) delegates here.
 
 The machine offers what it has (:class:`vzkit.backends.AgentStream`: the host end of the
 virtio console port ``org.vzkit.agent.0``, and the vsock device with the run's key); the link
