@@ -1,9 +1,10 @@
 """Published ports and the clock step through the guest agent, on a real QEMU guest.
 
-One boot with network ``none`` (no NIC: QEMU publishes nothing, so the core forwards ``-p``
-over the agent's vsock session): a TCP service and a UDP echo in the guest are reached from
-the host's loopback; then the guest's clock, set an hour back, is stepped to the host's by
-the resume after a pause.
+Guests with network ``none`` (no NIC: QEMU publishes nothing, so the core forwards ``-p``
+over the agent's vsock session). One boot: a TCP service and a UDP echo in the guest are
+reached from the host's loopback; then the guest's clock, set an hour back, is stepped to the
+host's by the resume after a pause. One boot and a restore: the restored VM serves the ports
+the snapshot's VM published, and its first resume steps the clock the snapshot froze.
 """
 
 from __future__ import annotations
@@ -126,3 +127,50 @@ def test_ports_and_clock_through_the_agent_without_a_network(vms: VMFactory) -> 
     assert code == 0, out
     assert abs(int(out) - time.time()) < 5, out
     vm.stop(timeout=60)
+
+
+def test_a_restored_vm_serves_its_ports_and_its_clock_is_stepped(
+    vms: VMFactory, tmp_path: Path
+) -> None:
+    """A snapshot restore binds the forwarded ports before it loads and serves them in the
+    restored run; the first resume steps the clock the snapshot froze (set back an hour in the
+    guest before the save: the restored guest's clock comes back to the host's)."""
+    tcp = _free_port()
+    vzkit.create_disk_image(tmp_path / "disk.raw", 1)
+
+    def settings(name: str) -> dict[str, object]:
+        return {
+            "network": vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
+            "publish": (vzkit.parse_port_spec(f"{tcp}:8000"),),
+            "console": vzkit.ConsoleMode.LOG,
+            "disk_path": tmp_path / "disk.raw",
+            "state_dir": tmp_path / name,
+        }
+
+    manager = vzkit.SnapshotManager(tmp_path / "vm")
+    origin = vms.create(**settings("origin"))
+    origin.start(timeout=60)
+    origin.guest.wait_ready(timeout=180)
+    code, out = _sh(
+        origin,
+        "(while :; do echo hello-restored | nc -l -p 8000; done) </dev/null >/dev/null 2>&1 &",
+    )
+    assert code == 0, out
+
+    def greeting() -> bytes | None:
+        with socket.create_connection(("127.0.0.1", tcp), timeout=20) as conn:
+            return conn.makefile("rb").readline() or None
+
+    assert _until("TCP before the save", greeting) == b"hello-restored\n"
+    assert _sh(origin, f"date -u -s @{int(time.time()) - 3600}")[0] == 0
+    manager.save(origin, "ports", timeout=120)
+    origin.stop(timeout=60)
+
+    restored = vms.create(**settings("restored"))
+    manager.restore(restored, "ports", timeout=120)
+    assert restored.state is vzkit.VMState.PAUSED
+    restored.resume(timeout=30)
+    assert _until("TCP after the restore", greeting) == b"hello-restored\n"
+    code, out = _sh(restored, "date +%s")
+    assert abs(int(out) - time.time()) < 5, out
+    restored.stop(timeout=60)
