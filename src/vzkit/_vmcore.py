@@ -267,7 +267,8 @@ class VMCore:
         if rest and not isinstance(machine, AgentStream):
             raise UnsupportedError(
                 f"publishing {rest[0]} needs the guest agent, and the {self.backend.name} "
-                "backend's machine offers no way to reach it (AgentStream)",
+                "backend's machine offers no way to reach it (AgentStream): use a network "
+                "that publishes ports itself (qemu: nat), or leave the port out",
                 backend=self.backend.name,
                 feature="network:publish",
             )

@@ -295,3 +295,45 @@ def test_a_stop_with_connections_open_cleans_up_quietly(
                     except ConnectionResetError:
                         pass  # a reset is an end too
     assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+def test_a_start_that_fails_leaves_no_port_bound(agent: Path, tmp_path: Path) -> None:
+    class Failing(AgentMachine):
+        async def start(self) -> None:
+            raise vzkit.VMError("the VMM would not start")
+
+    class Backend(AgentBackend):
+        def create_machine(self, config: vzkit.LinuxVMConfig, on_state: object) -> AgentMachine:
+            return Failing(config, on_state, self.agent, self.path)  # type: ignore[arg-type]
+
+    tcp, udp = _free_port(), _free_port(socket.SOCK_DGRAM)
+    cfg = _config(tmp_path, f"{tcp}:80", f"{udp}:53/udp")
+    with vzkit.VirtualMachine(cfg, backend=Backend(agent)) as vm:
+        with pytest.raises(vzkit.VMError, match="would not start"):
+            vm.start()
+        assert not _listening(tcp)
+        assert not _listening(udp, socket.SOCK_DGRAM)
+
+
+def test_ports_without_any_way_to_the_agent_are_refused_at_start(
+    agent: Path, tmp_path: Path
+) -> None:
+    class NoAgent(AgentMachine):
+        agent_console = None  # type: ignore[assignment]  # not an AgentStream
+        agent_vsock = None  # type: ignore[assignment]
+
+    class Backend(AgentBackend):
+        def create_machine(self, config: vzkit.LinuxVMConfig, on_state: object) -> AgentMachine:
+            return NoAgent(config, on_state, self.agent, self.path)  # type: ignore[arg-type]
+
+    port = _free_port()
+    with vzkit.VirtualMachine(_config(tmp_path, f"{port}:80"), backend=Backend(agent)) as vm:
+        with pytest.raises(vzkit.UnsupportedError) as info:
+            vm.start()
+        assert str(info.value).startswith(
+            f"publishing 127.0.0.1:{port}:80/tcp needs the guest agent, and the fake backend's "
+            "machine offers no way to reach it"
+        )
+        assert info.value.feature == "network:publish"
+        assert vm.state is VMState.STOPPED
+        assert not _listening(port)
