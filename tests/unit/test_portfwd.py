@@ -337,3 +337,28 @@ def test_ports_without_any_way_to_the_agent_are_refused_at_start(
         assert info.value.feature == "network:publish"
         assert vm.state is VMState.STOPPED
         assert not _listening(port)
+
+
+def test_many_connections_at_once_stay_apart(agent: Path, tmp_path: Path) -> None:
+    """32 connections at once over the one agent session, each its own bytes, each intact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    host = _free_port()
+    with _tcp_service(_answer_after_eof) as guest:
+        cfg = _config(tmp_path, f"{host}:{guest}")
+        with vzkit.VirtualMachine(cfg, backend=AgentBackend(agent)) as vm:
+            vm.start()
+
+            def one(i: int) -> bool:
+                payload = bytes([i]) * (256 * 1024 + i)
+                with socket.create_connection(("127.0.0.1", host), timeout=60) as client:
+                    client.sendall(payload)
+                    client.shutdown(socket.SHUT_WR)
+                    answer = b""
+                    while chunk := client.recv(1 << 20):
+                        answer += chunk
+                return answer == b"echo:" + payload
+
+            with ThreadPoolExecutor(32) as pool:
+                assert all(pool.map(one, range(32)))
+            vm.stop(timeout=STOP_TIMEOUT)
