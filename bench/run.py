@@ -8,6 +8,7 @@ ratio holds even on a shared, noisy machine. Figures are medians.
     ./dev bench --suite snapshots   # only the snapshot figures (bench/snapshots.py)
     ./dev bench --suite vsock       # vsock against the console port (bench/vsock.py)
     ./dev bench --suite cpu         # guest CPU models side by side (bench/cpu_models.py)
+    ./dev bench --suite ports       # -p through the agent against passt/slirp (bench/ports.py)
 """
 
 from __future__ import annotations
@@ -198,7 +199,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", action="append", choices=["x86_64", "aarch64"])
     parser.add_argument("-n", "--rounds", type=int, default=5)
     parser.add_argument(
-        "--suite", choices=["all", "boot", "snapshots", "shares", "vsock", "cpu"], default="all"
+        "--suite",
+        choices=["all", "boot", "snapshots", "shares", "vsock", "cpu", "ports"],
+        default="all",
     )
     args = parser.parse_args(argv)
     arches = args.arch or ["x86_64", "aarch64"]
@@ -234,7 +237,12 @@ def main(argv: list[str] | None = None) -> int:
 
         for arch in arches:
             vsock.main(["-n", str(args.rounds), "--arch", arch])
-    if not report:  # the vsock suite writes its own JSON
+    if args.suite in ("all", "ports"):  # x86_64 guests (the guest service's build)
+        sys.path.insert(0, str(Path(__file__).parent))
+        import ports  # bench/ports.py, next to this file (writes its own JSON)
+
+        ports.main(["-n", str(min(args.rounds, 3))])
+    if not report:  # the vsock and ports suites write their own JSON
         return 0
     RESULTS.mkdir(exist_ok=True)
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -416,7 +416,7 @@ class LinuxVMConfig(ConfigData):
     network: NetworkConfig = field(default_factory=NetworkConfig)
     #: More NICs after ``network`` (the first), each with its own MAC kept in ``state_dir``.
     networks: tuple[NetworkConfig, ...] = ()
-    publish: tuple[PortForward, ...] = ()  # host ports forwarded to the guest (nat only)
+    publish: tuple[PortForward, ...] = ()  # host ports forwarded to the guest (any network)
     headless: bool = True
     displays: tuple[DisplayConfig, ...] = ()
     #: Show the display: a window on the vz backend (closing it stops the VM; the window
@@ -613,11 +613,6 @@ class LinuxVMConfig(ConfigData):
             if key in seen:
                 raise ConfigError(f"host port {fwd.host_port}/{key[0]} is published twice")
             seen.add(key)
-        if self.publish and self.network.mode not in (NetworkMode.NAT, NetworkMode.HOST_ONLY):
-            raise ConfigError(
-                f"publishing ports needs the 'nat' network; network {str(self.network)!r} "
-                "has no host-side forwarder"
-            )
 
     # -- derived ------------------------------------------------------------------------
 

@@ -4,9 +4,10 @@
 every new run (a start or a snapshot restore bumps ``core.generation``), and offers the agent's
 requests as coroutines. The core uses it for what a VM needs of its guest whichever facade
 drives it: the power-off request in the stop ladder (a guest without a power button, like
-aarch64 ``virt`` without firmware, still shuts down cleanly), and the clock step and RNG reseed
-at the first resume after a restore. ``vm.guest`` of both facades (:mod:`vzkit._guest`)
-delegates here.
+aarch64 ``virt`` without firmware, still shuts down cleanly), the clock step (``SET_CLOCK``)
+after a resume, a restore or a host sleep, the RNG reseed at the first resume after a restore,
+and the socket channels of published ports (:mod:`vzkit._portfwd`). ``vm.guest`` of both
+facades (:mod:`vzkit._guest`) delegates here.
 
 The machine offers what it has (:class:`vzkit.backends.AgentStream`: the host end of the
 virtio console port ``org.vzkit.agent.0``, and the vsock device with the run's key); the link
@@ -59,6 +60,11 @@ GUEST_URANDOM = "/dev/urandom"
 VSOCK_CONNECT_TIMEOUT_S = AUTH_TIMEOUT_S = 10.0
 _RETRY_S = 0.05
 _LIVE = (VMState.RUNNING, VMState.PAUSED)
+
+
+def host_realtime_ns() -> int:
+    """The host's ``CLOCK_REALTIME``, which the guest's clock is stepped to."""
+    return time.time_ns()
 
 
 class AgentLink:
@@ -307,13 +313,40 @@ class AgentLink:
             )
             return
         await asyncio.gather(
-            self._fix("set the guest clock", ["date", "-u", "-s", f"@{round(time.time())}"]),
+            self.sync_clock("the restore", connect=False),
             self._fix(
                 "reseed the guest RNG",
                 ["sh", "-c", 'cat >"$1"', "sh", GUEST_URANDOM],
                 os.urandom(RESEED_BYTES),
             ),
         )
+
+    async def sync_clock(self, why: str, *, connect: bool) -> int | None:
+        """Step the guest's clock to the host's (``SET_CLOCK``; ``date -s`` with an agent
+        older than protocol 2.3) where it is off by more than the agent's threshold (0.5 s);
+        the step in ns, ``None`` when nothing was done. Without ``connect`` only an open
+        session of this run is used. Failures are logged, not raised: the VM runs either way.
+        """
+        if not connect and not self.connected:
+            log.debug("no agent session open: the guest clock is not stepped after %s", why)
+            return None
+        from .agent._protocol import SOCKET_MINOR, ClockFlag
+
+        try:
+            conn = await self.connection(AFTER_RESTORE_TIMEOUT_S)
+            if conn.hello.minor < SOCKET_MINOR:
+                await self._fix(
+                    "set the guest clock", ["date", "-u", "-s", f"@{round(time.time())}"]
+                )
+                return None
+            step = await conn.set_clock(host_realtime_ns(), timeout=AFTER_RESTORE_TIMEOUT_S)
+        except (VzkitError, OSError) as err:
+            log.warning("could not set the guest clock after %s: %s", why, err)
+            return None
+        if step.step_ns:
+            dry = " (the agent's dry run: not applied)" if step.flags & ClockFlag.DRY_RUN else ""
+            log.info("stepped the guest clock by %+.3f s after %s%s", step.step_ns / 1e9, why, dry)
+        return step.step_ns
 
     async def _fix(self, what: str, args: list[str], input: bytes | None = None) -> None:
         try:

@@ -160,10 +160,11 @@ def _protocol(value: object) -> PortProtocol:
 class PortForward:
     """A host port published to a guest port (``vzkit run -p``); loopback unless told.
 
-    Lowered to passt's ``--tcp-ports``/``--udp-ports`` (``nat`` on Linux) or user-mode
-    networking's ``hostfwd`` on the qemu backend, so it needs the ``nat`` network (or
-    ``host-only`` on Linux). ``host_address`` is the IPv4 address to listen on (``0.0.0.0``:
-    every interface).
+    On the qemu backend's ``nat`` network (and ``host-only`` on Linux) QEMU's network serves
+    it: passt's ``--tcp-ports``/``--udp-ports``, or user-mode networking's ``hostfwd``.
+    Everywhere else (vz; qemu with ``none``, bridged, vmnet) the core forwards it through
+    the guest agent (:mod:`vzkit._portfwd`) to the guest's ``127.0.0.1:guest_port``.
+    ``host_address`` is the IPv4 address to listen on (``0.0.0.0``: every interface).
     """
 
     host_port: int

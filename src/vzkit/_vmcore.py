@@ -13,11 +13,15 @@ implements the lifecycle (:class:`~vzkit.backends.Machine`) and any capabilities
 and no guards (see :mod:`vzkit.backends._protocol`).
 
 It also applies timeouts and runs the stop ladder, and owns the guest agent connection
-(``core.agent``, :mod:`vzkit._guestcore`): the stop ladder asks the agent to power off, and
-the first resume after a restore steps the guest clock and reseeds its RNG, whichever facade
-drives the VM. All coroutines here run on vzkit's shared loop (:mod:`vzkit._loop`); the
-facades only delegate (:func:`core_of` is the seam for code that acts on a facade's VM, like
-snapshots: it uses ``require``, ``require_feature`` and ``snapshot_machine``).
+(``core.agent``, :mod:`vzkit._guestcore`): the stop ladder asks the agent to power off, a
+resume (and a host sleep, :mod:`vzkit._hostsleep`) steps the guest clock, the first resume
+after a restore also reseeds its RNG, whichever facade drives the VM. The ports the machine's
+network does not publish are forwarded through the agent (``core.ports``,
+:mod:`vzkit._portfwd`): bound before a run, served while it lasts, closed when it ends.
+
+All coroutines here run on vzkit's shared loop (:mod:`vzkit._loop`); the facades only
+delegate (:func:`core_of` is the seam for code that acts on a facade's VM, like snapshots:
+it uses ``require``, ``require_feature`` and ``snapshot_machine``).
 """
 
 from __future__ import annotations
@@ -35,7 +39,10 @@ from typing import TypeVar
 
 from ._config import LinuxVMConfig
 from ._guestcore import AgentLink
+from ._hostsleep import SleepWatch
 from ._macconfig import MacVMConfig
+from ._network import PortForward
+from ._portfwd import PortForwarder
 from ._state import VMState
 from .backends import (
     AgentStream,
@@ -44,6 +51,7 @@ from .backends import (
     BalloonInfo,
     Feature,
     Machine,
+    PortPublisher,
     SnapshotCapable,
     StateListener,
     VsockCapable,
@@ -173,11 +181,22 @@ class VMCore:
         self.restored_from: Path | None = None  # the snapshot state file of this run
         self.clock_step_pending = False  # step the clock and reseed the RNG at the next resume
         self.agent = AgentLink(self)
+        self.ports = PortForwarder(self)  # -p where the machine's network does not publish
+        self.sleep_watch = SleepWatch(self.host_woke)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the shared loop, seen at start
+        self._run_ports = 0  # counts open_ports(): an end seen late closes no newer run's
 
     def _on_state(self, old: VMState, new: VMState) -> None:
         log.info("VM %s: %s -> %s", self.backend.name, old.value, new.value)
+        if new in _STOPPED and self._loop is not None:  # the run ended, however: its ports go
+            self._loop.call_soon_threadsafe(self._run_ended, self._run_ports)
         if self.listener is not None:
             notify_state(self.listener, old, new)
+
+    def _run_ended(self, run: int) -> None:
+        if run == self._run_ports and self.machine.state in _STOPPED:
+            self.ports.close_now()
+            self.sleep_watch.stop()
 
     # -- predicates ------------------------------------------------------------------------
 
@@ -245,6 +264,35 @@ class VMCore:
             raise self._lacks("agent", AgentStream, "the guest agent")
         return machine
 
+    def agent_forwards(self) -> tuple[PortForward, ...]:
+        """The published ports the core forwards through the agent: those the machine's
+        network does not publish itself (:class:`~vzkit.backends.PortPublisher`)."""
+        publish: tuple[PortForward, ...] = getattr(self.config, "publish", ())
+        machine = self.machine
+        native = machine.published_ports() if isinstance(machine, PortPublisher) else ()
+        rest = tuple(fwd for fwd in publish if fwd not in native)
+        if rest and not isinstance(machine, AgentStream):
+            raise UnsupportedError(
+                f"publishing {rest[0]} needs the guest agent, and the {self.backend.name} "
+                "backend's machine offers no way to reach it (AgentStream): use a network "
+                "that publishes ports itself (qemu: nat), or leave the port out",
+                backend=self.backend.name,
+                feature="network:publish",
+            )
+        return rest
+
+    def open_ports(self) -> None:
+        """Before a run: bind the ports the core forwards (a VMError names one in use)."""
+        self._loop = asyncio.get_running_loop()
+        self._run_ports += 1
+        self.ports.open(self.agent_forwards())
+
+    async def run_began(self) -> None:
+        """A run exists (started, or restored and paused): serve its ports, watch the host's
+        sleep."""
+        await self.ports.serve()
+        self.sleep_watch.start()
+
     def restored(self, state_file: Path, *, clock_step: bool) -> None:
         """A snapshot was restored into the machine: a new run, paused."""
         self.generation += 1
@@ -254,24 +302,41 @@ class VMCore:
     # -- lifecycle -------------------------------------------------------------------------
 
     async def start(self, timeout: float | None) -> None:
+        """Start the machine; the ports the core forwards are bound first (a port in use
+        fails here, before anything runs) and served once it runs."""
         self.require("start")
-        await _within(timeout, "start", self.machine.start())
+        self.open_ports()
+        try:
+            await _within(timeout, "start", self.machine.start())
+        except BaseException:
+            await self.ports.aclose()
+            raise
         self.generation += 1
         self.restored_from = None
         self.clock_step_pending = False
+        await self.run_began()
 
     async def pause(self, timeout: float | None) -> None:
         self.require("pause")
         await _within(timeout, "pause", self.machine.pause())
 
     async def resume(self, timeout: float | None) -> None:
-        """Run a paused VM. The first resume after a restore also brings the guest up to
-        date through the agent (clock, RNG; bounded on its own, not by ``timeout``)."""
+        """Run a paused VM and step its clock, which stood still meanwhile, through an open
+        agent session. The first resume after a restore also reseeds the guest's RNG
+        (bounded on its own, not by ``timeout``)."""
         self.require("resume")
         await _within(timeout, "resume", self.machine.resume())
         if self.clock_step_pending:
             self.clock_step_pending = False
             await self.agent.after_restore()
+        else:  # the guest's clock stood still while it was paused
+            await self.agent.sync_clock("a resume", connect=False)
+
+    async def host_woke(self, slept_s: float) -> None:
+        """The host slept ``slept_s`` seconds (:class:`~vzkit._hostsleep.SleepWatch`; a wake
+        notification may call this too): step a running guest's clock through the agent."""
+        if self.state is VMState.RUNNING:
+            await self.agent.sync_clock(f"a host sleep of {slept_s:.0f} s", connect=False)
 
     async def request_stop(self) -> None:
         """Press the power button, and ask the agent too where it is connected."""
@@ -285,6 +350,8 @@ class VMCore:
         try:
             await self._stop(timeout)
         finally:
+            self.sleep_watch.stop()
+            await self.ports.aclose()
             await self.agent.close()
 
     async def _stop(self, timeout: float | None) -> None:
@@ -319,7 +386,9 @@ class VMCore:
         if self.closed:
             return
         self.closed = True
+        self.sleep_watch.stop()
         try:
+            await self.ports.aclose()
             await self.agent.close()
         finally:
             await self.machine.close()

@@ -412,3 +412,35 @@ def test_exec_call_runs_a_command_on_this_process_descriptors(home: Path, tmp_pa
         caller.wait(timeout=30)
         wait_until(lambda: again.guest.run(count).stdout == b"0\n", "sleep killed", timeout=60)
         assert again.state is vzkit.VMState.RUNNING
+
+
+def test_a_named_vms_ports_are_forwarded_by_its_supervisor(home: Path) -> None:
+    """``run -d -p`` without a NIC: the supervisor's core forwards the port through the agent,
+    after the client that made the VM has gone; stopping the VM frees the port."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cfg = vzkit.default_guest_config(
+        network=vzkit.NetworkConfig(vzkit.NetworkMode.NONE),
+        publish=(vzkit.parse_port_spec(f"{port}:8000"),),
+    )
+    vm = vzkit.create(cfg, "p1", timeout=BOOT_S)
+    vm.guest.wait_ready(timeout=BOOT_S)
+    vm.guest.run(
+        ["sh", "-c", "(while :; do echo hello-from-p1 | nc -l -p 8000; done) >/dev/null 2>&1 &"],
+        check=True,
+    )
+    vm.close()  # the maker goes; the supervisor serves the port
+
+    def greeted() -> bool:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                return conn.makefile("rb").readline() == b"hello-from-p1\n"
+        except OSError:
+            return False
+
+    wait_until(greeted, "the published port to reach the guest service", 60)
+    with vzkit.connect("p1") as again:
+        again.stop(timeout=60)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # free again: the supervisor closed it

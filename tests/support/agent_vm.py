@@ -72,6 +72,8 @@ class AgentMachine:
             self._agent, "serve", "--stdio", stdin=theirs, stdout=theirs, env=env
         )
         theirs.close()
+        if self._ours is not None:  # the last run's stream, never handed out
+            self._ours.close()
         self._ours, self._stopped = ours, asyncio.Event()
         self._set(state)
         asyncio.get_running_loop().create_task(self._watch(self._proc))

@@ -48,7 +48,7 @@ def test_x86_64_agent_is_a_small_static_elf_that_runs(x86_agent: Path) -> None:
     assert not types & {PT_DYNAMIC, PT_INTERP}, "statically linked, no interpreter"
     assert x86_agent.stat().st_size < 200_000
     done = subprocess.run([x86_agent, "--version"], capture_output=True, check=True)
-    assert done.stdout == b"vzkit-agent 0.1.0 (protocol 2.2)\n"
+    assert done.stdout == b"vzkit-agent 0.1.0 (protocol 2.3)\n"
 
 
 def test_aarch64_agent_is_a_static_aarch64_elf() -> None:

@@ -104,6 +104,10 @@ def mismatches(text: str) -> list[str]:
     same("EXIT flags", c_exit, _enum_members(proto.ExitFlag))
     c_streams = _by_prefix(enums.get("STREAM_OUT", {}), "STREAM_")
     same("streams", c_streams, {m.name: int(m.value) for m in proto.Stream})
+    c_sock = _by_prefix(enums.get("SOCK_TCP", {}), "SOCK_")
+    same("CONNECT protocols", c_sock, {m.name: int(m.value) for m in proto.SockProto})
+    c_clock = _by_prefix(enums.get("CLOCK_DRY_RUN", {}), "CLOCK_")
+    same("CLOCK flags", c_clock, _enum_members(proto.ClockFlag))
     kill_flags = int.from_bytes(proto.KillRequest(9, group=True).encode()[4:8], "little")
     same("KILL flags", enums.get("KILL_GROUP"), {"KILL_GROUP": kill_flags})
     same("magic", defines.get("PROTO_MAGIC"), proto.MAGIC.decode())
@@ -151,12 +155,13 @@ def test_agent_h_and_the_python_protocol_agree() -> None:
 
 
 def test_the_parser_reads_every_message_type() -> None:
-    """Not vacuous: the header's enum is there, with the 23 types of protocol 2.2."""
+    """Not vacuous: the header's enum is there, with the 29 types of protocol 2.3."""
     _, enums = parse_header(HEADER_TEXT)
     assert enums["msg_type"]["T_HELLO"] == 0x01
     assert enums["msg_type"]["T_POWEROFF"] == 0x31
     assert enums["msg_type"]["T_RESIZE"] == 0x17
-    assert len(enums["msg_type"]) == len(proto.MsgType) == 23
+    assert enums["msg_type"]["T_CONNECT"] == 0x40
+    assert len(enums["msg_type"]) == len(proto.MsgType) == 29
 
 
 @pytest.mark.parametrize(
@@ -171,7 +176,10 @@ def test_the_parser_reads_every_message_type() -> None:
         ("KILL_GROUP = 1", "KILL_GROUP = 2", "KILL flags"),
         ('#define PROTO_MAGIC "VZKAGENT"', '#define PROTO_MAGIC "VZKAGEN2"', "magic"),
         ("#define PROTO_MAJOR 2", "#define PROTO_MAJOR 3", "protocol version"),
-        ("#define PROTO_MINOR 2", "#define PROTO_MINOR 3", "protocol version"),
+        ("#define PROTO_MINOR 3", "#define PROTO_MINOR 4", "protocol version"),
+        ("T_SOCK_CLOSE = 0x43,", "T_SOCK_CLOSE = 0x44,", "message types"),
+        ("SOCK_UDP = 17", "SOCK_UDP = 18", "CONNECT protocols"),
+        ("CLOCK_DRY_RUN = 1", "CLOCK_DRY_RUN = 2", "CLOCK flags"),
         ("T_RESIZE = 0x17,", "T_RESIZE = 0x18,", "message types"),
         ("EXEC_TTY = 8", "EXEC_TTY = 16", "EXEC flags"),
         ("#define PROTO_NONCE_LEN 16", "#define PROTO_NONCE_LEN 32", "nonce size"),
@@ -192,7 +200,7 @@ def test_a_change_on_one_side_alone_fails(old: str, new: str, complaint: str) ->
 
 def test_a_change_on_the_python_side_alone_fails(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(proto, "DEFAULT_VSOCK_PORT", 2048)
-    monkeypatch.setattr(proto, "PROTOCOL_VERSION", (2, 3))
+    monkeypatch.setattr(proto, "PROTOCOL_VERSION", (2, 4))
     found = mismatches(HEADER_TEXT)
     assert [line.split(":")[0] for line in found] == ["protocol version", "vsock port"]
 

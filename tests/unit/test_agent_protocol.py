@@ -102,7 +102,7 @@ def test_decoder_holds_back_a_partial_frame() -> None:
 
 def test_hello_both_ways() -> None:
     nonce = bytes(range(16))
-    assert encode_hello_request(nonce=nonce) == MAGIC + b"\x02\0\x02\0" + nonce
+    assert encode_hello_request(nonce=nonce) == MAGIC + b"\x02\0\x03\0" + nonce
     assert decode_hello_request(encode_hello_request((1, 3), nonce)) == (1, 3, nonce)
     with pytest.raises(ValueError, match="16 bytes"):
         encode_hello_request(nonce=b"short")

@@ -147,7 +147,7 @@ def _vm_hwm_kb(pid: int | str) -> int:
 def test_ping_and_version(client: AgentClient) -> None:
     assert client.ping() == "0.1.0"
     assert client.agent_version == "0.1.0"
-    assert client.protocol_version == (2, 2)
+    assert client.protocol_version == (2, 3)
 
 
 def test_run_output_and_exit_code(client: AgentClient) -> None:
@@ -513,7 +513,7 @@ def test_truncated_frame_and_frames_before_hello(server: Path) -> None:
         early.expect_session_error("expected HELLO, got message type 0x03")
     with RawSession(server) as old:
         old.send(encode_frame(MsgType.HELLO, 0, encode_hello_request((1, 0))))
-        old.expect_session_error("protocol 1 is not supported (agent speaks 2.2)")
+        old.expect_session_error("protocol 1 is not supported (agent speaks 2.3)")
     with AgentClient(_connect(server)) as client:
         assert client.ping() == "0.1.0"
 

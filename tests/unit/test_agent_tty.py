@@ -63,7 +63,7 @@ def serving(agent: Path) -> Iterator[AgentClient]:
 @pytest.fixture(scope="module")
 def client(agent: Path) -> Iterator[AgentClient]:
     with serving(agent) as c:
-        assert c.protocol_version == (2, 2)
+        assert c.protocol_version == (2, 3)
         yield c
 
 

@@ -96,7 +96,7 @@ def serving(argv: list[str], **popen: Any) -> Iterator[AgentClient]:
 @pytest.fixture(scope="module")
 def client(agent: Path) -> Iterator[AgentClient]:
     with serving([str(agent), "serve", "--stdio"]) as c:
-        assert c.protocol_version == (2, 2)
+        assert c.protocol_version == (2, 3)
         yield c
 
 

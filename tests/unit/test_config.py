@@ -622,14 +622,11 @@ def test_publish_round_trips_as_spec_strings() -> None:
     assert LinuxVMConfig.from_json(cfg.to_json()) == cfg
 
 
-def test_publish_needs_nat() -> None:
-    with pytest.raises(ConfigError) as err:
-        LinuxVMConfig(
-            network=NetworkConfig(NetworkMode.NONE), publish=(parse_port_spec("8080:80"),)
-        )
-    assert str(err.value) == (
-        "publishing ports needs the 'nat' network; network 'none' has no host-side forwarder"
-    )
+def test_publish_takes_any_network() -> None:
+    """Where the network does not publish a port, the core forwards it through the agent."""
+    for mode in (NetworkMode.NONE, NetworkMode.HOST_ONLY, NetworkMode.VMNET):
+        cfg = LinuxVMConfig(network=NetworkConfig(mode), publish=(parse_port_spec("8080:80"),))
+        assert cfg.publish == (parse_port_spec("8080:80"),)
 
 
 def test_publish_same_host_port_twice() -> None:

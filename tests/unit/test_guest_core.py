@@ -123,70 +123,128 @@ def test_async_request_stop_asks_the_agent_too(agent: Path, tmp_path: Path) -> N
     asyncio.run(main())
 
 
-def _fake_date(tmp_path: Path) -> tuple[str, Path]:
-    """A ``date`` that records its arguments (the agent runs as root here: the host clock
-    must not be set) and a PATH that finds it first."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    record = tmp_path / "date-args"
-    script = bin_dir / "date"
-    script.write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" > {record}\n')
-    script.chmod(0o755)
-    return f"{bin_dir}:/usr/bin:/bin", record
+HOUR_NS = 3600 * 10**9
+
+
+def _clock_steps(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "stepped the guest clock" in r.getMessage()]
 
 
 @pytest.mark.parametrize("facade", ["sync", "aio"])
-def test_first_resume_after_a_restore_steps_the_clock_and_reseeds(
-    agent: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, facade: str
+def test_resumes_step_the_clock_and_the_first_after_a_restore_reseeds(
+    agent: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    facade: str,
 ) -> None:
-    path, record = _fake_date(tmp_path)
+    """Every resume sends SET_CLOCK (the host's clock, an hour ahead here: the host-run agent
+    reports the step it would make); only the first after a restore reseeds the RNG."""
     pool = tmp_path / "urandom"  # stands in for the guest's /dev/urandom
     pool.write_bytes(b"")
     monkeypatch.setattr(_guestcore, "GUEST_URANDOM", str(pool))
-    backend = AgentBackend(agent, path)
+    monkeypatch.setattr(_guestcore, "host_realtime_ns", lambda: time.time_ns() + HOUR_NS)
+    backend = AgentBackend(agent)
 
     def restore(core: VMCore) -> None:
         run_sync(_machine(core).fake_restore())
         core.restored(tmp_path / "snap.vmstate", clock_step=True)
 
+    caplog.set_level(logging.INFO, logger="vzkit.guest")
     if facade == "sync":
         with vzkit.VirtualMachine(_config(tmp_path), backend=backend) as vm:
             restore(core_of(vm))
             vm.resume()
             written_first = pool.read_bytes()
-            args = record.read_text().split()
-            record.unlink()
+            pool.write_bytes(b"")
             vm.pause()
-            vm.resume()  # only the first resume after a restore
-            assert not record.exists()
+            vm.resume()  # the clock again, the RNG only after a restore
+            assert pool.read_bytes() == b""
             assert vm.guest.connected
             vm.stop(timeout=STOP_TIMEOUT)
     else:
 
-        async def main() -> tuple[bytes, list[str]]:
+        async def main() -> bytes:
             cfg = _config(tmp_path)
             async with vzkit.aio.VirtualMachine(cfg, backend=backend) as vm:
                 restore(core_of(vm))
                 await vm.resume()
-                written, seen = pool.read_bytes(), record.read_text().split()
-                record.unlink()
+                written = pool.read_bytes()
+                pool.write_bytes(b"")
                 await vm.pause()
                 await vm.resume()
-                assert not record.exists()
+                assert pool.read_bytes() == b""
                 await vm.stop(timeout=STOP_TIMEOUT)
-                return written, seen
+                return written
 
-        written_first, args = asyncio.run(main())
-    assert args[:2] == ["-u", "-s"]
-    assert abs(int(args[2].lstrip("@")) - time.time()) < 5
+        written_first = asyncio.run(main())
+    steps = _clock_steps(caplog)
+    assert len(steps) == 2, steps
+    for step in steps:  # the host's clock was read a moment before the agent's
+        assert abs(float(step.split()[5]) - 3600) < 5, step
+    assert steps[0].endswith("after the restore (the agent's dry run: not applied)")
+    assert steps[1].endswith("after a resume (the agent's dry run: not applied)")
     assert len(written_first) == _guestcore.RESEED_BYTES
     assert written_first != bytes(len(written_first))
+
+
+def test_a_resume_without_an_agent_session_does_not_connect(
+    agent: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A plain resume steps the clock through an open session only (a guest that may have no
+    agent is not waited for)."""
+    monkeypatch.setattr(_guestcore, "host_realtime_ns", lambda: time.time_ns() + HOUR_NS)
+    caplog.set_level(logging.INFO, logger="vzkit.guest")
+    with vzkit.VirtualMachine(_config(tmp_path), backend=AgentBackend(agent)) as vm:
+        vm.start()
+        vm.pause()
+        vm.resume()
+        assert not vm.guest.connected
+        assert _clock_steps(caplog) == []
+        vm.stop(timeout=STOP_TIMEOUT)
+
+
+def test_a_host_sleep_steps_the_clock(
+    agent: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The sleep watch sees the clock that counts sleep run ahead and calls the core's
+    ``host_woke``, which steps a running guest's clock."""
+    from vzkit._hostsleep import SleepWatch
+
+    monkeypatch.setattr(_guestcore, "host_realtime_ns", lambda: time.time_ns() + HOUR_NS)
+    caplog.set_level(logging.INFO, logger="vzkit.guest")
+    with vzkit.VirtualMachine(_config(tmp_path), backend=AgentBackend(agent)) as vm:
+        vm.start()
+        vm.guest.wait_ready(timeout=30)
+        core = core_of(vm)
+        ticks = iter(range(1000))
+
+        def clocks() -> tuple[int, int]:  # 30 s of sleep between the first two checks
+            n = next(ticks)
+            return (n * 10**9 + (30 * 10**9 if n >= 2 else 0), n * 10**9)
+
+        watch = SleepWatch(core.host_woke, clocks=clocks, interval_s=0.01)
+        run_sync(_start(watch))
+        wait_until(lambda: bool(_clock_steps(caplog)), timeout=10, what="a clock step")
+        run_sync(_stop(watch))
+        assert _clock_steps(caplog)[0].endswith(
+            "after a host sleep of 30 s (the agent's dry run: not applied)"
+        )
+        vm.stop(timeout=STOP_TIMEOUT)
+
+
+async def _start(watch: object) -> None:
+    watch.start()  # type: ignore[attr-defined]
+
+
+async def _stop(watch: object) -> None:
+    watch.stop()  # type: ignore[attr-defined]
 
 
 def test_after_restore_failures_are_logged_not_raised(
     agent: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A guest without ``date`` and ``sh`` still resumes; the log says what was not done."""
+    """A guest without ``sh`` still resumes; the log says what was not done."""
     empty = tmp_path / "empty"
     empty.mkdir()
     with vzkit.VirtualMachine(_config(tmp_path), backend=AgentBackend(agent, str(empty))) as vm:
@@ -199,8 +257,7 @@ def test_after_restore_failures_are_logged_not_raised(
         messages = sorted(r.getMessage() for r in caplog.records)
         assert [m.split(":")[0] for m in messages] == [
             "could not reseed the guest RNG after the restore (exit 127)",
-            "could not set the guest clock after the restore (exit 127)",
-        ]
+        ]  # the clock needs no guest program (SET_CLOCK)
         vm.stop(timeout=STOP_TIMEOUT)
         assert _machine(core).forced == 0
 

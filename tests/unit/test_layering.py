@@ -212,6 +212,7 @@ _GROUP_OF_MODULE = {
             "_units",
             "_hosttar",
             "_terminal",
+            "_hostsleep",
         ],
         "foundation",
     ),
@@ -229,7 +230,7 @@ _GROUP_OF_MODULE = {
         ],
         "data",
     ),
-    **dict.fromkeys(["_vmcore", "_guestcore", "_guestcopy"], "core"),
+    **dict.fromkeys(["_vmcore", "_guestcore", "_guestcopy", "_portfwd"], "core"),
     **dict.fromkeys(["_vm", "aio", "_guest", "_vsock"], "facades"),
     "_oneshot": "oneshot",  # vzkit.run/start and their vzkit.aio twins (re-exported lazily)
     "doctor": "doctor",

@@ -340,14 +340,23 @@ def test_published_ports_become_hostfwd(kernel: Path) -> None:
     )
 
 
-def test_publishing_on_macos_needs_nat(kernel: Path) -> None:
+def test_ports_the_network_cannot_publish_are_left_to_the_agent(kernel: Path) -> None:
+    """host-only publishes with slirp's hostfwd on Linux; on macOS (vmnet) and with network
+    none QEMU publishes nothing, and the machine says so (the core's forwarder takes them)."""
+    port = vzkit.parse_port_spec("8080:80")
     host_only = vzkit.NetworkConfig(vzkit.NetworkMode.HOST_ONLY)
-    plan = _plan(kernel, publish=(vzkit.parse_port_spec("8080:80"),), network=host_only)
+    plan = _plan(kernel, publish=(port,), network=host_only)
     assert "hostfwd=tcp:127.0.0.1:8080-:80" in _argv.network_args(plan)[1]
+    assert _argv.native_ports(plan.config, "linux") == (port,)
     darwin = Plan(config=plan.config, binary=Path("q"), accel="tcg", qmp_fd=3, host_os="darwin")
-    with pytest.raises(vzkit.UnsupportedError, match="needs user-mode networking") as err:
-        _argv.network_args(darwin)
-    assert err.value.feature == "network:publish"
+    assert "hostfwd" not in _argv.network_args(darwin)[1]
+    assert _argv.native_ports(plan.config, "darwin") == ()
+    none = _plan(kernel, publish=(port,), network=vzkit.NetworkConfig(vzkit.NetworkMode.NONE))
+    assert _argv.network_args(none) == []
+    assert _argv.native_ports(none.config, "linux") == ()
+    assert _argv.native_ports(plan.config.replace(network=vzkit.NetworkConfig()), "darwin") == (
+        port,
+    )
 
 
 # -- owned daemons ------------------------------------------------------------------------

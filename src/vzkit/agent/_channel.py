@@ -139,6 +139,23 @@ class _InStream:
         if not self._eof:
             self._consumed(dropped)
 
+    async def read_frame(self) -> bytes | None:
+        """The next frame's payload whole (a UDP channel's datagram), ``None`` at EOF."""
+        while not self._chunks and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+        if not self._chunks:
+            if self._exc is not None:
+                raise self._exc
+            return None
+        chunk = self._chunks.popleft()
+        self._size -= len(chunk)
+        self._consumed(len(chunk))
+        return chunk
+
     async def read(self, n: int = -1) -> bytes:
         """Up to ``n`` bytes (all until EOF when ``n < 0``); ``b""`` at EOF."""
         if n == 0:
@@ -199,7 +216,7 @@ class _Channel:
         elif kind == MsgType.ERROR:
             info = ErrorInfo.decode(frame.payload)
             self.finish(exc=agent_error(info.message, info.errno))
-        elif kind in (MsgType.OK, MsgType.PONG, MsgType.EXIT, MsgType.FILE_END):
+        elif kind in (MsgType.OK, MsgType.PONG, MsgType.EXIT, MsgType.FILE_END, MsgType.CLOCK):
             self.finish(frame)
         else:
             raise ProtocolError(f"unexpected message type 0x{kind:02x} on channel {self.id}")
@@ -329,3 +346,64 @@ class _ExecChannel(_Channel):
             raise ArgumentError(str(err)) from None
         if not self.done:
             self.conn.send_nowait(MsgType.RESIZE, self.id, request.encode())
+
+
+class _SocketChannel(_Channel):
+    """A CONNECT channel (2.3): a TCP connection or a UDP socket in the guest.
+
+    ``connected`` settles with the agent's OK (or its ERROR: refused, no such address); then
+    ``data`` is what the guest sends (UDP: one frame per datagram, read with
+    :meth:`_InStream.read_frame`), ended by SOCK_EOF (TCP's half-close); the channel's
+    result is the agent's SOCK_CLOSE (both ways done) or its ERROR."""
+
+    def __init__(self, conn: _Link, channel: int, window: int) -> None:
+        super().__init__(conn, channel)
+        self.data = self.add_stream(MsgType.SOCK_DATA, Stream.OUT, window)
+        self.connected: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.eof_sent = False
+
+    def on_frame(self, frame: Frame) -> None:
+        kind = frame.type
+        if kind == MsgType.OK and not self.connected.done():
+            self.connected.set_result(None)
+        elif kind == MsgType.SOCK_EOF:
+            self.data.feed_eof()
+        elif kind == MsgType.SOCK_CLOSE:
+            self.finish(frame)
+        else:
+            super().on_frame(frame)
+
+    def finish(self, frame: Frame | None = None, *, exc: BaseException | None = None) -> None:
+        super().finish(frame, exc=exc)
+        if not self.connected.done():
+            closed = GuestError("the channel closed before it connected")
+            self.connected.set_exception(exc or closed)
+            self.connected.exception()  # retrieved: nobody may be waiting any more
+
+    async def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Bytes to the guest (TCP), as the agent's credit allows."""
+        try:
+            await self.send_data(MsgType.SOCK_DATA, data)
+        except _ChannelClosed:
+            raise BrokenPipeError("the guest connection is closed") from None
+
+    async def send_datagram(self, data: bytes) -> None:
+        """One datagram to the guest (UDP): one frame, sent whole once the credit allows."""
+        if len(data) > MAX_PAYLOAD:
+            raise ValueError(f"a datagram of {len(data)} bytes exceeds {MAX_PAYLOAD}")
+        while self._credit < len(data) and not self.done:
+            self._credit_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._credit_waiter
+            finally:
+                self._credit_waiter = None
+        if self.done:
+            raise BrokenPipeError("the guest socket is closed")
+        self._credit -= len(data)
+        await self.conn.send(MsgType.SOCK_DATA, self.id, data)
+
+    def write_eof(self) -> None:
+        """No more bytes to the guest: the agent shuts its socket's writing (TCP)."""
+        if not self.eof_sent and not self.done:
+            self.eof_sent = True
+            self.conn.send_nowait(MsgType.SOCK_EOF, self.id)

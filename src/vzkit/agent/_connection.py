@@ -25,7 +25,15 @@ from typing import Any
 
 from vzkit.errors import GuestError, VMTimeoutError
 
-from ._channel import AgentError, Args, StrOrBytes, _Channel, _ChannelClosed, _ExecChannel
+from ._channel import (
+    AgentError,
+    Args,
+    StrOrBytes,
+    _Channel,
+    _ChannelClosed,
+    _ExecChannel,
+    _SocketChannel,
+)
 from ._command import (
     command_argv,
     completed,
@@ -42,8 +50,11 @@ from ._protocol import (
     NONCE_SIZE,
     PROTOCOL_VERSION,
     RESYNC_PREAMBLE,
+    SOCKET_MINOR,
     TTY_MINOR,
     USER_MINOR,
+    ClockStep,
+    ConnectRequest,
     ErrorInfo,
     ExecFlag,
     ExecRequest,
@@ -52,6 +63,8 @@ from ._protocol import (
     MsgType,
     ProtocolError,
     ReadFileRequest,
+    SetClockRequest,
+    SockProto,
     Stream,
     WriteFileRequest,
     decode_header,
@@ -369,6 +382,61 @@ class _Connection:
         if check:
             result.check_returncode()
         return result
+
+    def _needs_sockets(self, what: str) -> None:
+        hello = self.hello
+        if hello.minor < SOCKET_MINOR:
+            raise AgentError(
+                f"the guest's agent (vzkit-agent {hello.agent_version}, protocol {hello.major}."
+                f"{hello.minor}) cannot {what}: that needs protocol {PROTOCOL_VERSION[0]}."
+                f"{SOCKET_MINOR}; boot a guest whose agent is this vzkit's (a snapshot keeps "
+                "the agent it was saved with)"
+            )
+
+    async def connect_socket(
+        self, protocol: SockProto, port: int, address: str = "", timeout: float | None = None
+    ) -> _SocketChannel:
+        """A channel connected to ``port`` in the guest (TCP) or a UDP socket connected to it;
+        :class:`AgentError` with the guest's errno when it cannot be (e.g. ECONNREFUSED)."""
+        self._needs_sockets("forward ports")
+        if self._error is not None:
+            raise self._error
+        channel = _SocketChannel(self, next(self._ids), self.window)
+        self._channels[channel.id] = channel
+        request = ConnectRequest(protocol, port, self.window, address.encode())
+        try:
+            async with asyncio.timeout(timeout):
+                await self.send(MsgType.CONNECT, channel.id, request.encode())
+                await asyncio.shield(channel.connected)
+        except TimeoutError:
+            channel.cancel()
+            raise VMTimeoutError(
+                f"the guest agent did not connect to guest port {port} within {timeout} s"
+            ) from None
+        except BaseException:
+            channel.cancel()
+            raise
+        return channel
+
+    async def set_clock(
+        self, realtime_ns: int, threshold_ms: int = 0, timeout: float | None = None
+    ) -> ClockStep:
+        """Step the guest's clock to ``realtime_ns`` (the host's ``CLOCK_REALTIME``) where it
+        is off by more than ``threshold_ms`` (0: the agent's 500 ms); the step made."""
+        self._needs_sockets("set the guest clock")
+        channel = self.channel()
+        payload = SetClockRequest(realtime_ns, threshold_ms).encode()
+        try:
+            async with asyncio.timeout(timeout):
+                await self.send(MsgType.SET_CLOCK, channel.id, payload)
+                frame = await channel.result
+        except TimeoutError:
+            raise VMTimeoutError(
+                f"the guest agent did not answer SET_CLOCK in {timeout} s"
+            ) from None
+        finally:
+            channel.cancel()
+        return ClockStep.decode(frame.payload)
 
     async def read_file(self, path: StrOrBytes, max_size: int | None) -> bytes:
         _check_limit("max_size", max_size)

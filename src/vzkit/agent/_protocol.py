@@ -1,4 +1,4 @@
-"""The vzkit agent wire protocol (version 2.2), host side: frames and message payloads.
+"""The vzkit agent wire protocol (version 2.3), host side: frames and message payloads.
 
 ``docs/agent-protocol.md`` is the specification; ``c/agent.h`` is the guest's copy of the
 constants. Every frame is a 12-byte little-endian header — ``u32`` payload length, ``u8``
@@ -27,9 +27,13 @@ __all__ = [
     "NONCE_SIZE",
     "PROTOCOL_VERSION",
     "RESYNC_PREAMBLE",
+    "SOCKET_MINOR",
     "TTY_MINOR",
     "TTY_SIZE_MAX",
     "USER_MINOR",
+    "ClockFlag",
+    "ClockStep",
+    "ConnectRequest",
     "ErrorInfo",
     "ExecFlag",
     "ExecRequest",
@@ -43,6 +47,8 @@ __all__ = [
     "ProtocolError",
     "ReadFileRequest",
     "ResizeRequest",
+    "SetClockRequest",
+    "SockProto",
     "Stream",
     "Window",
     "WriteFileRequest",
@@ -56,11 +62,13 @@ __all__ = [
     "env_entries",
 ]
 
-PROTOCOL_VERSION = (2, 2)
+PROTOCOL_VERSION = (2, 3)
 USER_MINOR = 1
 """The minor version from which an agent takes EXEC's user (protocol 2.1)."""
 TTY_MINOR = 2
 """The minor version from which an agent runs EXEC on a pty and takes RESIZE (protocol 2.2)."""
+SOCKET_MINOR = 3
+"""The minor version from which an agent takes CONNECT and SET_CLOCK (protocol 2.3)."""
 TTY_SIZE_MAX = 65535
 """The most rows or columns a pty has (the kernel's ``struct winsize`` holds shorts)."""
 MAGIC = b"VZKAGENT"
@@ -106,6 +114,12 @@ class MsgType(enum.IntEnum):
     FILE_END = 0x23  # both
     SYNC = 0x30  # H
     POWEROFF = 0x31  # H
+    SET_CLOCK = 0x32  # H: the host's CLOCK_REALTIME; the agent steps the guest's (2.3)
+    CLOCK = 0x33  # A: SET_CLOCK's answer, the step made (2.3)
+    CONNECT = 0x40  # H: a channel that is a TCP connection or UDP socket in the guest (2.3)
+    SOCK_DATA = 0x41  # both: bytes (TCP) or one datagram (UDP) (2.3)
+    SOCK_EOF = 0x42  # both: no more data this way, TCP's half-close (2.3)
+    SOCK_CLOSE = 0x43  # A: a socket channel is over, both ways done (2.3)
 
 
 class ExecFlag(enum.IntFlag):
@@ -120,6 +134,18 @@ class ExitFlag(enum.IntFlag):
     NONE = 0
     TIMED_OUT = 1  # the agent killed the process group at timeout_ms
     CORE_DUMPED = 2
+
+
+class SockProto(enum.IntEnum):
+    """CONNECT's protocol (the ``IPPROTO_`` numbers)."""
+
+    TCP = 6
+    UDP = 17
+
+
+class ClockFlag(enum.IntFlag):
+    NONE = 0
+    DRY_RUN = 1  # the agent's test hook: the step was not applied
 
 
 class Stream(enum.IntEnum):
@@ -503,3 +529,52 @@ def env_entries(env: Sequence[tuple[_PathLike, _PathLike]]) -> tuple[bytes, ...]
             raise ValueError(f"invalid environment variable name or value: {key!r}")
         out.append(k + b"=" + v)
     return tuple(out)
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectRequest:
+    """CONNECT (2.3): a channel that is a connection to ``port`` of ``address`` in the guest
+    (empty: ``127.0.0.1``; the agent takes loopback and the guest's own addresses only);
+    ``window``: the agent→host credit of its data."""
+
+    protocol: SockProto
+    port: int
+    window: int
+    address: bytes = b""
+
+    def encode(self) -> bytes:
+        return struct.pack("<III", self.protocol, self.port, self.window) + self.address
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ConnectRequest:
+        r = _Reader(payload, "CONNECT")
+        protocol, port, window = r.u32(), r.u32(), r.u32()
+        return cls(SockProto(protocol), port, window, r.rest())
+
+
+@dataclass(frozen=True, slots=True)
+class SetClockRequest:
+    """SET_CLOCK (2.3): the host's ``CLOCK_REALTIME`` in ns; the agent steps the guest's
+    clock when it differs by more than ``threshold_ms`` (0: the agent's default, 500 ms)."""
+
+    realtime_ns: int
+    threshold_ms: int = 0
+
+    def encode(self) -> bytes:
+        return struct.pack("<qI", self.realtime_ns, self.threshold_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class ClockStep:
+    """CLOCK (2.3): the step added to the guest's clock in ns (0: none was needed)."""
+
+    step_ns: int
+    flags: ClockFlag = ClockFlag.NONE
+
+    @classmethod
+    def decode(cls, payload: bytes) -> ClockStep:
+        r = _Reader(payload, "CLOCK")
+        step = r.u64()
+        flags = r.u32()
+        r.end()
+        return cls(step - (1 << 64) if step >= 1 << 63 else step, ClockFlag(flags))

@@ -23,6 +23,8 @@ where a :class:`Feature` names it, only when the backend declares that feature):
   calls to save and load machine state and capture disks;
 * :class:`AgentStream`: ``agent_console``, ``agent_vsock`` (``vm.guest``: the core chooses
   the transport and authenticates);
+* :class:`PortPublisher`: ``published_ports`` (the ports its network publishes itself; the
+  core forwards the others through the guest agent, :mod:`vzkit._portfwd`);
 * :class:`MacBackend` (:attr:`Feature.MACOS_GUESTS`), on the backend: ``create_mac_machine``.
 
 A machine writes no state guards: the core calls an operation only in a state its table
@@ -48,6 +50,7 @@ from .._state import VMState
 if TYPE_CHECKING:
     from .._config import LinuxVMConfig
     from .._macconfig import MacVMConfig
+    from .._network import PortForward
     from ..errors import VzkitError
 
 __all__ = [
@@ -60,6 +63,7 @@ __all__ = [
     "Feature",
     "MacBackend",
     "Machine",
+    "PortPublisher",
     "ProgressFn",
     "SnapshotCapable",
     "StateListener",
@@ -230,6 +234,17 @@ class AgentStream(Protocol):
     def agent_vsock(self) -> AgentVsock | None:
         """Whether the agent can be reached over an attached vsock device now, and with
         which key; ``None`` otherwise (no device, not running, unplugged for a save)."""
+
+
+@runtime_checkable
+class PortPublisher(Protocol):
+    """Optional: the machine publishes some of its config's ports itself (qemu's user-mode
+    network: passt's port options or slirp's ``hostfwd``; a named VM's supervisor publishes
+    them all). The core forwards every other port of ``config.publish`` through the guest
+    agent (:mod:`vzkit._portfwd`); a machine without this capability publishes none (vz)."""
+
+    def published_ports(self) -> tuple[PortForward, ...]:
+        """The forwards of ``config.publish`` this machine serves itself."""
 
 
 @runtime_checkable

@@ -206,7 +206,8 @@ def vm_options(func: F) -> F:
             multiple=True,
             metavar="[ADDR:]HOST:GUEST[/tcp|udp]",
             callback=_spec_callback(parse_port_spec),
-            help="Forward a host port (127.0.0.1 unless ADDR) to the guest (repeatable; nat).",
+            help="Forward a host port (127.0.0.1 unless ADDR) to the guest (repeatable; "
+            "without nat, through the guest agent).",
         ),
         click.option(
             "--display",

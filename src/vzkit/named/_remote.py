@@ -31,6 +31,7 @@ from typing import Any
 from .._config import ConsoleMode, LinuxVMConfig
 from .._disk import DiskFormat
 from .._loop import get_loop
+from .._network import PortForward
 from .._private import open_private
 from .._state import VMState
 from .._vmcore import VMCore
@@ -406,6 +407,13 @@ class RemoteMachine:
             return None
         key = agent.get("key")
         return AgentVsock(key=None if key is None else bytes.fromhex(key))
+
+    # -- PortPublisher ---------------------------------------------------------------------
+
+    def published_ports(self) -> tuple[PortForward, ...]:
+        """All of them: the supervisor's core publishes the ports (its forwarder, or its
+        machine's network), never a client's."""
+        return self._config.publish
 
     # -- VsockCapable ----------------------------------------------------------------------
 

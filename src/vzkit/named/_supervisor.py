@@ -467,10 +467,16 @@ class Supervisor:
             CapturedDisk(d["role"], Path(d["source"]), Path(d["path"]), DiskFormat(d["format"]))
             for d in spec["disks"]
         ]
-        await asyncio.wait_for(
-            core.snapshot_machine().restore_state(path, disks, None), START_TIMEOUT_S
-        )
+        core.open_ports()  # the ports this core forwards: one in use fails before the load
+        try:
+            await asyncio.wait_for(
+                core.snapshot_machine().restore_state(path, disks, None), START_TIMEOUT_S
+            )
+        except BaseException:
+            await core.ports.aclose()
+            raise
         core.restored(path, clock_step=False)  # the client's core steps the clock at resume
+        await core.run_began()
         if "fd" in state:
             os.close(int(state["fd"]))
 

@@ -259,14 +259,17 @@ async def restore(
         raise _as_snapshot_error(f"checking snapshot {name!r}", err, VMState.STOPPED) from err
     await core.agent.close()  # the last run's agent connection, if one is left
     try:
+        core.open_ports()  # the ports the core forwards: one in use fails before the load
         await _load_while_checking(snap, opened, record)
     except BaseException as err:
+        await core.ports.aclose()
         if isinstance(err, SnapshotError | StateError) or not isinstance(err, VzkitError | OSError):
             raise
         raise _as_snapshot_error(f"restoring snapshot {name!r}", err, VMState.STOPPED) from err
     finally:
         opened.close()
     core.restored(meta.file_path, clock_step=record.agent and clock_step)
+    await core.run_began()
     _restored[core] = (meta.file_path, core.generation)
     return meta
 

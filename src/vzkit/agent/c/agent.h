@@ -6,7 +6,8 @@
  * Files: main.c (command line, helpers), wire.c (frames out, payload parsing), session.c (a
  * session: HELLO, AUTH, dispatch), transport.c (vsock, unix, the virtio console port), serve.c
  * (the poll loop; serve.h is what these four share), chan.c (channels, data, files), exec.c
- * (exec'd processes), user.c (who they run as), relay.c (the relay command).
+ * (exec'd processes), user.c (who they run as), sock.c (socket channels: CONNECT), clock.c
+ * (SET_CLOCK), relay.c (the relay command).
  */
 #ifndef VZKIT_AGENT_H
 #define VZKIT_AGENT_H
@@ -25,7 +26,7 @@
 #define PROTO_MAGIC "VZKAGENT"
 #define PROTO_MAGIC_LEN 8
 #define PROTO_MAJOR 2
-#define PROTO_MINOR 2 /* 2.1: EXEC's optional user; 2.2: EXEC on a pty, RESIZE */
+#define PROTO_MINOR 3 /* 2.1: EXEC's user; 2.2: EXEC on a pty, RESIZE; 2.3: CONNECT, SET_CLOCK */
 #define PROTO_NONCE_LEN 16 /* echoed in the HELLO reply so the host can find it in a stream */
 #define HDR_SIZE 12              /* u32 payload length, u8 type, 3 reserved bytes, u32 channel */
 #define MAX_PAYLOAD 65536u
@@ -58,6 +59,12 @@ enum msg_type {
     T_FILE_END = 0x23,
     T_SYNC = 0x30,
     T_POWEROFF = 0x31,
+    T_SET_CLOCK = 0x32, /* 2.3: the host's CLOCK_REALTIME; the agent steps the guest's */
+    T_CLOCK = 0x33,     /* 2.3: SET_CLOCK's answer: the step made */
+    T_CONNECT = 0x40,   /* 2.3: a channel that is a TCP connection or UDP socket in the guest */
+    T_SOCK_DATA = 0x41, /* 2.3: bytes (TCP) or one datagram (UDP), either way */
+    T_SOCK_EOF = 0x42,  /* 2.3: no more data this way (TCP half-close) */
+    T_SOCK_CLOSE = 0x43, /* 2.3: a socket channel is over (both ways done) */
 };
 
 enum { EXEC_STDIN = 1, EXEC_ENV_REPLACE = 2, EXEC_MERGE_STDERR = 4, EXEC_TTY = 8 };
@@ -65,6 +72,10 @@ enum { EXEC_STDIN = 1, EXEC_ENV_REPLACE = 2, EXEC_MERGE_STDERR = 4, EXEC_TTY = 8
 enum { EXIT_TIMED_OUT = 1, EXIT_CORE_DUMPED = 2 };
 enum { KILL_GROUP = 1 };
 enum { STREAM_OUT = 0, STREAM_ERR = 1 };
+enum { SOCK_TCP = 6, SOCK_UDP = 17 }; /* CONNECT's protocol: the IPPROTO_ numbers */
+enum { CLOCK_DRY_RUN = 1 };          /* CLOCK flag: not applied (the test hook, see clock.c) */
+#define CONNECT_TIMEOUT_MS 10000     /* a CONNECT not connected by then fails with ETIMEDOUT */
+#define CLOCK_THRESHOLD_MS 500       /* SET_CLOCK's default: smaller differences are kept */
 
 /* ---- objects ----------------------------------------------------------------------------- */
 
@@ -82,7 +93,7 @@ struct buf {
 struct buf *buf_new(size_t len);
 void buf_free(struct buf *b);
 
-enum chan_kind { CH_EXEC, CH_READ, CH_WRITE };
+enum chan_kind { CH_EXEC, CH_READ, CH_WRITE, CH_TCP, CH_UDP };
 
 struct session;
 
@@ -107,6 +118,10 @@ struct chan {
     bool in_eof;            /* the host sent STDIN_EOF */
     uint64_t in_outstanding; /* host -> agent bytes received and not yet granted back */
     uint64_t in_ungranted;   /* consumed bytes not yet granted back */
+    /* tcp, udp (sock.c): fd[STREAM_OUT] reads the socket, in_fd (a dup) writes it */
+    bool connecting; /* tcp: connect() in progress (in_fd polled for POLLOUT) */
+    bool eof_sent;   /* tcp: SOCK_EOF sent (the guest side shut its writing) */
+    uint16_t port;   /* the guest port (for messages) */
     /* write */
     int wfd;
     char *tmp_path, *path;
@@ -149,6 +164,9 @@ extern unsigned long g_vsock_buffer;
 /* Socket stdin goes into children's pipes with splice(2) (session.c); VZKIT_AGENT_SPLICE=0 turns
  * it off, so bench/vsock.py can compare the two in one guest. */
 extern bool g_splice;
+/* SET_CLOCK only reports the step it would make (clock.c): set by --clock-dry-run, and always
+ * in --stdio/--unix test mode, so a test on a host never sets the host's clock. */
+extern bool g_clock_dry_run;
 
 void logmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 void debugmsg(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
@@ -225,6 +243,20 @@ void chan_on_stdin_writable(struct chan *c);
 void chan_on_reaped(struct chan *c, int status);
 void chan_check_done(struct chan *c);
 void chan_on_deadline(struct chan *c, int64_t now);
+
+/* ---- sock.c, clock.c ----------------------------------------------------------------------- */
+
+/* CONNECT: 0, or -1 for a malformed message (session-fatal). */
+int sock_connect(struct session *s, uint32_t id, const unsigned char *p, size_t n);
+/* SOCK_DATA / SOCK_EOF from the host: 0, -1 malformed, -2 a window overrun. */
+int sock_data(struct chan *c, const unsigned char *p, size_t n);
+int sock_eof(struct chan *c);
+void sock_on_readable(struct chan *c);
+void sock_on_writable(struct chan *c);
+void sock_on_deadline(struct chan *c);
+bool sock_wants_read(const struct chan *c);
+/* SET_CLOCK: 0, or -1 for a malformed message. */
+int clock_set(struct session *s, uint32_t id, const unsigned char *p, size_t n);
 
 /* ---- user.c ------------------------------------------------------------------------------- */
 

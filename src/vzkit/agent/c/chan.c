@@ -9,6 +9,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/socket.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -94,6 +95,12 @@ void chan_cancel(struct chan *c)
         kill(-pgid, SIGKILL);
     if (c->kind == CH_EXEC && c->pid > 0)
         kill(c->pid, SIGKILL);
+    if (c->kind == CH_TCP) { /* the host abandoned the connection: reset it, as it was */
+        struct linger abort_now = {.l_onoff = 1, .l_linger = 0};
+        int fd = c->fd[STREAM_OUT] >= 0 ? c->fd[STREAM_OUT] : c->in_fd;
+        if (fd >= 0)
+            setsockopt(fd, SOL_SOCKET, SO_LINGER, &abort_now, sizeof abort_now);
+    }
     if (c->kind == CH_WRITE && c->tmp_path) {
         close_fd(&c->wfd);
         unlink(c->tmp_path);

@@ -141,7 +141,7 @@ static void ensure_std_fds(void)
 static const char USAGE[] =
     "usage: vzkit-agent serve [--vsock-port PORT] [--no-vsock] [--port-name NAME]\n"
     "                         [--no-console] [--stdio | --unix PATH] [--vsock-buffer BYTES]\n"
-    "                         [--key-file PATH] [--verbose]\n"
+    "                         [--key-file PATH] [--clock-dry-run] [--verbose]\n"
     "       vzkit-agent relay (--listen-vsock PORT | --connect-vsock CID:PORT |\n"
     "                          --listen-unix PATH | --connect-unix PATH) --exec CMD\n"
     "                         [--vsock-buffer BYTES]\n"
@@ -155,7 +155,9 @@ static const char USAGE[] =
     "of vsock sockets, SO_VM_SOCKETS_BUFFER_SIZE; 0 keeps the kernel's.\n"
     "--key-file: every vsock (and unix) connection must start with an AUTH frame carrying\n"
     "the key this file holds (re-read each time). vsock peers other than the host (CID 2)\n"
-    "are always refused.\n";
+    "are always refused.\n"
+    "--clock-dry-run (a test hook; implied by --stdio and --unix): SET_CLOCK reports the\n"
+    "step it would make and leaves the clock alone.\n";
 
 int parse_uint(const char *s, unsigned long max, unsigned long *out)
 {
@@ -220,6 +222,8 @@ static int serve_cmd(int argc, char **argv)
         } else if (!strcmp(a, "--key-file") && v) {
             o.key_file = v;
             i++;
+        } else if (!strcmp(a, "--clock-dry-run")) {
+            g_clock_dry_run = true;
         } else if (!strcmp(a, "--verbose") || !strcmp(a, "-v")) {
             g_verbose = true;
         } else {
@@ -233,6 +237,7 @@ static int serve_cmd(int argc, char **argv)
     }
     if (o.stdio || o.unix_path) {
         g_test_mode = true;
+        g_clock_dry_run = true; /* never the host's clock from a test */
         o.vsock = o.vsock && explicit_vsock;
         o.console = o.console && explicit_console;
     }

@@ -147,10 +147,11 @@ static int64_t build_pollset(void)
         else if (s->need_auth && !s->authed)
             deadline = min_deadline(deadline, s->auth_by_ms);
         for (struct chan *c = s->chans; c; c = c->next) {
+            bool sock = c->kind == CH_TCP || c->kind == CH_UDP;
             for (int k = 0; k < 2; k++)
-                if (c->fd[k] >= 0 && c->window[k] > 0 && room)
+                if (c->fd[k] >= 0 && room && (sock ? sock_wants_read(c) : c->window[k] > 0))
                     add_pfd(c->fd[k], POLLIN, P_CHAN_OUT, c, k);
-            if (c->in_fd >= 0 && c->in_head)
+            if (c->in_fd >= 0 && (c->in_head || c->connecting))
                 add_pfd(c->in_fd, POLLOUT, P_CHAN_IN, c, 0);
             if (c->deadline_ms)
                 deadline = min_deadline(deadline, c->deadline_ms);
@@ -217,13 +218,17 @@ static void dispatch(size_t i)
     }
     case P_CHAN_OUT: {
         struct chan *c = r->obj;
-        if (!c->dead)
+        if (!c->dead && (c->kind == CH_TCP || c->kind == CH_UDP))
+            sock_on_readable(c);
+        else if (!c->dead)
             chan_on_readable(c, r->stream);
         break;
     }
     case P_CHAN_IN: {
         struct chan *c = r->obj;
-        if (!c->dead)
+        if (!c->dead && (c->kind == CH_TCP || c->kind == CH_UDP))
+            sock_on_writable(c);
+        else if (!c->dead)
             chan_on_stdin_writable(c);
         break;
     }
@@ -239,7 +244,9 @@ static void after_events(void)
         struct chan *cn;
         for (struct chan *c = s->chans; c; c = cn) {
             cn = c->next;
-            if (c->deadline_ms && now >= c->deadline_ms)
+            if (c->deadline_ms && now >= c->deadline_ms && c->kind == CH_TCP)
+                sock_on_deadline(c);
+            else if (c->deadline_ms && now >= c->deadline_ms)
                 chan_on_deadline(c, now);
         }
         bool up = s->kind != SESS_CONSOLE || g_serve.con_state == CON_UP;

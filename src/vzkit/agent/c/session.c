@@ -207,6 +207,8 @@ static bool needs_channel(uint8_t type)
     case T_PING:
     case T_SYNC:
     case T_POWEROFF:
+    case T_CONNECT:
+    case T_SET_CLOCK:
         return true;
     default:
         return false;
@@ -278,6 +280,22 @@ static void handle_frame(struct session *s, uint8_t type, uint32_t id, const uns
         break;
     case T_READ_FILE:
         rc = chan_read_file(s, id, p, n);
+        break;
+    case T_CONNECT:
+        rc = sock_connect(s, id, p, n);
+        break;
+    case T_SET_CLOCK:
+        rc = clock_set(s, id, p, n);
+        break;
+    case T_SOCK_DATA:
+    case T_SOCK_EOF:
+        c = chan_find(s, id);
+        if (!c)
+            return; /* the channel ended while this was in flight */
+        if (c->kind != CH_TCP && c->kind != CH_UDP)
+            rc = -1;
+        else
+            rc = type == T_SOCK_EOF ? sock_eof(c) : sock_data(c, p, n);
         break;
     case T_WRITE_FILE:
         rc = chan_write_file(s, id, p, n);

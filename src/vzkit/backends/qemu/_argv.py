@@ -17,7 +17,7 @@ from pathlib import Path
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat, DiskImage
 from ..._display import default_linux_display_config
-from ..._network import NetworkMode
+from ..._network import NetworkMode, PortForward
 from ..._state import Arch
 from ..._volume import VolumeMount, share_cmdline
 from ...agent import CONSOLE_PORT_NAME as AGENT_PORT_NAME
@@ -374,19 +374,25 @@ def netdev(mode: NetworkMode, interface: str, host_os: str, ident: str = "net0")
     )
 
 
+def publishes_natively(mode: NetworkMode, host_os: str) -> bool:
+    """Whether QEMU's network publishes the ports itself: ``nat`` (passt on Linux, else
+    slirp's ``hostfwd``) and ``host-only`` on Linux (restricted slirp). Elsewhere (``none``,
+    bridged, vmnet) the core forwards them through the guest agent (``vzkit._portfwd``)."""
+    if mode is NetworkMode.NAT:
+        return True
+    return mode is NetworkMode.HOST_ONLY and host_os != "darwin"
+
+
+def native_ports(cfg: LinuxVMConfig, host_os: str) -> tuple[PortForward, ...]:
+    """The published ports QEMU's network serves for ``cfg`` (all or none)."""
+    return cfg.publish if publishes_natively(cfg.network.mode, host_os) else ()
+
+
 def hostfwd(plan: Plan) -> str:
-    """``,hostfwd=...`` for every published port (user-mode networking only)."""
+    """``,hostfwd=...`` for every published port, where user-mode networking publishes them."""
     cfg = plan.config
-    if not cfg.publish:
+    if not cfg.publish or not publishes_natively(cfg.network.mode, plan.host_os):
         return ""
-    if cfg.network.mode not in (NetworkMode.NAT, NetworkMode.HOST_ONLY) or (
-        plan.host_os == "darwin" and cfg.network.mode is not NetworkMode.NAT
-    ):
-        raise UnsupportedError(
-            f"publishing ports needs user-mode networking ('nat'), not {str(cfg.network)!r}",
-            backend="qemu",
-            feature="network:publish",
-        )
     return "".join(
         f",hostfwd={p.protocol.value}:{p.host_address}:{p.host_port}-:{p.guest_port}"
         for p in cfg.publish

@@ -31,7 +31,7 @@ from qemu.qmp import QMPClient
 
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskImage
-from ..._network import NetworkMode
+from ..._network import NetworkMode, PortForward
 from ..._private import private_dir, private_file
 from ..._process import OwnedProcess
 from ..._state import VMState
@@ -189,6 +189,9 @@ class QemuMachine:
         if vsock is None or not vsock.attached:
             return None
         return AgentVsock(vsock.agent_key)
+
+    def published_ports(self) -> tuple[PortForward, ...]:  # the core forwards the others
+        return _argv.native_ports(self.config, sys.platform)
 
     # -- vsock -----------------------------------------------------------------------------
 

@@ -256,13 +256,6 @@ def build_linux_vm_config(
             backend="vz",
             feature="arch",
         )
-    if cfg.publish:
-        raise UnsupportedError(
-            "the vz backend cannot publish ports: Virtualization's NAT has no port forwarding "
-            "(reach the guest at its own address, or use the qemu backend)",
-            backend="vz",
-            feature="network:publish",
-        )
     require_root_disk(cfg, root_layer)
     require_raw_disk(cfg)
     cpus, memory = check_sizes(cfg)
