@@ -205,18 +205,20 @@ def test_shell_is_a_login_shell_of_the_user_on_a_pty(home: Path, t1: str) -> Non
 
 
 def test_stop_start_and_rm_leave_nothing_behind(home: Path) -> None:
-    made = vzkit(home, "run", "-d", "--name", "t2")
+    made = vzkit(home, "run", "-d", "--name", "t2", "--gui")  # qemu: a VNC display
     assert made.returncode == 0, made.stderr.decode()
     info = json.loads(vzkit(home, "inspect", "--json", "t2").stdout)
     pids = [info["pid"], info["vmm_pid"]]
     directory = Path(info["directory"])
+    assert info["display"].startswith("vnc+unix:///"), info
+    assert Path(info["display"].removeprefix("vnc+unix://")).is_socket()
 
     stopped = vzkit(home, "stop", "t2")
     assert (stopped.returncode, stopped.stdout) == (0, b"t2\n"), stopped.stderr.decode()
     wait_until(lambda: not any(map(_alive, pids)), "the supervisor and QEMU to end", timeout=30)
     assert _processes_under(directory) == []
     [entry] = [e for e in json.loads(vzkit(home, "ls", "-a", "--json").stdout) if e["name"] == "t2"]
-    assert entry["state"] == "stopped"
+    assert (entry["state"], entry["display"]) == ("stopped", None)
     assert "t2" not in [e["name"] for e in json.loads(vzkit(home, "ls", "--json").stdout)]
     refused = vzkit(home, "exec", "t2", "--", "true")
     assert refused.returncode == 125
