@@ -139,17 +139,21 @@ class _InStream:
         if not self._eof:
             self._consumed(dropped)
 
-    async def read_frame(self) -> bytes | None:
-        """The next frame's payload whole (a UDP channel's datagram), ``None`` at EOF."""
+    async def _has_data(self) -> bool:
+        """Wait for data or the end; ``False`` at the end (the channel's error raised)."""
         while not self._chunks and not self._eof:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
-        if not self._chunks:
-            if self._exc is not None:
-                raise self._exc
+        if not self._chunks and self._exc is not None:
+            raise self._exc
+        return bool(self._chunks)
+
+    async def read_frame(self) -> bytes | None:
+        """The next frame's payload whole (a UDP channel's datagram), ``None`` at EOF."""
+        if not await self._has_data():
             return None
         chunk = self._chunks.popleft()
         self._size -= len(chunk)
@@ -165,15 +169,7 @@ class _InStream:
             while chunk := await self.read(MAX_PAYLOAD):
                 parts.append(chunk)
             return b"".join(parts)
-        while not self._chunks and not self._eof:
-            self._waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._waiter
-            finally:
-                self._waiter = None
-        if not self._chunks:
-            if self._exc is not None:
-                raise self._exc
+        if not await self._has_data():
             return b""
         out = bytearray()
         while self._chunks and len(out) < n:

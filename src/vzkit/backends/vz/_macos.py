@@ -98,6 +98,22 @@ def load_restore_image(path: str | os.PathLike[str], *, timeout: float | None = 
     source = Path(path).expanduser().absolute()
     if not source.is_file():
         raise ConfigError(f"restore image {str(source)!r} does not exist")
+    what = f"loading the restore image {str(source)!r}"
+    image, error = _restore_image(
+        lambda block: vz().VZMacOSRestoreImage.loadFileURL_completionHandler_(_url(source), block),
+        timeout,
+        what,
+    )
+    if image is None:
+        raise nserror_to_exception(error, f"cannot load restore image {str(source)!r}")
+    return image
+
+
+def _restore_image(
+    send: Callable[[Callable[[Any, Any], None]], object], timeout: float | None, what: str
+) -> tuple[Any, Any]:
+    """Call ``send(block)`` and wait for the ``void (^)(VZMacOSRestoreImage *, NSError *)``
+    block the framework calls: ``(image, error)``."""
     done = threading.Event()
     box: dict[str, Any] = {}
 
@@ -109,11 +125,9 @@ def load_restore_image(path: str | os.PathLike[str], *, timeout: float | None = 
         finally:
             done.set()
 
-    vz().VZMacOSRestoreImage.loadFileURL_completionHandler_(_url(source), block)
-    _wait(done, timeout, f"loading the restore image {str(source)!r}")
-    if box.get("image") is None:
-        raise nserror_to_exception(box.get("error"), f"cannot load restore image {str(source)!r}")
-    return box["image"]
+    send(block)
+    _wait(done, timeout, what)
+    return box.get("image"), box.get("error")
 
 
 def _version_text(version: Any) -> str:
@@ -176,23 +190,14 @@ def fetch_latest_restore_image(*, timeout: float | None = 60.0) -> LatestRestore
     (``+[VZMacOSRestoreImage fetchLatestSupportedWithCompletionHandler:]``; needs the
     network). Nothing is downloaded: fetch ``url`` yourself, then install from the file."""
     require_arm64("macOS restore images (VZMacOSRestoreImage)", "12.0")
-    done = threading.Event()
-    box: dict[str, Any] = {}
-
-    def block(image: Any, error: Any) -> None:
-        try:
-            box["image"], box["error"] = image, error
-        except BaseException:  # never into Objective-C
-            log.exception("restore image completion failed")
-        finally:
-            done.set()
-
-    vz().VZMacOSRestoreImage.fetchLatestSupportedWithCompletionHandler_(block)
-    _wait(done, timeout, "fetching the latest restore image's details")
-    image = box.get("image")
+    image, error = _restore_image(
+        vz().VZMacOSRestoreImage.fetchLatestSupportedWithCompletionHandler_,
+        timeout,
+        "fetching the latest restore image's details",
+    )
     if image is None:
         raise nserror_to_exception(
-            box.get("error"), "cannot fetch the latest macOS restore image (is the Mac online?)"
+            error, "cannot fetch the latest macOS restore image (is the Mac online?)"
         )
     found = requirements(image)
     return LatestRestoreImage(
