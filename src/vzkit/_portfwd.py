@@ -168,9 +168,10 @@ class PortForwarder:
 
     # -- a channel to the guest --------------------------------------------------------------
 
-    async def channel(self, fwd: PortForward) -> _SocketChannel | None:
+    async def channel(self, fwd: PortForward, *, wait: bool = True) -> _SocketChannel | None:
         """A connected channel to ``fwd``'s guest port; ``None`` (logged) when there is none:
-        the guest refused, or its agent cannot be reached."""
+        the guest refused, or its agent cannot be reached. ``wait=False``: as soon as CONNECT
+        is sent (``channel.connected`` tells the rest)."""
         proto = SockProto.TCP if fwd.protocol is PortProtocol.TCP else SockProto.UDP
         try:
             conn = await self._core.agent.connection(AGENT_WAIT_S)
@@ -186,7 +187,9 @@ class PortForwarder:
                 )
             return None
         try:
-            return await conn.connect_socket(proto, fwd.guest_port, timeout=CONNECT_TIMEOUT_S)
+            return await conn.connect_socket(
+                proto, fwd.guest_port, timeout=CONNECT_TIMEOUT_S, wait=wait
+            )
         except (VzkitError, OSError) as err:
             log.info("%s: %s", fwd, err)  # e.g. nothing listens on the guest port yet
             return None
@@ -199,11 +202,20 @@ class PortForwarder:
         chan: _SocketChannel | None = None
         upward: asyncio.Task[None] | None = None
         try:
-            chan = await self.channel(fwd)
+            chan = await self.channel(fwd, wait=False)
             if chan is None:
                 _reset(writer)  # the host client sees a reset, as it would from the guest
                 return
+            # the client's first bytes go with the connect (the agent holds them until it is
+            # made): one round trip to the guest less before an answer
             upward = asyncio.get_running_loop().create_task(_host_to_guest(reader, chan))
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await asyncio.shield(chan.connected)
+            except (VzkitError, TimeoutError) as err:
+                log.info("%s: %s", fwd, err)  # e.g. nothing listens on the guest port yet
+                _reset(writer)
+                return
             while data := await chan.data.read(CHUNK):
                 writer.write(data)
                 await writer.drain()
