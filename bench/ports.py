@@ -99,7 +99,7 @@ def upload(port: int, payload: bytes) -> float:
         count = recv_all(s)
     elapsed = time.perf_counter() - t0
     if count != struct.pack("<Q", len(payload)):
-        raise RuntimeError(f"port {port}: the guest counted {count!r}")
+        raise RuntimeError(f"port {port}: the guest counted {count!r} of {len(payload)} bytes")
     return len(payload) / elapsed / (1 << 20)
 
 
@@ -173,9 +173,15 @@ def one_round(ports: dict[str, int], payload: bytes, samples: int) -> dict[str, 
         for name, port in ports.items():
             latencies[name].append(hello(port) * 1000)
     for name, port in ports.items():
-        out[name]["up_mib_s"] = upload(port, payload)
+        try:
+            out[name]["up_mib_s"] = upload(port, payload)
+        except (OSError, RuntimeError) as err:
+            raise RuntimeError(f"{name}: {err}") from err
     for name, port in ports.items():
-        out[name]["down_mib_s"] = download(port, len(payload))
+        try:
+            out[name]["down_mib_s"] = download(port, len(payload))
+        except (OSError, RuntimeError) as err:
+            raise RuntimeError(f"{name}: {err}") from err
     for name, values in latencies.items():
         values.sort()
         out[name]["connect_ms"] = statistics.median(values)
