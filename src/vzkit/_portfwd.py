@@ -35,6 +35,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ._network import PortForward, PortProtocol
+from ._state import VMState
 from .agent._protocol import MAX_PAYLOAD, SockProto
 from .errors import VMError, VzkitError
 
@@ -59,6 +60,7 @@ UDP_QUEUE = 256
 #: Bytes read from a host connection at a time (four agent frames).
 CHUNK = 4 * (MAX_PAYLOAD - 12)
 _BACKLOG = 128
+_LIVE = (VMState.RUNNING, VMState.PAUSED)
 
 
 def bind_forward(fwd: PortForward) -> socket.socket:
@@ -176,7 +178,9 @@ class PortForwarder:
         try:
             conn = await self._core.agent.connection(AGENT_WAIT_S)
         except (VzkitError, OSError) as err:
-            if fwd not in self._warned:
+            if self._core.closed or self._core.state not in _LIVE:  # the run is ending
+                log.debug("%s: the VM is %s: %s", fwd, self._core.state.value, err)
+            elif fwd not in self._warned:
                 self._warned.add(fwd)
                 log.warning(
                     "cannot forward %s: the guest agent cannot be reached (%s); publishing "
