@@ -11,7 +11,8 @@ differs. Per round, interleaved between the two paths of a guest:
 * ``connect_ms``: connect, ask, read the 2-byte answer to its end (median and p95 of
   ``--latency-samples``): what a new connection costs;
 * ``up_mib_s`` / ``down_mib_s``: ``--mib`` MiB host -> guest (counted by the guest) and
-  guest -> host, one connection each.
+  guest -> host, one connection each. A transfer that fails (reset, cut short) is counted in
+  ``failed`` and left out of the medians.
 
 Medians over the rounds go to stdout with the agent/native ratios, everything to
 ``bench/results/ports-<time>.json``.
@@ -25,6 +26,7 @@ import argparse
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import socket
@@ -99,7 +101,7 @@ def upload(port: int, payload: bytes) -> float:
         count = recv_all(s)
     elapsed = time.perf_counter() - t0
     if count != struct.pack("<Q", len(payload)):
-        raise RuntimeError(f"port {port}: the guest counted {count!r}")
+        raise RuntimeError(f"port {port}: the guest counted {count!r} of {len(payload)} bytes")
     return len(payload) / elapsed / (1 << 20)
 
 
@@ -173,13 +175,31 @@ def one_round(ports: dict[str, int], payload: bytes, samples: int) -> dict[str, 
         for name, port in ports.items():
             latencies[name].append(hello(port) * 1000)
     for name, port in ports.items():
-        out[name]["up_mib_s"] = upload(port, payload)
-    for name, port in ports.items():
-        out[name]["down_mib_s"] = download(port, len(payload))
+        out[name]["failed"] = 0.0
+        for key, transfer in (
+            ("up_mib_s", lambda port=port: upload(port, payload)),
+            ("down_mib_s", lambda port=port: download(port, len(payload))),
+        ):
+            try:
+                out[name][key] = transfer()
+            except (OSError, RuntimeError) as err:  # counted, left out of the medians
+                print(f"{name}: {key} failed: {err}", file=sys.stderr, flush=True)
+                out[name][key] = math.nan
+                out[name]["failed"] += 1
     for name, values in latencies.items():
         values.sort()
         out[name]["connect_ms"] = statistics.median(values)
         out[name]["connect_p95_ms"] = values[int(len(values) * 0.95) - 1]
+    return out
+
+
+def _medians(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Medians over the rounds of every figure that did not fail; ``failed``: their sum."""
+    out = {"failed": sum(r["failed"] for r in rounds)}
+    for key in rounds[0]:
+        if key != "failed":
+            values = [r[key] for r in rounds if not math.isnan(r[key])]
+            out[key] = statistics.median(values) if values else math.nan
     return out
 
 
@@ -207,20 +227,19 @@ def main(argv: list[str] | None = None) -> int:
             for i in range(args.rounds):
                 rounds.append(one_round(ports, payload, args.latency_samples))
                 print(f"{native} guest, round {i + 1}: {json.dumps(rounds[-1])}", flush=True)
-        med = {
-            name: {k: statistics.median(r[name][k] for r in rounds) for k in rounds[0][name]}
-            for name in rounds[0]
-        }
+        med = {name: _medians([r[name] for r in rounds]) for name in rounds[0]}
         results[native] = {"medians": med, "raw": rounds}
     print(f"\n{args.mib} MiB per transfer, medians of {args.rounds} rounds:")
-    print(f"{'path':<18} {'up MiB/s':>9} {'down MiB/s':>11} {'connect ms':>11} {'p95 ms':>8}")
+    print(f"{'path':<18} {'up MiB/s':>9} {'down MiB/s':>11} {'connect ms':>11} {'p95 ms':>8} "
+          f"{'failed':>6}")  # fmt: skip
     for native, res in results.items():
         med = res["medians"]
         for name in (native, "agent"):
             m = med[name]
             label = name if name != "agent" else f"agent ({native} guest)"
             print(f"{label:<18} {m['up_mib_s']:>9.1f} {m['down_mib_s']:>11.1f} "
-                  f"{m['connect_ms']:>11.2f} {m['connect_p95_ms']:>8.2f}")  # fmt: skip
+                  f"{m['connect_ms']:>11.2f} {m['connect_p95_ms']:>8.2f} "
+                  f"{int(m['failed']):>6}")  # fmt: skip
         a, n = med["agent"], med[native]
         print(f"  agent / {native}: up {a['up_mib_s'] / n['up_mib_s']:.2f}x, down "
               f"{a['down_mib_s'] / n['down_mib_s']:.2f}x, connect "

@@ -35,6 +35,7 @@ from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any
 
 from ._network import PortForward, PortProtocol
+from ._state import VMState
 from .agent._protocol import MAX_PAYLOAD, SockProto
 from .errors import VMError, VzkitError
 
@@ -59,6 +60,7 @@ UDP_QUEUE = 256
 #: Bytes read from a host connection at a time (four agent frames).
 CHUNK = 4 * (MAX_PAYLOAD - 12)
 _BACKLOG = 128
+_LIVE = (VMState.RUNNING, VMState.PAUSED)
 
 
 def bind_forward(fwd: PortForward) -> socket.socket:
@@ -168,14 +170,17 @@ class PortForwarder:
 
     # -- a channel to the guest --------------------------------------------------------------
 
-    async def channel(self, fwd: PortForward) -> _SocketChannel | None:
+    async def channel(self, fwd: PortForward, *, wait: bool = True) -> _SocketChannel | None:
         """A connected channel to ``fwd``'s guest port; ``None`` (logged) when there is none:
-        the guest refused, or its agent cannot be reached."""
+        the guest refused, or its agent cannot be reached. ``wait=False``: as soon as CONNECT
+        is sent (``channel.connected`` tells the rest)."""
         proto = SockProto.TCP if fwd.protocol is PortProtocol.TCP else SockProto.UDP
         try:
             conn = await self._core.agent.connection(AGENT_WAIT_S)
         except (VzkitError, OSError) as err:
-            if fwd not in self._warned:
+            if self._core.closed or self._core.state not in _LIVE:  # the run is ending
+                log.debug("%s: the VM is %s: %s", fwd, self._core.state.value, err)
+            elif fwd not in self._warned:
                 self._warned.add(fwd)
                 log.warning(
                     "cannot forward %s: the guest agent cannot be reached (%s); publishing "
@@ -186,7 +191,9 @@ class PortForwarder:
                 )
             return None
         try:
-            return await conn.connect_socket(proto, fwd.guest_port, timeout=CONNECT_TIMEOUT_S)
+            return await conn.connect_socket(
+                proto, fwd.guest_port, timeout=CONNECT_TIMEOUT_S, wait=wait
+            )
         except (VzkitError, OSError) as err:
             log.info("%s: %s", fwd, err)  # e.g. nothing listens on the guest port yet
             return None
@@ -199,11 +206,20 @@ class PortForwarder:
         chan: _SocketChannel | None = None
         upward: asyncio.Task[None] | None = None
         try:
-            chan = await self.channel(fwd)
+            chan = await self.channel(fwd, wait=False)
             if chan is None:
                 _reset(writer)  # the host client sees a reset, as it would from the guest
                 return
+            # the client's first bytes go with the connect (the agent holds them until it is
+            # made): one round trip to the guest less before an answer
             upward = asyncio.get_running_loop().create_task(_host_to_guest(reader, chan))
+            try:
+                async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                    await asyncio.shield(chan.connected)
+            except (VzkitError, TimeoutError) as err:
+                log.info("%s: %s", fwd, err)  # e.g. nothing listens on the guest port yet
+                _reset(writer)
+                return
             while data := await chan.data.read(CHUNK):
                 writer.write(data)
                 await writer.drain()

@@ -149,6 +149,36 @@ def test_tcp_big_transfer_is_intact_both_ways(server: Path) -> None:
     _run(main())
 
 
+def test_data_sent_before_the_connect_is_made_waits_in_the_agent(server: Path) -> None:
+    """The host may send right after CONNECT (``wait=False``); the agent holds the data until
+    the connection is made. To a refused port the data goes with the channel, and the session
+    lives on."""
+
+    async def main() -> None:
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.write(b"got " + await reader.read())
+            await writer.drain()
+            writer.close()
+
+        listener = await asyncio.start_server(serve, "127.0.0.1", 0)
+        port = listener.sockets[0].getsockname()[1]
+        async with listener, _session(server) as conn:
+            chan = await conn.connect_socket(SockProto.TCP, port, wait=False)
+            await chan.write(b"early")
+            chan.write_eof()
+            assert await chan.data.read() == b"got early"
+            assert chan.connected.done()
+            refused = await conn.connect_socket(SockProto.TCP, _free_port(), wait=False)
+            with contextlib.suppress(BrokenPipeError):  # the refusal may come first
+                await refused.write(b"nobody hears this")
+            with pytest.raises(AgentError) as info:
+                await asyncio.wait_for(asyncio.shield(refused.connected), 10)
+            assert info.value.errno == errno.ECONNREFUSED
+            assert (await conn.request(MsgType.PING, 5)).type == MsgType.PONG
+
+    _run(main())
+
+
 def test_tcp_refused_port_is_an_error_with_errno(server: Path) -> None:
     async def main() -> None:
         async with _session(server) as conn:

@@ -131,10 +131,11 @@ def test_a_refused_guest_port_resets_the_host_connection(agent: Path, tmp_path: 
         _config(tmp_path, f"{host}:{guest}"), backend=AgentBackend(agent)
     ) as vm:
         vm.start()
-        with socket.create_connection(("127.0.0.1", host), timeout=30) as client:
-            client.sendall(b"hello?")
-            with pytest.raises(ConnectionResetError):  # aborted: reset, not a clean end
-                client.recv(1)
+        with (
+            socket.create_connection(("127.0.0.1", host), timeout=30) as client,
+            pytest.raises(ConnectionResetError),  # aborted: a reset, not a clean end
+        ):
+            client.recv(1)  # (sending first could meet the reset and take its error)
         vm.stop(timeout=STOP_TIMEOUT)
 
 
@@ -362,3 +363,35 @@ def test_many_connections_at_once_stay_apart(agent: Path, tmp_path: Path) -> Non
             with ThreadPoolExecutor(32) as pool:
                 assert all(pool.map(one, range(32)))
             vm.stop(timeout=STOP_TIMEOUT)
+
+
+def test_an_unreachable_agent_resets_connections_and_warns_once(
+    agent: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A guest whose agent never answers (another kernel and initramfs): each connection
+    waits AGENT_WAIT_S, is reset, and the log says why, once per port."""
+    monkeypatch.setattr(_portfwd, "AGENT_WAIT_S", 0.5)
+
+    class Silent(AgentMachine):
+        def agent_console(self) -> socket.socket | None:
+            return None  # no agent stream, ever
+
+    class Backend(AgentBackend):
+        def create_machine(self, config: vzkit.LinuxVMConfig, on_state: object) -> AgentMachine:
+            return Silent(config, on_state, self.agent, self.path)  # type: ignore[arg-type]
+
+    host = _free_port()
+    with vzkit.VirtualMachine(_config(tmp_path, f"{host}:80"), backend=Backend(agent)) as vm:
+        vm.start()
+        for _ in range(2):
+            with (
+                socket.create_connection(("127.0.0.1", host), timeout=30) as client,
+                pytest.raises(ConnectionResetError),
+            ):
+                client.recv(1)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1, warnings
+        assert warnings[0].startswith(
+            f"cannot forward 127.0.0.1:{host}:80/tcp: the guest agent cannot be reached"
+        )  # (close() forces the VM off: no agent to ask)
+    assert not _listening(host)

@@ -394,10 +394,20 @@ class _Connection:
             )
 
     async def connect_socket(
-        self, protocol: SockProto, port: int, address: str = "", timeout: float | None = None
+        self,
+        protocol: SockProto,
+        port: int,
+        address: str = "",
+        timeout: float | None = None,
+        *,
+        wait: bool = True,
     ) -> _SocketChannel:
         """A channel connected to ``port`` in the guest (TCP) or a UDP socket connected to it;
-        :class:`AgentError` with the guest's errno when it cannot be (e.g. ECONNREFUSED)."""
+        :class:`AgentError` with the guest's errno when it cannot be (e.g. ECONNREFUSED).
+
+        ``wait=False`` returns once CONNECT is sent: data written meanwhile waits in the agent
+        until the connection is made (a round trip saved), and ``channel.connected`` (or the
+        data stream) says whether it was."""
         self._needs_sockets("forward ports")
         if self._error is not None:
             raise self._error
@@ -407,7 +417,8 @@ class _Connection:
         try:
             async with asyncio.timeout(timeout):
                 await self.send(MsgType.CONNECT, channel.id, request.encode())
-                await asyncio.shield(channel.connected)
+                if wait:
+                    await asyncio.shield(channel.connected)
         except TimeoutError:
             channel.cancel()
             raise VMTimeoutError(
