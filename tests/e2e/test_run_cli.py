@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import termios
@@ -239,30 +238,3 @@ def test_vzkit_run_without_args_prints_help() -> None:
             [*VZKIT, "run", "--help"], capture_output=True, timeout=60, check=True
         ).stdout
     )
-
-
-def test_run_publishes_a_port_without_a_network() -> None:
-    """``vzkit run --network none -p``: the CLI's own core forwards the port through the agent
-    (there is no NIC to forward it); the guest's service answers once, then the run ends."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    argv = [*VZKIT, "run", "--network", "none", "-p", f"{port}:8000", "--",
-            "sh", "-c", "echo hi-from-run | nc -l -p 8000"]  # fmt: skip
-    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    try:
-        answer = b""
-        deadline = time.monotonic() + 180
-        while not answer and time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
-                    answer = conn.makefile("rb").readline()
-            except OSError:
-                time.sleep(0.3)  # poll interval: the guest boots, then nc listens
-        assert answer == b"hi-from-run\n"
-        _, err = run.communicate(timeout=120)
-        assert run.returncode == 0, err.decode()
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait(10)
