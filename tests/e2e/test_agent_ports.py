@@ -4,7 +4,8 @@ Guests with network ``none`` (no NIC: QEMU publishes nothing, so the core forwar
 over the agent's vsock session). One boot: a TCP service and a UDP echo in the guest are
 reached from the host's loopback; then the guest's clock, set an hour back, is stepped to the
 host's by the resume after a pause. One boot and a restore: the restored VM serves the ports
-the snapshot's VM published, and its first resume steps the clock the snapshot froze.
+the snapshot's VM published, and its first resume steps the clock the snapshot froze. And
+``vzkit run --network none -p``: the CLI's own core forwards.
 """
 
 from __future__ import annotations
@@ -174,3 +175,30 @@ def test_a_restored_vm_serves_its_ports_and_its_clock_is_stepped(
     code, out = _sh(restored, "date +%s")
     assert abs(int(out) - time.time()) < 5, out
     restored.stop(timeout=60)
+
+
+def test_run_publishes_a_port_without_a_network() -> None:
+    """``vzkit run --network none -p``: the CLI's own core forwards the port through the agent
+    (there is no NIC to forward it); the guest's service answers once, then the run ends."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    argv = [sys.executable, "-m", "vzkit.cli", "run", "--network", "none", "-p",
+            f"{port}:8000", "--", "sh", "-c", "echo hi-from-run | nc -l -p 8000"]  # fmt: skip
+    run = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        answer = b""
+        deadline = time.monotonic() + 180
+        while not answer and time.monotonic() < deadline:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                    answer = conn.makefile("rb").readline()
+            except OSError:
+                time.sleep(0.3)  # poll interval: the guest boots, then nc listens
+        assert answer == b"hi-from-run\n"
+        _, err = run.communicate(timeout=120)
+        assert run.returncode == 0, err.decode()
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait(10)

@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -342,8 +343,6 @@ def test_ports_without_any_way_to_the_agent_are_refused_at_start(
 
 def test_many_connections_at_once_stay_apart(agent: Path, tmp_path: Path) -> None:
     """32 connections at once over the one agent session, each its own bytes, each intact."""
-    from concurrent.futures import ThreadPoolExecutor
-
     host = _free_port()
     with _tcp_service(_answer_after_eof) as guest:
         cfg = _config(tmp_path, f"{host}:{guest}")
