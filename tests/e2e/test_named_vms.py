@@ -442,5 +442,6 @@ def test_a_named_vms_ports_are_forwarded_by_its_supervisor(home: Path) -> None:
     wait_until(greeted, "the published port to reach the guest service", 60)
     with vzkit.connect("p1") as again:
         again.stop(timeout=60)
-    with socket.socket() as probe:
+    with socket.socket() as probe:  # SO_REUSEADDR: a served connection's TIME_WAIT is no listener
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(("127.0.0.1", port))  # free again: the supervisor closed it

@@ -99,8 +99,12 @@ def _answer_after_eof(conn: socket.socket) -> None:
 
 
 def _listening(port: int, kind: int = socket.SOCK_STREAM) -> bool:
-    """Whether something holds ``port`` on the loopback (a bind fails)."""
+    """Whether something holds ``port`` on the loopback (a bind fails). A TCP probe takes
+    SO_REUSEADDR, as the forwarder's listener does: a closed connection's TIME_WAIT on the
+    port is not a listener."""
     with socket.socket(socket.AF_INET, kind) as s:
+        if kind == socket.SOCK_STREAM:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
