@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import json
 import math
 import os
@@ -32,7 +31,6 @@ import platform
 import socket
 import statistics
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -40,11 +38,14 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo: tests.support
+
+from tests.support.guest_programs import build_static
+
 import vzkit
 from vzkit._loop import run_sync
 from vzkit._vmcore import core_of
 from vzkit.backends.qemu import _passt
-from vzkit.backends.qemu._discover import user_cache_dir
 
 RESULTS = Path(__file__).parent / "results"
 SERVICE = Path(__file__).parent / "port_service.c"
@@ -53,19 +54,7 @@ GUEST_PORT = 8000
 
 def build_service() -> Path:
     """port_service.c for x86_64 guests (cached by source hash)."""
-    digest = hashlib.sha256(SERVICE.read_bytes()).hexdigest()[:16]
-    out = user_cache_dir() / "bench-port-service" / f"port-service-x86_64-{digest}"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        subprocess.run(
-            [sys.executable, "-m", "ziglang", "cc", "-target", "x86_64-linux-musl", "-static",
-             "-O2", "-s", "-o", str(tmp), str(SERVICE)],
-            check=True,
-            timeout=600,
-        )  # fmt: skip
-        tmp.replace(out)
-    return out
+    return build_static(SERVICE, "port-service")
 
 
 def free_port() -> int:

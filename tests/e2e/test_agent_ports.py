@@ -10,7 +10,6 @@ the snapshot's VM published, and its first resume steps the clock the snapshot f
 
 from __future__ import annotations
 
-import hashlib
 import socket
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import time
 from pathlib import Path
 
 import vzkit
-from vzkit.backends.qemu._discover import user_cache_dir
+from tests.support.guest_programs import build_static
 
 from .conftest import VMFactory
 
@@ -33,19 +32,7 @@ echo "got $line"
 
 def build_udp_echo() -> Path:
     """udp_echo.c for x86_64 guests (cached by source hash)."""
-    digest = hashlib.sha256(UDP_ECHO.read_bytes()).hexdigest()[:16]
-    out = user_cache_dir() / "udp-echo" / f"udp-echo-x86_64-{digest}"
-    if not out.exists():
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        subprocess.run(
-            [sys.executable, "-m", "ziglang", "cc", "-target", "x86_64-linux-musl", "-static",
-             "-O2", "-s", "-o", str(tmp), str(UDP_ECHO)],
-            check=True,
-            timeout=600,
-        )  # fmt: skip
-        tmp.replace(out)
-    return out
+    return build_static(UDP_ECHO, "udp-echo")
 
 
 def _free_port(kind: int = socket.SOCK_STREAM) -> int:

@@ -15,7 +15,6 @@ import os
 import select
 import socket
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,34 +23,19 @@ from typing import Any
 
 import pytest
 
+from tests.support.guest_programs import ZIG_TARGETS, build_static
 from vzkit.backends.qemu._discover import user_cache_dir
 from vzkit.backends.qemu.vhost_vsock import VhostUserVsockDevice, connect_hybrid, helper_argv
 from vzkit.image import GuestImage, build_guest
 
 HERE = Path(__file__).parent
 SOURCE = HERE / "vsock_echo.c"
-ZIG_TARGETS = {"x86_64": "x86_64-linux-musl", "aarch64": "aarch64-linux-musl"}
 MIB = 1 << 20
 
 
 def build_vsock_echo(arch: str) -> Path:
     """Compile vsock_echo.c for ``arch`` (cached by source hash; the first build takes ~40 s)."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]
-    out = user_cache_dir() / "vsock-echo" / f"vsock-echo-{arch}-{digest}"
-    if out.exists():
-        return out
-    import ziglang  # noqa: F401  (a dependency: missing means a broken install, not a skip)
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    subprocess.run(
-        [sys.executable, "-m", "ziglang", "cc", "-target", ZIG_TARGETS[arch], "-static", "-O2",
-         "-s", "-o", str(tmp), str(SOURCE)],
-        check=True,
-        timeout=600,
-    )  # fmt: skip
-    tmp.replace(out)
-    return out
+    return build_static(SOURCE, "vsock-echo", arch)
 
 
 @pytest.fixture(scope="session")

@@ -244,16 +244,20 @@ class _Channel:
         if self._credit_waiter is not None and not self._credit_waiter.done():
             self._credit_waiter.set_result(None)
 
+    async def _await_credit(self, need: int) -> None:
+        """Wait until the agent's credit covers ``need`` bytes, or the channel is done."""
+        while self._credit < need and not self.done:
+            self._credit_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._credit_waiter
+            finally:
+                self._credit_waiter = None
+
     async def send_data(self, kind: MsgType, data: bytes | bytearray | memoryview) -> None:
         """Send ``data`` as ``kind`` frames, waiting for the agent's credit."""
         view = memoryview(data).cast("B")
         while view:
-            while self._credit <= 0 and not self.done:
-                self._credit_waiter = asyncio.get_running_loop().create_future()
-                try:
-                    await self._credit_waiter
-                finally:
-                    self._credit_waiter = None
+            await self._await_credit(1)
             if self.done:
                 raise _ChannelClosed
             take = min(self._credit, MAX_PAYLOAD, len(view))
@@ -387,12 +391,7 @@ class _SocketChannel(_Channel):
         """One datagram to the guest (UDP): one frame, sent whole once the credit allows."""
         if len(data) > MAX_PAYLOAD:
             raise ValueError(f"a datagram of {len(data)} bytes exceeds {MAX_PAYLOAD}")
-        while self._credit < len(data) and not self.done:
-            self._credit_waiter = asyncio.get_running_loop().create_future()
-            try:
-                await self._credit_waiter
-            finally:
-                self._credit_waiter = None
+        await self._await_credit(len(data))
         if self.done:
             raise BrokenPipeError("the guest socket is closed")
         self._credit -= len(data)
