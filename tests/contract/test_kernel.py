@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 import vzkit
+from vzkit._kernel import kernel_for_vz
 from vzkit.backends import vz as vzb
-from vzkit.backends.vz._kernel import kernel_for_vz
 
 from ._support import ARM64_IMAGE
 from .fakeobjc import FakeRuntime
@@ -88,7 +88,11 @@ def test_a_gzip_vmlinuz_is_unpacked_and_checked(tmp_path: Path, state: Path) -> 
 
 @pytest.mark.parametrize(
     ("data", "what"),
-    [(BZIMAGE, "an x86 bzImage"), (ELF, r"an ELF file"), (b"\0" * 512, "not a Linux arm64")],
+    [
+        (BZIMAGE, "an x86 bzImage"),
+        (ELF, r"an ELF file"),
+        (b"\0" * 512, "of a format vzkit does not know, not an arm64 Linux Image"),
+    ],
 )
 def test_other_kernels_are_refused_on_apple_silicon(
     tmp_path: Path, state: Path, data: bytes, what: str

@@ -28,6 +28,7 @@ ALLOWED = {
         "vzkit._disk",  # data layer (docs/architecture.md): RootDisk for default_guest_config
         "vzkit._process_defaults",  # data layer: an OCI image config as ProcessDefaults
         "vzkit._fsutil",  # foundation: the Debian image cache's atomic metadata
+        "vzkit._kernel",  # foundation: arm64 kernels read by magic number (the vz backend's too)
         "vzkit._private",
         "vzkit._progress",
         "vzkit._state",

@@ -212,6 +212,7 @@ _GROUP_OF_MODULE = {
             "_units",
             "_hosttar",
             "_terminal",
+            "_kernel",
             "_hostsleep",
         ],
         "foundation",

@@ -11,17 +11,16 @@ has built in are skipped; modules it lacks altogether are reported in
 
 from __future__ import annotations
 
-import gzip
 import importlib.resources
 import os
 import re
 import struct
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vzkit.errors import GuestError
+from vzkit._kernel import write_arm64_image
+from vzkit.errors import ConfigError, GuestError
 
 from ._cpio import CpioWriter
 from ._deb import DebPackage
@@ -73,7 +72,6 @@ CONSOLES = {"x86_64": "ttyS0", "aarch64": "ttyAMA0"}
 _ELF_MACHINES = {"x86_64": 62, "aarch64": 183}
 _MODULES_DIR = re.compile(r"^(?:/usr)?/lib/modules/([^/]+)/(.+)$")
 _VMLINUZ = re.compile(r"^/boot/vmlinuz-([^/]+)$")  # a version is one path part
-_ARM64_MAGIC = b"ARM\x64"
 _DIRS = ("bin", "sbin", "usr/bin", "usr/sbin", "dev", "proc", "sys", "run", "root", "mnt",
          "etc/vzkit")  # fmt: skip
 _PROFILE = "export PS1='\\h:\\w\\$ '\n"
@@ -301,25 +299,14 @@ def uncompress_arm64_kernel(src: Path | str, dest: Path | str) -> Path:
 
     Apple's Virtualization framework boots only an uncompressed arm64 Image. ``src`` may be
     a raw Image (copied; Debian 12 ships this), a gzip-compressed Image, or an EFI zboot image
-    with a gzip payload. Anything else raises GuestError.
+    (gzip, lzma, xz or bzip2 payload): :func:`vzkit._kernel.write_arm64_image`, which the vz
+    backend reads kernels with too. Anything else raises GuestError.
     """
+    out = Path(dest)
     try:
-        data = Path(src).read_bytes()
+        write_arm64_image(Path(src), out)
     except OSError as err:
         raise GuestError(f"cannot read kernel {src}: {err}") from err
-    if data[:2] == b"MZ" and data[4:8] == b"zimg":
-        offset, size = struct.unpack_from("<II", data, 8)
-        comp = data[24:56].split(b"\0", 1)[0].decode("ascii", "replace")
-        if comp != "gzip":
-            raise GuestError(f"{src}: EFI zboot kernel with {comp!r} payload is not supported")
-        data = data[offset : offset + size]
-    if data[:2] == b"\x1f\x8b":
-        try:
-            data = gzip.decompress(data)
-        except (OSError, EOFError, zlib.error) as err:
-            raise GuestError(f"{src}: corrupt gzip-compressed kernel: {err}") from err
-    if data[56:60] != _ARM64_MAGIC:
-        raise GuestError(f"{src}: not an arm64 Linux Image (no ARM\\x64 magic at offset 56)")
-    out = Path(dest)
-    _write_atomic(out, data)
+    except ConfigError as err:
+        raise GuestError(str(err)) from err
     return out

@@ -24,6 +24,7 @@ from typing import Any
 from ..._config import ConsoleMode, LinuxVMConfig
 from ..._disk import DiskFormat
 from ..._fsutil import write_atomic
+from ..._kernel import kernel_for_vz
 from ..._macconfig import MacVMConfig
 from ..._state import host_arch
 from ..._volume import share_cmdline
@@ -56,7 +57,6 @@ from ._devices import (
     storage_to_vz,
     vsock_to_vz,
 )
-from ._kernel import kernel_for_vz
 from ._nserror import NSErrorDetails, nserror_info, nserror_to_exception
 from ._objc import is_arm64, require_macos, vz
 from ._rosetta import create_rosetta_device, rosetta_cmdline

@@ -25,9 +25,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-from ...errors import ConfigError
+from .errors import ConfigError
 
-__all__ = ["ARM64_MAGIC", "kernel_for_vz"]
+__all__ = ["ARM64_MAGIC", "kernel_for_vz", "write_arm64_image"]
 
 log = logging.getLogger(__name__)
 
@@ -78,15 +78,16 @@ def _describe(head: bytes) -> str:
         return "an x86 bzImage"
     if head[:2] == b"MZ":
         return "a PE/COFF file that is not an EFI zboot kernel"
-    return "not a Linux arm64 Image"
+    return "of a format vzkit does not know"
 
 
 def _check_arm64(head: bytes, shown: str) -> None:
     if head[ARM64_MAGIC_OFFSET : ARM64_MAGIC_OFFSET + 4] != ARM64_MAGIC:
         raise ConfigError(
-            f"kernel {shown} is {_describe(head)}: the Virtualization framework on Apple "
-            "silicon boots an arm64 Linux Image (plain, gzip-compressed or EFI zboot); "
-            "use the arm64 kernel of your distribution (e.g. linux-image-arm64's vmlinuz)"
+            f"kernel {shown} is {_describe(head)}, not an arm64 Linux Image: the "
+            "Virtualization framework on Apple silicon boots only those (plain, "
+            "gzip-compressed or EFI zboot); use the arm64 kernel of your distribution "
+            "(e.g. linux-image-arm64's vmlinuz)"
         )
 
 
@@ -104,47 +105,77 @@ def _unpack(kernel: Path, target: Path, opener: Opener, offset: int, size: int |
         tmp.unlink(missing_ok=True)
 
 
-def kernel_for_vz(kernel: Path, state_dir: Path, *, arm64: bool) -> Path:
-    """The kernel to hand ``VZLinuxBootLoader``: ``kernel`` itself when it is an uncompressed
-    Image, else its unpacked copy in ``state_dir``. On an ``arm64`` host the result must be
-    an arm64 Image (:class:`~vzkit.ConfigError` otherwise, naming what the file is)."""
-    shown = repr(str(kernel))
+def _packing(kernel: Path) -> tuple[bytes, tuple[Opener, int, int | None, str] | None]:
+    """The kernel's first bytes, and how it is packed: ``(opener, offset, size, what)``, or
+    ``None`` for a plain file. Raises :class:`~vzkit.ConfigError` for an EFI zboot image
+    whose compression vzkit cannot read."""
     with open(kernel, "rb") as fh:
         head = fh.read(max(_ZBOOT.size, 0x210))
     if head[:2] == GZIP_MAGIC:
-        opener: Opener = _gunzip
-        offset, size, what = 0, None, "gzip-compressed"
-    elif head[:2] == b"MZ" and head[4:8] == b"zimg" and len(head) >= _ZBOOT.size:
+        return head, (_gunzip, 0, None, "gzip-compressed")
+    if head[:2] == b"MZ" and head[4:8] == b"zimg" and len(head) >= _ZBOOT.size:
         _, _, offset, size, name = _ZBOOT.unpack_from(head)
         compression = name.split(b"\0", 1)[0].decode("ascii", "replace")
-        found = _zboot_opener(compression)
-        if found is None:
+        opener = _zboot_opener(compression)
+        if opener is None:
             raise ConfigError(
-                f"kernel {shown} is an EFI zboot image compressed with {compression!r}, "
-                "which vzkit cannot unpack (it reads gzip, lzma, xz and bzip2): unpack its "
-                "payload yourself, or boot the VM with EFI (--efi) from a disk"
+                f"kernel {str(kernel)!r} is an EFI zboot image compressed with {compression!r} "
+                f"(a {compression!r} payload vzkit cannot unpack: it reads gzip, lzma, xz and "
+                "bzip2): unpack its payload yourself, or boot the VM with EFI (--efi) from a disk"
             )
-        opener, what = found, f"an EFI zboot image ({compression})"
-    else:
+        return head, (opener, offset, size, f"an EFI zboot image ({compression})")
+    return head, None
+
+
+def _unpacked(kernel: Path, target: Path, packing: tuple[Opener, int, int | None, str]) -> None:
+    """Unpack ``kernel`` into ``target`` (0600, atomic) and check it is an arm64 Image."""
+    opener, offset, size, what = packing
+    try:
+        _unpack(kernel, target, opener, offset, size)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as err:
+        corrupt = what.split()[0] if what.startswith("gzip") else what
+        raise ConfigError(
+            f"kernel {str(kernel)!r} is {what} but cannot be decompressed "
+            f"(corrupt {corrupt} data: {err})"
+        ) from err
+    log.info("unpacked %s (%s) into %s", kernel, what, target)
+
+
+def _checked(target: Path, shown: str) -> None:
+    with open(target, "rb") as fh:
+        try:
+            _check_arm64(fh.read(0x210), shown)
+        except ConfigError:
+            target.unlink(missing_ok=True)
+            raise
+
+
+def write_arm64_image(kernel: Path, target: Path) -> None:
+    """Write the raw arm64 ``Image`` of ``kernel`` (plain, gzip or EFI zboot) to ``target``
+    (0600, atomic); :class:`~vzkit.ConfigError`, and no ``target``, when it is none."""
+    head, packing = _packing(kernel)
+    if packing is None:
+        _check_arm64(head, repr(str(kernel)))
+        packing = (lambda raw: raw, 0, None, "a plain Image")
+    _unpacked(kernel, target, packing)
+    _checked(target, f"{str(kernel)!r} (unpacked from {packing[3]})")
+
+
+def kernel_for_vz(kernel: Path, state_dir: Path, *, arm64: bool) -> Path:
+    """The kernel to hand ``VZLinuxBootLoader``: ``kernel`` itself when it is an uncompressed
+    Image, else its unpacked copy in ``state_dir`` (reused while the source is unchanged). On
+    an ``arm64`` host the result must be an arm64 Image (:class:`~vzkit.ConfigError`
+    otherwise, naming what the file is)."""
+    head, packing = _packing(kernel)
+    if packing is None:
         if arm64:
-            _check_arm64(head, shown)
+            _check_arm64(head, repr(str(kernel)))
         return kernel
     st = kernel.stat()
     key = f"{kernel}\0{st.st_size}\0{st.st_mtime_ns}".encode()
     target = state_dir / f"kernel-{hashlib.sha256(key).hexdigest()[:16]}.img"
     if not target.is_file():
-        try:
-            _unpack(kernel, target, opener, offset, size)
-        except (OSError, EOFError, zlib.error, lzma.LZMAError, ValueError) as err:
-            raise ConfigError(
-                f"kernel {shown} is {what} but cannot be decompressed: {err}"
-            ) from err
-        log.info("unpacked %s (%s) into %s for the Virtualization framework", kernel, what, target)
+        _unpacked(kernel, target, packing)
     if arm64:
-        with open(target, "rb") as fh:
-            try:
-                _check_arm64(fh.read(0x210), f"{shown} (unpacked from {what})")
-            except ConfigError:
-                target.unlink(missing_ok=True)
-                raise
+        _checked(target, f"{str(kernel)!r} (unpacked from {packing[3]})")
     return target
